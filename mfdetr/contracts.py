@@ -1,0 +1,229 @@
+"""Typed contracts shared by every floor of mfdetr (ground floor: imports nothing else of mfdetr).
+
+- :class:`DetectorOutput` — what every frozen detector returns, what the cache stores per image and
+  what MaskNet reads. Stage 2 (the mask network) only ever sees these tensors.
+- :class:`Preprocessing` — a detector's evaluation preprocessing (resize + normalise).
+- :class:`DetectorPreset` — metadata of a named detector preset; the cache manifest copies it.
+- :class:`ShapeSpec` — (channels, stride) of one feature map.
+
+Conventions (see ``../shared/DESIGN.md``):
+
+- boxes are **normalised cxcywh relative to the unpadded network-input image** (``input_hw``);
+- ``input_hw`` is the resized, unpadded network-input size; ``orig_hw`` the original image size;
+- feature maps may carry padding beyond their valid size; ``level_valid_hw`` gives each level's valid
+  (unpadded) size, so consumers never depend on how much padding a batch or a cache canvas added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """Channels and stride (in input pixels) of one feature map."""
+
+    channels: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """DETR-family evaluation preprocessing.
+
+    Resize so the shorter side is ``short_side`` unless the longer side would exceed ``max_size``
+    (then the longer side is ``max_size``), scale to [0, 1], normalise with ``mean``/``std``.
+    """
+
+    short_side: int = 800
+    max_size: int = 1333
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"short_side": self.short_side, "max_size": self.max_size,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
+        return cls(short_side=int(d["short_side"]), max_size=int(d["max_size"]),
+                   mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+                   std=tuple(float(x) for x in d["std"]))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DetectorPreset:
+    """Metadata of a named frozen-detector preset (architecture lives in its builder).
+
+    Args:
+        name: preset name, e.g. ``"dino_focal"``.
+        family: detector family (``"dino"``, ``"hdetr"``).
+        arch: the architecture config as plain data (kwargs of the family's config dataclass).
+        checkpoint_file: the released checkpoint file name the preset expects.
+        checkpoint_sha256: sha256 of that file when known, else ``None``.
+        box_ap: the official COCO val box AP of that checkpoint (README), if known.
+        num_classes: size of the classification head (91 id slots for official COCO models).
+        class_to_category: category id of every head slot (``0`` = unused slot).
+        preprocessing: evaluation preprocessing.
+        level_strides: stride of each encoder level, e.g. ``(8, 16, 32, 64)``.
+        hidden_dim: transformer width ``d`` (width of queries and encoder maps).
+        c1_channels: channels of the stride-4 backbone map C1.
+        num_encoder_layers: encoder depth (valid ``enc_layers`` are 1..this).
+    """
+
+    name: str
+    family: str
+    arch: Mapping[str, Any]
+    checkpoint_file: str | None
+    checkpoint_sha256: str | None
+    box_ap: float | None
+    num_classes: int
+    class_to_category: tuple[int, ...]
+    preprocessing: Preprocessing
+    level_strides: tuple[int, ...]
+    hidden_dim: int
+    c1_channels: int
+    num_encoder_layers: int
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.class_to_category) != self.num_classes:
+            raise ValueError(f"preset {self.name}: class_to_category has {len(self.class_to_category)} "
+                             f"entries, num_classes is {self.num_classes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        d["arch"] = dict(self.arch)
+        d["class_to_category"] = list(self.class_to_category)
+        d["level_strides"] = list(self.level_strides)
+        return d
+
+
+def coco91_identity() -> tuple[int, ...]:
+    """Slot → category id for official COCO DETR heads: slot ``i`` is category id ``i`` (0 unused).
+
+    COCO category ids run 1..90 with gaps; official DETR-family models use 91 slots indexed by the id
+    itself, so the map is the identity (slots that are not COCO ids never match a category).
+    """
+    return tuple(range(91))
+
+
+@dataclass
+class DetectorOutput:
+    """What a frozen detector returns for a padded batch of B images (K kept queries).
+
+    Fields (all tensors on one device; float fields float32, or float16 when read from a cache):
+
+    - ``queries`` [B, K, d] — last-decoder-layer hidden states that feed the heads, sorted by score
+      (max sigmoid class probability), descending.
+    - ``boxes`` [B, K, 4] — normalised cxcywh w.r.t. the unpadded network-input image
+      (``input_hw``); 0 ≤ cx, cy ≤ 1.
+    - ``logits`` [B, K, C] — class logits of those queries (scores = sigmoid, max over classes).
+    - ``enc_maps`` {layer: [ [B, d, H_l, W_l] per level ]} — encoder memory after the given encoder
+      layers (1-based; default layer 4 of 6, paper Table 15), per feature level in the detector's
+      level order (highest resolution first). Values beyond ``level_valid_hw`` are padding.
+    - ``c1`` [B, C1, H1, W1] — backbone stage-1 output (stride 4), before any input projection.
+      Valid region: ``ceil(input_hw / 4)``.
+    - ``input_hw`` [B, 2] int64 — unpadded network-input (resized) size (h, w).
+    - ``orig_hw`` [B, 2] int64 — original image size (h, w).
+    - ``level_valid_hw`` [B, L, 2] int64 — valid (unpadded) size of every encoder level.
+    """
+
+    queries: Tensor
+    boxes: Tensor
+    logits: Tensor
+    enc_maps: dict[int, list[Tensor]]
+    c1: Tensor
+    input_hw: Tensor
+    orig_hw: Tensor
+    level_valid_hw: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.queries.shape[0])
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.queries.shape[1])
+
+    @property
+    def scores(self) -> Tensor:
+        """[B, K] max sigmoid class probability (the ``c_i`` of eq. 2)."""
+        return self.logits.float().sigmoid().amax(dim=-1)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DetectorOutput:
+        """Move to ``device``; float tensors are cast to ``dtype`` when given."""
+
+        def mv(t: Tensor) -> Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype, non_blocking=True)
+            return t.to(device=device, non_blocking=True)
+
+        return DetectorOutput(
+            queries=mv(self.queries), boxes=mv(self.boxes), logits=mv(self.logits),
+            enc_maps={k: [mv(m) for m in v] for k, v in self.enc_maps.items()},
+            c1=mv(self.c1), input_hw=self.input_hw.to(device), orig_hw=self.orig_hw.to(device),
+            level_valid_hw=self.level_valid_hw.to(device), extras=dict(self.extras))
+
+    def select(self, index: Sequence[int] | Tensor) -> DetectorOutput:
+        """The sub-batch of the given image indices."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.queries.device)
+        return DetectorOutput(
+            queries=self.queries[idx], boxes=self.boxes[idx], logits=self.logits[idx],
+            enc_maps={k: [m[idx] for m in v] for k, v in self.enc_maps.items()},
+            c1=self.c1[idx], input_hw=self.input_hw[idx.to(self.input_hw.device)],
+            orig_hw=self.orig_hw[idx.to(self.orig_hw.device)],
+            level_valid_hw=self.level_valid_hw[idx.to(self.level_valid_hw.device)],
+            extras=dict(self.extras))
+
+    def validate(self) -> DetectorOutput:
+        """Check shapes, dtypes and invariants; raise ``ValueError`` naming the broken field."""
+        q, b, lg = self.queries, self.boxes, self.logits
+        if q.dim() != 3:
+            raise ValueError(f"queries must be [B,K,d], got {tuple(q.shape)}")
+        bsz, k, d = q.shape
+        if tuple(b.shape) != (bsz, k, 4):
+            raise ValueError(f"boxes must be [B,K,4]=({bsz},{k},4), got {tuple(b.shape)}")
+        if lg.dim() != 3 or tuple(lg.shape[:2]) != (bsz, k):
+            raise ValueError(f"logits must be [B,K,C] with B,K=({bsz},{k}), got {tuple(lg.shape)}")
+        if not self.enc_maps:
+            raise ValueError("enc_maps is empty: at least one encoder layer must be returned")
+        n_levels = None
+        for layer, maps in self.enc_maps.items():
+            if not isinstance(layer, int) or layer < 1:
+                raise ValueError(f"enc_maps keys are 1-based encoder layer indices, got {layer!r}")
+            if n_levels is None:
+                n_levels = len(maps)
+            if len(maps) != n_levels:
+                raise ValueError(f"enc_maps[{layer}] has {len(maps)} levels, expected {n_levels}")
+            for lvl, m in enumerate(maps):
+                if m.dim() != 4 or m.shape[0] != bsz or m.shape[1] != d:
+                    raise ValueError(f"enc_maps[{layer}][{lvl}] must be [B,d,H,W] with B={bsz}, d={d}, "
+                                     f"got {tuple(m.shape)}")
+        if self.c1.dim() != 4 or self.c1.shape[0] != bsz:
+            raise ValueError(f"c1 must be [B,C1,H/4,W/4] with B={bsz}, got {tuple(self.c1.shape)}")
+        for name in ("input_hw", "orig_hw"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (bsz, 2) or t.is_floating_point():
+                raise ValueError(f"{name} must be an integer [B,2]=({bsz},2) tensor, got "
+                                 f"{tuple(t.shape)} {t.dtype}")
+        if tuple(self.level_valid_hw.shape) != (bsz, n_levels, 2):
+            raise ValueError(f"level_valid_hw must be [B,L,2]=({bsz},{n_levels},2), got "
+                             f"{tuple(self.level_valid_hw.shape)}")
+        if k and bool(((b < -1e-3) | (b > 1 + 1e-3)).any()):
+            raise ValueError("boxes must be normalised cxcywh in [0, 1]")
+        for name in ("queries", "boxes", "logits", "c1"):
+            if not bool(torch.isfinite(getattr(self, name)).all()):
+                raise ValueError(f"{name} has non-finite values")
+        return self

@@ -1,0 +1,18 @@
+"""Tensor ops shared by the detectors and the mask network (ground floor)."""
+
+from mfdetr.ops.boxes import (
+    box_area,
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xywh_to_xyxy,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+    inverse_sigmoid,
+    scale_boxes,
+)
+from mfdetr.ops.ms_deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
+
+__all__ = [
+    "MSDeformAttn", "box_area", "box_cxcywh_to_xyxy", "box_iou", "box_xywh_to_xyxy", "box_xyxy_to_cxcywh",
+    "generalized_box_iou", "inverse_sigmoid", "ms_deform_attn", "ms_deform_attn_reference", "scale_boxes",
+]

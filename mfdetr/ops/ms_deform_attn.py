@@ -1,0 +1,183 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2020) in plain PyTorch.
+
+Semantics follow the official CUDA op of fundamentalvision/Deformable-DETR (shared unchanged by DINO,
+FocalNet-DINO and H-Deformable-DETR): bilinear sampling with zero padding, sampling locations
+normalised to [0, 1] per level (x by the level's width, y by its height, pixel centres at
+``(i + 0.5) / size``), attention weights already softmax-normalised over levels × points.
+
+Two implementations of the core:
+
+- :func:`ms_deform_attn` — the one we run: one ``F.grid_sample`` per level (differentiable,
+  device-agnostic, AMP-friendly: sampling runs in the value's dtype).
+- :func:`ms_deform_attn_reference` — a direct gather-based bilinear computation, written from the
+  definition, used by tests and the benchmark to check the former.
+
+:class:`MSDeformAttn` is the attention module with the official parameter names
+(``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``) so released
+checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _check(value: Tensor, spatial_shapes: Tensor, loc: Tensor, attn: Tensor) -> None:
+    if value.dim() != 4 or loc.dim() != 6 or attn.dim() != 5:
+        raise ValueError("expected value [B,S,H,Dh], sampling_locations [B,Q,H,L,P,2], "
+                         f"attention_weights [B,Q,H,L,P]; got {tuple(value.shape)}, "
+                         f"{tuple(loc.shape)}, {tuple(attn.shape)}")
+    total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    if value.shape[1] != total:
+        raise ValueError(f"value has {value.shape[1]} tokens but spatial_shapes sum to {total}")
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention core.
+
+    Args:
+        value: [B, S, H, Dh] values of all levels, flattened (row-major per level) and concatenated.
+        spatial_shapes: [L, 2] (H_l, W_l) of each level, int64.
+        sampling_locations: [B, Q, H, L, P, 2] (x, y) in [0, 1] per level; outside means zeros.
+        attention_weights: [B, Q, H, L, P] weights (softmax over L·P done by the caller).
+
+    Returns:
+        [B, Q, H·Dh] attended values.
+    """
+    _check(value, spatial_shapes, sampling_locations, attention_weights)
+    bsz, _, heads, dh = value.shape
+    _, nq, _, n_levels, n_points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    values = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations.to(value.dtype) - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        # [B, HW, H, Dh] -> [B*H, Dh, h, w]
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(bsz * heads, dh, h, w)
+        # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [B*H, Dh, Q, L, P]
+    stacked = torch.stack(sampled, dim=-2)
+    w = attention_weights.to(value.dtype).transpose(1, 2).reshape(bsz * heads, 1, nq, n_levels, n_points)
+    out = (stacked * w).sum(dim=(-1, -2))  # [B*H, Dh, Q]
+    return out.view(bsz, heads * dh, nq).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+                             attention_weights: Tensor) -> Tensor:
+    """Direct computation from the definition (gather the 4 neighbours, zero outside the map).
+
+    Same arguments and result as :func:`ms_deform_attn`; slow, for tests and benchmarks only.
+    """
+    _check(value, spatial_shapes, sampling_locations, attention_weights)
+    bsz, _, heads, dh = value.shape
+    _, nq, _, n_levels, n_points, _ = sampling_locations.shape
+    out = value.new_zeros(bsz, nq, heads, dh)
+    start = 0
+    for lvl in range(n_levels):
+        h, w = (int(x) for x in spatial_shapes[lvl])
+        v = value[:, start:start + h * w]  # [B, hw, H, Dh]
+        start += h * w
+        # pixel coordinates with centres at integers: x_pix = x * w - 0.5
+        x = sampling_locations[:, :, :, lvl, :, 0] * w - 0.5  # [B, Q, H, P]
+        y = sampling_locations[:, :, :, lvl, :, 1] * h - 0.5
+        x0, y0 = torch.floor(x), torch.floor(y)
+        acc = value.new_zeros(bsz, nq, heads, n_points, dh)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                xi, yi = x0 + dx, y0 + dy
+                wx = (1 - (x - xi).abs())
+                wy = (1 - (y - yi).abs())
+                inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+                idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()  # [B, Q, H, P]
+                # gather v[b, idx, head, :]
+                vb = v.permute(0, 2, 1, 3)  # [B, H, hw, Dh]
+                gidx = idx.permute(0, 2, 1, 3).reshape(bsz, heads, nq * n_points, 1).expand(-1, -1, -1, dh)
+                g = torch.gather(vb, 2, gidx).view(bsz, heads, nq, n_points, dh).permute(0, 2, 1, 3, 4)
+                acc = acc + g * (wx * wy * inside)[..., None]
+        out = out + (acc * attention_weights[:, :, :, lvl, :, None]).sum(dim=3)
+    return out.reshape(bsz, nq, heads * dh)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module (official parameter names and initialisation).
+
+    Args:
+        d_model: width of queries and values.
+        n_levels: number of feature levels.
+        n_heads: attention heads (``d_model`` must divide evenly).
+        n_points: sampling points per head and level.
+    """
+
+    def __init__(self, *, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        for i in range(self.n_points):
+            grid[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
+                input_spatial_shapes: Tensor, input_level_start_index: Tensor | None = None,
+                input_padding_mask: Tensor | None = None) -> Tensor:
+        """Attend from ``query`` to the multi-scale ``input_flatten``.
+
+        Args:
+            query: [B, Q, d].
+            reference_points: [B, Q, L, 2] (x, y) in [0, 1], or [B, Q, L, 4] boxes (cx, cy, w, h),
+                per level (already multiplied by each level's valid ratio).
+            input_flatten: [B, S, d] all levels flattened and concatenated.
+            input_spatial_shapes: [L, 2] (H_l, W_l).
+            input_level_start_index: [L] start of each level in ``input_flatten`` (unused; kept for
+                the official call signature).
+            input_padding_mask: [B, S] True at padding tokens (their values are zeroed).
+
+        Returns:
+            [B, Q, d].
+        """
+        bsz, nq, _ = query.shape
+        _, ns, _ = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(bsz, ns, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(bsz, nq, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(bsz, nq, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(bsz, nq, self.n_heads, self.n_levels, self.n_points)
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            loc = (reference_points[:, :, None, :, None, :]
+                   + offsets / normalizer[None, None, None, :, None, :].to(offsets.dtype))
+        elif reference_points.shape[-1] == 4:
+            loc = (reference_points[:, :, None, :, None, :2]
+                   + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
+        out = ms_deform_attn(value, input_spatial_shapes, loc, weights)
+        return self.output_proj(out)
