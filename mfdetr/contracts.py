@@ -5,6 +5,9 @@
 - :class:`Preprocessing` — a detector's evaluation preprocessing (resize + normalise).
 - :class:`DetectorPreset` — metadata of a named detector preset; the cache manifest copies it.
 - :class:`ShapeSpec` — (channels, stride) of one feature map.
+- :class:`GTInstances` — ground-truth instances of one image (original pixel frame).
+- :class:`ImageBatch` — a preprocessed, padded image batch (what a detector consumes).
+- :class:`FrozenDetector` — the protocol every frozen detector implements.
 
 Conventions (see ``../shared/DESIGN.md``):
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -227,3 +230,73 @@ class DetectorOutput:
             if not bool(torch.isfinite(getattr(self, name)).all()):
                 raise ValueError(f"{name} has non-finite values")
         return self
+
+
+@dataclass
+class GTInstances:
+    """Ground-truth instances of one image, in the **original image** pixel frame.
+
+    - ``boxes`` [N, 4] float32 absolute xyxy pixels (from the masks where a mask exists).
+    - ``labels`` [N] int64 COCO category ids.
+    - ``masks`` [N, H0, W0] bool visible-part masks at original resolution.
+    - ``iscrowd`` [N] bool; crowd regions are never positives.
+    - ``image_id`` COCO image id; ``orig_hw`` (H0, W0).
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    masks: Tensor
+    iscrowd: Tensor
+    image_id: int
+    orig_hw: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> GTInstances:
+        return GTInstances(boxes=self.boxes.to(device), labels=self.labels.to(device), masks=self.masks.to(device),
+                           iscrowd=self.iscrowd.to(device), image_id=self.image_id, orig_hw=self.orig_hw)
+
+
+@dataclass
+class ImageBatch:
+    """A preprocessed, zero-padded image batch (what :class:`FrozenDetector` consumes).
+
+    - ``images`` [B, 3, Hp, Wp] float32, normalised; padding is zeros at the bottom/right.
+    - ``pad_mask`` [B, Hp, Wp] bool, True at padding.
+    - ``input_hw`` [B, 2] int64 resized unpadded size; ``orig_hw`` [B, 2] int64 original size.
+    - ``image_ids`` [B] COCO image ids; ``file_names`` their files.
+    - ``targets`` GT instances per image, or ``None`` where not loaded.
+    """
+
+    images: Tensor
+    pad_mask: Tensor
+    input_hw: Tensor
+    orig_hw: Tensor
+    image_ids: list[int]
+    file_names: list[str]
+    targets: list[GTInstances] | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str) -> ImageBatch:
+        return ImageBatch(images=self.images.to(device, non_blocking=True),
+                          pad_mask=self.pad_mask.to(device, non_blocking=True),
+                          input_hw=self.input_hw, orig_hw=self.orig_hw, image_ids=list(self.image_ids),
+                          file_names=list(self.file_names), targets=self.targets)
+
+
+@runtime_checkable
+class FrozenDetector(Protocol):
+    """What stage 1 (the cache writer) and the online mode need of a frozen detector.
+
+    Implementations are ``nn.Module``s put in ``eval()`` with ``requires_grad_(False)``.
+    """
+
+    preset: DetectorPreset
+
+    def detect(self, batch: ImageBatch, *, topk: int = 100, enc_layers: Sequence[int] = (4,)) -> DetectorOutput:
+        """Run the detector on a batch; return the top-``topk`` queries and the encoder maps after
+        each layer in ``enc_layers`` (1-based), C1 and sizes, as a validated :class:`DetectorOutput`."""
+        ...

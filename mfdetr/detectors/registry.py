@@ -1,0 +1,49 @@
+"""Name → detector builder table (refuses duplicates). Presets register themselves on import.
+
+A builder takes ``checkpoint`` (a path, a state dict or ``None`` for random weights, e.g. tiny test
+presets) and ``device`` and returns a frozen :class:`mfdetr.contracts.FrozenDetector`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mfdetr.contracts import DetectorPreset, FrozenDetector
+from mfdetr.errors import MfdetrError
+
+Builder = Callable[..., FrozenDetector]
+_BUILDERS: dict[str, Builder] = {}
+_PRESETS: dict[str, DetectorPreset] = {}
+
+
+def register_detector(preset: DetectorPreset, builder: Builder) -> None:
+    """Register ``builder`` under ``preset.name``; a duplicate name is an error."""
+    if preset.name in _BUILDERS:
+        raise ValueError(f"detector preset {preset.name!r} is already registered")
+    _BUILDERS[preset.name] = builder
+    _PRESETS[preset.name] = preset
+
+
+def unregister_detector(name: str) -> None:
+    """Remove a preset (tests only)."""
+    _BUILDERS.pop(name, None)
+    _PRESETS.pop(name, None)
+
+
+def list_detectors() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def get_preset(name: str) -> DetectorPreset:
+    if name not in _PRESETS:
+        raise MfdetrError(f"unknown detector {name!r} (known: {', '.join(list_detectors()) or 'none'})")
+    return _PRESETS[name]
+
+
+def build_detector(name: str, *, checkpoint: str | Path | dict[str, Any] | None = None,
+                   device: str = "cpu", **kwargs: Any) -> FrozenDetector:
+    """Build the frozen detector ``name`` and load ``checkpoint`` strictly."""
+    get_preset(name)
+    return _BUILDERS[name](checkpoint=checkpoint, device=device, **kwargs)
