@@ -21,15 +21,18 @@ Official semantics kept (FocalNet-L fl4): focal level k is a depthwise conv of k
 the spatial mean of the last level; ``normalize_modulator`` divides the gated sum by
 ``focal_level + 1``; post-LN blocks ``x + γ1·LN(FM(x))``, ``x + γ2·LN(MLP(x))``; the stem and the
 downsample layers pad right/bottom to a multiple of their patch size (4, resp. 2) before the conv
-(``use_conv_embed``: 7×7 stride 4 pad 2, resp. 3×3 stride 2 pad 1).
+(``use_conv_embed``: 7×7 stride 4 pad 2, resp. 3×3 stride 2 pad 1). The convolutions see the
+image's zero padding, so an image alone and inside a larger padded batch differ near the right/bottom
+border, as in the official code. Checked against the official module (random weights, float32, CPU,
+tiny and full FocalNet-L fl4, batch 1 and 2, odd sizes): bit-identical outputs.
 
-Wiring into presets (for the DINO helper, who owns ``presets``/``dino``):
+NOTE for the DINO helper — wiring into presets (``presets``/``dino`` are yours):
 
 - ``dino_focal`` (5-scale): ``build_focalnet_l_fl4(out_indices=(0, 1, 2, 3))``; backbone channels
   ``[s.channels for s in backbone.out_specs]`` = 192, 384, 768, 1536; checkpoint prefix
   ``backbone.0.`` → the backbone module.
-- Backbone factory (``backbones/factory.py``): register the kind in ``backbones/__init__.py`` with
-  ``register_backbone_kind("focalnet", focalnet_backbone)``; ``BackboneConfig(kind="focalnet",
+- Backbone factory (``backbones/factory.py``): kind ``"focalnet"`` → :func:`focalnet_backbone`
+  (registered lazily in ``backbones/__init__.py``); ``BackboneConfig(kind="focalnet",
   out_indices=(0, 1, 2, 3), params={...})`` (params = :class:`FocalNetConfig` fields, defaults =
   FocalNet-L fl4).
 - Tiny test versions: ``build_focalnet(FocalNetConfig(embed_dim=16, depths=(1, 1, 2, 1),

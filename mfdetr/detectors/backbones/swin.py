@@ -22,9 +22,13 @@ Official semantics kept: the image is padded on the right/bottom to a multiple o
 inside every block the (normed) tokens are zero-padded on the right/bottom to a multiple of the
 window, so padded tokens take part in attention (the official behaviour); odd-sized maps are
 zero-padded before patch merging; shifted windows use shift ``window // 2`` with the official
-region mask (value -100 between regions).
+region mask (value -100 between regions). Consequence: zero padding of the *image* beyond the patch
+multiple is real input (padded tokens are attended to), so an image alone and the same image inside
+a larger padded batch give different maps near the right/bottom border, exactly as in the official
+code (the official DINO evaluation runs batch size 1). Checked against the official modules (random
+weights, float32, CPU, tiny and full Swin-L, batch 1 and 2, odd sizes): bit-identical outputs.
 
-Wiring into presets (for the DINO helper, who owns ``presets``/``dino``):
+NOTE for the DINO helper — wiring into presets (``presets``/``dino`` are yours):
 
 - ``dino_swinl`` (5-scale): ``build_swin_l_dino(out_indices=(0, 1, 2, 3))``; backbone channels
   ``[s.channels for s in backbone.out_specs]`` = 192, 384, 768, 1536; checkpoint prefix
@@ -33,8 +37,8 @@ Wiring into presets (for the DINO helper, who owns ``presets``/``dino``):
   stage-0 output).
 - H-Deformable-DETR Swin-L: ``build_swin_l_hdetr()`` (window 7, out_indices (1, 2, 3)); checkpoint
   prefix ``backbone.0.body.``.
-- Backbone factory (``backbones/factory.py``): register the kind in ``backbones/__init__.py`` with
-  ``register_backbone_kind("swin", swin_backbone)``; ``BackboneConfig(kind="swin",
+- Backbone factory (``backbones/factory.py``): kind ``"swin"`` → :func:`swin_backbone` (registered
+  lazily in ``backbones/__init__.py``); ``BackboneConfig(kind="swin",
   out_indices=(0, 1, 2, 3), params={"window_size": 12, ...})`` (params = :class:`SwinConfig` fields,
   defaults = Swin-L 384).
 - Tiny test versions: ``build_swin(SwinConfig(embed_dim=16, depths=(1, 1, 2, 1),
