@@ -145,3 +145,19 @@ def test_synth_cli_and_overwrite(tmp_path):
     run_cli("synth", "--out", out, "--train", "2", "--val", "1", "--image-size", "48", "--force", check=True)
     assert len(list((out / "train2017").iterdir())) == 2 and len(list((out / "val2017").iterdir())) == 1
     assert_user_error(run_cli("synth", "--out", tmp_path / "z", "--train", "0", "--val", "0"), "at least one image")
+
+
+def test_batches_over_synth_pad_varied_sizes(synth_dir):
+    from mfdetr.data import iterate_batches
+
+    ds = CocoInstances(synth_dir, "train2017", preprocessing=Preprocessing(short_side=32, max_size=64),
+                       with_targets=False)
+    seen = 0
+    for batch, skips in iterate_batches(ds, batch_size=8, indices=range(16)):
+        assert not skips and batch is not None and batch.targets is None
+        hp, wp = batch.images.shape[-2:]
+        assert (hp, wp) == tuple(batch.input_hw.max(0).values.tolist())
+        for i, (h, w) in enumerate(batch.input_hw.tolist()):
+            assert int((~batch.pad_mask[i]).sum()) == h * w and not batch.pad_mask[i, :h, :w].any()
+        seen += len(batch)
+    assert seen == 16
