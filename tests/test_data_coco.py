@@ -145,6 +145,10 @@ def test_bad_images_become_recorded_skips(tmp_path):
     assert b0 is not None and b0.image_ids == [1] and [s.image_id for s in s0] == [2]
     assert b1 is None and isinstance(s1[0], SkipRecord) and s1[0].file_name == "c.jpg"
     assert "corrupt" in s1[0].reason and s1[0].to_dict()["index"] == 2
+    # the same through a worker process (items and skip records cross the process boundary)
+    par = list(iterate_batches(ds, batch_size=2, num_workers=1))
+    assert [[s.image_id for s in sk] for _, sk in par] == [[2], [3]]
+    assert torch.equal(par[0][0].images, b0.images) and len(par[0][0].targets[0]) == 2
 
 
 def test_wrong_image_size_is_a_skip(tmp_path):

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         verbose: bool = typer.Option(False, "--verbose", help="Also print pycocotools' own summary."),
     ) -> None:
         """Evaluate a COCO results file (AP, AP50, AP75, APs, APm, APl in percent)."""
-        from mfdetr.evaluation import IOU_TYPES, annotation_path, evaluate, format_table, load_coco_gt, read_results_json
+        from mfdetr.evaluation import (IOU_TYPES, annotation_path, evaluate, format_table, load_coco_gt,
+                                       read_results_json)
 
         types = IOU_TYPES if iou_type is IouType.both else (iou_type.value,)
         gt = load_coco_gt(annotation_path(coco, split))
