@@ -3,6 +3,7 @@
 A family reuses: the :class:`DeformableDetr` skeleton (:mod:`.detr`: backbone → projections →
 positions → its transformer → per-layer heads), the :class:`RefiningDecoder` (:mod:`.decoder`), the
 two-stage :func:`select_proposals`, the :class:`DetrArchConfig` base and preset helpers (:mod:`.arch`),
+the config-sized part builders (:mod:`.parts`),
 backbones (:mod:`mfdetr.detectors.backbones`), multi-scale inputs
 (:mod:`.multiscale`), positional encodings (:mod:`.position`), deformable encoder/decoder layers
 (:mod:`.deformable`), two-stage proposals (:mod:`.proposals`), the :class:`FrozenDetr` base that turns
@@ -32,6 +33,7 @@ from mfdetr.detectors.common.detr import DeformableDetr
 from mfdetr.detectors.common.frozen import DetrForward, FrozenDetr
 from mfdetr.detectors.common.layers import MLP, clones
 from mfdetr.detectors.common.multiscale import FlatLevels, build_input_proj, flatten_levels, project_levels
+from mfdetr.detectors.common.parts import build_decoder_layers, build_encoder, build_heads, build_level_proj
 from mfdetr.detectors.common.position import PositionEmbeddingSine, sine_embed_coords
 from mfdetr.detectors.common.postprocess import Detections, postprocess_detections
 from mfdetr.detectors.common.proposals import gen_encoder_output_proposals, select_proposals
@@ -39,7 +41,8 @@ from mfdetr.detectors.common.proposals import gen_encoder_output_proposals, sele
 __all__ = [
     "MLP", "CheckpointFormat", "DeformableDecoderLayer", "DeformableDetr", "DeformableEncoder",
     "DeformableEncoderLayer", "Detections", "DetrArchConfig", "DetrForward", "FlatLevels", "FrozenDetr",
-    "PositionEmbeddingSine", "RefiningDecoder", "build_input_proj", "clones", "encoder_reference_points",
+    "PositionEmbeddingSine", "RefiningDecoder", "build_decoder_layers", "build_encoder", "build_heads",
+    "build_input_proj", "build_level_proj", "clones", "encoder_reference_points",
     "family_preset", "flatten_levels", "gen_encoder_output_proposals", "layer_predictions", "load_checkpoint",
     "load_state_dict_strict", "postprocess_detections", "project_levels", "read_checkpoint", "register_family",
     "remap_state_dict", "select_proposals", "sine_embed_coords", "unwrap_state_dict", "valid_ratios",
