@@ -12,7 +12,6 @@ needed). Parameter names equal the official ones.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -21,10 +20,10 @@ from mfdetr.contracts import DetectorPreset
 from mfdetr.detectors.backbones import Backbone, build_backbone
 from mfdetr.detectors.common.checkpoint import CheckpointFormat
 from mfdetr.detectors.common.decoder import RefiningDecoder
-from mfdetr.detectors.common.deformable import DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer
 from mfdetr.detectors.common.detr import DeformableDetr
-from mfdetr.detectors.common.layers import MLP, clones
-from mfdetr.detectors.common.multiscale import FlatLevels, build_input_proj
+from mfdetr.detectors.common.layers import clones
+from mfdetr.detectors.common.multiscale import FlatLevels
+from mfdetr.detectors.common.parts import build_decoder_layers, build_encoder, build_heads, build_level_proj
 from mfdetr.detectors.common.position import PositionEmbeddingSine
 from mfdetr.detectors.hdetr.config import HDetrConfig
 from mfdetr.detectors.hdetr.transformer import HDETR_INV_SIGMOID_EPS, HDetrTransformer
@@ -81,29 +80,18 @@ class HDetrDetector(DeformableDetr):
 
 def build_hdetr_model(cfg: HDetrConfig, *, preset: DetectorPreset) -> HDetrDetector:
     """Build an (unfrozen, randomly initialised) H-DETR from ``cfg``; every size comes from ``cfg``."""
-    d = cfg.hidden_dim
     backbone = build_backbone(cfg.backbone)
-    layer_kw = {"d_model": d, "d_ffn": cfg.dim_feedforward, "n_levels": cfg.num_feature_levels, "n_heads": cfg.nheads}
-    encoder = DeformableEncoder(layers=nn.ModuleList(
-        DeformableEncoderLayer(**layer_kw, n_points=cfg.enc_n_points) for _ in range(cfg.enc_layers)))
-    decoder = RefiningDecoder(layers=nn.ModuleList(
-        DeformableDecoderLayer(**layer_kw, n_points=cfg.dec_n_points) for _ in range(cfg.dec_layers)),
-        inv_sigmoid_eps=HDETR_INV_SIGMOID_EPS)
-    transformer = HDetrTransformer(encoder=encoder, decoder=decoder, d_model=d, num_queries=cfg.num_queries_one2one,
-                                   num_levels=cfg.num_feature_levels)
-    class_head = nn.Linear(d, cfg.num_classes)
-    nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))  # prior prob 0.01
-    box_head = MLP(input_dim=d, hidden_dim=d, output_dim=4, num_layers=3)
-    nn.init.constant_(box_head.layers[-1].weight, 0.0)
-    nn.init.constant_(box_head.layers[-1].bias, 0.0)
+    decoder = RefiningDecoder(layers=build_decoder_layers(cfg), inv_sigmoid_eps=HDETR_INV_SIGMOID_EPS)
+    transformer = HDetrTransformer(encoder=build_encoder(cfg), decoder=decoder, d_model=cfg.hidden_dim,
+                                   num_queries=cfg.num_queries_one2one, num_levels=cfg.num_feature_levels)
+    class_head, box_head = build_heads(cfg)
+    n_heads = cfg.dec_layers + 1  # one cloned pair per decoder layer + the encoder-proposal pair
     return HDetrDetector(
-        backbone=backbone, transformer=transformer,
-        input_proj=build_input_proj(in_channels=[s.channels for s in backbone.out_specs], hidden_dim=d,
-                                    num_levels=cfg.num_feature_levels),
-        position=PositionEmbeddingSine(num_feats=d // 2, temperature_h=10000.0, temperature_w=10000.0,
+        backbone=backbone, transformer=transformer, input_proj=build_level_proj(backbone, cfg),
+        position=PositionEmbeddingSine(num_feats=cfg.hidden_dim // 2, temperature_h=10000.0, temperature_w=10000.0,
                                        normalize=True, offset=-0.5),
-        class_embed=clones(class_head, cfg.dec_layers + 1), bbox_embed=clones(box_head, cfg.dec_layers + 1),
-        query_embed=nn.Embedding(cfg.num_queries_one2one + cfg.num_queries_one2many, d),
+        class_embed=clones(class_head, n_heads), bbox_embed=clones(box_head, n_heads),
+        query_embed=nn.Embedding(cfg.num_queries_one2one + cfg.num_queries_one2many, cfg.hidden_dim),
         num_queries_one2one=cfg.num_queries_one2one, preset=preset, num_select=cfg.num_select)
 
 
