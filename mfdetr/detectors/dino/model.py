@@ -4,27 +4,26 @@ two-stage query selection → decoder with iterative box refinement → shared h
 Facts from IDEA-Research/DINO ``models/dino/dino.py`` (inference path; denoising is training-only,
 but ``label_enc`` exists so released checkpoints load strictly). Parameter names equal the official
 ones (``backbone.0``, ``input_proj``, ``transformer``, ``class_embed``/``bbox_embed`` shared by all
-decoder layers and aliased as ``transformer.decoder.{class,bbox}_embed``).
+decoder layers and aliased as ``transformer.decoder.{class,bbox}_embed``). Runs on the shared
+:class:`~mfdetr.detectors.common.detr.DeformableDetr` skeleton.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import nn
 
 from mfdetr.contracts import DetectorPreset
 from mfdetr.detectors.backbones import Backbone, build_backbone
 from mfdetr.detectors.common.checkpoint import CheckpointFormat
 from mfdetr.detectors.common.deformable import DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer
-from mfdetr.detectors.common.frozen import DetrForward, FrozenDetr
+from mfdetr.detectors.common.detr import DeformableDetr
 from mfdetr.detectors.common.layers import MLP, clones
-from mfdetr.detectors.common.multiscale import build_input_proj, flatten_levels, project_levels
+from mfdetr.detectors.common.multiscale import build_input_proj
 from mfdetr.detectors.common.position import PositionEmbeddingSine
 from mfdetr.detectors.dino.config import DinoConfig
 from mfdetr.detectors.dino.transformer import DINO_INV_SIGMOID_EPS, DinoDecoder, DinoTransformer
-from mfdetr.ops import inverse_sigmoid
 
 #: IDEA-Research/DINO and FocalNet-DINO checkpoints: our names are the official ones; only BN
 #: ``num_batches_tracked`` entries (absent from frozen-BN models, present if a body was saved from
@@ -35,8 +34,8 @@ DINO_CHECKPOINT_FORMAT = CheckpointFormat(
 )
 
 
-class DinoDetector(FrozenDetr):
-    """DINO with the official module layout.
+class DinoDetector(DeformableDetr):
+    """DINO with the official module layout (``DeformableDetr`` + the denoising ``label_enc``).
 
     Args:
         backbone: the backbone (stored as ``backbone.0``, the official ``Joiner`` slot).
@@ -51,51 +50,10 @@ class DinoDetector(FrozenDetr):
     def __init__(self, *, backbone: Backbone, transformer: DinoTransformer, input_proj: nn.ModuleList,
                  position: PositionEmbeddingSine, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList,
                  label_enc: nn.Embedding, preset: DetectorPreset, num_select: int = 300) -> None:
-        super().__init__()
-        self.backbone = nn.ModuleList([backbone])
-        self.transformer = transformer
-        self.input_proj = input_proj
-        self.position = position
-        self.class_embed = class_embed
-        self.bbox_embed = bbox_embed
-        # official aliasing: the decoder refines boxes with the detector's heads
-        self.transformer.decoder.class_embed = class_embed
-        self.transformer.decoder.bbox_embed = bbox_embed
+        super().__init__(backbone=backbone, transformer=transformer, input_proj=input_proj, position=position,
+                         class_embed=class_embed, bbox_embed=bbox_embed, preset=preset, num_select=num_select,
+                         inv_sigmoid_eps=DINO_INV_SIGMOID_EPS)
         self.label_enc = label_enc
-        self.preset = preset
-        self.num_select = num_select
-        self.num_encoder_layers = transformer.encoder.num_layers
-
-    @property
-    def body(self) -> Backbone:
-        return self.backbone[0]  # type: ignore[return-value]
-
-    def forward_detr(self, images: Tensor, pad_mask: Tensor, *, enc_layers: Sequence[int] = ()) -> DetrForward:
-        """Full DINO forward (see :class:`~mfdetr.detectors.common.frozen.DetrForward`).
-
-        ``aux`` holds ``hs`` (normed outputs of every decoder layer), ``refs`` (reference boxes, the
-        input of each layer then the last refined one), ``memory`` (last encoder layer), and
-        ``layer_logits`` / ``layer_boxes`` (head outputs of every layer).
-        """
-        feats = self.body(images)
-        used = [feats[i] for i in self.body.out_indices]
-        srcs, masks, _ = project_levels(self.input_proj, used, pad_mask)
-        return self.forward_levels(srcs, masks, c1=feats[0], enc_layers=enc_layers)
-
-    def forward_levels(self, srcs: Sequence[Tensor], masks: Sequence[Tensor], *, c1: Tensor,
-                       enc_layers: Sequence[int] = ()) -> DetrForward:
-        """The transformer and heads on projected levels ``srcs`` [B, d, H_l, W_l] with their padding
-        masks [B, H_l, W_l] (positional encodings are computed from the masks)."""
-        poss = [self.position(m).to(s.dtype) for s, m in zip(srcs, masks, strict=True)]
-        levels = flatten_levels(srcs, masks, poss, self.transformer.level_embed)
-        hs, refs, memory, kept = self.transformer(levels, keep=enc_layers)
-        layer_boxes = [(self.bbox_embed[lid](h) + inverse_sigmoid(refs[lid], eps=DINO_INV_SIGMOID_EPS)).sigmoid()
-                       for lid, h in enumerate(hs)]
-        layer_logits = [self.class_embed[lid](h) for lid, h in enumerate(hs)]
-        return DetrForward(logits=layer_logits[-1], boxes=layer_boxes[-1], hs=hs[-1], enc_memory=kept,
-                           levels=levels, level_masks=list(masks), c1=c1,
-                           aux={"hs": hs, "refs": refs, "memory": memory, "layer_logits": layer_logits,
-                                "layer_boxes": layer_boxes})
 
 
 def build_dino_model(cfg: DinoConfig, *, preset: DetectorPreset) -> DinoDetector:
@@ -128,12 +86,4 @@ def build_dino_model(cfg: DinoConfig, *, preset: DetectorPreset) -> DinoDetector
         label_enc=nn.Embedding(cfg.dn_labelbook_size + 1, d), preset=preset, num_select=cfg.num_select)
 
 
-def level_strides(cfg: DinoConfig, backbone_strides: Sequence[int] = (4, 8, 16, 32)) -> tuple[int, ...]:
-    """Stride of every encoder level: the used backbone stages, then ×2 per extra level."""
-    strides = [backbone_strides[i] for i in cfg.backbone.out_indices]
-    while len(strides) < cfg.num_feature_levels:
-        strides.append(strides[-1] * 2)
-    return tuple(strides)
-
-
-__all__ = ["DINO_CHECKPOINT_FORMAT", "DinoDetector", "build_dino_model", "level_strides"]
+__all__ = ["DINO_CHECKPOINT_FORMAT", "DinoDetector", "build_dino_model"]
