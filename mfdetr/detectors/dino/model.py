@@ -10,17 +10,14 @@ decoder layers and aliased as ``transformer.decoder.{class,bbox}_embed``). Runs 
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
 from mfdetr.contracts import DetectorPreset
 from mfdetr.detectors.backbones import Backbone, build_backbone
 from mfdetr.detectors.common.checkpoint import CheckpointFormat
-from mfdetr.detectors.common.deformable import DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer
 from mfdetr.detectors.common.detr import DeformableDetr
-from mfdetr.detectors.common.layers import MLP, clones
-from mfdetr.detectors.common.multiscale import build_input_proj
+from mfdetr.detectors.common.layers import clones
+from mfdetr.detectors.common.parts import build_decoder_layers, build_encoder, build_heads, build_level_proj
 from mfdetr.detectors.common.position import PositionEmbeddingSine
 from mfdetr.detectors.dino.config import DinoConfig
 from mfdetr.detectors.dino.transformer import DINO_INV_SIGMOID_EPS, DinoDecoder, DinoTransformer
@@ -58,32 +55,19 @@ class DinoDetector(DeformableDetr):
 
 def build_dino_model(cfg: DinoConfig, *, preset: DetectorPreset) -> DinoDetector:
     """Build an (unfrozen, randomly initialised) DINO from ``cfg``; every size comes from ``cfg``."""
-    d = cfg.hidden_dim
     backbone = build_backbone(cfg.backbone)
-    enc_layers = nn.ModuleList(
-        DeformableEncoderLayer(d_model=d, d_ffn=cfg.dim_feedforward, n_levels=cfg.num_feature_levels,
-                               n_heads=cfg.nheads, n_points=cfg.enc_n_points) for _ in range(cfg.enc_layers))
-    dec_layers = nn.ModuleList(
-        DeformableDecoderLayer(d_model=d, d_ffn=cfg.dim_feedforward, n_levels=cfg.num_feature_levels,
-                               n_heads=cfg.nheads, n_points=cfg.dec_n_points) for _ in range(cfg.dec_layers))
-    transformer = DinoTransformer(encoder=DeformableEncoder(layers=enc_layers),
-                                  decoder=DinoDecoder(layers=dec_layers, d_model=d), d_model=d,
-                                  num_queries=cfg.num_queries, num_levels=cfg.num_feature_levels,
-                                  num_classes=cfg.num_classes)
-    class_head = nn.Linear(d, cfg.num_classes)
-    nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))  # prior prob 0.01
-    box_head = MLP(input_dim=d, hidden_dim=d, output_dim=4, num_layers=3)
-    nn.init.constant_(box_head.layers[-1].weight, 0.0)
-    nn.init.constant_(box_head.layers[-1].bias, 0.0)
+    transformer = DinoTransformer(encoder=build_encoder(cfg),
+                                  decoder=DinoDecoder(layers=build_decoder_layers(cfg), d_model=cfg.hidden_dim),
+                                  d_model=cfg.hidden_dim, num_queries=cfg.num_queries,
+                                  num_levels=cfg.num_feature_levels, num_classes=cfg.num_classes)
+    class_head, box_head = build_heads(cfg)
     return DinoDetector(
-        backbone=backbone, transformer=transformer,
-        input_proj=build_input_proj(in_channels=[s.channels for s in backbone.out_specs], hidden_dim=d,
-                                    num_levels=cfg.num_feature_levels),
-        position=PositionEmbeddingSine(num_feats=d // 2, temperature_h=cfg.pe_temperature_h,
+        backbone=backbone, transformer=transformer, input_proj=build_level_proj(backbone, cfg),
+        position=PositionEmbeddingSine(num_feats=cfg.hidden_dim // 2, temperature_h=cfg.pe_temperature_h,
                                        temperature_w=cfg.pe_temperature_w, normalize=True, offset=0.0),
         class_embed=clones(class_head, cfg.dec_layers, shared=cfg.dec_pred_class_embed_share),
         bbox_embed=clones(box_head, cfg.dec_layers, shared=cfg.dec_pred_bbox_embed_share),
-        label_enc=nn.Embedding(cfg.dn_labelbook_size + 1, d), preset=preset, num_select=cfg.num_select)
+        label_enc=nn.Embedding(cfg.dn_labelbook_size + 1, cfg.hidden_dim), preset=preset, num_select=cfg.num_select)
 
 
 __all__ = ["DINO_CHECKPOINT_FORMAT", "DinoDetector", "build_dino_model"]
