@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.masknet.losses import LossConfig, mask_iou, mask_losses
-from mfdetr.masknet.targets import AssignConfig, assign, build_mask_targets
+from mfdetr.masknet.targets import AssignConfig, assign, build_mask_targets, is_input_grid_output
 
 __all__ = ["MaskCriterion"]
 
@@ -32,16 +32,6 @@ __all__ = ["MaskCriterion"]
 class _MaskOutput(Protocol):
     mask_logits: Tensor
     iou_pred: Tensor | None
-
-
-def _on_input_grid(out: _MaskOutput) -> bool:
-    """Whether ``out`` holds non-RoI masks on the stride-4 input grid (baseline without RoIAlign)."""
-    for name in ("on_input_grid", "input_grid"):
-        v = getattr(out, name, None)
-        if isinstance(v, bool):
-            return v
-    roi = getattr(out, "roi", None)
-    return roi is False
 
 
 class MaskCriterion(nn.Module):
@@ -87,7 +77,7 @@ class MaskCriterion(nn.Module):
         grid = (int(logits.shape[-2]), int(logits.shape[-1]))
         a = assign(det, gts, self.assign_cfg, self.class_to_category)
         t = build_mask_targets(det, gts, a, grid, soft=self.assign_cfg.soft_targets,
-                               on_input_grid=_on_input_grid(out))
+                               on_input_grid=is_input_grid_output(out))
         dev = logits.device
         bi, qi = t.batch_idx.to(dev), t.query_idx.to(dev)
         pos_logits = logits[bi, qi]

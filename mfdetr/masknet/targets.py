@@ -49,7 +49,7 @@ from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 
 __all__ = [
     "AssignConfig", "Assignment", "MaskTargets", "assign", "box_crowd_fraction", "build_mask_targets",
-    "crop_masks", "input_grid_boxes", "pred_boxes_original",
+    "crop_masks", "input_grid_boxes", "is_input_grid_output", "pred_boxes_original",
 ]
 
 
@@ -136,6 +136,16 @@ def pred_boxes_original(det: DetectorOutput) -> Tensor:
     hw = det.orig_hw.to(device=xyxy.device, dtype=xyxy.dtype)
     scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
     return xyxy * scale[:, None, :]
+
+
+def is_input_grid_output(out: object) -> bool:
+    """Whether a mask network output holds non-RoI masks on the stride-4 input grid (the baseline
+    without RoIAlign) rather than masks on each box's RoI grid."""
+    for name in ("on_input_grid", "input_grid"):
+        v = getattr(out, name, None)
+        if isinstance(v, bool):
+            return v
+    return getattr(out, "roi", None) is False
 
 
 def _clamp_boxes(b: Tensor, hw: tuple[int, int]) -> Tensor:
