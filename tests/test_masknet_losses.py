@@ -164,4 +164,7 @@ def test_criterion_perfect_prediction_near_zero() -> None:
     full = MaskCriterion(loss_cfg=LossConfig(point_sampling=False))(Out(logits, torch.tensor([[1.0, 0.3]])), det, [gt])
     assert full["loss"].item() < 1e-6
     with pytest.raises(ValueError, match="mask_logits"):
-        MaskCriterion()(Out(logits[:, :1], None), det, [gt])
+        MaskCriterion()(Out(torch.cat([logits, logits[:, :1]], 1), None), det, [gt])
+    # the network may segment only the top K' < K queries
+    top1 = MaskCriterion(loss_cfg=LossConfig(point_sampling=False))(Out(logits[:, :1], None), det, [gt])
+    assert top1["num_pos"].item() == 1 and top1["loss"].item() < 1e-6

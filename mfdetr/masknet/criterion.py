@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.masknet.losses import LossConfig, mask_iou, mask_losses
-from mfdetr.masknet.targets import AssignConfig, assign, build_mask_targets, is_input_grid_output
+from mfdetr.masknet.targets import AssignConfig, assign, build_mask_targets, first_queries, is_input_grid_output
 
 __all__ = ["MaskCriterion"]
 
@@ -58,7 +58,8 @@ class MaskCriterion(nn.Module):
         """Losses of a batch.
 
         Args:
-            out: mask network output — ``mask_logits`` [B, K, Sh, Sw], ``iou_pred`` [B, K] or ``None``.
+            out: mask network output — ``mask_logits`` [B, K', Sh, Sw], ``iou_pred`` [B, K'] or ``None``
+                (K' ≤ K: the first K' queries of ``det``; ``roi=False`` marks stride-4 input-grid masks).
             det: the detector outputs ``out`` was computed from.
             gts: B ground truths (original pixel frame).
             num_masks: loss normaliser (default: positives in this batch, at least 1); pass the mean over
@@ -71,9 +72,10 @@ class MaskCriterion(nn.Module):
             their targets on the grid, 0 without positives).
         """
         logits = out.mask_logits
-        if logits.dim() != 4 or int(logits.shape[0]) != det.batch_size or int(logits.shape[1]) != det.num_queries:
-            raise ValueError(f"mask_logits must be [B,K,Sh,Sw] with B,K=({det.batch_size},{det.num_queries}), "
+        if logits.dim() != 4 or int(logits.shape[0]) != det.batch_size or int(logits.shape[1]) > det.num_queries:
+            raise ValueError(f"mask_logits must be [B,K',Sh,Sw] with B={det.batch_size}, K' ≤ {det.num_queries}, "
                              f"got {tuple(logits.shape)}")
+        det = first_queries(det, int(logits.shape[1]))  # the network may segment only the top K' queries
         grid = (int(logits.shape[-2]), int(logits.shape[-1]))
         a = assign(det, gts, self.assign_cfg, self.class_to_category)
         t = build_mask_targets(det, gts, a, grid, soft=self.assign_cfg.soft_targets,

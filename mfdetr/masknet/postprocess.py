@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
-from mfdetr.masknet.targets import is_input_grid_output, pred_boxes_original
+from mfdetr.masknet.targets import first_queries, is_input_grid_output, pred_boxes_original
 
 __all__ = ["ScoreMode", "encode_rle", "masks_to_coco_results", "paste_masks"]
 
@@ -126,8 +126,9 @@ def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_catego
     """COCO instance-segmentation results of a batch, ready for a results JSON / ``COCO.loadRes``.
 
     Args:
-        out: the mask network's output: ``mask_logits`` [B, K, Sh, Sw] (on each box's RoI grid, or on
-            the padded stride-4 input grid when ``on_input_grid``) and ``iou_pred`` [B, K] or ``None``.
+        out: the mask network's output: ``mask_logits`` [B, K', Sh, Sw] for the first K' ≤ K queries (on
+            each box's RoI grid, or on the padded stride-4 input grid when ``on_input_grid``) and
+            ``iou_pred`` [B, K'] or ``None``.
         det: the detector outputs the masks were predicted from (boxes, logits, sizes).
         class_to_category: class slot → COCO category id (0 = unused slot).
         image_ids: B COCO image ids.
@@ -145,8 +146,9 @@ def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_catego
     if on_input_grid is None:
         on_input_grid = is_input_grid_output(out)
     bsz, k = int(logits.shape[0]), int(logits.shape[1])
-    if bsz != det.batch_size or k != det.num_queries:
-        raise ValueError(f"mask_logits {tuple(logits.shape)} do not match B={det.batch_size}, K={det.num_queries}")
+    if bsz != det.batch_size or k > det.num_queries:
+        raise ValueError(f"mask_logits {tuple(logits.shape)} do not match B={det.batch_size}, K ≤ {det.num_queries}")
+    det = first_queries(det, k)  # the network may segment only the top K' queries
     if len(image_ids) != bsz:
         raise ValueError(f"got {len(image_ids)} image ids for a batch of {bsz}")
     if score == "mask_iou" and out.iou_pred is None:

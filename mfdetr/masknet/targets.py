@@ -49,7 +49,7 @@ from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 
 __all__ = [
     "AssignConfig", "Assignment", "MaskTargets", "assign", "box_crowd_fraction", "build_mask_targets",
-    "crop_masks", "input_grid_boxes", "is_input_grid_output", "pred_boxes_original",
+    "crop_masks", "first_queries", "input_grid_boxes", "is_input_grid_output", "pred_boxes_original",
 ]
 
 
@@ -136,6 +136,18 @@ def pred_boxes_original(det: DetectorOutput) -> Tensor:
     hw = det.orig_hw.to(device=xyxy.device, dtype=xyxy.dtype)
     scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
     return xyxy * scale[:, None, :]
+
+
+def first_queries(det: DetectorOutput, k: int) -> DetectorOutput:
+    """``det`` restricted to its first (top-scored) ``k`` queries (the mask network may segment fewer
+    queries than were cached); feature maps are shared, not copied."""
+    if k == det.num_queries:
+        return det
+    if not 0 <= k <= det.num_queries:
+        raise ValueError(f"cannot take {k} of {det.num_queries} queries")
+    return DetectorOutput(queries=det.queries[:, :k], boxes=det.boxes[:, :k], logits=det.logits[:, :k],
+                          enc_maps=det.enc_maps, c1=det.c1, input_hw=det.input_hw, orig_hw=det.orig_hw,
+                          level_valid_hw=det.level_valid_hw, extras=det.extras)
 
 
 def is_input_grid_output(out: object) -> bool:
