@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
@@ -36,7 +35,6 @@ from mfdetr.masknet.mask_head import DotProductHead, SegmenterHead
 from mfdetr.masknet.mask_scoring import MaskScoringHead
 from mfdetr.masknet.neck import Neck
 from mfdetr.masknet.query_encoder import QueryEncoder
-from mfdetr.ops import box_cxcywh_to_xyxy
 
 C1_STRIDE = 4
 
@@ -81,20 +79,20 @@ class MaskNet(nn.Module):
         c1_channels: channels of C1.
         num_queries: K (top-K of the stored queries).
         enc_layer: which cached encoder layer (1-based).
-        roi, roi_size, roi_sampling_ratio, fuse_c1: see :class:`MaskNetConfig`.
+        roi, roi_size, fuse_c1: see :class:`MaskNetConfig` (RoIAlign itself lives in the box encoder).
         neck, image_encoder, box_encoder, query_encoder, mask_head, mask_scoring: the parts
             (``None`` where absent).
     """
 
     def __init__(self, *, d_model: int, level_strides: Sequence[int], c1_channels: int, num_queries: int,
-                 enc_layer: int, roi: bool, roi_size: int, roi_sampling_ratio: int, fuse_c1: bool,
+                 enc_layer: int, roi: bool, roi_size: int, fuse_c1: bool,
                  neck: Neck | None, image_encoder: ImageEncoder, box_encoder: BoxEncoder | None,
                  query_encoder: QueryEncoder | None, mask_head: DotProductHead | SegmenterHead,
                  mask_scoring: MaskScoringHead | None) -> None:
         super().__init__()
         self.d_model, self.level_strides, self.c1_channels = d_model, tuple(level_strides), c1_channels
         self.num_queries, self.enc_layer = num_queries, enc_layer
-        self.roi, self.roi_size, self.roi_sampling_ratio, self.fuse_c1 = roi, roi_size, roi_sampling_ratio, fuse_c1
+        self.roi, self.roi_size, self.fuse_c1 = roi, roi_size, fuse_c1
         self.neck = neck
         self.image_encoder = image_encoder
         self.box_encoder = box_encoder
@@ -159,9 +157,7 @@ class MaskNet(nn.Module):
 
         # 4. channel mapper, RoIAlign (eq. 3), box feature encoder (eq. 9)
         assert self.box_encoder is not None
-        f = self.box_encoder.map_channels(f)
-        rois = self._roi_align(f, boxes, input_hw)  # [B·K, D, S, S]
-        tokens = self.box_encoder(rois)  # [B·K, S·S, D]
+        tokens = self.box_encoder(f, boxes, input_hw, c1_hw)  # [B·K, S·S, D]
 
         # 5. query encoder (eq. 10-11), mask head (eq. 4), mask scoring (eq. 12)
         q = queries if self.query_encoder is None else self.query_encoder(queries, tokens)
@@ -191,18 +187,6 @@ class MaskNet(nn.Module):
         h, w = int(hw[0]), int(hw[1])
         e1 = e1[..., :h, :w]
         return F.pad(e1, (0, w - e1.shape[-1], 0, h - e1.shape[-2]))
-
-    def _roi_align(self, f: Tensor, boxes: Tensor, input_hw: Tensor) -> Tensor:
-        """RoIAlign of F (stride 4) for every box: [B, K, 4] normalised cxcywh → [B·K, D, S, S]."""
-        bsz, k = boxes.shape[:2]
-        scale = input_hw.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None]  # (w, h, w, h)
-        xyxy = box_cxcywh_to_xyxy(boxes) * scale  # input pixels
-        idx = torch.arange(bsz, device=boxes.device, dtype=boxes.dtype).repeat_interleave(k)[:, None]
-        rois = torch.cat((idx, xyxy.reshape(-1, 4)), 1)
-        f = F.pad(f, (0, 1, 0, 1))  # a zero border: the canvas edge reads like padding (invariance)
-        out = roi_align(f.float() if f.dtype == torch.bfloat16 else f, rois.to(f.dtype), self.roi_size,
-                        spatial_scale=1.0 / C1_STRIDE, sampling_ratio=self.roi_sampling_ratio, aligned=True)
-        return out.to(f.dtype)
 
 
 def _err(msg: str) -> MfdetrError:
@@ -256,7 +240,8 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
         box_encoder = build_box_encoder(block=be.block, layers=be.layers, in_dim=d_model, dim=box_dim,
                                         roi_size=cfg.roi_size, heads=be.heads, points=be.points,
                                         ffn_ratio=be.ffn_ratio, swin_window=be.swin_window,
-                                        convnext_kernel=be.convnext_kernel)
+                                        convnext_kernel=be.convnext_kernel,
+                                        sampling_ratio=cfg.roi_sampling_ratio)
     query_encoder = None
     if qe.ffn or qe.o2o or qe.b2o:
         query_encoder = QueryEncoder(dim=d_model, roi_dim=box_dim, o2o=qe.o2o, b2o=qe.b2o, ffn=qe.ffn,
@@ -271,7 +256,6 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
         scoring = MaskScoringHead(in_dim=box_dim, channels=ms.channels, convs=ms.convs, pool=ms.pool,
                                   fc_dim=ms.fc_dim, fc_layers=ms.fc_layers, detach_mask=ms.detach_mask)
     return MaskNet(d_model=d_model, level_strides=strides, c1_channels=c1_channels, num_queries=cfg.num_queries,
-                   enc_layer=cfg.enc_layer, roi=cfg.roi, roi_size=cfg.roi_size,
-                   roi_sampling_ratio=cfg.roi_sampling_ratio, fuse_c1=cfg.fuse_c1, neck=neck,
+                   enc_layer=cfg.enc_layer, roi=cfg.roi, roi_size=cfg.roi_size, fuse_c1=cfg.fuse_c1, neck=neck,
                    image_encoder=image_encoder, box_encoder=box_encoder, query_encoder=query_encoder,
                    mask_head=head, mask_scoring=scoring)
