@@ -26,7 +26,7 @@ from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.masknet.losses import LossConfig, mask_iou, mask_losses
 from mfdetr.masknet.targets import AssignConfig, assign, build_mask_targets, first_queries, is_input_grid_output
 
-__all__ = ["MaskCriterion"]
+__all__ = ["AssignConfig", "LossConfig", "MaskCriterion"]
 
 
 class _MaskOutput(Protocol):
