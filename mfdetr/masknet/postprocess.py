@@ -60,13 +60,16 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_hw: tuple[int, int], *, thre
             only inside its box, on accelerators in chunks over the chunk's joint box region.
 
     Returns:
-        ``masks`` [K, H, W] bool and ``mean_prob`` [K] float — mean probability over each mask's
+        ``masks`` [K, H, W] bool (a transposed view of a [K, W, H] buffer) and ``mean_prob`` [K] float — mean probability over each mask's
         foreground pixels (eq. 2's ratio; 0 for an empty mask).
     """
     h, w = image_hw
     k = int(probs.shape[0])
     dev = probs.device
-    masks = torch.zeros((k, h, w), dtype=torch.bool, device=dev)
+    # stored as [K, W, H] and returned as a [K, H, W] view: RLE encoding (column-major) then needs no
+    # transpose of the whole masks, only the pasted box regions are written transposed
+    buf = torch.zeros((k, w, h), dtype=torch.bool, device=dev)
+    masks = buf.transpose(1, 2)
     mean_prob = torch.zeros(k, dtype=torch.float32, device=dev)
     if k == 0 or h == 0 or w == 0:
         return masks, mean_prob
@@ -99,7 +102,7 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_hw: tuple[int, int], *, thre
         inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
         pasted = pasted * inside
         fg = pasted > threshold
-        masks[s:e, ry0:ry1, rx0:rx1] = fg
+        buf[s:e, rx0:rx1, ry0:ry1] = fg.transpose(1, 2)
         cnt = fg.flatten(1).sum(1)
         tot = (pasted * fg).flatten(1).sum(1)
         mean_prob[s:e] = torch.where(cnt > 0, tot / cnt.clamp(min=1), torch.zeros_like(tot))
@@ -110,7 +113,11 @@ def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
     """[K, H, W] bool masks → COCO RLEs (``counts`` as str, JSON-ready)."""
     if masks.shape[0] == 0:
         return []
-    arr = np.asfortranarray(masks.permute(1, 2, 0).to(torch.uint8).cpu().numpy())
+    # [K, W, H] C-contiguous (built on the masks' device; free for masks from paste_masks) is
+    # [H, W, K] Fortran-contiguous, the layout pycocotools encodes: no copy on the host
+    kwh = masks.transpose(1, 2).contiguous().view(torch.uint8) if masks.dtype == torch.bool else (
+        masks.transpose(1, 2).to(torch.uint8).contiguous())
+    arr = kwh.cpu().numpy().transpose(2, 1, 0)
     rles = mask_util.encode(arr)
     out = []
     for r in rles:

@@ -297,7 +297,7 @@ def crop_masks(masks: Tensor, boxes: Tensor, mask_idx: Tensor, out_size: tuple[i
         return torch.zeros((0, *out_size), dtype=torch.float32, device=boxes.device)
     dev = boxes.device
     uniq, inv = torch.unique(mask_idx.to(masks.device), return_inverse=True)
-    src = masks[uniq].to(device=dev, dtype=torch.float32)[:, None]
+    src = masks[uniq].to(device=dev).to(torch.float32)[:, None]  # move as bool, convert on the device
     rois = torch.cat([inv.to(dev, torch.float32)[:, None], boxes.to(torch.float32)], dim=1)
     out = roi_align(src, rois, out_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)[:, 0]
     return out.clamp(0, 1) if soft else (out >= 0.5).to(torch.float32)
@@ -344,12 +344,13 @@ def build_mask_targets(det: DetectorOutput, gts: Sequence[GTInstances], assignme
             continue
         order.append(sel)
         g = assignment.gt_idx[sel]
+        gt_areas = gt.masks.flatten(1).sum(1).to(boxes_all.device, torch.float32)  # [N] pixels
         if grid_boxes is not None:
             boxes = grid_boxes[b][None].expand(sel.numel(), 4)
         else:
             boxes = boxes_all[b, assignment.query_idx[sel]]
         masks.append(crop_masks(gt.masks, boxes, g, out_size, soft=soft))
-        full = gt.masks[g.to(gt.masks.device)].flatten(1).sum(1).to(boxes.device, torch.float32)
+        full = gt_areas[g.to(gt_areas.device)]
         cell = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6) / (
             out_size[0] * out_size[1])
         areas.append(full / cell)
