@@ -12,13 +12,20 @@ original resolution) must reach IoU > 0.9 with every GT mask.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
 import torch
 import torch.nn.functional as F
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from mfdetr.contracts import DetectorOutput, GTInstances
-from mfdetr.masknet import MaskNetConfig, build_masknet
+from mfdetr.masknet import MaskNetConfig, MaskNetOutput, build_masknet
 from mfdetr.masknet.config import (
     BoxEncoderConfig,
     ImageEncoderConfig,
@@ -28,7 +35,7 @@ from mfdetr.masknet.config import (
 )
 from mfdetr.masknet.criterion import MaskCriterion
 from mfdetr.masknet.losses import LossConfig
-from mfdetr.masknet.postprocess import paste_masks
+from mfdetr.masknet.postprocess import masks_to_coco_results, paste_masks
 from mfdetr.masknet.targets import pred_boxes_original
 
 H = W = 64
@@ -75,7 +82,7 @@ def fake_detector_output(img: torch.Tensor, boxes_xyxy: torch.Tensor, g: torch.G
     cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
     maps = [proj(s, D) for s in STRIDES]
     return DetectorOutput(
-        queries=torch.randn(1, k, D, generator=g), boxes=cxcywh[None], logits=torch.full((1, k, 2), 3.0),
+        queries=torch.randn(1, k, D, generator=g), boxes=cxcywh[None], logits=torch.tensor([-3.0, 3.0]).expand(1, k, 2),
         enc_maps={4: maps}, c1=proj(4, 48), input_hw=torch.tensor([[H, W]]), orig_hw=torch.tensor([[H, W]]),
         level_valid_hw=torch.tensor([[[m.shape[-2], m.shape[-1]] for m in maps]])).validate()
 
@@ -90,7 +97,7 @@ def tiny_default_config() -> MaskNetConfig:
         mask_scoring=MaskScoringConfig(channels=16, convs=2, pool=2, fc_dim=16, fc_layers=1))
 
 
-def test_overfit_one_synthetic_image() -> None:
+def test_overfit_one_synthetic_image(tmp_path: Path) -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     img, masks = synthetic_scene()
@@ -133,3 +140,26 @@ def test_overfit_one_synthetic_image() -> None:
         out = net(det)
     assert out.iou_pred is not None
     assert float((out.iou_pred[0, :3] - torch.tensor(ious)).abs().max()) < 0.15
+    # end to end: COCO results of the three GT-box queries evaluate as near-perfect masks
+    three = MaskNetOutput(**{**vars(out), "mask_logits": out.mask_logits[:, :3], "iou_pred": out.iou_pred[:, :3]})
+    res = masks_to_coco_results(three, det, (0, 1), [1], score="mask_iou")
+    assert len(res) == 3
+    stats = coco_segm_stats(tmp_path, masks, res)
+    assert stats[1] == pytest.approx(1.0) and stats[0] > 0.6  # AP50, AP
+
+
+def coco_segm_stats(tmp_path: Path, masks: torch.Tensor, res: list[dict]) -> list[float]:
+    anns = []
+    for i, m in enumerate(masks.numpy().astype(np.uint8)):
+        rle = mask_util.encode(np.asfortranarray(m))
+        anns.append({"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": float(m.sum()),
+                     "bbox": mask_box(masks[i]), "segmentation": {"size": [H, W], "counts": rle["counts"].decode()}})
+    p = tmp_path / "gt.json"
+    p.write_text(json.dumps({"images": [{"id": 1, "height": H, "width": W}], "annotations": anns,
+                             "categories": [{"id": 1, "name": "shape"}]}))
+    gt = COCO(str(p))
+    ev = COCOeval(gt, gt.loadRes(res), "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return [float(x) for x in ev.stats]
