@@ -168,3 +168,23 @@ def test_criterion_perfect_prediction_near_zero() -> None:
     # the network may segment only the top K' < K queries
     top1 = MaskCriterion(loss_cfg=LossConfig(point_sampling=False))(Out(logits[:, :1], None), det, [gt])
     assert top1["num_pos"].item() == 1 and top1["loss"].item() < 1e-6
+
+
+@dataclass
+class GridOut:
+    mask_logits: torch.Tensor
+    iou_pred: torch.Tensor | None
+    roi: bool = False
+
+
+def test_criterion_on_input_grid_masks() -> None:
+    # non-RoI masks on the padded stride-4 grid (10×10) of a 32×32 input of a 64×64 original image
+    det = make_det([[0, 0, 32, 32], [40, 40, 60, 60]], (64, 64), input_hw=(32, 32))
+    gt = make_gt([(0, 0, 32, 32)], (64, 64))  # top-left quarter of the image = grid cells [0:4, 0:4]
+    logits = torch.full((1, 2, 10, 10), -30.0)
+    logits[0, 0, :4, :4] = 30.0
+    crit = MaskCriterion(loss_cfg=LossConfig(point_sampling=False))
+    ls = crit(GridOut(logits, None), det, [gt])
+    assert ls["num_pos"].item() == 1 and ls["loss"].item() < 1e-6
+    logits[0, 0, 4, 4] = 30.0  # one wrong cell
+    assert crit(GridOut(logits, None), det, [gt])["pos_mask_iou"].item() == pytest.approx(16 / 17)
