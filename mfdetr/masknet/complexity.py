@@ -159,3 +159,101 @@ def parse_levels(text: str | Sequence[int]) -> tuple[int, ...]:
         return tuple(int(x) for x in text)
     parts = [p for p in text.replace(",", "/").split("/") if p.strip()]
     return tuple(int(p) for p in parts)
+
+
+def resolve_feature_spec(*, preset: FeatureSpec | None = None, name: str | None = None, d_model: int | None = None,
+                         levels: Sequence[int] | None = None, c1_channels: int | None = None,
+                         input_hw: tuple[int, int] | None = None) -> tuple[FeatureSpec, str]:
+    """The :class:`FeatureSpec` to count with, and where it came from.
+
+    ``preset`` (from the detector registry) wins over the built-in table entry ``name``; explicit
+    values override either. With neither, all of ``d_model``, ``levels``, ``c1_channels`` must be given.
+    """
+    from mfdetr.errors import MfdetrError
+
+    source = "explicit values"
+    base = preset
+    if base is not None:
+        source = f"detector preset {name}"
+    elif name is not None:
+        if name not in BUILTIN_SPECS:
+            raise MfdetrError(f"unknown detector {name!r}: not registered and not in the built-in table "
+                              f"({', '.join(sorted(BUILTIN_SPECS))}); give --d, --levels and --c1-channels")
+        base = BUILTIN_SPECS[name]
+        source = f"{name} (built-in table)"
+    if base is None:
+        missing = [n for n, v in (("--d", d_model), ("--levels", levels), ("--c1-channels", c1_channels)) if v is None]
+        if missing:
+            raise MfdetrError(f"give --detector NAME or all of --d, --levels, --c1-channels (missing {', '.join(missing)})")
+        base = FeatureSpec(d_model=int(d_model or 0), level_strides=tuple(levels or ()), c1_channels=int(c1_channels or 0))
+    spec = FeatureSpec(d_model=base.d_model if d_model is None else int(d_model),
+                       level_strides=base.level_strides if levels is None else tuple(int(s) for s in levels),
+                       c1_channels=base.c1_channels if c1_channels is None else int(c1_channels),
+                       input_hw=base.input_hw if input_hw is None else input_hw, num_classes=base.num_classes)
+    if spec.d_model < 1 or spec.c1_channels < 1 or not spec.level_strides or min(spec.level_strides) < 1:
+        raise MfdetrError(f"invalid detector features: d={spec.d_model}, levels={spec.level_strides}, "
+                          f"C1={spec.c1_channels}")
+    return spec, source
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"800x1200"`` → (800, 1200) (height × width)."""
+    from mfdetr.errors import MfdetrError
+
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise MfdetrError(f"input size {text!r} must look like HxW, e.g. 800x1200") from None
+    if h < 1 or w < 1:
+        raise MfdetrError(f"input size {text!r} must be positive")
+    return h, w
+
+
+# The configurations of the paper's ablation tables (H-DETR + R50: d = 256, 4 levels, C1 256 ch) as
+# overrides of the default config, with the paper's #params▲ (M) and #FLOPs▲ (G, multiply-adds).
+# ``{d}`` is the detector width and ``{D128}``/``{D96}``/``{D64}`` the channel-mapper widths (tests
+# format them for tiny widths). Table 10 (RoI size) prints no #params▲; Table 16 is separate below.
+_T1 = ("neck.enabled=false", "image_encoder.layers=0", "box_encoder.layers=0", "box_encoder.dim={d}",
+       "query_encoder.ffn=false", "query_encoder.b2o=false", "mask_scoring.enabled=false")
+_T3 = (*_T1, "image_encoder.layers=2")
+_T5 = (*_T3, "box_encoder.layers=2", "box_encoder.dim={D128}")
+PAPER_ROWS: tuple[tuple[str, str, tuple[str, ...], float, float], ...] = (
+    ("Table 1", "no RoIAlign, no 1/4 feat.", (*_T1, "roi=false", "fuse_c1=false"), 0.0, 1.49),
+    ("Table 1", "RoIAlign, no 1/4 feat.", (*_T1, "fuse_c1=false"), 0.0, 0.53),
+    ("Table 1", "no RoIAlign, 1/4 feat.", (*_T1, "roi=false"), 0.0, 1.50),
+    ("Table 1", "RoIAlign, 1/4 feat.", _T1, 0.0, 0.54),
+    *[("Table 2", f"image {b} x{n}", (*_T1, f"image_encoder.block={b}", f"image_encoder.layers={n}"), p, f)
+      for b, rows in (("deformable", ((1, 0.76, 14.71), (2, 1.51, 28.88), (3, 2.27, 43.04))),
+                      ("swin", ((1, 0.80, 14.20), (2, 1.59, 27.86), (3, 2.39, 41.51))),
+                      ("convnext", ((1, 0.54, 8.12), (2, 1.08, 15.70), (3, 1.62, 23.27))))
+      for n, p, f in rows],
+    *[("Table 3", f"box {b} x{n}", (*_T3, f"box_encoder.block={b}", f"box_encoder.layers={n}"), p, f)
+      for b, rows in (("deformable", ((1, 2.46, 98.55), (2, 3.14, 168.23), (3, 3.82, 237.91))),
+                      ("swin", ((1, 2.31, 112.84), (2, 3.10, 196.81), (3, 3.89, 280.77))),
+                      ("convnext", ((1, 2.05, 83.90), (2, 2.59, 138.92), (3, 3.13, 193.95))))
+      for n, p, f in rows],
+    ("Table 4", "D=256", (*_T3, "box_encoder.layers=2"), 3.14, 168.23),
+    ("Table 4", "D=128", _T5, 2.07, 66.60),
+    ("Table 4", "D=96", (*_T3, "box_encoder.layers=2", "box_encoder.dim={D96}"), 1.87, 50.76),
+    ("Table 4", "D=64", (*_T3, "box_encoder.layers=2", "box_encoder.dim={D64}"), 1.71, 39.11),
+    ("Table 5", "FFN", (*_T5, "query_encoder.ffn=true"), 2.33, 66.63),
+    ("Table 5", "FFN+O2O", (*_T5, "query_encoder.ffn=true", "query_encoder.o2o=true"), 2.53, 66.65),
+    ("Table 5", "FFN+B2O", (*_T5, "query_encoder.ffn=true", "query_encoder.b2o=true"), 2.46, 73.40),
+    ("Table 12", "neck", ("mask_scoring.enabled=false",), 2.53, 77.07),
+    ("Table 12", "neck+points+scoring (default)", (), 3.26, 82.09),
+    ("Table 14", "segmenter head", ("mask_head.kind=segmenter",), 3.29, 83.77),
+)
+
+# Table 16 (DINO + FocalNet-L: d = 256, 5 levels incl. stride 4, C1 192 ch): (image layers, box layers,
+# paper #params▲ M, paper #FLOPs▲ G). The paper's box-encoder layer there adds 0.38 M / 64.4 G where
+# the H-DETR tables' 128-d layer adds 0.18 M / 18 G; see tests/test_masknet_params.py.
+PAPER_TABLE16: tuple[tuple[int, int, float, float], ...] = (
+    (2, 2, 3.24, 262.27), (2, 3, 3.62, 326.65), (3, 2, 4.03, 320.44), (3, 3, 4.40, 384.82), (4, 4, 5.56, 507.38),
+)
+
+
+def paper_row_overrides(overrides: Sequence[str], *, d: int = 256, d128: int = 128, d96: int = 96,
+                        d64: int = 64) -> list[str]:
+    """A :data:`PAPER_ROWS` entry's overrides with the width placeholders filled in."""
+    return [o.format(d=d, D128=d128, D96=d96, D64=d64) for o in overrides]

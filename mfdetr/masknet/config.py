@@ -16,8 +16,13 @@ manifest / detector preset and are passed to :func:`mfdetr.masknet.build_masknet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from mfdetr.config import apply_overrides, from_dict, load_toml
+from mfdetr.errors import MfdetrError
 
 BlockType = Literal["deformable", "swin", "convnext"]
 
@@ -150,3 +155,74 @@ def baseline_config(*, roi: bool = True, fuse_c1: bool = True, roi_size: int = 3
         mask_head=MaskHeadConfig(kind="dot"),
         mask_scoring=MaskScoringConfig(enabled=False),
     )
+
+
+def _masknet_table(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The mask network's table of a recipe: ``[masknet]``, a sweep's ``[base.masknet]``, or the file itself."""
+    if "masknet" in data:
+        return data["masknet"]
+    base = data.get("base")
+    if isinstance(base, Mapping) and "masknet" in base:
+        return base["masknet"]
+    return data
+
+
+def recipe_detector(data: Mapping[str, Any]) -> str | None:
+    """The detector preset a recipe names (``detector = ...`` at the top, in ``[data]`` or ``[sweep]``)."""
+    for table in (data, data.get("data"), data.get("sweep")):
+        if isinstance(table, Mapping) and isinstance(table.get("detector"), str):
+            return str(table["detector"])
+    return None
+
+
+def load_masknet_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MaskNetConfig:
+    """A :class:`MaskNetConfig` from a TOML recipe (its ``[masknet]`` table, a sweep's
+    ``[base.masknet]``, or a file holding only the mask network's keys) plus ``masknet.key=value``
+    overrides (the ``masknet.`` prefix is optional). No file: the defaults (the paper's final system)."""
+    data: dict[str, Any] = {}
+    where = "masknet"
+    if path is not None:
+        data = dict(_masknet_table(load_toml(path)))
+        where = f"{path}: masknet"
+    ovs = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("masknet."):
+            item = item.strip()[len("masknet."):]
+        elif "=" in item and key.split(".", 1)[0] not in {f.name for f in fields(MaskNetConfig)}:
+            raise MfdetrError(f"override {item!r} is not a masknet.* key")
+        ovs.append(item)
+    return from_dict(MaskNetConfig, apply_overrides(data, ovs), where=where)
+
+
+@dataclass
+class SweepVariant:
+    """One row of a sweep recipe (``[[variants]]``), with its resolved mask-network config."""
+
+    name: str
+    config: MaskNetConfig
+    paper: dict[str, Any]
+
+
+def load_sweep_variants(path: str | Path, overrides: Sequence[str] = ()) -> list[SweepVariant]:
+    """The mask-network config of every ``[[variants]]`` row of a sweep recipe: ``[base.masknet]`` +
+    the row's ``masknet.*`` overrides (other sections' overrides are ignored) + ``overrides``."""
+    data = load_toml(path)
+    variants = data.get("variants")
+    if not isinstance(variants, list) or not variants:
+        raise MfdetrError("not a sweep recipe (no [[variants]])", path=path)
+    base = dict(_masknet_table(data))
+    out = []
+    for i, row in enumerate(variants):
+        if not isinstance(row, Mapping):
+            raise MfdetrError(f"variants[{i}] is not a table", path=path)
+        name = str(row.get("name", i))
+        own = [s for s in row.get("set", []) if str(s).strip().startswith("masknet.")]
+        own = [s.strip()[len("masknet."):] for s in own]
+        cfg_data = apply_overrides(apply_overrides(base, own), [s.strip()[len("masknet."):]
+                                                               if s.strip().startswith("masknet.") else s
+                                                               for s in overrides])
+        cfg = from_dict(MaskNetConfig, cfg_data, where=f"{path}: variant {name}: masknet")
+        paper = row.get("paper")
+        out.append(SweepVariant(name=name, config=cfg, paper=dict(paper) if isinstance(paper, Mapping) else {}))
+    return out
