@@ -164,3 +164,12 @@ def test_input_grid_targets_resample_whole_image() -> None:
     t = build_mask_targets(det, [gt], a, (10, 14), on_input_grid=True)
     m = t.masks[0]
     assert bool((m[:8, :6] == 1).all()) and bool((m[:, 6:] == 0).all()) and bool((m[8:] == 0).all())
+
+
+def test_crop_masks_chunked_equals_unchunked() -> None:
+    gt = make_gt([(0, 0, 10, 12), (5, 5, 30, 20), (20, 3, 31, 31)], (32, 32))
+    boxes = torch.tensor([[0.0, 0, 12, 12], [4, 4, 30, 22], [18, 2, 31, 31], [1, 1, 9, 9], [6, 6, 28, 18]])
+    idx = torch.tensor([0, 1, 2, 0, 1])
+    ref = crop_masks(gt.masks, boxes, idx, (8, 8), soft=True)
+    got = crop_masks(gt.masks, boxes, idx, (8, 8), soft=True, max_elems=1)  # one mask per chunk
+    assert torch.equal(ref, got) and float(ref.sum()) > 0

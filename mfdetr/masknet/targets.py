@@ -279,7 +279,7 @@ def assign(det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig,
 
 
 def crop_masks(masks: Tensor, boxes: Tensor, mask_idx: Tensor, out_size: tuple[int, int], *,
-               soft: bool = False) -> Tensor:
+               soft: bool = False, max_elems: int = 1 << 26) -> Tensor:
     """Crop-and-resize binary masks to boxes (Mask R-CNN targets, detectron2 ``crop_and_resize``).
 
     Args:
@@ -288,18 +288,27 @@ def crop_masks(masks: Tensor, boxes: Tensor, mask_idx: Tensor, out_size: tuple[i
         mask_idx: [P] index into ``masks`` of each box's mask.
         out_size: (Sh, Sw) output grid.
         soft: return RoIAligned values in [0, 1] instead of ``≥ 0.5``.
+        max_elems: memory bound: at most this many mask pixels are converted to float at once (the
+            distinct masks are processed in chunks, one ``roi_align`` call per chunk).
 
     Returns:
         [P, Sh, Sw] float32 targets.
     """
     p = int(boxes.shape[0])
-    if p == 0:
-        return torch.zeros((0, *out_size), dtype=torch.float32, device=boxes.device)
     dev = boxes.device
+    out = torch.zeros((p, *out_size), dtype=torch.float32, device=dev)
+    if p == 0:
+        return out
     uniq, inv = torch.unique(mask_idx.to(masks.device), return_inverse=True)
-    src = masks[uniq].to(device=dev).to(torch.float32)[:, None]  # move as bool, convert on the device
-    rois = torch.cat([inv.to(dev, torch.float32)[:, None], boxes.to(torch.float32)], dim=1)
-    out = roi_align(src, rois, out_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)[:, 0]
+    inv = inv.to(dev)
+    boxes = boxes.to(torch.float32)
+    chunk = max(1, max_elems // max(1, int(masks.shape[-2]) * int(masks.shape[-1])))
+    for s in range(0, int(uniq.numel()), chunk):
+        e = min(int(uniq.numel()), s + chunk)
+        src = masks[uniq[s:e]].to(device=dev).to(torch.float32)[:, None]  # move as bool, convert there
+        sel = torch.nonzero((inv >= s) & (inv < e)).flatten()
+        rois = torch.cat([(inv[sel] - s).to(torch.float32)[:, None], boxes[sel]], dim=1)
+        out[sel] = roi_align(src, rois, out_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)[:, 0]
     return out.clamp(0, 1) if soft else (out >= 0.5).to(torch.float32)
 
 
