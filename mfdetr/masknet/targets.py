@@ -45,7 +45,7 @@ from torchvision.ops import roi_align
 
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.errors import MfdetrError
-from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
 
 __all__ = [
     "AssignConfig", "Assignment", "MaskTargets", "assign", "box_crowd_fraction", "build_mask_targets",
@@ -216,7 +216,8 @@ def _hungarian_cost(det: DetectorOutput, b: int, boxes: Tensor, gt: GTInstances,
         raise MfdetrError("assign.hungarian_cost='detr' needs the detector's class_to_category map")
     h0, w0 = gt.orig_hw
     norm = torch.tensor([w0, h0, w0, h0], dtype=boxes.dtype, device=boxes.device)
-    cost_bbox = torch.cdist(boxes / norm, gt_boxes / norm, p=1)
+    # L1 on normalised cxcywh, as DINO's matcher
+    cost_bbox = torch.cdist(box_xyxy_to_cxcywh(boxes / norm), box_xyxy_to_cxcywh(gt_boxes / norm), p=1)
     cost_giou = -generalized_box_iou(boxes, gt_boxes)
     # DINO's focal-style class cost on the frozen logits (alpha 0.25, gamma 2).
     prob = det.logits[b].float().sigmoid()
