@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
@@ -60,8 +59,8 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_hw: tuple[int, int], *, thre
             only inside its box, on accelerators in chunks over the chunk's joint box region.
 
     Returns:
-        ``masks`` [K, H, W] bool (a transposed view of a [K, W, H] buffer) and ``mean_prob`` [K] float — mean probability over each mask's
-        foreground pixels (eq. 2's ratio; 0 for an empty mask).
+        ``masks`` [K, H, W] bool (a transposed view of a [K, W, H] buffer) and ``mean_prob`` [K] float,
+        the mean probability over each mask's foreground pixels (eq. 2's ratio; 0 for an empty mask).
     """
     h, w = image_hw
     k = int(probs.shape[0])
