@@ -28,13 +28,16 @@ def tiny_cfg(overrides: list[str] | tuple[str, ...] = ()) -> MaskNetConfig:
 
 
 def make_det(*, b: int = 2, k: int = 6, hw: tuple[int, int] = (44, 58), pad: tuple[int, int] = (0, 0),
-             c1_channels: int = D_MODEL, seed: int = 0, base: dict | None = None) -> DetectorOutput:
-    """Random detector output; ``pad`` adds canvas padding filled with garbage (must be ignored)."""
+             c1_channels: int = D_MODEL, seed: int = 0, base: dict | None = None,
+             map_fill: float | None = None) -> DetectorOutput:
+    """Random detector output; ``pad`` adds canvas padding filled with garbage (must be ignored), in the
+    encoder maps ``map_fill`` (e.g. NaN) when given."""
     g = torch.Generator().manual_seed(seed)
     h, w = hw
     hc, wc = h + pad[0], w + pad[1]
     if base is None:
-        boxes = torch.cat((torch.rand(b, k, 2, generator=g) * 0.6 + 0.2, torch.rand(b, k, 2, generator=g) * 0.3 + 0.1), -1)
+        boxes = torch.cat((torch.rand(b, k, 2, generator=g) * 0.6 + 0.2,
+                           torch.rand(b, k, 2, generator=g) * 0.3 + 0.1), -1)
         boxes[:, 0] = torch.tensor([0.5, 0.5, 1.0, 1.0])  # touches every image border
         boxes[:, 1] = torch.tensor([0.9, 0.9, 0.2, 0.2])  # bottom-right corner
         base = {"queries": torch.randn(b, k, D_MODEL, generator=g), "boxes": boxes,
@@ -42,14 +45,16 @@ def make_det(*, b: int = 2, k: int = 6, hw: tuple[int, int] = (44, 58), pad: tup
                 "maps": [torch.randn(b, D_MODEL, math.ceil(h / s), math.ceil(w / s), generator=g) for s in STRIDES],
                 "c1": torch.randn(b, c1_channels, math.ceil(h / 4), math.ceil(w / 4), generator=g)}
 
-    def canvas(t: torch.Tensor, stride: int) -> torch.Tensor:
+    def canvas(t: torch.Tensor, stride: int, fill: float | None = None) -> torch.Tensor:
         z = torch.randn(*t.shape[:2], math.ceil(hc / stride), math.ceil(wc / stride), generator=g) * 7
+        if fill is not None:
+            z.fill_(fill)
         z[..., :t.shape[-2], :t.shape[-1]] = t
         return z
 
     return DetectorOutput(
         queries=base["queries"], boxes=base["boxes"], logits=base["logits"],
-        enc_maps={4: [canvas(m, s) for m, s in zip(base["maps"], STRIDES, strict=True)]},
+        enc_maps={4: [canvas(m, s, map_fill) for m, s in zip(base["maps"], STRIDES, strict=True)]},
         c1=canvas(base["c1"], 4), input_hw=torch.tensor([[h, w]] * b), orig_hw=torch.tensor([[2 * h, 2 * w]] * b),
         level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES]] * b)).validate()
 
@@ -123,7 +128,8 @@ def test_padding_invariance(name: str) -> None:
     with torch.no_grad():
         o0 = model(ref)
         for pad in ((19, 0), (3, 37), (40, 40)):
-            o = model(make_det(b=1, k=5, hw=(45, 61), pad=pad, base=base, seed=1 + pad[0]))
+            o = model(make_det(b=1, k=5, hw=(45, 61), pad=pad, base=base, seed=1 + pad[0],
+                               map_fill=float("nan") if pad[0] == 40 else None))
             h, w = o0.mask_logits.shape[-2:]
             if o0.roi:
                 assert o.mask_logits.shape == o0.mask_logits.shape
@@ -208,7 +214,8 @@ def test_baseline_config_and_recipe_loading(tmp_path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text('[masknet]\nroi_size = 16\nbox_encoder.block = "swin"\n[loss]\npoint_sampling = true\n')
     cfg = load_masknet_config(recipe, ["masknet.image_encoder.layers=3", "query_encoder.o2o=true"])
-    assert (cfg.roi_size, cfg.box_encoder.block, cfg.image_encoder.layers, cfg.query_encoder.o2o) == (16, "swin", 3, True)
+    got = (cfg.roi_size, cfg.box_encoder.block, cfg.image_encoder.layers, cfg.query_encoder.o2o)
+    assert got == (16, "swin", 3, True)
     with pytest.raises(MfdetrError, match="unknown key"):
         load_masknet_config(recipe, ["masknet.box_encoder.depth=3"])
     with pytest.raises(MfdetrError, match="is not one of"):

@@ -38,7 +38,7 @@ def valid_mask(valid_hw: Tensor, hw: tuple[int, int]) -> Tensor:
 def masked_fill_outside(x: Tensor, valid_hw: Tensor) -> Tensor:
     """Zero ``x`` [B, C, H, W] outside each image's valid region ``valid_hw`` [B, 2]."""
     m = valid_mask(valid_hw.to(x.device), (x.shape[-2], x.shape[-1]))
-    return x * m[:, None].to(x.dtype)
+    return x.masked_fill(~m[:, None], 0.0)  # not a product: NaN/Inf garbage in the padding must vanish too
 
 
 class FFN(nn.Module):

@@ -144,7 +144,8 @@ class ComplexityReport:
         return "\n".join(lines)
 
 
-def describe(model: MaskNet, spec: FeatureSpec, *, num_queries: int = 100, enc_layer: int | None = None) -> ComplexityReport:
+def describe(model: MaskNet, spec: FeatureSpec, *, num_queries: int = 100,
+             enc_layer: int | None = None) -> ComplexityReport:
     """Count #params▲ and FLOPs of ``model`` for one image of ``spec.input_hw`` with ``num_queries`` queries."""
     det = synthetic_detector_output(spec, num_queries=num_queries,
                                     enc_layer=model.enc_layer if enc_layer is None else enc_layer)
@@ -182,10 +183,13 @@ def resolve_feature_spec(*, preset: FeatureSpec | None = None, name: str | None 
         base = BUILTIN_SPECS[name]
         source = f"{name} (built-in table)"
     if base is None:
-        missing = [n for n, v in (("--d", d_model), ("--levels", levels), ("--c1-channels", c1_channels)) if v is None]
+        given = (("--d", d_model), ("--levels", levels), ("--c1-channels", c1_channels))
+        missing = [n for n, v in given if v is None]
         if missing:
-            raise MfdetrError(f"give --detector NAME or all of --d, --levels, --c1-channels (missing {', '.join(missing)})")
-        base = FeatureSpec(d_model=int(d_model or 0), level_strides=tuple(levels or ()), c1_channels=int(c1_channels or 0))
+            raise MfdetrError("give --detector NAME or all of --d, --levels, --c1-channels "
+                              f"(missing {', '.join(missing)})")
+        base = FeatureSpec(d_model=int(d_model or 0), level_strides=tuple(levels or ()),
+                           c1_channels=int(c1_channels or 0))
     spec = FeatureSpec(d_model=base.d_model if d_model is None else int(d_model),
                        level_strides=base.level_strides if levels is None else tuple(int(s) for s in levels),
                        c1_channels=base.c1_channels if c1_channels is None else int(c1_channels),

@@ -40,8 +40,10 @@ def deformable_reference_points(valid_hw: Tensor, shapes: list[tuple[int, int]])
     vw = valid_hw[..., 1].float().clamp(min=1)
     refs = []
     for lvl, (h, w) in enumerate(shapes):
-        ys = (torch.arange(h, device=valid_hw.device, dtype=torch.float32) + 0.5)[None, :, None] / vh[:, lvl, None, None]
-        xs = (torch.arange(w, device=valid_hw.device, dtype=torch.float32) + 0.5)[None, None, :] / vw[:, lvl, None, None]
+        ys = torch.arange(h, device=valid_hw.device, dtype=torch.float32) + 0.5
+        xs = torch.arange(w, device=valid_hw.device, dtype=torch.float32) + 0.5
+        ys = ys[None, :, None] / vh[:, lvl, None, None]
+        xs = xs[None, None, :] / vw[:, lvl, None, None]
         refs.append(torch.stack((xs.expand(-1, h, w), ys.expand(-1, h, w)), -1).flatten(1, 2))
     ref = torch.cat(refs, 1)  # [B, N, 2] normalised by the token's own valid size
     hs = torch.tensor([s[0] for s in shapes], device=valid_hw.device, dtype=torch.float32)

@@ -31,7 +31,7 @@ class MaskedGroupNorm(nn.GroupNorm):
         y = y.view(b, c, h, w).to(x.dtype)
         if self.affine:
             y = y * self.weight[None, :, None, None].to(x.dtype) + self.bias[None, :, None, None].to(x.dtype)
-        return y * m
+        return y.masked_fill(m == 0, 0.0)
 
 
 class Neck(nn.Module):
