@@ -25,7 +25,8 @@ def _preset_spec(name: str):  # -> FeatureSpec | None
 
 def describe_cmd(
     overrides: list[str] = typer.Argument(None, help="masknet overrides, e.g. masknet.box_encoder.layers=3"),
-    config: Path | None = typer.Option(None, "--config", "-c", help="TOML recipe ([masknet] table) or sweep."),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="TOML recipe (its masknet table) or a sweep recipe."),
     detector: str | None = typer.Option(None, "--detector", help="detector preset (default: the recipe's, "
                                                                  "else hdetr_r50)."),
     d: int | None = typer.Option(None, "--d", help="transformer width d (overrides the preset)."),
@@ -35,6 +36,7 @@ def describe_cmd(
     num_queries: int = typer.Option(100, "--num-queries", "-k", help="K queries per image."),
     flops: bool | None = typer.Option(None, "--flops/--no-flops", help="count FLOPs (default: yes for one "
                                                                        "config, no for a sweep)."),
+    device: str = typer.Option("cpu", "--device", help="where the counting forward runs (cpu, cuda, ...)."),
 ) -> None:
     """Print #params▲ and #FLOPs▲ per component for one image with K queries (FLOPs: torch's counter)."""
     from mfdetr.config import load_toml
@@ -67,7 +69,7 @@ def describe_cmd(
             delta = f"{100 * (n / 1e6 - pm) / pm:+.1f}" if isinstance(pm, int | float) and pm else ""
             line = f"{row.name:<28}{n:>12,}{n / 1e6:>8.2f}{pm if pm is not None else '':>10}{delta:>8}"
             if count_flops:
-                rep = describe(model, spec, num_queries=num_queries)
+                rep = describe(model, spec, num_queries=num_queries, device=device)
                 pg = row.paper.get("flops_g", "")
                 line += f"{rep.flops['total'] / 2e9:>9.2f}{pg:>9}"
             typer.echo(line)
@@ -78,7 +80,7 @@ def describe_cmd(
         for k, v in params_by_component(model).items():
             typer.echo(f"{k:<15}{v:>12,}{v / 1e6:>8.2f} M")
         return
-    typer.echo(describe(model, spec, num_queries=num_queries).format())
+    typer.echo(describe(model, spec, num_queries=num_queries, device=device).format())
 
 
 def register(app: typer.Typer) -> None:

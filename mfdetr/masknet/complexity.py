@@ -144,11 +144,13 @@ class ComplexityReport:
         return "\n".join(lines)
 
 
-def describe(model: MaskNet, spec: FeatureSpec, *, num_queries: int = 100,
-             enc_layer: int | None = None) -> ComplexityReport:
-    """Count #params▲ and FLOPs of ``model`` for one image of ``spec.input_hw`` with ``num_queries`` queries."""
+def describe(model: MaskNet, spec: FeatureSpec, *, num_queries: int = 100, enc_layer: int | None = None,
+             device: str | torch.device = "cpu") -> ComplexityReport:
+    """Count #params▲ and FLOPs of ``model`` for one image of ``spec.input_hw`` with ``num_queries``
+    queries (the forward runs on ``device``; the counts do not depend on it)."""
     det = synthetic_detector_output(spec, num_queries=num_queries,
-                                    enc_layer=model.enc_layer if enc_layer is None else enc_layer)
+                                    enc_layer=model.enc_layer if enc_layer is None else enc_layer).to(device)
+    model.to(device)
     k = min(num_queries, model.num_queries)
     return ComplexityReport(params=params_by_component(model), flops=flops_by_component(model, det), spec=spec,
                             num_queries=k, roi_size=model.roi_size)
