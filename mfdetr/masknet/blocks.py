@@ -131,16 +131,17 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
     def forward(self, x: Tensor, key_valid: Tensor | None) -> Tensor:
-        """``x`` [nW, w², dim] window tokens; ``key_valid`` [nW, w²] bool or None (all valid)."""
-        nw, n, c = x.shape
-        qkv = self.qkv(x).view(nw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        """``x`` [B, nW, w², dim] window tokens; ``key_valid`` [B or 1, nW, w²] bool (a pattern shared by
+        all B maps is given once), or None (all keys valid)."""
+        b, nw, n, c = x.shape
+        qkv = self.qkv(x).view(b, nw, n, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, nW, h, n, dh]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        mask = bias.view(n, n, self.heads).permute(2, 0, 1)[None].to(q.dtype)  # [1, h, n, n]
+        mask = bias.view(n, n, self.heads).permute(2, 0, 1)[None, None].to(q.dtype)  # [1, 1, h, n, n]
         if key_valid is not None:
-            mask = mask.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+            mask = mask.masked_fill(~key_valid[:, :, None, None, :], float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(nw, n, c))
+        return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
 
 
 class SwinBlock(nn.Module):
@@ -171,17 +172,18 @@ class SwinBlock(nn.Module):
         ph, pw = (-(h + top)) % win, (-(w + top)) % win
         y = F.pad(self.norm1(x), (0, 0, top, pw, top, ph))
         hp, wp = h + top + ph, w + top + pw
-        need_mask = valid is not None or top or ph or pw
+        nh, nw = hp // win, wp // win
         kv = None
-        if need_mask:
-            vm = torch.ones(b, h, w, dtype=torch.bool, device=x.device) if valid is None else valid
+        if valid is not None or top or ph or pw:
+            # one pattern shared by all maps when only the window padding is invalid (the RoI maps)
+            vm = torch.ones(1, h, w, dtype=torch.bool, device=x.device) if valid is None else valid
             vm = F.pad(vm, (top, pw, top, ph), value=False)
-            kv = vm.view(b, hp // win, win, wp // win, win).transpose(2, 3).reshape(-1, win * win)
+            kv = vm.view(-1, nh, win, nw, win).transpose(2, 3).reshape(-1, nh * nw, win * win)
             # a window with no valid key holds only padding: let it attend freely (finite, discarded)
-            kv = kv | ~kv.any(dim=1, keepdim=True)
-        yw = y.view(b, hp // win, win, wp // win, win, c).transpose(2, 3).reshape(-1, win * win, c)
+            kv = kv | ~kv.any(dim=-1, keepdim=True)
+        yw = y.view(b, nh, win, nw, win, c).transpose(2, 3).reshape(b, nh * nw, win * win, c)
         yw = self.attn(yw, kv)
-        y = yw.view(b, hp // win, wp // win, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
+        y = yw.view(b, nh, nw, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
         x = x + y[:, top:top + h, top:top + w]
         return x + self.ffn(self.norm2(x))
 
