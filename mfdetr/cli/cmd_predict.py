@@ -1,0 +1,38 @@
+"""``mfdetr predict``: end-to-end inference on image files (frozen detector → MaskNet → masks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("predict")
+    def predict(
+        inputs: list[str] = typer.Argument(..., metavar="IMAGES_OR_DIRS...",
+                                           help="Image files and/or folders (their image files, sorted)."),
+        detector: str = typer.Option(..., "--detector", help="Detector preset name (extra presets: $MFDETR_PLUGINS)."),
+        checkpoint: Path = typer.Option(None, "--checkpoint",
+                                        help="Detector checkpoint file (default: the preset's shipped weights, "
+                                             "e.g. for 'demo')."),
+        masknet: Path = typer.Option(..., "--masknet", help="Trained MaskNet checkpoint (a run's ckpt.pt)."),
+        out: Path = typer.Option(..., "--out", help="Output folder: predictions.json, results.json, overlays/."),
+        score_threshold: float = typer.Option(0.3, "--score-threshold",
+                                              help="Keep instances scoring at least this (0 keeps all)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        batch_size: int = typer.Option(1, "--batch-size", help="Images per forward."),
+        workers: int = typer.Option(0, "--workers", help="Image-loading worker processes."),
+        categories: Path = typer.Option(None, "--categories",
+                                        help="COCO annotation JSON whose 'categories' name the ids "
+                                             "(default: the checkpoint's record / the preset's dataset)."),
+        overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
+    ) -> None:
+        """Segment objects in images: COCO-style JSON (RLE masks, category names) + overlay PNGs."""
+        from mfdetr.engine.predict import PredictJob, run_predict
+
+        job = PredictJob(detector=detector, masknet=masknet, inputs=tuple(inputs), out=out, checkpoint=checkpoint,
+                         score_threshold=score_threshold, device=device, batch_size=batch_size,
+                         num_workers=workers, overlays=overlays, categories_file=categories)
+        run_predict(job, progress=progress, echo=typer.echo)

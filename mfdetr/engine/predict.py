@@ -1,0 +1,408 @@
+"""End-to-end inference on image files (``mfdetr predict``): frozen detector → MaskNet → masks.
+
+For each image (files, and the image files directly inside given folders, sorted by name):
+load as 8-bit RGB, apply the detector preset's eval preprocessing, run the frozen detector
+(``detect``: top-K queries, boxes, logits, encoder maps, C1 — the same tensors the cache stores), run
+the trained mask network on them, paste and score the masks (eq. 2 / eq. 13, via
+:func:`mfdetr.masknet.masks_to_coco_results`), keep the results scoring ``>= score_threshold``.
+
+Outputs in ``out``:
+
+- ``predictions.json`` — self-describing: ``images`` (id, file_name, height, width), ``categories``
+  (id, name), ``annotations`` (the kept results: ``image_id``, ``category_id``, ``category_name``,
+  ``score``, ``bbox`` xywh in original pixels, ``segmentation`` as COCO RLE with str counts),
+  ``skipped`` (file_name, reason) and a ``meta`` record (detector, checkpoints, threshold, score mode);
+- ``results.json`` — the same annotations as a plain COCO results list (``COCO.loadRes``-ready);
+- ``overlays/<image stem>.png`` — the image at its original size with masks, boxes, labels, scores.
+
+Unreadable images (missing, corrupt, not an image) are reported on stderr, listed under ``skipped``
+and left out; they never stop the run.
+
+The MaskNet checkpoint (:func:`load_masknet_checkpoint`) is the training run's ``ckpt.pt``
+(:mod:`mfdetr.engine.trainer`: ``model``, ``masknet_config``, ``meta.detector`` = the identity of the
+cache it was trained on: detector name, checkpoint sha256, d, level strides, C1 channels, category
+map) or a plain dict ``{"masknet_config", "model"[, "detector", "class_to_category", "categories",
+"enc_layer"]}``. The network is sized by the detector preset (d, level strides, C1 channels).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from mfdetr.contracts import DetectorPreset
+from mfdetr.errors import MfdetrError, SkipImage
+
+__all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
+           "detector_checkpoint", "expand_inputs", "load_masknet_checkpoint", "resolve_device", "run_predict"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+#: COCO category id → name (the 80 categories of instances_*2017.json; ids 1..90 with gaps)
+COCO_NAMES: dict[int, str] = dict(zip(
+    [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)],
+    ("person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
+     "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
+     "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
+     "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
+     "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,"
+     "keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
+     "hair drier,toothbrush").split(","), strict=True))
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files to process (in argument order; a folder contributes its image files, sorted by
+    name, not recursive) and the arguments that name nothing (``(path, reason)``)."""
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                missing.append((str(p), "folder holds no image files"))
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            missing.append((str(p), "missing image file"))
+    return files, missing
+
+
+class ImageFiles(Dataset[Any]):
+    """Image files as preprocessed :class:`~mfdetr.data.CocoItem` (id = position + 1, no targets);
+    an unreadable file raises :class:`SkipImage` (recorded by :func:`mfdetr.data.iterate_batches`)."""
+
+    def __init__(self, files: Sequence[Path], *, preset: DetectorPreset) -> None:
+        from mfdetr.data import EvalTransform
+
+        self.files = list(files)
+        self.image_ids = list(range(1, len(self.files) + 1))
+        self.transform = EvalTransform(preprocessing=preset.preprocessing)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def file_name(self, image_id: int) -> str:
+        return str(self.files[image_id - 1])
+
+    def __getitem__(self, index: int) -> Any:
+        from mfdetr.data import CocoItem, load_rgb
+
+        path = self.files[index]
+        img = load_rgb(path)
+        t = self.transform(img)
+        if t.shape[1] < 1 or t.shape[2] < 1:
+            raise SkipImage(path, "image has no pixels")
+        return CocoItem(image=t, image_id=index + 1, file_name=str(path), orig_hw=(img.height, img.width),
+                        input_hw=(int(t.shape[1]), int(t.shape[2])), target=None)
+
+
+# ---- the mask network and its checkpoint ---------------------------------------------------------
+
+@dataclass
+class LoadedMaskNet:
+    """A trained mask network ready for inference, with what its checkpoint records."""
+
+    model: torch.nn.Module
+    config: Any  # MaskNetConfig
+    enc_layer: int
+    class_to_category: tuple[int, ...]
+    categories: dict[int, str]
+    detector: str | None
+    detector_sha256: str | None
+    path: Path
+
+
+def _identity(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The detector identity a checkpoint records (engine: ``meta.detector``; plain: top-level keys)."""
+    meta = ckpt.get("meta")
+    ident = dict(meta.get("detector") or {}) if isinstance(meta, Mapping) else {}
+    if "detector" in ckpt and isinstance(ckpt["detector"], str):
+        ident.setdefault("detector.name", ckpt["detector"])
+    if "class_to_category" in ckpt:
+        ident.setdefault("category_map", list(ckpt["class_to_category"]))
+    return ident
+
+
+def _categories_record(value: Any) -> dict[int, str]:
+    """``[{"id", "name"}, ...]`` or ``{id: name}`` → ``{id: name}``."""
+    if isinstance(value, Mapping):
+        return {int(k): str(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return {int(c["id"]): str(c["name"]) for c in value if isinstance(c, Mapping) and "id" in c and "name" in c}
+    return {}
+
+
+def load_masknet_checkpoint(path: str | Path, *, preset: DetectorPreset, device: torch.device | str = "cpu"
+                            ) -> LoadedMaskNet:
+    """Load a trained MaskNet for the detector ``preset`` (see the module doc for the formats).
+
+    Raises:
+        MfdetrError: missing/unreadable file, not a MaskNet checkpoint, trained on another detector
+            (name, d, level strides, C1 channels or class slots differ), or weights that do not fit.
+    """
+    from mfdetr.config import from_dict
+    from mfdetr.masknet import MaskNetConfig, build_masknet
+
+    p = Path(path)
+    if not p.is_file():
+        raise MfdetrError("MaskNet checkpoint not found", path=p)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise MfdetrError(f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                          path=p) from None
+    if not isinstance(ckpt, Mapping) or "model" not in ckpt or "masknet_config" not in ckpt:
+        raise MfdetrError("not a MaskNet checkpoint (needs 'model' and 'masknet_config'; pass a training "
+                          "run's ckpt.pt)", path=p)
+    cfg = from_dict(MaskNetConfig, dict(ckpt["masknet_config"]), where=f"{p}: masknet_config")
+    if "enc_layer" in ckpt and int(ckpt["enc_layer"]) != cfg.enc_layer:
+        raise MfdetrError(f"records enc_layer={ckpt['enc_layer']} but masknet_config.enc_layer={cfg.enc_layer}",
+                          path=p)
+    ident = _identity(ckpt)
+    name = ident.get("detector.name")
+    if name is not None and name != preset.name:
+        raise MfdetrError(f"was trained on the outputs of detector {name!r}, not {preset.name!r} "
+                          f"(pass --detector {name})", path=p)
+    checks = {"hidden_dim": preset.hidden_dim, "level_strides": list(preset.level_strides),
+              "c1_channels": preset.c1_channels, "num_classes": preset.num_classes}
+    for key, want in checks.items():
+        if key in ident and ident[key] is not None and _plain(ident[key]) != _plain(want):
+            raise MfdetrError(f"was trained for a detector with {key}={ident[key]}, {preset.name!r} has {want}", path=p)
+    c2c = tuple(int(c) for c in ident.get("category_map") or preset.class_to_category)
+    if len(c2c) != preset.num_classes:
+        raise MfdetrError(f"records {len(c2c)} class slots, detector {preset.name!r} has {preset.num_classes}",
+                          path=p)
+    if not 1 <= cfg.enc_layer <= preset.num_encoder_layers:
+        raise MfdetrError(f"uses encoder layer {cfg.enc_layer}, detector {preset.name!r} has "
+                          f"{preset.num_encoder_layers}", path=p)
+    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
+                          c1_channels=preset.c1_channels)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise MfdetrError(f"weights do not fit its MaskNet config ({str(e).splitlines()[0]})", path=p) from None
+    model.eval().requires_grad_(False).to(device)
+    return LoadedMaskNet(model=model, config=cfg, enc_layer=cfg.enc_layer, class_to_category=c2c,
+                         categories=_categories_record(ckpt.get("categories")), detector=name,
+                         detector_sha256=ident.get("checkpoint.sha256"), path=p)
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+
+def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, str] | None = None,
+                   categories_file: str | Path | None = None) -> dict[int, str]:
+    """Name of every category id the head can output.
+
+    Sources, first match wins per id: ``categories_file`` (a COCO annotation JSON's ``categories``),
+    the checkpoint's record, the synthetic dataset's names when the head's ids are exactly its ids
+    (the ``demo`` preset), COCO's names for other ids in 1..90, else ``"class <id>"``.
+    """
+    from mfdetr.data.synth_render import SYNTH_CLASSES
+
+    ids = sorted({int(c) for c in class_to_category if int(c) > 0})
+    names: dict[int, str] = {}
+    if categories_file is not None:
+        from mfdetr.data.annotations import load_annotation_file
+
+        data, _ = load_annotation_file(categories_file)
+        names.update(_categories_record(data["categories"]))
+    for cid, n in (recorded or {}).items():
+        names.setdefault(int(cid), n)
+    synth = {c.id: c.name for c in SYNTH_CLASSES}
+    fallback = synth if set(ids) == set(synth) else COCO_NAMES
+    return {i: names.get(i) or fallback.get(i) or f"class {i}" for i in ids}
+
+
+# ---- the job -------------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; an unavailable CUDA is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MfdetrError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MfdetrError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
+
+
+def detector_checkpoint(preset: DetectorPreset, checkpoint: str | Path | None) -> Path:
+    """The detector weights file: ``checkpoint``, else the preset's weights shipped in the package
+    (``mfdetr/detectors/weights/<checkpoint_file>``, e.g. the ``demo`` preset)."""
+    if checkpoint is not None:
+        p = Path(checkpoint)
+        if not p.is_file():
+            raise MfdetrError("detector checkpoint file not found", path=p)
+        return p
+    import mfdetr.detectors
+
+    shipped = (Path(mfdetr.detectors.__file__).resolve().parent / "weights" / preset.checkpoint_file
+               if preset.checkpoint_file else None)
+    if shipped is None or not shipped.is_file():
+        raise MfdetrError(f"detector {preset.name!r} ships no weights in this installation: pass --checkpoint FILE"
+                          + (f" (expected {shipped})" if shipped is not None else ""))
+    return shipped
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """What ``mfdetr predict`` was asked to do (see the CLI for each option)."""
+
+    detector: str
+    masknet: Path
+    inputs: tuple[str, ...]
+    out: Path
+    checkpoint: Path | None = None
+    score_threshold: float = 0.3
+    device: str = "auto"
+    batch_size: int = 1
+    num_workers: int = 0
+    overlays: bool = True
+    categories_file: Path | None = None
+
+
+@dataclass
+class PredictSummary:
+    """What a run produced."""
+
+    images: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    instances: int = 0
+    predictions_json: Path | None = None
+    results_json: Path | None = None
+    overlays: list[Path] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def _overlay_names(files: Sequence[Path]) -> list[str]:
+    """``<stem>.png`` per file, made unique with ``_<n>`` when stems repeat."""
+    seen: dict[str, int] = {}
+    out = []
+    for f in files:
+        stem = f.stem or "image"
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        out.append(f"{stem}.png" if n == 0 else f"{stem}_{n}.png")
+    return out
+
+
+def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str], None] = print,
+                warn: Callable[[str], None] | None = None, detector: Any | None = None) -> PredictSummary:
+    """Run a prediction job (see the module doc); returns what was written.
+
+    Args:
+        detector: an already built frozen detector of ``job.detector`` (e.g. the demo reuses it);
+            default: built from the registry with the resolved checkpoint.
+    """
+    import time
+
+    from mfdetr.data import iterate_batches, load_rgb
+    from mfdetr.detectors.registry import get_preset, load_plugins
+    from mfdetr.engine.overlay import draw_overlay, instances_from_results
+    from mfdetr.masknet import masks_to_coco_results
+
+    t0 = time.perf_counter()
+    warn = warn or (lambda s: print(f"mfdetr: {s}", file=sys.stderr))
+    if not 0.0 <= job.score_threshold <= 1.0:
+        raise MfdetrError(f"--score-threshold must be in [0, 1], got {job.score_threshold}")
+    if job.batch_size < 1:
+        raise MfdetrError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if not job.inputs:
+        raise MfdetrError("no input images given")
+    load_plugins()
+    preset = get_preset(job.detector)
+    device = resolve_device(job.device)
+    ckpt_path = detector_checkpoint(preset, job.checkpoint) if detector is None else job.checkpoint
+    mask_net = load_masknet_checkpoint(job.masknet, preset=preset, device=device)
+    if mask_net.detector_sha256 and ckpt_path is not None:
+        from mfdetr.cache.manifest import sha256_file
+
+        if sha256_file(ckpt_path) != mask_net.detector_sha256:
+            warn(f"warning: {job.masknet} was trained on the outputs of another checkpoint of {preset.name!r} "
+                 f"(sha256 {mask_net.detector_sha256[:12]}…, {ckpt_path} differs)")
+    names = category_names(mask_net.class_to_category, recorded=mask_net.categories,
+                           categories_file=job.categories_file)
+    files, missing = expand_inputs(job.inputs)
+    summary = PredictSummary(skipped=list(missing))
+    for path, reason in missing:
+        warn(f"skipped {path}: {reason}")
+    if not files:
+        raise MfdetrError(f"no image files to process in {', '.join(map(str, job.inputs))}")
+    if detector is None:
+        from mfdetr.detectors.registry import build_detector
+
+        detector = build_detector(preset.name, checkpoint=ckpt_path, device=str(device))
+    num_queries = int(preset.arch.get("num_queries", mask_net.config.num_queries))
+    topk = min(mask_net.config.num_queries, num_queries)
+    dataset = ImageFiles(files, preset=preset)
+    out = Path(job.out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    overlay_names = _overlay_names(files)
+    images: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    score_mode = "mask_prob"
+    bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch, skips in iterate_batches(dataset, batch_size=job.batch_size, num_workers=job.num_workers):
+            for s in skips:
+                reason = s.reason.split(": ", 1)[1] if s.reason.startswith(str(s.file_name)) else s.reason
+                summary.skipped.append((str(s.file_name), reason))
+                warn(f"skipped {s.file_name}: {reason}")
+            if batch is not None:
+                with torch.inference_mode():
+                    det = detector.detect(batch.to(device), topk=topk, enc_layers=(mask_net.enc_layer,))
+                    mo = mask_net.model(det)
+                    score_mode = "mask_iou" if mo.iou_pred is not None else "mask_prob"  # eq. 13, else eq. 2
+                    res = masks_to_coco_results(mo, det, mask_net.class_to_category,
+                                                batch.image_ids, score=score_mode,  # type: ignore[arg-type]
+                                                min_score=job.score_threshold)
+                for r in res:
+                    r["category_name"] = names.get(r["category_id"], f"class {r['category_id']}")
+                results.extend(res)
+                for b, iid in enumerate(batch.image_ids):
+                    h0, w0 = (int(v) for v in batch.orig_hw[b].tolist())
+                    images.append({"id": iid, "file_name": batch.file_names[b], "height": h0, "width": w0})
+                    if job.overlays:
+                        mine = [r for r in res if r["image_id"] == iid]
+                        pic = draw_overlay(load_rgb(batch.file_names[b]), instances_from_results(mine, names))
+                        dst = out / "overlays" / overlay_names[iid - 1]
+                        pic.save(dst)
+                        summary.overlays.append(dst)
+            bar.update(len(skips) + (len(batch) if batch is not None else 0))
+    finally:
+        bar.close()
+    summary.images, summary.instances = len(images), len(results)
+    record = {
+        "info": {"description": "mfdetr predict: frozen detector + Mask Frozen-DETR mask network"},
+        "images": images,
+        "categories": [{"id": i, "name": n} for i, n in sorted(names.items())],
+        "annotations": [{"id": k + 1, **r} for k, r in enumerate(results)],
+        "skipped": [{"file_name": f, "reason": r} for f, r in summary.skipped],
+        "meta": {"detector": preset.name, "detector_checkpoint": str(ckpt_path) if ckpt_path else None,
+                 "masknet_checkpoint": str(job.masknet), "score_threshold": job.score_threshold,
+                 "score": score_mode, "topk": topk, "enc_layer": mask_net.enc_layer, "device": str(device)},
+    }
+    summary.predictions_json = out / "predictions.json"
+    summary.predictions_json.write_text(json.dumps(record) + "\n")
+    summary.results_json = out / "results.json"
+    summary.results_json.write_text(json.dumps(results) + "\n")
+    summary.wall_s = time.perf_counter() - t0
+    echo(f"predicted {summary.instances} instances (score >= {job.score_threshold:g}) on {summary.images} images"
+         f" in {summary.wall_s:.1f} s; skipped {len(summary.skipped)}")
+    echo(f"wrote {summary.predictions_json}, {summary.results_json}"
+         + (f" and {len(summary.overlays)} overlays in {out / 'overlays'}" if job.overlays else ""))
+    return summary
