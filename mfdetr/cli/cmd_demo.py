@@ -1,0 +1,40 @@
+"""``mfdetr demo``: synthetic data → frozen detector cache → MaskNet training → mask AP, overlays, curves."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    if importlib.util.find_spec("mfdetr.engine.stage2") is None:  # stage-2 engine not in this checkout yet
+        return
+
+    @app.command("demo")
+    def demo(
+        out: Path = typer.Option(Path("mfdetr-demo"), "--out", help="Working folder for every output."),
+        quick: bool = typer.Option(False, "--quick", help="Fewer images and iterations (a few minutes)."),
+        detector: str = typer.Option("demo", "--detector", help="Detector preset (default: the shipped demo DINO)."),
+        checkpoint: Path = typer.Option(None, "--checkpoint",
+                                        help="Detector checkpoint (default: the preset's shipped weights)."),
+        train_images: int = typer.Option(None, "--train-images", help="Synthetic train images (default 400; quick 100)."),
+        val_images: int = typer.Option(None, "--val-images", help="Synthetic val images (default 100; quick 30)."),
+        iterations: int = typer.Option(None, "--iterations", help="MaskNet training iterations (default 500; quick 150)."),
+        image_size: int = typer.Option(160, "--image-size", help="Shorter side of the synthetic images."),
+        batch_size: int = typer.Option(8, "--batch-size", help="MaskNet training batch size."),
+        overlays: int = typer.Option(6, "--overlays", help="Val images to draw overlays for."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the data and the training."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+        overrides: list[str] = typer.Option([], "--set", help="Recipe override section.key=value (repeatable)."),
+        force: bool = typer.Option(False, "--force", help="Redo the demo in a non-empty --out."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show tqdm progress bars."),
+    ) -> None:
+        """Run the whole pipeline offline on synthetic data and print box AP, mask AP, times and cache size."""
+        from mfdetr.engine.demo import DemoOptions, run_demo
+
+        run_demo(DemoOptions(out=out, detector=detector, checkpoint=checkpoint, quick=quick, train_images=train_images,
+                             val_images=val_images, iterations=iterations, image_size=image_size,
+                             batch_size=batch_size, overlays=overlays, seed=seed, device=device,
+                             overrides=tuple(overrides), force=force, progress=progress), echo=typer.echo)
