@@ -200,3 +200,18 @@ def test_missing_and_foreign_checkpoints_are_one_line_errors(setup: dict[str, Pa
     with pytest.raises(MfdetrError, match="no image files"):
         run_predict(_job(setup, tmp_path / "o", inputs=(str(setup["bad"].parent / "x.png"),)), progress=False,
                     echo=lambda _: None, warn=lambda _: None)
+
+
+def test_other_detector_checkpoint_warns(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A MaskNet trained on another checkpoint of the same preset (sha256 differs) runs, with a warning."""
+    from mfdetr.engine.predict import run_predict
+
+    ckpt = torch.load(setup["engine"], weights_only=False)
+    ckpt["meta"]["detector"]["checkpoint.sha256"] = "0" * 64
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    warnings: list[str] = []
+    s = run_predict(_job(setup, tmp_path / "o", masknet=other, overlays=False), progress=False,  # type: ignore[arg-type]
+                    echo=lambda _: None, warn=warnings.append)
+    assert s.images == 3
+    assert any("another checkpoint" in w and "000000000000" in w for w in warnings), warnings
