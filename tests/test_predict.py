@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,12 +29,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     preset = get_preset(NAME)
     cfg = tiny_masknet_config()
     torch.manual_seed(1)
-    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,  # type: ignore[arg-type]
+    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
                           c1_channels=preset.c1_channels)
     plain = root / "masknet_plain.pt"
     torch.save({"masknet_config": to_dict(cfg), "model": model.state_dict(), "detector": NAME,
                 "class_to_category": list(preset.class_to_category),
-                "categories": [{"id": 1, "name": "thing one"}], "enc_layer": cfg.enc_layer}, plain)  # type: ignore[attr-defined]
+                "categories": [{"id": 1, "name": "thing one"}], "enc_layer": cfg.enc_layer}, plain)
     # the engine's run checkpoint layout (mfdetr.engine.trainer): identity of the cache under meta.detector
     ident = {"detector.name": NAME, "checkpoint.sha256": None, "hidden_dim": preset.hidden_dim,
              "level_strides": list(preset.level_strides), "c1_channels": preset.c1_channels,
@@ -50,13 +51,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "wrong": wrong, "bad": bad}
 
 
-def _job(s: dict[str, Path], out: Path, **kw: object) -> object:
+def _job(s: dict[str, Path], out: Path, **kw: Any) -> Any:
     from mfdetr.engine.predict import PredictJob
 
     args = dict(detector=NAME, masknet=s["plain"], inputs=(str(s["images"]), str(s["bad"])), out=out,
                 checkpoint=s["det"], score_threshold=0.0, device="cpu")
     args.update(kw)
-    return PredictJob(**args)  # type: ignore[arg-type]
+    return PredictJob(**args)
 
 
 def test_predict_cli_json_overlays_and_skips(setup: dict[str, Path], tmp_path: Path,
@@ -131,10 +132,10 @@ def test_predict_matches_detector_then_masknet(setup: dict[str, Path], tmp_path:
                                           min_score=0.0)
     t = float(np.median([w["score"] for w in want]))  # a threshold that keeps about half
     want = [w for w in want if w["score"] >= t]
-    s = run_predict(_job(setup, tmp_path / "o", score_threshold=t, overlays=False), progress=False,  # type: ignore[arg-type]
+    s = run_predict(_job(setup, tmp_path / "o", score_threshold=t, overlays=False), progress=False,
                     echo=lambda _: None, warn=lambda _: None)
     assert s.images == 3 and len(s.skipped) == 1 and s.overlays == []
-    got = json.loads(s.results_json.read_text())  # type: ignore[union-attr]
+    got = json.loads(s.results_json.read_text())
     assert len(got) == len(want) > 0
     for g, w in zip(got, want, strict=True):
         assert (g["image_id"], g["category_id"], g["segmentation"]) == (w["image_id"], w["category_id"],
@@ -147,9 +148,9 @@ def test_predict_matches_detector_then_masknet(setup: dict[str, Path], tmp_path:
 def test_threshold_one_keeps_nothing_and_overlay_is_the_image(setup: dict[str, Path], tmp_path: Path) -> None:
     from mfdetr.engine.predict import run_predict
 
-    s = run_predict(_job(setup, tmp_path / "o", score_threshold=1.0, masknet=setup["engine"]),  # type: ignore[arg-type]
+    s = run_predict(_job(setup, tmp_path / "o", score_threshold=1.0, masknet=setup["engine"]),
                     progress=False, echo=lambda _: None, warn=lambda _: None)
-    pred = json.loads(s.predictions_json.read_text())  # type: ignore[union-attr]
+    pred = json.loads(s.predictions_json.read_text())
     assert pred["annotations"] == [] and len(pred["images"]) == 3
     for f in sorted(setup["images"].iterdir()):
         with Image.open(tmp_path / "o" / "overlays" / f"{f.stem}.png") as o, Image.open(f) as src:
@@ -159,9 +160,9 @@ def test_threshold_one_keeps_nothing_and_overlay_is_the_image(setup: dict[str, P
 def test_checkpoint_records_category_names(setup: dict[str, Path], tmp_path: Path) -> None:
     from mfdetr.engine.predict import run_predict
 
-    s = run_predict(_job(setup, tmp_path / "o", overlays=False), progress=False, echo=lambda _: None,  # type: ignore[arg-type]
+    s = run_predict(_job(setup, tmp_path / "o", overlays=False), progress=False, echo=lambda _: None,
                     warn=lambda _: None)
-    cats = {c["id"]: c["name"] for c in json.loads(s.predictions_json.read_text())["categories"]}  # type: ignore[union-attr]
+    cats = {c["id"]: c["name"] for c in json.loads(s.predictions_json.read_text())["categories"]}
     assert cats[1] == "thing one" and cats[2] == "bicycle"
 
 
@@ -211,7 +212,7 @@ def test_other_detector_checkpoint_warns(setup: dict[str, Path], tmp_path: Path)
     other = tmp_path / "other.pt"
     torch.save(ckpt, other)
     warnings: list[str] = []
-    s = run_predict(_job(setup, tmp_path / "o", masknet=other, overlays=False), progress=False,  # type: ignore[arg-type]
+    s = run_predict(_job(setup, tmp_path / "o", masknet=other, overlays=False), progress=False,
                     echo=lambda _: None, warn=warnings.append)
     assert s.images == 3
     assert any("another checkpoint" in w and "000000000000" in w for w in warnings), warnings

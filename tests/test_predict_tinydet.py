@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ def save_detector_checkpoint(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def tiny_masknet_config() -> object:
+def tiny_masknet_config() -> Any:
     from mfdetr.config import apply_overrides, from_dict
     from mfdetr.masknet import MaskNetConfig
 

@@ -119,6 +119,15 @@ def _stage(times: dict[str, float], name: str, echo: Callable[[str], None]) -> C
     return done
 
 
+def _brief(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """The cache summary without its per-array table (``mfdetr inspect`` shows it)."""
+    def say(line: str) -> None:
+        if not line.startswith(("  ", "per array")):
+            echo(line)
+
+    return say
+
+
 def _prepare(out: Path, force: bool) -> None:
     parts = ("synth", "cache", "run", "predict", "curves.png")
     if out.exists() and any(out.iterdir()):
@@ -143,7 +152,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
     from mfdetr.detectors.registry import build_detector, get_preset, list_detectors, load_plugins
     from mfdetr.engine.config import build_run_config
     from mfdetr.engine.plot import plot_run
-    from mfdetr.engine.predict import PredictJob, detector_checkpoint, resolve_device, run_predict
+    from mfdetr.engine.predict import PredictJob, detector_checkpoint, preset_queries, resolve_device, run_predict
     from mfdetr.engine.stage2 import CacheSources, train_from_cache
 
     load_plugins()
@@ -172,8 +181,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
     echo(f"synthetic dataset: {n_train} train + {n_val} val images at {opts.image_size} px in {synth}")
 
     detector = build_detector(preset.name, checkpoint=ckpt, device=device)
-    num_queries = int(preset.arch.get("num_queries", 100))
-    topk = min(100, num_queries)
+    topk = min(100, preset_queries(preset))
     enc_layer = demo_enc_layer(preset.num_encoder_layers)
     stores = {}
     for split in ("train2017", "val2017"):
@@ -181,7 +189,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
         store = out / "cache" / split
         res = run_cache(CacheJob(detector=preset.name, checkpoint=ckpt, coco=synth, split=split, out=store,
                                  topk=topk, enc_layers=(enc_layer,), batch_size=4, device=device, num_workers=0,
-                                 writer_threads=2), progress=opts.progress, echo=echo, detector=detector)
+                                 writer_threads=2), progress=opts.progress, echo=_brief(echo), detector=detector)
         done()
         s.cache_bytes[split], s.cache_images[split] = res.store_bytes, res.store_done
         stores[split] = store

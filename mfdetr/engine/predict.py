@@ -42,7 +42,8 @@ from mfdetr.contracts import DetectorPreset
 from mfdetr.errors import MfdetrError, SkipImage
 
 __all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
-           "detector_checkpoint", "expand_inputs", "load_masknet_checkpoint", "resolve_device", "run_predict"]
+           "detector_checkpoint", "expand_inputs", "load_masknet_checkpoint", "preset_queries", "resolve_device",
+           "run_predict"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -240,6 +241,12 @@ def resolve_device(device: str) -> torch.device:
         raise MfdetrError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
 
 
+def preset_queries(preset: DetectorPreset) -> int:
+    """Queries the detector runs at inference (top-K keeps at most this many)."""
+    n = getattr(preset, "num_queries", None) or preset.arch.get("num_queries")
+    return int(n) if n else 100
+
+
 def detector_checkpoint(preset: DetectorPreset, checkpoint: str | Path | None) -> Path:
     """The detector weights file: ``checkpoint``, else the preset's weights shipped in the package
     (``mfdetr/detectors/weights/<checkpoint_file>``, e.g. the ``demo`` preset)."""
@@ -346,8 +353,7 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
         from mfdetr.detectors.registry import build_detector
 
         detector = build_detector(preset.name, checkpoint=ckpt_path, device=str(device))
-    num_queries = int(preset.arch.get("num_queries", mask_net.config.num_queries))
-    topk = min(mask_net.config.num_queries, num_queries)
+    topk = min(mask_net.config.num_queries, preset_queries(preset))
     dataset = ImageFiles(files, preset=preset)
     out = Path(job.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
