@@ -206,3 +206,21 @@ def test_config_errors():
         BackboneConfig(kind="tiny", out_indices=(3, 1))
     with pytest.raises(MfdetrError, match="unknown DinoConfig keys"):
         DinoConfig.from_dict({"backbone": {"kind": "tiny"}, "hiden_dim": 3})
+
+
+@pytest.mark.parametrize("name", ["dino_r50", "dino_r50_5scale", "dino_swinl", "dino_swinl_4scale", "dino_focal",
+                                  "dino_tiny"])
+def test_preset_json_round_trip_rebuilds_the_same_architecture(name):
+    """A cache manifest stores ``preset.to_dict()`` as JSON; its ``arch`` rebuilds the same model."""
+    import json
+
+    from mfdetr.detectors.dino import DINO_CONFIGS, build_dino_model
+
+    preset = get_preset(name)
+    d = json.loads(json.dumps(preset.to_dict()))
+    cfg = DinoConfig.from_dict(d["arch"])
+    assert cfg == DINO_CONFIGS[name][0]
+    with torch.device("meta"):
+        a = build_dino_model(cfg, preset=preset).state_dict()
+        b = build_dino_model(DINO_CONFIGS[name][0], preset=preset).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
