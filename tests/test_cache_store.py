@@ -15,7 +15,7 @@ import zarr
 import tests._fake_detector as fd
 from mfdetr.cache import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheJob, CacheStore,
                           CacheWriter, build_manifest, records_from_output, run_cache)
-from mfdetr.cache.store import open_for_writing
+from mfdetr.cache.store import open_for_writing, read_commit_flags
 from mfdetr.contracts import ImageBatch
 from mfdetr.detectors.registry import unregister_detector
 from mfdetr.errors import MfdetrError
@@ -73,6 +73,11 @@ def test_round_trip_values_padding_and_layers(tmp_path, coco, fake):
     assert store.complete_indices().tolist() == [0, 1, 2, 3, 5, 6]
     [(idx, iid, reason)] = store.skipped()
     assert (idx, iid) == (4, 5) and "000005.png" in reason
+    # the fast commit scan agrees with zarr and ignores a killed writer's temporary file
+    (tmp_path / "s" / "commit" / "c" / "1.0123abcd.partial").write_bytes(b"\x01")
+    commit = zarr.open_group(str(tmp_path / "s"), mode="r")["commit"]
+    assert read_commit_flags(tmp_path / "s", commit).tolist() == commit[:].tolist() == [1, 1, 1, 1, 2, 1, 1]
+    assert len(store.manifest_sha256) == 64
 
     # a portrait and a landscape image in one padded batch: the store must hold the unpadded values
     ref = fake.detect(batch_of(coco, [2, 4]), topk=8, enc_layers=(4, 6))

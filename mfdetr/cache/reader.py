@@ -6,6 +6,8 @@ The reader knows only the store and the contracts — never a detector (stage 2 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,7 @@ import zarr
 
 from mfdetr.cache.manifest import check_expectations
 from mfdetr.cache.schema import enc_array_name
-from mfdetr.cache.store import open_validated
+from mfdetr.cache.store import open_validated, read_commit_flags
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
@@ -62,6 +64,11 @@ class CacheStore:
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
 
+    @property
+    def manifest_sha256(self) -> str:
+        """sha256 of the canonical manifest JSON (``created_utc`` included): what a training run records."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: reopen lazily
         return {"path": self.path, "manifest": self.manifest}
 
@@ -73,7 +80,7 @@ class CacheStore:
     def commit_flags(self, *, refresh: bool = False) -> np.ndarray:
         """[N] uint8: 0 pending, 1 done, 2 skipped (cached; ``refresh`` rereads)."""
         if self._commit is None or refresh:
-            self._commit = self._arrays["commit"][:]  # type: ignore[assignment]
+            self._commit = read_commit_flags(self.path, self._arrays["commit"])
         assert self._commit is not None
         return self._commit
 

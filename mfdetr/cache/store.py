@@ -168,6 +168,32 @@ def chunk_path(root_dir: str | Path, arr: zarr.Array, index: int) -> Path:
     return Path(root_dir) / arr.path / key
 
 
+def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
+    """All commit flags [N] uint8 (0 pending, 1 done, 2 skipped).
+
+    Fast path (~4x faster than one zarr read per chunk; seconds for COCO train): the commit array is
+    stored uncompressed with one 1-byte chunk per image under ``commit/c/<i>`` (schema v1), so the flags
+    are the contents of the chunk files present; missing files are pending. Leftover ``*.partial``
+    temporaries of killed writers are ignored (zarr renames a chunk file into place only when complete).
+    Falls back to zarr for any other layout.
+    """
+    enc = arr.metadata.chunk_key_encoding
+    if arr.compressors or arr.ndim != 1 or arr.chunks != (1,) or enc.to_dict() != {
+            "name": "default", "configuration": {"separator": "/"}}:
+        return np.asarray(arr[:], dtype=np.uint8)
+    flags = np.zeros(arr.shape[0], dtype=np.uint8)
+    base = Path(root_dir) / arr.path / "c"
+    if not base.is_dir():
+        return flags
+    for entry in os.scandir(base):
+        if entry.name.isdigit() and int(entry.name) < len(flags):
+            with open(entry.path, "rb") as f:
+                raw = f.read(2)
+            if len(raw) == 1:
+                flags[int(entry.name)] = raw[0]
+    return flags
+
+
 def stored_bytes(root_dir: str | Path, name: str | None = None) -> int:
     """Bytes on disk under the store (or under one array)."""
     base = Path(root_dir) / name if name else Path(root_dir)

@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
                                                          "(default: torchrun RANK/WORLD_SIZE, else all)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (cuda under torchrun: cuda:LOCAL_RANK)."),
         workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
-        writer_threads: int = typer.Option(2, "--writer-threads", help="Background compression/writing threads."),
+        writer_threads: int = typer.Option(4, "--writer-threads", help="Background compression/writing threads "
+                                                                       "(zstd releases the GIL)."),
         retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Recompute images recorded as skipped."),
         annotation_file: Path = typer.Option(None, "--annotations", help="Override the instances JSON path."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes, compute nothing."),
