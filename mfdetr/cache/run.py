@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mfdetr.cache.manifest import build_manifest, sha256_file
 from mfdetr.cache.store import open_for_writing, read_commit_flags, stored_bytes
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
-                                 WriteStats, records_from_output)
+                                 WriteStats)
 from mfdetr.contracts import DetectorOutput, FrozenDetector
 from mfdetr.data import CocoInstances, iterate_batches, resized_hw
 from mfdetr.errors import MfdetrError
@@ -69,7 +69,7 @@ class CacheSummary:
     store_bytes: int = 0
     wall_s: float = 0.0
     loop_s: float = 0.0      # first batch requested → last image written (steady-state throughput)
-    detect_s: float = 0.0    # detector forward + device→host copy
+    detect_s: float = 0.0    # main thread in detector.detect (on CUDA: kernel launches, may be asynchronous)
     estimate: dict[str, Any] | None = None
 
 
@@ -233,7 +233,8 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
             detector = build_detector(job.detector, checkpoint=job.checkpoint, device=resolve_device(job.device))
         device = next(iter(detector.parameters()), None) if isinstance(detector, torch.nn.Module) else None
         dev = device.device if device is not None else torch.device(resolve_device(job.device))
-        bg = BackgroundWriter(writer=writer, threads=job.writer_threads, queue_size=max(4, 2 * job.batch_size))
+        # queue: batches waiting for a worker (each holds its detector output, on the device)
+        bg = BackgroundWriter(writer=writer, threads=job.writer_threads, queue_size=max(2, job.writer_threads))
         bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"cache{shard_txt}", dynamic_ncols=True)
         failed = True
         t_loop = time.perf_counter()
@@ -251,10 +252,9 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
                         raise MfdetrError(f"detector failed on image ids {batch.image_ids} "
                                           f"({', '.join(batch.file_names)}): {e}") from None
                     _check_output(out, m, batch.image_ids)
-                    records = records_from_output(out, indices=[plan.dataset.index_of(i) for i in batch.image_ids],
-                                                  file_names=batch.file_names, image_ids=batch.image_ids)
                     summary.detect_s += time.perf_counter() - t0
-                    bg.write_records(records)
+                    bg.write_output(out, indices=[plan.dataset.index_of(i) for i in batch.image_ids],
+                                    file_names=batch.file_names, image_ids=batch.image_ids)
                 bar.update(bg.completed - bar.n)
                 bar.set_postfix_str(f"written {_human(writer.stats.bytes_written)}", refresh=False)
             failed = False

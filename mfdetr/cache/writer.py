@@ -6,8 +6,8 @@ its commit is simply pending and rewritten whole on resume; zarr's local store w
 file through a temporary file + rename, so a chunk file is never half-written either.
 
 :class:`BackgroundWriter` runs a :class:`CacheWriter` in worker threads fed by a bounded queue, so the
-detector's next batch is computed while the previous one is compressed and written (the codecs
-release the GIL). The first error in a worker stops the pool and is re-raised in the main thread by
+detector's next batch is computed while the previous one is converted (float16, non-finite check,
+device→host copy), padded, compressed and written (torch and zstd release the GIL). The first error in a worker stops the pool and is re-raised in the main thread by
 the next :meth:`BackgroundWriter.submit` or by :meth:`BackgroundWriter.close`.
 """
 
@@ -86,7 +86,11 @@ def records_from_output(out: DetectorOutput, *, indices: list[int], file_names: 
     bad = torch.zeros(bsz, dtype=torch.bool, device=out.queries.device)
     first_bad: dict[int, str] = {}
     for name, t in {**full, **f16}.items():
-        nonfinite = ~torch.isfinite(t.reshape(bsz, -1)).all(dim=1)
+        # float16 maps: a float32 sum is non-finite iff some element is (|x| <= 65504, so no overflow
+        # below ~5e33 elements), and it is ~2x cheaper on CPU than isfinite().all()
+        flat = t.reshape(bsz, -1)
+        nonfinite = (~torch.isfinite(flat.sum(dim=1, dtype=torch.float32)) if t.dtype == torch.float16
+                     else ~torch.isfinite(flat).all(dim=1))
         if bool(nonfinite.any()):
             for b in torch.nonzero(nonfinite).flatten().tolist():
                 first_bad.setdefault(b, name)
@@ -217,9 +221,9 @@ class BackgroundWriter:
                 continue  # drain without work after an error
             fn, args = job
             try:
-                fn(*args)
+                n = fn(*args)
                 with self._lock:
-                    self.completed += 1
+                    self.completed += 1 if n is None else n
             except BaseException as e:  # noqa: BLE001 - surfaced in the main thread
                 with self._lock:
                     if self._error is None:
@@ -238,8 +242,10 @@ class BackgroundWriter:
             raise MfdetrError(f"cannot write the cache: {err}", path=self.writer.path) from err
         raise err
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        """Queue ``fn(*args)`` (blocks while the queue is full); raise a worker's error if one failed."""
+    def submit(self, fn: Callable[..., int | None], *args: Any) -> None:
+        """Queue ``fn(*args)`` (blocks while the queue is full); raise a worker's error if one failed.
+
+        ``fn`` returns how many images it completed (``None`` = 1)."""
         while True:
             self._raise_if_failed()
             try:
@@ -252,6 +258,21 @@ class BackgroundWriter:
         """Queue every image of a batch (workers take images one by one)."""
         for r in records:
             self.submit(self.writer.write_image, r)
+
+    def write_output(self, out: DetectorOutput, *, indices: list[int], file_names: list[str],
+                     image_ids: list[int]) -> None:
+        """Queue a whole batch output: a worker converts it (float16 cast, non-finite check, device→host
+        copy: :func:`records_from_output`) and writes its images, so the main thread goes straight back
+        to the detector. A non-finite output surfaces as :class:`MfdetrError` at the next call."""
+
+        def job() -> int:
+            with torch.inference_mode():
+                records = records_from_output(out, indices=indices, file_names=file_names, image_ids=image_ids)
+            for r in records:
+                self.writer.write_image(r)
+            return len(records)
+
+        self.submit(job)
 
     def write_skip(self, index: int, image_id: int, reason: str) -> None:
         self.submit(self.writer.write_skip, index, image_id, reason)
