@@ -150,6 +150,18 @@ def writer_only(detector, job: CacheJob, store: Path, repeats: int = 2) -> float
     return repeats * len(records) / (time.perf_counter() - t0)
 
 
+def reader(store: Path, repeats: int = 2) -> float:
+    """img/s of :meth:`CacheStore.read` (all stored arrays of one image, cropped) — what stage 2 pays."""
+    st = CacheStore.open(store)
+    idx = st.complete_indices().tolist()
+    st.read(idx[0])
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for i in idx:
+            st.read(i)
+    return repeats * len(idx) / (time.perf_counter() - t0)
+
+
 def codec_table(store: Path) -> list[str]:
     """Other codecs on image 0's stored (canvas) arrays: size vs raw and encode speed."""
     from numcodecs import Blosc, Zstd
@@ -225,6 +237,7 @@ def main() -> None:
     cache_ips = summary.stats.done / summary.loop_s
     fwd2 = forward_only(detector, job)  # again after: machine load drifts, report both
     wr = writer_only(detector, job, out)
+    rd = reader(out)
     st = summary.stats
     stored = sum(st.stored.values())
     valid = sum(v for k, v in st.raw_valid.items() if k not in ("commit", "skip_reason"))
@@ -236,6 +249,7 @@ def main() -> None:
           f"ratio {cache_ips / ((fwd + fwd2) / 2):.2f} (goal >= 0.9)")
     print(f"writer alone ({args.writer_threads} threads): {wr:.2f} img/s — with spare cores the cache runs at "
           f"min(detector, writer); here detector and writer share {torch.get_num_threads()} busy CPU threads")
+    print(f"reader: CacheStore.read {rd:.2f} img/s (one process, 4 read threads; stage 2 adds DataLoader workers)")
     print(f"bytes/image: stored {stored / st.done / 1e6:.2f} MB; raw valid region {valid / st.done / 1e6:.2f} MB "
           f"(float16 features); raw padded canvas {canvas / st.done / 1e6:.2f} MB; "
           f"stored/raw valid = {stored / valid:.3f} (goal <= 0.7)")

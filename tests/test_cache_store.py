@@ -210,7 +210,10 @@ def test_image_larger_than_canvas_is_skipped_with_reason(tmp_path, coco, fake):
     writer = CacheWriter(root=root, path=tmp_path / "s", manifest=m)
     out = fake.detect(batch_of(coco, [1]), topk=8, enc_layers=(4,))
     [rec] = records_from_output(out, indices=[0], file_names=["a.png"], image_ids=[1])
-    rec.arrays["level_valid_hw"][0] = [17, 3]  # pretend level 0 is taller than its 16-cell canvas
+    rec.arrays["level_valid_hw"][0] = [17, 3]  # level 0 taller than its map: the detector's fault, an error
+    with pytest.raises(ValueError, match="exceeds the returned map"):
+        writer.write_image(rec)
+    rec.arrays["enc_layer4_level0"] = np.ones((16, 17, 9), dtype=np.float16)  # ... and than its 16-cell canvas
     writer.write_image(rec)
     store = CacheStore.open(tmp_path / "s")
     assert store.commit_flags().tolist() == [COMMIT_SKIPPED]

@@ -139,9 +139,11 @@ class CacheWriter:
     def _canvas(self, x: np.ndarray, valid_hw: tuple[int, int], canvas_hw: tuple[int, int], what: str,
                 rec: ImageRecord) -> tuple[np.ndarray, int]:
         h, w = valid_hw
-        if h > canvas_hw[0] or w > canvas_hw[1] or h > x.shape[-2] or w > x.shape[-1]:
-            raise _DoesNotFit(f"{what} valid size {h}x{w} exceeds the store canvas {canvas_hw[0]}x{canvas_hw[1]} "
-                              f"(or the map {x.shape[-2]}x{x.shape[-1]})")
+        if h > x.shape[-2] or w > x.shape[-1]:  # the detector broke its contract: not the image's fault
+            raise ValueError(f"image id {rec.image_id}: {what} valid size {h}x{w} exceeds the returned map "
+                             f"{x.shape[-2]}x{x.shape[-1]}")
+        if h > canvas_hw[0] or w > canvas_hw[1]:  # e.g. an extremely elongated image: skip it, recorded
+            raise _DoesNotFit(f"{what} valid size {h}x{w} exceeds the store canvas {canvas_hw[0]}x{canvas_hw[1]}")
         out = np.zeros((x.shape[0], *canvas_hw), dtype=np.float16)
         out[:, :h, :w] = x[:, :h, :w]
         return out, out.itemsize * x.shape[0] * h * w
