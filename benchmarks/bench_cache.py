@@ -243,7 +243,8 @@ def main() -> None:
     valid = sum(v for k, v in st.raw_valid.items() if k not in ("commit", "skip_reason"))
     canvas = sum(v for k, v in st.raw_canvas.items() if k not in ("commit", "skip_reason"))
     print(f"detector {args.detector} on {args.device}, {st.done} images, batch {args.batch_size}, "
-          f"{args.writer_threads} writer threads, emulate {args.emulate_ms} ms/img, gpu-like {args.gpu_like}, torch threads "
+          f"{args.writer_threads} writer threads, emulate {args.emulate_ms} ms/img, gpu-like {args.gpu_like}, "
+          f"torch threads "
           f"{torch.get_num_threads()}")
     print(f"throughput: detector forward only {fwd:.2f} img/s (after: {fwd2:.2f}); cache {cache_ips:.2f} img/s; "
           f"ratio {cache_ips / ((fwd + fwd2) / 2):.2f} (goal >= 0.9)")

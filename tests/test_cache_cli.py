@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import zarr
 
 import tests._fake_detector as fd
 from tests.conftest import REPO, assert_user_error, cli_env, run_cli
-from tests.test_cache_store import assert_same_store
+from tests._fake_detector import assert_same_store
 
 N_IMAGES = 10
 
@@ -99,6 +98,12 @@ def test_dry_run_estimates_before_compute(coco, tmp_path):
     assert f"images: {N_IMAGES} in val2017; 0 already done; {N_IMAGES} to compute" in proc.stdout
     assert "estimated bytes/image:" in proc.stdout and "estimated total:" in proc.stdout
     assert not (tmp_path / "s").exists()
+
+
+def test_dry_run_on_a_finished_store_has_nothing_to_do(coco, reference):
+    proc = main_inproc(*cache_args(coco, reference[0], "--dry-run"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{N_IMAGES - 1} already done; 0 to compute" in proc.stdout
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import torch
 import zarr
 
 import tests._fake_detector as fd
+from tests._fake_detector import assert_same_store, read_all
 from mfdetr.cache import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheJob, CacheStore,
                           CacheWriter, build_manifest, records_from_output, run_cache)
 from mfdetr.cache.store import open_for_writing, read_commit_flags
@@ -41,22 +42,6 @@ def job(coco: Path, out: Path, **kw) -> CacheJob:
                 enc_layers=(4, 6), batch_size=2, num_workers=0, writer_threads=2)
     base.update(kw)
     return CacheJob(**base)
-
-
-def read_all(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    return {name: root[name][:] for name in root.array_keys()}
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    xa, xb = read_all(a), read_all(b)
-    assert sorted(xa) == sorted(xb)
-    for name in xa:
-        assert xa[name].dtype == xb[name].dtype and np.array_equal(xa[name], xb[name]), name
-    ma = dict(zarr.open_group(str(a), mode="r").attrs["mfdetr_cache"])
-    mb = dict(zarr.open_group(str(b), mode="r").attrs["mfdetr_cache"])
-    ma.pop("created_utc"), mb.pop("created_utc")
-    assert ma == mb
 
 
 def batch_of(coco: Path, ids: list[int]) -> ImageBatch:

@@ -149,7 +149,7 @@ def validate_manifest_data(m: Any) -> list[str]:
         cv = m["canvas"]
         if not len(cv["level_hw"]) == len(cv["level_tile"]) == len(m["level_strides"]):
             errs.append("manifest.canvas.level_hw/level_tile: one entry per level stride expected")
-        tiles = [(hw, t) for hw, t in zip(cv["level_hw"], cv["level_tile"], strict=False)] + [(cv["c1_hw"], cv["c1_tile"])]
+        tiles = [*zip(cv["level_hw"], cv["level_tile"], strict=False), (cv["c1_hw"], cv["c1_tile"])]
         if any(side % t for hw, t in tiles for side in hw):
             errs.append("manifest.canvas: every tile must divide its canvas side")
     return errs

@@ -7,7 +7,8 @@ file through a temporary file + rename, so a chunk file is never half-written ei
 
 :class:`BackgroundWriter` runs a :class:`CacheWriter` in worker threads fed by a bounded queue, so the
 detector's next batch is computed while the previous one is converted (float16, non-finite check,
-device→host copy), padded, compressed and written (torch and zstd release the GIL). The first error in a worker stops the pool and is re-raised in the main thread by
+device→host copy), padded, compressed and written (torch and zstd release the GIL). The first error
+in a worker stops the pool and is re-raised in the main thread by
 the next :meth:`BackgroundWriter.submit` or by :meth:`BackgroundWriter.close`.
 """
 
