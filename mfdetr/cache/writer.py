@@ -269,8 +269,10 @@ class BackgroundWriter:
         to the detector. A non-finite output surfaces as :class:`MfdetrError` at the next call."""
 
         def job() -> int:
+            nonlocal out
             with torch.inference_mode():
                 records = records_from_output(out, indices=indices, file_names=file_names, image_ids=image_ids)
+            out = None  # type: ignore[assignment]  # free the device tensors before the slow compression
             for r in records:
                 self.writer.write_image(r)
             return len(records)
