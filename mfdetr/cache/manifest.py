@@ -99,6 +99,8 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
                           f"1..{preset.num_encoder_layers}")
     if topk < 1:
         raise MfdetrError(f"--topk must be >= 1, got {topk}")
+    if preset.num_queries is not None and topk > preset.num_queries:
+        raise MfdetrError(f"--topk {topk}: detector {preset.name} runs only {preset.num_queries} queries")
     m = {
         "format": FORMAT,
         "schema_version": CURRENT_SCHEMA_VERSION,

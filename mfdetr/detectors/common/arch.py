@@ -61,6 +61,10 @@ class DetrArchConfig:
             raise MfdetrError(f"hidden_dim ({self.hidden_dim}) must be a multiple of 32 (GroupNorm) and of "
                               f"nheads ({self.nheads})")
 
+    def inference_queries(self) -> int:
+        """Decoder queries run at inference (the most a caller can keep as top-K)."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["backbone"] = self.backbone.to_dict()
@@ -104,7 +108,7 @@ def family_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_fil
         class_to_category=coco91_identity() if cfg.num_classes == 91 else tuple(range(cfg.num_classes)),
         preprocessing=preprocessing or Preprocessing(short_side=800, max_size=1333),
         level_strides=cfg.level_strides(), hidden_dim=cfg.hidden_dim, c1_channels=cfg.c1_channels(),
-        num_encoder_layers=cfg.enc_layers, notes=notes)
+        num_encoder_layers=cfg.enc_layers, num_queries=cfg.inference_queries(), notes=notes)
 
 
 CheckpointArg = str | Path | Mapping[str, Any] | None
