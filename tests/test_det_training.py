@@ -243,3 +243,28 @@ def test_cli_reports_user_errors_on_one_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("mfdetr: error:") and "nope.toml" in proc.stderr
+
+
+def test_box_ap_is_100_for_a_detector_that_returns_the_ground_truth(toy_coco: Path, tiny_preset) -> None:
+    from mfdetr.data import CocoInstances
+    from mfdetr.detectors.common import Detections
+    from mfdetr.detectors.training import box_ap
+
+    gt = CocoInstances(toy_coco, "val2017", preprocessing=tiny_preset.preprocessing)
+
+    class Oracle(torch.nn.Module):
+        preset = tiny_preset
+
+        def predict(self, batch: ImageBatch) -> list[Detections]:
+            out = []
+            for image_id in batch.image_ids:
+                t = gt.load_targets(image_id)
+                n = len(t)
+                out.append(Detections(scores=torch.linspace(0.9, 0.5, n), category_ids=t.labels, labels=t.labels,
+                                      boxes=t.boxes))
+            return out
+
+    ap = box_ap(Oracle(), toy_coco, "val2017")  # type: ignore[arg-type]
+    assert ap["AP"] == pytest.approx(100.0) and ap["AP50"] == pytest.approx(100.0)
+    ap2 = box_ap(Oracle(), toy_coco, "val2017", max_images=2)  # type: ignore[arg-type]
+    assert ap2["AP"] == pytest.approx(100.0)

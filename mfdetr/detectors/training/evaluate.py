@@ -1,25 +1,22 @@
-"""Box AP of a detector on a COCO split (official post-processing → pycocotools ``bbox`` COCOeval)."""
+"""Box AP of a detector on a COCO split: official post-processing (``FrozenDetr.predict``) →
+:mod:`mfdetr.evaluation` (pycocotools ``bbox`` COCOeval over the images run)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from mfdetr.data import CocoInstances, collate
 from mfdetr.detectors.common.frozen import FrozenDetr
-
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+from mfdetr.evaluation import evaluate, instances_to_results, load_coco_gt
 
 
 def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int = 8,
                           max_images: int = 0) -> tuple[list[dict[str, Any]], list[int], Path]:
-    """Run ``model.predict`` over the split; COCO result dicts (xywh boxes), the image ids, the GT file."""
+    """Run ``model.predict`` over the first ``max_images`` images of the split (all when 0): COCO
+    result dicts (xywh boxes, category ids), the image ids run, the annotation file."""
     ds = CocoInstances(root, split, preprocessing=model.preset.preprocessing, with_targets=False)
     n = len(ds) if max_images <= 0 else min(max_images, len(ds))
     results: list[dict[str, Any]] = []
@@ -28,17 +25,14 @@ def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, ba
         batch = collate([ds[i] for i in range(start, min(start + batch_size, n))])
         for image_id, det in zip(batch.image_ids, model.predict(batch), strict=True):
             ids.append(int(image_id))
-            b = det.boxes.double().tolist()
-            for s, c, (x0, y0, x1, y1) in zip(det.scores.tolist(), det.category_ids.tolist(), b, strict=True):
-                results.append({"image_id": int(image_id), "category_id": int(c), "score": float(s),
-                                "bbox": [x0, y0, x1 - x0, y1 - y0]})
+            results += instances_to_results(int(image_id), det.category_ids, det.scores, boxes_xyxy=det.boxes)
     return results, ids, ds.annotation_file
 
 
 def box_ap(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int = 8,
            max_images: int = 0) -> dict[str, float]:
-    """``{AP, AP50, AP75, APs, APm, APl}`` in percent (``nan`` where a size range has no GT) on the
-    first ``max_images`` images of ``split`` (all when 0). The model is put in ``eval()`` and restored."""
+    """``{AP, AP50, AP75, APs, APm, APl}`` in percent (``nan`` where a size range has no GT) over the
+    first ``max_images`` images of ``split`` (all when 0). The model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
@@ -47,16 +41,7 @@ def box_ap(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int =
                                                            max_images=max_images)
     finally:
         model.train(was_training)
-    if not results:
-        return dict.fromkeys(METRICS, 0.0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann_file))
-        ev = COCOeval(gt, gt.loadRes(results), "bbox")
-        ev.params.imgIds = sorted(ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {m: float(ev.stats[k] * 100.0) if ev.stats[k] >= 0 else float("nan") for k, m in enumerate(METRICS)}
+    return evaluate(load_coco_gt(ann_file), results, "bbox", image_ids=ids)
 
 
-__all__ = ["METRICS", "box_ap", "detections_to_results"]
+__all__ = ["box_ap", "detections_to_results"]
