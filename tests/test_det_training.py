@@ -268,3 +268,30 @@ def test_box_ap_is_100_for_a_detector_that_returns_the_ground_truth(toy_coco: Pa
     assert ap["AP"] == pytest.approx(100.0) and ap["AP50"] == pytest.approx(100.0)
     ap2 = box_ap(Oracle(), toy_coco, "val2017", max_images=2)  # type: ignore[arg-type]
     assert ap2["AP"] == pytest.approx(100.0)
+
+
+def test_shipped_demo_weights_or_a_clear_error() -> None:
+    from mfdetr.detectors.dino.demo import DEMO_CHECKPOINT
+    from mfdetr.errors import MfdetrError
+
+    if DEMO_CHECKPOINT.is_file():  # shipped: small, loads strictly into the frozen preset
+        assert DEMO_CHECKPOINT.stat().st_size <= MAX_WEIGHTS_BYTES
+        det = build_detector("demo")
+        assert not det.training
+    else:
+        with pytest.raises(MfdetrError, match="demo_detector.toml"):
+            build_detector("demo")
+
+
+def test_export_cli_writes_loadable_weights(toy_coco: Path, tmp_path: Path, tiny_preset, capsys) -> None:
+    from mfdetr.detectors.dino import build_dino
+    from mfdetr.detectors.dino.config import DinoConfig
+    from mfdetr.detectors.training.__main__ import main
+
+    train_detector(_tiny_cfg(toy_coco), tmp_path / "r", max_steps=1, log=lambda s: None)
+    assert main(["export", str(tmp_path / "r" / "checkpoint.pt"), str(tmp_path / "w.pt")]) == 0
+    det = build_dino(DinoConfig.from_dict(tiny_preset.arch), preset=tiny_preset, checkpoint=tmp_path / "w.pt")
+    ref = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, ref[k]) for k, v in det.state_dict().items())
+    assert main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")]) == 2
+    assert "mfdetr: error:" in capsys.readouterr().err
