@@ -295,3 +295,12 @@ def test_export_cli_writes_loadable_weights(toy_coco: Path, tmp_path: Path, tiny
     assert all(torch.equal(v, ref[k]) for k, v in det.state_dict().items())
     assert main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")]) == 2
     assert "mfdetr: error:" in capsys.readouterr().err
+
+
+def test_weights_state_keeps_shared_heads_shared_and_halves_when_too_big() -> None:
+    model = build_trainable(TINY, seed=0)
+    sd = weights_state(model)
+    assert sd["class_embed.0.weight"].data_ptr() == sd["class_embed.1.weight"].data_ptr()
+    small = weights_state(model, max_bytes=1000)
+    assert small["class_embed.0.weight"].dtype == torch.float16
+    assert small["class_embed.0.weight"].data_ptr() == small["transformer.decoder.class_embed.0.weight"].data_ptr()

@@ -107,13 +107,14 @@ def build_trainable(preset_name: str, *, seed: int) -> DinoDetector:
 
 
 def weights_state(model: torch.nn.Module, *, max_bytes: int = MAX_WEIGHTS_BYTES) -> dict[str, torch.Tensor]:
-    """The model's state dict for shipping: float32, or float16 floats when float32 would exceed ``max_bytes``."""
-    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    seen: dict[int, int] = {}
-    for v in model.state_dict().values():
-        seen[v.data_ptr()] = v.numel() * v.element_size()
-    if sum(seen.values()) > max_bytes:
-        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    """The model's state dict for shipping: float32, or float16 floats when float32 would exceed
+    ``max_bytes``. Keys that alias one tensor (shared decoder heads) keep sharing it, so the file
+    stores it once."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    unique = {v.data_ptr(): v for v in sd.values()}
+    if sum(v.numel() * v.element_size() for v in unique.values()) > max_bytes:
+        half = {p: (v.half() if v.is_floating_point() else v) for p, v in unique.items()}
+        sd = {k: half[v.data_ptr()] for k, v in sd.items()}
     return sd
 
 
