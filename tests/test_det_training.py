@@ -213,7 +213,8 @@ def test_full_run_writes_weights_that_load_strictly(toy_coco: Path, tmp_path: Pa
     from mfdetr.detectors.dino import build_dino
     from mfdetr.detectors.dino.config import DinoConfig
 
-    det = build_dino(DinoConfig.from_dict(tiny_preset.arch), preset=tiny_preset, checkpoint=tmp_path / "r" / "weights.pt")
+    det = build_dino(DinoConfig.from_dict(tiny_preset.arch), preset=tiny_preset,
+                     checkpoint=tmp_path / "r" / "weights.pt")
     assert not det.training and not any(p.requires_grad for p in det.parameters())
 
 

@@ -68,7 +68,8 @@ class SetCriterion:
             onehot[b, qi, targets[b]["labels"][ti]] = 1.0
             src_boxes.append(boxes[b, qi])
             tgt_boxes.append(targets[b]["boxes"][ti])
-        loss_ce = sigmoid_focal_loss(logits.float(), onehot.float(), alpha=self.alpha, gamma=self.gamma).sum() / num_boxes
+        focal = sigmoid_focal_loss(logits.float(), onehot.float(), alpha=self.alpha, gamma=self.gamma)
+        loss_ce = focal.sum() / num_boxes
         src = torch.cat(src_boxes).float()
         tgt = torch.cat(tgt_boxes).float()
         if src.numel():

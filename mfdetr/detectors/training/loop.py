@@ -9,9 +9,9 @@ One run = one output folder::
 
 Determinism: the model init comes from ``torch.manual_seed(seed)``, the batches of epoch ``e`` from
 :func:`~mfdetr.detectors.training.data.epoch_batches` (seeded shuffle, one orientation per batch) and
-the flips from ``[seed, epoch, index]``, so a run resumed from any checkpoint sees the same batches as an uninterrupted one. Optimiser: AdamW, one
-learning rate for every parameter (nothing is pretrained), multiplied by ``lr_drop_factor`` from epoch
-``lr_drop_epoch`` on, gradient-norm clipping (DINO: 0.1).
+the flips from ``[seed, epoch, index]``, so a run resumed from any checkpoint sees the same batches as
+an uninterrupted one. Optimiser: AdamW, one learning rate for every parameter (nothing is pretrained),
+multiplied by ``lr_drop_factor`` from epoch ``lr_drop_epoch`` on, gradient-norm clipping (DINO: 0.1).
 """
 
 from __future__ import annotations
