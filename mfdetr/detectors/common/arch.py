@@ -20,7 +20,7 @@ from mfdetr.detectors.registry import register_detector
 from mfdetr.errors import MfdetrError
 
 #: C1 channels (backbone stage 0) of the full-size backbone kinds
-C1_CHANNELS = {"resnet": 256, "swin": 192, "focalnet": 192}
+C1_CHANNELS = {"resnet": 256, "swin": 192, "focalnet": 192, "tiny": 8}
 #: strides of backbone stages 0..3
 BACKBONE_STRIDES = (4, 8, 16, 32)
 
@@ -87,13 +87,16 @@ class DetrArchConfig:
         return tuple(strides)
 
     def c1_channels(self) -> int:
-        """Channels of backbone stage 0 (C1): ResNet 256; Swin/FocalNet ``embed_dim`` (full size 192);
-        the tiny CNN ``widths[0]``."""
+        """Channels of backbone stage 0 (C1): ``embed_dim`` (Swin/FocalNet) or ``widths[0]`` (the tiny
+        CNN, the demo ResNet) when the backbone params give them, else the kind's default (ResNet-50
+        256; full-size Swin/FocalNet 192; tiny CNN 8)."""
         params, kind = self.backbone.params, self.backbone.kind
-        if kind in ("swin", "focalnet") and "embed_dim" in params:
+        if "embed_dim" in params:
             return int(params["embed_dim"])
-        if kind == "tiny":
-            return int(params.get("widths", (8,))[0])
+        if "widths" in params:
+            return int(params["widths"][0])
+        if kind not in C1_CHANNELS:
+            raise MfdetrError(f"backbone kind {kind!r}: give its C1 width as params.widths or params.embed_dim")
         return C1_CHANNELS[kind]
 
 
