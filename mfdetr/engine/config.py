@@ -3,7 +3,7 @@
 A run recipe (``pipeline/recipes/*.toml``, ``pipeline/ablations/*.toml`` base) has the sections
 
 - ``[train]`` — :class:`TrainConfig` (typed here; unknown keys refused);
-- ``[masknet]`` / ``[loss]`` — the mask network's and criterion's tables, kept as plain data here and
+- ``[masknet]`` / ``[loss]`` / ``[assign]`` — the mask network's, loss' and target assignment's tables, kept as plain data here and
   validated by the builder that the caller injects (the engine never imports ``mfdetr.masknet``'s
   config classes, so those stay the single source of truth);
 - ``[data]`` — :class:`DataConfig`.
@@ -109,12 +109,13 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """A whole stage-2 recipe: typed ``train``/``data`` sections, ``masknet``/``loss`` as plain tables."""
+    """A whole stage-2 recipe: typed ``train``/``data`` sections, ``masknet``/``loss``/``assign`` as plain tables."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masknet: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
+    assign: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
