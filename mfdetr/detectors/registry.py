@@ -1,11 +1,17 @@
 """Name → detector builder table (refuses duplicates). Presets register themselves on import.
 
+Third-party detectors: set ``MFDETR_PLUGINS`` to a comma-separated list of importable modules; the
+commands that build detectors (``mfdetr cache``) call :func:`load_plugins` first, and each module
+registers its presets on import with :func:`register_detector`.
+
 A builder takes ``checkpoint`` (a path, a state dict or ``None`` for random weights, e.g. tiny test
 presets) and ``device`` and returns a frozen :class:`mfdetr.contracts.FrozenDetector`.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,3 +53,22 @@ def build_detector(name: str, *, checkpoint: str | Path | dict[str, Any] | None 
     """Build the frozen detector ``name`` and load ``checkpoint`` strictly."""
     get_preset(name)
     return _BUILDERS[name](checkpoint=checkpoint, device=device, **kwargs)
+
+
+PLUGINS_ENV = "MFDETR_PLUGINS"
+
+
+def load_plugins(modules: str | None = None) -> list[str]:
+    """Import the detector plugin modules named in ``modules`` (default: ``$MFDETR_PLUGINS``).
+
+    ``modules`` is a comma-separated list of importable module names; each registers its presets on
+    import. Returns the modules imported. A module that cannot be imported is a :class:`MfdetrError`.
+    """
+    spec = os.environ.get(PLUGINS_ENV, "") if modules is None else modules
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MfdetrError(f"cannot import detector plugin {name!r} (from ${PLUGINS_ENV}): {e}") from None
+    return names

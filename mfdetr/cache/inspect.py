@@ -1,0 +1,76 @@
+"""``mfdetr inspect CACHE``: validate a store and describe it (manifest, completeness, arrays, bytes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mfdetr.cache.reader import CacheStore
+from mfdetr.cache.store import _describe_compressors, stored_bytes
+from mfdetr.cache.writer import COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def inspect_store(path: str | Path, *, max_skips: int = 20) -> tuple[list[str], dict[str, Any]]:
+    """Validate the store at ``path`` (raises :class:`MfdetrError` if invalid) and describe it.
+
+    Returns ``(lines to print, facts)``; ``facts`` holds the same numbers for programs and tests:
+    ``done``, ``skipped``, ``pending``, ``num_images``, ``arrays`` ({name: {shape, dtype, chunks, codec,
+    stored_bytes, raw_bytes_written}}), ``partial_files`` (leftover temporaries of killed writers).
+    """
+    store = CacheStore.open(path)
+    m = store.manifest
+    flags = store.commit_flags()
+    done, skipped, pending = (int((flags == v).sum()) for v in (COMMIT_DONE, COMMIT_SKIPPED, COMMIT_PENDING))
+    lines = [f"cache {store.path}: valid (schema v{m['schema_version']}, format {m['format']})", "manifest:"]
+    for key, value in m.items():
+        if key in ("detector", "category_map", "arrays"):
+            continue
+        lines.append(f"  {key}: {json.dumps(value)}")
+    det = m["detector"]
+    lines.append(f"  detector: {det['name']} (family {det['family']}, {det['num_classes']} classes, "
+                 f"{det['num_encoder_layers']} encoder layers); category_map: {len(m['category_map'])} slots")
+    lines.append(f"completeness: {done}/{len(flags)} done, {skipped} skipped, {pending} pending")
+    skips = store.skipped()
+    for index, image_id, reason in skips[:max_skips]:
+        lines.append(f"  skipped index {index} (image id {image_id}): {reason}")
+    if len(skips) > max_skips:
+        lines.append(f"  ... {len(skips) - max_skips} more skipped")
+    written = done + skipped
+    arrays: dict[str, Any] = {}
+    lines.append(f"arrays (stored bytes vs raw bytes of the {written} written chunks):")
+    total = 0
+    for name in m["arrays"]:
+        arr = store._arrays[name]
+        sb = stored_bytes(store.path, name) - os.path.getsize(store.path / name / "zarr.json")
+        per_chunk = int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        n_chunks = 1 if name == "image_ids" else (skipped if name == "skip_reason" else
+                                                  written if name == "commit" else done)
+        raw = per_chunk * n_chunks
+        total += sb
+        codec = _describe_compressors(arr)
+        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+                        "codec": codec, "stored_bytes": sb, "raw_bytes_written": raw}
+        ratio = f"{raw / sb:5.2f}x" if sb else "   - "
+        lines.append(f"  {name:22s} {str(tuple(arr.shape)):24s} {str(arr.dtype):8s} chunks {str(tuple(arr.chunks)):20s} "
+                     f"{codec['name']:5s} {_human(sb):>10s} / {_human(raw):>10s} {ratio}")
+    partial = sum(1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
+    lines.append(f"bytes on disk: {_human(stored_bytes(store.path))}"
+                 + (f"; {_human(total / done)}/image" if done else ""))
+    if partial:
+        lines.append(f"note: {partial} leftover '.partial' temporary files from interrupted writers "
+                     "(harmless; not part of any image)")
+    facts = {"done": done, "skipped": skipped, "pending": pending, "num_images": len(flags), "arrays": arrays,
+             "partial_files": partial, "skips": skips}
+    return lines, facts

@@ -1,0 +1,145 @@
+"""Reading a cache store: validated open, completeness, per-image :class:`DetectorOutput`.
+
+The reader knows only the store and the contracts — never a detector (stage 2 must not import
+``mfdetr.detectors``). A torch ``Dataset`` over the store builds on :meth:`CacheStore.read`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from mfdetr.cache.manifest import check_expectations
+from mfdetr.cache.schema import enc_array_name
+from mfdetr.cache.store import open_validated
+from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED
+from mfdetr.contracts import DetectorOutput
+from mfdetr.errors import MfdetrError
+
+_SMALL = ("queries", "boxes", "logits", "input_hw", "orig_hw", "level_valid_hw")
+
+
+class CacheStore:
+    """A validated, read-only view of a cache store.
+
+    Use :meth:`open`. Attributes: ``path``, ``manifest`` (dict), ``image_ids`` [N] int64 (store
+    index → COCO image id), ``enc_layers`` and ``level_strides``.
+    """
+
+    def __init__(self, *, path: Path, root: zarr.Group, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.root = root
+        self.manifest = manifest
+        self.image_ids: np.ndarray = root["image_ids"][:]  # type: ignore[index]
+        self.enc_layers: list[int] = list(manifest["enc_layers"])
+        self.level_strides: list[int] = list(manifest["level_strides"])
+        self._arrays: dict[str, zarr.Array] = {n: root[n] for n in manifest["arrays"]}  # type: ignore[misc]
+        self._commit: np.ndarray | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> CacheStore:
+        """Open and validate the store at ``path``.
+
+        Args:
+            expect: dotted manifest paths → required values, e.g. ``{"detector.name": "dino_r50",
+                "checkpoint.sha256": "…", "preprocessing": {...}, "enc_layers": [4]}``. Any
+                mismatch (and any invalid manifest, unknown schema version or malformed array) raises
+                :class:`MfdetrError`.
+        """
+        path = Path(path)
+        root, manifest = open_validated(path)
+        check_expectations(manifest, expect, where=str(path))
+        return cls(path=path, root=root, manifest=manifest)
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_images"])
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: reopen lazily
+        return {"path": self.path, "manifest": self.manifest}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        root = zarr.open_group(str(state["path"]), mode="r", zarr_format=3)
+        self.__init__(path=state["path"], root=root, manifest=state["manifest"])  # type: ignore[misc]
+
+    # --- completeness -------------------------------------------------------------------------------
+    def commit_flags(self, *, refresh: bool = False) -> np.ndarray:
+        """[N] uint8: 0 pending, 1 done, 2 skipped (cached; ``refresh`` rereads)."""
+        if self._commit is None or refresh:
+            self._commit = self._arrays["commit"][:]  # type: ignore[assignment]
+        assert self._commit is not None
+        return self._commit
+
+    def complete_indices(self) -> np.ndarray:
+        """Store indices whose images are fully written (commit == 1), ascending."""
+        return np.flatnonzero(self.commit_flags() == COMMIT_DONE)
+
+    def skipped(self) -> list[tuple[int, int, str]]:
+        """``(index, image_id, reason)`` of every skipped image."""
+        out = []
+        for i in np.flatnonzero(self.commit_flags() == COMMIT_SKIPPED).tolist():
+            raw = bytes(self._arrays["skip_reason"][i]).rstrip(b"\0")
+            out.append((i, int(self.image_ids[i]), raw.decode("utf-8", "replace")))
+        return out
+
+    def index_of(self, image_id: int) -> int:
+        hit = np.flatnonzero(self.image_ids == image_id)
+        if not len(hit):
+            raise KeyError(f"image id {image_id} is not in cache {self.path}")
+        return int(hit[0])
+
+    # --- per-image reads ----------------------------------------------------------------------------
+    def read_arrays(self, index: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Raw stored arrays of image ``index`` (canvas-sized maps, batch dim removed), read in parallel."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mfdetr-cache-read")
+        futs = {n: self._pool.submit(self._arrays[n].__getitem__, index) for n in names}
+        return {n: f.result() for n, f in futs.items()}
+
+    def read(self, index: int, *, enc_layers: Sequence[int] | None = None, crop: bool = True,
+             check_commit: bool = True) -> tuple[DetectorOutput, int]:
+        """Image ``index`` as a :class:`DetectorOutput` with batch dim 1 (CPU tensors), and its image id.
+
+        Features stay float16 (boxes float32, logits as stored). Only the requested encoder layers
+        (default: all stored) are read. ``crop=True`` returns every map cut to its valid size
+        (``level_valid_hw``; C1 to ``ceil(input_hw / 4)``); ``crop=False`` returns the zero-padded canvases.
+        """
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a cache of {n} images")
+        if check_commit and int(self.commit_flags()[index]) != COMMIT_DONE:
+            self.commit_flags(refresh=True)
+            if int(self.commit_flags()[index]) != COMMIT_DONE:
+                raise MfdetrError(f"image index {index} (id {int(self.image_ids[index])}) is not complete in "
+                                  "this cache (pending or skipped)", path=self.path)
+        layers = self.enc_layers if enc_layers is None else [int(e) for e in enc_layers]
+        missing = sorted(set(layers) - set(self.enc_layers))
+        if missing:
+            raise MfdetrError(f"cache holds encoder layers {self.enc_layers}, layers {missing} were asked for",
+                              path=self.path)
+        enc_names = [enc_array_name(e, lvl) for e in layers for lvl in range(len(self.level_strides))]
+        a = self.read_arrays(index, [*_SMALL, "c1", *enc_names])
+        lvl_hw = a["level_valid_hw"].astype(np.int64)
+        ih, iw = (int(v) for v in a["input_hw"])
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x))[None]
+
+        def cut(x: np.ndarray, h: int, w: int) -> np.ndarray:
+            return x[:, :h, :w] if crop else x
+
+        enc = {e: [t(cut(a[enc_array_name(e, lvl)], *lvl_hw[lvl])) for lvl in range(len(self.level_strides))]
+               for e in layers}
+        out = DetectorOutput(
+            queries=t(a["queries"]), boxes=t(a["boxes"]), logits=t(a["logits"]), enc_maps=enc,
+            c1=t(cut(a["c1"], math.ceil(ih / 4), math.ceil(iw / 4))),
+            input_hw=t(a["input_hw"].astype(np.int64)), orig_hw=t(a["orig_hw"].astype(np.int64)),
+            level_valid_hw=t(lvl_hw))
+        return out, int(self.image_ids[index])

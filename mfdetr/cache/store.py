@@ -1,0 +1,178 @@
+"""Creating and validating a cache store on disk (Zarr v3 directory).
+
+Layout (``cache_schemas/v1``): a root group whose attribute ``mfdetr_cache`` is the manifest, and one
+array per entry of the resolved array table, chunked one image per chunk along N, so every image owns
+its chunk files and concurrent writers (shards) never touch the same file. ``image_ids`` is written
+whole when the store is created; ``commit[i]`` is written last for every image.
+
+Race-free creation (several shard processes may start at once): the creator builds the complete
+empty store (metadata + ``image_ids``) in a private temporary directory next to the target and
+``rename``s it into place. ``rename`` of a directory is atomic and fails when the target already
+exists and is not empty, so exactly one creator wins; the others discard their copy, open the
+winner's store and require an identical manifest (:func:`open_for_writing`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from mfdetr.cache.manifest import MANIFEST_ATTR, image_ids_sha256, manifest_differences, validate_manifest_data
+from mfdetr.cache.schema import ArraySpec, resolve_array_table
+from mfdetr.errors import MfdetrError
+
+
+def make_compressors(codec: dict[str, Any]) -> tuple[Any, ...]:
+    """Zarr v3 compressors of a manifest codec entry (``{"name": "zstd", "level": 1}`` …)."""
+    name = codec["name"]
+    if name == "none":
+        return ()
+    if name == "zstd":
+        return (ZstdCodec(level=int(codec.get("level", 1))),)
+    if name == "blosc":
+        return (BloscCodec(cname=codec.get("cname", "zstd"), clevel=int(codec.get("level", 1)),
+                           shuffle=codec.get("shuffle", "shuffle")),)
+    raise MfdetrError(f"unknown cache codec {name!r}")
+
+
+def _codec_of(spec: ArraySpec, manifest: dict[str, Any]) -> dict[str, Any]:
+    return manifest["codecs"]["data"] if spec.codec == "data" else {"name": "none"}
+
+
+def _describe_compressors(arr: zarr.Array) -> dict[str, Any]:
+    comps = arr.compressors
+    if not comps:
+        return {"name": "none"}
+    c = comps[0]
+    if isinstance(c, ZstdCodec):
+        return {"name": "zstd", "level": c.level}
+    if isinstance(c, BloscCodec):
+        return {"name": "blosc", "cname": str(c.cname.value), "level": c.clevel, "shuffle": str(c.shuffle.value)}
+    return {"name": type(c).__name__}
+
+
+def _build(path: Path, manifest: dict[str, Any], image_ids: np.ndarray) -> None:
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for spec in resolve_array_table(manifest):
+        arr = root.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                compressors=make_compressors(_codec_of(spec, manifest)), fill_value=0)
+        if spec.name == "image_ids" and len(image_ids):
+            arr[:] = image_ids
+    # the manifest goes last: a directory without it is never mistaken for a store
+    root.attrs[MANIFEST_ATTR] = manifest
+
+
+def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.ndarray) -> zarr.Group:
+    """Create the store at ``path`` (atomically) or open the existing one with the same manifest.
+
+    Raises :class:`MfdetrError` if ``path`` holds something else or a store made with a different
+    manifest (listing the differences).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if not exists:
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            _build(tmp, manifest, image_ids)
+            try:
+                os.rename(tmp, path)  # atomic; fails if another writer created the store first
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise MfdetrError(f"disk full while creating the store ({e.strerror})", path=path) from None
+            raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    root, have = _open_root(path)
+    diffs = manifest_differences(have, manifest)
+    if diffs:
+        raise MfdetrError("exists and was made with different settings (store vs this run): " + "; ".join(diffs[:4])
+                          + ("; ..." if len(diffs) > 4 else "")
+                          + " (rerun with the same options to resume, or choose another --out)", path=path)
+    validate_store(root, have, path=path)
+    return zarr.open_group(str(path), mode="r+", zarr_format=3)
+
+
+def _open_root(path: Path) -> tuple[zarr.Group, dict[str, Any]]:
+    if not path.is_dir():
+        raise MfdetrError("cache store not found (expected a directory made by `mfdetr cache`)", path=path)
+    try:
+        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user-facing problem
+        raise MfdetrError(f"not a Zarr v3 cache store ({type(e).__name__}: {str(e)[:120]})", path=path) from None
+    manifest = root.attrs.get(MANIFEST_ATTR)
+    if manifest is None:
+        raise MfdetrError(f"not an mfdetr cache store (no '{MANIFEST_ATTR}' manifest attribute)", path=path)
+    errs = validate_manifest_data(manifest)
+    if errs:
+        raise MfdetrError("invalid manifest: " + "; ".join(errs[:3]) + (" ..." if len(errs) > 3 else ""),
+                          path=path)
+    return root, dict(manifest)
+
+
+def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Path) -> None:
+    """Check every array of the manifest exists with the schema's shape, dtype, chunks and codec."""
+    members = set(root.array_keys())
+    for spec in resolve_array_table(manifest):
+        if spec.name not in members:
+            raise MfdetrError(f"array '{spec.name}' is missing", path=path)
+        arr = root[spec.name]
+        assert isinstance(arr, zarr.Array)
+        got = (tuple(arr.shape), str(arr.dtype), tuple(arr.chunks))
+        want = (spec.shape, spec.dtype, spec.chunks)
+        if got != want:
+            raise MfdetrError(f"array '{spec.name}' is (shape, dtype, chunks)={got}, the schema says {want}",
+                              path=path)
+        codec = _describe_compressors(arr)
+        want_codec = _codec_of(spec, manifest)
+        if codec["name"] != want_codec["name"] or codec.get("level") != want_codec.get("level"):
+            raise MfdetrError(f"array '{spec.name}' uses codec {codec}, the manifest says {want_codec}", path=path)
+    extra = members - set(manifest["arrays"])
+    if extra:
+        raise MfdetrError(f"unexpected arrays {sorted(extra)} (not in the manifest)", path=path)
+    if manifest["arrays"] != [s.name for s in resolve_array_table(manifest)]:
+        raise MfdetrError("manifest.arrays does not match the schema's array table", path=path)
+    ids = root["image_ids"][:]
+    if image_ids_sha256(ids.tolist()) != manifest["image_ids_sha256"]:
+        raise MfdetrError("image_ids do not match manifest.image_ids_sha256", path=path)
+
+
+def open_validated(path: str | Path, *, mode: str = "r") -> tuple[zarr.Group, dict[str, Any]]:
+    """Open an existing store, validate manifest and arrays; return ``(root group, manifest)``."""
+    path = Path(path)
+    root, manifest = _open_root(path)
+    validate_store(root, manifest, path=path)
+    if mode != "r":
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    return root, manifest
+
+
+def chunk_path(root_dir: str | Path, arr: zarr.Array, index: int) -> Path:
+    """File holding image ``index``'s chunk of ``arr`` (one image per chunk along N)."""
+    key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+    return Path(root_dir) / arr.path / key
+
+
+def stored_bytes(root_dir: str | Path, name: str | None = None) -> int:
+    """Bytes on disk under the store (or under one array)."""
+    base = Path(root_dir) / name if name else Path(root_dir)
+    total = 0
+    for dirpath, _dirs, files in os.walk(base):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total

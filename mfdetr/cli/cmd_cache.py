@@ -1,0 +1,50 @@
+"""``mfdetr cache``: stage 1 — run a frozen detector once over a COCO split into a Zarr cache store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    from mfdetr.errors import MfdetrError
+
+    try:
+        layers = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise MfdetrError(f"--enc-layers must be comma-separated integers (e.g. 4 or 4,6), got {text!r}") from None
+    if not layers:
+        raise MfdetrError("--enc-layers is empty")
+    return layers
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("cache")
+    def cache(
+        detector: str = typer.Option(..., "--detector", help="Detector preset name (extra presets: $MFDETR_PLUGINS)."),
+        checkpoint: Path = typer.Option(..., "--checkpoint", help="Detector checkpoint file (its sha256 goes in the manifest)."),
+        coco: Path = typer.Option(..., "--coco", help="COCO folder (SPLIT/ images, annotations/instances_SPLIT.json)."),
+        split: str = typer.Option("val2017", "--split", help="Split to cache."),
+        out: Path = typer.Option(..., "--out", help="Store directory (created, or resumed if it exists)."),
+        topk: int = typer.Option(100, "--topk", help="Queries kept per image (by score)."),
+        enc_layers: str = typer.Option("4", "--enc-layers", help="Encoder layers to store, e.g. 4 or 4,6 (Table 15)."),
+        batch_size: int = typer.Option(1, "--batch-size", help="Images per detector forward."),
+        shard: str = typer.Option(None, "--shard", help="i/n: this process writes store indices i, i+n, ... "
+                                                         "(default: torchrun RANK/WORLD_SIZE, else all)."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (cuda under torchrun: cuda:LOCAL_RANK)."),
+        workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+        writer_threads: int = typer.Option(2, "--writer-threads", help="Background compression/writing threads."),
+        retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Recompute images recorded as skipped."),
+        annotation_file: Path = typer.Option(None, "--annotations", help="Override the instances JSON path."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes, compute nothing."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
+    ) -> None:
+        """Cache a frozen detector's outputs (queries, boxes, logits, encoder maps, C1) for a COCO split."""
+        from mfdetr.cache.run import CacheJob, parse_shard, run_cache
+
+        job = CacheJob(detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=out, topk=topk,
+                       enc_layers=_layers(enc_layers), batch_size=batch_size, shard=parse_shard(shard),
+                       device=device, num_workers=workers, writer_threads=writer_threads,
+                       retry_skipped=retry_skipped, annotation_file=annotation_file)
+        run_cache(job, dry_run=dry_run, progress=progress, echo=typer.echo)

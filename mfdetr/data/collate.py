@@ -1,0 +1,112 @@
+"""Batching: zero-pad preprocessed images into an :class:`~mfdetr.contracts.ImageBatch`; record skips.
+
+- :func:`collate` pads every image at the bottom/right to the largest (H, W) of the batch (optionally
+  rounded up to a multiple of ``size_divisibility``), as DETR's ``nested_tensor_from_tensor_list``;
+  ``pad_mask`` is True at padding.
+- :class:`SkipSafe` wraps a dataset so that a bad image yields a :class:`SkipRecord` instead of an
+  exception (safe inside DataLoader workers); :func:`collate_with_skips` splits a list of
+  items/records into ``(batch or None, skips)``; :func:`iterate_batches` runs a split that way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mfdetr.contracts import ImageBatch
+from mfdetr.data.coco import CocoItem
+from mfdetr.errors import SkipImage
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    """A recorded skip: which image and why (picklable, JSON-friendly via :meth:`to_dict`)."""
+
+    index: int
+    image_id: int | None
+    file_name: str | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "image_id": self.image_id, "file_name": self.file_name, "reason": self.reason}
+
+
+def collate(items: Sequence[CocoItem], *, size_divisibility: int = 1) -> ImageBatch:
+    """Pad items into an :class:`ImageBatch` (images ``[B, 3, Hp, Wp]``, padding zeros bottom/right).
+
+    ``targets`` is the list of GT instances when every item has one, else ``None``.
+    """
+    if not items:
+        raise ValueError("collate needs at least one item")
+    hp = max(int(it.image.shape[1]) for it in items)
+    wp = max(int(it.image.shape[2]) for it in items)
+    if size_divisibility > 1:
+        hp = -(-hp // size_divisibility) * size_divisibility
+        wp = -(-wp // size_divisibility) * size_divisibility
+    b = len(items)
+    images = items[0].image.new_zeros(b, 3, hp, wp)
+    pad_mask = torch.ones(b, hp, wp, dtype=torch.bool)
+    for i, it in enumerate(items):
+        h, w = it.image.shape[1:]
+        images[i, :, :h, :w] = it.image
+        pad_mask[i, :h, :w] = False
+    targets = [it.target for it in items]
+    return ImageBatch(
+        images=images, pad_mask=pad_mask,
+        input_hw=torch.tensor([list(it.input_hw) for it in items], dtype=torch.int64),
+        orig_hw=torch.tensor([list(it.orig_hw) for it in items], dtype=torch.int64),
+        image_ids=[it.image_id for it in items], file_names=[it.file_name for it in items],
+        targets=None if any(t is None for t in targets) else targets)  # type: ignore[arg-type]
+
+
+class SkipSafe(Dataset[Any]):
+    """Wrap a dataset whose ``__getitem__`` may raise :class:`SkipImage`: return a :class:`SkipRecord`.
+
+    The wrapped dataset may expose ``image_ids`` and ``file_name(image_id)`` (as
+    :class:`~mfdetr.data.coco.CocoInstances` does) so records name the image.
+    """
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except SkipImage as e:
+            ids = getattr(self.dataset, "image_ids", None)
+            image_id = ids[index] if ids is not None else None
+            name = self.dataset.file_name(image_id) if image_id is not None and hasattr(
+                self.dataset, "file_name") else e.image
+            return SkipRecord(index=index, image_id=image_id, file_name=name, reason=str(e))
+
+
+def collate_with_skips(items: Sequence[Any], *, size_divisibility: int = 1
+                       ) -> tuple[ImageBatch | None, list[SkipRecord]]:
+    """Split ``items`` (from :class:`SkipSafe`) into a padded batch of the good ones and the skips."""
+    skips = [it for it in items if isinstance(it, SkipRecord)]
+    good = [it for it in items if not isinstance(it, SkipRecord)]
+    return (collate(good, size_divisibility=size_divisibility) if good else None), skips
+
+
+def iterate_batches(dataset: Dataset[Any], *, batch_size: int = 1, num_workers: int = 0,
+                    indices: Sequence[int] | None = None, size_divisibility: int = 1
+                    ) -> Iterator[tuple[ImageBatch | None, list[SkipRecord]]]:
+    """Yield ``(batch or None, skips)`` over ``dataset`` (optionally only ``indices``), in order.
+
+    A batch whose every image was skipped comes back as ``(None, skips)``; callers record the skips.
+    """
+    safe: Dataset[Any] = SkipSafe(dataset)
+    if indices is not None:
+        safe = torch.utils.data.Subset(safe, list(indices))
+    loader = DataLoader(safe, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=partial(collate_with_skips, size_divisibility=size_divisibility),
+                        persistent_workers=False)
+    yield from loader

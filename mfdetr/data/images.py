@@ -1,0 +1,60 @@
+"""Reading image files as 8-bit RGB, whatever their mode (real COCO has grayscale and CMYK images).
+
+- ``L``, ``1``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``LA``, ``RGBA``, ``P`` → PIL's ``convert("RGB")``
+  (alpha is dropped, as the official DETR loaders' ``convert("RGB")`` does; palette images with a
+  transparency entry go through RGBA first).
+- 16-bit / 32-bit integer images (``I;16``, ``I;16B``, ``I;16L``, ``I``) are scaled from the 16-bit
+  range to 8 bits (``round(v / 257)``, clipped to ``[0, 65535]``), then replicated to 3 channels;
+  float ``F`` images are clipped to ``[0, 255]``.
+- A missing, unreadable, corrupt or truncated file raises :class:`mfdetr.errors.SkipImage` (the run
+  records it and goes on).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mfdetr.errors import SkipImage
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit ``RGB`` (see module doc for the per-mode rules)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT:
+        a = np.asarray(image).astype(np.float64)
+        a = np.clip(np.rint(np.clip(a, 0, 65535) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(a[..., None], 3, axis=2), mode="RGB")
+    if mode == "F":
+        a = np.clip(np.rint(np.nan_to_num(np.asarray(image, dtype=np.float64))), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(a[..., None], 3, axis=2), mode="RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open ``path`` fully (decoding every byte) and return it as 8-bit RGB.
+
+    Raises:
+        SkipImage: the file is missing, not an image, corrupt or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SkipImage(path, "missing image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im.load()  # decode now: a truncated JPEG fails here ("image file is truncated")
+                rgb = to_rgb(im)
+                return rgb.copy() if rgb is im else rgb  # a closed PIL image loses its pixels
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise SkipImage(path, f"corrupt or unreadable image ({type(e).__name__}: {e})") from None

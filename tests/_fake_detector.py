@@ -1,0 +1,173 @@
+"""A tiny deterministic fake frozen detector for the cache tests (and a tiny COCO folder writer).
+
+``fake_tiny`` has the shapes of a real 4-scale DINO at toy sizes: levels at strides 8/16/32/64 with
+``d = 16`` channels, C1 (stride 4, 8 channels, ReLU'd so it has zeros like a ResNet stage), K of
+``Q = 40`` candidate queries with 6 class logits and normalised cxcywh boxes, 6 encoder layers.
+Every output of an image is a pure function of that image's **valid** pixels (the detector pads each
+image itself), so results do not depend on batch composition — resumed runs must match uninterrupted
+ones bit for bit. Padding of the returned batch maps is filled with ``7.0`` so tests can check that the
+cache stores zeros there.
+
+Importing this module registers ``fake_tiny`` (idempotent): it is the plugin that subprocess tests
+select with ``MFDETR_PLUGINS=tests._fake_detector``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from mfdetr.contracts import DetectorOutput, DetectorPreset, ImageBatch, Preprocessing
+from mfdetr.detectors.registry import list_detectors, register_detector
+
+NAME = "fake_tiny"
+D, C1, NUM_CLASSES, NUM_CANDIDATES, STRIDES, LAYERS = 16, 8, 6, 40, (8, 16, 32, 64), 6
+PAD_VALUE = 7.0
+
+PRESET = DetectorPreset(
+    name=NAME, family="fake", arch={"hidden_dim": D, "candidates": NUM_CANDIDATES}, checkpoint_file="fake.pth",
+    checkpoint_sha256=None, box_ap=None, num_classes=NUM_CLASSES, class_to_category=(0, 1, 2, 3, 0, 5),
+    preprocessing=Preprocessing(short_side=48, max_size=80), level_strides=STRIDES, hidden_dim=D,
+    c1_channels=C1, num_encoder_layers=LAYERS, notes="test-only fake detector")
+
+
+def fake_state_dict(seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int, scale: float = 1.0) -> Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    return {"c1.weight": r(C1, 3, 4, 4, scale=0.3), "c1.bias": r(C1, scale=0.1),
+            "proj.weight": r(len(STRIDES), D, 3), "proj.bias": r(len(STRIDES), D, scale=0.1),
+            "query_embed": r(NUM_CANDIDATES, D), "base.weight": r(D, 3 * len(STRIDES), scale=0.5),
+            "cls.weight": r(NUM_CLASSES, D), "box.weight": r(4, D, scale=0.5)}
+
+
+def save_fake_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    torch.save(fake_state_dict(seed), path)
+    return Path(path)
+
+
+class FakeDetector(nn.Module):
+    """Deterministic toy detector with realistic output shapes (see module doc)."""
+
+    def __init__(self, *, state: dict[str, Tensor]) -> None:
+        super().__init__()
+        want = set(fake_state_dict())
+        if set(state) != want:
+            raise KeyError(f"fake checkpoint keys {sorted(state)} != {sorted(want)}")
+        for k, v in state.items():
+            self.register_buffer(k.replace(".", "_"), v.float())
+        self.preset = PRESET
+        self.nan_image_ids: set[int] = set()
+        self.forward_calls = 0
+
+    def _one(self, x: Tensor, enc_layers: Sequence[int], topk: int) -> dict[str, Any]:
+        _, h, w = x.shape
+        e = 64
+        xp = F.pad(x, (0, -(-w // e) * e - w, 0, -(-h // e) * e - h))[None]
+        c1 = F.relu(F.conv2d(xp, self.c1_weight, self.c1_bias, stride=4))[0, :, :math.ceil(h / 4),
+                                                                          :math.ceil(w / 4)]
+        levels, pooled = [], []
+        for lvl, s in enumerate(STRIDES):
+            p = F.avg_pool2d(xp, s, s)[0, :, :math.ceil(h / s), :math.ceil(w / s)]
+            pooled.append(p.mean(dim=(1, 2)))
+            levels.append(torch.einsum("dc,chw->dhw", self.proj_weight[lvl], p) + self.proj_bias[lvl][:, None, None])
+        enc = {}
+        for layer in enc_layers:
+            enc[layer] = [F.layer_norm((m * (1 + 0.25 * layer) + torch.sin(layer * m)).permute(1, 2, 0), (D,))
+                          .permute(2, 0, 1) for m in levels]
+        base = self.base_weight @ torch.cat(pooled)
+        q = F.layer_norm(self.query_embed + base, (D,))
+        logits = q @ self.cls_weight.T
+        order = torch.sort(logits.sigmoid().amax(-1), descending=True, stable=True).indices[:topk]
+        q, logits = q[order], logits[order]
+        boxes = (q @ self.box_weight.T).sigmoid()
+        return {"q": q, "b": boxes, "l": logits, "enc": enc, "c1": c1,
+                "valid": [[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES]}
+
+    @torch.inference_mode()
+    def detect(self, batch: ImageBatch, *, topk: int = 100, enc_layers: Sequence[int] = (4,)) -> DetectorOutput:
+        self.forward_calls += 1
+        topk = min(topk, NUM_CANDIDATES)
+        outs = [self._one(batch.images[b, :, :int(hw[0]), :int(hw[1])].float(), enc_layers, topk)
+                for b, hw in enumerate(batch.input_hw.tolist())]
+        hp, wp = batch.images.shape[-2:]
+
+        def pad(maps: list[Tensor], hh: int, ww: int) -> Tensor:
+            out = maps[0].new_full((len(maps), maps[0].shape[0], hh, ww), PAD_VALUE)
+            for i, m in enumerate(maps):
+                out[i, :, :m.shape[1], :m.shape[2]] = m
+            return out
+
+        logits = torch.stack([o["l"] for o in outs])
+        for b, iid in enumerate(batch.image_ids):
+            if iid in self.nan_image_ids:
+                logits[b, 0, 0] = float("nan")
+        return DetectorOutput(
+            queries=torch.stack([o["q"] for o in outs]), boxes=torch.stack([o["b"] for o in outs]), logits=logits,
+            enc_maps={layer: [pad([o["enc"][layer][lvl] for o in outs], -(-hp // s), -(-wp // s))
+                              for lvl, s in enumerate(STRIDES)] for layer in enc_layers},
+            c1=pad([o["c1"] for o in outs], -(-hp // 4), -(-wp // 4)),
+            input_hw=batch.input_hw.clone(), orig_hw=batch.orig_hw.clone(),
+            level_valid_hw=torch.tensor([o["valid"] for o in outs], dtype=torch.int64))
+
+
+def build_fake(*, checkpoint: str | Path | dict[str, Any] | None = None, device: str = "cpu") -> FakeDetector:
+    if checkpoint is None:
+        state = fake_state_dict(0)
+    elif isinstance(checkpoint, dict):
+        state = checkpoint
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return FakeDetector(state=state).to(device).eval().requires_grad_(False)
+
+
+def register() -> None:
+    """Register ``fake_tiny`` unless it already is."""
+    if NAME not in list_detectors():
+        register_detector(PRESET, build_fake)
+
+
+register()
+
+
+# --- a tiny COCO folder -------------------------------------------------------------------------------
+def make_coco(root: str | Path, *, n: int = 6, split: str = "val2017", corrupt: Sequence[int] = (),
+              seed: int = 0) -> Path:
+    """Write ``n`` small RGB JPEG/PNG images (ids 1..n, mixed orientations) + instances JSON.
+
+    Images listed in ``corrupt`` (ids) get a file that is not an image. Image 2 has no annotation.
+    """
+    root = Path(root)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(1, n + 1):
+        h, w = [(30, 44), (50, 34), (40, 40), (24, 70), (36, 52), (44, 28)][(i - 1) % 6]
+        name = f"{i:06d}.png"
+        if i in corrupt:
+            (root / split / name).write_bytes(b"this is not an image")
+        else:
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            arr[h // 4: h // 2, w // 4: w // 2] = [200, 30, 30]
+            Image.fromarray(arr).save(root / split / name)
+        images.append({"id": i, "file_name": name, "height": h, "width": w})
+        if i != 2:
+            x0, y0, x1, y1 = w // 4, h // 4, w // 2, h // 2
+            anns.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": float((x1 - x0) * (y1 - y0)),
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+    cats = [{"id": 1, "name": "thing", "supercategory": "thing"}]
+    path = root / "annotations" / f"instances_{split}.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return path
