@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,7 @@ class FakeDetector(nn.Module):
     @torch.inference_mode()
     def detect(self, batch: ImageBatch, *, topk: int = 100, enc_layers: Sequence[int] = (4,)) -> DetectorOutput:
         self.forward_calls += 1
+        time.sleep(float(os.environ.get("MFDETR_FAKE_SLEEP", "0")))  # lets subprocess tests kill a run mid-way
         topk = min(topk, NUM_CANDIDATES)
         outs = [self._one(batch.images[b, :, :int(hw[0]), :int(hw[1])].float(), enc_layers, topk)
                 for b, hw in enumerate(batch.input_hw.tolist())]

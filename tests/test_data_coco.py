@@ -52,6 +52,17 @@ def test_eval_transform_size_and_normalisation():
     assert torch.allclose(x[:, 5, 5], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("hw", [(30, 40), (37, 23), (16, 50)])
+def test_eval_transform_equals_torchvision_composition(hw):
+    """Same numbers as the official val transform built from torchvision calls on the PIL image."""
+    import torchvision.transforms.functional as TF
+
+    img = Image.fromarray(rgb_array(*hw, seed=5))
+    size = resized_hw(*hw, PRE.short_side, PRE.max_size)
+    ref = TF.normalize(TF.to_tensor(TF.resize(img, list(size))), list(PRE.mean), list(PRE.std))
+    assert torch.allclose(EvalTransform(preprocessing=PRE)(img), ref, atol=1e-6)
+
+
 def test_dataset_items_and_targets(tmp_path):
     ann = make_tiny_coco(tmp_path)
     ds = CocoInstances(tmp_path, "val2017", preprocessing=PRE)
@@ -92,7 +103,7 @@ def test_collate_pads_bottom_right(tmp_path):
     assert collate([a], size_divisibility=32).images.shape[-2:] == (32, 32)
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16", "I", "1"])
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "P+transparency", "RGBA", "LA", "I;16", "I", "1"])
 def test_image_modes_become_rgb(tmp_path, mode):
     rgb = Image.fromarray(rgb_array(8, 10, 4))
     if mode == "I;16":
@@ -100,10 +111,13 @@ def test_image_modes_become_rgb(tmp_path, mode):
         assert img.mode == "I;16"
     elif mode == "I":
         img = Image.fromarray((np.arange(80, dtype=np.int32).reshape(8, 10) * 800))
+    elif mode == "P+transparency":
+        img = rgb.convert("P")
+        img.info["transparency"] = 0
     else:
         img = rgb.convert(mode)
     path = tmp_path / f"x.{'tif' if mode in ('CMYK', 'I') else 'png'}"
-    img.save(path)
+    img.save(path, **({"transparency": 0} if mode == "P+transparency" else {}))
     out = load_rgb(path)
     assert out.mode == "RGB" and out.size == (10, 8)
     a = np.asarray(out)
@@ -131,6 +145,10 @@ def test_bad_images_become_recorded_skips(tmp_path):
     assert b0 is not None and b0.image_ids == [1] and [s.image_id for s in s0] == [2]
     assert b1 is None and isinstance(s1[0], SkipRecord) and s1[0].file_name == "c.jpg"
     assert "corrupt" in s1[0].reason and s1[0].to_dict()["index"] == 2
+    # the same through a worker process (items and skip records cross the process boundary)
+    par = list(iterate_batches(ds, batch_size=2, num_workers=1))
+    assert [[s.image_id for s in sk] for _, sk in par] == [[2], [3]]
+    assert torch.equal(par[0][0].images, b0.images) and len(par[0][0].targets[0]) == 2
 
 
 def test_wrong_image_size_is_a_skip(tmp_path):

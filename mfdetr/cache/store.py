@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,9 @@ def _open_root(path: Path) -> tuple[zarr.Group, dict[str, Any]]:
 
 def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Path) -> None:
     """Check every array of the manifest exists with the schema's shape, dtype, chunks and codec."""
-    members = set(root.array_keys())
+    with warnings.catch_warnings():  # zarr warns about unrecognised folders; we report them ourselves
+        warnings.simplefilter("ignore")
+        members = set(root.array_keys())
     for spec in resolve_array_table(manifest):
         if spec.name not in members:
             raise MfdetrError(f"array '{spec.name}' is missing", path=path)

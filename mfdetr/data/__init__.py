@@ -7,17 +7,54 @@ Ground floor: imports only :mod:`mfdetr.contracts` and :mod:`mfdetr.errors`.
 - :func:`collate` → :class:`~mfdetr.contracts.ImageBatch`; :class:`SkipSafe`, :func:`collate_with_skips`,
   :func:`iterate_batches`, :class:`SkipRecord` — runs over a split that record bad images.
 - :func:`load_rgb`, :func:`to_rgb` — any image file/mode → 8-bit RGB.
-- :func:`mask_to_rle`, :func:`segmentation_to_rle`, :func:`decode_rle`, :func:`masks_to_boxes_xyxy`.
+- :func:`load_annotation_file`, :func:`annotation_path` — validated COCO annotation JSON (+ sha256).
+- :func:`mask_to_rle`, :func:`segmentation_to_rle`, :func:`decode_rle`, :func:`masks_to_boxes_xyxy`,
+  :func:`mask_to_polygons` — mask encodings.
+- :func:`generate_synth`, :class:`SynthConfig`, :data:`SYNTH_CLASSES` — the synthetic dataset.
+
+Names are resolved lazily (PEP 562) so that the torch-free tools (``mfdetr synth``, ``mfdetr
+eval-json``) do not pay for importing torch.
 """
 
-from mfdetr.data.coco import CocoInstances, CocoItem, load_annotation_file
-from mfdetr.data.collate import SkipRecord, SkipSafe, collate, collate_with_skips, iterate_batches
-from mfdetr.data.images import load_rgb, to_rgb
-from mfdetr.data.masks import decode_rle, decode_rles, mask_to_rle, masks_to_boxes_xyxy, segmentation_to_rle
-from mfdetr.data.transforms import EvalTransform, resized_hw
+from __future__ import annotations
 
-__all__ = [
-    "CocoInstances", "CocoItem", "EvalTransform", "SkipRecord", "SkipSafe", "collate", "collate_with_skips",
-    "decode_rle", "decode_rles", "iterate_batches", "load_annotation_file", "load_rgb", "mask_to_rle", "masks_to_boxes_xyxy",
-    "resized_hw", "segmentation_to_rle", "to_rgb",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "annotation_path": "annotations", "load_annotation_file": "annotations",
+    "CocoInstances": "coco", "CocoItem": "coco",
+    "SkipRecord": "batching", "SkipSafe": "batching", "collate": "batching", "collate_with_skips": "batching",
+    "iterate_batches": "batching",
+    "load_rgb": "images", "to_rgb": "images",
+    "decode_rle": "masks", "decode_rles": "masks", "mask_to_rle": "masks", "masks_to_boxes_xyxy": "masks",
+    "segmentation_to_rle": "masks",
+    "mask_to_polygons": "polygons",
+    "SynthConfig": "synth", "generate_synth": "synth", "SYNTH_CLASSES": "synth_render",
+    "EvalTransform": "transforms", "resized_hw": "transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from mfdetr.data.annotations import annotation_path, load_annotation_file
+    from mfdetr.data.coco import CocoInstances, CocoItem
+    from mfdetr.data.batching import SkipRecord, SkipSafe, collate, collate_with_skips, iterate_batches
+    from mfdetr.data.images import load_rgb, to_rgb
+    from mfdetr.data.masks import decode_rle, decode_rles, mask_to_rle, masks_to_boxes_xyxy, segmentation_to_rle
+    from mfdetr.data.polygons import mask_to_polygons
+    from mfdetr.data.synth import SynthConfig, generate_synth
+    from mfdetr.data.synth_render import SYNTH_CLASSES
+    from mfdetr.data.transforms import EvalTransform, resized_hw
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mfdetr.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mfdetr.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

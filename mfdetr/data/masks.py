@@ -11,10 +11,13 @@ import math
 import warnings
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported lazily so the torch-free tools (synth, eval-json) start fast
+    from torch import Tensor
 
 
 def _valid_polygon(poly: Any) -> bool:
@@ -70,7 +73,7 @@ def mask_to_rle(mask: Tensor | np.ndarray) -> dict[str, Any] | list[dict[str, An
     Args:
         mask: ``[H, W]`` → one RLE dict; ``[N, H, W]`` → a list of N RLE dicts. Any dtype; nonzero = on.
     """
-    if isinstance(mask, Tensor):
+    if hasattr(mask, "detach"):  # a torch Tensor
         mask = mask.detach().to("cpu").numpy()
     m = np.asarray(mask)
     single = m.ndim == 2
@@ -88,6 +91,8 @@ def masks_to_boxes_xyxy(masks: Tensor) -> Tensor:
 
     Empty masks get ``[0, 0, 0, 0]``.
     """
+    import torch
+
     n = masks.shape[0]
     if n == 0:
         return torch.zeros(0, 4, dtype=torch.float32)
