@@ -30,7 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mfdetr.engine._fs import atomic_write_text
 from mfdetr.errors import MfdetrError
+
+__all__ = ["atomic_torch_save", "atomic_write_text", "capture_rng", "check_masknet_config", "config_hash",
+           "library_versions", "load_checkpoint", "restore_rng", "seed_step", "step_seed"]
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -41,14 +45,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mfdetr.engine.checkpoint import atomic_write_text
+from mfdetr.engine._fs import atomic_write_text
 from mfdetr.engine.tfevents import EventFileWriter
 
 

@@ -1,0 +1,63 @@
+"""The real ``mfdetr train`` / ``eval`` / ``sweep`` / ``plot`` commands on a tiny cache, and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mfdetr.masknet")
+
+import tests._fake_detector as fd  # noqa: E402
+from tests.conftest import assert_user_error, run_cli  # noqa: E402
+from tests.test_engine_stage2 import TINY, make_oracle, write_cache  # noqa: E402
+
+
+def _toml_table(prefix: str, d: dict[str, object]) -> list[str]:
+    lines = [f"[{prefix}]"]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    fd.register()
+    root = tmp_path_factory.mktemp("cli")
+    coco = root / "coco"
+    fd.make_coco(coco, n=4, split="train2017")
+    fd.make_coco(coco, n=3, split="val2017", seed=1)
+    ckpt = fd.save_fake_checkpoint(root / "fake.pth")
+    for split in ("train2017", "val2017"):
+        make_oracle(write_cache(coco, split, root / split, ckpt), coco / "annotations" / f"instances_{split}.json")
+    cfg = root / "tiny.toml"
+    train = {"device": "cpu", "iterations": 4, "batch_size": 2, "log_every": 2, "num_workers": 0, "lr": 1e-3}
+    cfg.write_text("\n".join(_toml_table("train", train) + _toml_table("masknet", TINY)) + "\n")
+    return {"root": root, "coco": coco, "train": root / "train2017", "val": root / "val2017", "cfg": cfg}
+
+
+@pytest.mark.slow
+def test_train_eval_plot_commands(setup: dict[str, Path]) -> None:
+    run = setup["root"] / "run"
+    p = run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--val-cache", setup["val"],
+                "--config", setup["cfg"], "--out", run, "train.iterations=6", "train.progress=false")
+    assert p.returncode == 0, p.stderr
+    assert "global batch 2 (2 x 1), lr 0.001" in p.stderr and "bbox     100.00" in p.stderr
+    assert json.loads((run / "config.json").read_text())["train"]["iterations"] == 6
+    p = run_cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
+                "--out", setup["root"] / "res.json")
+    assert p.returncode == 0, p.stderr
+    assert "iou_type" in p.stdout and "segm" in p.stdout and json.loads((setup["root"] / "res.json").read_text())
+    p = run_cli("plot", run)
+    assert p.returncode == 0 and Path(p.stdout.strip()).is_file()
+
+
+@pytest.mark.slow
+def test_cli_bad_input_is_one_line(setup: dict[str, Path]) -> None:
+    # (the in-process tests cover the other refusals; one subprocess shows the one-line contract)
+    assert_user_error(run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
+                              "--out", setup["root"] / "bad1", "masknet.image_encoder.depth=3"), "unknown key", "depth")
