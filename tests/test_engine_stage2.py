@@ -168,3 +168,39 @@ def test_real_masknet_resumes_exactly(data: dict[str, Path], tmp_path: Path) -> 
     assert a == b and len(a) == 6
     sa, sb = torch.load(full / "ckpt.pt", weights_only=False)["model"], torch.load(cut / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sweep_from_one_cache_and_training_free_eval(data: dict[str, Path], tmp_path: Path) -> None:
+    from mfdetr.engine.stage2 import sweep_from_cache
+    from mfdetr.engine.sweep import load_sweep
+
+    lines = ['[sweep]', 'table = "Table X"', 'title = "tiny"', 'columns = ["# layers"]', '[base.train]',
+             'device = "cpu"', 'iterations = 2', 'batch_size = 2', 'num_workers = 0', 'progress = false', '[base.masknet]']
+    lines += [f"{k} = {json.dumps(v)}" if not isinstance(v, dict) else "\n".join(
+        f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()) for k, v in TINY.items()]
+    lines += ['[[variants]]', 'name = "l0"', 'labels = ["0"]', 'set = ["masknet.image_encoder.layers=0"]',
+              '[[variants]]', 'name = "l1"', 'labels = ["1"]', 'set = ["masknet.image_encoder.layers=1"]',
+              'paper = { AP = 30.8, params_m = 0.76 }']
+    f = tmp_path / "tiny_sweep.toml"
+    f.write_text("\n".join(lines) + "\n")
+    res = sweep_from_cache(load_sweep(f), CacheSources(cache=data["train"], coco=data["coco"], val_cache=data["val"]),
+                           tmp_path / "sweep", log=lambda s: None)
+    assert [r.name for r in res] == ["l0", "l1"]
+    assert res[1].params_m > res[0].params_m > 0 and res[1].flops_g > res[0].flops_g > 0  # one more encoder layer
+    assert all(r.metrics.keys() >= {"AP", "AP50", "APs"} for r in res)
+    md = (tmp_path / "sweep" / "summary.md").read_text()
+    assert md.count("\n| 0 |") == 1 and "| 30.8 | 0.76 M |" in md
+    assert (tmp_path / "sweep" / "l1" / "run" / "ckpt.pt").is_file()
+
+    # Table 1-style training-free baseline: evaluated from a config, no checkpoint
+    free = tmp_path / "free.toml"
+    free.write_text('[masknet]\nnum_queries = 8\nfuse_c1 = false\nneck.enabled = false\nimage_encoder.layers = 0\n'
+                    'box_encoder.layers = 0\nbox_encoder.dim = 16\nquery_encoder.ffn = false\nquery_encoder.b2o = false\n'
+                    'mask_scoring.enabled = false\n')
+    m = eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), config=free)
+    assert m["bbox"]["AP"] == pytest.approx(100.0) and 0.0 <= m["segm"]["AP"] <= 100.0
+    trainable = tmp_path / "trainable.toml"
+    trainable.write_text("\n".join(lines[lines.index("[base.masknet]"):lines.index("[[variants]]")]).replace(
+        "[base.masknet]", "[masknet]") + "\n")
+    with pytest.raises(MfdetrError, match="--checkpoint"):
+        eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), config=trainable)

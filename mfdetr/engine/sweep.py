@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,7 +158,7 @@ def run_sweep(spec: SweepSpec, *, out_dir: str | Path, run_variant: RunVariant, 
 
 
 def _num(v: float | None, fmt: str) -> str:
-    return "–" if v is None else format(v, fmt)
+    return "–" if v is None or math.isnan(v) else format(v, fmt)
 
 
 def summary_rows(spec: SweepSpec, results: Sequence[VariantResult]) -> tuple[list[str], list[list[str]]]:
