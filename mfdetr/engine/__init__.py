@@ -15,7 +15,8 @@ order, distributed setup, checkpoints, logging and the run record. Public surfac
 - :func:`load_sweep`, :func:`run_sweep` — ablation sweeps (:mod:`.sweep`);
 - :class:`CacheDataset`, :func:`open_cache`, :func:`open_annotations` — the cache-backed dataset;
 - :func:`train_from_cache`, :func:`eval_from_cache`, :func:`sweep_from_cache`, :class:`CacheSources` —
-  what ``mfdetr train`` / ``eval`` / ``sweep`` call (:mod:`.stage2`).
+  what ``mfdetr train`` / ``eval`` / ``sweep`` call (:mod:`.stage2`);
+- :func:`train_online`, :class:`DetectorStep` — the same training with the frozen detector in the loop.
 
 Names are resolved lazily (PEP 562), so ``mfdetr plot`` does not pay for importing torch or zarr.
 """
@@ -41,6 +42,7 @@ _EXPORTS = {
     "CacheDataset": "cache_data", "open_annotations": "cache_data", "open_cache": "cache_data",
     "CacheSources": "stage2", "eval_from_cache": "stage2", "sweep_from_cache": "stage2",
     "train_from_cache": "stage2",
+    "DetectorStep": "online", "train_online": "online",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
                                       load_run_config)
     from mfdetr.engine.distributed import DistContext, init_distributed
     from mfdetr.engine.metrics import MetricLogger, read_jsonl
+    from mfdetr.engine.online import DetectorStep, train_online
     from mfdetr.engine.plot import plot_run
     from mfdetr.engine.sampling import EpochPlan
     from mfdetr.engine.schedule import StepDecay

@@ -96,7 +96,8 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
           run_dir: str | Path, collate: Callable[[list[Any]], Any] = collate_detector_outputs,
           resume: bool = False, masknet_config: Mapping[str, Any] | None = None,
           manifest_sha256: str | None = None, evaluate_fn: EvaluateFn | None = None,
-          record: Mapping[str, Any] | None = None, ctx: DistContext | None = None) -> TrainResult:
+          record: Mapping[str, Any] | None = None, ctx: DistContext | None = None,
+          prepare_batch: Callable[[Any, torch.device], Any] | None = None) -> TrainResult:
     """Train ``model`` on ``train_set``; write the run folder; return a summary.
 
     Args:
@@ -113,6 +114,8 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         evaluate_fn: called on rank 0 every ``eval_every`` steps and at the end; results are logged.
         record: extra entries for ``run.json`` (e.g. cache paths, model complexity).
         ctx: distributed context (default: from torchrun's environment).
+        prepare_batch: turns a collated batch into the device batch (default ``batch.to(device)``);
+            the online mode runs the frozen detector here (:mod:`mfdetr.engine.online`).
     """
     tc = cfg.train
     ctx = ctx or init_distributed(tc.device)
@@ -247,7 +250,7 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         for batch in loader:
             seed_step(tc.seed, step, ctx.rank)
             cur_lr = sched.apply(optimizer, step)
-            batch = batch.to(device)
+            batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
             det, targets = batch
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 outputs = net(det)
