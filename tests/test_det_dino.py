@@ -204,5 +204,5 @@ def test_config_errors():
         DinoConfig(backbone=BackboneConfig(kind="tiny"), hidden_dim=48)
     with pytest.raises(MfdetrError, match="out_indices"):
         BackboneConfig(kind="tiny", out_indices=(3, 1))
-    with pytest.raises(MfdetrError, match="unknown DINO config keys"):
+    with pytest.raises(MfdetrError, match="unknown DinoConfig keys"):
         DinoConfig.from_dict({"backbone": {"kind": "tiny"}, "hiden_dim": 3})

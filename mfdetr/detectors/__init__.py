@@ -11,6 +11,7 @@ Any size: ``build_dino(DinoConfig(...), checkpoint=...)``. Presets register on i
 """
 
 from mfdetr.detectors import dino as dino  # noqa: F401  (registers the DINO presets)
+from mfdetr.detectors import hdetr as hdetr  # noqa: F401  (registers the H-DETR presets)
 from mfdetr.detectors.common import Detections, DetrForward, FrozenDetr
 from mfdetr.detectors.dino import DinoConfig, DinoDetector, build_dino
 from mfdetr.detectors.registry import build_detector, get_preset, list_detectors, register_detector

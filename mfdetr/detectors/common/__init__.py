@@ -1,6 +1,10 @@
 """The extension point shared by every DETR family (DINO, H-Deformable-DETR).
 
-A family reuses: backbones (:mod:`mfdetr.detectors.backbones`), multi-scale inputs
+A family reuses: the :class:`DeformableDetr` skeleton (:mod:`.detr`: backbone → projections →
+positions → its transformer → per-layer heads), the :class:`RefiningDecoder` (:mod:`.decoder`), the
+two-stage :func:`select_proposals`, the :class:`DetrArchConfig` base and preset helpers (:mod:`.arch`),
+the config-sized part builders (:mod:`.parts`),
+backbones (:mod:`mfdetr.detectors.backbones`), multi-scale inputs
 (:mod:`.multiscale`), positional encodings (:mod:`.position`), deformable encoder/decoder layers
 (:mod:`.deformable`), two-stage proposals (:mod:`.proposals`), the :class:`FrozenDetr` base that turns
 its :class:`DetrForward` into :class:`~mfdetr.contracts.DetectorOutput` and box-AP detections, and the
@@ -8,6 +12,7 @@ strict checkpoint loader with a per-format :class:`CheckpointFormat` rename tabl
 own transformer glue, its config dataclass and its presets.
 """
 
+from mfdetr.detectors.common.arch import DetrArchConfig, family_preset, register_family
 from mfdetr.detectors.common.checkpoint import (
     CheckpointFormat,
     load_checkpoint,
@@ -16,6 +21,7 @@ from mfdetr.detectors.common.checkpoint import (
     remap_state_dict,
     unwrap_state_dict,
 )
+from mfdetr.detectors.common.decoder import RefiningDecoder, layer_predictions
 from mfdetr.detectors.common.deformable import (
     DeformableDecoderLayer,
     DeformableEncoder,
@@ -23,17 +29,21 @@ from mfdetr.detectors.common.deformable import (
     encoder_reference_points,
     valid_ratios,
 )
+from mfdetr.detectors.common.detr import DeformableDetr
 from mfdetr.detectors.common.frozen import DetrForward, FrozenDetr
 from mfdetr.detectors.common.layers import MLP, clones
 from mfdetr.detectors.common.multiscale import FlatLevels, build_input_proj, flatten_levels, project_levels
+from mfdetr.detectors.common.parts import build_decoder_layers, build_encoder, build_heads, build_level_proj
 from mfdetr.detectors.common.position import PositionEmbeddingSine, sine_embed_coords
 from mfdetr.detectors.common.postprocess import Detections, postprocess_detections
-from mfdetr.detectors.common.proposals import gen_encoder_output_proposals
+from mfdetr.detectors.common.proposals import gen_encoder_output_proposals, select_proposals
 
 __all__ = [
-    "MLP", "CheckpointFormat", "DeformableDecoderLayer", "DeformableEncoder", "DeformableEncoderLayer", "Detections",
-    "DetrForward", "FlatLevels", "FrozenDetr", "PositionEmbeddingSine", "build_input_proj", "clones",
-    "encoder_reference_points", "flatten_levels", "gen_encoder_output_proposals", "load_checkpoint",
-    "load_state_dict_strict", "postprocess_detections", "project_levels", "read_checkpoint", "remap_state_dict",
-    "sine_embed_coords", "unwrap_state_dict", "valid_ratios",
+    "MLP", "CheckpointFormat", "DeformableDecoderLayer", "DeformableDetr", "DeformableEncoder",
+    "DeformableEncoderLayer", "Detections", "DetrArchConfig", "DetrForward", "FlatLevels", "FrozenDetr",
+    "PositionEmbeddingSine", "RefiningDecoder", "build_decoder_layers", "build_encoder", "build_heads",
+    "build_input_proj", "build_level_proj", "clones", "encoder_reference_points",
+    "family_preset", "flatten_levels", "gen_encoder_output_proposals", "layer_predictions", "load_checkpoint",
+    "load_state_dict_strict", "postprocess_detections", "project_levels", "read_checkpoint", "register_family",
+    "remap_state_dict", "select_proposals", "sine_embed_coords", "unwrap_state_dict", "valid_ratios",
 ]

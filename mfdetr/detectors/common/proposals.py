@@ -7,8 +7,10 @@ coordinates lie in (0.01, 0.99). Padded or invalid tokens get ``+inf`` proposals
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,3 +46,31 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_s
     props = props.masked_fill(padding_mask[..., None], float("inf")).masked_fill(~valid, float("inf"))
     out = memory.masked_fill(padding_mask[..., None], 0.0).masked_fill(~valid, 0.0)
     return out, props
+
+
+def select_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor, *, enc_output: nn.Module,
+                     enc_output_norm: nn.Module, class_head: nn.Module, bbox_head: nn.Module, k: int,
+                     score: Literal["max", "first"]) -> Tensor:
+    """Two-stage query selection: the top-``k`` encoder tokens as initial boxes.
+
+    ``out = enc_output_norm(enc_output(masked memory))``; a token's score is its **max** class
+    logit (DINO) or its class-**0** logit (Deformable DETR / H-DETR, ``enc_outputs_class[..., 0]``);
+    the box of a token is ``bbox_head(out) + proposal``.
+
+    Args:
+        memory: [B, S, d]; padding_mask [B, S]; spatial_shapes [L, 2] (as
+            :func:`gen_encoder_output_proposals`).
+        class_head, bbox_head: the encoder-output heads.
+
+    Returns:
+        [B, k, 4] detached box logits (inverse sigmoid of cxcywh) of the selected tokens, best first.
+    """
+    out, proposals = gen_encoder_output_proposals(memory, padding_mask, spatial_shapes)
+    out = enc_output_norm(enc_output(out))
+    logits = class_head(out)
+    scores = logits.max(-1).values if score == "max" else logits[..., 0]
+    if scores.shape[1] < k:
+        raise ValueError(f"{scores.shape[1]} encoder tokens < {k} queries: image too small")
+    idx = torch.topk(scores, k, dim=1)[1]
+    coords = bbox_head(out) + proposals
+    return torch.gather(coords, 1, idx[..., None].expand(-1, -1, 4)).detach()

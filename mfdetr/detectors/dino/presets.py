@@ -8,15 +8,12 @@ val2017, 36-epoch rows for R50, Swin-L 36 epochs), FocalNet/FocalNet-DINO
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from mfdetr.contracts import DetectorPreset, Preprocessing, coco91_identity
+from mfdetr.contracts import DetectorPreset
 from mfdetr.detectors.backbones.factory import BackboneConfig
+from mfdetr.detectors.common.arch import family_preset, register_family
 from mfdetr.detectors.common.checkpoint import CheckpointSource, load_checkpoint
 from mfdetr.detectors.dino.config import DinoConfig
-from mfdetr.detectors.dino.model import DINO_CHECKPOINT_FORMAT, DinoDetector, build_dino_model, level_strides
-from mfdetr.detectors.registry import register_detector
+from mfdetr.detectors.dino.model import DINO_CHECKPOINT_FORMAT, DinoDetector, build_dino_model
 
 _R50 = {"depths": (3, 4, 6, 3)}
 #: swin_L_384_22k as DINO builds it (window 12; ape off; patch norm on)
@@ -54,20 +51,10 @@ DINO_CONFIGS: dict[str, tuple[DinoConfig, str | None, float | None, str]] = {
         None, None, "tiny random DINO for tests (same code as the real presets)"),
 }
 
-#: C1 channels (backbone stage 0) per backbone kind
-_C1 = {"resnet": 256, "swin": 192, "focalnet": 192}
-
-
 def dino_preset(name: str, cfg: DinoConfig, checkpoint_file: str | None, box_ap: float | None,
                 notes: str = "") -> DetectorPreset:
-    """The :class:`DetectorPreset` metadata of a DINO config."""
-    c1 = _C1.get(cfg.backbone.kind) or int(cfg.backbone.params.get("widths", (0,))[0])
-    return DetectorPreset(
-        name=name, family="dino", arch=cfg.to_dict(), checkpoint_file=checkpoint_file, checkpoint_sha256=None,
-        box_ap=box_ap, num_classes=cfg.num_classes,
-        class_to_category=coco91_identity() if cfg.num_classes == 91 else tuple(range(cfg.num_classes)),
-        preprocessing=Preprocessing(short_side=800, max_size=1333), level_strides=level_strides(cfg),
-        hidden_dim=cfg.hidden_dim, c1_channels=c1, num_encoder_layers=cfg.enc_layers, notes=notes)
+    """The :class:`DetectorPreset` metadata of a DINO config (800/1333 eval, ImageNet mean/std)."""
+    return family_preset(name, "dino", cfg, checkpoint_file=checkpoint_file, box_ap=box_ap, notes=notes)
 
 
 def build_dino(cfg: DinoConfig, *, preset: DetectorPreset | None = None, checkpoint: CheckpointSource | None = None,
@@ -80,15 +67,6 @@ def build_dino(cfg: DinoConfig, *, preset: DetectorPreset | None = None, checkpo
     return model.to(device).freeze()  # type: ignore[return-value]
 
 
-def _make_builder(name: str, cfg: DinoConfig, preset: DetectorPreset) -> Any:
-    def builder(*, checkpoint: str | Path | dict[str, Any] | None = None, device: str = "cpu") -> DinoDetector:
-        return build_dino(cfg, preset=preset, checkpoint=checkpoint, device=device)
-
-    builder.__name__ = f"build_{name}"
-    return builder
-
-
-DINO_PRESETS: dict[str, DetectorPreset] = {}
-for _name, (_cfg, _file, _ap, _notes) in DINO_CONFIGS.items():
-    DINO_PRESETS[_name] = dino_preset(_name, _cfg, _file, _ap, _notes)
-    register_detector(DINO_PRESETS[_name], _make_builder(_name, _cfg, DINO_PRESETS[_name]))
+DINO_PRESETS: dict[str, DetectorPreset] = {name: dino_preset(name, cfg, file, ap, notes)
+                                           for name, (cfg, file, ap, notes) in DINO_CONFIGS.items()}
+register_family(DINO_PRESETS, {name: v[0] for name, v in DINO_CONFIGS.items()}, build_dino)

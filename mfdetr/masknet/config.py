@@ -1,0 +1,228 @@
+"""Typed architecture config of the mask network (the ``[masknet]`` section of a recipe).
+
+Defaults are the paper's final system for H-DETR + R50 (Tables 2-5, 10, 12, 14, 15): deformable
+image feature encoder ×2, deformable box feature encoder ×2 after a channel mapper to 128 dims,
+query feature encoder FFN + box-to-object attention, dot-product mask head, neck on C1, mask scoring,
+RoIAlign size S = 32, encoder layer 4. (For ``dino_focal`` the paper uses 3 image-encoder layers,
+Table 16: ``image_encoder.layers=3``.) The loss options (point sampling, ...) live in the loss
+config (``mfdetr.masknet.criterion``), not here.
+
+The training-free baseline of eq. 1-4 (Table 1) is :func:`baseline_config`: no trainable part at all.
+
+Every field is plain data (TOML-compatible, :func:`mfdetr.config.from_dict`); the detector-dependent
+numbers (``d``, level strides, C1 channels) are NOT part of this config: they come from the cache
+manifest / detector preset and are passed to :func:`mfdetr.masknet.build_masknet`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from mfdetr.config import apply_overrides, from_dict, load_toml
+from mfdetr.errors import MfdetrError
+
+BlockType = Literal["deformable", "swin", "convnext"]
+
+
+@dataclass
+class NeckConfig:
+    """Neck on C1 (eq. 14): ``C1 = GN(PWConv(C1))``, C1 channels → d. Table 12: +0.07 M."""
+
+    enabled: bool = True
+    groups: int = 32
+
+
+@dataclass
+class ImageEncoderConfig:
+    """Image feature encoder F_e on the cached encoder maps (eq. 5-8, Table 2).
+
+    ``deformable``: multi-scale deformable encoder layers on all levels (eq. 6; MSDeformAttn → LN →
+    FFN(GELU) → LN, post-norm, sine positional + learned level embeddings as Deformable DETR);
+    ``swin``: Swin blocks (W-MSA, shifted windows in every second block) on E_1 (eq. 7);
+    ``convnext``: ConvNeXt blocks (DWConv k×k → LN → FFN, layer scale) on E_1 (eq. 8).
+    ``layers = 0`` disables the encoder.
+    """
+
+    block: BlockType = "deformable"
+    layers: int = 2
+    heads: int = 8
+    points: int = 4
+    ffn_ratio: float = 4.0
+    # 16 reproduces Table 2's Swin #params (0.80/1.59/2.39 M: rel.-pos. table 31²·8 per block)
+    swin_window: int = 16
+    convnext_kernel: int = 7
+    level_embed: bool = True
+
+
+@dataclass
+class BoxEncoderConfig:
+    """Box feature encoder F_b on the RoI features R_i (eq. 9, Tables 3-4).
+
+    ``dim`` is the channel mapper's output D (Table 4: 64/96/128/256). The mapper is a Linear d → D
+    applied to F before RoIAlign (the paper maps F's channels); ``dim = None`` or ``dim = d`` means
+    no mapper. The deformable block is single-level over the S×S RoI map with a learned S×S
+    positional embedding (the +0.26 M of Table 3's first layer at d = 256); Swin and ConvNeXt blocks
+    carry no such embedding (Table 3's Swin/ConvNeXt rows).
+    """
+
+    block: BlockType = "deformable"
+    layers: int = 2
+    dim: int | None = 128
+    heads: int = 8
+    points: int = 4
+    ffn_ratio: float = 4.0
+    swin_window: int = 8
+    convnext_kernel: int = 7
+
+
+@dataclass
+class QueryEncoderConfig:
+    """Query feature encoder (eq. 10-11, Table 5): any combination of object-to-object self-attention
+    (``o2o``, across the K queries of an image), box-to-object cross-attention (``b2o``, query i
+    attends to its own R_i) and an FFN, applied in that order, each residual + post-LayerNorm."""
+
+    ffn: bool = True
+    o2o: bool = False
+    b2o: bool = True
+    heads: int = 8
+    ffn_ratio: float = 2.0
+
+
+@dataclass
+class MaskHeadConfig:
+    """Mask head (Table 14): ``dot`` = q_i · R_i per RoI pixel (eq. 4); ``segmenter`` = Segmenter-style
+    head (linear projections of patches and query, LayerNorm, L2-normalised product)."""
+
+    kind: Literal["dot", "segmenter"] = "dot"
+
+
+@dataclass
+class MaskScoringConfig:
+    """Mask scoring head (eq. 12-13): iou_i = MLP(Flatten(Conv(Cat(M_i, R_i)))), sigmoid → [0, 1].
+
+    ``convs`` 3×3 stride-2 convolutions of ``channels`` channels (S=32 → 4×4), adaptive-average-pooled
+    to ``pool``×``pool``, flattened, then an MLP with ``fc_layers`` hidden layers of ``fc_dim``.
+    The default lands at 0.72 M params (Table 12: +0.73 M)."""
+
+    enabled: bool = True
+    channels: int = 128
+    convs: int = 3
+    pool: int = 4
+    fc_dim: int = 128
+    fc_layers: int = 2
+    detach_mask: bool = True
+
+
+@dataclass
+class MaskNetConfig:
+    """Architecture of the mask network.
+
+    Args:
+        num_queries: K, how many of the (score-sorted) detector queries to segment (≤ cached K).
+        enc_layer: which cached encoder layer's maps to use (1-based; Table 15: layer 4 of 6).
+        roi: RoIAlign the features per box (eq. 3-4); ``False`` = full-image dot product (eq. 1,
+            training-free baseline only): mask logits on the stride-4 image grid.
+        roi_size: RoIAlign output size S (Table 10: 16/32/64).
+        roi_sampling_ratio: RoIAlign sampling points per bin side (0 = adaptive).
+        fuse_c1: F = C1 + up(E_1) (eq. 1/5); ``False`` = F = up(E_1).
+    """
+
+    num_queries: int = 100
+    enc_layer: int = 4
+    roi: bool = True
+    roi_size: int = 32
+    roi_sampling_ratio: int = 2
+    fuse_c1: bool = True
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    box_encoder: BoxEncoderConfig = field(default_factory=BoxEncoderConfig)
+    query_encoder: QueryEncoderConfig = field(default_factory=QueryEncoderConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    mask_scoring: MaskScoringConfig = field(default_factory=MaskScoringConfig)
+
+
+def baseline_config(*, roi: bool = True, fuse_c1: bool = True, roi_size: int = 32) -> MaskNetConfig:
+    """The training-free baseline of eq. 1-4 (Table 1): no parameters; scores by eq. 2."""
+    return MaskNetConfig(
+        roi=roi, roi_size=roi_size, fuse_c1=fuse_c1,
+        neck=NeckConfig(enabled=False),
+        image_encoder=ImageEncoderConfig(layers=0),
+        box_encoder=BoxEncoderConfig(layers=0, dim=None),
+        query_encoder=QueryEncoderConfig(ffn=False, o2o=False, b2o=False),
+        mask_head=MaskHeadConfig(kind="dot"),
+        mask_scoring=MaskScoringConfig(enabled=False),
+    )
+
+
+def _masknet_table(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The mask network's table of a recipe: ``[masknet]``, a sweep's ``[base.masknet]``, or the file itself."""
+    if "masknet" in data:
+        return data["masknet"]
+    base = data.get("base")
+    if isinstance(base, Mapping) and "masknet" in base:
+        return base["masknet"]
+    return data
+
+
+def recipe_detector(data: Mapping[str, Any]) -> str | None:
+    """The detector preset a recipe names (``detector = ...`` at the top, in ``[data]`` or ``[sweep]``)."""
+    for table in (data, data.get("data"), data.get("sweep")):
+        if isinstance(table, Mapping) and isinstance(table.get("detector"), str):
+            return str(table["detector"])
+    return None
+
+
+def load_masknet_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MaskNetConfig:
+    """A :class:`MaskNetConfig` from a TOML recipe (its ``[masknet]`` table, a sweep's
+    ``[base.masknet]``, or a file holding only the mask network's keys) plus ``masknet.key=value``
+    overrides (the ``masknet.`` prefix is optional). No file: the defaults (the paper's final system)."""
+    data: dict[str, Any] = {}
+    where = "masknet"
+    if path is not None:
+        data = dict(_masknet_table(load_toml(path)))
+        where = f"{path}: masknet"
+    ovs = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("masknet."):
+            item = item.strip()[len("masknet."):]
+        elif "=" in item and key.split(".", 1)[0] not in {f.name for f in fields(MaskNetConfig)}:
+            raise MfdetrError(f"override {item!r} is not a masknet.* key")
+        ovs.append(item)
+    return from_dict(MaskNetConfig, apply_overrides(data, ovs), where=where)
+
+
+@dataclass
+class SweepVariant:
+    """One row of a sweep recipe (``[[variants]]``), with its resolved mask-network config."""
+
+    name: str
+    config: MaskNetConfig
+    paper: dict[str, Any]
+
+
+def load_sweep_variants(path: str | Path, overrides: Sequence[str] = ()) -> list[SweepVariant]:
+    """The mask-network config of every ``[[variants]]`` row of a sweep recipe: ``[base.masknet]`` +
+    the row's ``masknet.*`` overrides (other sections' overrides are ignored) + ``overrides``."""
+    data = load_toml(path)
+    variants = data.get("variants")
+    if not isinstance(variants, list) or not variants:
+        raise MfdetrError("not a sweep recipe (no [[variants]])", path=path)
+    base = dict(_masknet_table(data))
+    out = []
+    for i, row in enumerate(variants):
+        if not isinstance(row, Mapping):
+            raise MfdetrError(f"variants[{i}] is not a table", path=path)
+        name = str(row.get("name", i))
+        own = [s for s in row.get("set", []) if str(s).strip().startswith("masknet.")]
+        own = [s.strip()[len("masknet."):] for s in own]
+        cfg_data = apply_overrides(apply_overrides(base, own), [s.strip()[len("masknet."):]
+                                                               if s.strip().startswith("masknet.") else s
+                                                               for s in overrides])
+        cfg = from_dict(MaskNetConfig, cfg_data, where=f"{path}: variant {name}: masknet")
+        paper = row.get("paper")
+        out.append(SweepVariant(name=name, config=cfg, paper=dict(paper) if isinstance(paper, Mapping) else {}))
+    return out

@@ -1,0 +1,261 @@
+"""The Mask Frozen-DETR mask network (Fig. 7): ``MaskNet.forward(DetectorOutput) -> MaskNetOutput``.
+
+Data flow for B images and K queries (all B·K RoIs batched together, no loop over queries):
+
+1. take the top-K (score-sorted) queries, boxes, logits; the encoder maps of ``enc_layer``; C1;
+   ZERO every map outside its valid region (``level_valid_hw``; ``ceil(input_hw / 4)`` for C1), so
+   nothing depends on how much padding a batch or a cache canvas added;
+2. image feature encoder on the encoder maps (eq. 5-8) → E_1 (highest resolution);
+3. F = Neck(C1) + up(E_1) at stride 4 (eq. 1/5/14; ``fuse_c1 = False``: F = up(E_1));
+4. non-RoI baseline (eq. 1): mask logits = q_i · F on the stride-4 image grid;
+   RoI mode: channel mapper on F, RoIAlign per box to S×S (eq. 3), box feature encoder (eq. 9);
+5. query feature encoder (eq. 10-11), mask head (eq. 4 / Table 14), mask scoring (eq. 12).
+
+MaskNet imports nothing from ``mfdetr.detectors``; it reads only :class:`DetectorOutput` fields, so it
+runs identically from the cache and online. Detector metadata (d, level strides, C1 channels) is
+given to :func:`build_masknet` by the caller (the cache manifest or the detector preset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mfdetr.contracts import DetectorOutput
+from mfdetr.errors import MfdetrError
+from mfdetr.masknet.blocks import masked_fill_outside
+from mfdetr.masknet.box_encoder import BoxEncoder, build_box_encoder
+from mfdetr.masknet.config import MaskNetConfig
+from mfdetr.masknet.image_encoder import ImageEncoder, build_image_encoder
+from mfdetr.masknet.mask_head import DotProductHead, SegmenterHead
+from mfdetr.masknet.mask_scoring import MaskScoringHead
+from mfdetr.masknet.neck import Neck
+from mfdetr.masknet.query_encoder import QueryEncoder
+
+C1_STRIDE = 4
+
+
+@dataclass
+class MaskNetOutput:
+    """What the mask network returns for B images and K queries.
+
+    - ``mask_logits``: RoI mode (``roi=True``) [B, K, S, S] logits on each box's S×S grid (row-major,
+      the grid spans the detector box ``boxes`` in the input frame: cell (i, j) covers
+      ``x1 + (j, j+1)·w/S``); non-RoI baseline (``roi=False``) [B, K, H1, W1] logits on the stride-4
+      grid of the (padded) input canvas, valid in ``mask_valid_hw``.
+    - ``iou_pred``: [B, K] predicted mask IoU in [0, 1] (eq. 12), or ``None`` without mask scoring.
+    - ``boxes``: [B, K, 4] the boxes used, normalised cxcywh of the unpadded input image.
+    - ``scores``: [B, K] detector classification scores c_i (max sigmoid over classes, eq. 2/13).
+    - ``logits``: [B, K, C] detector class logits of the kept queries (labels = argmax).
+    - ``input_hw``, ``orig_hw``: [B, 2] int64, as in :class:`DetectorOutput`.
+    - ``mask_valid_hw``: [B, 2] int64 valid size of the stride-4 grid, ``ceil(input_hw / 4)``.
+    - ``roi``: which of the two layouts ``mask_logits`` has; ``mask_stride``: 4 (non-RoI grid stride).
+    """
+
+    mask_logits: Tensor
+    iou_pred: Tensor | None
+    boxes: Tensor
+    scores: Tensor
+    logits: Tensor
+    input_hw: Tensor
+    orig_hw: Tensor
+    mask_valid_hw: Tensor
+    roi: bool = True
+    mask_stride: int = C1_STRIDE
+
+
+class MaskNet(nn.Module):
+    """The trainable mask network on top of a frozen DETR (all parts passed in, built by
+    :func:`build_masknet`).
+
+    Args:
+        d_model: width d of the queries and encoder maps.
+        level_strides: stride of each encoder level (highest resolution first; E_1's must be a
+            multiple of 4).
+        c1_channels: channels of C1.
+        num_queries: K (top-K of the stored queries).
+        enc_layer: which cached encoder layer (1-based).
+        roi, roi_size, fuse_c1: see :class:`MaskNetConfig` (RoIAlign itself lives in the box encoder).
+        neck, image_encoder, box_encoder, query_encoder, mask_head, mask_scoring: the parts
+            (``None`` where absent).
+    """
+
+    def __init__(self, *, d_model: int, level_strides: Sequence[int], c1_channels: int, num_queries: int,
+                 enc_layer: int, roi: bool, roi_size: int, fuse_c1: bool,
+                 neck: Neck | None, image_encoder: ImageEncoder, box_encoder: BoxEncoder | None,
+                 query_encoder: QueryEncoder | None, mask_head: DotProductHead | SegmenterHead,
+                 mask_scoring: MaskScoringHead | None) -> None:
+        super().__init__()
+        self.d_model, self.level_strides, self.c1_channels = d_model, tuple(level_strides), c1_channels
+        self.num_queries, self.enc_layer = num_queries, enc_layer
+        self.roi, self.roi_size, self.fuse_c1 = roi, roi_size, fuse_c1
+        self.neck = neck
+        self.image_encoder = image_encoder
+        self.box_encoder = box_encoder
+        self.query_encoder = query_encoder
+        self.mask_head = mask_head
+        self.mask_scoring = mask_scoring
+
+    # -- inputs --------------------------------------------------------------------------------
+    def _check(self, det: DetectorOutput) -> list[Tensor]:
+        if self.enc_layer not in det.enc_maps:
+            raise MfdetrError(f"masknet.enc_layer={self.enc_layer} but the detector output holds encoder "
+                              f"layers {sorted(det.enc_maps)}")
+        maps = det.enc_maps[self.enc_layer]
+        if det.queries.shape[-1] != self.d_model:
+            raise MfdetrError(f"MaskNet was built for d={self.d_model}, the detector output has "
+                              f"d={det.queries.shape[-1]}")
+        if len(maps) != len(self.level_strides):
+            raise MfdetrError(f"MaskNet was built for {len(self.level_strides)} encoder levels, the detector "
+                              f"output has {len(maps)}")
+        if det.c1.shape[1] != self.c1_channels:
+            raise MfdetrError(f"MaskNet was built for C1 with {self.c1_channels} channels, the detector output "
+                              f"has {det.c1.shape[1]}")
+        return maps
+
+    def _dtype(self) -> torch.dtype:
+        p = next(self.parameters(), None)
+        return torch.float32 if p is None else p.dtype
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, det: DetectorOutput) -> MaskNetOutput:
+        """Mask logits (and predicted IoU) for the top-K queries of every image in ``det``."""
+        maps = self._check(det)
+        dtype = self._dtype()
+        k = min(self.num_queries, det.num_queries)
+        queries = det.queries[:, :k].to(dtype)
+        boxes = det.boxes[:, :k].float()
+        logits = det.logits[:, :k]
+        bsz = queries.shape[0]
+        dev = queries.device
+        level_hw = det.level_valid_hw.to(dev)
+        input_hw = det.input_hw.to(dev)
+        c1_hw = (input_hw + C1_STRIDE - 1) // C1_STRIDE
+
+        # 1. zero everything outside the valid regions (padding-invariance)
+        maps = [masked_fill_outside(m.to(dtype), level_hw[:, lvl]) for lvl, m in enumerate(maps)]
+        c1 = masked_fill_outside(det.c1.to(dtype), c1_hw)
+
+        # 2. image feature encoder (eq. 5-8)
+        e1 = self.image_encoder(maps, level_hw)[0]
+
+        # 3. F = Neck(C1) + up(E_1) at stride 4 (eq. 1, 5, 14)
+        f = self._upsample_to(e1, c1.shape[-2:])
+        if self.fuse_c1:
+            f = f + (self.neck(c1, c1_hw) if self.neck is not None else c1)
+        f = masked_fill_outside(f, c1_hw)
+
+        if not self.roi:  # eq. 1: dot product on the whole stride-4 grid
+            ml = torch.einsum("bkc,bchw->bkhw", self.mask_head_project(queries), f)
+            return MaskNetOutput(mask_logits=ml, iou_pred=None, boxes=boxes, scores=det.scores[:, :k],
+                                 logits=logits, input_hw=det.input_hw, orig_hw=det.orig_hw,
+                                 mask_valid_hw=c1_hw.to(det.input_hw.device), roi=False)
+
+        # 4. channel mapper, RoIAlign (eq. 3), box feature encoder (eq. 9)
+        assert self.box_encoder is not None
+        tokens = self.box_encoder(f, boxes, input_hw, c1_hw)  # [B·K, S·S, D]
+
+        # 5. query encoder (eq. 10-11), mask head (eq. 4), mask scoring (eq. 12)
+        q = queries if self.query_encoder is None else self.query_encoder(queries, tokens)
+        s = self.roi_size
+        ml = self.mask_head(q.reshape(bsz * k, -1), tokens).view(bsz * k, s, s)
+        iou = None if self.mask_scoring is None else self.mask_scoring(ml, tokens).view(bsz, k)
+        return MaskNetOutput(mask_logits=ml.view(bsz, k, s, s), iou_pred=iou, boxes=boxes,
+                             scores=det.scores[:, :k], logits=logits, input_hw=det.input_hw,
+                             orig_hw=det.orig_hw, mask_valid_hw=c1_hw.to(det.input_hw.device), roi=True)
+
+    def mask_head_project(self, queries: Tensor) -> Tensor:
+        """Queries as the dot-product head sees them (identity at D = d)."""
+        if isinstance(self.mask_head, DotProductHead):
+            return self.mask_head.project(queries)
+        raise MfdetrError("the non-RoI baseline supports only the dot-product mask head")
+
+    def _upsample_to(self, e1: Tensor, hw: torch.Size | tuple[int, int]) -> Tensor:
+        """E_1 [B, d, h, w] (zero outside its valid region) to the stride-4 canvas ``hw``.
+
+        One zero row/column is appended before bilinear ×(stride/4) upsampling (half-pixel centres,
+        fixed scale factor), so the values near the valid border are the same whether the canvas
+        ends there or carries padding."""
+        r = self.level_strides[0] // C1_STRIDE
+        if r > 1:
+            e1 = F.interpolate(F.pad(e1, (0, 1, 0, 1)), scale_factor=float(r), mode="bilinear",
+                               align_corners=False)
+        h, w = int(hw[0]), int(hw[1])
+        e1 = e1[..., :h, :w]
+        return F.pad(e1, (0, w - e1.shape[-1], 0, h - e1.shape[-2]))
+
+
+def _err(msg: str) -> MfdetrError:
+    return MfdetrError(f"masknet config: {msg}")
+
+
+def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[int], c1_channels: int) -> MaskNet:
+    """Build the mask network of ``cfg`` for a detector with width ``d_model``, encoder levels of
+    ``level_strides`` (highest resolution first) and a C1 of ``c1_channels`` channels.
+
+    Inconsistent choices are :class:`MfdetrError` naming the config keys."""
+    strides = tuple(int(s) for s in level_strides)
+    if not strides or strides[0] % C1_STRIDE:
+        raise _err(f"the highest-resolution encoder level must have a stride multiple of 4, got {strides}")
+    if cfg.num_queries < 1:
+        raise _err(f"num_queries must be ≥ 1, got {cfg.num_queries}")
+    if cfg.enc_layer < 1:
+        raise _err(f"enc_layer is 1-based, got {cfg.enc_layer}")
+    if cfg.roi_size < 1:
+        raise _err(f"roi_size must be ≥ 1, got {cfg.roi_size}")
+    ie, be, qe, ms = cfg.image_encoder, cfg.box_encoder, cfg.query_encoder, cfg.mask_scoring
+    for name, n in (("image_encoder.layers", ie.layers), ("box_encoder.layers", be.layers)):
+        if n < 0:
+            raise _err(f"{name} must be ≥ 0, got {n}")
+    box_dim = d_model if be.dim is None else be.dim
+    if cfg.neck.enabled and not cfg.fuse_c1:
+        raise _err("neck.enabled=true needs fuse_c1=true (the neck works on C1)")
+    if cfg.fuse_c1 and not cfg.neck.enabled and c1_channels != d_model:
+        raise _err(f"without the neck, C1's channels ({c1_channels}) must equal d ({d_model}) to fuse "
+                   "C1 + up(E); set neck.enabled=true or fuse_c1=false")
+    if not cfg.roi:
+        bad = [n for n, on in (("box_encoder.layers>0", be.layers > 0), ("box_encoder.dim≠d", box_dim != d_model),
+                               ("query_encoder.b2o", qe.b2o), ("mask_scoring.enabled", ms.enabled),
+                               ("mask_head.kind=segmenter", cfg.mask_head.kind != "dot")) if on]
+        if bad:
+            raise _err(f"roi=false (full-image baseline) cannot use {', '.join(bad)}")
+    for name, dim, heads in (("image_encoder", d_model, ie.heads), ("box_encoder", box_dim, be.heads),
+                             ("query_encoder", d_model, qe.heads)):
+        if heads < 1 or dim % heads:
+            raise _err(f"{name}.heads={heads} must divide its width {dim}")
+    try:
+        neck = Neck(in_channels=c1_channels, dim=d_model, groups=cfg.neck.groups) if cfg.neck.enabled else None
+    except ValueError as e:
+        raise _err(str(e)) from None
+    image_encoder = build_image_encoder(block=ie.block, layers=ie.layers, dim=d_model, levels=len(strides),
+                                        heads=ie.heads, points=ie.points, ffn_ratio=ie.ffn_ratio,
+                                        swin_window=ie.swin_window, convnext_kernel=ie.convnext_kernel,
+                                        level_embed=ie.level_embed)
+    box_encoder = None
+    if cfg.roi:
+        box_encoder = build_box_encoder(block=be.block, layers=be.layers, in_dim=d_model, dim=box_dim,
+                                        roi_size=cfg.roi_size, heads=be.heads, points=be.points,
+                                        ffn_ratio=be.ffn_ratio, swin_window=be.swin_window,
+                                        convnext_kernel=be.convnext_kernel,
+                                        sampling_ratio=cfg.roi_sampling_ratio)
+    query_encoder = None
+    if qe.ffn or qe.o2o or qe.b2o:
+        query_encoder = QueryEncoder(dim=d_model, roi_dim=box_dim, o2o=qe.o2o, b2o=qe.b2o, ffn=qe.ffn,
+                                     heads=qe.heads, ffn_hidden=int(round(qe.ffn_ratio * d_model)))
+    head: DotProductHead | SegmenterHead
+    if cfg.mask_head.kind == "dot":
+        head = DotProductHead(query_dim=d_model, feature_dim=box_dim)
+    else:
+        head = SegmenterHead(query_dim=d_model, feature_dim=box_dim)
+    scoring = None
+    if ms.enabled:
+        scoring = MaskScoringHead(in_dim=box_dim, channels=ms.channels, convs=ms.convs, pool=ms.pool,
+                                  fc_dim=ms.fc_dim, fc_layers=ms.fc_layers, detach_mask=ms.detach_mask)
+    return MaskNet(d_model=d_model, level_strides=strides, c1_channels=c1_channels, num_queries=cfg.num_queries,
+                   enc_layer=cfg.enc_layer, roi=cfg.roi, roi_size=cfg.roi_size, fuse_c1=cfg.fuse_c1, neck=neck,
+                   image_encoder=image_encoder, box_encoder=box_encoder, query_encoder=query_encoder,
+                   mask_head=head, mask_scoring=scoring)

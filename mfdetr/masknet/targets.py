@@ -1,0 +1,374 @@
+"""Training targets of the mask network: which GT instance each predicted box learns, and its mask.
+
+The frozen detector gives K boxes per image; the mask network predicts a mask inside each of them
+(eq. 3-4). Training needs, for some of those boxes, the GT instance they cover and that instance's
+mask **cropped to the predicted box** on the same S×S grid the network predicts on.
+
+Two assignments (:class:`AssignConfig.method`):
+
+- ``"box_iou"`` (default) — Mask R-CNN's mask branch: every predicted box takes its best-IoU non-crowd
+  GT box if that IoU ≥ ``iou_threshold`` (0.5). Several boxes may learn the same GT.
+- ``"hungarian"`` — one-to-one matching (scipy ``linear_sum_assignment``) on DINO's matcher cost
+  (focal class cost 2 + L1 box 5 + GIoU 2 on the frozen logits/boxes) or on −IoU; pairs below
+  ``hungarian_min_iou`` are dropped.
+
+Why box IoU is the default: the detector is frozen, so its set prediction (one-to-one matching,
+duplicate suppression by score) is already done and cannot change. What the mask network must learn
+is "segment the object inside this box", and at test time it is asked that for **all** K boxes —
+duplicates and loose boxes are evaluated too, ranked by the detector's score (eq. 2/13). Box-IoU
+assignment trains exactly that question on every box that covers an object well, giving several
+positives per GT (more supervision per cached image, more box jitter as augmentation, as Mask R-CNN
+does with its RoIs), whereas Hungarian matching trains one box per GT and also pairs low-quality boxes
+with GTs they barely touch whenever the detector misses an object. Hungarian is kept for comparison.
+
+Crowd regions are never positives: only non-crowd GTs are assigned, and a predicted box whose area
+is covered for at least ``crowd_threshold`` by crowd-mask pixels is *ignored* (no target at all),
+whatever its IoU with non-crowd GTs.
+
+Crops (:func:`crop_masks`) follow Mask R-CNN (detectron2 ``BitMasks.crop_and_resize``): RoIAlign of
+the float GT mask at original resolution with the predicted box in original pixels, ``aligned=True``,
+then ``≥ 0.5`` (or soft targets with ``soft_targets=True``). The box is the same normalised box the
+network pools with, scaled by the original size (the resize is uniform), so target and prediction
+grids coincide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from mfdetr.contracts import DetectorOutput, GTInstances
+from mfdetr.errors import MfdetrError
+from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
+
+__all__ = [
+    "AssignConfig", "Assignment", "MaskTargets", "assign", "box_crowd_fraction", "build_mask_targets",
+    "crop_masks", "first_queries", "input_grid_boxes", "is_input_grid_output", "pred_boxes_original",
+]
+
+
+@dataclass
+class AssignConfig:
+    """How GT instances are assigned to predicted boxes and how their masks are cropped.
+
+    Args:
+        method: ``"box_iou"`` (Mask R-CNN mask branch, default — see module docstring) or
+            ``"hungarian"`` (one-to-one).
+        iou_threshold: box-IoU assignment: minimum IoU with the best non-crowd GT box (Mask R-CNN 0.5).
+        crowd_threshold: a predicted box whose area is covered at least this much by crowd-mask pixels
+            is ignored (never a positive).
+        hungarian_cost: ``"detr"`` = class (focal) + L1 + GIoU cost as DINO's matcher, ``"iou"`` = −IoU.
+        cost_class, cost_bbox, cost_giou: weights of the ``"detr"`` cost (DINO: 2, 5, 2).
+        hungarian_min_iou: matched pairs with a lower box IoU are dropped (0 keeps all, as DETR).
+        soft_targets: keep RoIAligned mask values in [0, 1] instead of thresholding at 0.5.
+    """
+
+    method: Literal["box_iou", "hungarian"] = "box_iou"
+    iou_threshold: float = 0.5
+    crowd_threshold: float = 0.5
+    hungarian_cost: Literal["detr", "iou"] = "detr"
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    hungarian_min_iou: float = 0.0
+    soft_targets: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in [0, 1], got {self.iou_threshold}")
+        if not 0.0 < self.crowd_threshold <= 1.0:
+            raise ValueError(f"crowd_threshold must be in (0, 1], got {self.crowd_threshold}")
+
+
+@dataclass
+class Assignment:
+    """Positive (image, query, GT) triples of a batch, plus ignored queries.
+
+    - ``batch_idx``, ``query_idx``, ``gt_idx`` [P] int64 — positive ``p`` is query ``query_idx[p]`` of
+      image ``batch_idx[p]``, which learns GT ``gt_idx[p]`` of that image's :class:`GTInstances`.
+    - ``ignored`` [B, K] bool — queries that must get no loss at all (mostly crowd).
+    """
+
+    batch_idx: Tensor
+    query_idx: Tensor
+    gt_idx: Tensor
+    ignored: Tensor
+
+    def __len__(self) -> int:
+        return int(self.batch_idx.numel())
+
+
+@dataclass
+class MaskTargets:
+    """Mask targets of the positives of an :class:`Assignment` on the prediction grid.
+
+    - ``batch_idx``, ``query_idx``, ``gt_idx`` [P] int64 — as in :class:`Assignment`.
+    - ``masks`` [P, Sh, Sw] float in [0, 1] (binary unless ``soft_targets``) — the GT mask cropped to the
+      predicted box (or resampled onto the input grid for non-RoI predictions).
+    - ``gt_area`` [P] float — area of the *whole* GT mask in units of grid cells of that prediction
+      (may exceed the cropped area when the object sticks out of the box); used for the mask-IoU
+      target as in Mask Scoring R-CNN.
+    """
+
+    batch_idx: Tensor
+    query_idx: Tensor
+    gt_idx: Tensor
+    masks: Tensor
+    gt_area: Tensor
+
+    def __len__(self) -> int:
+        return int(self.batch_idx.numel())
+
+
+def pred_boxes_original(det: DetectorOutput) -> Tensor:
+    """[B, K, 4] predicted boxes as absolute xyxy in **original** image pixels (not clamped).
+
+    The normalised cxcywh box is relative to the unpadded input image; the resize is uniform, so the
+    same normalised box times the original size (w0, h0) is the box in the original image.
+    """
+    xyxy = box_cxcywh_to_xyxy(det.boxes.float())
+    hw = det.orig_hw.to(device=xyxy.device, dtype=xyxy.dtype)
+    scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
+    return xyxy * scale[:, None, :]
+
+
+def first_queries(det: DetectorOutput, k: int) -> DetectorOutput:
+    """``det`` restricted to its first (top-scored) ``k`` queries (the mask network may segment fewer
+    queries than were cached); feature maps are shared, not copied."""
+    if k == det.num_queries:
+        return det
+    if not 0 <= k <= det.num_queries:
+        raise ValueError(f"cannot take {k} of {det.num_queries} queries")
+    return DetectorOutput(queries=det.queries[:, :k], boxes=det.boxes[:, :k], logits=det.logits[:, :k],
+                          enc_maps=det.enc_maps, c1=det.c1, input_hw=det.input_hw, orig_hw=det.orig_hw,
+                          level_valid_hw=det.level_valid_hw, extras=det.extras)
+
+
+def is_input_grid_output(out: object) -> bool:
+    """Whether a mask network output holds non-RoI masks on the stride-4 input grid (the baseline
+    without RoIAlign) rather than masks on each box's RoI grid."""
+    for name in ("on_input_grid", "input_grid"):
+        v = getattr(out, name, None)
+        if isinstance(v, bool):
+            return v
+    return getattr(out, "roi", None) is False
+
+
+def _clamp_boxes(b: Tensor, hw: tuple[int, int]) -> Tensor:
+    h, w = hw
+    return torch.stack([b[..., 0].clamp(0, w), b[..., 1].clamp(0, h), b[..., 2].clamp(0, w),
+                        b[..., 3].clamp(0, h)], dim=-1)
+
+
+def box_crowd_fraction(crowd: Tensor, boxes: Tensor) -> Tensor:
+    """Fraction of each box's area covered by ``True`` pixels of ``crowd``.
+
+    Args:
+        crowd: [H, W] bool, union of the crowd masks of one image.
+        boxes: [K, 4] xyxy in pixels of that image (clamped and rounded outwards to whole pixels).
+
+    Returns:
+        [K] float in [0, 1]; 0 for boxes without area inside the image.
+    """
+    h, w = crowd.shape
+    ii = torch.zeros((h + 1, w + 1), dtype=torch.float64, device=crowd.device)
+    ii[1:, 1:] = crowd.to(torch.float64).cumsum(0).cumsum(1)
+    b = _clamp_boxes(boxes.to(crowd.device, torch.float64), (h, w))
+    x0, y0 = b[:, 0].floor().long(), b[:, 1].floor().long()
+    x1, y1 = b[:, 2].ceil().long(), b[:, 3].ceil().long()
+    inside = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    area = ((x1 - x0) * (y1 - y0)).to(torch.float64)
+    return torch.where(area > 0, inside / area.clamp(min=1), torch.zeros_like(area)).to(boxes.dtype)
+
+
+def _ignored_by_crowd(gt: GTInstances, boxes: Tensor, thr: float) -> Tensor:
+    crowd = gt.iscrowd.bool()
+    if not bool(crowd.any()):
+        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    union = gt.masks[crowd.to(gt.masks.device)].any(dim=0)
+    return (box_crowd_fraction(union, boxes) >= thr).to(boxes.device)
+
+
+def _category_to_slot(class_to_category: Sequence[int], device: torch.device) -> Tensor:
+    """Lookup table category id → class slot (−1 for ids without a slot)."""
+    top = max(class_to_category) if len(class_to_category) else 0
+    table = torch.full((top + 1,), -1, dtype=torch.long)
+    for slot, cat in enumerate(class_to_category):
+        if cat > 0 and table[cat] < 0:
+            table[cat] = slot
+    return table.to(device)
+
+
+def _hungarian_cost(det: DetectorOutput, b: int, boxes: Tensor, gt: GTInstances, keep_gt: Tensor,
+                    cfg: AssignConfig, class_to_category: Sequence[int] | None) -> Tensor:
+    """[K, G] matching cost between the queries of image ``b`` and its kept (non-crowd) GTs."""
+    gt_boxes = gt.boxes[keep_gt].to(boxes.device, boxes.dtype)
+    iou = box_iou(boxes, gt_boxes)
+    if cfg.hungarian_cost == "iou":
+        return -iou
+    if class_to_category is None:
+        raise MfdetrError("assign.hungarian_cost='detr' needs the detector's class_to_category map")
+    h0, w0 = gt.orig_hw
+    norm = torch.tensor([w0, h0, w0, h0], dtype=boxes.dtype, device=boxes.device)
+    # L1 on normalised cxcywh, as DINO's matcher
+    cost_bbox = torch.cdist(box_xyxy_to_cxcywh(boxes / norm), box_xyxy_to_cxcywh(gt_boxes / norm), p=1)
+    cost_giou = -generalized_box_iou(boxes, gt_boxes)
+    # DINO's focal-style class cost on the frozen logits (alpha 0.25, gamma 2).
+    prob = det.logits[b].float().sigmoid()
+    slots = _category_to_slot(class_to_category, prob.device)
+    labels = gt.labels[keep_gt].to(prob.device).long()
+    slot = torch.where(labels < slots.numel(), slots[labels.clamp(max=slots.numel() - 1)], -1)
+    p = prob[:, slot.clamp(min=0)]
+    neg = 0.75 * p.pow(2) * -(1 - p + 1e-8).log()
+    pos = 0.25 * (1 - p).pow(2) * -(p + 1e-8).log()
+    cost_class = torch.where(slot[None, :] >= 0, pos - neg, torch.zeros_like(p))
+    return cfg.cost_bbox * cost_bbox + cfg.cost_class * cost_class + cfg.cost_giou * cost_giou
+
+
+@torch.no_grad()
+def assign(det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig,
+           class_to_category: Sequence[int] | None = None) -> Assignment:
+    """Assign GT instances to the K predicted boxes of every image (see module docstring).
+
+    Args:
+        det: detector outputs of B images (``boxes`` normalised cxcywh, ``orig_hw``).
+        gts: B ground truths, original pixel frame.
+        cfg: assignment config.
+        class_to_category: class slot → category id of the detector (Hungarian ``"detr"`` cost only).
+    """
+    if len(gts) != det.batch_size:
+        raise ValueError(f"got {len(gts)} GT entries for a batch of {det.batch_size} images")
+    boxes_all = pred_boxes_original(det)
+    dev = boxes_all.device
+    bi, qi, gi, ignored = [], [], [], []
+    for b, gt in enumerate(gts):
+        boxes = _clamp_boxes(boxes_all[b], gt.orig_hw)
+        ign = _ignored_by_crowd(gt, boxes, cfg.crowd_threshold) if len(gt) else torch.zeros(
+            boxes.shape[0], dtype=torch.bool, device=dev)
+        ignored.append(ign)
+        keep_gt = torch.nonzero(~gt.iscrowd.bool().cpu()).flatten()
+        if keep_gt.numel() == 0 or boxes.shape[0] == 0:
+            continue
+        if cfg.method == "box_iou":
+            iou = box_iou(boxes, gt.boxes[keep_gt].to(dev, boxes.dtype))
+            best, arg = iou.max(dim=1)
+            pos = (best >= cfg.iou_threshold) & (best > 0) & ~ign
+            q = torch.nonzero(pos).flatten()
+            g = keep_gt.to(dev)[arg[q]]
+        else:
+            cost = _hungarian_cost(det, b, boxes, gt, keep_gt, cfg, class_to_category)
+            cost = torch.where(ign[:, None], torch.full_like(cost, 1e6), cost)
+            rows, cols = linear_sum_assignment(cost.nan_to_num(1e6, 1e6, -1e6).cpu().numpy())
+            q = torch.as_tensor(rows, dtype=torch.long, device=dev)
+            c = torch.as_tensor(cols, dtype=torch.long, device=dev)
+            iou = box_iou(boxes[q], gt.boxes[keep_gt].to(dev, boxes.dtype)[c]).diagonal()
+            ok = ~ign[q] & (iou >= cfg.hungarian_min_iou)
+            q, g = q[ok], keep_gt.to(dev)[c[ok]]
+        bi.append(torch.full_like(q, b))
+        qi.append(q)
+        gi.append(g)
+    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    return Assignment(batch_idx=torch.cat(bi) if bi else empty, query_idx=torch.cat(qi) if qi else empty,
+                      gt_idx=torch.cat(gi) if gi else empty,
+                      ignored=torch.stack(ignored) if ignored else torch.zeros(0, 0, dtype=torch.bool, device=dev))
+
+
+def crop_masks(masks: Tensor, boxes: Tensor, mask_idx: Tensor, out_size: tuple[int, int], *,
+               soft: bool = False, max_elems: int = 1 << 26) -> Tensor:
+    """Crop-and-resize binary masks to boxes (Mask R-CNN targets, detectron2 ``crop_and_resize``).
+
+    Args:
+        masks: [N, H, W] bool/float masks of one image (original resolution).
+        boxes: [P, 4] xyxy boxes in pixels of that image (may extend beyond it; outside is 0).
+        mask_idx: [P] index into ``masks`` of each box's mask.
+        out_size: (Sh, Sw) output grid.
+        soft: return RoIAligned values in [0, 1] instead of ``≥ 0.5``.
+        max_elems: memory bound: at most this many mask pixels are converted to float at once (the
+            distinct masks are processed in chunks, one ``roi_align`` call per chunk).
+
+    Returns:
+        [P, Sh, Sw] float32 targets.
+    """
+    p = int(boxes.shape[0])
+    dev = boxes.device
+    out = torch.zeros((p, *out_size), dtype=torch.float32, device=dev)
+    if p == 0:
+        return out
+    uniq, inv = torch.unique(mask_idx.to(masks.device), return_inverse=True)
+    inv = inv.to(dev)
+    boxes = boxes.to(torch.float32)
+    chunk = max(1, max_elems // max(1, int(masks.shape[-2]) * int(masks.shape[-1])))
+    for s in range(0, int(uniq.numel()), chunk):
+        e = min(int(uniq.numel()), s + chunk)
+        src = masks[uniq[s:e]].to(device=dev).to(torch.float32)[:, None]  # move as bool, convert there
+        sel = torch.nonzero((inv >= s) & (inv < e)).flatten()
+        rois = torch.cat([(inv[sel] - s).to(torch.float32)[:, None], boxes[sel]], dim=1)
+        out[sel] = roi_align(src, rois, out_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)[:, 0]
+    return out.clamp(0, 1) if soft else (out >= 0.5).to(torch.float32)
+
+
+def input_grid_boxes(det: DetectorOutput, grid_hw: tuple[int, int], stride: int = 4) -> Tensor:
+    """[B, 4] xyxy box, in original pixels, covered by a whole stride-``stride`` input-grid map.
+
+    A non-RoI prediction on the padded stride-4 grid (Hg, Wg) covers input pixels [0, stride·Wg) ×
+    [0, stride·Hg); the valid input (``input_hw``) maps onto the original image (``orig_hw``), so the
+    grid covers the original-pixel box (0, 0, stride·Wg·w0/w_in, stride·Hg·h0/h_in). Cropping a GT mask
+    with this box, or pasting a grid mask into it, resamples between grid and original image exactly.
+    """
+    ih = det.input_hw.to(torch.float32)
+    oh = det.orig_hw.to(torch.float32)
+    hg, wg = grid_hw
+    x1 = stride * wg * oh[:, 1] / ih[:, 1]
+    y1 = stride * hg * oh[:, 0] / ih[:, 0]
+    z = torch.zeros_like(x1)
+    return torch.stack([z, z, x1, y1], dim=-1)
+
+
+def build_mask_targets(det: DetectorOutput, gts: Sequence[GTInstances], assignment: Assignment,
+                       out_size: tuple[int, int], *, soft: bool = False, on_input_grid: bool = False,
+                       grid_stride: int = 4) -> MaskTargets:
+    """Crop every positive's GT mask to its predicted box on the prediction grid.
+
+    Args:
+        det: the batch's detector outputs.
+        gts: B ground truths.
+        assignment: positives from :func:`assign`.
+        out_size: (Sh, Sw) of the predicted mask logits.
+        soft: soft targets (see :func:`crop_masks`).
+        on_input_grid: predictions live on the stride-``grid_stride`` input grid (non-RoI baseline)
+            rather than on each box's RoI grid; the crop box is then the whole grid.
+    """
+    boxes_all = pred_boxes_original(det)
+    grid_boxes = input_grid_boxes(det, out_size, grid_stride).to(boxes_all.device) if on_input_grid else None
+    masks, areas = [], []
+    order = []
+    for b, gt in enumerate(gts):
+        sel = torch.nonzero(assignment.batch_idx == b).flatten()
+        if sel.numel() == 0:
+            continue
+        order.append(sel)
+        g = assignment.gt_idx[sel]
+        gt_areas = gt.masks.flatten(1).sum(1).to(boxes_all.device, torch.float32)  # [N] pixels
+        if grid_boxes is not None:
+            boxes = grid_boxes[b][None].expand(sel.numel(), 4)
+        else:
+            boxes = boxes_all[b, assignment.query_idx[sel]]
+        masks.append(crop_masks(gt.masks, boxes, g, out_size, soft=soft))
+        full = gt_areas[g.to(gt_areas.device)]
+        cell = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6) / (
+            out_size[0] * out_size[1])
+        areas.append(full / cell)
+    dev = boxes_all.device
+    if not order:
+        z = torch.zeros(0, dtype=torch.long, device=dev)
+        return MaskTargets(batch_idx=z, query_idx=z, gt_idx=z,
+                           masks=torch.zeros((0, *out_size), device=dev), gt_area=torch.zeros(0, device=dev))
+    idx = torch.cat(order)
+    return MaskTargets(batch_idx=assignment.batch_idx[idx], query_idx=assignment.query_idx[idx],
+                       gt_idx=assignment.gt_idx[idx], masks=torch.cat(masks), gt_area=torch.cat(areas))
