@@ -61,3 +61,27 @@ def test_cli_bad_input_is_one_line(setup: dict[str, Path]) -> None:
     # (the in-process tests cover the other refusals; one subprocess shows the one-line contract)
     assert_user_error(run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
                               "--out", setup["root"] / "bad1", "masknet.image_encoder.depth=3"), "unknown key", "depth")
+
+
+@pytest.mark.slow
+def test_torchrun_mfdetr_train_two_processes(setup: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    run = setup["root"] / "ddp"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "mfdetr", "train", "--cache", str(setup["train"]), "--coco", str(setup["coco"]),
+                        "--config", str(setup["cfg"]), "--out", str(run), "train.batch_size=1", "train.progress=false"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stderr.count("global batch 2 (1 x 2), lr 0.001") == 1  # reported once, by rank 0
+    rj = json.loads((run / "run.json").read_text())
+    assert (rj["world_size"], rj["backend"], rj["global_batch"]) == (2, "gloo", 2)
+    from mfdetr.engine import read_jsonl
+
+    losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses) == 2 and all(v == v and v >= 0 for v in losses)  # 4 iterations, a record every 2
