@@ -54,9 +54,18 @@ def test_sweep_and_recipe_tables_are_valid_masknet_configs() -> None:
             cfg = spec.config_for(v)
             from_dict(masknet.MaskNetConfig, cfg.masknet, where=f"{p.name}:{v.name}")
             from_dict(losses.LossConfig, cfg.loss, where=f"{p.name}:{v.name}")
+    from mfdetr.detectors import get_preset, list_detectors
+
     for p in RECIPES:
         cfg = load_run_config(p)
-        from_dict(masknet.MaskNetConfig, cfg.masknet, where=p.name)
+        mcfg = from_dict(masknet.MaskNetConfig, cfg.masknet, where=p.name)
+        from_dict(losses.LossConfig, cfg.loss, where=p.name)
+        name = "dino_tiny" if p.stem == "demo" else p.stem
+        if name in list_detectors():  # the recipe builds a MaskNet for its detector's feature shapes
+            pre = get_preset(name)
+            net = masknet.build_masknet(mcfg, d_model=pre.hidden_dim, level_strides=pre.level_strides,
+                                        c1_channels=pre.c1_channels)
+            assert sum(q.numel() for q in net.parameters()) > 0
 
 
 def _fake_variant(v: Variant, cfg, vdir: Path) -> VariantResult:  # noqa: ANN001

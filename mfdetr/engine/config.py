@@ -97,13 +97,12 @@ class DataConfig:
 
     Args:
         require_complete: refuse an incomplete cache instead of training on its complete images.
-        enc_layer: which cached encoder layer feeds MaskNet (Table 15; default layer 4 of 6); 0 = the
-            only one in the cache.
         max_images: use only the first N images of the cache (0 = all) — for smoke runs.
+
+    Which cached encoder layer feeds MaskNet is ``masknet.enc_layer`` (Table 15).
     """
 
     require_complete: bool = False
-    enc_layer: int = 0
     max_images: int = 0
 
 
