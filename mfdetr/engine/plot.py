@@ -20,15 +20,18 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 Series = Mapping[str, Sequence[tuple[float, float]]]
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About ``n`` round tick values (1, 2, 2.5, 5 × 10^k steps) covering [lo, hi]."""
+def nice_ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> list[float]:
+    """About ``n`` round tick values (1, 2, 2.5, 5 × 10^k steps; integers only for ``integer``) covering [lo, hi]."""
     if not math.isfinite(lo) or not math.isfinite(hi):
         return [0.0, 1.0]
     if hi <= lo:
         hi = lo + (abs(lo) or 1.0)
     raw = (hi - lo) / max(n - 1, 1)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    mults = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
+    step = next(m * mag for m in mults if m * mag >= raw)
+    if integer:
+        step = max(step, 1.0)
     start = math.floor(lo / step) * step
     ticks, t = [], start
     while t <= hi + step * 1e-9:
@@ -67,7 +70,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series
         draw.text(((pl + pr) // 2, (pt + pb) // 2), "no data", fill="gray", font=font, anchor="mm")
         return
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    xt, yt = nice_ticks(min(xs), max(xs), integer=True), nice_ticks(min(ys), max(ys))
     x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
 
     def px(x: float) -> float:
@@ -106,13 +109,15 @@ def run_series(run_dir: str | Path) -> tuple[dict[str, list[tuple[float, float]]
     recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
     loss: dict[str, list[tuple[float, float]]] = {}
     ev: dict[str, list[tuple[float, float]]] = {}
-    skip = {"kind", "step", "epoch", "lr", "img_s", "grad_norm"}
     for r in recs:
-        target = loss if r.get("kind") == "train" else ev
+        train = r.get("kind") == "train"
+        target = loss if train else ev
         for k, v in r.items():
-            if k in skip or not isinstance(v, int | float):
+            if not isinstance(v, int | float) or isinstance(v, bool) or k == "step":
                 continue
-            if r.get("kind") == "eval" and not k.lower().startswith(("ap", "segm", "bbox")):
+            # the loss panel shows losses only; the AP panel the headline COCO numbers
+            if (train and not (k == "loss" or k.startswith("loss_"))) or \
+                    (not train and k not in ("AP", "AP50", "AP75", "box_AP")):
                 continue
             target.setdefault(k, []).append((float(r["step"]), float(v)))
     return loss, ev
