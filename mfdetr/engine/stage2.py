@@ -12,6 +12,7 @@ AP of the cached detector boxes (scored by the detector's class scores), both ov
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -196,7 +197,8 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
     mcfg = resolve_masknet_config(cfg)
     store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer)
     parts = build_parts(cfg, store.manifest)
-    cx = complexity(parts.model, store.manifest)
+    # one FLOP-counting forward at the typical input size: only the rank that writes the record
+    cx = complexity(parts.model, store.manifest) if os.environ.get("RANK", "0") == "0" else {}
     metrics: dict[str, Any] = {}
 
     def evaluate_fn(model: nn.Module, step: int) -> dict[str, float]:

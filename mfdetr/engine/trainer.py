@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from mfdetr.config import to_dict
 from mfdetr.engine.checkpoint import (atomic_torch_save, atomic_write_text, capture_rng, library_versions,
                                       load_checkpoint, python_command, restore_rng, seed_step)
 from mfdetr.engine.collate import collate_detector_outputs
