@@ -26,6 +26,10 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
     f.write_text('[train]\nbatch_size = 2\namp = "fp16"\n[masknet]\nroi_size = 32\n')
     cfg = load_run_config(f, ["train.iterations=100", "masknet.roi_size=16"])
     assert (cfg.train.batch_size, cfg.train.amp, cfg.train.iterations, cfg.masknet["roi_size"]) == (2, "fp16", 100, 16)
+    # fixed-length tuples round-trip through the recorded plain data (a resumed run rebuilds its config)
+    assert load_run_config(None, ["train.betas=[0.8, 0.95]"]).train.betas == (0.8, 0.95)
+    again = build_run_config(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.train.betas == (0.9, 0.999)
     with pytest.raises(MfdetrError, match="unknown key.*lrr"):
         build_run_config({}, ["train.lrr=1"])
     with pytest.raises(MfdetrError, match="unknown key.*trian"):
