@@ -3,7 +3,7 @@
 The toy dataset yields, per image, a small random :class:`DetectorOutput` (batch 1, per-image feature
 sizes) plus :class:`GTInstances`; the toy model reads queries and the first encoder level and predicts
 S×S mask logits; the toy criterion samples random points (global RNG) like the paper's point-sampled
-loss, so resume exactness is tested with randomness in the loss and dropout in the model.
+loss, so exactness is tested with randomness in the loss and dropout in the model.
 
 Run as a script: ``python tests/test_engine_toy.py --out RUN [--resume] [--iterations N] ...``
 (also under ``torchrun``).
@@ -85,15 +85,10 @@ class ToyMaskNet(nn.Module):
 class ToyCriterion:
     """BCE on randomly sampled points (global RNG, like point-sampled supervision) + L2 IoU loss."""
 
-    def __init__(self, *, random_points: bool = True, hang_after: int = 0, ready_file: str = "") -> None:
-        self.random_points, self.hang_after, self.ready_file, self.calls = random_points, hang_after, ready_file, 0
+    def __init__(self, *, random_points: bool = True) -> None:
+        self.random_points = random_points
 
     def __call__(self, out: dict[str, Tensor], det: DetectorOutput, targets: list[GTInstances]) -> dict[str, Tensor]:
-        self.calls += 1
-        if self.hang_after and self.calls > self.hang_after:
-            Path(self.ready_file).write_text(str(self.calls))
-            while True:  # wait here to be SIGKILLed by the test
-                time.sleep(0.05)
         logits = out["mask_logits"].flatten(2)  # [B,K,S*S]
         target = (det.boxes[..., :1] > 0.5).float().expand_as(logits)
         if self.random_points:
@@ -111,8 +106,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--images", type=int, default=10)
-    ap.add_argument("--hang-after", type=int, default=0)
-    ap.add_argument("--ready-file", default="")
     ap.add_argument("--no-random", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("overrides", nargs="*")
@@ -121,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                            a.overrides)
     seed_everything(cfg.train.seed)
     model = ToyMaskNet(dropout=a.dropout)
-    crit = ToyCriterion(random_points=not a.no_random, hang_after=a.hang_after, ready_file=a.ready_file)
+    crit = ToyCriterion(random_points=not a.no_random)
     res = train(cfg=cfg, model=model, criterion=crit, train_set=ToyDataset(a.images), run_dir=a.out,
                 resume=a.resume, manifest_sha256="toy")
     if int(os.environ.get("RANK", "0")) == 0:
