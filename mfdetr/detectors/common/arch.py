@@ -83,8 +83,14 @@ class DetrArchConfig:
         return tuple(strides)
 
     def c1_channels(self) -> int:
-        """Channels of backbone stage 0 (C1)."""
-        return C1_CHANNELS.get(self.backbone.kind) or int(self.backbone.params.get("widths", (0,))[0])
+        """Channels of backbone stage 0 (C1): ResNet 256; Swin/FocalNet ``embed_dim`` (full size 192);
+        the tiny CNN ``widths[0]``."""
+        params, kind = self.backbone.params, self.backbone.kind
+        if kind in ("swin", "focalnet") and "embed_dim" in params:
+            return int(params["embed_dim"])
+        if kind == "tiny":
+            return int(params.get("widths", (8,))[0])
+        return C1_CHANNELS[kind]
 
 
 def family_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_file: str | None,
