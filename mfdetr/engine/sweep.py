@@ -181,7 +181,8 @@ def write_summary(spec: SweepSpec, results: Sequence[VariantResult], out_dir: st
     md = [f"# {spec.sweep.table}: {spec.sweep.title}", "",
           "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "▲: added by the mask network (the frozen detector is not counted), as in the paper."]
+    md += ["", "▲: added by the mask network (the frozen detector is not counted), as in the paper; #FLOPs▲ are "
+           "G multiply-adds of one forward pass for one 800×1200 image with K queries (torch's FLOP counter / 2)."]
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
