@@ -280,7 +280,7 @@ def test_shipped_demo_weights_or_a_clear_error() -> None:
         det = build_detector("demo")
         assert not det.training
     else:
-        with pytest.raises(MfdetrError, match="demo_detector.toml"):
+        with pytest.raises(MfdetrError, match="demo_dino.toml"):
             build_detector("demo")
 
 

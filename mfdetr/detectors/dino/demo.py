@@ -13,7 +13,7 @@ config is small:
   ≤ 224 (synthetic images are at most 4/3 · 160 = 213 px long), ImageNet mean/std.
 
 The weights (:data:`DEMO_CHECKPOINT`, ≤ 20 MB, ``{"model": state_dict}``) are produced by ``python -m
-mfdetr.detectors.training train --recipe pipeline/recipes/demo_detector.toml`` (see
+mfdetr.detectors.training train --recipe pipeline/detectors/demo_dino.toml`` (see
 :mod:`mfdetr.detectors.training`). Only 3 encoder layers: ``detect(..., enc_layers=...)`` takes 1..3.
 """
 
@@ -122,7 +122,7 @@ def build_demo(*, checkpoint: str | Path | dict[str, Any] | None = None, device:
         if not DEMO_CHECKPOINT.is_file():
             raise MfdetrError(f"the demo detector's weights are not shipped in this checkout ({DEMO_CHECKPOINT}); "
                               "train them with `python -m mfdetr.detectors.training train --recipe "
-                              "pipeline/recipes/demo_detector.toml --out RUN data.root=SYNTH` and ship "
+                              "pipeline/detectors/demo_dino.toml --out RUN data.root=SYNTH` and ship "
                               "RUN/weights.pt there, or pass checkpoint=")
         checkpoint = DEMO_CHECKPOINT
     return build_dino(DEMO_CONFIG, preset=DEMO_PRESET, checkpoint=checkpoint, device=device)

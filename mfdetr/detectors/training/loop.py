@@ -88,7 +88,7 @@ class LossOptions:
 
 @dataclass
 class DetTrainConfig:
-    """A detector training recipe (``pipeline/recipes/demo_detector.toml``)."""
+    """A detector training recipe (``pipeline/detectors/demo_dino.toml``)."""
 
     preset: str = "demo"
     data: DataOptions = field(default_factory=DataOptions)
