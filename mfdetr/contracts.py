@@ -81,6 +81,7 @@ class DetectorPreset:
         hidden_dim: transformer width ``d`` (width of queries and encoder maps).
         c1_channels: channels of the stride-4 backbone map C1.
         num_encoder_layers: encoder depth (valid ``enc_layers`` are 1..this).
+        num_queries: decoder queries run at inference (top-K can keep at most this many).
     """
 
     name: str
@@ -96,6 +97,7 @@ class DetectorPreset:
     hidden_dim: int
     c1_channels: int
     num_encoder_layers: int
+    num_queries: int | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
@@ -174,3 +175,20 @@ def make_coco(root: str | Path, *, n: int = 6, split: str = "val2017", corrupt: 
     path = root / "annotations" / f"instances_{split}.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return path
+
+
+# --- comparing stores -----------------------------------------------------------------------------------
+def read_all(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    return {name: root[name][:] for name in root.array_keys()}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    xa, xb = read_all(a), read_all(b)
+    assert sorted(xa) == sorted(xb)
+    for name in xa:
+        assert xa[name].dtype == xb[name].dtype and np.array_equal(xa[name], xb[name]), name
+    ma = dict(zarr.open_group(str(a), mode="r").attrs["mfdetr_cache"])
+    mb = dict(zarr.open_group(str(b), mode="r").attrs["mfdetr_cache"])
+    ma.pop("created_utc"), mb.pop("created_utc")
+    assert ma == mb

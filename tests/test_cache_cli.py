@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import zarr
 
 import tests._fake_detector as fd
 from tests.conftest import REPO, assert_user_error, cli_env, run_cli
-from tests.test_cache_store import assert_same_store
+from tests._fake_detector import assert_same_store
 
 N_IMAGES = 10
 
@@ -40,8 +39,9 @@ def plugin_env():
 
 
 def cache_args(coco: Path, out: Path, *extra: str) -> list[str]:
+    """Batch size 1: bit-identical comparisons hold even for a detector whose outputs depend on batch padding."""
     return ["cache", "--detector", fd.NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
-            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", "4,6", "--batch-size", "2",
+            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", "4,6", "--batch-size", "1",
             "--workers", "0", *extra]
 
 
@@ -101,10 +101,16 @@ def test_dry_run_estimates_before_compute(coco, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_dry_run_on_a_finished_store_has_nothing_to_do(coco, reference):
+    proc = main_inproc(*cache_args(coco, reference[0], "--dry-run"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{N_IMAGES - 1} already done; 0 to compute" in proc.stdout
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_identical(coco, tmp_path, reference):
     out = tmp_path / "s"
-    proc = popen(cache_args(coco, out, "--batch-size", "1"), MFDETR_FAKE_SLEEP="0.4")
+    proc = popen(cache_args(coco, out), MFDETR_FAKE_SLEEP="0.4")
     try:
         deadline = time.monotonic() + 120
         while committed(out) < 2:

@@ -39,20 +39,26 @@ def test_markdown_table_matches_json_table():
         cells = [c.strip() for c in rows[a["name"]].strip("|").split("|")]
         assert cells[1] == "[" + ", ".join(map(str, a["shape"])) + "]", a["name"]
         assert cells[2].startswith("float32" if a["dtype"] == "logits" else a["dtype"]), a["name"]
-        assert cells[4] == a["codec"], a["name"]
+        assert cells[3] == "[" + ", ".join(map(str, a["chunks"])) + "]", a["name"]
+        assert cells[4] == ("[" + ", ".join(map(str, a["inner_chunks"])) + "]" if a.get("inner_chunks") else "-")
+        assert cells[5] == a["codec"], a["name"]
 
 
 def test_built_manifest_resolves_the_array_table():
     m = manifest()
     assert validate_manifest_data(m) == []
     assert m["enc_layers"] == [4, 6] and m["checkpoint"]["file"] == "fake.pth"
-    assert m["canvas"] == {"input_hw": [128, 128], "level_hw": [[16, 16], [8, 8], [4, 4], [2, 2]], "c1_hw": [32, 32]}
+    assert m["canvas"] == {"input_hw": [128, 128], "level_hw": [[16, 16], [8, 8], [4, 4], [2, 2]], "c1_hw": [32, 32],
+                           "level_tile": [16, 8, 4, 2], "c1_tile": 16}
     specs = {s.name: s for s in resolve_array_table(m)}
     assert specs["enc_layer6_level1"].shape == (3, 16, 8, 8) and specs["enc_layer6_level1"].chunks == (1, 16, 8, 8)
     assert specs["logits"].dtype == "float32" and specs["queries"].dtype == "float16"
     assert specs["commit"].codec == "none" and specs["image_ids"].chunks == (3,)
     assert all(s.chunks[0] == 1 for n, s in specs.items() if n != "image_ids")  # one image per chunk
-    assert canvas_for(1333, (8, 16, 32, 64))["level_hw"][0] == [168, 168]  # 1333 → 1344 = 21 × 64
+    assert specs["c1"].inner_chunks == (1, 8, 16, 16) and specs["enc_layer4_level0"].inner_chunks is None
+    r50 = canvas_for(1333, (8, 16, 32, 64))  # 1333 → 1344 = 21 × 64
+    assert r50["level_hw"][0] == [168, 168] and r50["c1_hw"] == [336, 336]
+    assert r50["c1_tile"] == 48 and r50["level_tile"] == [24, 21, 21, 21]
     with pytest.raises(MfdetrError, match="encoder layers 1..6"):
         manifest(enc_layers=[7])
 

@@ -13,9 +13,10 @@ import torch
 import zarr
 
 import tests._fake_detector as fd
+from tests._fake_detector import assert_same_store, read_all
 from mfdetr.cache import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheJob, CacheStore,
                           CacheWriter, build_manifest, records_from_output, run_cache)
-from mfdetr.cache.store import open_for_writing
+from mfdetr.cache.store import open_for_writing, read_commit_flags
 from mfdetr.contracts import ImageBatch
 from mfdetr.detectors.registry import unregister_detector
 from mfdetr.errors import MfdetrError
@@ -43,22 +44,6 @@ def job(coco: Path, out: Path, **kw) -> CacheJob:
     return CacheJob(**base)
 
 
-def read_all(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    return {name: root[name][:] for name in root.array_keys()}
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    xa, xb = read_all(a), read_all(b)
-    assert sorted(xa) == sorted(xb)
-    for name in xa:
-        assert xa[name].dtype == xb[name].dtype and np.array_equal(xa[name], xb[name]), name
-    ma = dict(zarr.open_group(str(a), mode="r").attrs["mfdetr_cache"])
-    mb = dict(zarr.open_group(str(b), mode="r").attrs["mfdetr_cache"])
-    ma.pop("created_utc"), mb.pop("created_utc")
-    assert ma == mb
-
-
 def batch_of(coco: Path, ids: list[int]) -> ImageBatch:
     from mfdetr.data import CocoInstances, collate
 
@@ -73,6 +58,11 @@ def test_round_trip_values_padding_and_layers(tmp_path, coco, fake):
     assert store.complete_indices().tolist() == [0, 1, 2, 3, 5, 6]
     [(idx, iid, reason)] = store.skipped()
     assert (idx, iid) == (4, 5) and "000005.png" in reason
+    # the fast commit scan agrees with zarr and ignores a killed writer's temporary file
+    (tmp_path / "s" / "commit" / "c" / "1.0123abcd.partial").write_bytes(b"\x01")
+    commit = zarr.open_group(str(tmp_path / "s"), mode="r")["commit"]
+    assert read_commit_flags(tmp_path / "s", commit).tolist() == commit[:].tolist() == [1, 1, 1, 1, 2, 1, 1]
+    assert len(store.manifest_sha256) == 64
 
     # a portrait and a landscape image in one padded batch: the store must hold the unpadded values
     ref = fake.detect(batch_of(coco, [2, 4]), topk=8, enc_layers=(4, 6))
@@ -205,7 +195,10 @@ def test_image_larger_than_canvas_is_skipped_with_reason(tmp_path, coco, fake):
     writer = CacheWriter(root=root, path=tmp_path / "s", manifest=m)
     out = fake.detect(batch_of(coco, [1]), topk=8, enc_layers=(4,))
     [rec] = records_from_output(out, indices=[0], file_names=["a.png"], image_ids=[1])
-    rec.arrays["level_valid_hw"][0] = [17, 3]  # pretend level 0 is taller than its 16-cell canvas
+    rec.arrays["level_valid_hw"][0] = [17, 3]  # level 0 taller than its map: the detector's fault, an error
+    with pytest.raises(ValueError, match="exceeds the returned map"):
+        writer.write_image(rec)
+    rec.arrays["enc_layer4_level0"] = np.ones((16, 17, 9), dtype=np.float16)  # ... and than its 16-cell canvas
     writer.write_image(rec)
     store = CacheStore.open(tmp_path / "s")
     assert store.commit_flags().tolist() == [COMMIT_SKIPPED]

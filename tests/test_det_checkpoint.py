@@ -45,6 +45,9 @@ def test_full_preset_matches_official_manifest(preset):
     manifest = read_manifest(PRESET_MANIFEST[preset])
     with torch.device("meta"):
         model = build_dino_model(cfg, preset=DINO_PRESETS[preset])
+    preset_meta = DINO_PRESETS[preset]
+    assert preset_meta.c1_channels == model.body.c1_spec.channels
+    assert preset_meta.level_strides[: len(model.body.out_indices)] == tuple(s.stride for s in model.body.out_specs)
     ours = model.state_dict()
     assert sorted(set(manifest) - set(ours)) == []
     assert sorted(set(ours) - set(manifest)) == []

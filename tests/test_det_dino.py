@@ -206,3 +206,41 @@ def test_config_errors():
         BackboneConfig(kind="tiny", out_indices=(3, 1))
     with pytest.raises(MfdetrError, match="unknown DinoConfig keys"):
         DinoConfig.from_dict({"backbone": {"kind": "tiny"}, "hiden_dim": 3})
+
+
+@pytest.mark.parametrize("name", ["dino_r50", "dino_r50_5scale", "dino_swinl", "dino_swinl_4scale", "dino_focal",
+                                  "dino_tiny"])
+def test_preset_json_round_trip_rebuilds_the_same_architecture(name):
+    """A cache manifest stores ``preset.to_dict()`` as JSON; its ``arch`` rebuilds the same model."""
+    import json
+
+    from mfdetr.detectors.dino import DINO_CONFIGS, build_dino_model
+
+    preset = get_preset(name)
+    d = json.loads(json.dumps(preset.to_dict()))
+    cfg = DinoConfig.from_dict(d["arch"])
+    assert cfg == DINO_CONFIGS[name][0]
+    with torch.device("meta"):
+        a = build_dino_model(cfg, preset=preset).state_dict()
+        b = build_dino_model(DINO_CONFIGS[name][0], preset=preset).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+@pytest.mark.parametrize("backbone", [
+    BackboneConfig(kind="swin", out_indices=(0, 1, 2, 3),
+                   params={"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4), "window_size": 3}),
+    BackboneConfig(kind="swin", out_indices=(1, 2, 3),
+                   params={"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4), "window_size": 3}),
+    BackboneConfig(kind="focalnet", out_indices=(0, 1, 2, 3),
+                   params={"embed_dim": 16, "depths": (1, 1, 2, 1), "focal_levels": 2, "focal_windows": 3}),
+], ids=["swin-5scale", "swin-4scale", "focalnet-5scale"])
+def test_tiny_dino_with_transformer_backbones(backbone):
+    """The dino_swinl / dino_focal code paths at tiny size (same builders, same wiring)."""
+    levels = len(backbone.out_indices) + 1
+    cfg = DinoConfig(backbone=backbone, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=32,
+                     enc_n_points=2, dec_n_points=2, num_queries=10, num_feature_levels=levels)
+    det = build_dino(cfg)
+    out = det.detect(make_batch([(64, 96), (80, 64)]), topk=5, enc_layers=(2,))
+    assert out.c1.shape == (2, 16, 20, 24) and len(out.enc_maps[2]) == levels
+    assert det.preset.level_strides == ((4, 8, 16, 32, 64) if levels == 5 else (8, 16, 32, 64))
+    assert det.preset.c1_channels == det.body.c1_spec.channels == 16

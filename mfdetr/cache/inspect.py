@@ -26,7 +26,7 @@ def inspect_store(path: str | Path, *, max_skips: int = 20) -> tuple[list[str], 
     """Validate the store at ``path`` (raises :class:`MfdetrError` if invalid) and describe it.
 
     Returns ``(lines to print, facts)``; ``facts`` holds the same numbers for programs and tests:
-    ``done``, ``skipped``, ``pending``, ``num_images``, ``arrays`` ({name: {shape, dtype, chunks, codec,
+    ``done``, ``skipped``, ``pending``, ``num_images``, ``arrays`` ({name: {shape, dtype, chunks, tiles, codec,
     stored_bytes, raw_bytes_written}}), ``partial_files`` (leftover temporaries of killed writers).
     """
     store = CacheStore.open(path)
@@ -54,16 +54,20 @@ def inspect_store(path: str | Path, *, max_skips: int = 20) -> tuple[list[str], 
     for name in m["arrays"]:
         arr = store._arrays[name]
         sb = stored_bytes(store.path, name) - os.path.getsize(store.path / name / "zarr.json")
-        per_chunk = int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        unit = tuple(arr.shards or arr.chunks)  # per-image file: a chunk, or a shard of tiles
+        tiles = tuple(arr.chunks) if arr.shards else None
+        per_chunk = int(np.prod(unit)) * arr.dtype.itemsize
         n_chunks = 1 if name == "image_ids" else (skipped if name == "skip_reason" else
                                                   written if name == "commit" else done)
         raw = per_chunk * n_chunks
         total += sb
         codec = _describe_compressors(arr)
-        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(unit),
+                        "tiles": list(tiles) if tiles else None,
                         "codec": codec, "stored_bytes": sb, "raw_bytes_written": raw}
         ratio = f"{raw / sb:5.2f}x" if sb else "   - "
-        lines.append(f"  {name:22s} {str(tuple(arr.shape)):24s} {str(arr.dtype):8s} chunks {str(tuple(arr.chunks)):20s} "
+        layout = f"chunks {unit}" + (f" tiles {tiles[-2]}x{tiles[-1]}" if tiles else "")
+        lines.append(f"  {name:22s} {str(tuple(arr.shape)):24s} {str(arr.dtype):8s} {layout:38s} "
                      f"{codec['name']:5s} {_human(sb):>10s} / {_human(raw):>10s} {ratio}")
     partial = sum(1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
     lines.append(f"bytes on disk: {_human(stored_bytes(store.path))}"

@@ -6,6 +6,8 @@ The reader knows only the store and the contracts — never a detector (stage 2 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,7 @@ import zarr
 
 from mfdetr.cache.manifest import check_expectations
 from mfdetr.cache.schema import enc_array_name
-from mfdetr.cache.store import open_validated
+from mfdetr.cache.store import open_validated, read_commit_flags
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
@@ -62,6 +64,11 @@ class CacheStore:
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
 
+    @property
+    def manifest_sha256(self) -> str:
+        """sha256 of the canonical manifest JSON (``created_utc`` included): what a training run records."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: reopen lazily
         return {"path": self.path, "manifest": self.manifest}
 
@@ -73,7 +80,7 @@ class CacheStore:
     def commit_flags(self, *, refresh: bool = False) -> np.ndarray:
         """[N] uint8: 0 pending, 1 done, 2 skipped (cached; ``refresh`` rereads)."""
         if self._commit is None or refresh:
-            self._commit = self._arrays["commit"][:]  # type: ignore[assignment]
+            self._commit = read_commit_flags(self.path, self._arrays["commit"])
         assert self._commit is not None
         return self._commit
 
@@ -96,11 +103,23 @@ class CacheStore:
         return int(hit[0])
 
     # --- per-image reads ----------------------------------------------------------------------------
-    def read_arrays(self, index: int, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Raw stored arrays of image ``index`` (canvas-sized maps, batch dim removed), read in parallel."""
+    def read_arrays(self, index: int, names: Sequence[str],
+                    regions: Mapping[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+        """Raw stored arrays of image ``index`` (batch dim removed), read in parallel threads.
+
+        Maps are canvas-sized unless ``regions`` gives ``name → (h, w)``: then only ``[..., :h, :w]`` is
+        read (and only the tiles it overlaps are decoded).
+        """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mfdetr-cache-read")
-        futs = {n: self._pool.submit(self._arrays[n].__getitem__, index) for n in names}
+
+        def key(n: str) -> Any:
+            if regions is not None and n in regions:
+                h, w = regions[n]
+                return (index, slice(None), slice(0, h), slice(0, w))
+            return index
+
+        futs = {n: self._pool.submit(self._arrays[n].__getitem__, key(n)) for n in names}
         return {n: f.result() for n, f in futs.items()}
 
     def read(self, index: int, *, enc_layers: Sequence[int] | None = None, crop: bool = True,
@@ -124,22 +143,23 @@ class CacheStore:
         if missing:
             raise MfdetrError(f"cache holds encoder layers {self.enc_layers}, layers {missing} were asked for",
                               path=self.path)
-        enc_names = [enc_array_name(e, lvl) for e in layers for lvl in range(len(self.level_strides))]
-        a = self.read_arrays(index, [*_SMALL, "c1", *enc_names])
+        a = self.read_arrays(index, list(_SMALL))
         lvl_hw = a["level_valid_hw"].astype(np.int64)
         ih, iw = (int(v) for v in a["input_hw"])
+        # maps: only the valid region is read when cropping, so only the tiles it overlaps are decoded
+        regions = {"c1": (math.ceil(ih / 4), math.ceil(iw / 4))}
+        for e in layers:
+            for lvl in range(len(self.level_strides)):
+                regions[enc_array_name(e, lvl)] = (int(lvl_hw[lvl][0]), int(lvl_hw[lvl][1]))
+        a.update(self.read_arrays(index, list(regions), regions=regions if crop else None))
 
         def t(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(x))[None]
 
-        def cut(x: np.ndarray, h: int, w: int) -> np.ndarray:
-            return x[:, :h, :w] if crop else x
-
-        enc = {e: [t(cut(a[enc_array_name(e, lvl)], *lvl_hw[lvl])) for lvl in range(len(self.level_strides))]
-               for e in layers}
+        enc = {e: [t(a[enc_array_name(e, lvl)]) for lvl in range(len(self.level_strides))] for e in layers}
         out = DetectorOutput(
             queries=t(a["queries"]), boxes=t(a["boxes"]), logits=t(a["logits"]), enc_maps=enc,
-            c1=t(cut(a["c1"], math.ceil(ih / 4), math.ceil(iw / 4))),
+            c1=t(a["c1"]),
             input_hw=t(a["input_hw"].astype(np.int64)), orig_hw=t(a["orig_hw"].astype(np.int64)),
             level_valid_hw=t(lvl_hw))
         return out, int(self.image_ids[index])

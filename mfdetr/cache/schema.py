@@ -120,9 +120,10 @@ class ArraySpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    chunks: tuple[int, ...]
+    chunks: tuple[int, ...]  # the per-image storage unit (a plain chunk, or a shard when inner_chunks)
     codec: str  # "data" or "none"
     meaning: str
+    inner_chunks: tuple[int, ...] | None = None  # tiles of a sharded array, compressed one by one
 
 
 def resolve_array_table(manifest: dict[str, Any]) -> list[ArraySpec]:
@@ -132,7 +133,7 @@ def resolve_array_table(manifest: dict[str, Any]) -> list[ArraySpec]:
     sym: dict[str, int] = {
         "N": manifest["num_images"], "K": manifest["topk"], "d": manifest["hidden_dim"],
         "C": manifest["num_classes"], "C1": manifest["c1_channels"], "L": len(manifest["level_strides"]),
-        "H1": canvas["c1_hw"][0], "W1": canvas["c1_hw"][1], "R": SKIP_REASON_BYTES,
+        "H1": canvas["c1_hw"][0], "W1": canvas["c1_hw"][1], "R": SKIP_REASON_BYTES, "T1": canvas["c1_tile"],
     }
 
     def dims(spec: list[Any], extra: dict[str, int]) -> tuple[int, ...]:
@@ -140,21 +141,24 @@ def resolve_array_table(manifest: dict[str, Any]) -> list[ArraySpec]:
         return tuple(int(x) if isinstance(x, int) else max({**sym, **extra}[x], 1 if x == "N" else 0)
                      for x in spec)
 
+    def _spec(row: dict[str, Any], name: str, dtype: str, extra: dict[str, int]) -> ArraySpec:
+        shape = (manifest["num_images"], *dims(row["shape"], extra)[1:])
+        chunks = dims(row["chunks"], extra)
+        inner = dims(row["inner_chunks"], extra) if row.get("inner_chunks") else None
+        if inner == chunks:  # a map no bigger than one tile: a plain chunk
+            inner = None
+        return ArraySpec(name, shape, dtype, chunks, row["codec"], row["meaning"], inner)
+
     out: list[ArraySpec] = []
     for row in table:
         dtype = manifest["dtypes"]["logits"] if row["dtype"] == "logits" else row["dtype"]
         if "{e}" in row["name"]:
             for e in manifest["enc_layers"]:
                 for lvl, (h, w) in enumerate(canvas["level_hw"]):
-                    extra = {"Hl": h, "Wl": w}
-                    shape = dims(row["shape"], extra)
-                    shape = (manifest["num_images"], *shape[1:])
-                    out.append(ArraySpec(row["name"].format(e=e, l=lvl), shape, dtype,
-                                         dims(row["chunks"], extra), row["codec"], row["meaning"]))
+                    extra = {"Hl": h, "Wl": w, "Tl": canvas["level_tile"][lvl]}
+                    out.append(_spec(row, row["name"].format(e=e, l=lvl), dtype, extra))
         else:
-            shape = dims(row["shape"], {})
-            shape = (manifest["num_images"], *shape[1:])
-            out.append(ArraySpec(row["name"], shape, dtype, dims(row["chunks"], {}), row["codec"], row["meaning"]))
+            out.append(_spec(row, row["name"], dtype, {}))
     return out
 
 

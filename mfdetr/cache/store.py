@@ -63,7 +63,9 @@ def _describe_compressors(arr: zarr.Array) -> dict[str, Any]:
 def _build(path: Path, manifest: dict[str, Any], image_ids: np.ndarray) -> None:
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     for spec in resolve_array_table(manifest):
-        arr = root.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+        layout = ({"shards": spec.chunks, "chunks": spec.inner_chunks} if spec.inner_chunks
+                  else {"chunks": spec.chunks})
+        arr = root.create_array(spec.name, shape=spec.shape, dtype=spec.dtype, **layout,
                                 compressors=make_compressors(_codec_of(spec, manifest)), fill_value=0)
         if spec.name == "image_ids" and len(image_ids):
             arr[:] = image_ids
@@ -133,11 +135,12 @@ def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Pa
             raise MfdetrError(f"array '{spec.name}' is missing", path=path)
         arr = root[spec.name]
         assert isinstance(arr, zarr.Array)
-        got = (tuple(arr.shape), str(arr.dtype), tuple(arr.chunks))
-        want = (spec.shape, spec.dtype, spec.chunks)
+        got = (tuple(arr.shape), str(arr.dtype), tuple(arr.shards or arr.chunks),
+               tuple(arr.chunks) if arr.shards else None)
+        want = (spec.shape, spec.dtype, spec.chunks, spec.inner_chunks)
         if got != want:
-            raise MfdetrError(f"array '{spec.name}' is (shape, dtype, chunks)={got}, the schema says {want}",
-                              path=path)
+            raise MfdetrError(f"array '{spec.name}' is (shape, dtype, chunks, inner chunks)={got}, the schema "
+                              f"says {want}", path=path)
         codec = _describe_compressors(arr)
         want_codec = _codec_of(spec, manifest)
         if codec["name"] != want_codec["name"] or codec.get("level") != want_codec.get("level"):
@@ -163,9 +166,35 @@ def open_validated(path: str | Path, *, mode: str = "r") -> tuple[zarr.Group, di
 
 
 def chunk_path(root_dir: str | Path, arr: zarr.Array, index: int) -> Path:
-    """File holding image ``index``'s chunk of ``arr`` (one image per chunk along N)."""
+    """File holding image ``index``'s chunk (or shard) of ``arr`` (one image per file along N)."""
     key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
     return Path(root_dir) / arr.path / key
+
+
+def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
+    """All commit flags [N] uint8 (0 pending, 1 done, 2 skipped).
+
+    Fast path (~4x faster than one zarr read per chunk; seconds for COCO train): the commit array is
+    stored uncompressed with one 1-byte chunk per image under ``commit/c/<i>`` (schema v1), so the flags
+    are the contents of the chunk files present; missing files are pending. Leftover ``*.partial``
+    temporaries of killed writers are ignored (zarr renames a chunk file into place only when complete).
+    Falls back to zarr for any other layout.
+    """
+    enc = arr.metadata.chunk_key_encoding
+    if arr.compressors or arr.ndim != 1 or arr.chunks != (1,) or enc.to_dict() != {
+            "name": "default", "configuration": {"separator": "/"}}:
+        return np.asarray(arr[:], dtype=np.uint8)
+    flags = np.zeros(arr.shape[0], dtype=np.uint8)
+    base = Path(root_dir) / arr.path / "c"
+    if not base.is_dir():
+        return flags
+    for entry in os.scandir(base):
+        if entry.name.isdigit() and int(entry.name) < len(flags):
+            with open(entry.path, "rb") as f:
+                raw = f.read(2)
+            if len(raw) == 1:
+                flags[int(entry.name)] = raw[0]
+    return flags
 
 
 def stored_bytes(root_dir: str | Path, name: str | None = None) -> int:

@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
     @app.command("cache")
     def cache(
         detector: str = typer.Option(..., "--detector", help="Detector preset name (extra presets: $MFDETR_PLUGINS)."),
-        checkpoint: Path = typer.Option(..., "--checkpoint", help="Detector checkpoint file (its sha256 goes in the manifest)."),
+        checkpoint: Path = typer.Option(..., "--checkpoint",
+                                        help="Detector checkpoint file (its sha256 goes in the manifest)."),
         coco: Path = typer.Option(..., "--coco", help="COCO folder (SPLIT/ images, annotations/instances_SPLIT.json)."),
         split: str = typer.Option("val2017", "--split", help="Split to cache."),
         out: Path = typer.Option(..., "--out", help="Store directory (created, or resumed if it exists)."),
@@ -32,9 +33,11 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(1, "--batch-size", help="Images per detector forward."),
         shard: str = typer.Option(None, "--shard", help="i/n: this process writes store indices i, i+n, ... "
                                                          "(default: torchrun RANK/WORLD_SIZE, else all)."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (cuda under torchrun: cuda:LOCAL_RANK)."),
+        device: str = typer.Option("cpu", "--device",
+                                   help="cpu, cuda or cuda:N (cuda under torchrun: cuda:LOCAL_RANK)."),
         workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
-        writer_threads: int = typer.Option(2, "--writer-threads", help="Background compression/writing threads."),
+        writer_threads: int = typer.Option(4, "--writer-threads", help="Background compression/writing threads "
+                                                                       "(zstd releases the GIL)."),
         retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Recompute images recorded as skipped."),
         annotation_file: Path = typer.Option(None, "--annotations", help="Override the instances JSON path."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes, compute nothing."),

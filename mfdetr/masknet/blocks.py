@@ -5,9 +5,10 @@
   encoder layer with GELU; eq. 6). One layer at d = 256, 8 heads, 4 levels, 4 points, FFN 1024 has
   756,864 parameters (Table 2: 0.76 M).
 - :class:`SwinBlock` — LN → (shifted) W-MSA → LN → FFN, pre-norm residuals, relative position bias
-  (eq. 7). Shifted windows are realised by padding the top/left by ``window - shift`` instead of a
-  cyclic roll, and every key outside the valid region is masked: results inside the valid region do
-  not depend on how much padding a map carries (a cyclic roll would wrap the canvas edge around).
+  (eq. 7), Swin's cyclic shift with its region mask. The map is padded bottom/right to a multiple of
+  the window and every key outside the valid region is masked as well, so results inside the valid
+  region do not depend on how much padding a map carries (windows stay anchored at the origin and
+  the region mask keeps the rolled-in canvas edge apart).
 - :class:`ConvNeXtBlock` — DWConv k×k → LN → FFN → layer scale, residual (eq. 8). 539,136 params at
   d = 256 (Table 2: 0.54 M).
 - :class:`Attention` — multi-head attention with q/k/v projections and no output projection (the
@@ -130,16 +131,16 @@ class WindowAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
-    def forward(self, x: Tensor, key_valid: Tensor | None) -> Tensor:
-        """``x`` [B, nW, w², dim] window tokens; ``key_valid`` [B or 1, nW, w²] bool (a pattern shared by
-        all B maps is given once), or None (all keys valid)."""
+    def forward(self, x: Tensor, allowed: Tensor | None) -> Tensor:
+        """``x`` [B, nW, n, dim] window tokens (n = w²); ``allowed`` [B or 1, nW, n or 1, n] bool: which
+        keys a query may attend to (a pattern shared by all B maps is given once), or None (all)."""
         b, nw, n, c = x.shape
         qkv = self.qkv(x).view(b, nw, n, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, nW, h, n, dh]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         mask = bias.view(n, n, self.heads).permute(2, 0, 1)[None, None].to(q.dtype)  # [1, 1, h, n, n]
-        if key_valid is not None:
-            mask = mask.masked_fill(~key_valid[:, :, None, None, :], float("-inf"))
+        if allowed is not None:
+            mask = mask.masked_fill(~allowed[:, :, None], float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
 
@@ -167,25 +168,46 @@ class SwinBlock(nn.Module):
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         """``x`` [B, H, W, C]; ``valid`` [B, H, W] bool (None: everything valid). Returns [B, H, W, C]."""
         b, h, w, c = x.shape
-        win = self.window
-        top = (win - self.shift) % win
-        ph, pw = (-(h + top)) % win, (-(w + top)) % win
-        y = F.pad(self.norm1(x), (0, 0, top, pw, top, ph))
-        hp, wp = h + top + ph, w + top + pw
+        win, s = self.window, self.shift
+        ph, pw = (-h) % win, (-w) % win
+        y = F.pad(self.norm1(x), (0, 0, 0, pw, 0, ph))
+        hp, wp = h + ph, w + pw
         nh, nw = hp // win, wp // win
-        kv = None
-        if valid is not None or top or ph or pw:
-            # one pattern shared by all maps when only the window padding is invalid (the RoI maps)
+        allowed = None  # [B or 1, nW, n, n] which keys each query may attend to
+        if valid is not None or ph or pw:
             vm = torch.ones(1, h, w, dtype=torch.bool, device=x.device) if valid is None else valid
-            vm = F.pad(vm, (top, pw, top, ph), value=False)
-            kv = vm.view(-1, nh, win, nw, win).transpose(2, 3).reshape(-1, nh * nw, win * win)
-            # a window with no valid key holds only padding: let it attend freely (finite, discarded)
-            kv = kv | ~kv.any(dim=-1, keepdim=True)
+            vm = F.pad(vm, (0, pw, 0, ph), value=False)
+            if s:
+                vm = torch.roll(vm, shifts=(-s, -s), dims=(1, 2))
+            kv = vm.view(-1, nh, win, nw, win).transpose(2, 3).reshape(-1, nh * nw, 1, win * win)
+            allowed = kv
+        if s:
+            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
+            same = self._same_region(hp, wp, x.device)[None]  # [1, nW, n, n]
+            allowed = same if allowed is None else allowed & same
+        if allowed is not None:
+            # a query with no allowed key (padding only) attends freely: finite, and discarded anyway
+            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
         yw = y.view(b, nh, win, nw, win, c).transpose(2, 3).reshape(b, nh * nw, win * win, c)
-        yw = self.attn(yw, kv)
+        yw = self.attn(yw, allowed)
         y = yw.view(b, nh, nw, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
-        x = x + y[:, top:top + h, top:top + w]
+        if s:
+            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
+        x = x + y[:, :h, :w]
         return x + self.ffn(self.norm2(x))
+
+    def _same_region(self, hp: int, wp: int, device: torch.device) -> Tensor:
+        """Swin's shifted-window mask as booleans [nW, n, n]: True where query and key come from the
+        same region of the rolled canvas (tokens rolled in from the opposite edge are kept apart)."""
+        win, s = self.window, self.shift
+        img = torch.zeros(hp, wp, dtype=torch.long, device=device)
+        cnt = 0
+        for hs in (slice(0, -win), slice(-win, -s), slice(-s, None)):
+            for ws in (slice(0, -win), slice(-win, -s), slice(-s, None)):
+                img[hs, ws] = cnt
+                cnt += 1
+        mw = img.view(hp // win, win, wp // win, win).transpose(1, 2).reshape(-1, win * win)
+        return mw[:, None, :] == mw[:, :, None]
 
 
 class ConvNeXtBlock(nn.Module):

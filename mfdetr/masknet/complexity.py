@@ -3,10 +3,10 @@
 - #params▲: trainable parameters of the MaskNet (the detector is frozen and adds none).
 - #FLOPs▲: counted with :class:`torch.utils.flop_counter.FlopCounterMode` on one synthetic image of
   the detector's typical input size with K queries. That counter counts **2 FLOPs per multiply-add**
-  of matmuls and convolutions and does not count ``grid_sample`` (the deformable sampling),
-  RoIAlign, interpolation, normalisation or element-wise ops. The paper's #FLOPs▲ appear to count
-  multiply-adds (fvcore convention; e.g. Table 3: 69.7 G per 256-d box-encoder layer ≈ 682 k
-  MACs/token × 100 RoIs × 1024 tokens), so compare its numbers with our **GMACs = FLOPs / 2**.
+  of matmuls, convolutions and attention (SDPA) and does not count ``grid_sample`` (the deformable
+  sampling), RoIAlign, interpolation, normalisation or element-wise ops. The paper's #FLOPs▲ appear
+  to count multiply-adds (fvcore convention; e.g. Table 3: 69.7 G per 256-d box-encoder layer ≈
+  682 k MACs/token × 100 RoIs × 1024 tokens), so compare its numbers with our **GMACs = FLOPs / 2**.
 
 Detector metadata enters as a :class:`FeatureSpec` (d, level strides, C1 channels, input size); the
 CLI fills it from the detector registry or from explicit values, never importing detectors here.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mfdetr.contracts import DetectorOutput
 from mfdetr.masknet.model import MaskNet
@@ -86,6 +86,16 @@ def params_by_component(model: MaskNet) -> dict[str, int]:
     return out
 
 
+def _cpu_flash_sdpa_flop(query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: object,
+                         **kwargs: object) -> int:
+    return int(sdpa_flop_count(query, key, value))
+
+
+# torch's counter has no formula for the CPU flash-attention kernel that 4-D SDPA dispatches to on CPU
+# (the math fallback and the CUDA kernels are counted): count it like the CUDA flash kernel.
+_CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flop}
+
+
 def flops_by_component(model: MaskNet, det: DetectorOutput) -> dict[str, int]:
     """FLOPs (torch's counter: 2·MACs of matmul/conv) of one forward, per component, ``other``
     (ops in MaskNet.forward itself, e.g. the non-RoI dot product) and ``total``."""
@@ -94,7 +104,8 @@ def flops_by_component(model: MaskNet, det: DetectorOutput) -> dict[str, int]:
     # no autograd at all: torch's module tracker trips over views of parameters made under no_grad
     model.eval().requires_grad_(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
+        counter = FlopCounterMode(display=False, depth=None, custom_mapping=_CUSTOM_FLOPS)
+        with torch.no_grad(), counter as fc:
             model(det)
     finally:
         model.train(was_training)
@@ -137,7 +148,7 @@ class ComplexityReport:
                 continue
             ps = f"{p:>12,}{p / 1e6:>8.2f}" if p is not None else f"{'':>12}{'':>8}"
             lines.append(f"{name:<15}{ps}{f / 1e9:>10.2f}{f / 2e9:>10.2f}")
-        lines.append("FLOPs: torch.utils.flop_counter.FlopCounterMode, 2 per multiply-add of matmul/conv; "
+        lines.append("FLOPs: torch.utils.flop_counter.FlopCounterMode, 2 per multiply-add of matmul/conv/attention; "
                      "grid_sample (deformable sampling), RoIAlign, interpolation, norms and element-wise ops "
                      "are not counted. The paper's #FLOPs▲ appear to be multiply-adds: compare with GMACs.")
         lines.extend(self.notes)

@@ -126,7 +126,8 @@ class MaskNetConfig:
         roi: RoIAlign the features per box (eq. 3-4); ``False`` = full-image dot product (eq. 1,
             training-free baseline only): mask logits on the stride-4 image grid.
         roi_size: RoIAlign output size S (Table 10: 16/32/64).
-        roi_sampling_ratio: RoIAlign sampling points per bin side (0 = adaptive).
+        roi_sampling_ratio: RoIAlign sampling points per bin side (0 = adaptive); 2 as torchvision's
+            Mask R-CNN mask pooler (bounded cost for large boxes).
         fuse_c1: F = C1 + up(E_1) (eq. 1/5); ``False`` = F = up(E_1).
     """
 

@@ -39,6 +39,8 @@ class BackboneConfig:
         if not idx or list(idx) != sorted(set(idx)) or idx[0] < 0 or idx[-1] > 3:
             raise MfdetrError(f"backbone out_indices must be an ascending subset of 0..3, got {idx}")
         object.__setattr__(self, "out_indices", idx)
+        # JSON/TOML give lists: store tuples so a config read back from a manifest equals the original
+        object.__setattr__(self, "params", {k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "out_indices": list(self.out_indices), "params": dict(self.params)}

@@ -20,7 +20,7 @@ from mfdetr.detectors.registry import register_detector
 from mfdetr.errors import MfdetrError
 
 #: C1 channels (backbone stage 0) of the full-size backbone kinds
-C1_CHANNELS = {"resnet": 256, "swin": 192, "focalnet": 192}
+C1_CHANNELS = {"resnet": 256, "swin": 192, "focalnet": 192, "tiny": 8}
 #: strides of backbone stages 0..3
 BACKBONE_STRIDES = (4, 8, 16, 32)
 
@@ -61,6 +61,10 @@ class DetrArchConfig:
             raise MfdetrError(f"hidden_dim ({self.hidden_dim}) must be a multiple of 32 (GroupNorm) and of "
                               f"nheads ({self.nheads})")
 
+    def inference_queries(self) -> int:
+        """Decoder queries run at inference (the most a caller can keep as top-K)."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["backbone"] = self.backbone.to_dict()
@@ -83,8 +87,17 @@ class DetrArchConfig:
         return tuple(strides)
 
     def c1_channels(self) -> int:
-        """Channels of backbone stage 0 (C1)."""
-        return C1_CHANNELS.get(self.backbone.kind) or int(self.backbone.params.get("widths", (0,))[0])
+        """Channels of backbone stage 0 (C1): ``embed_dim`` (Swin/FocalNet) or ``widths[0]`` (the tiny
+        CNN, the demo ResNet) when the backbone params give them, else the kind's default (ResNet-50
+        256; full-size Swin/FocalNet 192; tiny CNN 8)."""
+        params, kind = self.backbone.params, self.backbone.kind
+        if "embed_dim" in params:
+            return int(params["embed_dim"])
+        if "widths" in params:
+            return int(params["widths"][0])
+        if kind not in C1_CHANNELS:
+            raise MfdetrError(f"backbone kind {kind!r}: give its C1 width as params.widths or params.embed_dim")
+        return C1_CHANNELS[kind]
 
 
 def family_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_file: str | None,
@@ -98,7 +111,7 @@ def family_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_fil
         class_to_category=coco91_identity() if cfg.num_classes == 91 else tuple(range(cfg.num_classes)),
         preprocessing=preprocessing or Preprocessing(short_side=800, max_size=1333),
         level_strides=cfg.level_strides(), hidden_dim=cfg.hidden_dim, c1_channels=cfg.c1_channels(),
-        num_encoder_layers=cfg.enc_layers, notes=notes)
+        num_encoder_layers=cfg.enc_layers, num_queries=cfg.inference_queries(), notes=notes)
 
 
 CheckpointArg = str | Path | Mapping[str, Any] | None

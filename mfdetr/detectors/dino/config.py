@@ -30,3 +30,6 @@ class DinoConfig(DetrArchConfig):
     dec_pred_class_embed_share: bool = True
     dec_pred_bbox_embed_share: bool = True
     num_select: int = 300
+
+    def inference_queries(self) -> int:
+        return self.num_queries

@@ -26,6 +26,9 @@ class HDetrConfig(DetrArchConfig):
     num_queries_one2one: int = 300
     num_queries_one2many: int = 1500
 
+    def inference_queries(self) -> int:
+        return self.num_queries_one2one
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_queries_one2one < 1 or self.num_queries_one2many < 0:

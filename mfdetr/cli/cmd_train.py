@@ -1,0 +1,60 @@
+"""``mfdetr train``: stage 2 — train the mask network on a feature cache, or online (also under torchrun)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train", context_settings={"allow_interspersed_args": True})
+    def train(
+        cache: Path = typer.Option(None, "--cache", help="Training cache store (written by `mfdetr cache`)."),
+        coco: Path = typer.Option(None, "--coco", help="COCO folder the caches were written from (GT annotations; "
+                                                       "the file and its sha256 come from each cache's manifest)."),
+        val_cache: Path = typer.Option(None, "--val-cache", help="Validation cache: evaluated at the end "
+                                                                 "(and every train.eval_every steps)."),
+        config: Path = typer.Option(None, "--config", help="Run recipe TOML, e.g. pipeline/recipes/hdetr_r50.toml "
+                                                           "(default: the paper's final system)."),
+        out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (config, metrics, TensorBoard, checkpoints)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+        require_complete: bool = typer.Option(False, "--require-complete",
+                                              help="Refuse a cache that is still being written."),
+        annotations: Path = typer.Option(None, "--annotations", help="Override the training annotation file."),
+        val_annotations: Path = typer.Option(None, "--val-annotations", help="Override the validation annotation file."),
+        online: bool = typer.Option(False, "--online", help="Run the frozen detector in the loop instead of a cache."),
+        detector: str = typer.Option(None, "--detector", help="--online: detector preset name."),
+        checkpoint: Path = typer.Option(None, "--checkpoint", help="--online: detector checkpoint file."),
+        split: str = typer.Option("train2017", "--split", help="--online: COCO split to train on."),
+        topk: int = typer.Option(100, "--topk", help="--online: queries kept per image (the cache's K)."),
+        overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value, e.g. train.batch_size=2."),
+    ) -> None:
+        """Train MaskNet on cached detector outputs (AdamW, step lr, AMP on GPU); evaluate on --val-cache."""
+        from mfdetr.engine.config import build_run_config, load_run_config
+        from mfdetr.errors import MfdetrError
+
+        ovr = list(overrides or []) + (["data.require_complete=true"] if require_complete else [])
+        recorded = out / "config.json"
+        if resume and config is None and recorded.is_file():
+            cfg = build_run_config(json.loads(recorded.read_text()), ovr, where=str(recorded))
+        else:
+            cfg = load_run_config(config, ovr)
+        if online:
+            if detector is None or coco is None:
+                raise MfdetrError("--online needs --detector NAME and --coco DIR (and usually --checkpoint FILE)")
+            if cache is not None:
+                raise MfdetrError("--online trains without a cache: drop --cache")
+            from mfdetr.engine.online import train_online
+
+            train_online(cfg, detector=detector, checkpoint=str(checkpoint) if checkpoint else None, coco=str(coco),
+                         split=split, out=str(out), topk=topk, resume=resume)
+            return
+        if cache is None:
+            raise MfdetrError("pass --cache DIR (or --online --detector NAME --checkpoint FILE --coco DIR)")
+        from mfdetr.engine.stage2 import CacheSources, train_from_cache
+
+        src = CacheSources(cache=cache, coco=coco, val_cache=val_cache, annotations=annotations,
+                           val_annotations=val_annotations)
+        train_from_cache(cfg, src, out, resume=resume)

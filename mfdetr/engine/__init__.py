@@ -1,0 +1,78 @@
+"""Stage 2 engine: train / evaluate / sweep MaskNet on cached (or online) detector outputs.
+
+The engine composes injected parts (model, criterion, dataset, evaluation) and owns the loop, data
+order, distributed setup, checkpoints, logging and the run record. Public surface:
+
+- :func:`train`, :class:`TrainResult`, :func:`seed_everything` — the training loop (:mod:`.trainer`);
+- :class:`TrainConfig`, :class:`DataConfig`, :class:`RunConfig`, :func:`load_run_config`,
+  :func:`build_run_config` — typed run configuration (:mod:`.config`);
+- :class:`StepDecay` — the paper's lr schedule; :class:`EpochPlan` — seeded, resumable data order;
+- :func:`collate_detector_outputs`, :func:`cat_detector_outputs`, :class:`Stage2Batch` — padding collate;
+- :class:`EventFileWriter`, :func:`read_scalars` — TensorBoard scalars without tensorboard;
+- :class:`MetricLogger`, :func:`read_jsonl` — run metrics; :func:`plot_run` — PNG curves;
+- :func:`load_checkpoint`, :func:`check_masknet_config` — checkpoints;
+- :class:`DistContext`, :func:`init_distributed` — torchrun support;
+- :func:`load_sweep`, :func:`run_sweep` — ablation sweeps (:mod:`.sweep`);
+- :class:`CacheDataset`, :func:`open_cache`, :func:`open_annotations` — the cache-backed dataset;
+- :func:`train_from_cache`, :func:`eval_from_cache`, :func:`sweep_from_cache`, :class:`CacheSources` —
+  what ``mfdetr train`` / ``eval`` / ``sweep`` call (:mod:`.stage2`);
+- :func:`train_online`, :class:`DetectorStep` — the same training with the frozen detector in the loop.
+
+Names are resolved lazily (PEP 562), so ``mfdetr plot`` does not pay for importing torch or zarr.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "check_masknet_config": "checkpoint", "library_versions": "checkpoint", "load_checkpoint": "checkpoint",
+    "seed_step": "checkpoint", "step_seed": "checkpoint",
+    "Stage2Batch": "collate", "cat_detector_outputs": "collate", "collate_detector_outputs": "collate",
+    "DataConfig": "config", "RunConfig": "config", "TrainConfig": "config", "build_run_config": "config",
+    "diff_configs": "config", "load_run_config": "config",
+    "DistContext": "distributed", "init_distributed": "distributed",
+    "MetricLogger": "metrics", "read_jsonl": "metrics",
+    "plot_run": "plot",
+    "EpochPlan": "sampling", "StepDecay": "schedule",
+    "EventFileWriter": "tfevents", "read_scalars": "tfevents",
+    "TrainResult": "trainer", "seed_everything": "trainer", "train": "trainer",
+    "SweepSpec": "sweep", "Variant": "sweep", "VariantResult": "sweep", "load_sweep": "sweep", "run_sweep": "sweep",
+    "CacheDataset": "cache_data", "open_annotations": "cache_data", "open_cache": "cache_data",
+    "CacheSources": "stage2", "eval_from_cache": "stage2", "sweep_from_cache": "stage2",
+    "train_from_cache": "stage2",
+    "DetectorStep": "online", "train_online": "online",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache
+    from mfdetr.engine.checkpoint import (check_masknet_config, library_versions, load_checkpoint, seed_step,
+                                          step_seed)
+    from mfdetr.engine.collate import Stage2Batch, cat_detector_outputs, collate_detector_outputs
+    from mfdetr.engine.config import (DataConfig, RunConfig, TrainConfig, build_run_config, diff_configs,
+                                      load_run_config)
+    from mfdetr.engine.distributed import DistContext, init_distributed
+    from mfdetr.engine.metrics import MetricLogger, read_jsonl
+    from mfdetr.engine.online import DetectorStep, train_online
+    from mfdetr.engine.plot import plot_run
+    from mfdetr.engine.sampling import EpochPlan
+    from mfdetr.engine.schedule import StepDecay
+    from mfdetr.engine.stage2 import CacheSources, eval_from_cache, sweep_from_cache, train_from_cache
+    from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, load_sweep, run_sweep
+    from mfdetr.engine.tfevents import EventFileWriter, read_scalars
+    from mfdetr.engine.trainer import TrainResult, seed_everything, train
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mfdetr.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mfdetr.engine.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

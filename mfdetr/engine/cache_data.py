@@ -1,0 +1,128 @@
+"""The cache-backed stage-2 dataset: cached detector outputs + GT instances, per image.
+
+:class:`CacheDataset` wraps a validated :class:`~mfdetr.cache.CacheStore` and the COCO annotation file
+its manifest names (checked by sha256, so GT and features always belong together). Item ``i`` is
+``(DetectorOutput with batch 1 — float16 features, cropped to their valid size —, GTInstances)``;
+:func:`~mfdetr.engine.collate.collate_detector_outputs` pads a list of them into a batch.
+
+Only complete images (commit flag done) are used. A cache still being written (pending images) is
+trained on its complete part with a warning naming how many are missing, or refused with
+``require_complete``; images the writer skipped (unreadable files) are reported and left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from mfdetr.cache import CacheStore
+from mfdetr.contracts import DetectorOutput, GTInstances
+from mfdetr.errors import MfdetrError
+
+# What two caches must share to be used by one MaskNet (train vs val, checkpoint vs eval cache).
+IDENTITY_KEYS = ("detector.name", "checkpoint.sha256", "hidden_dim", "level_strides", "c1_channels", "num_classes",
+                 "preprocessing", "category_map")
+
+
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """sha256 of a manifest in canonical JSON (what a run records as "the cache it used")."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _get(m: Mapping[str, Any], dotted: str) -> Any:
+    cur: Any = m
+    for p in dotted.split("."):
+        cur = cur[p]
+    return cur
+
+
+def detector_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest values a trained MaskNet depends on (recorded in checkpoints)."""
+    return {k: _get(manifest, k) for k in IDENTITY_KEYS}
+
+
+def open_cache(path: str | Path, *, identity: Mapping[str, Any] | None = None, enc_layer: int | None = None,
+               role: str = "cache") -> CacheStore:
+    """Open and validate a cache store; with ``identity`` (from another cache or a checkpoint) refuse a
+    cache of another detector/checkpoint/preprocessing; with ``enc_layer`` refuse a cache lacking it."""
+    p = Path(path)
+    if not p.exists():
+        raise MfdetrError(f"{role} not found", path=p)
+    store = CacheStore.open(p, expect=dict(identity) if identity else None)
+    if enc_layer is not None and enc_layer not in store.enc_layers:
+        raise MfdetrError(f"{role} holds encoder layers {store.enc_layers}, the MaskNet config uses "
+                          f"masknet.enc_layer={enc_layer} (write the cache with --enc-layers {enc_layer})", path=p)
+    return store
+
+
+def open_annotations(store: CacheStore, *, coco: str | Path | None, annotations: str | Path | None = None,
+                     with_targets: bool = True) -> Any:
+    """The COCO split a cache was written from, as :class:`mfdetr.data.CocoInstances`.
+
+    ``coco`` is the COCO folder; the annotation file is the one the manifest names
+    (``<coco>/annotations/<file>``) unless ``annotations`` overrides it. Its sha256 must equal the
+    manifest's, so GT and cached features always belong together.
+    """
+    from mfdetr.data import CocoInstances
+
+    src = store.manifest["source"]
+    if coco is None:
+        raise MfdetrError(f"the GT annotations of cache {store.path} are needed: pass --coco DIR (the COCO "
+                          f"folder with annotations/{src['annotation_file']})")
+    path = Path(annotations) if annotations is not None else Path(coco) / "annotations" / src["annotation_file"]
+    ds = CocoInstances(coco, src["split"], annotation_file=path, with_targets=with_targets)
+    if ds.annotation_sha256 != src["annotation_sha256"]:
+        raise MfdetrError(f"sha256 differs from the annotation file cache {store.path} was written from "
+                          f"({src['annotation_file']}, {src['annotation_sha256'][:12]}…)", path=path)
+    return ds
+
+
+class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
+    """Complete images of a cache store as ``(DetectorOutput [B=1], GTInstances)``.
+
+    Args:
+        store: an opened store (see :func:`open_cache`).
+        coco_split: the COCO split it was written from (see :func:`open_annotations`); its
+            ``load_targets(image_id)`` gives the GT instances.
+        enc_layer: the cached encoder layer to read (only that one is read from disk).
+        require_complete: refuse a cache with pending images instead of warning.
+        max_images: keep only the first N complete images (0 = all).
+    """
+
+    def __init__(self, *, store: CacheStore, coco_split: Any, enc_layer: int, require_complete: bool = False,
+                 max_images: int = 0) -> None:
+        self.store = store
+        self.coco = coco_split
+        self.enc_layer = int(enc_layer)
+        store.commit_flags(refresh=True)
+        complete = store.complete_indices()
+        skipped = store.skipped()
+        pending = len(store) - len(complete) - len(skipped)
+        if pending and require_complete:
+            raise MfdetrError(f"cache is incomplete: {pending} of {len(store)} images not written yet "
+                              "(finish `mfdetr cache` or drop --require-complete)", path=store.path)
+        if pending or skipped:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"mfdetr: warning: {store.path}: using {len(complete)} of {len(store)} images "
+                      f"({pending} not written yet, {len(skipped)} skipped by the cache writer)", file=sys.stderr)
+        if not len(complete):
+            raise MfdetrError("cache holds no complete image", path=store.path)
+        self.indices: np.ndarray = complete[:max_images] if max_images > 0 else complete
+        self.num_pending, self.num_skipped = int(pending), len(skipped)
+        self.image_ids = [int(store.image_ids[i]) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[DetectorOutput, GTInstances]:
+        det, image_id = self.store.read(int(self.indices[i]), enc_layers=[self.enc_layer])
+        det.extras["image_id"] = [image_id]
+        return det, self.coco.load_targets(image_id)

@@ -1,0 +1,161 @@
+"""Typed stage-2 run configuration: ``[train]`` (optimisation, loop, logging) plus raw component tables.
+
+A run recipe (``pipeline/recipes/*.toml``, ``pipeline/ablations/*.toml`` base) has the sections
+
+- ``[train]`` — :class:`TrainConfig` (typed here; unknown keys refused);
+- ``[masknet]`` / ``[loss]`` / ``[assign]`` — the mask network's, loss' and target assignment's tables, kept as plain data here and
+  validated by the builder that the caller injects (the engine never imports ``mfdetr.masknet``'s
+  config classes, so those stay the single source of truth);
+- ``[data]`` — :class:`DataConfig`.
+
+Defaults follow the paper's experiment setup (Sec. 3.1): AdamW, lr 1.5e-4, betas (0.9, 0.999),
+weight decay 5e-5, lr divided by 10 at 0.9 and 0.95 of the iterations, 6 epochs, batch 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mfdetr.config import apply_overrides, from_dict, load_toml, to_dict
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings of one stage-2 training run.
+
+    Args:
+        lr: AdamW learning rate for the global batch (Sec. 3.1: 1.5e-4); scaled linearly by
+            ``global_batch / reference_batch`` only when ``reference_batch > 0``.
+        betas: AdamW betas.
+        weight_decay: AdamW weight decay (5e-5).
+        lr_drop_at: fractions of the total iterations at which the lr is multiplied by
+            ``lr_drop_factor`` (0.9 and 0.95, Sec. 3.1).
+        batch_size: images per process and step (global batch = batch_size × world size).
+        epochs: passes over the training set; ignored when ``iterations > 0``.
+        iterations: total optimiser steps; 0 = derive from ``epochs``.
+        clip_grad_norm: max total gradient L2 norm (0 disables), after AMP unscaling.
+        amp: mixed precision on CUDA (``bf16``, ``fp16`` with a GradScaler, or ``off``); CPU always fp32.
+        seed: seeds model init, the per-epoch data order and every step's randomness.
+        num_workers: DataLoader worker processes per rank; ``prefetch_factor`` batches each.
+        log_every: steps per JSONL/TensorBoard record (the record holds the window's mean loss).
+        checkpoint_every: steps between periodic checkpoints (0 = only the final one).
+        keep_checkpoints: also keep ``ckpt_<step>.pt`` copies of periodic checkpoints.
+        eval_every: steps between validation runs when a validation set is given (0 = at the end only).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        find_unused_parameters: forwarded to DDP (needed only for variants with unused parameters).
+        progress: show a tqdm bar (rank 0).
+    """
+
+    lr: float = 1.5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-5
+    lr_drop_at: tuple[float, ...] = (0.9, 0.95)
+    lr_drop_factor: float = 0.1
+    reference_batch: int = 0
+    batch_size: int = 8
+    epochs: int = 6
+    iterations: int = 0
+    clip_grad_norm: float = 0.1
+    amp: Literal["bf16", "fp16", "off"] = "bf16"
+    seed: int = 42
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    log_every: int = 20
+    checkpoint_every: int = 2000
+    keep_checkpoints: bool = False
+    eval_every: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    find_unused_parameters: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.epochs < 1 and self.iterations < 1:
+            raise ValueError("either epochs or iterations must be >= 1")
+        if self.iterations < 0 or self.epochs < 0:
+            raise ValueError("epochs and iterations must be >= 0")
+        if any(not 0.0 < f <= 1.0 for f in self.lr_drop_at):
+            raise ValueError(f"lr_drop_at fractions must lie in (0, 1], got {list(self.lr_drop_at)}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError("num_workers must be >= 0 and prefetch_factor >= 1")
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise ValueError("checkpoint_every and eval_every must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Stage-2 data settings.
+
+    Args:
+        require_complete: refuse an incomplete cache instead of training on its complete images.
+        max_images: use only the first N images of the cache (0 = all) — for smoke runs.
+
+    Which cached encoder layer feeds MaskNet is ``masknet.enc_layer`` (Table 15).
+    """
+
+    require_complete: bool = False
+    max_images: int = 0
+
+
+@dataclass
+class RunConfig:
+    """A whole stage-2 recipe: typed ``train``/``data`` sections, ``masknet``/``loss``/``assign`` as plain tables."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masknet: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+    assign: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def build_run_config(data: Mapping[str, Any], overrides: Sequence[str] = (), *,
+                     where: str = "config") -> RunConfig:
+    """A :class:`RunConfig` from plain data plus ``section.key=value`` overrides (unknown keys refused)."""
+    merged = apply_overrides(dict(data), overrides)
+    return from_dict(RunConfig, merged, where=where)
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a TOML recipe (or the defaults when ``path`` is None) and apply overrides."""
+    data = load_toml(path) if path is not None else {}
+    return build_run_config(data, overrides, where=str(path) if path is not None else "config")
+
+
+def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain-data configs (for resume checks)."""
+    out: list[str] = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += diff_configs(va, vb, key + ".")
+        elif _norm(va) != _norm(vb):
+            out.append(key)
+    return out
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, list | tuple):
+        return [_norm(x) for x in v]
+    return v
+
+
+def replace_train(cfg: RunConfig, **changes: Any) -> RunConfig:
+    """A copy of ``cfg`` with some ``train`` fields replaced."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+__all__ = ["TrainConfig", "DataConfig", "RunConfig", "build_run_config", "load_run_config",
+           "diff_configs", "replace_train"]

@@ -1,0 +1,68 @@
+"""Run metrics: one JSON object per line (``metrics.jsonl``) and TensorBoard scalars (``tb/``).
+
+Records are ``{"kind": "train"|"eval", "step": int, ...scalars}``. A resumed run first drops every
+record past the checkpoint it resumes from (the killed process may have logged a few more steps), so
+the file of a resumed run reads exactly like the file of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mfdetr.engine._fs import atomic_write_text
+from mfdetr.engine.tfevents import EventFileWriter
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All complete records of a JSONL file (a torn last line from a kill is ignored)."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class MetricLogger:
+    """Appends records to ``<run>/metrics.jsonl`` and scalars to ``<run>/tb/``.
+
+    Args:
+        run_dir: the run folder.
+        resume_step: when resuming, records with ``step`` beyond it are dropped first.
+        tensorboard: also write TensorBoard event files.
+    """
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._f = self.path.open("a")
+        self._tb = EventFileWriter(Path(run_dir) / "tb") if tensorboard else None
+
+    def log(self, kind: str, step: int, scalars: Mapping[str, float], **extra: Any) -> None:
+        rec: dict[str, Any] = {"kind": kind, "step": int(step), **extra}
+        rec.update({k: (float(v) if math.isfinite(float(v)) else None) for k, v in scalars.items()})
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            self._tb.add_scalars(step, {f"{kind}/{k}": float(v) for k, v in scalars.items()})
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,297 @@
+"""Stage 2 wiring: MaskNet + criterion from a run config, COCO evaluation, and the entry points of
+``mfdetr train`` / ``mfdetr eval`` / ``mfdetr sweep``.
+
+Composition only (DESIGN.md "Who imports whom"): the cache reader, the COCO data/evaluation and the
+mask network are built here and handed to the generic loop of :mod:`mfdetr.engine.trainer`.
+``mfdetr.detectors`` is never imported — stage 2 sees only cached tensors.
+
+Evaluation reports the segm AP of the masks (score eq. 13 with mask scoring, else eq. 2) and the box
+AP of the cached detector boxes (scored by the detector's class scores), both over the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mfdetr.config import from_dict
+from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_sha256, open_annotations,
+                                      open_cache)
+from mfdetr.engine.checkpoint import atomic_write_text, check_masknet_config, load_checkpoint
+from mfdetr.engine.collate import collate_detector_outputs
+from mfdetr.engine.config import RunConfig, build_run_config, load_run_config
+from mfdetr.engine.distributed import resolve_device
+from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
+from mfdetr.engine.trainer import TrainResult, seed_everything, train
+from mfdetr.errors import MfdetrError
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+FLOPS_INPUT_HW = (800, 1200)  # the typical COCO input size used for #FLOPs▲ (like the paper's tables)
+
+
+@dataclass
+class Stage2Parts:
+    """What one MaskNet run is made of (typed configs resolved from the run config's tables)."""
+
+    masknet_cfg: Any
+    loss_cfg: Any
+    assign_cfg: Any
+    model: nn.Module
+    criterion: nn.Module
+
+
+def resolve_masknet_config(cfg: RunConfig) -> Any:
+    from mfdetr.masknet import MaskNetConfig
+
+    return from_dict(MaskNetConfig, cfg.masknet, where="masknet")
+
+
+def build_parts(cfg: RunConfig, manifest: Mapping[str, Any]) -> Stage2Parts:
+    """MaskNet (sized by the cache's detector: d, level strides, C1 channels) and its criterion."""
+    from mfdetr.masknet import build_masknet
+    from mfdetr.masknet.criterion import MaskCriterion
+    from mfdetr.masknet.losses import LossConfig
+    from mfdetr.masknet.targets import AssignConfig
+
+    mcfg = resolve_masknet_config(cfg)
+    loss_cfg = from_dict(LossConfig, cfg.loss, where="loss")
+    assign_cfg = from_dict(AssignConfig, cfg.assign, where="assign")
+    seed_everything(cfg.train.seed)
+    model = build_masknet(mcfg, d_model=int(manifest["hidden_dim"]), level_strides=manifest["level_strides"],
+                          c1_channels=int(manifest["c1_channels"]))
+    if mcfg.num_queries > int(manifest["topk"]):
+        raise MfdetrError(f"masknet.num_queries={mcfg.num_queries} but the cache keeps only "
+                          f"{manifest['topk']} queries per image")
+    crit = MaskCriterion(loss_cfg=loss_cfg, assign_cfg=assign_cfg, class_to_category=manifest["category_map"])
+    return Stage2Parts(masknet_cfg=mcfg, loss_cfg=loss_cfg, assign_cfg=assign_cfg, model=model, criterion=crit)
+
+
+def complexity(model: nn.Module, manifest: Mapping[str, Any]) -> dict[str, float]:
+    """#params▲ (M) and #FLOPs▲ (G multiply-adds, as the paper counts them) for one image, K queries."""
+    from mfdetr.masknet.complexity import FeatureSpec, describe
+
+    spec = FeatureSpec(d_model=int(manifest["hidden_dim"]), level_strides=tuple(manifest["level_strides"]),
+                       c1_channels=int(manifest["c1_channels"]), input_hw=FLOPS_INPUT_HW,
+                       num_classes=int(manifest["num_classes"]))
+    rep = describe(model, spec, num_queries=int(getattr(model, "num_queries", 100)))  # type: ignore[arg-type]
+    return {"params_m": rep.params["total"] / 1e6, "flops_g": rep.flops["total"] / 2e9}
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+def box_results(det: Any, class_to_category: Sequence[int], image_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """The cached detector boxes as COCO ``bbox`` results (score = class score c_i)."""
+    from mfdetr.masknet.targets import pred_boxes_original
+
+    prob, slot = det.logits.float().sigmoid().max(dim=-1)
+    cats = torch.as_tensor(list(class_to_category), dtype=torch.long, device=slot.device)[slot]
+    boxes = pred_boxes_original(det)
+    out = []
+    for b, iid in enumerate(image_ids):
+        h0, w0 = (float(v) for v in det.orig_hw[b].tolist())
+        for k in torch.nonzero(cats[b] > 0).flatten().tolist():
+            x0, y0, x1, y1 = boxes[b, k].tolist()
+            x0, x1 = min(max(x0, 0.0), w0), min(max(x1, 0.0), w0)
+            y0, y1 = min(max(y0, 0.0), h0), min(max(y1, 0.0), h0)
+            out.append({"image_id": int(iid), "category_id": int(cats[b, k]), "score": float(prob[b, k]),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0]})
+    return out
+
+
+@torch.no_grad()
+def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mapping[str, Any], batch_size: int = 2,
+                     device: torch.device | str = "cpu", num_workers: int = 0, amp: str = "off",
+                     score: str | None = None) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Segm AP of MaskNet's masks and box AP of the cached boxes over ``dataset``'s images.
+
+    Returns ``({"segm": {AP, ...}, "bbox": {...}}, segm results)`` (results in COCO format, RLE masks).
+    """
+    from mfdetr.evaluation import CocoEvaluator, coco_from_dict
+    from mfdetr.masknet.postprocess import masks_to_coco_results
+
+    device = torch.device(device)
+    model.eval().to(device)
+    c2c = manifest["category_map"]
+    coco_gt = coco_from_dict(_annotation_dict(dataset))
+    segm_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("segm",))
+    box_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("bbox",))
+    known = set(coco_gt.getCatIds())
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detector_outputs,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    use_amp = device.type == "cuda" and amp != "off"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    all_results: list[dict[str, Any]] = []
+    for batch in loader:
+        batch = batch.to(device)
+        det = batch.det
+        ids = [int(i) for i in det.extras["image_id"]]
+        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+            out = model(det)
+        mode = score or ("mask_iou" if out.iou_pred is not None else "mask_prob")  # eq. 13, else eq. 2
+        res = masks_to_coco_results(out, det, c2c, ids, score=mode)  # type: ignore[arg-type]
+        # a detector head may know categories the annotation file does not list: those cannot be scored
+        res = [r for r in res if r["category_id"] in known]
+        segm_ev.process(res, image_ids=ids)
+        box_ev.process([r for r in box_results(det, c2c, ids) if r["category_id"] in known], image_ids=ids)
+        all_results.extend(res)
+    metrics = {**segm_ev.finish(), **box_ev.finish()}
+    return metrics, all_results
+
+
+def _annotation_dict(dataset: CacheDataset) -> dict[str, Any]:
+    from mfdetr.data.annotations import load_annotation_file
+
+    data, _ = load_annotation_file(dataset.coco.annotation_file)
+    return data
+
+
+def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    from mfdetr.evaluation import format_table
+
+    return format_table(metrics)
+
+
+# ---- entry points ----------------------------------------------------------------------------------
+
+@dataclass
+class CacheSources:
+    """Where the data of a stage-2 run comes from."""
+
+    cache: Path
+    coco: Path | None
+    val_cache: Path | None = None
+    annotations: Path | None = None
+    val_annotations: Path | None = None
+
+
+def _datasets(cfg: RunConfig, src: CacheSources, enc_layer: int
+              ) -> tuple[Any, CacheDataset, CacheDataset | None]:
+    store = open_cache(src.cache, enc_layer=enc_layer, role="training cache")
+    train_set = CacheDataset(store=store, coco_split=open_annotations(store, coco=src.coco, annotations=src.annotations),
+                             enc_layer=enc_layer, require_complete=cfg.data.require_complete,
+                             max_images=cfg.data.max_images)
+    val_set = None
+    if src.val_cache is not None:
+        vstore = open_cache(src.val_cache, identity=detector_identity(store.manifest), enc_layer=enc_layer,
+                            role="validation cache")
+        val_set = CacheDataset(store=vstore, coco_split=open_annotations(vstore, coco=src.coco,
+                                                                         annotations=src.val_annotations),
+                               enc_layer=enc_layer, max_images=cfg.data.max_images)
+    return store, train_set, val_set
+
+
+def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resume: bool = False,
+                     log: Callable[[str], None] | None = None) -> tuple[TrainResult | None, dict[str, Any]]:
+    """``mfdetr train --cache``: train MaskNet on a cache, evaluate on ``val_cache`` at the end
+    (and every ``train.eval_every`` steps); write the run folder. Returns (result, final metrics)."""
+    log = log or (lambda s: print(f"mfdetr: {s}", file=sys.stderr))
+    mcfg = resolve_masknet_config(cfg)
+    store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer)
+    parts = build_parts(cfg, store.manifest)
+    # one FLOP-counting forward at the typical input size: only the rank that writes the record
+    cx = complexity(parts.model, store.manifest) if os.environ.get("RANK", "0") == "0" else {}
+    metrics: dict[str, Any] = {}
+
+    def evaluate_fn(model: nn.Module, step: int) -> dict[str, float]:
+        assert val_set is not None
+        m, results = evaluate_masknet(model, val_set, manifest=store.manifest, batch_size=cfg.train.batch_size,
+                                      device=next(model.parameters()).device, amp=cfg.train.amp)
+        metrics.clear()
+        metrics.update(m)
+        from mfdetr.evaluation import write_results_json
+
+        write_results_json(Path(out) / "val_results.json", results)
+        atomic_write_text(Path(out) / "val_metrics.json", json.dumps({"step": step, **m}, indent=2) + "\n")
+        return {**m["segm"], **{f"box_{k}": v for k, v in m["bbox"].items()}}
+
+    record = {"train_cache": str(src.cache), "val_cache": str(src.val_cache) if src.val_cache else None,
+              "detector": detector_identity(store.manifest), "complexity": cx,
+              "train_images_missing": train_set.num_pending + train_set.num_skipped}
+    res = train(cfg=cfg, model=parts.model, criterion=parts.criterion, train_set=train_set, run_dir=out,
+                resume=resume, masknet_config=_plain(parts.masknet_cfg), manifest_sha256=manifest_sha256(store.manifest),
+                evaluate_fn=evaluate_fn if val_set is not None else None, record=record)
+    if metrics:
+        log("validation:\n" + format_metrics(metrics))
+    return res, metrics
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from mfdetr.config import to_dict
+
+    return to_dict(cfg)
+
+
+def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, config: str | Path | None = None,
+                    overrides: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 2,
+                    device: str = "auto") -> dict[str, dict[str, float]]:
+    """``mfdetr eval``: a trained checkpoint (or a training-free config, Table 1) on a cache."""
+    ckpt = None
+    if checkpoint is not None:
+        if config is not None:
+            raise MfdetrError("pass either --checkpoint (its recorded config is used) or --config, not both")
+        ckpt = load_checkpoint(checkpoint)
+        cfg = build_run_config(ckpt["config"], overrides, where=str(checkpoint))
+    else:
+        cfg = load_run_config(config, overrides)
+    mcfg = resolve_masknet_config(cfg)
+    identity = None
+    if ckpt is not None:
+        identity = ckpt.get("meta", {}).get("detector")
+    store = open_cache(src.cache, identity=identity, enc_layer=mcfg.enc_layer, role="evaluation cache")
+    ds = CacheDataset(store=store, coco_split=open_annotations(store, coco=src.coco, annotations=src.annotations),
+                      enc_layer=mcfg.enc_layer, max_images=cfg.data.max_images)
+    parts = build_parts(cfg, store.manifest)
+    if ckpt is not None:
+        check_masknet_config(ckpt, _plain(parts.masknet_cfg), checkpoint)  # type: ignore[arg-type]
+        try:
+            parts.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise MfdetrError(f"weights do not fit the MaskNet config ({str(e).splitlines()[0]})",
+                              path=checkpoint) from None
+    elif any(p.requires_grad for p in parts.model.parameters()):
+        raise MfdetrError("this MaskNet config has trainable parts: pass --checkpoint (only training-free "
+                          "configs, paper Table 1, evaluate without one)")
+    dev = resolve_device(device)  # type: ignore[arg-type]
+    metrics, results = evaluate_masknet(parts.model, ds, manifest=store.manifest, batch_size=batch_size, device=dev)
+    if out is not None:
+        from mfdetr.evaluation import write_results_json
+
+        write_results_json(out, results)
+    return metrics
+
+
+def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *, overrides: Sequence[str] = (),
+                     only: Sequence[str] = (), log: Callable[[str], None] = print) -> list[VariantResult]:
+    """``mfdetr sweep``: every variant of a sweep file trained (unless training-free) and evaluated from
+    the same caches; comparison tables in ``out_dir``."""
+    if src.val_cache is None:
+        raise MfdetrError("a sweep needs --val-cache (every variant is evaluated)")
+
+    def run_variant(v: Variant, cfg: RunConfig, vdir: Path) -> VariantResult:
+        mcfg = resolve_masknet_config(cfg)
+        store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer)
+        assert val_set is not None
+        parts = build_parts(cfg, store.manifest)
+        cx = complexity(parts.model, store.manifest)
+        trainable = any(p.requires_grad for p in parts.model.parameters())
+        if spec.sweep.train and trainable:
+            train(cfg=cfg, model=parts.model, criterion=parts.criterion, train_set=train_set, run_dir=vdir / "run",
+                  resume=(vdir / "run" / "ckpt.pt").exists(), masknet_config=_plain(parts.masknet_cfg),
+                  manifest_sha256=manifest_sha256(store.manifest), record={"variant": v.name, "complexity": cx})
+        dev = resolve_device(cfg.train.device)
+        m, _ = evaluate_masknet(parts.model, val_set, manifest=store.manifest, batch_size=cfg.train.batch_size,
+                                device=dev, amp=cfg.train.amp)
+        atomic_write_text(vdir / "metrics.json", json.dumps(m, indent=2) + "\n")
+        return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
+                             metrics=dict(m["segm"]))
+
+    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log)

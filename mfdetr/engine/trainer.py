@@ -1,0 +1,301 @@
+"""The stage-2 training loop: AdamW + step decay, AMP, clipping, DDP, logging, exact resume.
+
+Everything the loop trains is injected: the model (``forward(det) -> outputs``), the criterion
+(``criterion(outputs, det, targets) -> {"total" | "loss": Tensor, ...}``), the training Dataset
+(items ``(DetectorOutput B=1, GTInstances)``) and its collate function, and an optional
+``evaluate_fn(model, step) -> {metric: value}``. The engine never builds a MaskNet or opens a cache
+itself, so the same loop trains from the cache, online, or a toy model in tests.
+
+Exact resume (CPU: identical losses after resuming). The loop keeps no hidden state that a checkpoint
+would miss: the data order is a function of ``(seed, epoch)`` (:class:`EpochPlan`), the lr a function of
+the step (:class:`StepDecay`), and every step reseeds torch/numpy/python from ``(seed, step, rank)``
+(:func:`seed_step`) before its forward pass, so dropout and point sampling in the loss do not depend
+on what ran before — with or without DataLoader workers. Model, optimizer and GradScaler states, the
+step and the partial logging window are checkpointed atomically.
+
+Run folder ``<out>/``: ``config.json`` (full run config), ``run.json`` (cache manifest hash, library
+versions, world size, global batch, lr, steps), ``metrics.jsonl``, ``tb/`` (TensorBoard),
+``ckpt.pt`` (latest; final at the end), optionally ``ckpt_<step>.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from mfdetr.engine.checkpoint import (atomic_torch_save, atomic_write_text, capture_rng, library_versions,
+                                      load_checkpoint, python_command, restore_rng, seed_step)
+from mfdetr.engine.collate import collate_detector_outputs
+from mfdetr.engine.config import RunConfig, diff_configs
+from mfdetr.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
+from mfdetr.engine.metrics import MetricLogger
+from mfdetr.engine.sampling import EpochPlan
+from mfdetr.engine.schedule import StepDecay
+from mfdetr.errors import MfdetrError
+
+Criterion = Callable[[Any, Any, Any], Mapping[str, Tensor]]
+EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
+
+# Settings that may change between a run and its resumption without changing any result.
+RESUMABLE_CHANGES = {"train.progress", "train.num_workers", "train.prefetch_factor", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.eval_every", "train.device"}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (rank 0 holds the records)."""
+
+    run_dir: Path
+    steps: int
+    total_steps: int
+    global_batch: int
+    lr: float
+    last_losses: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG before building a model (its initialisation is then a function of ``seed``)."""
+    seed_step(seed, -1)
+
+
+def _say(ctx: DistContext, msg: str) -> None:
+    if ctx.is_main:
+        print(f"mfdetr: {msg}", file=sys.stderr, flush=True)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _loss_total(losses: Mapping[str, Tensor]) -> Tensor:
+    for key in ("total", "loss"):
+        if key in losses:
+            return losses[key]
+    raise KeyError(f"criterion returned no 'total' or 'loss' entry (keys: {sorted(losses)})")
+
+
+def _amp(cfg_amp: str, device: torch.device) -> tuple[bool, torch.dtype]:
+    if device.type != "cuda" or cfg_amp == "off":
+        return False, torch.float32  # fp32 on CPU (issue 7)
+    return True, (torch.bfloat16 if cfg_amp == "bf16" else torch.float16)
+
+
+def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: Dataset[Any],
+          run_dir: str | Path, collate: Callable[[list[Any]], Any] = collate_detector_outputs,
+          resume: bool = False, masknet_config: Mapping[str, Any] | None = None,
+          manifest_sha256: str | None = None, evaluate_fn: EvaluateFn | None = None,
+          record: Mapping[str, Any] | None = None, ctx: DistContext | None = None,
+          prepare_batch: Callable[[Any, torch.device], Any] | None = None) -> TrainResult:
+    """Train ``model`` on ``train_set``; write the run folder; return a summary.
+
+    Args:
+        cfg: the run config (``cfg.train`` drives the loop; the whole config is recorded).
+        model: the trainable network, already built (seed with :func:`seed_everything` first).
+        criterion: ``(outputs, det, targets) -> losses``; must contain ``total`` or ``loss``.
+        train_set: map-style dataset; ``len`` = number of training images.
+        run_dir: the run folder (created).
+        collate: batches items; its result must have ``to(device)`` and ``len``, and unpack into
+            ``(det, targets)`` (:class:`~mfdetr.engine.collate.Stage2Batch` does).
+        resume: continue from ``run_dir/ckpt.pt`` (exactly, see the module docstring).
+        masknet_config: the resolved MaskNet config recorded in checkpoints (default ``cfg.masknet``).
+        manifest_sha256: hash of the training cache's manifest (recorded in ``run.json``).
+        evaluate_fn: called on rank 0 every ``eval_every`` steps and at the end; results are logged.
+        record: extra entries for ``run.json`` (e.g. cache paths, model complexity).
+        ctx: distributed context (default: from torchrun's environment).
+        prepare_batch: turns a collated batch into the device batch (default ``batch.to(device)``);
+            the online mode runs the frozen detector here (:mod:`mfdetr.engine.online`).
+    """
+    tc = cfg.train
+    ctx = ctx or init_distributed(tc.device)
+    device = ctx.device
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "ckpt.pt"
+    mcfg = dict(masknet_config if masknet_config is not None else cfg.masknet)
+    cfg_dict = cfg.to_dict()
+
+    # ---- resume / fresh-run checks (every rank reads the same files) ----
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise MfdetrError("nothing to resume: no ckpt.pt", path=run_dir)
+        ckpt = load_checkpoint(ckpt_path)
+        diff = [k for k in diff_configs(ckpt.get("config", {}), cfg_dict) if k not in RESUMABLE_CHANGES]
+        if diff:
+            raise MfdetrError(f"cannot resume with a different config (differs in: {', '.join(diff[:8])})",
+                              path=run_dir)
+        was = int(ckpt.get("meta", {}).get("world_size", ctx.world_size))
+        if was != ctx.world_size:
+            raise MfdetrError(f"run was started with {was} processes, now {ctx.world_size}: the data order "
+                              "depends on the global batch; resume with the same world size", path=run_dir)
+    elif ckpt_path.exists():
+        raise MfdetrError("run folder already holds a checkpoint; pass --resume to continue it or choose "
+                          "another --out", path=run_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
+
+    # ---- model, optimiser, schedule, AMP ----
+    model.to(device)
+    if isinstance(criterion, nn.Module):
+        criterion.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise MfdetrError("the model has no trainable parameters (a training-free config: use `mfdetr eval`)")
+    plan = EpochPlan(num_items=len(train_set), batch_size=tc.batch_size, world_size=ctx.world_size,  # type: ignore[arg-type]
+                     rank=ctx.rank, seed=tc.seed)
+    total = tc.iterations if tc.iterations > 0 else tc.epochs * plan.steps_per_epoch
+    lr = tc.lr * (plan.global_batch / tc.reference_batch if tc.reference_batch > 0 else 1.0)
+    sched = StepDecay(base_lr=lr, total_steps=total, drop_at=tc.lr_drop_at, factor=tc.lr_drop_factor)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    use_amp, amp_dtype = _amp(tc.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    start, window = 0, {}
+    if ckpt is not None:
+        _unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["step"])
+        window = {k: list(v) for k, v in ckpt.get("log_window", {}).items()}
+        rng = ckpt.get("rng", {}).get(ctx.rank)
+        if rng is not None:
+            restore_rng(rng)
+
+    net: nn.Module = model
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=None,
+                                                  find_unused_parameters=tc.find_unused_parameters)
+
+    meta = {"world_size": ctx.world_size, "backend": ctx.backend, "device": str(device),
+            "batch_size_per_process": tc.batch_size, "global_batch": plan.global_batch, "lr": lr,
+            "total_steps": total, "steps_per_epoch": plan.steps_per_epoch, "num_train_images": len(train_set),  # type: ignore[arg-type]
+            "amp": (str(amp_dtype).replace("torch.", "") if use_amp else "fp32"),
+            "manifest_sha256": manifest_sha256, "versions": library_versions(),
+            "trainable_params": sum(p.numel() for p in params), "command": python_command(),
+            **dict(record or {})}
+    _say(ctx, f"training {total} steps ({plan.steps_per_epoch}/epoch) on {ctx.world_size} process(es) "
+              f"[{meta['device']}, {meta['amp']}]: global batch {plan.global_batch} "
+              f"({tc.batch_size} x {ctx.world_size}), lr {lr:g}"
+              + (f"; resuming at step {start}" if start else ""))
+    logger: MetricLogger | None = None
+    if ctx.is_main:
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg_dict, indent=2) + "\n")
+        runs = json.loads((run_dir / "run.json").read_text()) if resume and (run_dir / "run.json").exists() else {}
+        launches = list(runs.get("launches", [])) + [{"start_step": start, "time": time.time()}]
+        atomic_write_text(run_dir / "run.json", json.dumps({**meta, "launches": launches}, indent=2) + "\n")
+        logger = MetricLogger(run_dir, resume_step=start if resume else None)
+
+    def save(step: int) -> None:
+        rngs = [capture_rng()]
+        if ctx.distributed:
+            gathered: list[Any] = [None] * ctx.world_size
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if ctx.is_main:
+            state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "schedule": sched.state_dict(), "step": step, "epoch": plan.locate(step)[0],
+                     "rng": dict(enumerate(rngs)), "log_window": window, "config": cfg_dict,
+                     "masknet_config": mcfg, "meta": meta}
+            atomic_torch_save(state, ckpt_path)
+            if tc.keep_checkpoints:
+                atomic_torch_save(state, run_dir / f"ckpt_{step:07d}.pt")
+        barrier(ctx)
+
+    eval_metrics: dict[str, float] = {}
+
+    def run_eval(step: int) -> None:
+        nonlocal eval_metrics
+        if evaluate_fn is None:
+            return
+        if ctx.is_main:
+            _unwrap(model).eval()
+            with torch.no_grad():
+                eval_metrics = {k: float(v) for k, v in evaluate_fn(_unwrap(model), step).items()}
+            _unwrap(model).train()
+            assert logger is not None
+            logger.log("eval", step, eval_metrics)
+            _say(ctx, f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
+        barrier(ctx)
+
+    progress = None
+    if ctx.is_main and tc.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True,
+                        file=sys.stderr, mininterval=1.0)
+    last: dict[str, float] = {}
+    step = start
+    model.train()
+    t_window, n_window = time.perf_counter(), 0
+    while step < total:
+        epoch, pos = plan.locate(step)
+        batches = plan.rank_batches(epoch, pos)[: total - step]
+        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=tc.num_workers,
+                            pin_memory=device.type == "cuda",
+                            prefetch_factor=tc.prefetch_factor if tc.num_workers > 0 else None)
+        for batch in loader:
+            seed_step(tc.seed, step, ctx.rank)
+            cur_lr = sched.apply(optimizer, step)
+            batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
+            det, targets = batch
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                outputs = net(det)
+                losses = criterion(outputs, det, targets)
+            loss = _loss_total(losses)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} "
+                                         f"(components: { {k: float(v) for k, v in losses.items()} })")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            grad_norm = None
+            if tc.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm))
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            n_window += len(batch) * ctx.world_size
+            vals = {("loss" if k in ("total", "loss") else k): float(v.detach()) for k, v in losses.items()}
+            if grad_norm is not None:
+                vals["grad_norm"] = grad_norm
+            for k, v in vals.items():
+                window.setdefault(k, []).append(v)
+            if step % tc.log_every == 0 or step == total:
+                means = all_reduce_mean({k: sum(v) / len(v) for k, v in window.items()}, ctx)
+                dt = time.perf_counter() - t_window
+                img_s = n_window / dt if dt > 0 else math.nan
+                last = means
+                if logger is not None:
+                    logger.log("train", step, {**means, "lr": cur_lr, "img_s": img_s}, epoch=epoch)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{means.get('loss', math.nan):.4f}", img_s=f"{img_s:.1f}",
+                                         lr=f"{cur_lr:.2e}")
+                window, t_window, n_window = {}, time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total:
+                save(step)
+            if tc.eval_every and step % tc.eval_every == 0 and step < total:
+                run_eval(step)
+    if progress is not None:
+        progress.close()
+    save(step)
+    run_eval(step)
+    if logger is not None:
+        logger.close()
+    _say(ctx, f"done: {step} steps, checkpoint {ckpt_path}")
+    return TrainResult(run_dir=run_dir, steps=step, total_steps=total, global_batch=plan.global_batch, lr=lr,
+                       last_losses=last, eval_metrics=eval_metrics)

@@ -1,0 +1,229 @@
+"""Stage 2 on a real (tiny) cache: CacheDataset, train → checkpoint → eval, exact resume of the real
+MaskNet, and bad input (incomplete cache, other detector, other annotations, other MaskNet config)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mfdetr.masknet")
+
+import tests._fake_detector as fd  # noqa: E402
+from mfdetr.cache import CacheJob, run_cache  # noqa: E402
+from mfdetr.engine import build_run_config, collate_detector_outputs, read_jsonl  # noqa: E402
+from mfdetr.engine.config import replace_train  # noqa: E402
+from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache  # noqa: E402
+from mfdetr.engine.stage2 import CacheSources, eval_from_cache, train_from_cache  # noqa: E402
+from mfdetr.errors import MfdetrError  # noqa: E402
+
+# MaskNet scaled to the fake detector (d = 16, C1 = 8 channels, K = 8 cached queries)
+TINY = {"num_queries": 8, "roi_size": 8, "image_encoder": {"layers": 1, "heads": 2, "points": 2},
+        "box_encoder": {"layers": 1, "dim": 8, "heads": 2, "points": 2}, "query_encoder": {"heads": 2},
+        "neck": {"groups": 4}, "mask_scoring": {"channels": 8, "fc_dim": 16}}
+
+
+def make_oracle(store: Path, annotation_file: Path) -> None:
+    """Overwrite a cache's boxes/logits with the GT (query k = annotation k, class slot 1 = category 1):
+    the cached detector is then perfect (box AP 100) and a trained MaskNet can reach mask AP 100."""
+    import numpy as np
+    import zarr
+
+    g = zarr.open_group(str(store), mode="r+")
+    d = json.loads(annotation_file.read_text())
+    imgs = {im["id"]: im for im in d["images"]}
+    anns: dict[int, list[dict[str, object]]] = {}
+    for a in d["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    for i, iid in enumerate(g["image_ids"][:].tolist()):
+        boxes = g["boxes"][i]
+        logits = np.full(g["logits"][i].shape, -10.0, dtype=g["logits"].dtype)
+        for k, a in enumerate(anns.get(iid, [])):
+            x, y, w, h = a["bbox"]  # type: ignore[misc]
+            wi, hi = imgs[iid]["width"], imgs[iid]["height"]
+            boxes[k] = [(x + w / 2) / wi, (y + h / 2) / hi, w / wi, h / hi]
+            logits[k, 1] = 10.0
+        g["boxes"][i] = boxes
+        g["logits"][i] = logits
+
+
+def tiny_cfg(**train: object) -> dict[str, object]:
+    base = {"device": "cpu", "iterations": 4, "batch_size": 2, "log_every": 1, "num_workers": 0, "progress": False}
+    base.update(train)
+    return {"train": base, "masknet": TINY}
+
+
+def write_cache(coco: Path, split: str, out: Path, ckpt: Path, **kw: object) -> Path:
+    run_cache(CacheJob(detector=fd.NAME, checkpoint=ckpt, coco=coco, split=split, out=out, topk=8, enc_layers=(4,),
+                       num_workers=0, **kw), progress=False, echo=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    fd.register()
+    root = tmp_path_factory.mktemp("stage2")
+    coco = root / "coco"
+    fd.make_coco(coco, n=5, split="train2017")
+    fd.make_coco(coco, n=3, split="val2017", seed=1)
+    ckpt = fd.save_fake_checkpoint(root / "fake.pth")
+    other = fd.save_fake_checkpoint(root / "other.pth", seed=1)
+    for split in ("train2017", "val2017"):
+        make_oracle(write_cache(coco, split, root / f"c_{split[:-4]}", ckpt),
+                    coco / "annotations" / f"instances_{split}.json")
+    return {"root": root, "coco": coco, "train": root / "c_train", "val": root / "c_val",
+            "val_other": write_cache(coco, "val2017", root / "c_val_other", other),
+            "half": write_cache(coco, "train2017", root / "c_half", ckpt, shard=(0, 2))}
+
+
+def test_cache_dataset_yields_cached_fields_and_gt(data: dict[str, Path]) -> None:
+    store = open_cache(data["train"], enc_layer=4)
+    ds = CacheDataset(store=store, coco_split=open_annotations(store, coco=data["coco"]), enc_layer=4)
+    assert len(ds) == 5 and ds.image_ids == [1, 2, 3, 4, 5]
+    det, gt = ds[0]
+    assert det.batch_size == 1 and det.queries.dtype == torch.float16 and list(det.enc_maps) == [4]
+    assert gt.image_id == 1 and len(gt) == 1 and tuple(gt.masks.shape[1:]) == tuple(det.orig_hw[0].tolist())
+    assert len(ds[1][1]) == 0  # image 2 has no annotation: a valid, empty target
+    batch = collate_detector_outputs([ds[i] for i in range(3)])
+    batch.det.validate()
+    assert batch.det.extras["image_id"] == [1, 2, 3]
+    hw = [ds[i][0].c1.shape[-2:] for i in range(3)]
+    assert tuple(batch.det.c1.shape[-2:]) == (max(h for h, _ in hw), max(w for _, w in hw))
+    with pytest.raises(MfdetrError, match="encoder layers"):
+        open_cache(data["train"], enc_layer=6)
+
+
+def test_incomplete_cache_warns_or_refuses(data: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    store = open_cache(data["half"], enc_layer=4)
+    coco = open_annotations(store, coco=data["coco"])
+    ds = CacheDataset(store=store, coco_split=coco, enc_layer=4)
+    assert len(ds) == 3 and "using 3 of 5 images (2 not written yet" in capsys.readouterr().err
+    with pytest.raises(MfdetrError, match="incomplete: 2 of 5 images"):
+        CacheDataset(store=store, coco_split=coco, enc_layer=4, require_complete=True)
+
+
+def test_annotation_file_must_be_the_one_the_manifest_names(data: dict[str, Path], tmp_path: Path) -> None:
+    store = open_cache(data["train"])
+    bad = tmp_path / "instances_train2017.json"
+    d = json.loads((data["coco"] / "annotations" / "instances_train2017.json").read_text())
+    d["annotations"] = d["annotations"][:-1]
+    bad.write_text(json.dumps(d))
+    with pytest.raises(MfdetrError, match="sha256 differs"):
+        open_annotations(store, coco=data["coco"], annotations=bad)
+    with pytest.raises(MfdetrError, match="--coco"):
+        open_annotations(store, coco=None)
+
+
+def test_train_checkpoint_eval_and_refusals(data: dict[str, Path], tmp_path: Path) -> None:
+    src = CacheSources(cache=data["train"], coco=data["coco"], val_cache=data["val"])
+    run = tmp_path / "run"
+    cfg = build_run_config(tiny_cfg(iterations=30, lr=1e-3, log_every=5))
+    res, metrics = train_from_cache(cfg, src, run)
+    assert res is not None and res.steps == 30 and set(metrics) == {"segm", "bbox"}
+    # the oracle cache's boxes are exact; 30 steps teach MaskNet to fill them (the GT masks are boxes)
+    assert metrics["bbox"]["AP"] == pytest.approx(100.0) and metrics["segm"]["AP"] >= 90.0
+    losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
+    rj = json.loads((run / "run.json").read_text())
+    assert rj["detector"]["detector.name"] == fd.NAME and len(rj["manifest_sha256"]) == 64
+    assert rj["complexity"]["params_m"] * 1e6 == pytest.approx(rj["trainable_params"])
+    assert json.loads((run / "val_metrics.json").read_text())["step"] == 30
+    # evaluation from the checkpoint alone reproduces the end-of-training numbers
+    out = tmp_path / "results.json"
+    m = eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), checkpoint=run / "ckpt.pt", out=out)
+    assert json.dumps(m, sort_keys=True) == json.dumps(metrics, sort_keys=True)  # NaN-safe equality
+    results = json.loads(out.read_text())
+    assert {r["image_id"] for r in results} == {1, 3} and {"segmentation", "score"} <= set(results[0])
+    # bad input → clear errors
+    with pytest.raises(MfdetrError, match="checkpoint.sha256"):
+        eval_from_cache(CacheSources(cache=data["val_other"], coco=data["coco"]), checkpoint=run / "ckpt.pt")
+    with pytest.raises(MfdetrError, match="different MaskNet config.*roi_size"):
+        eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), checkpoint=run / "ckpt.pt",
+                        overrides=["masknet.roi_size=16"])
+    with pytest.raises(MfdetrError, match="unknown key.*depth"):
+        train_from_cache(build_run_config(tiny_cfg(), ["masknet.image_encoder.depth=3"]), src, tmp_path / "r2")
+    with pytest.raises(MfdetrError, match="checkpoint.sha256"):
+        train_from_cache(build_run_config(tiny_cfg()),
+                         CacheSources(cache=data["train"], coco=data["coco"], val_cache=data["val_other"]),
+                         tmp_path / "r3")
+
+
+def test_real_masknet_resumes_exactly(data: dict[str, Path], tmp_path: Path) -> None:
+    """A run resumed from its step-3 checkpoint logs the same losses (point sampling included)."""
+    src = CacheSources(cache=data["train"], coco=data["coco"])
+    cfg = build_run_config(tiny_cfg(iterations=6, checkpoint_every=3, keep_checkpoints=True))
+    full = tmp_path / "full"
+    train_from_cache(cfg, src, full)
+    cut = tmp_path / "cut"  # what a run killed after its step-3 checkpoint leaves behind
+    cut.mkdir()
+    shutil.copy(full / "ckpt_0000003.pt", cut / "ckpt.pt")
+    shutil.copy(full / "config.json", cut / "config.json")
+    recs = [r for r in read_jsonl(full / "metrics.jsonl") if r["step"] <= 5]
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    # resumed with a DataLoader worker (the uninterrupted run had none): the order must not depend on it
+    train_from_cache(replace_train(cfg, num_workers=1), src, cut, resume=True)
+    a = [(r["step"], r["loss"]) for r in read_jsonl(full / "metrics.jsonl") if r["kind"] == "train"]
+    b = [(r["step"], r["loss"]) for r in read_jsonl(cut / "metrics.jsonl") if r["kind"] == "train"]
+    assert a == b and len(a) == 6
+    sa, sb = torch.load(full / "ckpt.pt", weights_only=False)["model"], torch.load(cut / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sweep_from_one_cache_and_training_free_eval(data: dict[str, Path], tmp_path: Path) -> None:
+    from mfdetr.engine.stage2 import sweep_from_cache
+    from mfdetr.engine.sweep import load_sweep
+
+    lines = ['[sweep]', 'table = "Table X"', 'title = "tiny"', 'columns = ["# layers"]', '[base.train]',
+             'device = "cpu"', 'iterations = 2', 'batch_size = 2', 'num_workers = 0', 'progress = false', '[base.masknet]']
+    lines += [f"{k} = {json.dumps(v)}" if not isinstance(v, dict) else "\n".join(
+        f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()) for k, v in TINY.items()]
+    lines += ['[[variants]]', 'name = "l0"', 'labels = ["0"]', 'set = ["masknet.image_encoder.layers=0"]',
+              '[[variants]]', 'name = "l1"', 'labels = ["1"]', 'set = ["masknet.image_encoder.layers=1"]',
+              'paper = { AP = 30.8, params_m = 0.76 }']
+    f = tmp_path / "tiny_sweep.toml"
+    f.write_text("\n".join(lines) + "\n")
+    res = sweep_from_cache(load_sweep(f), CacheSources(cache=data["train"], coco=data["coco"], val_cache=data["val"]),
+                           tmp_path / "sweep", log=lambda s: None)
+    assert [r.name for r in res] == ["l0", "l1"]
+    assert res[1].params_m > res[0].params_m > 0 and res[1].flops_g > res[0].flops_g > 0  # one more encoder layer
+    assert all(r.metrics.keys() >= {"AP", "AP50", "APs"} for r in res)
+    md = (tmp_path / "sweep" / "summary.md").read_text()
+    assert md.count("\n| 0 |") == 1 and "| 30.8 | 0.76 M |" in md
+    assert (tmp_path / "sweep" / "l1" / "run" / "ckpt.pt").is_file()
+
+    # Table 1-style training-free baseline: evaluated from a config, no checkpoint
+    free = tmp_path / "free.toml"
+    free.write_text('[masknet]\nnum_queries = 8\nfuse_c1 = false\nneck.enabled = false\nimage_encoder.layers = 0\n'
+                    'box_encoder.layers = 0\nbox_encoder.dim = 16\nquery_encoder.ffn = false\nquery_encoder.b2o = false\n'
+                    'mask_scoring.enabled = false\n')
+    m = eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), config=free)
+    assert m["bbox"]["AP"] == pytest.approx(100.0) and 0.0 <= m["segm"]["AP"] <= 100.0
+    trainable = tmp_path / "trainable.toml"
+    trainable.write_text("\n".join(lines[lines.index("[base.masknet]"):lines.index("[[variants]]")]).replace(
+        "[base.masknet]", "[masknet]") + "\n")
+    with pytest.raises(MfdetrError, match="--checkpoint"):
+        eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), config=trainable)
+
+
+def test_online_training_equals_cached_training(data: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 7 item 3: with the online features rounded through the cache's float16, the frozen detector
+    in the loop gives the same losses as the cache it wrote (CPU, ≤ 1e-5)."""
+    from mfdetr.engine.online import train_online
+
+    ckpt = data["root"] / "fake.pth"
+    cache = write_cache(data["coco"], "train2017", tmp_path / "cache", ckpt)
+    # random fake boxes rarely overlap the GT: accept any overlap so every step has positives
+    cfg = build_run_config({**tiny_cfg(iterations=4), "assign": {"iou_threshold": 0.01}})
+    train_from_cache(cfg, CacheSources(cache=cache, coco=data["coco"]), tmp_path / "cached")
+    train_online(cfg, detector=fd.NAME, checkpoint=str(ckpt), coco=str(data["coco"]), split="train2017",
+                 out=str(tmp_path / "online"), topk=8)
+    a = [r for r in read_jsonl(tmp_path / "cached" / "metrics.jsonl") if r["kind"] == "train"]
+    b = [r for r in read_jsonl(tmp_path / "online" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(a) == len(b) == 4 and sum(r["loss"] > 0 for r in a) >= 3
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5) and rb["num_pos"] == ra["num_pos"]
+    rj = json.loads((tmp_path / "online" / "run.json").read_text())
+    assert rj["online"]["detector"] == fd.NAME
