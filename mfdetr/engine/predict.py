@@ -243,7 +243,7 @@ def resolve_device(device: str) -> torch.device:
 
 def preset_queries(preset: DetectorPreset) -> int:
     """Queries the detector runs at inference (top-K keeps at most this many)."""
-    n = getattr(preset, "num_queries", None) or preset.arch.get("num_queries")
+    n = preset.num_queries or preset.arch.get("num_queries")
     return int(n) if n else 100
 
 
