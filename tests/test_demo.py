@@ -111,7 +111,9 @@ def test_demo_without_the_demo_detector_is_a_clear_error(tmp_path: Path) -> None
         assert_user_error(proc, "ships no weights", "--checkpoint")
 
 
+@pytest.mark.slow
 def test_quick_demo_mask_ap_well_above_chance(tmp_path: Path) -> None:
+    """The README's ``mfdetr demo --quick`` with the shipped detector: a few minutes on 2 CPU cores."""
     if _demo_weights() is None:
         pytest.skip("needs the trained `demo` detector (mfdetr/detectors/weights/demo_dino.pt, the 'demo' "
                     "preset): mask AP well above chance cannot be asserted with random detector weights")
