@@ -14,9 +14,7 @@ from PIL import Image
 
 from tests.conftest import assert_user_error, run_cli
 
-pytest.importorskip("mfdetr.engine.stage2", reason="the stage-2 engine (mfdetr train/eval) is not merged yet")
-
-from tests.test_predict_tinydet import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint  # noqa: E402
+from tests.test_predict_tinydet import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
 
 #: mask AP (COCO, 0-100) a --quick demo with the trained `demo` detector must exceed; chance is ~0
 QUICK_DEMO_MIN_MASK_AP = 20.0

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    if importlib.util.find_spec("mfdetr.engine.stage2") is None:  # stage-2 engine not in this checkout yet
-        return
-
     @app.command("demo")
     def demo(
         out: Path = typer.Option(Path("mfdetr-demo"), "--out", help="Working folder for every output."),
