@@ -37,7 +37,7 @@ def test_shortened_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     sets = [a for o in TINY_MASKNET for a in ("--set", o)]
     proc = run_cli("demo", "--out", out, "--detector", NAME, "--checkpoint", det, "--train-images", "6",
                    "--val-images", "3", "--iterations", "3", "--image-size", "40", "--batch-size", "2",
-                   "--overlays", "2", "--no-progress", *sets)
+                   "--overlays", "2", "--overlay-threshold", "0", "--no-progress", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     text = proc.stdout
@@ -64,6 +64,7 @@ def test_shortened_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         with Image.open(png) as a, Image.open(src) as b:
             assert png.stem == src.stem and a.size == b.size
     pred = json.loads((out / "predict" / "predictions.json").read_text())
+    assert pred["meta"]["score_threshold"] == 0.0 and len(pred["annotations"]) > 0  # every kept query drawn
     assert {c["name"] for c in pred["categories"]} >= {"disc", "box"}  # names from the synthetic annotations
     # the summary: APs are real numbers in [0, 100], one time per stage
     box_ap, mask_ap = _summary_value(text, "detector box AP (val)"), _summary_value(text, "mask AP (val)")

@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         image_size: int = typer.Option(160, "--image-size", help="Shorter side of the synthetic images."),
         batch_size: int = typer.Option(8, "--batch-size", help="MaskNet training batch size."),
         overlays: int = typer.Option(6, "--overlays", help="Val images to draw overlays for."),
+        overlay_threshold: float = typer.Option(0.3, "--overlay-threshold",
+                                                help="Draw instances scoring at least this."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data and the training."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
         overrides: list[str] = typer.Option([], "--set", help="Recipe override section.key=value (repeatable)."),
@@ -34,5 +36,6 @@ def register(app: typer.Typer) -> None:
 
         run_demo(DemoOptions(out=out, detector=detector, checkpoint=checkpoint, quick=quick, train_images=train_images,
                              val_images=val_images, iterations=iterations, image_size=image_size,
-                             batch_size=batch_size, overlays=overlays, seed=seed, device=device,
+                             batch_size=batch_size, overlays=overlays,
+                             overlay_threshold=overlay_threshold, seed=seed, device=device,
                              overrides=tuple(overrides), force=force, progress=progress), echo=typer.echo)

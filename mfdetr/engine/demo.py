@@ -53,6 +53,7 @@ class DemoOptions:
     image_size: int = 160
     batch_size: int = 8
     overlays: int = 6
+    overlay_threshold: float = 0.3
     seed: int = 0
     device: str = "cpu"
     overrides: tuple[str, ...] = ()
@@ -215,7 +216,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
         images = sorted(p for p in val_dir.iterdir() if p.suffix == ".jpg")[: opts.overlays]
         pred = run_predict(PredictJob(detector=preset.name, masknet=s.run_dir / "ckpt.pt",
                                       inputs=tuple(map(str, images)), out=out / "predict", checkpoint=ckpt,
-                                      score_threshold=0.3, device=device,
+                                      score_threshold=opts.overlay_threshold, device=device,
                                       categories_file=synth / "annotations" / "instances_val2017.json"),
                            progress=opts.progress, echo=echo, detector=detector)
         done()
