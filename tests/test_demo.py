@@ -121,3 +121,18 @@ def test_quick_demo_mask_ap_well_above_chance(tmp_path: Path) -> None:
     mask_ap = _summary_value(proc.stdout, "mask AP (val)")
     assert mask_ap >= QUICK_DEMO_MIN_MASK_AP, proc.stdout
     assert _summary_value(proc.stdout, "detector box AP (val)") >= QUICK_DEMO_MIN_MASK_AP
+
+
+def test_demo_with_untrained_detector_runs_every_stage(tmp_path: Path) -> None:
+    """The README's main job before the demo weights ship: the real `demo` architecture, untrained."""
+    out = tmp_path / "d"
+    proc = run_cli("demo", "--out", out, "--untrained-detector", "--train-images", "3", "--val-images", "2",
+                   "--iterations", "2", "--batch-size", "2", "--overlays", "1", "--no-progress",
+                   "--set", "masknet.num_queries=10")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "detector_untrained.pt").is_file()
+    assert (out / "run" / "ckpt.pt").is_file() and (out / "curves.png").is_file()
+    assert len(list((out / "predict" / "overlays").glob("*.png"))) == 1
+    assert "mask AP (val)" in proc.stdout and "untrained demo detector" in proc.stdout
+    bad = run_cli("demo", "--out", tmp_path / "e", "--untrained-detector", "--checkpoint", out / "detector_untrained.pt")
+    assert_user_error(bad, "exclude each other")

@@ -15,6 +15,9 @@ def register(app: typer.Typer) -> None:
         detector: str = typer.Option("demo", "--detector", help="Detector preset (default: the shipped demo DINO)."),
         checkpoint: Path = typer.Option(None, "--checkpoint",
                                         help="Detector checkpoint (default: the preset's shipped weights)."),
+        untrained_detector: bool = typer.Option(
+            False, "--untrained-detector",
+            help="Use seeded untrained detector weights (runs the whole pipeline; APs near zero)."),
         train_images: int = typer.Option(None, "--train-images",
                                          help="Synthetic train images (default 400; quick 100)."),
         val_images: int = typer.Option(None, "--val-images", help="Synthetic val images (default 100; quick 30)."),
@@ -34,7 +37,7 @@ def register(app: typer.Typer) -> None:
         """Run the whole pipeline offline on synthetic data and print box AP, mask AP, times and cache size."""
         from mfdetr.engine.demo import DemoOptions, run_demo
 
-        run_demo(DemoOptions(out=out, detector=detector, checkpoint=checkpoint, quick=quick, train_images=train_images,
+        run_demo(DemoOptions(out=out, detector=detector, checkpoint=checkpoint, untrained_detector=untrained_detector, quick=quick, train_images=train_images,
                              val_images=val_images, iterations=iterations, image_size=image_size,
                              batch_size=batch_size, overlays=overlays,
                              overlay_threshold=overlay_threshold, seed=seed, device=device,

@@ -46,6 +46,9 @@ class DemoOptions:
     out: Path
     detector: str = "demo"
     checkpoint: Path | None = None
+    #: seeded, untrained detector weights instead of trained ones: exercises the whole pipeline for real
+    #: (e.g. before the ``demo`` weights are shipped); its APs are near zero by construction
+    untrained_detector: bool = False
     quick: bool = False
     train_images: int | None = None
     val_images: int | None = None
@@ -164,13 +167,20 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
         raise MfdetrError(f"detector preset {opts.detector!r} is not registered "
                           f"(known: {', '.join(list_detectors())}){hint}")
     preset = get_preset(opts.detector)
-    ckpt = detector_checkpoint(preset, opts.checkpoint)
+    if opts.untrained_detector and opts.checkpoint is not None:
+        raise MfdetrError("--untrained-detector and --checkpoint exclude each other")
+    ckpt = None if opts.untrained_detector else detector_checkpoint(preset, opts.checkpoint)
     n_train, n_val, iters = opts.sizes()
     if min(n_train, n_val, iters, opts.batch_size) < 1 or opts.overlays < 0:
         raise MfdetrError("demo sizes (images, iterations, batch size) must be >= 1")
     device = str(resolve_device(opts.device))
     out = Path(opts.out)
     _prepare(out, opts.force)
+    if ckpt is None:
+        from mfdetr.detectors.training.loop import build_trainable, save_weights
+
+        ckpt = save_weights(build_trainable(preset.name, seed=opts.seed), out / "detector_untrained.pt")
+        echo(f"untrained {preset.name} detector (seed {opts.seed}) written to {ckpt}: APs will be near zero")
     s = DemoSummary(out=out, detector=preset.name, train_images=n_train, val_images=n_val, iterations=iters)
     t_all = time.perf_counter()
     torch.manual_seed(opts.seed)
