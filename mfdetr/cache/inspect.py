@@ -10,16 +10,8 @@ from typing import Any
 import numpy as np
 
 from mfdetr.cache.reader import CacheStore
-from mfdetr.cache.store import _describe_compressors, stored_bytes
+from mfdetr.cache.store import _describe_compressors, human_bytes as _human, stored_bytes
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def inspect_store(path: str | Path, *, max_skips: int = 20) -> tuple[list[str], dict[str, Any]]:

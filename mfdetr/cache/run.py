@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mfdetr.cache.manifest import build_manifest, sha256_file
+from mfdetr.cache.store import human_bytes as _human
 from mfdetr.cache.store import open_for_writing, read_commit_flags, stored_bytes
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
@@ -106,14 +107,6 @@ def resolve_device(device: str, env: dict[str, str] | None = None) -> str:
         if device == "cuda" and "LOCAL_RANK" in env:
             return f"cuda:{int(env['LOCAL_RANK'])}"
     return device
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @dataclass

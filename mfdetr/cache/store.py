@@ -208,3 +208,12 @@ def stored_bytes(root_dir: str | Path, name: str | None = None) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as a short human string (decimal units: 1.5 MB = 1,500,000 bytes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -10,9 +10,22 @@ in ``out_indices`` is the raw stage output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from mfdetr.contracts import ShapeSpec
+from mfdetr.errors import MfdetrError
+
+
+def check_out_indices(out_indices: Sequence[int], num_stages: int, what: str) -> tuple[int, ...]:
+    """Validate ``out_indices`` (non-empty, strictly ascending, within the stages) for ``what``."""
+    idx = tuple(int(i) for i in out_indices)
+    if not idx or list(idx) != sorted(set(idx)) or idx[0] < 0 or idx[-1] >= num_stages:
+        raise MfdetrError(
+            f"{what}: out_indices must be strictly ascending stage numbers in 0..{num_stages - 1},"
+            f" got {list(out_indices)}")
+    return idx
 
 
 class Backbone(nn.Module):
@@ -38,3 +51,39 @@ class Backbone(nn.Module):
     @property
     def c1_spec(self) -> ShapeSpec:
         return self.stage_specs[0]
+
+
+class StagedTokenBackbone(Backbone):
+    """A hierarchical transformer-style backbone (Swin, FocalNet): a patch stem, four stages that each
+    return ``(stage output [B, H, W, C], input of the next stage)``, and one LayerNorm ``norm{i}`` per
+    returned stage — the official module names, so official weights load unchanged.
+
+    ``forward(x [B, 3, H, W])`` → ``{i: [B, C_i, ceil(H/(p·2^i)), ceil(W/(p·2^i))]}`` for
+    ``out_indices`` ∪ {0}, channel-first, contiguous.
+    """
+
+    def __init__(self, *, name: str, patch_embed: nn.Module, stages: Sequence[nn.Module], channels: Sequence[int],
+                 patch_size: int, out_indices: Sequence[int]) -> None:
+        super().__init__()
+        if len(stages) != 4 or len(channels) != 4:
+            raise MfdetrError(f"{name}: the backbone contract needs 4 stages, got {len(stages)}")
+        self.out_indices = check_out_indices(out_indices, 4, name)
+        self.stage_specs = tuple(ShapeSpec(channels=int(c), stride=patch_size * 2**i)
+                                 for i, c in enumerate(channels))
+        self.patch_embed = patch_embed
+        self.layers = nn.ModuleList(stages)
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(channels[i]))
+
+    def forward(self, x: Tensor) -> dict[int, Tensor]:
+        wanted = sorted(set(self.out_indices) | {0})
+        outs: dict[int, Tensor] = {}
+        y: Tensor | None = self.patch_embed(x)
+        for i in range(wanted[-1] + 1):
+            assert y is not None
+            stage_out, y = self.layers[i](y)
+            if i in self.out_indices:
+                stage_out = getattr(self, f"norm{i}")(stage_out)
+            if i in wanted:
+                outs[i] = stage_out.permute(0, 3, 1, 2).contiguous()
+        return outs

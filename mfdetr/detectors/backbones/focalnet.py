@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mfdetr.contracts import ShapeSpec
-from mfdetr.detectors.backbones.base import Backbone
-from mfdetr.detectors.backbones.swin import Mlp, check_out_indices
+from mfdetr.detectors.backbones.base import StagedTokenBackbone, check_out_indices
+from mfdetr.detectors.backbones.swin import Mlp
 from mfdetr.errors import MfdetrError
 
 __all__ = [
@@ -198,7 +198,7 @@ class FocalNetStage(nn.Module):
         return x, self.downsample(x.reshape(b, h * w, c).transpose(1, 2).view(b, c, h, w))
 
 
-class FocalNet(Backbone):
+class FocalNet(StagedTokenBackbone):
     """FocalNet detection backbone (four stages, strides 4, 8, 16, 32).
 
     Args:
@@ -214,29 +214,8 @@ class FocalNet(Backbone):
 
     def __init__(self, *, patch_embed: FocalPatchEmbed, stages: Sequence[FocalNetStage],
                  channels: Sequence[int], patch_size: int, out_indices: Sequence[int]) -> None:
-        super().__init__()
-        if len(stages) != 4 or len(channels) != 4:
-            raise MfdetrError(f"focalnet: the backbone contract needs 4 stages, got {len(stages)}")
-        self.out_indices = check_out_indices(out_indices, 4, "focalnet")
-        self.stage_specs = tuple(ShapeSpec(channels=int(c), stride=patch_size * 2**i)
-                                 for i, c in enumerate(channels))
-        self.patch_embed = patch_embed
-        self.layers = nn.ModuleList(stages)
-        for i in self.out_indices:
-            self.add_module(f"norm{i}", nn.LayerNorm(channels[i]))
-
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
-        wanted = sorted(set(self.out_indices) | {0})
-        outs: dict[int, Tensor] = {}
-        y: Tensor | None = self.patch_embed(x)
-        for i in range(wanted[-1] + 1):
-            assert y is not None
-            stage_out, y = self.layers[i](y)
-            if i in self.out_indices:
-                stage_out = getattr(self, f"norm{i}")(stage_out)
-            if i in wanted:
-                outs[i] = stage_out.permute(0, 3, 1, 2).contiguous()
-        return outs
+        super().__init__(name="focalnet", patch_embed=patch_embed, stages=stages, channels=channels,
+                         patch_size=patch_size, out_indices=out_indices)
 
 
 def _per_stage(value: int | Sequence[int], name: str) -> tuple[int, ...]:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mfdetr.contracts import ShapeSpec
-from mfdetr.detectors.backbones.base import Backbone
+from mfdetr.detectors.backbones.base import StagedTokenBackbone, check_out_indices
 from mfdetr.errors import MfdetrError
 
 __all__ = [
@@ -74,16 +74,6 @@ __all__ = [
     "check_out_indices",
     "swin_backbone",
 ]
-
-
-def check_out_indices(out_indices: Sequence[int], num_stages: int, what: str) -> tuple[int, ...]:
-    """Validate ``out_indices`` (non-empty, strictly ascending, within the stages) for ``what``."""
-    idx = tuple(int(i) for i in out_indices)
-    if not idx or list(idx) != sorted(set(idx)) or idx[0] < 0 or idx[-1] >= num_stages:
-        raise MfdetrError(
-            f"{what}: out_indices must be strictly ascending stage numbers in 0..{num_stages - 1},"
-            f" got {list(out_indices)}")
-    return idx
 
 
 class Mlp(nn.Module):
@@ -284,7 +274,7 @@ class SwinStage(nn.Module):
         return x, (self.downsample(x) if self.downsample is not None else None)
 
 
-class SwinTransformer(Backbone):
+class SwinTransformer(StagedTokenBackbone):
     """Swin Transformer detection backbone (four stages, strides ``p·2^i``, p = patch size).
 
     Args:
@@ -300,29 +290,8 @@ class SwinTransformer(Backbone):
 
     def __init__(self, *, patch_embed: PatchEmbed, stages: Sequence[SwinStage],
                  channels: Sequence[int], patch_size: int, out_indices: Sequence[int]) -> None:
-        super().__init__()
-        if len(stages) != 4 or len(channels) != 4:
-            raise MfdetrError(f"swin: the backbone contract needs 4 stages, got {len(stages)}")
-        self.out_indices = check_out_indices(out_indices, 4, "swin")
-        self.stage_specs = tuple(ShapeSpec(channels=int(c), stride=patch_size * 2**i)
-                                 for i, c in enumerate(channels))
-        self.patch_embed = patch_embed
-        self.layers = nn.ModuleList(stages)
-        for i in self.out_indices:
-            self.add_module(f"norm{i}", nn.LayerNorm(channels[i]))
-
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
-        wanted = sorted(set(self.out_indices) | {0})
-        outs: dict[int, Tensor] = {}
-        y: Tensor | None = self.patch_embed(x)
-        for i in range(wanted[-1] + 1):
-            assert y is not None
-            stage_out, y = self.layers[i](y)
-            if i in self.out_indices:
-                stage_out = getattr(self, f"norm{i}")(stage_out)
-            if i in wanted:
-                outs[i] = stage_out.permute(0, 3, 1, 2).contiguous()
-        return outs
+        super().__init__(name="swin", patch_embed=patch_embed, stages=stages, channels=channels,
+                         patch_size=patch_size, out_indices=out_indices)
 
 
 @dataclass(frozen=True)
