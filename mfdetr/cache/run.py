@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mfdetr.cache.manifest import build_manifest, sha256_file
 from mfdetr.cache.store import human_bytes as _human
+from mfdetr.devices import resolve_device
 from mfdetr.cache.store import open_for_writing, read_commit_flags, stored_bytes
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
@@ -96,17 +97,6 @@ def resolve_shard(shard: tuple[int, int] | None, env: dict[str, str] | None = No
     if "WORLD_SIZE" in env and "RANK" in env:
         return parse_shard(f"{env['RANK']}/{env['WORLD_SIZE']}") or (0, 1)
     return 0, 1
-
-
-def resolve_device(device: str, env: dict[str, str] | None = None) -> str:
-    """``cuda`` under torchrun becomes ``cuda:LOCAL_RANK``; an unavailable CUDA is a user error."""
-    env = dict(os.environ) if env is None else env
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MfdetrError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        if device == "cuda" and "LOCAL_RANK" in env:
-            return f"cuda:{int(env['LOCAL_RANK'])}"
-    return device
 
 
 @dataclass
@@ -223,9 +213,9 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
         if detector is None:
             from mfdetr.detectors.registry import build_detector
 
-            detector = build_detector(job.detector, checkpoint=job.checkpoint, device=resolve_device(job.device))
+            detector = build_detector(job.detector, checkpoint=job.checkpoint, device=str(resolve_device(job.device)))
         device = next(iter(detector.parameters()), None) if isinstance(detector, torch.nn.Module) else None
-        dev = device.device if device is not None else torch.device(resolve_device(job.device))
+        dev = device.device if device is not None else resolve_device(job.device)
         # queue: batches waiting for a worker (each holds its detector output, on the device)
         bg = BackgroundWriter(writer=writer, threads=job.writer_threads, queue_size=max(2, job.writer_threads))
         bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"cache{shard_txt}", dynamic_ncols=True)

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from mfdetr.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -31,16 +33,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: Literal["auto", "cpu", "cuda"], local_rank: int = 0) -> torch.device:
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        from mfdetr.errors import MfdetrError
-
-        raise MfdetrError("device 'cuda' requested but CUDA is not available")
-    return torch.device("cuda", local_rank)
 
 
 def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistContext:

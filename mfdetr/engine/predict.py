@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mfdetr.contracts import DetectorPreset
+from mfdetr.devices import resolve_device
 from mfdetr.errors import MfdetrError, SkipImage
 
 __all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
@@ -228,18 +229,6 @@ def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, s
 
 
 # ---- the job -------------------------------------------------------------------------------------
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; an unavailable CUDA is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MfdetrError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise MfdetrError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
-
 
 def preset_queries(preset: DetectorPreset) -> int:
     """Queries the detector runs at inference (top-K keeps at most this many)."""

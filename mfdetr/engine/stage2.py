@@ -29,7 +29,7 @@ from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_
 from mfdetr.engine.checkpoint import atomic_write_text, check_masknet_config, load_checkpoint
 from mfdetr.engine.collate import collate_detector_outputs
 from mfdetr.engine.config import RunConfig, build_run_config, load_run_config
-from mfdetr.engine.distributed import resolve_device
+from mfdetr.devices import resolve_device
 from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
 from mfdetr.engine.trainer import TrainResult, seed_everything, train
 from mfdetr.errors import MfdetrError
@@ -260,7 +260,7 @@ def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, 
     elif any(p.requires_grad for p in parts.model.parameters()):
         raise MfdetrError("this MaskNet config has trainable parts: pass --checkpoint (only training-free "
                           "configs, paper Table 1, evaluate without one)")
-    dev = resolve_device(device)  # type: ignore[arg-type]
+    dev = resolve_device(device)
     metrics, results = evaluate_masknet(parts.model, ds, manifest=store.manifest, batch_size=batch_size, device=dev)
     if out is not None:
         from mfdetr.evaluation import write_results_json
