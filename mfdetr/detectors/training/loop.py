@@ -10,8 +10,10 @@ One run = one output folder::
 Determinism: the model init comes from ``torch.manual_seed(seed)``, the batches of epoch ``e`` from
 :func:`~mfdetr.detectors.training.data.epoch_batches` (seeded shuffle, one orientation per batch) and
 the flips from ``[seed, epoch, index]``, so a run resumed from any checkpoint sees the same batches as
-an uninterrupted one. Optimiser: AdamW, one learning rate for every parameter (nothing is pretrained),
-multiplied by ``lr_drop_factor`` from epoch ``lr_drop_epoch`` on, gradient-norm clipping (DINO: 0.1).
+an uninterrupted one. Optimiser: AdamW, one learning rate for every parameter (nothing is pretrained)
+except the deformable-attention ``sampling_offsets`` and ``reference_points`` projections, which get
+``lr · linear_proj_lr_mult`` (Deformable DETR / DINO: 0.1); all multiplied by ``lr_drop_factor`` from
+epoch ``lr_drop_epoch`` on; gradient-norm clipping (DINO: 0.1).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class OptimOptions:
     lr_drop_factor: float = 0.1
     weight_decay: float = 1e-4
     clip_grad_norm: float = 0.1
+    linear_proj_lr_mult: float = 0.1
     threads: int = 2
     log_every: int = 20
     checkpoint_every: int = 100
@@ -128,8 +131,23 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
+#: parameter-name parts that get ``linear_proj_lr_mult`` (official ``lr_linear_proj_names``)
+LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
 def _lr_at(cfg: OptimOptions, epoch: int) -> float:
     return cfg.lr * (cfg.lr_drop_factor if epoch >= cfg.lr_drop_epoch else 1.0)
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimOptions) -> list[dict[str, Any]]:
+    """AdamW groups: the deformable sampling projections (``lr_mult = linear_proj_lr_mult``), the rest
+    (``lr_mult = 1``). Empty groups are left out."""
+    proj, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (proj if any(k in name for k in LINEAR_PROJ_NAMES) else rest).append(p)
+    groups = [{"params": rest, "lr_mult": 1.0}, {"params": proj, "lr_mult": cfg.linear_proj_lr_mult}]
+    return [g for g in groups if g["params"]]
 
 
 def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True, max_steps: int | None = None,
@@ -162,8 +180,9 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
                                  cost_giou=cfg.loss.cost_giou),
         weight_ce=cfg.loss.weight_ce, weight_bbox=cfg.loss.weight_bbox, weight_giou=cfg.loss.weight_giou,
         aux=cfg.loss.aux, enc=cfg.loss.enc)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    groups = param_groups(model, o)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     step = 0
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.is_file():
@@ -198,7 +217,7 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
                 batches = epoch_batches(train_set.groups, o.batch_size, seed=o.seed, epoch=epoch)
             lr = _lr_at(o, epoch)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_mult"]
             idx = batches[pos]
             batch = train_set.batch(idx, epoch=epoch, seed=o.seed, hflip=cfg.data.hflip)
             fwd = dino_train_forward(model, batch.images, batch.pad_mask)
@@ -237,4 +256,4 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
 
 
 __all__ = ["MAX_WEIGHTS_BYTES", "DataOptions", "DetTrainConfig", "LossOptions", "OptimOptions", "build_trainable",
-           "save_weights", "train_detector", "weights_state"]
+           "param_groups", "save_weights", "train_detector", "weights_state"]
