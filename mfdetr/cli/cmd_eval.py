@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("eval", context_settings={"allow_interspersed_args": True})
     def evaluate(
-        cache: Path = typer.Option(..., "--cache", help="Evaluation cache store (e.g. val2017)."),
+        cache: Path = typer.Option(None, "--cache", help="Evaluation cache store (e.g. val2017)."),
         coco: Path = typer.Option(None, "--coco", help="COCO folder the cache was written from (GT annotations)."),
         checkpoint: Path = typer.Option(None, "--checkpoint", help="A training checkpoint, e.g. RUN/ckpt.pt."),
         config: Path = typer.Option(None, "--config", help="Instead of a checkpoint: a training-free config "
@@ -19,6 +19,13 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(2, "--batch-size", help="Images per forward."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         annotations: Path = typer.Option(None, "--annotations", help="Override the annotation file."),
+        online: bool = typer.Option(False, "--online", help="Run the detector on --coco/--split instead of a cache "
+                                                            "(needed for runs that fine-tuned the detector)."),
+        split: str = typer.Option("val2017", "--split", help="--online: COCO split to evaluate."),
+        detector: str = typer.Option(None, "--detector", help="--online: detector preset (default: the run's)."),
+        detector_checkpoint: Path = typer.Option(None, "--detector-checkpoint",
+                                                 help="--online: detector weights (default: the run's)."),
+        max_images: int = typer.Option(0, "--max-images", help="--online: evaluate the first N images only."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value."),
     ) -> None:
         """Evaluate MaskNet on a cache: COCO segm AP (masks) and bbox AP (cached detector boxes)."""
@@ -27,6 +34,20 @@ def register(app: typer.Typer) -> None:
 
         if checkpoint is None and config is None:
             raise MfdetrError("pass --checkpoint RUN/ckpt.pt (or --config FILE for a training-free baseline)")
+        if online:
+            if cache is not None or coco is None or checkpoint is None:
+                raise MfdetrError("--online evaluates --checkpoint RUN/ckpt.pt on --coco DIR --split SPLIT (no --cache)")
+            from mfdetr.engine.online import eval_online
+
+            metrics = eval_online(checkpoint, coco=coco, split=split, detector=detector,
+                                  detector_checkpoint=detector_checkpoint, out=out, batch_size=batch_size,
+                                  device=device, max_images=max_images)
+            typer.echo(format_metrics(metrics))
+            if out is not None:
+                typer.echo(f"results: {out}")
+            return
+        if cache is None:
+            raise MfdetrError("pass --cache DIR (or --online --coco DIR --split SPLIT)")
         metrics = eval_from_cache(CacheSources(cache=cache, coco=coco, annotations=annotations),
                                   checkpoint=checkpoint, config=config, overrides=list(overrides or []), out=out,
                                   batch_size=batch_size, device=device)

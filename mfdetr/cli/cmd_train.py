@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         checkpoint: Path = typer.Option(None, "--checkpoint", help="--online: detector checkpoint file."),
         split: str = typer.Option("train2017", "--split", help="--online: COCO split to train on."),
         topk: int = typer.Option(100, "--topk", help="--online: queries kept per image (the cache's K)."),
+        val_split: str = typer.Option(None, "--val-split", help="--online: COCO split to evaluate on (e.g. val2017)."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value, e.g. train.batch_size=2."),
     ) -> None:
         """Train MaskNet on cached detector outputs (AdamW, step lr, AMP on GPU); evaluate on --val-cache."""
@@ -49,10 +50,12 @@ def register(app: typer.Typer) -> None:
             from mfdetr.engine.online import train_online
 
             train_online(cfg, detector=detector, checkpoint=str(checkpoint) if checkpoint else None, coco=str(coco),
-                         split=split, out=str(out), topk=topk, resume=resume)
+                         split=split, out=str(out), topk=topk, resume=resume, val_split=val_split)
             return
         if cache is None:
             raise MfdetrError("pass --cache DIR (or --online --detector NAME --checkpoint FILE --coco DIR)")
+        if val_split is not None:
+            raise MfdetrError("--val-split is for --online; a cached run evaluates on --val-cache DIR")
         from mfdetr.engine.stage2 import CacheSources, train_from_cache
 
         src = CacheSources(cache=cache, coco=coco, val_cache=val_cache, annotations=annotations,

@@ -10,6 +10,7 @@ Ground floor: imports only :mod:`mfdetr.contracts` and :mod:`mfdetr.errors`.
 - :func:`load_annotation_file`, :func:`annotation_path` — validated COCO annotation JSON (+ sha256).
 - :func:`mask_to_rle`, :func:`segmentation_to_rle`, :func:`decode_rle`, :func:`masks_to_boxes_xyxy`,
   :func:`mask_to_polygons` — mask encodings.
+- :class:`LargeScaleJitter` — large-scale jitter of a training split (online mode, paper Table 13).
 - :func:`generate_synth`, :class:`SynthConfig`, :data:`SYNTH_CLASSES` — the synthetic dataset.
 
 Names are resolved lazily (PEP 562) so that the torch-free tools (``mfdetr synth``, ``mfdetr
@@ -26,7 +27,7 @@ _EXPORTS = {
     "CocoInstances": "coco", "CocoItem": "coco",
     "SkipRecord": "batching", "SkipSafe": "batching", "collate": "batching", "collate_with_skips": "batching",
     "iterate_batches": "batching",
-    "load_rgb": "images", "to_rgb": "images",
+    "load_rgb": "images", "to_rgb": "images", "LargeScaleJitter": "lsj",
     "decode_rle": "masks", "decode_rles": "masks", "mask_to_rle": "masks", "masks_to_boxes_xyxy": "masks",
     "segmentation_to_rle": "masks",
     "mask_to_polygons": "polygons",
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from mfdetr.data.coco import CocoInstances, CocoItem
     from mfdetr.data.batching import SkipRecord, SkipSafe, collate, collate_with_skips, iterate_batches
     from mfdetr.data.images import load_rgb, to_rgb
+    from mfdetr.data.lsj import LargeScaleJitter
     from mfdetr.data.masks import decode_rle, decode_rles, mask_to_rle, masks_to_boxes_xyxy, segmentation_to_rle
     from mfdetr.data.polygons import mask_to_polygons
     from mfdetr.data.synth import SynthConfig, generate_synth

@@ -43,6 +43,8 @@ def list_detectors() -> list[str]:
 
 
 def get_preset(name: str) -> DetectorPreset:
+    if name not in _PRESETS and os.environ.get(PLUGINS_ENV):
+        load_plugins()  # a plugin preset asked for by name: every entry point finds it
     if name not in _PRESETS:
         raise MfdetrError(f"unknown detector {name!r} (known: {', '.join(list_detectors()) or 'none'})")
     return _PRESETS[name]

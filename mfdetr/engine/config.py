@@ -107,11 +107,49 @@ class DataConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Settings of the online mode only (``mfdetr train --online``); a cached run refuses non-defaults.
+
+    Args:
+        lsj: large-scale jitter of the training images (paper Table 13; :class:`mfdetr.data.LargeScaleJitter`).
+        lsj_size: the LSJ window side ``T`` (detectron2: 1024 for COCO; the ``demo`` detector's images: 224).
+        lsj_min_scale, lsj_max_scale: range of the LSJ scale (0.1 .. 2.0).
+        finetune: train the detector too (paper Table 11): ``none`` (frozen, the paper's method),
+            ``transformer`` (partial: the transformer encoder and decoder) or ``all`` (the whole DETR).
+            Only MaskNet's losses reach it; it stays in ``eval()`` mode (frozen BN, inference queries).
+        detector_lr_mult: the detector's learning rate relative to MaskNet's (Table 11: 1/10).
+        round_features: round the detector's features through the cache's float16, so that online and
+            cached training see identical inputs (issue 7, item 3).
+    """
+
+    lsj: bool = False
+    lsj_size: int = 1024
+    lsj_min_scale: float = 0.1
+    lsj_max_scale: float = 2.0
+    finetune: Literal["none", "transformer", "all"] = "none"
+    detector_lr_mult: float = 0.1
+    round_features: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lsj_size < 8 or not 0 < self.lsj_min_scale <= self.lsj_max_scale:
+            raise ValueError("need lsj_size >= 8 and 0 < lsj_min_scale <= lsj_max_scale, got "
+                             f"{self.lsj_size}, {self.lsj_min_scale}, {self.lsj_max_scale}")
+        if self.detector_lr_mult <= 0:
+            raise ValueError(f"detector_lr_mult must be > 0, got {self.detector_lr_mult}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == OnlineConfig()
+
+
+@dataclass
 class RunConfig:
-    """A whole stage-2 recipe: typed ``train``/``data`` sections, ``masknet``/``loss``/``assign`` as plain tables."""
+    """A whole stage-2 recipe: typed ``train``/``data``/``online`` sections, ``masknet``/``loss``/``assign``
+    as plain tables."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     masknet: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
     assign: dict[str, Any] = field(default_factory=dict)
@@ -157,5 +195,5 @@ def replace_train(cfg: RunConfig, **changes: Any) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
-__all__ = ["TrainConfig", "DataConfig", "RunConfig", "build_run_config", "load_run_config",
+__all__ = ["TrainConfig", "DataConfig", "OnlineConfig", "RunConfig", "build_run_config", "load_run_config",
            "diff_configs", "replace_train"]

@@ -10,14 +10,18 @@ The loop is the same (:func:`mfdetr.engine.trainer.train`); only the data path d
   image's valid region (what the cache stores), features optionally rounded through the cache's
   float16 so that cached and online training see identical inputs (issue 7, item 3).
 
-This is where augmentation of the images (large-scale jitter, Table 13) and partial fine-tuning of the
-detector (Table 11) belong; neither is implemented yet.
+Also the online-only options of ``[online]`` (:class:`~mfdetr.engine.config.OnlineConfig`):
+large-scale jitter of the training images (Table 13, :class:`mfdetr.data.LargeScaleJitter`) and
+fine-tuning of the detector with MaskNet's losses (Table 11, :mod:`mfdetr.engine.finetune`; the
+detector then runs with gradients and under the run's autocast).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,35 +70,46 @@ class DetectorStep:
     """``prepare_batch`` of the online mode: ImageBatch → frozen detector → :class:`Stage2Batch`.
 
     Args:
-        detector: a frozen detector (``eval()``, no gradients) on the training device.
+        detector: the detector on the training device (``eval()``; frozen unless ``grad``).
         topk: queries kept per image (the cache's K).
         enc_layers: encoder layers to return (the MaskNet's ``enc_layer``).
         round_dtype: round features through this dtype (``torch.float16`` = the cache's), or ``None``.
+        grad: run with gradients (fine-tuning); otherwise under ``torch.inference_mode``.
+        autocast_dtype: run the detector under autocast with this dtype (AMP on GPU), or ``None``.
     """
 
     def __init__(self, *, detector: Any, topk: int, enc_layers: Sequence[int],
-                 round_dtype: torch.dtype | None = torch.float16) -> None:
+                 round_dtype: torch.dtype | None = torch.float16, grad: bool = False,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         self.detector = detector
         self.topk = int(topk)
         self.enc_layers = tuple(enc_layers)
         self.round_dtype = round_dtype
+        self.grad = bool(grad)
+        self.autocast_dtype = autocast_dtype
 
-    @torch.inference_mode()
-    def _detect(self, batch: ImageBatch) -> DetectorOutput:
-        return self.detector.detect(batch, topk=self.topk, enc_layers=self.enc_layers)
+    def _detect(self, batch: ImageBatch, device: torch.device) -> DetectorOutput:
+        amp = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            if self.grad:
+                return self.detector.detect(batch, topk=self.topk, enc_layers=self.enc_layers, grad=True)
+            with torch.inference_mode():
+                return self.detector.detect(batch, topk=self.topk, enc_layers=self.enc_layers)
 
     def __call__(self, batch: ImageBatch, device: torch.device) -> Stage2Batch:
         if batch.targets is None:
             raise ValueError("online training needs GT targets in the image batch")
-        det = zero_padding(self._detect(batch.to(device)))
+        det = zero_padding(self._detect(batch.to(device), device))
         if self.round_dtype is not None:
             det = round_features(det, self.round_dtype)
         det = det.to(device, dtype=torch.float32)
-        # tensors made under inference mode cannot be saved for backward: plain copies for MaskNet
-        det = DetectorOutput(queries=det.queries.clone(), boxes=det.boxes.clone(), logits=det.logits.clone(),
-                             enc_maps={k: [m.clone() for m in v] for k, v in det.enc_maps.items()}, c1=det.c1.clone(),
-                             input_hw=det.input_hw.clone(), orig_hw=det.orig_hw.clone(),
-                             level_valid_hw=det.level_valid_hw.clone(), extras={"image_id": list(batch.image_ids)})
+        if not self.grad:  # tensors made under inference mode cannot be saved for backward: plain copies
+            det = DetectorOutput(queries=det.queries.clone(), boxes=det.boxes.clone(), logits=det.logits.clone(),
+                                 enc_maps={k: [m.clone() for m in v] for k, v in det.enc_maps.items()},
+                                 c1=det.c1.clone(), input_hw=det.input_hw.clone(), orig_hw=det.orig_hw.clone(),
+                                 level_valid_hw=det.level_valid_hw.clone(), extras={})
+        det.extras = {"image_id": list(batch.image_ids)}
         return Stage2Batch(det=det, targets=[t.to(device) for t in batch.targets])
 
 
@@ -105,31 +120,191 @@ def detector_manifest(preset: Any, topk: int) -> dict[str, Any]:
             "num_classes": preset.num_classes, "detector": {"name": preset.name}}
 
 
+class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """A COCO split seen through the detector, image by image (batch 1, like the cache): items
+    ``(DetectorOutput B=1, GTInstances)`` as :class:`~mfdetr.engine.cache_data.CacheDataset` gives, so
+    :func:`~mfdetr.engine.stage2.evaluate_masknet` evaluates online runs (and fine-tuned detectors).
+    Runs the detector in the calling process: use it with ``num_workers = 0``."""
+
+    def __init__(self, coco: Any, step: DetectorStep, device: torch.device, max_images: int = 0) -> None:
+        self.coco = coco
+        self.step = step
+        self.device = device
+        self.n = len(coco) if max_images <= 0 else min(max_images, len(coco))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[DetectorOutput, Any]:
+        from mfdetr.data import collate
+
+        item = self.coco[i]
+        with torch.no_grad():
+            out = self.step(collate([item]), self.device)
+        return out.det.to("cpu"), item.target
+
+
+def _detector_step(cfg: Any, det_model: Any, topk: int, enc_layer: int, device: torch.device, *,
+                   grad: bool) -> DetectorStep:
+    from mfdetr.engine.trainer import amp_settings
+
+    use_amp, amp_dtype = amp_settings(cfg.train.amp, device)
+    return DetectorStep(detector=det_model, topk=topk, enc_layers=(enc_layer,),
+                        round_dtype=torch.float16 if cfg.online.round_features else None, grad=grad,
+                        autocast_dtype=amp_dtype if use_amp else None)
+
+
 def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
-                 out: str, topk: int = 100, resume: bool = False, round_dtype: torch.dtype | None = torch.float16
-                 ) -> Any:
-    """``mfdetr train --online``: the same training with the frozen detector run in the loop."""
+                 out: str, topk: int = 100, resume: bool = False, val_split: str | None = None) -> Any:
+    """``mfdetr train --online``: the same training with the detector run in the loop (``cfg.online``:
+    large-scale jitter, fine-tuning, rounding through the cache dtype); evaluated on ``val_split``
+    (through the detector as it is at that step) at the end and every ``train.eval_every`` steps."""
     from functools import partial
 
-    from mfdetr.data import CocoInstances, collate
+    from mfdetr.config import to_dict
+    from mfdetr.data import CocoInstances, LargeScaleJitter, collate
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.engine.distributed import init_distributed
+    from mfdetr.engine.finetune import FineTuned
     from mfdetr.engine.stage2 import build_parts, resolve_masknet_config
     from mfdetr.engine.trainer import train
 
+    oc = cfg.online
     ctx = init_distributed(cfg.train.device)
     preset = get_preset(detector)
     det_model = build_detector(detector, checkpoint=checkpoint, device=str(ctx.device))
     mcfg = resolve_masknet_config(cfg)
-    dataset = CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True)
+    base = CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True)
+    dataset: Any = base
+    if oc.lsj:
+        dataset = LargeScaleJitter(base, size=oc.lsj_size, min_scale=oc.lsj_min_scale, max_scale=oc.lsj_max_scale,
+                                   seed=cfg.train.seed)
     if cfg.data.max_images > 0:
-        dataset = torch.utils.data.Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
+        dataset = _Subset(dataset, min(cfg.data.max_images, len(dataset)))
     parts = build_parts(cfg, detector_manifest(preset, topk))
-    step = DetectorStep(detector=det_model, topk=topk, enc_layers=(mcfg.enc_layer,), round_dtype=round_dtype)
-    from mfdetr.config import to_dict
+    model: torch.nn.Module = parts.model
+    finetune = oc.finetune != "none"
+    if finetune:
+        model = FineTuned(parts.model, det_model, mode=oc.finetune, detector_lr_mult=oc.detector_lr_mult)
+    step = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=finetune)
+    manifest = detector_manifest(preset, topk)
+    evaluate_fn = None
+    if val_split:
+        val = OnlineEvalSet(CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True),
+                            _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False), ctx.device,
+                            max_images=cfg.data.max_images)
 
-    return train(cfg=cfg, model=parts.model, criterion=parts.criterion, train_set=dataset, run_dir=out,
+        def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
+            return _evaluate_and_record(m.masknet if isinstance(m, FineTuned) else m, val, manifest, cfg, Path(out), at)
+
+    return train(cfg=cfg, model=model, criterion=parts.criterion, train_set=dataset, run_dir=out,
                  collate=partial(collate), resume=resume, masknet_config=to_dict(parts.masknet_cfg),
                  record={"online": {"detector": detector, "checkpoint": str(checkpoint), "coco": str(coco),
-                                    "split": split, "topk": topk}},
-                 ctx=ctx, prepare_batch=step)
+                                    "split": split, "val_split": val_split, "topk": topk, "lsj": oc.lsj,
+                                    "finetune": oc.finetune}},
+                 ctx=ctx, prepare_batch=step, evaluate_fn=evaluate_fn)
+
+
+def _evaluate_and_record(model: torch.nn.Module, val: OnlineEvalSet, manifest: dict[str, Any], cfg: Any,
+                         out: Path, step: int) -> dict[str, float]:
+    import json
+
+    from mfdetr.engine.checkpoint import atomic_write_text
+    from mfdetr.engine.stage2 import evaluate_masknet
+    from mfdetr.evaluation import write_results_json
+
+    m, results = evaluate_masknet(model, val, manifest=manifest, batch_size=cfg.train.batch_size,
+                                  device=val.device, amp=cfg.train.amp)
+    write_results_json(out / "val_results.json", results)
+    atomic_write_text(out / "val_metrics.json", json.dumps({"step": step, **m}, indent=2) + "\n")
+    return {**m["segm"], **{f"box_{k}": v for k, v in m["bbox"].items()}}
+
+
+def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val2017", detector: str | None = None,
+                detector_checkpoint: str | Path | None = None, out: str | Path | None = None, batch_size: int = 2,
+                device: str = "auto", max_images: int = 0) -> dict[str, dict[str, float]]:
+    """``mfdetr eval --online``: a run's MaskNet (and fine-tuned detector tensors) on a COCO split, with
+    the detector in the loop. Detector name and checkpoint default to what an online run recorded."""
+    from mfdetr.config import from_dict
+    from mfdetr.data import CocoInstances
+    from mfdetr.detectors import build_detector, get_preset
+    from mfdetr.devices import resolve_device
+    from mfdetr.engine.checkpoint import load_checkpoint
+    from mfdetr.engine.config import build_run_config
+    from mfdetr.engine.finetune import load_finetuned_detector, split_state
+    from mfdetr.engine.stage2 import build_parts, evaluate_masknet
+    from mfdetr.errors import MfdetrError
+    from mfdetr.masknet import MaskNetConfig
+
+    ckpt = load_checkpoint(checkpoint)
+    rec = dict(ckpt.get("meta", {}).get("online") or {})
+    detector = detector or rec.get("detector")
+    if detector is None:
+        raise MfdetrError("a cached run does not record its detector: pass --detector NAME --detector-checkpoint "
+                          "FILE", path=checkpoint)
+    if detector_checkpoint is None and rec.get("checkpoint") not in (None, "None"):
+        detector_checkpoint = rec["checkpoint"]
+    cfg = build_run_config(ckpt["config"], where=str(checkpoint))
+    mcfg = from_dict(MaskNetConfig, dict(ckpt["masknet_config"]), where=f"{checkpoint}: masknet_config")
+    topk = int(rec.get("topk", mcfg.num_queries))
+    dev = resolve_device(device)
+    preset = get_preset(detector)
+    det_model = build_detector(detector, checkpoint=detector_checkpoint, device=str(dev))
+    masknet_sd, detector_sd = split_state(ckpt["model"])
+    if detector_sd:
+        load_finetuned_detector(det_model, detector_sd)
+    manifest = detector_manifest(preset, topk)
+    parts = build_parts(cfg, manifest)
+    try:
+        parts.model.load_state_dict(masknet_sd)
+    except RuntimeError as e:
+        raise MfdetrError(f"weights do not fit the MaskNet config ({str(e).splitlines()[0]})", path=checkpoint) from None
+    val = OnlineEvalSet(CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True),
+                        _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False), dev,
+                        max_images=max_images)
+    metrics, results = evaluate_masknet(parts.model, val, manifest=manifest, batch_size=batch_size, device=dev)
+    if out is not None:
+        from mfdetr.evaluation import write_results_json
+
+        write_results_json(out, results)
+    return metrics
+
+
+class _Subset(torch.utils.data.Subset):  # type: ignore[type-arg]
+    """The first ``n`` items, forwarding ``set_epoch`` (per-epoch augmentation draws)."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        super().__init__(dataset, range(n))
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(epoch)
+
+
+def sweep_online(spec: Any, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
+                 val_split: str = "val2017", out_dir: str | Path, topk: int = 100, overrides: Sequence[str] = (),
+                 only: Sequence[str] = (), log: Any = print) -> Any:
+    """``mfdetr sweep --online``: every variant trained online (Tables 11 and 13: fine-tuning, LSJ) and
+    evaluated through the detector on ``val_split``; the same comparison tables as a cached sweep."""
+    import json
+
+    from mfdetr.detectors import get_preset
+    from mfdetr.engine.stage2 import build_parts, complexity
+    from mfdetr.engine.sweep import VariantResult, run_sweep
+    from mfdetr.errors import MfdetrError
+
+    if not spec.sweep.train:
+        raise MfdetrError("an online sweep trains every variant: use a cache for training-free sweeps "
+                          "(`mfdetr sweep --cache ... --val-cache ...`)", path=spec.path)
+    manifest = detector_manifest(get_preset(detector), topk)
+
+    def run_variant(v: Any, cfg: Any, vdir: Path) -> Any:
+        run = vdir / "run"
+        train_online(cfg, detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=str(run), topk=topk,
+                     resume=(run / "ckpt.pt").is_file(), val_split=val_split)
+        metrics = json.loads((run / "val_metrics.json").read_text())
+        cx = complexity(build_parts(cfg, manifest).model, manifest)
+        return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
+                             metrics=dict(metrics["segm"]))
+
+    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log)

@@ -123,12 +123,17 @@ class LoadedMaskNet:
     detector: str | None
     detector_sha256: str | None
     path: Path
+    #: detector tensors a fine-tuning run trained (``online.finetune``), to load over the detector's weights
+    detector_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _identity(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """The detector identity a checkpoint records (engine: ``meta.detector``; plain: top-level keys)."""
     meta = ckpt.get("meta")
     ident = dict(meta.get("detector") or {}) if isinstance(meta, Mapping) else {}
+    online = meta.get("online") if isinstance(meta, Mapping) else None
+    if isinstance(online, Mapping) and online.get("detector"):
+        ident.setdefault("detector.name", online["detector"])
     if "detector" in ckpt and isinstance(ckpt["detector"], str):
         ident.setdefault("detector.name", ckpt["detector"])
     if "class_to_category" in ckpt:
@@ -190,14 +195,17 @@ def load_masknet_checkpoint(path: str | Path, *, preset: DetectorPreset, device:
                           f"{preset.num_encoder_layers}", path=p)
     model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
                           c1_channels=preset.c1_channels)
+    from mfdetr.engine.finetune import split_state
+
+    masknet_sd, detector_sd = split_state(ckpt["model"])
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(masknet_sd)
     except RuntimeError as e:
         raise MfdetrError(f"weights do not fit its MaskNet config ({str(e).splitlines()[0]})", path=p) from None
     model.eval().requires_grad_(False).to(device)
     return LoadedMaskNet(model=model, config=cfg, enc_layer=cfg.enc_layer, class_to_category=c2c,
                          categories=_categories_record(ckpt.get("categories")), detector=name,
-                         detector_sha256=ident.get("checkpoint.sha256"), path=p)
+                         detector_sha256=ident.get("checkpoint.sha256"), path=p, detector_tensors=detector_sd)
 
 
 def _plain(v: Any) -> Any:
@@ -342,6 +350,11 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
         from mfdetr.detectors.registry import build_detector
 
         detector = build_detector(preset.name, checkpoint=ckpt_path, device=str(device))
+        if mask_net.detector_tensors:  # a fine-tuning run: its detector tensors replace the checkpoint's
+            from mfdetr.engine.finetune import load_finetuned_detector
+
+            load_finetuned_detector(detector, mask_net.detector_tensors)
+            echo(f"loaded {len(mask_net.detector_tensors)} fine-tuned detector tensors from {job.masknet}")
     topk = min(mask_net.config.num_queries, preset_queries(preset))
     dataset = ImageFiles(files, preset=preset)
     out = Path(job.out)

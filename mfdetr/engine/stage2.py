@@ -194,6 +194,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
     """``mfdetr train --cache``: train MaskNet on a cache, evaluate on ``val_cache`` at the end
     (and every ``train.eval_every`` steps); write the run folder. Returns (result, final metrics)."""
     log = log or (lambda s: print(f"mfdetr: {s}", file=sys.stderr))
+    refuse_online_settings(cfg)
     mcfg = resolve_masknet_config(cfg)
     store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer)
     parts = build_parts(cfg, store.manifest)
@@ -224,6 +225,16 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
     return res, metrics
 
 
+def refuse_online_settings(cfg: RunConfig) -> None:
+    """A cached run reads fixed features: ``[online]`` settings (jitter, fine-tuning) cannot apply."""
+    if not cfg.online.is_default:
+        from mfdetr.config import to_dict
+
+        changed = sorted(k for k, v in to_dict(cfg.online).items() if v != to_dict(type(cfg.online)())[k])
+        raise MfdetrError(f"[online] settings ({', '.join(f'online.{k}' for k in changed)}) need `mfdetr train "
+                          "--online --detector NAME --checkpoint FILE --coco DIR`: a cache holds fixed features")
+
+
 def _plain(cfg: Any) -> dict[str, Any]:
     from mfdetr.config import to_dict
 
@@ -251,6 +262,12 @@ def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, 
                       enc_layer=mcfg.enc_layer, max_images=cfg.data.max_images)
     parts = build_parts(cfg, store.manifest)
     if ckpt is not None:
+        from mfdetr.engine.finetune import is_finetuned_state
+
+        if is_finetuned_state(ckpt["model"]):
+            raise MfdetrError("this run fine-tuned the detector (online.finetune), so a cache of the original "
+                              "detector's features does not fit it: evaluate with `mfdetr eval --online --coco DIR "
+                              "--split SPLIT --checkpoint CKPT`", path=checkpoint)
         check_masknet_config(ckpt, _plain(parts.masknet_cfg), checkpoint)  # type: ignore[arg-type]
         try:
             parts.model.load_state_dict(ckpt["model"])
@@ -277,6 +294,7 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
         raise MfdetrError("a sweep needs --val-cache (every variant is evaluated)")
 
     def run_variant(v: Variant, cfg: RunConfig, vdir: Path) -> VariantResult:
+        refuse_online_settings(cfg)
         mcfg = resolve_masknet_config(cfg)
         store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer)
         assert val_set is not None

@@ -85,7 +85,18 @@ def _loss_total(losses: Mapping[str, Tensor]) -> Tensor:
     raise KeyError(f"criterion returned no 'total' or 'loss' entry (keys: {sorted(losses)})")
 
 
-def _amp(cfg_amp: str, device: torch.device) -> tuple[bool, torch.dtype]:
+def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: ``model.param_groups()`` when the model defines it (groups with
+    an ``lr_scale`` relative to the scheduled lr, e.g. a fine-tuned detector at 1/10), else one group of
+    every trainable parameter."""
+    fn = getattr(model, "param_groups", None)
+    if callable(fn):
+        return [g for g in fn() if g["params"]]
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+
+def amp_settings(cfg_amp: str, device: torch.device) -> tuple[bool, torch.dtype]:
+    """``(enabled, dtype)`` of autocast for a ``train.amp`` setting on ``device`` (never on CPU)."""
     if device.type != "cuda" or cfg_amp == "off":
         return False, torch.float32  # fp32 on CPU (issue 7)
     return True, (torch.bfloat16 if cfg_amp == "bf16" else torch.float16)
@@ -149,7 +160,8 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
     model.to(device)
     if isinstance(criterion, nn.Module):
         criterion.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = _param_groups(model)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise MfdetrError("the model has no trainable parameters (a training-free config: use `mfdetr eval`)")
     plan = EpochPlan(num_items=len(train_set), batch_size=tc.batch_size, world_size=ctx.world_size,  # type: ignore[arg-type]
@@ -157,8 +169,8 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
     total = tc.iterations if tc.iterations > 0 else tc.epochs * plan.steps_per_epoch
     lr = tc.lr * (plan.global_batch / tc.reference_batch if tc.reference_batch > 0 else 1.0)
     sched = StepDecay(base_lr=lr, total_steps=total, drop_at=tc.lr_drop_at, factor=tc.lr_drop_factor)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    use_amp, amp_dtype = _amp(tc.amp, device)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    use_amp, amp_dtype = amp_settings(tc.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     start, window = 0, {}
@@ -243,6 +255,8 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
     while step < total:
         epoch, pos = plan.locate(step)
         batches = plan.rank_batches(epoch, pos)[: total - step]
+        if callable(getattr(train_set, "set_epoch", None)):  # per-epoch augmentation draws (LSJ)
+            train_set.set_epoch(epoch)  # type: ignore[attr-defined]
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=tc.num_workers,
                             pin_memory=device.type == "cuda",
                             prefetch_factor=tc.prefetch_factor if tc.num_workers > 0 else None)

@@ -76,16 +76,20 @@ class FrozenDetr(nn.Module):
                               f"got {list(enc_layers)}")
         return layers
 
-    def detect(self, batch: ImageBatch, *, topk: int = 100, enc_layers: Sequence[int] = (4,)) -> DetectorOutput:
+    def detect(self, batch: ImageBatch, *, topk: int = 100, enc_layers: Sequence[int] = (4,),
+               grad: bool = False) -> DetectorOutput:
         """Top-``topk`` queries by max sigmoid class score (descending) and the encoder maps.
 
         Returns a validated :class:`DetectorOutput`: ``queries`` are the final (normed) hidden states
         that feed the heads, ``enc_maps[l]`` the encoder memory after layer ``l`` (1-based) per level,
         ``c1`` backbone stage 0, ``level_valid_hw`` the valid rows/cols of every level mask.
+        Runs under ``torch.inference_mode`` unless ``grad`` (fine-tuning the detector, Table 11): then
+        the outputs carry gradients to every parameter with ``requires_grad``; the selection of the
+        top-``topk`` queries itself is not differentiable.
         """
         layers = self._check_enc_layers(enc_layers)
         device = next(self.parameters()).device
-        with torch.inference_mode():
+        with torch.enable_grad() if grad else torch.inference_mode():
             out = self.forward_detr(batch.images.to(device), batch.pad_mask.to(device), enc_layers=layers)
             nq = out.logits.shape[1]
             if not 0 < topk <= nq:
