@@ -19,8 +19,9 @@ eval-json``) do not pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mfdetr._lazy import lazy_exports
 
 _EXPORTS = {
     "annotation_path": "annotations", "load_annotation_file": "annotations",
@@ -50,13 +51,4 @@ if TYPE_CHECKING:
     from mfdetr.data.transforms import EvalTransform, resized_hw
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mfdetr.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mfdetr.data.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

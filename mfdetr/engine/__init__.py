@@ -16,21 +16,24 @@ order, distributed setup, checkpoints, logging and the run record. Public surfac
 - :class:`CacheDataset`, :func:`open_cache`, :func:`open_annotations` — the cache-backed dataset;
 - :func:`train_from_cache`, :func:`eval_from_cache`, :func:`sweep_from_cache`, :class:`CacheSources` —
   what ``mfdetr train`` / ``eval`` / ``sweep`` call (:mod:`.stage2`);
-- :func:`train_online`, :class:`DetectorStep` — the same training with the frozen detector in the loop.
+- :func:`train_online`, :class:`DetectorStep`, :func:`eval_online`, :func:`sweep_online` — the same
+  training / evaluation / sweeps with the detector in the loop; :class:`OnlineConfig` (large-scale
+  jitter, fine-tuning) and :class:`FineTuned` (MaskNet + the partly unfrozen detector, Table 11).
 
 Names are resolved lazily (PEP 562), so ``mfdetr plot`` does not pay for importing torch or zarr.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mfdetr._lazy import lazy_exports
 
 _EXPORTS = {
     "check_masknet_config": "checkpoint", "library_versions": "checkpoint", "load_checkpoint": "checkpoint",
     "seed_step": "checkpoint", "step_seed": "checkpoint",
     "Stage2Batch": "collate", "cat_detector_outputs": "collate", "collate_detector_outputs": "collate",
-    "DataConfig": "config", "RunConfig": "config", "TrainConfig": "config", "build_run_config": "config",
+    "DataConfig": "config", "OnlineConfig": "config", "RunConfig": "config", "TrainConfig": "config", "build_run_config": "config",
     "diff_configs": "config", "load_run_config": "config",
     "DistContext": "distributed", "init_distributed": "distributed",
     "MetricLogger": "metrics", "read_jsonl": "metrics",
@@ -42,7 +45,8 @@ _EXPORTS = {
     "CacheDataset": "cache_data", "open_annotations": "cache_data", "open_cache": "cache_data",
     "CacheSources": "stage2", "eval_from_cache": "stage2", "sweep_from_cache": "stage2",
     "train_from_cache": "stage2",
-    "DetectorStep": "online", "train_online": "online",
+    "DetectorStep": "online", "eval_online": "online", "sweep_online": "online", "train_online": "online",
+    "FineTuned": "finetune",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -52,11 +56,12 @@ if TYPE_CHECKING:
     from mfdetr.engine.checkpoint import (check_masknet_config, library_versions, load_checkpoint, seed_step,
                                           step_seed)
     from mfdetr.engine.collate import Stage2Batch, cat_detector_outputs, collate_detector_outputs
-    from mfdetr.engine.config import (DataConfig, RunConfig, TrainConfig, build_run_config, diff_configs,
+    from mfdetr.engine.config import (DataConfig, OnlineConfig, RunConfig, TrainConfig, build_run_config, diff_configs,
                                       load_run_config)
     from mfdetr.engine.distributed import DistContext, init_distributed
     from mfdetr.engine.metrics import MetricLogger, read_jsonl
-    from mfdetr.engine.online import DetectorStep, train_online
+    from mfdetr.engine.finetune import FineTuned
+    from mfdetr.engine.online import DetectorStep, eval_online, sweep_online, train_online
     from mfdetr.engine.plot import plot_run
     from mfdetr.engine.sampling import EpochPlan
     from mfdetr.engine.schedule import StepDecay
@@ -66,13 +71,4 @@ if TYPE_CHECKING:
     from mfdetr.engine.trainer import TrainResult, seed_everything, train
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mfdetr.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mfdetr.engine.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
