@@ -113,8 +113,16 @@ def test_annotation_file_must_be_the_one_the_manifest_names(data: dict[str, Path
     bad.write_text(json.dumps(d))
     with pytest.raises(MfdetrError, match="sha256 differs"):
         open_annotations(store, coco=data["coco"], annotations=bad)
+    # without --coco: the folder `mfdetr cache` recorded in the store, while it still exists
+    hinted = open_annotations(store, coco=None)
+    assert hinted.annotation_file.resolve() == (data["coco"] / "annotations" / "instances_train2017.json").resolve()
+    assert len(hinted) == 5
+    moved = tmp_path / "moved_store"
+    shutil.copytree(data["train"], moved)
+    hint = json.loads((moved / "mfdetr_source.json").read_text())
+    (moved / "mfdetr_source.json").write_text(json.dumps({**hint, "coco_root": str(tmp_path / "gone")}))
     with pytest.raises(MfdetrError, match="--coco"):
-        open_annotations(store, coco=None)
+        open_annotations(open_cache(moved), coco=None)
 
 
 def test_train_checkpoint_eval_and_refusals(data: dict[str, Path], tmp_path: Path) -> None:

@@ -29,6 +29,9 @@ FORMAT = "mfdetr-cache"
 C1_STRIDE = 4
 #: Fields that may differ between writers of one store.
 VOLATILE_FIELDS = ("created_utc",)
+#: store file recording where the COCO folder was on the machine that wrote it (a hint for ``--coco``,
+#: not part of the store's identity; ``mfdetr.cache.run.write_source_hint``)
+SOURCE_HINT = "mfdetr_source.json"
 #: Default lossless codec of data arrays: zstd level 1. Measured on float16 maps (benchmarks/bench_cache.py):
 #: as small as levels 3/5 and as blosc(zstd, byte/bit shuffle), ~2x faster to encode than level 3.
 DEFAULT_CODEC: dict[str, Any] = {"name": "zstd", "level": 1}

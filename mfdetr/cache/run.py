@@ -171,6 +171,19 @@ def _check_output(out: DetectorOutput, m: dict[str, Any], ids: list[int]) -> Non
                           f"(images {ids})")
 
 
+def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None:
+    """Record the absolute COCO folder and annotation file the store was written from, so that
+    ``mfdetr train/eval --cache`` on the same machine need no ``--coco`` (atomic; shards write the same)."""
+    import json
+
+    from mfdetr.cache.manifest import SOURCE_HINT
+
+    hint = {"coco_root": str(Path(coco).resolve()), "annotation_path": str(Path(annotation_file).resolve())}
+    tmp = store / f".{SOURCE_HINT}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(hint, indent=2) + "\n")
+    os.replace(tmp, store / SOURCE_HINT)
+
+
 def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
               echo: Callable[[str], None] = print, detector: FrozenDetector | None = None) -> CacheSummary:
     """Run (or with ``dry_run`` only estimate) a cache job; see the module doc.
@@ -203,6 +216,7 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
         return summary
 
     root = open_for_writing(out_path, m, plan.image_ids)
+    write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
     commit = read_commit_flags(out_path, root["commit"])  # type: ignore[arg-type]
     todo = _todo(plan, commit, job.retry_skipped)
     summary.planned = len(todo)

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     def train(
         cache: Path = typer.Option(None, "--cache", help="Training cache store (written by `mfdetr cache`)."),
         coco: Path = typer.Option(None, "--coco", help="COCO folder the caches were written from (GT annotations; "
-                                                       "the file and its sha256 come from each cache's manifest)."),
+                                                       "default: the folder `mfdetr cache` recorded, if it still exists)."),
         val_cache: Path = typer.Option(None, "--val-cache", help="Validation cache: evaluated at the end "
                                                                  "(and every train.eval_every steps)."),
         config: Path = typer.Option(None, "--config", help="Run recipe TOML, e.g. pipeline/recipes/hdetr_r50.toml "

@@ -68,21 +68,45 @@ def open_annotations(store: CacheStore, *, coco: str | Path | None, annotations:
     """The COCO split a cache was written from, as :class:`mfdetr.data.CocoInstances`.
 
     ``coco`` is the COCO folder; the annotation file is the one the manifest names
-    (``<coco>/annotations/<file>``) unless ``annotations`` overrides it. Its sha256 must equal the
-    manifest's, so GT and cached features always belong together.
+    (``<coco>/annotations/<file>``) unless ``annotations`` overrides it. Without ``coco``, the folder
+    and file ``mfdetr cache`` recorded in the store (``mfdetr_source.json``) are used when they still
+    exist. The file's sha256 must equal the manifest's, so GT and cached features always belong together.
     """
     from mfdetr.data import CocoInstances
 
     src = store.manifest["source"]
+    hinted = None
     if coco is None:
-        raise MfdetrError(f"the GT annotations of cache {store.path} are needed: pass --coco DIR (the COCO "
-                          f"folder with annotations/{src['annotation_file']})")
-    path = Path(annotations) if annotations is not None else Path(coco) / "annotations" / src["annotation_file"]
+        hinted = _source_hint(store)
+        if hinted is None:
+            raise MfdetrError(f"the GT annotations of cache {store.path} are needed: pass --coco DIR (the COCO "
+                              f"folder with annotations/{src['annotation_file']})")
+        coco = hinted["coco_root"]
+    if annotations is not None:
+        path = Path(annotations)
+    elif hinted is not None:
+        path = Path(hinted["annotation_path"])
+    else:
+        path = Path(coco) / "annotations" / src["annotation_file"]
     ds = CocoInstances(coco, src["split"], annotation_file=path, with_targets=with_targets)
     if ds.annotation_sha256 != src["annotation_sha256"]:
         raise MfdetrError(f"sha256 differs from the annotation file cache {store.path} was written from "
                           f"({src['annotation_file']}, {src['annotation_sha256'][:12]}…)", path=path)
     return ds
+
+
+def _source_hint(store: CacheStore) -> dict[str, str] | None:
+    """The COCO folder / annotation file recorded at cache time, if both still exist here."""
+    import json
+
+    from mfdetr.cache.manifest import SOURCE_HINT
+
+    try:
+        hint = json.loads((Path(store.path) / SOURCE_HINT).read_text())
+        ok = Path(hint["coco_root"]).is_dir() and Path(hint["annotation_path"]).is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"coco_root": str(hint["coco_root"]), "annotation_path": str(hint["annotation_path"])} if ok else None
 
 
 class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
