@@ -3,9 +3,8 @@
 Same detector code as the real presets (:func:`~mfdetr.detectors.dino.presets.build_dino`); only the
 config is small:
 
-- backbone ``resnet_bn``: a ResNet-18-style trunk (BasicBlocks, depths 2-2-2-2) at ResNet-18 width
-  except the last stage (stage channels 64, 128, 256, 384 at strides 4, 8, 16, 32; 512 there would
-  put the float16 weights above the 20 MB budget) with **trainable** batch-norm (a
+- backbone ``resnet_bn``: a ResNet-18-style trunk (BasicBlocks, depths 2-2-2-2) at half width
+  (stage channels 32, 64, 128, 256 at strides 4, 8, 16, 32) with **trainable** batch-norm (a
   from-scratch backbone needs it; in ``eval()`` it uses its running statistics). Stage 0 is C1.
 - encoder levels = stages 1..3 (strides 8/16/32), ``d = 128``, 8 heads, FFN 512, 3 encoder + 3
   decoder layers, 100 queries, 6 classes (the synthetic categories 1..6: disc, box, triangle, arc,
@@ -13,7 +12,7 @@ config is small:
 - preprocessing: shorter side 160 (the synthetic image size, so images are not resized), longer side
   ≤ 224 (synthetic images are at most 4/3 · 160 = 213 px long), ImageNet mean/std.
 
-The weights (:data:`DEMO_CHECKPOINT`, float16, ≤ 20 MB, ``{"model": state_dict}``) are produced by ``python -m
+The weights (:data:`DEMO_CHECKPOINT`, ≤ 20 MB, ``{"model": state_dict}``) are produced by ``python -m
 mfdetr.detectors.training train --recipe pipeline/detectors/demo_dino.toml`` (see
 :mod:`mfdetr.detectors.training`). Only 3 encoder layers: ``detect(..., enc_layers=...)`` takes 1..3.
 """
@@ -103,7 +102,7 @@ register_backbone_kind("resnet_bn", ResNetBNBackbone)
 DEMO_CATEGORY_IDS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 DEMO_CONFIG = DinoConfig(
     backbone=BackboneConfig(kind="resnet_bn", out_indices=(1, 2, 3),
-                            params={"widths": (64, 128, 256, 384), "depths": (2, 2, 2, 2)}),
+                            params={"widths": (32, 64, 128, 256), "depths": (2, 2, 2, 2)}),
     hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512, enc_n_points=4, dec_n_points=4,
     num_queries=100, num_feature_levels=3, num_classes=len(DEMO_CATEGORY_IDS),
     dn_labelbook_size=len(DEMO_CATEGORY_IDS), num_select=100)
@@ -112,7 +111,7 @@ DEMO_PREPROCESSING = Preprocessing(short_side=160, max_size=224)
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "demo_dino.pt"
 DEMO_PRESET = dataclasses.replace(
     dino_preset("demo", DEMO_CONFIG, DEMO_CHECKPOINT.name, None,
-                "small DINO (ResNet-18 with a 384-wide last stage and trainable BN, d=128, 3+3 layers, 100 queries) trained "
+                "small DINO (half-width ResNet-18 with trainable BN, d=128, 3+3 layers, 100 queries) trained "
                 "from scratch on the synthetic dataset; weights shipped in mfdetr/detectors/weights/"),
     class_to_category=DEMO_CATEGORY_IDS, preprocessing=DEMO_PREPROCESSING)
 
