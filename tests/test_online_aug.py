@@ -202,3 +202,14 @@ def test_online_sweeps_of_tables_11_and_13(synth: dict[str, Path], tmp_path: Pat
     ft = torch.load(tmp_path / "table11_finetune" / "finetune" / "run" / "ckpt.pt", weights_only=False)
     assert any(k.startswith("detector.backbone") for k in ft["model"])  # `all` tunes the backbone too
     assert ft["meta"]["online"]["finetune"] == "all"
+
+
+def test_sweep_cli_online_and_cached_need_their_sources(tmp_path: Path) -> None:
+    from tests.conftest import REPO, assert_user_error, run_cli
+
+    spec = REPO / "pipeline" / "ablations" / "table13_lsj.toml"
+    assert_user_error(run_cli("sweep", spec, "--online", "--out", tmp_path / "s"), "--online needs --detector")
+    assert_user_error(run_cli("sweep", spec, "--out", tmp_path / "s"), "--cache TRAIN --val-cache VAL")
+    assert_user_error(run_cli("train", "--cache", tmp_path / "c", "--val-split", "val2017", "--out", tmp_path / "r"),
+                      "--val-split is for --online")
+    assert_user_error(run_cli("eval", "--online", "--checkpoint", tmp_path / "x.pt"), "--online evaluates")
