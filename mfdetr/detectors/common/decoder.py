@@ -51,7 +51,8 @@ class RefiningDecoder(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} needs a fixed query_pos")
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: FlatLevels, *,
-                query_pos: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+                query_pos: Tensor | None = None, self_attn_mask: Tensor | None = None
+                ) -> tuple[list[Tensor], list[Tensor]]:
         """Decode.
 
         Args:
@@ -60,6 +61,8 @@ class RefiningDecoder(nn.Module):
             memory: [B, S, d] encoder output; ``levels`` its geometry.
             query_pos: [B, Q, d] one positional embedding for every layer (H-DETR), or ``None`` to
                 call :meth:`layer_query_pos` per layer.
+            self_attn_mask: [Q, Q] bool self-attention mask of every layer (True = blocked), used by
+                denoising training (:mod:`mfdetr.detectors.training.denoising`); ``None`` at inference.
 
         Returns:
             ``(outs, refs)``: ``outs[l]`` [B, Q, d] raw output of layer ``l``; ``refs[l]`` [B, Q, 4] the
@@ -73,7 +76,8 @@ class RefiningDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios
             pos = query_pos if query_pos is not None else self.layer_query_pos(ref_input, lid)
-            out = layer(out, pos, ref_input, memory, levels.spatial_shapes, levels.level_start_index, levels.mask)
+            out = layer(out, pos, ref_input, memory, levels.spatial_shapes, levels.level_start_index, levels.mask,
+                        self_attn_mask)
             refined = (self.bbox_embed[lid](out) + inverse_sigmoid(reference, eps=self.inv_sigmoid_eps)).sigmoid()
             reference = refined.detach()
             outs.append(out)

@@ -117,10 +117,13 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, memory_padding_mask: Tensor) -> Tensor:
-        """tgt, query_pos [B, Q, d]; reference_points [B, Q, L, 4] (valid-ratio scaled); memory [B, S, d]."""
+                spatial_shapes: Tensor, level_start_index: Tensor, memory_padding_mask: Tensor,
+                self_attn_mask: Tensor | None = None) -> Tensor:
+        """tgt, query_pos [B, Q, d]; reference_points [B, Q, L, 4] (valid-ratio scaled); memory [B, S, d];
+        ``self_attn_mask`` [Q, Q] bool, True where query i must not attend to query j (training with
+        denoising queries; ``None`` at inference)."""
         q = tgt + query_pos
-        tgt = self.norm2(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
+        tgt = self.norm2(tgt + self.self_attn(q, q, tgt, attn_mask=self_attn_mask, need_weights=False)[0])
         tgt = self.norm1(tgt + self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
                                                level_start_index, memory_padding_mask))
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))

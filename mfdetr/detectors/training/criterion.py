@@ -11,8 +11,10 @@ matching (:class:`~mfdetr.detectors.training.matcher.HungarianMatcher`):
 
 The total is ``Σ_sets (w_ce · loss_ce + w_bbox · loss_bbox + w_giou · loss_giou)`` over the final
 layer, every earlier decoder layer (auxiliary losses) and the encoder proposals (DINO's
-``interm_outputs``), each matched separately. DINO's weights: 1, 5, 2. ``N`` is at least 1, so a batch
-without objects still gives a finite loss (pure background focal loss).
+``interm_outputs``), each matched separately. DINO's weights: 1, 5, 2. With denoising queries,
+every layer's denoising slots add the same three terms (:meth:`SetCriterion.dn_losses`, logged as
+``loss_dn``). ``N`` is at least 1, so a batch without objects still gives a finite loss (pure
+background focal loss).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mfdetr.detectors.training.denoising import DenoisingQueries
 from mfdetr.detectors.training.forward import TrainForward
 from mfdetr.detectors.training.matcher import HungarianMatcher
 from mfdetr.ops import box_cxcywh_to_xyxy, generalized_box_iou
@@ -105,8 +108,34 @@ class SetCriterion:
             else:
                 key = "loss_enc" if name == "enc" else "loss_aux"
                 log[key] = log.get(key, 0.0) + float(weighted.detach())
+        if out.dn is not None and out.dn_logits is not None and out.dn_boxes is not None:
+            for lg, bx in zip(out.dn_logits, out.dn_boxes, strict=True):
+                parts = self.dn_losses(lg, bx, targets, out.dn, num_boxes)
+                weighted = (self.weight_ce * parts["loss_ce"] + self.weight_bbox * parts["loss_bbox"]
+                            + self.weight_giou * parts["loss_giou"])
+                total = total + weighted
+                log["loss_dn"] = log.get("loss_dn", 0.0) + float(weighted.detach())
         log["loss"] = float(total.detach())
         return total, log
+
+    def dn_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], dn: DenoisingQueries,
+                  num_boxes: float) -> dict[str, Tensor]:
+        """Losses of one layer's denoising slots: every positive slot reconstructs its GT (no matching);
+        negatives and padding are background; normalised by ``num_boxes · groups`` (official DINO)."""
+        onehot = torch.zeros_like(logits)
+        src_boxes, tgt_boxes = [], []
+        for b, t in enumerate(targets):
+            slots, gt = dn.positive_pairs(b)
+            slots, gt = slots.to(logits.device), gt.to(logits.device)
+            onehot[b, slots, t["labels"][gt]] = 1.0
+            src_boxes.append(boxes[b, slots])
+            tgt_boxes.append(t["boxes"][gt])
+        norm = num_boxes * dn.groups
+        loss_ce = sigmoid_focal_loss(logits.float(), onehot.float(), alpha=self.alpha, gamma=self.gamma).sum() / norm
+        src, tgt = torch.cat(src_boxes).float(), torch.cat(tgt_boxes).float()
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / norm
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / norm}
 
 
 __all__ = ["SetCriterion", "sigmoid_focal_loss"]

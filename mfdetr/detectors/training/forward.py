@@ -25,6 +25,7 @@ from mfdetr.detectors.common.multiscale import flatten_levels, project_levels
 from mfdetr.detectors.common.proposals import gen_encoder_output_proposals
 from mfdetr.detectors.dino.model import DinoDetector
 from mfdetr.detectors.dino.transformer import DINO_INV_SIGMOID_EPS
+from mfdetr.detectors.training.denoising import DenoisingQueries
 from mfdetr.ops import inverse_sigmoid
 
 #: focal-loss prior probability of the class-logit bias (RetinaNet / Deformable DETR / DINO)
@@ -36,13 +37,18 @@ class TrainForward:
     """Outputs for the set criterion (Q queries, C classes, normalised cxcywh boxes).
 
     - ``layer_logits[l]`` [B, Q, C], ``layer_boxes[l]`` [B, Q, 4] — every decoder layer (last = final);
-    - ``enc_logits`` [B, Q, C], ``enc_boxes`` [B, Q, 4] — the selected two-stage encoder proposals.
+    - ``enc_logits`` [B, Q, C], ``enc_boxes`` [B, Q, 4] — the selected two-stage encoder proposals;
+    - ``dn_logits`` / ``dn_boxes`` — the denoising slots of every layer (``dn``: their layout), or ``None``.
     """
 
     layer_logits: list[Tensor]
     layer_boxes: list[Tensor]
     enc_logits: Tensor
     enc_boxes: Tensor
+    #: every decoder layer's outputs of the denoising slots (``[B, P, C]`` / ``[B, P, 4]``), when used
+    dn_logits: list[Tensor] | None = None
+    dn_boxes: list[Tensor] | None = None
+    dn: DenoisingQueries | None = None
 
     @property
     def logits(self) -> Tensor:
@@ -72,12 +78,14 @@ def init_for_training(model: DinoDetector, *, prior: float = FOCAL_PRIOR) -> Din
     return model
 
 
-def dino_train_forward(model: DinoDetector, images: Tensor, pad_mask: Tensor) -> TrainForward:
-    """Differentiable DINO forward (no denoising queries).
+def dino_train_forward(model: DinoDetector, images: Tensor, pad_mask: Tensor,
+                       dn: DenoisingQueries | None = None) -> TrainForward:
+    """Differentiable DINO forward, optionally with contrastive denoising slots in front of the queries.
 
     Args:
         model: a DINO detector in ``train()`` mode with gradients enabled.
         images: [B, 3, H, W] normalised, zero-padded; pad_mask: [B, H, W] True at padding.
+        dn: denoising queries (:func:`~mfdetr.detectors.training.denoising.prepare_cdn`), or ``None``.
     """
     feats = model.body(images)
     srcs, masks, _ = project_levels(model.input_proj, [feats[i] for i in model.body.out_indices], pad_mask)
@@ -99,12 +107,19 @@ def dino_train_forward(model: DinoDetector, images: Tensor, pad_mask: Tensor) ->
     enc_logits = torch.gather(enc_class, 1, idx[..., None].expand(-1, -1, enc_class.shape[-1]))
     reference = coords_sel.detach().sigmoid()
     tgt = tr.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
-    hs, refs = tr.decoder(tgt, reference, memory, levels)
+    mask, pad = None, 0
+    if dn is not None:
+        tgt, reference, mask, pad = torch.cat([dn.tgt, tgt], 1), torch.cat([dn.reference, reference], 1), \
+            dn.attn_mask, dn.pad_size
+    hs, refs = tr.decoder(tgt, reference, memory, levels, self_attn_mask=mask)
     layer_boxes = [(model.bbox_embed[lid](h) + inverse_sigmoid(refs[lid], eps=DINO_INV_SIGMOID_EPS)).sigmoid()
                    for lid, h in enumerate(hs)]
     layer_logits = [model.class_embed[lid](h) for lid, h in enumerate(hs)]
-    return TrainForward(layer_logits=layer_logits, layer_boxes=layer_boxes, enc_logits=enc_logits,
-                        enc_boxes=coords_sel.sigmoid())
+    out = TrainForward(layer_logits=[x[:, pad:] for x in layer_logits], layer_boxes=[x[:, pad:] for x in layer_boxes],
+                       enc_logits=enc_logits, enc_boxes=coords_sel.sigmoid())
+    if dn is not None:
+        out.dn_logits, out.dn_boxes, out.dn = [x[:, :pad] for x in layer_logits], [x[:, :pad] for x in layer_boxes], dn
+    return out
 
 
 def trainable_model(model: nn.Module) -> nn.Module:

@@ -35,6 +35,7 @@ from mfdetr.detectors.dino.model import DinoDetector, build_dino_model
 from mfdetr.detectors.registry import get_preset
 from mfdetr.detectors.training.criterion import SetCriterion
 from mfdetr.detectors.training.data import DetectionTrainSet, epoch_batches
+from mfdetr.detectors.training.denoising import prepare_cdn
 from mfdetr.detectors.training.evaluate import box_ap
 from mfdetr.detectors.training.forward import dino_train_forward, init_for_training, trainable_model
 from mfdetr.detectors.training.matcher import HungarianMatcher
@@ -87,6 +88,10 @@ class LossOptions:
     cost_giou: float = 2.0
     aux: bool = True
     enc: bool = True
+    #: contrastive denoising (DINO's CDN): ``dn_number`` noised GT copies per batch (0 = off; DINO: 100)
+    dn_number: int = 0
+    dn_label_noise_ratio: float = 0.5
+    dn_box_noise_scale: float = 0.4
 
 
 @dataclass
@@ -220,7 +225,14 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
                 g["lr"] = lr * g["lr_mult"]
             idx = batches[pos]
             batch = train_set.batch(idx, epoch=epoch, seed=o.seed, hflip=cfg.data.hflip)
-            fwd = dino_train_forward(model, batch.images, batch.pad_mask)
+            dn = None
+            if cfg.loss.dn_number > 0:  # the noise of step s is a function of (seed, s): exact resume
+                dn = prepare_cdn(batch.targets, label_enc=model.label_enc, num_classes=preset.num_classes,
+                                 num_queries=model.transformer.num_queries, dn_number=cfg.loss.dn_number,
+                                 label_noise_ratio=cfg.loss.dn_label_noise_ratio,
+                                 box_noise_scale=cfg.loss.dn_box_noise_scale,
+                                 generator=torch.Generator().manual_seed(o.seed * 1_000_003 + step))
+            fwd = dino_train_forward(model, batch.images, batch.pad_mask, dn)
             loss, parts = criterion(fwd, batch.targets)
             if not math.isfinite(parts["loss"]):
                 raise MfdetrError(f"non-finite loss at step {step}: {parts}")
