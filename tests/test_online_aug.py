@@ -213,3 +213,26 @@ def test_sweep_cli_online_and_cached_need_their_sources(tmp_path: Path) -> None:
     assert_user_error(run_cli("train", "--cache", tmp_path / "c", "--val-split", "val2017", "--out", tmp_path / "r"),
                       "--val-split is for --online")
     assert_user_error(run_cli("eval", "--online", "--checkpoint", tmp_path / "x.pt"), "--online evaluates")
+
+
+@pytest.mark.slow
+def test_torchrun_fine_tuning_with_gloo(synth: dict[str, Path], tmp_path: Path) -> None:
+    """Fine-tuning leaves some detector parameters without gradient (class heads, the box head: RoIAlign
+    passes none to boxes); DDP must be told, or it stops at the second step."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    env = {**cli_env(), "OMP_NUM_THREADS": "1", "MFDETR_PLUGINS": PLUGIN}
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\niterations = 2\nbatch_size = 1\ndevice = 'cpu'\nnum_workers = 0\nprogress = false\n"
+                   "[online]\nfinetune = 'all'\n[assign]\niou_threshold = 0.01\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "mfdetr", "train", "--online", "--detector", NAME, "--checkpoint", str(synth["det"]),
+                           "--coco", str(synth["coco"]), "--config", str(cfg), "--out", str(tmp_path / "ddp"),
+                           "--topk", "10", *TINY_MASKNET], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "global batch 2 (1 x 2)" in proc.stderr
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and any(k.startswith("detector.") for k in ckpt["model"])

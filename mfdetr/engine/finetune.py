@@ -5,8 +5,9 @@ The paper's method keeps the detector frozen; Table 11 compares fine-tuning the 
 detector's learning rate 1/10 of the new parameters'. :class:`FineTuned` holds both networks so the
 training loop sees one model:
 
-- ``forward(det)`` is MaskNet's; the detector runs earlier, in the online ``prepare_batch`` with
-  gradients (:meth:`mfdetr.engine.online.DetectorStep`), so MaskNet's losses reach it;
+- ``forward(images)`` runs the detector with gradients (through the online
+  :class:`~mfdetr.engine.online.DetectorStep`), then MaskNet, and returns both outputs; running the
+  detector inside ``forward`` lets DDP see where its parameters are used;
 - :meth:`param_groups` gives the optimiser two groups (MaskNet at ``lr_scale = 1``, the unfrozen
   detector parameters at ``detector_lr_mult``);
 - the detector stays in ``eval()`` whatever the loop asks (frozen BN, no dropout, the inference query
@@ -18,6 +19,7 @@ training loop sees one model:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -64,14 +66,31 @@ class FineTuned(nn.Module):
         self.detector = detector
         self.mode = mode
         self.detector_lr_mult = float(detector_lr_mult)
+        self.step: Any = None  # the online DetectorStep that runs the detector (set by train_online)
         detector.requires_grad_(False)
         self.tuned = [n for n, p in finetuned_parameters(detector, mode)]
         for _, p in finetuned_parameters(detector, mode):
             p.requires_grad_(True)
         detector.eval()
 
-    def forward(self, det: Any) -> Any:
-        return self.masknet(det)
+    #: some tuned detector parameters get no gradient from MaskNet's losses (class heads, the two-stage
+    #: selection, the box head: RoIAlign passes no gradient to boxes), which DDP must be told
+    has_unused_parameters = True
+    #: the training loop passes the images (an :class:`~mfdetr.engine.online.ImageStep`'s) and gets
+    #: ``(outputs, detector_outputs)`` back
+    runs_detector = True
+
+    def forward(self, images: Any) -> tuple[Any, Any]:
+        """Detector (with gradients) then MaskNet: ``(masknet_outputs, detector_outputs)``."""
+        if self.step is None:
+            raise RuntimeError("FineTuned.step (the online DetectorStep) is not set")
+        det = self.step.run(images, images.images.device)
+        out = self.masknet(det)
+        # what MaskNet passes through from the detector (boxes, scores, logits) and the detector outputs
+        # the criterion reads are not differentiated by the losses: detached, they do not make DDP
+        # (find_unused_parameters) expect gradients for the heads that produced them
+        passed = {f: getattr(out, f).detach() for f in ("boxes", "scores", "logits") if hasattr(out, f)}
+        return (dataclasses.replace(out, **passed) if passed and dataclasses.is_dataclass(out) else out), _detached(det)
 
     def train(self, mode: bool = True) -> FineTuned:
         self.training = mode
@@ -101,6 +120,16 @@ class FineTuned(nn.Module):
         self.masknet.load_state_dict(masknet_sd, strict=strict)
         load_finetuned_detector(self.detector, detector_sd)
         return None
+
+
+def _detached(det: Any) -> Any:
+    from mfdetr.contracts import DetectorOutput
+
+    d = lambda t: t.detach()  # noqa: E731
+    return DetectorOutput(queries=d(det.queries), boxes=d(det.boxes), logits=d(det.logits),
+                          enc_maps={k: [d(m) for m in v] for k, v in det.enc_maps.items()}, c1=d(det.c1),
+                          input_hw=det.input_hw, orig_hw=det.orig_hw, level_valid_hw=det.level_valid_hw,
+                          extras=dict(det.extras))
 
 
 def is_finetuned_state(state: Mapping[str, Any]) -> bool:

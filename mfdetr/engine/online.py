@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,18 @@ class DetectorStep:
             with torch.inference_mode():
                 return self.detector.detect(batch, topk=self.topk, enc_layers=self.enc_layers)
 
-    def __call__(self, batch: ImageBatch, device: torch.device) -> Stage2Batch:
+    def __call__(self, batch: ImageBatch, device: torch.device) -> Stage2Batch | ImageStep:
+        """The trainer's ``prepare_batch``: the detector's outputs; with ``grad`` only the images moved to
+        the device (:class:`ImageStep`: the fine-tuned model runs the detector inside its forward, so
+        DDP sees the detector's parameters used there)."""
         if batch.targets is None:
             raise ValueError("online training needs GT targets in the image batch")
+        if self.grad:
+            return ImageStep(images=batch.to(device), targets=[t.to(device) for t in batch.targets])
+        return Stage2Batch(det=self.run(batch, device), targets=[t.to(device) for t in batch.targets])
+
+    def run(self, batch: ImageBatch, device: torch.device) -> DetectorOutput:
+        """Detector outputs of ``batch`` in the cache's layout (zero padding, optional float16 rounding)."""
         det = zero_padding(self._detect(batch.to(device), device))
         if self.round_dtype is not None:
             det = round_features(det, self.round_dtype)
@@ -110,7 +120,21 @@ class DetectorStep:
                                  c1=det.c1.clone(), input_hw=det.input_hw.clone(), orig_hw=det.orig_hw.clone(),
                                  level_valid_hw=det.level_valid_hw.clone(), extras={})
         det.extras = {"image_id": list(batch.image_ids)}
-        return Stage2Batch(det=det, targets=[t.to(device) for t in batch.targets])
+        return det
+
+
+@dataclass
+class ImageStep:
+    """A training batch whose detector runs inside the model (fine-tuning): unpacks as ``images, targets``."""
+
+    images: ImageBatch
+    targets: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Any:
+        return iter((self.images, self.targets))
 
 
 def detector_manifest(preset: Any, topk: int) -> dict[str, Any]:
@@ -140,8 +164,8 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
         item = self.coco[i]
         with torch.no_grad():
-            out = self.step(collate([item]), self.device)
-        return out.det.to("cpu"), item.target
+            det = self.step.run(collate([item]), self.device)
+        return det.to("cpu"), item.target
 
 
 def _detector_step(cfg: Any, det_model: Any, topk: int, enc_layer: int, device: torch.device, *,
@@ -187,6 +211,8 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     if finetune:
         model = FineTuned(parts.model, det_model, mode=oc.finetune, detector_lr_mult=oc.detector_lr_mult)
     step = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=finetune)
+    if isinstance(model, FineTuned):
+        model.step = step
     manifest = detector_manifest(preset, topk)
     evaluate_fn = None
     if val_split:

@@ -187,8 +187,9 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
 
     net: nn.Module = model
     if ctx.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=None,
-                                                  find_unused_parameters=tc.find_unused_parameters)
+        # a fine-tuned detector has parameters MaskNet's losses never reach (e.g. its class heads)
+        unused = tc.find_unused_parameters or bool(getattr(model, "has_unused_parameters", False))
+        net = nn.parallel.DistributedDataParallel(model, device_ids=None, find_unused_parameters=unused)
 
     meta = {"world_size": ctx.world_size, "backend": ctx.backend, "device": str(device),
             "batch_size_per_process": tc.batch_size, "global_batch": plan.global_batch, "lr": lr,
@@ -242,6 +243,7 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
             _say(ctx, f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
         barrier(ctx)
 
+    runs_detector = bool(getattr(_unwrap(model), "runs_detector", False))
     progress = None
     if ctx.is_main and tc.progress:
         from tqdm import tqdm
@@ -266,7 +268,10 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
             batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
             det, targets = batch
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                outputs = net(det)
+                if runs_detector:  # fine-tuning: the model runs the detector on the images itself
+                    outputs, det = net(det)
+                else:
+                    outputs = net(det)
                 losses = criterion(outputs, det, targets)
             loss = _loss_total(losses)
             if not torch.isfinite(loss):
