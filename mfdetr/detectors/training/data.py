@@ -47,10 +47,11 @@ class DetectionTrainSet:
         preprocessing: the detector preset's preprocessing.
         class_to_category: category id of every head slot; annotations of other categories are an error.
         max_images: keep only the first ``max_images`` images by id (0 = all).
+        by_size: batch images of one network-input size only (no padding), else of one orientation.
     """
 
     def __init__(self, root: str | Path, split: str, *, preprocessing: Preprocessing,
-                 class_to_category: Sequence[int], max_images: int = 0) -> None:
+                 class_to_category: Sequence[int], max_images: int = 0, by_size: bool = True) -> None:
         self.root = Path(root)
         self.image_dir = self.root / split
         if not self.image_dir.is_dir():
@@ -86,8 +87,15 @@ class DetectionTrainSet:
             self._targets.append({"labels": torch.tensor(labels, dtype=torch.int64),
                                   "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)})
         self._cache: dict[int, Tensor] = {}
-        #: aspect group of every image (0 = landscape or square, 1 = portrait), for :func:`epoch_batches`
-        self.groups = [int(im["height"] > im["width"]) for im in images]
+        #: batch group of every image, for :func:`epoch_batches`: its network-input size (``by_size``:
+        #: batches without padding — DINO is not padding-invariant: the input projection's GroupNorm and
+        #: the convolutions near the border see the padding, so a model trained on padded batches and
+        #: evaluated on single images, as the cache runs it, would see other features), else its
+        #: orientation (0 = landscape or square, 1 = portrait)
+        sizes = [self.transform.output_hw(int(im["height"]), int(im["width"])) for im in images]
+        keys = sizes if by_size else [(int(h > w),) for h, w in sizes]
+        index = {k: i for i, k in enumerate(sorted(set(keys)))}
+        self.groups = [index[k] for k in keys]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -129,10 +137,10 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
 
 
 def epoch_batches(groups: Sequence[int], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of one epoch, each from a single aspect group (less padding): the shuffled order of
+    """Batches of one epoch, each from a single group (same size or orientation): the shuffled order of
     :func:`epoch_order`, dealt into one bucket per group; a full bucket becomes the next batch.
 
-    At least ``len(groups) // batch_size - (number of groups - 1)`` batches; leftovers are dropped.
+    At least :func:`min_batches` batches; leftovers are dropped.
     """
     buckets: dict[int, list[int]] = {}
     out: list[list[int]] = []
@@ -145,4 +153,10 @@ def epoch_batches(groups: Sequence[int], batch_size: int, *, seed: int, epoch: i
     return out
 
 
-__all__ = ["DetectionTrainSet", "TrainBatch", "epoch_batches", "epoch_order"]
+def min_batches(groups: Sequence[int], batch_size: int) -> int:
+    """Batches :func:`epoch_batches` gives in every epoch, at least: ``n // batch_size − (G − 1)`` for
+    ``G`` groups (each group's bucket keeps fewer than ``batch_size`` leftovers)."""
+    return len(groups) // batch_size - (len(set(groups)) - 1)
+
+
+__all__ = ["DetectionTrainSet", "TrainBatch", "epoch_batches", "epoch_order", "min_batches"]

@@ -15,14 +15,22 @@ from mfdetr.evaluation import evaluate, instances_to_results, load_coco_gt
 
 def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int = 8,
                           max_images: int = 0) -> tuple[list[dict[str, Any]], list[int], Path]:
-    """Run ``model.predict`` over the first ``max_images`` images of the split (all when 0): COCO
-    result dicts (xywh boxes, category ids), the image ids run, the annotation file."""
+    """Run ``model.predict`` over the first ``max_images`` images of the split (all when 0), batching
+    only images of one input size: COCO result dicts (xywh boxes, category ids), the image ids run,
+    the annotation file."""
     ds = CocoInstances(root, split, preprocessing=model.preset.preprocessing, with_targets=False)
     n = len(ds) if max_images <= 0 else min(max_images, len(ds))
     results: list[dict[str, Any]] = []
     ids: list[int] = []
-    for start in range(0, n, batch_size):
-        batch = collate([ds[i] for i in range(start, min(start + batch_size, n))])
+    # batches of one input size: no padding, so every image is detected as if alone (DINO is not
+    # padding-invariant; the official evaluation and the cache run batch 1)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i in range(n):
+        info = ds.image_info(ds.image_ids[i])
+        by_size.setdefault(ds.transform.output_hw(int(info["height"]), int(info["width"])), []).append(i)
+    chunks = [idx[s:s + batch_size] for idx in by_size.values() for s in range(0, len(idx), batch_size)]
+    for chunk in chunks:
+        batch = collate([ds[i] for i in chunk])
         for image_id, det in zip(batch.image_ids, model.predict(batch), strict=True):
             ids.append(int(image_id))
             results += instances_to_results(int(image_id), det.category_ids, det.scores, boxes_xyxy=det.boxes)

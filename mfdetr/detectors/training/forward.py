@@ -111,7 +111,8 @@ def dino_train_forward(model: DinoDetector, images: Tensor, pad_mask: Tensor,
     if dn is not None:
         tgt, reference, mask, pad = torch.cat([dn.tgt, tgt], 1), torch.cat([dn.reference, reference], 1), \
             dn.attn_mask, dn.pad_size
-    hs, refs = tr.decoder(tgt, reference, memory, levels, self_attn_mask=mask)
+    outs, refs = tr.decoder(tgt, reference, memory, levels, self_attn_mask=mask)
+    hs = [tr.decoder.norm(o) for o in outs]  # the heads see the normed outputs (as at inference)
     layer_boxes = [(model.bbox_embed[lid](h) + inverse_sigmoid(refs[lid], eps=DINO_INV_SIGMOID_EPS)).sigmoid()
                    for lid, h in enumerate(hs)]
     layer_logits = [model.class_embed[lid](h) for lid, h in enumerate(hs)]

@@ -34,7 +34,7 @@ from mfdetr.detectors.dino.config import DinoConfig
 from mfdetr.detectors.dino.model import DinoDetector, build_dino_model
 from mfdetr.detectors.registry import get_preset
 from mfdetr.detectors.training.criterion import SetCriterion
-from mfdetr.detectors.training.data import DetectionTrainSet, epoch_batches
+from mfdetr.detectors.training.data import DetectionTrainSet, epoch_batches, min_batches
 from mfdetr.detectors.training.denoising import prepare_cdn
 from mfdetr.detectors.training.evaluate import box_ap
 from mfdetr.detectors.training.forward import dino_train_forward, init_for_training, trainable_model
@@ -55,6 +55,9 @@ class DataOptions:
     max_train_images: int = 0
     val_images: int = 0
     hflip: float = 0.5
+    #: batches of one input size (no padding: train as the cache and evaluation run the detector) or,
+    #: when False, of one orientation (for data with many sizes)
+    batch_by_size: bool = True
 
 
 @dataclass
@@ -175,8 +178,9 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
     model = build_trainable(cfg.preset, seed=o.seed)
     preset = model.preset
     train_set = DetectionTrainSet(cfg.data.root, cfg.data.train_split, preprocessing=preset.preprocessing,
-                                  class_to_category=preset.class_to_category, max_images=cfg.data.max_train_images)
-    steps_per_epoch = len(train_set) // o.batch_size - 1  # every epoch has at least this many batches
+                                  class_to_category=preset.class_to_category, max_images=cfg.data.max_train_images,
+                                  by_size=cfg.data.batch_by_size)
+    steps_per_epoch = min_batches(train_set.groups, o.batch_size)  # every epoch has at least this many
     if steps_per_epoch <= 0:
         raise MfdetrError(f"{len(train_set)} training images < batch size {o.batch_size}")
     total = steps_per_epoch * o.epochs
