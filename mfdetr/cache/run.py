@@ -28,7 +28,7 @@ from mfdetr.cache.store import open_for_writing, read_commit_flags, stored_bytes
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
 from mfdetr.contracts import DetectorOutput, FrozenDetector
-from mfdetr.data import CocoInstances, iterate_batches, resized_hw
+from mfdetr.data import CocoInstances, iterate_batches, resized_hw, same_size_batches
 from mfdetr.errors import MfdetrError
 
 #: Assumed compression (raw float16 valid bytes / stored bytes) for ``--dry-run`` estimates: ResNet C1
@@ -236,8 +236,9 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
         failed = True
         t_loop = time.perf_counter()
         try:
-            for batch, skips in iterate_batches(plan.dataset, batch_size=job.batch_size,
-                                                num_workers=job.num_workers, indices=todo):
+            # batches of one input size: detections identical to batch 1 (detectors are not padding-invariant)
+            for batch, skips in iterate_batches(plan.dataset, num_workers=job.num_workers,
+                                                batches=same_size_batches(plan.dataset, todo, job.batch_size)):
                 for s in skips:
                     bg.write_skip(s.index, int(plan.image_ids[s.index]), s.reason)
                 if batch is not None:

@@ -27,7 +27,7 @@ _EXPORTS = {
     "annotation_path": "annotations", "load_annotation_file": "annotations",
     "CocoInstances": "coco", "CocoItem": "coco",
     "SkipRecord": "batching", "SkipSafe": "batching", "collate": "batching", "collate_with_skips": "batching",
-    "iterate_batches": "batching",
+    "iterate_batches": "batching", "same_size_batches": "batching",
     "load_rgb": "images", "to_rgb": "images", "LargeScaleJitter": "lsj",
     "decode_rle": "masks", "decode_rles": "masks", "mask_to_rle": "masks", "masks_to_boxes_xyxy": "masks",
     "segmentation_to_rle": "masks",
@@ -41,7 +41,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from mfdetr.data.annotations import annotation_path, load_annotation_file
     from mfdetr.data.coco import CocoInstances, CocoItem
-    from mfdetr.data.batching import SkipRecord, SkipSafe, collate, collate_with_skips, iterate_batches
+    from mfdetr.data.batching import (SkipRecord, SkipSafe, collate, collate_with_skips, iterate_batches,
+                                      same_size_batches)
     from mfdetr.data.images import load_rgb, to_rgb
     from mfdetr.data.lsj import LargeScaleJitter
     from mfdetr.data.masks import decode_rle, decode_rles, mask_to_rle, masks_to_boxes_xyxy, segmentation_to_rle

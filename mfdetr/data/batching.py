@@ -96,17 +96,39 @@ def collate_with_skips(items: Sequence[Any], *, size_divisibility: int = 1
     return (collate(good, size_divisibility=size_divisibility) if good else None), skips
 
 
+def same_size_batches(dataset: Any, indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``indices`` of a :class:`~mfdetr.data.CocoInstances` split in batches of one network-input size
+    (from the annotation file's sizes; order kept within a size), so no image of a batch is padded.
+
+    DETR-family detectors are not padding-invariant (the input projection's GroupNorm and the
+    convolutions near the border see the padding): batched this way, every image is detected exactly
+    as if alone, which is how the official evaluation (batch 1) runs them.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        info = dataset.image_info(dataset.image_ids[i])
+        groups.setdefault(dataset.transform.output_hw(int(info["height"]), int(info["width"])), []).append(int(i))
+    return [g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+
+
 def iterate_batches(dataset: Dataset[Any], *, batch_size: int = 1, num_workers: int = 0,
-                    indices: Sequence[int] | None = None, size_divisibility: int = 1
+                    indices: Sequence[int] | None = None, size_divisibility: int = 1,
+                    batches: Sequence[Sequence[int]] | None = None
                     ) -> Iterator[tuple[ImageBatch | None, list[SkipRecord]]]:
-    """Yield ``(batch or None, skips)`` over ``dataset`` (optionally only ``indices``), in order.
+    """Yield ``(batch or None, skips)`` over ``dataset`` (optionally only ``indices``), in order, or
+    over the given ``batches`` of dataset indices (e.g. :func:`same_size_batches`).
 
     A batch whose every image was skipped comes back as ``(None, skips)``; callers record the skips.
     """
     safe: Dataset[Any] = SkipSafe(dataset)
+    collate_fn = partial(collate_with_skips, size_divisibility=size_divisibility)
+    if batches is not None:
+        loader = DataLoader(safe, batch_sampler=[list(b) for b in batches], num_workers=num_workers,
+                            collate_fn=collate_fn, persistent_workers=False)
+        yield from loader
+        return
     if indices is not None:
         safe = torch.utils.data.Subset(safe, list(indices))
     loader = DataLoader(safe, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=partial(collate_with_skips, size_divisibility=size_divisibility),
-                        persistent_workers=False)
+                        collate_fn=collate_fn, persistent_workers=False)
     yield from loader

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mfdetr.data import CocoInstances, collate
+from mfdetr.data.batching import same_size_batches
 from mfdetr.detectors.common.frozen import FrozenDetr
 from mfdetr.evaluation import evaluate, instances_to_results, load_coco_gt
 
@@ -22,14 +23,7 @@ def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, ba
     n = len(ds) if max_images <= 0 else min(max_images, len(ds))
     results: list[dict[str, Any]] = []
     ids: list[int] = []
-    # batches of one input size: no padding, so every image is detected as if alone (DINO is not
-    # padding-invariant; the official evaluation and the cache run batch 1)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i in range(n):
-        info = ds.image_info(ds.image_ids[i])
-        by_size.setdefault(ds.transform.output_hw(int(info["height"]), int(info["width"])), []).append(i)
-    chunks = [idx[s:s + batch_size] for idx in by_size.values() for s in range(0, len(idx), batch_size)]
-    for chunk in chunks:
+    for chunk in same_size_batches(ds, range(n), batch_size):  # no padding: each image as if alone
         batch = collate([ds[i] for i in chunk])
         for image_id, det in zip(batch.image_ids, model.predict(batch), strict=True):
             ids.append(int(image_id))
