@@ -97,8 +97,9 @@ def collate_with_skips(items: Sequence[Any], *, size_divisibility: int = 1
 
 
 def same_size_batches(dataset: Any, indices: Sequence[int], batch_size: int) -> list[list[int]]:
-    """``indices`` of a :class:`~mfdetr.data.CocoInstances` split in batches of one network-input size
-    (from the annotation file's sizes; order kept within a size), so no image of a batch is padded.
+    """``indices`` of a dataset in batches of one network-input size (``dataset.image_info(id)`` gives
+    ``height``/``width``, ``dataset.transform.output_hw`` the resize; order kept within a size; an
+    image of unknown size, 0 × 0, is a batch alone), so no image of a batch is padded.
 
     DETR-family detectors are not padding-invariant (the input projection's GroupNorm and the
     convolutions near the border see the padding): batched this way, every image is detected exactly
@@ -107,7 +108,9 @@ def same_size_batches(dataset: Any, indices: Sequence[int], batch_size: int) -> 
     groups: dict[tuple[int, int], list[int]] = {}
     for i in indices:
         info = dataset.image_info(dataset.image_ids[i])
-        groups.setdefault(dataset.transform.output_hw(int(info["height"]), int(info["width"])), []).append(int(i))
+        h, w = int(info["height"]), int(info["width"])
+        key = dataset.transform.output_hw(h, w) if h > 0 and w > 0 else (-1, -int(i) - 1)  # unknown: alone
+        groups.setdefault(key, []).append(int(i))
     return [g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
 
 

@@ -97,6 +97,17 @@ class ImageFiles(Dataset[Any]):
     def file_name(self, image_id: int) -> str:
         return str(self.files[image_id - 1])
 
+    def image_info(self, image_id: int) -> dict[str, int]:
+        """``{"height", "width"}`` from the file's header (0 × 0 when unreadable: the load reports it)."""
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[image_id - 1]) as im:
+                w, h = im.size
+        except Exception:  # noqa: BLE001 - any unreadable file is reported when it is loaded
+            return {"height": 0, "width": 0}
+        return {"height": int(h), "width": int(w)}
+
     def __getitem__(self, index: int) -> Any:
         from mfdetr.data import CocoItem, load_rgb
 
@@ -314,7 +325,7 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     """
     import time
 
-    from mfdetr.data import iterate_batches, load_rgb
+    from mfdetr.data import iterate_batches, load_rgb, same_size_batches
     from mfdetr.detectors.registry import get_preset, load_plugins
     from mfdetr.engine.overlay import draw_overlay, instances_from_results
     from mfdetr.masknet import masks_to_coco_results
@@ -365,7 +376,9 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     score_mode = "mask_prob"
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
     try:
-        for batch, skips in iterate_batches(dataset, batch_size=job.batch_size, num_workers=job.num_workers):
+        # batches of one input size: each image is detected as if alone (detectors are not padding-invariant)
+        order = same_size_batches(dataset, range(len(dataset)), job.batch_size)
+        for batch, skips in iterate_batches(dataset, batches=order, num_workers=job.num_workers):
             for s in skips:
                 reason = s.reason.split(": ", 1)[1] if s.reason.startswith(str(s.file_name)) else s.reason
                 summary.skipped.append((str(s.file_name), reason))
@@ -393,6 +406,10 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
             bar.update(len(skips) + (len(batch) if batch is not None else 0))
     finally:
         bar.close()
+    images.sort(key=lambda im: im["id"])  # input order (batches went by input size)
+    results.sort(key=lambda r: r["image_id"])  # stable: each image's own order kept
+    rank = {name: k for k, name in enumerate(overlay_names)}
+    summary.overlays.sort(key=lambda p: rank.get(p.name, len(rank)))
     summary.images, summary.instances = len(images), len(results)
     record = {
         "info": {"description": "mfdetr predict: frozen detector + Mask Frozen-DETR mask network"},
