@@ -35,7 +35,7 @@ from mfdetr.errors import MfdetrError
 __all__ = ["DemoOptions", "DemoSummary", "demo_enc_layer", "demo_run_config", "format_demo_summary", "run_demo"]
 
 #: the demo's sizes: (train images, val images, MaskNet iterations) — full and ``--quick``
-FULL = (400, 100, 500)
+FULL = (400, 100, 1000)
 QUICK = (100, 30, 150)
 
 

@@ -110,7 +110,7 @@ DEMO_PREPROCESSING = Preprocessing(short_side=160, max_size=224)
 #: the shipped weights (inside the package)
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "demo_dino.pt"
 DEMO_PRESET = dataclasses.replace(
-    dino_preset("demo", DEMO_CONFIG, DEMO_CHECKPOINT.name, None,
+    dino_preset("demo", DEMO_CONFIG, DEMO_CHECKPOINT.name, 51.1,
                 "small DINO (half-width ResNet-18 with trainable BN, d=128, 3+3 layers, 100 queries) trained "
                 "from scratch on the synthetic dataset; weights shipped in mfdetr/detectors/weights/"),
     class_to_category=DEMO_CATEGORY_IDS, preprocessing=DEMO_PREPROCESSING)
