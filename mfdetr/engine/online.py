@@ -190,7 +190,7 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.engine.distributed import init_distributed
     from mfdetr.engine.finetune import FineTuned
-    from mfdetr.engine.stage2 import build_parts, resolve_masknet_config
+    from mfdetr.engine.stage2 import build_parts, evaluate_and_record, resolve_masknet_config
     from mfdetr.engine.trainer import train
 
     oc = cfg.online
@@ -205,7 +205,8 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
                                    seed=cfg.train.seed)
     if cfg.data.max_images > 0:
         dataset = _Subset(dataset, min(cfg.data.max_images, len(dataset)))
-    parts = build_parts(cfg, detector_manifest(preset, topk))
+    manifest = detector_manifest(preset, topk)
+    parts = build_parts(cfg, manifest)
     model: torch.nn.Module = parts.model
     finetune = oc.finetune != "none"
     if finetune:
@@ -213,7 +214,6 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     step = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=finetune)
     if isinstance(model, FineTuned):
         model.step = step
-    manifest = detector_manifest(preset, topk)
     evaluate_fn = None
     if val_split:
         val = OnlineEvalSet(CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True),
@@ -221,7 +221,9 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
                             max_images=cfg.data.max_images)
 
         def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
-            return _evaluate_and_record(m.masknet if isinstance(m, FineTuned) else m, val, manifest, cfg, Path(out), at)
+            r = evaluate_and_record(m.masknet if isinstance(m, FineTuned) else m, val, manifest=manifest, cfg=cfg,
+                                    out=Path(out), step=at, device=val.device)
+            return {**r["segm"], **{f"box_{k}": v for k, v in r["bbox"].items()}}
 
     return train(cfg=cfg, model=model, criterion=parts.criterion, train_set=dataset, run_dir=out,
                  collate=partial(collate), resume=resume, masknet_config=to_dict(parts.masknet_cfg),
@@ -229,21 +231,6 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
                                     "split": split, "val_split": val_split, "topk": topk, "lsj": oc.lsj,
                                     "finetune": oc.finetune}},
                  ctx=ctx, prepare_batch=step, evaluate_fn=evaluate_fn)
-
-
-def _evaluate_and_record(model: torch.nn.Module, val: OnlineEvalSet, manifest: dict[str, Any], cfg: Any,
-                         out: Path, step: int) -> dict[str, float]:
-    import json
-
-    from mfdetr.engine.checkpoint import atomic_write_text
-    from mfdetr.engine.stage2 import evaluate_masknet
-    from mfdetr.evaluation import write_results_json
-
-    m, results = evaluate_masknet(model, val, manifest=manifest, batch_size=cfg.train.batch_size,
-                                  device=val.device, amp=cfg.train.amp)
-    write_results_json(out / "val_results.json", results)
-    atomic_write_text(out / "val_metrics.json", json.dumps({"step": step, **m}, indent=2) + "\n")
-    return {**m["segm"], **{f"box_{k}": v for k, v in m["bbox"].items()}}
 
 
 def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val2017", detector: str | None = None,

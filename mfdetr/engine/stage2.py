@@ -147,6 +147,19 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
     return metrics, all_results
 
 
+def evaluate_and_record(model: nn.Module, dataset: Any, *, manifest: Mapping[str, Any], cfg: RunConfig, out: Path,
+                        step: int, device: torch.device | str) -> dict[str, dict[str, float]]:
+    """A run's validation: :func:`evaluate_masknet`, then ``out/val_results.json`` and
+    ``out/val_metrics.json`` (with the step); returns the metrics."""
+    from mfdetr.evaluation import write_results_json
+
+    m, results = evaluate_masknet(model, dataset, manifest=manifest, batch_size=cfg.train.batch_size, device=device,
+                                  amp=cfg.train.amp)
+    write_results_json(out / "val_results.json", results)
+    atomic_write_text(out / "val_metrics.json", json.dumps({"step": step, **m}, indent=2) + "\n")
+    return m
+
+
 def _annotation_dict(dataset: CacheDataset) -> dict[str, Any]:
     from mfdetr.data.annotations import load_annotation_file
 
@@ -204,14 +217,10 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
 
     def evaluate_fn(model: nn.Module, step: int) -> dict[str, float]:
         assert val_set is not None
-        m, results = evaluate_masknet(model, val_set, manifest=store.manifest, batch_size=cfg.train.batch_size,
-                                      device=next(model.parameters()).device, amp=cfg.train.amp)
+        m = evaluate_and_record(model, val_set, manifest=store.manifest, cfg=cfg, out=Path(out), step=step,
+                                device=next(model.parameters()).device)
         metrics.clear()
         metrics.update(m)
-        from mfdetr.evaluation import write_results_json
-
-        write_results_json(Path(out) / "val_results.json", results)
-        atomic_write_text(Path(out) / "val_metrics.json", json.dumps({"step": step, **m}, indent=2) + "\n")
         return {**m["segm"], **{f"box_{k}": v for k, v in m["bbox"].items()}}
 
     record = {"train_cache": str(src.cache), "val_cache": str(src.val_cache) if src.val_cache else None,
