@@ -76,13 +76,14 @@ class SetCriterion:
         src = torch.cat(src_boxes).float()
         tgt = torch.cat(tgt_boxes).float()
         if src.numel():
-            loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
-            giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
-            loss_giou = (1 - giou).sum() / num_boxes
-        else:  # no object in the batch: keep the graph connected, value 0
-            loss_bbox = boxes.sum() * 0.0
-            loss_giou = boxes.sum() * 0.0
-        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+            return {"loss_ce": loss_ce, **_box_losses(src, tgt, num_boxes)}
+        zero = boxes.sum() * 0.0  # no object in the batch: keep the graph connected, value 0
+        return {"loss_ce": loss_ce, "loss_bbox": zero, "loss_giou": zero}
+
+    def weighted(self, parts: dict[str, Tensor]) -> Tensor:
+        """``w_ce · loss_ce + w_bbox · loss_bbox + w_giou · loss_giou`` of one prediction set."""
+        return (self.weight_ce * parts["loss_ce"] + self.weight_bbox * parts["loss_bbox"]
+                + self.weight_giou * parts["loss_giou"])
 
     def __call__(self, out: TrainForward, targets: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, float]]:
         """Total weighted loss and a log dict (``loss``, final-layer terms, ``loss_enc``, ``loss_aux``).
@@ -100,8 +101,7 @@ class SetCriterion:
         log: dict[str, float] = {}
         for name, lg, bx in sets:
             parts = self.set_losses(lg, bx, targets, num_boxes)
-            weighted = (self.weight_ce * parts["loss_ce"] + self.weight_bbox * parts["loss_bbox"]
-                        + self.weight_giou * parts["loss_giou"])
+            weighted = self.weighted(parts)
             total = total + weighted
             if name == "final":
                 log.update({k: float(v.detach()) for k, v in parts.items()})
@@ -110,9 +110,7 @@ class SetCriterion:
                 log[key] = log.get(key, 0.0) + float(weighted.detach())
         if out.dn is not None and out.dn_logits is not None and out.dn_boxes is not None:
             for lg, bx in zip(out.dn_logits, out.dn_boxes, strict=True):
-                parts = self.dn_losses(lg, bx, targets, out.dn, num_boxes)
-                weighted = (self.weight_ce * parts["loss_ce"] + self.weight_bbox * parts["loss_bbox"]
-                            + self.weight_giou * parts["loss_giou"])
+                weighted = self.weighted(self.dn_losses(lg, bx, targets, out.dn, num_boxes))
                 total = total + weighted
                 log["loss_dn"] = log.get("loss_dn", 0.0) + float(weighted.detach())
         log["loss"] = float(total.detach())
@@ -132,10 +130,13 @@ class SetCriterion:
             tgt_boxes.append(t["boxes"][gt])
         norm = num_boxes * dn.groups
         loss_ce = sigmoid_focal_loss(logits.float(), onehot.float(), alpha=self.alpha, gamma=self.gamma).sum() / norm
-        src, tgt = torch.cat(src_boxes).float(), torch.cat(tgt_boxes).float()
-        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / norm
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
-        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / norm}
+        return {"loss_ce": loss_ce, **_box_losses(torch.cat(src_boxes).float(), torch.cat(tgt_boxes).float(), norm)}
+
+
+def _box_losses(src: Tensor, tgt: Tensor, norm: float) -> dict[str, Tensor]:
+    """L1 and ``1 − GIoU`` of paired cxcywh boxes, summed and divided by ``norm``."""
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+    return {"loss_bbox": F.l1_loss(src, tgt, reduction="sum") / norm, "loss_giou": (1 - giou).sum() / norm}
 
 
 __all__ = ["SetCriterion", "sigmoid_focal_loss"]
