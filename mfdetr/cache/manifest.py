@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mfdetr import __version__
+from mfdetr.cache.codecs import DEFAULT_PRESET, manifest_codecs
 from mfdetr.cache.schema import (CURRENT_SCHEMA_VERSION, SCHEMA_VERSIONS, load_manifest_schema, resolve_array_table,
                                  validate_json)
 from mfdetr.contracts import DetectorPreset
@@ -86,7 +87,7 @@ def _jsonable(x: Any) -> Any:
 def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_sha256: str, split: str,
                    annotation_file: str, annotation_sha256: str, image_ids: Sequence[int], topk: int,
                    enc_layers: Sequence[int], logits_dtype: str = "float32",
-                   codec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   codec: Mapping[str, Any] | None = None, codec_preset: str = DEFAULT_PRESET) -> dict[str, Any]:
     """The manifest of a new store (validated against the schema).
 
     Args:
@@ -95,6 +96,8 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
         split / annotation_file / annotation_sha256: the source COCO split.
         image_ids: the split's image ids in store index order (ascending id).
         topk: K queries kept per image; enc_layers: 1-based encoder layers stored (Table 15).
+        codec: the data compressor (default :data:`DEFAULT_CODEC`); codec_preset: the feature codec
+            preset (``mfdetr.cache.codecs.PRESETS``), recorded with its filter chain.
     """
     layers = sorted({int(e) for e in enc_layers})
     if not layers or layers[0] < 1 or layers[-1] > preset.num_encoder_layers:
@@ -125,7 +128,7 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
         "enc_layers": layers,
         "canvas": canvas_for(preset.preprocessing.max_size, preset.level_strides),
         "dtypes": {"features": "float16", "boxes": "float32", "logits": logits_dtype},
-        "codecs": {"data": dict(codec or DEFAULT_CODEC), "commit": {"name": "none"}},
+        "codecs": manifest_codecs(codec_preset, dict(codec or DEFAULT_CODEC)),
         "category_map": list(preset.class_to_category),
         "arrays": [],
     }

@@ -9,7 +9,6 @@ only images whose commit flag is unset are computed. Shards (``--shard i/n`` or 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -21,7 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mfdetr.cache.codecs import DEFAULT_PRESET, get_preset as get_codec_preset
 from mfdetr.cache.manifest import build_manifest, sha256_file
+from mfdetr.cache.sizes import format_size_table, ratios_for, raw_bytes, size_table
 from mfdetr.cache.store import human_bytes as _human
 from mfdetr.devices import resolve_device
 from mfdetr.cache.store import open_for_writing, read_commit_flags, stored_bytes
@@ -30,12 +31,6 @@ from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, Ba
 from mfdetr.contracts import DetectorOutput, FrozenDetector
 from mfdetr.data import CocoInstances, iterate_batches, resized_hw, same_size_batches
 from mfdetr.errors import MfdetrError
-
-#: Assumed compression (raw float16 valid bytes / stored bytes) for ``--dry-run`` estimates: ResNet C1
-#: ~1.55x (ReLU zeros; 2.0x on benchmarks/bench_cache.py's synthetic maps), LayerNorm-ed encoder maps and
-#: queries ~1.07x (1.07-1.09x measured, zstd-1). A real run prints the measured ratios in its summary.
-ASSUMED_RATIO = {"c1": 1.55, "enc": 1.07, "queries": 1.07, "other": 1.0}
-
 
 @dataclass(frozen=True)
 class CacheJob:
@@ -55,6 +50,7 @@ class CacheJob:
     writer_threads: int = 4
     retry_skipped: bool = False
     annotation_file: Path | None = None
+    codec: str = DEFAULT_PRESET
 
 
 @dataclass
@@ -112,6 +108,7 @@ def plan_job(job: CacheJob) -> _Plan:
     """Resolve preset, dataset and manifest (no detector built, no store touched)."""
     from mfdetr.detectors.registry import get_preset, load_plugins
 
+    get_codec_preset(job.codec)  # an unknown --codec fails before anything is read
     load_plugins()
     preset = get_preset(job.detector)
     if not Path(job.checkpoint).is_file():
@@ -125,32 +122,32 @@ def plan_job(job: CacheJob) -> _Plan:
         preset=preset, checkpoint_file=str(job.checkpoint), checkpoint_sha256=sha256_file(job.checkpoint),
         split=job.split, annotation_file=str(dataset.annotation_file),
         annotation_sha256=dataset.annotation_sha256, image_ids=image_ids.tolist(), topk=job.topk,
-        enc_layers=job.enc_layers)
+        enc_layers=job.enc_layers, codec_preset=job.codec)
     return _Plan(preset=preset, dataset=dataset, manifest=manifest, image_ids=image_ids,
                  shard=resolve_shard(job.shard))
 
 
-def estimate_bytes(plan: _Plan, indices: list[int]) -> dict[str, Any]:
-    """Estimated bytes/image from the annotation's image sizes, the shapes and :data:`ASSUMED_RATIO`."""
+def estimate_bytes(plan: _Plan, indices: list[int], store: Any | None = None) -> dict[str, Any]:
+    """Estimated bytes of ``indices`` (with the job's codec, C1 stored) and a table of bytes/image and the
+    whole split's total under every codec preset and C1 mode, from the annotation's image sizes and the
+    shapes (:mod:`mfdetr.cache.sizes`; ratios measured on ``store`` where possible)."""
     m = plan.manifest
     pre = plan.preset.preprocessing
     d, k, c, c1 = m["hidden_dim"], m["topk"], m["num_classes"], m["c1_channels"]
-    n_layers = len(m["enc_layers"])
-    canvas = 2 * (d * n_layers * sum(h * w for h, w in m["canvas"]["level_hw"])
+    canvas = 2 * (d * len(m["enc_layers"]) * sum(h * w for h, w in m["canvas"]["level_hw"])
                   + c1 * m["canvas"]["c1_hw"][0] * m["canvas"]["c1_hw"][1]) + k * (2 * d + 4 * 4 + 4 * c)
-    raw_valid = est = 0.0
-    for i in indices:
-        info = plan.dataset.image_info(int(plan.image_ids[i]))
-        ih, iw = resized_hw(int(info["height"]), int(info["width"]), pre.short_side, pre.max_size)
-        enc = 2 * d * n_layers * sum(math.ceil(ih / s) * math.ceil(iw / s) for s in m["level_strides"])
-        c1b = 2 * c1 * math.ceil(ih / 4) * math.ceil(iw / 4)
-        other = k * (4 * 4 + 4 * c) + 64
-        raw_valid += enc + c1b + 2 * k * d + other
-        est += (enc / ASSUMED_RATIO["enc"] + c1b / ASSUMED_RATIO["c1"] + 2 * k * d / ASSUMED_RATIO["queries"]
-                + other / ASSUMED_RATIO["other"])
-    n = max(len(indices), 1)
-    return {"images": len(indices), "bytes_per_image": est / n, "raw_f16_valid_per_image": raw_valid / n,
-            "raw_canvas_per_image": float(canvas), "total_bytes": est}
+    hws = []
+    for image_id in plan.image_ids.tolist():
+        info = plan.dataset.image_info(int(image_id))
+        hws.append(resized_hw(int(info["height"]), int(info["width"]), pre.short_side, pre.max_size))
+    ratios, note = ratios_for(store)
+    raw = raw_bytes(m, [hws[i] for i in indices])
+    mine = next(r for r in size_table(raw, len(indices), ratios)
+                if r.preset == m["codecs"]["preset"] and r.c1_mode == "store")
+    return {"images": len(indices), "bytes_per_image": mine.bytes_per_image,
+            "raw_f16_valid_per_image": sum(raw.values()) / max(len(indices), 1),
+            "raw_canvas_per_image": float(canvas), "total_bytes": mine.total_bytes, "ratios": ratios,
+            "ratio_source": note, "table": size_table(raw_bytes(m, hws), len(hws), ratios)}
 
 
 def _todo(plan: _Plan, commit: np.ndarray, retry_skipped: bool) -> list[int]:
@@ -199,20 +196,24 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     n = len(plan.image_ids)
     shard_txt = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
     if dry_run:
-        commit = np.zeros(n, dtype=np.uint8)
+        commit, store = np.zeros(n, dtype=np.uint8), None
         if out_path.exists():
             from mfdetr.cache.reader import CacheStore
 
-            commit = CacheStore.open(out_path, expect={k: m[k] for k in m if k != "created_utc"}).commit_flags()
+            store = CacheStore.open(out_path, expect={k: m[k] for k in m if k != "created_utc"})
+            commit = store.commit_flags()
         todo = _todo(plan, commit, job.retry_skipped)
-        est = estimate_bytes(plan, todo)
+        est = estimate_bytes(plan, todo, store)
         summary.estimate, summary.planned = est, len(todo)
         echo(f"images: {n} in {job.split}; {int((commit == COMMIT_DONE).sum())} already done; "
              f"{len(todo)} to compute{shard_txt}")
-        echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} (raw float16, valid region: "
-             f"{_human(est['raw_f16_valid_per_image'])}; raw canvas: {_human(est['raw_canvas_per_image'])}; "
-             f"assumed compression ratios {ASSUMED_RATIO}; the run's summary prints the measured ones)")
+        echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} with --codec {job.codec}, C1 stored "
+             f"(raw float16, valid region: {_human(est['raw_f16_valid_per_image'])}; raw canvas: "
+             f"{_human(est['raw_canvas_per_image'])}; the run's summary prints the measured sizes)")
         echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
+        for line in format_size_table(est["table"], chosen=(job.codec, "store"), note=est["ratio_source"],
+                                      n_images=n):
+            echo(line)
         return summary
 
     root = open_for_writing(out_path, m, plan.image_ids)
@@ -295,5 +296,5 @@ def format_summary(s: CacheSummary) -> list[str]:
     return lines
 
 
-__all__ = ["ASSUMED_RATIO", "CacheJob", "CacheSummary", "estimate_bytes", "format_summary",
+__all__ = ["CacheJob", "CacheSummary", "estimate_bytes", "format_summary",
            "parse_shard", "plan_job", "resolve_shard", "run_cache"]

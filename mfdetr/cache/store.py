@@ -26,6 +26,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from mfdetr.cache.codecs import feature_filters, filters_metadata_of, preset_of, with_codec_defaults
 from mfdetr.cache.manifest import MANIFEST_ATTR, image_ids_sha256, manifest_differences, validate_manifest_data
 from mfdetr.cache.schema import ArraySpec, resolve_array_table
 from mfdetr.errors import MfdetrError
@@ -45,7 +46,12 @@ def make_compressors(codec: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _codec_of(spec: ArraySpec, manifest: dict[str, Any]) -> dict[str, Any]:
-    return manifest["codecs"]["data"] if spec.codec == "data" else {"name": "none"}
+    return manifest["codecs"]["data"] if spec.codec in ("data", "features") else {"name": "none"}
+
+
+def _filters_of(spec: ArraySpec, manifest: dict[str, Any]) -> tuple[Any, ...]:
+    """The codec preset's filters for feature arrays (``mfdetr.cache.codecs``), none elsewhere."""
+    return feature_filters(manifest) if spec.codec == "features" else ()
 
 
 def _describe_compressors(arr: zarr.Array) -> dict[str, Any]:
@@ -66,6 +72,7 @@ def _build(path: Path, manifest: dict[str, Any], image_ids: np.ndarray) -> None:
         layout = ({"shards": spec.chunks, "chunks": spec.inner_chunks} if spec.inner_chunks
                   else {"chunks": spec.chunks})
         arr = root.create_array(spec.name, shape=spec.shape, dtype=spec.dtype, **layout,
+                                filters=_filters_of(spec, manifest),
                                 compressors=make_compressors(_codec_of(spec, manifest)), fill_value=0)
         if spec.name == "image_ids" and len(image_ids):
             arr[:] = image_ids
@@ -99,7 +106,7 @@ def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.n
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     root, have = _open_root(path)
-    diffs = manifest_differences(have, manifest)
+    diffs = manifest_differences(with_codec_defaults(have), manifest)
     if diffs:
         raise MfdetrError("exists and was made with different settings (store vs this run): " + "; ".join(diffs[:4])
                           + ("; ..." if len(diffs) > 4 else "")
@@ -145,6 +152,12 @@ def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Pa
         want_codec = _codec_of(spec, manifest)
         if codec["name"] != want_codec["name"] or codec.get("level") != want_codec.get("level"):
             raise MfdetrError(f"array '{spec.name}' uses codec {codec}, the manifest says {want_codec}", path=path)
+        filters = filters_metadata_of(arr)
+        feats = spec.codec == "features"
+        want_filters = preset_of(manifest).filter_metadata() if feats else []
+        if filters != want_filters or (feats and filters != manifest["codecs"].get("feature_filters", [])):
+            raise MfdetrError(f"array '{spec.name}' has filters {filters}, the manifest's codec preset "
+                              f"{manifest['codecs'].get('preset', 'lossless')!r} says {want_filters}", path=path)
     extra = members - set(manifest["arrays"])
     if extra:
         raise MfdetrError(f"unexpected arrays {sorted(extra)} (not in the manifest)", path=path)

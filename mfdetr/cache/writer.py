@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import zarr
 
-from mfdetr.cache.schema import SKIP_REASON_BYTES, enc_array_name
+from mfdetr.cache.codecs import check_encodable
+from mfdetr.cache.schema import SKIP_REASON_BYTES, enc_array_name, resolve_array_table
 from mfdetr.cache.store import chunk_path
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
@@ -128,6 +129,7 @@ class CacheWriter:
             for name in manifest["arrays"]}
         self.level_hw = [tuple(x) for x in manifest["canvas"]["level_hw"]]
         self.c1_hw = tuple(manifest["canvas"]["c1_hw"])
+        self.feature_arrays = {s.name for s in resolve_array_table(manifest) if s.codec == "features"}
         self.stats = WriteStats()
 
     # --- the three steps: write arrays, then commit ---------------------------------------------------
@@ -168,6 +170,10 @@ class CacheWriter:
         except _DoesNotFit as e:
             self.write_skip(rec.index, rec.image_id, f"{rec.file_name}: {e}")
             return
+        where = f"image id {rec.image_id} ({rec.file_name})"
+        for name, value in [("queries", a["queries"]), *((n, v) for n, v, _ in maps)]:
+            if name in self.feature_arrays:  # values the codec preset cannot encode: stop, never store inf
+                check_encodable(self.manifest, name, value, where)
         for name in ("queries", "boxes", "logits", "input_hw", "orig_hw", "level_valid_hw"):
             self._put(name, i, a[name], a[name].nbytes)
         for name, value, valid in maps:

@@ -40,7 +40,12 @@ def register(app: typer.Typer) -> None:
                                                                        "(zstd releases the GIL)."),
         retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Recompute images recorded as skipped."),
         annotation_file: Path = typer.Option(None, "--annotations", help="Override the instances JSON path."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes, compute nothing."),
+        codec: str = typer.Option("lossless", "--codec",
+                                  help="Feature codec preset: lossless (float16 + zstd-1), bitround-7, bitround-4 or "
+                                       "quantize-1 (lossy, numcodecs; bounds in cache_schemas/v1/arrays.md). "
+                                       "Recorded in the store; readers need no option."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes per codec preset "
+                                                               "and C1 mode, compute nothing."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
     ) -> None:
         """Cache a frozen detector's outputs (queries, boxes, logits, encoder maps, C1) for a COCO split."""
@@ -49,5 +54,5 @@ def register(app: typer.Typer) -> None:
         job = CacheJob(detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=out, topk=topk,
                        enc_layers=_layers(enc_layers), batch_size=batch_size, shard=parse_shard(shard),
                        device=device, num_workers=workers, writer_threads=writer_threads,
-                       retry_skipped=retry_skipped, annotation_file=annotation_file)
+                       retry_skipped=retry_skipped, annotation_file=annotation_file, codec=codec)
         run_cache(job, dry_run=dry_run, progress=progress, echo=typer.echo)
