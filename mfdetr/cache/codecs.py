@@ -18,8 +18,8 @@ BitRound rounds the mantissa to N bits (to nearest, ties to even), so zstd finds
 Quantize rounds to a fixed absolute step (2^-4 for one decimal digit), which also zeroes small
 values — an 8-bit-like grid with no range to choose, hence no clipping and no wrap-around (numcodecs'
 ``FixedScaleOffset`` to ``uint8`` would wrap values outside a fixed range silently). A value whose
-encoding would overflow float16 (``|x| > max_abs``: 65280 for bitround-7, 63488 for bitround-4, 4094 for quantize-1) stops
-the run with a one-line error naming the image, like a non-finite detector output.
+encoding would overflow float16 (``|x| > max_abs``: 65280 for bitround-7, 63488 for bitround-4, 4094
+for quantize-1) stops the run with a one-line error naming the image, like a non-finite detector output.
 
 The manifest records ``codecs.preset`` and ``codecs.feature_filters`` (the zarr metadata of every
 filter); the arrays' own metadata carries the same chain, so a reader needs no flag.
