@@ -7,7 +7,11 @@ Prints (not pass/fail):
    their ratio (goal >= 0.9);
 2. bytes/image stored with the default codec vs the raw bytes of the valid region (float16 features,
    float32 boxes/logits) — goal <= 0.7x *including* the canvas padding — per array too;
-3. other codecs on the first image's arrays (ratio and encode speed), to justify the default.
+3. other codecs on the first image's arrays (ratio and encode speed), to justify the default;
+4. bytes/image under every feature codec preset (``mfdetr cache --codec``), with C1 stored and without
+   it (``--c1 recompute``), and each preset's ratio to the lossless store — the written images' feature
+   arrays re-encoded in memory with each preset's numcodecs chain (valid region, whole array), plus the
+   other arrays' stored bytes.
 
 By default it runs a *synthetic detector with R50 DINO output shapes* (d=256, C1=256, strides 8-64,
 K=100, C=91; LayerNorm-ed spatially smooth encoder maps, ReLU'd C1 with ~half zeros) on ``mfdetr
@@ -186,6 +190,39 @@ def codec_table(store: Path) -> list[str]:
     return lines
 
 
+def preset_table(store: Path) -> list[str]:
+    """Bytes/image of every codec preset, C1 stored and not, over the store's finished (lossless) images."""
+    from mfdetr.cache.codecs import PRESETS
+    from mfdetr.cache.sizes import numcodecs_chain, encoded_size
+    from mfdetr.cache.store import stored_bytes
+
+    st = CacheStore.open(store)
+    m = st.manifest
+    done = st.complete_indices().tolist()
+    small = ("boxes", "logits", "input_hw", "orig_hw", "level_valid_hw", "image_ids", "commit", "skip_reason")
+    other = sum(stored_bytes(store, n) - (store / n / "zarr.json").stat().st_size  # never filtered: as stored
+                for n in small) / len(done)
+    sizes = {p: {"c1": 0.0, "rest": 0.0} for p in PRESETS}
+    for i in done:
+        out, _ = st.read(i, crop=True)
+        feats = [out.queries[0].numpy()] + [out.enc_maps[e][lvl][0].numpy() for e in st.enc_layers
+                                            for lvl in range(len(st.level_strides))]
+        for p, preset in PRESETS.items():
+            chain = numcodecs_chain(preset, m["codecs"]["data"])
+            sizes[p]["c1"] += encoded_size(out.c1[0].numpy(), chain) / len(done)
+            sizes[p]["rest"] += sum(encoded_size(x, chain) for x in feats) / len(done)
+    base = sizes["lossless"]["c1"] + sizes["lossless"]["rest"] + other
+    lines = [f"codec presets on {len(done)} images (features re-encoded in memory, valid region; boxes/logits/"
+             f"sizes as stored, {other / 1e3:.1f} KB/img):",
+             f"  {'preset':12s} {'C1 stored':>14s} {'ratio':>6s} {'C1 recomputed':>14s} {'ratio':>6s} "
+             f"{'C1 share':>8s}"]
+    for p, sz in sizes.items():
+        full, no_c1 = sz["c1"] + sz["rest"] + other, sz["rest"] + other
+        lines.append(f"  {p:12s} {full / 1e3:11.1f} KB {full / base:6.3f} {no_c1 / 1e3:11.1f} KB "
+                     f"{no_c1 / base:6.3f} {sz['c1'] / full:8.2f}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--detector", default=SYNTH_NAME)
@@ -196,6 +233,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=600, help="synthetic shorter side (resized to 800)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--enc-layers", default="4")
+    ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--writer-threads", type=int, default=2)
@@ -228,7 +266,7 @@ def main() -> None:
     out = work / "store"
     shutil.rmtree(out, ignore_errors=True)
     job = CacheJob(detector=args.detector, checkpoint=checkpoint, coco=coco, split=args.split, out=out,
-                   topk=100, enc_layers=tuple(int(x) for x in args.enc_layers.split(",")), batch_size=args.batch_size,
+                   topk=args.topk, enc_layers=tuple(int(x) for x in args.enc_layers.split(",")), batch_size=args.batch_size,
                    device=args.device, num_workers=args.workers, writer_threads=args.writer_threads)
 
     forward_only(detector, job)  # warm-up (page cache, allocator, cuDNN autotune)
@@ -261,6 +299,8 @@ def main() -> None:
               f"{st.raw_valid[name] / st.done / 1e3:9.1f} KB/img  stored/raw valid "
               f"{st.stored[name] / max(st.raw_valid[name], 1):.3f}")
     for line in codec_table(out):
+        print(line)
+    for line in preset_table(out):
         print(line)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
