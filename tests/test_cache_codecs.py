@@ -14,7 +14,7 @@ import zarr
 import tests._fake_detector as fd
 from tests.conftest import assert_user_error
 from tests.test_cache_cli import cache_args, main_inproc
-from mfdetr.cache import CacheJob, CacheStore, CacheWriter, records_from_output, run_cache
+from mfdetr.cache import CacheJob, CacheStore, CacheWriter, inspect_store, records_from_output, run_cache
 from mfdetr.cache.codecs import PRESETS, get_preset
 from mfdetr.cache.manifest import MANIFEST_ATTR
 from mfdetr.cache.schema import load_manifest_schema
@@ -146,6 +146,10 @@ def test_manifest_records_the_preset_and_a_reader_needs_no_flag(stores):
     out, _ = st.read(0)
     assert out.c1.dtype == torch.float16 and torch.isfinite(out.c1).all()
     assert json.loads((stores["bitround-4"] / "boxes" / "zarr.json").read_text())["codecs"][0]["name"] == "bytes"
+    lines, facts = inspect_store(stores["bitround-4"])
+    assert facts["arrays"]["c1"]["filters"] == st.manifest["codecs"]["feature_filters"]
+    assert facts["arrays"]["boxes"]["filters"] == []
+    assert any(ln.split()[0] == "c1" and "bitround+zstd" in ln for ln in lines if ln.strip())
 
 
 def test_schema_lists_every_preset():

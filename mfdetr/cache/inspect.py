@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from mfdetr.cache.codecs import filters_metadata_of
 from mfdetr.cache.reader import CacheStore
 from mfdetr.cache.store import _describe_compressors, human_bytes as _human, stored_bytes
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED
@@ -18,7 +19,7 @@ def inspect_store(path: str | Path, *, max_skips: int = 20) -> tuple[list[str], 
     """Validate the store at ``path`` (raises :class:`MfdetrError` if invalid) and describe it.
 
     Returns ``(lines to print, facts)``; ``facts`` holds the same numbers for programs and tests:
-    ``done``, ``skipped``, ``pending``, ``num_images``, ``arrays`` ({name: {shape, dtype, chunks, tiles, codec,
+    ``done``, ``skipped``, ``pending``, ``num_images``, ``arrays`` ({name: {shape, dtype, chunks, tiles, codec, filters,
     stored_bytes, raw_bytes_written}}), ``partial_files`` (leftover temporaries of killed writers).
     """
     store = CacheStore.open(path)
@@ -54,13 +55,15 @@ def inspect_store(path: str | Path, *, max_skips: int = 20) -> tuple[list[str], 
         raw = per_chunk * n_chunks
         total += sb
         codec = _describe_compressors(arr)
+        filters = filters_metadata_of(arr)
+        label = "+".join([f["name"].removeprefix("numcodecs.") for f in filters] + [codec["name"]])
         arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(unit),
-                        "tiles": list(tiles) if tiles else None,
-                        "codec": codec, "stored_bytes": sb, "raw_bytes_written": raw}
+                        "tiles": list(tiles) if tiles else None, "codec": codec, "filters": filters,
+                        "stored_bytes": sb, "raw_bytes_written": raw}
         ratio = f"{raw / sb:5.2f}x" if sb else "   - "
         layout = f"chunks {unit}" + (f" tiles {tiles[-2]}x{tiles[-1]}" if tiles else "")
         lines.append(f"  {name:22s} {str(tuple(arr.shape)):24s} {str(arr.dtype):8s} {layout:38s} "
-                     f"{codec['name']:5s} {_human(sb):>10s} / {_human(raw):>10s} {ratio}")
+                     f"{label:5s} {_human(sb):>10s} / {_human(raw):>10s} {ratio}")
     partial = sum(1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
     lines.append(f"bytes on disk: {_human(stored_bytes(store.path))}"
                  + (f"; {_human(total / done)}/image" if done else ""))
