@@ -177,7 +177,7 @@ def test_validation_refuses_filters_that_differ_from_the_manifest(stores, tmp_pa
         CacheStore.open(bad)
 
 
-def test_a_manifest_without_preset_is_lossless_and_resumable(stores, tmp_path):
+def test_a_manifest_without_preset_is_lossless_and_resumable(stores, coco, tmp_path):
     import shutil
 
     old = tmp_path / "old"
@@ -191,6 +191,10 @@ def test_a_manifest_without_preset_is_lossless_and_resumable(stores, tmp_path):
     assert "preset" not in st.manifest["codecs"] and st.read(0)[0].c1.dtype == torch.float16
     new = dict(CacheStore.open(stores["lossless"]).manifest)
     open_for_writing(old, new, st.image_ids)  # same settings: accepted for resuming
+    proc = main_inproc(*cache_args(coco, old, "--dry-run"))
+    assert proc.returncode == 0 and "4 already done; 0 to compute" in proc.stdout, proc.stderr
+    assert_user_error(main_inproc(*cache_args(coco, old, "--dry-run", "--codec", "bitround-7")),
+                      "cache was made with codecs=", "bitround-7")
 
 
 def test_rerun_with_another_codec_is_refused_in_one_line(coco, stores):

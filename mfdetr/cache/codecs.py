@@ -144,7 +144,7 @@ def check_encodable(manifest: dict[str, Any], name: str, value: np.ndarray, wher
     p = preset_of(manifest)
     if p.max_abs >= F16_MAX or value.size == 0:
         return
-    peak = float(np.abs(value).max())
+    peak = max(float(value.max()), -float(value.min()))  # no |value| temporary (maps can be large)
     if peak > p.max_abs:
         raise MfdetrError(f"the detector returned |value| = {peak:g} in '{name}' for {where}, beyond what "
                           f"--codec {p.name} can store (|x| <= {p.max_abs:g}); stopping — use --codec lossless "

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mfdetr.cache.codecs import DEFAULT_PRESET, get_preset as get_codec_preset
-from mfdetr.cache.manifest import build_manifest, sha256_file
+from mfdetr.cache.codecs import DEFAULT_PRESET, get_preset as get_codec_preset, with_codec_defaults
+from mfdetr.cache.manifest import build_manifest, check_expectations, sha256_file
 from mfdetr.cache.sizes import format_size_table, ratios_for, raw_bytes, size_table
 from mfdetr.cache.store import human_bytes as _human
 from mfdetr.devices import resolve_device
@@ -200,7 +200,9 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
         if out_path.exists():
             from mfdetr.cache.reader import CacheStore
 
-            store = CacheStore.open(out_path, expect={k: m[k] for k in m if k != "created_utc"})
+            store = CacheStore.open(out_path, expect={k: m[k] for k in m if k not in ("created_utc", "codecs")})
+            # a manifest written before codec presets existed is lossless: compare it as such
+            check_expectations(with_codec_defaults(store.manifest), {"codecs": m["codecs"]}, where=str(out_path))
             commit = store.commit_flags()
         todo = _todo(plan, commit, job.retry_skipped)
         est = estimate_bytes(plan, todo, store)

@@ -10,7 +10,8 @@ ratio per preset:
 - **assumed** otherwise: :data:`ASSUMED_RATIOS` below.
 
 C1 mode ``store`` keeps the C1 arrays; ``recompute`` stores none (stage 2 recomputes C1 from the
-image), so its bytes are those of ``store`` minus C1.
+image), so its bytes are those of ``store`` minus C1 (what it stores once per store instead, such as
+the stage-0 weights, is not per image and not counted).
 """
 
 from __future__ import annotations
