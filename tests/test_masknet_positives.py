@@ -58,9 +58,11 @@ def run(model: MaskNet, det: DetectorOutput, gts: list[GTInstances], *, positive
                          class_to_category=tuple(range(7)), generator=torch.Generator().manual_seed(5), seed=3)
     model.zero_grad(set_to_none=True)
     seen = []
-    hook = model.box_encoder.register_forward_hook(lambda m, inp, out: seen.append(int(out.shape[0])))
+    hook = None if model.box_encoder is None else model.box_encoder.register_forward_hook(
+        lambda m, inp, out: seen.append(int(out.shape[0])))
     out = PositivesOnly(model, crit)(det, gts, step=7) if positives else model(det)
-    hook.remove()
+    if hook is not None:
+        hook.remove()
     losses = crit(out, det, gts, step=7)
     losses["loss"].backward()
     grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
@@ -133,6 +135,34 @@ def test_object_to_object_attention_falls_back_to_all_queries() -> None:
     assert pos[2] == 2 * K  # queries interact: all K computed, the positives' rows taken
     assert 0 < pos[0]["num_pos"] < 2 * K
     assert_same(full, pos)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("box_encoder.block=swin", "box_encoder.heads=4", "mask_head.kind=segmenter"),
+    ("box_encoder.block=convnext", "image_encoder.block=convnext", "query_encoder.b2o=false"),
+], ids=["swin+segmenter", "convnext"])
+def test_positives_only_equals_all_queries_for_other_blocks(overrides: tuple[str, ...]) -> None:
+    det = det64()
+    gts = gts_for(det, [[0, 2, 3], [1, 4]])
+    model = model64(overrides)
+    full = run(model, det, gts, positives=False)
+    pos = run(model, det, gts, positives=True)
+    assert pos[2] == full[0]["num_pos"] < 2 * K
+    assert_same(full, pos)
+
+
+def test_non_roi_baseline_falls_back_to_all_queries() -> None:
+    det = det64()
+    model = model64(("roi=false", "box_encoder.layers=0", "box_encoder.dim={d}", "query_encoder.ffn=false",
+                     "query_encoder.b2o=false", "mask_scoring.enabled=false", "image_encoder.layers=1"))
+    assert not model.roi and any(p.requires_grad for p in model.parameters())
+    for gt_queries in ([[0, 2, 3], [1, 4]], [[], []]):
+        gts = gts_for(det, gt_queries)
+        full = run(model, det, gts, positives=False)
+        pos = run(model, det, gts, positives=True)
+        assert (full[0]["num_pos"] > 0) == bool(gt_queries[0])
+        assert_same(full, pos)
+        assert all(g is not None for g in pos[1].values())
 
 
 def test_cap_is_applied_identically_on_both_paths() -> None:
