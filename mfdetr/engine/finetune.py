@@ -52,7 +52,8 @@ class FineTuned(nn.Module):
     """MaskNet plus the (partly) unfrozen detector it reads; see the module doc.
 
     Args:
-        masknet: the mask network.
+        masknet: the mask network, or the :class:`~mfdetr.masknet.positives.PositivesOnly` training module
+            around it (then the loop passes the targets and MaskNet runs on the positives only).
         detector: the detector (a ``FrozenDetr``); the parameters ``mode`` selects get gradients.
         mode: ``transformer`` or ``all``.
         detector_lr_mult: the detector group's ``lr_scale``.
