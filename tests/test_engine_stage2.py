@@ -249,11 +249,19 @@ def test_positive_cap_in_cached_training(data: dict[str, Path], tmp_path: Path) 
         boxes = g["boxes"][i]
         boxes[1:] = boxes[0]
         g["boxes"][i] = boxes
-    runs = {}
+    runs, src = {}, CacheSources(cache=cache, coco=data["coco"])
     for cap in (0, 1):
-        cfg = build_run_config({**tiny_cfg(iterations=3), "assign": {"max_positives_per_image": cap}})
-        train_from_cache(cfg, CacheSources(cache=cache, coco=data["coco"]), tmp_path / f"cap{cap}")
+        cfg = build_run_config({**tiny_cfg(iterations=4, checkpoint_every=2, keep_checkpoints=True),
+                                "assign": {"max_positives_per_image": cap}})
+        train_from_cache(cfg, src, tmp_path / f"cap{cap}")
         runs[cap] = [r for r in read_jsonl(tmp_path / f"cap{cap}" / "metrics.jsonl") if r["kind"] == "train"]
+    # the sampled positives are a function of (seed, step, image): a resumed run trains on the same ones
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(tmp_path / "cap1" / "ckpt_0000002.pt", cut / "ckpt.pt")
+    train_from_cache(cfg, src, cut, resume=True)
+    resumed = [r for r in read_jsonl(cut / "metrics.jsonl") if r["kind"] == "train"]
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in runs[1][2:]]
     assert max(r["pos_per_image"] for r in runs[0]) > 1  # uncapped: several positives per image
     for r, r0 in zip(runs[1], runs[0], strict=True):  # same images per step (same seed)
         assert r["pos_per_image"] <= 1 and r["num_pos"] <= min(2, r0["num_pos"])
