@@ -197,14 +197,15 @@ class MaskNet(nn.Module):
             out = MaskNetOutput(mask_logits=ml, iou_pred=None, roi=False, **common)
             return out if select is None else out.select(*select)
 
-        if select is None or self.queries_interact:
+        full = select is None or self.queries_interact
+        if full:
             bi = torch.arange(bsz, device=dev).repeat_interleave(k)
             qi = torch.arange(k, device=dev).repeat(bsz)
         else:
+            assert select is not None
             bi, qi = select
             if bi.numel() == 0:  # one query keeps every parameter in the graph; its rows are dropped below
                 bi = qi = torch.zeros(1, dtype=torch.long, device=dev)
-        full = select is None or self.queries_interact
         q_in = queries if full else queries[bi, qi][None]  # O2O attends within each image's K queries
         ml, iou = self._box_branch(f, q_in, boxes[bi, qi], bi, input_hw, c1_hw)
         if full:
