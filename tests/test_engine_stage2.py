@@ -233,5 +233,36 @@ def test_online_training_equals_cached_training(data: dict[str, Path], tmp_path:
     assert len(a) == len(b) == 4 and sum(r["loss"] > 0 for r in a) >= 3
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5) and rb["num_pos"] == ra["num_pos"]
+        assert rb["pos_per_image"] == ra["pos_per_image"] == ra["num_pos"] / 2  # the positive rate is logged
     rj = json.loads((tmp_path / "online" / "run.json").read_text())
     assert rj["online"]["detector"] == fd.NAME
+
+
+def test_positive_cap_in_cached_training(data: dict[str, Path], tmp_path: Path) -> None:
+    """``assign.max_positives_per_image`` caps what the training loop trains on (positives per image)."""
+    import zarr
+
+    cache = tmp_path / "dups"
+    shutil.copytree(data["train"], cache)
+    g = zarr.open_group(str(cache), mode="r+")
+    for i in range(g["boxes"].shape[0]):  # every query repeats the oracle box: all K are positives
+        boxes = g["boxes"][i]
+        boxes[1:] = boxes[0]
+        g["boxes"][i] = boxes
+    runs, src = {}, CacheSources(cache=cache, coco=data["coco"])
+    for cap in (0, 1):
+        cfg = build_run_config({**tiny_cfg(iterations=4, checkpoint_every=2, keep_checkpoints=True),
+                                "assign": {"max_positives_per_image": cap}})
+        train_from_cache(cfg, src, tmp_path / f"cap{cap}")
+        runs[cap] = [r for r in read_jsonl(tmp_path / f"cap{cap}" / "metrics.jsonl") if r["kind"] == "train"]
+    # the sampled positives are a function of (seed, step, image): a resumed run trains on the same ones
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(tmp_path / "cap1" / "ckpt_0000002.pt", cut / "ckpt.pt")
+    train_from_cache(cfg, src, cut, resume=True)
+    resumed = [r for r in read_jsonl(cut / "metrics.jsonl") if r["kind"] == "train"]
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in runs[1][2:]]
+    assert max(r["pos_per_image"] for r in runs[0]) > 1  # uncapped: several positives per image
+    for r, r0 in zip(runs[1], runs[0], strict=True):  # same images per step (same seed)
+        assert r["pos_per_image"] <= 1 and r["num_pos"] <= min(2, r0["num_pos"])
+        assert (r["num_pos"] > 0) == (r0["num_pos"] > 0)

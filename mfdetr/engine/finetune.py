@@ -52,7 +52,8 @@ class FineTuned(nn.Module):
     """MaskNet plus the (partly) unfrozen detector it reads; see the module doc.
 
     Args:
-        masknet: the mask network.
+        masknet: the mask network, or the :class:`~mfdetr.masknet.positives.PositivesOnly` training module
+            around it (then the loop passes the targets and MaskNet runs on the positives only).
         detector: the detector (a ``FrozenDetr``); the parameters ``mode`` selects get gradients.
         mode: ``transformer`` or ``all``.
         detector_lr_mult: the detector group's ``lr_scale``.
@@ -80,12 +81,19 @@ class FineTuned(nn.Module):
     #: ``(outputs, detector_outputs)`` back
     runs_detector = True
 
-    def forward(self, images: Any) -> tuple[Any, Any]:
-        """Detector (with gradients) then MaskNet: ``(masknet_outputs, detector_outputs)``."""
+    @property
+    def takes_targets(self) -> bool:
+        """Whether the training loop passes ``(images, targets, step=...)``: when ``masknet`` assigns the
+        targets itself (:class:`~mfdetr.masknet.positives.PositivesOnly`)."""
+        return bool(getattr(self.masknet, "takes_targets", False))
+
+    def forward(self, images: Any, targets: Any = None, *, step: int = 0) -> tuple[Any, Any]:
+        """Detector (with gradients) then MaskNet (on the positives of ``targets`` when ``masknet`` assigns
+        them): ``(masknet_outputs, detector_outputs)``."""
         if self.step is None:
             raise RuntimeError("FineTuned.step (the online DetectorStep) is not set")
         det = self.step.run(images, images.images.device)
-        out = self.masknet(det)
+        out = self.masknet(det) if targets is None else self.masknet(det, targets, step=step)
         # what MaskNet passes through from the detector (boxes, scores, logits) and the detector outputs
         # the criterion reads are not differentiated by the losses: detached, they do not make DDP
         # (find_unused_parameters) expect gradients for the heads that produced them

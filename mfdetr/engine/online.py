@@ -190,7 +190,7 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.engine.distributed import init_distributed
     from mfdetr.engine.finetune import FineTuned
-    from mfdetr.engine.stage2 import build_parts, evaluate_and_record, resolve_masknet_config
+    from mfdetr.engine.stage2 import build_parts, evaluate_and_record, resolve_masknet_config, training_model
     from mfdetr.engine.trainer import train
 
     oc = cfg.online
@@ -207,10 +207,10 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
         dataset = _Subset(dataset, min(cfg.data.max_images, len(dataset)))
     manifest = detector_manifest(preset, topk)
     parts = build_parts(cfg, manifest)
-    model: torch.nn.Module = parts.model
+    model: torch.nn.Module = training_model(parts)  # MaskNet on the positives only
     finetune = oc.finetune != "none"
     if finetune:
-        model = FineTuned(parts.model, det_model, mode=oc.finetune, detector_lr_mult=oc.detector_lr_mult)
+        model = FineTuned(model, det_model, mode=oc.finetune, detector_lr_mult=oc.detector_lr_mult)
     step = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=finetune)
     if isinstance(model, FineTuned):
         model.step = step
@@ -221,8 +221,8 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
                             max_images=cfg.data.max_images)
 
         def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
-            r = evaluate_and_record(m.masknet if isinstance(m, FineTuned) else m, val, manifest=manifest, cfg=cfg,
-                                    out=Path(out), step=at, device=val.device)
+            r = evaluate_and_record(parts.model, val, manifest=manifest, cfg=cfg, out=Path(out), step=at,
+                                    device=val.device)
             return {**r["segm"], **{f"box_{k}": v for k, v in r["bbox"].items()}}
 
     return train(cfg=cfg, model=model, criterion=parts.criterion, train_set=dataset, run_dir=out,

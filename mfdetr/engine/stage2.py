@@ -71,8 +71,18 @@ def build_parts(cfg: RunConfig, manifest: Mapping[str, Any]) -> Stage2Parts:
     if mcfg.num_queries > int(manifest["topk"]):
         raise MfdetrError(f"masknet.num_queries={mcfg.num_queries} but the cache keeps only "
                           f"{manifest['topk']} queries per image")
-    crit = MaskCriterion(loss_cfg=loss_cfg, assign_cfg=assign_cfg, class_to_category=manifest["category_map"])
+    crit = MaskCriterion(loss_cfg=loss_cfg, assign_cfg=assign_cfg, class_to_category=manifest["category_map"],
+                         seed=cfg.train.seed)
     return Stage2Parts(masknet_cfg=mcfg, loss_cfg=loss_cfg, assign_cfg=assign_cfg, model=model, criterion=crit)
+
+
+def training_model(parts: Stage2Parts) -> nn.Module:
+    """The module the training loop drives: target assignment, then MaskNet on the positives only
+    (:class:`~mfdetr.masknet.positives.PositivesOnly`; same losses and gradients as all K queries,
+    checkpoints hold the plain MaskNet state)."""
+    from mfdetr.masknet.positives import PositivesOnly
+
+    return PositivesOnly(parts.model, parts.criterion)
 
 
 def complexity(model: nn.Module, manifest: Mapping[str, Any]) -> dict[str, float]:
@@ -226,7 +236,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
     record = {"train_cache": str(src.cache), "val_cache": str(src.val_cache) if src.val_cache else None,
               "detector": detector_identity(store.manifest), "complexity": cx,
               "train_images_missing": train_set.num_pending + train_set.num_skipped}
-    res = train(cfg=cfg, model=parts.model, criterion=parts.criterion, train_set=train_set, run_dir=out,
+    res = train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set, run_dir=out,
                 resume=resume, masknet_config=_plain(parts.masknet_cfg), manifest_sha256=manifest_sha256(store.manifest),
                 evaluate_fn=evaluate_fn if val_set is not None else None, record=record)
     if metrics:
@@ -311,7 +321,8 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
         cx = complexity(parts.model, store.manifest)
         trainable = any(p.requires_grad for p in parts.model.parameters())
         if spec.sweep.train and trainable:
-            train(cfg=cfg, model=parts.model, criterion=parts.criterion, train_set=train_set, run_dir=vdir / "run",
+            train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set,
+                  run_dir=vdir / "run",
                   resume=(vdir / "run" / "ckpt.pt").exists(), masknet_config=_plain(parts.masknet_cfg),
                   manifest_sha256=manifest_sha256(store.manifest), record={"variant": v.name, "complexity": cx})
         dev = resolve_device(cfg.train.device)

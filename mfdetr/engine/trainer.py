@@ -112,7 +112,9 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
 
     Args:
         cfg: the run config (``cfg.train`` drives the loop; the whole config is recorded).
-        model: the trainable network, already built (seed with :func:`seed_everything` first).
+        model: the trainable network, already built (seed with :func:`seed_everything` first); called as
+            ``model(det)``, or ``model(det, targets, step=step)`` when it has ``takes_targets = True``
+            (it assigns the targets itself, e.g. :class:`~mfdetr.masknet.positives.PositivesOnly`).
         criterion: ``(outputs, det, targets) -> losses``; must contain ``total`` or ``loss``.
         train_set: map-style dataset; ``len`` = number of training images.
         run_dir: the run folder (created).
@@ -244,6 +246,8 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         barrier(ctx)
 
     runs_detector = bool(getattr(_unwrap(model), "runs_detector", False))
+    # a model that assigns targets itself (MaskNet on the positives only) gets them, and the step, in forward
+    takes_targets = bool(getattr(_unwrap(model), "takes_targets", False))
     progress = None
     if ctx.is_main and tc.progress:
         from tqdm import tqdm
@@ -267,11 +271,12 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
             cur_lr = sched.apply(optimizer, step)
             batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
             det, targets = batch
+            fwd_args, fwd_kw = ((targets,), {"step": step}) if takes_targets else ((), {})
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 if runs_detector:  # fine-tuning: the model runs the detector on the images itself
-                    outputs, det = net(det)
+                    outputs, det = net(det, *fwd_args, **fwd_kw)
                 else:
-                    outputs = net(det)
+                    outputs = net(det, *fwd_args, **fwd_kw)
                 losses = criterion(outputs, det, targets)
             loss = _loss_total(losses)
             if not torch.isfinite(loss):
@@ -300,8 +305,9 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
                 if logger is not None:
                     logger.log("train", step, {**means, "lr": cur_lr, "img_s": img_s}, epoch=epoch)
                 if progress is not None:
+                    pos = {"pos_img": f"{means['pos_per_image']:.1f}"} if "pos_per_image" in means else {}
                     progress.set_postfix(loss=f"{means.get('loss', math.nan):.4f}", img_s=f"{img_s:.1f}",
-                                         lr=f"{cur_lr:.2e}")
+                                         lr=f"{cur_lr:.2e}", **pos)
                 window, t_window, n_window = {}, time.perf_counter(), 0
             if progress is not None:
                 progress.update(1)

@@ -7,6 +7,7 @@ Never imports :mod:`mfdetr.detectors` (DESIGN.md: the mask network only ever see
 - complexity: :func:`describe` / :func:`params_by_component` / :func:`flops_by_component` for a
   :class:`FeatureSpec` (``mfdetr describe``);
 - training and output: :class:`MaskCriterion` (+ :class:`AssignConfig`, :class:`LossConfig`),
+  :class:`PositivesOnly` (assignment first, then MaskNet on the positives only),
   :func:`paste_masks`, :func:`masks_to_coco_results`, :func:`encode_rle`.
 """
 
@@ -24,11 +25,12 @@ from mfdetr.masknet.config import (
 )
 from mfdetr.masknet.criterion import AssignConfig, LossConfig, MaskCriterion
 from mfdetr.masknet.model import MaskNet, MaskNetOutput, build_masknet
+from mfdetr.masknet.positives import PositivesOnly
 from mfdetr.masknet.postprocess import ScoreMode, encode_rle, masks_to_coco_results, paste_masks
 
 __all__ = [
     "AssignConfig", "BoxEncoderConfig", "FeatureSpec", "ImageEncoderConfig", "LossConfig", "MaskCriterion",
     "MaskHeadConfig", "MaskNet", "MaskNetConfig", "MaskNetOutput", "MaskScoringConfig", "NeckConfig",
-    "QueryEncoderConfig", "ScoreMode", "baseline_config", "build_masknet", "describe", "encode_rle",
+    "PositivesOnly", "QueryEncoderConfig", "ScoreMode", "baseline_config", "build_masknet", "describe", "encode_rle",
     "flops_by_component", "load_masknet_config", "masks_to_coco_results", "params_by_component", "paste_masks",
 ]

@@ -62,26 +62,32 @@ class BoxEncoder(nn.Module):
             return f
         return self.mapper(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def forward(self, f: Tensor, boxes: Tensor, input_hw: Tensor, valid_hw: Tensor) -> Tensor:
+    def forward(self, f: Tensor, boxes: Tensor, input_hw: Tensor, valid_hw: Tensor,
+                batch_idx: Tensor | None = None) -> Tensor:
         """R_i for every box.
 
         Args:
             f: F [B, d, H1, W1] on the stride-4 grid, zero outside ``valid_hw`` [B, 2].
-            boxes: [B, K, 4] normalised cxcywh of the unpadded input image ``input_hw`` [B, 2].
+            boxes: [B, K, 4] normalised cxcywh of the unpadded input image ``input_hw`` [B, 2]; or, with
+                ``batch_idx`` [N] (the image of each box), [N, 4].
 
         Returns:
-            [B·K, S·S, D] tokens R_i (row-major S×S grid over each box).
+            [B·K (or N), S·S, D] tokens R_i (row-major S×S grid over each box).
         """
         f = masked_fill_outside(self.map_channels(f), valid_hw)  # the mapper's bias must not leak into padding
-        return self.encode(self.roi_align(f, boxes, input_hw))
+        return self.encode(self.roi_align(f, boxes, input_hw, batch_idx))
 
-    def roi_align(self, f: Tensor, boxes: Tensor, input_hw: Tensor) -> Tensor:
-        """RoIAlign (aligned, stride 4) of F for every box: [B, K, 4] normalised cxcywh → [B·K, D, S, S]."""
-        bsz, k = boxes.shape[:2]
-        scale = input_hw.to(boxes.device).flip(-1).repeat(1, 2).to(boxes.dtype)[:, None]  # (w, h, w, h)
+    def roi_align(self, f: Tensor, boxes: Tensor, input_hw: Tensor, batch_idx: Tensor | None = None) -> Tensor:
+        """RoIAlign (aligned, stride 4) of F for every box: [B, K, 4] (or [N, 4] of images ``batch_idx``)
+        normalised cxcywh → [B·K (or N), D, S, S]."""
+        if batch_idx is None:
+            bsz, k = boxes.shape[:2]
+            batch_idx = torch.arange(bsz, device=boxes.device).repeat_interleave(k)
+            boxes = boxes.reshape(-1, 4)
+        batch_idx = batch_idx.to(boxes.device)
+        scale = input_hw.to(boxes.device)[batch_idx].flip(-1).repeat(1, 2).to(boxes.dtype)  # (w, h, w, h)
         xyxy = box_cxcywh_to_xyxy(boxes) * scale  # input pixels
-        idx = torch.arange(bsz, device=boxes.device, dtype=boxes.dtype).repeat_interleave(k)[:, None]
-        rois = torch.cat((idx, xyxy.reshape(-1, 4)), 1)
+        rois = torch.cat((batch_idx.to(boxes.dtype)[:, None], xyxy), 1)
         # a zero border: the canvas edge reads like padding, so RoIs at the image border do not depend
         # on whether the canvas carries padding there (RoIAlign clamps at the canvas edge)
         f = F.pad(f, (0, 1, 0, 1))

@@ -17,7 +17,7 @@
   predicted box, which the box cannot cover), so the predicted IoU estimates the IoU with the real
   instance — the quantity COCO evaluation scores. Weight 1 (Mask Scoring R-CNN's ``MASKIOU_LOSS_WEIGHT``).
 
-Everything is computed in float32 (AMP-safe) and is finite with zero positives.
+Everything is computed in float32 (AMP-safe; float64 inputs stay float64) and is finite with zero positives.
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ class LossConfig:
         return self.num_points if self.num_points is not None else max(1, grid_hw[0] * grid_hw[1] // 4)
 
 
+def _float(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 when it already is (half precision never reaches a loss)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def point_sample(inp: Tensor, coords: Tensor) -> Tensor:
     """Bilinear values of ``inp`` [P, C, H, W] at ``coords`` [P, N, 2] (x, y in [0, 1]) → [P, C, N].
 
@@ -81,7 +86,7 @@ def point_sample(inp: Tensor, coords: Tensor) -> Tensor:
     zero padding (PointRend's default) would pull both logits and targets towards 0 there, teaching a
     box-filling object that its box edges are half background and making those points look uncertain.
     """
-    out = F.grid_sample(inp, (2.0 * coords - 1.0)[:, :, None, :], mode="bilinear", padding_mode="border",
+    out = F.grid_sample(inp, (2.0 * coords.to(inp.dtype) - 1.0)[:, :, None, :], mode="bilinear", padding_mode="border",
                         align_corners=False)
     return out[..., 0]
 
@@ -109,7 +114,7 @@ def sample_points(logits: Tensor, num_points: int, oversample_ratio: float, impo
     if n_unc > 0:
         n_cand = max(int(oversample_ratio * num_points), n_unc)
         cand = torch.rand(p, n_cand, 2, device=dev, generator=generator)
-        unc = -point_sample(logits.float(), cand)[:, 0].abs()
+        unc = -point_sample(_float(logits), cand)[:, 0].abs()
         idx = unc.topk(n_unc, dim=1).indices
         parts.append(torch.gather(cand, 1, idx[..., None].expand(-1, -1, 2)))
     if n_rand > 0:
@@ -174,10 +179,10 @@ def mask_losses(logits: Tensor, targets: Tensor, cfg: LossConfig, *, iou_pred: T
     p = int(logits.shape[0])
     norm = float(num_masks) if num_masks is not None else float(max(p, 1))
     norm = max(norm, 1.0)
-    x = logits.float()
+    x = _float(logits)
     zero = x.sum() * 0.0
     if p == 0:
-        z_iou = zero + (iou_pred.float().sum() * 0.0 if iou_pred is not None else 0.0)
+        z_iou = zero + (_float(iou_pred).sum() * 0.0 if iou_pred is not None else 0.0)
         return {"loss_mask_bce": zero, "loss_mask_dice": zero, "loss_mask_iou": z_iou, "loss": zero + z_iou}
     t = targets.to(x.dtype)
     if cfg.point_sampling:
@@ -191,7 +196,7 @@ def mask_losses(logits: Tensor, targets: Tensor, cfg: LossConfig, *, iou_pred: T
     dice = dice_loss(px, pt).sum() / norm * cfg.dice_weight
     if iou_pred is not None:
         tgt_iou = mask_iou(x, t, gt_area if cfg.iou_target_full_gt else None)
-        l_iou = (iou_pred.float() - tgt_iou).pow(2).sum() / norm * cfg.iou_weight
+        l_iou = (_float(iou_pred) - tgt_iou.to(x.dtype)).pow(2).sum() / norm * cfg.iou_weight
     else:
         l_iou = zero
     return {"loss_mask_bce": bce, "loss_mask_dice": dice, "loss_mask_iou": l_iou, "loss": bce + dice + l_iou}

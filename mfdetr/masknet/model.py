@@ -18,8 +18,10 @@ given to :func:`build_masknet` by the caller (the cache manifest or the detector
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,12 @@ class MaskNetOutput:
     - ``input_hw``, ``orig_hw``: [B, 2] int64, as in :class:`DetectorOutput`.
     - ``mask_valid_hw``: [B, 2] int64 valid size of the stride-4 grid, ``ceil(input_hw / 4)``.
     - ``roi``: which of the two layouts ``mask_logits`` has; ``mask_stride``: 4 (non-RoI grid stride).
+    - ``selected``: ``None`` when ``mask_logits`` / ``iou_pred`` hold all K queries of every image (the
+      layouts above); else ``(batch_idx, query_idx)`` [P] int64: they hold only those P queries, row
+      ``p`` being query ``query_idx[p]`` of image ``batch_idx[p]`` (``mask_logits`` [P, S, S] or
+      [P, H1, W1], ``iou_pred`` [P]). ``boxes``, ``scores``, ``logits`` stay [B, K, ...].
+    - ``assignment``: the training targets' :class:`~mfdetr.masknet.targets.Assignment` the selection
+      was made for (set by :class:`~mfdetr.masknet.positives.PositivesOnly`), else ``None``.
     """
 
     mask_logits: Tensor
@@ -66,6 +74,17 @@ class MaskNetOutput:
     mask_valid_hw: Tensor
     roi: bool = True
     mask_stride: int = C1_STRIDE
+    selected: tuple[Tensor, Tensor] | None = None
+    assignment: Any = None
+
+    def select(self, batch_idx: Tensor, query_idx: Tensor) -> MaskNetOutput:
+        """The rows of queries ``(batch_idx, query_idx)`` of an all-K output (see ``selected``)."""
+        if self.selected is not None:
+            raise ValueError("this output already holds a selection of queries")
+        dev = self.mask_logits.device
+        bi, qi = batch_idx.to(dev), query_idx.to(dev)
+        iou = None if self.iou_pred is None else self.iou_pred[bi, qi]
+        return dataclasses.replace(self, mask_logits=self.mask_logits[bi, qi], iou_pred=iou, selected=(bi, qi))
 
 
 class MaskNet(nn.Module):
@@ -122,8 +141,28 @@ class MaskNet(nn.Module):
         return torch.float32 if p is None else p.dtype
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, det: DetectorOutput) -> MaskNetOutput:
-        """Mask logits (and predicted IoU) for the top-K queries of every image in ``det``."""
+    @property
+    def queries_interact(self) -> bool:
+        """Whether one query's outputs depend on the other queries (object-to-object attention)."""
+        return self.query_encoder is not None and self.query_encoder.o2o is not None
+
+    def forward(self, det: DetectorOutput, select: tuple[Tensor, Tensor] | None = None) -> MaskNetOutput:
+        """Mask logits (and predicted IoU) for the top-K queries of every image in ``det``.
+
+        Args:
+            det: the detector outputs of B images.
+            select: ``(batch_idx, query_idx)`` [P] int64 (query indices < K): compute only these
+                queries (training: the ones that get a loss). The image encoder, neck and F run once
+                per image as always; the box feature encoder, query encoder, mask head and mask
+                scoring run on the P selected queries only. Every selected query's outputs equal the
+                all-K computation's, except where queries interact or share one map: with
+                object-to-object attention, and in the non-RoI baseline (``roi=false``), all K are
+                computed and the selected rows taken. An empty selection still runs the box branch on
+                one query (its rows are dropped), so every parameter stays in the autograd graph.
+
+        Returns:
+            :class:`MaskNetOutput`, all K queries per image, or the P selected ones (``selected``).
+        """
         maps = self._check(det)
         dtype = self._dtype()
         k = min(self.num_queries, det.num_queries)
@@ -135,6 +174,8 @@ class MaskNet(nn.Module):
         level_hw = det.level_valid_hw.to(dev)
         input_hw = det.input_hw.to(dev)
         c1_hw = (input_hw + C1_STRIDE - 1) // C1_STRIDE
+        if select is not None:
+            select = self._check_select(select, bsz, k, dev)
 
         # 1. zero everything outside the valid regions (padding-invariance)
         maps = [masked_fill_outside(m.to(dtype), level_hw[:, lvl]) for lvl, m in enumerate(maps)]
@@ -148,25 +189,58 @@ class MaskNet(nn.Module):
         if self.fuse_c1:
             f = f + (self.neck(c1, c1_hw) if self.neck is not None else c1)
         f = masked_fill_outside(f, c1_hw)
+        common = {"boxes": boxes, "scores": det.scores[:, :k], "logits": logits, "input_hw": det.input_hw,
+                  "orig_hw": det.orig_hw, "mask_valid_hw": c1_hw.to(det.input_hw.device)}
 
         if not self.roi:  # eq. 1: dot product on the whole stride-4 grid
             ml = torch.einsum("bkc,bchw->bkhw", self.mask_head_project(queries), f)
-            return MaskNetOutput(mask_logits=ml, iou_pred=None, boxes=boxes, scores=det.scores[:, :k],
-                                 logits=logits, input_hw=det.input_hw, orig_hw=det.orig_hw,
-                                 mask_valid_hw=c1_hw.to(det.input_hw.device), roi=False)
+            out = MaskNetOutput(mask_logits=ml, iou_pred=None, roi=False, **common)
+            return out if select is None else out.select(*select)
 
-        # 4. channel mapper, RoIAlign (eq. 3), box feature encoder (eq. 9)
+        full = select is None or self.queries_interact
+        if full:
+            bi = torch.arange(bsz, device=dev).repeat_interleave(k)
+            qi = torch.arange(k, device=dev).repeat(bsz)
+        else:
+            assert select is not None
+            bi, qi = select
+            if bi.numel() == 0:  # one query keeps every parameter in the graph; its rows are dropped below
+                bi = qi = torch.zeros(1, dtype=torch.long, device=dev)
+        q_in = queries if full else queries[bi, qi][None]  # O2O attends within each image's K queries
+        ml, iou = self._box_branch(f, q_in, boxes[bi, qi], bi, input_hw, c1_hw)
+        if full:
+            s = self.roi_size
+            out = MaskNetOutput(mask_logits=ml.view(bsz, k, s, s), iou_pred=None if iou is None else iou.view(bsz, k),
+                                roi=True, **common)
+            return out if select is None else out.select(*select)
+        n = int(select[0].numel())
+        return MaskNetOutput(mask_logits=ml[:n], iou_pred=None if iou is None else iou[:n], roi=True,
+                             selected=select, **common)
+
+    def _box_branch(self, f: Tensor, queries: Tensor, boxes: Tensor, batch_idx: Tensor, input_hw: Tensor,
+                    c1_hw: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Steps 4-5 for N = G·M queries (``queries`` [G, M, d]: groups of M queries that attend to each
+        other with O2O; ``boxes`` [N, 4] of images ``batch_idx`` [N], in the queries' row-major order):
+        mask logits [N, S, S] and predicted IoU [N] (or ``None``)."""
         assert self.box_encoder is not None
-        tokens = self.box_encoder(f, boxes, input_hw, c1_hw)  # [B·K, S·S, D]
-
+        # 4. channel mapper, RoIAlign (eq. 3), box feature encoder (eq. 9)
+        tokens = self.box_encoder(f, boxes, input_hw, c1_hw, batch_idx=batch_idx)  # [N, S·S, D]
         # 5. query encoder (eq. 10-11), mask head (eq. 4), mask scoring (eq. 12)
+        n, s = int(boxes.shape[0]), self.roi_size
         q = queries if self.query_encoder is None else self.query_encoder(queries, tokens)
-        s = self.roi_size
-        ml = self.mask_head(q.reshape(bsz * k, -1), tokens).view(bsz * k, s, s)
-        iou = None if self.mask_scoring is None else self.mask_scoring(ml, tokens).view(bsz, k)
-        return MaskNetOutput(mask_logits=ml.view(bsz, k, s, s), iou_pred=iou, boxes=boxes,
-                             scores=det.scores[:, :k], logits=logits, input_hw=det.input_hw,
-                             orig_hw=det.orig_hw, mask_valid_hw=c1_hw.to(det.input_hw.device), roi=True)
+        ml = self.mask_head(q.reshape(n, -1), tokens).view(n, s, s)
+        iou = None if self.mask_scoring is None else self.mask_scoring(ml, tokens).view(n)
+        return ml, iou
+
+    @staticmethod
+    def _check_select(select: tuple[Tensor, Tensor], bsz: int, k: int, dev: torch.device) -> tuple[Tensor, Tensor]:
+        bi, qi = (torch.as_tensor(t, device=dev).long() for t in select)
+        if bi.dim() != 1 or bi.shape != qi.shape:
+            raise ValueError(f"select must be two [P] index tensors, got {tuple(bi.shape)} and {tuple(qi.shape)}")
+        if bi.numel() and not (0 <= int(bi.min()) and int(bi.max()) < bsz and 0 <= int(qi.min())
+                               and int(qi.max()) < k):
+            raise ValueError(f"select holds an index outside the batch ({bsz} images) or the top-{k} queries")
+        return bi, qi
 
     def mask_head_project(self, queries: Tensor) -> Tensor:
         """Queries as the dot-product head sees them (identity at D = d)."""

@@ -67,6 +67,9 @@ class AssignConfig:
         cost_class, cost_bbox, cost_giou: weights of the ``"detr"`` cost (DINO: 2, 5, 2).
         hungarian_min_iou: matched pairs with a lower box IoU are dropped (0 keeps all, as DETR).
         soft_targets: keep RoIAligned mask values in [0, 1] instead of thresholding at 0.5.
+        max_positives_per_image: keep at most this many positives per image, sampled uniformly
+            among the assigned ones (Mask R-CNN's mask-branch sampling), seeded per (run seed, step,
+            image id) by :func:`~mfdetr.masknet.positives.cap_positives`; 0 or ``None`` = no cap.
     """
 
     method: Literal["box_iou", "hungarian"] = "box_iou"
@@ -78,8 +81,12 @@ class AssignConfig:
     cost_giou: float = 2.0
     hungarian_min_iou: float = 0.0
     soft_targets: bool = False
+    max_positives_per_image: int | None = 0
 
     def __post_init__(self) -> None:
+        cap = self.max_positives_per_image
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise ValueError(f"max_positives_per_image must be an integer ≥ 0 (0 = no cap), got {cap!r}")
         if not 0.0 <= self.iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold must be in [0, 1], got {self.iou_threshold}")
         if not 0.0 < self.crowd_threshold <= 1.0:
