@@ -55,6 +55,7 @@ class CacheJob:
     writer_threads: int = 4
     retry_skipped: bool = False
     annotation_file: Path | None = None
+    repair: bool = False
 
 
 @dataclass
@@ -156,10 +157,32 @@ def estimate_bytes(plan: _Plan, indices: list[int]) -> dict[str, Any]:
 def _todo(plan: _Plan, commit: np.ndarray, retry_skipped: bool) -> list[int]:
     i, n = plan.shard
     mine = np.arange(i, len(plan.image_ids), n)
-    pending = commit[mine] == COMMIT_PENDING
+    pending = ~np.isin(commit[mine], (COMMIT_DONE, COMMIT_SKIPPED))  # pending, or a damaged commit flag
     if retry_skipped:
         pending |= commit[mine] == COMMIT_SKIPPED
     return mine[pending].tolist()
+
+
+def reset_damaged(out_path: Path, root: Any, plan: _Plan, *, full: bool, echo: Callable[[str], None]) -> int:
+    """Find this shard's damaged images and reset their commit flags to pending (so they are recomputed).
+
+    Always: commit flags outside 0/1/2 and committed images with a missing or empty chunk file (one
+    ``stat`` per array and image); with ``full`` (``--repair``) every committed image is also decoded
+    (checksums, finite values). Returns how many were reset.
+    """
+    from mfdetr.cache.reader import CacheStore
+    from mfdetr.cache.verify import find_damaged
+
+    store = CacheStore.open(out_path)
+    found = find_damaged(store, full=full, indices=range(plan.shard[0], len(plan.image_ids), plan.shard[1]))
+    commit = root["commit"]
+    for d in found:
+        echo(f"damaged {d.describe()}: recomputing it")
+        commit[d.index] = COMMIT_PENDING
+    if full or found:
+        echo(f"{'repair (every committed image decoded)' if full else 'check of commit flags and chunk files'}: "
+             f"{len(found)} damaged image(s) to recompute")
+    return len(found)
 
 
 def _check_output(out: DetectorOutput, m: dict[str, Any], ids: list[int]) -> None:
@@ -217,6 +240,7 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
 
     root = open_for_writing(out_path, m, plan.image_ids)
     write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
+    reset_damaged(out_path, root, plan, full=job.repair, echo=echo)  # their flags become pending
     commit = read_commit_flags(out_path, root["commit"])  # type: ignore[arg-type]
     todo = _todo(plan, commit, job.retry_skipped)
     summary.planned = len(todo)

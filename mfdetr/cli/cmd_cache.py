@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
         writer_threads: int = typer.Option(4, "--writer-threads", help="Background compression/writing threads "
                                                                        "(zstd releases the GIL)."),
         retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Recompute images recorded as skipped."),
+        repair: bool = typer.Option(False, "--repair", help="Decode and check every committed image first and "
+                                                            "recompute the damaged ones (a plain rerun recomputes only "
+                                                            "those with a damaged commit flag or a missing/empty file)."),
         annotation_file: Path = typer.Option(None, "--annotations", help="Override the instances JSON path."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes, compute nothing."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
@@ -49,5 +52,5 @@ def register(app: typer.Typer) -> None:
         job = CacheJob(detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=out, topk=topk,
                        enc_layers=_layers(enc_layers), batch_size=batch_size, shard=parse_shard(shard),
                        device=device, num_workers=workers, writer_threads=writer_threads,
-                       retry_skipped=retry_skipped, annotation_file=annotation_file)
+                       retry_skipped=retry_skipped, annotation_file=annotation_file, repair=repair)
         run_cache(job, dry_run=dry_run, progress=progress, echo=typer.echo)
