@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mfdetr.cache.manifest import build_manifest, sha256_file
 from mfdetr.cache.store import human_bytes as _human
 from mfdetr.devices import resolve_device
-from mfdetr.cache.store import open_for_writing, read_commit_flags, stored_bytes
+from mfdetr.cache.store import chunk_path, open_for_writing, read_commit_flags, stored_bytes
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
 from mfdetr.contracts import DetectorOutput, FrozenDetector
@@ -171,17 +171,22 @@ def reset_damaged(out_path: Path, root: Any, plan: _Plan, *, full: bool, echo: C
     (checksums, finite values). Returns how many were reset.
     """
     from mfdetr.cache.reader import CacheStore
-    from mfdetr.cache.verify import find_damaged
+    from mfdetr.cache.verify import find_damaged, image_arrays
 
     store = CacheStore.open(out_path)
-    found = find_damaged(store, full=full, indices=range(plan.shard[0], len(plan.image_ids), plan.shard[1]))
+    mine = range(plan.shard[0], len(plan.image_ids), plan.shard[1])
+    written = int((store.commit_flags()[mine] != COMMIT_PENDING).sum())
+    found = find_damaged(store, full=full, indices=mine)
     commit = root["commit"]
     for d in found:
         echo(f"damaged {d.describe()}: recomputing it")
         commit[d.index] = COMMIT_PENDING
-    if full or found:
-        echo(f"{'repair (every committed image decoded)' if full else 'check of commit flags and chunk files'}: "
-             f"{len(found)} damaged image(s) to recompute")
+        for name in image_arrays(store.manifest):  # a damaged shard cannot even be overwritten: zarr reads it
+            chunk_path(out_path, store._arrays[name], d.index).unlink(missing_ok=True)
+    if written:
+        echo(f"{'repair (every committed image decoded)' if full else 'check of commit flags and chunk files'} of "
+             f"{written} written image(s): {len(found)} damaged image(s) to recompute"
+             + ("" if full else " (--repair also decodes every image)"))
     return len(found)
 
 
