@@ -210,6 +210,8 @@ def test_store_without_checksums_still_reads_and_detects_loss(ref: dict[str, Pat
     assert p.returncode == 0 and "checksums none" in p.stdout, p.stderr
     iid = damage(store, "missing_chunk")
     assert_user_error(main_inproc("inspect", store), f"image id {iid}", "array 'boxes'", "missing")
+    p = main_inproc(*cache_args(ref["coco"], store, "--dry-run"))
+    assert p.returncode == 0 and f"{N - 1} already done; 1 to compute (1 of them damaged)" in p.stdout, p.stderr
     p = main_inproc(*cache_args(ref["coco"], store))
     assert p.returncode == 0, p.stderr
     assert "done: 1 images this run" in p.stdout

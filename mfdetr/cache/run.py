@@ -212,6 +212,37 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
     os.replace(tmp, store / SOURCE_HINT)
 
 
+def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[str], None]) -> CacheSummary:
+    """``--dry-run``: what a run would compute (pending images and those the run's damage check finds)."""
+    m, n, out_path = plan.manifest, len(plan.image_ids), Path(job.out)
+    commit = np.zeros(n, dtype=np.uint8)
+    damaged = 0
+    if out_path.exists():
+        from mfdetr.cache.manifest import check_expectations
+        from mfdetr.cache.reader import CacheStore
+        from mfdetr.cache.store import adopt_checksum_setting
+        from mfdetr.cache.verify import find_damaged
+
+        store = CacheStore.open(out_path)
+        want = adopt_checksum_setting(store.manifest, m)
+        check_expectations(store.manifest, {k: want[k] for k in want if k != "created_utc"}, where=str(out_path))
+        commit = store.commit_flags().copy()
+        found = find_damaged(store, full=job.repair, indices=range(plan.shard[0], n, plan.shard[1]))
+        commit[[d.index for d in found]] = COMMIT_PENDING
+        damaged = len(found)
+    todo = _todo(plan, commit, job.retry_skipped)
+    est = estimate_bytes(plan, todo)
+    summary.estimate, summary.planned = est, len(todo)
+    shard_txt = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
+    echo(f"images: {n} in {job.split}; {int((commit == COMMIT_DONE).sum())} already done; "
+         f"{len(todo)} to compute{shard_txt}" + (f" ({damaged} of them damaged)" if damaged else ""))
+    echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} (raw float16, valid region: "
+         f"{_human(est['raw_f16_valid_per_image'])}; raw canvas: {_human(est['raw_canvas_per_image'])}; "
+         f"assumed compression ratios {ASSUMED_RATIO}; the run's summary prints the measured ones)")
+    echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
+    return summary
+
+
 def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
               echo: Callable[[str], None] = print, detector: FrozenDetector | None = None) -> CacheSummary:
     """Run (or with ``dry_run`` only estimate) a cache job; see the module doc.
@@ -227,21 +258,7 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     n = len(plan.image_ids)
     shard_txt = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
     if dry_run:
-        commit = np.zeros(n, dtype=np.uint8)
-        if out_path.exists():
-            from mfdetr.cache.reader import CacheStore
-
-            commit = CacheStore.open(out_path, expect={k: m[k] for k in m if k != "created_utc"}).commit_flags()
-        todo = _todo(plan, commit, job.retry_skipped)
-        est = estimate_bytes(plan, todo)
-        summary.estimate, summary.planned = est, len(todo)
-        echo(f"images: {n} in {job.split}; {int((commit == COMMIT_DONE).sum())} already done; "
-             f"{len(todo)} to compute{shard_txt}")
-        echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} (raw float16, valid region: "
-             f"{_human(est['raw_f16_valid_per_image'])}; raw canvas: {_human(est['raw_canvas_per_image'])}; "
-             f"assumed compression ratios {ASSUMED_RATIO}; the run's summary prints the measured ones)")
-        echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
-        return summary
+        return _dry_run(job, plan, summary, echo)
 
     root = open_for_writing(out_path, m, plan.image_ids)
     write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)

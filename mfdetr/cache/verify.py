@@ -91,12 +91,19 @@ def decode_problem(err: BaseException) -> str:
     return f"cannot decode the chunk, truncated or altered ({type(err).__name__}: {msg})"
 
 
+_EXPONENT_BITS = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}
+
+
 def nonfinite_problem(x: np.ndarray) -> str | None:
     """Why a float array is not usable data: it holds NaN or Inf."""
     if x.dtype.kind != "f" or not x.size:
         return None
-    # float16: a float32 sum is non-finite iff some element is (no overflow below ~5e33 elements)
-    ok = bool(np.isfinite(x.sum(dtype=np.float32))) if x.dtype == np.float16 else bool(np.isfinite(x).all())
+    exp = _EXPONENT_BITS.get(x.dtype.itemsize)
+    if exp is not None and x.flags.c_contiguous:  # NaN/Inf iff all exponent bits are set: ~4x faster than isfinite
+        bits, mask = x.view(f"u{x.dtype.itemsize}"), np.array(exp, dtype=f"u{x.dtype.itemsize}")
+        ok = int(np.bitwise_and(bits, mask).max()) != exp
+    else:
+        ok = bool(np.isfinite(x).all())
     if ok:
         return None
     bad = int((~np.isfinite(x)).sum())
