@@ -217,3 +217,34 @@ def test_store_without_checksums_still_reads_and_detects_loss(ref: dict[str, Pat
     assert "done: 1 images this run" in p.stdout
     assert "checksum" not in zarr.open_group(str(store), mode="r").attrs["mfdetr_cache"]["codecs"]
     assert main_inproc("inspect", "--verify", "--no-progress", store).returncode == 0
+
+
+def test_damaged_validation_cache_is_skipped_and_recorded(ref: dict[str, Path], tmp_path: Path) -> None:
+    val = tmp_path / "val"
+    shutil.copytree(ref["store"], val)
+    iid = damage(val, "flipped")
+    run = tmp_path / "run"
+    train = ["train", "--cache", ref["store"], "--val-cache", val, "--coco", ref["coco"], "--config", ref["cfg"],
+             "--out", run]
+    assert_user_error(main_inproc(*train), str(val), f"image id {iid}", "array 'logits'", "checksum mismatch")
+    p = main_inproc(*train[:-1], tmp_path / "run2", "--skip-damaged")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "run2" / "val_metrics.json").read_text())["skipped_damaged_image_ids"] == [iid]
+    assert [d["image_id"] for d in json.loads((tmp_path / "run2" / "damaged_images.json").read_text())] == [iid]
+    iid = damage(val, "missing_chunk")  # a lost file of the validation cache stops the run before training
+    assert_user_error(main_inproc(*train[:-1], tmp_path / "run3"), f"image id {iid}", "array 'boxes'", "missing")
+    assert not (tmp_path / "run3" / "ckpt.pt").exists()
+
+
+def test_damaged_image_ids_chunk_is_one_line(ref: dict[str, Path], tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(ref["store"], store)
+    g = zarr.open_group(str(store), mode="r")
+    path = chunk_path(store, g["image_ids"], 0)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert_user_error(main_inproc("inspect", store), str(store), "array 'image_ids' cannot be decoded")
+    path.unlink()  # read as zeros by zarr: the ids no longer match the manifest's hash
+    assert_user_error(main_inproc("eval", "--cache", store, "--coco", ref["coco"], "--checkpoint", ref["ckpt"]),
+                      "image_ids do not match")

@@ -93,7 +93,10 @@ class CacheStore:
         """``(index, image_id, reason)`` of every skipped image."""
         out = []
         for i in np.flatnonzero(self.commit_flags() == COMMIT_SKIPPED).tolist():
-            raw = bytes(self._arrays["skip_reason"][i]).rstrip(b"\0")
+            try:
+                raw = bytes(self._arrays["skip_reason"][i]).rstrip(b"\0")
+            except Exception as e:  # noqa: BLE001 - a damaged reason is no reason to stop
+                raw = f"(reason unreadable: {type(e).__name__})".encode()
             out.append((i, int(self.image_ids[i]), raw.decode("utf-8", "replace")))
         return out
 

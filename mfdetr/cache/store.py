@@ -182,7 +182,11 @@ def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Pa
         raise MfdetrError(f"unexpected arrays {sorted(extra)} (not in the manifest)", path=path)
     if manifest["arrays"] != [s.name for s in resolve_array_table(manifest)]:
         raise MfdetrError("manifest.arrays does not match the schema's array table", path=path)
-    ids = root["image_ids"][:]
+    try:
+        ids = root["image_ids"][:]
+    except Exception as e:  # noqa: BLE001 - a checksum or decoder failure of the one image_ids chunk
+        raise MfdetrError(f"array 'image_ids' cannot be decoded, truncated or altered ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]})", path=path) from None
     if image_ids_sha256(ids.tolist()) != manifest["image_ids_sha256"]:
         raise MfdetrError("image_ids do not match manifest.image_ids_sha256", path=path)
 

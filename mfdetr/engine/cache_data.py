@@ -178,7 +178,8 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
                 if e.damage is None:
                     raise
                 damaged.append(e.damage)
-        raise DamagedImage(damaged[0])  # nothing intact to substitute
+        raise MfdetrError(f"no intact image left to train on (first damaged: {damaged[0].describe()})",
+                          path=self.store.path)
 
     def _item(self, i: int, damaged: list[Damage]) -> tuple[DetectorOutput, GTInstances]:
         det, image_id = self.store.read(int(self.indices[i]), enc_layers=[self.enc_layer])

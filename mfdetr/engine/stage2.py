@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mfdetr.cache.verify import find_damaged
 from mfdetr.config import from_dict
 from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_sha256, open_annotations,
                                       open_cache)
@@ -213,6 +214,8 @@ def _datasets(cfg: RunConfig, src: CacheSources, enc_layer: int, damage: DamageP
                                                                          annotations=src.val_annotations),
                                enc_layer=enc_layer, max_images=cfg.data.max_images, on_damaged="mark")
         damage.take(val_set.damaged_commits)
+        # lost or emptied chunk files of the validation cache: found now, not after the training
+        damage.take(find_damaged(vstore, full=False, indices=val_set.indices))
     return store, train_set, val_set
 
 
