@@ -248,3 +248,18 @@ def test_damaged_image_ids_chunk_is_one_line(ref: dict[str, Path], tmp_path: Pat
     path.unlink()  # read as zeros by zarr: the ids no longer match the manifest's hash
     assert_user_error(main_inproc("eval", "--cache", store, "--coco", ref["coco"], "--checkpoint", ref["ckpt"]),
                       "image_ids do not match")
+
+
+def test_rerun_of_a_finished_store_writes_nothing(ref: dict[str, Path], tmp_path: Path) -> None:
+    """A rerun with nothing to do (e.g. on a read-only copy) creates, changes and deletes no file."""
+    store = tmp_path / "store"
+    shutil.copytree(ref["store"], store)
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(store)): (p.stat().st_mtime_ns, p.stat().st_size)
+                for p in sorted(store.rglob("*")) if p.is_file()}
+
+    before = files()
+    p = main_inproc(*cache_args(ref["coco"], store))
+    assert p.returncode == 0 and "done: 0 images this run" in p.stdout, p.stderr
+    assert files() == before

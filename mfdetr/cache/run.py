@@ -207,8 +207,14 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
     from mfdetr.cache.manifest import SOURCE_HINT
 
     hint = {"coco_root": str(Path(coco).resolve()), "annotation_path": str(Path(annotation_file).resolve())}
+    text = json.dumps(hint, indent=2) + "\n"
+    try:
+        if (store / SOURCE_HINT).read_text() == text:
+            return  # nothing to write: a finished store may be read-only
+    except (OSError, UnicodeDecodeError):
+        pass
     tmp = store / f".{SOURCE_HINT}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(hint, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, store / SOURCE_HINT)
 
 
