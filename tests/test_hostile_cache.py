@@ -29,7 +29,8 @@ from tests.test_engine_stage2 import TINY
 N = 6
 #: damage kind → (store index, array); CHEAP ones are found from files and flags alone
 KINDS = {"missing_shard": (2, "c1"), "missing_chunk": (1, "boxes"), "emptied": (4, "queries"),
-         "truncated": (3, "c1"), "flipped": (4, "logits"), "nan": (5, "queries"), "commit": (0, "commit")}
+         "truncated": (3, "c1"), "flipped": (4, "logits"), "nan": (5, "queries"), "commit": (0, "commit"),
+         "bad_size": (1, "input_hw")}
 CHEAP = ("missing_shard", "missing_chunk", "emptied", "commit")
 
 
@@ -90,6 +91,8 @@ def damage(store: Path, kind: str) -> int:
         x = g[name][index]
         x[0, 0] = np.nan
         g[name][index] = x
+    elif kind == "bad_size":                             # through zarr: a valid chunk holding an impossible size
+        g[name][index] = np.array([0, 10**6], dtype=g[name].dtype)
     else:
         path.write_bytes(bytes([7]))                     # a commit byte that is not 0/1/2
     return int(g["image_ids"][index])

@@ -21,7 +21,7 @@ import zarr
 from mfdetr.cache.manifest import check_expectations
 from mfdetr.cache.schema import enc_array_name
 from mfdetr.cache.store import open_validated, read_commit_flags
-from mfdetr.cache.verify import checked_read
+from mfdetr.cache.verify import Damage, DamagedImage, checked_read, geometry_problem
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
@@ -150,6 +150,9 @@ class CacheStore:
             raise MfdetrError(f"cache holds encoder layers {self.enc_layers}, layers {missing} were asked for",
                               path=self.path)
         a = self.read_arrays(index, list(_SMALL))
+        geo = geometry_problem(a, self.manifest)
+        if geo:
+            raise DamagedImage(Damage(str(self.path), index, int(self.image_ids[index]), *geo))
         lvl_hw = a["level_valid_hw"].astype(np.int64)
         ih, iw = (int(v) for v in a["input_hw"])
         # maps: only the valid region is read when cropping, so only the tiles it overlaps are decoded

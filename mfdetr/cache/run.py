@@ -181,7 +181,7 @@ def reset_damaged(out_path: Path, root: Any, plan: _Plan, *, full: bool, echo: C
     for d in found:
         echo(f"damaged {d.describe()}: recomputing it")
         commit[d.index] = COMMIT_PENDING
-        for name in image_arrays(store.manifest):  # a damaged shard cannot even be overwritten: zarr reads it
+        for name in [*image_arrays(store.manifest), "skip_reason"]:  # zarr reads a shard it overwrites
             chunk_path(out_path, store._arrays[name], d.index).unlink(missing_ok=True)
     if written:
         echo(f"{'repair (every committed image decoded)' if full else 'check of commit flags and chunk files'} of "

@@ -110,6 +110,19 @@ def nonfinite_problem(x: np.ndarray) -> str | None:
     return f"{bad} non-finite value(s) (NaN/Inf) in the stored data"
 
 
+def geometry_problem(a: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(array, problem)`` if an image's stored sizes cannot be true (outside the store's canvas, or
+    below 1), else ``None``. ``a`` holds its ``input_hw``, ``orig_hw`` and ``level_valid_hw``."""
+    canvas = manifest["canvas"]
+    limits = {"input_hw": (np.asarray(canvas["input_hw"]), a["input_hw"]),
+              "level_valid_hw": (np.asarray(canvas["level_hw"]), a["level_valid_hw"]),
+              "orig_hw": (None, a["orig_hw"])}
+    for name, (hi, x) in limits.items():
+        if (x < 1).any() or (hi is not None and (x.shape != hi.shape or (x > hi).any())):
+            return name, f"stored size {x.tolist()} is impossible (canvas {None if hi is None else hi.tolist()})"
+    return None
+
+
 def checked_read(*, path: Path, arrays: Mapping[str, zarr.Array], image_id: int, index: int,
                  names: Iterable[str], submit: Callable[..., Any], key: Callable[[str], Any]
                  ) -> dict[str, np.ndarray]:
@@ -166,7 +179,9 @@ def find_damaged(store: Any, *, full: bool, indices: Iterable[int] | None = None
         elif flags[i] == COMMIT_DONE:
             try:
                 if full:
-                    store.read_arrays(i, names)
+                    geo = geometry_problem(store.read_arrays(i, names), store.manifest)
+                    if geo:
+                        raise DamagedImage(Damage(str(store.path), i, iid, *geo))
                 else:
                     for n in names:
                         fp = file_problem(store.path, store._arrays[n], i)
@@ -181,4 +196,4 @@ def find_damaged(store: Any, *, full: bool, indices: Iterable[int] | None = None
 
 
 __all__ = ["Damage", "DamagedImage", "REPAIR_HINT", "checked_read", "commit_problem", "decode_problem",
-           "file_problem", "find_damaged", "image_arrays", "nonfinite_problem"]
+           "file_problem", "find_damaged", "geometry_problem", "image_arrays", "nonfinite_problem"]
