@@ -3,7 +3,8 @@
 Layout (``cache_schemas/v1``): a root group whose attribute ``mfdetr_cache`` is the manifest, and one
 array per entry of the resolved array table, chunked one image per chunk along N, so every image owns
 its chunk files and concurrent writers (shards) never touch the same file. ``image_ids`` is written
-whole when the store is created; ``commit[i]`` is written last for every image.
+whole when the store is created; ``commit[i]`` is written last for every image. Every chunk but the
+commit flags ends in a crc32c checksum (:func:`checksum_codecs`, ``manifest.codecs.checksum``).
 
 Race-free creation (several shard processes may start at once): the creator builds the complete
 empty store (metadata + ``image_ids``) in a private temporary directory next to the target and
