@@ -69,7 +69,7 @@ def test_default_is_lossless_and_identical_to_a_store_without_presets(stores):
         assert ref[name].dtype == default[name].dtype and np.array_equal(ref[name], default[name]), name
     m = CacheStore.open(stores["default"]).manifest
     assert m["codecs"] == {"data": {"name": "zstd", "level": 1}, "commit": {"name": "none"}, "preset": "lossless",
-                           "feature_filters": []}
+                           "feature_filters": [], "checksum": {"name": "crc32c"}}
     root = zarr.open_group(str(stores["default"]), mode="r")
     for name in FEATURES:  # no filter in the chain: the array metadata of a store without presets
         meta = json.loads((stores["default"] / name / "zarr.json").read_text())

@@ -7,6 +7,8 @@
 - :class:`CacheWriter` / :class:`BackgroundWriter` — open / write / commit of single images.
 - :func:`build_manifest`, :func:`validate_manifest_data`, :func:`check_expectations` — the manifest.
 - :func:`inspect_store` — the report of ``mfdetr inspect``.
+- :mod:`mfdetr.cache.verify` — what makes a committed image damaged (lost/empty/undecodable chunk,
+  checksum mismatch, non-finite values, impossible sizes, bad commit flag) and ``find_damaged``.
 
 The schema (manifest JSON Schema + array table) lives in ``cache_schemas/v1`` and ships with the
 package. The reader side (:class:`CacheStore`) never imports a detector.

@@ -36,6 +36,9 @@ SOURCE_HINT = "mfdetr_source.json"
 #: Default lossless codec of data arrays: zstd level 1. Measured on float16 maps (benchmarks/bench_cache.py):
 #: as small as levels 3/5 and as blosc(zstd, byte/bit shuffle), ~2x faster to encode than level 3.
 DEFAULT_CODEC: dict[str, Any] = {"name": "zstd", "level": 1}
+#: Checksum of every stored chunk but the commit flags (``mfdetr.cache.store.checksum_codecs``); stores
+#: made before it have no ``codecs.checksum`` and are read without.
+CHECKSUM: dict[str, Any] = {"name": "crc32c"}
 
 
 def sha256_file(path: str | Path, *, chunk: int = 1 << 22) -> str:
@@ -128,7 +131,7 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
         "enc_layers": layers,
         "canvas": canvas_for(preset.preprocessing.max_size, preset.level_strides),
         "dtypes": {"features": "float16", "boxes": "float32", "logits": logits_dtype},
-        "codecs": manifest_codecs(codec_preset, dict(codec or DEFAULT_CODEC)),
+        "codecs": {**manifest_codecs(codec_preset, dict(codec or DEFAULT_CODEC)), "checksum": dict(CHECKSUM)},
         "category_map": list(preset.class_to_category),
         "arrays": [],
     }

@@ -21,6 +21,7 @@ import zarr
 from mfdetr.cache.manifest import check_expectations
 from mfdetr.cache.schema import enc_array_name
 from mfdetr.cache.store import open_validated, read_commit_flags
+from mfdetr.cache.verify import Damage, DamagedImage, checked_read, geometry_problem
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
@@ -92,7 +93,10 @@ class CacheStore:
         """``(index, image_id, reason)`` of every skipped image."""
         out = []
         for i in np.flatnonzero(self.commit_flags() == COMMIT_SKIPPED).tolist():
-            raw = bytes(self._arrays["skip_reason"][i]).rstrip(b"\0")
+            try:
+                raw = bytes(self._arrays["skip_reason"][i]).rstrip(b"\0")
+            except Exception as e:  # noqa: BLE001 - a damaged reason is no reason to stop
+                raw = f"(reason unreadable: {type(e).__name__})".encode()
             out.append((i, int(self.image_ids[i]), raw.decode("utf-8", "replace")))
         return out
 
@@ -108,7 +112,9 @@ class CacheStore:
         """Raw stored arrays of image ``index`` (batch dim removed), read in parallel threads.
 
         Maps are canvas-sized unless ``regions`` gives ``name → (h, w)``: then only ``[..., :h, :w]`` is
-        read (and only the tiles it overlaps are decoded).
+        read (and only the tiles it overlaps are decoded). A missing or empty chunk file, a chunk that
+        fails to decode (checksum) or non-finite floats raise
+        :class:`~mfdetr.cache.verify.DamagedImage` (never the fill value or garbage).
         """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mfdetr-cache-read")
@@ -119,8 +125,8 @@ class CacheStore:
                 return (index, slice(None), slice(0, h), slice(0, w))
             return index
 
-        futs = {n: self._pool.submit(self._arrays[n].__getitem__, key(n)) for n in names}
-        return {n: f.result() for n, f in futs.items()}
+        return checked_read(path=self.path, arrays=self._arrays, image_id=int(self.image_ids[index]), index=index,
+                            names=names, submit=self._pool.submit, key=key)
 
     def read(self, index: int, *, enc_layers: Sequence[int] | None = None, crop: bool = True,
              check_commit: bool = True) -> tuple[DetectorOutput, int]:
@@ -144,6 +150,9 @@ class CacheStore:
             raise MfdetrError(f"cache holds encoder layers {self.enc_layers}, layers {missing} were asked for",
                               path=self.path)
         a = self.read_arrays(index, list(_SMALL))
+        geo = geometry_problem(a, self.manifest)
+        if geo:
+            raise DamagedImage(Damage(str(self.path), index, int(self.image_ids[index]), *geo))
         lvl_hw = a["level_valid_hw"].astype(np.int64)
         ih, iw = (int(v) for v in a["input_hw"])
         # maps: only the valid region is read when cropping, so only the tiles it overlaps are decoded

@@ -21,11 +21,11 @@ import torch
 from tqdm import tqdm
 
 from mfdetr.cache.codecs import DEFAULT_PRESET, get_preset as get_codec_preset, with_codec_defaults
-from mfdetr.cache.manifest import build_manifest, check_expectations, sha256_file
+from mfdetr.cache.manifest import build_manifest, sha256_file
 from mfdetr.cache.sizes import format_size_table, ratios_for, raw_bytes, size_table
 from mfdetr.cache.store import human_bytes as _human
 from mfdetr.devices import resolve_device
-from mfdetr.cache.store import open_for_writing, read_commit_flags, stored_bytes
+from mfdetr.cache.store import chunk_path, open_for_writing, read_commit_flags, stored_bytes
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
 from mfdetr.contracts import DetectorOutput, FrozenDetector
@@ -51,6 +51,7 @@ class CacheJob:
     retry_skipped: bool = False
     annotation_file: Path | None = None
     codec: str = DEFAULT_PRESET
+    repair: bool = False
 
 
 @dataclass
@@ -153,10 +154,37 @@ def estimate_bytes(plan: _Plan, indices: list[int], store: Any | None = None) ->
 def _todo(plan: _Plan, commit: np.ndarray, retry_skipped: bool) -> list[int]:
     i, n = plan.shard
     mine = np.arange(i, len(plan.image_ids), n)
-    pending = commit[mine] == COMMIT_PENDING
+    pending = ~np.isin(commit[mine], (COMMIT_DONE, COMMIT_SKIPPED))  # pending, or a damaged commit flag
     if retry_skipped:
         pending |= commit[mine] == COMMIT_SKIPPED
     return mine[pending].tolist()
+
+
+def reset_damaged(out_path: Path, root: Any, plan: _Plan, *, full: bool, echo: Callable[[str], None]) -> int:
+    """Find this shard's damaged images and reset their commit flags to pending (so they are recomputed).
+
+    Always: commit flags outside 0/1/2 and committed images with a missing or empty chunk file (one
+    ``stat`` per array and image); with ``full`` (``--repair``) every committed image is also decoded
+    (checksums, finite values). Returns how many were reset.
+    """
+    from mfdetr.cache.reader import CacheStore
+    from mfdetr.cache.verify import find_damaged, image_arrays
+
+    store = CacheStore.open(out_path)
+    mine = range(plan.shard[0], len(plan.image_ids), plan.shard[1])
+    written = int((store.commit_flags()[mine] != COMMIT_PENDING).sum())
+    found = find_damaged(store, full=full, indices=mine)
+    commit = root["commit"]
+    for d in found:
+        echo(f"damaged {d.describe()}: recomputing it")
+        commit[d.index] = COMMIT_PENDING
+        for name in [*image_arrays(store.manifest), "skip_reason"]:  # zarr reads a shard it overwrites
+            chunk_path(out_path, store._arrays[name], d.index).unlink(missing_ok=True)
+    if written:
+        echo(f"{'repair (every committed image decoded)' if full else 'check of commit flags and chunk files'} of "
+             f"{written} written image(s): {len(found)} damaged image(s) to recompute"
+             + ("" if full else " (--repair also decodes every image)"))
+    return len(found)
 
 
 def _check_output(out: DetectorOutput, m: dict[str, Any], ids: list[int]) -> None:
@@ -176,9 +204,50 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
     from mfdetr.cache.manifest import SOURCE_HINT
 
     hint = {"coco_root": str(Path(coco).resolve()), "annotation_path": str(Path(annotation_file).resolve())}
+    text = json.dumps(hint, indent=2) + "\n"
+    try:
+        if (store / SOURCE_HINT).read_text() == text:
+            return  # nothing to write: a finished store may be read-only
+    except (OSError, UnicodeDecodeError):
+        pass
     tmp = store / f".{SOURCE_HINT}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(hint, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, store / SOURCE_HINT)
+
+
+def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[str], None]) -> CacheSummary:
+    """``--dry-run``: what a run would compute (pending images and those the run's damage check finds)."""
+    m, n, out_path = plan.manifest, len(plan.image_ids), Path(job.out)
+    commit = np.zeros(n, dtype=np.uint8)
+    damaged, store = 0, None
+    if out_path.exists():
+        from mfdetr.cache.manifest import check_expectations
+        from mfdetr.cache.reader import CacheStore
+        from mfdetr.cache.store import adopt_checksum_setting
+        from mfdetr.cache.verify import find_damaged
+
+        store = CacheStore.open(out_path)
+        want = adopt_checksum_setting(store.manifest, m)
+        # a manifest written before codec presets existed is lossless: compare it as such
+        check_expectations(with_codec_defaults(store.manifest), {k: want[k] for k in want if k != "created_utc"},
+                           where=str(out_path))
+        commit = store.commit_flags().copy()
+        found = find_damaged(store, full=job.repair, indices=range(plan.shard[0], n, plan.shard[1]))
+        commit[[d.index for d in found]] = COMMIT_PENDING
+        damaged = len(found)
+    todo = _todo(plan, commit, job.retry_skipped)
+    est = estimate_bytes(plan, todo, store)
+    summary.estimate, summary.planned = est, len(todo)
+    shard_txt = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
+    echo(f"images: {n} in {job.split}; {int((commit == COMMIT_DONE).sum())} already done; "
+         f"{len(todo)} to compute{shard_txt}" + (f" ({damaged} of them damaged)" if damaged else ""))
+    echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} with --codec {job.codec}, C1 stored "
+         f"(raw float16, valid region: {_human(est['raw_f16_valid_per_image'])}; raw canvas: "
+         f"{_human(est['raw_canvas_per_image'])}; the run's summary prints the measured sizes)")
+    echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
+    for line in format_size_table(est["table"], chosen=(job.codec, "store"), note=est["ratio_source"], n_images=n):
+        echo(line)
+    return summary
 
 
 def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
@@ -193,33 +262,13 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     m = plan.manifest
     out_path = Path(job.out)
     summary = CacheSummary(store=out_path, shard=plan.shard)
-    n = len(plan.image_ids)
     shard_txt = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
     if dry_run:
-        commit, store = np.zeros(n, dtype=np.uint8), None
-        if out_path.exists():
-            from mfdetr.cache.reader import CacheStore
-
-            store = CacheStore.open(out_path, expect={k: m[k] for k in m if k not in ("created_utc", "codecs")})
-            # a manifest written before codec presets existed is lossless: compare it as such
-            check_expectations(with_codec_defaults(store.manifest), {"codecs": m["codecs"]}, where=str(out_path))
-            commit = store.commit_flags()
-        todo = _todo(plan, commit, job.retry_skipped)
-        est = estimate_bytes(plan, todo, store)
-        summary.estimate, summary.planned = est, len(todo)
-        echo(f"images: {n} in {job.split}; {int((commit == COMMIT_DONE).sum())} already done; "
-             f"{len(todo)} to compute{shard_txt}")
-        echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} with --codec {job.codec}, C1 stored "
-             f"(raw float16, valid region: {_human(est['raw_f16_valid_per_image'])}; raw canvas: "
-             f"{_human(est['raw_canvas_per_image'])}; the run's summary prints the measured sizes)")
-        echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
-        for line in format_size_table(est["table"], chosen=(job.codec, "store"), note=est["ratio_source"],
-                                      n_images=n):
-            echo(line)
-        return summary
+        return _dry_run(job, plan, summary, echo)
 
     root = open_for_writing(out_path, m, plan.image_ids)
     write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
+    reset_damaged(out_path, root, plan, full=job.repair, echo=echo)  # their flags become pending
     commit = read_commit_flags(out_path, root["commit"])  # type: ignore[arg-type]
     todo = _todo(plan, commit, job.retry_skipped)
     summary.planned = len(todo)

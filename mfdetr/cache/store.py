@@ -3,7 +3,8 @@
 Layout (``cache_schemas/v1``): a root group whose attribute ``mfdetr_cache`` is the manifest, and one
 array per entry of the resolved array table, chunked one image per chunk along N, so every image owns
 its chunk files and concurrent writers (shards) never touch the same file. ``image_ids`` is written
-whole when the store is created; ``commit[i]`` is written last for every image.
+whole when the store is created; ``commit[i]`` is written last for every image. Every chunk but the
+commit flags ends in a crc32c checksum (:func:`checksum_codecs`, ``manifest.codecs.checksum``).
 
 Race-free creation (several shard processes may start at once): the creator builds the complete
 empty store (metadata + ``image_ids``) in a private temporary directory next to the target and
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from mfdetr.cache.codecs import feature_filters, filters_metadata_of, preset_of, with_codec_defaults
 from mfdetr.cache.manifest import MANIFEST_ATTR, image_ids_sha256, manifest_differences, validate_manifest_data
@@ -45,6 +46,32 @@ def make_compressors(codec: dict[str, Any]) -> tuple[Any, ...]:
     raise MfdetrError(f"unknown cache codec {name!r}")
 
 
+def checksum_codecs(manifest: dict[str, Any], name: str) -> tuple[Any, ...]:
+    """Checksum codecs that close array ``name``'s bytes-to-bytes chain (after compression; for a sharded
+    array, of every tile: the shard index carries its own crc32c), so a truncated or altered chunk
+    fails to decode instead of reading as other numbers.
+
+    ``manifest.codecs.checksum`` records it (``{"name": "crc32c"}``); stores made before it have none
+    and stay readable. ``commit`` never has one: its 1-byte chunks are read raw
+    (:func:`read_commit_flags`), and a flag outside 0/1/2 is reported as damage anyway.
+    """
+    ck = manifest["codecs"].get("checksum")
+    if ck is None or name == "commit":
+        return ()
+    if ck["name"] == "crc32c":
+        return (Crc32cCodec(),)
+    raise MfdetrError(f"unknown cache checksum codec {ck['name']!r}")
+
+
+def adopt_checksum_setting(have: dict[str, Any], planned: dict[str, Any]) -> dict[str, Any]:
+    """``planned`` with the existing store's checksum setting, so a store written before checksums
+    existed resumes (and is repaired) in its own format."""
+    if "checksum" in have.get("codecs", {}) or "checksum" not in planned["codecs"]:
+        return planned
+    codecs = {k: v for k, v in planned["codecs"].items() if k != "checksum"}
+    return {**planned, "codecs": codecs}
+
+
 def _codec_of(spec: ArraySpec, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest["codecs"]["data"] if spec.codec in ("data", "features") else {"name": "none"}
 
@@ -55,7 +82,7 @@ def _filters_of(spec: ArraySpec, manifest: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _describe_compressors(arr: zarr.Array) -> dict[str, Any]:
-    comps = arr.compressors
+    comps = [c for c in arr.compressors if not isinstance(c, Crc32cCodec)]
     if not comps:
         return {"name": "none"}
     c = comps[0]
@@ -73,7 +100,8 @@ def _build(path: Path, manifest: dict[str, Any], image_ids: np.ndarray) -> None:
                   else {"chunks": spec.chunks})
         arr = root.create_array(spec.name, shape=spec.shape, dtype=spec.dtype, **layout,
                                 filters=_filters_of(spec, manifest),
-                                compressors=make_compressors(_codec_of(spec, manifest)), fill_value=0)
+                                compressors=make_compressors(_codec_of(spec, manifest))
+                                + checksum_codecs(manifest, spec.name), fill_value=0)
         if spec.name == "image_ids" and len(image_ids):
             arr[:] = image_ids
     # the manifest goes last: a directory without it is never mistaken for a store
@@ -106,6 +134,7 @@ def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.n
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     root, have = _open_root(path)
+    manifest = adopt_checksum_setting(have, manifest)
     diffs = manifest_differences(with_codec_defaults(have), manifest)
     if diffs:
         raise MfdetrError("exists and was made with different settings (store vs this run): " + "; ".join(diffs[:4])
@@ -158,12 +187,20 @@ def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Pa
         if filters != want_filters or (feats and filters != manifest["codecs"].get("feature_filters", [])):
             raise MfdetrError(f"array '{spec.name}' has filters {filters}, the manifest's codec preset "
                               f"{manifest['codecs'].get('preset', 'lossless')!r} says {want_filters}", path=path)
+        has_ck = any(isinstance(c, Crc32cCodec) for c in arr.compressors)
+        if has_ck != bool(checksum_codecs(manifest, spec.name)):
+            raise MfdetrError(f"array '{spec.name}' {'has' if has_ck else 'lacks'} a crc32c checksum, the manifest "
+                              f"says codecs.checksum={manifest['codecs'].get('checksum')}", path=path)
     extra = members - set(manifest["arrays"])
     if extra:
         raise MfdetrError(f"unexpected arrays {sorted(extra)} (not in the manifest)", path=path)
     if manifest["arrays"] != [s.name for s in resolve_array_table(manifest)]:
         raise MfdetrError("manifest.arrays does not match the schema's array table", path=path)
-    ids = root["image_ids"][:]
+    try:
+        ids = root["image_ids"][:]
+    except Exception as e:  # noqa: BLE001 - a checksum or decoder failure of the one image_ids chunk
+        raise MfdetrError(f"array 'image_ids' cannot be decoded, truncated or altered ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]})", path=path) from None
     if image_ids_sha256(ids.tolist()) != manifest["image_ids_sha256"]:
         raise MfdetrError("image_ids do not match manifest.image_ids_sha256", path=path)
 
@@ -189,7 +226,8 @@ def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
 
     Fast path (~4x faster than one zarr read per chunk; seconds for COCO train): the commit array is
     stored uncompressed with one 1-byte chunk per image under ``commit/c/<i>`` (schema v1), so the flags
-    are the contents of the chunk files present; missing files are pending. Leftover ``*.partial``
+    are the contents of the chunk files present; missing files are pending, a file of another length
+    reads as 255 (damaged: neither pending, done nor skipped). Leftover ``*.partial``
     temporaries of killed writers are ignored (zarr renames a chunk file into place only when complete).
     Falls back to zarr for any other layout.
     """
@@ -205,8 +243,7 @@ def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
         if entry.name.isdigit() and int(entry.name) < len(flags):
             with open(entry.path, "rb") as f:
                 raw = f.read(2)
-            if len(raw) == 1:
-                flags[int(entry.name)] = raw[0]
+            flags[int(entry.name)] = raw[0] if len(raw) == 1 else 255
     return flags
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import sys
 
 import typer
@@ -48,12 +49,22 @@ def _discover() -> None:
 _discover()
 
 
+def one_line(message: str) -> str:
+    """The user-facing line of an error message. An error raised inside a DataLoader worker reaches the
+    main process re-raised by torch with the worker's traceback in its message: keep its last line, the
+    original message, without the exception's class name."""
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
         app()
     except MfdetrError as e:
-        typer.echo(f"mfdetr: error: {e}", err=True)
+        typer.echo(f"mfdetr: error: {one_line(str(e))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("mfdetr: interrupted", err=True)

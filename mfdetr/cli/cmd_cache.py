@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
         writer_threads: int = typer.Option(4, "--writer-threads", help="Background compression/writing threads "
                                                                        "(zstd releases the GIL)."),
         retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Recompute images recorded as skipped."),
+        repair: bool = typer.Option(False, "--repair", help="Decode and check every committed image first and "
+                                                            "recompute the damaged ones (a plain rerun recomputes only "
+                                                            "those with a damaged commit flag or a missing/empty file)."),
         annotation_file: Path = typer.Option(None, "--annotations", help="Override the instances JSON path."),
         codec: str = typer.Option("lossless", "--codec",
                                   help="Feature codec preset: lossless (float16 + zstd-1), bitround-7, bitround-4 or "
@@ -54,5 +57,6 @@ def register(app: typer.Typer) -> None:
         job = CacheJob(detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=out, topk=topk,
                        enc_layers=_layers(enc_layers), batch_size=batch_size, shard=parse_shard(shard),
                        device=device, num_workers=workers, writer_threads=writer_threads,
-                       retry_skipped=retry_skipped, annotation_file=annotation_file, codec=codec)
+                       retry_skipped=retry_skipped, annotation_file=annotation_file, codec=codec,
+                       repair=repair)
         run_cache(job, dry_run=dry_run, progress=progress, echo=typer.echo)

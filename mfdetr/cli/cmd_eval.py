@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         detector_checkpoint: Path = typer.Option(None, "--detector-checkpoint",
                                                  help="--online: detector weights (default: the run's)."),
         max_images: int = typer.Option(0, "--max-images", help="--online: evaluate the first N images only."),
+        skip_damaged: bool = typer.Option(False, "--skip-damaged",
+                                          help="Skip damaged cache images (AP over the others; they are listed) "
+                                               "instead of stopping."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value."),
     ) -> None:
         """Evaluate MaskNet on a cache: COCO segm AP (masks) and bbox AP (cached detector boxes)."""
@@ -49,9 +52,15 @@ def register(app: typer.Typer) -> None:
             return
         if cache is None:
             raise MfdetrError("pass --cache DIR (or --online --coco DIR --split SPLIT)")
+        from mfdetr.engine.damage import DamagePolicy
+
+        damage = DamagePolicy(skip=skip_damaged)
         metrics = eval_from_cache(CacheSources(cache=cache, coco=coco, annotations=annotations),
                                   checkpoint=checkpoint, config=config, overrides=list(overrides or []), out=out,
-                                  batch_size=batch_size, device=device)
+                                  batch_size=batch_size, device=device, damage=damage)
         typer.echo(format_metrics(metrics))
+        if damage.skipped:
+            ids = ", ".join(str(d.image_id) for d in damage.skipped)
+            typer.echo(f"skipped damaged images: {len(damage.skipped)} (image ids {ids}); AP is over the others")
         if out is not None:
             typer.echo(f"results: {out}")

@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
         require_complete: bool = typer.Option(False, "--require-complete",
                                               help="Refuse a cache that is still being written."),
+        skip_damaged: bool = typer.Option(False, "--skip-damaged",
+                                          help="Skip damaged cache images (missing/corrupt chunks, non-finite values) "
+                                               "and list them in OUT/damaged_images.json, instead of stopping."),
         annotations: Path = typer.Option(None, "--annotations", help="Override the training annotation file."),
         val_annotations: Path = typer.Option(None, "--val-annotations", help="Override the validation annotation file."),
         online: bool = typer.Option(False, "--online", help="Run the frozen detector in the loop instead of a cache."),
@@ -56,8 +59,9 @@ def register(app: typer.Typer) -> None:
             raise MfdetrError("pass --cache DIR (or --online --detector NAME --checkpoint FILE --coco DIR)")
         if val_split is not None:
             raise MfdetrError("--val-split is for --online; a cached run evaluates on --val-cache DIR")
+        from mfdetr.engine.damage import DamagePolicy
         from mfdetr.engine.stage2 import CacheSources, train_from_cache
 
         src = CacheSources(cache=cache, coco=coco, val_cache=val_cache, annotations=annotations,
                            val_annotations=val_annotations)
-        train_from_cache(cfg, src, out, resume=resume)
+        train_from_cache(cfg, src, out, resume=resume, damage=DamagePolicy(skip=skip_damaged))

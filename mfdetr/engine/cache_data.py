@@ -24,7 +24,9 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from mfdetr.cache import CacheStore
+from mfdetr.cache.verify import COMMIT_SKIPPED, Damage, DamagedImage, commit_problem
 from mfdetr.contracts import DetectorOutput, GTInstances
+from mfdetr.engine.damage import DamagedItem
 from mfdetr.errors import MfdetrError
 
 # What two caches must share to be used by one MaskNet (train vs val, checkpoint vs eval cache).
@@ -119,24 +121,38 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
         enc_layer: the cached encoder layer to read (only that one is read from disk).
         require_complete: refuse a cache with pending images instead of warning.
         max_images: keep only the first N complete images (0 = all).
+        on_damaged: what an item of a damaged image is (:mod:`mfdetr.engine.damage`): ``"raise"``
+            :class:`~mfdetr.cache.verify.DamagedImage`; ``"substitute"`` the next intact image, the
+            damage listed in ``det.extras["damaged"]`` (training); ``"mark"`` a
+            :class:`~mfdetr.engine.damage.DamagedItem` (evaluation). Images whose commit flag is
+            damaged are never used; they are in :attr:`damaged_commits` (raised at once with ``"raise"``).
     """
 
     def __init__(self, *, store: CacheStore, coco_split: Any, enc_layer: int, require_complete: bool = False,
-                 max_images: int = 0) -> None:
+                 max_images: int = 0, on_damaged: str = "raise") -> None:
+        if on_damaged not in ("raise", "substitute", "mark"):
+            raise ValueError(f"on_damaged={on_damaged!r}")
         self.store = store
         self.coco = coco_split
         self.enc_layer = int(enc_layer)
-        store.commit_flags(refresh=True)
+        self.on_damaged = on_damaged
+        flags = store.commit_flags(refresh=True)
+        self.damaged_commits = [Damage(str(store.path), int(i), int(store.image_ids[i]), "commit",
+                                       commit_problem(flags[i]) or "")
+                                for i in np.flatnonzero(flags > COMMIT_SKIPPED).tolist()]
+        if self.damaged_commits and on_damaged == "raise":
+            raise DamagedImage(self.damaged_commits[0])
         complete = store.complete_indices()
         skipped = store.skipped()
-        pending = len(store) - len(complete) - len(skipped)
+        pending = len(store) - len(complete) - len(skipped) - len(self.damaged_commits)
         if pending and require_complete:
             raise MfdetrError(f"cache is incomplete: {pending} of {len(store)} images not written yet "
                               "(finish `mfdetr cache` or drop --require-complete)", path=store.path)
-        if pending or skipped:
+        if pending or skipped or self.damaged_commits:
             if os.environ.get("RANK", "0") == "0":
+                bad = f", {len(self.damaged_commits)} with a damaged commit flag" if self.damaged_commits else ""
                 print(f"mfdetr: warning: {store.path}: using {len(complete)} of {len(store)} images "
-                      f"({pending} not written yet, {len(skipped)} skipped by the cache writer)", file=sys.stderr)
+                      f"({pending} not written yet, {len(skipped)} skipped by the cache writer{bad})", file=sys.stderr)
         if not len(complete):
             raise MfdetrError("cache holds no complete image", path=store.path)
         self.indices: np.ndarray = complete[:max_images] if max_images > 0 else complete
@@ -146,7 +162,28 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[DetectorOutput, GTInstances]:
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self._item(i, [])
+        except DamagedImage as e:
+            if self.on_damaged == "raise" or e.damage is None:
+                raise
+            if self.on_damaged == "mark":
+                return DamagedItem(e.damage)
+            damaged = [e.damage]
+        for k in range(1, len(self.indices)):  # substitute: the next intact image
+            try:
+                return self._item((i + k) % len(self.indices), damaged)
+            except DamagedImage as e:
+                if e.damage is None:
+                    raise
+                damaged.append(e.damage)
+        raise MfdetrError(f"no intact image left to train on (first damaged: {damaged[0].describe()})",
+                          path=self.store.path)
+
+    def _item(self, i: int, damaged: list[Damage]) -> tuple[DetectorOutput, GTInstances]:
         det, image_id = self.store.read(int(self.indices[i]), enc_layers=[self.enc_layer])
         det.extras["image_id"] = [image_id]
+        if self.on_damaged == "substitute":
+            det.extras["damaged"] = list(damaged)
         return det, self.coco.load_targets(image_id)

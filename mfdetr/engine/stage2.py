@@ -23,11 +23,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mfdetr.cache.verify import find_damaged
 from mfdetr.config import from_dict
 from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_sha256, open_annotations,
                                       open_cache)
 from mfdetr.engine.checkpoint import atomic_write_text, check_masknet_config, load_checkpoint
-from mfdetr.engine.collate import collate_detector_outputs
+from mfdetr.engine.damage import DamagePolicy, collate_marked
 from mfdetr.engine.config import RunConfig, build_run_config, load_run_config
 from mfdetr.devices import resolve_device
 from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
@@ -120,11 +121,15 @@ def box_results(det: Any, class_to_category: Sequence[int], image_ids: Sequence[
 @torch.no_grad()
 def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mapping[str, Any], batch_size: int = 2,
                      device: torch.device | str = "cpu", num_workers: int = 0, amp: str = "off",
-                     score: str | None = None) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+                     score: str | None = None, damage: DamagePolicy | None = None
+                     ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Segm AP of MaskNet's masks and box AP of the cached boxes over ``dataset``'s images.
 
+    A damaged cache image stops the evaluation (:class:`~mfdetr.cache.verify.DamagedImage`) unless
+    ``damage`` skips it: the AP is then over the intact images, and ``damage`` lists the others.
     Returns ``({"segm": {AP, ...}, "bbox": {...}}, segm results)`` (results in COCO format, RLE masks).
     """
+    damage = damage or DamagePolicy()
     from mfdetr.evaluation import CocoEvaluator, coco_from_dict
     from mfdetr.masknet.postprocess import masks_to_coco_results
 
@@ -135,12 +140,15 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
     segm_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("segm",))
     box_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("bbox",))
     known = set(coco_gt.getCatIds())
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detector_outputs,
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_marked,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     use_amp = device.type == "cuda" and amp != "off"
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     all_results: list[dict[str, Any]] = []
-    for batch in loader:
+    for batch, damaged in loader:
+        damage.take(damaged)
+        if batch is None:
+            continue
         batch = batch.to(device)
         det = batch.det
         ids = [int(i) for i in det.extras["image_id"]]
@@ -158,15 +166,20 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
 
 
 def evaluate_and_record(model: nn.Module, dataset: Any, *, manifest: Mapping[str, Any], cfg: RunConfig, out: Path,
-                        step: int, device: torch.device | str) -> dict[str, dict[str, float]]:
+                        step: int, device: torch.device | str, damage: DamagePolicy | None = None
+                        ) -> dict[str, dict[str, float]]:
     """A run's validation: :func:`evaluate_masknet`, then ``out/val_results.json`` and
-    ``out/val_metrics.json`` (with the step); returns the metrics."""
+    ``out/val_metrics.json`` (with the step, and the image ids of damaged images skipped, if any);
+    returns the metrics."""
     from mfdetr.evaluation import write_results_json
 
     m, results = evaluate_masknet(model, dataset, manifest=manifest, batch_size=cfg.train.batch_size, device=device,
-                                  amp=cfg.train.amp)
+                                  amp=cfg.train.amp, damage=damage)
     write_results_json(out / "val_results.json", results)
-    atomic_write_text(out / "val_metrics.json", json.dumps({"step": step, **m}, indent=2) + "\n")
+    store = getattr(getattr(dataset, "store", None), "path", None)
+    skipped = [d.image_id for d in damage.skipped_in(store)] if damage is not None and store is not None else []
+    extra = {"skipped_damaged_image_ids": skipped} if skipped else {}
+    atomic_write_text(out / "val_metrics.json", json.dumps({"step": step, **m, **extra}, indent=2) + "\n")
     return m
 
 
@@ -196,30 +209,40 @@ class CacheSources:
     val_annotations: Path | None = None
 
 
-def _datasets(cfg: RunConfig, src: CacheSources, enc_layer: int
+def _datasets(cfg: RunConfig, src: CacheSources, enc_layer: int, damage: DamagePolicy
               ) -> tuple[Any, CacheDataset, CacheDataset | None]:
     store = open_cache(src.cache, enc_layer=enc_layer, role="training cache")
     train_set = CacheDataset(store=store, coco_split=open_annotations(store, coco=src.coco, annotations=src.annotations),
                              enc_layer=enc_layer, require_complete=cfg.data.require_complete,
-                             max_images=cfg.data.max_images)
+                             max_images=cfg.data.max_images, on_damaged="substitute")
+    damage.take(train_set.damaged_commits)
     val_set = None
     if src.val_cache is not None:
         vstore = open_cache(src.val_cache, identity=detector_identity(store.manifest), enc_layer=enc_layer,
                             role="validation cache")
         val_set = CacheDataset(store=vstore, coco_split=open_annotations(vstore, coco=src.coco,
                                                                          annotations=src.val_annotations),
-                               enc_layer=enc_layer, max_images=cfg.data.max_images)
+                               enc_layer=enc_layer, max_images=cfg.data.max_images, on_damaged="mark")
+        damage.take(val_set.damaged_commits)
+        # lost or emptied chunk files of the validation cache: found now, not after the training
+        damage.take(find_damaged(vstore, full=False, indices=val_set.indices))
     return store, train_set, val_set
 
 
 def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resume: bool = False,
-                     log: Callable[[str], None] | None = None) -> tuple[TrainResult | None, dict[str, Any]]:
+                     log: Callable[[str], None] | None = None, damage: DamagePolicy | None = None
+                     ) -> tuple[TrainResult | None, dict[str, Any]]:
     """``mfdetr train --cache``: train MaskNet on a cache, evaluate on ``val_cache`` at the end
-    (and every ``train.eval_every`` steps); write the run folder. Returns (result, final metrics)."""
+    (and every ``train.eval_every`` steps); write the run folder. Returns (result, final metrics).
+
+    A damaged cache image stops the run with a one-line error, unless ``damage`` skips it: training
+    then takes the next intact image in its place, and the skipped images are listed in
+    ``out/damaged_images.json`` (and in ``val_metrics.json`` for the validation cache)."""
     log = log or (lambda s: print(f"mfdetr: {s}", file=sys.stderr))
+    damage = damage or DamagePolicy()
     refuse_online_settings(cfg)
     mcfg = resolve_masknet_config(cfg)
-    store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer)
+    store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer, damage)
     parts = build_parts(cfg, store.manifest)
     # one FLOP-counting forward at the typical input size: only the rank that writes the record
     cx = complexity(parts.model, store.manifest) if os.environ.get("RANK", "0") == "0" else {}
@@ -228,7 +251,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
     def evaluate_fn(model: nn.Module, step: int) -> dict[str, float]:
         assert val_set is not None
         m = evaluate_and_record(model, val_set, manifest=store.manifest, cfg=cfg, out=Path(out), step=step,
-                                device=next(model.parameters()).device)
+                                device=next(model.parameters()).device, damage=damage)
         metrics.clear()
         metrics.update(m)
         return {**m["segm"], **{f"box_{k}": v for k, v in m["bbox"].items()}}
@@ -238,7 +261,11 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
               "train_images_missing": train_set.num_pending + train_set.num_skipped}
     res = train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set, run_dir=out,
                 resume=resume, masknet_config=_plain(parts.masknet_cfg), manifest_sha256=manifest_sha256(store.manifest),
-                evaluate_fn=evaluate_fn if val_set is not None else None, record=record)
+                evaluate_fn=evaluate_fn if val_set is not None else None, record=record,
+                prepare_batch=damage.prepare_batch)
+    if damage.skipped and os.environ.get("RANK", "0") == "0":
+        damage.write(Path(out) / "damaged_images.json")
+        log(f"skipped {len(damage.skipped)} damaged cache image(s) (listed in {Path(out) / 'damaged_images.json'})")
     if metrics:
         log("validation:\n" + format_metrics(metrics))
     return res, metrics
@@ -262,8 +289,11 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, config: str | Path | None = None,
                     overrides: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 2,
-                    device: str = "auto") -> dict[str, dict[str, float]]:
-    """``mfdetr eval``: a trained checkpoint (or a training-free config, Table 1) on a cache."""
+                    device: str = "auto", damage: DamagePolicy | None = None) -> dict[str, dict[str, float]]:
+    """``mfdetr eval``: a trained checkpoint (or a training-free config, Table 1) on a cache.
+
+    A damaged cache image stops it, unless ``damage`` skips it (AP over the intact images)."""
+    damage = damage or DamagePolicy()
     ckpt = None
     if checkpoint is not None:
         if config is not None:
@@ -278,7 +308,8 @@ def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, 
         identity = ckpt.get("meta", {}).get("detector")
     store = open_cache(src.cache, identity=identity, enc_layer=mcfg.enc_layer, role="evaluation cache")
     ds = CacheDataset(store=store, coco_split=open_annotations(store, coco=src.coco, annotations=src.annotations),
-                      enc_layer=mcfg.enc_layer, max_images=cfg.data.max_images)
+                      enc_layer=mcfg.enc_layer, max_images=cfg.data.max_images, on_damaged="mark")
+    damage.take(ds.damaged_commits)
     parts = build_parts(cfg, store.manifest)
     if ckpt is not None:
         from mfdetr.engine.finetune import is_finetuned_state
@@ -297,7 +328,8 @@ def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, 
         raise MfdetrError("this MaskNet config has trainable parts: pass --checkpoint (only training-free "
                           "configs, paper Table 1, evaluate without one)")
     dev = resolve_device(device)
-    metrics, results = evaluate_masknet(parts.model, ds, manifest=store.manifest, batch_size=batch_size, device=dev)
+    metrics, results = evaluate_masknet(parts.model, ds, manifest=store.manifest, batch_size=batch_size, device=dev,
+                                        damage=damage)
     if out is not None:
         from mfdetr.evaluation import write_results_json
 
@@ -315,7 +347,7 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
     def run_variant(v: Variant, cfg: RunConfig, vdir: Path) -> VariantResult:
         refuse_online_settings(cfg)
         mcfg = resolve_masknet_config(cfg)
-        store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer)
+        store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer, DamagePolicy())
         assert val_set is not None
         parts = build_parts(cfg, store.manifest)
         cx = complexity(parts.model, store.manifest)

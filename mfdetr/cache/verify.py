@@ -1,0 +1,199 @@
+"""Checking that a committed image's stored arrays are really there and decode to finite numbers.
+
+Zarr reads a missing chunk (or an empty shard file) as the fill value, so a chunk file lost to an
+interrupted copy or a full quota would silently read as zeros. Every checked read therefore
+
+1. requires the image's chunk file of each array to exist and be non-empty (:func:`file_problem`);
+2. decodes it, turning any decoder failure — a crc32c mismatch of a truncated or altered chunk in a
+   store with checksums (``manifest.codecs.checksum``), a zstd error, a bad shard index — into a
+   :class:`DamagedImage` (:func:`decode_problem`);
+3. requires float arrays to be finite (:func:`nonfinite_problem`).
+
+A :class:`DamagedImage` names the store, the image id and index, the array and the problem (one line).
+:func:`find_damaged` runs the same checks over a store: ``full=False`` only looks at commit flags and
+file presence (cheap: one ``stat`` per array and image), ``full=True`` decodes every committed image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from mfdetr.cache.store import chunk_path
+from mfdetr.errors import MfdetrError
+
+COMMIT_DONE, COMMIT_SKIPPED = 1, 2
+#: arrays that are not per-image data of a committed image
+NOT_IMAGE_DATA = ("image_ids", "commit", "skip_reason")
+REPAIR_HINT = ("rerun the `mfdetr cache` command that wrote it with --repair to recompute it, or pass "
+               "--skip-damaged to leave it out")
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What is wrong with one image of one store."""
+
+    store: str
+    index: int
+    image_id: int
+    array: str
+    problem: str
+
+    def describe(self) -> str:
+        return f"image id {self.image_id} (index {self.index}), array '{self.array}': {self.problem}"
+
+
+class DamagedImage(MfdetrError):
+    """A committed image whose stored data cannot be trusted (see the module doc)."""
+
+    def __init__(self, damage: Damage | str) -> None:
+        if isinstance(damage, str):  # a message only: how torch re-raises a DataLoader worker's error
+            self.damage = None
+            super().__init__(damage)
+            return
+        self.damage = damage
+        super().__init__(f"damaged cache: {damage.describe()}; {REPAIR_HINT}", path=damage.store)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (DataLoader workers)
+        return (DamagedImage, (self.damage,))
+
+
+def commit_problem(flag: int) -> str | None:
+    """Why a commit flag is damage (``None`` for 0 pending, 1 done, 2 skipped)."""
+    if int(flag) in (0, COMMIT_DONE, COMMIT_SKIPPED):
+        return None
+    return f"commit flag is {int(flag)} (expected 0 pending, 1 done or 2 skipped)"
+
+
+def file_problem(root_dir: str | Path, arr: zarr.Array, index: int) -> str | None:
+    """Why image ``index``'s chunk (or shard) file of ``arr`` cannot hold its data: missing or empty."""
+    p = chunk_path(root_dir, arr, index)
+    try:
+        size = os.stat(p).st_size
+    except FileNotFoundError:
+        return f"chunk file {p.relative_to(root_dir)} is missing"
+    except OSError as e:
+        return f"chunk file {p.relative_to(root_dir)} cannot be read ({e.strerror})"
+    return f"chunk file {p.relative_to(root_dir)} is empty" if size == 0 else None
+
+
+def decode_problem(err: BaseException) -> str:
+    """A decoder failure as one line."""
+    msg = " ".join(str(err).split())[:160]
+    if "checksum" in msg.lower():
+        return f"checksum mismatch: the chunk is truncated or altered ({msg})"
+    return f"cannot decode the chunk, truncated or altered ({type(err).__name__}: {msg})"
+
+
+_EXPONENT_BITS = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}
+
+
+def nonfinite_problem(x: np.ndarray) -> str | None:
+    """Why a float array is not usable data: it holds NaN or Inf."""
+    if x.dtype.kind != "f" or not x.size:
+        return None
+    exp = _EXPONENT_BITS.get(x.dtype.itemsize)
+    if exp is not None and x.flags.c_contiguous:  # NaN/Inf iff all exponent bits are set: ~4x faster than isfinite
+        bits, mask = x.view(f"u{x.dtype.itemsize}"), np.array(exp, dtype=f"u{x.dtype.itemsize}")
+        ok = int(np.bitwise_and(bits, mask).max()) != exp
+    else:
+        ok = bool(np.isfinite(x).all())
+    if ok:
+        return None
+    bad = int((~np.isfinite(x)).sum())
+    return f"{bad} non-finite value(s) (NaN/Inf) in the stored data"
+
+
+def geometry_problem(a: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(array, problem)`` if an image's stored sizes cannot be true (outside the store's canvas, or
+    below 1), else ``None``. ``a`` holds its ``input_hw``, ``orig_hw`` and ``level_valid_hw``."""
+    canvas = manifest["canvas"]
+    limits = {"input_hw": (np.asarray(canvas["input_hw"]), a["input_hw"]),
+              "level_valid_hw": (np.asarray(canvas["level_hw"]), a["level_valid_hw"]),
+              "orig_hw": (None, a["orig_hw"])}
+    for name, (hi, x) in limits.items():
+        if (x < 1).any() or (hi is not None and (x.shape != hi.shape or (x > hi).any())):
+            return name, f"stored size {x.tolist()} is impossible (canvas {None if hi is None else hi.tolist()})"
+    return None
+
+
+def checked_read(*, path: Path, arrays: Mapping[str, zarr.Array], image_id: int, index: int,
+                 names: Iterable[str], submit: Callable[..., Any], key: Callable[[str], Any]
+                 ) -> dict[str, np.ndarray]:
+    """Read ``arrays[name][key(name)]`` for every name (through ``submit``, a thread pool's), raising
+    :class:`DamagedImage` for a missing/empty file, a decoder failure or non-finite float values."""
+    names = list(names)
+
+    def damaged(name: str, problem: str) -> DamagedImage:
+        return DamagedImage(Damage(str(path), index, image_id, name, problem))
+
+    for n in names:
+        problem = file_problem(path, arrays[n], index)
+        if problem:
+            raise damaged(n, problem)
+    futs = {n: submit(arrays[n].__getitem__, key(n)) for n in names}
+    out: dict[str, np.ndarray] = {}
+    first: DamagedImage | None = None
+    for n, f in futs.items():  # wait for every read before raising (no thread left behind)
+        try:
+            out[n] = f.result()
+        except Exception as e:  # noqa: BLE001 - any decoder failure is the same damage to the user
+            first = first or damaged(n, decode_problem(e))
+            continue
+        problem = nonfinite_problem(out[n])
+        if problem and first is None:
+            first = damaged(n, problem)
+    if first is not None:
+        raise first
+    return out
+
+
+def image_arrays(manifest: Mapping[str, Any]) -> list[str]:
+    """The arrays a committed image owns (what a full check decodes)."""
+    return [n for n in manifest["arrays"] if n not in NOT_IMAGE_DATA]
+
+
+def find_damaged(store: Any, *, full: bool, indices: Iterable[int] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Damage]:
+    """Damaged images of an open :class:`~mfdetr.cache.reader.CacheStore` (one :class:`Damage` each).
+
+    Commit flags outside 0/1/2 always count. Committed images (flag 1) are checked for missing or
+    empty chunk files, and with ``full`` decoded whole (checksums, decoder, finite floats).
+    ``indices`` restricts the check (e.g. to one shard's images); ``progress(n)`` is called per image.
+    """
+    flags = store.commit_flags(refresh=True)
+    todo = np.arange(len(flags)) if indices is None else np.asarray(list(indices), dtype=np.int64)
+    names = image_arrays(store.manifest)
+    out: list[Damage] = []
+    for i in todo.tolist():
+        iid = int(store.image_ids[i])
+        problem = commit_problem(flags[i])
+        if problem:
+            out.append(Damage(str(store.path), i, iid, "commit", problem))
+        elif flags[i] == COMMIT_DONE:
+            try:
+                if full:
+                    geo = geometry_problem(store.read_arrays(i, names), store.manifest)
+                    if geo:
+                        raise DamagedImage(Damage(str(store.path), i, iid, *geo))
+                else:
+                    for n in names:
+                        fp = file_problem(store.path, store._arrays[n], i)
+                        if fp:
+                            raise DamagedImage(Damage(str(store.path), i, iid, n, fp))
+            except DamagedImage as e:
+                assert e.damage is not None
+                out.append(e.damage)
+        if progress is not None:
+            progress(1)
+    return out
+
+
+__all__ = ["Damage", "DamagedImage", "REPAIR_HINT", "checked_read", "commit_problem", "decode_problem",
+           "file_problem", "find_damaged", "geometry_problem", "image_arrays", "nonfinite_problem"]
