@@ -9,6 +9,7 @@ only images whose commit flag is unset are computed. Shards (``--shard i/n`` or 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -55,6 +56,7 @@ class CacheJob:
     writer_threads: int = 4
     retry_skipped: bool = False
     annotation_file: Path | None = None
+    c1: str = "store"  # "store" the C1 array, or "recompute" it in stage 2 from the stored stage 0
 
 
 @dataclass
@@ -118,6 +120,8 @@ def plan_job(job: CacheJob) -> _Plan:
         raise MfdetrError("checkpoint file not found", path=job.checkpoint)
     if job.batch_size < 1:
         raise MfdetrError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if job.c1 not in ("store", "recompute"):
+        raise MfdetrError(f"--c1 must be 'store' or 'recompute', got {job.c1!r}")
     dataset = CocoInstances(job.coco, job.split, preprocessing=preset.preprocessing, with_targets=False,
                             annotation_file=job.annotation_file)
     image_ids = np.asarray(dataset.image_ids, dtype=np.int64)
@@ -130,8 +134,9 @@ def plan_job(job: CacheJob) -> _Plan:
                  shard=resolve_shard(job.shard))
 
 
-def estimate_bytes(plan: _Plan, indices: list[int]) -> dict[str, Any]:
-    """Estimated bytes/image from the annotation's image sizes, the shapes and :data:`ASSUMED_RATIO`."""
+def estimate_bytes(plan: _Plan, indices: list[int], *, c1_mode: str = "store") -> dict[str, Any]:
+    """Estimated bytes/image from the annotation's image sizes, the shapes and :data:`ASSUMED_RATIO`
+    (``c1_mode="recompute"``: no C1 array, 32 bytes of image sha256 instead)."""
     m = plan.manifest
     pre = plan.preset.preprocessing
     d, k, c, c1 = m["hidden_dim"], m["topk"], m["num_classes"], m["c1_channels"]
@@ -143,8 +148,8 @@ def estimate_bytes(plan: _Plan, indices: list[int]) -> dict[str, Any]:
         info = plan.dataset.image_info(int(plan.image_ids[i]))
         ih, iw = resized_hw(int(info["height"]), int(info["width"]), pre.short_side, pre.max_size)
         enc = 2 * d * n_layers * sum(math.ceil(ih / s) * math.ceil(iw / s) for s in m["level_strides"])
-        c1b = 2 * c1 * math.ceil(ih / 4) * math.ceil(iw / 4)
-        other = k * (4 * 4 + 4 * c) + 64
+        c1b = 2 * c1 * math.ceil(ih / 4) * math.ceil(iw / 4) if c1_mode == "store" else 0
+        other = k * (4 * 4 + 4 * c) + 64 + (32 if c1_mode == "recompute" else 0)
         raw_valid += enc + c1b + 2 * k * d + other
         est += (enc / ASSUMED_RATIO["enc"] + c1b / ASSUMED_RATIO["c1"] + 2 * k * d / ASSUMED_RATIO["queries"]
                 + other / ASSUMED_RATIO["other"])
@@ -184,6 +189,41 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
     os.replace(tmp, store / SOURCE_HINT)
 
 
+def _stage0_module(detector: Any, name: str) -> torch.nn.Module:
+    """The frozen stage 0 (stem + first backbone stage) that produced the detector's C1."""
+    fn = getattr(getattr(detector, "body", None), "stage0", None)
+    if not callable(fn):
+        raise MfdetrError(f"detector {name} does not expose its backbone's stage 0, so its C1 cannot be "
+                          "recomputed: use --c1 store")
+    return fn()
+
+
+def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A ``--c1 recompute`` store's manifest (no c1 array; the stage 0's sha256) and its stage-0 files
+    (:mod:`mfdetr.cache.stage0`), exported from ``detector`` on a seeded random input."""
+    from mfdetr.cache.stage0 import PROGRAM_FILE, WEIGHTS_FILE, export_stage0, sha256_bytes
+
+    pre = plan.preset.preprocessing
+    h = min(pre.short_side, 224)
+    w = min(pre.max_size, h * 4 // 3 + 3)
+    dev = next(iter(detector.parameters())).device
+    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
+    program, weights = export_stage0(_stage0_module(detector, plan.preset.name), example)
+    entry = {"mode": "recompute", "stage0": {"program": PROGRAM_FILE, "program_sha256": sha256_bytes(program),
+                                             "weights": WEIGHTS_FILE, "weights_sha256": sha256_bytes(weights)}}
+    m = {k: v for k, v in plan.manifest.items() if k != "arrays"}
+    m = {**m, "c1": entry}
+    from mfdetr.cache.schema import resolve_array_table
+
+    m["arrays"] = [a.name for a in resolve_array_table(m)]
+    return m, {PROGRAM_FILE: program, WEIGHTS_FILE: weights}
+
+
+def _image_sha256(plan: _Plan, image_ids: list[int]) -> list[dict[str, np.ndarray]]:
+    return [{"image_sha256": np.frombuffer(bytes.fromhex(sha256_file(plan.dataset.image_path(i))), dtype=np.uint8)}
+            for i in image_ids]
+
+
 def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
               echo: Callable[[str], None] = print, detector: FrozenDetector | None = None) -> CacheSummary:
     """Run (or with ``dry_run`` only estimate) a cache job; see the module doc.
@@ -203,19 +243,25 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
         if out_path.exists():
             from mfdetr.cache.reader import CacheStore
 
-            commit = CacheStore.open(out_path, expect={k: m[k] for k in m if k != "created_utc"}).commit_flags()
+            same = {k: m[k] for k in m if k not in ("created_utc", "arrays")}
+            commit = CacheStore.open(out_path, expect=same).commit_flags()
         todo = _todo(plan, commit, job.retry_skipped)
-        est = estimate_bytes(plan, todo)
+        est = estimate_bytes(plan, todo, c1_mode=job.c1)
         summary.estimate, summary.planned = est, len(todo)
         echo(f"images: {n} in {job.split}; {int((commit == COMMIT_DONE).sum())} already done; "
              f"{len(todo)} to compute{shard_txt}")
         echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} (raw float16, valid region: "
              f"{_human(est['raw_f16_valid_per_image'])}; raw canvas: {_human(est['raw_canvas_per_image'])}; "
-             f"assumed compression ratios {ASSUMED_RATIO}; the run's summary prints the measured ones)")
+             f"assumed compression ratios {ASSUMED_RATIO}; the run's summary prints the measured ones)"
+             + ("; C1 recomputed in stage 2: no C1 array" if job.c1 == "recompute" else ""))
         echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
         return summary
 
-    root = open_for_writing(out_path, m, plan.image_ids)
+    extra_files = None
+    if job.c1 == "recompute":  # the manifest holds the stage 0's sha256: the detector is needed first
+        detector = detector if detector is not None else _build_detector(job)
+        m, extra_files = recompute_manifest(plan, detector)
+    root = open_for_writing(out_path, m, plan.image_ids, extra_files)
     write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
     commit = read_commit_flags(out_path, root["commit"])  # type: ignore[arg-type]
     todo = _todo(plan, commit, job.retry_skipped)
@@ -225,9 +271,7 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     summary.stats = writer.stats
     if todo:
         if detector is None:
-            from mfdetr.detectors.registry import build_detector
-
-            detector = build_detector(job.detector, checkpoint=job.checkpoint, device=str(resolve_device(job.device)))
+            detector = _build_detector(job)
         device = next(iter(detector.parameters()), None) if isinstance(detector, torch.nn.Module) else None
         dev = device.device if device is not None else resolve_device(job.device)
         # queue: batches waiting for a worker (each holds its detector output, on the device)
@@ -251,8 +295,12 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
                                           f"({', '.join(batch.file_names)}): {e}") from None
                     _check_output(out, m, batch.image_ids)
                     summary.detect_s += time.perf_counter() - t0
+                    extra = None
+                    if job.c1 == "recompute":  # C1 is not stored: copy a 1x1 corner only, record the files
+                        out = dataclasses.replace(out, c1=out.c1[..., :1, :1])
+                        extra = _image_sha256(plan, batch.image_ids)
                     bg.write_output(out, indices=[plan.dataset.index_of(i) for i in batch.image_ids],
-                                    file_names=batch.file_names, image_ids=batch.image_ids)
+                                    file_names=batch.file_names, image_ids=batch.image_ids, extra=extra)
                 bar.update(bg.completed - bar.n)
                 bar.set_postfix_str(f"written {_human(writer.stats.bytes_written)}", refresh=False)
             failed = False
@@ -270,6 +318,12 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     for line in format_summary(summary):
         echo(line)
     return summary
+
+
+def _build_detector(job: CacheJob) -> FrozenDetector:
+    from mfdetr.detectors.registry import build_detector
+
+    return build_detector(job.detector, checkpoint=job.checkpoint, device=str(resolve_device(job.device)))
 
 
 def format_summary(s: CacheSummary) -> list[str]:

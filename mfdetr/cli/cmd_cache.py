@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
                                                                        "(zstd releases the GIL)."),
         retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Recompute images recorded as skipped."),
         annotation_file: Path = typer.Option(None, "--annotations", help="Override the instances JSON path."),
+        c1: str = typer.Option("store", "--c1", help="store: write C1 (stride-4 backbone map); recompute: write no "
+                                                      "C1 but the frozen stage 0, run in stage 2 on the decoded image."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes, compute nothing."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
     ) -> None:
@@ -49,5 +51,5 @@ def register(app: typer.Typer) -> None:
         job = CacheJob(detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=out, topk=topk,
                        enc_layers=_layers(enc_layers), batch_size=batch_size, shard=parse_shard(shard),
                        device=device, num_workers=workers, writer_threads=writer_threads,
-                       retry_skipped=retry_skipped, annotation_file=annotation_file)
+                       retry_skipped=retry_skipped, annotation_file=annotation_file, c1=c1)
         run_cache(job, dry_run=dry_run, progress=progress, echo=typer.echo)
