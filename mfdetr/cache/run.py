@@ -203,12 +203,13 @@ def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict
     (:mod:`mfdetr.cache.stage0`), exported from ``detector`` on a seeded random input."""
     from mfdetr.cache.stage0 import PROGRAM_FILE, WEIGHTS_FILE, export_stage0, sha256_bytes
 
+    module = _stage0_module(detector, plan.preset.name)
     pre = plan.preset.preprocessing
     h = min(pre.short_side, 224)
     w = min(pre.max_size, h * 4 // 3 + 3)
-    dev = next(iter(detector.parameters())).device
+    dev = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
     example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
-    program, weights = export_stage0(_stage0_module(detector, plan.preset.name), example)
+    program, weights = export_stage0(module, example)
     entry = {"mode": "recompute", "stage0": {"program": PROGRAM_FILE, "program_sha256": sha256_bytes(program),
                                              "weights": WEIGHTS_FILE, "weights_sha256": sha256_bytes(weights)}}
     m = {k: v for k, v in plan.manifest.items() if k != "arrays"}
