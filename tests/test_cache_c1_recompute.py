@@ -203,3 +203,16 @@ def test_c1_option_errors_and_dry_run(root: Path, tmp_path: Path) -> None:
            for m in ("store", "recompute")}
     assert est["recompute"]["bytes_per_image"] < est["store"]["bytes_per_image"]  # type: ignore[index]
     assert any("no C1 array" in ln for ln in lines)
+
+
+def test_run_batches_follow_the_epoch_plan_and_workers_never_fork() -> None:
+    from mfdetr.engine.loading import RunBatches, loader_options
+    from mfdetr.engine.sampling import EpochPlan
+
+    plan = EpochPlan(num_items=7, batch_size=2, seed=3)  # 4 steps per epoch
+    want = [b for e in range(4) for b in plan.rank_batches(e)][5:13]
+    assert list(RunBatches(plan, 5, 13)) == want and len(RunBatches(plan, 5, 13)) == 8
+    assert loader_options(0) == {"num_workers": 0}
+    opts = loader_options(3, 4)
+    assert opts["multiprocessing_context"] in ("forkserver", "spawn") and opts["persistent_workers"]
+    assert opts["num_workers"] == 3 and opts["prefetch_factor"] == 4
