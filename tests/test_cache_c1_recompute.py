@@ -216,3 +216,31 @@ def test_run_batches_follow_the_epoch_plan_and_workers_never_fork() -> None:
     opts = loader_options(3, 4)
     assert opts["multiprocessing_context"] in ("forkserver", "spawn") and opts["persistent_workers"]
     assert opts["num_workers"] == 3 and opts["prefetch_factor"] == 4
+
+
+def _backbones() -> dict[str, object]:
+    import mfdetr.detectors.dino.demo  # noqa: F401 - registers the demo's resnet_bn kind
+    from mfdetr.detectors.backbones import BackboneConfig, build_backbone
+    from tests.test_backbone_focalnet import tiny as focalnet
+    from tests.test_backbone_swin import tiny as swin
+
+    return {"tiny": lambda: build_backbone(BackboneConfig(kind="tiny")),
+            "resnet_bn": lambda: build_backbone(BackboneConfig(kind="resnet_bn", params={"widths": (8, 16, 32, 64)})),
+            "resnet": lambda: build_backbone(BackboneConfig(kind="resnet", params={"depths": (1, 1, 1, 1)})),
+            "swin_5scale": swin, "focalnet": focalnet}  # swin 5-scale: stage 0 is a level, so C1 is normed
+
+
+@pytest.mark.parametrize("kind", ["tiny", "resnet_bn", "resnet", "swin_5scale", "focalnet"])
+def test_every_backbone_stage0_exports_exactly(kind: str) -> None:
+    from mfdetr.cache.stage0 import export_stage0
+
+    torch.manual_seed(0)
+    bb = _backbones()[kind]().eval()  # type: ignore[operator]
+    with torch.no_grad():  # non-trivial BN statistics and norms
+        for p in bb.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    program, weights = export_stage0(bb.stage0(), torch.randn(1, 3, 61, 83))
+    stored = Stage0Program.from_bytes(program, weights)
+    x = torch.randn(2, 3, 45, 38)  # another size, orientation and batch than the export's
+    with torch.inference_mode():
+        assert torch.equal(stored(x), bb(x)[0])

@@ -232,13 +232,16 @@ class Stage0Program(nn.Module):
 def export_stage0(module: nn.Module, example: Tensor) -> tuple[bytes, bytes]:
     """Export ``module`` (frozen stage 0, ``images -> C1``) as the two stored files' bytes.
 
-    Verifies the stored program against ``module`` on ``example`` and on a smaller input of another
-    aspect: both must match bit for bit, else :class:`MfdetrError` (then use ``--c1 store``).
+    Traced on a batch of two (``example`` and its mirror image) with batch, H and W dynamic. Verifies the
+    stored program against ``module`` on ``example`` and on a smaller batch of two of another aspect: both
+    must match bit for bit, else :class:`MfdetrError` (then use ``--c1 store``).
     """
     module = module.eval()
-    dims = ({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
+    # a batch of 2 so that no size is 0/1-specialised: batch, H and W stay dynamic in the program
+    pair = torch.cat([example[:1], example[:1].flip(-1)])
+    dims = ({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
     with torch.no_grad():
-        ep = torch.export.export(module, (example,), dynamic_shapes=dims)
+        ep = torch.export.export(module, (pair,), dynamic_shapes=dims)
     program, weights = program_from_export(ep)
     prog_bytes = (json.dumps(program, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
     buf = io.BytesIO()
@@ -246,7 +249,7 @@ def export_stage0(module: nn.Module, example: Tensor) -> tuple[bytes, bytes]:
     w_bytes = buf.getvalue()
     stored = Stage0Program.from_bytes(prog_bytes, w_bytes).to(example.device)
     h, w = example.shape[-2:]
-    for x in (example, example[..., : max(8, h * 2 // 3 + 1), : max(8, w // 2 + 3)].contiguous()):
+    for x in (example[:1], pair[..., : max(8, h * 2 // 3 + 1), : max(8, w // 2 + 3)].contiguous()):
         with torch.inference_mode():
             want, got = module(x), stored(x)
         if want.shape != got.shape or not torch.equal(want, got):
