@@ -7,6 +7,8 @@
 - :class:`CacheWriter` / :class:`BackgroundWriter` — open / write / commit of single images.
 - :func:`build_manifest`, :func:`validate_manifest_data`, :func:`check_expectations` — the manifest.
 - :func:`inspect_store` — the report of ``mfdetr inspect``.
+- :mod:`mfdetr.cache.stage0` — the frozen stage 0 a ``--c1 recompute`` store carries instead of C1
+  (exported with ``torch.export``, stored as a data-only ATen program + tensors, loaded safely).
 
 The schema (manifest JSON Schema + array table) lives in ``cache_schemas/v1`` and ships with the
 package. The reader side (:class:`CacheStore`) never imports a detector.

@@ -9,6 +9,7 @@ only images whose commit flag is unset are computed. Shards (``--shard i/n`` or 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -200,15 +201,15 @@ def _stage0_module(detector: Any, name: str) -> torch.nn.Module:
 
 def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
     """A ``--c1 recompute`` store's manifest (no c1 array; the stage 0's sha256) and its stage-0 files
-    (:mod:`mfdetr.cache.stage0`), exported from ``detector`` on a seeded random input."""
+    (:mod:`mfdetr.cache.stage0`), exported from ``detector`` on a seeded random input (on the CPU)."""
     from mfdetr.cache.stage0 import PROGRAM_FILE, WEIGHTS_FILE, export_stage0, sha256_bytes
 
-    module = _stage0_module(detector, plan.preset.name)
+    # traced and verified on the CPU (deterministic kernels), whatever device the detector runs on
+    module = copy.deepcopy(_stage0_module(detector, plan.preset.name)).cpu()
     pre = plan.preset.preprocessing
     h = min(pre.short_side, 224)
     w = min(pre.max_size, h * 4 // 3 + 3)
-    dev = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
-    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
+    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     program, weights = export_stage0(module, example)
     entry = {"mode": "recompute", "stage0": {"program": PROGRAM_FILE, "program_sha256": sha256_bytes(program),
                                              "weights": WEIGHTS_FILE, "weights_sha256": sha256_bytes(weights)}}
