@@ -11,7 +11,7 @@ For each cache given (e.g. a ``--c1 store`` and a ``--c1 recompute`` cache of th
   memory, images/s. For a recompute cache the stage-0 forward that rebuilds C1 on the training device
   runs in the step (the trainer's ``prepare_batch``), so its time counts on the consumer side.
 
-Prints both and their ratio (issue goal: loader ≥ 3× consumer). It measures; it does not judge.
+Prints both and their ratio (the goal: loader ≥ 3× consumer). It measures; it does not judge.
 
     python benchmarks/bench_loader.py --cache cache/demo/train2017 --cache cache/demo_recompute/train2017 \
         --config pipeline/recipes/demo.toml --workers 0 2 4 --device cpu
