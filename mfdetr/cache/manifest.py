@@ -90,7 +90,8 @@ def _jsonable(x: Any) -> Any:
 def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_sha256: str, split: str,
                    annotation_file: str, annotation_sha256: str, image_ids: Sequence[int], topk: int,
                    enc_layers: Sequence[int], logits_dtype: str = "float32",
-                   codec: Mapping[str, Any] | None = None, codec_preset: str = DEFAULT_PRESET) -> dict[str, Any]:
+                   codec: Mapping[str, Any] | None = None, codec_preset: str = DEFAULT_PRESET,
+                   c1: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a new store (validated against the schema).
 
     Args:
@@ -101,6 +102,8 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
         topk: K queries kept per image; enc_layers: 1-based encoder layers stored (Table 15).
         codec: the data compressor (default :data:`DEFAULT_CODEC`); codec_preset: the feature codec
             preset (``mfdetr.cache.codecs.PRESETS``), recorded with its filter chain.
+        c1: the ``c1`` entry of a ``--c1 recompute`` store (``{"mode": "recompute", "stage0": {...}}``,
+            :mod:`mfdetr.cache.stage0`); ``None`` = store C1 (no entry: the manifest of ``--c1 store``).
     """
     layers = sorted({int(e) for e in enc_layers})
     if not layers or layers[0] < 1 or layers[-1] > preset.num_encoder_layers:
@@ -135,6 +138,8 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
         "category_map": list(preset.class_to_category),
         "arrays": [],
     }
+    if c1 is not None:
+        m["c1"] = dict(c1)
     m["arrays"] = [a.name for a in resolve_array_table(m)]
     m = _jsonable(m)
     errs = validate_manifest_data(m)
@@ -157,6 +162,9 @@ def validate_manifest_data(m: Any) -> list[str]:
     if not errs:
         if m["num_classes"] != len(m["category_map"]):
             errs.append(f"manifest.category_map: {len(m['category_map'])} entries, num_classes is {m['num_classes']}")
+        c1 = m.get("c1", {"mode": "store"})
+        if (c1["mode"] == "recompute") != ("stage0" in c1):
+            errs.append("manifest.c1: a 'recompute' store names its stage0 files, a 'store' one none")
         cv = m["canvas"]
         if not len(cv["level_hw"]) == len(cv["level_tile"]) == len(m["level_strides"]):
             errs.append("manifest.canvas.level_hw/level_tile: one entry per level stride expected")

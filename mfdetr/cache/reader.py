@@ -19,7 +19,7 @@ import torch
 import zarr
 
 from mfdetr.cache.manifest import check_expectations
-from mfdetr.cache.schema import enc_array_name
+from mfdetr.cache.schema import c1_mode, enc_array_name
 from mfdetr.cache.store import open_validated, read_commit_flags
 from mfdetr.cache.verify import Damage, DamagedImage, checked_read, geometry_problem
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED
@@ -44,6 +44,9 @@ class CacheStore:
         self.enc_layers: list[int] = list(manifest["enc_layers"])
         self.level_strides: list[int] = list(manifest["level_strides"])
         self._arrays: dict[str, zarr.Array] = {n: root[n] for n in manifest["arrays"]}  # type: ignore[misc]
+        #: "store" (C1 read from the ``c1`` array) or "recompute" (no ``c1`` array: :meth:`read` returns an
+        #: empty [1, C1, 0, 0] placeholder; the engine recomputes C1 with the store's stage 0)
+        self.c1_mode: str = c1_mode(manifest)
         self._commit: np.ndarray | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -133,7 +136,8 @@ class CacheStore:
         """Image ``index`` as a :class:`DetectorOutput` with batch dim 1 (CPU tensors), and its image id.
 
         Features stay float16 (boxes float32, logits as stored). Only the requested encoder layers
-        (default: all stored) are read. ``crop=True`` returns every map cut to its valid size
+        (default: all stored) are read. A ``--c1 recompute`` store returns C1 as an empty
+        ``[1, C1, 0, 0]`` placeholder (see :attr:`c1_mode`). ``crop=True`` returns every map cut to its valid size
         (``level_valid_hw``; C1 to ``ceil(input_hw / 4)``); ``crop=False`` returns the zero-padded canvases.
         """
         n = len(self)
@@ -156,7 +160,7 @@ class CacheStore:
         lvl_hw = a["level_valid_hw"].astype(np.int64)
         ih, iw = (int(v) for v in a["input_hw"])
         # maps: only the valid region is read when cropping, so only the tiles it overlaps are decoded
-        regions = {"c1": (math.ceil(ih / 4), math.ceil(iw / 4))}
+        regions = {"c1": (math.ceil(ih / 4), math.ceil(iw / 4))} if self.c1_mode == "store" else {}
         for e in layers:
             for lvl in range(len(self.level_strides)):
                 regions[enc_array_name(e, lvl)] = (int(lvl_hw[lvl][0]), int(lvl_hw[lvl][1]))
@@ -168,7 +172,14 @@ class CacheStore:
         enc = {e: [t(a[enc_array_name(e, lvl)]) for lvl in range(len(self.level_strides))] for e in layers}
         out = DetectorOutput(
             queries=t(a["queries"]), boxes=t(a["boxes"]), logits=t(a["logits"]), enc_maps=enc,
-            c1=t(a["c1"]),
+            c1=t(a["c1"]) if "c1" in a else torch.zeros(1, int(self.manifest["c1_channels"]), 0, 0,
+                                                         dtype=torch.float16),
             input_hw=t(a["input_hw"].astype(np.int64)), orig_hw=t(a["orig_hw"].astype(np.int64)),
             level_valid_hw=t(lvl_hw))
         return out, int(self.image_ids[index])
+
+    def image_sha256(self, index: int) -> str:
+        """sha256 (hex) of image ``index``'s file as the writer read it (``--c1 recompute`` stores only)."""
+        if "image_sha256" not in self._arrays:
+            raise MfdetrError("this cache records no image sha256 (it stores C1)", path=self.path)
+        return bytes(self._arrays["image_sha256"][index]).hex()

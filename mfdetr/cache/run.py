@@ -9,6 +9,8 @@ only images whose commit flag is unset are computed. Shards (``--shard i/n`` or 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -52,6 +54,7 @@ class CacheJob:
     annotation_file: Path | None = None
     codec: str = DEFAULT_PRESET
     repair: bool = False
+    c1: str = "store"  # "store" the C1 array, or "recompute" it in stage 2 from the stored stage 0
 
 
 @dataclass
@@ -116,6 +119,8 @@ def plan_job(job: CacheJob) -> _Plan:
         raise MfdetrError("checkpoint file not found", path=job.checkpoint)
     if job.batch_size < 1:
         raise MfdetrError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if job.c1 not in ("store", "recompute"):
+        raise MfdetrError(f"--c1 must be 'store' or 'recompute', got {job.c1!r}")
     dataset = CocoInstances(job.coco, job.split, preprocessing=preset.preprocessing, with_targets=False,
                             annotation_file=job.annotation_file)
     image_ids = np.asarray(dataset.image_ids, dtype=np.int64)
@@ -128,8 +133,9 @@ def plan_job(job: CacheJob) -> _Plan:
                  shard=resolve_shard(job.shard))
 
 
-def estimate_bytes(plan: _Plan, indices: list[int], store: Any | None = None) -> dict[str, Any]:
-    """Estimated bytes of ``indices`` (with the job's codec, C1 stored) and a table of bytes/image and the
+def estimate_bytes(plan: _Plan, indices: list[int], store: Any | None = None, *,
+                   c1_mode: str = "store") -> dict[str, Any]:
+    """Estimated bytes of ``indices`` (with the job's codec and C1 mode) and a table of bytes/image and the
     whole split's total under every codec preset and C1 mode, from the annotation's image sizes and the
     shapes (:mod:`mfdetr.cache.sizes`; ratios measured on ``store`` where possible)."""
     m = plan.manifest
@@ -144,7 +150,7 @@ def estimate_bytes(plan: _Plan, indices: list[int], store: Any | None = None) ->
     ratios, note = ratios_for(store)
     raw = raw_bytes(m, [hws[i] for i in indices])
     mine = next(r for r in size_table(raw, len(indices), ratios)
-                if r.preset == m["codecs"]["preset"] and r.c1_mode == "store")
+                if r.preset == m["codecs"]["preset"] and r.c1_mode == c1_mode)
     return {"images": len(indices), "bytes_per_image": mine.bytes_per_image,
             "raw_f16_valid_per_image": sum(raw.values()) / max(len(indices), 1),
             "raw_canvas_per_image": float(canvas), "total_bytes": mine.total_bytes, "ratios": ratios,
@@ -229,25 +235,59 @@ def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[
         store = CacheStore.open(out_path)
         want = adopt_checksum_setting(store.manifest, m)
         # a manifest written before codec presets existed is lossless: compare it as such
-        check_expectations(with_codec_defaults(store.manifest), {k: want[k] for k in want if k != "created_utc"},
-                           where=str(out_path))
+        check_expectations(with_codec_defaults(store.manifest),
+                           {k: want[k] for k in want if k not in ("created_utc", "arrays", "c1")}, where=str(out_path))
         commit = store.commit_flags().copy()
         found = find_damaged(store, full=job.repair, indices=range(plan.shard[0], n, plan.shard[1]))
         commit[[d.index for d in found]] = COMMIT_PENDING
         damaged = len(found)
     todo = _todo(plan, commit, job.retry_skipped)
-    est = estimate_bytes(plan, todo, store)
+    est = estimate_bytes(plan, todo, store, c1_mode=job.c1)
     summary.estimate, summary.planned = est, len(todo)
     shard_txt = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
     echo(f"images: {n} in {job.split}; {int((commit == COMMIT_DONE).sum())} already done; "
          f"{len(todo)} to compute{shard_txt}" + (f" ({damaged} of them damaged)" if damaged else ""))
-    echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} with --codec {job.codec}, C1 stored "
+    echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} with --codec {job.codec} --c1 {job.c1} "
          f"(raw float16, valid region: {_human(est['raw_f16_valid_per_image'])}; raw canvas: "
          f"{_human(est['raw_canvas_per_image'])}; the run's summary prints the measured sizes)")
     echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
-    for line in format_size_table(est["table"], chosen=(job.codec, "store"), note=est["ratio_source"], n_images=n):
+    for line in format_size_table(est["table"], chosen=(job.codec, job.c1), note=est["ratio_source"], n_images=n):
         echo(line)
     return summary
+def _stage0_module(detector: Any, name: str) -> torch.nn.Module:
+    """The frozen stage 0 (stem + first backbone stage) that produced the detector's C1."""
+    fn = getattr(getattr(detector, "body", None), "stage0", None)
+    if not callable(fn):
+        raise MfdetrError(f"detector {name} does not expose its backbone's stage 0, so its C1 cannot be "
+                          "recomputed: use --c1 store")
+    return fn()
+
+
+def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A ``--c1 recompute`` store's manifest (no c1 array; the stage 0's sha256) and its stage-0 files
+    (:mod:`mfdetr.cache.stage0`), exported from ``detector`` on a seeded random input (on the CPU)."""
+    from mfdetr.cache.stage0 import PROGRAM_FILE, WEIGHTS_FILE, export_stage0, sha256_bytes
+
+    # traced and verified on the CPU (deterministic kernels), whatever device the detector runs on
+    module = copy.deepcopy(_stage0_module(detector, plan.preset.name)).cpu()
+    pre = plan.preset.preprocessing
+    h = min(pre.short_side, 224)
+    w = min(pre.max_size, h * 4 // 3 + 3)
+    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    program, weights = export_stage0(module, example)
+    entry = {"mode": "recompute", "stage0": {"program": PROGRAM_FILE, "program_sha256": sha256_bytes(program),
+                                             "weights": WEIGHTS_FILE, "weights_sha256": sha256_bytes(weights)}}
+    m = {k: v for k, v in plan.manifest.items() if k != "arrays"}
+    m = {**m, "c1": entry}
+    from mfdetr.cache.schema import resolve_array_table
+
+    m["arrays"] = [a.name for a in resolve_array_table(m)]
+    return m, {PROGRAM_FILE: program, WEIGHTS_FILE: weights}
+
+
+def _image_sha256(plan: _Plan, image_ids: list[int]) -> list[dict[str, np.ndarray]]:
+    return [{"image_sha256": np.frombuffer(bytes.fromhex(sha256_file(plan.dataset.image_path(i))), dtype=np.uint8)}
+            for i in image_ids]
 
 
 def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
@@ -266,7 +306,11 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     if dry_run:
         return _dry_run(job, plan, summary, echo)
 
-    root = open_for_writing(out_path, m, plan.image_ids)
+    extra_files = None
+    if job.c1 == "recompute":  # the manifest holds the stage 0's sha256: the detector is needed first
+        detector = detector if detector is not None else _build_detector(job)
+        m, extra_files = recompute_manifest(plan, detector)
+    root = open_for_writing(out_path, m, plan.image_ids, extra_files)
     write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
     reset_damaged(out_path, root, plan, full=job.repair, echo=echo)  # their flags become pending
     commit = read_commit_flags(out_path, root["commit"])  # type: ignore[arg-type]
@@ -277,9 +321,7 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     summary.stats = writer.stats
     if todo:
         if detector is None:
-            from mfdetr.detectors.registry import build_detector
-
-            detector = build_detector(job.detector, checkpoint=job.checkpoint, device=str(resolve_device(job.device)))
+            detector = _build_detector(job)
         device = next(iter(detector.parameters()), None) if isinstance(detector, torch.nn.Module) else None
         dev = device.device if device is not None else resolve_device(job.device)
         # queue: batches waiting for a worker (each holds its detector output, on the device)
@@ -303,8 +345,12 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
                                           f"({', '.join(batch.file_names)}): {e}") from None
                     _check_output(out, m, batch.image_ids)
                     summary.detect_s += time.perf_counter() - t0
+                    extra = None
+                    if job.c1 == "recompute":  # C1 is not stored: copy a 1x1 corner only, record the files
+                        out = dataclasses.replace(out, c1=out.c1[..., :1, :1])
+                        extra = _image_sha256(plan, batch.image_ids)
                     bg.write_output(out, indices=[plan.dataset.index_of(i) for i in batch.image_ids],
-                                    file_names=batch.file_names, image_ids=batch.image_ids)
+                                    file_names=batch.file_names, image_ids=batch.image_ids, extra=extra)
                 bar.update(bg.completed - bar.n)
                 bar.set_postfix_str(f"written {_human(writer.stats.bytes_written)}", refresh=False)
             failed = False
@@ -322,6 +368,12 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     for line in format_summary(summary):
         echo(line)
     return summary
+
+
+def _build_detector(job: CacheJob) -> FrozenDetector:
+    from mfdetr.detectors.registry import build_detector
+
+    return build_detector(job.detector, checkpoint=job.checkpoint, device=str(resolve_device(job.device)))
 
 
 def format_summary(s: CacheSummary) -> list[str]:

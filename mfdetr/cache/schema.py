@@ -149,8 +149,11 @@ def resolve_array_table(manifest: dict[str, Any]) -> list[ArraySpec]:
             inner = None
         return ArraySpec(name, shape, dtype, chunks, row["codec"], row["meaning"], inner)
 
+    mode = "c1_" + c1_mode(manifest)
     out: list[ArraySpec] = []
     for row in table:
+        if row.get("when", mode) != mode:
+            continue
         dtype = manifest["dtypes"]["logits"] if row["dtype"] == "logits" else row["dtype"]
         if "{e}" in row["name"]:
             for e in manifest["enc_layers"]:
@@ -160,6 +163,11 @@ def resolve_array_table(manifest: dict[str, Any]) -> list[ArraySpec]:
         else:
             out.append(_spec(row, row["name"], dtype, {}))
     return out
+
+
+def c1_mode(manifest: dict[str, Any]) -> str:
+    """``"store"`` (the ``c1`` array; also when the manifest has no ``c1`` entry) or ``"recompute"``."""
+    return str(manifest.get("c1", {}).get("mode", "store"))
 
 
 def enc_array_name(layer: int, level: int) -> str:

@@ -93,8 +93,12 @@ def _describe_compressors(arr: zarr.Array) -> dict[str, Any]:
     return {"name": type(c).__name__}
 
 
-def _build(path: Path, manifest: dict[str, Any], image_ids: np.ndarray) -> None:
+def _build(path: Path, manifest: dict[str, Any], image_ids: np.ndarray,
+           extra_files: dict[str, bytes] | None = None) -> None:
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for rel, data in (extra_files or {}).items():  # e.g. the stage 0 of a --c1 recompute store
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_bytes(data)
     for spec in resolve_array_table(manifest):
         layout = ({"shards": spec.chunks, "chunks": spec.inner_chunks} if spec.inner_chunks
                   else {"chunks": spec.chunks})
@@ -108,8 +112,12 @@ def _build(path: Path, manifest: dict[str, Any], image_ids: np.ndarray) -> None:
     root.attrs[MANIFEST_ATTR] = manifest
 
 
-def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.ndarray) -> zarr.Group:
+def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.ndarray,
+                     extra_files: dict[str, bytes] | None = None) -> zarr.Group:
     """Create the store at ``path`` (atomically) or open the existing one with the same manifest.
+
+    ``extra_files`` (store-relative path → bytes) are written into a new store before it appears; an
+    existing store keeps its own (their sha256 are part of the manifest that must match).
 
     Raises :class:`MfdetrError` if ``path`` holds something else or a store made with a different
     manifest (listing the differences).
@@ -120,7 +128,7 @@ def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.n
     if not exists:
         tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            _build(tmp, manifest, image_ids)
+            _build(tmp, manifest, image_ids, extra_files)
             try:
                 os.rename(tmp, path)  # atomic; fails if another writer created the store first
             except OSError as e:

@@ -165,8 +165,9 @@ class CacheWriter:
                     if name not in a:
                         raise ValueError(f"detector output lacks encoder layer {layer} level {lvl}")
                     maps.append((name, *self._canvas(a[name], lvl_hw[lvl], canvas, f"level {lvl}", rec)))
-            c1_valid = (math.ceil(ih / 4), math.ceil(iw / 4))
-            maps.append(("c1", *self._canvas(a["c1"], c1_valid, self.c1_hw, "C1", rec)))
+            if "c1" in self.arrays:  # a --c1 recompute store has none
+                c1_valid = (math.ceil(ih / 4), math.ceil(iw / 4))
+                maps.append(("c1", *self._canvas(a["c1"], c1_valid, self.c1_hw, "C1", rec)))
         except _DoesNotFit as e:
             self.write_skip(rec.index, rec.image_id, f"{rec.file_name}: {e}")
             return
@@ -174,8 +175,10 @@ class CacheWriter:
         for name, value in [("queries", a["queries"]), *((n, v) for n, v, _ in maps)]:
             if name in self.feature_arrays:  # values the codec preset cannot encode: stop, never store inf
                 check_encodable(self.manifest, name, value, where)
-        for name in ("queries", "boxes", "logits", "input_hw", "orig_hw", "level_valid_hw"):
-            self._put(name, i, a[name], a[name].nbytes)
+        small = ("queries", "boxes", "logits", "input_hw", "orig_hw", "level_valid_hw", "image_sha256")
+        for name in small:
+            if name in self.arrays:
+                self._put(name, i, a[name], a[name].nbytes)
         for name, value, valid in maps:
             self._put(name, i, value, valid)
         self._put("commit", i, np.array(COMMIT_DONE, dtype=np.uint8), 1)
@@ -269,17 +272,19 @@ class BackgroundWriter:
             self.submit(self.writer.write_image, r)
 
     def write_output(self, out: DetectorOutput, *, indices: list[int], file_names: list[str],
-                     image_ids: list[int]) -> None:
+                     image_ids: list[int], extra: list[dict[str, np.ndarray]] | None = None) -> None:
         """Queue a whole batch output: a worker converts it (float16 cast, non-finite check, device→host
         copy: :func:`records_from_output`) and writes its images, so the main thread goes straight back
-        to the detector. A non-finite output surfaces as :class:`MfdetrError` at the next call."""
+        to the detector. A non-finite output surfaces as :class:`MfdetrError` at the next call.
+        ``extra[b]`` holds more arrays of image ``b`` (e.g. ``image_sha256``)."""
 
         def job() -> int:
             nonlocal out
             with torch.inference_mode():
                 records = records_from_output(out, indices=indices, file_names=file_names, image_ids=image_ids)
             out = None  # type: ignore[assignment]  # free the device tensors before the slow compression
-            for r in records:
+            for r, more in zip(records, extra or [{}] * len(records), strict=True):
+                r.arrays.update(more)
                 self.writer.write_image(r)
             return len(records)
 

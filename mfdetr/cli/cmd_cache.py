@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
                                   help="Feature codec preset: lossless (float16 + zstd-1), bitround-7, bitround-4 or "
                                        "quantize-1 (lossy, numcodecs; bounds in cache_schemas/v1/arrays.md). "
                                        "Recorded in the store; readers need no option."),
+        c1: str = typer.Option("store", "--c1", help="store: write C1 (stride-4 backbone map); recompute: write no "
+                                                      "C1 but the frozen stage 0, run in stage 2 on the decoded image."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes per codec preset "
                                                                "and C1 mode, compute nothing."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
@@ -58,5 +60,5 @@ def register(app: typer.Typer) -> None:
                        enc_layers=_layers(enc_layers), batch_size=batch_size, shard=parse_shard(shard),
                        device=device, num_workers=workers, writer_threads=writer_threads,
                        retry_skipped=retry_skipped, annotation_file=annotation_file, codec=codec,
-                       repair=repair)
+                       repair=repair, c1=c1)
         run_cache(job, dry_run=dry_run, progress=progress, echo=typer.echo)

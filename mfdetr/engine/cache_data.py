@@ -5,6 +5,9 @@ its manifest names (checked by sha256, so GT and features always belong together
 ``(DetectorOutput with batch 1 — float16 features, cropped to their valid size —, GTInstances)``;
 :func:`~mfdetr.engine.collate.collate_detector_outputs` pads a list of them into a batch.
 
+A ``--c1 recompute`` cache stores no C1: item ``i`` then also carries the preprocessed image, and
+:attr:`CacheDataset.prepare_batch` recomputes C1 on the training device (:mod:`mfdetr.engine.c1_recompute`).
+
 Only complete images (commit flag done) are used. A cache still being written (pending images) is
 trained on its complete part with a warning naming how many are missing, or refused with
 ``require_complete``; images the writer skipped (unreadable files) are reported and left out.
@@ -158,6 +161,15 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
         self.indices: np.ndarray = complete[:max_images] if max_images > 0 else complete
         self.num_pending, self.num_skipped = int(pending), len(skipped)
         self.image_ids = [int(store.image_ids[i]) for i in self.indices]
+        #: ``--c1 recompute`` caches: the images are decoded here (in the workers) and the trainer's
+        #: ``prepare_batch`` runs the cache's stage 0 (:mod:`mfdetr.engine.c1_recompute`); else ``None``
+        self.prepare_batch: Any = None
+        self._images: Any = None
+        if store.c1_mode == "recompute":
+            from mfdetr.engine.c1_recompute import C1Recompute, ImageSource
+
+            self.prepare_batch = C1Recompute(store)
+            self._images = ImageSource(store, coco_split)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -182,8 +194,15 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
                           path=self.store.path)
 
     def _item(self, i: int, damaged: list[Damage]) -> tuple[DetectorOutput, GTInstances]:
-        det, image_id = self.store.read(int(self.indices[i]), enc_layers=[self.enc_layer])
+        index = int(self.indices[i])
+        det, image_id = self.store.read(index, enc_layers=[self.enc_layer])
         det.extras["image_id"] = [image_id]
         if self.on_damaged == "substitute":
             det.extras["damaged"] = list(damaged)
+        if self._images is not None:
+            from mfdetr.engine.c1_recompute import ERROR_KEY, IMAGE_KEY
+
+            hw = (int(det.input_hw[0, 0]), int(det.input_hw[0, 1]))
+            image, error = self._images.load(self.store, index, image_id, hw)
+            det.extras[IMAGE_KEY], det.extras[ERROR_KEY] = [image], [error]
         return det, self.coco.load_targets(image_id)

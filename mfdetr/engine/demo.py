@@ -62,6 +62,8 @@ class DemoOptions:
     overrides: tuple[str, ...] = ()
     force: bool = False
     progress: bool = True
+    #: "store" C1 in the caches, or "recompute" it in stage 2 from the stage 0 they carry
+    c1: str = "store"
 
     def sizes(self) -> tuple[int, int, int]:
         base = QUICK if self.quick else FULL
@@ -200,7 +202,8 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
         store = out / "cache" / split
         res = run_cache(CacheJob(detector=preset.name, checkpoint=ckpt, coco=synth, split=split, out=store,
                                  topk=topk, enc_layers=(enc_layer,), batch_size=4, device=device, num_workers=0,
-                                 writer_threads=2), progress=opts.progress, echo=_brief(echo), detector=detector)
+                                 writer_threads=2, c1=opts.c1), progress=opts.progress, echo=_brief(echo),
+                         detector=detector)
         done()
         s.cache_bytes[split], s.cache_images[split] = res.store_bytes, res.store_done
         stores[split] = store

@@ -30,6 +30,7 @@ from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_
 from mfdetr.engine.checkpoint import atomic_write_text, check_masknet_config, load_checkpoint
 from mfdetr.engine.damage import DamagePolicy, collate_marked
 from mfdetr.engine.config import RunConfig, build_run_config, load_run_config
+from mfdetr.engine.loading import loader_options
 from mfdetr.devices import resolve_device
 from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
 from mfdetr.engine.trainer import TrainResult, seed_everything, train
@@ -141,15 +142,16 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
     box_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("bbox",))
     known = set(coco_gt.getCatIds())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_marked,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", **loader_options(num_workers))
     use_amp = device.type == "cuda" and amp != "off"
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     all_results: list[dict[str, Any]] = []
+    prepare = getattr(dataset, "prepare_batch", None)  # a --c1 recompute cache: C1 from the images
     for batch, damaged in loader:
         damage.take(damaged)
         if batch is None:
             continue
-        batch = batch.to(device)
+        batch = prepare(batch, device) if prepare is not None else batch.to(device)
         det = batch.det
         ids = [int(i) for i in det.extras["image_id"]]
         with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
@@ -262,7 +264,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
     res = train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set, run_dir=out,
                 resume=resume, masknet_config=_plain(parts.masknet_cfg), manifest_sha256=manifest_sha256(store.manifest),
                 evaluate_fn=evaluate_fn if val_set is not None else None, record=record,
-                prepare_batch=damage.prepare_batch)
+                prepare_batch=damage.preparer(train_set.prepare_batch))
     if damage.skipped and os.environ.get("RANK", "0") == "0":
         damage.write(Path(out) / "damaged_images.json")
         log(f"skipped {len(damage.skipped)} damaged cache image(s) (listed in {Path(out) / 'damaged_images.json'})")
@@ -356,7 +358,8 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
             train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set,
                   run_dir=vdir / "run",
                   resume=(vdir / "run" / "ckpt.pt").exists(), masknet_config=_plain(parts.masknet_cfg),
-                  manifest_sha256=manifest_sha256(store.manifest), record={"variant": v.name, "complexity": cx})
+                  manifest_sha256=manifest_sha256(store.manifest), record={"variant": v.name, "complexity": cx},
+                  prepare_batch=train_set.prepare_batch)
         dev = resolve_device(cfg.train.device)
         m, _ = evaluate_masknet(parts.model, val_set, manifest=store.manifest, batch_size=cfg.train.batch_size,
                                 device=dev, amp=cfg.train.amp)

@@ -38,6 +38,7 @@ from mfdetr.engine.checkpoint import (atomic_torch_save, atomic_write_text, capt
 from mfdetr.engine.collate import collate_detector_outputs
 from mfdetr.engine.config import RunConfig, diff_configs
 from mfdetr.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
+from mfdetr.engine.loading import RunBatches, loader_options
 from mfdetr.engine.metrics import MetricLogger
 from mfdetr.engine.sampling import EpochPlan
 from mfdetr.engine.schedule import StepDecay
@@ -258,15 +259,17 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
     step = start
     model.train()
     t_window, n_window = time.perf_counter(), 0
+    per_epoch = callable(getattr(train_set, "set_epoch", None))  # per-epoch augmentation draws (LSJ)
     while step < total:
         epoch, pos = plan.locate(step)
-        batches = plan.rank_batches(epoch, pos)[: total - step]
-        if callable(getattr(train_set, "set_epoch", None)):  # per-epoch augmentation draws (LSJ)
+        batches: Any = RunBatches(plan, step, total)  # one loader for the run: workers start once
+        if per_epoch:
             train_set.set_epoch(epoch)  # type: ignore[attr-defined]
-        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=tc.num_workers,
-                            pin_memory=device.type == "cuda",
-                            prefetch_factor=tc.prefetch_factor if tc.num_workers > 0 else None)
+            batches = plan.rank_batches(epoch, pos)[: total - step]
+        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, pin_memory=device.type == "cuda",
+                            **loader_options(tc.num_workers, tc.prefetch_factor))
         for batch in loader:
+            epoch = plan.locate(step)[0]
             seed_step(tc.seed, step, ctx.rank)
             cur_lr = sched.apply(optimizer, step)
             batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)

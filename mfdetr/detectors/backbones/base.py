@@ -52,6 +52,21 @@ class Backbone(nn.Module):
     def c1_spec(self) -> ShapeSpec:
         return self.stage_specs[0]
 
+    def stage0(self) -> nn.Module:
+        """A module computing only C1 (``images -> self(images)[0]``, same ops, same weights): what a
+        ``--c1 recompute`` cache exports. The default runs the whole backbone; subclasses return the
+        stem and first stage alone."""
+        return _FirstOutput(self)
+
+
+class _FirstOutput(nn.Module):
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)[0]
+
 
 class StagedTokenBackbone(Backbone):
     """A hierarchical transformer-style backbone (Swin, FocalNet): a patch stem, four stages that each
@@ -87,3 +102,21 @@ class StagedTokenBackbone(Backbone):
             if i in wanted:
                 outs[i] = stage_out.permute(0, 3, 1, 2).contiguous()
         return outs
+
+    def stage0(self) -> nn.Module:
+        return _TokenStage0(self)
+
+
+class _TokenStage0(nn.Module):
+    """Patch stem + stage 0 (+ ``norm0`` when stage 0 is a returned level) of a token backbone."""
+
+    def __init__(self, b: StagedTokenBackbone) -> None:
+        super().__init__()
+        self.patch_embed, self.layer0 = b.patch_embed, b.layers[0]
+        self.norm0 = getattr(b, "norm0", None) if 0 in b.out_indices else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _ = self.layer0(self.patch_embed(x))
+        if self.norm0 is not None:
+            y = self.norm0(y)
+        return y.permute(0, 3, 1, 2).contiguous()

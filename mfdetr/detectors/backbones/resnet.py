@@ -82,6 +82,10 @@ class ResNetBackbone(Backbone):
         outs = self.body(x)
         return {i: outs[i] for i in sorted(set(self.out_indices) | {0})}
 
+    def stage0(self) -> nn.Module:
+        b = self.body
+        return nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool, b.layer1)
+
 
 def build_resnet50(*, out_indices: Sequence[int] = (1, 2, 3)) -> ResNetBackbone:
     """torchvision ResNet-50 with frozen BN (DINO / H-DETR ``backbone.0.body``)."""

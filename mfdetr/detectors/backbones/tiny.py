@@ -44,3 +44,6 @@ class TinyConvBackbone(Backbone):
             if i in keep:
                 outs[i] = x
         return outs
+
+    def stage0(self) -> nn.Module:
+        return nn.Sequential(self.stem, nn.ReLU(), self.stages[0], nn.ReLU())

@@ -95,6 +95,9 @@ class ResNetBNBackbone(Backbone):
                 break
         return outs
 
+    def stage0(self) -> nn.Module:
+        return nn.Sequential(self.stem, self.stages[0])
+
 
 register_backbone_kind("resnet_bn", ResNetBNBackbone)
 
