@@ -250,7 +250,8 @@ def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[
     echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} with --codec {job.codec} --c1 {job.c1} "
          f"(raw float16, valid region: {_human(est['raw_f16_valid_per_image'])}; raw canvas: "
          f"{_human(est['raw_canvas_per_image'])}; the run's summary prints the measured sizes)")
-    echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
+    echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images"
+         + ("; C1 recomputed in stage 2: no C1 array" if job.c1 == "recompute" else ""))
     for line in format_size_table(est["table"], chosen=(job.codec, job.c1), note=est["ratio_source"], n_images=n):
         echo(line)
     return summary
