@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Option([], "--set", help="Recipe override section.key=value (repeatable)."),
         force: bool = typer.Option(False, "--force", help="Redo the demo in a non-empty --out."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show tqdm progress bars."),
+        codec: str = typer.Option("lossless", "--codec", help="Cache feature codec preset (see `mfdetr cache --codec`)."),
         c1: str = typer.Option("store", "--c1", help="store: cache C1; recompute: cache the frozen stage 0 instead "
                                                       "and recompute C1 from the images in training."),
     ) -> None:
@@ -43,4 +44,5 @@ def register(app: typer.Typer) -> None:
                              val_images=val_images, iterations=iterations, image_size=image_size,
                              batch_size=batch_size, overlays=overlays,
                              overlay_threshold=overlay_threshold, seed=seed, device=device,
-                             overrides=tuple(overrides), force=force, progress=progress, c1=c1), echo=typer.echo)
+                             overrides=tuple(overrides), force=force, progress=progress, c1=c1,
+                             codec=codec), echo=typer.echo)

@@ -64,6 +64,7 @@ class DemoOptions:
     progress: bool = True
     #: "store" C1 in the caches, or "recompute" it in stage 2 from the stage 0 they carry
     c1: str = "store"
+    codec: str = "lossless"
 
     def sizes(self) -> tuple[int, int, int]:
         base = QUICK if self.quick else FULL
@@ -202,7 +203,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
         store = out / "cache" / split
         res = run_cache(CacheJob(detector=preset.name, checkpoint=ckpt, coco=synth, split=split, out=store,
                                  topk=topk, enc_layers=(enc_layer,), batch_size=4, device=device, num_workers=0,
-                                 writer_threads=2, c1=opts.c1), progress=opts.progress, echo=_brief(echo),
+                                 writer_threads=2, c1=opts.c1, codec=opts.codec), progress=opts.progress, echo=_brief(echo),
                          detector=detector)
         done()
         s.cache_bytes[split], s.cache_images[split] = res.store_bytes, res.store_done
