@@ -26,3 +26,12 @@ class SkipImage(Exception):
         super().__init__(f"{image}: {reason}")
         self.image = str(image)
         self.reason = reason
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after saving what resumes it (``checkpoint`` at ``step``)."""
+
+    def __init__(self, *, step: int, checkpoint: str | Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint}")
+        self.step = step
+        self.checkpoint = Path(checkpoint)

@@ -116,8 +116,9 @@ def plan_job(job: CacheJob) -> _Plan:
     preset = get_preset(job.detector)
     if not Path(job.checkpoint).is_file():
         raise MfdetrError("checkpoint file not found", path=job.checkpoint)
-    if job.batch_size < 1:
-        raise MfdetrError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if job.batch_size < 1 or job.num_workers < 0 or job.writer_threads < 1:
+        raise MfdetrError(f"need --batch-size >= 1, --workers >= 0 and --writer-threads >= 1, got "
+                          f"{job.batch_size}, {job.num_workers} and {job.writer_threads}")
     dataset = CocoInstances(job.coco, job.split, preprocessing=preset.preprocessing, with_targets=False,
                             annotation_file=job.annotation_file)
     image_ids = np.asarray(dataset.image_ids, dtype=np.int64)
@@ -184,6 +185,40 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
     os.replace(tmp, store / SOURCE_HINT)
 
 
+def _store_exists(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _prepare_store(job: CacheJob, plan: _Plan, detector: FrozenDetector | None
+                   ) -> tuple[Any, list[int], FrozenDetector | None]:
+    """Open or create the store, validating everything first: an existing store is opened (and compared)
+    without writing; when images remain, ``--out`` must be writable and the detector is built (its
+    checkpoint loaded) BEFORE a new store is created, so a wrong checkpoint leaves nothing on disk.
+    A complete store is left untouched (it may be read-only). Returns (root, indices to compute, detector)."""
+    from mfdetr.outputs import check_output_dir
+
+    out_path = Path(job.out)
+    root = open_for_writing(out_path, plan.manifest, plan.image_ids) if _store_exists(out_path) else None
+    commit = (read_commit_flags(out_path, root["commit"]) if root is not None  # type: ignore[arg-type]
+              else np.zeros(len(plan.image_ids), dtype=np.uint8))
+    todo = _todo(plan, commit, job.retry_skipped)
+    if todo:
+        check_output_dir(out_path)
+        if detector is None:
+            from mfdetr.detectors.registry import build_detector
+
+            detector = build_detector(job.detector, checkpoint=job.checkpoint, device=str(resolve_device(job.device)))
+    if root is None:
+        root = open_for_writing(out_path, plan.manifest, plan.image_ids)
+        todo = _todo(plan, read_commit_flags(out_path, root["commit"]), job.retry_skipped)  # type: ignore[arg-type]
+    try:
+        write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
+    except OSError:
+        if todo:
+            raise
+    return root, todo, detector
+
+
 def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
               echo: Callable[[str], None] = print, detector: FrozenDetector | None = None) -> CacheSummary:
     """Run (or with ``dry_run`` only estimate) a cache job; see the module doc.
@@ -215,19 +250,13 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
         echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images")
         return summary
 
-    root = open_for_writing(out_path, m, plan.image_ids)
-    write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
-    commit = read_commit_flags(out_path, root["commit"])  # type: ignore[arg-type]
-    todo = _todo(plan, commit, job.retry_skipped)
+    root, todo, detector = _prepare_store(job, plan, detector)
     summary.planned = len(todo)
     layers = list(m["enc_layers"])
     writer = CacheWriter(root=root, path=out_path, manifest=m)
     summary.stats = writer.stats
     if todo:
-        if detector is None:
-            from mfdetr.detectors.registry import build_detector
-
-            detector = build_detector(job.detector, checkpoint=job.checkpoint, device=str(resolve_device(job.device)))
+        assert detector is not None
         device = next(iter(detector.parameters()), None) if isinstance(detector, torch.nn.Module) else None
         dev = device.device if device is not None else resolve_device(job.device)
         # queue: batches waiting for a worker (each holds its detector output, on the device)

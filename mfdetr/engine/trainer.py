@@ -41,7 +41,8 @@ from mfdetr.engine.distributed import DistContext, all_reduce_mean, barrier, ini
 from mfdetr.engine.metrics import MetricLogger
 from mfdetr.engine.sampling import EpochPlan
 from mfdetr.engine.schedule import StepDecay
-from mfdetr.errors import MfdetrError
+from mfdetr.errors import Interrupted, MfdetrError
+from mfdetr.interrupts import interruptible
 
 Criterion = Callable[[Any, Any, Any], Mapping[str, Tensor]]
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
@@ -83,6 +84,25 @@ def _loss_total(losses: Mapping[str, Tensor]) -> Tensor:
         if key in losses:
             return losses[key]
     raise KeyError(f"criterion returned no 'total' or 'loss' entry (keys: {sorted(losses)})")
+
+
+def _batch_image_ids(det: Any, targets: Any) -> list[Any]:
+    """The image ids of a batch (from the GT instances, else the detector output's extras)."""
+    ids = [getattr(t, "image_id", None) for t in targets] if isinstance(targets, list | tuple) else []
+    if ids and all(i is not None for i in ids):
+        return ids
+    return list(getattr(det, "extras", {}).get("image_id", []))
+
+
+def _refuse_nonfinite(loss: Tensor, losses: Mapping[str, Tensor], step: int, det: Any, targets: Any,
+                      ckpt_path: Path) -> None:
+    """Stop on a non-finite loss with one line naming the step and the batch's images (no update made)."""
+    if bool(torch.isfinite(loss)):
+        return
+    parts = ", ".join(f"{k} {float(v):g}" for k, v in losses.items())
+    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
+    raise MfdetrError(f"non-finite loss at step {step + 1} on image ids {_batch_image_ids(det, targets)} "
+                      f"({parts}); training stopped, {kept}")
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -211,6 +231,11 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         logger = MetricLogger(run_dir, resume_step=start if resume else None)
 
     def save(step: int) -> None:
+        bad = [n for n, p in _unwrap(model).named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise MfdetrError(f"non-finite weights after step {step} ({', '.join(bad[:4])}): not saved, "
+                              f"{'the last good checkpoint is kept' if ckpt_path.is_file() else 'no checkpoint'}",
+                              path=ckpt_path)
         rngs = [capture_rng()]
         if ctx.distributed:
             gathered: list[Any] = [None] * ctx.world_size
@@ -252,6 +277,18 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
                         file=sys.stderr, mininterval=1.0)
     last: dict[str, float] = {}
     step = start
+
+    def interrupted() -> BaseException:
+        if progress is not None:
+            progress.close()
+        if ctx.distributed:  # ranks may stop at different points: the last periodic checkpoint resumes
+            return KeyboardInterrupt()
+        save(step)
+        if logger is not None:
+            logger.close()
+        _say(ctx, f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
+        return Interrupted(step=step, checkpoint=ckpt_path)
+
     model.train()
     t_window, n_window = time.perf_counter(), 0
     while step < total:
@@ -262,7 +299,7 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=tc.num_workers,
                             pin_memory=device.type == "cuda",
                             prefetch_factor=tc.prefetch_factor if tc.num_workers > 0 else None)
-        for batch in loader:
+        for batch in interruptible(loader, interrupted):
             seed_step(tc.seed, step, ctx.rank)
             cur_lr = sched.apply(optimizer, step)
             batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
@@ -274,9 +311,7 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
                     outputs = net(det)
                 losses = criterion(outputs, det, targets)
             loss = _loss_total(losses)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} "
-                                         f"(components: { {k: float(v) for k, v in losses.items()} })")
+            _refuse_nonfinite(loss, losses, step, det, targets, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             grad_norm = None
