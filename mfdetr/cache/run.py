@@ -9,6 +9,7 @@ only images whose commit flag is unset are computed. Shards (``--shard i/n`` or 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -180,6 +181,9 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
     from mfdetr.cache.manifest import SOURCE_HINT
 
     hint = {"coco_root": str(Path(coco).resolve()), "annotation_path": str(Path(annotation_file).resolve())}
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads((store / SOURCE_HINT).read_text()) == hint:
+            return  # unchanged: nothing written (a complete store may be read-only)
     tmp = store / f".{SOURCE_HINT}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(hint, indent=2) + "\n")
     os.replace(tmp, store / SOURCE_HINT)
@@ -198,6 +202,8 @@ def _prepare_store(job: CacheJob, plan: _Plan, detector: FrozenDetector | None
     from mfdetr.outputs import check_output_dir
 
     out_path = Path(job.out)
+    if out_path.exists() and not out_path.is_dir():
+        raise MfdetrError("--out must be a folder (the cache store), but it is a file", path=out_path)
     root = open_for_writing(out_path, plan.manifest, plan.image_ids) if _store_exists(out_path) else None
     commit = (read_commit_flags(out_path, root["commit"]) if root is not None  # type: ignore[arg-type]
               else np.zeros(len(plan.image_ids), dtype=np.uint8))

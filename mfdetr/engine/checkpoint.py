@@ -203,7 +203,7 @@ def check_resume_source(run_dir: str | Path, *, key: str, current: Mapping[str, 
     meta = load_checkpoint(path).get("meta") or {}
     recorded = meta.get(key)
     if isinstance(recorded, Mapping):
-        diff = diff_configs(recorded, current)
+        diff = sorted(diff_configs(recorded, current), key=lambda k: k == "created_utc")  # settings first
         if diff:
             def value(m: Mapping[str, Any], dotted: str) -> str:
                 cur: Any = m

@@ -29,7 +29,7 @@ class TrainConfig:
     """Optimisation and loop settings of one stage-2 training run.
 
     Args:
-        lr: AdamW learning rate for the global batch (Sec. 3.1: 1.5e-4); scaled linearly by
+        lr: AdamW learning rate for the global batch (Sec. 3.1: 1.5e-4; at most 1); scaled linearly by
             ``global_batch / reference_batch`` only when ``reference_batch > 0``.
         betas: AdamW betas.
         weight_decay: AdamW weight decay (5e-5).
@@ -81,8 +81,8 @@ class TrainConfig:
             bad.append(f"betas={list(self.betas)}")
         if bad:
             raise ValueError(f"{', '.join(bad)}: must be a finite number")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 < self.lr <= 1.0:  # an AdamW step moves each weight by about lr: above 1 it only diverges
+            raise ValueError(f"lr must lie in (0, 1], got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if any(not 0.0 <= b < 1.0 for b in self.betas):

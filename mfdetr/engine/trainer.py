@@ -99,7 +99,7 @@ def _refuse_nonfinite(loss: Tensor, losses: Mapping[str, Tensor], step: int, det
     """Stop on a non-finite loss with one line naming the step and the batch's images (no update made)."""
     if bool(torch.isfinite(loss)):
         return
-    parts = ", ".join(f"{k} {float(v):g}" for k, v in losses.items())
+    parts = ", ".join(f"{k} {float(v.detach()):g}" for k, v in losses.items())
     kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
     raise MfdetrError(f"non-finite loss at step {step + 1} on image ids {_batch_image_ids(det, targets)} "
                       f"({parts}); training stopped, {kept}")
