@@ -286,7 +286,6 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         save(step)
         if logger is not None:
             logger.close()
-        _say(ctx, f"interrupted: checkpoint at step {step} saved to {ckpt_path}")
         return Interrupted(step=step, checkpoint=ckpt_path)
 
     model.train()
