@@ -104,11 +104,11 @@ def test_code_executing_pickle_is_refused_by_every_command(s: dict[str, Path], t
         ("predict", image, "--detector", tinydet.NAME, "--checkpoint", evil, "--masknet", tinydet_masknet,
          "--out", tmp_path / "pred2"),
         ("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", resumed, "--resume"),
-        ("cache", "--detector", tinydet.NAME, "--checkpoint", evil, "--coco", s["coco"], "--split", "val2017", "--topk", "10",
-         "--out", store, "--workers", "0", "--no-progress"),
+        ("cache", "--detector", tinydet.NAME, "--checkpoint", evil, "--coco", s["coco"], "--split", "val2017",
+         "--topk", "10", "--out", store, "--workers", "0", "--no-progress"),
     ]
     for args in commands:
-        refused(cli(*args), "ckpt.pt" if "--resume" in args else "evil.pt")
+        refused(cli(*args), "ckpt.pt" if "--resume" in args else "evil.pt", "refused", "GLOBAL io.open")
         assert not marker.exists(), args
     assert not store.exists() and not (tmp_path / "pred1").exists()
     # and once through a real process

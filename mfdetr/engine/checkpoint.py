@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import random
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,11 +38,11 @@ import numpy as np
 import torch
 
 from mfdetr.engine._fs import atomic_write_text
-from mfdetr.errors import MfdetrError
+from mfdetr.errors import MfdetrError, load_failure
 
-__all__ = ["atomic_torch_save", "atomic_write_text", "capture_rng", "check_masknet_config", "check_resume_source", "config_hash",
-           "library_versions", "load_checkpoint", "load_weights", "restore_rng", "safe_torch_load", "seed_step",
-           "step_seed"]
+__all__ = ["atomic_torch_save", "atomic_write_text", "capture_rng", "check_masknet_config", "check_resume_source",
+           "config_hash", "library_versions", "load_checkpoint", "load_weights", "restore_rng", "safe_torch_load",
+           "seed_step", "step_seed"]
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -124,18 +123,6 @@ def _legacy_globals() -> list[Any]:
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), TorchVersion]
 
 
-def _refusal(e: Exception) -> str:
-    """A one-line reason from a ``torch.load`` failure (weights-only refusals name the offending global)."""
-    text = str(e)
-    if "Weights only load failed" in text:
-        found = re.search(r"(Unsupported global: GLOBAL [^\s]+|got <class '[^']+'>|Unsupported operand \d+)", text)
-        what = f" ({found.group(1)})" if found else ""
-        return ("refused: it holds objects other than tensors and plain data, and loading it could run code"
-                f"{what}")
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"not a readable checkpoint ({type(e).__name__}: {first[:200]})"
-
-
 def safe_torch_load(path: str | Path, *, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain data only, never code from the file.
 
@@ -149,7 +136,7 @@ def safe_torch_load(path: str | Path, *, map_location: str | torch.device = "cpu
         with torch.serialization.safe_globals(_legacy_globals()):
             return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise MfdetrError(_refusal(e), path=p) from None
+        raise MfdetrError(load_failure(e), path=p) from None
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
