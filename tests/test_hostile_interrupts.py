@@ -130,3 +130,30 @@ def test_sigint_during_a_step_lands_after_it(tmp_path: Path) -> None:
         assert torch.equal(a, b)
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "ref")
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["launches"][1]["start_step"] == 2
+
+
+def test_an_interrupt_or_os_error_in_any_command_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Whatever command is running: Ctrl-C → ``interrupted`` + the same command to rerun, exit 130;
+    an OSError about a file (e.g. permission denied mid-run) → one error line naming it, exit 2."""
+    from typer.testing import CliRunner
+
+    import mfdetr.cache.run as cache_run
+    from mfdetr.cli import app
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_run, "run_cache", interrupted)
+    args = ["cache", "--detector", fd.NAME, "--checkpoint", str(tmp_path / "x.pth"), "--coco", str(tmp_path),
+            "--out", str(tmp_path / "store")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 130 and "Traceback" not in r.output
+    assert r.stderr.strip() == "mfdetr: interrupted; to continue run: mfdetr " + " ".join(args)
+
+    def denied(*a: Any, **k: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "store" / "zarr.json"))
+
+    monkeypatch.setattr(cache_run, "run_cache", denied)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"mfdetr: error: {tmp_path / 'store' / 'zarr.json'}: Permission denied"
