@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,40 @@ def test_resume_refuses_another_cache_for_a_run_that_recorded_only_the_hash(s: d
             "different training cache", "manifest_sha256")
 
 
+def test_online_resume_refuses_another_detector_checkpoint(s: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "online"
+    args = ("train", "--online", "--detector", fd.NAME, "--coco", s["coco"], "--split", "train2017", "--topk", "8",
+            "--config", s["cfg"], "--out", run, "train.iterations=1")
+    r = cli(*args, "--checkpoint", s["fake"])
+    assert r.exit_code == 0, r.output
+    before = _snapshot(run)
+    refused(cli(*args, "--checkpoint", s["root"] / "other.pth", "--resume"),
+            "cannot resume with a different detector or training data", "checkpoint_sha256")
+    refused(cli(*args, "--checkpoint", s["fake"], "--resume", "--split", "val2017"), "split", "annotation_sha256")
+    assert _snapshot(run) == before
+
+
+def test_sweep_resume_refuses_another_cache(s: dict[str, Path], tmp_path: Path) -> None:
+    sweep = _sweep_file(tmp_path, train=True)
+    base = ["--val-cache", s["val"], "--coco", s["coco"], "--out", tmp_path / "out"]
+    tiny = [f"masknet.{k}.{kk}={vv}" for k, v in TINY.items() if isinstance(v, dict) for kk, vv in v.items()]
+    tiny += [f"masknet.{k}={v}" for k, v in TINY.items() if not isinstance(v, dict)]
+    over = ["train.device=\"cpu\"", "train.iterations=1", "train.batch_size=2", "train.num_workers=0",
+            "train.progress=false", *tiny]
+    r = cli("sweep", sweep, "--cache", s["train"], *base, *over)
+    assert r.exit_code == 0, r.output
+    # a finished variant is not reused for other inputs (another cache, another config)
+    refused(cli("sweep", sweep, "--cache", s["train_other"], *base, *over), "variant a was run with other inputs",
+            "sources.train_cache")
+    refused(cli("sweep", sweep, "--cache", s["train"], *base, *over, "train.lr=0.01"), "config.train.lr")
+    assert cli("sweep", sweep, "--cache", s["train"], *base, *over, "train.num_workers=1").exit_code == 0
+    # an unfinished one is not resumed on another cache (here: the same settings, written again)
+    (tmp_path / "out" / "a" / "result.json").unlink()
+    time.sleep(1.0)  # the manifest records its creation time to the second
+    again = write_cache(s["coco"], "train2017", tmp_path / "again", s["fake"])
+    refused(cli("sweep", sweep, "--cache", again, *base, *over), "different training cache", "created_utc")
+
+
 @pytest.mark.parametrize("override, needle", [
     ("train.lr=inf", "lr=inf"), ("train.lr=nan", "lr=nan"), ("train.lr=-1", "lr must lie in (0, 1]"),
     ("train.lr=1e39", "lr must lie in (0, 1]"),
@@ -321,9 +356,9 @@ def test_wrong_kind_of_output_path(s: dict[str, Path], tmp_path: Path) -> None:
     assert afile.read_text() == "x" and list(adir.iterdir()) == []
 
 
-def _sweep_file(folder: Path) -> Path:
+def _sweep_file(folder: Path, *, train: bool = False) -> Path:
     p = folder / "sweep.toml"
-    p.write_text('[sweep]\ntable = "t"\ntitle = "t"\ncolumns = ["c"]\ntrain = false\n'
+    p.write_text(f'[sweep]\ntable = "t"\ntitle = "t"\ncolumns = ["c"]\ntrain = {str(train).lower()}\n'
                  '[[variants]]\nname = "a"\nlabels = ["x"]\n')
     return p
 

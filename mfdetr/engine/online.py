@@ -332,4 +332,7 @@ def sweep_online(spec: Any, *, detector: str, checkpoint: str | None, coco: str,
         return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
                              metrics=dict(metrics["segm"]))
 
-    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log)
+    sources = {**online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=""),
+               "val_split": val_split}
+    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log,
+                     sources=sources)

@@ -331,4 +331,7 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
         return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
                              metrics=dict(m["segm"]))
 
-    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log)
+    sources = {"train_cache": manifest_sha256(open_cache(src.cache, role="training cache").manifest),
+               "val_cache": manifest_sha256(open_cache(src.val_cache, role="validation cache").manifest)}
+    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log,
+                     sources=sources)
