@@ -221,6 +221,22 @@ def test_sweep_resume_refuses_another_cache(s: dict[str, Path], tmp_path: Path) 
     refused(cli("sweep", sweep, "--cache", again, *base, *over), "different training cache", "created_utc")
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda c: c.pop("optimizer"), "cannot restore the training state (KeyError"),
+    (lambda c: c.update(step="two"), "cannot restore the training state (ValueError"),
+    (lambda c: c["rng"][0].update(numpy=[1, 2]), "cannot restore the training state"),
+    (lambda c: c["model"].pop(sorted(c["model"])[0]), "weights do not fit this run's model (missing 1:")])
+def test_resume_from_a_damaged_checkpoint_is_one_line(s: dict[str, Path], tmp_path: Path, damage: Any,
+                                                      needle: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(s["run"], run)
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    damage(ck)
+    ck["step"] = 1 if isinstance(ck["step"], int) else ck["step"]
+    torch.save(ck, run / "ckpt.pt")
+    refused(cli("train", "--cache", s["train"], "--coco", s["coco"], "--out", run, "--resume"), "ckpt.pt", needle)
+
+
 @pytest.mark.parametrize("override, needle", [
     ("train.lr=inf", "lr=inf"), ("train.lr=nan", "lr=nan"), ("train.lr=-1", "lr must lie in (0, 1]"),
     ("train.lr=1e39", "lr must lie in (0, 1]"),

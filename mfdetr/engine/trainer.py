@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mfdetr.engine.checkpoint import (atomic_torch_save, atomic_write_text, capture_rng, library_versions,
-                                      load_checkpoint, python_command, restore_rng, seed_step)
+                                      load_checkpoint, load_weights, python_command, restore_rng, seed_step)
 from mfdetr.engine.collate import collate_detector_outputs
 from mfdetr.engine.config import RunConfig, diff_configs
 from mfdetr.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
@@ -195,15 +195,19 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
 
     start, window = 0, {}
     if ckpt is not None:
-        _unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        start = int(ckpt["step"])
-        window = {k: list(v) for k, v in ckpt.get("log_window", {}).items()}
-        rng = ckpt.get("rng", {}).get(ctx.rank)
-        if rng is not None:
-            restore_rng(rng)
+        load_weights(_unwrap(model), ckpt["model"], path=ckpt_path, what="this run's model")
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler") is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+            start = int(ckpt["step"])
+            window = {k: list(v) for k, v in ckpt.get("log_window", {}).items()}
+            rng = ckpt.get("rng", {}).get(ctx.rank)
+            if rng is not None:
+                restore_rng(rng)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise MfdetrError(f"damaged checkpoint: cannot restore the training state ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]})", path=ckpt_path) from None
 
     net: nn.Module = model
     if ctx.distributed:
