@@ -1,6 +1,8 @@
-"""Ctrl-C: a real ``mfdetr train`` process interrupted with SIGINT prints ``interrupted`` and the command
-that resumes, exits 130 and leaves a checkpoint at the interrupt, from which ``--resume`` finishes with the
-losses of an uninterrupted run; a SIGINT during a step takes effect only once the step is complete."""
+"""How a training run stops. Ctrl-C: a real ``mfdetr train`` process interrupted with SIGINT prints
+``interrupted`` and the command that resumes, exits 130 and leaves a checkpoint at the interrupt, from
+which ``--resume`` finishes with the losses of an uninterrupted run; a SIGINT during a step takes effect
+only once the step is complete. A non-finite loss stops the run naming the step and the images, keeping
+the last good checkpoint; non-finite weights are never saved."""
 
 from __future__ import annotations
 
@@ -157,3 +159,45 @@ def test_an_interrupt_or_os_error_in_any_command_is_one_line(monkeypatch: pytest
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2
     assert r.stderr.strip() == f"mfdetr: error: {tmp_path / 'store' / 'zarr.json'}: Permission denied"
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    from mfdetr.engine import build_run_config, seed_everything, train
+    from mfdetr.errors import MfdetrError
+    from tests.test_engine_toy import ToyCriterion, ToyDataset, ToyMaskNet
+
+    calls = {"n": 0}
+    base = ToyCriterion()
+
+    def crit(out: Any, det: Any, targets: Any) -> dict[str, torch.Tensor]:
+        calls["n"] += 1
+        losses = base(out, det, targets)
+        return {**losses, "total": losses["total"] * (float("nan") if calls["n"] == 3 else 1.0)}
+
+    cfg = build_run_config({"train": {"device": "cpu", "progress": False, "log_every": 1, "num_workers": 0,
+                                      "iterations": 5, "batch_size": 2, "checkpoint_every": 2}})
+    seed_everything(cfg.train.seed)
+    with pytest.raises(MfdetrError, match=r"non-finite loss at step 3 on image ids \[\d+, \d+\].*last good"):
+        train(cfg=cfg, model=ToyMaskNet(), criterion=crit, train_set=ToyDataset(6), run_dir=tmp_path / "run")
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
+    """A finite loss whose gradient is NaN (sqrt at 0) poisons the weights: the checkpoint is refused."""
+    from mfdetr.engine import build_run_config, seed_everything, train
+    from mfdetr.errors import MfdetrError
+    from tests.test_engine_toy import ToyCriterion, ToyDataset, ToyMaskNet
+
+    base = ToyCriterion()
+
+    def crit(out: Any, det: Any, targets: Any) -> dict[str, torch.Tensor]:
+        losses = base(out, det, targets)
+        return {**losses, "total": losses["total"] + torch.sqrt((out["mask_logits"].sum() * 0).abs())}
+
+    cfg = build_run_config({"train": {"device": "cpu", "progress": False, "log_every": 1, "num_workers": 0,
+                                      "iterations": 3, "batch_size": 2, "checkpoint_every": 1}})
+    seed_everything(cfg.train.seed)
+    with pytest.raises(MfdetrError, match="non-finite weights after step 1 .*not saved"):
+        train(cfg=cfg, model=ToyMaskNet(), criterion=crit, train_set=ToyDataset(6), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
