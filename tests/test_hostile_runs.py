@@ -1,5 +1,6 @@
-"""Hostile but realistic input to the run commands: code-executing checkpoints, resumes on other data,
-out-of-range configs, non-finite losses, wrong or unwritable output paths, a wrong detector checkpoint.
+"""Hostile but realistic input to the run commands: code-executing checkpoints, resumes on other data or
+from damaged checkpoints, out-of-range configs and options, wrong or unwritable output paths, a wrong
+detector checkpoint.
 
 Every damaged input is built here. Each case: exit status 2 with exactly one ``mfdetr: error:`` line
 (no traceback), and no side effect (no payload run, no folder or store created, no record changed).
@@ -257,8 +258,12 @@ def test_out_of_range_config_is_one_line(s: dict[str, Path], tmp_path: Path, ove
 
 def test_negative_seeds_and_workers_of_other_commands(s: dict[str, Path], tmp_path: Path) -> None:
     refused(cli("synth", "--out", tmp_path / "synth", "--seed", "-5"), "--seed")
-    refused(cli("cache", "--detector", fd.NAME, "--checkpoint", s["fake"], "--coco", s["coco"], "--split", "val2017",
-                "--out", tmp_path / "store", "--workers", "-1"), "--workers")
+    cache = ("cache", "--detector", fd.NAME, "--checkpoint", s["fake"], "--coco", s["coco"], "--split", "val2017",
+             "--out", tmp_path / "store")
+    refused(cli(*cache, "--workers", "-1"), "--workers")
+    refused(cli(*cache, "--enc-layers", "9"), "--enc-layers")
+    refused(cli(*cache, "--topk", "0"), "--topk")
+    refused(cli(*cache, "--writer-threads", "0"), "--writer-threads")
     refused(cli("predict", s["coco"] / "val2017", "--detector", fd.NAME, "--masknet", s["run"] / "ckpt.pt",
                 "--out", tmp_path / "pred", "--workers", "-1"), "--workers")
     assert list(tmp_path.iterdir()) == []
