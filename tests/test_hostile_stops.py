@@ -201,3 +201,40 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
     with pytest.raises(MfdetrError, match="non-finite weights after step 1 .*not saved"):
         train(cfg=cfg, model=ToyMaskNet(), criterion=crit, train_set=ToyDataset(6), run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.slow
+def test_sigint_real_mfdetr_cache_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
+    """Ctrl-C a real ``mfdetr cache`` while the detector works on image 3 (of 4): exit 130 with the command
+    to rerun; rerunning it completes the store, identical to an uninterrupted one."""
+    import tests._held_detector as held
+
+    coco = tmp_path / "coco"
+    fd.make_coco(coco, n=4, split="val2017")
+    ckpt = fd.save_fake_checkpoint(tmp_path / "fake.pth")
+    env = {**cli_env(), "MFDETR_PLUGINS": "tests._held_detector"}
+    args = ["cache", "--detector", held.NAME, "--checkpoint", str(ckpt), "--coco", str(coco), "--split", "val2017",
+            "--topk", "8", "--workers", "0", "--no-progress"]
+    ref = subprocess.run([sys.executable, "-m", "mfdetr", *args, "--out", str(tmp_path / "ref")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "mfdetr", *args, "--out", str(store)],
+                            env={**env, held.HOLD_ENV: "3"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    commits = store / "commit" / "c"
+    while not (commits.is_dir() and len(list(commits.iterdir())) >= 2):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline, "mfdetr cache never committed two images"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    line = [ln for ln in err.splitlines() if ln.startswith("mfdetr: interrupted")]
+    assert len(line) == 1 and line[0].endswith(f"--out {store}") and "mfdetr cache --detector" in line[0], err
+    p = subprocess.run([sys.executable, "-m", "mfdetr", *args, "--out", str(store)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "done: 2 images this run" in p.stdout and "4 done, 0 skipped, 0 pending" in p.stdout
+    fd.assert_same_store(tmp_path / "ref", store)
