@@ -7,6 +7,7 @@ traceback. Messages name the file and the problem. Programming errors stay ordin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -26,3 +27,25 @@ class SkipImage(Exception):
         super().__init__(f"{image}: {reason}")
         self.image = str(image)
         self.reason = reason
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after saving what resumes it (``checkpoint`` at ``step``)."""
+
+    def __init__(self, *, step: int, checkpoint: str | Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint}")
+        self.step = step
+        self.checkpoint = Path(checkpoint)
+
+
+def load_failure(e: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` failed; a refused file (one that holds
+    objects other than tensors and plain data) names the offending global."""
+    text = str(e)
+    found = re.search(r"(Unsupported global: GLOBAL \S+|got <class '[^']+'>)", text)
+    if "Weights only load failed" in text and found:
+        return ("refused: it holds objects other than tensors and plain data, and loading it could run code "
+                f"({found.group(1)})")
+    detail = re.search(r"WeightsUnpickler error: *([^\n]+)", text)
+    first = detail.group(1) if detail else (text.strip().splitlines() or [""])[0]
+    return f"cannot read checkpoint ({type(e).__name__}: {first.strip()[:200]})"

@@ -90,8 +90,11 @@ def test_run_sweep_writes_tables_and_resumes(tmp_path: Path) -> None:
     assert rows[1]["name"] == "deformable-2" and float(rows[1]["AP"]) == 20.0 and float(rows[1]["paper_AP"]) == 32.9
     assert json.loads((out / "deformable-2" / "result.json").read_text())["params_m"] == 1.5
     (out / "none" / "ran").unlink()
-    run_sweep(spec, out_dir=out, run_variant=_fake_variant, only=["none"], log=lambda s: None)
+    run_sweep(spec, out_dir=out, run_variant=_fake_variant, only=["none"], overrides=["train.iterations=3"],
+              log=lambda s: None)
     assert not (out / "none" / "ran").exists()  # finished variants are not rerun
+    with pytest.raises(MfdetrError, match=r"variant none was run with other inputs.*config.train.iterations"):
+        run_sweep(spec, out_dir=out, run_variant=_fake_variant, only=["none"], log=lambda s: None)
     with pytest.raises(MfdetrError, match="no variant named nope"):
         run_sweep(spec, out_dir=out, run_variant=_fake_variant, only=["nope"])
 

@@ -55,6 +55,12 @@ def image_ids_sha256(image_ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(image_ids, dtype="<i8").tobytes()).hexdigest()
 
 
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """sha256 of a manifest in canonical JSON (``created_utc`` included): what a training run records as
+    "the cache it used". The one manifest hash of the package (the reader and the engine use it)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 def tile_for(side: int) -> int:
     """Side of the square inner chunk (tile) of a canvas side: the smallest divisor of ``side`` that is
     at least ``max(side / 7, min(side, 16))`` — about 6-7 tiles per side on big maps, none on small ones.

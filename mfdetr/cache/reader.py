@@ -6,8 +6,6 @@ The reader knows only the store and the contracts — never a detector (stage 2 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from mfdetr.cache.manifest import check_expectations
+from mfdetr.cache.manifest import check_expectations, manifest_sha256
 from mfdetr.cache.schema import c1_mode, enc_array_name
 from mfdetr.cache.store import open_validated, read_commit_flags
 from mfdetr.cache.verify import Damage, DamagedImage, checked_read, geometry_problem
@@ -71,7 +69,7 @@ class CacheStore:
     @property
     def manifest_sha256(self) -> str:
         """sha256 of the canonical manifest JSON (``created_utc`` included): what a training run records."""
-        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return manifest_sha256(self.manifest)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: reopen lazily
         return {"path": self.path, "manifest": self.manifest}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -117,8 +118,9 @@ def plan_job(job: CacheJob) -> _Plan:
     preset = get_preset(job.detector)
     if not Path(job.checkpoint).is_file():
         raise MfdetrError("checkpoint file not found", path=job.checkpoint)
-    if job.batch_size < 1:
-        raise MfdetrError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if job.batch_size < 1 or job.num_workers < 0 or job.writer_threads < 1:
+        raise MfdetrError(f"need --batch-size >= 1, --workers >= 0 and --writer-threads >= 1, got "
+                          f"{job.batch_size}, {job.num_workers} and {job.writer_threads}")
     if job.c1 not in ("store", "recompute"):
         raise MfdetrError(f"--c1 must be 'store' or 'recompute', got {job.c1!r}")
     dataset = CocoInstances(job.coco, job.split, preprocessing=preset.preprocessing, with_targets=False,
@@ -210,14 +212,11 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
     from mfdetr.cache.manifest import SOURCE_HINT
 
     hint = {"coco_root": str(Path(coco).resolve()), "annotation_path": str(Path(annotation_file).resolve())}
-    text = json.dumps(hint, indent=2) + "\n"
-    try:
-        if (store / SOURCE_HINT).read_text() == text:
-            return  # nothing to write: a finished store may be read-only
-    except (OSError, UnicodeDecodeError):
-        pass
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads((store / SOURCE_HINT).read_text()) == hint:
+            return  # unchanged: nothing written (a complete store may be read-only)
     tmp = store / f".{SOURCE_HINT}.{os.getpid()}.tmp"
-    tmp.write_text(text)
+    tmp.write_text(json.dumps(hint, indent=2) + "\n")
     os.replace(tmp, store / SOURCE_HINT)
 
 
@@ -255,6 +254,8 @@ def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[
     for line in format_size_table(est["table"], chosen=(job.codec, job.c1), note=est["ratio_source"], n_images=n):
         echo(line)
     return summary
+
+
 def _stage0_module(detector: Any, name: str) -> torch.nn.Module:
     """The frozen stage 0 (stem + first backbone stage) that produced the detector's C1."""
     fn = getattr(getattr(detector, "body", None), "stage0", None)
@@ -267,6 +268,7 @@ def _stage0_module(detector: Any, name: str) -> torch.nn.Module:
 def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
     """A ``--c1 recompute`` store's manifest (no c1 array; the stage 0's sha256) and its stage-0 files
     (:mod:`mfdetr.cache.stage0`), exported from ``detector`` on a seeded random input (on the CPU)."""
+    from mfdetr.cache.schema import resolve_array_table
     from mfdetr.cache.stage0 import PROGRAM_FILE, WEIGHTS_FILE, export_stage0, sha256_bytes
 
     # traced and verified on the CPU (deterministic kernels), whatever device the detector runs on
@@ -278,10 +280,7 @@ def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict
     program, weights = export_stage0(module, example)
     entry = {"mode": "recompute", "stage0": {"program": PROGRAM_FILE, "program_sha256": sha256_bytes(program),
                                              "weights": WEIGHTS_FILE, "weights_sha256": sha256_bytes(weights)}}
-    m = {k: v for k, v in plan.manifest.items() if k != "arrays"}
-    m = {**m, "c1": entry}
-    from mfdetr.cache.schema import resolve_array_table
-
+    m = {**{k: v for k, v in plan.manifest.items() if k != "arrays"}, "c1": entry}
     m["arrays"] = [a.name for a in resolve_array_table(m)]
     return m, {PROGRAM_FILE: program, WEIGHTS_FILE: weights}
 
@@ -289,6 +288,47 @@ def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict
 def _image_sha256(plan: _Plan, image_ids: list[int]) -> list[dict[str, np.ndarray]]:
     return [{"image_sha256": np.frombuffer(bytes.fromhex(sha256_file(plan.dataset.image_path(i))), dtype=np.uint8)}
             for i in image_ids]
+
+
+def _store_exists(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _prepare_store(job: CacheJob, plan: _Plan, detector: FrozenDetector | None, echo: Callable[[str], None]
+                   ) -> tuple[Any, dict[str, Any], list[int], FrozenDetector | None]:
+    """Open or create the store, validating everything first: an existing store is opened (and compared)
+    without writing; when images remain, ``--out`` must be writable and the detector is built (its
+    checkpoint loaded) BEFORE a new store is created, so a wrong checkpoint leaves nothing on disk.
+    A complete, undamaged store is left untouched (it may be read-only). A ``--c1 recompute`` store's
+    manifest holds its stage 0's sha256, so there the detector is built first in any case.
+    Returns (root, manifest, indices to compute, detector)."""
+    from mfdetr.outputs import check_output_dir
+
+    out_path = Path(job.out)
+    if out_path.exists() and not out_path.is_dir():
+        raise MfdetrError("--out must be a folder (the cache store), but it is a file", path=out_path)
+    m, extra_files = plan.manifest, None
+    if job.c1 == "recompute":
+        detector = detector if detector is not None else _build_detector(job)
+        m, extra_files = recompute_manifest(plan, detector)
+    root = open_for_writing(out_path, m, plan.image_ids, extra_files) if _store_exists(out_path) else None
+    if root is not None:
+        reset_damaged(out_path, root, plan, full=job.repair, echo=echo)  # their flags become pending
+    commit = (read_commit_flags(out_path, root["commit"]) if root is not None  # type: ignore[arg-type]
+              else np.zeros(len(plan.image_ids), dtype=np.uint8))
+    todo = _todo(plan, commit, job.retry_skipped)
+    if todo:
+        check_output_dir(out_path)
+        detector = detector if detector is not None else _build_detector(job)
+    if root is None:
+        root = open_for_writing(out_path, m, plan.image_ids, extra_files)
+        todo = _todo(plan, read_commit_flags(out_path, root["commit"]), job.retry_skipped)  # type: ignore[arg-type]
+    try:
+        write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
+    except OSError:
+        if todo:
+            raise
+    return root, m, todo, detector
 
 
 def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
@@ -307,22 +347,13 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     if dry_run:
         return _dry_run(job, plan, summary, echo)
 
-    extra_files = None
-    if job.c1 == "recompute":  # the manifest holds the stage 0's sha256: the detector is needed first
-        detector = detector if detector is not None else _build_detector(job)
-        m, extra_files = recompute_manifest(plan, detector)
-    root = open_for_writing(out_path, m, plan.image_ids, extra_files)
-    write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
-    reset_damaged(out_path, root, plan, full=job.repair, echo=echo)  # their flags become pending
-    commit = read_commit_flags(out_path, root["commit"])  # type: ignore[arg-type]
-    todo = _todo(plan, commit, job.retry_skipped)
+    root, m, todo, detector = _prepare_store(job, plan, detector, echo)
     summary.planned = len(todo)
     layers = list(m["enc_layers"])
     writer = CacheWriter(root=root, path=out_path, manifest=m)
     summary.stats = writer.stats
     if todo:
-        if detector is None:
-            detector = _build_detector(job)
+        assert detector is not None
         device = next(iter(detector.parameters()), None) if isinstance(detector, torch.nn.Module) else None
         dev = device.device if device is not None else resolve_device(job.device)
         # queue: batches waiting for a worker (each holds its detector output, on the device)

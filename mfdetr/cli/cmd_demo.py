@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the whole pipeline offline on synthetic data and print box AP, mask AP, times and cache size."""
         from mfdetr.engine.demo import DemoOptions, run_demo
+        from mfdetr.outputs import check_output_dir
+
+        check_output_dir(out)
 
         run_demo(DemoOptions(out=out, detector=detector, checkpoint=checkpoint, untrained_detector=untrained_detector, quick=quick, train_images=train_images,
                              val_images=val_images, iterations=iterations, image_size=image_size,

@@ -38,6 +38,12 @@ def register(app: typer.Typer) -> None:
 
         if checkpoint is None and config is None:
             raise MfdetrError("pass --checkpoint RUN/ckpt.pt (or --config FILE for a training-free baseline)")
+        if batch_size < 1 or max_images < 0:
+            raise MfdetrError(f"need --batch-size >= 1 and --max-images >= 0, got {batch_size} and {max_images}")
+        if out is not None:
+            from mfdetr.outputs import check_output_file
+
+            check_output_file(out)
         if online:
             if cache is not None or coco is None or checkpoint is None:
                 raise MfdetrError("--online evaluates --checkpoint RUN/ckpt.pt on --coco DIR --split SPLIT (no --cache)")

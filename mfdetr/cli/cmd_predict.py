@@ -31,6 +31,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Segment objects in images: COCO-style JSON (RLE masks, category names) + overlay PNGs."""
         from mfdetr.engine.predict import PredictJob, run_predict
+        from mfdetr.errors import MfdetrError
+        from mfdetr.outputs import check_output_dir
+
+        if workers < 0:
+            raise MfdetrError(f"--workers must be >= 0, got {workers}")
+        check_output_dir(out)
 
         job = PredictJob(detector=detector, masknet=masknet, inputs=tuple(inputs), out=out, checkpoint=checkpoint,
                          score_threshold=score_threshold, device=device, batch_size=batch_size,

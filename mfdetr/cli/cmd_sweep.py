@@ -30,8 +30,10 @@ def register(app: typer.Typer) -> None:
         from mfdetr.engine.sweep import load_sweep
         from mfdetr.errors import MfdetrError
 
+        from mfdetr.outputs import check_output_dir
+
         spec = load_sweep(sweep_file)
-        out_dir = out or Path("runs") / sweep_file.stem
+        out_dir = check_output_dir(out or Path("runs") / sweep_file.stem)
         if online:
             if detector is None or coco is None or cache is not None or val_cache is not None:
                 raise MfdetrError("--online needs --detector NAME --coco DIR (and usually --checkpoint FILE), "

@@ -19,8 +19,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Make a synthetic COCO-format instance-segmentation dataset (6 shape/texture classes)."""
         from mfdetr.data.synth import SynthConfig, generate_synth
+        from mfdetr.outputs import check_output_dir
 
-        summary = generate_synth(out, config=SynthConfig(train=train, val=val, image_size=image_size, seed=seed),
+        config = SynthConfig(train=train, val=val, image_size=image_size, seed=seed)
+        check_output_dir(out)
+        summary = generate_synth(out, config=config,
                                  force=force)
         for split, st in summary["splits"].items():
             typer.echo(f"{split}: {st['images']} images, {st['instances']} instances "

@@ -38,6 +38,9 @@ def register(app: typer.Typer) -> None:
         """Train MaskNet on cached detector outputs (AdamW, step lr, AMP on GPU); evaluate on --val-cache."""
         from mfdetr.engine.config import build_run_config, load_run_config
         from mfdetr.errors import MfdetrError
+        from mfdetr.outputs import check_output_dir
+
+        check_output_dir(out)
 
         ovr = list(overrides or []) + (["data.require_complete=true"] if require_complete else [])
         recorded = out / "config.json"

@@ -69,9 +69,9 @@ def load_annotation_file(path: str | Path) -> tuple[dict[str, Any], str]:
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict):
             raise MfdetrError(f"annotations[{i}] is not an object", path=path)
-        if a.get("image_id") not in image_ids or not _is_int(a.get("image_id")):
+        if not _is_int(a.get("image_id")) or a["image_id"] not in image_ids:
             raise MfdetrError(f"annotations[{i}] points at unknown image id {a.get('image_id')!r}", path=path)
-        if a.get("category_id") not in cat_ids or not _is_int(a.get("category_id")):
+        if not _is_int(a.get("category_id")) or a["category_id"] not in cat_ids:
             raise MfdetrError(f"annotations[{i}] points at unknown category id {a.get('category_id')!r}",
                               path=path)
     return data, sha

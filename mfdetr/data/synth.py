@@ -64,6 +64,8 @@ class SynthConfig:
             raise MfdetrError(f"synth: need at least one image (--train {self.train} --val {self.val})")
         if not 32 <= self.image_size <= 4096:
             raise MfdetrError(f"synth: --image-size must be in 32..4096, got {self.image_size}")
+        if self.seed < 0:
+            raise MfdetrError(f"synth: --seed must be >= 0, got {self.seed}")
 
 
 @dataclass

@@ -15,8 +15,6 @@ trained on its complete part with a warning naming how many are missing, or refu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -27,6 +25,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from mfdetr.cache import CacheStore
+from mfdetr.cache.manifest import manifest_sha256  # noqa: F401 - re-exported for the engine
 from mfdetr.cache.verify import COMMIT_SKIPPED, Damage, DamagedImage, commit_problem
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.engine.damage import DamagedItem
@@ -35,11 +34,6 @@ from mfdetr.errors import MfdetrError
 # What two caches must share to be used by one MaskNet (train vs val, checkpoint vs eval cache).
 IDENTITY_KEYS = ("detector.name", "checkpoint.sha256", "hidden_dim", "level_strides", "c1_channels", "num_classes",
                  "preprocessing", "category_map")
-
-
-def manifest_sha256(manifest: Mapping[str, Any]) -> str:
-    """sha256 of a manifest in canonical JSON (what a run records as "the cache it used")."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def _get(m: Mapping[str, Any], dotted: str) -> Any:

@@ -15,6 +15,7 @@ weight decay 5e-5, lr divided by 10 at 0.9 and 0.95 of the iterations, 6 epochs,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ class TrainConfig:
     """Optimisation and loop settings of one stage-2 training run.
 
     Args:
-        lr: AdamW learning rate for the global batch (Sec. 3.1: 1.5e-4); scaled linearly by
+        lr: AdamW learning rate for the global batch (Sec. 3.1: 1.5e-4; at most 1); scaled linearly by
             ``global_batch / reference_batch`` only when ``reference_batch > 0``.
         betas: AdamW betas.
         weight_decay: AdamW weight decay (5e-5).
@@ -73,8 +74,25 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        finite = {"lr": self.lr, "weight_decay": self.weight_decay, "lr_drop_factor": self.lr_drop_factor,
+                  "clip_grad_norm": self.clip_grad_norm}
+        bad = [f"{k}={v}" for k, v in finite.items() if not math.isfinite(v)]
+        if not all(map(math.isfinite, self.betas)):
+            bad.append(f"betas={list(self.betas)}")
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be a finite number")
+        if not 0.0 < self.lr <= 1.0:  # an AdamW step moves each weight by about lr: above 1 it only diverges
+            raise ValueError(f"lr must lie in (0, 1], got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if any(not 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        if self.clip_grad_norm < 0:
+            raise ValueError(f"clip_grad_norm must be >= 0 (0 turns clipping off), got {self.clip_grad_norm}")
+        if not 0.0 < self.lr_drop_factor <= 1.0:
+            raise ValueError(f"lr_drop_factor must lie in (0, 1], got {self.lr_drop_factor}")
+        if self.seed < 0 or self.reference_batch < 0:
+            raise ValueError(f"seed and reference_batch must be >= 0, got {self.seed} and {self.reference_batch}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.epochs < 1 and self.iterations < 1:
@@ -131,6 +149,8 @@ class OnlineConfig:
     round_features: bool = True
 
     def __post_init__(self) -> None:
+        if not all(map(math.isfinite, (self.lsj_min_scale, self.lsj_max_scale, self.detector_lr_mult))):
+            raise ValueError("lsj_min_scale, lsj_max_scale and detector_lr_mult must be finite numbers")
         if self.lsj_size < 8 or not 0 < self.lsj_min_scale <= self.lsj_max_scale:
             raise ValueError("need lsj_size >= 8 and 0 < lsj_min_scale <= lsj_max_scale, got "
                              f"{self.lsj_size}, {self.lsj_min_scale}, {self.lsj_max_scale}")

@@ -178,6 +178,15 @@ def _detector_step(cfg: Any, det_model: Any, topk: int, enc_layer: int, device: 
                         autocast_dtype=amp_dtype if use_amp else None)
 
 
+def online_source(*, detector: str, checkpoint: str | None, split: str, topk: int,
+                  annotation_sha256: str) -> dict[str, Any]:
+    """What an online run trains on (compared on ``--resume``): detector, weights, split, annotations."""
+    from mfdetr.cache.manifest import sha256_file
+
+    return {"detector": detector, "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+            "split": split, "topk": int(topk), "annotation_sha256": annotation_sha256}
+
+
 def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
                  out: str, topk: int = 100, resume: bool = False, val_split: str | None = None) -> Any:
     """``mfdetr train --online``: the same training with the detector run in the loop (``cfg.online``:
@@ -225,11 +234,17 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
                                     device=val.device)
             return {**r["segm"], **{f"box_{k}": v for k, v in r["bbox"].items()}}
 
+    source = online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk,
+                           annotation_sha256=base.annotation_sha256)
+    if resume:
+        from mfdetr.engine.checkpoint import check_resume_source
+
+        check_resume_source(out, key="online_source", current=source, what="detector or training data")
     return train(cfg=cfg, model=model, criterion=parts.criterion, train_set=dataset, run_dir=out,
                  collate=partial(collate), resume=resume, masknet_config=to_dict(parts.masknet_cfg),
                  record={"online": {"detector": detector, "checkpoint": str(checkpoint), "coco": str(coco),
                                     "split": split, "val_split": val_split, "topk": topk, "lsj": oc.lsj,
-                                    "finetune": oc.finetune}},
+                                    "finetune": oc.finetune}, "online_source": source},
                  ctx=ctx, prepare_batch=step, evaluate_fn=evaluate_fn)
 
 
@@ -242,7 +257,7 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     from mfdetr.data import CocoInstances
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.devices import resolve_device
-    from mfdetr.engine.checkpoint import load_checkpoint
+    from mfdetr.engine.checkpoint import load_checkpoint, load_weights
     from mfdetr.engine.config import build_run_config
     from mfdetr.engine.finetune import load_finetuned_detector, split_state
     from mfdetr.engine.stage2 import build_parts, evaluate_masknet
@@ -268,10 +283,7 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
         load_finetuned_detector(det_model, detector_sd)
     manifest = detector_manifest(preset, topk)
     parts = build_parts(cfg, manifest)
-    try:
-        parts.model.load_state_dict(masknet_sd)
-    except RuntimeError as e:
-        raise MfdetrError(f"weights do not fit the MaskNet config ({str(e).splitlines()[0]})", path=checkpoint) from None
+    load_weights(parts.model, masknet_sd, path=checkpoint)
     val = OnlineEvalSet(CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True),
                         _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False), dev,
                         max_images=max_images)
@@ -320,4 +332,7 @@ def sweep_online(spec: Any, *, detector: str, checkpoint: str | None, coco: str,
         return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
                              metrics=dict(metrics["segm"]))
 
-    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log)
+    sources = {**online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=""),
+               "val_split": val_split}
+    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log,
+                     sources=sources)

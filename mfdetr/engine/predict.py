@@ -170,16 +170,13 @@ def load_masknet_checkpoint(path: str | Path, *, preset: DetectorPreset, device:
             (name, d, level strides, C1 channels or class slots differ), or weights that do not fit.
     """
     from mfdetr.config import from_dict
+    from mfdetr.engine.checkpoint import load_weights, safe_torch_load
     from mfdetr.masknet import MaskNetConfig, build_masknet
 
     p = Path(path)
     if not p.is_file():
         raise MfdetrError("MaskNet checkpoint not found", path=p)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise MfdetrError(f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                          path=p) from None
+    ckpt = safe_torch_load(p)
     if not isinstance(ckpt, Mapping) or "model" not in ckpt or "masknet_config" not in ckpt:
         raise MfdetrError("not a MaskNet checkpoint (needs 'model' and 'masknet_config'; pass a training "
                           "run's ckpt.pt)", path=p)
@@ -209,10 +206,7 @@ def load_masknet_checkpoint(path: str | Path, *, preset: DetectorPreset, device:
     from mfdetr.engine.finetune import split_state
 
     masknet_sd, detector_sd = split_state(ckpt["model"])
-    try:
-        model.load_state_dict(masknet_sd)
-    except RuntimeError as e:
-        raise MfdetrError(f"weights do not fit its MaskNet config ({str(e).splitlines()[0]})", path=p) from None
+    load_weights(model, masknet_sd, path=p, what="its MaskNet config")
     model.eval().requires_grad_(False).to(device)
     return LoadedMaskNet(model=model, config=cfg, enc_layer=cfg.enc_layer, class_to_category=c2c,
                          categories=_categories_record(ckpt.get("categories")), detector=name,

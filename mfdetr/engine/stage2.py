@@ -27,7 +27,8 @@ from mfdetr.cache.verify import find_damaged
 from mfdetr.config import from_dict
 from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_sha256, open_annotations,
                                       open_cache)
-from mfdetr.engine.checkpoint import atomic_write_text, check_masknet_config, load_checkpoint
+from mfdetr.engine.checkpoint import (atomic_write_text, check_masknet_config, check_resume_source, load_checkpoint,
+                                      load_weights)
 from mfdetr.engine.damage import DamagePolicy, collate_marked
 from mfdetr.engine.config import RunConfig, build_run_config, load_run_config
 from mfdetr.engine.loading import loader_options
@@ -260,7 +261,10 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
 
     record = {"train_cache": str(src.cache), "val_cache": str(src.val_cache) if src.val_cache else None,
               "detector": detector_identity(store.manifest), "complexity": cx,
-              "train_images_missing": train_set.num_pending + train_set.num_skipped}
+              "train_images_missing": train_set.num_pending + train_set.num_skipped,
+              "cache_manifest": store.manifest}
+    if resume:
+        check_same_cache(out, store.manifest)
     res = train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set, run_dir=out,
                 resume=resume, masknet_config=_plain(parts.masknet_cfg), manifest_sha256=manifest_sha256(store.manifest),
                 evaluate_fn=evaluate_fn if val_set is not None else None, record=record,
@@ -271,6 +275,12 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
     if metrics:
         log("validation:\n" + format_metrics(metrics))
     return res, metrics
+
+
+def check_same_cache(run_dir: str | Path, manifest: Mapping[str, Any]) -> None:
+    """``--resume`` only with the training cache the run started on (manifest recorded and compared)."""
+    check_resume_source(run_dir, key="cache_manifest", current=manifest, what="training cache",
+                        legacy_hash=("manifest_sha256", manifest_sha256(manifest)))
 
 
 def refuse_online_settings(cfg: RunConfig) -> None:
@@ -321,11 +331,7 @@ def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, 
                               "detector's features does not fit it: evaluate with `mfdetr eval --online --coco DIR "
                               "--split SPLIT --checkpoint CKPT`", path=checkpoint)
         check_masknet_config(ckpt, _plain(parts.masknet_cfg), checkpoint)  # type: ignore[arg-type]
-        try:
-            parts.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise MfdetrError(f"weights do not fit the MaskNet config ({str(e).splitlines()[0]})",
-                              path=checkpoint) from None
+        load_weights(parts.model, ckpt["model"], path=checkpoint)
     elif any(p.requires_grad for p in parts.model.parameters()):
         raise MfdetrError("this MaskNet config has trainable parts: pass --checkpoint (only training-free "
                           "configs, paper Table 1, evaluate without one)")
@@ -355,10 +361,13 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
         cx = complexity(parts.model, store.manifest)
         trainable = any(p.requires_grad for p in parts.model.parameters())
         if spec.sweep.train and trainable:
+            resume = (vdir / "run" / "ckpt.pt").exists()
+            if resume:
+                check_same_cache(vdir / "run", store.manifest)
             train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set,
-                  run_dir=vdir / "run",
-                  resume=(vdir / "run" / "ckpt.pt").exists(), masknet_config=_plain(parts.masknet_cfg),
-                  manifest_sha256=manifest_sha256(store.manifest), record={"variant": v.name, "complexity": cx},
+                  run_dir=vdir / "run", resume=resume, masknet_config=_plain(parts.masknet_cfg),
+                  manifest_sha256=manifest_sha256(store.manifest),
+                  record={"variant": v.name, "complexity": cx, "cache_manifest": store.manifest},
                   prepare_batch=train_set.prepare_batch)
         dev = resolve_device(cfg.train.device)
         m, _ = evaluate_masknet(parts.model, val_set, manifest=store.manifest, batch_size=cfg.train.batch_size,
@@ -367,4 +376,7 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
         return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
                              metrics=dict(m["segm"]))
 
-    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log)
+    sources = {"train_cache": manifest_sha256(open_cache(src.cache, role="training cache").manifest),
+               "val_cache": manifest_sha256(open_cache(src.val_cache, role="validation cache").manifest)}
+    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log,
+                     sources=sources)

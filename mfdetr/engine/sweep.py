@@ -120,13 +120,37 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 
 RunVariant = Callable[[Variant, RunConfig, Path], VariantResult]
+INPUTS_FILE = "inputs.json"
+
+
+def _check_inputs(vdir: Path, inputs: Mapping[str, Any], name: str) -> None:
+    """A finished variant is reused only if it ran on the same inputs (``inputs.json``: its config and
+    the sweep's sources); settings that change no result (workers, progress, ...) may differ."""
+    from mfdetr.engine.config import diff_configs
+    from mfdetr.engine.trainer import RESUMABLE_CHANGES
+
+    path = vdir / INPUTS_FILE
+    if not path.is_file():
+        return  # recorded before inputs were: reused as it is
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError:
+        raise MfdetrError("unreadable record of a finished variant's inputs", path=path) from None
+    diff = [k for k in diff_configs(recorded, json.loads(json.dumps(inputs)))
+            if k.removeprefix("config.") not in RESUMABLE_CHANGES]
+    if diff:
+        raise MfdetrError(f"variant {name} was run with other inputs (differs in: {', '.join(diff[:6])}"
+                          f"{' ...' if len(diff) > 6 else ''}); choose another --out or remove {vdir}", path=vdir)
 
 
 def run_sweep(spec: SweepSpec, *, out_dir: str | Path, run_variant: RunVariant, overrides: Sequence[str] = (),
-              only: Sequence[str] = (), log: Callable[[str], None] = print) -> list[VariantResult]:
+              only: Sequence[str] = (), log: Callable[[str], None] = print,
+              sources: Mapping[str, Any] | None = None) -> list[VariantResult]:
     """Run every variant (or those named in ``only``) into ``out_dir/<name>/``; write the summary.
 
-    A variant whose ``out_dir/<name>/result.json`` exists is not rerun: its stored result is used.
+    A variant whose ``out_dir/<name>/result.json`` exists is not rerun: its stored result is used, if it
+    ran on the same inputs — its config and ``sources`` (e.g. the caches' manifest hashes), recorded in
+    ``out_dir/<name>/inputs.json`` — and refused otherwise.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,12 +163,15 @@ def run_sweep(spec: SweepSpec, *, out_dir: str | Path, run_variant: RunVariant, 
             continue
         vdir = out / v.name
         done = vdir / "result.json"
+        cfg = spec.config_for(v, overrides)
+        inputs = {"config": cfg.to_dict(), "sources": dict(sources or {})}
         if done.is_file():
+            _check_inputs(vdir, inputs, v.name)
             log(f"{v.name}: done before, reusing {done}")
             results.append(VariantResult(**json.loads(done.read_text())))
             continue
-        cfg = spec.config_for(v, overrides)
         vdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(vdir / INPUTS_FILE, json.dumps(inputs, indent=2) + "\n")
         log(f"{v.name}: {'training + ' if spec.sweep.train else ''}evaluating ({', '.join(v.set) or 'base'})")
         res = run_variant(v, cfg, vdir)
         res.paper = dict(v.paper)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mfdetr.engine.checkpoint import (atomic_torch_save, atomic_write_text, capture_rng, library_versions,
-                                      load_checkpoint, python_command, restore_rng, seed_step)
+                                      load_checkpoint, load_weights, python_command, restore_rng, seed_step)
 from mfdetr.engine.collate import collate_detector_outputs
 from mfdetr.engine.config import RunConfig, diff_configs
 from mfdetr.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
@@ -42,7 +42,8 @@ from mfdetr.engine.loading import RunBatches, loader_options
 from mfdetr.engine.metrics import MetricLogger
 from mfdetr.engine.sampling import EpochPlan
 from mfdetr.engine.schedule import StepDecay
-from mfdetr.errors import MfdetrError
+from mfdetr.errors import Interrupted, MfdetrError
+from mfdetr.interrupts import interruptible
 
 Criterion = Callable[[Any, Any, Any], Mapping[str, Tensor]]
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
@@ -84,6 +85,25 @@ def _loss_total(losses: Mapping[str, Tensor]) -> Tensor:
         if key in losses:
             return losses[key]
     raise KeyError(f"criterion returned no 'total' or 'loss' entry (keys: {sorted(losses)})")
+
+
+def _batch_image_ids(det: Any, targets: Any) -> list[Any]:
+    """The image ids of a batch (from the GT instances, else the detector output's extras)."""
+    ids = [getattr(t, "image_id", None) for t in targets] if isinstance(targets, list | tuple) else []
+    if ids and all(i is not None for i in ids):
+        return ids
+    return list(getattr(det, "extras", {}).get("image_id", []))
+
+
+def _refuse_nonfinite(loss: Tensor, losses: Mapping[str, Tensor], step: int, det: Any, targets: Any,
+                      ckpt_path: Path) -> None:
+    """Stop on a non-finite loss with one line naming the step and the batch's images (no update made)."""
+    if bool(torch.isfinite(loss)):
+        return
+    parts = ", ".join(f"{k} {float(v.detach()):g}" for k, v in losses.items())
+    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
+    raise MfdetrError(f"non-finite loss at step {step + 1} on image ids {_batch_image_ids(det, targets)} "
+                      f"({parts}); training stopped, {kept}")
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -178,15 +198,19 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
 
     start, window = 0, {}
     if ckpt is not None:
-        _unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        start = int(ckpt["step"])
-        window = {k: list(v) for k, v in ckpt.get("log_window", {}).items()}
-        rng = ckpt.get("rng", {}).get(ctx.rank)
-        if rng is not None:
-            restore_rng(rng)
+        load_weights(_unwrap(model), ckpt["model"], path=ckpt_path, what="this run's model")
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler") is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+            start = int(ckpt["step"])
+            window = {k: list(v) for k, v in ckpt.get("log_window", {}).items()}
+            rng = ckpt.get("rng", {}).get(ctx.rank)
+            if rng is not None:
+                restore_rng(rng)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise MfdetrError(f"damaged checkpoint: cannot restore the training state ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]})", path=ckpt_path) from None
 
     net: nn.Module = model
     if ctx.distributed:
@@ -214,6 +238,11 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         logger = MetricLogger(run_dir, resume_step=start if resume else None)
 
     def save(step: int) -> None:
+        bad = [n for n, p in _unwrap(model).named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise MfdetrError(f"non-finite weights after step {step} ({', '.join(bad[:4])}): not saved, "
+                              f"{'the last good checkpoint is kept' if ckpt_path.is_file() else 'no checkpoint'}",
+                              path=ckpt_path)
         rngs = [capture_rng()]
         if ctx.distributed:
             gathered: list[Any] = [None] * ctx.world_size
@@ -257,6 +286,17 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
                         file=sys.stderr, mininterval=1.0)
     last: dict[str, float] = {}
     step = start
+
+    def interrupted() -> BaseException:
+        if progress is not None:
+            progress.close()
+        if ctx.distributed:  # ranks may stop at different points: the last periodic checkpoint resumes
+            return KeyboardInterrupt()
+        save(step)
+        if logger is not None:
+            logger.close()
+        return Interrupted(step=step, checkpoint=ckpt_path)
+
     model.train()
     t_window, n_window = time.perf_counter(), 0
     per_epoch = callable(getattr(train_set, "set_epoch", None))  # per-epoch augmentation draws (LSJ)
@@ -268,7 +308,7 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
             batches = plan.rank_batches(epoch, pos)[: total - step]
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, pin_memory=device.type == "cuda",
                             **loader_options(tc.num_workers, tc.prefetch_factor))
-        for batch in loader:
+        for batch in interruptible(loader, interrupted):
             epoch = plan.locate(step)[0]
             seed_step(tc.seed, step, ctx.rank)
             cur_lr = sched.apply(optimizer, step)
@@ -282,9 +322,7 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
                     outputs = net(det, *fwd_args, **fwd_kw)
                 losses = criterion(outputs, det, targets)
             loss = _loss_total(losses)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} "
-                                         f"(components: { {k: float(v) for k, v in losses.items()} })")
+            _refuse_nonfinite(loss, losses, step, det, targets, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             grad_norm = None

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfdetr.errors import MfdetrError
+from mfdetr.errors import MfdetrError, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise MfdetrError(f"cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}", path=p) from None
+        raise MfdetrError(load_failure(e), path=p) from None
     if not isinstance(obj, Mapping):
         raise MfdetrError(f"checkpoint holds a {type(obj).__name__}, expected a dict", path=p)
     return obj

@@ -1,0 +1,59 @@
+"""Output paths checked before any work: a wrong kind of path or an unwritable place is a one-line error.
+
+:func:`check_output_dir` (a run folder, a cache store, a predictions folder) and
+:func:`check_output_file` (a results JSON) run before a command computes anything, so a read-only
+disk or a typo in ``--out`` is reported at once instead of after hours of work. Writability is
+probed by creating (and removing) a temporary file in the nearest existing folder, which is what the
+command will do; nothing else is created.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from mfdetr.errors import MfdetrError
+
+
+def _nearest_existing(path: Path) -> Path:
+    cur = path
+    while not cur.exists() and cur != cur.parent:
+        cur = cur.parent
+    return cur
+
+
+def _probe(folder: Path, path: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise MfdetrError(f"{what}: {folder} is a file, not a folder", path=path)
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".mfdetr-write-probe-")
+    except OSError as e:
+        reason = "read-only" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else e.strerror
+        raise MfdetrError(f"{what} is not writable ({reason}: {folder})", path=path) from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output_dir(path: str | Path, *, what: str = "--out") -> Path:
+    """``path`` must be a folder (or not exist yet, under a writable folder) that can be written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise MfdetrError(f"{what} must be a folder, but it is a file", path=p)
+    _probe(_nearest_existing(p.absolute()), p, what)
+    return p
+
+
+def check_output_file(path: str | Path, *, what: str = "--out") -> Path:
+    """``path`` must be a file name (not an existing folder) in a writable folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise MfdetrError(f"{what} names a file to write, but it is an existing folder", path=p)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise MfdetrError(f"{what} is not writable (read-only file)", path=p)
+    _probe(_nearest_existing(p.absolute().parent), p, what)
+    return p
+
+
+__all__ = ["check_output_dir", "check_output_file"]
