@@ -17,6 +17,7 @@ file presence (cheap: one ``stat`` per array and image), ``full=True`` decodes e
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,14 @@ def file_problem(root_dir: str | Path, arr: zarr.Array, index: int) -> str | Non
     """Why image ``index``'s chunk (or shard) file of ``arr`` cannot hold its data: missing or empty."""
     p = chunk_path(root_dir, arr, index)
     try:
-        size = os.stat(p).st_size
+        st = os.stat(p)
     except FileNotFoundError:
         return f"chunk file {p.relative_to(root_dir)} is missing"
     except OSError as e:
         return f"chunk file {p.relative_to(root_dir)} cannot be read ({e.strerror})"
-    return f"chunk file {p.relative_to(root_dir)} is empty" if size == 0 else None
+    # only a regular file is judged by its size (a pipe or device reports 0 and is left to the reader)
+    empty = stat.S_ISREG(st.st_mode) and st.st_size == 0
+    return f"chunk file {p.relative_to(root_dir)} is empty" if empty else None
 
 
 def decode_problem(err: BaseException) -> str:
