@@ -15,8 +15,13 @@ Outputs in ``out``:
 - ``results.json`` — the same annotations as a plain COCO results list (``COCO.loadRes``-ready);
 - ``overlays/<image stem>.png`` — the image at its original size with masks, boxes, labels, scores.
 
-Unreadable images (missing, corrupt, not an image) are reported on stderr, listed under ``skipped``
-and left out; they never stop the run.
+Unreadable images (missing, corrupt, not an image, over :data:`mfdetr.data.images.MAX_PIXELS`) and
+images the networks cannot process are reported on stderr, listed under ``skipped`` and left out;
+they never stop the run.
+
+Outputs are written atomically and ``predictions.json`` last: it marks a complete run. A run first
+deletes the ``predictions.json`` and ``results.json`` an earlier run left in ``out`` (overlay PNGs are
+overwritten image by image), so after a crash ``out`` holds no result that looks complete or current.
 
 The MaskNet checkpoint (:func:`load_masknet_checkpoint`) is the training run's ``ckpt.pt``
 (:mod:`mfdetr.engine.trainer`: ``model``, ``masknet_config``, ``meta.detector`` = the identity of the
@@ -40,6 +45,7 @@ from tqdm import tqdm
 
 from mfdetr.contracts import DetectorPreset
 from mfdetr.devices import resolve_device
+from mfdetr.engine._fs import atomic_write_text
 from mfdetr.errors import MfdetrError, SkipImage
 
 __all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
@@ -238,7 +244,7 @@ def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, s
     if categories_file is not None:
         from mfdetr.data.annotations import load_annotation_file
 
-        data, _ = load_annotation_file(categories_file)
+        data, _ = load_annotation_file(categories_file, report=False)
         names.update(_categories_record(data["categories"]))
     for cid, n in (recorded or {}).items():
         names.setdefault(int(cid), n)
@@ -315,6 +321,19 @@ def _overlay_names(files: Sequence[Path]) -> list[str]:
     return out
 
 
+def _segment(detector: Any, mask_net: LoadedMaskNet, device: torch.device, topk: int, min_score: float,
+             batch: Any) -> tuple[list[dict[str, Any]], str]:
+    """Detector → MaskNet → pasted, scored masks of one batch: ``(COCO results, score mode)``."""
+    from mfdetr.masknet import masks_to_coco_results
+
+    det = detector.detect(batch.to(device), topk=topk, enc_layers=(mask_net.enc_layer,))
+    mo = mask_net.model(det)
+    score_mode = "mask_iou" if mo.iou_pred is not None else "mask_prob"  # eq. 13, else eq. 2
+    res = masks_to_coco_results(mo, det, mask_net.class_to_category, batch.image_ids, score=score_mode,  # type: ignore[arg-type]
+                                min_score=min_score)
+    return res, score_mode
+
+
 def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str], None] = print,
                 warn: Callable[[str], None] | None = None, detector: Any | None = None) -> PredictSummary:
     """Run a prediction job (see the module doc); returns what was written.
@@ -325,10 +344,11 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     """
     import time
 
-    from mfdetr.data import iterate_batches, load_rgb, same_size_batches
+    from functools import partial
+
+    from mfdetr.data import iterate_batches, load_rgb, run_or_skip, same_size_batches
     from mfdetr.detectors.registry import get_preset, load_plugins
     from mfdetr.engine.overlay import draw_overlay, instances_from_results
-    from mfdetr.masknet import masks_to_coco_results
 
     t0 = time.perf_counter()
     warn = warn or (lambda s: print(f"mfdetr: {s}", file=sys.stderr))
@@ -370,6 +390,8 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     dataset = ImageFiles(files, preset=preset)
     out = Path(job.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    for stale in ("predictions.json", "results.json"):  # an earlier run's: never left looking current
+        (out / stale).unlink(missing_ok=True)
     overlay_names = _overlay_names(files)
     images: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -383,27 +405,29 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
                 reason = s.reason.split(": ", 1)[1] if s.reason.startswith(str(s.file_name)) else s.reason
                 summary.skipped.append((str(s.file_name), reason))
                 warn(f"skipped {s.file_name}: {reason}")
-            if batch is not None:
-                with torch.inference_mode():
-                    det = detector.detect(batch.to(device), topk=topk, enc_layers=(mask_net.enc_layer,))
-                    mo = mask_net.model(det)
-                    score_mode = "mask_iou" if mo.iou_pred is not None else "mask_prob"  # eq. 13, else eq. 2
-                    res = masks_to_coco_results(mo, det, mask_net.class_to_category,
-                                                batch.image_ids, score=score_mode,  # type: ignore[arg-type]
-                                                min_score=job.score_threshold)
+            if batch is None:
+                bar.update(len(skips))
+                continue
+            with torch.inference_mode():  # an image the networks cannot process is skipped with its reason
+                done, failed = run_or_skip(partial(_segment, detector, mask_net, device, topk, job.score_threshold),
+                                           batch)
+            for pos, reason in failed:
+                summary.skipped.append((batch.file_names[pos], reason))
+                warn(f"skipped {batch.file_names[pos]}: {reason}")
+            for part, (res, score_mode) in done:
                 for r in res:
                     r["category_name"] = names.get(r["category_id"], f"class {r['category_id']}")
                 results.extend(res)
-                for b, iid in enumerate(batch.image_ids):
-                    h0, w0 = (int(v) for v in batch.orig_hw[b].tolist())
-                    images.append({"id": iid, "file_name": batch.file_names[b], "height": h0, "width": w0})
+                for b, iid in enumerate(part.image_ids):
+                    h0, w0 = (int(v) for v in part.orig_hw[b].tolist())
+                    images.append({"id": iid, "file_name": part.file_names[b], "height": h0, "width": w0})
                     if job.overlays:
                         mine = [r for r in res if r["image_id"] == iid]
-                        pic = draw_overlay(load_rgb(batch.file_names[b]), instances_from_results(mine, names))
+                        pic = draw_overlay(load_rgb(part.file_names[b]), instances_from_results(mine, names))
                         dst = out / "overlays" / overlay_names[iid - 1]
                         pic.save(dst)
                         summary.overlays.append(dst)
-            bar.update(len(skips) + (len(batch) if batch is not None else 0))
+            bar.update(len(skips) + len(batch))
     finally:
         bar.close()
     images.sort(key=lambda im: im["id"])  # input order (batches went by input size)
@@ -421,10 +445,10 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
                  "masknet_checkpoint": str(job.masknet), "score_threshold": job.score_threshold,
                  "score": score_mode, "topk": topk, "enc_layer": mask_net.enc_layer, "device": str(device)},
     }
-    summary.predictions_json = out / "predictions.json"
-    summary.predictions_json.write_text(json.dumps(record) + "\n")
     summary.results_json = out / "results.json"
-    summary.results_json.write_text(json.dumps(results) + "\n")
+    atomic_write_text(summary.results_json, json.dumps(results) + "\n")
+    summary.predictions_json = out / "predictions.json"  # last: the mark of a complete run
+    atomic_write_text(summary.predictions_json, json.dumps(record) + "\n")
     summary.wall_s = time.perf_counter() - t0
     echo(f"predicted {summary.instances} instances (score >= {job.score_threshold:g}) on {summary.images} images"
          f" in {summary.wall_s:.1f} s; skipped {len(summary.skipped)}")
