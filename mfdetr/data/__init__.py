@@ -28,7 +28,7 @@ _EXPORTS = {
     "annotation_path": "annotations", "load_annotation_file": "annotations", "load_annotations": "annotations",
     "AnnotationFile": "annotations",
     "CocoInstances": "coco", "CocoItem": "coco",
-    "SkipRecord": "batching", "SkipSafe": "batching", "collate": "batching", "collate_with_skips": "batching",
+    "SkipRecord": "batching", "SkipReplace": "batching", "SkipSafe": "batching", "collate": "batching", "collate_with_skips": "batching",
     "iterate_batches": "batching", "same_size_batches": "batching", "run_or_skip": "batching",
     "single_image_batches": "batching",
     "load_rgb": "images", "to_rgb": "images", "LargeScaleJitter": "lsj",
@@ -44,7 +44,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from mfdetr.data.annotations import AnnotationFile, annotation_path, load_annotation_file, load_annotations
     from mfdetr.data.coco import CocoInstances, CocoItem
-    from mfdetr.data.batching import (SkipRecord, SkipSafe, collate, collate_with_skips, iterate_batches,
+    from mfdetr.data.batching import (SkipRecord, SkipReplace, SkipSafe, collate, collate_with_skips, iterate_batches,
                                       run_or_skip, same_size_batches, single_image_batches)
     from mfdetr.data.images import load_rgb, to_rgb
     from mfdetr.data.lsj import LargeScaleJitter

@@ -6,6 +6,7 @@
 - :class:`SkipSafe` wraps a dataset so that a bad image yields a :class:`SkipRecord` instead of an
   exception (safe inside DataLoader workers); :func:`collate_with_skips` splits a list of
   items/records into ``(batch or None, skips)``; :func:`iterate_batches` runs a split that way.
+- :class:`SkipReplace` (training) puts the next loadable image in place of a bad one, reporting it.
 - :func:`run_or_skip` runs a network on a batch and, where it fails, on each image alone, so that an
   image the network cannot process (e.g. a one-pixel-wide input) is skipped with its reason.
 """
@@ -88,6 +89,48 @@ class SkipSafe(Dataset[Any]):
             name = self.dataset.file_name(image_id) if image_id is not None and hasattr(
                 self.dataset, "file_name") else e.image
             return SkipRecord(index=index, image_id=image_id, file_name=name, reason=str(e))
+
+
+class SkipReplace(Dataset[Any]):
+    """Training view of a dataset whose ``__getitem__`` may raise :class:`SkipImage`: the next loadable
+    item (index + 1, + 2, … cyclically) takes the bad one's place, so batches keep their size and the
+    epoch plan stays a pure function of the seed. Each bad image is reported once per process on stderr
+    (``mfdetr: skipped image id N (file): reason``) and remembered, so it is not decoded again there.
+    ``set_epoch`` is forwarded (per-epoch augmentation draws).
+
+    Raises:
+        MfdetrError: when no item of the dataset can be loaded.
+    """
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+        self.bad: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __getitem__(self, index: int) -> Any:
+        import sys
+
+        from mfdetr.errors import MfdetrError
+
+        n = len(self)
+        for k in range(n):
+            j = (int(index) + k) % n
+            if j in self.bad:
+                continue
+            try:
+                return self.dataset[j]
+            except SkipImage as e:
+                self.bad[j] = str(e)
+                ids = getattr(self.dataset, "image_ids", None)
+                who = f"image id {ids[j]}" if ids is not None else f"item {j}"
+                print(f"mfdetr: skipped {who} ({e}); training uses the next image in its place", file=sys.stderr)
+        raise MfdetrError(f"no image of the training split can be loaded (first: {next(iter(self.bad.values()), '')})")
 
 
 def collate_with_skips(items: Sequence[Any], *, size_divisibility: int = 1
