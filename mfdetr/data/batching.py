@@ -95,7 +95,7 @@ class SkipReplace(Dataset[Any]):
     """Training view of a dataset whose ``__getitem__`` may raise :class:`SkipImage`: the next loadable
     item (index + 1, + 2, … cyclically) takes the bad one's place, so batches keep their size and the
     epoch plan stays a pure function of the seed. Each bad image is reported once per process on stderr
-    (``mfdetr: skipped image id N (file): reason``) and remembered, so it is not decoded again there.
+    (``mfdetr: skipped FILE: reason; ...``) and remembered, so it is not decoded again there.
     ``set_epoch`` is forwarded (per-epoch augmentation draws).
 
     Raises:
@@ -127,9 +127,7 @@ class SkipReplace(Dataset[Any]):
                 return self.dataset[j]
             except SkipImage as e:
                 self.bad[j] = str(e)
-                ids = getattr(self.dataset, "image_ids", None)
-                who = f"image id {ids[j]}" if ids is not None else f"item {j}"
-                print(f"mfdetr: skipped {who} ({e}); training uses the next image in its place", file=sys.stderr)
+                print(f"mfdetr: skipped {e}; training uses the next image in its place", file=sys.stderr)
         raise MfdetrError(f"no image of the training split can be loaded (first: {next(iter(self.bad.values()), '')})")
 
 

@@ -76,3 +76,31 @@ def load_rgb(path: str | Path, *, max_pixels: int | None = None) -> Image.Image:
         raise SkipImage(path, f"image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise SkipImage(path, f"corrupt or unreadable image ({type(e).__name__}: {e})") from None
+
+
+def header_problem(path: str | Path, *, expect_hw: tuple[int, int] | None = None,
+                   max_pixels: int | None = None) -> str | None:
+    """Why ``path`` cannot be used, from its header and PIL's structural check only (nothing decoded),
+    or ``None``: missing, not an image, no pixels, over ``max_pixels`` (default :data:`MAX_PIXELS`), or
+    not of size ``expect_hw`` (height, width)."""
+    path = Path(path)
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if not path.is_file():
+        return "missing image file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                im.verify()
+    except Image.DecompressionBombError:
+        return "image too large"
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises on a damaged file
+        return f"corrupt or unreadable image ({type(e).__name__}: {e})"
+    if w < 1 or h < 1:
+        return f"image has no pixels ({w}x{h})"
+    if w * h > limit:
+        return f"image too large: {w}x{h} = {w * h} pixels, over the limit of {limit} (not decoded)"
+    if expect_hw is not None and (h, w) != tuple(expect_hw):
+        return f"image is {w}x{h} but the annotation file says {expect_hw[1]}x{expect_hw[0]}"
+    return None

@@ -181,8 +181,9 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.step = step
         self.device = device
         n = len(coco) if max_images <= 0 else min(max_images, len(coco))
-        #: the images evaluated: those of a size the detector can process (:func:`runnable_indices`)
-        self.indices = runnable_indices(coco, step, device, range(n), coarsest_stride)
+        #: the images evaluated: readable (header check) and of a size the detector can process
+        #: (:func:`runnable_indices`); the others are reported on stderr
+        self.indices = runnable_indices(coco, step, device, _readable(coco, range(n)), coarsest_stride)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -194,6 +195,24 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
         with torch.no_grad():
             det = self.step.run(collate([item]), self.device)
         return det.to("cpu"), item.target
+
+
+def _readable(coco: Any, indices: Sequence[int]) -> list[int]:
+    """``indices`` whose image file passes :func:`mfdetr.data.images.header_problem` (others reported)."""
+    import sys
+
+    from mfdetr.data.images import header_problem
+
+    kept = []
+    for i in indices:
+        info = coco.image_info(coco.image_ids[i])
+        why = header_problem(coco.image_path(coco.image_ids[i]), expect_hw=(int(info["height"]), int(info["width"])))
+        if why is None:
+            kept.append(int(i))
+        else:
+            print(f"mfdetr: left out image id {coco.image_ids[i]} ({coco.file_name(coco.image_ids[i])}): {why}",
+                  file=sys.stderr)
+    return kept
 
 
 def runnable_indices(coco: Any, step: DetectorStep, device: torch.device, indices: Sequence[int],

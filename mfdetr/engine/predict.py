@@ -105,11 +105,15 @@ class ImageFiles(Dataset[Any]):
 
     def image_info(self, image_id: int) -> dict[str, int]:
         """``{"height", "width"}`` from the file's header (0 × 0 when unreadable: the load reports it)."""
+        import warnings
+
         from PIL import Image
 
         try:
-            with Image.open(self.files[image_id - 1]) as im:
-                w, h = im.size
+            with warnings.catch_warnings():  # a huge header: refused (and reported) when it is loaded
+                warnings.simplefilter("ignore")
+                with Image.open(self.files[image_id - 1]) as im:
+                    w, h = im.size
         except Exception:  # noqa: BLE001 - any unreadable file is reported when it is loaded
             return {"height": 0, "width": 0}
         return {"height": int(h), "width": int(w)}
