@@ -29,6 +29,7 @@ import torch
 
 from mfdetr.contracts import DetectorOutput, ImageBatch
 from mfdetr.engine.collate import Stage2Batch
+from mfdetr.engine.screening import readable_indices, runnable_indices
 
 
 def zero_padding(det: DetectorOutput) -> DetectorOutput:
@@ -183,7 +184,7 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
         n = len(coco) if max_images <= 0 else min(max_images, len(coco))
         #: the images evaluated: readable (header check) and of a size the detector can process
         #: (:func:`runnable_indices`); the others are reported on stderr
-        self.indices = runnable_indices(coco, step, device, _readable(coco, range(n)), coarsest_stride)
+        self.indices = runnable_indices(coco, step._detect, device, readable_indices(coco, range(n)), coarsest_stride)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -195,60 +196,6 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
         with torch.no_grad():
             det = self.step.run(collate([item]), self.device)
         return det.to("cpu"), item.target
-
-
-def _readable(coco: Any, indices: Sequence[int]) -> list[int]:
-    """``indices`` whose image file passes :func:`mfdetr.data.images.header_problem` (others reported)."""
-    import sys
-
-    from mfdetr.data.images import header_problem
-
-    kept = []
-    for i in indices:
-        info = coco.image_info(coco.image_ids[i])
-        why = header_problem(coco.image_path(coco.image_ids[i]), expect_hw=(int(info["height"]), int(info["width"])))
-        if why is None:
-            kept.append(int(i))
-        else:
-            print(f"mfdetr: left out image id {coco.image_ids[i]} ({coco.file_name(coco.image_ids[i])}): {why}",
-                  file=sys.stderr)
-    return kept
-
-
-def runnable_indices(coco: Any, step: DetectorStep, device: torch.device, indices: Sequence[int],
-                     coarsest_stride: int) -> list[int]:
-    """``indices`` of a COCO split whose network input the detector can process.
-
-    Only sizes where the coarsest feature map would be one cell on a side (shorter input side ≤
-    ``coarsest_stride``: extreme aspect ratios, tiny detectors' inputs) are in question: each such size
-    is probed once with a blank image (batch of one); the images of a size that fails are reported on
-    stderr and left out. Other images are kept without a probe.
-    """
-    import sys
-
-    from mfdetr.data import run_or_skip
-
-    verdict: dict[tuple[int, int], str | None] = {}
-    kept: list[int] = []
-    for i in indices:
-        info = coco.image_info(coco.image_ids[i])
-        hw = coco.transform.output_hw(int(info["height"]), int(info["width"]))
-        if min(hw) > coarsest_stride:
-            kept.append(int(i))
-            continue
-        if hw not in verdict:
-            h, w = hw
-            probe = ImageBatch(images=torch.zeros(1, 3, h, w), pad_mask=torch.zeros(1, h, w, dtype=torch.bool),
-                               input_hw=torch.tensor([[h, w]]), orig_hw=torch.tensor([[h, w]]), image_ids=[0],
-                               file_names=["probe"])
-            _, failed = run_or_skip(lambda b: step._detect(b.to(device), device), probe)
-            verdict[hw] = failed[0][1] if failed else None
-        if verdict[hw] is None:
-            kept.append(int(i))
-        else:
-            print(f"mfdetr: left out image id {coco.image_ids[i]} ({coco.file_name(coco.image_ids[i])}): "
-                  f"{verdict[hw]}", file=sys.stderr)
-    return kept
 
 
 def _detector_step(cfg: Any, det_model: Any, topk: int, enc_layer: int, device: torch.device, *,
@@ -289,7 +236,7 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
                                    seed=cfg.train.seed)
     else:
         probe = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False)
-        kept = runnable_indices(base, probe, ctx.device, range(len(base)), coarsest)
+        kept = runnable_indices(base, probe._detect, ctx.device, range(len(base)), coarsest)
         if len(kept) < len(base):
             dataset = torch.utils.data.Subset(base, kept)
     dataset = SkipReplace(dataset)  # an unreadable image: the next one takes its place (reported)

@@ -40,19 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mfdetr.contracts import DetectorPreset
 from mfdetr.devices import resolve_device
 from mfdetr.engine._fs import atomic_write_text
-from mfdetr.errors import MfdetrError, SkipImage
+from mfdetr.engine.image_files import IMAGE_SUFFIXES, ImageFiles, expand_inputs
+from mfdetr.errors import MfdetrError
 
 __all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
            "detector_checkpoint", "expand_inputs", "load_masknet_checkpoint", "preset_queries", "resolve_device",
            "run_predict"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 #: COCO category id → name (the 80 categories of instances_*2017.json; ids 1..90 with gaps)
 COCO_NAMES: dict[int, str] = dict(zip(
@@ -64,70 +62,6 @@ COCO_NAMES: dict[int, str] = dict(zip(
      "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,"
      "keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
      "hair drier,toothbrush").split(","), strict=True))
-
-
-# ---- inputs --------------------------------------------------------------------------------------
-
-def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Image files to process (in argument order; a folder contributes its image files, sorted by
-    name, not recursive) and the arguments that name nothing (``(path, reason)``)."""
-    files: list[Path] = []
-    missing: list[tuple[str, str]] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                missing.append((str(p), "folder holds no image files"))
-            files.extend(found)
-        elif p.exists():
-            files.append(p)
-        else:
-            missing.append((str(p), "missing image file"))
-    return files, missing
-
-
-class ImageFiles(Dataset[Any]):
-    """Image files as preprocessed :class:`~mfdetr.data.CocoItem` (id = position + 1, no targets);
-    an unreadable file raises :class:`SkipImage` (recorded by :func:`mfdetr.data.iterate_batches`)."""
-
-    def __init__(self, files: Sequence[Path], *, preset: DetectorPreset) -> None:
-        from mfdetr.data import EvalTransform
-
-        self.files = list(files)
-        self.image_ids = list(range(1, len(self.files) + 1))
-        self.transform = EvalTransform(preprocessing=preset.preprocessing)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def file_name(self, image_id: int) -> str:
-        return str(self.files[image_id - 1])
-
-    def image_info(self, image_id: int) -> dict[str, int]:
-        """``{"height", "width"}`` from the file's header (0 × 0 when unreadable: the load reports it)."""
-        import warnings
-
-        from PIL import Image
-
-        try:
-            with warnings.catch_warnings():  # a huge header: refused (and reported) when it is loaded
-                warnings.simplefilter("ignore")
-                with Image.open(self.files[image_id - 1]) as im:
-                    w, h = im.size
-        except Exception:  # noqa: BLE001 - any unreadable file is reported when it is loaded
-            return {"height": 0, "width": 0}
-        return {"height": int(h), "width": int(w)}
-
-    def __getitem__(self, index: int) -> Any:
-        from mfdetr.data import CocoItem, load_rgb
-
-        path = self.files[index]
-        img = load_rgb(path)
-        t = self.transform(img)
-        if t.shape[1] < 1 or t.shape[2] < 1:
-            raise SkipImage(path, "image has no pixels")
-        return CocoItem(image=t, image_id=index + 1, file_name=str(path), orig_hw=(img.height, img.width),
-                        input_hw=(int(t.shape[1]), int(t.shape[2])), target=None)
 
 
 # ---- the mask network and its checkpoint ---------------------------------------------------------
@@ -333,9 +267,26 @@ def _segment(detector: Any, mask_net: LoadedMaskNet, device: torch.device, topk:
     det = detector.detect(batch.to(device), topk=topk, enc_layers=(mask_net.enc_layer,))
     mo = mask_net.model(det)
     score_mode = "mask_iou" if mo.iou_pred is not None else "mask_prob"  # eq. 13, else eq. 2
-    res = masks_to_coco_results(mo, det, mask_net.class_to_category, batch.image_ids, score=score_mode,  # type: ignore[arg-type]
-                                min_score=min_score)
+    res = masks_to_coco_results(mo, det, mask_net.class_to_category, batch.image_ids,
+                                score=score_mode, min_score=min_score)  # type: ignore[arg-type]
     return res, score_mode
+
+
+def _write_outputs(out: Path, summary: PredictSummary, *, images: list[dict[str, Any]],
+                   results: list[dict[str, Any]], names: Mapping[int, str], meta: dict[str, Any]) -> None:
+    """``results.json``, then ``predictions.json`` (the mark of a complete run), each written atomically."""
+    record = {
+        "info": {"description": "mfdetr predict: frozen detector + Mask Frozen-DETR mask network"},
+        "images": images,
+        "categories": [{"id": i, "name": n} for i, n in sorted(names.items())],
+        "annotations": [{"id": k + 1, **r} for k, r in enumerate(results)],
+        "skipped": [{"file_name": f, "reason": r} for f, r in summary.skipped],
+        "meta": meta,
+    }
+    summary.results_json = out / "results.json"
+    atomic_write_text(summary.results_json, json.dumps(results) + "\n")
+    summary.predictions_json = out / "predictions.json"
+    atomic_write_text(summary.predictions_json, json.dumps(record) + "\n")
 
 
 def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str], None] = print,
@@ -439,20 +390,10 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     rank = {name: k for k, name in enumerate(overlay_names)}
     summary.overlays.sort(key=lambda p: rank.get(p.name, len(rank)))
     summary.images, summary.instances = len(images), len(results)
-    record = {
-        "info": {"description": "mfdetr predict: frozen detector + Mask Frozen-DETR mask network"},
-        "images": images,
-        "categories": [{"id": i, "name": n} for i, n in sorted(names.items())],
-        "annotations": [{"id": k + 1, **r} for k, r in enumerate(results)],
-        "skipped": [{"file_name": f, "reason": r} for f, r in summary.skipped],
-        "meta": {"detector": preset.name, "detector_checkpoint": str(ckpt_path) if ckpt_path else None,
-                 "masknet_checkpoint": str(job.masknet), "score_threshold": job.score_threshold,
-                 "score": score_mode, "topk": topk, "enc_layer": mask_net.enc_layer, "device": str(device)},
-    }
-    summary.results_json = out / "results.json"
-    atomic_write_text(summary.results_json, json.dumps(results) + "\n")
-    summary.predictions_json = out / "predictions.json"  # last: the mark of a complete run
-    atomic_write_text(summary.predictions_json, json.dumps(record) + "\n")
+    _write_outputs(out, summary, images=images, results=results, names=names, meta={
+        "detector": preset.name, "detector_checkpoint": str(ckpt_path) if ckpt_path else None,
+        "masknet_checkpoint": str(job.masknet), "score_threshold": job.score_threshold, "score": score_mode,
+        "topk": topk, "enc_layer": mask_net.enc_layer, "device": str(device)})
     summary.wall_s = time.perf_counter() - t0
     echo(f"predicted {summary.instances} instances (score >= {job.score_threshold:g}) on {summary.images} images"
          f" in {summary.wall_s:.1f} s; skipped {len(summary.skipped)}")
