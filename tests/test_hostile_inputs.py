@@ -448,12 +448,17 @@ def test_detector_training_replaces_unreadable_images(tmp_path: Path, capsys: py
 
     coco = tmp_path / "coco"
     extreme_coco(coco, "train2017", normal=8)  # the huge headers share the 64 x 64 input group of the 1 x 1 image
-    extreme_coco(coco, "val2017", normal=2, seed=1)
+    ids = extreme_coco(coco, "val2017", normal=2, seed=1)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'preset = "{NAME}"\n[data]\nroot = "{coco}"\nval_images = 3\n'
+    recipe.write_text(f'preset = "{NAME}"\n[data]\nroot = "{coco}"\nval_images = 0\n'
                       '[train]\nbatch_size = 2\nepochs = 1\nthreads = 1\nlog_every = 1\n')
     rc = main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "det"), "--max-steps", "3"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "Traceback" not in out.err
     assert "too large" in out.err and (tmp_path / "det" / "checkpoint.pt").is_file()
+    assert "training uses the next image of its size in its place" in out.err
+    # the validation's box AP at the end of the epoch: the 1 x 1 image (64 x 64 input) is refused alone
+    assert f"skipped image id {ids['dot']}: the network cannot process this image (input 64x64)" in out.err
+    rows = [json.loads(x) for x in (tmp_path / "det" / "log.jsonl").read_text().splitlines()]
+    assert any("val" in r for r in rows)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mfdetr.data import CocoInstances, iterate_batches
+from mfdetr.data import CocoInstances, iterate_batches, run_or_skip
 from mfdetr.data.batching import same_size_batches
 from mfdetr.detectors.common.frozen import FrozenDetr
 from mfdetr.evaluation import coco_from_dict, evaluate, instances_to_results
@@ -19,7 +19,8 @@ def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, ba
                           max_images: int = 0) -> tuple[list[dict[str, Any]], list[int], CocoInstances]:
     """Run ``model.predict`` over the first ``max_images`` images of the split (all when 0), batching
     only images of one input size: COCO result dicts (xywh boxes, category ids), the image ids run,
-    the split (its parsed annotations). Unreadable images are reported on stderr and left out."""
+    the split (its parsed annotations). Unreadable images and images the detector cannot process are
+    reported on stderr and left out."""
     ds = CocoInstances(root, split, preprocessing=model.preset.preprocessing, with_targets=False)
     n = len(ds) if max_images <= 0 else min(max_images, len(ds))
     results: list[dict[str, Any]] = []
@@ -30,9 +31,13 @@ def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, ba
             print(f"mfdetr: skipped image id {s.image_id}: {s.reason}", file=sys.stderr)
         if batch is None:
             continue
-        for image_id, det in zip(batch.image_ids, model.predict(batch), strict=True):
-            ids.append(int(image_id))
-            results += instances_to_results(int(image_id), det.category_ids, det.scores, boxes_xyxy=det.boxes)
+        done, failed = run_or_skip(model.predict, batch)  # an image the detector cannot process: reported
+        for pos, reason in failed:
+            print(f"mfdetr: skipped image id {batch.image_ids[pos]}: {reason}", file=sys.stderr)
+        for part, dets in done:
+            for image_id, det in zip(part.image_ids, dets, strict=True):
+                ids.append(int(image_id))
+                results += instances_to_results(int(image_id), det.category_ids, det.scores, boxes_xyxy=det.boxes)
     return results, ids, ds
 
 
@@ -48,6 +53,8 @@ def box_ap(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int =
                                                            max_images=max_images)
     finally:
         model.train(was_training)
+    if not ids:  # every image skipped: nothing was scored
+        return dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), float("nan"))
     return evaluate(coco_from_dict(ds.annotations.data), results, "bbox", image_ids=ids)
 
 
