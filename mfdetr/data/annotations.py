@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mfdetr.data.masks import clean_segmentation
 from mfdetr.errors import MfdetrError
 
 
@@ -54,8 +55,6 @@ class AnnotationFile:
 
 def _clean_annotation(a: dict[str, Any], image: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """``(usable annotation, None)`` (a copy where something was filled in or removed) or ``(None, why)``."""
-    from mfdetr.data.masks import clean_segmentation
-
     bbox = a.get("bbox")
     if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite(v) for v in bbox)
             and bbox[2] > 0 and bbox[3] > 0):

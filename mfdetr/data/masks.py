@@ -20,15 +20,14 @@ if TYPE_CHECKING:  # torch is imported lazily so the torch-free tools (synth, ev
     from torch import Tensor
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_NUMBER_TYPES = {int, float}
 
 
 def _valid_polygon(poly: Any) -> bool:
-    """A usable polygon: ≥ 3 points (6 numbers), an even count, all finite numbers."""
+    """A usable polygon: ≥ 3 points (6 numbers), an even count, all finite numbers (not bools)."""
     if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
         return False
-    return all(_number(v) for v in poly)
+    return set(map(type, poly)) <= _NUMBER_TYPES and all(map(math.isfinite, poly))
 
 
 def rle_string_counts(counts: str | bytes) -> list[int] | None:
