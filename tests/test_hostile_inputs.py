@@ -426,6 +426,9 @@ def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: di
     ids = extreme_coco(coco, "train2017", normal=2)
     (coco / "train2017" / "normal1.png").write_bytes(b"not an image")  # found only when decoded
     extreme_coco(coco, "val2017", normal=2, seed=1)
+    jpeg = io.BytesIO()  # a truncated JPEG: its header is sound, its pixels fail to decode
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 52, 3), np.uint8)).save(jpeg, format="JPEG")
+    (coco / "val2017" / "normal1.png").write_bytes(jpeg.getvalue()[:-100])
     run = tmp_path / "run"
     proc = main_inproc("train", "--online", "--detector", NAME, "--checkpoint", predict_setup["det"], "--coco", coco,
                        "--split", "train2017", "--val-split", "val2017", "--topk", "10", "--out", run, *TINY_MASKNET,
@@ -438,6 +441,7 @@ def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: di
     assert "too large" in proc.stderr
     assert f"skipped {coco / 'train2017' / 'normal1.png'}: corrupt" in proc.stderr
     assert "uses the next image in its place" in proc.stderr
+    assert f"skipped {coco / 'val2017' / 'normal1.png'}: corrupt" in proc.stderr  # validation goes on without it
     assert json.loads((run / "val_metrics.json").read_text())["step"] == 4
 
 

@@ -189,10 +189,19 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[DetectorOutput, Any]:
-        from mfdetr.data import collate
+    def __getitem__(self, i: int) -> tuple[DetectorOutput, Any] | None:
+        """``(detector outputs, GT)``, or ``None`` (reported on stderr) for an image that fails to decode:
+        :func:`~mfdetr.engine.stage2.evaluate_masknet` then scores the others."""
+        import sys
 
-        item = self.coco[self.indices[i]]
+        from mfdetr.data import collate
+        from mfdetr.errors import SkipImage
+
+        try:
+            item = self.coco[self.indices[i]]
+        except SkipImage as e:
+            print(f"mfdetr: skipped {e}", file=sys.stderr)
+            return None
         with torch.no_grad():
             det = self.step.run(collate([item]), self.device)
         return det.to("cpu"), item.target

@@ -107,6 +107,13 @@ def box_results(det: Any, class_to_category: Sequence[int], image_ids: Sequence[
     return out
 
 
+def _collate_present(items: list[Any]) -> Any:
+    """:func:`collate_detector_outputs` of the items a dataset gave (``None`` marks an image it skipped
+    and reported, e.g. an online evaluation image that cannot be decoded), or ``None`` if none."""
+    items = [it for it in items if it is not None]
+    return collate_detector_outputs(items) if items else None
+
+
 @torch.no_grad()
 def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mapping[str, Any], batch_size: int = 2,
                      device: torch.device | str = "cpu", num_workers: int = 0, amp: str = "off",
@@ -125,12 +132,14 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
     segm_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("segm",))
     box_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("bbox",))
     known = set(coco_gt.getCatIds())
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detector_outputs,
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_present,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     use_amp = device.type == "cuda" and amp != "off"
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     all_results: list[dict[str, Any]] = []
     for batch in loader:
+        if batch is None:  # every image of the batch was skipped (and reported) by the dataset
+            continue
         batch = batch.to(device)
         det = batch.det
         ids = [int(i) for i in det.extras["image_id"]]
