@@ -466,3 +466,58 @@ def test_detector_training_replaces_unreadable_images(tmp_path: Path, capsys: py
     assert f"skipped image id {ids['dot']}: the network cannot process this image (input 64x64)" in out.err
     rows = [json.loads(x) for x in (tmp_path / "det" / "log.jsonl").read_text().splitlines()]
     assert any("val" in r for r in rows)
+
+
+# ---- the per-image fallback ---------------------------------------------------------------------------
+def _batch(root: Path, n: int) -> Any:
+    from mfdetr.data import CocoInstances, collate
+
+    fd.make_coco(root, n=n)
+    ds = CocoInstances(root, "val2017", preprocessing=fd.PRESET.preprocessing)
+    return collate([ds[i] for i in range(n)])
+
+
+def test_run_or_skip_retries_each_image_alone(tmp_path: Path) -> None:
+    from mfdetr.data import run_or_skip
+
+    batch = _batch(tmp_path, 3)
+
+    def net(b: Any) -> list[int]:
+        if 2 in b.image_ids:
+            raise RuntimeError("shape check failed\nsecond line")
+        return list(b.image_ids)
+
+    done, failed = run_or_skip(net, batch)
+    assert [r for _, r in done] == [[1], [3]] and [p.image_ids for p, _ in done] == [[1], [3]]
+    h, w = batch.input_hw[0].tolist()
+    assert tuple(done[0][0].images.shape[-2:]) == (h, w)  # each image cut to its own size
+    assert failed == [(1, f"the network cannot process this image (input {batch.input_hw[1, 0]}x"
+                          f"{batch.input_hw[1, 1]}): RuntimeError: shape check failed")]
+
+    def oom(b: Any) -> None:
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # depends on the batch, not on an image: raised
+        run_or_skip(oom, batch)
+
+
+def test_online_step_leaves_out_an_image_the_detector_refuses(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from mfdetr.engine.online import DetectorStep
+
+    fd.register()
+    batch = _batch(tmp_path, 3)
+    det = fd.FakeDetector(state=fd.fake_state_dict())
+    detect = det.detect
+
+    def picky(b: Any, **kw: Any) -> Any:
+        if 3 in b.image_ids:
+            raise ValueError("too small")
+        return detect(b, **kw)
+
+    det.detect = picky  # type: ignore[method-assign]
+    step = DetectorStep(detector=det, topk=8, enc_layers=(4,))
+    out = step(batch, torch.device("cpu"))
+    assert out.det.extras["image_id"] == [1, 2] and len(out.targets) == 2
+    assert [t.image_id for t in out.targets] == [1, 2] and out.det.queries.shape[0] == 2
+    assert "left out image id 3 (000003.png): the network cannot process" in capsys.readouterr().err
