@@ -56,16 +56,22 @@ def _quiet(verbose: bool) -> Iterator[None]:
 
 
 def coco_from_dict(data: Mapping[str, Any]) -> COCO:
-    """A pycocotools ``COCO`` over an in-memory annotation dict (indexed silently)."""
+    """A pycocotools ``COCO`` over an in-memory annotation dict (indexed silently).
+
+    Each annotation is copied (shallowly): ``COCOeval`` rewrites the GT's segmentations and flags in
+    place, and ``data`` may be a dataset's own annotations (see
+    :func:`mfdetr.data.annotations.load_annotations`, which gives the usable annotations to feed here).
+    """
     coco = COCO()
-    coco.dataset = dict(data)
+    coco.dataset = {**data, "annotations": [dict(a) for a in data.get("annotations", [])]}
     with _quiet(False):
         coco.createIndex()
     return coco
 
 
 def load_coco_gt(annotation_file: str | Path) -> COCO:
-    """Validate (see :func:`mfdetr.data.load_annotation_file`) and index a COCO annotation file."""
+    """Validate (see :func:`mfdetr.data.load_annotations`: unusable annotations are left out and
+    reported once) and index a COCO annotation file."""
     data, _ = load_annotation_file(annotation_file)
     return coco_from_dict(data)
 

@@ -32,7 +32,7 @@ from mfdetr.cache.store import chunk_path, open_for_writing, read_commit_flags, 
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
 from mfdetr.contracts import DetectorOutput, FrozenDetector
-from mfdetr.data import CocoInstances, iterate_batches, resized_hw, same_size_batches
+from mfdetr.data import CocoInstances, iterate_batches, resized_hw, run_or_skip, same_size_batches
 from mfdetr.errors import MfdetrError
 
 @dataclass(frozen=True)
@@ -369,20 +369,21 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
                     bg.write_skip(s.index, int(plan.image_ids[s.index]), s.reason)
                 if batch is not None:
                     t0 = time.perf_counter()
-                    try:
-                        with torch.inference_mode():
-                            out = detector.detect(batch.to(dev), topk=job.topk, enc_layers=layers)
-                    except ValueError as e:
-                        raise MfdetrError(f"detector failed on image ids {batch.image_ids} "
-                                          f"({', '.join(batch.file_names)}): {e}") from None
-                    _check_output(out, m, batch.image_ids)
+                    with torch.inference_mode():  # an image the detector cannot process is skipped, recorded
+                        done, unprocessable = run_or_skip(
+                            lambda b: detector.detect(b.to(dev), topk=job.topk, enc_layers=layers), batch)
+                    for pos, reason in unprocessable:
+                        iid = batch.image_ids[pos]
+                        bg.write_skip(plan.dataset.index_of(iid), iid, f"{batch.file_names[pos]}: {reason}")
                     summary.detect_s += time.perf_counter() - t0
-                    extra = None
-                    if job.c1 == "recompute":  # C1 is not stored: copy a 1x1 corner only, record the files
-                        out = dataclasses.replace(out, c1=out.c1[..., :1, :1])
-                        extra = _image_sha256(plan, batch.image_ids)
-                    bg.write_output(out, indices=[plan.dataset.index_of(i) for i in batch.image_ids],
-                                    file_names=batch.file_names, image_ids=batch.image_ids, extra=extra)
+                    for part, out in done:
+                        _check_output(out, m, part.image_ids)
+                        extra = None
+                        if job.c1 == "recompute":  # C1 is not stored: copy a 1x1 corner only, record the files
+                            out = dataclasses.replace(out, c1=out.c1[..., :1, :1])
+                            extra = _image_sha256(plan, part.image_ids)
+                        bg.write_output(out, indices=[plan.dataset.index_of(i) for i in part.image_ids],
+                                        file_names=part.file_names, image_ids=part.image_ids, extra=extra)
                 bar.update(bg.completed - bar.n)
                 bar.set_postfix_str(f"written {_human(writer.stats.bytes_written)}", refresh=False)
             failed = False

@@ -6,14 +6,17 @@
 - :class:`SkipSafe` wraps a dataset so that a bad image yields a :class:`SkipRecord` instead of an
   exception (safe inside DataLoader workers); :func:`collate_with_skips` splits a list of
   items/records into ``(batch or None, skips)``; :func:`iterate_batches` runs a split that way.
+- :class:`SkipReplace` (training) puts the next loadable image in place of a bad one, reporting it.
+- :func:`run_or_skip` runs a network on a batch and, where it fails, on each image alone, so that an
+  image the network cannot process (e.g. a one-pixel-wide input) is skipped with its reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -88,6 +91,46 @@ class SkipSafe(Dataset[Any]):
             return SkipRecord(index=index, image_id=image_id, file_name=name, reason=str(e))
 
 
+class SkipReplace(Dataset[Any]):
+    """Training view of a dataset whose ``__getitem__`` may raise :class:`SkipImage`: the next loadable
+    item (index + 1, + 2, … cyclically) takes the bad one's place, so batches keep their size and the
+    epoch plan stays a pure function of the seed. Each bad image is reported once per process on stderr
+    (``mfdetr: skipped FILE: reason; ...``) and remembered, so it is not decoded again there.
+    ``set_epoch`` is forwarded (per-epoch augmentation draws).
+
+    Raises:
+        MfdetrError: when no item of the dataset can be loaded.
+    """
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+        self.bad: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __getitem__(self, index: int) -> Any:
+        import sys
+
+        from mfdetr.errors import MfdetrError
+
+        n = len(self)
+        for k in range(n):
+            j = (int(index) + k) % n
+            if j in self.bad:
+                continue
+            try:
+                return self.dataset[j]
+            except SkipImage as e:
+                self.bad[j] = str(e)
+                print(f"mfdetr: skipped {e}; training uses the next image in its place", file=sys.stderr)
+        raise MfdetrError(f"no image of the training split can be loaded (first: {next(iter(self.bad.values()), '')})")
+
+
 def collate_with_skips(items: Sequence[Any], *, size_divisibility: int = 1
                        ) -> tuple[ImageBatch | None, list[SkipRecord]]:
     """Split ``items`` (from :class:`SkipSafe`) into a padded batch of the good ones and the skips."""
@@ -135,3 +178,53 @@ def iterate_batches(dataset: Dataset[Any], *, batch_size: int = 1, num_workers: 
     loader = DataLoader(safe, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_fn, persistent_workers=False)
     yield from loader
+
+
+T = TypeVar("T")
+
+#: what a network raises on an input it cannot process (a layer's shape check, an empty reduction, …)
+RUN_FAILURES = (ValueError, RuntimeError, IndexError, ZeroDivisionError)
+
+
+def single_image_batches(batch: ImageBatch) -> list[ImageBatch]:
+    """Every image of ``batch`` as a batch of one, cut to its unpadded network-input size."""
+    out = []
+    for b in range(len(batch)):
+        h, w = (int(v) for v in batch.input_hw[b].tolist())
+        out.append(ImageBatch(images=batch.images[b:b + 1, :, :h, :w], pad_mask=batch.pad_mask[b:b + 1, :h, :w],
+                              input_hw=batch.input_hw[b:b + 1], orig_hw=batch.orig_hw[b:b + 1],
+                              image_ids=[batch.image_ids[b]], file_names=[batch.file_names[b]],
+                              targets=None if batch.targets is None else [batch.targets[b]]))
+    return out
+
+
+def run_or_skip(fn: Callable[[ImageBatch], T], batch: ImageBatch
+                ) -> tuple[list[tuple[ImageBatch, T]], list[tuple[int, str]]]:
+    """``fn(batch)``; if that raises one of :data:`RUN_FAILURES`, ``fn`` on each image alone.
+
+    Returns ``([(batch or single-image batch, result)], [(position in batch, reason)])``: the images
+    ``fn`` cannot process are reported with the network-input size and the error, never raised.
+    Out-of-memory errors are raised (they depend on the batch, not on the image).
+    """
+    def reason(one: ImageBatch, e: BaseException) -> str:
+        h, w = (int(v) for v in one.input_hw[0].tolist())
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"the network cannot process this image (input {h}x{w}): {type(e).__name__}: {msg}"[:240]
+
+    try:
+        return [(batch, fn(batch))], []
+    except torch.OutOfMemoryError:
+        raise
+    except RUN_FAILURES as e:
+        if len(batch) == 1:
+            return [], [(0, reason(batch, e))]
+    done: list[tuple[ImageBatch, T]] = []
+    failed: list[tuple[int, str]] = []
+    for b, one in enumerate(single_image_batches(batch)):
+        try:
+            done.append((one, fn(one)))
+        except torch.OutOfMemoryError:
+            raise
+        except RUN_FAILURES as e:
+            failed.append((b, reason(one, e)))
+    return done, failed

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mfdetr.contracts import GTInstances, Preprocessing
-from mfdetr.data.annotations import load_annotation_file
+from mfdetr.data.annotations import AnnotationFile, load_annotations
 from mfdetr.data.images import load_rgb
 from mfdetr.data.masks import decode_rles, masks_to_boxes_xyxy, segmentation_to_rle
 from mfdetr.data.transforms import EvalTransform
@@ -70,9 +70,10 @@ class CocoInstances(Dataset[CocoItem]):
         annotation_file: override the annotation path.
 
     Items are :class:`CocoItem`; ``__getitem__`` raises :class:`SkipImage` for a bad image file.
-    Targets: ``labels`` are COCO category ids; instances whose segmentation is degenerate (polygons of
-    < 3 points, an empty mask, an RLE of the wrong size) or whose ``bbox`` has zero width/height are
-    ignored; boxes are the tight boxes of the decoded masks.
+    Targets: ``labels`` are COCO category ids; the annotation file is read once by
+    :func:`mfdetr.data.annotations.load_annotations`, which leaves out (and reports) annotations that
+    cannot be used (degenerate polygons, damaged RLE, boxes without area, non-integer ids); instances
+    whose mask is empty are ignored too; boxes are the tight boxes of the decoded masks.
     """
 
     def __init__(self, root: str | Path, split: str, *, preprocessing: Preprocessing | None = None,
@@ -87,7 +88,10 @@ class CocoInstances(Dataset[CocoItem]):
                               path=self.image_dir)
         self.annotation_file = Path(annotation_file) if annotation_file is not None else (
             self.root / "annotations" / f"instances_{split}.json")
-        data, self.annotation_sha256 = load_annotation_file(self.annotation_file)
+        #: the parsed file (only its usable annotations); evaluation builds its pycocotools GT from it
+        self.annotations: AnnotationFile = load_annotations(self.annotation_file)
+        self.annotation_sha256 = self.annotations.sha256
+        data = self.annotations.data
         self.preprocessing = preprocessing or Preprocessing()
         self.transform = EvalTransform(preprocessing=self.preprocessing)
         self.with_targets = with_targets

@@ -20,36 +20,101 @@ if TYPE_CHECKING:  # torch is imported lazily so the torch-free tools (synth, ev
     from torch import Tensor
 
 
+_NUMBER_TYPES = {int, float}
+
+
 def _valid_polygon(poly: Any) -> bool:
-    """A usable polygon: ≥ 3 points (6 numbers), an even count, all finite numbers."""
+    """A usable polygon: ≥ 3 points (6 numbers), an even count, all finite numbers (not bools)."""
     if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
         return False
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in poly)
+    return set(map(type, poly)) <= _NUMBER_TYPES and all(map(math.isfinite, poly))
+
+
+def rle_string_counts(counts: str | bytes) -> list[int] | None:
+    """Run lengths of a compressed COCO RLE string, or ``None`` when the string is malformed.
+
+    Reads pycocotools' ``rleFrString`` format (6-bit groups from ``'0'``; a set bit 5 continues a
+    number, bit 4 of the last group is its sign; counts after the second are deltas to the one two
+    before) so that a damaged string is recognised before pycocotools decodes it (its decoder trusts
+    the counts to cover exactly height × width pixels).
+    """
+    try:
+        data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    except UnicodeEncodeError:
+        return None
+    out: list[int] = []
+    p, n = 0, len(data)
+    while p < n:
+        x = k = 0
+        more = True
+        while more:
+            if p >= n or k > 12:  # truncated, or longer than any 64-bit count
+                return None
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
+
+
+def clean_segmentation(segm: Any, h: int, w: int) -> tuple[Any, str | None]:
+    """Check a COCO ``segmentation`` of an ``h × w`` image: ``(usable segmentation, None)`` or
+    ``(None, why it is unusable)``.
+
+    Polygons: parts with < 3 points, an odd count or non-finite numbers are removed (a 4-number part
+    would make pycocotools read the list as boxes); no part left → unusable. RLE: ``size`` must be
+    ``[h, w]`` and the counts (a list, or a compressed string) non-negative integers summing to h·w.
+    """
+    if isinstance(segm, list):
+        polys = [p for p in segm if _valid_polygon(p)]
+        if not polys:
+            return None, "polygon with < 3 points, odd length or non-finite numbers"
+        return (segm if len(polys) == len(segm) else polys), None
+    if not isinstance(segm, dict):
+        return None, "segmentation neither polygons nor an RLE"
+    size, counts = segm.get("size"), segm.get("counts")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        return None, "RLE without an integer [height, width] size"
+    if [int(size[0]), int(size[1])] != [h, w]:
+        return None, "RLE size differs from the image size"
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            return None, "RLE with non-integer or negative counts"
+    elif isinstance(counts, (str, bytes)):
+        counts = rle_string_counts(counts)
+        if counts is None or any(c < 0 for c in counts):
+            return None, "undecodable compressed RLE counts"
+    else:
+        return None, "RLE counts neither a list nor a string"
+    if sum(counts) != h * w:
+        return None, "RLE counts do not sum to height x width"
+    return segm, None
 
 
 def segmentation_to_rle(segm: Any, h: int, w: int) -> dict[str, Any] | None:
     """COCO ``segmentation`` (polygons, uncompressed RLE or compressed RLE) → one compressed RLE.
 
-    Returns ``None`` for a degenerate segmentation (no polygon with ≥ 3 points, an RLE of the wrong
-    size or of an unknown form) — the caller ignores such an instance as a target.
+    Returns ``None`` for an unusable segmentation (see :func:`clean_segmentation`: no polygon with
+    ≥ 3 points, an RLE of the wrong size or with damaged counts) — the caller ignores such an instance.
     """
+    segm, why = clean_segmentation(segm, h, w)
+    if why is not None:
+        return None
     if isinstance(segm, list):
-        polys = [[float(v) for v in p] for p in segm if _valid_polygon(p)]
-        if not polys:
-            return None
-        return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-    if isinstance(segm, dict) and "counts" in segm and "size" in segm:
-        size = segm["size"]
-        if not (isinstance(size, (list, tuple)) and len(size) == 2 and [int(size[0]), int(size[1])] == [h, w]):
-            return None
-        counts = segm["counts"]
-        if isinstance(counts, list):  # uncompressed RLE (COCO crowd regions)
-            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
-                return None
-            return mask_utils.frPyObjects(segm, h, w)
-        if isinstance(counts, (str, bytes)):
-            return {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
-    return None
+        return mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in segm], h, w))
+    counts = segm["counts"]
+    if isinstance(counts, list):  # uncompressed RLE (COCO crowd regions)
+        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
 
 
 def decode_rles(rles: dict[str, Any] | list[dict[str, Any]]) -> np.ndarray:

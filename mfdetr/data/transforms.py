@@ -8,7 +8,8 @@ This is the ``val`` transform of Deformable-DETR / DINO / H-Deformable-DETR::
   (:func:`resized_hw`): if the longer side would exceed ``M``, the target shorter side becomes
   ``int(round(M * short / long))`` (Python's round, i.e. round-half-to-even), and the longer side
   is then *truncated*: ``int(S' * long / short)``. An image whose shorter side already equals the
-  target is left at its size.
+  target is left at its size. Where ``S'`` rounds to 0 (aspect ratio beyond ``2 M``) it becomes 1
+  (:func:`resized_hw`), so every image keeps at least one pixel per side.
 - The resize is ``torchvision.transforms.functional.resize`` on the **PIL** image, as the official
   code does: PIL's bilinear filter (PIL always antialiases when downscaling).
 - ``ToTensor`` divides uint8 by 255; ``Normalize`` uses the mean/std of the preset's
@@ -29,7 +30,10 @@ def resized_hw(h: int, w: int, short_side: int, max_size: int | None) -> tuple[i
     """Network-input size ``(oh, ow)`` for an ``h × w`` image, by the official DETR rule.
 
     Mirrors ``get_size_with_aspect_ratio`` of Deformable-DETR's ``datasets/transforms.py``
-    (same float/int arithmetic, same rounding), so our ``input_hw`` equals the official one.
+    (same float/int arithmetic, same rounding), so our ``input_hw`` equals the official one, with one
+    exception: where that rule rounds the short side to 0 (an aspect ratio beyond ``2 * max_size``,
+    e.g. 3000 × 1 at M = 1333), the short side becomes 1 and the long side ``min(long / short,
+    max_size)`` (truncated), instead of an empty image.
     """
     if h <= 0 or w <= 0:
         raise ValueError(f"image size must be positive, got {h}x{w}")
@@ -39,6 +43,11 @@ def resized_hw(h: int, w: int, short_side: int, max_size: int | None) -> tuple[i
         max_orig = float(max(w, h))
         if max_orig / min_orig * size > max_size:
             size = int(round(max_size * min_orig / max_orig))
+    if size < 1:  # an extreme aspect ratio (e.g. 3000 x 1 at M = 1333): the short side would round to 0
+        short, long = 1, int(max(w, h) / min(w, h))
+        if max_size is not None:
+            long = min(long, max_size)
+        return (long, short) if w < h else (short, long)
     if (w <= h and w == size) or (h <= w and h == size):
         return h, w
     if w < h:

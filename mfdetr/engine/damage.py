@@ -34,8 +34,9 @@ class DamagedItem:
 
 
 def collate_marked(items: Sequence[Any]) -> tuple[Stage2Batch | None, list[Damage]]:
-    """``collate_detector_outputs`` of the intact items (``None`` if none) and the damage of the others."""
-    good = [it for it in items if not isinstance(it, DamagedItem)]
+    """``collate_detector_outputs`` of the intact items (``None`` if none) and the damage of the others
+    (an item ``None`` is an image the dataset skipped and reported itself, e.g. one that cannot be decoded)."""
+    good = [it for it in items if it is not None and not isinstance(it, DamagedItem)]
     bad = [it.damage for it in items if isinstance(it, DamagedItem)]
     return (collate_detector_outputs(good) if good else None), bad
 

@@ -29,6 +29,7 @@ import torch
 
 from mfdetr.contracts import DetectorOutput, ImageBatch
 from mfdetr.engine.collate import Stage2Batch
+from mfdetr.engine.screening import readable_indices, runnable_indices
 
 
 def zero_padding(det: DetectorOutput) -> DetectorOutput:
@@ -106,11 +107,36 @@ class DetectorStep:
             raise ValueError("online training needs GT targets in the image batch")
         if self.grad:
             return ImageStep(images=batch.to(device), targets=[t.to(device) for t in batch.targets])
-        return Stage2Batch(det=self.run(batch, device), targets=[t.to(device) for t in batch.targets])
+        det, targets = self._run_kept(batch, device)
+        return Stage2Batch(det=det, targets=[t.to(device) for t in targets])
 
     def run(self, batch: ImageBatch, device: torch.device) -> DetectorOutput:
         """Detector outputs of ``batch`` in the cache's layout (zero padding, optional float16 rounding)."""
-        det = zero_padding(self._detect(batch.to(device), device))
+        return self._run_kept(batch, device)[0]
+
+    def _run_kept(self, batch: ImageBatch, device: torch.device) -> tuple[DetectorOutput, list[Any]]:
+        """:meth:`run` on the images the detector can process, and their targets: an image it cannot
+        process (:func:`mfdetr.data.run_or_skip`) is reported on stderr and left out of the step (not
+        with ``grad``: the fine-tuned model's targets travel apart from its images)."""
+        import sys
+
+        from mfdetr.data import run_or_skip
+        from mfdetr.engine.collate import cat_detector_outputs
+        from mfdetr.errors import MfdetrError
+
+        if self.grad:
+            done, failed = [(batch, zero_padding(self._detect(batch.to(device), device)))], []
+        else:
+            done, failed = run_or_skip(lambda b: zero_padding(self._detect(b.to(device), device)), batch)
+        for pos, reason in failed:
+            print(f"mfdetr: left out image id {batch.image_ids[pos]} ({batch.file_names[pos]}): {reason}",
+                  file=sys.stderr)
+        if not done:
+            raise MfdetrError(f"the detector cannot process image ids {batch.image_ids} "
+                              f"({', '.join(batch.file_names)}): {failed[0][1]}")
+        det = done[0][1] if len(done) == 1 else cat_detector_outputs([o for _, o in done])
+        ids = [i for part, _ in done for i in part.image_ids]
+        targets = [t for part, _ in done for t in (part.targets or [])]
         if self.round_dtype is not None:
             det = round_features(det, self.round_dtype)
         det = det.to(device, dtype=torch.float32)
@@ -119,8 +145,8 @@ class DetectorStep:
                                  enc_maps={k: [m.clone() for m in v] for k, v in det.enc_maps.items()},
                                  c1=det.c1.clone(), input_hw=det.input_hw.clone(), orig_hw=det.orig_hw.clone(),
                                  level_valid_hw=det.level_valid_hw.clone(), extras={})
-        det.extras = {"image_id": list(batch.image_ids)}
-        return det
+        det.extras = {"image_id": ids}
+        return det, targets
 
 
 @dataclass
@@ -150,19 +176,32 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
     :func:`~mfdetr.engine.stage2.evaluate_masknet` evaluates online runs (and fine-tuned detectors).
     Runs the detector in the calling process: use it with ``num_workers = 0``."""
 
-    def __init__(self, coco: Any, step: DetectorStep, device: torch.device, max_images: int = 0) -> None:
+    def __init__(self, coco: Any, step: DetectorStep, device: torch.device, max_images: int = 0,
+                 coarsest_stride: int = 0) -> None:
         self.coco = coco
         self.step = step
         self.device = device
-        self.n = len(coco) if max_images <= 0 else min(max_images, len(coco))
+        n = len(coco) if max_images <= 0 else min(max_images, len(coco))
+        #: the images evaluated: readable (header check) and of a size the detector can process
+        #: (:func:`runnable_indices`); the others are reported on stderr
+        self.indices = runnable_indices(coco, step._detect, device, readable_indices(coco, range(n)), coarsest_stride)
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[DetectorOutput, Any]:
+    def __getitem__(self, i: int) -> tuple[DetectorOutput, Any] | None:
+        """``(detector outputs, GT)``, or ``None`` (reported on stderr) for an image that fails to decode:
+        :func:`~mfdetr.engine.stage2.evaluate_masknet` then scores the others."""
+        import sys
+
         from mfdetr.data import collate
+        from mfdetr.errors import SkipImage
 
-        item = self.coco[i]
+        try:
+            item = self.coco[self.indices[i]]
+        except SkipImage as e:
+            print(f"mfdetr: skipped {e}", file=sys.stderr)
+            return None
         with torch.no_grad():
             det = self.step.run(collate([item]), self.device)
         return det.to("cpu"), item.target
@@ -195,7 +234,7 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     from functools import partial
 
     from mfdetr.config import to_dict
-    from mfdetr.data import CocoInstances, LargeScaleJitter, collate
+    from mfdetr.data import CocoInstances, LargeScaleJitter, SkipReplace, collate
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.engine.distributed import init_distributed
     from mfdetr.engine.finetune import FineTuned
@@ -209,9 +248,16 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     mcfg = resolve_masknet_config(cfg)
     base = CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True)
     dataset: Any = base
-    if oc.lsj:
+    coarsest = max(preset.level_strides)
+    if oc.lsj:  # random windows: an image the detector cannot process is left out of its step instead
         dataset = LargeScaleJitter(base, size=oc.lsj_size, min_scale=oc.lsj_min_scale, max_scale=oc.lsj_max_scale,
                                    seed=cfg.train.seed)
+    else:
+        probe = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False)
+        kept = runnable_indices(base, probe._detect, ctx.device, range(len(base)), coarsest)
+        if len(kept) < len(base):
+            dataset = torch.utils.data.Subset(base, kept)
+    dataset = SkipReplace(dataset)  # an unreadable image: the next one takes its place (reported)
     if cfg.data.max_images > 0:
         dataset = _Subset(dataset, min(cfg.data.max_images, len(dataset)))
     manifest = detector_manifest(preset, topk)
@@ -227,7 +273,7 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     if val_split:
         val = OnlineEvalSet(CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True),
                             _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False), ctx.device,
-                            max_images=cfg.data.max_images)
+                            max_images=cfg.data.max_images, coarsest_stride=coarsest)
 
         def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
             r = evaluate_and_record(parts.model, val, manifest=manifest, cfg=cfg, out=Path(out), step=at,
@@ -286,7 +332,7 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     load_weights(parts.model, masknet_sd, path=checkpoint)
     val = OnlineEvalSet(CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True),
                         _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False), dev,
-                        max_images=max_images)
+                        max_images=max_images, coarsest_stride=max(preset.level_strides))
     metrics, results = evaluate_masknet(parts.model, val, manifest=manifest, batch_size=batch_size, device=dev)
     if out is not None:
         from mfdetr.evaluation import write_results_json

@@ -15,8 +15,13 @@ Outputs in ``out``:
 - ``results.json`` — the same annotations as a plain COCO results list (``COCO.loadRes``-ready);
 - ``overlays/<image stem>.png`` — the image at its original size with masks, boxes, labels, scores.
 
-Unreadable images (missing, corrupt, not an image) are reported on stderr, listed under ``skipped``
-and left out; they never stop the run.
+Unreadable images (missing, corrupt, not an image, over :data:`mfdetr.data.images.MAX_PIXELS`) and
+images the networks cannot process are reported on stderr, listed under ``skipped`` and left out;
+they never stop the run.
+
+Outputs are written atomically and ``predictions.json`` last: it marks a complete run. A run first
+deletes the ``predictions.json`` and ``results.json`` an earlier run left in ``out`` (overlay PNGs are
+overwritten image by image), so after a crash ``out`` holds no result that looks complete or current.
 
 The MaskNet checkpoint (:func:`load_masknet_checkpoint`) is the training run's ``ckpt.pt``
 (:mod:`mfdetr.engine.trainer`: ``model``, ``masknet_config``, ``meta.detector`` = the identity of the
@@ -35,18 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mfdetr.contracts import DetectorPreset
 from mfdetr.devices import resolve_device
-from mfdetr.errors import MfdetrError, SkipImage
+from mfdetr.engine._fs import atomic_write_text
+from mfdetr.engine.image_files import IMAGE_SUFFIXES, ImageFiles, expand_inputs
+from mfdetr.errors import MfdetrError
 
 __all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
            "detector_checkpoint", "expand_inputs", "load_masknet_checkpoint", "preset_queries", "resolve_device",
            "run_predict"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 #: COCO category id → name (the 80 categories of instances_*2017.json; ids 1..90 with gaps)
 COCO_NAMES: dict[int, str] = dict(zip(
@@ -58,66 +62,6 @@ COCO_NAMES: dict[int, str] = dict(zip(
      "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,"
      "keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
      "hair drier,toothbrush").split(","), strict=True))
-
-
-# ---- inputs --------------------------------------------------------------------------------------
-
-def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Image files to process (in argument order; a folder contributes its image files, sorted by
-    name, not recursive) and the arguments that name nothing (``(path, reason)``)."""
-    files: list[Path] = []
-    missing: list[tuple[str, str]] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                missing.append((str(p), "folder holds no image files"))
-            files.extend(found)
-        elif p.exists():
-            files.append(p)
-        else:
-            missing.append((str(p), "missing image file"))
-    return files, missing
-
-
-class ImageFiles(Dataset[Any]):
-    """Image files as preprocessed :class:`~mfdetr.data.CocoItem` (id = position + 1, no targets);
-    an unreadable file raises :class:`SkipImage` (recorded by :func:`mfdetr.data.iterate_batches`)."""
-
-    def __init__(self, files: Sequence[Path], *, preset: DetectorPreset) -> None:
-        from mfdetr.data import EvalTransform
-
-        self.files = list(files)
-        self.image_ids = list(range(1, len(self.files) + 1))
-        self.transform = EvalTransform(preprocessing=preset.preprocessing)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def file_name(self, image_id: int) -> str:
-        return str(self.files[image_id - 1])
-
-    def image_info(self, image_id: int) -> dict[str, int]:
-        """``{"height", "width"}`` from the file's header (0 × 0 when unreadable: the load reports it)."""
-        from PIL import Image
-
-        try:
-            with Image.open(self.files[image_id - 1]) as im:
-                w, h = im.size
-        except Exception:  # noqa: BLE001 - any unreadable file is reported when it is loaded
-            return {"height": 0, "width": 0}
-        return {"height": int(h), "width": int(w)}
-
-    def __getitem__(self, index: int) -> Any:
-        from mfdetr.data import CocoItem, load_rgb
-
-        path = self.files[index]
-        img = load_rgb(path)
-        t = self.transform(img)
-        if t.shape[1] < 1 or t.shape[2] < 1:
-            raise SkipImage(path, "image has no pixels")
-        return CocoItem(image=t, image_id=index + 1, file_name=str(path), orig_hw=(img.height, img.width),
-                        input_hw=(int(t.shape[1]), int(t.shape[2])), target=None)
 
 
 # ---- the mask network and its checkpoint ---------------------------------------------------------
@@ -232,7 +176,7 @@ def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, s
     if categories_file is not None:
         from mfdetr.data.annotations import load_annotation_file
 
-        data, _ = load_annotation_file(categories_file)
+        data, _ = load_annotation_file(categories_file, report=False)
         names.update(_categories_record(data["categories"]))
     for cid, n in (recorded or {}).items():
         names.setdefault(int(cid), n)
@@ -309,6 +253,36 @@ def _overlay_names(files: Sequence[Path]) -> list[str]:
     return out
 
 
+def _segment(detector: Any, mask_net: LoadedMaskNet, device: torch.device, topk: int, min_score: float,
+             batch: Any) -> tuple[list[dict[str, Any]], str]:
+    """Detector → MaskNet → pasted, scored masks of one batch: ``(COCO results, score mode)``."""
+    from mfdetr.masknet import masks_to_coco_results
+
+    det = detector.detect(batch.to(device), topk=topk, enc_layers=(mask_net.enc_layer,))
+    mo = mask_net.model(det)
+    score_mode = "mask_iou" if mo.iou_pred is not None else "mask_prob"  # eq. 13, else eq. 2
+    res = masks_to_coco_results(mo, det, mask_net.class_to_category, batch.image_ids,
+                                score=score_mode, min_score=min_score)  # type: ignore[arg-type]
+    return res, score_mode
+
+
+def _write_outputs(out: Path, summary: PredictSummary, *, images: list[dict[str, Any]],
+                   results: list[dict[str, Any]], names: Mapping[int, str], meta: dict[str, Any]) -> None:
+    """``results.json``, then ``predictions.json`` (the mark of a complete run), each written atomically."""
+    record = {
+        "info": {"description": "mfdetr predict: frozen detector + Mask Frozen-DETR mask network"},
+        "images": images,
+        "categories": [{"id": i, "name": n} for i, n in sorted(names.items())],
+        "annotations": [{"id": k + 1, **r} for k, r in enumerate(results)],
+        "skipped": [{"file_name": f, "reason": r} for f, r in summary.skipped],
+        "meta": meta,
+    }
+    summary.results_json = out / "results.json"
+    atomic_write_text(summary.results_json, json.dumps(results) + "\n")
+    summary.predictions_json = out / "predictions.json"
+    atomic_write_text(summary.predictions_json, json.dumps(record) + "\n")
+
+
 def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str], None] = print,
                 warn: Callable[[str], None] | None = None, detector: Any | None = None) -> PredictSummary:
     """Run a prediction job (see the module doc); returns what was written.
@@ -319,10 +293,11 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     """
     import time
 
-    from mfdetr.data import iterate_batches, load_rgb, same_size_batches
+    from functools import partial
+
+    from mfdetr.data import iterate_batches, load_rgb, run_or_skip, same_size_batches
     from mfdetr.detectors.registry import get_preset, load_plugins
     from mfdetr.engine.overlay import draw_overlay, instances_from_results
-    from mfdetr.masknet import masks_to_coco_results
 
     t0 = time.perf_counter()
     warn = warn or (lambda s: print(f"mfdetr: {s}", file=sys.stderr))
@@ -364,6 +339,8 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     dataset = ImageFiles(files, preset=preset)
     out = Path(job.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    for stale in ("predictions.json", "results.json"):  # an earlier run's: never left looking current
+        (out / stale).unlink(missing_ok=True)
     overlay_names = _overlay_names(files)
     images: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -377,27 +354,29 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
                 reason = s.reason.split(": ", 1)[1] if s.reason.startswith(str(s.file_name)) else s.reason
                 summary.skipped.append((str(s.file_name), reason))
                 warn(f"skipped {s.file_name}: {reason}")
-            if batch is not None:
-                with torch.inference_mode():
-                    det = detector.detect(batch.to(device), topk=topk, enc_layers=(mask_net.enc_layer,))
-                    mo = mask_net.model(det)
-                    score_mode = "mask_iou" if mo.iou_pred is not None else "mask_prob"  # eq. 13, else eq. 2
-                    res = masks_to_coco_results(mo, det, mask_net.class_to_category,
-                                                batch.image_ids, score=score_mode,  # type: ignore[arg-type]
-                                                min_score=job.score_threshold)
+            if batch is None:
+                bar.update(len(skips))
+                continue
+            with torch.inference_mode():  # an image the networks cannot process is skipped with its reason
+                done, failed = run_or_skip(partial(_segment, detector, mask_net, device, topk, job.score_threshold),
+                                           batch)
+            for pos, reason in failed:
+                summary.skipped.append((batch.file_names[pos], reason))
+                warn(f"skipped {batch.file_names[pos]}: {reason}")
+            for part, (res, score_mode) in done:
                 for r in res:
                     r["category_name"] = names.get(r["category_id"], f"class {r['category_id']}")
                 results.extend(res)
-                for b, iid in enumerate(batch.image_ids):
-                    h0, w0 = (int(v) for v in batch.orig_hw[b].tolist())
-                    images.append({"id": iid, "file_name": batch.file_names[b], "height": h0, "width": w0})
+                for b, iid in enumerate(part.image_ids):
+                    h0, w0 = (int(v) for v in part.orig_hw[b].tolist())
+                    images.append({"id": iid, "file_name": part.file_names[b], "height": h0, "width": w0})
                     if job.overlays:
                         mine = [r for r in res if r["image_id"] == iid]
-                        pic = draw_overlay(load_rgb(batch.file_names[b]), instances_from_results(mine, names))
+                        pic = draw_overlay(load_rgb(part.file_names[b]), instances_from_results(mine, names))
                         dst = out / "overlays" / overlay_names[iid - 1]
                         pic.save(dst)
                         summary.overlays.append(dst)
-            bar.update(len(skips) + (len(batch) if batch is not None else 0))
+            bar.update(len(skips) + len(batch))
     finally:
         bar.close()
     images.sort(key=lambda im: im["id"])  # input order (batches went by input size)
@@ -405,20 +384,10 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     rank = {name: k for k, name in enumerate(overlay_names)}
     summary.overlays.sort(key=lambda p: rank.get(p.name, len(rank)))
     summary.images, summary.instances = len(images), len(results)
-    record = {
-        "info": {"description": "mfdetr predict: frozen detector + Mask Frozen-DETR mask network"},
-        "images": images,
-        "categories": [{"id": i, "name": n} for i, n in sorted(names.items())],
-        "annotations": [{"id": k + 1, **r} for k, r in enumerate(results)],
-        "skipped": [{"file_name": f, "reason": r} for f, r in summary.skipped],
-        "meta": {"detector": preset.name, "detector_checkpoint": str(ckpt_path) if ckpt_path else None,
-                 "masknet_checkpoint": str(job.masknet), "score_threshold": job.score_threshold,
-                 "score": score_mode, "topk": topk, "enc_layer": mask_net.enc_layer, "device": str(device)},
-    }
-    summary.predictions_json = out / "predictions.json"
-    summary.predictions_json.write_text(json.dumps(record) + "\n")
-    summary.results_json = out / "results.json"
-    summary.results_json.write_text(json.dumps(results) + "\n")
+    _write_outputs(out, summary, images=images, results=results, names=names, meta={
+        "detector": preset.name, "detector_checkpoint": str(ckpt_path) if ckpt_path else None,
+        "masknet_checkpoint": str(job.masknet), "score_threshold": job.score_threshold, "score": score_mode,
+        "topk": topk, "enc_layer": mask_net.enc_layer, "device": str(device)})
     summary.wall_s = time.perf_counter() - t0
     echo(f"predicted {summary.instances} instances (score >= {job.score_threshold:g}) on {summary.images} images"
          f" in {summary.wall_s:.1f} s; skipped {len(summary.skipped)}")

@@ -187,10 +187,8 @@ def evaluate_and_record(model: nn.Module, dataset: Any, *, manifest: Mapping[str
 
 
 def _annotation_dict(dataset: CacheDataset) -> dict[str, Any]:
-    from mfdetr.data.annotations import load_annotation_file
-
-    data, _ = load_annotation_file(dataset.coco.annotation_file)
-    return data
+    """The GT of the dataset's split as parsed once when it was opened (usable annotations only)."""
+    return dataset.coco.annotations.data
 
 
 def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.masknet.targets import Assignment, first_queries

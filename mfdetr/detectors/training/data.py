@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from mfdetr.contracts import Preprocessing
 from mfdetr.data import EvalTransform, load_annotation_file, load_rgb
-from mfdetr.errors import MfdetrError
+from mfdetr.errors import MfdetrError, SkipImage
 
 
 @dataclass
@@ -71,8 +72,8 @@ class DetectionTrainSet:
         for im in images:
             w0, h0 = float(im["width"]), float(im["height"])
             labels, boxes = [], []
-            for a in sorted(anns.get(int(im["id"]), []), key=lambda a: a.get("id", 0)):
-                if a.get("iscrowd", 0):
+            for a in sorted(anns.get(int(im["id"]), []), key=lambda a: a["id"]):
+                if a["iscrowd"]:
                     continue
                 x, y, w, h = (float(v) for v in a["bbox"])
                 x0, y0 = max(x, 0.0), max(y, 0.0)
@@ -87,6 +88,9 @@ class DetectionTrainSet:
             self._targets.append({"labels": torch.tensor(labels, dtype=torch.int64),
                                   "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)})
         self._cache: dict[int, Tensor] = {}
+        #: images that cannot be loaded (index → reason); another image of their group takes their place
+        self.bad: dict[int, str] = {}
+        self._members: dict[int, list[int]] | None = None
         #: batch group of every image, for :func:`epoch_batches`: its network-input size (``by_size``:
         #: batches without padding — DINO is not padding-invariant: the input projection's GroupNorm and
         #: the convolutions near the border see the padding, so a model trained on padded batches and
@@ -101,13 +105,48 @@ class DetectionTrainSet:
         return len(self.images)
 
     def image(self, index: int) -> Tensor:
-        """Preprocessed image [3, h, w] float32 (cached as float16)."""
+        """Preprocessed image [3, h, w] float32 (cached as float16).
+
+        Raises:
+            SkipImage: the file is unreadable, too large or not of the annotation file's size.
+        """
         if index not in self._cache:
-            self._cache[index] = self.transform(load_rgb(self.image_dir / self.images[index]["file_name"])).half()
+            info = self.images[index]
+            path = self.image_dir / info["file_name"]
+            pic = load_rgb(path)
+            if (pic.height, pic.width) != (info["height"], info["width"]):
+                raise SkipImage(path, f"image is {pic.width}x{pic.height} but the annotation file says "
+                                      f"{info['width']}x{info['height']}")
+            self._cache[index] = self.transform(pic).half()
         return self._cache[index].float()
 
+    def _loadable(self, index: int) -> int:
+        """``index``, or when its image cannot be loaded the next loadable image of its group (cyclically;
+        reported once on stderr), so a batch keeps its size and its single input size."""
+        if self._members is None:
+            self._members = {}
+            for j, g in enumerate(self.groups):
+                self._members.setdefault(g, []).append(j)
+        group = self._members[self.groups[index]]
+        start = group.index(index)
+        for k in range(len(group)):
+            j = group[(start + k) % len(group)]
+            if j in self.bad:
+                continue
+            try:
+                self.image(j)
+                return j
+            except SkipImage as e:
+                self.bad[j] = str(e)
+                print(f"mfdetr: skipped image id {self.images[j]['id']} ({e}); training uses the next image of "
+                      f"its size in its place", file=sys.stderr)
+        raise MfdetrError(f"no image of {self.image_dir} of input size group {self.groups[index]} can be loaded "
+                          f"(first: {self.bad.get(index, '')})")
+
     def item(self, index: int, *, flip: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(image [3, h, w], target)`` of image ``index``, horizontally flipped when ``flip``."""
+        """``(image [3, h, w], target)`` of image ``index`` (see :meth:`_loadable` for an unreadable one),
+        horizontally flipped when ``flip``."""
+        index = self._loadable(index) if index in self.bad or index not in self._cache else index
         img = self.image(index)
         t = {k: v.clone() for k, v in self._targets[index].items()}
         if flip:
@@ -127,7 +166,7 @@ class DetectionTrainSet:
             images[b, :, : x.shape[1], : x.shape[2]] = x
             pad_mask[b, : x.shape[1], : x.shape[2]] = False
         return TrainBatch(images=images, pad_mask=pad_mask, targets=[t for _, t in items],
-                          image_ids=[int(self.images[i]["id"]) for i in indices])
+                          image_ids=[int(self.images[self._loadable(i)]["id"]) for i in indices])
 
 
 def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
