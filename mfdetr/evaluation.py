@@ -1,4 +1,4 @@
-"""COCO evaluation with pycocotools (``segm`` and ``bbox``): results files, metrics, a streaming evaluator.
+"""COCO evaluation (``segm``, ``bbox`` and ``boundary``): results files, metrics, a streaming evaluator.
 
 Predictions use COCO's results format (what the test-dev server accepts), one dict per detection::
 
@@ -12,6 +12,12 @@ predictions at all gives zeros. For ``segm``, the ``bbox`` field is dropped befo
 the detections' small/medium/large areas are mask areas (detectron2 / mmdetection do the same; with a
 box present pycocotools would use the box area — AP, AP50 and AP75 are unaffected either way).
 pycocotools' prints are silenced unless ``verbose``.
+
+``boundary`` is Boundary AP (Cheng et al. 2021) as faster-coco-eval computes it: a mask's boundary is the
+mask minus its erosion by d = max(1, round(0.02 · image diagonal)) pixels (a 3×3 kernel applied d times,
+zero outside the image, so a mask cut by the image border has a boundary there), and a detection matches
+a GT at the IoU min(mask IoU, boundary IoU) (crowd GT: the mask IoU). ``segm`` and ``bbox`` use
+pycocotools unless ``evaluator="faster"`` asks for faster-coco-eval's ``COCOeval_faster``.
 """
 
 from __future__ import annotations
@@ -36,11 +42,15 @@ from mfdetr.errors import MfdetrError
 if TYPE_CHECKING:  # torch stays unimported for eval-json
     from torch import Tensor
 
-IOU_TYPES = ("segm", "bbox")
+IOU_TYPES = ("segm", "bbox", "boundary")
+MASK_IOU_TYPES = ("segm", "boundary")  # the types that score the results' masks
+EVALUATORS = ("pycocotools", "faster")
+BOUNDARY_DILATION_RATIO = 0.02  # the boundary band, as a fraction of the image diagonal
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 __all__ = [
-    "IOU_TYPES", "METRIC_NAMES", "CocoEvaluator", "annotation_path", "coco_from_dict", "evaluate",
+    "BOUNDARY_DILATION_RATIO", "EVALUATORS", "IOU_TYPES", "MASK_IOU_TYPES", "METRIC_NAMES", "CocoEvaluator",
+    "annotation_path", "coco_from_dict", "evaluate",
     "format_table", "gt_to_results", "instances_to_results", "load_coco_gt", "mask_to_rle",
     "read_results_json", "validate_results", "write_results_json",
 ]
@@ -108,11 +118,12 @@ def validate_results(results: Any, coco_gt: COCO, iou_types: Sequence[str], *, s
             bb = r.get("bbox")
             if not (isinstance(bb, list) and len(bb) == 4 and all(_finite(v) for v in bb)):
                 raise MfdetrError(f"results[{i}] needs 'bbox' as [x, y, w, h] numbers", path=source)
-        if "segm" in iou_types:
+        mask_types = [t for t in iou_types if t in MASK_IOU_TYPES]
+        if mask_types:
             seg = r.get("segmentation")
             if not (isinstance(seg, dict) and isinstance(seg.get("counts"), str) and isinstance(seg.get("size"), list)):
                 raise MfdetrError(f"results[{i}] needs 'segmentation' as an RLE {{size, counts}} "
-                                  f"(for --iou-type segm)", path=source)
+                                  f"(for --iou-type {mask_types[0]})", path=source)
             img = coco_gt.imgs[iid]
             if seg["size"] != [img["height"], img["width"]]:
                 raise MfdetrError(f"results[{i}] mask size {seg['size']} differs from image {iid}'s "
@@ -196,25 +207,50 @@ def gt_to_results(coco_gt: COCO, *, score: float = 1.0) -> list[dict[str, Any]]:
 
 
 # --- evaluation ------------------------------------------------------------------------------------
-def evaluate(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str, *,
-             image_ids: Iterable[int] | None = None, verbose: bool = False) -> dict[str, float]:
-    """pycocotools COCOeval of ``results`` → ``{AP, AP50, AP75, APs, APm, APl}`` in percent.
-
-    Args:
-        image_ids: evaluate on these images only (default: every image of ``coco_gt``).
-        verbose: let pycocotools print its summary.
-    """
+def _check_choice(iou_type: str, evaluator: str) -> None:
     if iou_type not in IOU_TYPES:
         raise MfdetrError(f"unknown iou type {iou_type!r} (choose from {', '.join(IOU_TYPES)})")
+    if evaluator not in EVALUATORS:
+        raise MfdetrError(f"unknown evaluator {evaluator!r} (choose from {', '.join(EVALUATORS)})")
+
+
+def _faster_cocoeval(coco_gt: COCO, dets: list[dict[str, Any]], iou_type: str, verbose: bool) -> Any:
+    """faster-coco-eval's ``COCOeval_faster`` over the same GT dict as ``coco_gt`` (not yet run)."""
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    say = print if verbose else (lambda *a, **k: None)
+    gt = FasterCOCO(print_function=say)
+    # it stores each annotation's RLE and boundary in the dict it is given: copies keep coco_gt's own
+    gt.dataset = {**coco_gt.dataset, "annotations": [dict(a) for a in coco_gt.dataset.get("annotations", [])]}
+    gt.createIndex()
+    dt = gt.loadRes(dets)
+    return COCOeval_faster(gt, dt, iou_type, print_function=say, boundary_dilation_ratio=BOUNDARY_DILATION_RATIO)
+
+
+def evaluate(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str, *,
+             image_ids: Iterable[int] | None = None, verbose: bool = False, evaluator: str = "pycocotools"
+             ) -> dict[str, float]:
+    """COCO evaluation of ``results`` → ``{AP, AP50, AP75, APs, APm, APl}`` in percent.
+
+    Args:
+        iou_type: ``segm``, ``bbox`` or ``boundary`` (always faster-coco-eval: pycocotools has none).
+        image_ids: evaluate on these images only (default: every image of ``coco_gt``).
+        verbose: let the evaluator print its summary.
+        evaluator: ``pycocotools`` (default) or ``faster`` (faster-coco-eval) for ``segm``/``bbox``.
+    """
+    _check_choice(iou_type, evaluator)
     if not results:
         return dict.fromkeys(METRIC_NAMES, 0.0)
     dets = copy.deepcopy(list(results))
-    if iou_type == "segm":
+    if iou_type in MASK_IOU_TYPES:
         for d in dets:
             d.pop("bbox", None)  # mask areas for the detections' size ranges (module doc)
     with _quiet(verbose):
-        coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        if iou_type == "boundary" or evaluator == "faster":
+            ev = _faster_cocoeval(coco_gt, dets, iou_type, verbose)
+        else:
+            ev = COCOeval(coco_gt, coco_gt.loadRes(dets), iou_type)
         if image_ids is not None:
             ev.params.imgIds = sorted(set(int(i) for i in image_ids))
         ev.evaluate()
@@ -229,19 +265,20 @@ class CocoEvaluator:
 
     Args:
         coco_gt: the ground truth (see :func:`load_coco_gt`).
-        iou_types: which of ``"segm"``, ``"bbox"`` to evaluate.
+        iou_types: which of ``"segm"``, ``"bbox"``, ``"boundary"`` to evaluate.
         all_images: evaluate over every GT image; by default only over the images passed to
             :meth:`process` (so a partial run is scored on what it saw; images without detections
             must be announced through ``image_ids``).
-        verbose: let pycocotools print.
+        verbose: let the evaluator print.
+        evaluator: ``pycocotools`` or ``faster`` for ``segm``/``bbox`` (see :func:`evaluate`).
     """
 
-    def __init__(self, *, coco_gt: COCO, iou_types: Sequence[str] = IOU_TYPES, all_images: bool = False,
-                 verbose: bool = False) -> None:
+    def __init__(self, *, coco_gt: COCO, iou_types: Sequence[str] = ("segm", "bbox"), all_images: bool = False,
+                 verbose: bool = False, evaluator: str = "pycocotools") -> None:
         for t in iou_types:
-            if t not in IOU_TYPES:
-                raise MfdetrError(f"unknown iou type {t!r} (choose from {', '.join(IOU_TYPES)})")
+            _check_choice(t, evaluator)
         self.coco_gt = coco_gt
+        self.evaluator = evaluator
         self.iou_types = tuple(iou_types)
         self.all_images = all_images
         self.verbose = verbose
@@ -268,8 +305,8 @@ class CocoEvaluator:
         ids = None if self.all_images else sorted(self.image_ids)
         if ids is not None and not ids:
             return {t: dict.fromkeys(METRIC_NAMES, 0.0) for t in self.iou_types}
-        return {t: evaluate(self.coco_gt, self.results, t, image_ids=ids, verbose=self.verbose)
-                for t in self.iou_types}
+        return {t: evaluate(self.coco_gt, self.results, t, image_ids=ids, verbose=self.verbose,
+                            evaluator=self.evaluator) for t in self.iou_types}
 
 
 def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
