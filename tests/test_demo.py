@@ -68,7 +68,8 @@ def test_shortened_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert {c["name"] for c in pred["categories"]} >= {"disc", "box"}  # names from the synthetic annotations
     # the summary: APs are real numbers in [0, 100], one time per stage
     box_ap, mask_ap = _summary_value(text, "detector box AP (val)"), _summary_value(text, "mask AP (val)")
-    for ap in (box_ap, mask_ap):
+    boundary_ap = _summary_value(text, "boundary AP (val)")
+    for ap in (box_ap, mask_ap, boundary_ap):
         assert math.isfinite(ap) and 0.0 <= ap <= 100.0
     for stage in ("synth", "cache train2017", "cache val2017", "train + eval", "plot", "overlays", "total"):
         assert re.search(rf"{re.escape(stage)} [\d.]+ s", text), (stage, text)

@@ -130,9 +130,12 @@ def test_train_checkpoint_eval_and_refusals(data: dict[str, Path], tmp_path: Pat
     run = tmp_path / "run"
     cfg = build_run_config(tiny_cfg(iterations=30, lr=1e-3, log_every=5))
     res, metrics = train_from_cache(cfg, src, run)
-    assert res is not None and res.steps == 30 and set(metrics) == {"segm", "bbox"}
+    assert res is not None and res.steps == 30 and set(metrics) == {"segm", "boundary", "bbox"}
     # the oracle cache's boxes are exact; 30 steps teach MaskNet to fill them (the GT masks are boxes)
     assert metrics["bbox"]["AP"] == pytest.approx(100.0) and metrics["segm"]["AP"] >= 90.0
+    assert 0.0 <= metrics["boundary"]["AP"] <= 100.0
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals[-1]["boundary_AP"] == pytest.approx(metrics["boundary"]["AP"], nan_ok=True)
     losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
     assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
     rj = json.loads((run / "run.json").read_text())
@@ -143,6 +146,10 @@ def test_train_checkpoint_eval_and_refusals(data: dict[str, Path], tmp_path: Pat
     out = tmp_path / "results.json"
     m = eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), checkpoint=run / "ckpt.pt", out=out)
     assert json.dumps(m, sort_keys=True) == json.dumps(metrics, sort_keys=True)  # NaN-safe equality
+    fast = eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), checkpoint=run / "ckpt.pt",
+                           evaluator="faster")
+    for t in ("segm", "bbox", "boundary"):  # faster-coco-eval scores segm/bbox as pycocotools does
+        assert fast[t] == pytest.approx(m[t], abs=0.01, nan_ok=True), t
     results = json.loads(out.read_text())
     assert {r["image_id"] for r in results} == {1, 3} and {"segmentation", "score"} <= set(results[0])
     # bad input → clear errors
@@ -197,8 +204,9 @@ def test_sweep_from_one_cache_and_training_free_eval(data: dict[str, Path], tmp_
                            tmp_path / "sweep", log=lambda s: None)
     assert [r.name for r in res] == ["l0", "l1"]
     assert res[1].params_m > res[0].params_m > 0 and res[1].flops_g > res[0].flops_g > 0  # one more encoder layer
-    assert all(r.metrics.keys() >= {"AP", "AP50", "APs"} for r in res)
+    assert all(r.metrics.keys() >= {"AP", "AP50", "APs", "boundary_AP"} for r in res)
     md = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| AP^boundary |" in md
     assert md.count("\n| 0 |") == 1 and "| 30.8 | 0.76 M |" in md
     assert (tmp_path / "sweep" / "l1" / "run" / "ckpt.pt").is_file()
 

@@ -74,7 +74,8 @@ def _fake_variant(v: Variant, cfg, vdir: Path) -> VariantResult:  # noqa: ANN001
     layers = cfg.masknet["image_encoder"]["layers"]
     (vdir / "ran").write_text("1")
     return VariantResult(name=v.name, labels=[], params_m=0.75 * layers, flops_g=14.2 * layers,
-                         metrics={m: 10.0 * layers + i for i, m in enumerate(METRICS)})
+                         metrics={**{m: 10.0 * layers + i for i, m in enumerate(METRICS)},
+                                  "boundary_AP": 10.0 * layers - 5.0})
 
 
 def test_run_sweep_writes_tables_and_resumes(tmp_path: Path) -> None:
@@ -84,10 +85,13 @@ def test_run_sweep_writes_tables_and_resumes(tmp_path: Path) -> None:
                     overrides=["train.iterations=3"], log=lambda s: None)
     assert [r.name for r in res] == ["none", "deformable-2"]
     md = (out / "summary.md").read_text()
-    assert "| block type | # layers | #FLOPs▲ | #params▲ | AP | AP50 | AP75 | APs | APm | APl | paper AP |" in md
+    assert ("| block type | # layers | #FLOPs▲ | #params▲ | AP | AP50 | AP75 | APs | APm | APl | AP^boundary | "
+            "paper AP |") in md
+    assert "| 24.0 | 25.0 | 15.0 | 32.9 |" in md  # APm, APl, boundary AP, then the paper's AP
     assert "| deformable | 2 | 28.40 G | 1.50 M | 20.0 | 21.0 |" in md and "| 32.9 | 1.51 M |" in md
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert rows[1]["name"] == "deformable-2" and float(rows[1]["AP"]) == 20.0 and float(rows[1]["paper_AP"]) == 32.9
+    assert float(rows[1]["boundary_AP"]) == 15.0
     assert json.loads((out / "deformable-2" / "result.json").read_text())["params_m"] == 1.5
     (out / "none" / "ran").unlink()
     run_sweep(spec, out_dir=out, run_variant=_fake_variant, only=["none"], overrides=["train.iterations=3"],

@@ -122,7 +122,7 @@ def test_finetune_trains_the_transformer_only_at_a_tenth_of_the_lr(synth: dict[s
     assert [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]  # ... and it was evaluated
     # online evaluation of the run: its MaskNet and its fine-tuned detector tensors on the val split
     m = eval_online(out / "ckpt.pt", coco=synth["coco"], split="val2017", device="cpu")
-    assert set(m) == {"segm", "bbox"} and 0.0 <= m["segm"]["AP"] <= 100.0 or m["segm"]["AP"] == -1.0
+    assert set(m) == {"segm", "boundary", "bbox"} and 0.0 <= m["segm"]["AP"] <= 100.0 or m["segm"]["AP"] == -1.0
 
 
 def test_finetuned_state_round_trips_and_backbone_stays_frozen(synth: dict[str, Path]) -> None:

@@ -1,4 +1,4 @@
-"""``mfdetr eval``: segm AP of a trained mask network (and box AP of the cached detector) on a cache."""
+"""``mfdetr eval``: segm and Boundary AP of a trained mask network (and box AP of the cached detector) on a cache."""
 
 from __future__ import annotations
 
@@ -30,12 +30,19 @@ def register(app: typer.Typer) -> None:
         skip_damaged: bool = typer.Option(False, "--skip-damaged",
                                           help="Skip damaged cache images (AP over the others; they are listed) "
                                                "instead of stopping."),
+        evaluator: str = typer.Option("pycocotools", "--evaluator",
+                                      help="segm/bbox evaluator: pycocotools or faster (faster-coco-eval); Boundary "
+                                           "AP always uses faster-coco-eval."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value."),
     ) -> None:
-        """Evaluate MaskNet on a cache: COCO segm AP (masks) and bbox AP (cached detector boxes)."""
+        """Evaluate MaskNet on a cache: COCO segm AP and Boundary AP (masks), bbox AP (cached detector boxes)."""
         from mfdetr.engine.stage2 import CacheSources, eval_from_cache, format_metrics
         from mfdetr.errors import MfdetrError
 
+        from mfdetr.evaluation import EVALUATORS
+
+        if evaluator not in EVALUATORS:
+            raise MfdetrError(f"unknown --evaluator {evaluator!r} (choose from {', '.join(EVALUATORS)})")
         if checkpoint is None and config is None:
             raise MfdetrError("pass --checkpoint RUN/ckpt.pt (or --config FILE for a training-free baseline)")
         if batch_size < 1 or max_images < 0:
@@ -63,7 +70,7 @@ def register(app: typer.Typer) -> None:
         damage = DamagePolicy(skip=skip_damaged)
         metrics = eval_from_cache(CacheSources(cache=cache, coco=coco, annotations=annotations),
                                   checkpoint=checkpoint, config=config, overrides=list(overrides or []), out=out,
-                                  batch_size=batch_size, device=device, damage=damage)
+                                  batch_size=batch_size, device=device, damage=damage, evaluator=evaluator)
         typer.echo(format_metrics(metrics))
         if damage.skipped:
             ids = ", ".join(str(d.image_id) for d in damage.skipped)

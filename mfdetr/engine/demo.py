@@ -94,6 +94,10 @@ class DemoSummary:
         return float(self.metrics.get("segm", {}).get("AP", float("nan")))
 
     @property
+    def boundary_ap(self) -> float:
+        return float(self.metrics.get("boundary", {}).get("AP", float("nan")))
+
+    @property
     def box_ap(self) -> float:
         return float(self.metrics.get("bbox", {}).get("AP", float("nan")))
 
@@ -246,14 +250,16 @@ def _mb(n: int) -> str:
 
 
 def format_demo_summary(s: DemoSummary) -> list[str]:
-    """The demo's closing report (box AP of the detector, mask AP, time per stage, cache bytes)."""
-    seg, box = s.metrics.get("segm", {}), s.metrics.get("bbox", {})
+    """The demo's closing report (box AP of the detector, mask AP and Boundary AP, time per stage, cache bytes)."""
+    seg, box, bnd = s.metrics.get("segm", {}), s.metrics.get("bbox", {}), s.metrics.get("boundary", {})
     lines = [f"demo summary: detector {s.detector}; {s.train_images} train / {s.val_images} val synthetic images; "
              f"MaskNet {s.iterations} iterations",
              f"  detector box AP (val): {s.box_ap:.1f}   AP50 {box.get('AP50', float('nan')):.1f}   "
              f"AP75 {box.get('AP75', float('nan')):.1f}",
              f"  mask AP (val):         {s.mask_ap:.1f}   AP50 {seg.get('AP50', float('nan')):.1f}   "
-             f"AP75 {seg.get('AP75', float('nan')):.1f}"]
+             f"AP75 {seg.get('AP75', float('nan')):.1f}",
+             f"  boundary AP (val):     {s.boundary_ap:.1f}   AP50 {bnd.get('AP50', float('nan')):.1f}   "
+             f"AP75 {bnd.get('AP75', float('nan')):.1f}"]
     for split, b in s.cache_bytes.items():
         n = max(s.cache_images.get(split, 0), 1)
         lines.append(f"  cache {split}: {_mb(b)} on disk ({b / n / 1e3:.1f} KB/image, {s.cache_images.get(split, 0)}"

@@ -238,7 +238,8 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.engine.distributed import init_distributed
     from mfdetr.engine.finetune import FineTuned
-    from mfdetr.engine.stage2 import build_parts, evaluate_and_record, resolve_masknet_config, training_model
+    from mfdetr.engine.stage2 import (build_parts, evaluate_and_record, flat_metrics, resolve_masknet_config,
+                                      training_model)
     from mfdetr.engine.trainer import train
 
     oc = cfg.online
@@ -278,7 +279,7 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
         def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
             r = evaluate_and_record(parts.model, val, manifest=manifest, cfg=cfg, out=Path(out), step=at,
                                     device=val.device)
-            return {**r["segm"], **{f"box_{k}": v for k, v in r["bbox"].items()}}
+            return flat_metrics(r)
 
     source = online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk,
                            annotation_sha256=base.annotation_sha256)
@@ -376,7 +377,7 @@ def sweep_online(spec: Any, *, detector: str, checkpoint: str | None, coco: str,
         metrics = json.loads((run / "val_metrics.json").read_text())
         cx = complexity(build_parts(cfg, manifest).model, manifest)
         return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
-                             metrics=dict(metrics["segm"]))
+                             metrics={**metrics["segm"], "boundary_AP": metrics.get("boundary", {}).get("AP")})
 
     sources = {**online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=""),
                "val_split": val_split}

@@ -123,13 +123,14 @@ def box_results(det: Any, class_to_category: Sequence[int], image_ids: Sequence[
 @torch.no_grad()
 def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mapping[str, Any], batch_size: int = 2,
                      device: torch.device | str = "cpu", num_workers: int = 0, amp: str = "off",
-                     score: str | None = None, damage: DamagePolicy | None = None
+                     score: str | None = None, damage: DamagePolicy | None = None, evaluator: str = "pycocotools"
                      ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Segm AP of MaskNet's masks and box AP of the cached boxes over ``dataset``'s images.
+    """Segm AP and Boundary AP of MaskNet's masks and box AP of the cached boxes over ``dataset``'s images.
 
     A damaged cache image stops the evaluation (:class:`~mfdetr.cache.verify.DamagedImage`) unless
     ``damage`` skips it: the AP is then over the intact images, and ``damage`` lists the others.
-    Returns ``({"segm": {AP, ...}, "bbox": {...}}, segm results)`` (results in COCO format, RLE masks).
+    ``evaluator`` scores segm/bbox (:func:`mfdetr.evaluation.evaluate`; boundary always uses faster-coco-eval).
+    Returns ``({"segm": {AP, ...}, "boundary": {...}, "bbox": {...}}, segm results)`` (COCO format, RLE masks).
     """
     damage = damage or DamagePolicy()
     from mfdetr.evaluation import CocoEvaluator, coco_from_dict
@@ -139,8 +140,8 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
     model.eval().to(device)
     c2c = manifest["category_map"]
     coco_gt = coco_from_dict(_annotation_dict(dataset))
-    segm_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("segm",))
-    box_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("bbox",))
+    segm_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("segm", "boundary"), evaluator=evaluator)
+    box_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("bbox",), evaluator=evaluator)
     known = set(coco_gt.getCatIds())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_marked,
                         pin_memory=device.type == "cuda", **loader_options(num_workers))
@@ -189,6 +190,12 @@ def evaluate_and_record(model: nn.Module, dataset: Any, *, manifest: Mapping[str
 def _annotation_dict(dataset: CacheDataset) -> dict[str, Any]:
     """The GT of the dataset's split as parsed once when it was opened (usable annotations only)."""
     return dataset.coco.annotations.data
+
+
+def flat_metrics(m: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """One run's metrics as a flat row (segm AP as ``AP``…, ``boundary_AP``…, ``box_AP``…) for metrics.jsonl."""
+    return {**m["segm"], **{f"boundary_{k}": v for k, v in m.get("boundary", {}).items()},
+            **{f"box_{k}": v for k, v in m["bbox"].items()}}
 
 
 def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
@@ -255,7 +262,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
                                 device=next(model.parameters()).device, damage=damage)
         metrics.clear()
         metrics.update(m)
-        return {**m["segm"], **{f"box_{k}": v for k, v in m["bbox"].items()}}
+        return flat_metrics(m)
 
     record = {"train_cache": str(src.cache), "val_cache": str(src.val_cache) if src.val_cache else None,
               "detector": detector_identity(store.manifest), "complexity": cx,
@@ -299,7 +306,8 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, config: str | Path | None = None,
                     overrides: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 2,
-                    device: str = "auto", damage: DamagePolicy | None = None) -> dict[str, dict[str, float]]:
+                    device: str = "auto", damage: DamagePolicy | None = None, evaluator: str = "pycocotools"
+                    ) -> dict[str, dict[str, float]]:
     """``mfdetr eval``: a trained checkpoint (or a training-free config, Table 1) on a cache.
 
     A damaged cache image stops it, unless ``damage`` skips it (AP over the intact images)."""
@@ -335,7 +343,7 @@ def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, 
                           "configs, paper Table 1, evaluate without one)")
     dev = resolve_device(device)
     metrics, results = evaluate_masknet(parts.model, ds, manifest=store.manifest, batch_size=batch_size, device=dev,
-                                        damage=damage)
+                                        damage=damage, evaluator=evaluator)
     if out is not None:
         from mfdetr.evaluation import write_results_json
 
@@ -372,7 +380,7 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
                                 device=dev, amp=cfg.train.amp)
         atomic_write_text(vdir / "metrics.json", json.dumps(m, indent=2) + "\n")
         return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
-                             metrics=dict(m["segm"]))
+                             metrics={**m["segm"], "boundary_AP": m["boundary"]["AP"]})
 
     sources = {"train_cache": manifest_sha256(open_cache(src.cache, role="training cache").manifest),
                "val_cache": manifest_sha256(open_cache(src.val_cache, role="validation cache").manifest)}
