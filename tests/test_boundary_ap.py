@@ -197,3 +197,16 @@ def test_eval_json_boundary_cli(synth_gt, tmp_path: Path) -> None:
     noseg.write_text(json.dumps([{k: v for k, v in r.items() if k != "segmentation"} for r in gt_to_results(gt)]))
     assert_user_error(run_cli("eval-json", "--coco", coco_dir, "--results", noseg, "--iou-type", "boundary"),
                       str(noseg), "--iou-type boundary")
+
+
+def test_boundary_after_pycocotools_scored_the_same_gt(synth_gt) -> None:
+    _, gt = synth_gt  # pycocotools rewrites the GT's polygons as RLEs in place; boundary AP reads those
+    perfect = gt_to_results(gt)
+    assert evaluate(gt, perfect, "segm")["AP"] == 100.0
+    assert evaluate(gt, perfect, "boundary")["AP"] == 100.0
+    assert evaluate(gt, perfect, "segm", evaluator="faster")["AP"] == 100.0
+
+
+def test_eval_cli_refuses_an_unknown_evaluator(tmp_path: Path) -> None:
+    assert_user_error(run_cli("eval", "--cache", tmp_path, "--checkpoint", tmp_path / "ckpt.pt",
+                              "--evaluator", "detectron"), "unknown --evaluator 'detectron'")
