@@ -30,8 +30,15 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from mfdetr.data.synth import SynthConfig, generate_synth
-from mfdetr.evaluation import (METRIC_NAMES, annotation_path, evaluate, gt_to_results, load_coco_gt, mask_to_rle,
-                               read_results_json)
+from mfdetr.evaluation import (
+    METRIC_NAMES,
+    annotation_path,
+    evaluate,
+    gt_to_results,
+    load_coco_gt,
+    mask_to_rle,
+    read_results_json,
+)
 
 
 def perturbed_predictions(coco_gt: Any, seed: int, spurious: float = 0.3) -> list[dict[str, Any]]:

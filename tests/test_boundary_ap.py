@@ -22,8 +22,15 @@ from scipy import ndimage
 
 from mfdetr.data.synth import SynthConfig, generate_synth
 from mfdetr.errors import MfdetrError
-from mfdetr.evaluation import (CocoEvaluator, coco_from_dict, evaluate, gt_to_results, load_coco_gt, mask_to_rle,
-                               write_results_json)
+from mfdetr.evaluation import (
+    CocoEvaluator,
+    coco_from_dict,
+    evaluate,
+    gt_to_results,
+    load_coco_gt,
+    mask_to_rle,
+    write_results_json,
+)
 from tests.conftest import assert_user_error, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2
@@ -71,7 +78,8 @@ def coco_dict(gt_masks: list[np.ndarray]) -> dict:
         anns.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": float(m.sum()),
                      "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
                      "segmentation": mask_to_rle(m)})
-    return {"images": [{"id": i, "height": H, "width": W, "file_name": f"{i}.png"} for i in range(1, len(gt_masks) + 1)],
+    images = [{"id": i, "height": H, "width": W, "file_name": f"{i}.png"} for i in range(1, len(gt_masks) + 1)]
+    return {"images": images,
             "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
 
 
@@ -113,7 +121,8 @@ def test_per_pair_matching_iou_is_min_of_mask_and_boundary_iou() -> None:
     np.testing.assert_allclose(got, want, atol=1e-9)
     assert (want < np.array([[iou(dm, gm) for gm in g] for dm in d])).any()  # the boundary term matters
     # the package's boundary IoU of one pair on its own
-    b = [faster_mask.rleToBoundary(faster_mask.encode(np.asfortranarray(m.astype(np.uint8))), 0.02) for m in (d[0], g[0])]
+    b = [faster_mask.rleToBoundary(faster_mask.encode(np.asfortranarray(m.astype(np.uint8))), 0.02)
+         for m in (d[0], g[0])]
     assert float(faster_mask.iou([b[0]], [b[1]], [0])[0][0]) == pytest.approx(iou(boundary(d[0]), boundary(g[0])))
 
 
@@ -126,11 +135,13 @@ def test_perfect_masks_give_boundary_ap_100() -> None:
 
 def test_ragged_border_lowers_boundary_ap_as_the_definition_says() -> None:
     gt_masks = [square() for _ in range(4)]
-    preds = [ragged(m, depth, period) for m, (depth, period) in zip(gt_masks, [(2, 4), (3, 6), (4, 8), (6, 4)])]
+    teeth = [(2, 4), (3, 6), (4, 8), (6, 4)]  # (depth, period) per image
+    preds = [ragged(m, depth, period) for m, (depth, period) in zip(gt_masks, teeth, strict=True)]
     gt = coco_from_dict(coco_dict(gt_masks))
-    mask_ious = [iou(p, g) for p, g in zip(preds, gt_masks)]
-    matching = [min(v, iou(boundary(p), boundary(g))) for v, p, g in zip(mask_ious, preds, gt_masks)]
-    for i, (mv, bv) in enumerate(zip(mask_ious, matching), start=1):  # one image: AP = share of thresholds cleared
+    mask_ious = [iou(p, g) for p, g in zip(preds, gt_masks, strict=True)]
+    matching = [min(v, iou(boundary(p), boundary(g))) for v, p, g in zip(mask_ious, preds, gt_masks, strict=True)]
+    # each image alone: its AP is the share of thresholds its IoU clears
+    for i, (mv, bv) in enumerate(zip(mask_ious, matching, strict=True), start=1):
         assert evaluate(gt, results(preds), "segm", image_ids=[i])["AP"] == pytest.approx(expected_ap([mv]), abs=1e-6)
         one = evaluate(gt, results(preds), "boundary", image_ids=[i])
         assert one["AP"] == pytest.approx(expected_ap([bv]), abs=1e-6)
