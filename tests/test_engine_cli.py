@@ -52,6 +52,13 @@ def test_train_eval_plot_commands(setup: dict[str, Path]) -> None:
                 "--out", setup["root"] / "res.json")
     assert p.returncode == 0, p.stderr
     assert "iou_type" in p.stdout and "segm" in p.stdout and json.loads((setup["root"] / "res.json").read_text())
+    rows = {ln.split()[0]: ln.split()[1:] for ln in p.stdout.splitlines() if ln.split()[:1] in (["segm"], ["boundary"])}
+    fast = run_cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
+                   "--evaluator", "faster")
+    assert fast.returncode == 0, fast.stderr
+    fast_rows = {ln.split()[0]: ln.split()[1:] for ln in fast.stdout.splitlines()
+                 if ln.split()[:1] in (["segm"], ["boundary"])}
+    assert set(rows) == {"segm", "boundary"} and fast_rows == rows  # same numbers from either evaluator
     p = run_cli("plot", run)
     assert p.returncode == 0 and Path(p.stdout.strip()).is_file()
 
