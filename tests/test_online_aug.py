@@ -123,6 +123,8 @@ def test_finetune_trains_the_transformer_only_at_a_tenth_of_the_lr(synth: dict[s
     # online evaluation of the run: its MaskNet and its fine-tuned detector tensors on the val split
     m = eval_online(out / "ckpt.pt", coco=synth["coco"], split="val2017", device="cpu")
     assert set(m) == {"segm", "boundary", "bbox"} and 0.0 <= m["segm"]["AP"] <= 100.0 or m["segm"]["AP"] == -1.0
+    fast = eval_online(out / "ckpt.pt", coco=synth["coco"], split="val2017", device="cpu", evaluator="faster")
+    assert all(fast[t] == pytest.approx(m[t], abs=0.01, nan_ok=True) for t in m)
 
 
 def test_finetuned_state_round_trips_and_backbone_stays_frozen(synth: dict[str, Path]) -> None:

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
 
             metrics = eval_online(checkpoint, coco=coco, split=split, detector=detector,
                                   detector_checkpoint=detector_checkpoint, out=out, batch_size=batch_size,
-                                  device=device, max_images=max_images)
+                                  device=device, max_images=max_images, evaluator=evaluator)
             typer.echo(format_metrics(metrics))
             if out is not None:
                 typer.echo(f"results: {out}")

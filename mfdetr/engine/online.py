@@ -297,7 +297,8 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
 
 def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val2017", detector: str | None = None,
                 detector_checkpoint: str | Path | None = None, out: str | Path | None = None, batch_size: int = 2,
-                device: str = "auto", max_images: int = 0) -> dict[str, dict[str, float]]:
+                device: str = "auto", max_images: int = 0, evaluator: str = "pycocotools"
+                ) -> dict[str, dict[str, float]]:
     """``mfdetr eval --online``: a run's MaskNet (and fine-tuned detector tensors) on a COCO split, with
     the detector in the loop. Detector name and checkpoint default to what an online run recorded."""
     from mfdetr.config import from_dict
@@ -334,7 +335,8 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     val = OnlineEvalSet(CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True),
                         _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False), dev,
                         max_images=max_images, coarsest_stride=max(preset.level_strides))
-    metrics, results = evaluate_masknet(parts.model, val, manifest=manifest, batch_size=batch_size, device=dev)
+    metrics, results = evaluate_masknet(parts.model, val, manifest=manifest, batch_size=batch_size, device=dev,
+                                        evaluator=evaluator)
     if out is not None:
         from mfdetr.evaluation import write_results_json
 
