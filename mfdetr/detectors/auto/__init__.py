@@ -59,6 +59,14 @@ def architecture_of(checkpoint: str | Path | Mapping[str, Any], *, config_file: 
     origin = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
     sd = unwrap_state_dict(obj, origin=origin)
     args = checkpoint_args(obj)
+    from mfdetr.detectors.dino.detrex import DETREX_DINO_ARGS, is_detrex_dino, to_mfdetr_layout
+
+    if is_detrex_dino(sd):  # detrex states no args: its DINO configs' values, then the shapes
+        try:
+            sd = to_mfdetr_layout(sd)
+        except MfdetrError as e:
+            raise MfdetrError(f"{origin}: {e}") from None
+        args = {**DETREX_DINO_ARGS, **args}
     if config_file is not None:
         from mfdetr.detectors.auto.config_files import read_config_file
 

@@ -131,6 +131,8 @@ def infer_config(sd: Mapping[str, Tensor], args: Mapping[str, Any]) -> tuple[str
         for ours, theirs in (("pe_temperature_h", "pe_temperatureH"), ("pe_temperature_w", "pe_temperatureW")):
             if theirs in args:
                 extra[ours] = float(args[theirs])
+        if "pe_offset" in args:
+            extra["pe_offset"] = float(args["pe_offset"])
         extra["num_select"] = int(args.get("num_select", 300))
         return family, DinoConfig(backbone=backbone, **s.values, **extra)
     from mfdetr.detectors.hdetr.config import HDetrConfig

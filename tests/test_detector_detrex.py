@@ -1,0 +1,101 @@
+"""detrex DINO checkpoints: recognised by their key layout, loaded strictly through the rename table, the
+architecture read by ``--detector auto`` (detrex's positional encoding, per-layer heads), identical outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mfdetr.detectors import build_detector
+from mfdetr.detectors.auto import architecture_of
+from mfdetr.detectors.backbones import BackboneConfig
+from mfdetr.detectors.dino import DinoConfig, build_dino
+from mfdetr.detectors.dino.presets import build_dino_model, dino_preset
+from mfdetr.detectors.resolve import resolve_detector
+from mfdetr.errors import MfdetrError
+from test_det_dino import make_batch
+
+#: a small detrex-style DINO: ResNet (1 block per stage), 8 heads (detrex's), unshared heads, detrex positions
+CFG = DinoConfig(backbone=BackboneConfig(kind="resnet", out_indices=(1, 2, 3), params={"depths": (1, 1, 1, 1)}),
+                 hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=64, enc_n_points=2,
+                 dec_n_points=2, num_queries=20, num_feature_levels=4, num_classes=7, dn_labelbook_size=6,
+                 pe_temperature_h=10000.0, pe_temperature_w=10000.0, pe_offset=-0.5,
+                 dec_pred_class_embed_share=False, dec_pred_bbox_embed_share=False, num_select=300)
+
+
+def to_detrex(key: str) -> str | None:
+    """Our (official DINO) key → the detrex DINO key, written out from detrex's module names."""
+    n_dec, n_in = CFG.dec_layers, len(CFG.backbone.out_indices)
+    if key.startswith("transformer.enc_out_class_embed."):
+        return key.replace("transformer.enc_out_class_embed.", f"class_embed.{n_dec}.")
+    if key.startswith("transformer.enc_out_bbox_embed."):
+        return key.replace("transformer.enc_out_bbox_embed.", f"bbox_embed.{n_dec}.")
+    key = key.replace("backbone.0.body.conv1.", "backbone.stem.conv1.").replace("backbone.0.body.bn1.",
+                                                                               "backbone.stem.conv1.norm.")
+    for i in range(4):
+        key = key.replace(f"backbone.0.body.layer{i + 1}.", f"backbone.res{i + 2}.")
+    key = re.sub(r"(res\d\.\d+)\.bn(\d)\.", r"\1.conv\2.norm.", key)
+    key = re.sub(r"(res\d\.\d+)\.downsample\.0\.", r"\1.shortcut.", key)
+    key = re.sub(r"(res\d\.\d+)\.downsample\.1\.", r"\1.shortcut.norm.", key)
+    m = re.match(r"^input_proj\.(\d+)\.([01])\.(.*)$", key)
+    if m:
+        i, part = int(m.group(1)), "conv" if m.group(2) == "0" else "norm"
+        return (f"neck.convs.{i}.{part}.{m.group(3)}" if i < n_in else
+                f"neck.extra_convs.{i - n_in}.{part}.{m.group(3)}")
+    key = key.replace("transformer.level_embed", "transformer.level_embeds")
+    key = re.sub(r"(encoder\.layers\.\d+)\.self_attn\.", r"\1.attentions.0.", key)
+    key = re.sub(r"(encoder\.layers\.\d+)\.norm1\.", r"\1.norms.0.", key)
+    key = re.sub(r"(encoder\.layers\.\d+)\.norm2\.", r"\1.norms.1.", key)
+    key = re.sub(r"(decoder\.layers\.\d+)\.self_attn\.", r"\1.attentions.0.attn.", key)
+    key = re.sub(r"(decoder\.layers\.\d+)\.cross_attn\.", r"\1.attentions.1.", key)
+    key = re.sub(r"(decoder\.layers\.\d+)\.norm1\.", r"\1.norms.1.", key)
+    key = re.sub(r"(decoder\.layers\.\d+)\.norm2\.", r"\1.norms.0.", key)
+    key = re.sub(r"(decoder\.layers\.\d+)\.norm3\.", r"\1.norms.2.", key)
+    key = re.sub(r"(coder\.layers\.\d+)\.linear1\.", r"\1.ffns.0.layers.0.0.", key)
+    return re.sub(r"(coder\.layers\.\d+)\.linear2\.", r"\1.ffns.0.layers.1.", key)
+
+
+def _detrex_file(path: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(seed)
+    model = build_dino_model(CFG, preset=dino_preset("t", CFG, None, None)).eval()
+    with torch.no_grad():  # random BN statistics, so that a mis-mapped norm buffer changes the outputs
+        for name, buf in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buf.copy_(torch.rand_like(buf) + 0.5)
+    sd = {to_detrex(k): v for k, v in model.state_dict().items()}
+    n = CFG.dec_layers  # detrex aliases the encoder heads under transformer.decoder too
+    sd.update({f"transformer.decoder.{k}": v for k, v in list(sd.items()) if k.startswith((f"class_embed.{n}.",
+                                                                                           f"bbox_embed.{n}."))})
+    assert not any(k.startswith(("input_proj", "backbone.0.")) for k in sd)
+    torch.save({"model": sd, "iteration": 100}, path)  # detectron2's checkpointer: no args
+    return model, path
+
+
+def test_detrex_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> None:
+    model, path = _detrex_file(tmp_path / "model_final.pth")
+    family, cfg = architecture_of(path)
+    assert family == "dino" and cfg == CFG
+    det = resolve_detector("auto", path)
+    built = build_detector(det.name, checkpoint=path)
+    ref = model.freeze()
+    batch = make_batch([(64, 96), (80, 64)], pad_noise=True)
+    a, b = ref.detect(batch, topk=10, enc_layers=(1, 2)), built.detect(batch, topk=10, enc_layers=(1, 2))
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.logits, b.logits) and torch.equal(a.c1, b.c1)
+    assert all(torch.equal(x, y) for x, y in zip(a.enc_maps[2], b.enc_maps[2], strict=True))
+
+
+def test_detrex_checkpoint_is_loaded_strictly(tmp_path: Path) -> None:
+    _, path = _detrex_file(tmp_path / "a.pth")
+    obj = torch.load(path, weights_only=True)
+    obj["model"]["transformer.decoder.layers.0.norms.3.weight"] = torch.ones(32)
+    torch.save(obj, tmp_path / "extra.pth")
+    with pytest.raises(MfdetrError, match=r"unexpected keys \(1\): transformer\.decoder\.layers\.0\.norms\.3\.weight"):
+        build_dino(CFG, checkpoint=tmp_path / "extra.pth")
+    # a preset with the official DINO's positional encoding refuses detrex weights instead of running them wrong
+    official = dataclasses.replace(CFG, pe_temperature_h=20.0, pe_temperature_w=20.0, pe_offset=0.0)
+    with pytest.raises(MfdetrError, match="use --detector auto"):
+        build_dino(official, checkpoint=path)
