@@ -183,3 +183,32 @@ def test_cache_with_auto_records_and_prints_the_architecture(tmp_path: Path) -> 
     code, out = _cli("cache", "--detector", "dino_tiny", "--detector-config", tmp_path / "x.py", "--coco",
                      tmp_path / "synth", "--out", tmp_path / "c2")
     assert code != 0 and "use it with --detector auto" in out
+
+
+def test_auto_online_train_eval_and_predict(tmp_path: Path) -> None:
+    """train --online / eval --online / predict with --detector auto; eval --online rebuilds the recorded
+    auto detector from the recorded checkpoint in a fresh registry."""
+    from mfdetr.detectors.registry import unregister_detector
+
+    code, out = _cli("synth", "--out", tmp_path / "synth", "--train", "2", "--val", "2")
+    assert code == 0, out
+    ckpt = _save(tmp_path / "online.pth", _model("dino"), DINO_ARGS)
+    small = ["train.iterations=1", "train.checkpoint_every=0", "train.eval_every=0", "train.progress=false",
+             "masknet.num_queries=10", "masknet.roi_size=16", "masknet.image_encoder.layers=1",
+             "masknet.box_encoder.layers=1", "masknet.box_encoder.dim=32", "masknet.box_encoder.heads=4",
+             "masknet.mask_scoring.channels=32", "masknet.mask_scoring.fc_dim=64"]
+    code, out = _cli("train", "--online", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
+                     "--topk", "10", "--out", tmp_path / "run", *small)
+    assert code == 0, out
+    assert "detector auto-online: dino" in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["masknet"]["enc_layer"] == 3
+    unregister_detector("auto-online")  # as in a new process
+    code, out = _cli("eval", "--online", "--coco", tmp_path / "synth", "--checkpoint", tmp_path / "run" / "ckpt.pt",
+                     "--max-images", "1")
+    assert code == 0, out
+    images = tmp_path / "synth" / "val2017"
+    code, out = _cli("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", tmp_path / "run" / "ckpt.pt",
+                     images, "--out", tmp_path / "preds", "--no-overlays", "--no-progress", "--score-threshold", "0")
+    assert code == 0, out
+    pred = json.loads((tmp_path / "preds" / "predictions.json").read_text())
+    assert pred["meta"]["detector"] == "auto-online"
