@@ -79,7 +79,9 @@ def test_detrex_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> N
     model, path = _detrex_file(tmp_path / "model_final.pth")
     family, cfg = architecture_of(path)
     assert family == "dino" and cfg == CFG
-    det = resolve_detector("auto", path)
+    cats = tmp_path / "instances.json"
+    cats.write_text('{"categories": [' + ", ".join(f'{{"id": {i}, "name": "c{i}"}}' for i in range(1, 8)) + "]}")
+    det = resolve_detector("auto", path, categories_file=cats)
     built = build_detector(det.name, checkpoint=path)
     ref = model.freeze()
     batch = make_batch([(64, 96), (80, 64)], pad_noise=True)
@@ -99,3 +101,24 @@ def test_detrex_checkpoint_is_loaded_strictly(tmp_path: Path) -> None:
     official = dataclasses.replace(CFG, pe_temperature_h=20.0, pe_temperature_w=20.0, pe_offset=0.0)
     with pytest.raises(MfdetrError, match="use --detector auto"):
         build_dino(official, checkpoint=path)
+
+
+def test_detrex_class_slots_map_to_the_datasets_sorted_category_ids(tmp_path: Path) -> None:
+    """detrex numbers its slots in the order of the dataset's sorted ids (ids 11..17 here)."""
+    import json
+
+    from test_detector_auto import _cli
+
+    _, path = _detrex_file(tmp_path / "seven.pth")
+    cats = tmp_path / "instances.json"
+    cats.write_text(json.dumps({"categories": [{"id": i, "name": f"c{i}"} for i in (17, 12, 11, 13, 16, 15, 14)]}))
+    det = resolve_detector("auto", path, categories_file=cats)
+    assert det.preset.class_to_category == (11, 12, 13, 14, 15, 16, 17)
+    with pytest.raises(MfdetrError, match="detrex checkpoint numbers its classes"):
+        resolve_detector("auto", path)
+    code, out = _cli("synth", "--out", tmp_path / "synth", "--train", "1", "--val", "1")
+    assert code == 0, out
+    code, out = _cli("cache", "--detector", "auto", "--checkpoint", path, "--coco", tmp_path / "synth",
+                     "--out", tmp_path / "c")
+    assert code != 0 and "has 7 class slots" in out and "has 6 categories" in out and "instances_val2017.json" in out
+    assert not (tmp_path / "c").exists()

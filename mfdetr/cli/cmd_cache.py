@@ -64,7 +64,9 @@ def register(app: typer.Typer) -> None:
         from mfdetr.cache.run import CacheJob, parse_shard, run_cache
         from mfdetr.detectors.resolve import resolve_detector
 
-        det = resolve_detector(detector, checkpoint, config_file=detector_config, need_file=True, echo=typer.echo)
+        cats = annotation_file or coco / "annotations" / f"instances_{split}.json"
+        det = resolve_detector(detector, checkpoint, config_file=detector_config, need_file=True,
+                               categories_file=cats, echo=typer.echo)
         layers = _layers(enc_layers) if enc_layers is not None else (det.enc_layer,)
         job = CacheJob(detector=det.name, checkpoint=det.checkpoint, coco=coco, split=split, out=out, topk=topk,
                        enc_layers=layers, batch_size=batch_size, shard=parse_shard(shard),

@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
             if detector is not None:
                 from mfdetr.detectors.resolve import resolve_detector
 
-                det = resolve_detector(detector, detector_checkpoint, config_file=detector_config, echo=typer.echo)
+                det = resolve_detector(detector, detector_checkpoint, config_file=detector_config, echo=typer.echo,
+                                       categories_file=coco / "annotations" / f"instances_{split}.json")
                 detector, detector_checkpoint = det.name, det.checkpoint
 
             metrics = eval_online(checkpoint, coco=coco, split=split, detector=detector,

@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
         from mfdetr.detectors.resolve import resolve_detector
         from mfdetr.engine.predict import PredictJob, run_predict
 
-        det = resolve_detector(detector, checkpoint, config_file=detector_config, echo=typer.echo)
+        det = resolve_detector(detector, checkpoint, config_file=detector_config, categories_file=categories,
+                               echo=typer.echo)
         job = PredictJob(detector=det.name, masknet=masknet, inputs=tuple(inputs), out=out, checkpoint=det.checkpoint,
                          score_threshold=score_threshold, device=device, batch_size=batch_size,
                          num_workers=workers, overlays=overlays, categories_file=categories)

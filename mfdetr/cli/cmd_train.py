@@ -57,7 +57,8 @@ def register(app: typer.Typer) -> None:
             from mfdetr.detectors.resolve import resolve_detector
             from mfdetr.engine.online import train_online
 
-            det = resolve_detector(detector, checkpoint, config_file=detector_config, echo=typer.echo)
+            det = resolve_detector(detector, checkpoint, config_file=detector_config, echo=typer.echo,
+                                   categories_file=annotations or coco / "annotations" / f"instances_{split}.json")
             ckpt = str(det.checkpoint) if det.checkpoint else None
             train_online(cfg, detector=det.name, checkpoint=ckpt, coco=str(coco),
                          split=split, out=str(out), topk=topk, resume=resume, val_split=val_split)

@@ -267,7 +267,8 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     if detector.startswith("auto-"):  # an architecture read from the checkpoint: rebuild it from there
         from mfdetr.detectors.resolve import resolve_detector
 
-        detector = resolve_detector(detector, detector_checkpoint).name
+        detector = resolve_detector(detector, detector_checkpoint,
+                                    categories_file=Path(coco) / "annotations" / f"instances_{split}.json").name
     preset = get_preset(detector)
     det_model = build_detector(detector, checkpoint=detector_checkpoint, device=str(dev))
     masknet_sd, detector_sd = split_state(ckpt["model"])

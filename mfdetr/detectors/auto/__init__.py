@@ -10,6 +10,8 @@ shapes (:mod:`mfdetr.detectors.auto.infer`). :func:`register_auto_preset` regist
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,13 +57,21 @@ def _plain(v: Any) -> Any:
 def architecture_of(checkpoint: str | Path | Mapping[str, Any], *, config_file: str | Path | None = None
                     ) -> tuple[str, DetrArchConfig]:
     """(family, config) of a checkpoint (file or loaded dict), with an optional official config file."""
+    family, cfg, _ = _architecture(checkpoint, config_file)
+    return family, cfg
+
+
+def _architecture(checkpoint: str | Path | Mapping[str, Any], config_file: str | Path | None
+                  ) -> tuple[str, DetrArchConfig, bool]:
+    """(family, config, whether the class slots count the dataset's categories in sorted order: detrex)."""
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     origin = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
     sd = unwrap_state_dict(obj, origin=origin)
     args = checkpoint_args(obj)
     from mfdetr.detectors.dino.detrex import DETREX_DINO_ARGS, is_detrex_dino, to_mfdetr_layout
 
-    if is_detrex_dino(sd):  # detrex states no args: its DINO configs' values, then the shapes
+    contiguous = is_detrex_dino(sd)
+    if contiguous:  # detrex states no args: its DINO configs' values, then the shapes
         try:
             sd = to_mfdetr_layout(sd)
         except MfdetrError as e:
@@ -72,7 +82,7 @@ def architecture_of(checkpoint: str | Path | Mapping[str, Any], *, config_file: 
 
         args = merge_args(args, read_config_file(Path(config_file)), config=str(config_file))
     try:
-        return infer_config(sd, args)
+        return (*infer_config(sd, args), contiguous)
     except MfdetrError as e:
         raise MfdetrError(f"{origin}: {e}") from None
 
@@ -90,7 +100,7 @@ def arch_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_file:
 def register_arch(preset: DetectorPreset, family: str, cfg: DetrArchConfig) -> DetectorPreset:
     """Register ``preset`` (replacing a same-named auto/file preset of another architecture)."""
     if preset.name in _PRESETS:
-        if _PRESETS[preset.name].arch == preset.arch:
+        if _PRESETS[preset.name] == preset:
             return _PRESETS[preset.name]
         if preset.name not in _REGISTERED:
             raise MfdetrError(f"detector preset {preset.name!r} already exists with another architecture: "
@@ -109,10 +119,35 @@ def register_arch(preset: DetectorPreset, family: str, cfg: DetrArchConfig) -> D
     return preset
 
 
-def register_auto_preset(checkpoint: Path, *, config_file: str | Path | None = None) -> DetectorPreset:
-    """Read ``checkpoint``'s architecture and register it as ``auto-<stem>``."""
-    family, cfg = architecture_of(checkpoint, config_file=config_file)
+def category_ids(path: Path) -> list[int]:
+    """The category ids of a COCO annotation file, sorted."""
+    try:
+        cats = json.loads(Path(path).read_text())["categories"]
+        return sorted(int(c["id"]) for c in cats)
+    except FileNotFoundError:
+        raise MfdetrError("annotation file not found", path=path) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise MfdetrError(f"no readable 'categories' ({type(e).__name__}: {e})", path=path) from None
+
+
+def register_auto_preset(checkpoint: Path, *, config_file: str | Path | None = None,
+                         categories_file: Path | None = None, need_categories: bool = False) -> DetectorPreset:
+    """Read ``checkpoint``'s architecture and register it as ``auto-<stem>``.
+
+    Official DINO / H-DETR heads have one slot per category id (slot i = id i). detrex numbers its slots
+    0..C-1 in the order of the dataset's sorted category ids: that map is read from ``categories_file``
+    (a COCO annotation file), required when ``need_categories``."""
+    family, cfg, contiguous = _architecture(checkpoint, config_file)
     preset = arch_preset(auto_name(checkpoint), family, cfg, checkpoint_file=checkpoint.name)
+    if contiguous and categories_file is not None:
+        ids = category_ids(categories_file)
+        if len(ids) != cfg.num_classes:
+            raise MfdetrError(f"{checkpoint} has {cfg.num_classes} class slots (detrex: one per category, in "
+                              f"sorted id order), the annotation file has {len(ids)} categories", path=categories_file)
+        preset = dataclasses.replace(preset, class_to_category=tuple(ids))
+    elif contiguous and need_categories:
+        raise MfdetrError(f"{checkpoint}: a detrex checkpoint numbers its classes in its dataset's category order: "
+                          "name that dataset's annotation file (--categories FILE for predict)")
     return register_arch(preset, family, cfg)
 
 
