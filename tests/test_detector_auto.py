@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_det_dino import make_batch
 from typer.testing import CliRunner
 
 from mfdetr.detectors import build_detector
@@ -18,7 +19,6 @@ from mfdetr.detectors.dino.presets import DINO_CONFIGS, build_dino_model, dino_p
 from mfdetr.detectors.hdetr.presets import HDETR_CONFIGS
 from mfdetr.detectors.resolve import resolve_detector
 from mfdetr.errors import MfdetrError
-from test_det_dino import make_batch
 
 DINO_TINY = DINO_CONFIGS["dino_tiny"][0]
 HDETR_TINY = HDETR_CONFIGS["hdetr_tiny"][0]

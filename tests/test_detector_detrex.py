@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_det_dino import make_batch
 
 from mfdetr.detectors import build_detector
 from mfdetr.detectors.auto import architecture_of
@@ -17,7 +18,6 @@ from mfdetr.detectors.dino import DinoConfig, build_dino
 from mfdetr.detectors.dino.presets import build_dino_model, dino_preset
 from mfdetr.detectors.resolve import resolve_detector
 from mfdetr.errors import MfdetrError
-from test_det_dino import make_batch
 
 #: a small detrex-style DINO: ResNet (1 block per stage), 8 heads (detrex's), unshared heads, detrex positions
 CFG = DinoConfig(backbone=BackboneConfig(kind="resnet", out_indices=(1, 2, 3), params={"depths": (1, 1, 1, 1)}),

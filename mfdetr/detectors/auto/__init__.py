@@ -24,7 +24,6 @@ from mfdetr.detectors.common.checkpoint import read_checkpoint, unwrap_state_dic
 from mfdetr.detectors.registry import _PRESETS, register_detector, unregister_detector
 from mfdetr.errors import MfdetrError
 
-
 #: presets registered here (an auto or file preset may be replaced by a newer architecture; others never)
 _REGISTERED: set[str] = set()
 
@@ -68,7 +67,11 @@ def _architecture(checkpoint: str | Path | Mapping[str, Any], config_file: str |
     origin = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
     sd = unwrap_state_dict(obj, origin=origin)
     args = checkpoint_args(obj)
-    from mfdetr.detectors.dino.detrex import DETREX_DINO_ARGS, is_detrex_dino, to_mfdetr_layout
+    from mfdetr.detectors.dino.detrex import (
+        DETREX_DINO_ARGS,
+        is_detrex_dino,
+        to_mfdetr_layout,
+    )
 
     contiguous = is_detrex_dino(sd)
     if contiguous:  # detrex states no args: its DINO configs' values, then the shapes
@@ -164,5 +167,14 @@ def describe_preset(preset: DetectorPreset) -> str:
             f"{a['num_classes']} classes; default encoder layer {default_enc_layer(a['enc_layers'])}")
 
 
-__all__ = ["architecture_of", "arch_preset", "auto_name", "checkpoint_args", "describe_preset", "merge_args",
-           "register_arch", "register_auto_preset"]
+__all__ = [
+    "arch_preset",
+    "architecture_of",
+    "auto_name",
+    "category_ids",
+    "checkpoint_args",
+    "describe_preset",
+    "merge_args",
+    "register_arch",
+    "register_auto_preset",
+]

@@ -69,9 +69,9 @@ class _Sizes:
 
     def take(self, field: str, shape_value: Any, key: str, *, arg: str | None = None) -> Any:
         arg = arg or field
-        if arg in self.args and self.args[arg] is not None and shape_value is not None:
-            if int(self.args[arg]) != int(shape_value):
-                raise MfdetrError(f"args.{arg} = {self.args[arg]} but checkpoint key {key} implies {shape_value}")
+        stated = self.args.get(arg)
+        if stated is not None and shape_value is not None and int(stated) != int(shape_value):
+            raise MfdetrError(f"args.{arg} = {stated} but checkpoint key {key} implies {shape_value}")
         value = shape_value if shape_value is not None else self.args.get(arg)
         if value is None:
             raise MfdetrError(f"cannot tell {field} from the checkpoint ({key} missing) nor from its args.{arg}")

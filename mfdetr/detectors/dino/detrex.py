@@ -26,8 +26,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mfdetr.detectors.common.checkpoint import (CheckpointFormat, load_state_dict_strict, read_checkpoint,
-                                                remap_state_dict, unwrap_state_dict)
+from mfdetr.detectors.common.checkpoint import (
+    CheckpointFormat,
+    load_state_dict_strict,
+    read_checkpoint,
+    remap_state_dict,
+    unwrap_state_dict,
+)
 from mfdetr.errors import MfdetrError
 
 #: what a detrex DINO checkpoint does not say and detrex's DINO configs all set
