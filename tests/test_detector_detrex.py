@@ -16,6 +16,8 @@ from mfdetr.detectors.auto import architecture_of
 from mfdetr.detectors.backbones import BackboneConfig
 from mfdetr.detectors.dino import DinoConfig, build_dino
 from mfdetr.detectors.dino.presets import build_dino_model, dino_preset
+from mfdetr.detectors.hdetr import HDetrConfig
+from mfdetr.detectors.hdetr.presets import build_hdetr
 from mfdetr.detectors.resolve import resolve_detector
 from mfdetr.errors import MfdetrError
 
@@ -122,3 +124,41 @@ def test_detrex_class_slots_map_to_the_datasets_sorted_category_ids(tmp_path: Pa
                      "--out", tmp_path / "c")
     assert code != 0 and "has 7 class slots" in out and "has 6 categories" in out and "instances_val2017.json" in out
     assert not (tmp_path / "c").exists()
+
+
+#: a small H-Deformable-DETR as detrex builds it (300 one-to-one queries, top-300, inverse_sigmoid eps 1e-3)
+HCFG = HDetrConfig(backbone=CFG.backbone, hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=64,
+                   enc_n_points=2, dec_n_points=2, num_feature_levels=4, num_classes=7, num_queries_one2one=300,
+                   num_queries_one2many=20, num_select=300, inv_sigmoid_eps=1e-3)
+
+
+def test_detrex_hdetr_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> None:
+    from mfdetr.detectors.common.arch import family_preset
+    from mfdetr.detectors.hdetr.model import build_hdetr_model
+
+    torch.manual_seed(0)
+    model = build_hdetr_model(HCFG, preset=family_preset("t", "hdetr", HCFG, checkpoint_file=None, box_ap=None))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buf.copy_(torch.rand_like(buf) + 0.5)
+    sd = {to_detrex(k).replace("query_embed.", "query_embedding."): v for k, v in model.state_dict().items()}
+    assert "query_embedding.weight" in sd and not any(k.startswith(("input_proj", "backbone.0.")) for k in sd)
+    path = tmp_path / "hdetr_final.pth"
+    torch.save({"model": sd}, path)
+    family, cfg = architecture_of(path)
+    assert family == "hdetr" and cfg == HCFG
+    cats = tmp_path / "instances.json"
+    cats.write_text('{"categories": [' + ", ".join(f'{{"id": {i}, "name": "c{i}"}}' for i in range(1, 8)) + "]}")
+    det = resolve_detector("auto", path, categories_file=cats)
+    built = build_detector(det.name, checkpoint=path)
+    batch = make_batch([(160, 192), (144, 176)])
+    a, b = model.freeze().detect(batch, topk=10, enc_layers=(2,)), built.detect(batch, topk=10, enc_layers=(2,))
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.logits, b.logits) and torch.equal(a.queries, b.queries)
+    official = dataclasses.replace(HCFG, inv_sigmoid_eps=1e-5)
+    with pytest.raises(MfdetrError, match="use --detector auto"):
+        build_hdetr(official, checkpoint=path)
+    no_refine = {k: v for k, v in sd.items() if not k.startswith("transformer.decoder.bbox_embed.")}
+    torch.save({"model": no_refine}, tmp_path / "norefine.pth")
+    with pytest.raises(MfdetrError, match="without with_box_refine"):
+        architecture_of(tmp_path / "norefine.pth")

@@ -69,21 +69,24 @@ def _architecture(checkpoint: str | Path | Mapping[str, Any], config_file: str |
     args = checkpoint_args(obj)
     from mfdetr.detectors.dino.detrex import (
         DETREX_DINO_ARGS,
-        is_detrex_dino,
+        DETREX_HDETR_ARGS,
+        is_detrex,
         to_mfdetr_layout,
     )
 
-    contiguous = is_detrex_dino(sd)
-    if contiguous:  # detrex states no args: its DINO configs' values, then the shapes
+    contiguous = is_detrex(sd)
+    defaults: dict[str, Any] = {}
+    if contiguous:  # detrex states no args: its configs' values fill what the shapes cannot tell
+        defaults = DETREX_DINO_ARGS if "transformer.tgt_embed.weight" in sd else DETREX_HDETR_ARGS
         try:
             sd = to_mfdetr_layout(sd)
         except MfdetrError as e:
             raise MfdetrError(f"{origin}: {e}") from None
-        args = {**DETREX_DINO_ARGS, **args}
     if config_file is not None:
         from mfdetr.detectors.auto.config_files import read_config_file
 
         args = merge_args(args, read_config_file(Path(config_file)), config=str(config_file))
+    args = {**defaults, **args}
     try:
         return (*infer_config(sd, args), contiguous)
     except MfdetrError as e:

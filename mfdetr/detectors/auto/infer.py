@@ -143,11 +143,15 @@ def infer_config(sd: Mapping[str, Tensor], args: Mapping[str, Any]) -> tuple[str
                           "state args.num_queries_one2one (checkpoint args or --detector-config)")
     one2one = int(args["num_queries_one2one"])
     one2many = int(args.get("num_queries_one2many", rows - one2one))
+    if one2many < 0:
+        raise MfdetrError(f"args.num_queries_one2one = {one2one} but checkpoint key query_embed.weight has only "
+                          f"{rows} rows")
     if one2one + one2many != rows:
         raise MfdetrError(f"args.num_queries_one2one + num_queries_one2many = {one2one + one2many} but checkpoint "
                           f"key query_embed.weight has {rows} rows")
+    extra = {"inv_sigmoid_eps": float(args["inv_sigmoid_eps"])} if "inv_sigmoid_eps" in args else {}
     return family, HDetrConfig(backbone=backbone, **s.values, num_queries_one2one=one2one,
-                               num_queries_one2many=one2many, num_select=int(args.get("topk", 100)))
+                               num_queries_one2many=one2many, num_select=int(args.get("topk", 100)), **extra)
 
 
 __all__ = ["check_supported", "detect_family", "infer_config"]
