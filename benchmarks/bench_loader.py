@@ -108,9 +108,10 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="config overrides section.key=value")
     args = ap.parse_args()
     from mfdetr.engine.config import build_run_config, load_run_config
-    from mfdetr.engine.stage2 import resolve_masknet_config
+    from mfdetr.engine.stage2 import resolve_masknet_config, with_cache_enc_layer
 
     cfg = load_run_config(args.config, args.set) if args.config else build_run_config({}, args.set)
+    cfg = with_cache_enc_layer(cfg, args.cache[0])  # the detector's default layer unless the recipe sets one
     enc_layer = resolve_masknet_config(cfg).enc_layer
     device = torch.device(args.device)
     print(f"device {device}, batch {args.batch_size}, {args.batches} loader batches / {args.steps} MaskNet steps "

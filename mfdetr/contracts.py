@@ -114,6 +114,12 @@ class DetectorPreset:
         return d
 
 
+def default_enc_layer(num_encoder_layers: int) -> int:
+    """The encoder layer MaskNet reads by default (1-based): paper Table 15 takes layer 4 of 6,
+    generalised to the layer at about two thirds of the depth (3 → 2, 1 → 1)."""
+    return max(1, min(int(num_encoder_layers), round(2 * int(num_encoder_layers) / 3)))
+
+
 def coco91_identity() -> tuple[int, ...]:
     """Slot → category id for official COCO DETR heads: slot ``i`` is category id ``i`` (0 unused).
 

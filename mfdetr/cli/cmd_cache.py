@@ -22,14 +22,21 @@ def _layers(text: str) -> tuple[int, ...]:
 def register(app: typer.Typer) -> None:
     @app.command("cache")
     def cache(
-        detector: str = typer.Option(..., "--detector", help="Detector preset name (extra presets: $MFDETR_PLUGINS)."),
-        checkpoint: Path = typer.Option(..., "--checkpoint",
-                                        help="Detector checkpoint file (its sha256 goes in the manifest)."),
+        detector: str = typer.Option(..., "--detector", help="Detector preset name or file, or 'auto' (the architecture "
+                                                                   "from the checkpoint; extra presets: $MFDETR_PLUGINS)."),
+        checkpoint: Path = typer.Option(None, "--checkpoint",
+                                        help="Detector checkpoint file (its sha256 goes in the manifest; default: "
+                                             "the preset's shipped weights, e.g. for 'demo')."),
+        detector_config: Path = typer.Option(None, "--detector-config",
+                                             help="With --detector auto: the official config the detector was "
+                                                  "trained with (DINO .py, H-DETR .sh; read as data)."),
         coco: Path = typer.Option(..., "--coco", help="COCO folder (SPLIT/ images, annotations/instances_SPLIT.json)."),
         split: str = typer.Option("val2017", "--split", help="Split to cache."),
         out: Path = typer.Option(..., "--out", help="Store directory (created, or resumed if it exists)."),
         topk: int = typer.Option(100, "--topk", help="Queries kept per image (by score)."),
-        enc_layers: str = typer.Option("4", "--enc-layers", help="Encoder layers to store, e.g. 4 or 4,6 (Table 15)."),
+        enc_layers: str = typer.Option(None, "--enc-layers",
+                                       help="Encoder layers to store, e.g. 4 or 4,6 (Table 15; default: the layer at "
+                                            "two thirds of the detector's depth, 4 of 6)."),
         batch_size: int = typer.Option(1, "--batch-size", help="Images per detector forward."),
         shard: str = typer.Option(None, "--shard", help="i/n: this process writes store indices i, i+n, ... "
                                                          "(default: torchrun RANK/WORLD_SIZE, else all)."),
@@ -55,9 +62,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Cache a frozen detector's outputs (queries, boxes, logits, encoder maps, C1) for a COCO split."""
         from mfdetr.cache.run import CacheJob, parse_shard, run_cache
+        from mfdetr.detectors.resolve import resolve_detector
 
-        job = CacheJob(detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=out, topk=topk,
-                       enc_layers=_layers(enc_layers), batch_size=batch_size, shard=parse_shard(shard),
+        cats = annotation_file or coco / "annotations" / f"instances_{split}.json"
+        det = resolve_detector(detector, checkpoint, config_file=detector_config, need_file=True,
+                               categories_file=cats, echo=typer.echo)
+        layers = _layers(enc_layers) if enc_layers is not None else (det.enc_layer,)
+        job = CacheJob(detector=det.name, checkpoint=det.checkpoint, coco=coco, split=split, out=out, topk=topk,
+                       enc_layers=layers, batch_size=batch_size, shard=parse_shard(shard),
                        device=device, num_workers=workers, writer_threads=writer_threads,
                        retry_skipped=retry_skipped, annotation_file=annotation_file, codec=codec,
                        repair=repair, c1=c1)

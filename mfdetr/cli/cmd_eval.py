@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         detector: str = typer.Option(None, "--detector", help="--online: detector preset (default: the run's)."),
         detector_checkpoint: Path = typer.Option(None, "--detector-checkpoint",
                                                  help="--online: detector weights (default: the run's)."),
+        detector_config: Path = typer.Option(None, "--detector-config",
+                                             help="--online with --detector auto: the official config the detector "
+                                                  "was trained with (DINO .py, H-DETR .sh; read as data)."),
         max_images: int = typer.Option(0, "--max-images", help="--online: evaluate the first N images only."),
         skip_damaged: bool = typer.Option(False, "--skip-damaged",
                                           help="Skip damaged cache images (AP over the others; they are listed) "
@@ -55,6 +58,13 @@ def register(app: typer.Typer) -> None:
             if cache is not None or coco is None or checkpoint is None:
                 raise MfdetrError("--online evaluates --checkpoint RUN/ckpt.pt on --coco DIR --split SPLIT (no --cache)")
             from mfdetr.engine.online import eval_online
+
+            if detector is not None:
+                from mfdetr.detectors.resolve import resolve_detector
+
+                det = resolve_detector(detector, detector_checkpoint, config_file=detector_config, echo=typer.echo,
+                                       categories_file=coco / "annotations" / f"instances_{split}.json")
+                detector, detector_checkpoint = det.name, det.checkpoint
 
             metrics = eval_online(checkpoint, coco=coco, split=split, detector=detector,
                                   detector_checkpoint=detector_checkpoint, out=out, batch_size=batch_size,

@@ -12,10 +12,14 @@ def register(app: typer.Typer) -> None:
     def predict(
         inputs: list[str] = typer.Argument(..., metavar="IMAGES_OR_DIRS...",
                                            help="Image files and/or folders (their image files, sorted)."),
-        detector: str = typer.Option(..., "--detector", help="Detector preset name (extra presets: $MFDETR_PLUGINS)."),
+        detector: str = typer.Option(..., "--detector", help="Detector preset name or file, or 'auto' (the architecture "
+                                                                   "from the checkpoint; extra presets: $MFDETR_PLUGINS)."),
         checkpoint: Path = typer.Option(None, "--checkpoint",
                                         help="Detector checkpoint file (default: the preset's shipped weights, "
                                              "e.g. for 'demo')."),
+        detector_config: Path = typer.Option(None, "--detector-config",
+                                             help="With --detector auto: the official config the detector was "
+                                                  "trained with (DINO .py, H-DETR .sh; read as data)."),
         masknet: Path = typer.Option(..., "--masknet", help="Trained MaskNet checkpoint (a run's ckpt.pt)."),
         out: Path = typer.Option(..., "--out", help="Output folder: predictions.json, results.json, overlays/."),
         score_threshold: float = typer.Option(0.3, "--score-threshold",
@@ -30,6 +34,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
     ) -> None:
         """Segment objects in images: COCO-style JSON (RLE masks, category names) + overlay PNGs."""
+        from mfdetr.detectors.resolve import resolve_detector
         from mfdetr.engine.predict import PredictJob, run_predict
         from mfdetr.errors import MfdetrError
         from mfdetr.outputs import check_output_dir
@@ -38,7 +43,9 @@ def register(app: typer.Typer) -> None:
             raise MfdetrError(f"--workers must be >= 0, got {workers}")
         check_output_dir(out)
 
-        job = PredictJob(detector=detector, masknet=masknet, inputs=tuple(inputs), out=out, checkpoint=checkpoint,
+        det = resolve_detector(detector, checkpoint, config_file=detector_config, categories_file=categories,
+                               echo=typer.echo)
+        job = PredictJob(detector=det.name, masknet=masknet, inputs=tuple(inputs), out=out, checkpoint=det.checkpoint,
                          score_threshold=score_threshold, device=device, batch_size=batch_size,
                          num_workers=workers, overlays=overlays, categories_file=categories)
         run_predict(job, progress=progress, echo=typer.echo)

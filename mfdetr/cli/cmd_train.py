@@ -28,8 +28,12 @@ def register(app: typer.Typer) -> None:
         annotations: Path = typer.Option(None, "--annotations", help="Override the training annotation file."),
         val_annotations: Path = typer.Option(None, "--val-annotations", help="Override the validation annotation file."),
         online: bool = typer.Option(False, "--online", help="Run the frozen detector in the loop instead of a cache."),
-        detector: str = typer.Option(None, "--detector", help="--online: detector preset name."),
-        checkpoint: Path = typer.Option(None, "--checkpoint", help="--online: detector checkpoint file."),
+        detector: str = typer.Option(None, "--detector", help="--online: detector preset name or file, or 'auto'."),
+        checkpoint: Path = typer.Option(None, "--checkpoint", help="--online: detector checkpoint file (default: "
+                                                                   "the preset's shipped weights)."),
+        detector_config: Path = typer.Option(None, "--detector-config",
+                                             help="With --detector auto: the official config the detector was "
+                                                  "trained with (DINO .py, H-DETR .sh; read as data)."),
         split: str = typer.Option("train2017", "--split", help="--online: COCO split to train on."),
         topk: int = typer.Option(100, "--topk", help="--online: queries kept per image (the cache's K)."),
         val_split: str = typer.Option(None, "--val-split", help="--online: COCO split to evaluate on (e.g. val2017)."),
@@ -53,9 +57,13 @@ def register(app: typer.Typer) -> None:
                 raise MfdetrError("--online needs --detector NAME and --coco DIR (and usually --checkpoint FILE)")
             if cache is not None:
                 raise MfdetrError("--online trains without a cache: drop --cache")
+            from mfdetr.detectors.resolve import resolve_detector
             from mfdetr.engine.online import train_online
 
-            train_online(cfg, detector=detector, checkpoint=str(checkpoint) if checkpoint else None, coco=str(coco),
+            det = resolve_detector(detector, checkpoint, config_file=detector_config, echo=typer.echo,
+                                   categories_file=annotations or coco / "annotations" / f"instances_{split}.json")
+            ckpt = str(det.checkpoint) if det.checkpoint else None
+            train_online(cfg, detector=det.name, checkpoint=ckpt, coco=str(coco),
                          split=split, out=str(out), topk=topk, resume=resume, val_split=val_split)
             return
         if cache is None:

@@ -215,5 +215,13 @@ def replace_train(cfg: RunConfig, **changes: Any) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
+def with_default_enc_layer(cfg: RunConfig, layer: int) -> RunConfig:
+    """``cfg`` with ``masknet.enc_layer = layer`` unless the recipe or an override set it (the default
+    layer comes from the detector: two thirds of its encoder depth)."""
+    if "enc_layer" in cfg.masknet:
+        return cfg
+    return dataclasses.replace(cfg, masknet={**cfg.masknet, "enc_layer": int(layer)})
+
+
 __all__ = ["TrainConfig", "DataConfig", "OnlineConfig", "RunConfig", "build_run_config", "load_run_config",
-           "diff_configs", "replace_train"]
+           "diff_configs", "replace_train", "with_default_enc_layer"]

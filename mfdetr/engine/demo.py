@@ -104,7 +104,9 @@ class DemoSummary:
 
 def demo_enc_layer(num_encoder_layers: int) -> int:
     """Paper Table 15 takes encoder layer 4 of 6: the layer at about two thirds of the depth."""
-    return max(1, min(num_encoder_layers, round(2 * num_encoder_layers / 3)))
+    from mfdetr.contracts import default_enc_layer
+
+    return default_enc_layer(num_encoder_layers)
 
 
 def demo_run_config(*, num_encoder_layers: int, topk: int, iterations: int, batch_size: int, seed: int,

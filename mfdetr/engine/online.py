@@ -236,6 +236,8 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     from mfdetr.config import to_dict
     from mfdetr.data import CocoInstances, LargeScaleJitter, SkipReplace, collate
     from mfdetr.detectors import build_detector, get_preset
+    from mfdetr.contracts import default_enc_layer
+    from mfdetr.engine.config import with_default_enc_layer
     from mfdetr.engine.distributed import init_distributed
     from mfdetr.engine.finetune import FineTuned
     from mfdetr.engine.stage2 import (build_parts, evaluate_and_record, flat_metrics, resolve_masknet_config,
@@ -245,6 +247,7 @@ def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, 
     oc = cfg.online
     ctx = init_distributed(cfg.train.device)
     preset = get_preset(detector)
+    cfg = with_default_enc_layer(cfg, default_enc_layer(preset.num_encoder_layers))
     det_model = build_detector(detector, checkpoint=checkpoint, device=str(ctx.device))
     mcfg = resolve_masknet_config(cfg)
     base = CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True)
@@ -324,6 +327,11 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     mcfg = from_dict(MaskNetConfig, dict(ckpt["masknet_config"]), where=f"{checkpoint}: masknet_config")
     topk = int(rec.get("topk", mcfg.num_queries))
     dev = resolve_device(device)
+    if detector.startswith("auto-"):  # an architecture read from the checkpoint: rebuild it from there
+        from mfdetr.detectors.resolve import resolve_detector
+
+        detector = resolve_detector(detector, detector_checkpoint,
+                                    categories_file=Path(coco) / "annotations" / f"instances_{split}.json").name
     preset = get_preset(detector)
     det_model = build_detector(detector, checkpoint=detector_checkpoint, device=str(dev))
     masknet_sd, detector_sd = split_state(ckpt["model"])

@@ -30,7 +30,7 @@ from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_
 from mfdetr.engine.checkpoint import (atomic_write_text, check_masknet_config, check_resume_source, load_checkpoint,
                                       load_weights)
 from mfdetr.engine.damage import DamagePolicy, collate_marked
-from mfdetr.engine.config import RunConfig, build_run_config, load_run_config
+from mfdetr.engine.config import RunConfig, build_run_config, load_run_config, with_default_enc_layer
 from mfdetr.engine.loading import loader_options
 from mfdetr.devices import resolve_device
 from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
@@ -56,6 +56,20 @@ def resolve_masknet_config(cfg: RunConfig) -> Any:
     from mfdetr.masknet import MaskNetConfig
 
     return from_dict(MaskNetConfig, cfg.masknet, where="masknet")
+
+
+def with_cache_enc_layer(cfg: RunConfig, cache: str | Path) -> RunConfig:
+    """``cfg`` with the default ``masknet.enc_layer`` when the recipe leaves it unset: the detector's
+    default layer (two thirds of its depth), or the cache's only layer if it holds just one other."""
+    if "enc_layer" in cfg.masknet:
+        return cfg
+    from mfdetr.contracts import default_enc_layer
+
+    store = open_cache(cache, role="training cache")
+    layer = default_enc_layer(int(store.manifest["detector"]["num_encoder_layers"]))
+    if layer not in store.enc_layers and len(store.enc_layers) == 1:
+        layer = int(store.enc_layers[0])
+    return with_default_enc_layer(cfg, layer)
 
 
 def build_parts(cfg: RunConfig, manifest: Mapping[str, Any]) -> Stage2Parts:
@@ -249,6 +263,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
     log = log or (lambda s: print(f"mfdetr: {s}", file=sys.stderr))
     damage = damage or DamagePolicy()
     refuse_online_settings(cfg)
+    cfg = with_cache_enc_layer(cfg, src.cache)
     mcfg = resolve_masknet_config(cfg)
     store, train_set, val_set = _datasets(cfg, src, mcfg.enc_layer, damage)
     parts = build_parts(cfg, store.manifest)

@@ -64,7 +64,7 @@ def build_dino_model(cfg: DinoConfig, *, preset: DetectorPreset) -> DinoDetector
     return DinoDetector(
         backbone=backbone, transformer=transformer, input_proj=build_level_proj(backbone, cfg),
         position=PositionEmbeddingSine(num_feats=cfg.hidden_dim // 2, temperature_h=cfg.pe_temperature_h,
-                                       temperature_w=cfg.pe_temperature_w, normalize=True, offset=0.0),
+                                       temperature_w=cfg.pe_temperature_w, normalize=True, offset=cfg.pe_offset),
         class_embed=clones(class_head, cfg.dec_layers, shared=cfg.dec_pred_class_embed_share),
         bbox_embed=clones(box_head, cfg.dec_layers, shared=cfg.dec_pred_bbox_embed_share),
         label_enc=nn.Embedding(cfg.dn_labelbook_size + 1, cfg.hidden_dim), preset=preset, num_select=cfg.num_select)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from mfdetr.contracts import DetectorPreset
 from mfdetr.detectors.backbones.factory import BackboneConfig
 from mfdetr.detectors.common.arch import family_preset, register_family
-from mfdetr.detectors.common.checkpoint import CheckpointSource, load_checkpoint
+from mfdetr.detectors.common.checkpoint import CheckpointSource
 from mfdetr.detectors.dino.config import DinoConfig
 from mfdetr.detectors.dino.model import DINO_CHECKPOINT_FORMAT, DinoDetector, build_dino_model
 
@@ -63,7 +63,10 @@ def build_dino(cfg: DinoConfig, *, preset: DetectorPreset | None = None, checkpo
     preset = preset or dino_preset("dino_custom", cfg, None, None)
     model = build_dino_model(cfg, preset=preset)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, DINO_CHECKPOINT_FORMAT)
+        from mfdetr.detectors.dino.detrex import load_dino_checkpoint
+
+        load_dino_checkpoint(model, checkpoint, DINO_CHECKPOINT_FORMAT,
+                             position=(cfg.pe_temperature_h, cfg.pe_temperature_w, cfg.pe_offset))
     return model.to(device).freeze()  # type: ignore[return-value]
 
 

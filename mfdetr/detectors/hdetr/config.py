@@ -21,10 +21,12 @@ class HDetrConfig(DetrArchConfig):
             (``engine.evaluate`` sets ``num_queries = two_stage_num_proposals = num_queries_one2one``).
         num_queries_one2many: training-only one-to-many queries; their rows of ``query_embed`` are
             in released checkpoints (``query_embed`` has one2one + one2many rows), so they load.
+        inv_sigmoid_eps: clamp of ``inverse_sigmoid`` in the box refinement (official 1e-5; detrex 1e-3).
     """
 
     num_queries_one2one: int = 300
     num_queries_one2many: int = 1500
+    inv_sigmoid_eps: float = 1e-5
 
     def inference_queries(self) -> int:
         return self.num_queries_one2one

@@ -62,10 +62,10 @@ class HDetrDetector(DeformableDetr):
     def __init__(self, *, backbone: Backbone, transformer: HDetrTransformer, input_proj: nn.ModuleList,
                  position: PositionEmbeddingSine, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList,
                  query_embed: nn.Embedding, num_queries_one2one: int, preset: DetectorPreset,
-                 num_select: int = 100) -> None:
+                 num_select: int = 100, inv_sigmoid_eps: float = HDETR_INV_SIGMOID_EPS) -> None:
         super().__init__(backbone=backbone, transformer=transformer, input_proj=input_proj, position=position,
                          class_embed=class_embed, bbox_embed=bbox_embed, preset=preset, num_select=num_select,
-                         inv_sigmoid_eps=HDETR_INV_SIGMOID_EPS)
+                         inv_sigmoid_eps=inv_sigmoid_eps)
         if transformer.num_queries != num_queries_one2one or query_embed.num_embeddings < num_queries_one2one:
             raise ValueError(f"query_embed ({query_embed.num_embeddings} rows) / transformer "
                              f"({transformer.num_queries}) do not fit num_queries_one2one={num_queries_one2one}")
@@ -81,7 +81,7 @@ class HDetrDetector(DeformableDetr):
 def build_hdetr_model(cfg: HDetrConfig, *, preset: DetectorPreset) -> HDetrDetector:
     """Build an (unfrozen, randomly initialised) H-DETR from ``cfg``; every size comes from ``cfg``."""
     backbone = build_backbone(cfg.backbone)
-    decoder = RefiningDecoder(layers=build_decoder_layers(cfg), inv_sigmoid_eps=HDETR_INV_SIGMOID_EPS)
+    decoder = RefiningDecoder(layers=build_decoder_layers(cfg), inv_sigmoid_eps=cfg.inv_sigmoid_eps)
     transformer = HDetrTransformer(encoder=build_encoder(cfg), decoder=decoder, d_model=cfg.hidden_dim,
                                    num_queries=cfg.num_queries_one2one, num_levels=cfg.num_feature_levels)
     class_head, box_head = build_heads(cfg)
@@ -92,7 +92,8 @@ def build_hdetr_model(cfg: HDetrConfig, *, preset: DetectorPreset) -> HDetrDetec
                                        normalize=True, offset=-0.5),
         class_embed=clones(class_head, n_heads), bbox_embed=clones(box_head, n_heads),
         query_embed=nn.Embedding(cfg.num_queries_one2one + cfg.num_queries_one2many, cfg.hidden_dim),
-        num_queries_one2one=cfg.num_queries_one2one, preset=preset, num_select=cfg.num_select)
+        num_queries_one2one=cfg.num_queries_one2one, preset=preset, num_select=cfg.num_select,
+        inv_sigmoid_eps=cfg.inv_sigmoid_eps)
 
 
 __all__ = ["HDETR_CHECKPOINT_FORMAT", "HDETR_SWIN_CHECKPOINT_FORMAT", "HDetrDetector", "build_hdetr_model",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from mfdetr.contracts import DetectorPreset
 from mfdetr.detectors.backbones.factory import BackboneConfig
 from mfdetr.detectors.common.arch import family_preset, register_family
-from mfdetr.detectors.common.checkpoint import CheckpointSource, load_checkpoint
+from mfdetr.detectors.common.checkpoint import CheckpointSource
 from mfdetr.detectors.hdetr.config import HDetrConfig
 from mfdetr.detectors.hdetr.model import HDetrDetector, build_hdetr_model, hdetr_checkpoint_format
 
@@ -54,7 +54,9 @@ def build_hdetr(cfg: HDetrConfig, *, preset: DetectorPreset | None = None, check
     preset = preset or family_preset("hdetr_custom", "hdetr", cfg, checkpoint_file=None, box_ap=None)
     model = build_hdetr_model(cfg, preset=preset)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, hdetr_checkpoint_format(cfg))
+        from mfdetr.detectors.dino.detrex import load_hdetr_checkpoint
+
+        load_hdetr_checkpoint(model, checkpoint, hdetr_checkpoint_format(cfg), inv_sigmoid_eps=cfg.inv_sigmoid_eps)
     return model.to(device).freeze()  # type: ignore[return-value]
 
 

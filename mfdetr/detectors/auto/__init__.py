@@ -1,0 +1,183 @@
+"""``--detector auto``: the architecture a checkpoint describes, registered as a preset.
+
+:func:`architecture_of` reads a checkpoint file safely (``weights_only``; the official training
+``args`` namespace allow-listed), merges the args with a ``--detector-config`` file's (parsed as data,
+never executed; a disagreement is an error naming the setting) and infers the rest from the tensor
+shapes (:mod:`mfdetr.detectors.auto.infer`). :func:`register_auto_preset` registers the result under
+``auto-<checkpoint file stem>`` so every step of a command (and ``build_detector``) finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mfdetr.contracts import DetectorPreset, default_enc_layer
+from mfdetr.detectors.auto.infer import infer_config
+from mfdetr.detectors.common.arch import DetrArchConfig, family_preset
+from mfdetr.detectors.common.checkpoint import read_checkpoint, unwrap_state_dict
+from mfdetr.detectors.registry import _PRESETS, register_detector, unregister_detector
+from mfdetr.errors import MfdetrError
+
+#: presets registered here (an auto or file preset may be replaced by a newer architecture; others never)
+_REGISTERED: set[str] = set()
+
+
+def checkpoint_args(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The training args a checkpoint embeds (``'args'``: a Namespace or a dict), else ``{}``."""
+    args = obj.get("args")
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    if isinstance(args, Mapping):
+        return dict(args)
+    raise MfdetrError(f"checkpoint 'args' is a {type(args).__name__}, expected a namespace or a dict")
+
+
+def merge_args(from_checkpoint: Mapping[str, Any], from_config: Mapping[str, Any], *, config: str) -> dict[str, Any]:
+    """Both sources' args; a setting both state with different values is an error naming it."""
+    for k in sorted(set(from_checkpoint) & set(from_config)):
+        a, b = from_checkpoint[k], from_config[k]
+        if _plain(a) != _plain(b):
+            raise MfdetrError(f"{config}: {k} = {b!r} but the checkpoint's args say {a!r}")
+    return {**from_checkpoint, **from_config}
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def architecture_of(checkpoint: str | Path | Mapping[str, Any], *, config_file: str | Path | None = None
+                    ) -> tuple[str, DetrArchConfig]:
+    """(family, config) of a checkpoint (file or loaded dict), with an optional official config file."""
+    family, cfg, _ = _architecture(checkpoint, config_file)
+    return family, cfg
+
+
+def _architecture(checkpoint: str | Path | Mapping[str, Any], config_file: str | Path | None
+                  ) -> tuple[str, DetrArchConfig, bool]:
+    """(family, config, whether the class slots count the dataset's categories in sorted order: detrex)."""
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    origin = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
+    sd = unwrap_state_dict(obj, origin=origin)
+    args = checkpoint_args(obj)
+    from mfdetr.detectors.dino.detrex import (
+        DETREX_DINO_ARGS,
+        DETREX_HDETR_ARGS,
+        is_detrex,
+        to_mfdetr_layout,
+    )
+
+    contiguous = is_detrex(sd)
+    defaults: dict[str, Any] = {}
+    if contiguous:  # detrex states no args: its configs' values fill what the shapes cannot tell
+        defaults = DETREX_DINO_ARGS if "transformer.tgt_embed.weight" in sd else DETREX_HDETR_ARGS
+        try:
+            sd = to_mfdetr_layout(sd)
+        except MfdetrError as e:
+            raise MfdetrError(f"{origin}: {e}") from None
+    if config_file is not None:
+        from mfdetr.detectors.auto.config_files import read_config_file
+
+        args = merge_args(args, read_config_file(Path(config_file)), config=str(config_file))
+    args = {**defaults, **args}
+    try:
+        return (*infer_config(sd, args), contiguous)
+    except MfdetrError as e:
+        raise MfdetrError(f"{origin}: {e}") from None
+
+
+def auto_name(checkpoint: Path) -> str:
+    return "auto-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", checkpoint.stem)
+
+
+def arch_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_file: str | None = None
+                ) -> DetectorPreset:
+    return family_preset(name, family, cfg, checkpoint_file=checkpoint_file, box_ap=None,
+                         notes=f"{family} architecture read from {checkpoint_file or 'a preset file'}")
+
+
+def register_arch(preset: DetectorPreset, family: str, cfg: DetrArchConfig) -> DetectorPreset:
+    """Register ``preset`` (replacing a same-named auto/file preset of another architecture)."""
+    if preset.name in _PRESETS:
+        if _PRESETS[preset.name] == preset:
+            return _PRESETS[preset.name]
+        if preset.name not in _REGISTERED:
+            raise MfdetrError(f"detector preset {preset.name!r} already exists with another architecture: "
+                              "give the preset another name")
+        unregister_detector(preset.name)
+    if family == "dino":
+        from mfdetr.detectors.dino.presets import build_dino as build
+    else:
+        from mfdetr.detectors.hdetr.presets import build_hdetr as build
+
+    def builder(*, checkpoint: Any = None, device: str = "cpu") -> Any:
+        return build(cfg, preset=preset, checkpoint=checkpoint, device=device)
+
+    register_detector(preset, builder)
+    _REGISTERED.add(preset.name)
+    return preset
+
+
+def category_ids(path: Path) -> list[int]:
+    """The category ids of a COCO annotation file, sorted."""
+    try:
+        cats = json.loads(Path(path).read_text())["categories"]
+        return sorted(int(c["id"]) for c in cats)
+    except FileNotFoundError:
+        raise MfdetrError("annotation file not found", path=path) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise MfdetrError(f"no readable 'categories' ({type(e).__name__}: {e})", path=path) from None
+
+
+def register_auto_preset(checkpoint: Path, *, config_file: str | Path | None = None,
+                         categories_file: Path | None = None, need_categories: bool = False) -> DetectorPreset:
+    """Read ``checkpoint``'s architecture and register it as ``auto-<stem>``.
+
+    Official DINO / H-DETR heads have one slot per category id (slot i = id i). detrex numbers its slots
+    0..C-1 in the order of the dataset's sorted category ids: that map is read from ``categories_file``
+    (a COCO annotation file), required when ``need_categories``."""
+    family, cfg, contiguous = _architecture(checkpoint, config_file)
+    preset = arch_preset(auto_name(checkpoint), family, cfg, checkpoint_file=checkpoint.name)
+    if contiguous and categories_file is not None:
+        ids = category_ids(categories_file)
+        if len(ids) != cfg.num_classes:
+            raise MfdetrError(f"{checkpoint} has {cfg.num_classes} class slots (detrex: one per category, in "
+                              f"sorted id order), the annotation file has {len(ids)} categories", path=categories_file)
+        preset = dataclasses.replace(preset, class_to_category=tuple(ids))
+    elif contiguous and need_categories:
+        raise MfdetrError(f"{checkpoint}: a detrex checkpoint numbers its classes in its dataset's category order: "
+                          "name that dataset's annotation file (--categories FILE for predict)")
+    return register_arch(preset, family, cfg)
+
+
+def describe_preset(preset: DetectorPreset) -> str:
+    """One line per fact: what ``--detector auto`` resolved."""
+    a = preset.arch
+    bb = a["backbone"]
+    queries = (f"{a['num_queries']} queries" if "num_queries" in a else
+               f"{a['num_queries_one2one']} one-to-one + {a['num_queries_one2many']} one-to-many queries")
+    return (f"detector {preset.name}: {preset.family}, backbone {bb['kind']} {dict(bb['params'])} stages "
+            f"{list(bb['out_indices'])}, {a['num_feature_levels']} levels (strides {list(preset.level_strides)}), "
+            f"d={a['hidden_dim']}, {a['nheads']} heads, {a['enc_layers']}+{a['dec_layers']} layers, FFN "
+            f"{a['dim_feedforward']}, points {a['enc_n_points']}/{a['dec_n_points']}, {queries}, "
+            f"{a['num_classes']} classes; default encoder layer {default_enc_layer(a['enc_layers'])}")
+
+
+__all__ = [
+    "arch_preset",
+    "architecture_of",
+    "auto_name",
+    "category_ids",
+    "checkpoint_args",
+    "describe_preset",
+    "merge_args",
+    "register_arch",
+    "register_auto_preset",
+]

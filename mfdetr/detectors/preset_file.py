@@ -1,0 +1,78 @@
+"""Detector presets as data files (``mfdetr detectors save``): JSON or TOML with ``name``, ``family``
+(``dino`` / ``hdetr``) and ``arch`` (the family config's fields). Loading one registers it by its name,
+so ``--detector FILE`` works wherever a preset name does."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mfdetr.contracts import DetectorPreset
+from mfdetr.errors import MfdetrError
+
+FAMILIES = ("dino", "hdetr")
+
+
+def preset_record(preset: DetectorPreset) -> dict[str, Any]:
+    """What a preset file holds."""
+    return {"name": preset.name, "family": preset.family, "arch": json.loads(json.dumps(dict(preset.arch)))}
+
+
+def save_preset_file(preset: DetectorPreset, path: Path, *, name: str | None = None) -> Path:
+    rec = preset_record(preset)
+    if name:
+        rec["name"] = name
+    if path.suffix != ".json":
+        raise MfdetrError("preset files are written as JSON: give a .json path", path=path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rec, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _config(family: str, arch: Mapping[str, Any], path: Path) -> Any:
+    if family == "dino":
+        from mfdetr.detectors.dino.config import DinoConfig as cls
+    elif family == "hdetr":
+        from mfdetr.detectors.hdetr.config import HDetrConfig as cls
+    else:
+        raise MfdetrError(f"family {family!r} unknown (known: {', '.join(FAMILIES)})", path=path)
+    try:
+        return cls.from_dict(arch)
+    except (TypeError, KeyError, ValueError) as e:
+        raise MfdetrError(f"bad arch: {type(e).__name__}: {e}", path=path) from None
+
+
+def load_preset_file(path: Path) -> tuple[DetectorPreset, str, Any]:
+    """(preset, family, config) of a preset file."""
+    if not path.is_file():
+        raise MfdetrError("detector preset file not found", path=path)
+    try:
+        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MfdetrError(f"not a preset file: {type(e).__name__}: {str(e).splitlines()[0]}", path=path) from None
+    if not isinstance(data, dict) or not {"name", "family", "arch"} <= set(data):
+        raise MfdetrError("a preset file needs name, family and arch", path=path)
+    unknown = set(data) - {"name", "family", "arch"}
+    if unknown:
+        raise MfdetrError(f"unknown preset file keys: {sorted(unknown)}", path=path)
+    from mfdetr.detectors.auto import arch_preset
+
+    family = str(data["family"])
+    cfg = _config(family, data["arch"], path)
+    return arch_preset(str(data["name"]), family, cfg), family, cfg
+
+
+def register_preset_file(path: Path) -> DetectorPreset:
+    """Load a preset file and register it under its name."""
+    from mfdetr.detectors.auto import register_arch
+
+    preset, family, cfg = load_preset_file(path)
+    return register_arch(preset, family, cfg)
+
+
+__all__ = ["load_preset_file", "preset_record", "register_preset_file", "save_preset_file"]
