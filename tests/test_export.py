@@ -107,3 +107,53 @@ def test_export_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the extra not installed
     with pytest.raises(MfdetrError, match=r"needs the 'onnxruntime' package \(the 'export' extra\)"):
         run_export(ExportJob(detector="demo", masknet=ckpt, out=tmp_path / "m.onnx", masknet_only=True))
+
+
+def _hdetr_tiny_checkpoint(path: Path) -> Path:
+    from mfdetr.detectors import build_detector
+
+    torch.manual_seed(5)
+    torch.save(build_detector("hdetr_tiny", checkpoint=None, device="cpu").state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset_name", ["demo", "hdetr_tiny"])
+def test_whole_path_onnx_matches_pytorch_at_two_sizes(preset_name: str, tmp_path: Path) -> None:
+    """Frozen detector (the shipped demo weights / a random tiny H-DETR) → MaskNet as one graph."""
+    import onnx
+    import onnxruntime as ort
+
+    from mfdetr.detectors import build_detector, get_preset
+    from mfdetr.engine.export import ExportJob, FullGraph, export_full, run_export
+    from mfdetr.engine.predict import detector_checkpoint, load_masknet_checkpoint
+
+    preset = get_preset(preset_name)
+    ckpt = _masknet_checkpoint(tmp_path / "ckpt.pt", preset_name, seed=4)
+    loaded = load_masknet_checkpoint(ckpt, preset=preset)
+    out = tmp_path / "full.onnx"
+    topk = loaded.config.num_queries
+    if preset_name == "demo":  # the command's own path, the preset's shipped weights
+        det_ckpt = detector_checkpoint(preset, None)
+        run_export(ExportJob(detector=preset_name, masknet=ckpt, out=out), echo=lambda s: None)
+    else:  # a small example input keeps the test quick at 800-px presets
+        det_ckpt = _hdetr_tiny_checkpoint(tmp_path / "det.pth")
+        export_full(build_detector(preset_name, checkpoint=det_ckpt, device="cpu"), loaded.model, preset, out,
+                    topk=topk, example_hw=(96, 128))  # every level ≥ 2 cells: a size-1 dim would be fixed
+    model = onnx.load(str(out))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert all(isinstance(v, str) and v for v in dims[2:]), dims  # symbolic H, W
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    graph = FullGraph(build_detector(preset_name, checkpoint=det_ckpt, device="cpu"), loaded.model, topk=topk).eval()
+    g = torch.Generator().manual_seed(1)
+    for h, w in SIZES:
+        image, orig = torch.randn(1, 3, h, w, generator=g), torch.tensor([[2 * h, 2 * w]])
+        with torch.no_grad():
+            ref = [t.numpy() for t in graph(image, orig)]
+        got = sess.run(None, {"image": image.numpy(), "orig_hw": orig.numpy()})
+        assert [a.shape for a in got] == [r.shape for r in ref] and ref[0].shape[1] == topk
+        assert np.array_equal(got[2], ref[2])  # labels
+        scale = np.array([2 * w, 2 * h, 2 * w, 2 * h], dtype=np.float32)  # boxes compared in image units
+        for name, a, r in (("mask_logits", got[0], ref[0]), ("scores", got[1], ref[1]),
+                           ("boxes", got[3] / scale, ref[3] / scale)):
+            assert np.abs(a - r).max() <= 1e-4, (name, (h, w), float(np.abs(a - r).max()))

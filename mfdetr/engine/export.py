@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from mfdetr.contracts import DetectorOutput, DetectorPreset
 from mfdetr.errors import MfdetrError
 
-__all__ = ["EXPORT_MODULES", "OPSET", "ExportJob", "MaskNetGraph", "masknet_example_inputs", "masknet_input_names",
+__all__ = ["EXPORT_MODULES", "OPSET", "ExportJob", "FullGraph", "MaskNetGraph", "export_full", "export_masknet", "masknet_example_inputs", "masknet_input_names",
            "require_onnx", "run_export"]
 
 #: the ONNX opset the graphs are written with (the newest the exporter's translation tables target)
@@ -66,14 +66,41 @@ class MaskNetGraph(nn.Module):
         det = DetectorOutput(queries=queries, boxes=boxes, logits=logits,
                              enc_maps={self.masknet.enc_layer: list(enc_maps)}, c1=c1, input_hw=input_hw,
                              orig_hw=orig_hw, level_valid_hw=level_valid_hw)
-        out = self.masknet(det)
-        c = out.scores
-        scores = c if out.iou_pred is None else c * out.iou_pred.clamp(0, 1)
-        cx, cy, w, h = out.boxes.unbind(-1)
-        xyxy = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
-        oh, ow = orig_hw[:, 0].to(xyxy.dtype), orig_hw[:, 1].to(xyxy.dtype)
-        xyxy = xyxy * torch.stack((ow, oh, ow, oh), -1)[:, None]
-        return out.mask_logits, scores, out.logits.argmax(-1), xyxy
+        return masknet_outputs(self.masknet, det)
+
+
+def masknet_outputs(masknet: nn.Module, det: DetectorOutput) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(mask_logits, scores, labels, boxes_xyxy)`` of the exported graphs (see the module doc)."""
+    out = masknet(det)
+    c = out.scores
+    scores = c if out.iou_pred is None else c * out.iou_pred.clamp(0, 1)
+    cx, cy, w, h = out.boxes.unbind(-1)
+    xyxy = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
+    oh, ow = det.orig_hw[:, 0].to(xyxy.dtype), det.orig_hw[:, 1].to(xyxy.dtype)
+    xyxy = xyxy * torch.stack((ow, oh, ow, oh), -1)[:, None]
+    return out.mask_logits, scores, out.logits.argmax(-1), xyxy
+
+
+class FullGraph(nn.Module):
+    """Frozen detector → mask network on one preprocessed image (the whole-path signature).
+
+    Inputs: ``image`` [1, 3, H, W] (the preset's eval preprocessing applied: resized, normalised, no
+    padding) and ``orig_hw`` [1, 2] int64 (the original image size); outputs as :class:`MaskNetGraph`."""
+
+    def __init__(self, detector: nn.Module, masknet: nn.Module, *, topk: int) -> None:
+        super().__init__()
+        self.detector, self.masknet, self.topk = detector, masknet, topk
+
+    def forward(self, image: Tensor, orig_hw: Tensor) -> tuple[Tensor, ...]:
+        from mfdetr.contracts import ImageBatch
+        from mfdetr.ops import shapes_tensor
+
+        input_hw = shapes_tensor([(image.shape[-2], image.shape[-1])], image.device)  # symbolic under export
+        pad_mask = torch.zeros_like(image[:, 0], dtype=torch.bool)
+        batch = ImageBatch(images=image, pad_mask=pad_mask, input_hw=input_hw, orig_hw=orig_hw, image_ids=[1],
+                           file_names=["image"])
+        det = self.detector.detect(batch, topk=self.topk, enc_layers=(self.masknet.enc_layer,))
+        return masknet_outputs(self.masknet, det)
 
 
 def masknet_input_names(levels: int) -> list[str]:
@@ -144,6 +171,30 @@ def export_masknet(masknet: nn.Module, preset: DetectorPreset, out: Path, *, ops
     return out
 
 
+def export_full(detector: nn.Module, masknet: nn.Module, preset: DetectorPreset, out: Path, *, topk: int,
+                opset: int = OPSET, example_hw: tuple[int, int] | None = None) -> Path:
+    """Write the whole inference path's ONNX graph (:class:`FullGraph`) to ``out``."""
+    from torch.export import Dim
+
+    require_onnx()
+    graph = FullGraph(detector.eval(), masknet.eval(), topk=topk).eval()
+    h, w = example_hw or (preset.preprocessing.short_side, preset.preprocessing.max_size)
+    args = (torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)), torch.tensor([[h, w]]))
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.onnx.export(graph, args, str(tmp), dynamo=True, opset_version=opset, external_data=False,
+                              dynamic_shapes=[{2: Dim.AUTO, 3: Dim.AUTO}, None], input_names=["image", "orig_hw"],
+                              output_names=list(MASKNET_OUTPUTS), verbose=False)
+        except Exception as e:  # noqa: BLE001 - the exporter's many error types end in one line
+            raise MfdetrError(f"ONNX export of the detector and mask network failed: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", path=out) from e
+
+    with torch.no_grad():
+        _write_atomic(out, write)
+    return out
+
+
 @dataclass(frozen=True)
 class ExportJob:
     """What ``mfdetr export`` was asked to do."""
@@ -159,7 +210,7 @@ class ExportJob:
 def run_export(job: ExportJob, *, echo: Any = print) -> Path:
     """Run an export job; returns the written ``.onnx`` file."""
     from mfdetr.detectors.registry import get_preset, load_plugins
-    from mfdetr.engine.predict import detector_checkpoint, load_masknet_checkpoint
+    from mfdetr.engine.predict import detector_checkpoint, load_masknet_checkpoint, preset_queries
 
     require_onnx()
     if job.out.suffix.lower() != ".onnx":
@@ -167,10 +218,19 @@ def run_export(job: ExportJob, *, echo: Any = print) -> Path:
     load_plugins()
     preset = get_preset(job.detector)
     loaded = load_masknet_checkpoint(job.masknet, preset=preset, device="cpu")
-    if not job.masknet_only:
-        detector_checkpoint(preset, job.checkpoint)  # a missing file is named first
-        raise MfdetrError("exporting the detector with the mask network is not supported yet (the detectors' "
-                          "level sizes are not symbolic under torch.export): use --masknet-only")
-    export_masknet(loaded.model, preset, job.out, opset=job.opset)
-    echo(f"wrote {job.out} (opset {job.opset}, mask network over DetectorOutput tensors, dynamic spatial size)")
+    if job.masknet_only:
+        export_masknet(loaded.model, preset, job.out, opset=job.opset)
+        echo(f"wrote {job.out} (opset {job.opset}, mask network over DetectorOutput tensors, dynamic spatial size)")
+        return job.out
+    from mfdetr.detectors.registry import build_detector
+
+    ckpt = detector_checkpoint(preset, job.checkpoint)
+    detector = build_detector(preset.name, checkpoint=ckpt, device="cpu")
+    if loaded.detector_tensors:  # a fine-tuning run: its detector tensors replace the checkpoint's
+        from mfdetr.engine.finetune import load_finetuned_detector
+
+        load_finetuned_detector(detector, loaded.detector_tensors)
+    export_full(detector, loaded.model, preset, job.out, topk=min(loaded.config.num_queries, preset_queries(preset)),
+                opset=job.opset)
+    echo(f"wrote {job.out} (opset {job.opset}, detector + mask network, dynamic image size)")
     return job.out
