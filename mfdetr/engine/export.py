@@ -1,5 +1,9 @@
 """ONNX export of the inference path (``mfdetr export``), with ``torch.onnx.export(dynamo=True)``.
 
+The whole path (:class:`FullGraph`): inputs ``image`` [1, 3, H, W] (the preset's eval preprocessing
+applied, no padding) and ``orig_hw`` [1, 2] int64; the frozen detector's ``detect`` (top-K) and the
+mask network; outputs as below. H and W are dynamic.
+
 ``--masknet-only`` exports the trained mask network over :class:`~mfdetr.contracts.DetectorOutput`
 tensors for one image (B = 1, the K queries of the checkpoint's ``num_queries``), with dynamic spatial
 sizes: one graph serves every input size. Inputs (in this order):
