@@ -190,7 +190,7 @@ def export_full(detector: nn.Module, masknet: nn.Module, preset: DetectorPreset,
             torch.onnx.export(graph, args, str(tmp), dynamo=True, opset_version=opset, external_data=False,
                               dynamic_shapes=[{2: Dim.AUTO, 3: Dim.AUTO}, None], input_names=["image", "orig_hw"],
                               output_names=list(MASKNET_OUTPUTS), verbose=False)
-        except Exception as e:  # noqa: BLE001 - the exporter's many error types end in one line
+        except Exception as e:
             raise MfdetrError(f"ONNX export of the detector and mask network failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", path=out) from e
 
@@ -214,7 +214,11 @@ class ExportJob:
 def run_export(job: ExportJob, *, echo: Any = print) -> Path:
     """Run an export job; returns the written ``.onnx`` file."""
     from mfdetr.detectors.registry import get_preset, load_plugins
-    from mfdetr.engine.predict import detector_checkpoint, load_masknet_checkpoint, preset_queries
+    from mfdetr.engine.predict import (
+        detector_checkpoint,
+        load_masknet_checkpoint,
+        preset_queries,
+    )
 
     require_onnx()
     if job.out.suffix.lower() != ".onnx":
