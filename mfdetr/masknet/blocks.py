@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfdetr.ops import MSDeformAttn
+from mfdetr.ops import MSDeformAttn, SpatialShapes
 
 
 def valid_mask(valid_hw: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -101,10 +101,10 @@ class DeformableEncoderLayer(nn.Module):
         self.ffn = FFN(dim=dim, hidden=ffn_hidden)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, src: Tensor, pos: Tensor | None, reference_points: Tensor, spatial_shapes: Tensor,
+    def forward(self, src: Tensor, pos: Tensor | None, reference_points: Tensor, spatial_shapes: SpatialShapes,
                 padding_mask: Tensor | None = None) -> Tensor:
         """``src`` [B, N, dim] tokens of all levels; ``pos`` [B or 1, N, dim]; ``reference_points``
-        [B, N, L, 2]; ``spatial_shapes`` [L, 2]; ``padding_mask`` [B, N] True at padding."""
+        [B, N, L, 2]; ``spatial_shapes`` [L, 2] or (H_l, W_l) pairs; ``padding_mask`` [B, N] True at padding."""
         q = src if pos is None else src + pos
         src = self.norm1(src + self.self_attn(q, reference_points, src, spatial_shapes, None, padding_mask))
         return self.norm2(src + self.ffn(src))

@@ -114,11 +114,10 @@ class BoxEncoder(nn.Module):
                 y = layer(y)
             return y.reshape(n, s * s, c)
         tokens = rois.flatten(2).transpose(1, 2)
-        spatial = torch.tensor([[s, s]], dtype=torch.long, device=rois.device)
         ref = self.reference_points.to(tokens.dtype).expand(n, -1, -1, -1)
         pos = None if self.pos_embed is None else self.pos_embed[None].to(tokens.dtype)
         for layer in self.layers:
-            tokens = layer(tokens, pos, ref, spatial, None)
+            tokens = layer(tokens, pos, ref, [(s, s)], None)
         return tokens
 
 

@@ -23,6 +23,7 @@ from mfdetr.masknet.blocks import (
     sine_pos_embed,
     valid_mask,
 )
+from mfdetr.ops import shapes_tensor
 
 
 def deformable_reference_points(valid_hw: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
@@ -46,8 +47,8 @@ def deformable_reference_points(valid_hw: Tensor, shapes: list[tuple[int, int]])
         xs = xs[None, None, :] / vw[:, lvl, None, None]
         refs.append(torch.stack((xs.expand(-1, h, w), ys.expand(-1, h, w)), -1).flatten(1, 2))
     ref = torch.cat(refs, 1)  # [B, N, 2] normalised by the token's own valid size
-    hs = torch.tensor([s[0] for s in shapes], device=valid_hw.device, dtype=torch.float32)
-    ws = torch.tensor([s[1] for s in shapes], device=valid_hw.device, dtype=torch.float32)
+    hw = shapes_tensor(shapes, valid_hw.device).float()  # sizes may be symbolic (ONNX export)
+    hs, ws = hw[:, 0], hw[:, 1]
     ratios = torch.stack((vw / ws, vh / hs), -1)  # [B, L, 2] valid ratios (x, y)
     return ref[:, :, None] * ratios[:, None]
 
@@ -92,9 +93,8 @@ class ImageEncoder(nn.Module):
 
     def _deformable(self, maps: list[Tensor], valid_hw: Tensor) -> list[Tensor]:
         b, d = maps[0].shape[:2]
-        shapes = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
+        shapes = [(m.shape[-2], m.shape[-1]) for m in maps]  # sizes, symbolic under export
         dev = maps[0].device
-        spatial = torch.tensor(shapes, dtype=torch.long, device=dev)
         vhw = valid_hw.to(dev)
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # [B, N, d]
         pos = []
@@ -107,7 +107,7 @@ class ImageEncoder(nn.Module):
         pad = ~torch.cat([valid_mask(vhw[:, lvl], hw).flatten(1) for lvl, hw in enumerate(shapes)], 1)
         ref = deformable_reference_points(vhw, shapes)
         for layer in self.layers:
-            src = layer(src, pos_t, ref, spatial, pad)
+            src = layer(src, pos_t, ref, shapes, pad)
         src = src.masked_fill(pad[..., None], 0.0)
         out, start = [], 0
         for h, w in shapes:

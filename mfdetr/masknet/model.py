@@ -258,7 +258,7 @@ class MaskNet(nn.Module):
         if r > 1:
             e1 = F.interpolate(F.pad(e1, (0, 1, 0, 1)), scale_factor=float(r), mode="bilinear",
                                align_corners=False)
-        h, w = int(hw[0]), int(hw[1])
+        h, w = hw[0], hw[1]  # sizes, symbolic under export
         e1 = e1[..., :h, :w]
         return F.pad(e1, (0, w - e1.shape[-1], 0, h - e1.shape[-2]))
 

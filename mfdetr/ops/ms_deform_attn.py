@@ -20,39 +20,62 @@ checkpoints load unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: level sizes: an [L, 2] int64 tensor of (H_l, W_l), or a sequence of (H_l, W_l) pairs. The pairs may
+#: be symbolic sizes (``torch.export`` / ONNX export with dynamic shapes), which a tensor cannot carry.
+SpatialShapes = Tensor | Sequence[tuple[int, int]]
 
-def _check(value: Tensor, spatial_shapes: Tensor, loc: Tensor, attn: Tensor) -> None:
+
+def level_shapes(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
+    """``(H_l, W_l)`` per level (pairs are passed through unchanged, symbolic sizes included)."""
+    if isinstance(spatial_shapes, Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
+def shapes_tensor(spatial_shapes: SpatialShapes, device: torch.device | str | None = None) -> Tensor:
+    """[L, 2] int64 (H_l, W_l); built from sizes with ``torch.full`` so symbolic sizes stay symbolic."""
+    if isinstance(spatial_shapes, Tensor):
+        return spatial_shapes.to(device=device, dtype=torch.long)
+    return torch.stack([torch.stack([torch.full((), h, dtype=torch.long, device=device),
+                                     torch.full((), w, dtype=torch.long, device=device)])
+                        for h, w in spatial_shapes])
+
+
+def _check(value: Tensor, spatial_shapes: SpatialShapes, loc: Tensor, attn: Tensor) -> list[tuple[int, int]]:
     if value.dim() != 4 or loc.dim() != 6 or attn.dim() != 5:
         raise ValueError("expected value [B,S,H,Dh], sampling_locations [B,Q,H,L,P,2], "
                          f"attention_weights [B,Q,H,L,P]; got {tuple(value.shape)}, "
                          f"{tuple(loc.shape)}, {tuple(attn.shape)}")
-    total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
-    if value.shape[1] != total:
-        raise ValueError(f"value has {value.shape[1]} tokens but spatial_shapes sum to {total}")
+    shapes = level_shapes(spatial_shapes)
+    if isinstance(spatial_shapes, Tensor):  # symbolic pairs are tied to the maps by construction
+        total = sum(h * w for h, w in shapes)
+        if value.shape[1] != total:
+            raise ValueError(f"value has {value.shape[1]} tokens but spatial_shapes sum to {total}")
+    return shapes
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
                    attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention core.
 
     Args:
         value: [B, S, H, Dh] values of all levels, flattened (row-major per level) and concatenated.
-        spatial_shapes: [L, 2] (H_l, W_l) of each level, int64.
+        spatial_shapes: [L, 2] (H_l, W_l) of each level, int64, or the (H_l, W_l) pairs.
         sampling_locations: [B, Q, H, L, P, 2] (x, y) in [0, 1] per level; outside means zeros.
         attention_weights: [B, Q, H, L, P] weights (softmax over L·P done by the caller).
 
     Returns:
         [B, Q, H·Dh] attended values.
     """
-    _check(value, spatial_shapes, sampling_locations, attention_weights)
+    shapes = _check(value, spatial_shapes, sampling_locations, attention_weights)
     bsz, _, heads, dh = value.shape
     _, nq, _, n_levels, n_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     values = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations.to(value.dtype) - 1
     sampled = []
@@ -69,19 +92,19 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
     return out.view(bsz, heads * dh, nq).transpose(1, 2).contiguous()
 
 
-def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+def ms_deform_attn_reference(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
                              attention_weights: Tensor) -> Tensor:
     """Direct computation from the definition (gather the 4 neighbours, zero outside the map).
 
     Same arguments and result as :func:`ms_deform_attn`; slow, for tests and benchmarks only.
     """
-    _check(value, spatial_shapes, sampling_locations, attention_weights)
+    shapes = _check(value, spatial_shapes, sampling_locations, attention_weights)
     bsz, _, heads, dh = value.shape
     _, nq, _, n_levels, n_points, _ = sampling_locations.shape
     out = value.new_zeros(bsz, nq, heads, dh)
     start = 0
     for lvl in range(n_levels):
-        h, w = (int(x) for x in spatial_shapes[lvl])
+        h, w = shapes[lvl]
         v = value[:, start:start + h * w]  # [B, hw, H, Dh]
         start += h * w
         # pixel coordinates with centres at integers: x_pix = x * w - 0.5
@@ -144,7 +167,7 @@ class MSDeformAttn(nn.Module):
         nn.init.constant_(self.output_proj.bias, 0.0)
 
     def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
-                input_spatial_shapes: Tensor, input_level_start_index: Tensor | None = None,
+                input_spatial_shapes: SpatialShapes, input_level_start_index: Tensor | None = None,
                 input_padding_mask: Tensor | None = None) -> Tensor:
         """Attend from ``query`` to the multi-scale ``input_flatten``.
 
@@ -153,7 +176,7 @@ class MSDeformAttn(nn.Module):
             reference_points: [B, Q, L, 2] (x, y) in [0, 1], or [B, Q, L, 4] boxes (cx, cy, w, h),
                 per level (already multiplied by each level's valid ratio).
             input_flatten: [B, S, d] all levels flattened and concatenated.
-            input_spatial_shapes: [L, 2] (H_l, W_l).
+            input_spatial_shapes: [L, 2] (H_l, W_l), or the (H_l, W_l) pairs.
             input_level_start_index: [L] start of each level in ``input_flatten`` (unused; kept for
                 the official call signature).
             input_padding_mask: [B, S] True at padding tokens (their values are zeroed).
@@ -171,7 +194,8 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(bsz, nq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(bsz, nq, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            hw = shapes_tensor(input_spatial_shapes, query.device)
+            normalizer = torch.stack([hw[..., 1], hw[..., 0]], -1)
             loc = (reference_points[:, :, None, :, None, :]
                    + offsets / normalizer[None, None, None, :, None, :].to(offsets.dtype))
         elif reference_points.shape[-1] == 4:

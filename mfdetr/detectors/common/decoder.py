@@ -76,7 +76,7 @@ class RefiningDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios
             pos = query_pos if query_pos is not None else self.layer_query_pos(ref_input, lid)
-            out = layer(out, pos, ref_input, memory, levels.spatial_shapes, levels.level_start_index, levels.mask,
+            out = layer(out, pos, ref_input, memory, levels.level_hw(), levels.level_start_index, levels.mask,
                         self_attn_mask)
             refined = (self.bbox_embed[lid](out) + inverse_sigmoid(reference, eps=self.inv_sigmoid_eps)).sigmoid()
             reference = refined.detach()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfdetr.ops import MSDeformAttn
+from mfdetr.ops import MSDeformAttn, SpatialShapes, level_shapes
 
 
 def valid_ratios(mask: Tensor) -> Tensor:
@@ -29,11 +29,11 @@ def valid_ratios(mask: Tensor) -> Tensor:
     return torch.stack([valid_w / w, valid_h / h], -1)
 
 
-def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
+def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: Tensor) -> Tensor:
     """Pixel-centre reference points of every token, per level.
 
     Args:
-        spatial_shapes: [L, 2] (H_l, W_l).
+        spatial_shapes: [L, 2] (H_l, W_l), or the (H_l, W_l) pairs.
         ratios: [B, L, 2] valid ratios (w, h).
 
     Returns:
@@ -41,9 +41,10 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
         every level's valid ratio.
     """
     refs = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=ratios.device),
-                                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=ratios.device),
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
+        # = linspace(0.5, size - 0.5, size), exactly; arange keeps a symbolic size symbolic under torch.export
+        ry, rx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=ratios.device) + 0.5,
+                                torch.arange(w, dtype=torch.float32, device=ratios.device) + 0.5,
                                 indexing="ij")
         ry = ry.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
         rx = rx.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
@@ -62,7 +63,7 @@ class DeformableEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: SpatialShapes,
                 level_start_index: Tensor, padding_mask: Tensor) -> Tensor:
         """src, pos [B, S, d]; reference_points [B, S, L, 2]; padding_mask [B, S] → [B, S, d]."""
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes,
@@ -81,7 +82,7 @@ class DeformableEncoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: SpatialShapes, level_start_index: Tensor,
                 ratios: Tensor, padding_mask: Tensor, *, keep: Collection[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
         """Run all layers.
 
@@ -117,7 +118,7 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, memory_padding_mask: Tensor,
+                spatial_shapes: SpatialShapes, level_start_index: Tensor, memory_padding_mask: Tensor,
                 self_attn_mask: Tensor | None = None) -> Tensor:
         """tgt, query_pos [B, Q, d]; reference_points [B, Q, L, 4] (valid-ratio scaled); memory [B, S, d];
         ``self_attn_mask`` [Q, Q] bool, True where query i must not attend to query j (training with

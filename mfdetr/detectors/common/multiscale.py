@@ -9,7 +9,7 @@ the image padding mask resized with ``F.interpolate`` (nearest).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mfdetr.detectors.common.deformable import valid_ratios
 from mfdetr.detectors.common.position import PositionEmbeddingSine
+from mfdetr.ops import level_shapes, shapes_tensor
 
 
 def build_input_proj(*, in_channels: Sequence[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
@@ -76,7 +77,9 @@ class FlatLevels:
 
     - ``src``, ``pos`` [B, S, d] (``pos`` includes the level embedding);
     - ``mask`` [B, S] True at padding; ``spatial_shapes`` [L, 2] (H_l, W_l) int64;
-    - ``level_start_index`` [L]; ``valid_ratios`` [B, L, 2] (w, h).
+    - ``level_start_index`` [L]; ``valid_ratios`` [B, L, 2] (w, h);
+    - ``shapes`` the (H_l, W_l) pairs of ``spatial_shapes`` as sizes (symbolic under ``torch.export``,
+      where a tensor's values are not known); empty: read from ``spatial_shapes``.
     """
 
     src: Tensor
@@ -85,11 +88,16 @@ class FlatLevels:
     spatial_shapes: Tensor
     level_start_index: Tensor
     valid_ratios: Tensor
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+
+    def level_hw(self) -> list[tuple[int, int]]:
+        """(H_l, W_l) per level (``shapes``, else read from ``spatial_shapes``)."""
+        return list(self.shapes) if self.shapes else level_shapes(self.spatial_shapes)
 
     def unflatten(self, tokens: Tensor) -> list[Tensor]:
         """[B, S, d] → per level [B, d, H_l, W_l]."""
         bsz, _, d = tokens.shape
-        shapes = [(int(h), int(w)) for h, w in self.spatial_shapes.tolist()]
+        shapes = self.level_hw()
         parts = tokens.split([h * w for h, w in shapes], dim=1)
         return [p.transpose(1, 2).reshape(bsz, d, h, w) for p, (h, w) in zip(parts, shapes, strict=True)]
 
@@ -97,12 +105,13 @@ class FlatLevels:
 def flatten_levels(srcs: Sequence[Tensor], masks: Sequence[Tensor], poss: Sequence[Tensor],
                    level_embed: Tensor) -> FlatLevels:
     """Flatten per-level maps; ``level_embed`` [L, d] is added to each level's positions."""
-    shapes = torch.as_tensor([tuple(s.shape[-2:]) for s in srcs], dtype=torch.long, device=srcs[0].device)
+    pairs = [(s.shape[-2], s.shape[-1]) for s in srcs]
+    shapes = shapes_tensor(pairs, srcs[0].device)
     start = torch.cat((shapes.new_zeros((1,)), shapes.prod(1).cumsum(0)[:-1]))
     return FlatLevels(
         src=torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),
         pos=torch.cat([p.flatten(2).transpose(1, 2) + level_embed[lvl].view(1, 1, -1)
                        for lvl, p in enumerate(poss)], 1),
         mask=torch.cat([m.flatten(1) for m in masks], 1),
-        spatial_shapes=shapes, level_start_index=start,
+        spatial_shapes=shapes, level_start_index=start, shapes=pairs,
         valid_ratios=torch.stack([valid_ratios(m) for m in masks], 1))

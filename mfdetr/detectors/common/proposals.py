@@ -12,8 +12,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from mfdetr.ops import SpatialShapes, level_shapes
 
-def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+
+def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor,
+                                 spatial_shapes: SpatialShapes) -> tuple[Tensor, Tensor]:
     """Proposals for all tokens.
 
     Args:
@@ -28,7 +31,7 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_s
     bsz = memory.shape[0]
     proposals = []
     start = 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         m = padding_mask[:, start:start + h * w].view(bsz, h, w)
         valid_h = (~m[:, :, 0]).sum(1)
         valid_w = (~m[:, 0, :]).sum(1)
@@ -48,7 +51,7 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_s
     return out, props
 
 
-def select_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor, *, enc_output: nn.Module,
+def select_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes, *, enc_output: nn.Module,
                      enc_output_norm: nn.Module, class_head: nn.Module, bbox_head: nn.Module, k: int,
                      score: Literal["max", "first"]) -> Tensor:
     """Two-stage query selection: the top-``k`` encoder tokens as initial boxes.

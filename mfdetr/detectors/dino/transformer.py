@@ -79,7 +79,7 @@ class DinoTransformer(nn.Module):
         Returns ``(tgt [B, Q, d], reference [B, Q, 4])``: learned content queries (``tgt_embed``,
         ``embed_init_tgt``) and the detached sigmoid boxes ``enc_out_bbox_embed(out) + proposal``.
         """
-        coords = select_proposals(memory, levels.mask, levels.spatial_shapes, enc_output=self.enc_output,
+        coords = select_proposals(memory, levels.mask, levels.level_hw(), enc_output=self.enc_output,
                                   enc_output_norm=self.enc_output_norm, class_head=self.enc_out_class_embed,
                                   bbox_head=self.enc_out_bbox_embed, k=self.num_queries, score="max")
         tgt = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
@@ -89,7 +89,7 @@ class DinoTransformer(nn.Module):
                                                                                    dict[int, Tensor]]:
         """Returns ``(hs, refs, memory, kept_encoder_outputs)``: ``hs[l]`` = ``decoder.norm`` of layer
         ``l``'s output (the head inputs), ``refs`` as :meth:`RefiningDecoder.forward`."""
-        memory, kept = self.encoder(levels.src, levels.pos, levels.spatial_shapes, levels.level_start_index,
+        memory, kept = self.encoder(levels.src, levels.pos, levels.level_hw(), levels.level_start_index,
                                     levels.valid_ratios, levels.mask, keep=keep)
         tgt, reference = self.select_queries(memory, levels)
         outs, refs = self.decoder(tgt, reference, memory, levels)

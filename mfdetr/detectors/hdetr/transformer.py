@@ -75,10 +75,10 @@ class HDetrTransformer(nn.Module):
             (input of every layer, then the last refined ones), last encoder output [B, S, d], and
             ``{layer: [B, S, d]}``.
         """
-        memory, kept = self.encoder(levels.src, levels.pos, levels.spatial_shapes, levels.level_start_index,
+        memory, kept = self.encoder(levels.src, levels.pos, levels.level_hw(), levels.level_start_index,
                                     levels.valid_ratios, levels.mask, keep=keep)
         last = self.decoder.num_layers  # the extra heads score the encoder proposals
-        boxes = select_proposals(memory, levels.mask, levels.spatial_shapes, enc_output=self.enc_output,
+        boxes = select_proposals(memory, levels.mask, levels.level_hw(), enc_output=self.enc_output,
                                  enc_output_norm=self.enc_output_norm, class_head=self.decoder.class_embed[last],
                                  bbox_head=self.decoder.bbox_embed[last], k=self.num_queries, score="first")
         reference = boxes.sigmoid()
