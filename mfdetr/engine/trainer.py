@@ -37,7 +37,7 @@ from mfdetr.engine.checkpoint import (atomic_torch_save, atomic_write_text, capt
                                       load_checkpoint, load_weights, python_command, restore_rng, seed_step)
 from mfdetr.engine.collate import collate_detector_outputs
 from mfdetr.engine.config import RunConfig, diff_configs
-from mfdetr.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
+from mfdetr.engine.distributed import DistContext, agree, all_reduce_mean, barrier, init_distributed
 from mfdetr.engine.loading import RunBatches, loader_options
 from mfdetr.engine.metrics import MetricLogger
 from mfdetr.engine.sampling import EpochPlan
@@ -104,6 +104,20 @@ def _refuse_nonfinite(loss: Tensor, losses: Mapping[str, Tensor], step: int, det
     kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
     raise MfdetrError(f"non-finite loss at step {step + 1} on image ids {_batch_image_ids(det, targets)} "
                       f"({parts}); training stopped, {kept}")
+
+
+def _guarded(items: Any) -> Any:
+    """``(item, None)`` for each item, then ``(None, error)`` if fetching one fails (see :func:`agree`)."""
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - handed to agree(), which re-raises it
+            yield None, e
+            return
+        yield item, None
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -254,10 +268,13 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
                      "schedule": sched.state_dict(), "step": step, "epoch": plan.locate(step)[0],
                      "rng": dict(enumerate(rngs)), "log_window": window, "config": cfg_dict,
                      "masknet_config": mcfg, "meta": meta}
-            atomic_torch_save(state, ckpt_path)
-            if tc.keep_checkpoints:
-                atomic_torch_save(state, run_dir / f"ckpt_{step:07d}.pt")
-        barrier(ctx)
+            try:
+                atomic_torch_save(state, ckpt_path)
+                if tc.keep_checkpoints:
+                    atomic_torch_save(state, run_dir / f"ckpt_{step:07d}.pt")
+            except Exception as e:  # noqa: BLE001 - every process stops with it
+                agree(ctx, e)
+        agree(ctx, None)
 
     eval_metrics: dict[str, float] = {}
 
@@ -265,15 +282,20 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         nonlocal eval_metrics
         if evaluate_fn is None:
             return
+        failed = None
         if ctx.is_main:
             _unwrap(model).eval()
-            with torch.no_grad():
-                eval_metrics = {k: float(v) for k, v in evaluate_fn(_unwrap(model), step).items()}
+            try:
+                with torch.no_grad():
+                    eval_metrics = {k: float(v) for k, v in evaluate_fn(_unwrap(model), step).items()}
+            except Exception as e:  # noqa: BLE001 - every process stops with it
+                failed = e
             _unwrap(model).train()
+        agree(ctx, failed)
+        if ctx.is_main:
             assert logger is not None
             logger.log("eval", step, eval_metrics)
             _say(ctx, f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
-        barrier(ctx)
 
     runs_detector = bool(getattr(_unwrap(model), "runs_detector", False))
     # a model that assigns targets itself (MaskNet on the positives only) gets them, and the step, in forward
@@ -308,21 +330,32 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
             batches = plan.rank_batches(epoch, pos)[: total - step]
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, pin_memory=device.type == "cuda",
                             **loader_options(tc.num_workers, tc.prefetch_factor))
-        for batch in interruptible(loader, interrupted):
+        # every process agrees before each collective step (DDP's forward and backward): an error in one
+        # (a damaged cache image, a non-finite loss) stops them all instead of leaving the others waiting
+        for batch, failed in interruptible(_guarded(loader), interrupted):
             epoch = plan.locate(step)[0]
             seed_step(tc.seed, step, ctx.rank)
             cur_lr = sched.apply(optimizer, step)
-            batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
+            try:
+                if failed is None:
+                    batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
+            except Exception as e:  # noqa: BLE001 - handed to agree(), which re-raises it
+                failed = e
+            agree(ctx, failed)
             det, targets = batch
             fwd_args, fwd_kw = ((targets,), {"step": step}) if takes_targets else ((), {})
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                if runs_detector:  # fine-tuning: the model runs the detector on the images itself
-                    outputs, det = net(det, *fwd_args, **fwd_kw)
-                else:
-                    outputs = net(det, *fwd_args, **fwd_kw)
-                losses = criterion(outputs, det, targets)
-            loss = _loss_total(losses)
-            _refuse_nonfinite(loss, losses, step, det, targets, ckpt_path)
+            try:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    if runs_detector:  # fine-tuning: the model runs the detector on the images itself
+                        outputs, det = net(det, *fwd_args, **fwd_kw)
+                    else:
+                        outputs = net(det, *fwd_args, **fwd_kw)
+                    losses = criterion(outputs, det, targets)
+                loss = _loss_total(losses)
+                _refuse_nonfinite(loss, losses, step, det, targets, ckpt_path)
+            except Exception as e:  # noqa: BLE001 - handed to agree(), which re-raises it
+                failed = e
+            agree(ctx, failed)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             grad_norm = None
