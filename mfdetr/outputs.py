@@ -9,10 +9,13 @@ command will do; nothing else is created.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from mfdetr.errors import MfdetrError
 
@@ -56,4 +59,23 @@ def check_output_file(path: str | Path, *, what: str = "--out") -> Path:
     return p
 
 
-__all__ = ["check_output_dir", "check_output_file"]
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: str = "output") -> None:
+    """``write(f)`` into a temporary file next to ``path``, then rename it to ``path``: a full disk or
+    an I/O error leaves no partial file under the name (the temporary one is removed) and is a
+    one-line error naming ``path``, instead of an ``OSError`` without a file name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:160]
+        raise MfdetrError(f"cannot write the {what} ({reason})", path=path) from None
+
+
+__all__ = ["atomic_write", "check_output_dir", "check_output_file"]

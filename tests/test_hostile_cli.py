@@ -68,3 +68,33 @@ def test_demo_zero_size_and_bad_threshold_are_refused_not_replaced(tmp_path: Pat
     for thr in ("-3", "1.5", "nan"):
         refused(cli("demo", "--quick", "--out", tmp_path / "d", "--overlay-threshold", thr), "--overlay-threshold")
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_full_disk_leaves_no_partial_output_and_is_one_line(tmp_path: Path) -> None:
+    import errno
+
+    import pytest
+    import torch
+
+    from mfdetr.engine.checkpoint import atomic_torch_save
+    from mfdetr.errors import MfdetrError
+    from mfdetr.outputs import atomic_write
+
+    target = tmp_path / "results.json"
+    target.write_text("[]")  # an earlier, complete result
+
+    def full(f: Any) -> None:
+        f.write(b"[{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(MfdetrError, match=r"results.json: cannot write the results JSON \(No space left on device\)"):
+        atomic_write(target, full, what="results JSON")
+    assert target.read_text() == "[]" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+    class Unsaveable:  # torch.save fails while writing, as it does on a full disk
+        def __reduce__(self) -> Any:
+            raise RuntimeError("unexpected pos 108032 vs 107920")
+
+    with pytest.raises(MfdetrError, match=r"ckpt.pt: cannot write the checkpoint"):
+        atomic_torch_save({"w": torch.zeros(2), "x": Unsaveable()}, tmp_path / "ckpt.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
