@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -78,4 +79,27 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: 
         raise MfdetrError(f"cannot write the {what} ({reason})", path=path) from None
 
 
-__all__ = ["atomic_write", "check_output_dir", "check_output_file"]
+@contextlib.contextmanager
+def exclusive_folder(path: str | Path, *, what: str = "--out") -> Iterator[Path]:
+    """Hold the folder ``path`` (created if missing, removed again if left empty) for this command
+    alone: a second command writing the same folder at the same time is refused with a one-line error
+    instead of both writing into it. The hold ends with the block (or the process)."""
+    p = check_output_dir(path, what=what)
+    created = not p.exists()
+    p.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MfdetrError(f"another mfdetr command is writing this folder ({what}) now: wait for it to "
+                              "end or choose another folder", path=p) from None
+        yield p
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if still empty: a command refused before writing anything leaves nothing
+
+
+__all__ = ["atomic_write", "exclusive_folder", "check_output_dir", "check_output_file"]

@@ -98,3 +98,23 @@ def test_full_disk_leaves_no_partial_output_and_is_one_line(tmp_path: Path) -> N
     with pytest.raises(MfdetrError, match=r"ckpt.pt: cannot write the checkpoint"):
         atomic_torch_save({"w": torch.zeros(2), "x": Unsaveable()}, tmp_path / "ckpt.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_two_commands_never_write_one_folder(tmp_path: Path) -> None:
+    import pytest
+
+    from mfdetr.errors import MfdetrError
+    from mfdetr.outputs import exclusive_folder
+
+    run = tmp_path / "run"
+    with exclusive_folder(run):
+        (run / "metrics.jsonl").write_text("")
+        with pytest.raises(MfdetrError, match="another mfdetr command is writing this folder"):
+            with exclusive_folder(run):
+                pass
+    with exclusive_folder(run):  # released at the end of the first command
+        pass
+    with pytest.raises(MfdetrError, match="nope"):
+        with exclusive_folder(tmp_path / "fresh"):
+            raise MfdetrError("nope")
+    assert not (tmp_path / "fresh").exists()  # a refused command leaves no empty folder behind

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +45,7 @@ from mfdetr.engine.sampling import EpochPlan
 from mfdetr.engine.schedule import StepDecay
 from mfdetr.errors import Interrupted, MfdetrError
 from mfdetr.interrupts import interruptible
+from mfdetr.outputs import exclusive_folder
 
 Criterion = Callable[[Any, Any, Any], Mapping[str, Tensor]]
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
@@ -137,7 +139,15 @@ def amp_settings(cfg_amp: str, device: torch.device) -> tuple[bool, torch.dtype]
     return True, (torch.bfloat16 if cfg_amp == "bf16" else torch.float16)
 
 
-def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: Dataset[Any],
+def train(*, run_dir: str | Path, **kwargs: Any) -> TrainResult:
+    """:func:`_train` holding ``run_dir`` (the writing process): two runs never write one folder."""
+    if os.environ.get("RANK", "0") != "0":
+        return _train(run_dir=run_dir, **kwargs)
+    with exclusive_folder(run_dir):
+        return _train(run_dir=run_dir, **kwargs)
+
+
+def _train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: Dataset[Any],
           run_dir: str | Path, collate: Callable[[list[Any]], Any] = collate_detector_outputs,
           resume: bool = False, masknet_config: Mapping[str, Any] | None = None,
           manifest_sha256: str | None = None, evaluate_fn: EvaluateFn | None = None,
