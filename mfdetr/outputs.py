@@ -54,6 +54,8 @@ def check_output_file(path: str | Path, *, what: str = "--out") -> Path:
     p = Path(path)
     if p.is_dir():
         raise MfdetrError(f"{what} names a file to write, but it is an existing folder", path=p)
+    if p.exists() and not p.is_file():
+        raise MfdetrError(f"{what} names a file to write, but it is not a regular file (a device or FIFO)", path=p)
     if p.exists() and not os.access(p, os.W_OK):
         raise MfdetrError(f"{what} is not writable (read-only file)", path=p)
     _probe(_nearest_existing(p.absolute().parent), p, what)
@@ -65,6 +67,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: 
     an I/O error leaves no partial file under the name (the temporary one is removed) and is a
     one-line error naming ``path``, instead of an ``OSError`` without a file name."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a device or FIFO is never replaced by a regular file
+        raise MfdetrError(f"cannot write the {what}: it is not a regular file", path=path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with tmp.open("wb") as f:

@@ -118,3 +118,22 @@ def test_two_commands_never_write_one_folder(tmp_path: Path) -> None:
         with exclusive_folder(tmp_path / "fresh"):
             raise MfdetrError("nope")
     assert not (tmp_path / "fresh").exists()  # a refused command leaves no empty folder behind
+
+
+def test_a_device_is_never_replaced_by_an_output(tmp_path: Path) -> None:
+    import os
+
+    import pytest
+
+    from mfdetr.errors import MfdetrError
+    from mfdetr.outputs import atomic_write, check_output_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in (fifo, Path("/dev/null")):
+        with pytest.raises(MfdetrError, match="not a regular file"):
+            check_output_file(target)
+        with pytest.raises(MfdetrError, match="not a regular file"):
+            atomic_write(target, lambda f: f.write(b"x"), what="results JSON")
+    assert not Path("/dev/null").is_file() and Path("/dev/null").is_char_device()
+    refused(cli("plot", _run_folder(tmp_path / "run"), "--out", fifo), "not a regular file")
