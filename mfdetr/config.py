@@ -114,6 +114,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise MfdetrError(f"malformed TOML: {e}", path=p) from None
+    except UnicodeDecodeError as e:
+        raise MfdetrError(f"malformed TOML: not UTF-8 text (byte {e.start})", path=p) from None
 
 
 def parse_value(text: str) -> Any:

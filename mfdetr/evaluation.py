@@ -38,6 +38,7 @@ from pycocotools.cocoeval import COCOeval
 from mfdetr.data.annotations import annotation_path, load_annotation_file
 from mfdetr.data.masks import mask_to_rle
 from mfdetr.errors import MfdetrError
+from mfdetr.outputs import atomic_write
 
 if TYPE_CHECKING:  # torch stays unimported for eval-json
     from torch import Tensor
@@ -159,7 +160,8 @@ def write_results_json(path: str | Path, results: Iterable[Mapping[str, Any]]) -
             d["segmentation"] = {"size": [int(seg["size"][0]), int(seg["size"][1])],
                                  "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
         out.append(d)
-    path.write_text(json.dumps(out, separators=(",", ":")))
+    text = json.dumps(out, separators=(",", ":")).encode()
+    atomic_write(path, lambda f: f.write(text), what="results JSON")
     return path
 
 

@@ -9,10 +9,14 @@ command will do; nothing else is created.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from mfdetr.errors import MfdetrError
 
@@ -50,10 +54,56 @@ def check_output_file(path: str | Path, *, what: str = "--out") -> Path:
     p = Path(path)
     if p.is_dir():
         raise MfdetrError(f"{what} names a file to write, but it is an existing folder", path=p)
+    if p.exists() and not p.is_file():
+        raise MfdetrError(f"{what} names a file to write, but it is not a regular file (a device or FIFO)", path=p)
     if p.exists() and not os.access(p, os.W_OK):
         raise MfdetrError(f"{what} is not writable (read-only file)", path=p)
     _probe(_nearest_existing(p.absolute().parent), p, what)
     return p
 
 
-__all__ = ["check_output_dir", "check_output_file"]
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: str = "output") -> None:
+    """``write(f)`` into a temporary file next to ``path``, then rename it to ``path``: a full disk or
+    an I/O error leaves no partial file under the name (the temporary one is removed) and is a
+    one-line error naming ``path``, instead of an ``OSError`` without a file name."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a device or FIFO is never replaced by a regular file
+        raise MfdetrError(f"cannot write the {what}: it is not a regular file", path=path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:160]
+        raise MfdetrError(f"cannot write the {what} ({reason})", path=path) from None
+
+
+@contextlib.contextmanager
+def exclusive_folder(path: str | Path, *, what: str = "--out") -> Iterator[Path]:
+    """Hold the folder ``path`` (created if missing, removed again if left empty) for this command
+    alone: a second command writing the same folder at the same time is refused with a one-line error
+    instead of both writing into it. The hold ends with the block (or the process)."""
+    p = check_output_dir(path, what=what)
+    created = not p.exists()
+    p.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MfdetrError(f"another mfdetr command is writing this folder ({what}) now: wait for it to "
+                              "end or choose another folder", path=p) from None
+        yield p
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if still empty: a command refused before writing anything leaves nothing
+
+
+__all__ = ["atomic_write", "exclusive_folder", "check_output_dir", "check_output_file"]

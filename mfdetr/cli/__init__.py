@@ -11,6 +11,7 @@ console script, ``python -m mfdetr`` and an in-process ``typer.testing.CliRunner
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
 import re
@@ -59,6 +60,9 @@ class _Group(TyperGroup):
             typer.echo(f"mfdetr: error: {_one_line(str(e))}", err=True)
             ctx.exit(2)
         except OSError as e:
+            if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write that hit a full disk
+                typer.echo(f"mfdetr: error: {e.strerror} (free some space and rerun the same command)", err=True)
+                ctx.exit(2)
             if e.filename is None:  # not about a file the user named: a programming error, keep its traceback
                 raise
             typer.echo(f"mfdetr: error: {e.filename}: {_one_line(e.strerror or str(e))}", err=True)

@@ -33,7 +33,7 @@ def describe_cmd(
     levels: str | None = typer.Option(None, "--levels", help="encoder level strides, e.g. 8/16/32/64."),
     c1_channels: int | None = typer.Option(None, "--c1-channels", help="channels of C1."),
     input_size: str = typer.Option("800x1200", "--input-size", help="network input HxW for the FLOPs."),
-    num_queries: int = typer.Option(100, "--num-queries", "-k", help="K queries per image."),
+    num_queries: int = typer.Option(100, "--num-queries", "-k", min=1, help="K queries per image."),
     flops: bool | None = typer.Option(None, "--flops/--no-flops", help="count FLOPs (default: yes for one "
                                                                        "config, no for a sweep)."),
     device: str = typer.Option("cpu", "--device", help="where the counting forward runs (cpu, cuda, ...)."),
@@ -44,6 +44,9 @@ def describe_cmd(
     from mfdetr.masknet.complexity import describe, params_by_component, parse_levels, parse_size, resolve_feature_spec
     from mfdetr.masknet.config import load_masknet_config, load_sweep_variants, recipe_detector
 
+    from mfdetr.devices import resolve_device
+
+    device = str(resolve_device(device))
     ovs = list(overrides or [])
     data = load_toml(config) if config is not None else {}
     name = detector or recipe_detector(data)

@@ -11,7 +11,7 @@ def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect(
         cache: Path = typer.Argument(..., help="Cache store directory (made by `mfdetr cache`)."),
-        max_skips: int = typer.Option(20, "--max-skips", help="Skipped (and damaged) images to list."),
+        max_skips: int = typer.Option(20, "--max-skips", min=0, help="Skipped (and damaged) images to list."),
         verify: bool = typer.Option(False, "--verify", help="Decode and check every committed image (checksums, "
                                                             "finite values), not only its files and commit flag."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar of --verify."),

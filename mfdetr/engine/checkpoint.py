@@ -39,6 +39,7 @@ import torch
 
 from mfdetr.engine._fs import atomic_write_text
 from mfdetr.errors import MfdetrError, load_failure
+from mfdetr.outputs import atomic_write
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "capture_rng", "check_masknet_config", "check_resume_source",
            "config_hash", "library_versions", "load_checkpoint", "load_weights", "restore_rng", "safe_torch_load",
@@ -47,13 +48,7 @@ __all__ = ["atomic_torch_save", "atomic_write_text", "capture_rng", "check_maskn
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
 
 def capture_rng() -> dict[str, Any]:

@@ -68,7 +68,8 @@ class DemoOptions:
 
     def sizes(self) -> tuple[int, int, int]:
         base = QUICK if self.quick else FULL
-        return (self.train_images or base[0], self.val_images or base[1], self.iterations or base[2])
+        given = (self.train_images, self.val_images, self.iterations)  # 0 is a value given, not the default
+        return tuple(b if g is None else g for g, b in zip(given, base, strict=True))  # type: ignore[return-value]
 
 
 @dataclass
@@ -182,6 +183,8 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
     n_train, n_val, iters = opts.sizes()
     if min(n_train, n_val, iters, opts.batch_size) < 1 or opts.overlays < 0:
         raise MfdetrError("demo sizes (images, iterations, batch size) must be >= 1")
+    if not 0.0 <= opts.overlay_threshold <= 1.0:
+        raise MfdetrError(f"--overlay-threshold must be in [0, 1], got {opts.overlay_threshold}")
     device = str(resolve_device(opts.device))
     out = Path(opts.out)
     _prepare(out, opts.force)

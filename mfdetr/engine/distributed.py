@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mfdetr.devices import resolve_device
+from mfdetr.errors import MfdetrError
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,32 @@ def all_reduce_mean(values: dict[str, float], ctx: DistContext) -> dict[str, flo
     dist.all_reduce(t)
     t /= ctx.world_size
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def agree(ctx: DistContext, error: BaseException | None) -> None:
+    """Stop every process together: when any process failed at this point (``error`` not ``None``),
+    each one raises — the failed one its own error, the others a :class:`MfdetrError` with the first
+    failed process's message — instead of waiting forever in the next collective call. A barrier too.
+
+    Called by every process at the same points of the loop (one small all-reduce); without
+    ``torchrun`` it only re-raises ``error``."""
+    if not ctx.distributed:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32,
+                        device=ctx.device if ctx.backend == "nccl" else "cpu")
+    dist.all_reduce(flag)
+    if int(flag.item()) == 0:
+        return
+    said = None if error is None else (str(error) if isinstance(error, MfdetrError)
+                                       else f"{type(error).__name__}: {error}")
+    messages: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(messages, said)
+    if error is not None:
+        raise error
+    rank, first = next((r, m) for r, m in enumerate(messages) if m is not None)
+    raise MfdetrError(f"{' '.join(str(first).split())} (stopped by process {rank})")
 
 
 def barrier(ctx: DistContext) -> None:

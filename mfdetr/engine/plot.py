@@ -7,6 +7,7 @@ evaluation metrics (AP, AP50, AP75, ...) against the step. Axes with "nice" tick
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mfdetr.engine.metrics import read_jsonl
 from mfdetr.errors import MfdetrError
+from mfdetr.outputs import check_output_file
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127)]
@@ -128,6 +130,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, size: tuple[
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise MfdetrError("not a training run folder (no metrics.jsonl)", path=run_dir)
+    out_path = check_output_file(out if out is not None else run_dir / "curves.png")
+    if out_path.suffix.lower() != ".png":
+        raise MfdetrError("--out must name a .png file", path=out_path)
     loss, ev = run_series(run_dir)
     # keep the legend readable: the total first, at most 5 components
     ordered = dict(sorted(loss.items(), key=lambda kv: (kv[0] != "loss", kv[0]))[:6])
@@ -137,6 +142,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, size: tuple[
     draw_panel(draw, (0, 0, w // 2, h), ordered, title=f"{run_dir.name}: training loss", xlabel="step",
                ylabel="loss")
     draw_panel(draw, (w // 2, 0, w, h), ev, title="evaluation", xlabel="step", ylabel="AP")
-    out_path = Path(out) if out is not None else run_dir / "curves.png"
-    img.save(out_path)
+    tmp = out_path.with_name(out_path.name + ".tmp")  # a half-written PNG never takes the name
+    img.save(tmp, format="PNG")
+    os.replace(tmp, out_path)
     return out_path

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -37,13 +38,14 @@ from mfdetr.engine.checkpoint import (atomic_torch_save, atomic_write_text, capt
                                       load_checkpoint, load_weights, python_command, restore_rng, seed_step)
 from mfdetr.engine.collate import collate_detector_outputs
 from mfdetr.engine.config import RunConfig, diff_configs
-from mfdetr.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
+from mfdetr.engine.distributed import DistContext, agree, all_reduce_mean, barrier, init_distributed
 from mfdetr.engine.loading import RunBatches, loader_options
 from mfdetr.engine.metrics import MetricLogger
 from mfdetr.engine.sampling import EpochPlan
 from mfdetr.engine.schedule import StepDecay
 from mfdetr.errors import Interrupted, MfdetrError
 from mfdetr.interrupts import interruptible
+from mfdetr.outputs import exclusive_folder
 
 Criterion = Callable[[Any, Any, Any], Mapping[str, Tensor]]
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
@@ -106,6 +108,20 @@ def _refuse_nonfinite(loss: Tensor, losses: Mapping[str, Tensor], step: int, det
                       f"({parts}); training stopped, {kept}")
 
 
+def _guarded(items: Any) -> Any:
+    """``(item, None)`` for each item, then ``(None, error)`` if fetching one fails (see :func:`agree`)."""
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - handed to agree(), which re-raises it
+            yield None, e
+            return
+        yield item, None
+
+
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
     """The optimiser's parameter groups: ``model.param_groups()`` when the model defines it (groups with
     an ``lr_scale`` relative to the scheduled lr, e.g. a fine-tuned detector at 1/10), else one group of
@@ -123,7 +139,15 @@ def amp_settings(cfg_amp: str, device: torch.device) -> tuple[bool, torch.dtype]
     return True, (torch.bfloat16 if cfg_amp == "bf16" else torch.float16)
 
 
-def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: Dataset[Any],
+def train(*, run_dir: str | Path, **kwargs: Any) -> TrainResult:
+    """:func:`_train` holding ``run_dir`` (the writing process): two runs never write one folder."""
+    if os.environ.get("RANK", "0") != "0":
+        return _train(run_dir=run_dir, **kwargs)
+    with exclusive_folder(run_dir):
+        return _train(run_dir=run_dir, **kwargs)
+
+
+def _train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: Dataset[Any],
           run_dir: str | Path, collate: Callable[[list[Any]], Any] = collate_detector_outputs,
           resume: bool = False, masknet_config: Mapping[str, Any] | None = None,
           manifest_sha256: str | None = None, evaluate_fn: EvaluateFn | None = None,
@@ -254,10 +278,13 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
                      "schedule": sched.state_dict(), "step": step, "epoch": plan.locate(step)[0],
                      "rng": dict(enumerate(rngs)), "log_window": window, "config": cfg_dict,
                      "masknet_config": mcfg, "meta": meta}
-            atomic_torch_save(state, ckpt_path)
-            if tc.keep_checkpoints:
-                atomic_torch_save(state, run_dir / f"ckpt_{step:07d}.pt")
-        barrier(ctx)
+            try:
+                atomic_torch_save(state, ckpt_path)
+                if tc.keep_checkpoints:
+                    atomic_torch_save(state, run_dir / f"ckpt_{step:07d}.pt")
+            except Exception as e:  # noqa: BLE001 - every process stops with it
+                agree(ctx, e)
+        agree(ctx, None)
 
     eval_metrics: dict[str, float] = {}
 
@@ -265,15 +292,20 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
         nonlocal eval_metrics
         if evaluate_fn is None:
             return
+        failed = None
         if ctx.is_main:
             _unwrap(model).eval()
-            with torch.no_grad():
-                eval_metrics = {k: float(v) for k, v in evaluate_fn(_unwrap(model), step).items()}
+            try:
+                with torch.no_grad():
+                    eval_metrics = {k: float(v) for k, v in evaluate_fn(_unwrap(model), step).items()}
+            except Exception as e:  # noqa: BLE001 - every process stops with it
+                failed = e
             _unwrap(model).train()
+        agree(ctx, failed)
+        if ctx.is_main:
             assert logger is not None
             logger.log("eval", step, eval_metrics)
             _say(ctx, f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
-        barrier(ctx)
 
     runs_detector = bool(getattr(_unwrap(model), "runs_detector", False))
     # a model that assigns targets itself (MaskNet on the positives only) gets them, and the step, in forward
@@ -308,21 +340,32 @@ def train(*, cfg: RunConfig, model: nn.Module, criterion: Criterion, train_set: 
             batches = plan.rank_batches(epoch, pos)[: total - step]
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, pin_memory=device.type == "cuda",
                             **loader_options(tc.num_workers, tc.prefetch_factor))
-        for batch in interruptible(loader, interrupted):
+        # every process agrees before each collective step (DDP's forward and backward): an error in one
+        # (a damaged cache image, a non-finite loss) stops them all instead of leaving the others waiting
+        for batch, failed in interruptible(_guarded(loader), interrupted):
             epoch = plan.locate(step)[0]
             seed_step(tc.seed, step, ctx.rank)
             cur_lr = sched.apply(optimizer, step)
-            batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
+            try:
+                if failed is None:
+                    batch = prepare_batch(batch, device) if prepare_batch is not None else batch.to(device)
+            except Exception as e:  # noqa: BLE001 - handed to agree(), which re-raises it
+                failed = e
+            agree(ctx, failed)
             det, targets = batch
             fwd_args, fwd_kw = ((targets,), {"step": step}) if takes_targets else ((), {})
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                if runs_detector:  # fine-tuning: the model runs the detector on the images itself
-                    outputs, det = net(det, *fwd_args, **fwd_kw)
-                else:
-                    outputs = net(det, *fwd_args, **fwd_kw)
-                losses = criterion(outputs, det, targets)
-            loss = _loss_total(losses)
-            _refuse_nonfinite(loss, losses, step, det, targets, ckpt_path)
+            try:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    if runs_detector:  # fine-tuning: the model runs the detector on the images itself
+                        outputs, det = net(det, *fwd_args, **fwd_kw)
+                    else:
+                        outputs = net(det, *fwd_args, **fwd_kw)
+                    losses = criterion(outputs, det, targets)
+                loss = _loss_total(losses)
+                _refuse_nonfinite(loss, losses, step, det, targets, ckpt_path)
+            except Exception as e:  # noqa: BLE001 - handed to agree(), which re-raises it
+                failed = e
+            agree(ctx, failed)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             grad_norm = None

@@ -169,10 +169,16 @@ def describe(model: MaskNet, spec: FeatureSpec, *, num_queries: int = 100, enc_l
 
 def parse_levels(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"8/16/32/64"`` or ``"8,16,32,64"`` → (8, 16, 32, 64)."""
-    if not isinstance(text, str):
-        return tuple(int(x) for x in text)
-    parts = [p for p in text.replace(",", "/").split("/") if p.strip()]
-    return tuple(int(p) for p in parts)
+    from mfdetr.errors import MfdetrError
+
+    parts = list(text) if not isinstance(text, str) else [p for p in text.replace(",", "/").split("/") if p.strip()]
+    try:
+        levels = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise MfdetrError(f"levels {text!r} must be positive integer strides, e.g. 8/16/32/64") from None
+    if not levels or min(levels) < 1:
+        raise MfdetrError(f"levels {text!r} must be positive integer strides, e.g. 8/16/32/64")
+    return levels
 
 
 def resolve_feature_spec(*, preset: FeatureSpec | None = None, name: str | None = None, d_model: int | None = None,
