@@ -146,7 +146,9 @@ def test_an_interrupt_or_os_error_in_any_command_is_one_line(monkeypatch: pytest
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cache_run, "run_cache", interrupted)
-    args = ["cache", "--detector", fd.NAME, "--checkpoint", str(tmp_path / "x.pth"), "--coco", str(tmp_path),
+    fd.register()
+    ckpt = fd.save_fake_checkpoint(tmp_path / "x.pth")  # the command resolves detector and weights first
+    args = ["cache", "--detector", fd.NAME, "--checkpoint", str(ckpt), "--coco", str(tmp_path),
             "--out", str(tmp_path / "store")]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 130 and "Traceback" not in r.output
