@@ -1,6 +1,7 @@
-"""``fake_held``: the ``fake_tiny`` test detector, except that with ``MFDETR_TEST_HOLD_AT=<image id>`` in
-the environment its ``detect`` stops at that image and waits there until the process is interrupted —
-so a test can interrupt a real ``mfdetr cache`` mid-run at a known image. Importing this module
+"""``fake_held``: the ``fake_tiny`` test detector, except that with ``MFDETR_TEST_HOLD_AT=<n>`` in the
+environment its ``n``-th ``detect`` call (1-based, whatever image the cache's size-grouped order puts
+there) waits until the process is interrupted — so a test can interrupt a real ``mfdetr cache`` after
+exactly ``n - 1`` batches. Importing this module
 registers it (subprocess tests select it with ``MFDETR_PLUGINS=tests._held_detector``)."""
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ HOLD_ENV = "MFDETR_TEST_HOLD_AT"
 
 class _Held:
     def __init__(self, det: Any, hold_at: int) -> None:
-        self.det, self.hold_at = det, hold_at
+        self.det, self.hold_at, self.calls = det, hold_at, 0
 
     def __call__(self, batch: Any, **kw: Any) -> Any:
-        if self.hold_at in batch.image_ids:
+        self.calls += 1
+        if self.calls == self.hold_at:
             while True:  # until SIGINT raises KeyboardInterrupt here
                 time.sleep(0.05)
         return self.det.__class__.detect(self.det, batch, **kw)

@@ -207,7 +207,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigint_real_mfdetr_cache_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
-    """Ctrl-C a real ``mfdetr cache`` while the detector works on image 3 (of 4): exit 130 with the command
+    """Ctrl-C a real ``mfdetr cache`` while the detector works on its third image (of 4): exit 130 with the command
     to rerun; rerunning it completes the store, identical to an uninterrupted one."""
     import tests._held_detector as held
 
