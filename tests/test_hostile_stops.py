@@ -44,6 +44,12 @@ def _losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["lr"]) for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
 
 
+
+def default_sigint() -> None:
+    """In a child about to run ``mfdetr``: SIGINT at its default disposition. A test process started in the
+    background of a non-interactive shell (as CI may be) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 @pytest.mark.slow
 def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path], tmp_path: Path) -> None:
     """The image step 2 needs is swapped for a named pipe, so the process waits there (after logging step
@@ -66,7 +72,8 @@ def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path]
     run = tmp_path / "run"
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mfdetr", *map(str, args), "--out", str(run)], env=cli_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_sigint)
         deadline = time.time() + 300
         while not any(r.get("step") == 1 for r in read_jsonl(run / "metrics.jsonl")):
             assert proc.poll() is None, proc.communicate()[1]
@@ -96,11 +103,14 @@ def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path]
     assert [s for s, _, _ in _losses(ref)] == [1, 2, 3, 4] and _losses(run) == _losses(ref)
 
 
-def test_sigint_during_a_step_lands_after_it(tmp_path: Path) -> None:
+def test_sigint_during_a_step_lands_after_it(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """SIGINT sent from inside step 2's loss: step 2 completes, the checkpoint is at step 2, and the
     resumed run ends with the weights of an uninterrupted one."""
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has a custom handler in this test process")
+        # a test process started in the background of a non-interactive shell ignores SIGINT: give it
+        # Python's default handler for this test, as an interactive `mfdetr` has
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     from mfdetr.engine import build_run_config, seed_everything, train
     from mfdetr.errors import Interrupted
     from tests.test_engine_toy import ToyCriterion, ToyDataset, ToyMaskNet
@@ -223,6 +233,7 @@ def test_sigint_real_mfdetr_cache_then_rerun_equals_uninterrupted(tmp_path: Path
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, "-m", "mfdetr", *args, "--out", str(store)],
                             env={**env, held.HOLD_ENV: "3"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint,
                             text=True)
     deadline = time.time() + 300
     commits = store / "commit" / "c"
