@@ -225,7 +225,7 @@ def test_sweep_from_one_cache_and_training_free_eval(data: dict[str, Path], tmp_
 
 
 def test_online_training_equals_cached_training(data: dict[str, Path], tmp_path: Path) -> None:
-    """Issue 7 item 3: with the online features rounded through the cache's float16, the frozen detector
+    """With the online features rounded through the cache's float16, the frozen detector
     in the loop gives the same losses as the cache it wrote (CPU, ≤ 1e-5)."""
     from mfdetr.engine.online import train_online
 

@@ -178,7 +178,7 @@ def test_eval_json_cli(gt, coco_dir, tmp_path):
 
 
 def test_eval_json_cli_bad_coco_inputs(tmp_path):
-    """Issue 2 point 7 through the real CLI: bad COCO folders / annotation files → one-line errors."""
+    """Through the real CLI: bad COCO folders / annotation files → one-line errors."""
     res = tmp_path / "r.json"
     res.write_text("[]")
     assert_user_error(run_cli("eval-json", "--coco", tmp_path / "missing", "--results", res),

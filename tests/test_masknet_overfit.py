@@ -1,4 +1,4 @@
-"""Learning test (issue 5 point 5): the real MaskNet + MaskCriterion overfit one synthetic image.
+"""Learning test: the real MaskNet + MaskCriterion overfit one synthetic image.
 
 A 64×64 image holds three shapes (ellipse, triangle partly occluding it, ring) with their *visible*
 masks. The frozen detector is simulated: C1 and the encoder maps (strides 4/8/16/32) are fixed random

@@ -1,4 +1,4 @@
-"""Online-only training options (issue 7 item 3; paper Tables 11 and 13): large-scale jitter of the
+"""Online-only training options (paper Tables 11 and 13): large-scale jitter of the
 training images, fine-tuning the detector with MaskNet's losses, online evaluation, and the refusals
 where these options cannot apply (a cache, a fine-tuned checkpoint evaluated on a cache)."""
 

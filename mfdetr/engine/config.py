@@ -137,7 +137,7 @@ class OnlineConfig:
             Only MaskNet's losses reach it; it stays in ``eval()`` mode (frozen BN, inference queries).
         detector_lr_mult: the detector's learning rate relative to MaskNet's (Table 11: 1/10).
         round_features: round the detector's features through the cache's float16, so that online and
-            cached training see identical inputs (issue 7, item 3).
+            cached training see identical inputs.
     """
 
     lsj: bool = False

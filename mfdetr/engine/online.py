@@ -8,7 +8,7 @@ The loop is the same (:func:`mfdetr.engine.trainer.train`); only the data path d
   frozen detector under ``torch.inference_mode`` and returns the same :class:`Stage2Batch` a cache
   would give: encoder maps and C1 cut to the batch's largest valid size with zero padding beyond each
   image's valid region (what the cache stores), features optionally rounded through the cache's
-  float16 so that cached and online training see identical inputs (issue 7, item 3).
+  float16 so that cached and online training see identical inputs.
 
 Also the online-only options of ``[online]`` (:class:`~mfdetr.engine.config.OnlineConfig`):
 large-scale jitter of the training images (Table 13, :class:`mfdetr.data.LargeScaleJitter`) and

@@ -135,7 +135,7 @@ def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
 def amp_settings(cfg_amp: str, device: torch.device) -> tuple[bool, torch.dtype]:
     """``(enabled, dtype)`` of autocast for a ``train.amp`` setting on ``device`` (never on CPU)."""
     if device.type != "cuda" or cfg_amp == "off":
-        return False, torch.float32  # fp32 on CPU (issue 7)
+        return False, torch.float32  # fp32 on CPU
     return True, (torch.bfloat16 if cfg_amp == "bf16" else torch.float16)
 
 
