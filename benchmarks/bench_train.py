@@ -10,8 +10,8 @@ rate is measured and printed), then times, each in its own child process (CPU: i
 - ``cached``: the MaskNet step that runs the box branch only on the queries that get a loss;
 - ``online``: the frozen detector on the images, then that same MaskNet step.
 
-Peak memory: CUDA — ``torch.cuda.max_memory_allocated`` per mode; CPU — peak RSS of the mode's process
-minus its RSS before the first step.
+Peak memory: CUDA — ``torch.cuda.max_memory_allocated`` per mode; CPU — the peak RSS of the mode's own
+process (everything it holds: MaskNet, the detector in online mode, batches, activations).
 
     python benchmarks/bench_train.py --detectors dino_r50 dino_focal hdetr_swinl --image-size 800 1066 \
         --images 2 --steps 2 --warmup 1 --batch-size 1                   # the README's CPU figures
@@ -176,7 +176,6 @@ def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queu
         opt.step()
         npos.append(float(losses["num_pos"]) / len(idx))
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for s in range(args.warmup):
         one(s)
     if device.type == "cuda":
@@ -193,7 +192,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queu
     if device.type == "cuda":
         res["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        res["peak_mem_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        res["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if queue is not None:
         queue.put(res)
     return res
