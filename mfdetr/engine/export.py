@@ -160,19 +160,8 @@ def export_masknet(masknet: nn.Module, preset: DetectorPreset, out: Path, *, ops
     args = masknet_example_inputs(preset, masknet.num_queries, h, w)
     levels = len(preset.level_strides)
 
-    def write(tmp: Path) -> None:
-        try:
-            torch.onnx.export(graph, args, str(tmp), dynamo=True, opset_version=opset, external_data=False,
-                              dynamic_shapes=_masknet_dynamic_shapes(levels),
-                              input_names=masknet_input_names(levels), output_names=list(MASKNET_OUTPUTS),
-                              verbose=False)
-        except Exception as e:
-            raise MfdetrError(f"ONNX export of the mask network failed: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", path=out) from e
-
-    with torch.no_grad():
-        _write_atomic(out, write)
-    return out
+    return _export_onnx(graph, args, out, what="the mask network", opset=opset,
+                        dynamic_shapes=_masknet_dynamic_shapes(levels), input_names=masknet_input_names(levels))
 
 
 def export_full(detector: nn.Module, masknet: nn.Module, preset: DetectorPreset, out: Path, *, topk: int,
@@ -185,13 +174,20 @@ def export_full(detector: nn.Module, masknet: nn.Module, preset: DetectorPreset,
     h, w = example_hw or (preset.preprocessing.short_side, preset.preprocessing.max_size)
     args = (torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)), torch.tensor([[h, w]]))
 
+    return _export_onnx(graph, args, out, what="the detector and mask network", opset=opset,
+                        dynamic_shapes=[{2: Dim.AUTO, 3: Dim.AUTO}, None], input_names=["image", "orig_hw"])
+
+
+def _export_onnx(graph: nn.Module, args: tuple[Any, ...], out: Path, *, what: str, opset: int,
+                 dynamic_shapes: Any, input_names: list[str]) -> Path:
+    """``torch.onnx.export`` (dynamo) of ``graph`` to ``out``, atomically; a failure is one line naming ``what``."""
     def write(tmp: Path) -> None:
         try:
             torch.onnx.export(graph, args, str(tmp), dynamo=True, opset_version=opset, external_data=False,
-                              dynamic_shapes=[{2: Dim.AUTO, 3: Dim.AUTO}, None], input_names=["image", "orig_hw"],
+                              dynamic_shapes=dynamic_shapes, input_names=input_names,
                               output_names=list(MASKNET_OUTPUTS), verbose=False)
         except Exception as e:
-            raise MfdetrError(f"ONNX export of the detector and mask network failed: {type(e).__name__}: "
+            raise MfdetrError(f"ONNX export of {what} failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", path=out) from e
 
     with torch.no_grad():
