@@ -9,7 +9,7 @@
 - :class:`ImageBatch` — a preprocessed, padded image batch (what a detector consumes).
 - :class:`FrozenDetector` — the protocol every frozen detector implements.
 
-Conventions (see ``../shared/DESIGN.md``):
+Conventions:
 
 - boxes are **normalised cxcywh relative to the unpadded network-input image** (``input_hw``);
 - ``input_hw`` is the resized, unpadded network-input size; ``orig_hw`` the original image size;

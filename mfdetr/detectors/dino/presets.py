@@ -2,8 +2,7 @@
 
 Sources: IDEA-Research/DINO configs ``config/DINO/DINO_{4,5}scale*.py`` and README (box AP, COCO
 val2017, 36-epoch rows for R50, Swin-L 36 epochs), FocalNet/FocalNet-DINO
-``config/DINO/DINO_5scale_focalnet_large_fl4.py`` and README; summarised in
-``../shared/reference/DETECTORS.md`` §1. Checkpoint file names are those of the official model zoos.
+``config/DINO/DINO_5scale_focalnet_large_fl4.py`` and README. Checkpoint file names are those of the official model zoos.
 """
 
 from __future__ import annotations

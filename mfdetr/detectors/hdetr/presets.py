@@ -2,7 +2,7 @@
 
 Sources: HDETR/H-Deformable-DETR ``configs/two_stage/deformable-detr-hybrid-branch/`` (the
 "hybrid branch … dp0_mqs_lft … two_stage" scripts), ``main.py`` defaults and the README model table
-(box AP on COCO val2017, ``topk=100``); summarised in ``../shared/reference/DETECTORS.md`` §2.
+(box AP on COCO val2017, ``topk=100``).
 Release assets: ``github.com/HDETR/H-Deformable-DETR/releases/download/v0.1/<file>``.
 """
 

@@ -1,8 +1,7 @@
 """H-Deformable-DETR's transformer glue: two-stage *mixed* query selection over the shared encoder
 and refining decoder.
 
-Facts from HDETR/H-Deformable-DETR ``models/deformable_transformer.py`` (inference path; see
-``../shared/reference/DETECTORS.md`` §2):
+Facts from HDETR/H-Deformable-DETR ``models/deformable_transformer.py`` (inference path):
 
 - proposals are scored by the **class-0** logit of the extra (last) heads ``class_embed[dec_layers]``
   / ``bbox_embed[dec_layers]`` (DINO: max over classes of its own encoder heads);
