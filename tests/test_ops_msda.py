@@ -44,6 +44,43 @@ def test_gradcheck_fast_path():
     assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, ss, l, a), (value, loc, w))
 
 
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True)])
+def test_backward_with_only_some_inputs_needing_grad(needs):
+    value, ss, loc, w = _inputs()
+    ins = [t.detach().requires_grad_(n) for t, n in zip((value, loc, w), needs, strict=True)]
+    g = torch.randn(2, 7, 10, dtype=torch.float64)
+    wanted = [t for t in ins if t.requires_grad]
+    got = torch.autograd.grad((ms_deform_attn(ins[0], ss, ins[1], ins[2]) * g).sum(), wanted)
+    ref = torch.autograd.grad((ms_deform_attn_reference(ins[0], ss, ins[1], ins[2]) * g).sum(), wanted)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_graph_keeps_no_per_point_samples():
+    """The backward samples again: what autograd keeps for the op is about the size of its inputs,
+    not the [B·H, Dh, Q, L, P] samples (Dh·P·L times the output)."""
+    value, ss, loc, w = _inputs(dtype=torch.float32, nq=50, heads=2, dh=16, points=4)
+    kept: list[int] = []
+
+    def pack(t):
+        kept.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ms_deform_attn(value, ss, loc, w)
+    samples = out.numel() * 3 * 4  # Dh·Q·L·P per (B, H)
+    assert sum(kept) < samples / 2
+
+
+def test_no_grad_and_grad_paths_agree():
+    value, ss, loc, w = _inputs()
+    with torch.no_grad():
+        a = ms_deform_attn(value, ss, loc, w)
+    b = ms_deform_attn(value, ss, loc, w)
+    assert torch.equal(a, b)
+
+
 def test_points_far_outside_give_zero():
     value, ss, loc, w = _inputs()
     out = ms_deform_attn(value, ss, loc.detach() + 5.0, w)

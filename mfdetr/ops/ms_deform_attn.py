@@ -7,8 +7,9 @@ normalised to [0, 1] per level (x by the level's width, y by its height, pixel c
 
 Two implementations of the core:
 
-- :func:`ms_deform_attn` — the one we run: one ``F.grid_sample`` per level (differentiable,
-  device-agnostic, AMP-friendly: sampling runs in the value's dtype).
+- :func:`ms_deform_attn` — the one we run: one ``F.grid_sample`` per level (differentiable with a
+  memory-lean backward, device-agnostic, AMP-friendly: sampling runs in the value's dtype, float32
+  under autocast).
 - :func:`ms_deform_attn_reference` — a direct gather-based bilinear computation, written from the
   definition, used by tests and the benchmark to check the former.
 
@@ -72,24 +73,81 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
 
     Returns:
         [B, Q, H·Dh] attended values.
+
+    Level by level, the sampled values [B·H, Dh, Q, P] are weighted and summed at once, so no
+    [B·H, Dh, Q, L, P] tensor is ever built. When a gradient is needed, :class:`_SampleAndWeigh`
+    keeps only its inputs and samples again in the backward pass: the autograd graph then holds
+    O(Q·H·L·P) numbers for this op instead of O(Q·H·L·P·Dh) (the encoder's dominant activation).
     """
     shapes = _check(value, spatial_shapes, sampling_locations, attention_weights)
     bsz, _, heads, dh = value.shape
     _, nq, _, n_levels, n_points, _ = sampling_locations.shape
     values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations.to(value.dtype) - 1
-    sampled = []
-    for lvl, (h, w) in enumerate(shapes):
-        # [B, HW, H, Dh] -> [B*H, Dh, h, w]
-        v = values[lvl].flatten(2).transpose(1, 2).reshape(bsz * heads, dh, h, w)
-        # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # [B*H, Dh, Q, L, P]
-    stacked = torch.stack(sampled, dim=-2)
-    w = attention_weights.to(value.dtype).transpose(1, 2).reshape(bsz * heads, 1, nq, n_levels, n_points)
-    out = (stacked * w).sum(dim=(-1, -2))  # [B*H, Dh, Q]
-    return out.view(bsz, heads * dh, nq).transpose(1, 2).contiguous()
+    ct = _compute_dtype(value)
+    # [B*H, Dh, h, w] per level
+    maps = [v.flatten(2).transpose(1, 2).reshape(bsz * heads, dh, h, w).to(ct) for v, (h, w) in zip(values, shapes)]
+    # [B, Q, H, L, P, 2] -> [B*H, Q, L, P, 2] in grid_sample's [-1, 1] frame; weights -> [B*H, Q, L, P]
+    grids = (2 * sampling_locations.to(ct) - 1).transpose(1, 2).flatten(0, 1)
+    w = attention_weights.to(ct).transpose(1, 2).flatten(0, 1)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (value, sampling_locations, attention_weights))
+    out = _SampleAndWeigh.apply(grids, w, *maps) if needs_grad else _sample_and_weigh(maps, grids, w)
+    # [B*H, Dh, Q] -> [B, Q, H*Dh]
+    return out.view(bsz, heads * dh, nq).transpose(1, 2).contiguous().to(value.dtype)
+
+
+def _compute_dtype(value: Tensor) -> torch.dtype:
+    """Sampling runs in the value's dtype, except float32 for half values under autocast (as autocast
+    itself runs ``grid_sample``)."""
+    half = value.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half and torch.is_autocast_enabled(value.device.type) else value.dtype
+
+
+def _sample_and_weigh(maps: Sequence[Tensor], grids: Tensor, w: Tensor) -> Tensor:
+    """Σ_l Σ_p w[:, q, l, p] · bilinear(maps[l], grids[:, q, l, p]) → [B·H, Dh, Q]."""
+    out = None
+    for lvl, m in enumerate(maps):
+        s = F.grid_sample(m, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+        part = s.mul_(w[:, None, :, lvl]).sum(-1)  # [B*H, Dh, Q]; s is a temporary
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+class _SampleAndWeigh(torch.autograd.Function):
+    """:func:`_sample_and_weigh` with a backward pass that samples again instead of storing samples."""
+
+    @staticmethod
+    def forward(ctx, grids: Tensor, w: Tensor, *maps: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(grids, w, *maps)
+        with torch.autocast(grids.device.type, enabled=False):
+            return _sample_and_weigh(maps, grids, w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grids, w, *maps = ctx.saved_tensors
+        need_g, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_g = torch.zeros_like(grids) if need_g else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        grad_maps: list[Tensor | None] = []
+        g = grad_out.to(w.dtype)
+        for lvl, m in enumerate(maps):
+            gl = grids[:, :, lvl]
+            if need_w:
+                s = F.grid_sample(m, gl, mode="bilinear", padding_mode="zeros", align_corners=False)
+                grad_w[:, :, lvl] = s.mul_(g[..., None]).sum(1)  # type: ignore[index]
+            need_m = ctx.needs_input_grad[2 + lvl]
+            if not (need_m or need_g):
+                grad_maps.append(None)
+                continue
+            gs = g[..., None] * w[:, None, :, lvl]  # d out / d samples: [B*H, Dh, Q, P]
+            # aten's own bilinear/zeros/align_corners=False backward (modes 0, 0)
+            gm, gg = torch.ops.aten.grid_sampler_2d_backward(gs, m, gl, 0, 0, False, [need_m, need_g])
+            if need_g:
+                grad_g[:, :, lvl] = gg  # type: ignore[index]
+            grad_maps.append(gm if need_m else None)
+        return (grad_g, grad_w, *grad_maps)
 
 
 def ms_deform_attn_reference(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
