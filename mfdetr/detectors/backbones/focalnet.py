@@ -49,8 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfdetr.contracts import ShapeSpec
-from mfdetr.detectors.backbones.base import StagedTokenBackbone, check_out_indices
+from mfdetr.detectors.backbones.base import StagedTokenBackbone
 from mfdetr.detectors.backbones.swin import Mlp
 from mfdetr.errors import MfdetrError
 

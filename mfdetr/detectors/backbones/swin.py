@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfdetr.contracts import ShapeSpec
 from mfdetr.detectors.backbones.base import StagedTokenBackbone, check_out_indices
 from mfdetr.errors import MfdetrError
 
