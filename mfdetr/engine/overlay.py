@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,12 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _font_file() -> str:
+    import matplotlib
+
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
 def _ink(color: tuple[int, int, int]) -> tuple[int, int, int]:
     """Dark text on light colours, white on dark ones."""
     return (0, 0, 0) if sum(c * k for c, k in zip(color, (0.299, 0.587, 0.114), strict=True)) > 140 else (
@@ -102,8 +109,10 @@ def draw_overlay(image: Image.Image, instances: Sequence[OverlayInstance], *, al
     boxes = torch.tensor([[x, y, x + max(bw, 1.0) - 1, y + max(bh, 1.0) - 1] for x, y, bw, bh in
                           (t.box_xywh for t in order)])
     pic = draw_bounding_boxes(pic, boxes, colors=colors, width=max(1, round(min(h, w) / 300)))
-    # the "<name> <score>" tag: a filled label box above the box when there is room, else inside it
-    font = ImageFont.load_default()  # the font draw_bounding_boxes uses when given none
+    # the "<name> <score>" tag: a filled label box above the box when there is room, else inside it,
+    # in matplotlib's bundled DejaVu Sans at a size that follows the image
+    font_file, font_size = _font_file(), max(9, min(16, round(min(h, w) / 30)))
+    font = ImageFont.truetype(font_file, font_size)
     texts = [f"{t.label} {t.score:.2f}" for t in order]
     tags = []
     for text, (x, y, _, _) in zip(texts, (t.box_xywh for t in order), strict=True):
@@ -113,5 +122,6 @@ def draw_overlay(image: Image.Image, instances: Sequence[OverlayInstance], *, al
         tx = min(max(x, 0), max(w - tw, 0))
         tags.append([tx, ty, tx + tw, ty + th])
     pic = draw_bounding_boxes(pic, torch.tensor(tags), labels=texts, colors=colors, fill_labels=True,
-                              label_colors=[_ink(c) for c in colors], label_background_colors=colors)
+                              label_colors=[_ink(c) for c in colors], label_background_colors=colors,
+                              font=font_file, font_size=font_size)
     return Image.fromarray(pic.permute(1, 2, 0).numpy(), mode="RGB")
