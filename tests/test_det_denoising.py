@@ -92,7 +92,7 @@ def test_denoising_slots_leave_the_matching_queries_unchanged_and_get_a_loss() -
     assert model.label_enc.weight.grad is not None and bool(model.label_enc.weight.grad[1].abs().sum() > 0)
 
 
-def test_training_with_denoising_is_seeded_and_resumes_exactly(toy_coco: Path, tmp_path: Path) -> None:
+def test_training_with_denoising_is_seeded_and_resumes_exactly(toy_coco: Path, tmp_path: Path) -> None:  # noqa: F811
     def cfg():  # noqa: ANN202
         c = _tiny_cfg(toy_coco)
         c.loss = LossOptions(dn_number=10)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import tests._fake_detector as fd
-from mfdetr.errors import MfdetrError, SkipImage
+from mfdetr.errors import SkipImage
 from tests.test_cache_cli import main_inproc
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2

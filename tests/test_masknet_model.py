@@ -223,7 +223,7 @@ def test_baseline_config_and_recipe_loading(tmp_path) -> None:
 
 
 def test_masknet_never_imports_detectors() -> None:
-    """DESIGN.md: the mask network only ever sees tensors (stage 2 never imports mfdetr.detectors)."""
+    """The mask network only ever sees tensors (stage 2 never imports mfdetr.detectors)."""
     import subprocess
     import sys
 

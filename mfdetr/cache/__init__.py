@@ -13,13 +13,17 @@
   (exported with ``torch.export``, stored as a data-only ATen program + tensors, loaded safely).
 
 The schema (manifest JSON Schema + array table) lives in ``cache_schemas/v1`` and ships with the
-package. The reader side (:class:`CacheStore`) never imports a detector.
+package. The reader side (:class:`CacheStore`) never imports a detector: the stage-1 job
+(:mod:`mfdetr.cache.run`, which builds one) is imported on first use of its names only.
 """
+
+from typing import TYPE_CHECKING
+
+from mfdetr._lazy import lazy_exports
 
 from mfdetr.cache.inspect import inspect_store
 from mfdetr.cache.manifest import build_manifest, check_expectations, manifest_differences, validate_manifest_data
 from mfdetr.cache.reader import CacheStore
-from mfdetr.cache.run import CacheJob, CacheSummary, parse_shard, run_cache
 from mfdetr.cache.schema import ArraySpec, enc_array_name, load_array_table, load_manifest_schema, resolve_array_table
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  ImageRecord, records_from_output)
@@ -30,3 +34,9 @@ __all__ = [
     "inspect_store", "load_array_table", "load_manifest_schema", "manifest_differences", "parse_shard",
     "records_from_output", "resolve_array_table", "run_cache", "validate_manifest_data",
 ]
+
+if TYPE_CHECKING:
+    from mfdetr.cache.run import CacheJob, CacheSummary, parse_shard, run_cache
+
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"CacheJob": "run", "CacheSummary": "run", "parse_shard": "run", "run_cache": "run"}, globals())

@@ -3,11 +3,8 @@
 - :func:`load_manifest_schema` / :func:`load_array_table` read ``v{N}/manifest.schema.json`` and
   ``v{N}/arrays.json`` through :mod:`importlib.resources`, so they work from a checkout, a wheel or
   an editable install alike.
-- :func:`validate_json` checks a value against the JSON-Schema subset those files use (``type``,
-  ``properties``, ``required``, ``additionalProperties``, ``items``, ``minItems``/``maxItems``,
-  ``enum``, ``const``, ``minimum``, ``minLength``, ``pattern``). It is deliberately small so that
-  ``jsonschema`` need not become a dependency; a keyword outside the subset is refused (so the
-  schema cannot silently say more than is checked).
+- :func:`validate_json` checks a value against those files with ``jsonschema`` (Draft 2020-12) and
+  words each violation as one line naming its JSON path.
 - :func:`resolve_array_table` turns the symbolic table (``["N", "K", "d"]``) into concrete
   :class:`ArraySpec` records for one manifest.
 """
@@ -15,19 +12,19 @@
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
+from jsonschema import Draft202012Validator, ValidationError
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+
 SCHEMA_VERSIONS = (1,)
 CURRENT_SCHEMA_VERSION = 1
 SKIP_REASON_BYTES = 256
-
-_ANNOTATION_KEYS = {"$schema", "$id", "title", "description"}
-_CHECKED_KEYS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                 "enum", "const", "minimum", "minLength", "pattern"}
 
 
 def _schema_dir(version: int) -> Any:
@@ -51,66 +48,57 @@ def load_array_table(version: int = CURRENT_SCHEMA_VERSION) -> list[dict[str, An
     return list(_load(version, "arrays.json")["arrays"])
 
 
-_TYPES: dict[str, Any] = {
-    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
-}
+def _json_path(where: str, path: Iterable[str | int]) -> str:
+    return where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
 
-def _is_type(value: Any, tp: str) -> bool:
-    if tp == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp == "number":
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp not in _TYPES:
-        raise ValueError(f"schema uses unsupported type {tp!r}")
-    return isinstance(value, _TYPES[tp])
+def _messages(err: ValidationError, where: str) -> list[str]:
+    """Lines naming the JSON path and the broken rule (the wording the CLI has always printed)."""
+    at, value, rule, limit = _json_path(where, err.absolute_path), err.instance, err.validator, err.validator_value
+    if rule == "required":  # one line per missing field (jsonschema reports each on its own, too)
+        return [f"{at}: missing required field {k!r}" for k in limit if k not in value]
+    if rule == "additionalProperties" and limit is False:
+        known = err.schema.get("properties", {})
+        return [f"{at}: unexpected field {k!r}" for k in value if k not in known]
+    return [_message(err, at)]
+
+
+def _message(err: ValidationError, at: str) -> str:
+    value, rule, limit = err.instance, err.validator, err.validator_value
+    if rule == "type":
+        types = limit if isinstance(limit, list) else [limit]
+        return f"{at}: expected {' or '.join(types)}, got {type(value).__name__} {value!r:.60}"
+    if rule == "const":
+        return f"{at}: must be {limit!r}, got {value!r:.60}"
+    if rule == "enum":
+        return f"{at}: must be one of {limit}, got {value!r:.60}"
+    if rule == "minimum":
+        return f"{at}: must be >= {limit}, got {value}"
+    if rule == "minLength":
+        return f"{at}: must not be empty" if limit == 1 else f"{at}: must have at least {limit} characters"
+    if rule == "pattern":
+        return f"{at}: {value!r:.60} does not match {limit}"
+    if rule in ("minItems", "maxItems"):
+        bound = "at least" if rule == "minItems" else "at most"
+        return f"{at}: expected {bound} {limit} items, got {len(value)}"
+    return f"{at}: {err.message}"
 
 
 def validate_json(value: Any, schema: dict[str, Any], where: str = "manifest") -> list[str]:
-    """Validate ``value`` against ``schema`` (the subset above); return the list of problems.
+    """Validate ``value`` against the JSON Schema ``schema`` with ``jsonschema``; return the problems.
 
-    Each problem names the JSON path, e.g. ``manifest.canvas.level_hw[0]: expected 2 items, got 3``.
+    Each problem names the JSON path, e.g. ``manifest.canvas.level_hw[0]: expected at most 2 items,
+    got 3``. A schema that is not valid JSON Schema raises ``ValueError``.
     """
-    unknown = set(schema) - _CHECKED_KEYS - _ANNOTATION_KEYS
-    if unknown:
-        raise ValueError(f"schema at {where} uses unsupported keywords {sorted(unknown)}")
-    errs: list[str] = []
-    if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_is_type(value, t) for t in types):
-            return [f"{where}: expected {' or '.join(types)}, got {type(value).__name__} {value!r:.60}"]
-    if "const" in schema and (value != schema["const"] or type(value) is not type(schema["const"])):
-        errs.append(f"{where}: must be {schema['const']!r}, got {value!r:.60}")
-    if "enum" in schema and value not in schema["enum"]:
-        errs.append(f"{where}: must be one of {schema['enum']}, got {value!r:.60}")
-    if "minimum" in schema and _is_type(value, "number") and value < schema["minimum"]:
-        errs.append(f"{where}: must be >= {schema['minimum']}, got {value}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            errs.append(f"{where}: must not be empty")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            errs.append(f"{where}: {value!r:.60} does not match {schema['pattern']}")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errs.append(f"{where}: expected at least {schema['minItems']} items, got {len(value)}")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            errs.append(f"{where}: expected at most {schema['maxItems']} items, got {len(value)}")
-        if "items" in schema:
-            for i, v in enumerate(value):
-                errs += validate_json(v, schema["items"], f"{where}[{i}]")
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        for key in schema.get("required", []):
-            if key not in value:
-                errs.append(f"{where}: missing required field {key!r}")
-        for key, v in value.items():
-            if key in props:
-                errs += validate_json(v, props[key], f"{where}.{key}")
-            elif schema.get("additionalProperties", True) is False:
-                errs.append(f"{where}: unexpected field {key!r}")
-            elif isinstance(schema.get("additionalProperties"), dict):
-                errs += validate_json(v, schema["additionalProperties"], f"{where}.{key}")
-    return errs
+    cls = validator_for(schema, default=Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as e:
+        raise ValueError(f"invalid schema at {where}: {e.message}") from None
+    out: list[str] = []
+    for err in cls(schema).iter_errors(value):
+        out += [m for m in _messages(err, where) if m not in out]
+    return out
 
 
 @dataclass(frozen=True)

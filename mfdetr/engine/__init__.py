@@ -8,8 +8,8 @@ order, distributed setup, checkpoints, logging and the run record. Public surfac
   :func:`build_run_config` — typed run configuration (:mod:`.config`);
 - :class:`StepDecay` — the paper's lr schedule; :class:`EpochPlan` — seeded, resumable data order;
 - :func:`collate_detector_outputs`, :func:`cat_detector_outputs`, :class:`Stage2Batch` — padding collate;
-- :class:`EventFileWriter`, :func:`read_scalars` — TensorBoard scalars without tensorboard;
-- :class:`MetricLogger`, :func:`read_jsonl` — run metrics; :func:`plot_run` — PNG curves;
+- :class:`MetricLogger`, :func:`read_jsonl` — run metrics (JSONL and TensorBoard), :func:`read_scalars` —
+  TensorBoard scalars read back; :func:`plot_run` — PNG curves;
 - :func:`load_checkpoint`, :func:`check_masknet_config` — checkpoints;
 - :class:`DistContext`, :func:`init_distributed` — torchrun support;
 - :func:`load_sweep`, :func:`run_sweep` — ablation sweeps (:mod:`.sweep`);
@@ -36,10 +36,9 @@ _EXPORTS = {
     "DataConfig": "config", "OnlineConfig": "config", "RunConfig": "config", "TrainConfig": "config", "build_run_config": "config",
     "diff_configs": "config", "load_run_config": "config",
     "DistContext": "distributed", "init_distributed": "distributed",
-    "MetricLogger": "metrics", "read_jsonl": "metrics",
+    "MetricLogger": "metrics", "read_jsonl": "metrics", "read_scalars": "metrics",
     "plot_run": "plot",
     "EpochPlan": "sampling", "StepDecay": "schedule",
-    "EventFileWriter": "tfevents", "read_scalars": "tfevents",
     "TrainResult": "trainer", "seed_everything": "trainer", "train": "trainer",
     "SweepSpec": "sweep", "Variant": "sweep", "VariantResult": "sweep", "load_sweep": "sweep", "run_sweep": "sweep",
     "CacheDataset": "cache_data", "open_annotations": "cache_data", "open_cache": "cache_data",
@@ -59,7 +58,7 @@ if TYPE_CHECKING:
     from mfdetr.engine.config import (DataConfig, OnlineConfig, RunConfig, TrainConfig, build_run_config, diff_configs,
                                       load_run_config)
     from mfdetr.engine.distributed import DistContext, init_distributed
-    from mfdetr.engine.metrics import MetricLogger, read_jsonl
+    from mfdetr.engine.metrics import MetricLogger, read_jsonl, read_scalars
     from mfdetr.engine.finetune import FineTuned
     from mfdetr.engine.online import DetectorStep, eval_online, sweep_online, train_online
     from mfdetr.engine.plot import plot_run
@@ -67,7 +66,6 @@ if TYPE_CHECKING:
     from mfdetr.engine.schedule import StepDecay
     from mfdetr.engine.stage2 import CacheSources, eval_from_cache, sweep_from_cache, train_from_cache
     from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, load_sweep, run_sweep
-    from mfdetr.engine.tfevents import EventFileWriter, read_scalars
     from mfdetr.engine.trainer import TrainResult, seed_everything, train
 
 

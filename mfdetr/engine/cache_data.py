@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -30,6 +30,9 @@ from mfdetr.cache.verify import COMMIT_SKIPPED, Damage, DamagedImage, commit_pro
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.engine.damage import DamagedItem
 from mfdetr.errors import MfdetrError
+
+if TYPE_CHECKING:
+    from mfdetr.data import CocoInstances
 
 # What two caches must share to be used by one MaskNet (train vs val, checkpoint vs eval cache).
 IDENTITY_KEYS = ("detector.name", "checkpoint.sha256", "hidden_dim", "level_strides", "c1_channels", "num_classes",
@@ -63,7 +66,7 @@ def open_cache(path: str | Path, *, identity: Mapping[str, Any] | None = None, e
 
 
 def open_annotations(store: CacheStore, *, coco: str | Path | None, annotations: str | Path | None = None,
-                     with_targets: bool = True) -> Any:
+                     with_targets: bool = True) -> CocoInstances:
     """The COCO split a cache was written from, as :class:`mfdetr.data.CocoInstances`.
 
     ``coco`` is the COCO folder; the annotation file is the one the manifest names

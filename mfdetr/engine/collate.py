@@ -3,8 +3,8 @@
 A cache yields, per image, a :class:`~mfdetr.contracts.DetectorOutput` with batch size 1 whose feature
 maps have that image's own size (or a fixed canvas). :func:`collate_detector_outputs` concatenates
 them: every encoder level and C1 is zero-padded at the bottom/right to the batch maximum; valid sizes
-travel in ``level_valid_hw`` / ``input_hw`` so consumers never depend on the padding (DESIGN.md,
-"Contracts"). Non-tensor ``extras`` become per-image lists; batch-1 tensors with matching trailing
+travel in ``level_valid_hw`` / ``input_hw`` so consumers never depend on the padding (the
+:class:`~mfdetr.contracts.DetectorOutput` contract). Non-tensor ``extras`` become per-image lists; batch-1 tensors with matching trailing
 shapes are concatenated.
 """
 

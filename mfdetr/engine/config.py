@@ -4,8 +4,8 @@ A run recipe (``pipeline/recipes/*.toml``, ``pipeline/ablations/*.toml`` base) h
 
 - ``[train]`` — :class:`TrainConfig` (typed here; unknown keys refused);
 - ``[masknet]`` / ``[loss]`` / ``[assign]`` — the mask network's, loss' and target assignment's tables, kept as plain data here and
-  validated by the builder that the caller injects (the engine never imports ``mfdetr.masknet``'s
-  config classes, so those stay the single source of truth);
+  validated by ``mfdetr.masknet``'s config classes when :mod:`mfdetr.engine.stage2` builds the parts
+  (this module does not import them, so those classes stay the single source of truth);
 - ``[data]`` — :class:`DataConfig`.
 
 Defaults follow the paper's experiment setup (Sec. 3.1): AdamW, lr 1.5e-4, betas (0.9, 0.999),

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from mfdetr.engine._fs import atomic_write_text
-from mfdetr.engine.tfevents import EventFileWriter
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -34,6 +33,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def read_scalars(path: str | Path) -> list[tuple[int, str, float]]:
+    """All ``(step, tag, value)`` scalars of one TensorBoard event file (or a folder of them), per tag
+    in step order, read with tensorboard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={SCALARS: 0}, purge_orphaned_data=False)
+    acc.Reload()
+    return [(int(e.step), tag, float(e.value)) for tag in acc.Tags()[SCALARS] for e in acc.Scalars(tag)]
+
+
 class MetricLogger:
     """Appends records to ``<run>/metrics.jsonl`` and scalars to ``<run>/tb/``.
 
@@ -51,7 +60,11 @@ class MetricLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._f = self.path.open("a")
-        self._tb = EventFileWriter(Path(run_dir) / "tb") if tensorboard else None
+        self._tb = None
+        if tensorboard:  # imported here: reading metrics (``mfdetr plot``) never pays for tensorboard
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
     def log(self, kind: str, step: int, scalars: Mapping[str, float], **extra: Any) -> None:
         rec: dict[str, Any] = {"kind": kind, "step": int(step), **extra}
@@ -59,7 +72,8 @@ class MetricLogger:
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
         if self._tb is not None:
-            self._tb.add_scalars(step, {f"{kind}/{k}": float(v) for k, v in scalars.items()})
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"{kind}/{k}", float(v), global_step=int(step))
             self._tb.flush()
 
     def close(self) -> None:

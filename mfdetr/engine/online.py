@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mfdetr.contracts import DetectorOutput, ImageBatch
 from mfdetr.engine.collate import Stage2Batch
 from mfdetr.engine.screening import readable_indices, runnable_indices
+
+if TYPE_CHECKING:
+    from mfdetr.engine.config import RunConfig
+    from mfdetr.engine.sweep import SweepSpec, VariantResult
+    from mfdetr.engine.trainer import TrainResult
 
 
 def zero_padding(det: DetectorOutput) -> DetectorOutput:
@@ -226,8 +231,8 @@ def online_source(*, detector: str, checkpoint: str | None, split: str, topk: in
             "split": split, "topk": int(topk), "annotation_sha256": annotation_sha256}
 
 
-def train_online(cfg: Any, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
-                 out: str, topk: int = 100, resume: bool = False, val_split: str | None = None) -> Any:
+def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
+                 out: str, topk: int = 100, resume: bool = False, val_split: str | None = None) -> TrainResult:
     """``mfdetr train --online``: the same training with the detector run in the loop (``cfg.online``:
     large-scale jitter, fine-tuning, rounding through the cache dtype); evaluated on ``val_split``
     (through the detector as it is at that step) at the end and every ``train.eval_every`` steps."""
@@ -363,9 +368,9 @@ class _Subset(torch.utils.data.Subset):  # type: ignore[type-arg]
             self.dataset.set_epoch(epoch)
 
 
-def sweep_online(spec: Any, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
+def sweep_online(spec: SweepSpec, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
                  val_split: str = "val2017", out_dir: str | Path, topk: int = 100, overrides: Sequence[str] = (),
-                 only: Sequence[str] = (), log: Any = print) -> Any:
+                 only: Sequence[str] = (), log: Callable[[str], None] = print) -> list[VariantResult]:
     """``mfdetr sweep --online``: every variant trained online (Tables 11 and 13: fine-tuning, LSJ) and
     evaluated through the detector on ``val_split``; the same comparison tables as a cached sweep."""
     import json

@@ -1,8 +1,9 @@
-"""Overlay pictures of predictions with Pillow only (no matplotlib / OpenCV).
+"""Overlay pictures of predictions, drawn with torchvision's ``draw_segmentation_masks`` and
+``draw_bounding_boxes``.
 
 Each instance is drawn as a translucent colour over its mask (alpha blending), a solid one-pixel
 outline of the mask, its box (xywh in original pixels) and a label ``"<name> <score>"`` on a filled
-tag at the box's top-left corner. Colours are a fixed palette indexed by category id, so one category
+tag just above the box's top-left corner (inside the box when the image has no room above). Colours are a fixed palette indexed by category id, so one category
 has the same colour in every picture. Instances are painted in increasing score order, so the most
 confident ones end up on top.
 """
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+import torch
+from PIL import Image, ImageFont
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 __all__ = ["OverlayInstance", "category_color", "draw_overlay", "instances_from_results"]
 
@@ -74,43 +78,50 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable built-in font
-    except TypeError:  # older Pillow: the fixed bitmap font
-        return ImageFont.load_default()
+def _font_file() -> str:
+    import matplotlib
+
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
+def _ink(color: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Dark text on light colours, white on dark ones."""
+    return (0, 0, 0) if sum(c * k for c, k in zip(color, (0.299, 0.587, 0.114), strict=True)) > 140 else (
+        255, 255, 255)
 
 
 def draw_overlay(image: Image.Image, instances: Sequence[OverlayInstance], *, alpha: float = 0.45) -> Image.Image:
     """A new RGB image of ``image``'s size with every instance drawn on it (see the module doc)."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    h, w = base.shape[:2]
+    pic = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    h, w = pic.shape[1:]
     order = sorted(instances, key=lambda t: t.score)
-    for inst in order:
+    if not order:
+        return Image.fromarray(pic.permute(1, 2, 0).numpy(), mode="RGB")
+    for inst in order:  # one call per instance: overlapping masks blend in turn, the most confident last
         if inst.mask is None:
             continue
         if inst.mask.shape != (h, w):
             raise ValueError(f"mask of shape {inst.mask.shape} for an image of {(h, w)}")
-        color = np.asarray(category_color(inst.category_id), dtype=np.float32)
-        m = inst.mask
-        base[m] = base[m] * (1.0 - alpha) + color * alpha
-        base[_outline(m)] = color
-    out = Image.fromarray(np.clip(base + 0.5, 0, 255).astype(np.uint8), mode="RGB")
-    draw = ImageDraw.Draw(out)
-    line = max(1, round(min(h, w) / 300))
-    font = _font(max(9, min(16, round(min(h, w) / 30))))
-    for inst in order:
         color = category_color(inst.category_id)
-        x, y, bw, bh = inst.box_xywh
-        draw.rectangle([x, y, x + max(bw, 1.0) - 1, y + max(bh, 1.0) - 1], outline=color, width=line)
-        text = f"{inst.label} {inst.score:.2f}"
-        l, t, r, b = draw.textbbox((0, 0), text, font=font)
-        tw, th = r - l + 4, b - t + 2
-        ty = y - th if y - th >= 0 else y  # above the box when there is room, else inside it
+        pic = draw_segmentation_masks(pic, torch.from_numpy(inst.mask), alpha=alpha, colors=color)
+        pic = draw_segmentation_masks(pic, torch.from_numpy(_outline(inst.mask)), alpha=1.0, colors=color)
+    colors = [category_color(t.category_id) for t in order]
+    boxes = torch.tensor([[x, y, x + max(bw, 1.0) - 1, y + max(bh, 1.0) - 1] for x, y, bw, bh in
+                          (t.box_xywh for t in order)])
+    pic = draw_bounding_boxes(pic, boxes, colors=colors, width=max(1, round(min(h, w) / 300)))
+    # the "<name> <score>" tag: a filled label box above the box when there is room, else inside it,
+    # in matplotlib's bundled DejaVu Sans at a size that follows the image
+    font_file, font_size = _font_file(), max(9, min(16, round(min(h, w) / 30)))
+    font = ImageFont.truetype(font_file, font_size)
+    texts = [f"{t.label} {t.score:.2f}" for t in order]
+    tags = []
+    for text, (x, y, _, _) in zip(texts, (t.box_xywh for t in order), strict=True):
+        left, top, right, bottom = font.getbbox(text)
+        tw, th = right - left + 4, bottom - top + 4
+        ty = y - th if y - th >= 0 else y
         tx = min(max(x, 0), max(w - tw, 0))
-        draw.rectangle([tx, ty, tx + tw, ty + th], fill=color)
-        # dark text on light colours, white on dark ones
-        ink = (0, 0, 0) if sum(c * k for c, k in zip(color, (0.299, 0.587, 0.114), strict=True)) > 140 else (
-            255, 255, 255)
-        draw.text((tx + 2 - l, ty + 1 - t), text, fill=ink, font=font)
-    return out
+        tags.append([tx, ty, tx + tw, ty + th])
+    pic = draw_bounding_boxes(pic, torch.tensor(tags), labels=texts, colors=colors, fill_labels=True,
+                              label_colors=[_ink(c) for c in colors], label_background_colors=colors,
+                              font=font_file, font_size=font_size)
+    return Image.fromarray(pic.permute(1, 2, 0).numpy(), mode="RGB")

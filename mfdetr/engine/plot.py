@@ -1,4 +1,4 @@
-"""Render a run's training loss and evaluation AP curves to a PNG with Pillow (no matplotlib).
+"""Render a run's training loss and evaluation AP curves to a PNG with matplotlib (Agg canvas).
 
 Two panels side by side: left, the training loss (and its components) against the step; right, the
 evaluation metrics (AP, AP50, AP75, ...) against the step. Axes with "nice" ticks, a legend per panel.
@@ -11,14 +11,16 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from mfdetr.engine.metrics import read_jsonl
 from mfdetr.errors import MfdetrError
 from mfdetr.outputs import check_output_file
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
+#: matplotlib's default "tab10" colours, in its order
+PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 Series = Mapping[str, Sequence[tuple[float, float]]]
 
 
@@ -44,66 +46,29 @@ def nice_ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> li
     return ticks
 
 
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.0e}"
-    return f"{v:g}"
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: Series, *, title: str,
-               xlabel: str, ylabel: str) -> None:
-    """Draw one line chart of ``series`` (name → [(x, y)]) into ``box`` = (left, top, right, bottom)."""
-    left, top, right, bottom = box
-    font, small = _font(16), _font(12)
-    draw.text(((left + right) // 2, top + 4), title, fill="black", font=font, anchor="ma")
-    pl, pt, pr, pb = left + 70, top + 34, right - 16, bottom - 48  # plot area
+def draw_panel(ax: Axes, series: Series, *, title: str, xlabel: str, ylabel: str) -> None:
+    """Draw one line chart of ``series`` (name → [(x, y)]) on ``ax``, with nice ticks and a legend."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
-    draw.rectangle([pl, pt, pr, pb], outline="black")
     if not pts:
-        draw.text(((pl + pr) // 2, (pt + pb) // 2), "no data", fill="gray", font=font, anchor="mm")
+        ax.text(0.5, 0.5, "no data", color="gray", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
         return
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     xt, yt = nice_ticks(min(xs), max(xs), integer=True), nice_ticks(min(ys), max(ys))
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
-
-    def px(x: float) -> float:
-        return pl + (x - x0) / (x1 - x0) * (pr - pl)
-
-    def py(y: float) -> float:
-        return pb - (y - y0) / (y1 - y0) * (pb - pt)
-
-    for t in xt:
-        x = px(t)
-        draw.line([x, pt, x, pb], fill=(230, 230, 230))
-        draw.line([x, pb, x, pb + 5], fill="black")
-        draw.text((x, pb + 8), _fmt(t), fill="black", font=small, anchor="ma")
-    for t in yt:
-        y = py(t)
-        draw.line([pl, y, pr, y], fill=(230, 230, 230))
-        draw.line([pl - 5, y, pl, y], fill="black")
-        draw.text((pl - 8, y), _fmt(t), fill="black", font=small, anchor="rm")
-    draw.rectangle([pl, pt, pr, pb], outline="black")
-    draw.text(((pl + pr) // 2, bottom - 6), xlabel, fill="black", font=small, anchor="md")
-    draw.text((left + 4, (pt + pb) // 2), ylabel, fill="black", font=small, anchor="lm")
+    ax.set_xticks(xt)
+    ax.set_yticks(yt)
+    ax.set_xlim(xt[0], xt[-1])
+    ax.set_ylim(yt[0], yt[-1])
+    ax.grid(True, color="0.9")
     for i, (name, s) in enumerate(series.items()):
-        col = PALETTE[i % len(PALETTE)]
-        line = [(px(x), py(y)) for x, y in s if math.isfinite(y)]
-        if len(line) > 1:
-            draw.line(line, fill=col, width=2)
-        for x, y in line if len(line) <= 30 else line[-1:]:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-        ly = pt + 8 + 16 * i  # legend, top right
-        draw.line([pr - 130, ly, pr - 110, ly], fill=col, width=3)
-        draw.text((pr - 104, ly), name, fill="black", font=small, anchor="lm")
+        line = [(x, y) for x, y in s if math.isfinite(y)]
+        ax.plot([x for x, _ in line], [y for _, y in line], color=PALETTE[i % len(PALETTE)], linewidth=2,
+                marker="o" if len(line) <= 30 else None, markersize=5, label=name)
+    ax.legend(loc="best", fontsize="small")
 
 
 def run_series(run_dir: str | Path) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, float]]]]:
@@ -136,13 +101,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, size: tuple[
     loss, ev = run_series(run_dir)
     # keep the legend readable: the total first, at most 5 components
     ordered = dict(sorted(loss.items(), key=lambda kv: (kv[0] != "loss", kv[0]))[:6])
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    w, h = size
-    draw_panel(draw, (0, 0, w // 2, h), ordered, title=f"{run_dir.name}: training loss", xlabel="step",
-               ylabel="loss")
-    draw_panel(draw, (w // 2, 0, w, h), ev, title="evaluation", xlabel="step", ylabel="AP")
+    dpi = 100
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)  # no pyplot: no global figure state
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    draw_panel(left, ordered, title=f"{run_dir.name}: training loss", xlabel="step", ylabel="loss")
+    draw_panel(right, ev, title="evaluation", xlabel="step", ylabel="AP")
+    fig.tight_layout()
     tmp = out_path.with_name(out_path.name + ".tmp")  # a half-written PNG never takes the name
-    img.save(tmp, format="PNG")
+    fig.savefig(tmp, format="png", dpi=dpi)
     os.replace(tmp, out_path)
     return out_path

@@ -1,7 +1,7 @@
 """Stage 2 wiring: MaskNet + criterion from a run config, COCO evaluation, and the entry points of
 ``mfdetr train`` / ``mfdetr eval`` / ``mfdetr sweep``.
 
-Composition only (DESIGN.md "Who imports whom"): the cache reader, the COCO data/evaluation and the
+Composition only: the cache reader, the COCO data/evaluation and the
 mask network are built here and handed to the generic loop of :mod:`mfdetr.engine.trainer`.
 ``mfdetr.detectors`` is never imported — stage 2 sees only cached tensors.
 

@@ -1,6 +1,7 @@
 """The Mask Frozen-DETR mask network (stage 2): reads only :class:`mfdetr.contracts.DetectorOutput`.
 
-Never imports :mod:`mfdetr.detectors` (DESIGN.md: the mask network only ever sees tensors).
+Never imports :mod:`mfdetr.detectors`: the mask network only ever sees tensors (an import-linter
+contract in ``pyproject.toml`` checks it).
 
 - architecture: :class:`MaskNetConfig` → :func:`build_masknet` → :class:`MaskNet` →
   :class:`MaskNetOutput`; :func:`baseline_config` (training-free eq. 1-4); :func:`load_masknet_config`;

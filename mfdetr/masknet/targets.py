@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-from torchvision.ops import roi_align
+from torchvision.ops import clip_boxes_to_image, roi_align
 
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.errors import MfdetrError
@@ -168,9 +168,7 @@ def is_input_grid_output(out: object) -> bool:
 
 
 def _clamp_boxes(b: Tensor, hw: tuple[int, int]) -> Tensor:
-    h, w = hw
-    return torch.stack([b[..., 0].clamp(0, w), b[..., 1].clamp(0, h), b[..., 2].clamp(0, w),
-                        b[..., 3].clamp(0, h)], dim=-1)
+    return clip_boxes_to_image(b, (int(hw[0]), int(hw[1])))
 
 
 def box_crowd_fraction(crowd: Tensor, boxes: Tensor) -> Tensor:

@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert
+
+# The conversions are torchvision's (the same arithmetic as the official DETR code's, bit for bit).
 
 
 def box_cxcywh_to_xyxy(b: Tensor) -> Tensor:
     """[..., 4] cxcywh → xyxy."""
-    cx, cy, w, h = b.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    return box_convert(b, "cxcywh", "xyxy")
 
 
 def box_xyxy_to_cxcywh(b: Tensor) -> Tensor:
     """[..., 4] xyxy → cxcywh."""
-    x0, y0, x1, y1 = b.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    return box_convert(b, "xyxy", "cxcywh")
 
 
 def box_xywh_to_xyxy(b: Tensor) -> Tensor:
     """[..., 4] COCO xywh (top-left corner, size) → xyxy."""
-    x, y, w, h = b.unbind(-1)
-    return torch.stack([x, y, x + w, y + h], dim=-1)
+    return box_convert(b, "xywh", "xyxy")
 
 
 def scale_boxes(b: Tensor, hw: Tensor) -> Tensor:
@@ -38,6 +38,13 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     """logit(x) with clamping; DINO uses eps 1e-3, H-Deformable-DETR 1e-5."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+# IoU and GIoU stay ours: torchvision's ``box_iou`` / ``generalized_box_iou`` (and the official DETR
+# ones) divide by a zero union or hull and return NaN for degenerate boxes (COCO has zero-width and
+# zero-height ground-truth boxes; a [..., 4] box may collapse to a point), which would poison the
+# Hungarian matching and the target assignment. Here degenerate areas count as 0 and an empty union
+# or hull gives IoU 0 / no hull penalty; for valid boxes the values equal torchvision's.
 
 
 def box_area(b: Tensor) -> Tensor:

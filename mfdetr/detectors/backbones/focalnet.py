@@ -26,9 +26,9 @@ image's zero padding, so an image alone and inside a larger padded batch differ 
 border, as in the official code. Checked against the official module (random weights, float32, CPU,
 tiny and full FocalNet-L fl4, batch 1 and 2, odd sizes): bit-identical outputs.
 
-NOTE for the DINO helper — wiring into presets (``presets``/``dino`` are yours):
+Where it is used:
 
-- ``dino_focal`` (5-scale): ``build_focalnet_l_fl4(out_indices=(0, 1, 2, 3))``; backbone channels
+- ``dino_focal`` (5-scale): the equivalent of ``build_focalnet_l_fl4(out_indices=(0, 1, 2, 3))``; backbone channels
   ``[s.channels for s in backbone.out_specs]`` = 192, 384, 768, 1536; checkpoint prefix
   ``backbone.0.`` → the backbone module.
 - Backbone factory (``backbones/factory.py``): kind ``"focalnet"`` → :func:`focalnet_backbone`
@@ -49,8 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfdetr.contracts import ShapeSpec
-from mfdetr.detectors.backbones.base import StagedTokenBackbone, check_out_indices
+from mfdetr.detectors.backbones.base import StagedTokenBackbone
 from mfdetr.detectors.backbones.swin import Mlp
 from mfdetr.errors import MfdetrError
 

@@ -28,9 +28,9 @@ a larger padded batch give different maps near the right/bottom border, exactly 
 code (the official DINO evaluation runs batch size 1). Checked against the official modules (random
 weights, float32, CPU, tiny and full Swin-L, batch 1 and 2, odd sizes): bit-identical outputs.
 
-NOTE for the DINO helper — wiring into presets (``presets``/``dino`` are yours):
+Where it is used:
 
-- ``dino_swinl`` (5-scale): ``build_swin_l_dino(out_indices=(0, 1, 2, 3))``; backbone channels
+- ``dino_swinl`` (5-scale): the equivalent of ``build_swin_l_dino(out_indices=(0, 1, 2, 3))``; backbone channels
   ``[s.channels for s in backbone.out_specs]`` = 192, 384, 768, 1536; checkpoint prefix
   ``backbone.0.`` → the backbone module.
 - ``dino_swinl_4scale``: ``build_swin_l_dino(out_indices=(1, 2, 3))`` (no ``norm0``; C1 is the raw
@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfdetr.contracts import ShapeSpec
 from mfdetr.detectors.backbones.base import StagedTokenBackbone, check_out_indices
 from mfdetr.errors import MfdetrError
 
