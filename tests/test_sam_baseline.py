@@ -5,6 +5,7 @@ table of the real command on a cache of the shipped ``demo`` detector, and one-l
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def test_cli_compares_sam_and_masknet_on_a_demo_cache(demo_cache: dict[str, Path
     for row in lines[1:3]:
         ms = float(row.split()[-1])
         aps = [float(v) for v in row.split()[-8:-1]]  # an area range without GT is nan
-        assert ms > 0 and all(0 <= v <= 100 for v in aps if v == v) and aps[0] == aps[0], row
+        assert ms > 0 and all(0 <= v <= 100 for v in aps if not math.isnan(v)) and not math.isnan(aps[0]), row
     assert "3 images on cpu" in r.stdout and "sam image encoder" in r.stdout
     gt = load_coco_gt(demo_cache["coco"] / "annotations" / "instances_val2017.json")
     res = read_results_json(out, gt, ("segm", "boundary"))
@@ -201,6 +202,21 @@ def test_bad_weights_are_one_line(demo_cache: dict[str, Path], sam_file: Path, t
             "mask_decoder.iou_token.weight")
     refused(cli("--cache", demo_cache["cache"], "--baseline", "sam"), "--sam-checkpoint")
     refused(cli(*base, sam_file, "--baseline", "medsam"), "unknown --baseline 'medsam'")
+    refused(cli(*base, sam_file, "--sam-model", "tiny", "--config", tmp_path / "x.toml"), "no --online, --config")
+
+
+def test_images_that_are_not_the_cached_ones(demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None,
+                                             tmp_path: Path) -> None:
+    from PIL import Image
+
+    base = ("--cache", demo_cache["cache"], "--baseline", "sam", "--device", "cpu", "--sam-checkpoint", sam_file,
+            "--sam-model", "tiny", "--images", tmp_path, "--out", tmp_path / "r.json")
+    first = min((demo_cache["coco"] / "val2017").iterdir())
+    refused(cli(*base), first.name, "missing image file")
+    with Image.open(first) as im:
+        im.resize((im.width + 3, im.height)).save(tmp_path / first.name)
+    refused(cli(*base), first.name, "the cache recorded")
+    assert not (tmp_path / "r.json").exists()
     json.dumps(SAM_SPECS["vit_b"].__dict__)  # the published sizes are plain data
     assert (SAM_SPECS["vit_b"].encoder_embed_dim, SAM_SPECS["vit_l"].encoder_depth,
             SAM_SPECS["vit_h"].encoder_global_attn_indexes) == (768, 24, (7, 15, 23, 31))

@@ -56,6 +56,9 @@ def register(app: typer.Typer) -> None:
         if evaluator not in EVALUATORS:
             raise MfdetrError(f"unknown --evaluator {evaluator!r} (choose from {', '.join(EVALUATORS)})")
         if baseline is not None:
+            if online or config is not None or overrides:
+                raise MfdetrError("--baseline compares on a --cache with a trained --masknet RUN/ckpt.pt (no --online, "
+                                  "--config or overrides)")
             from mfdetr.engine.sam_baseline import BaselineJob, run_baseline
 
             run_baseline(BaselineJob(cache=cache, sam_checkpoint=sam_checkpoint, sam_model=sam_model,

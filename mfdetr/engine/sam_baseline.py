@@ -133,18 +133,20 @@ def _sam_pass(job: BaselineJob, predictor: Any, store: Any, coco_split: Any, ind
     masks_out: list[dict[str, Any]] = []
     boxes_out: list[dict[str, Any]] = []
     ids: list[int] = []
-    for n, index in enumerate(indices):
+    for index in indices:
         try:
             arrays = store.read_arrays(int(index), list(_SMALL))
         except DamagedImage as e:
-            damage.take([e.damage] if e.damage is not None else [])
+            if e.damage is None:
+                raise
+            damage.take([e.damage])
             continue
         iid = int(store.image_ids[index])
         image = _load_image(image_dir / coco_split.file_name(iid), arrays["orig_hw"])
         boxes, scores, cats = _detections(arrays, c2c, known)
         boxes_out.extend(instances_to_results(iid, cats, scores, boxes))
         top = slice(0, job.topk or None)
-        if n == 0:  # warm-up
+        if not ids:  # warm-up
             sam_image_masks(predictor, image, boxes[top])
         clock = _Clock(device, totals)
         masks = sam_image_masks(predictor, image, boxes[top], clock)
