@@ -29,13 +29,22 @@ def register(app: typer.Typer) -> None:
         detector_config: Path = typer.Option(None, "--detector-config",
                                              help="--online with --detector auto: the official config the detector "
                                                   "was trained with (DINO .py, H-DETR .sh; read as data)."),
-        max_images: int = typer.Option(0, "--max-images", help="--online: evaluate the first N images only."),
+        max_images: int = typer.Option(0, "--max-images", help="--online, --baseline: evaluate the first N images "
+                                                               "only."),
         skip_damaged: bool = typer.Option(False, "--skip-damaged",
                                           help="Skip damaged cache images (AP over the others; they are listed) "
                                                "instead of stopping."),
         evaluator: str = typer.Option("pycocotools", "--evaluator",
                                       help="segm/bbox evaluator: pycocotools or faster (faster-coco-eval); Boundary "
                                            "AP always uses faster-coco-eval."),
+        baseline: str = typer.Option(None, "--baseline", help="sam: SAM prompted with the cache's boxes (needs "
+                                                               "--sam-checkpoint; the extra `sam`), next to --masknet."),
+        sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="--baseline sam: SAM weights file."),
+        sam_model: str = typer.Option("vit_h", "--sam-model", help="--baseline sam: vit_b, vit_l or vit_h."),
+        sam_topk: int = typer.Option(0, "--sam-topk", help="--baseline sam: boxes per image (0: all cached)."),
+        masknet: Path = typer.Option(None, "--masknet", help="--baseline sam: a MaskNet RUN/ckpt.pt on the same cache."),
+        images: Path = typer.Option(None, "--images", help="--baseline sam: folder of the split's image files "
+                                                           "(default: the COCO split folder)."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value."),
     ) -> None:
         """Evaluate MaskNet on a cache: COCO segm AP and Boundary AP (masks), bbox AP (cached detector boxes)."""
@@ -46,6 +55,17 @@ def register(app: typer.Typer) -> None:
 
         if evaluator not in EVALUATORS:
             raise MfdetrError(f"unknown --evaluator {evaluator!r} (choose from {', '.join(EVALUATORS)})")
+        if baseline is not None:
+            if online or config is not None or overrides:
+                raise MfdetrError("--baseline compares on a --cache with a trained --masknet RUN/ckpt.pt (no --online, "
+                                  "--config or overrides)")
+            from mfdetr.engine.sam_baseline import BaselineJob, run_baseline
+
+            run_baseline(BaselineJob(cache=cache, sam_checkpoint=sam_checkpoint, sam_model=sam_model,
+                                     masknet=masknet or checkpoint, coco=coco, annotations=annotations, images=images,
+                                     topk=sam_topk, max_images=max_images, device=device, evaluator=evaluator,
+                                     out=out), baseline=baseline, skip_damaged=skip_damaged, echo=typer.echo)
+            return
         if checkpoint is None and config is None:
             raise MfdetrError("pass --checkpoint RUN/ckpt.pt (or --config FILE for a training-free baseline)")
         if batch_size < 1 or max_images < 0:

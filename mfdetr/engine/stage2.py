@@ -319,13 +319,11 @@ def _plain(cfg: Any) -> dict[str, Any]:
     return to_dict(cfg)
 
 
-def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, config: str | Path | None = None,
-                    overrides: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 2,
-                    device: str = "auto", damage: DamagePolicy | None = None, evaluator: str = "pycocotools"
-                    ) -> dict[str, dict[str, float]]:
-    """``mfdetr eval``: a trained checkpoint (or a training-free config, Table 1) on a cache.
-
-    A damaged cache image stops it, unless ``damage`` skips it (AP over the intact images)."""
+def masknet_on_cache(src: CacheSources, *, checkpoint: str | Path | None = None, config: str | Path | None = None,
+                     overrides: Sequence[str] = (), damage: DamagePolicy | None = None
+                     ) -> tuple[nn.Module, CacheDataset, Any]:
+    """``(model, dataset, store)``: a checkpoint's MaskNet (or a training-free config's) and the evaluation
+    dataset of the cache it fits (another detector's cache, a fine-tuned run, another config: refused)."""
     damage = damage or DamagePolicy()
     ckpt = None
     if checkpoint is not None:
@@ -336,9 +334,7 @@ def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, 
     else:
         cfg = load_run_config(config, overrides)
     mcfg = resolve_masknet_config(cfg)
-    identity = None
-    if ckpt is not None:
-        identity = ckpt.get("meta", {}).get("detector")
+    identity = ckpt.get("meta", {}).get("detector") if ckpt is not None else None
     store = open_cache(src.cache, identity=identity, enc_layer=mcfg.enc_layer, role="evaluation cache")
     ds = CacheDataset(store=store, coco_split=open_annotations(store, coco=src.coco, annotations=src.annotations),
                       enc_layer=mcfg.enc_layer, max_images=cfg.data.max_images, on_damaged="mark")
@@ -356,8 +352,20 @@ def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, 
     elif any(p.requires_grad for p in parts.model.parameters()):
         raise MfdetrError("this MaskNet config has trainable parts: pass --checkpoint (only training-free "
                           "configs, paper Table 1, evaluate without one)")
+    return parts.model, ds, store
+
+
+def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, config: str | Path | None = None,
+                    overrides: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 2,
+                    device: str = "auto", damage: DamagePolicy | None = None, evaluator: str = "pycocotools"
+                    ) -> dict[str, dict[str, float]]:
+    """``mfdetr eval``: a trained checkpoint (or a training-free config, Table 1) on a cache.
+
+    A damaged cache image stops it, unless ``damage`` skips it (AP over the intact images)."""
+    damage = damage or DamagePolicy()
+    model, ds, store = masknet_on_cache(src, checkpoint=checkpoint, config=config, overrides=overrides, damage=damage)
     dev = resolve_device(device)
-    metrics, results = evaluate_masknet(parts.model, ds, manifest=store.manifest, batch_size=batch_size, device=dev,
+    metrics, results = evaluate_masknet(model, ds, manifest=store.manifest, batch_size=batch_size, device=dev,
                                         damage=damage, evaluator=evaluator)
     if out is not None:
         from mfdetr.evaluation import write_results_json
