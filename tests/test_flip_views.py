@@ -269,3 +269,35 @@ def test_cache_cli_refuses_bad_views(fake: dict[str, Path], tmp_path: Path) -> N
                     "--split", "train2017", "--out", tmp_path / "x", "--views", "orig,sideways")
     assert r.returncode != 0 and "--views" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_recompute_cache_recomputes_c1_of_the_flipped_image(tmp_path: Path) -> None:
+    from mfdetr.data import SynthConfig, generate_synth
+    from mfdetr.engine.collate import collate_detector_outputs
+    from tests.test_predict_tinydet import NAME as TINY, save_detector_checkpoint
+
+    synth = tmp_path / "synth"
+    generate_synth(synth, config=SynthConfig(train=3, val=1, image_size=40, seed=40))
+    ckpt = save_detector_checkpoint(tmp_path / "tiny.pth")
+    stored, recomp = (CacheStore.open(_cache(synth, "train2017", tmp_path / m, ckpt, detector=TINY, views=VIEWS, c1=m))
+                      for m in ("store", "recompute"))
+    ds = ViewSampledDataset(views=VIEWS, seed=0, store=recomp, coco_split=open_annotations(recomp, coco=None),
+                            enc_layer=4)
+    seen = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            view = ds.view_of(i)
+            seen.add(view)
+            got = ds.prepare_batch(collate_detector_outputs([ds[i]]), "cpu").det.c1
+            want, _ = stored.for_view(view).read(int(ds.indices[i]), enc_layers=[4])
+            assert torch.equal(got, want.c1)  # C1 of the flipped image, as --c1 store stores it
+    assert seen == set(VIEWS)
+
+
+def test_demo_cli_refuses_bad_views(tmp_path: Path) -> None:
+    from tests.test_cache_cli import main_inproc
+
+    r = main_inproc("demo", "--out", tmp_path / "d", "--views", "orig,upside-down", "--quick")
+    assert r.returncode != 0 and "--views" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "d").exists()
