@@ -253,7 +253,8 @@ def test_inspect_dry_run_and_repair_count_views(fake: dict[str, Path], tmp_path:
 
 
 def test_views_option_and_commit_combination() -> None:
-    assert parse_views("orig,hflip") == VIEWS and parse_views("hflip,orig") == VIEWS and parse_views("orig") == ("orig",)
+    assert parse_views("orig,hflip") == VIEWS and parse_views("hflip,orig") == VIEWS
+    assert parse_views("orig") == ("orig",) and parse_views(None) == ("orig",)
     for bad in ("hflip", "orig,vflip", "orig,orig", ""):
         with pytest.raises(MfdetrError, match="--views"):
             parse_views(bad)
@@ -274,7 +275,8 @@ def test_cache_cli_refuses_bad_views(fake: dict[str, Path], tmp_path: Path) -> N
 def test_recompute_cache_recomputes_c1_of_the_flipped_image(tmp_path: Path) -> None:
     from mfdetr.data import SynthConfig, generate_synth
     from mfdetr.engine.collate import collate_detector_outputs
-    from tests.test_predict_tinydet import NAME as TINY, save_detector_checkpoint
+    from tests.test_predict_tinydet import NAME as TINY
+    from tests.test_predict_tinydet import save_detector_checkpoint
 
     synth = tmp_path / "synth"
     generate_synth(synth, config=SynthConfig(train=3, val=1, image_size=40, seed=40))

@@ -37,17 +37,13 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     store = CacheStore.open(path)
     m = store.manifest
     views = store.views
-    view_flags = {v: store.for_view(v).commit_flags() for v in views}
-    bar = tqdm(total=len(store) * len(views), unit="img", desc="verify", disable=not (verify and progress),
-               file=sys.stderr)
-    view_damage = {v: find_damaged(store.for_view(v), full=verify, progress=bar.update) for v in views}
-    bar.close()
+    view_flags, view_damage = _check_views(store, verify=verify, progress=progress)
     per_view = {v: _counts(view_flags[v], view_damage[v]) for v in views}
     # an image counts once: done when every view is done, damaged when any view is
     damage = [d for v in views for d in view_damage[v]]
+    flags = combined_commit(list(view_flags.values()))
     damaged_idx = np.zeros(len(store), dtype=bool)
     damaged_idx[[d.index for d in damage]] = True
-    flags = combined_commit(list(view_flags.values()))
     done, skipped, pending = (int(((flags == f) & ~damaged_idx).sum()) for f in (COMMIT_DONE, COMMIT_SKIPPED,
                                                                                    COMMIT_PENDING))
     flag_done = int((flags == COMMIT_DONE).sum())
@@ -117,9 +113,21 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     return lines, facts
 
 
+def _check_views(store: CacheStore, *, verify: bool, progress: bool
+                 ) -> tuple[dict[str, np.ndarray], dict[str, list[Any]]]:
+    """Every view's commit flags and damaged images (:func:`~mfdetr.cache.verify.find_damaged`)."""
+    flags = {v: store.for_view(v).commit_flags() for v in store.views}
+    bar = tqdm(total=len(store) * len(store.views), unit="img", desc="verify", disable=not (verify and progress),
+               file=sys.stderr)
+    damage = {v: find_damaged(store.for_view(v), full=verify, progress=bar.update) for v in store.views}
+    bar.close()
+    return flags, damage
+
+
 def _counts(flags: np.ndarray, damage: list[Any]) -> dict[str, int]:
     """One view's done/skipped/pending/damaged image counts (they sum to the image count)."""
     hit = np.zeros(len(flags), dtype=bool)
     hit[[d.index for d in damage]] = True
-    return {"done": int(((flags == COMMIT_DONE) & ~hit).sum()), "skipped": int(((flags == COMMIT_SKIPPED) & ~hit).sum()),
+    return {"done": int(((flags == COMMIT_DONE) & ~hit).sum()),
+            "skipped": int(((flags == COMMIT_SKIPPED) & ~hit).sum()),
             "pending": int(((flags == COMMIT_PENDING) & ~hit).sum()), "damaged": int(hit.sum())}

@@ -82,8 +82,8 @@ def check_views(manifest: Mapping[str, Any]) -> list[str]:
         return []
     views = manifest["views"]
     if views[:1] != [ORIG] or len(set(views)) != len(views) or views != [v for v in KNOWN_VIEWS if v in views]:
-        return [f"manifest.views: {views} must start with 'orig' and name each view once, in the order "
-                f"{list(KNOWN_VIEWS)}"]
+        return [(f"manifest.views: {views} must start with 'orig' and name each view once, in the order "
+                 f"{list(KNOWN_VIEWS)}")]
     return []
 
 
@@ -121,6 +121,6 @@ def flip_batch(batch: Any) -> Any:
     return dataclasses.replace(batch, images=images)
 
 
-__all__ = ["HFLIP", "KNOWN_VIEWS", "ORIG", "SHARED_ARRAYS", "base_name", "check_views", "combined_commit", "expand_views",
-           "flip_batch", "parse_views", "read_all_commits", "store_views", "view_array_name",
+__all__ = ["HFLIP", "KNOWN_VIEWS", "ORIG", "SHARED_ARRAYS", "base_name", "check_views", "combined_commit",
+           "expand_views", "flip_batch", "parse_views", "read_all_commits", "store_views", "view_array_name",
            "view_manifest_entry"]

@@ -129,8 +129,8 @@ class CacheWriter:
         # of a C1 canvas); an all-zero image chunk is then stored (compressed to a few bytes) like any other.
         self.view = view
         self.arrays: dict[str, zarr.Array] = {
-            s.name: root[view_array_name(view, s.name)].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
-            for s in base_array_table(manifest)}
+            s.name: root[view_array_name(view, s.name)].with_config(  # type: ignore[union-attr]
+                {"write_empty_chunks": True}) for s in base_array_table(manifest)}
         self.level_hw = [tuple(x) for x in manifest["canvas"]["level_hw"]]
         self.c1_hw = tuple(manifest["canvas"]["c1_hw"])
         self.feature_arrays = {s.name for s in base_array_table(manifest) if s.codec == "features"}

@@ -235,9 +235,10 @@ class CacheSources:
 def _datasets(cfg: RunConfig, src: CacheSources, enc_layer: int, damage: DamagePolicy
               ) -> tuple[Any, CacheDataset, CacheDataset | None]:
     store = open_cache(src.cache, enc_layer=enc_layer, role="training cache")
-    train_kw = dict(store=store, coco_split=open_annotations(store, coco=src.coco, annotations=src.annotations),
-                    enc_layer=enc_layer, require_complete=cfg.data.require_complete, max_images=cfg.data.max_images,
-                    on_damaged="substitute")
+    train_kw: dict[str, Any] = {
+        "store": store, "coco_split": open_annotations(store, coco=src.coco, annotations=src.annotations),
+        "enc_layer": enc_layer, "require_complete": cfg.data.require_complete, "max_images": cfg.data.max_images,
+        "on_damaged": "substitute"}
     # a cache with several views: one view per image and epoch, seeded by the run seed
     train_set = (ViewSampledDataset(views=store.views, seed=cfg.train.seed, **train_kw) if len(store.views) > 1
                  else CacheDataset(**train_kw))
