@@ -252,12 +252,19 @@ def test_inspect_dry_run_and_repair_count_views(fake: dict[str, Path], tmp_path:
     fd.assert_same_store(store, fake["flip"])
 
 
-def test_views_option_and_commit_combination() -> None:
+def test_views_option_manifest_and_commit_combination(fake: dict[str, Path]) -> None:
     assert parse_views("orig,hflip") == VIEWS and parse_views("hflip,orig") == VIEWS
     assert parse_views("orig") == ("orig",) and parse_views(None) == ("orig",)
     for bad in ("hflip", "orig,vflip", "orig,orig", ""):
         with pytest.raises(MfdetrError, match="--views"):
             parse_views(bad)
+    # a manifest's views: the schema and the order rules
+    from mfdetr.cache.manifest import validate_manifest_data
+
+    m = CacheStore.open(fake["flip"]).manifest
+    assert validate_manifest_data(m) == []
+    for bad in (["hflip", "orig"], ["orig", "orig"], ["orig", "vflip"], ["orig"]):
+        assert any("views" in e for e in validate_manifest_data({**m, "views": bad})), bad
     a = np.array([1, 1, 2, 0, 1, 255], dtype=np.uint8)
     b = np.array([1, 0, 2, 1, 2, 1], dtype=np.uint8)
     assert combined_commit([a, b]).tolist() == [1, 0, 2, 0, 2, 255]
