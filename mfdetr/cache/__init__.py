@@ -9,6 +9,8 @@
 - :func:`inspect_store` — the report of ``mfdetr inspect``.
 - :mod:`mfdetr.cache.verify` — what makes a committed image damaged (lost/empty/undecodable chunk,
   checksum mismatch, non-finite values, impossible sizes, bad commit flag) and ``find_damaged``.
+- :mod:`mfdetr.cache.views` — the stored views of an image (``orig``, and ``hflip``: a second detector
+  run on the flipped image, stored as ``hflip_<array>`` with its own commit flags).
 - :mod:`mfdetr.cache.stage0` — the frozen stage 0 a ``--c1 recompute`` store carries instead of C1
   (exported with ``torch.export``, stored as a data-only ATen program + tensors, loaded safely).
 

@@ -15,6 +15,7 @@ from mfdetr.cache.codecs import filters_metadata_of
 from mfdetr.cache.reader import CacheStore
 from mfdetr.cache.store import _describe_compressors, human_bytes as _human, stored_bytes
 from mfdetr.cache.verify import find_damaged
+from mfdetr.cache.views import base_name, combined_commit, view_array_name
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED
 
 
@@ -35,12 +36,17 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     """
     store = CacheStore.open(path)
     m = store.manifest
-    flags = store.commit_flags()
-    bar = tqdm(total=len(flags), unit="img", desc="verify", disable=not (verify and progress), file=sys.stderr)
-    damage = find_damaged(store, full=verify, progress=bar.update)
-    bar.close()
-    flag_done, skipped, pending = (int((flags == v).sum()) for v in (COMMIT_DONE, COMMIT_SKIPPED, COMMIT_PENDING))
-    done = flag_done - sum(1 for d in damage if d.array != "commit")
+    views = store.views
+    view_flags, view_damage = _check_views(store, verify=verify, progress=progress)
+    per_view = {v: _counts(view_flags[v], view_damage[v]) for v in views}
+    # an image counts once: done when every view is done, damaged when any view is
+    damage = [d for v in views for d in view_damage[v]]
+    flags = combined_commit(list(view_flags.values()))
+    damaged_idx = np.zeros(len(store), dtype=bool)
+    damaged_idx[[d.index for d in damage]] = True
+    done, skipped, pending = (int(((flags == f) & ~damaged_idx).sum()) for f in (COMMIT_DONE, COMMIT_SKIPPED,
+                                                                                   COMMIT_PENDING))
+    flag_done = int((flags == COMMIT_DONE).sum())
     status = f"{len(damage)} DAMAGED image(s)" if damage else "valid"
     lines = [f"cache {store.path}: {status} (schema v{m['schema_version']}, format {m['format']}, "
              f"checksums {'crc32c' if m['codecs'].get('checksum') else 'none'})", "manifest:"]
@@ -54,7 +60,11 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     checked = ("every committed image decoded and checked" if verify
                else "commit flags and chunk files checked; --verify decodes every image")
     lines.append(f"completeness: {done}/{len(flags)} done, {skipped} skipped, {pending} pending, "
-                 f"{len(damage)} damaged ({checked})")
+                 f"{int(damaged_idx.sum())} damaged ({checked})")
+    if len(views) > 1:
+        for v, c in per_view.items():
+            lines.append(f"  view {v}: {c['done']} done, {c['skipped']} skipped, {c['pending']} pending, "
+                         f"{c['damaged']} damaged")
     for d in damage[:max_skips]:
         lines.append(f"  damaged {d.describe()}")
     if len(damage) > max_skips:
@@ -69,13 +79,16 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     lines.append(f"arrays (stored bytes vs raw bytes of the {written} written chunks):")
     total = 0
     for name in m["arrays"]:
-        arr = store._arrays[name]
+        arr = store.root[name]
+        vflags = view_flags[next((v for v in views if view_array_name(v, base_name(name)) == name), views[0])]
+        v_done, v_skipped = int((vflags == COMMIT_DONE).sum()), int((vflags == COMMIT_SKIPPED).sum())
         sb = stored_bytes(store.path, name) - os.path.getsize(store.path / name / "zarr.json")
         unit = tuple(arr.shards or arr.chunks)  # per-image file: a chunk, or a shard of tiles
         tiles = tuple(arr.chunks) if arr.shards else None
         per_chunk = int(np.prod(unit)) * arr.dtype.itemsize
-        n_chunks = 1 if name == "image_ids" else (skipped if name == "skip_reason" else
-                                                  written if name == "commit" else flag_done)
+        base = base_name(name)
+        n_chunks = 1 if name == "image_ids" else (v_skipped if base == "skip_reason" else
+                                                  v_done + v_skipped if base == "commit" else v_done)
         raw = per_chunk * n_chunks
         total += sb
         codec = _describe_compressors(arr)
@@ -94,7 +107,27 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     if partial:
         lines.append(f"note: {partial} leftover '.partial' temporary files from interrupted writers "
                      "(harmless; not part of any image)")
-    facts = {"done": done, "skipped": skipped, "pending": pending, "damaged": len(damage), "damage": damage,
-             "verified": verify, "num_images": len(flags), "arrays": arrays,
-             "partial_files": partial, "skips": skips}
+    facts = {"done": done, "skipped": skipped, "pending": pending, "damaged": int(damaged_idx.sum()),
+             "damage": damage, "verified": verify, "num_images": len(flags), "arrays": arrays,
+             "partial_files": partial, "skips": skips, "views": per_view}
     return lines, facts
+
+
+def _check_views(store: CacheStore, *, verify: bool, progress: bool
+                 ) -> tuple[dict[str, np.ndarray], dict[str, list[Any]]]:
+    """Every view's commit flags and damaged images (:func:`~mfdetr.cache.verify.find_damaged`)."""
+    flags = {v: store.for_view(v).commit_flags() for v in store.views}
+    bar = tqdm(total=len(store) * len(store.views), unit="img", desc="verify", disable=not (verify and progress),
+               file=sys.stderr)
+    damage = {v: find_damaged(store.for_view(v), full=verify, progress=bar.update) for v in store.views}
+    bar.close()
+    return flags, damage
+
+
+def _counts(flags: np.ndarray, damage: list[Any]) -> dict[str, int]:
+    """One view's done/skipped/pending/damaged image counts (they sum to the image count)."""
+    hit = np.zeros(len(flags), dtype=bool)
+    hit[[d.index for d in damage]] = True
+    return {"done": int(((flags == COMMIT_DONE) & ~hit).sum()),
+            "skipped": int(((flags == COMMIT_SKIPPED) & ~hit).sum()),
+            "pending": int(((flags == COMMIT_PENDING) & ~hit).sum()), "damaged": int(hit.sum())}

@@ -22,6 +22,7 @@ from mfdetr import __version__
 from mfdetr.cache.codecs import DEFAULT_PRESET, manifest_codecs
 from mfdetr.cache.schema import (CURRENT_SCHEMA_VERSION, SCHEMA_VERSIONS, load_manifest_schema, resolve_array_table,
                                  validate_json)
+from mfdetr.cache.views import check_views, view_manifest_entry
 from mfdetr.contracts import DetectorPreset
 from mfdetr.errors import MfdetrError
 
@@ -97,7 +98,7 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
                    annotation_file: str, annotation_sha256: str, image_ids: Sequence[int], topk: int,
                    enc_layers: Sequence[int], logits_dtype: str = "float32",
                    codec: Mapping[str, Any] | None = None, codec_preset: str = DEFAULT_PRESET,
-                   c1: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   c1: Mapping[str, Any] | None = None, views: Sequence[str] = ("orig",)) -> dict[str, Any]:
     """The manifest of a new store (validated against the schema).
 
     Args:
@@ -110,6 +111,8 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
             preset (``mfdetr.cache.codecs.PRESETS``), recorded with its filter chain.
         c1: the ``c1`` entry of a ``--c1 recompute`` store (``{"mode": "recompute", "stage0": {...}}``,
             :mod:`mfdetr.cache.stage0`); ``None`` = store C1 (no entry: the manifest of ``--c1 store``).
+        views: the image views stored (:mod:`mfdetr.cache.views`); the original view alone writes no
+            ``views`` field.
     """
     layers = sorted({int(e) for e in enc_layers})
     if not layers or layers[0] < 1 or layers[-1] > preset.num_encoder_layers:
@@ -146,6 +149,7 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
     }
     if c1 is not None:
         m["c1"] = dict(c1)
+    m.update(view_manifest_entry(views))
     m["arrays"] = [a.name for a in resolve_array_table(m)]
     m = _jsonable(m)
     errs = validate_manifest_data(m)
@@ -168,6 +172,7 @@ def validate_manifest_data(m: Any) -> list[str]:
     if not errs:
         if m["num_classes"] != len(m["category_map"]):
             errs.append(f"manifest.category_map: {len(m['category_map'])} entries, num_classes is {m['num_classes']}")
+        errs += check_views(m)
         c1 = m.get("c1", {"mode": "store"})
         if (c1["mode"] == "recompute") != ("stage0" in c1):
             errs.append("manifest.c1: a 'recompute' store names its stage0 files, a 'store' one none")

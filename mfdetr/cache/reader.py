@@ -17,9 +17,10 @@ import torch
 import zarr
 
 from mfdetr.cache.manifest import check_expectations, manifest_sha256
-from mfdetr.cache.schema import c1_mode, enc_array_name
+from mfdetr.cache.schema import base_array_table, c1_mode, enc_array_name
 from mfdetr.cache.store import open_validated, read_commit_flags
 from mfdetr.cache.verify import Damage, DamagedImage, checked_read, geometry_problem
+from mfdetr.cache.views import ORIG, store_views, view_array_name
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
@@ -31,17 +32,25 @@ class CacheStore:
     """A validated, read-only view of a cache store.
 
     Use :meth:`open`. Attributes: ``path``, ``manifest`` (dict), ``image_ids`` [N] int64 (store
-    index → COCO image id), ``enc_layers`` and ``level_strides``.
+    index → COCO image id), ``enc_layers`` and ``level_strides``, ``views`` (the views the store holds,
+    :mod:`mfdetr.cache.views`) and ``view`` (the one this object reads: commit flags, skips and images
+    are that view's; :meth:`for_view` gives another).
     """
 
-    def __init__(self, *, path: Path, root: zarr.Group, manifest: dict[str, Any]) -> None:
+    def __init__(self, *, path: Path, root: zarr.Group, manifest: dict[str, Any], view: str = ORIG) -> None:
         self.path = path
         self.root = root
         self.manifest = manifest
         self.image_ids: np.ndarray = root["image_ids"][:]  # type: ignore[index]
         self.enc_layers: list[int] = list(manifest["enc_layers"])
         self.level_strides: list[int] = list(manifest["level_strides"])
-        self._arrays: dict[str, zarr.Array] = {n: root[n] for n in manifest["arrays"]}  # type: ignore[misc]
+        self.views: list[str] = store_views(manifest)
+        if view not in self.views:
+            raise MfdetrError(f"cache holds the views {self.views}, not {view!r}", path=path)
+        self.view = view
+        # the view's arrays under their original-view names
+        self._arrays: dict[str, zarr.Array] = {  # type: ignore[misc]
+            s.name: root[view_array_name(view, s.name)] for s in base_array_table(manifest)}
         #: "store" (C1 read from the ``c1`` array) or "recompute" (no ``c1`` array: :meth:`read` returns an
         #: empty [1, C1, 0, 0] placeholder; the engine recomputes C1 with the store's stage 0)
         self.c1_mode: str = c1_mode(manifest)
@@ -49,7 +58,7 @@ class CacheStore:
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> CacheStore:
+    def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None, view: str = ORIG) -> CacheStore:
         """Open and validate the store at ``path``.
 
         Args:
@@ -61,7 +70,12 @@ class CacheStore:
         path = Path(path)
         root, manifest = open_validated(path)
         check_expectations(manifest, expect, where=str(path))
-        return cls(path=path, root=root, manifest=manifest)
+        return cls(path=path, root=root, manifest=manifest, view=view)
+
+    def for_view(self, view: str) -> CacheStore:
+        """The same store read through ``view`` (no reopening or revalidation)."""
+        return self if view == self.view else CacheStore(path=self.path, root=self.root, manifest=self.manifest,
+                                                         view=view)
 
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
@@ -72,11 +86,12 @@ class CacheStore:
         return manifest_sha256(self.manifest)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: reopen lazily
-        return {"path": self.path, "manifest": self.manifest}
+        return {"path": self.path, "manifest": self.manifest, "view": self.view}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         root = zarr.open_group(str(state["path"]), mode="r", zarr_format=3)
-        self.__init__(path=state["path"], root=root, manifest=state["manifest"])  # type: ignore[misc]
+        self.__init__(path=state["path"], root=root, manifest=state["manifest"],  # type: ignore[misc]
+                      view=state.get("view", ORIG))
 
     # --- completeness -------------------------------------------------------------------------------
     def commit_flags(self, *, refresh: bool = False) -> np.ndarray:

@@ -28,9 +28,10 @@ from mfdetr.cache.manifest import build_manifest, sha256_file
 from mfdetr.cache.sizes import format_size_table, ratios_for, raw_bytes, size_table
 from mfdetr.cache.store import human_bytes as _human
 from mfdetr.devices import resolve_device
-from mfdetr.cache.store import chunk_path, open_for_writing, read_commit_flags, stored_bytes
+from mfdetr.cache.store import chunk_path, open_for_writing, stored_bytes
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
+from mfdetr.cache.views import ORIG, flip_batch, parse_views, read_all_commits, store_views, view_array_name
 from mfdetr.contracts import DetectorOutput, FrozenDetector
 from mfdetr.data import CocoInstances, iterate_batches, resized_hw, run_or_skip, same_size_batches
 from mfdetr.errors import MfdetrError
@@ -56,6 +57,7 @@ class CacheJob:
     codec: str = DEFAULT_PRESET
     repair: bool = False
     c1: str = "store"  # "store" the C1 array, or "recompute" it in stage 2 from the stored stage 0
+    views: tuple[str, ...] = (ORIG,)  # image views to store (mfdetr.cache.views): ("orig",) or ("orig", "hflip")
 
 
 @dataclass
@@ -130,7 +132,7 @@ def plan_job(job: CacheJob) -> _Plan:
         preset=preset, checkpoint_file=str(job.checkpoint), checkpoint_sha256=sha256_file(job.checkpoint),
         split=job.split, annotation_file=str(dataset.annotation_file),
         annotation_sha256=dataset.annotation_sha256, image_ids=image_ids.tolist(), topk=job.topk,
-        enc_layers=job.enc_layers, codec_preset=job.codec)
+        enc_layers=job.enc_layers, codec_preset=job.codec, views=parse_views(job.views))
     return _Plan(preset=preset, dataset=dataset, manifest=manifest, image_ids=image_ids,
                  shard=resolve_shard(job.shard))
 
@@ -139,24 +141,30 @@ def estimate_bytes(plan: _Plan, indices: list[int], store: Any | None = None, *,
                    c1_mode: str = "store") -> dict[str, Any]:
     """Estimated bytes of ``indices`` (with the job's codec and C1 mode) and a table of bytes/image and the
     whole split's total under every codec preset and C1 mode, from the annotation's image sizes and the
-    shapes (:mod:`mfdetr.cache.sizes`; ratios measured on ``store`` where possible)."""
+    shapes (:mod:`mfdetr.cache.sizes`; ratios measured on ``store`` where possible). Every stored view
+    (:mod:`mfdetr.cache.views`) holds a full copy of an image's arrays: bytes scale with their number."""
     m = plan.manifest
+    nv = len(store_views(m))
     pre = plan.preset.preprocessing
     d, k, c, c1 = m["hidden_dim"], m["topk"], m["num_classes"], m["c1_channels"]
     canvas = 2 * (d * len(m["enc_layers"]) * sum(h * w for h, w in m["canvas"]["level_hw"])
                   + c1 * m["canvas"]["c1_hw"][0] * m["canvas"]["c1_hw"][1]) + k * (2 * d + 4 * 4 + 4 * c)
+    canvas *= nv
     hws = []
     for image_id in plan.image_ids.tolist():
         info = plan.dataset.image_info(int(image_id))
         hws.append(resized_hw(int(info["height"]), int(info["width"]), pre.short_side, pre.max_size))
     ratios, note = ratios_for(store)
-    raw = raw_bytes(m, [hws[i] for i in indices])
+    def raw_of(sizes: list[tuple[int, int]]) -> dict[str, float]:
+        return {key: nv * v for key, v in raw_bytes(m, sizes).items()}
+
+    raw = raw_of([hws[i] for i in indices])
     mine = next(r for r in size_table(raw, len(indices), ratios)
                 if r.preset == m["codecs"]["preset"] and r.c1_mode == c1_mode)
     return {"images": len(indices), "bytes_per_image": mine.bytes_per_image,
             "raw_f16_valid_per_image": sum(raw.values()) / max(len(indices), 1),
             "raw_canvas_per_image": float(canvas), "total_bytes": mine.total_bytes, "ratios": ratios,
-            "ratio_source": note, "table": size_table(raw_bytes(m, hws), len(hws), ratios)}
+            "ratio_source": note, "table": size_table(raw_of(hws), len(hws), ratios)}
 
 
 def _todo(plan: _Plan, commit: np.ndarray, retry_skipped: bool) -> list[int]:
@@ -178,16 +186,19 @@ def reset_damaged(out_path: Path, root: Any, plan: _Plan, *, full: bool, echo: C
     from mfdetr.cache.reader import CacheStore
     from mfdetr.cache.verify import find_damaged, image_arrays
 
-    store = CacheStore.open(out_path)
     mine = range(plan.shard[0], len(plan.image_ids), plan.shard[1])
-    written = int((store.commit_flags()[mine] != COMMIT_PENDING).sum())
-    found = find_damaged(store, full=full, indices=mine)
-    commit = root["commit"]
-    for d in found:
-        echo(f"damaged {d.describe()}: recomputing it")
-        commit[d.index] = COMMIT_PENDING
-        for name in [*image_arrays(store.manifest), "skip_reason"]:  # zarr reads a shard it overwrites
-            chunk_path(out_path, store._arrays[name], d.index).unlink(missing_ok=True)
+    written, found = 0, []
+    for view in store_views(plan.manifest):  # every view of an image has its own commit flag
+        store = CacheStore.open(out_path, view=view)
+        written += int((store.commit_flags()[mine] != COMMIT_PENDING).sum())
+        found_here = find_damaged(store, full=full, indices=mine)
+        commit = root[view_array_name(view, "commit")]
+        for d in found_here:
+            echo(f"damaged {d.describe()}: recomputing it")
+            commit[d.index] = COMMIT_PENDING
+            for name in [*image_arrays(store.manifest), "skip_reason"]:  # zarr reads a shard it overwrites
+                chunk_path(out_path, store._arrays[name], d.index).unlink(missing_ok=True)
+        found += found_here
     if written:
         echo(f"{'repair (every committed image decoded)' if full else 'check of commit flags and chunk files'} of "
              f"{written} written image(s): {len(found)} damaged image(s) to recompute"
@@ -236,17 +247,19 @@ def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[
         # a manifest written before codec presets existed is lossless: compare it as such
         check_expectations(with_codec_defaults(store.manifest),
                            {k: want[k] for k in want if k not in ("created_utc", "arrays", "c1")}, where=str(out_path))
-        commit = store.commit_flags().copy()
-        found = find_damaged(store, full=job.repair, indices=range(plan.shard[0], n, plan.shard[1]))
+        commit = read_all_commits(out_path, store.root, store.manifest)
+        found = [d for v in store.views for d in find_damaged(store.for_view(v), full=job.repair,
+                                                                 indices=range(plan.shard[0], n, plan.shard[1]))]
         commit[[d.index for d in found]] = COMMIT_PENDING
-        damaged = len(found)
+        damaged = len({d.index for d in found})
     todo = _todo(plan, commit, job.retry_skipped)
     est = estimate_bytes(plan, todo, store, c1_mode=job.c1)
     summary.estimate, summary.planned = est, len(todo)
     shard_txt = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
     echo(f"images: {n} in {job.split}; {int((commit == COMMIT_DONE).sum())} already done; "
          f"{len(todo)} to compute{shard_txt}" + (f" ({damaged} of them damaged)" if damaged else ""))
-    echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} with --codec {job.codec} --c1 {job.c1} "
+    views_txt = f" --views {','.join(store_views(m))}" if len(store_views(m)) > 1 else ""
+    echo(f"estimated bytes/image: {_human(est['bytes_per_image'])} with --codec {job.codec} --c1 {job.c1}{views_txt} "
          f"(raw float16, valid region: {_human(est['raw_f16_valid_per_image'])}; raw canvas: "
          f"{_human(est['raw_canvas_per_image'])}; the run's summary prints the measured sizes)")
     echo(f"estimated total: {_human(est['total_bytes'])} for {len(todo)} images"
@@ -314,7 +327,7 @@ def _prepare_store(job: CacheJob, plan: _Plan, detector: FrozenDetector | None, 
     root = open_for_writing(out_path, m, plan.image_ids, extra_files) if _store_exists(out_path) else None
     if root is not None:
         reset_damaged(out_path, root, plan, full=job.repair, echo=echo)  # their flags become pending
-    commit = (read_commit_flags(out_path, root["commit"]) if root is not None  # type: ignore[arg-type]
+    commit = (read_all_commits(out_path, root, m) if root is not None
               else np.zeros(len(plan.image_ids), dtype=np.uint8))
     todo = _todo(plan, commit, job.retry_skipped)
     if todo:
@@ -322,7 +335,7 @@ def _prepare_store(job: CacheJob, plan: _Plan, detector: FrozenDetector | None, 
         detector = detector if detector is not None else _build_detector(job)
     if root is None:
         root = open_for_writing(out_path, m, plan.image_ids, extra_files)
-        todo = _todo(plan, read_commit_flags(out_path, root["commit"]), job.retry_skipped)  # type: ignore[arg-type]
+        todo = _todo(plan, read_all_commits(out_path, root, m), job.retry_skipped)
     try:
         write_source_hint(out_path, coco=job.coco, annotation_file=plan.dataset.annotation_file)
     except OSError:
@@ -349,16 +362,17 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
 
     root, m, todo, detector = _prepare_store(job, plan, detector, echo)
     summary.planned = len(todo)
-    layers = list(m["enc_layers"])
-    writer = CacheWriter(root=root, path=out_path, manifest=m)
-    summary.stats = writer.stats
+    views = store_views(m)
+    writers = {v: CacheWriter(root=root, path=out_path, manifest=m, view=v) for v in views}
+    summary.stats = writers[ORIG].stats
     if todo:
         assert detector is not None
         device = next(iter(detector.parameters()), None) if isinstance(detector, torch.nn.Module) else None
         dev = device.device if device is not None else resolve_device(job.device)
         # queue: batches waiting for a worker (each holds its detector output, on the device)
-        bg = BackgroundWriter(writer=writer, threads=job.writer_threads, queue_size=max(2, job.writer_threads))
-        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"cache{shard_txt}", dynamic_ncols=True)
+        bg = BackgroundWriter(writer=writers[ORIG], threads=job.writer_threads, queue_size=max(2, job.writer_threads))
+        bar = tqdm(total=len(todo) * len(views), unit="img", disable=not progress, desc=f"cache{shard_txt}",
+                   dynamic_ncols=True)
         failed = True
         t_loop = time.perf_counter()
         try:
@@ -366,33 +380,24 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
             for batch, skips in iterate_batches(plan.dataset, num_workers=job.num_workers,
                                                 batches=same_size_batches(plan.dataset, todo, job.batch_size)):
                 for s in skips:
-                    bg.write_skip(s.index, int(plan.image_ids[s.index]), s.reason)
+                    for w in writers.values():
+                        bg.write_skip(s.index, int(plan.image_ids[s.index]), s.reason, writer=w)
                 if batch is not None:
-                    t0 = time.perf_counter()
-                    with torch.inference_mode():  # an image the detector cannot process is skipped, recorded
-                        done, unprocessable = run_or_skip(
-                            lambda b: detector.detect(b.to(dev), topk=job.topk, enc_layers=layers), batch)
-                    for pos, reason in unprocessable:
-                        iid = batch.image_ids[pos]
-                        bg.write_skip(plan.dataset.index_of(iid), iid, f"{batch.file_names[pos]}: {reason}")
-                    summary.detect_s += time.perf_counter() - t0
-                    for part, out in done:
-                        _check_output(out, m, part.image_ids)
-                        extra = None
-                        if job.c1 == "recompute":  # C1 is not stored: copy a 1x1 corner only, record the files
-                            out = dataclasses.replace(out, c1=out.c1[..., :1, :1])
-                            extra = _image_sha256(plan, part.image_ids)
-                        bg.write_output(out, indices=[plan.dataset.index_of(i) for i in part.image_ids],
-                                        file_names=part.file_names, image_ids=part.image_ids, extra=extra)
+                    for view, w in writers.items():  # every view: its own detector run
+                        t0 = time.perf_counter()
+                        _detect_and_write(job, plan, m, detector, dev, batch if view == ORIG else flip_batch(batch),
+                                          bg, w)
+                        summary.detect_s += time.perf_counter() - t0
                 bar.update(bg.completed - bar.n)
-                bar.set_postfix_str(f"written {_human(writer.stats.bytes_written)}", refresh=False)
+                bar.set_postfix_str(f"written {_human(sum(w.stats.bytes_written for w in writers.values()))}",
+                                    refresh=False)
             failed = False
         finally:
             bg.close(raise_errors=not failed)
             summary.loop_s = time.perf_counter() - t_loop
             bar.update(bg.completed - bar.n)
             bar.close()
-    final = read_commit_flags(out_path, root["commit"])  # type: ignore[arg-type]
+    final = read_all_commits(out_path, root, m)
     summary.store_done = int((final == COMMIT_DONE).sum())
     summary.store_skipped = int((final == COMMIT_SKIPPED).sum())
     summary.store_pending = int((final == COMMIT_PENDING).sum())
@@ -400,7 +405,31 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     summary.wall_s = time.perf_counter() - t_start
     for line in format_summary(summary):
         echo(line)
+    for view in views[1:]:
+        st = writers[view].stats
+        echo(f"view {view}: {st.done} images this run, {len(st.skipped)} skipped, {_human(st.bytes_written)} "
+             "written (the lines above count the original view; store counts: every view done)")
     return summary
+
+
+def _detect_and_write(job: CacheJob, plan: _Plan, m: dict[str, Any], detector: Any, dev: Any, batch: Any,
+                      bg: BackgroundWriter, writer: CacheWriter) -> None:
+    """Run the detector on one batch (one view of it) and queue its images for ``writer``."""
+    layers = list(m["enc_layers"])
+    with torch.inference_mode():  # an image the detector cannot process is skipped, recorded
+        done, unprocessable = run_or_skip(
+            lambda b: detector.detect(b.to(dev), topk=job.topk, enc_layers=layers), batch)
+    for pos, reason in unprocessable:
+        iid = batch.image_ids[pos]
+        bg.write_skip(plan.dataset.index_of(iid), iid, f"{batch.file_names[pos]}: {reason}", writer=writer)
+    for part, out in done:
+        _check_output(out, m, part.image_ids)
+        extra = None
+        if job.c1 == "recompute":  # C1 is not stored: copy a 1x1 corner only, record the files
+            out = dataclasses.replace(out, c1=out.c1[..., :1, :1])
+            extra = _image_sha256(plan, part.image_ids)
+        bg.write_output(out, indices=[plan.dataset.index_of(i) for i in part.image_ids],
+                        file_names=part.file_names, image_ids=part.image_ids, extra=extra, writer=writer)
 
 
 def _build_detector(job: CacheJob) -> FrozenDetector:

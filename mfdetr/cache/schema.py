@@ -115,7 +115,15 @@ class ArraySpec:
 
 
 def resolve_array_table(manifest: dict[str, Any]) -> list[ArraySpec]:
-    """Concrete :class:`ArraySpec` list of the store described by ``manifest`` (schema v1 rules)."""
+    """Concrete :class:`ArraySpec` list of the store described by ``manifest`` (schema v1 rules): the
+    original view's arrays, then every extra view's copies (:mod:`mfdetr.cache.views`)."""
+    from mfdetr.cache.views import expand_views, store_views
+
+    return expand_views(base_array_table(manifest), store_views(manifest))
+
+
+def base_array_table(manifest: dict[str, Any]) -> list[ArraySpec]:
+    """The arrays of one view (named as in the original view), ``image_ids`` included."""
     table = load_array_table(int(manifest["schema_version"]))
     canvas = manifest["canvas"]
     sym: dict[str, int] = {

@@ -55,8 +55,10 @@ def checksum_codecs(manifest: dict[str, Any], name: str) -> tuple[Any, ...]:
     and stay readable. ``commit`` never has one: its 1-byte chunks are read raw
     (:func:`read_commit_flags`), and a flag outside 0/1/2 is reported as damage anyway.
     """
+    from mfdetr.cache.views import base_name
+
     ck = manifest["codecs"].get("checksum")
-    if ck is None or name == "commit":
+    if ck is None or base_name(name) == "commit":  # every view's commit flags
         return ()
     if ck["name"] == "crc32c":
         return (Crc32cCodec(),)

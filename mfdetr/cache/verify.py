@@ -133,8 +133,8 @@ def checked_read(*, path: Path, arrays: Mapping[str, zarr.Array], image_id: int,
     :class:`DamagedImage` for a missing/empty file, a decoder failure or non-finite float values."""
     names = list(names)
 
-    def damaged(name: str, problem: str) -> DamagedImage:
-        return DamagedImage(Damage(str(path), index, image_id, name, problem))
+    def damaged(name: str, problem: str) -> DamagedImage:  # named as stored (a view's array: hflip_<name>)
+        return DamagedImage(Damage(str(path), index, image_id, str(arrays[name].path or name), problem))
 
     for n in names:
         problem = file_problem(path, arrays[n], index)
@@ -158,13 +158,16 @@ def checked_read(*, path: Path, arrays: Mapping[str, zarr.Array], image_id: int,
 
 
 def image_arrays(manifest: Mapping[str, Any]) -> list[str]:
-    """The arrays a committed image owns (what a full check decodes)."""
-    return [n for n in manifest["arrays"] if n not in NOT_IMAGE_DATA]
+    """The arrays a committed image owns in one view (what a full check decodes), named as in the
+    original view (a :class:`~mfdetr.cache.reader.CacheStore` maps them to its view's arrays)."""
+    from mfdetr.cache.schema import base_array_table
+
+    return [s.name for s in base_array_table(dict(manifest)) if s.name not in NOT_IMAGE_DATA]
 
 
 def find_damaged(store: Any, *, full: bool, indices: Iterable[int] | None = None,
                  progress: Callable[[int], None] | None = None) -> list[Damage]:
-    """Damaged images of an open :class:`~mfdetr.cache.reader.CacheStore` (one :class:`Damage` each).
+    """Damaged images of an open :class:`~mfdetr.cache.reader.CacheStore`'s view (one :class:`Damage` each).
 
     Commit flags outside 0/1/2 always count. Committed images (flag 1) are checked for missing or
     empty chunk files, and with ``full`` decoded whole (checksums, decoder, finite floats).
@@ -178,7 +181,7 @@ def find_damaged(store: Any, *, full: bool, indices: Iterable[int] | None = None
         iid = int(store.image_ids[i])
         problem = commit_problem(flags[i])
         if problem:
-            out.append(Damage(str(store.path), i, iid, "commit", problem))
+            out.append(Damage(str(store.path), i, iid, str(store._arrays["commit"].path), problem))
         elif flags[i] == COMMIT_DONE:
             try:
                 if full:
@@ -189,7 +192,7 @@ def find_damaged(store: Any, *, full: bool, indices: Iterable[int] | None = None
                     for n in names:
                         fp = file_problem(store.path, store._arrays[n], i)
                         if fp:
-                            raise DamagedImage(Damage(str(store.path), i, iid, n, fp))
+                            raise DamagedImage(Damage(str(store.path), i, iid, str(store._arrays[n].path), fp))
             except DamagedImage as e:
                 assert e.damage is not None
                 out.append(e.damage)

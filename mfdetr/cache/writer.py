@@ -29,8 +29,9 @@ import torch
 import zarr
 
 from mfdetr.cache.codecs import check_encodable
-from mfdetr.cache.schema import SKIP_REASON_BYTES, enc_array_name, resolve_array_table
+from mfdetr.cache.schema import SKIP_REASON_BYTES, base_array_table, enc_array_name
 from mfdetr.cache.store import chunk_path
+from mfdetr.cache.views import ORIG, view_array_name
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
 
@@ -117,19 +118,22 @@ class CacheWriter:
         root: the store's root group opened for writing.
         path: the store directory (for byte accounting and messages).
         manifest: the store's manifest.
+        view: the view whose arrays it writes (:mod:`mfdetr.cache.views`; records use the original
+            view's array names).
     """
 
-    def __init__(self, *, root: zarr.Group, path: str | Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, *, root: zarr.Group, path: str | Path, manifest: dict[str, Any], view: str = ORIG) -> None:
         self.path = Path(path)
         self.manifest = manifest
         # write_empty_chunks: skip zarr's full "is this chunk all fill value?" scan (~40% of the write time
         # of a C1 canvas); an all-zero image chunk is then stored (compressed to a few bytes) like any other.
+        self.view = view
         self.arrays: dict[str, zarr.Array] = {
-            name: root[name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
-            for name in manifest["arrays"]}
+            s.name: root[view_array_name(view, s.name)].with_config(  # type: ignore[union-attr]
+                {"write_empty_chunks": True}) for s in base_array_table(manifest)}
         self.level_hw = [tuple(x) for x in manifest["canvas"]["level_hw"]]
         self.c1_hw = tuple(manifest["canvas"]["c1_hw"])
-        self.feature_arrays = {s.name for s in resolve_array_table(manifest) if s.codec == "features"}
+        self.feature_arrays = {s.name for s in base_array_table(manifest) if s.codec == "features"}
         self.stats = WriteStats()
 
     # --- the three steps: write arrays, then commit ---------------------------------------------------
@@ -272,11 +276,14 @@ class BackgroundWriter:
             self.submit(self.writer.write_image, r)
 
     def write_output(self, out: DetectorOutput, *, indices: list[int], file_names: list[str],
-                     image_ids: list[int], extra: list[dict[str, np.ndarray]] | None = None) -> None:
+                     image_ids: list[int], extra: list[dict[str, np.ndarray]] | None = None,
+                     writer: CacheWriter | None = None) -> None:
         """Queue a whole batch output: a worker converts it (float16 cast, non-finite check, device→host
         copy: :func:`records_from_output`) and writes its images, so the main thread goes straight back
         to the detector. A non-finite output surfaces as :class:`MfdetrError` at the next call.
-        ``extra[b]`` holds more arrays of image ``b`` (e.g. ``image_sha256``)."""
+        ``extra[b]`` holds more arrays of image ``b`` (e.g. ``image_sha256``); ``writer`` (default: the
+        pool's) writes them, e.g. another view's."""
+        target = writer or self.writer
 
         def job() -> int:
             nonlocal out
@@ -285,13 +292,13 @@ class BackgroundWriter:
             out = None  # type: ignore[assignment]  # free the device tensors before the slow compression
             for r, more in zip(records, extra or [{}] * len(records), strict=True):
                 r.arrays.update(more)
-                self.writer.write_image(r)
+                target.write_image(r)
             return len(records)
 
         self.submit(job)
 
-    def write_skip(self, index: int, image_id: int, reason: str) -> None:
-        self.submit(self.writer.write_skip, index, image_id, reason)
+    def write_skip(self, index: int, image_id: int, reason: str, writer: CacheWriter | None = None) -> None:
+        self.submit((writer or self.writer).write_skip, index, image_id, reason)
 
     def close(self, *, raise_errors: bool = True) -> None:
         """Finish queued work, stop the threads, and re-raise a worker's error."""

@@ -56,12 +56,18 @@ def register(app: typer.Typer) -> None:
                                        "Recorded in the store; readers need no option."),
         c1: str = typer.Option("store", "--c1", help="store: write C1 (stride-4 backbone map); recompute: write no "
                                                       "C1 but the frozen stage 0, run in stage 2 on the decoded image."),
+        views: str = typer.Option("orig", "--views",
+                                  help="Image views to store: orig, or orig,hflip (the detector also runs on the "
+                                       "horizontally flipped image; training samples one view per image and epoch)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print images and estimated bytes per codec preset "
                                                                "and C1 mode, compute nothing."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
     ) -> None:
         """Cache a frozen detector's outputs (queries, boxes, logits, encoder maps, C1) for a COCO split."""
         from mfdetr.cache.run import CacheJob, parse_shard, run_cache
+        from mfdetr.cache.views import parse_views
+
+        view_names = parse_views(views)  # a bad --views fails before anything is read
         from mfdetr.detectors.resolve import resolve_detector
 
         cats = annotation_file or coco / "annotations" / f"instances_{split}.json"
@@ -72,5 +78,5 @@ def register(app: typer.Typer) -> None:
                        enc_layers=layers, batch_size=batch_size, shard=parse_shard(shard),
                        device=device, num_workers=workers, writer_threads=writer_threads,
                        retry_skipped=retry_skipped, annotation_file=annotation_file, codec=codec,
-                       repair=repair, c1=c1)
+                       repair=repair, c1=c1, views=view_names)
         run_cache(job, dry_run=dry_run, progress=progress, echo=typer.echo)

@@ -33,14 +33,19 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Option([], "--set", help="Recipe override section.key=value (repeatable)."),
         force: bool = typer.Option(False, "--force", help="Redo the demo in a non-empty --out."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show tqdm progress bars."),
+        views: str = typer.Option("orig", "--views", help="Train cache views: orig, or orig,hflip (also cache the "
+                                                           "flipped images; training samples one view per image "
+                                                           "and epoch). Evaluation uses the original view."),
         codec: str = typer.Option("lossless", "--codec", help="Cache feature codec preset (see `mfdetr cache --codec`)."),
         c1: str = typer.Option("store", "--c1", help="store: cache C1; recompute: cache the frozen stage 0 instead "
                                                       "and recompute C1 from the images in training."),
     ) -> None:
         """Run the whole pipeline offline on synthetic data and print box AP, mask AP, times and cache size."""
+        from mfdetr.cache.views import parse_views
         from mfdetr.engine.demo import DemoOptions, run_demo
         from mfdetr.outputs import check_output_dir
 
+        view_names = parse_views(views)
         check_output_dir(out)
 
         run_demo(DemoOptions(out=out, detector=detector, checkpoint=checkpoint, untrained_detector=untrained_detector, quick=quick, train_images=train_images,
@@ -48,4 +53,4 @@ def register(app: typer.Typer) -> None:
                              batch_size=batch_size, overlays=overlays,
                              overlay_threshold=overlay_threshold, seed=seed, device=device,
                              overrides=tuple(overrides), force=force, progress=progress, c1=c1,
-                             codec=codec), echo=typer.echo)
+                             codec=codec, views=view_names), echo=typer.echo)

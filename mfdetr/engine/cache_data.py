@@ -27,7 +27,9 @@ from torch.utils.data import Dataset
 from mfdetr.cache import CacheStore
 from mfdetr.cache.manifest import manifest_sha256  # noqa: F401 - re-exported for the engine
 from mfdetr.cache.verify import COMMIT_SKIPPED, Damage, DamagedImage, commit_problem
+from mfdetr.cache.views import HFLIP, ORIG
 from mfdetr.contracts import DetectorOutput, GTInstances
+from mfdetr.data.flip import hflip_instances
 from mfdetr.engine.damage import DamagedItem
 from mfdetr.errors import MfdetrError
 
@@ -190,9 +192,15 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
         raise MfdetrError(f"no intact image left to train on (first damaged: {damaged[0].describe()})",
                           path=self.store.path)
 
+    def view_of(self, i: int) -> str:
+        """The stored view item ``i`` reads (:mod:`mfdetr.cache.views`): the original image here;
+        :class:`~mfdetr.engine.cache_views.ViewSampledDataset` samples one per image and epoch."""
+        return ORIG
+
     def _item(self, i: int, damaged: list[Damage]) -> tuple[DetectorOutput, GTInstances]:
         index = int(self.indices[i])
-        det, image_id = self.store.read(index, enc_layers=[self.enc_layer])
+        view = self.view_of(i)
+        det, image_id = self.store.for_view(view).read(index, enc_layers=[self.enc_layer])
         det.extras["image_id"] = [image_id]
         if self.on_damaged == "substitute":
             det.extras["damaged"] = list(damaged)
@@ -201,5 +209,8 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
 
             hw = (int(det.input_hw[0, 0]), int(det.input_hw[0, 1]))
             image, error = self._images.load(self.store, index, image_id, hw)
+            if image is not None and view == HFLIP:  # the preprocessed image the flipped view was computed on
+                image = image.flip(-1)
             det.extras[IMAGE_KEY], det.extras[ERROR_KEY] = [image], [error]
-        return det, self.coco.load_targets(image_id)
+        target = self.coco.load_targets(image_id)
+        return det, (hflip_instances(target) if view == HFLIP else target)

@@ -65,6 +65,9 @@ class DemoOptions:
     #: "store" C1 in the caches, or "recompute" it in stage 2 from the stage 0 they carry
     c1: str = "store"
     codec: str = "lossless"
+    #: image views of the train cache (``("orig", "hflip")``: MaskNet trains on one per image and epoch);
+    #: the val cache holds the original view only (evaluation reads nothing else)
+    views: tuple[str, ...] = ("orig",)
 
     def sizes(self) -> tuple[int, int, int]:
         base = QUICK if self.quick else FULL
@@ -81,6 +84,7 @@ class DemoSummary:
     train_images: int = 0
     val_images: int = 0
     iterations: int = 0
+    views: tuple[str, ...] = ("orig",)  # image views of the train cache
     times: dict[str, float] = field(default_factory=dict)
     cache_bytes: dict[str, int] = field(default_factory=dict)
     cache_images: dict[str, int] = field(default_factory=dict)
@@ -193,7 +197,8 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
 
         ckpt = save_weights(build_trainable(preset.name, seed=opts.seed), out / "detector_untrained.pt")
         echo(f"untrained {preset.name} detector (seed {opts.seed}) written to {ckpt}: APs will be near zero")
-    s = DemoSummary(out=out, detector=preset.name, train_images=n_train, val_images=n_val, iterations=iters)
+    s = DemoSummary(out=out, detector=preset.name, train_images=n_train, val_images=n_val, iterations=iters,
+                    views=tuple(opts.views))
     t_all = time.perf_counter()
     torch.manual_seed(opts.seed)
 
@@ -212,7 +217,9 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
         store = out / "cache" / split
         res = run_cache(CacheJob(detector=preset.name, checkpoint=ckpt, coco=synth, split=split, out=store,
                                  topk=topk, enc_layers=(enc_layer,), batch_size=4, device=device, num_workers=0,
-                                 writer_threads=2, c1=opts.c1, codec=opts.codec), progress=opts.progress, echo=_brief(echo),
+                                 writer_threads=2, c1=opts.c1, codec=opts.codec,
+                                 views=opts.views if split == "train2017" else ("orig",)),
+                         progress=opts.progress, echo=_brief(echo),
                          detector=detector)
         done()
         s.cache_bytes[split], s.cache_images[split] = res.store_bytes, res.store_done
@@ -258,7 +265,7 @@ def format_demo_summary(s: DemoSummary) -> list[str]:
     """The demo's closing report (box AP of the detector, mask AP and Boundary AP, time per stage, cache bytes)."""
     seg, box, bnd = s.metrics.get("segm", {}), s.metrics.get("bbox", {}), s.metrics.get("boundary", {})
     lines = [f"demo summary: detector {s.detector}; {s.train_images} train / {s.val_images} val synthetic images; "
-             f"MaskNet {s.iterations} iterations",
+             f"MaskNet {s.iterations} iterations; train cache views {','.join(s.views)}",
              f"  detector box AP (val): {s.box_ap:.1f}   AP50 {box.get('AP50', float('nan')):.1f}   "
              f"AP75 {box.get('AP75', float('nan')):.1f}",
              f"  mask AP (val):         {s.mask_ap:.1f}   AP50 {seg.get('AP50', float('nan')):.1f}   "

@@ -27,6 +27,7 @@ from mfdetr.cache.verify import find_damaged
 from mfdetr.config import from_dict
 from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_sha256, open_annotations,
                                       open_cache)
+from mfdetr.engine.cache_views import ViewSampledDataset
 from mfdetr.engine.checkpoint import (atomic_write_text, check_masknet_config, check_resume_source, load_checkpoint,
                                       load_weights)
 from mfdetr.engine.damage import DamagePolicy, collate_marked
@@ -234,9 +235,13 @@ class CacheSources:
 def _datasets(cfg: RunConfig, src: CacheSources, enc_layer: int, damage: DamagePolicy
               ) -> tuple[Any, CacheDataset, CacheDataset | None]:
     store = open_cache(src.cache, enc_layer=enc_layer, role="training cache")
-    train_set = CacheDataset(store=store, coco_split=open_annotations(store, coco=src.coco, annotations=src.annotations),
-                             enc_layer=enc_layer, require_complete=cfg.data.require_complete,
-                             max_images=cfg.data.max_images, on_damaged="substitute")
+    train_kw: dict[str, Any] = {
+        "store": store, "coco_split": open_annotations(store, coco=src.coco, annotations=src.annotations),
+        "enc_layer": enc_layer, "require_complete": cfg.data.require_complete, "max_images": cfg.data.max_images,
+        "on_damaged": "substitute"}
+    # a cache with several views: one view per image and epoch, seeded by the run seed
+    train_set = (ViewSampledDataset(views=store.views, seed=cfg.train.seed, **train_kw) if len(store.views) > 1
+                 else CacheDataset(**train_kw))
     damage.take(train_set.damaged_commits)
     val_set = None
     if src.val_cache is not None:
