@@ -59,3 +59,30 @@ def test_swin_block_valid_region_ignores_padding() -> None:
     valid = torch.zeros(1, 12, 15, dtype=torch.bool)
     valid[:, :7, :9] = True
     torch.testing.assert_close(blk(big, valid)[:, :7, :9], blk(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_image_encoder_first_level_equals_the_full_encoders_first_level(layers: int) -> None:
+    """The last deformable layer updating only E_1's tokens gives E_1 and its gradients exactly as the
+    full encoder does (float64), with two differently padded images."""
+    from mfdetr.masknet.image_encoder import build_image_encoder
+
+    torch.manual_seed(0)
+    enc = build_image_encoder(block="deformable", layers=layers, dim=16, levels=3, heads=2, points=2).double()
+    for p in enc.parameters():  # the official init leaves the attention weights at zero
+        p.data.add_(0.05 * torch.randn_like(p))
+    sizes = ((12, 16), (6, 8), (3, 4))
+    valid = torch.tensor([[[12, 16], [6, 8], [3, 4]], [[9, 11], [5, 6], [3, 3]]])
+    maps = [torch.randn(2, 16, h, w, dtype=torch.float64) for h, w in sizes]
+    for m, lvl in zip(maps, range(3), strict=True):
+        for b in range(2):
+            m[b, :, valid[b, lvl, 0]:] = 0
+            m[b, :, :, valid[b, lvl, 1]:] = 0
+    g = torch.randn(2, 16, 12, 16, dtype=torch.float64)
+    full = enc(maps, valid)[0]
+    grads_full = torch.autograd.grad((full * g).sum(), list(enc.parameters()))
+    first = enc.first_level(maps, valid)
+    grads_first = torch.autograd.grad((first * g).sum(), list(enc.parameters()))
+    torch.testing.assert_close(first, full, rtol=0, atol=1e-12)
+    for a, b in zip(grads_first, grads_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
                                          help="Synthetic train images (default 400; quick 100)."),
         val_images: int = typer.Option(None, "--val-images", help="Synthetic val images (default 100; quick 30)."),
         iterations: int = typer.Option(None, "--iterations",
-                                       help="MaskNet training iterations (default 500; quick 150)."),
+                                       help="MaskNet training iterations (default 1000; quick 150)."),
         image_size: int = typer.Option(160, "--image-size", help="Shorter side of the synthetic images."),
         batch_size: int = typer.Option(8, "--batch-size", help="MaskNet training batch size."),
         overlays: int = typer.Option(6, "--overlays", help="Val images to draw overlays for."),

@@ -102,12 +102,18 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, src: Tensor, pos: Tensor | None, reference_points: Tensor, spatial_shapes: SpatialShapes,
-                padding_mask: Tensor | None = None) -> Tensor:
+                padding_mask: Tensor | None = None, num_out: int | None = None) -> Tensor:
         """``src`` [B, N, dim] tokens of all levels; ``pos`` [B or 1, N, dim]; ``reference_points``
-        [B, N, L, 2]; ``spatial_shapes`` [L, 2] or (H_l, W_l) pairs; ``padding_mask`` [B, N] True at padding."""
+        [B, N, L, 2]; ``spatial_shapes`` [L, 2] or (H_l, W_l) pairs; ``padding_mask`` [B, N] True at padding.
+
+        ``num_out``: compute only the first ``num_out`` tokens' outputs ([B, num_out, dim]); every
+        token still serves as a value, so these equal the first rows of the full result."""
         q = src if pos is None else src + pos
-        src = self.norm1(src + self.self_attn(q, reference_points, src, spatial_shapes, None, padding_mask))
-        return self.norm2(src + self.ffn(src))
+        x, ref = src, reference_points
+        if num_out is not None:
+            x, q, ref = src[:, :num_out], q[:, :num_out], reference_points[:, :num_out]
+        x = self.norm1(x + self.self_attn(q, ref, src, spatial_shapes, None, padding_mask))
+        return self.norm2(x + self.ffn(x))
 
 
 def relative_position_index(window: int) -> Tensor:

@@ -7,7 +7,9 @@
 - ``swin`` (eq. 7) / ``convnext`` (eq. 8): blocks on the highest-resolution level E_1 only; the other
   levels pass through unchanged.
 
-Only E_1 is consumed downstream (F = C1 + up(E_1)); every level is returned for completeness.
+Only E_1 is consumed downstream (F = C1 + up(E_1)): :meth:`ImageEncoder.first_level` computes just that
+(the last deformable layer then updates only E_1's tokens, still attending to every level);
+:meth:`ImageEncoder.forward` returns every level.
 """
 
 from __future__ import annotations
@@ -78,8 +80,18 @@ class ImageEncoder(nn.Module):
             return maps
         if self.block == "deformable":
             return self._deformable(maps, valid_hw)
-        x = maps[0]
-        v0 = valid_hw[:, 0]
+        return [self._single_level(maps[0], valid_hw[:, 0]), *maps[1:]]
+
+    def first_level(self, maps: list[Tensor], valid_hw: Tensor) -> Tensor:
+        """E_1 alone: ``forward(maps, valid_hw)[0]``, without updating the other levels' tokens in
+        the last deformable layer (their outputs would not be used)."""
+        if not self.layers:
+            return maps[0]
+        if self.block == "deformable":
+            return self._deformable(maps, valid_hw, first_level_only=True)[0]
+        return self._single_level(maps[0], valid_hw[:, 0])
+
+    def _single_level(self, x: Tensor, v0: Tensor) -> Tensor:
         if self.block == "swin":
             vm = valid_mask(v0.to(x.device), (x.shape[-2], x.shape[-1]))
             y = x.permute(0, 2, 3, 1)
@@ -89,9 +101,9 @@ class ImageEncoder(nn.Module):
         else:  # convnext: re-zero the padding after every block (the next DWConv must see zeros there)
             for layer in self.layers:
                 x = masked_fill_outside(layer(x), v0)
-        return [masked_fill_outside(x, v0), *maps[1:]]
+        return masked_fill_outside(x, v0)
 
-    def _deformable(self, maps: list[Tensor], valid_hw: Tensor) -> list[Tensor]:
+    def _deformable(self, maps: list[Tensor], valid_hw: Tensor, *, first_level_only: bool = False) -> list[Tensor]:
         b, d = maps[0].shape[:2]
         shapes = [(m.shape[-2], m.shape[-1]) for m in maps]  # sizes, symbolic under export
         dev = maps[0].device
@@ -106,11 +118,13 @@ class ImageEncoder(nn.Module):
         pos_t = torch.cat(pos, 1).to(src.dtype)
         pad = ~torch.cat([valid_mask(vhw[:, lvl], hw).flatten(1) for lvl, hw in enumerate(shapes)], 1)
         ref = deformable_reference_points(vhw, shapes)
-        for layer in self.layers:
-            src = layer(src, pos_t, ref, shapes, pad)
-        src = src.masked_fill(pad[..., None], 0.0)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            n_out = shapes[0][0] * shapes[0][1] if first_level_only and i == last else None
+            src = layer(src, pos_t, ref, shapes, pad, num_out=n_out)
+        src = src.masked_fill(pad[:, :src.shape[1], None], 0.0)
         out, start = [], 0
-        for h, w in shapes:
+        for h, w in shapes[:1] if first_level_only else shapes:
             out.append(src[:, start:start + h * w].transpose(1, 2).reshape(b, d, h, w))
             start += h * w
         return out

@@ -182,7 +182,7 @@ class MaskNet(nn.Module):
         c1 = masked_fill_outside(det.c1.to(dtype), c1_hw)
 
         # 2. image feature encoder (eq. 5-8)
-        e1 = self.image_encoder(maps, level_hw)[0]
+        e1 = self.image_encoder.first_level(maps, level_hw)
 
         # 3. F = Neck(C1) + up(E_1) at stride 4 (eq. 1, 5, 14)
         f = self._upsample_to(e1, c1.shape[-2:])
