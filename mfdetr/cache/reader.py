@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import zarr
 
+from mfdetr.cache.location import RemotePath, store_location, zarr_target
 from mfdetr.cache.manifest import check_expectations, manifest_sha256
 from mfdetr.cache.schema import c1_mode, enc_array_name
 from mfdetr.cache.store import open_validated, read_commit_flags
@@ -34,7 +35,7 @@ class CacheStore:
     index → COCO image id), ``enc_layers`` and ``level_strides``.
     """
 
-    def __init__(self, *, path: Path, root: zarr.Group, manifest: dict[str, Any]) -> None:
+    def __init__(self, *, path: Path | RemotePath, root: zarr.Group, manifest: dict[str, Any]) -> None:
         self.path = path
         self.root = root
         self.manifest = manifest
@@ -58,7 +59,7 @@ class CacheStore:
                 mismatch (and any invalid manifest, unknown schema version or malformed array) raises
                 :class:`MfdetrError`.
         """
-        path = Path(path)
+        path = store_location(path)
         root, manifest = open_validated(path)
         check_expectations(manifest, expect, where=str(path))
         return cls(path=path, root=root, manifest=manifest)
@@ -75,7 +76,7 @@ class CacheStore:
         return {"path": self.path, "manifest": self.manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        root = zarr.open_group(str(state["path"]), mode="r", zarr_format=3)
+        root = zarr.open_group(zarr_target(state["path"], read_only=True), mode="r", zarr_format=3)
         self.__init__(path=state["path"], root=root, manifest=state["manifest"])  # type: ignore[misc]
 
     # --- completeness -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("eval", context_settings={"allow_interspersed_args": True})
     def evaluate(
-        cache: Path = typer.Option(None, "--cache", help="Evaluation cache store (e.g. val2017)."),
+        cache: str = typer.Option(None, "--cache", help="Evaluation cache store (e.g. val2017)."),
         coco: Path = typer.Option(None, "--coco", help="COCO folder the cache was written from (GT annotations; default: the "
                                                        "folder `mfdetr cache` recorded, if it still exists)."),
         checkpoint: Path = typer.Option(None, "--checkpoint", help="A training checkpoint, e.g. RUN/ckpt.pt."),

@@ -11,8 +11,8 @@ def register(app: typer.Typer) -> None:
     @app.command("sweep", context_settings={"allow_interspersed_args": True})
     def sweep(
         sweep_file: Path = typer.Argument(..., help="A sweep file, e.g. pipeline/ablations/table02_image_encoder.toml."),
-        cache: Path = typer.Option(None, "--cache", help="Training cache store."),
-        val_cache: Path = typer.Option(None, "--val-cache", help="Validation cache store."),
+        cache: str = typer.Option(None, "--cache", help="Training cache store."),
+        val_cache: str = typer.Option(None, "--val-cache", help="Validation cache store."),
         coco: Path = typer.Option(None, "--coco", help="COCO folder the caches were written from (default: the folder "
                                                        "`mfdetr cache` recorded, if it still exists)."),
         out: Path = typer.Option(None, "--out", help="Sweep folder (default runs/<sweep file name>)."),

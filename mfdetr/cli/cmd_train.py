@@ -11,10 +11,10 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("train", context_settings={"allow_interspersed_args": True})
     def train(
-        cache: Path = typer.Option(None, "--cache", help="Training cache store (written by `mfdetr cache`)."),
+        cache: str = typer.Option(None, "--cache", help="Training cache store (written by `mfdetr cache`)."),
         coco: Path = typer.Option(None, "--coco", help="COCO folder the caches were written from (GT annotations; "
                                                        "default: the folder `mfdetr cache` recorded, if it still exists)."),
-        val_cache: Path = typer.Option(None, "--val-cache", help="Validation cache: evaluated at the end "
+        val_cache: str = typer.Option(None, "--val-cache", help="Validation cache: evaluated at the end "
                                                                  "(and every train.eval_every steps)."),
         config: Path = typer.Option(None, "--config", help="Run recipe TOML, e.g. pipeline/recipes/hdetr_r50.toml "
                                                            "(default: the paper's final system)."),
