@@ -46,8 +46,8 @@ class _Counter:
 class S3Server:
     """moto's server on a free port of 127.0.0.1 (see the module doc)."""
 
-    def __init__(self) -> None:
-        self.port = _free_port()
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.counter: _Counter | None = None

@@ -75,7 +75,7 @@ def storage_problem(err: BaseException) -> str | None:
     return None
 
 
-def remote_error(where: Any, err: BaseException, doing: str) -> MfdetrError:
+def remote_error(where: Any, err: BaseException, doing: str, *, resumable: bool = False) -> MfdetrError:
     """A :class:`MfdetrError` naming the store URL for a storage failure while ``doing`` something."""
     problem = storage_problem(err) or f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
     hint = ""
@@ -86,8 +86,8 @@ def remote_error(where: Any, err: BaseException, doing: str) -> MfdetrError:
         hint = " (the bucket does not exist)"
     elif "connect" in low or "endpoint" in low:
         hint = " (is the server reachable? AWS_ENDPOINT_URL names it)"
-    return MfdetrError(f"cannot {doing}: {problem}{hint}; images committed so far are kept — rerun the "
-                       "same command to resume", path=str(where))
+    tail = "; images committed so far are kept — rerun the same command to resume" if resumable else ""
+    return MfdetrError(f"cannot {doing}: {problem}{hint}{tail}", path=str(where))
 
 
 class RemotePath:
@@ -149,17 +149,25 @@ class RemotePath:
         base = other.path if isinstance(other, RemotePath) else str(other)
         return PurePosixPath(self.path).relative_to(base)
 
+    def _fresh(self) -> None:
+        """Forget fsspec's listing cache here: other processes write the same store."""
+        self.fs.invalidate_cache(self.path)
+
     def exists(self) -> bool:
+        self._fresh()
         return bool(self.fs.exists(self.path))
 
     def is_dir(self) -> bool:
+        self._fresh()
         return bool(self.fs.isdir(self.path))
 
     def is_file(self) -> bool:
+        self._fresh()
         return bool(self.fs.isfile(self.path))
 
     def size(self) -> int | None:
         """Size in bytes, ``None`` if the object does not exist."""
+        self._fresh()
         try:
             return int(self.fs.size(self.path))
         except FileNotFoundError:
@@ -186,6 +194,7 @@ class RemotePath:
 
     def listdir(self) -> list[str]:
         """Names directly under this folder (empty if there is none)."""
+        self._fresh()
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
         except FileNotFoundError:
@@ -193,6 +202,7 @@ class RemotePath:
 
     def sizes_under(self) -> dict[str, int]:
         """Every object under this folder → its size (paths relative to it)."""
+        self._fresh()
         try:
             found = self.fs.find(self.path, detail=True)
         except FileNotFoundError:

@@ -352,7 +352,7 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     except Exception as e:
         if not is_remote(job.out) or storage_problem(e) is None:
             raise
-        raise remote_error(job.out, e, "write the cache") from None
+        raise remote_error(job.out, e, "write the cache", resumable=True) from None
 
 
 def _run_cache(job: CacheJob, *, dry_run: bool, progress: bool, echo: Callable[[str], None],

@@ -32,7 +32,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from mfdetr.cache.codecs import feature_filters, filters_metadata_of, preset_of, with_codec_defaults
-from mfdetr.cache.location import (RemotePath, claim_creation, is_remote, remote_error, storage_problem,
+from mfdetr.cache.location import (CREATOR_OBJECT, RemotePath, claim_creation, is_remote, remote_error, storage_problem,
                                    store_location, wait_for_manifest, zarr_target)
 from mfdetr.cache.manifest import MANIFEST_ATTR, image_ids_sha256, manifest_differences, validate_manifest_data
 from mfdetr.cache.schema import ArraySpec, resolve_array_table
@@ -180,6 +180,7 @@ def _open_remote_for_writing(path: RemotePath, manifest: dict[str, Any], image_i
             if claim_creation(path):
                 if not _remote_has_store(path):
                     _build(path, manifest, image_ids, extra_files)
+                (path / CREATOR_OBJECT).unlink(missing_ok=True)  # the manifest now tells the store exists
             else:
                 wait_for_manifest(path, lambda: _remote_has_store(path))
         root, have = _open_root(path)

@@ -248,7 +248,7 @@ class BackgroundWriter:
         if err is None:
             return
         if is_remote(self.writer.path) and not isinstance(err, MfdetrError) and storage_problem(err) is not None:
-            raise remote_error(self.writer.path, err, "write the cache") from err
+            raise remote_error(self.writer.path, err, "write the cache", resumable=True) from err
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise MfdetrError(f"disk full while writing the cache ({err.strerror}: {err.filename or ''}); "
                               "images committed so far are kept — free space and rerun the same command "
