@@ -28,7 +28,7 @@ N_IMAGES = 8
 
 
 @pytest.fixture(scope="module")
-def s3() -> Any:
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = S3Server()
     server.start()
@@ -36,6 +36,7 @@ def s3() -> Any:
         for k, v in server.env().items():
             mp.setenv(k, v)
         mp.setenv("MFDETR_PLUGINS", "tests._fake_detector")
+        mp.setenv("MFDETR_REMOTE_CACHE_DIR", str(tmp_path_factory.mktemp("node_cache")))
         yield server
     server.stop()
 
@@ -203,3 +204,62 @@ def test_server_stopped_mid_write_is_one_line_and_resumable(s3: S3Server, coco: 
         assert_same_as_local(reference, url)
     finally:
         again.stop()
+
+
+def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, reference: Path,
+                                                     tmp_path: Path) -> None:
+    """The node-local read-through cache: every image read twice (two epochs), and once more by a store
+    reopened in another process's way (unpickled, as a DataLoader worker): only the first epoch downloads."""
+    import pickle
+
+    from mfdetr.cache import CacheStore
+
+    url = f"s3://{s3.make_bucket()}/e"
+    assert main_inproc(*cache_args(coco, url, "--no-progress")).returncode == 0
+    store = CacheStore.open(url, remote_cache=tmp_path / "node")
+    local = CacheStore.open(reference)
+    got = []
+    for epoch in range(2):
+        s3.reset_counts()
+        for i in store.complete_indices().tolist():
+            out, _ = store.read(i)
+            ref, _ = local.read(i)
+            assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(out.enc_maps[4], ref.enc_maps[4], strict=True))
+        got.append(s3.counts())
+    assert got[0][1] > 10_000 and got[1] == ({}, 0), got
+    worker = pickle.loads(pickle.dumps(store))
+    s3.reset_counts()
+    for i in worker.complete_indices().tolist():
+        worker.read(i)
+    requests, fetched = s3.counts()
+    assert fetched < got[0][1] / 20 and set(requests) <= {"GET"}, (requests, fetched)  # the commit flags only
+
+
+@pytest.mark.slow
+def test_training_with_workers_from_s3_equals_disk(s3: S3Server, tmp_path: Path) -> None:
+    """``mfdetr train --cache s3://...`` in a real process with 2 DataLoader workers (forkserver/spawn)
+    logs the losses of the same run on the local-disk copy of the cache."""
+    from tests.test_engine_cli import _toml_table
+    from tests.test_engine_stage2 import TINY, write_cache
+    from tests.test_hostile_stops import _losses
+
+    coco = tmp_path / "coco"
+    fd.make_coco(coco, n=4, split="train2017")
+    ckpt = fd.save_fake_checkpoint(tmp_path / "fake.pth")
+    url = f"s3://{s3.make_bucket()}/train"
+    write_cache(coco, "train2017", tmp_path / "disk", ckpt)
+    write_cache(coco, "train2017", url, ckpt)  # type: ignore[arg-type]
+    train = {"device": "cpu", "iterations": 6, "batch_size": 2, "log_every": 1, "num_workers": 0, "progress": False,
+             "lr": 1e-3, "checkpoint_every": 100}
+    for workers in (0, 2):
+        cfg = tmp_path / f"w{workers}.toml"
+        cfg.write_text("\n".join(_toml_table("train", {**train, "num_workers": workers}) + _toml_table("masknet", TINY)))
+    disk = main_inproc("train", "--cache", tmp_path / "disk", "--coco", coco, "--config", tmp_path / "w0.toml",
+                       "--out", tmp_path / "run_disk")
+    assert disk.returncode == 0, disk.stderr
+    proc = subprocess.run([sys.executable, "-m", "mfdetr", "train", "--cache", url, "--coco", str(coco), "--config",
+                           str(tmp_path / "w2.toml"), "--out", str(tmp_path / "run_s3")], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ref, got = _losses(tmp_path / "run_disk"), _losses(tmp_path / "run_s3")
+    assert len(ref) == 6 and got == ref

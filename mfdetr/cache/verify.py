@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 
 from mfdetr.cache.location import file_size, is_remote, remote_error, storage_problem
+from mfdetr.cache.readthrough import ReadThroughStore
 from mfdetr.cache.store import chunk_path
 from mfdetr.errors import MfdetrError
 
@@ -77,8 +78,10 @@ def file_problem(root_dir: str | Path, arr: zarr.Array, index: int) -> str | Non
     """Why image ``index``'s chunk (or shard) file of ``arr`` cannot hold its data: missing or empty."""
     p = chunk_path(root_dir, arr, index)
     if is_remote(p):
+        cached = arr.store_path.store
         try:
-            size = file_size(p)
+            size = (cached.object_size(str(p.relative_to(root_dir)))  # type: ignore[arg-type]
+                    if isinstance(cached, ReadThroughStore) else file_size(p))
         except FileNotFoundError:
             return f"chunk object {p.relative_to(root_dir)} is missing"  # type: ignore[arg-type]
         except Exception as e:  # noqa: BLE001 - a storage failure is not damage of the image

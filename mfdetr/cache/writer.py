@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import queue
 import threading
 from collections.abc import Callable
