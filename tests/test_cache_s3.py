@@ -6,6 +6,7 @@ array by array with a local-disk cache of the same images."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import subprocess
@@ -263,3 +264,60 @@ def test_training_with_workers_from_s3_equals_disk(s3: S3Server, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     ref, got = _losses(tmp_path / "run_disk"), _losses(tmp_path / "run_s3")
     assert len(ref) == 6 and got == ref
+
+
+def _two_nodes(args: list[str], tmp_path: Path, name: str) -> list[subprocess.CompletedProcess[str]]:
+    """``mfdetr ARGS`` under two torchrun launchers (``--nnodes 2 --nproc-per-node 1``) meeting at a c10d
+    rendezvous on 127.0.0.1, as two machines would."""
+    from tests.s3_server import _free_port
+
+    port = _free_port()
+    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", name,
+                               "--node-rank", str(rank), "--monitor-interval", "1", "-m", "mfdetr", *args],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    return [subprocess.CompletedProcess(args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
+
+
+@pytest.mark.slow
+def test_two_nodes_cache_and_train_from_one_s3_store(s3: S3Server, tmp_path: Path) -> None:
+    """Two torchrun launchers (standing for two machines) write one S3 store, work split by global rank,
+    identical to a single-process cache; DDP training from it (gloo) logs the losses of one process
+    with the global batch."""
+    from tests.test_engine_cli import _toml_table
+    from tests.test_engine_stage2 import TINY
+    from tests.test_hostile_stops import _losses
+
+    coco = tmp_path / "coco"
+    fd.make_coco(coco, n=6, split="train2017")
+    ckpt = fd.save_fake_checkpoint(tmp_path / "fake.pth")
+    url = f"s3://{s3.make_bucket()}/nodes"
+    args = ["cache", "--detector", fd.NAME, "--checkpoint", str(ckpt), "--coco", str(coco), "--split", "train2017",
+            "--topk", "8", "--enc-layers", "4", "--batch-size", "1", "--workers", "0", "--no-progress"]
+    runs = _two_nodes([*args, "--out", url], tmp_path, "cache")
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    done = sorted(int(r.stdout.split("done: ")[1].split(" images")[0]) for r in runs)
+    assert done == [3, 3]  # global ranks 0 and 1 took every other image
+    one = main_inproc(*args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    assert_same_as_local(tmp_path / "one", url)
+
+    train = {"device": "cpu", "iterations": 3, "log_every": 1, "num_workers": 0, "progress": False, "lr": 1e-3,
+             "checkpoint_every": 100}
+    for name, bs in (("ddp", 1), ("single", 2)):
+        (tmp_path / f"{name}.toml").write_text("\n".join(_toml_table("train", {**train, "batch_size": bs})
+                                                         + _toml_table("masknet", TINY)))
+    runs = _two_nodes(["train", "--cache", url, "--coco", str(coco), "--config", str(tmp_path / "ddp.toml"),
+                       "--out", str(tmp_path / "run_ddp")], tmp_path, "train")
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    single = main_inproc("train", "--cache", tmp_path / "one", "--coco", coco, "--config", tmp_path / "single.toml",
+                         "--out", tmp_path / "run_single")
+    assert single.returncode == 0, single.stderr
+    run = json.loads((tmp_path / "run_ddp" / "run.json").read_text())
+    assert (run["world_size"], run["backend"]) == (2, "gloo")
+    a, b = _losses(tmp_path / "run_ddp"), _losses(tmp_path / "run_single")
+    assert len(a) == len(b) == 3
+    assert [x[1] for x in a] == pytest.approx([x[1] for x in b], abs=1e-5)
