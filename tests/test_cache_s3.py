@@ -259,9 +259,11 @@ def test_training_with_workers_from_s3_equals_disk(s3: S3Server, tmp_path: Path)
                        "--out", tmp_path / "run_disk")
     assert disk.returncode == 0, disk.stderr
     proc = subprocess.run([sys.executable, "-m", "mfdetr", "train", "--cache", url, "--coco", str(coco), "--config",
-                           str(tmp_path / "w2.toml"), "--out", str(tmp_path / "run_s3")], cwd=REPO, env=cli_env(),
+                           str(tmp_path / "w2.toml"), "--out", str(tmp_path / "run_s3"),
+                           "--remote-cache-dir", str(tmp_path / "node")], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    assert any(p.name == "0" for p in (tmp_path / "node").rglob("*"))  # chunks were read through the node cache
     ref, got = _losses(tmp_path / "run_disk"), _losses(tmp_path / "run_s3")
     assert len(ref) == 6 and got == ref
 

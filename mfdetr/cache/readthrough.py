@@ -43,6 +43,13 @@ def default_cache_root() -> Path | None:
     return Path(base) / "mfdetr" / "remote"
 
 
+def use_cache_root(folder: str | None) -> None:
+    """Make ``folder`` (``off`` = none) the node cache's root for this process and its DataLoader workers
+    (``--remote-cache-dir``); ``None`` keeps the default."""
+    if folder is not None:
+        os.environ[ENV] = folder
+
+
 def cache_dir_for(url: str, root: Path) -> Path:
     """The folder holding the node-local copies of the store at ``url``."""
     return root / hashlib.sha256(url.encode()).hexdigest()[:20]
@@ -117,4 +124,4 @@ def read_through(store: Any, url: str, root: Path | None) -> Any:
     return store if root is None else ReadThroughStore(store, local_dir=cache_dir_for(url, root))
 
 
-__all__ = ["ENV", "ReadThroughStore", "cache_dir_for", "default_cache_root", "read_through"]
+__all__ = ["ENV", "ReadThroughStore", "cache_dir_for", "default_cache_root", "read_through", "use_cache_root"]

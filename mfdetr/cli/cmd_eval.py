@@ -36,9 +36,13 @@ def register(app: typer.Typer) -> None:
         evaluator: str = typer.Option("pycocotools", "--evaluator",
                                       help="segm/bbox evaluator: pycocotools or faster (faster-coco-eval); Boundary "
                                            "AP always uses faster-coco-eval."),
+        remote_cache_dir: str = typer.Option(None, "--remote-cache-dir", help="Node-local read-through copy of caches on object storage (s3://...): each object fetched once per node (default: $MFDETR_REMOTE_CACHE_DIR, else ~/.cache/mfdetr/remote; 'off' disables)."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value."),
     ) -> None:
         """Evaluate MaskNet on a cache: COCO segm AP and Boundary AP (masks), bbox AP (cached detector boxes)."""
+        from mfdetr.cache.readthrough import use_cache_root
+
+        use_cache_root(remote_cache_dir)
         from mfdetr.engine.stage2 import CacheSources, eval_from_cache, format_metrics
         from mfdetr.errors import MfdetrError
 

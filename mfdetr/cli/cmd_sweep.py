@@ -24,9 +24,13 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("train2017", "--split", help="--online: COCO split to train on."),
         val_split: str = typer.Option("val2017", "--val-split", help="--online: COCO split to evaluate on."),
         topk: int = typer.Option(100, "--topk", help="--online: queries kept per image."),
+        remote_cache_dir: str = typer.Option(None, "--remote-cache-dir", help="Node-local read-through copy of caches on object storage (s3://...): each object fetched once per node (default: $MFDETR_REMOTE_CACHE_DIR, else ~/.cache/mfdetr/remote; 'off' disables)."),
         overrides: list[str] = typer.Argument(None, help="Overrides for every variant, e.g. train.iterations=2000."),
     ) -> None:
         """Train + evaluate every variant of a sweep file; write summary.md and summary.csv."""
+        from mfdetr.cache.readthrough import use_cache_root
+
+        use_cache_root(remote_cache_dir)
         from mfdetr.engine.sweep import load_sweep
         from mfdetr.errors import MfdetrError
 
