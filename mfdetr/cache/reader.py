@@ -58,7 +58,7 @@ class CacheStore:
 
     @classmethod
     def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None,
-             remote_cache: str | Path | None | bool = True) -> CacheStore:
+             remote_cache: str | Path | None | bool = None) -> CacheStore:
         """Open and validate the store at ``path`` (a folder or an fsspec URL such as ``s3://bucket/prefix``).
 
         Args:
@@ -67,7 +67,8 @@ class CacheStore:
                 mismatch (and any invalid manifest, unknown schema version or malformed array) raises
                 :class:`MfdetrError`.
             remote_cache: for a store on object storage, the node-local read-through cache's root folder;
-                ``True`` = :func:`~mfdetr.cache.readthrough.default_cache_root`, ``None``/``False`` = none.
+                ``True`` = :func:`~mfdetr.cache.readthrough.default_cache_root`, ``None``/``False`` = none
+                (the default: writers, ``inspect`` and damage checks read each object once anyway).
         """
         path = store_location(path)
         root, manifest = open_validated(path)

@@ -57,7 +57,7 @@ def open_cache(path: str | Path, *, identity: Mapping[str, Any] | None = None, e
     p = store_location(path)
     if not isinstance(p, RemotePath) and not p.exists():  # a remote store's absence is told by CacheStore.open
         raise MfdetrError(f"{role} not found", path=p)
-    store = CacheStore.open(p, expect=dict(identity) if identity else None)
+    store = CacheStore.open(p, expect=dict(identity) if identity else None, remote_cache=True)
     if enc_layer is not None and enc_layer not in store.enc_layers:
         raise MfdetrError(f"{role} holds encoder layers {store.enc_layers}, the MaskNet config uses "
                           f"masknet.enc_layer={enc_layer} (write the cache with --enc-layers {enc_layer})", path=p)
