@@ -342,3 +342,19 @@ def test_file_url_is_the_local_store(s3: S3Server, reference: Path) -> None:
     assert isinstance(store_location("s3://bucket/prefix"), RemotePath)
     ins = main_inproc("inspect", f"file://{reference}")
     assert ins.returncode == 0 and f"{N_IMAGES - 1}/{N_IMAGES} done" in ins.stdout, ins.stderr
+
+
+def test_creation_claim_is_exclusive_and_a_dead_creators_claim_is_taken_over() -> None:
+    """The exclusive create that elects one creator of a new remote store (an in-memory fsspec filesystem)."""
+    import uuid
+
+    from mfdetr.cache.location import CREATOR_OBJECT, STALE_CLAIM_S, RemotePath, claim_creation
+
+    where = RemotePath.from_url(f"memory://claims-{uuid.uuid4().hex}/store")
+    assert claim_creation(where, settle_s=0.0)
+    assert not claim_creation(where, settle_s=0.0) and not claim_creation(where, settle_s=0.0)
+    claim = where / CREATOR_OBJECT
+    held = json.loads(claim.read_text())
+    claim.write_text(json.dumps({**held, "time": held["time"] - STALE_CLAIM_S - 1}))  # its creator died
+    assert claim_creation(where, settle_s=0.0)
+    assert not claim_creation(where, settle_s=0.0)
