@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mfdetr.cache.codecs import filters_metadata_of
+from mfdetr.cache.location import RemotePath, file_size
 from mfdetr.cache.reader import CacheStore
 from mfdetr.cache.store import _describe_compressors, human_bytes as _human, stored_bytes
 from mfdetr.cache.verify import find_damaged
@@ -82,7 +83,7 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
         arr = store.root[name]
         vflags = view_flags[next((v for v in views if view_array_name(v, base_name(name)) == name), views[0])]
         v_done, v_skipped = int((vflags == COMMIT_DONE).sum()), int((vflags == COMMIT_SKIPPED).sum())
-        sb = stored_bytes(store.path, name) - os.path.getsize(store.path / name / "zarr.json")
+        sb = stored_bytes(store.path, name) - file_size(store.path / name / "zarr.json")
         unit = tuple(arr.shards or arr.chunks)  # per-image file: a chunk, or a shard of tiles
         tiles = tuple(arr.chunks) if arr.shards else None
         per_chunk = int(np.prod(unit)) * arr.dtype.itemsize
@@ -101,7 +102,8 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
         layout = f"chunks {unit}" + (f" tiles {tiles[-2]}x{tiles[-1]}" if tiles else "")
         lines.append(f"  {name:22s} {str(tuple(arr.shape)):24s} {str(arr.dtype):8s} {layout:38s} "
                      f"{label:5s} {_human(sb):>10s} / {_human(raw):>10s} {ratio}")
-    partial = sum(1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
+    partial = 0 if isinstance(store.path, RemotePath) else sum(  # object stores have no temporaries
+        1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
     lines.append(f"bytes on disk: {_human(stored_bytes(store.path))}"
                  + (f"; {_human(total / flag_done)}/image" if flag_done else ""))
     if partial:

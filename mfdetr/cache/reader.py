@@ -16,7 +16,9 @@ import numpy as np
 import torch
 import zarr
 
+from mfdetr.cache.location import RemotePath, store_location, zarr_target
 from mfdetr.cache.manifest import check_expectations, manifest_sha256
+from mfdetr.cache.readthrough import default_cache_root, read_through
 from mfdetr.cache.schema import base_array_table, c1_mode, enc_array_name
 from mfdetr.cache.store import open_validated, read_commit_flags
 from mfdetr.cache.verify import Damage, DamagedImage, checked_read, geometry_problem
@@ -34,11 +36,17 @@ class CacheStore:
     Use :meth:`open`. Attributes: ``path``, ``manifest`` (dict), ``image_ids`` [N] int64 (store
     index → COCO image id), ``enc_layers`` and ``level_strides``, ``views`` (the views the store holds,
     :mod:`mfdetr.cache.views`) and ``view`` (the one this object reads: commit flags, skips and images
-    are that view's; :meth:`for_view` gives another).
+    are that view's; :meth:`for_view` gives another); ``remote_cache``: the node-local read-through
+    cache folder of a store on object storage (:mod:`mfdetr.cache.readthrough`), or None.
     """
 
-    def __init__(self, *, path: Path, root: zarr.Group, manifest: dict[str, Any], view: str = ORIG) -> None:
+    def __init__(self, *, path: Path | RemotePath, root: zarr.Group | None, manifest: dict[str, Any],
+                 view: str = ORIG, remote_cache: Path | None = None) -> None:
         self.path = path
+        self.remote_cache = remote_cache
+        if isinstance(path, RemotePath) and remote_cache is not None:
+            root = zarr.open_group(read_through(path.zarr_store(read_only=True), str(path), remote_cache),
+                                   mode="r", zarr_format=3)
         self.root = root
         self.manifest = manifest
         self.image_ids: np.ndarray = root["image_ids"][:]  # type: ignore[index]
@@ -58,24 +66,30 @@ class CacheStore:
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None, view: str = ORIG) -> CacheStore:
-        """Open and validate the store at ``path``.
+    def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None, view: str = ORIG,
+             remote_cache: str | Path | None | bool = None) -> CacheStore:
+        """Open and validate the store at ``path`` (a folder or an fsspec URL such as ``s3://bucket/prefix``).
 
         Args:
             expect: dotted manifest paths → required values, e.g. ``{"detector.name": "dino_r50",
                 "checkpoint.sha256": "…", "preprocessing": {...}, "enc_layers": [4]}``. Any
                 mismatch (and any invalid manifest, unknown schema version or malformed array) raises
                 :class:`MfdetrError`.
+            remote_cache: for a store on object storage, the node-local read-through cache's root folder;
+                ``True`` = :func:`~mfdetr.cache.readthrough.default_cache_root`, ``None``/``False`` = none
+                (the default: writers, ``inspect`` and damage checks read each object once anyway).
         """
-        path = Path(path)
+        path = store_location(path)
         root, manifest = open_validated(path)
         check_expectations(manifest, expect, where=str(path))
-        return cls(path=path, root=root, manifest=manifest, view=view)
+        cache = default_cache_root() if remote_cache is True else (Path(remote_cache) if remote_cache else None)
+        return cls(path=path, root=root, manifest=manifest, view=view,
+                   remote_cache=cache if isinstance(path, RemotePath) else None)
 
     def for_view(self, view: str) -> CacheStore:
         """The same store read through ``view`` (no reopening or revalidation)."""
         return self if view == self.view else CacheStore(path=self.path, root=self.root, manifest=self.manifest,
-                                                         view=view)
+                                                         view=view, remote_cache=self.remote_cache)
 
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
@@ -86,12 +100,14 @@ class CacheStore:
         return manifest_sha256(self.manifest)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: reopen lazily
-        return {"path": self.path, "manifest": self.manifest, "view": self.view}
+        return {"path": self.path, "manifest": self.manifest, "view": self.view, "remote_cache": self.remote_cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        root = zarr.open_group(str(state["path"]), mode="r", zarr_format=3)
+        cache = state.get("remote_cache")
+        root = (None if cache is not None and isinstance(state["path"], RemotePath)  # opened by __init__
+                else zarr.open_group(zarr_target(state["path"], read_only=True), mode="r", zarr_format=3))
         self.__init__(path=state["path"], root=root, manifest=state["manifest"],  # type: ignore[misc]
-                      view=state.get("view", ORIG))
+                      view=state.get("view", ORIG), remote_cache=cache)
 
     # --- completeness -------------------------------------------------------------------------------
     def commit_flags(self, *, refresh: bool = False) -> np.ndarray:

@@ -28,6 +28,7 @@ from mfdetr.cache.manifest import build_manifest, sha256_file
 from mfdetr.cache.sizes import format_size_table, ratios_for, raw_bytes, size_table
 from mfdetr.cache.store import human_bytes as _human
 from mfdetr.devices import resolve_device
+from mfdetr.cache.location import RemotePath, is_remote, remote_error, storage_problem, store_location
 from mfdetr.cache.store import chunk_path, open_for_writing, stored_bytes
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
@@ -226,6 +227,9 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
     with contextlib.suppress(OSError, ValueError):
         if json.loads((store / SOURCE_HINT).read_text()) == hint:
             return  # unchanged: nothing written (a complete store may be read-only)
+    if isinstance(store, RemotePath):  # one object PUT is atomic
+        store.write_text(json.dumps(hint, indent=2) + "\n")
+        return
     tmp = store / f".{SOURCE_HINT}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(hint, indent=2) + "\n")
     os.replace(tmp, store / SOURCE_HINT)
@@ -233,10 +237,10 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
 
 def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[str], None]) -> CacheSummary:
     """``--dry-run``: what a run would compute (pending images and those the run's damage check finds)."""
-    m, n, out_path = plan.manifest, len(plan.image_ids), Path(job.out)
+    m, n, out_path = plan.manifest, len(plan.image_ids), store_location(job.out)
     commit = np.zeros(n, dtype=np.uint8)
     damaged, store = 0, None
-    if out_path.exists():
+    if _store_exists(out_path):
         from mfdetr.cache.manifest import check_expectations
         from mfdetr.cache.reader import CacheStore
         from mfdetr.cache.store import adopt_checksum_setting
@@ -303,7 +307,9 @@ def _image_sha256(plan: _Plan, image_ids: list[int]) -> list[dict[str, np.ndarra
             for i in image_ids]
 
 
-def _store_exists(path: Path) -> bool:
+def _store_exists(path: Path | RemotePath) -> bool:
+    if isinstance(path, RemotePath):  # an object-store prefix exists when some object is under it
+        return path.exists()
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
@@ -317,7 +323,7 @@ def _prepare_store(job: CacheJob, plan: _Plan, detector: FrozenDetector | None, 
     Returns (root, manifest, indices to compute, detector)."""
     from mfdetr.outputs import check_output_dir
 
-    out_path = Path(job.out)
+    out_path = store_location(job.out)
     if out_path.exists() and not out_path.is_dir():
         raise MfdetrError("--out must be a folder (the cache store), but it is a file", path=out_path)
     m, extra_files = plan.manifest, None
@@ -331,7 +337,8 @@ def _prepare_store(job: CacheJob, plan: _Plan, detector: FrozenDetector | None, 
               else np.zeros(len(plan.image_ids), dtype=np.uint8))
     todo = _todo(plan, commit, job.retry_skipped)
     if todo:
-        check_output_dir(out_path)
+        if isinstance(out_path, Path):  # object storage: the store's creation is the write test
+            check_output_dir(out_path)
         detector = detector if detector is not None else _build_detector(job)
     if root is None:
         root = open_for_writing(out_path, m, plan.image_ids, extra_files)
@@ -351,10 +358,22 @@ def run_cache(job: CacheJob, *, dry_run: bool = False, progress: bool = True,
     Args:
         detector: an already built detector (tests, benchmarks); default: built from the registry.
     """
+    try:
+        return _run_cache(job, dry_run=dry_run, progress=progress, echo=echo, detector=detector)
+    except MfdetrError:
+        raise
+    except Exception as e:
+        if not is_remote(job.out) or storage_problem(e) is None:
+            raise
+        raise remote_error(job.out, e, "write the cache", resumable=True) from None
+
+
+def _run_cache(job: CacheJob, *, dry_run: bool, progress: bool, echo: Callable[[str], None],
+               detector: FrozenDetector | None) -> CacheSummary:
     t_start = time.perf_counter()
     plan = plan_job(job)
     m = plan.manifest
-    out_path = Path(job.out)
+    out_path = store_location(job.out)
     summary = CacheSummary(store=out_path, shard=plan.shard)
     shard_txt = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
     if dry_run:

@@ -265,7 +265,9 @@ def sha256_bytes(b: bytes) -> str:
 def load_stage0(store: str | Path, entry: Mapping[str, Any]) -> Stage0Program:
     """The stage 0 of a recompute store (``entry`` = the manifest's ``c1.stage0``), its files checked
     against the manifest's sha256; a missing, changed or malformed file is a one-line error."""
-    store = Path(store)
+    from mfdetr.cache.location import store_location
+
+    store = store_location(store)  # type: ignore[assignment]
     raw = {}
     for key in ("program", "weights"):
         path = store / entry[key]

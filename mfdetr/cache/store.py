@@ -11,6 +11,10 @@ empty store (metadata + ``image_ids``) in a private temporary directory next to 
 ``rename``s it into place. ``rename`` of a directory is atomic and fails when the target already
 exists and is not empty, so exactly one creator wins; the others discard their copy, open the
 winner's store and require an identical manifest (:func:`open_for_writing`).
+
+A store may also live on object storage (any fsspec URL, e.g. ``s3://bucket/prefix``): paths are then
+:class:`~mfdetr.cache.location.RemotePath` and creation is claimed by an exclusive-create object instead
+of a rename (the design is in :mod:`mfdetr.cache.location`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from mfdetr.cache.codecs import feature_filters, filters_metadata_of, preset_of, with_codec_defaults
+from mfdetr.cache.location import (CREATOR_OBJECT, RemotePath, claim_creation, is_remote, remote_error, storage_problem,
+                                   store_location, wait_for_manifest, zarr_target)
 from mfdetr.cache.manifest import MANIFEST_ATTR, image_ids_sha256, manifest_differences, validate_manifest_data
 from mfdetr.cache.schema import ArraySpec, resolve_array_table
 from mfdetr.errors import MfdetrError
@@ -95,13 +101,20 @@ def _describe_compressors(arr: zarr.Array) -> dict[str, Any]:
     return {"name": type(c).__name__}
 
 
-def _build(path: Path, manifest: dict[str, Any], image_ids: np.ndarray,
+def _build(path: Path | RemotePath, manifest: dict[str, Any], image_ids: np.ndarray,
            extra_files: dict[str, bytes] | None = None) -> None:
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    remote = isinstance(path, RemotePath)  # remote: never delete anything (another creator may be writing)
+    root = zarr.open_group(zarr_target(path, read_only=False), mode="a" if remote else "w", zarr_format=3)
     for rel, data in (extra_files or {}).items():  # e.g. the stage 0 of a --c1 recompute store
-        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(path, Path):
+            (path / rel).parent.mkdir(parents=True, exist_ok=True)
         (path / rel).write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        have = set(root.array_keys()) if remote else set()
     for spec in resolve_array_table(manifest):
+        if spec.name in have:  # left by a creator that died: compared with the schema when opened
+            continue
         layout = ({"shards": spec.chunks, "chunks": spec.inner_chunks} if spec.inner_chunks
                   else {"chunks": spec.chunks})
         arr = root.create_array(spec.name, shape=spec.shape, dtype=spec.dtype, **layout,
@@ -124,7 +137,9 @@ def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.n
     Raises :class:`MfdetrError` if ``path`` holds something else or a store made with a different
     manifest (listing the differences).
     """
-    path = Path(path)
+    path = store_location(path)
+    if isinstance(path, RemotePath):
+        return _open_remote_for_writing(path, manifest, image_ids, extra_files)
     path.parent.mkdir(parents=True, exist_ok=True)
     exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
     if not exists:
@@ -144,6 +159,12 @@ def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.n
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     root, have = _open_root(path)
+    _check_same_manifest(root, have, manifest, path)
+    return zarr.open_group(str(path), mode="r+", zarr_format=3)
+
+
+def _check_same_manifest(root: zarr.Group, have: dict[str, Any], manifest: dict[str, Any],
+                         path: Path | RemotePath) -> None:
     manifest = adopt_checksum_setting(have, manifest)
     diffs = manifest_differences(with_codec_defaults(have), manifest)
     if diffs:
@@ -151,15 +172,69 @@ def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.n
                           + ("; ..." if len(diffs) > 4 else "")
                           + " (rerun with the same options to resume, or choose another --out)", path=path)
     validate_store(root, have, path=path)
-    return zarr.open_group(str(path), mode="r+", zarr_format=3)
 
 
-def _open_root(path: Path) -> tuple[zarr.Group, dict[str, Any]]:
-    if not path.is_dir():
+def _open_remote_for_writing(path: RemotePath, manifest: dict[str, Any], image_ids: np.ndarray,
+                             extra_files: dict[str, bytes] | None) -> zarr.Group:
+    """:func:`open_for_writing` on object storage: creation claimed by an exclusive-create object."""
+    try:
+        if not _remote_has_store(path):
+            if claim_creation(path):
+                if not _remote_has_store(path):
+                    _build(path, manifest, image_ids, extra_files)
+                (path / CREATOR_OBJECT).unlink(missing_ok=True)  # the manifest now tells the store exists
+            else:
+                wait_for_manifest(path, lambda: _remote_has_store(path))
+        root, have = _open_root(path)
+        _check_same_manifest(root, have, manifest, path)
+        return zarr.open_group(zarr_target(path, read_only=False), mode="r+", zarr_format=3)
+    except MfdetrError:
+        raise
+    except Exception as e:
+        if storage_problem(e) is None:
+            raise
+        raise remote_error(path, e, "create or open the cache store") from None
+
+
+def _remote_has_store(path: RemotePath) -> bool:
+    """True when the store's root metadata holds a manifest (written last by the creator)."""
+    try:
+        meta = (path / "zarr.json").read_bytes()
+    except FileNotFoundError:
+        return False
+    return MANIFEST_ATTR.encode() in meta
+
+
+def _missing_remote(path: RemotePath) -> MfdetrError:
+    bucket = path.path.split("/", 1)[0]
+    try:
+        bucket_ok = bool(path.fs.exists(bucket))
+    except Exception:  # noqa: BLE001 - any failure here only changes the wording
+        bucket_ok = True
+    if not bucket_ok:
+        return MfdetrError(f"cache store not found: bucket '{bucket}' does not exist or is not accessible",
+                           path=path)
+    return MfdetrError("cache store not found (no zarr.json: expected a store made by `mfdetr cache`)", path=path)
+
+
+def _open_root(path: Path | RemotePath) -> tuple[zarr.Group, dict[str, Any]]:
+    if isinstance(path, RemotePath):
+        try:
+            if not (path / "zarr.json").exists():
+                raise _missing_remote(path)
+        except MfdetrError:
+            raise
+        except Exception as e:
+            if storage_problem(e) is None:
+                raise
+            raise remote_error(path, e, "open the cache store") from None
+    elif not path.is_dir():
         raise MfdetrError("cache store not found (expected a directory made by `mfdetr cache`)", path=path)
     try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+        root = zarr.open_group(zarr_target(path, read_only=True), mode="r", zarr_format=3)
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user-facing problem
+        if isinstance(path, RemotePath) and storage_problem(e) is not None:
+            raise remote_error(path, e, "open the cache store") from None
         raise MfdetrError(f"not a Zarr v3 cache store ({type(e).__name__}: {str(e)[:120]})", path=path) from None
     manifest = root.attrs.get(MANIFEST_ATTR)
     if manifest is None:
@@ -217,18 +292,18 @@ def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Pa
 
 def open_validated(path: str | Path, *, mode: str = "r") -> tuple[zarr.Group, dict[str, Any]]:
     """Open an existing store, validate manifest and arrays; return ``(root group, manifest)``."""
-    path = Path(path)
+    path = store_location(path)
     root, manifest = _open_root(path)
     validate_store(root, manifest, path=path)
     if mode != "r":
-        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        root = zarr.open_group(zarr_target(path, read_only=False), mode=mode, zarr_format=3)
     return root, manifest
 
 
-def chunk_path(root_dir: str | Path, arr: zarr.Array, index: int) -> Path:
-    """File holding image ``index``'s chunk (or shard) of ``arr`` (one image per file along N)."""
+def chunk_path(root_dir: str | Path | RemotePath, arr: zarr.Array, index: int) -> Path | RemotePath:
+    """File (or object) holding image ``index``'s chunk (or shard) of ``arr`` (one image per file along N)."""
     key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
-    return Path(root_dir) / arr.path / key
+    return store_location(root_dir) / arr.path / key
 
 
 def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
@@ -246,6 +321,8 @@ def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
             "name": "default", "configuration": {"separator": "/"}}:
         return np.asarray(arr[:], dtype=np.uint8)
     flags = np.zeros(arr.shape[0], dtype=np.uint8)
+    if is_remote(root_dir):
+        return _remote_commit_flags(store_location(root_dir) / arr.path / "c", flags)  # type: ignore[arg-type]
     base = Path(root_dir) / arr.path / "c"
     if not base.is_dir():
         return flags
@@ -257,8 +334,27 @@ def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
     return flags
 
 
-def stored_bytes(root_dir: str | Path, name: str | None = None) -> int:
-    """Bytes on disk under the store (or under one array)."""
+def _remote_commit_flags(base: RemotePath, flags: np.ndarray) -> np.ndarray:
+    """:func:`read_commit_flags` on object storage: one listing, then the present flags in one batch."""
+    names = [n for n in base.listdir() if n.isdigit() and int(n) < len(flags)]
+    if not names:
+        return flags
+    got = base.fs.cat([f"{base.path}/{n}" for n in names], on_error="return")
+    for n in names:
+        raw = got.get(f"{base.path}/{n}")
+        if isinstance(raw, BaseException):
+            if isinstance(raw, FileNotFoundError):
+                continue
+            raise raw
+        flags[int(n)] = raw[0] if len(raw) == 1 else 255
+    return flags
+
+
+def stored_bytes(root_dir: str | Path | RemotePath, name: str | None = None) -> int:
+    """Bytes on disk (or in the object store) under the store (or under one array)."""
+    if is_remote(root_dir):
+        loc = store_location(root_dir)
+        return sum((loc / name if name else loc).sizes_under().values())  # type: ignore[union-attr]
     base = Path(root_dir) / name if name else Path(root_dir)
     total = 0
     for dirpath, _dirs, files in os.walk(base):

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from mfdetr.cache.location import file_size, is_remote, remote_error, storage_problem
+from mfdetr.cache.readthrough import ReadThroughStore
 from mfdetr.cache.store import chunk_path
 from mfdetr.errors import MfdetrError
 
@@ -75,6 +77,16 @@ def commit_problem(flag: int) -> str | None:
 def file_problem(root_dir: str | Path, arr: zarr.Array, index: int) -> str | None:
     """Why image ``index``'s chunk (or shard) file of ``arr`` cannot hold its data: missing or empty."""
     p = chunk_path(root_dir, arr, index)
+    if is_remote(p):
+        cached = arr.store_path.store
+        try:
+            size = (cached.object_size(str(p.relative_to(root_dir)))  # type: ignore[arg-type]
+                    if isinstance(cached, ReadThroughStore) else file_size(p))
+        except FileNotFoundError:
+            return f"chunk object {p.relative_to(root_dir)} is missing"  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - a storage failure is not damage of the image
+            raise remote_error(root_dir, e, "read the cache") from None
+        return f"chunk object {p.relative_to(root_dir)} is empty" if size == 0 else None  # type: ignore[arg-type]
     try:
         st = os.stat(p)
     except FileNotFoundError:
@@ -142,11 +154,13 @@ def checked_read(*, path: Path, arrays: Mapping[str, zarr.Array], image_id: int,
             raise damaged(n, problem)
     futs = {n: submit(arrays[n].__getitem__, key(n)) for n in names}
     out: dict[str, np.ndarray] = {}
-    first: DamagedImage | None = None
+    first: MfdetrError | None = None
     for n, f in futs.items():  # wait for every read before raising (no thread left behind)
         try:
             out[n] = f.result()
         except Exception as e:  # noqa: BLE001 - any decoder failure is the same damage to the user
+            if is_remote(path) and storage_problem(e) is not None and first is None:
+                first = remote_error(path, e, "read the cache")  # type: ignore[assignment]
             first = first or damaged(n, decode_problem(e))
             continue
         problem = nonfinite_problem(out[n])

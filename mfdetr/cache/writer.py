@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import zarr
 
 from mfdetr.cache.codecs import check_encodable
 from mfdetr.cache.schema import SKIP_REASON_BYTES, base_array_table, enc_array_name
+from mfdetr.cache.location import file_size, is_remote, remote_error, storage_problem, store_location
 from mfdetr.cache.store import chunk_path
 from mfdetr.cache.views import ORIG, view_array_name
 from mfdetr.contracts import DetectorOutput
@@ -123,7 +123,7 @@ class CacheWriter:
     """
 
     def __init__(self, *, root: zarr.Group, path: str | Path, manifest: dict[str, Any], view: str = ORIG) -> None:
-        self.path = Path(path)
+        self.path = store_location(path)
         self.manifest = manifest
         # write_empty_chunks: skip zarr's full "is this chunk all fill value?" scan (~40% of the write time
         # of a C1 canvas); an all-zero image chunk is then stored (compressed to a few bytes) like any other.
@@ -140,7 +140,7 @@ class CacheWriter:
     def _put(self, name: str, index: int, value: np.ndarray, valid_bytes: int) -> None:
         arr = self.arrays[name]
         arr[index] = value
-        stored = os.stat(chunk_path(self.path, arr, index)).st_size
+        stored = file_size(chunk_path(self.path, arr, index))
         self.stats.add(name, stored, value.nbytes, valid_bytes)
 
     def _canvas(self, x: np.ndarray, valid_hw: tuple[int, int], canvas_hw: tuple[int, int], what: str,
@@ -250,6 +250,8 @@ class BackgroundWriter:
         err = self._error
         if err is None:
             return
+        if is_remote(self.writer.path) and not isinstance(err, MfdetrError) and storage_problem(err) is not None:
+            raise remote_error(self.writer.path, err, "write the cache", resumable=True) from err
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise MfdetrError(f"disk full while writing the cache ({err.strerror}: {err.filename or ''}); "
                               "images committed so far are kept — free space and rerun the same command "

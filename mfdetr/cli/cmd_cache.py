@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
                                                   "trained with (DINO .py, H-DETR .sh; read as data)."),
         coco: Path = typer.Option(..., "--coco", help="COCO folder (SPLIT/ images, annotations/instances_SPLIT.json)."),
         split: str = typer.Option("val2017", "--split", help="Split to cache."),
-        out: Path = typer.Option(..., "--out", help="Store directory (created, or resumed if it exists)."),
+        out: str = typer.Option(..., "--out", help="Store directory (created, or resumed if it exists)."),
         topk: int = typer.Option(100, "--topk", help="Queries kept per image (by score)."),
         enc_layers: str = typer.Option(None, "--enc-layers",
                                        help="Encoder layers to store, e.g. 4 or 4,6 (Table 15; default: the layer at "

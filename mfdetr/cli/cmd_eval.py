@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("eval", context_settings={"allow_interspersed_args": True})
     def evaluate(
-        cache: Path = typer.Option(None, "--cache", help="Evaluation cache store (e.g. val2017)."),
+        cache: str = typer.Option(None, "--cache", help="Evaluation cache store (e.g. val2017)."),
         coco: Path = typer.Option(None, "--coco", help="COCO folder the cache was written from (GT annotations; default: the "
                                                        "folder `mfdetr cache` recorded, if it still exists)."),
         checkpoint: Path = typer.Option(None, "--checkpoint", help="A training checkpoint, e.g. RUN/ckpt.pt."),
@@ -45,9 +45,13 @@ def register(app: typer.Typer) -> None:
         masknet: Path = typer.Option(None, "--masknet", help="--baseline sam: a MaskNet RUN/ckpt.pt on the same cache."),
         images: Path = typer.Option(None, "--images", help="--baseline sam: folder of the split's image files "
                                                            "(default: the COCO split folder)."),
+        remote_cache_dir: str = typer.Option(None, "--remote-cache-dir", help="Node-local read-through copy of caches on object storage (s3://...): each object fetched once per node (default: $MFDETR_REMOTE_CACHE_DIR, else ~/.cache/mfdetr/remote; 'off' disables)."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value."),
     ) -> None:
         """Evaluate MaskNet on a cache: COCO segm AP and Boundary AP (masks), bbox AP (cached detector boxes)."""
+        from mfdetr.cache.readthrough import use_cache_root
+
+        use_cache_root(remote_cache_dir)
         from mfdetr.engine.stage2 import CacheSources, eval_from_cache, format_metrics
         from mfdetr.errors import MfdetrError
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import typer
 
@@ -10,7 +9,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect(
-        cache: Path = typer.Argument(..., help="Cache store directory (made by `mfdetr cache`)."),
+        cache: str = typer.Argument(..., help="Cache store directory (made by `mfdetr cache`)."),
         max_skips: int = typer.Option(20, "--max-skips", min=0, help="Skipped (and damaged) images to list."),
         verify: bool = typer.Option(False, "--verify", help="Decode and check every committed image (checksums, "
                                                             "finite values), not only its files and commit flag."),

@@ -11,8 +11,8 @@ def register(app: typer.Typer) -> None:
     @app.command("sweep", context_settings={"allow_interspersed_args": True})
     def sweep(
         sweep_file: Path = typer.Argument(..., help="A sweep file, e.g. pipeline/ablations/table02_image_encoder.toml."),
-        cache: Path = typer.Option(None, "--cache", help="Training cache store."),
-        val_cache: Path = typer.Option(None, "--val-cache", help="Validation cache store."),
+        cache: str = typer.Option(None, "--cache", help="Training cache store."),
+        val_cache: str = typer.Option(None, "--val-cache", help="Validation cache store."),
         coco: Path = typer.Option(None, "--coco", help="COCO folder the caches were written from (default: the folder "
                                                        "`mfdetr cache` recorded, if it still exists)."),
         out: Path = typer.Option(None, "--out", help="Sweep folder (default runs/<sweep file name>)."),
@@ -24,9 +24,13 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("train2017", "--split", help="--online: COCO split to train on."),
         val_split: str = typer.Option("val2017", "--val-split", help="--online: COCO split to evaluate on."),
         topk: int = typer.Option(100, "--topk", help="--online: queries kept per image."),
+        remote_cache_dir: str = typer.Option(None, "--remote-cache-dir", help="Node-local read-through copy of caches on object storage (s3://...): each object fetched once per node (default: $MFDETR_REMOTE_CACHE_DIR, else ~/.cache/mfdetr/remote; 'off' disables)."),
         overrides: list[str] = typer.Argument(None, help="Overrides for every variant, e.g. train.iterations=2000."),
     ) -> None:
         """Train + evaluate every variant of a sweep file; write summary.md and summary.csv."""
+        from mfdetr.cache.readthrough import use_cache_root
+
+        use_cache_root(remote_cache_dir)
         from mfdetr.engine.sweep import load_sweep
         from mfdetr.errors import MfdetrError
 

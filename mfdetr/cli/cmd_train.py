@@ -11,10 +11,10 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("train", context_settings={"allow_interspersed_args": True})
     def train(
-        cache: Path = typer.Option(None, "--cache", help="Training cache store (written by `mfdetr cache`)."),
+        cache: str = typer.Option(None, "--cache", help="Training cache store (written by `mfdetr cache`)."),
         coco: Path = typer.Option(None, "--coco", help="COCO folder the caches were written from (GT annotations; "
                                                        "default: the folder `mfdetr cache` recorded, if it still exists)."),
-        val_cache: Path = typer.Option(None, "--val-cache", help="Validation cache: evaluated at the end "
+        val_cache: str = typer.Option(None, "--val-cache", help="Validation cache: evaluated at the end "
                                                                  "(and every train.eval_every steps)."),
         config: Path = typer.Option(None, "--config", help="Run recipe TOML, e.g. pipeline/recipes/hdetr_r50.toml "
                                                            "(default: the paper's final system)."),
@@ -37,9 +37,13 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("train2017", "--split", help="--online: COCO split to train on."),
         topk: int = typer.Option(100, "--topk", help="--online: queries kept per image (the cache's K)."),
         val_split: str = typer.Option(None, "--val-split", help="--online: COCO split to evaluate on (e.g. val2017)."),
+        remote_cache_dir: str = typer.Option(None, "--remote-cache-dir", help="Node-local read-through copy of caches on object storage (s3://...): each object fetched once per node (default: $MFDETR_REMOTE_CACHE_DIR, else ~/.cache/mfdetr/remote; 'off' disables)."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value, e.g. train.batch_size=2."),
     ) -> None:
         """Train MaskNet on cached detector outputs (AdamW, step lr, AMP on GPU); evaluate on --val-cache."""
+        from mfdetr.cache.readthrough import use_cache_root
+
+        use_cache_root(remote_cache_dir)
         from mfdetr.engine.config import build_run_config, load_run_config
         from mfdetr.errors import MfdetrError
         from mfdetr.outputs import check_output_dir

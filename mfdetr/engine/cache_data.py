@@ -57,10 +57,12 @@ def open_cache(path: str | Path, *, identity: Mapping[str, Any] | None = None, e
                role: str = "cache") -> CacheStore:
     """Open and validate a cache store; with ``identity`` (from another cache or a checkpoint) refuse a
     cache of another detector/checkpoint/preprocessing; with ``enc_layer`` refuse a cache lacking it."""
-    p = Path(path)
-    if not p.exists():
+    from mfdetr.cache.location import RemotePath, store_location
+
+    p = store_location(path)
+    if not isinstance(p, RemotePath) and not p.exists():  # a remote store's absence is told by CacheStore.open
         raise MfdetrError(f"{role} not found", path=p)
-    store = CacheStore.open(p, expect=dict(identity) if identity else None)
+    store = CacheStore.open(p, expect=dict(identity) if identity else None, remote_cache=True)
     if enc_layer is not None and enc_layer not in store.enc_layers:
         raise MfdetrError(f"{role} holds encoder layers {store.enc_layers}, the MaskNet config uses "
                           f"masknet.enc_layer={enc_layer} (write the cache with --enc-layers {enc_layer})", path=p)
@@ -106,7 +108,7 @@ def _source_hint(store: CacheStore) -> dict[str, str] | None:
     from mfdetr.cache.manifest import SOURCE_HINT
 
     try:
-        hint = json.loads((Path(store.path) / SOURCE_HINT).read_text())
+        hint = json.loads((store.path / SOURCE_HINT).read_text())
         ok = Path(hint["coco_root"]).is_dir() and Path(hint["annotation_path"]).is_file()
     except (OSError, ValueError, KeyError, TypeError):
         return None
