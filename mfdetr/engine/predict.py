@@ -26,7 +26,7 @@ overwritten image by image), so after a crash ``out`` holds no result that looks
 The MaskNet checkpoint (:func:`load_masknet_checkpoint`) is the training run's ``ckpt.pt``
 (:mod:`mfdetr.engine.trainer`: ``model``, ``masknet_config``, ``meta.detector`` = the identity of the
 cache it was trained on: detector name, checkpoint sha256, d, level strides, C1 channels, category
-map) or a plain dict ``{"masknet_config", "model"[, "detector", "class_to_category", "categories",
+map; ``meta.categories`` = the training annotation file's ids and names) or a plain dict ``{"masknet_config", "model"[, "detector", "class_to_category", "categories",
 "enc_layer"]}``. The network is sized by the detector preset (d, level strides, C1 channels).
 """
 
@@ -96,6 +96,11 @@ def _identity(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     return ident
 
 
+def _meta(ckpt: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = ckpt.get("meta")
+    return meta if isinstance(meta, Mapping) else {}
+
+
 def _categories_record(value: Any) -> dict[int, str]:
     """``[{"id", "name"}, ...]`` or ``{id: name}`` → ``{id: name}``."""
     if isinstance(value, Mapping):
@@ -153,7 +158,8 @@ def load_masknet_checkpoint(path: str | Path, *, preset: DetectorPreset, device:
     load_weights(model, masknet_sd, path=p, what="its MaskNet config")
     model.eval().requires_grad_(False).to(device)
     return LoadedMaskNet(model=model, config=cfg, enc_layer=cfg.enc_layer, class_to_category=c2c,
-                         categories=_categories_record(ckpt.get("categories")), detector=name,
+                         categories=_categories_record(ckpt.get("categories") or _meta(ckpt).get("categories")),
+                         detector=name,
                          detector_sha256=ident.get("checkpoint.sha256"), path=p, detector_tensors=detector_sd)
 
 
@@ -165,23 +171,28 @@ def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, s
                    categories_file: str | Path | None = None) -> dict[int, str]:
     """Name of every category id the head can output.
 
-    Sources, first match wins per id: ``categories_file`` (a COCO annotation JSON's ``categories``),
-    the checkpoint's record, the synthetic dataset's names when the head's ids are exactly its ids
-    (the ``demo`` preset), COCO's names for other ids in 1..90, else ``"class <id>"``.
+    Sources, first match wins per id: ``categories_file`` (a JSON list of ``{"id", "name"}`` or a COCO
+    annotation file), the MaskNet checkpoint's record (the training annotation file's names), then
+    defaults: the synthetic dataset's names when the head's ids are exactly its ids (the ``demo``
+    preset), COCO's names for a 91-slot COCO head, else ``"class <id>"``.
+
+    Raises:
+        MfdetrError: ``categories_file`` is unreadable or names none of the head's ids.
     """
     from mfdetr.data.synth_render import SYNTH_CLASSES
+    from mfdetr.detectors.categories import read_categories
 
     ids = sorted({int(c) for c in class_to_category if int(c) > 0})
     names: dict[int, str] = {}
     if categories_file is not None:
-        from mfdetr.data.annotations import load_annotation_file
-
-        data, _ = load_annotation_file(categories_file, report=False)
-        names.update(_categories_record(data["categories"]))
+        names.update(read_categories(categories_file))
+        if ids and not set(ids) & set(names):
+            raise MfdetrError(f"names categories {sorted(names)[:8]}, none of the ids the detector head predicts "
+                              f"({ids[:8]}{'…' if len(ids) > 8 else ''})", path=categories_file)
     for cid, n in (recorded or {}).items():
         names.setdefault(int(cid), n)
     synth = {c.id: c.name for c in SYNTH_CLASSES}
-    fallback = synth if set(ids) == set(synth) else COCO_NAMES
+    fallback = synth if set(ids) == set(synth) else COCO_NAMES if len(class_to_category) == 91 else {}
     return {i: names.get(i) or fallback.get(i) or f"class {i}" for i in ids}
 
 
