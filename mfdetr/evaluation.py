@@ -51,7 +51,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 __all__ = [
     "BOUNDARY_DILATION_RATIO", "EVALUATORS", "IOU_TYPES", "MASK_IOU_TYPES", "METRIC_NAMES", "CocoEvaluator",
-    "annotation_path", "category_ap", "coco_from_dict", "evaluate",
+    "annotation_path", "category_ap", "category_rows", "coco_from_dict", "evaluate",
     "format_category_table", "format_table", "gt_to_results", "instances_to_results", "load_coco_gt", "mask_to_rle",
     "read_results_json", "validate_results", "write_results_json",
 ]
@@ -340,6 +340,17 @@ def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def category_rows(coco_gt: COCO, *evaluators: CocoEvaluator) -> dict[int, dict[str, Any]]:
+    """``{id: {"name", <iou_type>: AP, ...}}`` for every GT category, from finished evaluators."""
+    rows: dict[int, dict[str, Any]] = {}
+    for cat in coco_gt.loadCats(coco_gt.getCatIds()):
+        cid = int(cat["id"])
+        rows[cid] = {"name": str(cat.get("name", ""))}
+        for ev in evaluators:
+            rows[cid].update({t: aps.get(cid, float("nan")) for t, aps in ev.category_ap.items()})
+    return rows
+
+
 def format_category_table(rows: Mapping[int, Mapping[str, Any]]) -> str:
     """Per-category AP: one row per category id (``{id: {"name", <iou_type>: AP, ...}}``), one column per
     IoU type; ``-`` where a category has no GT among the evaluated images."""
@@ -349,5 +360,5 @@ def format_category_table(rows: Mapping[int, Mapping[str, Any]]) -> str:
     for cid in sorted(rows):
         r = rows[cid]
         cells = [f"{r[t]:8.2f}" if t in r and r[t] == r[t] else f"{'-':>8}" for t in types]
-        lines.append(f"{cid:>6} {str(r.get('name', '')):<{width}} " + " ".join(cells))
+        lines.append(f"{cid:>6} {r.get('name', '')!s:<{width}} " + " ".join(cells))
     return "\n".join(lines)

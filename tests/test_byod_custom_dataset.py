@@ -25,7 +25,12 @@ from test_predict_tinydet import TINY_MASKNET
 from mfdetr.contracts import Preprocessing
 from mfdetr.detectors.dino.presets import DINO_CONFIGS, dino_preset
 from mfdetr.detectors.registry import register_detector, unregister_detector
-from mfdetr.detectors.training import DataOptions, DetTrainConfig, OptimOptions, train_detector
+from mfdetr.detectors.training import (
+    DataOptions,
+    DetTrainConfig,
+    OptimOptions,
+    train_detector,
+)
 
 IDS = tuple(range(11, 18))
 NAMES = {11: "disc", 12: "box", 13: "triangle", 14: "arc", 15: "cross", 16: "star", 17: "disc-2"}

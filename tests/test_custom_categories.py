@@ -15,7 +15,13 @@ from mfdetr.detectors.auto import eval_preprocessing
 from mfdetr.detectors.categories import read_categories, slot_map
 from mfdetr.engine.predict import category_names
 from mfdetr.errors import MfdetrError
-from mfdetr.evaluation import CocoEvaluator, evaluate, format_category_table, gt_to_results, load_coco_gt
+from mfdetr.evaluation import (
+    CocoEvaluator,
+    evaluate,
+    format_category_table,
+    gt_to_results,
+    load_coco_gt,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2
 

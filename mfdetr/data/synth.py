@@ -39,7 +39,12 @@ from PIL import Image
 
 from mfdetr.data.masks import mask_to_rle
 from mfdetr.data.polygons import mask_to_polygons
-from mfdetr.data.synth_render import SYNTH_CLASSES, SynthClass, background, render_object
+from mfdetr.data.synth_render import (
+    SYNTH_CLASSES,
+    SynthClass,
+    background,
+    render_object,
+)
 from mfdetr.errors import MfdetrError
 
 SPLITS = ("train2017", "val2017")

@@ -149,7 +149,7 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
     Returns ``({"segm": {AP, ...}, "boundary": {...}, "bbox": {...}}, segm results)`` (COCO format, RLE masks).
     """
     damage = damage or DamagePolicy()
-    from mfdetr.evaluation import CocoEvaluator, coco_from_dict
+    from mfdetr.evaluation import CocoEvaluator, category_rows, coco_from_dict
     from mfdetr.masknet.postprocess import masks_to_coco_results
 
     device = torch.device(device)
@@ -183,10 +183,7 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
         all_results.extend(res)
     metrics = {**segm_ev.finish(), **box_ev.finish()}
     if category_ap is not None:
-        for cat in coco_gt.loadCats(sorted(known)):
-            row = category_ap.setdefault(int(cat["id"]), {"name": str(cat.get("name", ""))})
-            for t, aps in {**segm_ev.category_ap, **box_ev.category_ap}.items():
-                row[t] = aps.get(int(cat["id"]), float("nan"))
+        category_ap.update(category_rows(coco_gt, segm_ev, box_ev))
     return metrics, all_results
 
 

@@ -160,7 +160,11 @@ def register_auto_preset(checkpoint: Path, *, config_file: str | Path | None = N
     file) or of ``slot_categories`` (``--categories``: the slots' categories in order) by
     :func:`mfdetr.detectors.categories.slot_map`. Without either, official heads keep slot i = id i; a
     detrex head (slots in its dataset's sorted id order) is then an error when ``need_categories``."""
-    from mfdetr.detectors.categories import dataset_categories, read_categories, slot_map
+    from mfdetr.detectors.categories import (
+        dataset_categories,
+        read_categories,
+        slot_map,
+    )
 
     family, cfg, contiguous, preprocessing = _architecture(checkpoint, config_file)
     preset = arch_preset(auto_name(checkpoint), family, cfg, checkpoint_file=checkpoint.name)
@@ -188,7 +192,8 @@ def describe_preset(preset: DetectorPreset) -> str:
             f"{list(bb['out_indices'])}, {a['num_feature_levels']} levels (strides {list(preset.level_strides)}), "
             f"d={a['hidden_dim']}, {a['nheads']} heads, {a['enc_layers']}+{a['dec_layers']} layers, FFN "
             f"{a['dim_feedforward']}, points {a['enc_n_points']}/{a['dec_n_points']}, {queries}, "
-            f"{a['num_classes']} classes; default encoder layer {default_enc_layer(a['enc_layers'])}")
+            f"{a['num_classes']} classes; eval resize {preset.preprocessing.short_side}/{preset.preprocessing.max_size}; "
+            f"default encoder layer {default_enc_layer(a['enc_layers'])}")
 
 
 __all__ = [
