@@ -51,8 +51,8 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 __all__ = [
     "BOUNDARY_DILATION_RATIO", "EVALUATORS", "IOU_TYPES", "MASK_IOU_TYPES", "METRIC_NAMES", "CocoEvaluator",
-    "annotation_path", "coco_from_dict", "evaluate",
-    "format_table", "gt_to_results", "instances_to_results", "load_coco_gt", "mask_to_rle",
+    "annotation_path", "category_ap", "category_rows", "coco_from_dict", "evaluate",
+    "format_category_table", "format_table", "gt_to_results", "instances_to_results", "load_coco_gt", "mask_to_rle",
     "read_results_json", "validate_results", "write_results_json",
 ]
 
@@ -230,9 +230,21 @@ def _faster_cocoeval(coco_gt: COCO, dets: list[dict[str, Any]], iou_type: str, v
     return COCOeval_faster(gt, dt, iou_type, print_function=say, boundary_dilation_ratio=BOUNDARY_DILATION_RATIO)
 
 
+def category_ap(ev: Any) -> dict[int, float]:
+    """AP (IoU .50:.95, all areas, 100 detections) of each category of an accumulated COCOeval, in
+    percent (``nan`` for a category without GT in the evaluated images)."""
+    prec = np.asarray(ev.eval["precision"])  # [IoU thresholds, recalls, categories, areas, max dets]
+    out: dict[int, float] = {}
+    for k, cid in enumerate(ev.params.catIds):
+        p = prec[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[int(cid)] = float(p.mean() * 100.0) if p.size else float("nan")
+    return out
+
+
 def evaluate(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str, *,
-             image_ids: Iterable[int] | None = None, verbose: bool = False, evaluator: str = "pycocotools"
-             ) -> dict[str, float]:
+             image_ids: Iterable[int] | None = None, verbose: bool = False, evaluator: str = "pycocotools",
+             per_category: dict[int, float] | None = None) -> dict[str, float]:
     """COCO evaluation of ``results`` → ``{AP, AP50, AP75, APs, APm, APl}`` in percent.
 
     Args:
@@ -240,9 +252,12 @@ def evaluate(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str,
         image_ids: evaluate on these images only (default: every image of ``coco_gt``).
         verbose: let the evaluator print its summary.
         evaluator: ``pycocotools`` (default) or ``faster`` (faster-coco-eval) for ``segm``/``bbox``.
+        per_category: filled with each GT category's AP (:func:`category_ap`) when given.
     """
     _check_choice(iou_type, evaluator)
     if not results:
+        if per_category is not None:
+            per_category.update(dict.fromkeys(coco_gt.getCatIds(), 0.0))
         return dict.fromkeys(METRIC_NAMES, 0.0)
     dets = copy.deepcopy(list(results))
     if iou_type in MASK_IOU_TYPES:
@@ -258,6 +273,8 @@ def evaluate(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str,
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    if per_category is not None:
+        per_category.update(category_ap(ev))
     return {name: float(ev.stats[k] * 100.0) if ev.stats[k] >= 0 else float("nan")
             for k, name in enumerate(METRIC_NAMES)}
 
@@ -273,6 +290,8 @@ class CocoEvaluator:
             must be announced through ``image_ids``).
         verbose: let the evaluator print.
         evaluator: ``pycocotools`` or ``faster`` for ``segm``/``bbox`` (see :func:`evaluate`).
+
+    After :meth:`finish`, ``category_ap[iou_type]`` holds each category's AP (:func:`category_ap`).
     """
 
     def __init__(self, *, coco_gt: COCO, iou_types: Sequence[str] = ("segm", "bbox"), all_images: bool = False,
@@ -287,6 +306,7 @@ class CocoEvaluator:
         self.reset()
 
     def reset(self) -> None:
+        self.category_ap: dict[str, dict[int, float]] = {}
         self.results: list[dict[str, Any]] = []
         self.image_ids: set[int] = set()
 
@@ -307,8 +327,9 @@ class CocoEvaluator:
         ids = None if self.all_images else sorted(self.image_ids)
         if ids is not None and not ids:
             return {t: dict.fromkeys(METRIC_NAMES, 0.0) for t in self.iou_types}
+        self.category_ap = {t: {} for t in self.iou_types}
         return {t: evaluate(self.coco_gt, self.results, t, image_ids=ids, verbose=self.verbose,
-                            evaluator=self.evaluator) for t in self.iou_types}
+                            evaluator=self.evaluator, per_category=self.category_ap[t]) for t in self.iou_types}
 
 
 def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
@@ -316,4 +337,28 @@ def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     lines = ["iou_type " + " ".join(f"{m:>6}" for m in METRIC_NAMES)]
     for t, row in metrics.items():
         lines.append(f"{t:<8} " + " ".join(f"{row[m]:6.2f}" for m in METRIC_NAMES))
+    return "\n".join(lines)
+
+
+def category_rows(coco_gt: COCO, *evaluators: CocoEvaluator) -> dict[int, dict[str, Any]]:
+    """``{id: {"name", <iou_type>: AP, ...}}`` for every GT category, from finished evaluators."""
+    rows: dict[int, dict[str, Any]] = {}
+    for cat in coco_gt.loadCats(coco_gt.getCatIds()):
+        cid = int(cat["id"])
+        rows[cid] = {"name": str(cat.get("name", ""))}
+        for ev in evaluators:
+            rows[cid].update({t: aps.get(cid, float("nan")) for t, aps in ev.category_ap.items()})
+    return rows
+
+
+def format_category_table(rows: Mapping[int, Mapping[str, Any]]) -> str:
+    """Per-category AP: one row per category id (``{id: {"name", <iou_type>: AP, ...}}``), one column per
+    IoU type; ``-`` where a category has no GT among the evaluated images."""
+    types = [t for t in IOU_TYPES if any(t in r for r in rows.values())]
+    width = max([len("category"), *(len(str(r.get("name", ""))) for r in rows.values())])
+    lines = [f"{'id':>6} {'category':<{width}} " + " ".join(f"{t:>8}" for t in types)]
+    for cid in sorted(rows):
+        r = rows[cid]
+        cells = [f"{r[t]:8.2f}" if t in r and r[t] == r[t] else f"{'-':>8}" for t in types]
+        lines.append(f"{cid:>6} {r.get('name', '')!s:<{width}} " + " ".join(cells))
     return "\n".join(lines)

@@ -204,8 +204,11 @@ def test_auto_online_train_eval_and_predict(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "config.json").read_text())["masknet"]["enc_layer"] == 3
     unregister_detector("auto-online")  # as in a new process
     code, out = _cli("eval", "--online", "--coco", tmp_path / "synth", "--checkpoint", tmp_path / "run" / "ckpt.pt",
-                     "--max-images", "1")
+                     "--max-images", "1", "--per-category")
     assert code == 0, out
+    table = out[out.index("    id category"):].splitlines()  # the synthetic set's 6 categories
+    assert [r.split()[:2] for r in table[1:]] == [["1", "disc"], ["2", "box"], ["3", "triangle"], ["4", "arc"],
+                                                  ["5", "cross"], ["6", "star"]]
     images = tmp_path / "synth" / "val2017"
     code, out = _cli("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", tmp_path / "run" / "ckpt.pt",
                      images, "--out", tmp_path / "preds", "--no-overlays", "--no-progress", "--score-threshold", "0")

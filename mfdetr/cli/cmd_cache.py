@@ -50,6 +50,10 @@ def register(app: typer.Typer) -> None:
                                                             "recompute the damaged ones (a plain rerun recomputes only "
                                                             "those with a damaged commit flag or a missing/empty file)."),
         annotation_file: Path = typer.Option(None, "--annotations", help="Override the instances JSON path."),
+        categories: Path = typer.Option(None, "--categories",
+                                        help="With --detector auto: the category of each class slot, in order (JSON "
+                                             "list of {id, name} or a COCO annotation file), when the slots do not "
+                                             "match the dataset's categories by count and order."),
         codec: str = typer.Option("lossless", "--codec",
                                   help="Feature codec preset: lossless (float16 + zstd-1), bitround-7, bitround-4 or "
                                        "quantize-1 (lossy, numcodecs; bounds in cache_schemas/v1/arrays.md). "
@@ -72,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
         cats = annotation_file or coco / "annotations" / f"instances_{split}.json"
         det = resolve_detector(detector, checkpoint, config_file=detector_config, need_file=True,
-                               categories_file=cats, echo=typer.echo)
+                               categories_file=cats, slot_categories=categories, echo=typer.echo)
         layers = _layers(enc_layers) if enc_layers is not None else (det.enc_layer,)
         job = CacheJob(detector=det.name, checkpoint=det.checkpoint, coco=coco, split=split, out=out, topk=topk,
                        enc_layers=layers, batch_size=batch_size, shard=parse_shard(shard),

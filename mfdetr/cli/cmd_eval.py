@@ -46,6 +46,10 @@ def register(app: typer.Typer) -> None:
         images: Path = typer.Option(None, "--images", help="--baseline sam: folder of the split's image files "
                                                            "(default: the COCO split folder)."),
         remote_cache_dir: str = typer.Option(None, "--remote-cache-dir", help="Node-local read-through copy of caches on object storage (s3://...): each object fetched once per node (default: $MFDETR_REMOTE_CACHE_DIR, else ~/.cache/mfdetr/remote; 'off' disables)."),
+        per_category: bool = typer.Option(False, "--per-category", help="Also print the AP of every category."),
+        categories: Path = typer.Option(None, "--categories",
+                                        help="--online with --detector auto: the category of each class slot, in "
+                                             "order (JSON list of {id, name} or a COCO annotation file)."),
         overrides: list[str] = typer.Argument(None, help="Config overrides section.key=value."),
     ) -> None:
         """Evaluate MaskNet on a cache: COCO segm AP and Boundary AP (masks), bbox AP (cached detector boxes)."""
@@ -55,7 +59,7 @@ def register(app: typer.Typer) -> None:
         from mfdetr.engine.stage2 import CacheSources, eval_from_cache, format_metrics
         from mfdetr.errors import MfdetrError
 
-        from mfdetr.evaluation import EVALUATORS
+        from mfdetr.evaluation import EVALUATORS, format_category_table
 
         if evaluator not in EVALUATORS:
             raise MfdetrError(f"unknown --evaluator {evaluator!r} (choose from {', '.join(EVALUATORS)})")
@@ -78,6 +82,7 @@ def register(app: typer.Typer) -> None:
             from mfdetr.outputs import check_output_file
 
             check_output_file(out)
+        per_cat: dict | None = {} if per_category else None
         if online:
             if cache is not None or coco is None or checkpoint is None:
                 raise MfdetrError("--online evaluates --checkpoint RUN/ckpt.pt on --coco DIR --split SPLIT (no --cache)")
@@ -87,13 +92,17 @@ def register(app: typer.Typer) -> None:
                 from mfdetr.detectors.resolve import resolve_detector
 
                 det = resolve_detector(detector, detector_checkpoint, config_file=detector_config, echo=typer.echo,
-                                       categories_file=coco / "annotations" / f"instances_{split}.json")
+                                       categories_file=coco / "annotations" / f"instances_{split}.json",
+                                       slot_categories=categories)
                 detector, detector_checkpoint = det.name, det.checkpoint
 
             metrics = eval_online(checkpoint, coco=coco, split=split, detector=detector,
                                   detector_checkpoint=detector_checkpoint, out=out, batch_size=batch_size,
-                                  device=device, max_images=max_images, evaluator=evaluator)
+                                  device=device, max_images=max_images, evaluator=evaluator,
+                                  category_ap=per_cat, slot_categories=categories)
             typer.echo(format_metrics(metrics))
+            if per_cat:
+                typer.echo(format_category_table(per_cat))
             if out is not None:
                 typer.echo(f"results: {out}")
             return
@@ -104,8 +113,11 @@ def register(app: typer.Typer) -> None:
         damage = DamagePolicy(skip=skip_damaged)
         metrics = eval_from_cache(CacheSources(cache=cache, coco=coco, annotations=annotations),
                                   checkpoint=checkpoint, config=config, overrides=list(overrides or []), out=out,
-                                  batch_size=batch_size, device=device, damage=damage, evaluator=evaluator)
+                                  batch_size=batch_size, device=device, damage=damage, evaluator=evaluator,
+                                  category_ap=per_cat)
         typer.echo(format_metrics(metrics))
+        if per_cat:
+            typer.echo(format_category_table(per_cat))
         if damage.skipped:
             ids = ", ".join(str(d.image_id) for d in damage.skipped)
             typer.echo(f"skipped damaged images: {len(damage.skipped)} (image ids {ids}); AP is over the others")

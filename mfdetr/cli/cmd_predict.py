@@ -30,8 +30,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(1, "--batch-size", help="Images per forward."),
         workers: int = typer.Option(0, "--workers", help="Image-loading worker processes."),
         categories: Path = typer.Option(None, "--categories",
-                                        help="COCO annotation JSON whose 'categories' name the ids "
-                                             "(default: the checkpoint's record / the preset's dataset)."),
+                                        help="Category names (JSON list of {id, name} or a COCO annotation file; "
+                                             "default: the MaskNet run's record); with --detector auto also the "
+                                             "category of each class slot, in order."),
         overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm progress bar."),
         benchmark: bool = typer.Option(False, "--benchmark",
@@ -50,8 +51,8 @@ def register(app: typer.Typer) -> None:
 
         if workers < 0:
             raise MfdetrError(f"--workers must be >= 0, got {workers}")
-        det = resolve_detector(detector, checkpoint, config_file=detector_config, categories_file=categories,
-                               echo=typer.echo)
+        det = resolve_detector(detector, checkpoint, config_file=detector_config, slot_categories=categories,
+                               need_categories=False, echo=typer.echo)  # the MaskNet run records the slot map
         if benchmark:
             from mfdetr.engine.latency import benchmark_predict, format_report, parse_size
 

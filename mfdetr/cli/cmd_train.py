@@ -34,6 +34,9 @@ def register(app: typer.Typer) -> None:
         detector_config: Path = typer.Option(None, "--detector-config",
                                              help="With --detector auto: the official config the detector was "
                                                   "trained with (DINO .py, H-DETR .sh; read as data)."),
+        categories: Path = typer.Option(None, "--categories",
+                                        help="--online with --detector auto: the category of each class slot, in "
+                                             "order (JSON list of {id, name} or a COCO annotation file)."),
         split: str = typer.Option("train2017", "--split", help="--online: COCO split to train on."),
         topk: int = typer.Option(100, "--topk", help="--online: queries kept per image (the cache's K)."),
         val_split: str = typer.Option(None, "--val-split", help="--online: COCO split to evaluate on (e.g. val2017)."),
@@ -65,7 +68,8 @@ def register(app: typer.Typer) -> None:
             from mfdetr.engine.online import train_online
 
             det = resolve_detector(detector, checkpoint, config_file=detector_config, echo=typer.echo,
-                                   categories_file=annotations or coco / "annotations" / f"instances_{split}.json")
+                                   categories_file=annotations or coco / "annotations" / f"instances_{split}.json",
+                                   slot_categories=categories)
             ckpt = str(det.checkpoint) if det.checkpoint else None
             train_online(cfg, detector=det.name, checkpoint=ckpt, coco=str(coco),
                          split=split, out=str(out), topk=topk, resume=resume, val_split=val_split)

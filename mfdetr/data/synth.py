@@ -26,6 +26,7 @@ it does not depend on the other options' values; the JSON is written with a fixe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -38,10 +39,17 @@ from PIL import Image
 
 from mfdetr.data.masks import mask_to_rle
 from mfdetr.data.polygons import mask_to_polygons
-from mfdetr.data.synth_render import SYNTH_CLASSES, background, render_object
+from mfdetr.data.synth_render import (
+    SYNTH_CLASSES,
+    SynthClass,
+    background,
+    render_object,
+)
 from mfdetr.errors import MfdetrError
 
 SPLITS = ("train2017", "val2017")
+#: most categories ``--classes`` draws (each base shape with every texture)
+MAX_CLASSES = len(SYNTH_CLASSES) ** 2
 _ID_OFFSET = {"train2017": 0, "val2017": 1_000_000}
 
 
@@ -58,6 +66,10 @@ class SynthConfig:
     p_crowd: float = 0.15
     min_area: int = 12
     jpeg_quality: int = 90
+    #: categories drawn (the 6 shape/texture classes, then their variants with another texture and hue)
+    num_classes: int = len(SYNTH_CLASSES)
+    #: id of the first category; the others follow consecutively
+    first_category_id: int = 1
 
     def __post_init__(self) -> None:
         if self.train < 0 or self.val < 0 or self.train + self.val == 0:
@@ -66,6 +78,24 @@ class SynthConfig:
             raise MfdetrError(f"synth: --image-size must be in 32..4096, got {self.image_size}")
         if self.seed < 0:
             raise MfdetrError(f"synth: --seed must be >= 0, got {self.seed}")
+        if not 1 <= self.num_classes <= MAX_CLASSES:
+            raise MfdetrError(f"synth: --classes must be in 1..{MAX_CLASSES}, got {self.num_classes}")
+        if self.first_category_id < 1:
+            raise MfdetrError(f"synth: --first-category-id must be >= 1, got {self.first_category_id}")
+
+
+def synth_classes(config: SynthConfig) -> tuple[SynthClass, ...]:
+    """The categories of a dataset: class ``k`` has id ``first_category_id + k``; classes past the 6 base
+    ones reuse a base shape with the next texture and a shifted hue (``disc-2``, ...)."""
+    n = len(SYNTH_CLASSES)
+    out = []
+    for k in range(config.num_classes):
+        base, rnd = SYNTH_CLASSES[k % n], k // n
+        if rnd:
+            base = dataclasses.replace(base, name=f"{base.name}-{rnd + 1}",
+                                       texture=SYNTH_CLASSES[(k + rnd) % n].texture, hue=(base.hue + 0.5 * rnd) % 1.0)
+        out.append(dataclasses.replace(base, id=config.first_category_id + k))
+    return tuple(out)
 
 
 @dataclass
@@ -104,9 +134,10 @@ def render_scene(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndar
     groups: list[tuple[int, bool]] = []  # per owner id: (category id, iscrowd)
     n_obj = 0 if rng.random() < config.p_empty else int(rng.integers(1, config.max_objects + 1))
     crowd_at = int(rng.integers(0, n_obj + 1)) if n_obj and rng.random() < config.p_crowd else -1
+    classes = synth_classes(config)
 
     def paint(cls_idx: int, cx: float, cy: float, a: float, gid: int) -> None:
-        cls = SYNTH_CLASSES[cls_idx]
+        cls = classes[cls_idx]
         out = render_object(cls, cx=cx, cy=cy, a=a, aspect=float(rng.uniform(0.7, 1.0)),
                             angle=float(rng.uniform(0, 2 * np.pi)), height=h, width=w, rng=rng)
         if out is None:
@@ -123,17 +154,17 @@ def render_scene(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndar
     sizes = [sizes[j] for j in sorted(range(n_obj), key=lambda j: -depth[j])]
     for k in range(n_obj + 1):
         if k == crowd_at:  # a crowd: 5–9 small objects of one class clustered together
-            cls_idx = int(rng.integers(len(SYNTH_CLASSES)))
+            cls_idx = int(rng.integers(len(classes)))
             gid = len(groups)
-            groups.append((SYNTH_CLASSES[cls_idx].id, True))
+            groups.append((classes[cls_idx].id, True))
             ccx, ccy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
             for _ in range(int(rng.integers(5, 10))):
                 paint(cls_idx, ccx + rng.normal(0, 0.07 * s), ccy + rng.normal(0, 0.07 * s),
                       float(s * rng.uniform(0.02, 0.045)), gid)
         if k < n_obj:
-            cls_idx = int(rng.integers(len(SYNTH_CLASSES)))
+            cls_idx = int(rng.integers(len(classes)))
             gid = len(groups)
-            groups.append((SYNTH_CLASSES[cls_idx].id, False))
+            groups.append((classes[cls_idx].id, False))
             if sizes[k] > 0.35 * s:
                 lo, hi = 0.25, 0.75
             else:
@@ -185,7 +216,7 @@ def generate_synth(out: str | Path, *, config: SynthConfig | None = None, force:
     config = config or SynthConfig()
     out = Path(out)
     _prepare_out(out, force)
-    categories = [{"id": c.id, "name": c.name, "supercategory": "shape"} for c in SYNTH_CLASSES]
+    categories = [{"id": c.id, "name": c.name, "supercategory": "shape"} for c in synth_classes(config)]
     summary: dict[str, Any] = {"out": str(out), "config": asdict(config), "splits": {}}
     for split_idx, (split, n) in enumerate(zip(SPLITS, (config.train, config.val), strict=True)):
         images, anns = [], []

@@ -1,6 +1,8 @@
 """Detector presets as data files (``mfdetr detectors save``): JSON or TOML with ``name``, ``family``
-(``dino`` / ``hdetr``) and ``arch`` (the family config's fields). Loading one registers it by its name,
-so ``--detector FILE`` works wherever a preset name does."""
+(``dino`` / ``hdetr``) and ``arch`` (the family config's fields), optionally ``class_to_category`` (the
+category id of each class slot; default slot i = id i) and ``preprocessing`` (``short_side``,
+``max_size``, ``mean``, ``std``; default 800/1333, ImageNet). Loading one registers it by its name, so
+``--detector FILE`` works wherever a preset name does."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mfdetr.contracts import DetectorPreset
+from mfdetr.contracts import DetectorPreset, Preprocessing
 from mfdetr.errors import MfdetrError
 
 FAMILIES = ("dino", "hdetr")
@@ -18,7 +20,8 @@ FAMILIES = ("dino", "hdetr")
 
 def preset_record(preset: DetectorPreset) -> dict[str, Any]:
     """What a preset file holds."""
-    return {"name": preset.name, "family": preset.family, "arch": json.loads(json.dumps(dict(preset.arch)))}
+    return {"name": preset.name, "family": preset.family, "arch": json.loads(json.dumps(dict(preset.arch))),
+            "class_to_category": list(preset.class_to_category), "preprocessing": preset.preprocessing.to_dict()}
 
 
 def save_preset_file(preset: DetectorPreset, path: Path, *, name: str | None = None) -> Path:
@@ -57,14 +60,32 @@ def load_preset_file(path: Path) -> tuple[DetectorPreset, str, Any]:
         raise MfdetrError(f"not a preset file: {type(e).__name__}: {str(e).splitlines()[0]}", path=path) from None
     if not isinstance(data, dict) or not {"name", "family", "arch"} <= set(data):
         raise MfdetrError("a preset file needs name, family and arch", path=path)
-    unknown = set(data) - {"name", "family", "arch"}
+    unknown = set(data) - {"name", "family", "arch", "class_to_category", "preprocessing"}
     if unknown:
         raise MfdetrError(f"unknown preset file keys: {sorted(unknown)}", path=path)
+    import dataclasses
+
     from mfdetr.detectors.auto import arch_preset
 
     family = str(data["family"])
     cfg = _config(family, data["arch"], path)
-    return arch_preset(str(data["name"]), family, cfg), family, cfg
+    preset = arch_preset(str(data["name"]), family, cfg)
+    c2c = data.get("class_to_category", preset.class_to_category)
+    if not (isinstance(c2c, list | tuple) and len(c2c) == cfg.num_classes and
+            all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in c2c)):
+        raise MfdetrError(f"class_to_category must list {cfg.num_classes} non-negative category ids (one per "
+                          "class slot)", path=path)
+    pre = data.get("preprocessing")
+    try:
+        pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}) if pre else None
+    except (TypeError, AttributeError) as e:
+        raise MfdetrError(f"bad preprocessing: {e}", path=path) from None
+    if pre is not None and not (isinstance(pre.short_side, int) and isinstance(pre.max_size, int)
+                                and 0 < pre.short_side <= pre.max_size and len(pre.mean) == len(pre.std) == 3):
+        raise MfdetrError("bad preprocessing: needs integer 0 < short_side <= max_size and 3-value mean and std",
+                          path=path)
+    preset = dataclasses.replace(preset, class_to_category=tuple(c2c), preprocessing=pre or preset.preprocessing)
+    return preset, family, cfg
 
 
 def register_preset_file(path: Path) -> DetectorPreset:

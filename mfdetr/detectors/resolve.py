@@ -34,11 +34,15 @@ class ResolvedDetector:
 
 def resolve_detector(name: str, checkpoint: str | Path | None = None, *, config_file: str | Path | None = None,
                      need_file: bool = False, allow_missing_weights: bool = False,
-                     categories_file: str | Path | None = None,
+                     categories_file: str | Path | None = None, slot_categories: str | Path | None = None,
+                     need_categories: bool | None = None,
                      echo: Callable[[str], None] | None = None) -> ResolvedDetector:
     """Resolve ``name`` (a preset, a preset file, or ``auto``) and its weights; ``need_file`` refuses a
     preset with no weights file (the cache records the checkpoint's sha256). ``categories_file``: the
-    COCO annotation file whose sorted category ids a detrex checkpoint's class slots count."""
+    command's COCO annotation file, ``slot_categories``: a ``--categories`` file naming the class slots'
+    categories in order; an auto preset's slots are matched to them
+    (:func:`mfdetr.detectors.categories.slot_map`). ``need_categories`` (default: unless
+    ``allow_missing_weights``): a detrex checkpoint without either is an error."""
     load_plugins()
     if name == AUTO or config_file is not None:
         from mfdetr.detectors.auto import register_auto_preset
@@ -49,13 +53,15 @@ def resolve_detector(name: str, checkpoint: str | Path | None = None, *, config_
             raise MfdetrError("--detector auto reads the architecture from the checkpoint: pass --checkpoint FILE")
         preset = register_auto_preset(Path(checkpoint), config_file=config_file,
                                       categories_file=Path(categories_file) if categories_file else None,
-                                      need_categories=not allow_missing_weights)
+                                      slot_categories=Path(slot_categories) if slot_categories else None,
+                                      need_categories=(not allow_missing_weights if need_categories is None
+                                                       else need_categories))
         if echo is not None:
             from mfdetr.detectors.auto import describe_preset
 
             echo(describe_preset(preset))
     else:
-        preset = _named_preset(name, checkpoint, categories_file)
+        preset = _named_preset(name, checkpoint, categories_file, slot_categories)
     try:
         weights = preset_weights(preset, checkpoint)
     except MfdetrError:
@@ -68,13 +74,15 @@ def resolve_detector(name: str, checkpoint: str | Path | None = None, *, config_
                             enc_layer=default_enc_layer(preset.num_encoder_layers))
 
 
-def _named_preset(name: str, checkpoint: str | Path | None, categories_file: str | Path | None) -> DetectorPreset:
+def _named_preset(name: str, checkpoint: str | Path | None, categories_file: str | Path | None,
+                  slot_categories: str | Path | None = None) -> DetectorPreset:
     """A registered preset, or a preset file (``.toml``/``.json`` written by ``mfdetr detectors save``)."""
     if name.startswith(AUTO + "-") and checkpoint is not None and name not in list_detectors():
         from mfdetr.detectors.auto import register_auto_preset
 
         preset = register_auto_preset(Path(checkpoint), categories_file=Path(categories_file) if categories_file
-                                      else None, need_categories=True)  # a run recorded an auto preset: rebuild it
+                                      else None, slot_categories=Path(slot_categories) if slot_categories else None,
+                                      need_categories=True)  # a run recorded an auto preset: rebuild it
         if preset.name != name:
             raise MfdetrError(f"the run used detector {name!r}, the checkpoint resolves to {preset.name!r}")
         return preset

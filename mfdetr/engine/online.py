@@ -299,13 +299,17 @@ def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco:
                  collate=partial(collate), resume=resume, masknet_config=to_dict(parts.masknet_cfg),
                  record={"online": {"detector": detector, "checkpoint": str(checkpoint), "coco": str(coco),
                                     "split": split, "val_split": val_split, "topk": topk, "lsj": oc.lsj,
-                                    "finetune": oc.finetune}, "online_source": source},
+                                    "finetune": oc.finetune}, "online_source": source,
+                         "detector": {"detector.name": preset.name, "num_classes": preset.num_classes,
+                                      "category_map": list(preset.class_to_category)},
+                         "categories": [{"id": int(c["id"]), "name": str(c.get("name", ""))} for c in base.categories]},
                  ctx=ctx, prepare_batch=step, evaluate_fn=evaluate_fn)
 
 
 def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val2017", detector: str | None = None,
                 detector_checkpoint: str | Path | None = None, out: str | Path | None = None, batch_size: int = 2,
-                device: str = "auto", max_images: int = 0, evaluator: str = "pycocotools"
+                device: str = "auto", max_images: int = 0, evaluator: str = "pycocotools",
+                category_ap: dict[int, dict[str, Any]] | None = None, slot_categories: str | Path | None = None
                 ) -> dict[str, dict[str, float]]:
     """``mfdetr eval --online``: a run's MaskNet (and fine-tuned detector tensors) on a COCO split, with
     the detector in the loop. Detector name and checkpoint default to what an online run recorded."""
@@ -335,7 +339,7 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     if detector.startswith("auto-"):  # an architecture read from the checkpoint: rebuild it from there
         from mfdetr.detectors.resolve import resolve_detector
 
-        detector = resolve_detector(detector, detector_checkpoint,
+        detector = resolve_detector(detector, detector_checkpoint, slot_categories=slot_categories,
                                     categories_file=Path(coco) / "annotations" / f"instances_{split}.json").name
     preset = get_preset(detector)
     det_model = build_detector(detector, checkpoint=detector_checkpoint, device=str(dev))
@@ -349,7 +353,7 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
                         _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False), dev,
                         max_images=max_images, coarsest_stride=max(preset.level_strides))
     metrics, results = evaluate_masknet(parts.model, val, manifest=manifest, batch_size=batch_size, device=dev,
-                                        evaluator=evaluator)
+                                        evaluator=evaluator, category_ap=category_ap)
     if out is not None:
         from mfdetr.evaluation import write_results_json
 

@@ -26,7 +26,7 @@ overwritten image by image), so after a crash ``out`` holds no result that looks
 The MaskNet checkpoint (:func:`load_masknet_checkpoint`) is the training run's ``ckpt.pt``
 (:mod:`mfdetr.engine.trainer`: ``model``, ``masknet_config``, ``meta.detector`` = the identity of the
 cache it was trained on: detector name, checkpoint sha256, d, level strides, C1 channels, category
-map) or a plain dict ``{"masknet_config", "model"[, "detector", "class_to_category", "categories",
+map; ``meta.categories`` = the training annotation file's ids and names) or a plain dict ``{"masknet_config", "model"[, "detector", "class_to_category", "categories",
 "enc_layer"]}``. The network is sized by the detector preset (d, level strides, C1 channels).
 """
 
@@ -46,23 +46,12 @@ from mfdetr.contracts import DetectorPreset
 from mfdetr.devices import resolve_device
 from mfdetr.engine._fs import atomic_write_text
 from mfdetr.engine.image_files import IMAGE_SUFFIXES, ImageFiles, expand_inputs
+from mfdetr.engine.names import COCO_NAMES, category_names
 from mfdetr.errors import MfdetrError
 
 __all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
            "detector_checkpoint", "expand_inputs", "load_masknet_checkpoint", "preset_queries", "resolve_device",
            "run_predict"]
-
-#: COCO category id → name (the 80 categories of instances_*2017.json; ids 1..90 with gaps)
-COCO_NAMES: dict[int, str] = dict(zip(
-    [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)],
-    ("person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
-     "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
-     "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
-     "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
-     "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,"
-     "keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
-     "hair drier,toothbrush").split(","), strict=True))
-
 
 # ---- the mask network and its checkpoint ---------------------------------------------------------
 
@@ -94,6 +83,11 @@ def _identity(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     if "class_to_category" in ckpt:
         ident.setdefault("category_map", list(ckpt["class_to_category"]))
     return ident
+
+
+def _meta(ckpt: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = ckpt.get("meta")
+    return meta if isinstance(meta, Mapping) else {}
 
 
 def _categories_record(value: Any) -> dict[int, str]:
@@ -153,36 +147,13 @@ def load_masknet_checkpoint(path: str | Path, *, preset: DetectorPreset, device:
     load_weights(model, masknet_sd, path=p, what="its MaskNet config")
     model.eval().requires_grad_(False).to(device)
     return LoadedMaskNet(model=model, config=cfg, enc_layer=cfg.enc_layer, class_to_category=c2c,
-                         categories=_categories_record(ckpt.get("categories")), detector=name,
+                         categories=_categories_record(ckpt.get("categories") or _meta(ckpt).get("categories")),
+                         detector=name,
                          detector_sha256=ident.get("checkpoint.sha256"), path=p, detector_tensors=detector_sd)
 
 
 def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, list | tuple) else v
-
-
-def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, str] | None = None,
-                   categories_file: str | Path | None = None) -> dict[int, str]:
-    """Name of every category id the head can output.
-
-    Sources, first match wins per id: ``categories_file`` (a COCO annotation JSON's ``categories``),
-    the checkpoint's record, the synthetic dataset's names when the head's ids are exactly its ids
-    (the ``demo`` preset), COCO's names for other ids in 1..90, else ``"class <id>"``.
-    """
-    from mfdetr.data.synth_render import SYNTH_CLASSES
-
-    ids = sorted({int(c) for c in class_to_category if int(c) > 0})
-    names: dict[int, str] = {}
-    if categories_file is not None:
-        from mfdetr.data.annotations import load_annotation_file
-
-        data, _ = load_annotation_file(categories_file, report=False)
-        names.update(_categories_record(data["categories"]))
-    for cid, n in (recorded or {}).items():
-        names.setdefault(int(cid), n)
-    synth = {c.id: c.name for c in SYNTH_CLASSES}
-    fallback = synth if set(ids) == set(synth) else COCO_NAMES
-    return {i: names.get(i) or fallback.get(i) or f"class {i}" for i in ids}
 
 
 # ---- the job -------------------------------------------------------------------------------------

@@ -138,17 +138,19 @@ def box_results(det: Any, class_to_category: Sequence[int], image_ids: Sequence[
 @torch.no_grad()
 def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mapping[str, Any], batch_size: int = 2,
                      device: torch.device | str = "cpu", num_workers: int = 0, amp: str = "off",
-                     score: str | None = None, damage: DamagePolicy | None = None, evaluator: str = "pycocotools"
+                     score: str | None = None, damage: DamagePolicy | None = None, evaluator: str = "pycocotools",
+                     category_ap: dict[int, dict[str, Any]] | None = None
                      ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Segm AP and Boundary AP of MaskNet's masks and box AP of the cached boxes over ``dataset``'s images.
 
     A damaged cache image stops the evaluation (:class:`~mfdetr.cache.verify.DamagedImage`) unless
     ``damage`` skips it: the AP is then over the intact images, and ``damage`` lists the others.
     ``evaluator`` scores segm/bbox (:func:`mfdetr.evaluation.evaluate`; boundary always uses faster-coco-eval).
+    ``category_ap``, when given, is filled with each GT category's name and AP per IoU type.
     Returns ``({"segm": {AP, ...}, "boundary": {...}, "bbox": {...}}, segm results)`` (COCO format, RLE masks).
     """
     damage = damage or DamagePolicy()
-    from mfdetr.evaluation import CocoEvaluator, coco_from_dict
+    from mfdetr.evaluation import CocoEvaluator, category_rows, coco_from_dict
     from mfdetr.masknet.postprocess import masks_to_coco_results
 
     device = torch.device(device)
@@ -181,6 +183,8 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
         box_ev.process([r for r in box_results(det, c2c, ids) if r["category_id"] in known], image_ids=ids)
         all_results.extend(res)
     metrics = {**segm_ev.finish(), **box_ev.finish()}
+    if category_ap is not None:
+        category_ap.update(category_rows(coco_gt, segm_ev, box_ev))
     return metrics, all_results
 
 
@@ -286,6 +290,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
 
     record = {"train_cache": str(src.cache), "val_cache": str(src.val_cache) if src.val_cache else None,
               "detector": detector_identity(store.manifest), "complexity": cx,
+              "categories": [{"id": int(c["id"]), "name": str(c.get("name", ""))} for c in train_set.coco.categories],
               "train_images_missing": train_set.num_pending + train_set.num_skipped,
               "cache_manifest": store.manifest}
     if resume:
@@ -362,16 +367,17 @@ def masknet_on_cache(src: CacheSources, *, checkpoint: str | Path | None = None,
 
 def eval_from_cache(src: CacheSources, *, checkpoint: str | Path | None = None, config: str | Path | None = None,
                     overrides: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 2,
-                    device: str = "auto", damage: DamagePolicy | None = None, evaluator: str = "pycocotools"
-                    ) -> dict[str, dict[str, float]]:
-    """``mfdetr eval``: a trained checkpoint (or a training-free config, Table 1) on a cache.
+                    device: str = "auto", damage: DamagePolicy | None = None, evaluator: str = "pycocotools",
+                    category_ap: dict[int, dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
+    """``mfdetr eval``: a trained checkpoint (or a training-free config, Table 1) on a cache
+    (``category_ap``: filled per category, see :func:`evaluate_masknet`).
 
     A damaged cache image stops it, unless ``damage`` skips it (AP over the intact images)."""
     damage = damage or DamagePolicy()
     model, ds, store = masknet_on_cache(src, checkpoint=checkpoint, config=config, overrides=overrides, damage=damage)
     dev = resolve_device(device)
     metrics, results = evaluate_masknet(model, ds, manifest=store.manifest, batch_size=batch_size, device=dev,
-                                        damage=damage, evaluator=evaluator)
+                                        damage=damage, evaluator=evaluator, category_ap=category_ap)
     if out is not None:
         from mfdetr.evaluation import write_results_json
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mfdetr.contracts import DetectorPreset, default_enc_layer
+from mfdetr.contracts import DetectorPreset, Preprocessing, default_enc_layer
 from mfdetr.detectors.auto.infer import infer_config
 from mfdetr.detectors.common.arch import DetrArchConfig, family_preset
 from mfdetr.detectors.common.checkpoint import read_checkpoint, unwrap_state_dict
@@ -56,13 +56,28 @@ def _plain(v: Any) -> Any:
 def architecture_of(checkpoint: str | Path | Mapping[str, Any], *, config_file: str | Path | None = None
                     ) -> tuple[str, DetrArchConfig]:
     """(family, config) of a checkpoint (file or loaded dict), with an optional official config file."""
-    family, cfg, _ = _architecture(checkpoint, config_file)
+    family, cfg, _, _ = _architecture(checkpoint, config_file)
     return family, cfg
 
 
+def eval_preprocessing(args: Mapping[str, Any]) -> Preprocessing | None:
+    """DINO's evaluation resize from its training args: the shorter side to the largest of
+    ``data_aug_scales``, the longer at most ``data_aug_max_size`` (``None`` when the args state neither)."""
+    scales, max_size = args.get("data_aug_scales"), args.get("data_aug_max_size")
+    if scales is None and max_size is None:
+        return None
+    ok_scales = scales is None or (isinstance(scales, (list, tuple)) and scales and
+                                   all(isinstance(x, int) and x > 0 for x in scales))
+    if not ok_scales or not (max_size is None or (isinstance(max_size, int) and max_size > 0)):
+        raise MfdetrError(f"args.data_aug_scales = {scales!r} / data_aug_max_size = {max_size!r}: expected "
+                          "positive integers")
+    return Preprocessing(short_side=max(scales) if scales else 800, max_size=int(max_size) if max_size else 1333)
+
+
 def _architecture(checkpoint: str | Path | Mapping[str, Any], config_file: str | Path | None
-                  ) -> tuple[str, DetrArchConfig, bool]:
-    """(family, config, whether the class slots count the dataset's categories in sorted order: detrex)."""
+                  ) -> tuple[str, DetrArchConfig, bool, Preprocessing | None]:
+    """(family, config, whether the class slots count the dataset's categories in sorted order (detrex),
+    the evaluation resize the args state)."""
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     origin = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
     sd = unwrap_state_dict(obj, origin=origin)
@@ -88,7 +103,7 @@ def _architecture(checkpoint: str | Path | Mapping[str, Any], config_file: str |
         args = merge_args(args, read_config_file(Path(config_file)), config=str(config_file))
     args = {**defaults, **args}
     try:
-        return (*infer_config(sd, args), contiguous)
+        return (*infer_config(sd, args), contiguous, eval_preprocessing(args))
     except MfdetrError as e:
         raise MfdetrError(f"{origin}: {e}") from None
 
@@ -137,23 +152,33 @@ def category_ids(path: Path) -> list[int]:
 
 
 def register_auto_preset(checkpoint: Path, *, config_file: str | Path | None = None,
-                         categories_file: Path | None = None, need_categories: bool = False) -> DetectorPreset:
+                         categories_file: Path | None = None, slot_categories: Path | None = None,
+                         need_categories: bool = False) -> DetectorPreset:
     """Read ``checkpoint``'s architecture and register it as ``auto-<stem>``.
 
-    Official DINO / H-DETR heads have one slot per category id (slot i = id i). detrex numbers its slots
-    0..C-1 in the order of the dataset's sorted category ids: that map is read from ``categories_file``
-    (a COCO annotation file), required when ``need_categories``."""
-    family, cfg, contiguous = _architecture(checkpoint, config_file)
+    The class slots are matched to the categories of ``categories_file`` (the command's COCO annotation
+    file) or of ``slot_categories`` (``--categories``: the slots' categories in order) by
+    :func:`mfdetr.detectors.categories.slot_map`. Without either, official heads keep slot i = id i; a
+    detrex head (slots in its dataset's sorted id order) is then an error when ``need_categories``."""
+    from mfdetr.detectors.categories import (
+        dataset_categories,
+        read_categories,
+        slot_map,
+    )
+
+    family, cfg, contiguous, preprocessing = _architecture(checkpoint, config_file)
     preset = arch_preset(auto_name(checkpoint), family, cfg, checkpoint_file=checkpoint.name)
-    if contiguous and categories_file is not None:
-        ids = category_ids(categories_file)
-        if len(ids) != cfg.num_classes:
-            raise MfdetrError(f"{checkpoint} has {cfg.num_classes} class slots (detrex: one per category, in "
-                              f"sorted id order), the annotation file has {len(ids)} categories", path=categories_file)
-        preset = dataclasses.replace(preset, class_to_category=tuple(ids))
+    if preprocessing is not None:
+        preset = dataclasses.replace(preset, preprocessing=preprocessing)
+    found = slot_map(cfg.num_classes, contiguous=contiguous, origin=str(checkpoint),
+                     dataset=dataset_categories(categories_file) if categories_file is not None else None,
+                     dataset_path=categories_file, listed_path=slot_categories,
+                     listed=read_categories(slot_categories) if slot_categories is not None else None)
+    if found is not None:
+        preset = dataclasses.replace(preset, class_to_category=found)
     elif contiguous and need_categories:
         raise MfdetrError(f"{checkpoint}: a detrex checkpoint numbers its classes in its dataset's category order: "
-                          "name that dataset's annotation file (--categories FILE for predict)")
+                          "name that dataset's annotation file (--categories FILE)")
     return register_arch(preset, family, cfg)
 
 
@@ -167,7 +192,8 @@ def describe_preset(preset: DetectorPreset) -> str:
             f"{list(bb['out_indices'])}, {a['num_feature_levels']} levels (strides {list(preset.level_strides)}), "
             f"d={a['hidden_dim']}, {a['nheads']} heads, {a['enc_layers']}+{a['dec_layers']} layers, FFN "
             f"{a['dim_feedforward']}, points {a['enc_n_points']}/{a['dec_n_points']}, {queries}, "
-            f"{a['num_classes']} classes; default encoder layer {default_enc_layer(a['enc_layers'])}")
+            f"{a['num_classes']} classes; eval resize {preset.preprocessing.short_side}/{preset.preprocessing.max_size}; "
+            f"default encoder layer {default_enc_layer(a['enc_layers'])}")
 
 
 __all__ = [
@@ -177,6 +203,7 @@ __all__ = [
     "category_ids",
     "checkpoint_args",
     "describe_preset",
+    "eval_preprocessing",
     "merge_args",
     "register_arch",
     "register_auto_preset",

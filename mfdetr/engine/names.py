@@ -1,0 +1,50 @@
+"""Category names of predictions: from a ``--categories`` file, the MaskNet run's record, or defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mfdetr.errors import MfdetrError
+
+__all__ = ["COCO_NAMES", "category_names"]
+
+#: COCO category id → name (the 80 categories of instances_*2017.json; ids 1..90 with gaps)
+COCO_NAMES: dict[int, str] = dict(zip(
+    [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)],
+    ("person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
+     "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
+     "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
+     "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
+     "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,"
+     "keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
+     "hair drier,toothbrush").split(","), strict=True))
+
+
+def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, str] | None = None,
+                   categories_file: str | Path | None = None) -> dict[int, str]:
+    """Name of every category id the head can output.
+
+    Sources, first match wins per id: ``categories_file`` (a JSON list of ``{"id", "name"}`` or a COCO
+    annotation file), the MaskNet checkpoint's record (the training annotation file's names), then
+    defaults: the synthetic dataset's names when the head's ids are exactly its ids (the ``demo``
+    preset), COCO's names for a 91-slot COCO head, else ``"class <id>"``.
+
+    Raises:
+        MfdetrError: ``categories_file`` is unreadable or names none of the head's ids.
+    """
+    from mfdetr.data.synth_render import SYNTH_CLASSES
+    from mfdetr.detectors.categories import read_categories
+
+    ids = sorted({int(c) for c in class_to_category if int(c) > 0})
+    names: dict[int, str] = {}
+    if categories_file is not None:
+        names.update(read_categories(categories_file))
+        if ids and not set(ids) & set(names):
+            raise MfdetrError(f"names categories {sorted(names)[:8]}, none of the ids the detector head predicts "
+                              f"({ids[:8]}{'…' if len(ids) > 8 else ''})", path=categories_file)
+    for cid, n in (recorded or {}).items():
+        names.setdefault(int(cid), n)
+    synth = {c.id: c.name for c in SYNTH_CLASSES}
+    fallback = synth if set(ids) == set(synth) else COCO_NAMES if len(class_to_category) == 91 else {}
+    return {i: names.get(i) or fallback.get(i) or f"class {i}" for i in ids}
