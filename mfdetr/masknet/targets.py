@@ -35,7 +35,7 @@ grids coincide.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -152,9 +152,7 @@ def first_queries(det: DetectorOutput, k: int) -> DetectorOutput:
         return det
     if not 0 <= k <= det.num_queries:
         raise ValueError(f"cannot take {k} of {det.num_queries} queries")
-    return DetectorOutput(queries=det.queries[:, :k], boxes=det.boxes[:, :k], logits=det.logits[:, :k],
-                          enc_maps=det.enc_maps, c1=det.c1, input_hw=det.input_hw, orig_hw=det.orig_hw,
-                          level_valid_hw=det.level_valid_hw, extras=det.extras)
+    return replace(det, queries=det.queries[:, :k], boxes=det.boxes[:, :k], logits=det.logits[:, :k])
 
 
 def is_input_grid_output(out: object) -> bool:

@@ -1,0 +1,100 @@
+"""The one-of-each helpers: ``DetectorOutput.map``, the atomic write, the COCO box helper, the metric names,
+the sweep reader."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mfdetr.contracts import DetectorOutput
+
+
+def _output() -> DetectorOutput:
+    g = torch.Generator().manual_seed(0)
+    return DetectorOutput(
+        queries=torch.randn(2, 3, 8, generator=g), boxes=torch.rand(2, 3, 4, generator=g),
+        logits=torch.randn(2, 3, 5, generator=g),
+        enc_maps={2: [torch.randn(2, 8, 6, 7, generator=g), torch.randn(2, 8, 3, 4, generator=g)],
+                  4: [torch.randn(2, 8, 6, 7, generator=g), torch.randn(2, 8, 3, 4, generator=g)]},
+        c1=torch.randn(2, 4, 12, 14, generator=g), input_hw=torch.tensor([[48, 56], [40, 52]]),
+        orig_hw=torch.tensor([[96, 112], [80, 104]]), level_valid_hw=torch.tensor([[[6, 7], [3, 4]], [[5, 7], [3, 4]]]),
+        extras={"image_id": [7, 9], "damaged": []})
+
+
+def _tensors(det: DetectorOutput) -> dict[str, torch.Tensor]:
+    """Every tensor of ``det`` by a name that tells its place (enc maps by layer and level)."""
+    out = {f.name: getattr(det, f.name) for f in dataclasses.fields(det) if f.name not in ("enc_maps", "extras")}
+    out.update({f"enc_maps[{k}][{i}]": m for k, v in det.enc_maps.items() for i, m in enumerate(v)})
+    return out
+
+
+SIZE_FIELDS = {"input_hw", "orig_hw", "level_valid_hw"}
+
+
+def test_map_reaches_every_feature_and_size_field() -> None:
+    det = _output()
+    seen: list[int] = []
+
+    def neg(t: torch.Tensor) -> torch.Tensor:
+        seen.append(id(t))
+        return -t
+
+    out = det.map(neg, sizes=lambda t: t + 1)
+    before, after = _tensors(det), _tensors(out)
+    assert set(after) == set(before) and len(before) == 11  # 7 tensor fields + 2 layers × 2 levels
+    for name, t in before.items():
+        want = t + 1 if name in SIZE_FIELDS else -t
+        assert torch.equal(after[name], want), name
+    assert sorted(seen) == sorted(id(t) for n, t in before.items() if n not in SIZE_FIELDS)
+    assert sorted(out.enc_maps) == [2, 4] and all(len(v) == 2 for v in out.enc_maps.values())
+    # extras ride along in a new dict (a later edit of one output's extras never shows in the other)
+    assert out.extras == det.extras and out.extras is not det.extras
+    out.extras["image_id"] = [1, 2]
+    assert det.extras["image_id"] == [7, 9]
+
+
+def test_map_without_sizes_keeps_the_size_tensors() -> None:
+    det = _output()
+    out = det.map(lambda t: t.half())
+    assert out.queries.dtype == out.enc_maps[4][1].dtype == out.c1.dtype == torch.float16
+    assert all(getattr(out, n) is getattr(det, n) for n in SIZE_FIELDS)
+
+
+def test_to_and_select_keep_their_results() -> None:
+    det = _output()
+    half = det.to("cpu", torch.float16)
+    assert half.queries.dtype == torch.float16 and half.enc_maps[2][0].dtype == torch.float16
+    assert half.input_hw.dtype == torch.int64 and torch.equal(half.orig_hw, det.orig_hw)
+    sub = det.select(torch.tensor([1]))
+    for name, t in _tensors(sub).items():
+        assert torch.equal(t, _tensors(det)[name][1:2]), name
+    assert sub.extras == det.extras
+
+
+def test_online_rebuilds_use_map() -> None:
+    from mfdetr.engine.online import round_features, zero_padding
+
+    det = _output()
+    r = round_features(det, torch.float16)
+    assert torch.equal(r.queries, det.queries.half().float()) and torch.equal(r.c1, det.c1.half().float())
+    assert torch.equal(r.boxes, det.boxes) and torch.equal(r.logits, det.logits)  # not rounded
+    z = zero_padding(det)
+    assert z.enc_maps[4][0].shape[-2:] == (6, 7) and bool((z.enc_maps[4][0][1, :, 5:] == 0).all())
+    assert z.c1.shape[-2:] == (12, 14) and bool((z.c1[1, :, 10:] == 0).all()) and bool((z.c1[1, :, :, 13:] == 0).all())
+    assert z.queries is det.queries and z.extras == det.extras and z.extras is not det.extras
+
+
+def test_first_queries_and_detached() -> None:
+    from mfdetr.engine.finetune import _detached
+    from mfdetr.masknet.targets import first_queries
+
+    det = _output()
+    two = first_queries(det, 2)
+    assert two.num_queries == 2 and two.logits.shape == (2, 2, 5) and two.c1 is det.c1
+    leaf = det.map(lambda t: t.clone().requires_grad_(True))
+    free = _detached(leaf.map(lambda t: t * 2))
+    assert not any(t.requires_grad for t in _tensors(free).values())
+    with pytest.raises(ValueError, match="cannot take 4 of 3"):
+        first_queries(det, 4)
