@@ -98,3 +98,44 @@ def test_first_queries_and_detached() -> None:
     assert not any(t.requires_grad for t in _tensors(free).values())
     with pytest.raises(ValueError, match="cannot take 4 of 3"):
         first_queries(det, 4)
+
+
+def test_atomic_path_renames_only_a_complete_file(tmp_path) -> None:
+    import os
+
+    from mfdetr.errors import MfdetrError
+    from mfdetr.outputs import atomic_path, atomic_write_text
+
+    target = tmp_path / "out.json"
+    atomic_write_text(target, "old\n")
+    with pytest.raises(ValueError, match="half"):  # any failure: the old file stays, no temporary is left
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise ValueError("half done")
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    with pytest.raises(MfdetrError, match=r"out.json: cannot write the summary \(Permission denied\)"):
+        with atomic_path(target, what="summary") as tmp:
+            tmp.write_text("x")
+            raise PermissionError(13, "Permission denied")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    with atomic_path(target, shared=True) as tmp:  # writers of one file in several processes: own temporaries
+        assert tmp.parent == tmp_path and tmp.name == f".out.json.{os.getpid()}.tmp"
+        tmp.write_text("new\n")
+    assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_preset_file_and_plot_write_through_the_helper(tmp_path) -> None:
+    import json
+
+    from mfdetr.detectors import get_preset
+    from mfdetr.detectors.preset_file import save_preset_file
+    from mfdetr.engine.plot import plot_run
+
+    out = save_preset_file(get_preset("demo"), tmp_path / "p.json", name="mine")
+    assert json.loads(out.read_text())["name"] == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    png = plot_run(run, run / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in run.iterdir()) == ["curves.png", "metrics.jsonl"]

@@ -12,6 +12,7 @@ from typing import Any
 
 from mfdetr.contracts import DetectorPreset
 from mfdetr.errors import MfdetrError
+from mfdetr.outputs import atomic_write_text
 
 FAMILIES = ("dino", "hdetr")
 
@@ -28,9 +29,7 @@ def save_preset_file(preset: DetectorPreset, path: Path, *, name: str | None = N
     if path.suffix != ".json":
         raise MfdetrError("preset files are written as JSON: give a .json path", path=path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(rec, indent=2) + "\n", what="preset file")
     return path
 
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from mfdetr.contracts import DetectorPreset
 from mfdetr.devices import resolve_device
-from mfdetr.engine._fs import atomic_write_text
+from mfdetr.outputs import atomic_write_text
 from mfdetr.engine.image_files import IMAGE_SUFFIXES, ImageFiles, expand_inputs
 from mfdetr.errors import MfdetrError
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mfdetr.config import from_dict, load_toml
-from mfdetr.engine._fs import atomic_write_text
+from mfdetr.outputs import atomic_write_text
 from mfdetr.engine.config import RunConfig, build_run_config
 from mfdetr.errors import MfdetrError
 
