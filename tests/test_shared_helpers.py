@@ -139,3 +139,30 @@ def test_preset_file_and_plot_write_through_the_helper(tmp_path) -> None:
     png = plot_run(run, run / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in run.iterdir()) == ["curves.png", "metrics.jsonl"]
+
+
+def test_coco_bbox_clips_to_the_image_then_gives_xywh() -> None:
+    from mfdetr.ops.boxes import clip_boxes, coco_bbox
+
+    xyxy = torch.tensor([[-5.0, 2.0, 30.0, 50.0], [10.0, -1.0, 12.0, 3.0], [45.0, 38.0, 60.0, 41.0]])
+    hw = (40, 48)  # h, w
+    assert torch.equal(clip_boxes(xyxy, hw), torch.tensor([[0.0, 2.0, 30.0, 40.0], [10.0, 0.0, 12.0, 3.0],
+                                                           [45.0, 38.0, 48.0, 40.0]]))
+    assert torch.equal(coco_bbox(xyxy, hw), torch.tensor([[0.0, 2.0, 30.0, 38.0], [10.0, 0.0, 2.0, 3.0],
+                                                          [45.0, 38.0, 3.0, 2.0]]))
+    assert coco_bbox(xyxy[None].double(), (40.0, 48.0)).shape == (1, 3, 4)  # any leading dims, float sizes
+
+
+def test_cached_box_results_are_clipped_coco_boxes() -> None:
+    from mfdetr.engine.stage2 import box_results
+
+    det = _output()
+    det.boxes = torch.tensor([[[0.5, 0.5, 1.4, 0.2], [0.1, 0.9, 0.4, 0.4], [0.5, 0.5, 0.2, 0.2]]] * 2)
+    det.logits = torch.full((2, 3, 5), -9.0)
+    det.logits[:, :, 1] = 3.0
+    res = box_results(det, [0, 11, 12, 13, 14], [7, 9])
+    assert [r["image_id"] for r in res] == [7] * 3 + [9] * 3 and {r["category_id"] for r in res} == {11}
+    h0, w0 = 96.0, 112.0
+    assert res[0]["bbox"] == pytest.approx([0.0, 0.4 * h0, w0, 0.2 * h0])  # clipped left and right
+    assert res[1]["bbox"] == pytest.approx([0.0, 0.7 * h0, 0.3 * w0, 0.3 * h0])  # clipped left and at the bottom
+    assert all(isinstance(v, float) for r in res for v in r["bbox"])
