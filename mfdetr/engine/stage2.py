@@ -38,7 +38,6 @@ from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
 from mfdetr.engine.trainer import TrainResult, seed_everything, train
 from mfdetr.errors import MfdetrError
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 FLOPS_INPUT_HW = (800, 1200)  # the typical COCO input size used for #FLOPs▲ (like the paper's tables)
 
 
