@@ -166,3 +166,65 @@ def test_cached_box_results_are_clipped_coco_boxes() -> None:
     assert res[0]["bbox"] == pytest.approx([0.0, 0.4 * h0, w0, 0.2 * h0])  # clipped left and right
     assert res[1]["bbox"] == pytest.approx([0.0, 0.7 * h0, 0.3 * w0, 0.3 * h0])  # clipped left and at the bottom
     assert all(isinstance(v, float) for r in res for v in r["bbox"])
+
+
+def _sweep_file(tmp_path, *sets: str):
+    f = tmp_path / "s.toml"
+    rows = "".join(f'[[variants]]\nname="v{i}"\nlabels=["{i}"]\nset={list(s)!r}\n'.replace("'", '"')
+                   for i, s in enumerate(sets))
+    f.write_text('[sweep]\ntable="T"\ntitle="t"\ncolumns=["a"]\n[base.masknet]\nroi_size=8\n'
+                 '[base.train]\niterations=3\n' + rows)
+    return f
+
+
+def test_sweep_reader_applies_every_section_of_a_variant(tmp_path) -> None:
+    from mfdetr.engine.sweep import load_sweep, run_overrides, variant_masknet_config
+
+    f = _sweep_file(tmp_path, ["masknet.box_encoder.layers=3", "train.iterations=7", "loss.dice_weight=2.5"], [])
+    spec = load_sweep(f)
+    changed, base = spec.variants
+    assert variant_masknet_config(spec, changed).box_encoder.layers == 3
+    assert variant_masknet_config(spec, changed).roi_size == 8 == variant_masknet_config(spec, base).roi_size
+    cfg = spec.config_for(changed)
+    assert cfg.train.iterations == 7 and cfg.loss == {"dice_weight": 2.5}
+    assert spec.config_for(base).train.iterations == 3
+    # the caller's overrides on top; keys outside the run config's sections are mask network keys
+    assert run_overrides(["box_encoder.layers=1", "train.lr=0.1", "masknet.roi_size=16"]) == [
+        "masknet.box_encoder.layers=1", "train.lr=0.1", "masknet.roi_size=16"]
+    mcfg = variant_masknet_config(spec, changed, run_overrides(["box_encoder.layers=1", "roi_size=16"]))
+    assert mcfg.box_encoder.layers == 1 and mcfg.roi_size == 16
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("train.nope=1", r"\[v0\].*unknown key.*nope"),
+    ("loss.nope=1", r"s.toml: variant v0: loss: unknown key.*nope"),
+    ("assign.nope=1", r"s.toml: variant v0: assign: unknown key.*nope"),
+    ("masknet.box_encoder.depth=2", r"s.toml: variant v0: masknet.box_encoder: unknown key.*depth"),
+    ("online.lsj=3", r"online.lsj.*true/false"),
+])
+def test_sweep_reader_refuses_a_bad_override_of_any_section(tmp_path, bad: str, needle: str) -> None:
+    from mfdetr.engine.sweep import load_sweep
+    from mfdetr.errors import MfdetrError
+
+    with pytest.raises(MfdetrError, match=needle):
+        load_sweep(_sweep_file(tmp_path, [bad]))
+
+
+def test_describe_reads_sweeps_with_the_sweep_reader(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from mfdetr.cli import app
+
+    def describe(sweep, *extra: str):
+        return CliRunner().invoke(app, ["describe", "-c", str(sweep), "--d", "32", "--levels", "8/16",
+                                        "--c1-channels", "24", "--no-flops", *extra])
+
+    f = _sweep_file(tmp_path, ["masknet.image_encoder.layers=1", "train.iterations=7"],
+                    ["masknet.image_encoder.layers=2"])
+    r = describe(f, "neck.groups=8")
+    assert r.exit_code == 0, r.output
+    n1, n2 = (int(m.split()[1].replace(",", "")) for m in r.output.splitlines() if m.startswith(("v0 ", "v1 ")))
+    assert n2 > n1 > 0
+    bad = _sweep_file(tmp_path, ["train.bogus=1"])
+    r = describe(bad)
+    assert r.exit_code == 2 and "mfdetr: error:" in r.output and "bogus" in r.output and "Traceback" not in r.output
