@@ -228,3 +228,31 @@ def test_describe_reads_sweeps_with_the_sweep_reader(tmp_path) -> None:
     bad = _sweep_file(tmp_path, ["train.bogus=1"])
     r = describe(bad)
     assert r.exit_code == 2 and "mfdetr: error:" in r.output and "bogus" in r.output and "Traceback" not in r.output
+
+
+def test_detector_configs_use_the_typed_config_reader(tmp_path) -> None:
+    import json
+
+    from mfdetr.detectors import get_preset
+    from mfdetr.detectors.backbones.factory import BackboneConfig
+    from mfdetr.detectors.dino.config import DinoConfig
+    from mfdetr.detectors.preset_file import load_preset_file
+    from mfdetr.errors import MfdetrError
+
+    arch = json.loads(json.dumps(dict(get_preset("dino_tiny").arch)))
+    cfg = DinoConfig.from_dict(arch)
+    assert json.dumps(cfg.to_dict(), sort_keys=True) == json.dumps(arch, sort_keys=True)  # no value changes type
+    assert DinoConfig.from_dict({**arch, "backbone": cfg.backbone}) == cfg
+    with pytest.raises(MfdetrError, match=r"DinoConfig.hidden_dim: expected an integer, got '32'"):
+        DinoConfig.from_dict({**arch, "hidden_dim": "32"})
+    with pytest.raises(MfdetrError, match=r"DinoConfig.backbone: unknown key\(s\) depth"):
+        DinoConfig.from_dict({**arch, "backbone": {**arch["backbone"], "depth": 3}})
+    with pytest.raises(MfdetrError, match=r"backbone config.out_indices\[0\]: expected an integer"):
+        BackboneConfig.from_dict({"kind": "tiny", "out_indices": [True]})
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"name": "x", "family": "dino", "arch": {**arch, "num_queries": 1.5}}))
+    with pytest.raises(MfdetrError, match=r"p.json: bad arch: DinoConfig.num_queries: expected an integer, got 1.5"):
+        load_preset_file(f)
+    f.write_text(json.dumps({"name": "x", "family": "dino", "arch": {**arch, "hiden_dim": 3}}))
+    with pytest.raises(MfdetrError, match=r"p.json: bad arch: unknown DinoConfig keys: \['hiden_dim'\]"):
+        load_preset_file(f)

@@ -42,6 +42,8 @@ def _config(family: str, arch: Mapping[str, Any], path: Path) -> Any:
         raise MfdetrError(f"family {family!r} unknown (known: {', '.join(FAMILIES)})", path=path)
     try:
         return cls.from_dict(arch)
+    except MfdetrError as e:
+        raise MfdetrError(f"bad arch: {e}", path=path) from None
     except (TypeError, KeyError, ValueError) as e:
         raise MfdetrError(f"bad arch: {type(e).__name__}: {e}", path=path) from None
 
