@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from mfdetr.config import from_dict, load_toml
-from mfdetr.outputs import atomic_write_text
 from mfdetr.engine.config import RunConfig, build_run_config
 from mfdetr.errors import MfdetrError
 from mfdetr.evaluation import METRIC_NAMES
+from mfdetr.outputs import atomic_write_text
 
 METRICS = METRIC_NAMES  # the COCO summary numbers of every table row
 BOUNDARY = "boundary_AP"  # Boundary AP of the masks (min of mask and boundary IoU), next to mask AP
