@@ -256,3 +256,18 @@ def test_detector_configs_use_the_typed_config_reader(tmp_path) -> None:
     f.write_text(json.dumps({"name": "x", "family": "dino", "arch": {**arch, "hiden_dim": 3}}))
     with pytest.raises(MfdetrError, match=r"p.json: bad arch: unknown DinoConfig keys: \['hiden_dim'\]"):
         load_preset_file(f)
+
+
+def test_cache_source_hint_is_written_whole_by_each_shard(tmp_path) -> None:
+    import json
+
+    from mfdetr.cache.manifest import SOURCE_HINT
+    from mfdetr.cache.run import write_source_hint
+
+    store = tmp_path / "store"
+    store.mkdir()
+    write_source_hint(store, coco=tmp_path / "coco", annotation_file=tmp_path / "coco" / "a.json")
+    hint = json.loads((store / SOURCE_HINT).read_text())
+    assert hint == {"coco_root": str((tmp_path / "coco").resolve()),
+                    "annotation_path": str((tmp_path / "coco" / "a.json").resolve())}
+    assert sorted(p.name for p in store.iterdir()) == [SOURCE_HINT]  # no temporary file left
