@@ -34,13 +34,18 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mfdetr.config import from_dict, load_toml
 from mfdetr.engine.config import RunConfig, build_run_config
 from mfdetr.errors import MfdetrError
 from mfdetr.evaluation import METRIC_NAMES
 from mfdetr.outputs import atomic_write_text
+
+if TYPE_CHECKING:
+    from mfdetr.masknet.config import MaskNetConfig
+    from mfdetr.masknet.losses import LossConfig
+    from mfdetr.masknet.targets import AssignConfig
 
 METRICS = METRIC_NAMES  # the COCO summary numbers of every table row
 BOUNDARY = "boundary_AP"  # Boundary AP of the masks (min of mask and boundary IoU), next to mask AP
@@ -124,7 +129,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     return spec
 
 
-def typed_parts(cfg: RunConfig, *, where: str) -> tuple[Any, Any, Any]:
+def typed_parts(cfg: RunConfig, *, where: str) -> tuple[MaskNetConfig, LossConfig, AssignConfig]:
     """``(MaskNetConfig, LossConfig, AssignConfig)`` of a run config's ``masknet``, ``loss`` and ``assign``
     tables (those stay plain data in :class:`RunConfig`): an unknown key or a wrong type in any of them is
     a one-line error naming ``where``."""
@@ -150,7 +155,7 @@ def run_overrides(overrides: Sequence[str], default_section: str = "masknet") ->
     return out
 
 
-def variant_masknet_config(spec: SweepSpec, variant: Variant, overrides: Sequence[str] = ()) -> Any:
+def variant_masknet_config(spec: SweepSpec, variant: Variant, overrides: Sequence[str] = ()) -> MaskNetConfig:
     """The :class:`~mfdetr.masknet.config.MaskNetConfig` a variant trains: base, the variant's overrides of
     every section, then ``overrides`` (all applied to the full run config, as ``mfdetr sweep`` does)."""
     cfg = spec.config_for(variant, overrides)
