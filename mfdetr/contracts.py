@@ -20,7 +20,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -173,6 +173,22 @@ class DetectorOutput:
         """[B, K] max sigmoid class probability (the ``c_i`` of eq. 2)."""
         return self.logits.float().sigmoid().amax(dim=-1)
 
+    def map(self, fn: Callable[[Tensor], Tensor], *, sizes: Callable[[Tensor], Tensor] | None = None
+            ) -> DetectorOutput:
+        """A new output with ``fn`` applied to every feature tensor — ``queries``, ``boxes``, ``logits``,
+        each map of every ``enc_maps`` layer, ``c1`` — and ``sizes`` to the integer size tensors
+        (``input_hw``, ``orig_hw``, ``level_valid_hw``; kept as they are when ``sizes`` is ``None``).
+
+        ``extras`` (per-image side data: ids, damage lists, images) is carried into a new dict, its values
+        untouched. For a change of some fields only, use :func:`dataclasses.replace`.
+        """
+        size = sizes if sizes is not None else (lambda t: t)
+        return DetectorOutput(
+            queries=fn(self.queries), boxes=fn(self.boxes), logits=fn(self.logits),
+            enc_maps={k: [fn(m) for m in v] for k, v in self.enc_maps.items()}, c1=fn(self.c1),
+            input_hw=size(self.input_hw), orig_hw=size(self.orig_hw), level_valid_hw=size(self.level_valid_hw),
+            extras=dict(self.extras))
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DetectorOutput:
         """Move to ``device``; float tensors are cast to ``dtype`` when given."""
 
@@ -181,22 +197,12 @@ class DetectorOutput:
                 return t.to(device=device, dtype=dtype, non_blocking=True)
             return t.to(device=device, non_blocking=True)
 
-        return DetectorOutput(
-            queries=mv(self.queries), boxes=mv(self.boxes), logits=mv(self.logits),
-            enc_maps={k: [mv(m) for m in v] for k, v in self.enc_maps.items()},
-            c1=mv(self.c1), input_hw=self.input_hw.to(device), orig_hw=self.orig_hw.to(device),
-            level_valid_hw=self.level_valid_hw.to(device), extras=dict(self.extras))
+        return self.map(mv, sizes=lambda t: t.to(device))
 
     def select(self, index: Sequence[int] | Tensor) -> DetectorOutput:
         """The sub-batch of the given image indices."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.queries.device)
-        return DetectorOutput(
-            queries=self.queries[idx], boxes=self.boxes[idx], logits=self.logits[idx],
-            enc_maps={k: [m[idx] for m in v] for k, v in self.enc_maps.items()},
-            c1=self.c1[idx], input_hw=self.input_hw[idx.to(self.input_hw.device)],
-            orig_hw=self.orig_hw[idx.to(self.orig_hw.device)],
-            level_valid_hw=self.level_valid_hw[idx.to(self.level_valid_hw.device)],
-            extras=dict(self.extras))
+        return self.map(lambda t: t[idx.to(t.device)], sizes=lambda t: t[idx.to(t.device)])
 
     def validate(self) -> DetectorOutput:
         """Check shapes, dtypes and invariants; raise ``ValueError`` naming the broken field."""

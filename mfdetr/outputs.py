@@ -62,25 +62,46 @@ def check_output_file(path: str | Path, *, what: str = "--out") -> Path:
     return p
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: str = "output") -> None:
-    """``write(f)`` into a temporary file next to ``path``, then rename it to ``path``: a full disk or
-    an I/O error leaves no partial file under the name (the temporary one is removed) and is a
-    one-line error naming ``path``, instead of an ``OSError`` without a file name."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, what: str = "output", shared: bool = False) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write; when the block ends normally it is renamed to ``path``
+    (atomic), so no reader ever sees a half-written file under the name. On any failure the temporary
+    file is removed; an I/O error (``OSError``, or the ``RuntimeError`` torch raises for a failed write)
+    becomes a one-line error naming ``path``, instead of an ``OSError`` without a file name.
+
+    ``shared``: other processes may write the same file at once (shards of one store), so each writes
+    its own temporary file (the process id in its name); otherwise the name is fixed (``<name>.tmp``)
+    and a file left by a killed run is overwritten by the next one.
+    """
     path = Path(path)
     if path.exists() and not path.is_file():  # a device or FIFO is never replaced by a regular file
         raise MfdetrError(f"cannot write the {what}: it is not a regular file", path=path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if shared else path.name + ".tmp")
     try:
-        with tmp.open("wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:160]
         raise MfdetrError(f"cannot write the {what} ({reason})", path=path) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: str = "output",
+                 shared: bool = False) -> None:
+    """``write(f)`` into a binary file that takes the name ``path`` only once complete and on disk
+    (:func:`atomic_path`): a full disk or an I/O error leaves no partial file under the name."""
+    with atomic_path(path, what=what, shared=shared) as tmp, tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str, *, what: str = "file", shared: bool = False) -> None:
+    """Write a UTF-8 text file atomically (:func:`atomic_write`)."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data), what=what, shared=shared)
 
 
 @contextlib.contextmanager
@@ -106,4 +127,4 @@ def exclusive_folder(path: str | Path, *, what: str = "--out") -> Iterator[Path]
                 p.rmdir()  # only if still empty: a command refused before writing anything leaves nothing
 
 
-__all__ = ["atomic_write", "exclusive_folder", "check_output_dir", "check_output_file"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "exclusive_folder", "check_output_dir", "check_output_file"]

@@ -36,6 +36,7 @@ from mfdetr.cache.views import ORIG, flip_batch, parse_views, read_all_commits, 
 from mfdetr.contracts import DetectorOutput, FrozenDetector
 from mfdetr.data import CocoInstances, iterate_batches, resized_hw, run_or_skip, same_size_batches
 from mfdetr.errors import MfdetrError
+from mfdetr.outputs import atomic_write_text
 
 @dataclass(frozen=True)
 class CacheJob:
@@ -228,11 +229,9 @@ def write_source_hint(store: Path, *, coco: Path, annotation_file: Path) -> None
         if json.loads((store / SOURCE_HINT).read_text()) == hint:
             return  # unchanged: nothing written (a complete store may be read-only)
     if isinstance(store, RemotePath):  # one object PUT is atomic
-        store.write_text(json.dumps(hint, indent=2) + "\n")
+        (store / SOURCE_HINT).write_text(json.dumps(hint, indent=2) + "\n")
         return
-    tmp = store / f".{SOURCE_HINT}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(hint, indent=2) + "\n")
-    os.replace(tmp, store / SOURCE_HINT)
+    atomic_write_text(store / SOURCE_HINT, json.dumps(hint, indent=2) + "\n", what="source hint", shared=True)
 
 
 def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[str], None]) -> CacheSummary:

@@ -42,7 +42,7 @@ def describe_cmd(
     from mfdetr.config import load_toml
     from mfdetr.masknet import build_masknet
     from mfdetr.masknet.complexity import describe, params_by_component, parse_levels, parse_size, resolve_feature_spec
-    from mfdetr.masknet.config import load_masknet_config, load_sweep_variants, recipe_detector
+    from mfdetr.masknet.config import load_masknet_config, recipe_detector
 
     from mfdetr.devices import resolve_device
 
@@ -58,14 +58,17 @@ def describe_cmd(
                                         input_hw=parse_size(input_size))
     typer.echo(f"features: {source}")
     if config is not None and isinstance(data.get("variants"), list):
-        rows = load_sweep_variants(config, ovs)
+        from mfdetr.engine.sweep import load_sweep, run_overrides, variant_masknet_config
+
+        sweep = load_sweep(config)
+        rows = [(v, variant_masknet_config(sweep, v, run_overrides(ovs))) for v in sweep.variants]
         count_flops = bool(flops)
         head = f"{'variant':<28}{'#params▲':>12}{'(M)':>8}{'paper(M)':>10}{'Δ%':>8}"
         if count_flops:
             head += f"{'GMACs':>9}{'paper G':>9}"
         typer.echo(head)
-        for row in rows:
-            model = build_masknet(row.config, d_model=spec.d_model, level_strides=spec.level_strides,
+        for row, mcfg in rows:
+            model = build_masknet(mcfg, d_model=spec.d_model, level_strides=spec.level_strides,
                                   c1_channels=spec.c1_channels)
             n = params_by_component(model)["total"]
             pm = row.paper.get("params_m")

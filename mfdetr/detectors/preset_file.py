@@ -14,6 +14,7 @@ from typing import Any
 
 from mfdetr.contracts import DetectorPreset, Preprocessing
 from mfdetr.errors import MfdetrError
+from mfdetr.outputs import atomic_write_text
 
 FAMILIES = ("dino", "hdetr")
 
@@ -31,9 +32,7 @@ def save_preset_file(preset: DetectorPreset, path: Path, *, name: str | None = N
     if path.suffix != ".json":
         raise MfdetrError("preset files are written as JSON: give a .json path", path=path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(rec, indent=2) + "\n", what="preset file")
     return path
 
 
@@ -46,6 +45,8 @@ def _config(family: str, arch: Mapping[str, Any], path: Path) -> Any:
         raise MfdetrError(f"family {family!r} unknown (known: {', '.join(FAMILIES)})", path=path)
     try:
         return cls.from_dict(arch)
+    except MfdetrError as e:
+        raise MfdetrError(f"bad arch: {e}", path=path) from None
     except (TypeError, KeyError, ValueError) as e:
         raise MfdetrError(f"bad arch: {type(e).__name__}: {e}", path=path) from None
 

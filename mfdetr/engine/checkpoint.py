@@ -37,9 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfdetr.engine._fs import atomic_write_text
 from mfdetr.errors import MfdetrError, load_failure
-from mfdetr.outputs import atomic_write
+from mfdetr.outputs import atomic_write, atomic_write_text
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "capture_rng", "check_masknet_config", "check_resume_source",
            "config_hash", "library_versions", "load_checkpoint", "load_weights", "restore_rng", "safe_torch_load",

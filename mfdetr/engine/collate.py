@@ -86,13 +86,7 @@ class Stage2Batch:
         return iter((self.det, self.targets))
 
     def pin_memory(self) -> Stage2Batch:
-        d = self.det
-        p = (lambda t: t.pin_memory())  # noqa: E731
-        det = DetectorOutput(queries=p(d.queries), boxes=p(d.boxes), logits=p(d.logits),
-                             enc_maps={k: [p(m) for m in v] for k, v in d.enc_maps.items()}, c1=p(d.c1),
-                             input_hw=d.input_hw, orig_hw=d.orig_hw, level_valid_hw=d.level_valid_hw,
-                             extras=d.extras)
-        return Stage2Batch(det=det, targets=self.targets)
+        return Stage2Batch(det=self.det.map(torch.Tensor.pin_memory), targets=self.targets)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = torch.float32) -> Stage2Batch:
         return Stage2Batch(det=self.det.to(device, dtype=dtype), targets=[t.to(device) for t in self.targets])

@@ -26,7 +26,6 @@ The MaskNet is loaded by :func:`mfdetr.engine.predict.load_masknet_checkpoint`, 
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 
 from mfdetr.contracts import DetectorOutput, DetectorPreset
 from mfdetr.errors import MfdetrError
+from mfdetr.outputs import atomic_path
 
 __all__ = ["EXPORT_MODULES", "OPSET", "ExportJob", "FullGraph", "MaskNetGraph", "export_full", "export_masknet", "masknet_example_inputs", "masknet_input_names",
            "require_onnx", "run_export"]
@@ -140,17 +140,6 @@ def _masknet_dynamic_shapes(levels: int) -> list[Any]:
     return [None, None, None, dict(spatial), None, None, None, [dict(spatial) for _ in range(levels)]]
 
 
-def _write_atomic(out: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename over ``out``: a failed export leaves no file that looks complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_masknet(masknet: nn.Module, preset: DetectorPreset, out: Path, *, opset: int = OPSET,
                    example_hw: tuple[int, int] | None = None) -> Path:
     """Write the mask network's ONNX graph (see the module doc) to ``out``."""
@@ -190,8 +179,9 @@ def _export_onnx(graph: nn.Module, args: tuple[Any, ...], out: Path, *, what: st
             raise MfdetrError(f"ONNX export of {what} failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", path=out) from e
 
-    with torch.no_grad():
-        _write_atomic(out, write)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), atomic_path(out, what="ONNX file", shared=True) as tmp:  # a failed export leaves no file
+        write(tmp)
     return out
 
 

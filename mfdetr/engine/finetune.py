@@ -131,13 +131,7 @@ class FineTuned(nn.Module):
 
 
 def _detached(det: Any) -> Any:
-    from mfdetr.contracts import DetectorOutput
-
-    d = lambda t: t.detach()  # noqa: E731
-    return DetectorOutput(queries=d(det.queries), boxes=d(det.boxes), logits=d(det.logits),
-                          enc_maps={k: [d(m) for m in v] for k, v in det.enc_maps.items()}, c1=d(det.c1),
-                          input_hw=det.input_hw, orig_hw=det.orig_hw, level_valid_hw=det.level_valid_hw,
-                          extras=dict(det.extras))
+    return det.map(torch.Tensor.detach)
 
 
 def is_finetuned_state(state: Mapping[str, Any]) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mfdetr.engine._fs import atomic_write_text
+from mfdetr.outputs import atomic_write_text
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +57,7 @@ def zero_padding(det: DetectorOutput) -> DetectorOutput:
     for b, (h, w) in enumerate(c1_hw):
         c1[b, :, h:, :] = 0
         c1[b, :, :, w:] = 0
-    return DetectorOutput(queries=det.queries, boxes=det.boxes, logits=det.logits, enc_maps=enc, c1=c1,
-                          input_hw=det.input_hw, orig_hw=det.orig_hw, level_valid_hw=det.level_valid_hw,
-                          extras=dict(det.extras))
+    return replace(det, enc_maps=enc, c1=c1, extras=dict(det.extras))
 
 
 def round_features(det: DetectorOutput, dtype: torch.dtype) -> DetectorOutput:
@@ -67,10 +65,8 @@ def round_features(det: DetectorOutput, dtype: torch.dtype) -> DetectorOutput:
     def r(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).float()
 
-    return DetectorOutput(queries=r(det.queries), boxes=det.boxes.float(), logits=det.logits.float(),
-                          enc_maps={k: [r(m) for m in v] for k, v in det.enc_maps.items()}, c1=r(det.c1),
-                          input_hw=det.input_hw, orig_hw=det.orig_hw, level_valid_hw=det.level_valid_hw,
-                          extras=dict(det.extras))
+    rounded = det.map(r)  # the cache keeps boxes and logits exact: those are only made float32
+    return replace(rounded, boxes=det.boxes.float(), logits=det.logits.float())
 
 
 class DetectorStep:
@@ -146,10 +142,7 @@ class DetectorStep:
             det = round_features(det, self.round_dtype)
         det = det.to(device, dtype=torch.float32)
         if not self.grad:  # tensors made under inference mode cannot be saved for backward: plain copies
-            det = DetectorOutput(queries=det.queries.clone(), boxes=det.boxes.clone(), logits=det.logits.clone(),
-                                 enc_maps={k: [m.clone() for m in v] for k, v in det.enc_maps.items()},
-                                 c1=det.c1.clone(), input_hw=det.input_hw.clone(), orig_hw=det.orig_hw.clone(),
-                                 level_valid_hw=det.level_valid_hw.clone(), extras={})
+            det = det.map(torch.Tensor.clone, sizes=torch.Tensor.clone)
         det.extras = {"image_id": ids}
         return det, targets
 

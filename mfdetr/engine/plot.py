@@ -7,7 +7,6 @@ evaluation metrics (AP, AP50, AP75, ...) against the step. Axes with "nice" tick
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from matplotlib.figure import Figure
 
 from mfdetr.engine.metrics import read_jsonl
 from mfdetr.errors import MfdetrError
-from mfdetr.outputs import check_output_file
+from mfdetr.outputs import atomic_write, check_output_file
 
 #: matplotlib's default "tab10" colours, in its order
 PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
@@ -108,7 +107,5 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, size: tuple[
     draw_panel(left, ordered, title=f"{run_dir.name}: training loss", xlabel="step", ylabel="loss")
     draw_panel(right, ev, title="evaluation", xlabel="step", ylabel="AP")
     fig.tight_layout()
-    tmp = out_path.with_name(out_path.name + ".tmp")  # a half-written PNG never takes the name
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, out_path)
+    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=dpi), what="plot")  # never a half-written PNG
     return out_path

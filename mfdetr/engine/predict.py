@@ -44,10 +44,10 @@ from tqdm import tqdm
 
 from mfdetr.contracts import DetectorPreset
 from mfdetr.devices import resolve_device
-from mfdetr.engine._fs import atomic_write_text
 from mfdetr.engine.image_files import IMAGE_SUFFIXES, ImageFiles, expand_inputs
 from mfdetr.engine.names import COCO_NAMES, category_names
 from mfdetr.errors import MfdetrError
+from mfdetr.outputs import atomic_write_text
 
 __all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
            "detector_checkpoint", "expand_inputs", "load_masknet_checkpoint", "preset_queries", "resolve_device",

@@ -72,12 +72,10 @@ class MethodResult:
 
 def original_boxes(boxes_cxcywh: torch.Tensor, orig_hw: Sequence[int]) -> torch.Tensor:
     """[K, 4] cached boxes (normalised cxcywh) → absolute xyxy in the original image, clamped to it."""
-    from torchvision.ops import box_convert
+    from mfdetr.ops.boxes import box_cxcywh_to_xyxy, clip_boxes
 
     h0, w0 = (float(v) for v in orig_hw)
-    xyxy = box_convert(boxes_cxcywh.float(), "cxcywh", "xyxy") * torch.tensor([w0, h0, w0, h0])
-    return torch.stack([xyxy[:, 0].clamp(0, w0), xyxy[:, 1].clamp(0, h0), xyxy[:, 2].clamp(0, w0),
-                        xyxy[:, 3].clamp(0, h0)], dim=-1)
+    return clip_boxes(box_cxcywh_to_xyxy(boxes_cxcywh.float()) * torch.tensor([w0, h0, w0, h0]), (h0, w0))
 
 
 def _detections(arrays: Mapping[str, np.ndarray], class_to_category: Sequence[int], known: set[int]

@@ -38,7 +38,6 @@ from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
 from mfdetr.engine.trainer import TrainResult, seed_everything, train
 from mfdetr.errors import MfdetrError
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 FLOPS_INPUT_HW = (800, 1200)  # the typical COCO input size used for #FLOPs▲ (like the paper's tables)
 
 
@@ -119,19 +118,17 @@ def complexity(model: nn.Module, manifest: Mapping[str, Any]) -> dict[str, float
 def box_results(det: Any, class_to_category: Sequence[int], image_ids: Sequence[int]) -> list[dict[str, Any]]:
     """The cached detector boxes as COCO ``bbox`` results (score = class score c_i)."""
     from mfdetr.masknet.targets import pred_boxes_original
+    from mfdetr.ops.boxes import coco_bbox
 
     prob, slot = det.logits.float().sigmoid().max(dim=-1)
     cats = torch.as_tensor(list(class_to_category), dtype=torch.long, device=slot.device)[slot]
     boxes = pred_boxes_original(det)
     out = []
     for b, iid in enumerate(image_ids):
-        h0, w0 = (float(v) for v in det.orig_hw[b].tolist())
+        xywh = coco_bbox(boxes[b].double(), det.orig_hw[b].tolist()).tolist()
         for k in torch.nonzero(cats[b] > 0).flatten().tolist():
-            x0, y0, x1, y1 = boxes[b, k].tolist()
-            x0, x1 = min(max(x0, 0.0), w0), min(max(x1, 0.0), w0)
-            y0, y1 = min(max(y0, 0.0), h0), min(max(y1, 0.0), h0)
             out.append({"image_id": int(iid), "category_id": int(cats[b, k]), "score": float(prob[b, k]),
-                        "bbox": [x0, y0, x1 - x0, y1 - y0]})
+                        "bbox": xywh[k]})
     return out
 
 

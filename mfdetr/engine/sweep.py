@@ -32,16 +32,22 @@ import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mfdetr.config import from_dict, load_toml
-from mfdetr.engine._fs import atomic_write_text
 from mfdetr.engine.config import RunConfig, build_run_config
 from mfdetr.errors import MfdetrError
+from mfdetr.evaluation import METRIC_NAMES
+from mfdetr.outputs import atomic_write_text
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+if TYPE_CHECKING:
+    from mfdetr.masknet.config import MaskNetConfig
+    from mfdetr.masknet.losses import LossConfig
+    from mfdetr.masknet.targets import AssignConfig
+
+METRICS = METRIC_NAMES  # the COCO summary numbers of every table row
 BOUNDARY = "boundary_AP"  # Boundary AP of the masks (min of mask and boundary IoU), next to mask AP
 
 
@@ -100,8 +106,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
     unknown = sorted(set(data) - {"sweep", "base", "variants"})
     if unknown:
         raise MfdetrError(f"unknown top-level key(s) {', '.join(unknown)} (known: base, sweep, variants)", path=path)
-    if "sweep" not in data or "variants" not in data:
+    if "sweep" not in data or not isinstance(data.get("variants"), list) or not data["variants"]:
         raise MfdetrError("a sweep file needs a [sweep] table and [[variants]]", path=path)
+    for i, row in enumerate(data["variants"]):
+        if not isinstance(row, Mapping):
+            raise MfdetrError(f"variants[{i}] is not a table", path=path)
     info = from_dict(SweepInfo, data["sweep"], where=f"{path} [sweep]")
     variants = [from_dict(Variant, v, where=f"{path} variants[{i}]") for i, v in enumerate(data["variants"])]
     names = [v.name for v in variants]
@@ -115,9 +124,42 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if bad:
             raise MfdetrError(f"variant {v.name}: unknown paper field(s) {', '.join(bad)}", path=path)
     spec = SweepSpec(sweep=info, base=dict(data.get("base", {})), variants=variants, path=str(path))
-    for v in variants:
-        spec.config_for(v)  # every variant's config is valid before anything runs
+    for v in variants:  # every variant's config is valid before anything runs
+        typed_parts(spec.config_for(v), where=f"{path}: variant {v.name}")
     return spec
+
+
+def typed_parts(cfg: RunConfig, *, where: str) -> tuple[MaskNetConfig, LossConfig, AssignConfig]:
+    """``(MaskNetConfig, LossConfig, AssignConfig)`` of a run config's ``masknet``, ``loss`` and ``assign``
+    tables (those stay plain data in :class:`RunConfig`): an unknown key or a wrong type in any of them is
+    a one-line error naming ``where``."""
+    from mfdetr.masknet.config import MaskNetConfig
+    from mfdetr.masknet.losses import LossConfig
+    from mfdetr.masknet.targets import AssignConfig
+
+    return (from_dict(MaskNetConfig, cfg.masknet, where=f"{where}: masknet"),
+            from_dict(LossConfig, cfg.loss, where=f"{where}: loss"),
+            from_dict(AssignConfig, cfg.assign, where=f"{where}: assign"))
+
+
+def run_overrides(overrides: Sequence[str], default_section: str = "masknet") -> list[str]:
+    """``section.key=value`` overrides where a key that names no run-config section (``train``, ``data``,
+    ``online``, ``masknet``, ``loss``, ``assign``) belongs to ``default_section``: ``box_encoder.layers=3``
+    is ``masknet.box_encoder.layers=3`` (how ``mfdetr describe`` takes its overrides)."""
+    sections = {f.name for f in fields(RunConfig)}
+    out = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        out.append(item if "=" not in item or key.split(".", 1)[0] in sections
+                   else f"{default_section}.{item.strip()}")
+    return out
+
+
+def variant_masknet_config(spec: SweepSpec, variant: Variant, overrides: Sequence[str] = ()) -> MaskNetConfig:
+    """The :class:`~mfdetr.masknet.config.MaskNetConfig` a variant trains: base, the variant's overrides of
+    every section, then ``overrides`` (all applied to the full run config, as ``mfdetr sweep`` does)."""
+    cfg = spec.config_for(variant, overrides)
+    return typed_parts(cfg, where=f"{spec.path}: variant {variant.name}")[0]
 
 
 RunVariant = Callable[[Variant, RunConfig, Path], VariantResult]

@@ -194,36 +194,3 @@ def load_masknet_config(path: str | Path | None = None, overrides: Sequence[str]
             raise MfdetrError(f"override {item!r} is not a masknet.* key")
         ovs.append(item)
     return from_dict(MaskNetConfig, apply_overrides(data, ovs), where=where)
-
-
-@dataclass
-class SweepVariant:
-    """One row of a sweep recipe (``[[variants]]``), with its resolved mask-network config."""
-
-    name: str
-    config: MaskNetConfig
-    paper: dict[str, Any]
-
-
-def load_sweep_variants(path: str | Path, overrides: Sequence[str] = ()) -> list[SweepVariant]:
-    """The mask-network config of every ``[[variants]]`` row of a sweep recipe: ``[base.masknet]`` +
-    the row's ``masknet.*`` overrides (other sections' overrides are ignored) + ``overrides``."""
-    data = load_toml(path)
-    variants = data.get("variants")
-    if not isinstance(variants, list) or not variants:
-        raise MfdetrError("not a sweep recipe (no [[variants]])", path=path)
-    base = dict(_masknet_table(data))
-    out = []
-    for i, row in enumerate(variants):
-        if not isinstance(row, Mapping):
-            raise MfdetrError(f"variants[{i}] is not a table", path=path)
-        name = str(row.get("name", i))
-        own = [s for s in row.get("set", []) if str(s).strip().startswith("masknet.")]
-        own = [s.strip()[len("masknet."):] for s in own]
-        cfg_data = apply_overrides(apply_overrides(base, own), [s.strip()[len("masknet."):]
-                                                               if s.strip().startswith("masknet.") else s
-                                                               for s in overrides])
-        cfg = from_dict(MaskNetConfig, cfg_data, where=f"{path}: variant {name}: masknet")
-        paper = row.get("paper")
-        out.append(SweepVariant(name=name, config=cfg, paper=dict(paper) if isinstance(paper, Mapping) else {}))
-    return out

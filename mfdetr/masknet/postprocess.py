@@ -35,6 +35,7 @@ from torch import Tensor
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
 from mfdetr.masknet.targets import first_queries, is_input_grid_output, pred_boxes_original
+from mfdetr.ops.boxes import coco_bbox
 
 __all__ = ["ScoreMode", "encode_rle", "masks_to_coco_results", "paste_masks"]
 
@@ -192,10 +193,7 @@ def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_catego
             s = c * out.iou_pred[b, keep.to(out.iou_pred.device)].float().clamp(0, 1).to(c.device)
         else:
             s = c
-        bx = boxes[b, keep]
-        bx = torch.stack([bx[:, 0].clamp(0, w0), bx[:, 1].clamp(0, h0), bx[:, 2].clamp(0, w0),
-                          bx[:, 3].clamp(0, h0)], dim=-1)
-        xywh = torch.cat([bx[:, :2], bx[:, 2:] - bx[:, :2]], dim=-1).cpu().tolist()
+        xywh = coco_bbox(boxes[b, keep], (h0, w0)).cpu().tolist()
         rles = encode_rle(masks)
         s_list, c_list = s.cpu().tolist(), cats[b, keep].cpu().tolist()
         for i in range(keep.numel()):

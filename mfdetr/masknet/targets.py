@@ -35,17 +35,17 @@ grids coincide.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-from torchvision.ops import clip_boxes_to_image, roi_align
+from torchvision.ops import roi_align
 
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.errors import MfdetrError
-from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
+from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, clip_boxes, generalized_box_iou
 
 __all__ = [
     "AssignConfig", "Assignment", "MaskTargets", "assign", "box_crowd_fraction", "build_mask_targets",
@@ -152,9 +152,7 @@ def first_queries(det: DetectorOutput, k: int) -> DetectorOutput:
         return det
     if not 0 <= k <= det.num_queries:
         raise ValueError(f"cannot take {k} of {det.num_queries} queries")
-    return DetectorOutput(queries=det.queries[:, :k], boxes=det.boxes[:, :k], logits=det.logits[:, :k],
-                          enc_maps=det.enc_maps, c1=det.c1, input_hw=det.input_hw, orig_hw=det.orig_hw,
-                          level_valid_hw=det.level_valid_hw, extras=det.extras)
+    return replace(det, queries=det.queries[:, :k], boxes=det.boxes[:, :k], logits=det.logits[:, :k])
 
 
 def is_input_grid_output(out: object) -> bool:
@@ -165,10 +163,6 @@ def is_input_grid_output(out: object) -> bool:
         if isinstance(v, bool):
             return v
     return getattr(out, "roi", None) is False
-
-
-def _clamp_boxes(b: Tensor, hw: tuple[int, int]) -> Tensor:
-    return clip_boxes_to_image(b, (int(hw[0]), int(hw[1])))
 
 
 def box_crowd_fraction(crowd: Tensor, boxes: Tensor) -> Tensor:
@@ -184,7 +178,7 @@ def box_crowd_fraction(crowd: Tensor, boxes: Tensor) -> Tensor:
     h, w = crowd.shape
     ii = torch.zeros((h + 1, w + 1), dtype=torch.float64, device=crowd.device)
     ii[1:, 1:] = crowd.to(torch.float64).cumsum(0).cumsum(1)
-    b = _clamp_boxes(boxes.to(crowd.device, torch.float64), (h, w))
+    b = clip_boxes(boxes.to(crowd.device, torch.float64), (h, w))
     x0, y0 = b[:, 0].floor().long(), b[:, 1].floor().long()
     x1, y1 = b[:, 2].ceil().long(), b[:, 3].ceil().long()
     inside = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
@@ -253,7 +247,7 @@ def assign(det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig,
     dev = boxes_all.device
     bi, qi, gi, ignored = [], [], [], []
     for b, gt in enumerate(gts):
-        boxes = _clamp_boxes(boxes_all[b], gt.orig_hw)
+        boxes = clip_boxes(boxes_all[b], (int(gt.orig_hw[0]), int(gt.orig_hw[1])))
         ign = _ignored_by_crowd(gt, boxes, cfg.crowd_threshold) if len(gt) else torch.zeros(
             boxes.shape[0], dtype=torch.bool, device=dev)
         ignored.append(ign)

@@ -6,9 +6,11 @@ Normalised boxes are relative to the unpadded network-input image; absolute boxe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 # The conversions are torchvision's (the same arithmetic as the official DETR code's, bit for bit).
 
@@ -32,6 +34,18 @@ def scale_boxes(b: Tensor, hw: Tensor) -> Tensor:
     """Scale normalised [B, K, 4] boxes by per-image sizes ``hw`` [B, 2] (h, w) → pixels."""
     h, w = hw[:, 0].to(b.dtype), hw[:, 1].to(b.dtype)
     return b * torch.stack([w, h, w, h], dim=-1)[:, None, :]
+
+
+def clip_boxes(b: Tensor, hw: Sequence[float]) -> Tensor:
+    """[..., 4] absolute xyxy boxes clipped to an image of size ``hw`` (h, w): x to [0, w], y to [0, h]."""
+    return clip_boxes_to_image(b, (hw[0], hw[1]))  # type: ignore[arg-type]  # float sizes clip the same
+
+
+def coco_bbox(b: Tensor, hw: Sequence[float]) -> Tensor:
+    """[..., 4] absolute xyxy boxes → COCO ``bbox`` (x, y, w, h), clipped to the image of size ``hw``
+    (h, w) first, so a result box never reaches outside its image."""
+    b = clip_boxes(b, hw)
+    return torch.cat([b[..., :2], b[..., 2:] - b[..., :2]], dim=-1)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:

@@ -8,11 +8,11 @@ register a builder with :func:`register_backbone_kind` (duplicates refused), so 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mfdetr.config import from_dict
 from mfdetr.detectors.backbones.base import Backbone
 from mfdetr.errors import MfdetrError
 
@@ -47,11 +47,8 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BackboneConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise MfdetrError(f"unknown backbone config keys: {sorted(unknown)}")
-        return cls(kind=str(d["kind"]), out_indices=tuple(d.get("out_indices", (1, 2, 3))),
-                   params=dict(d.get("params", {})))
+        """The config of plain data through the typed config reader :func:`mfdetr.config.from_dict`."""
+        return from_dict(cls, d, where="backbone config")
 
 
 def register_backbone_kind(kind: str, builder: BackboneBuilder) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from mfdetr.config import from_dict
 from mfdetr.contracts import DetectorPreset, FrozenDetector, Preprocessing, coco91_identity
 from mfdetr.detectors.backbones.factory import BackboneConfig
 from mfdetr.detectors.registry import register_detector
@@ -72,12 +73,15 @@ class DetrArchConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        """The config of plain data (a preset's ``arch``, a preset file) through the typed config reader
+        :func:`mfdetr.config.from_dict`: unknown keys and wrong types are one-line errors."""
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise MfdetrError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-        kw = dict(d)
-        bb = kw.pop("backbone")
-        return cls(backbone=bb if isinstance(bb, BackboneConfig) else BackboneConfig.from_dict(bb), **kw)
+        data = dict(d)
+        if isinstance(data.get("backbone"), BackboneConfig):
+            data["backbone"] = data["backbone"].to_dict()
+        return from_dict(cls, data, where=cls.__name__)
 
     def level_strides(self) -> tuple[int, ...]:
         """Stride of every encoder level: the used backbone stages, then ×2 per extra level."""

@@ -12,7 +12,7 @@ import torch
 from mfdetr.data import CocoInstances, iterate_batches, run_or_skip
 from mfdetr.data.batching import same_size_batches
 from mfdetr.detectors.common.frozen import FrozenDetr
-from mfdetr.evaluation import coco_from_dict, evaluate, instances_to_results
+from mfdetr.evaluation import METRIC_NAMES, coco_from_dict, evaluate, instances_to_results
 
 
 def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int = 8,
@@ -54,7 +54,7 @@ def box_ap(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int =
     finally:
         model.train(was_training)
     if not ids:  # every image skipped: nothing was scored
-        return dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), float("nan"))
+        return dict.fromkeys(METRIC_NAMES, float("nan"))
     return evaluate(coco_from_dict(ds.annotations.data), results, "bbox", image_ids=ids)
 
 

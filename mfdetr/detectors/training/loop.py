@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from mfdetr.detectors.training.evaluate import box_ap
 from mfdetr.detectors.training.forward import dino_train_forward, init_for_training, trainable_model
 from mfdetr.detectors.training.matcher import HungarianMatcher
 from mfdetr.errors import MfdetrError
+from mfdetr.outputs import atomic_write
 
 #: the shipped checkpoint must stay below this size
 MAX_WEIGHTS_BYTES = 20 * 1024 * 1024
@@ -133,9 +133,8 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> Path:
     """Write ``{"model": state_dict}`` (see :func:`weights_state`) atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": weights_state(model)}, tmp)
-    os.replace(tmp, path)
+    state = {"model": weights_state(model)}
+    atomic_write(path, lambda f: torch.save(state, f), what="weights")
     return path
 
 
@@ -202,10 +201,9 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
         log(f"resumed from {ckpt_path} at step {step}/{total}")
 
     def save_state() -> None:
-        tmp = ckpt_path.with_suffix(".pt.tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "config": json.dumps(to_dict(cfg))}, tmp)
-        os.replace(tmp, ckpt_path)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "config": json.dumps(to_dict(cfg))}
+        atomic_write(ckpt_path, lambda f: torch.save(state, f), what="checkpoint")
 
     logf = (out / "log.jsonl").open("a")
 
