@@ -40,7 +40,7 @@ class BlockArgs:
     level_embed: bool = True
 
 
-Built = tuple[list[nn.Module], "nn.Parameter | None"]
+Built = tuple[list[nn.Module], nn.Parameter | None]
 
 
 class EncoderBlock(ABC):
