@@ -14,8 +14,6 @@ One layer at d = 256, 8 heads, 4 levels, 4 points, FFN 1024 has 756,864 paramete
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
@@ -38,14 +36,6 @@ def reference_points_from_sizes(valid_hw: Tensor, shapes: list[tuple[int, int]])
     hw = shapes_tensor(shapes, valid_hw.device).float()  # sizes may be symbolic (ONNX export)
     ratios = torch.stack((vw / hw[:, 1], vh / hw[:, 0]), -1)  # [B, L, 2] valid ratios (x, y)
     return encoder_reference_points(shapes, ratios, torch.stack((vw, vh), -1))
-
-
-@functools.lru_cache(maxsize=8)
-def roi_reference_points(s: int) -> Tensor:
-    """[1, S², 1, 2] (x, y) pixel centres of an S×S RoI map (no padding), computed once per S on the CPU."""
-    ys, xs = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-    ref = torch.stack(((xs.flatten() + 0.5) / s, (ys.flatten() + 0.5) / s), -1)
-    return ref.view(1, s * s, 1, 2)
 
 
 @register_block("deformable")
@@ -97,7 +87,9 @@ class DeformableBlocks(EncoderBlock):
     def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None) -> Tensor:
         n, _, s, _ = rois.shape
         tokens = rois.flatten(2).transpose(1, 2)
-        ref = roi_reference_points(s).to(tokens.device, tokens.dtype).expand(n, -1, -1, -1)
+        # pixel centres of the S×S map, which has no padding (valid ratios 1)
+        ref = encoder_reference_points([(s, s)], torch.ones(1, 1, 2, device=tokens.device))
+        ref = ref.to(tokens.dtype).expand(n, -1, -1, -1)
         pos = None if embed is None else embed[None].to(tokens.dtype)
         for layer in layers:
             tokens = layer(tokens, pos, ref, [(s, s)], None)
