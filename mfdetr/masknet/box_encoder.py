@@ -1,13 +1,9 @@
 """Box feature encoder F_b (sec. 3.3, eq. 9, Tables 3-4) on the RoI features R_i.
 
 A channel mapper (Linear d → D, applied to F before RoIAlign as the paper describes: "decrease the
-channel dimension of F") then a stack of blocks over each S×S RoI map, all B·K RoIs in one batch:
-
-- ``deformable``: single-level deformable encoder layers over the RoI map with a learned S×S×D
-  positional embedding added to the queries. The embedding is what Table 3's first deformable layer
-  carries beyond the later ones (0.95 M = 0.68 M layer + 32·32·256 = 262,144).
-- ``swin``: Swin blocks (window ``min(w, S)``, shifted in every second block), no extra embedding.
-- ``convnext``: ConvNeXt blocks, no extra embedding.
+channel dimension of F") then a stack of blocks over each S×S RoI map, all B·K RoIs in one batch, of
+a registered block kind (:mod:`mfdetr.masknet.blocks`): ``deformable`` (single-level layers over the
+RoI map with a learned S×S×D positional embedding), ``swin`` (window ``min(w, S)``) or ``convnext``.
 
 Per-layer #params at D: deformable (1 level, 8 heads, 4 points, FFN 4D) 682,848 at 256 and 177,632
 at 128; Swin (w = 8) 791,560 at 256; ConvNeXt 539,136 at 256.
@@ -20,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from mfdetr.masknet.blocks import ConvNeXtBlock, DeformableEncoderLayer, SwinBlock, masked_fill_outside
+from mfdetr.masknet.blocks import BlockArgs, get_block, masked_fill_outside
 from mfdetr.ops import box_cxcywh_to_xyxy
 
 FEATURE_STRIDE = 4  # F lives on C1's stride-4 grid
@@ -30,10 +26,10 @@ class BoxEncoder(nn.Module):
     """Channel mapper + RoIAlign (eq. 3) + F_b (eq. 9), for all B·K boxes in one batch.
 
     Args:
-        block: ``"deformable"``, ``"swin"`` or ``"convnext"``.
+        block: a registered block kind (:func:`mfdetr.masknet.blocks.block_names`).
         mapper: Linear d → D applied to F's channels, or ``None`` (D = d).
         layers: the stacked blocks at width D (already built; may be empty).
-        pos_embed: [S·S, D] learned RoI positional embedding (deformable), or ``None``.
+        pos_embed: the kind's learned embedding ([S·S, D] RoI positions of ``deformable``), or ``None``.
         roi_size: S.
         sampling_ratio: RoIAlign sampling points per bin side (0 = adaptive).
     """
@@ -43,14 +39,11 @@ class BoxEncoder(nn.Module):
         super().__init__()
         self.sampling_ratio = sampling_ratio
         self.block = block
+        self.kind = get_block(block)
         self.mapper = mapper
         self.layers = nn.ModuleList(layers)
         self.pos_embed = pos_embed
         self.roi_size = roi_size
-        s = roi_size
-        ys, xs = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-        ref = torch.stack(((xs.flatten() + 0.5) / s, (ys.flatten() + 0.5) / s), -1)  # [S², 2] (x, y)
-        self.register_buffer("reference_points", ref.view(1, s * s, 1, 2), persistent=False)
 
     @property
     def num_layers(self) -> int:
@@ -100,25 +93,9 @@ class BoxEncoder(nn.Module):
 
     def encode(self, rois: Tensor) -> Tensor:
         """F_b on ``rois`` [N, D, S, S] RoIAligned (mapped) features of all N = B·K boxes → [N, S·S, D]."""
-        n, c, s, _ = rois.shape
         if not self.layers:
             return rois.flatten(2).transpose(1, 2)
-        if self.block == "convnext":
-            x = rois
-            for layer in self.layers:
-                x = layer(x)
-            return x.flatten(2).transpose(1, 2)
-        if self.block == "swin":
-            y = rois.permute(0, 2, 3, 1)
-            for layer in self.layers:
-                y = layer(y)
-            return y.reshape(n, s * s, c)
-        tokens = rois.flatten(2).transpose(1, 2)
-        ref = self.reference_points.to(tokens.dtype).expand(n, -1, -1, -1)
-        pos = None if self.pos_embed is None else self.pos_embed[None].to(tokens.dtype)
-        for layer in self.layers:
-            tokens = layer(tokens, pos, ref, [(s, s)], None)
-        return tokens
+        return self.kind.encode_rois(self.layers, rois, self.pos_embed)
 
 
 def build_box_encoder(*, block: str, layers: int, in_dim: int, dim: int | None, roi_size: int, heads: int = 8,
@@ -127,22 +104,8 @@ def build_box_encoder(*, block: str, layers: int, in_dim: int, dim: int | None, 
     """Build the channel mapper (``in_dim`` = d → ``dim`` = D; none when D is None or d) and F_b."""
     d_out = in_dim if dim is None else dim
     mapper = nn.Linear(in_dim, d_out) if d_out != in_dim else None
-    hidden = int(round(ffn_ratio * d_out))
-    mods: list[nn.Module]
-    pos = None
-    if block == "deformable":
-        mods = [DeformableEncoderLayer(dim=d_out, levels=1, heads=heads, points=points, ffn_hidden=hidden)
-                for _ in range(layers)]
-        if layers:
-            pos = nn.Parameter(torch.empty(roi_size * roi_size, d_out))
-            nn.init.normal_(pos, std=0.02)
-    elif block == "swin":
-        w = min(swin_window, roi_size)
-        mods = [SwinBlock(dim=d_out, heads=heads, window=w, shift=(w // 2) * (i % 2), ffn_hidden=hidden)
-                for i in range(layers)]
-    elif block == "convnext":
-        mods = [ConvNeXtBlock(dim=d_out, kernel=convnext_kernel, ffn_hidden=hidden) for _ in range(layers)]
-    else:
-        raise ValueError(f"unknown box encoder block {block!r}")
+    args = BlockArgs(dim=d_out, heads=heads, points=points, ffn_hidden=int(round(ffn_ratio * d_out)),
+                     window=swin_window, kernel=convnext_kernel)
+    mods, pos = get_block(block).build_box(layers, args, roi_size=roi_size)
     return BoxEncoder(block=block, mapper=mapper, layers=mods, pos_embed=pos, roi_size=roi_size,
                       sampling_ratio=sampling_ratio)

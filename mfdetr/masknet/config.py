@@ -23,8 +23,10 @@ from typing import Any, Literal
 
 from mfdetr.config import apply_overrides, from_dict, load_toml
 from mfdetr.errors import MfdetrError
+from mfdetr.masknet.blocks import check_block_name
 
-BlockType = Literal["deformable", "swin", "convnext"]
+#: the name of a registered encoder block kind (:func:`mfdetr.masknet.blocks.block_names`), checked on construction
+BlockType = str
 
 
 @dataclass
@@ -39,11 +41,11 @@ class NeckConfig:
 class ImageEncoderConfig:
     """Image feature encoder F_e on the cached encoder maps (eq. 5-8, Table 2).
 
-    ``deformable``: multi-scale deformable encoder layers on all levels (eq. 6; MSDeformAttn → LN →
-    FFN(GELU) → LN, post-norm, sine positional + learned level embeddings as Deformable DETR);
-    ``swin``: Swin blocks (W-MSA, shifted windows in every second block) on E_1 (eq. 7);
-    ``convnext``: ConvNeXt blocks (DWConv k×k → LN → FFN, layer scale) on E_1 (eq. 8).
-    ``layers = 0`` disables the encoder.
+    ``block`` is a registered kind (:mod:`mfdetr.masknet.blocks`): ``deformable``: multi-scale
+    deformable encoder layers on all levels (eq. 6; MSDeformAttn → LN → FFN(GELU) → LN, post-norm,
+    sine positional + learned level embeddings as Deformable DETR); ``swin``: Swin blocks (W-MSA,
+    shifted windows in every second block) on E_1 (eq. 7); ``convnext``: ConvNeXt blocks (DWConv k×k
+    → LN → FFN, layer scale) on E_1 (eq. 8). ``layers = 0`` disables the encoder.
     """
 
     block: BlockType = "deformable"
@@ -55,6 +57,9 @@ class ImageEncoderConfig:
     swin_window: int = 16
     convnext_kernel: int = 7
     level_embed: bool = True
+
+    def __post_init__(self) -> None:
+        check_block_name(self.block)
 
 
 @dataclass
@@ -76,6 +81,9 @@ class BoxEncoderConfig:
     ffn_ratio: float = 4.0
     swin_window: int = 8
     convnext_kernel: int = 7
+
+    def __post_init__(self) -> None:
+        check_block_name(self.block)
 
 
 @dataclass

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mfdetr.masknet.blocks import FFN, Attention
+from mfdetr.layers import FFN
+from mfdetr.masknet.blocks import Attention
 
 
 class QueryEncoder(nn.Module):

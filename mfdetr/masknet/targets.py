@@ -45,6 +45,7 @@ from torchvision.ops import roi_align
 
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.errors import MfdetrError
+from mfdetr.layers import focal_class_cost
 from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, clip_boxes, generalized_box_iou
 
 __all__ = [
@@ -224,9 +225,7 @@ def _hungarian_cost(det: DetectorOutput, b: int, boxes: Tensor, gt: GTInstances,
     labels = gt.labels[keep_gt].to(prob.device).long()
     slot = torch.where(labels < slots.numel(), slots[labels.clamp(max=slots.numel() - 1)], -1)
     p = prob[:, slot.clamp(min=0)]
-    neg = 0.75 * p.pow(2) * -(1 - p + 1e-8).log()
-    pos = 0.25 * (1 - p).pow(2) * -(p + 1e-8).log()
-    cost_class = torch.where(slot[None, :] >= 0, pos - neg, torch.zeros_like(p))
+    cost_class = torch.where(slot[None, :] >= 0, focal_class_cost(p, alpha=0.25, gamma=2.0), torch.zeros_like(p))
     return cfg.cost_bbox * cost_bbox + cfg.cost_class * cost_class + cfg.cost_giou * cost_giou
 
 

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mfdetr.detectors.backbones.base import StagedTokenBackbone
-from mfdetr.detectors.backbones.swin import Mlp
 from mfdetr.errors import MfdetrError
+from mfdetr.layers import FFN
 
 __all__ = [
     "FocalModulation",
@@ -133,7 +133,7 @@ class FocalNetBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.modulation = modulation
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio))
+        self.mlp = FFN(dim=dim, hidden=int(dim * mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_postln:

@@ -57,9 +57,16 @@ from torch import Tensor, nn
 
 from mfdetr.detectors.backbones.base import StagedTokenBackbone, check_out_indices
 from mfdetr.errors import MfdetrError
+from mfdetr.layers import (
+    FFN,
+    relative_position_bias,
+    relative_position_index,
+    shifted_window_regions,
+    window_partition,
+    window_reverse,
+)
 
 __all__ = [
-    "Mlp",
     "PatchEmbed",
     "PatchMerging",
     "SwinBlock",
@@ -73,19 +80,6 @@ __all__ = [
     "check_out_indices",
     "swin_backbone",
 ]
-
-
-class Mlp(nn.Module):
-    """Token MLP ``fc2(GELU(fc1(x)))`` (official names ``fc1``/``fc2``); acts on the last dim."""
-
-    def __init__(self, *, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -108,34 +102,6 @@ class PatchEmbed(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-def window_partition(x: Tensor, window: int) -> Tensor:
-    """``[B, Hp, Wp, C]`` (Hp, Wp multiples of ``window``) → ``[B * nW, window*window, C]``.
-
-    Windows are ordered row-major over the window grid, batch-major overall (as the official code).
-    """
-    b, hp, wp, c = x.shape
-    x = x.view(b, hp // window, window, wp // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
-
-
-def window_reverse(windows: Tensor, window: int, hp: int, wp: int) -> Tensor:
-    """Inverse of :func:`window_partition`: ``[B * nW, window*window, C]`` → ``[B, Hp, Wp, C]``."""
-    c = windows.shape[-1]
-    x = windows.view(-1, hp // window, wp // window, window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, hp, wp, c)
-
-
-def relative_position_index(window: int) -> Tensor:
-    """``[N, N]`` int64 index into the ``(2w-1)^2`` bias table, N = window², official formula.
-
-    For tokens i=(yi, xi) and j=(yj, xj): ``(yi - yj + w - 1) * (2w - 1) + (xi - xj + w - 1)``.
-    """
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
-    coords = coords.flatten(1)  # [2, N]
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # [N, N, 2]
-    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
-
-
 def shifted_window_mask(hp: int, wp: int, window: int, shift: int, *, device: torch.device,
                         dtype: torch.dtype) -> Tensor:
     """Attention mask of shifted windows, ``[nW, N, N]``: 0 within a region, -100 across regions.
@@ -144,16 +110,10 @@ def shifted_window_mask(hp: int, wp: int, window: int, shift: int, *, device: to
     (rows/cols ``[0, Hp-w)``, ``[Hp-w, Hp-shift)``, ``[Hp-shift, Hp)``); tokens of different
     regions must not attend to each other (the official mask, value -100 as in the official code).
     """
-    img = torch.zeros(1, hp, wp, 1, device=device, dtype=dtype)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for hs in cuts:
-        for ws in cuts:
-            img[:, hs, ws, :] = label
-            label += 1
-    regions = window_partition(img, window).squeeze(-1)  # [nW, N]
-    diff = regions[:, None, :] - regions[:, :, None]
-    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+    regions = shifted_window_regions(hp, wp, window, shift, device=device)  # [nW, N]
+    n = regions.shape[1]
+    different = regions[:, None, :] != regions[:, :, None]
+    return torch.zeros(regions.shape[0], n, n, device=device, dtype=dtype).masked_fill(different, -100.0)
 
 
 class WindowAttention(nn.Module):
@@ -183,8 +143,8 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B*nW, nH, N, d]
         attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        bias = relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
+        attn = attn + bias.unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
             attn = attn.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
@@ -211,7 +171,7 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim=dim, num_heads=num_heads, window_size=window_size,
                                     qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio))
+        self.mlp = FFN(dim=dim, hidden=int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, shift_mask: Tensor | None) -> Tensor:
         b, h, w, c = x.shape

@@ -1,9 +1,10 @@
-"""Deformable transformer layers shared by DINO and H-Deformable-DETR (official module names).
+"""Deformable transformer stacks shared by DINO and H-Deformable-DETR (official module names).
 
 Both families use the same post-norm layers (``dropout = 0`` at inference, so no dropout modules):
 
-- encoder layer: ``src = norm1(src + self_attn(src + pos, ref, src))``, then
-  ``src = norm2(src + linear2(relu(linear1(src))))``;
+- encoder layer (:class:`mfdetr.layers.DeformableEncoderLayer` with ReLU and the official keys
+  ``linear1`` / ``linear2``, built by :func:`official_encoder_layer`):
+  ``src = norm1(src + self_attn(src + pos, ref, src))``, then ``src = norm2(src + linear2(relu(linear1(src))))``;
 - decoder layer, order sa → ca → ffn: ``tgt = norm2(tgt + self_attn(q=k=tgt+pos, v=tgt))``,
   ``tgt = norm1(tgt + cross_attn(tgt + pos, ref, memory))``, ``tgt = norm3(tgt + ffn(tgt))``.
 
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfdetr.ops import MSDeformAttn, SpatialShapes, level_shapes
+from mfdetr.layers import DeformableEncoderLayer, encoder_reference_points
+from mfdetr.ops import MSDeformAttn, SpatialShapes
 
 
 def valid_ratios(mask: Tensor) -> Tensor:
@@ -29,46 +31,11 @@ def valid_ratios(mask: Tensor) -> Tensor:
     return torch.stack([valid_w / w, valid_h / h], -1)
 
 
-def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: Tensor) -> Tensor:
-    """Pixel-centre reference points of every token, per level.
-
-    Args:
-        spatial_shapes: [L, 2] (H_l, W_l), or the (H_l, W_l) pairs.
-        ratios: [B, L, 2] valid ratios (w, h).
-
-    Returns:
-        [B, S, L, 2] (x, y): ``(i + 0.5) / (ratio_l · size_l)`` of the token's own level, multiplied by
-        every level's valid ratio.
-    """
-    refs = []
-    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
-        # = linspace(0.5, size - 0.5, size), exactly; arange keeps a symbolic size symbolic under torch.export
-        ry, rx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=ratios.device) + 0.5,
-                                torch.arange(w, dtype=torch.float32, device=ratios.device) + 0.5,
-                                indexing="ij")
-        ry = ry.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
-        rx = rx.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
-        refs.append(torch.stack((rx, ry), -1))
-    return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
-
-
-class DeformableEncoderLayer(nn.Module):
-    """Post-norm deformable self-attention + ReLU FFN over all multi-scale tokens."""
-
-    def __init__(self, *, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int) -> None:
-        super().__init__()
-        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: SpatialShapes,
-                level_start_index: Tensor, padding_mask: Tensor) -> Tensor:
-        """src, pos [B, S, d]; reference_points [B, S, L, 2]; padding_mask [B, S] → [B, S, d]."""
-        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes,
-                                              level_start_index, padding_mask))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+def official_encoder_layer(*, d_model: int, d_ffn: int, n_levels: int, n_heads: int,
+                           n_points: int) -> DeformableEncoderLayer:
+    """The detectors' encoder layer: post-norm, ReLU FFN under the official keys ``linear1`` / ``linear2``."""
+    return DeformableEncoderLayer(dim=d_model, levels=n_levels, heads=n_heads, points=n_points, ffn_hidden=d_ffn,
+                                  activation="relu", ffn_names="linear")
 
 
 class DeformableEncoder(nn.Module):
@@ -98,7 +65,7 @@ class DeformableEncoder(nn.Module):
         kept: dict[int, Tensor] = {}
         out = src
         for i, layer in enumerate(self.layers, start=1):
-            out = layer(out, pos, ref, spatial_shapes, level_start_index, padding_mask)
+            out = layer(out, pos, ref, spatial_shapes, padding_mask, level_start_index=level_start_index)
             if i in keep:
                 kept[i] = out
         return out, kept

@@ -23,7 +23,7 @@ from mfdetr.detectors.backbones.base import Backbone
 from mfdetr.detectors.common.decoder import layer_predictions
 from mfdetr.detectors.common.frozen import DetrForward, FrozenDetr
 from mfdetr.detectors.common.multiscale import FlatLevels, flatten_levels, project_levels
-from mfdetr.detectors.common.position import PositionEmbeddingSine
+from mfdetr.layers import PositionEmbeddingSine
 
 
 class DeformableDetr(FrozenDetr):

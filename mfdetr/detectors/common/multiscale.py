@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mfdetr.detectors.common.deformable import valid_ratios
-from mfdetr.detectors.common.position import PositionEmbeddingSine
+from mfdetr.layers import PositionEmbeddingSine
 from mfdetr.ops import level_shapes, shapes_tensor
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from mfdetr.detectors.backbones.base import Backbone
 from mfdetr.detectors.common.arch import DetrArchConfig
-from mfdetr.detectors.common.deformable import DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer
+from mfdetr.detectors.common.deformable import DeformableDecoderLayer, DeformableEncoder, official_encoder_layer
 from mfdetr.detectors.common.layers import MLP
 from mfdetr.detectors.common.multiscale import build_input_proj
 
@@ -21,7 +21,7 @@ from mfdetr.detectors.common.multiscale import build_input_proj
 def build_encoder(cfg: DetrArchConfig) -> DeformableEncoder:
     """``cfg.enc_layers`` post-norm deformable encoder layers (keys ``layers.{i}``)."""
     return DeformableEncoder(layers=nn.ModuleList(
-        DeformableEncoderLayer(d_model=cfg.hidden_dim, d_ffn=cfg.dim_feedforward, n_levels=cfg.num_feature_levels,
+        official_encoder_layer(d_model=cfg.hidden_dim, d_ffn=cfg.dim_feedforward, n_levels=cfg.num_feature_levels,
                                n_heads=cfg.nheads, n_points=cfg.enc_n_points) for _ in range(cfg.enc_layers)))
 
 

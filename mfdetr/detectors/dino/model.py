@@ -18,7 +18,7 @@ from mfdetr.detectors.common.checkpoint import CheckpointFormat
 from mfdetr.detectors.common.detr import DeformableDetr
 from mfdetr.detectors.common.layers import clones
 from mfdetr.detectors.common.parts import build_decoder_layers, build_encoder, build_heads, build_level_proj
-from mfdetr.detectors.common.position import PositionEmbeddingSine
+from mfdetr.layers import PositionEmbeddingSine
 from mfdetr.detectors.dino.config import DinoConfig
 from mfdetr.detectors.dino.transformer import DINO_INV_SIGMOID_EPS, DinoDecoder, DinoTransformer
 

@@ -18,7 +18,7 @@ from mfdetr.detectors.common.decoder import RefiningDecoder
 from mfdetr.detectors.common.deformable import DeformableEncoder
 from mfdetr.detectors.common.layers import MLP
 from mfdetr.detectors.common.multiscale import FlatLevels
-from mfdetr.detectors.common.position import sine_embed_coords
+from mfdetr.layers import sine_embed_coords
 from mfdetr.detectors.common.proposals import select_proposals
 
 #: DINO embeds query boxes as (y, x, w, h) blocks (``gen_sineembed_for_position``)

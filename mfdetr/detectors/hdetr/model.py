@@ -24,7 +24,7 @@ from mfdetr.detectors.common.detr import DeformableDetr
 from mfdetr.detectors.common.layers import clones
 from mfdetr.detectors.common.multiscale import FlatLevels
 from mfdetr.detectors.common.parts import build_decoder_layers, build_encoder, build_heads, build_level_proj
-from mfdetr.detectors.common.position import PositionEmbeddingSine
+from mfdetr.layers import PositionEmbeddingSine
 from mfdetr.detectors.hdetr.config import HDetrConfig
 from mfdetr.detectors.hdetr.transformer import HDETR_INV_SIGMOID_EPS, HDetrTransformer
 

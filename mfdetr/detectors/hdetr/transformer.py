@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mfdetr.detectors.common.decoder import RefiningDecoder
 from mfdetr.detectors.common.deformable import DeformableEncoder
 from mfdetr.detectors.common.multiscale import FlatLevels
-from mfdetr.detectors.common.position import sine_embed_coords
+from mfdetr.layers import sine_embed_coords
 from mfdetr.detectors.common.proposals import select_proposals
 
 #: H-DETR's ``inverse_sigmoid`` eps (``util/misc.py``; DINO uses 1e-3)

@@ -16,6 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from mfdetr.layers import focal_class_cost
 from mfdetr.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
@@ -35,11 +36,10 @@ class HungarianMatcher:
     def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """Cost [Q, N] of one image: logits [Q, C], boxes [Q, 4] cxcywh, labels [N], tgt_boxes [N, 4]."""
         prob = logits.float().sigmoid()[:, labels]  # [Q, N]
-        neg = (1 - self.alpha) * prob ** self.gamma * -(1 - prob + 1e-8).log()
-        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
+        c_class = focal_class_cost(prob, alpha=self.alpha, gamma=self.gamma)
         c_bbox = torch.cdist(boxes.float(), tgt_boxes.float(), p=1)
         c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes.float()), box_cxcywh_to_xyxy(tgt_boxes.float()))
-        return self.cost_bbox * c_bbox + self.cost_class * (pos - neg) + self.cost_giou * c_giou
+        return self.cost_bbox * c_bbox + self.cost_class * c_class + self.cost_giou * c_giou
 
     @torch.no_grad()
     def __call__(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
