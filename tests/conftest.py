@@ -1,10 +1,15 @@
-"""Shared test helpers: run the real CLI in a subprocess, seeded RNG."""
+"""Shared test helpers: the CLI in this process (:func:`cli`) or in a real one (:func:`run_cli`), and
+per-test isolation (seeded RNG; torch threads, SIGINT handler, environment and cwd restored)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import traceback
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -33,6 +38,43 @@ def run_cli(*args: str | os.PathLike, cwd: str | os.PathLike | None = None, time
     return proc
 
 
+def cli(*args: str | os.PathLike, env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``mfdetr ARGS`` in this process: typer's ``CliRunner`` on :data:`mfdetr.cli.app`, the command group
+    that prints a user error as one ``mfdetr: error:`` line with exit 2 and an interrupt with exit 130,
+    as the console script does. Returns what :func:`run_cli` returns; an exception that escapes the
+    command group is written to ``stderr`` as a traceback (as a real process would print it) with exit 1.
+    ``env`` sets (or, with ``None``, removes) variables for this call only; ``cwd`` likewise; ``check``
+    turns a non-zero exit into an ``AssertionError`` showing the output."""
+    from typer.testing import CliRunner
+
+    from mfdetr.cli import app
+
+    argv = [str(a) for a in args]
+    with _chdir(cwd):
+        res = CliRunner().invoke(app, argv, env=dict(env) if env else None)
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "".join(traceback.format_exception(*res.exc_info))  # type: ignore[misc]
+    proc = subprocess.CompletedProcess(["mfdetr", *argv], res.exit_code, res.stdout, err)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mfdetr {' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@contextlib.contextmanager
+def _chdir(cwd: str | os.PathLike | None) -> Iterator[None]:
+    if cwd is None:
+        yield
+        return
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
     """A user mistake: non-zero exit, a one-line ``mfdetr: error:`` message, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
@@ -46,3 +88,23 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolate() -> Iterator[None]:
+    """Whatever a test (or a command it runs in this process) changes of the process-wide state that
+    later tests depend on is put back: torch's thread count and default dtype, the SIGINT handler, the
+    environment and the working directory."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    sigint, cwd, env = signal.getsignal(signal.SIGINT), os.getcwd(), dict(os.environ)
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    if signal.getsignal(signal.SIGINT) is not sigint:
+        signal.signal(signal.SIGINT, sigint)
+    if os.getcwd() != cwd:
+        os.chdir(cwd)
+    if dict(os.environ) != env:
+        os.environ.clear()
+        os.environ.update(env)

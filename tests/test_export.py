@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, cli
 from tests.test_predict_tinydet import tiny_masknet_config
 
 SIZES = ((96, 128), (72, 112))  # two input sizes through one graph (neither is the export example's)
@@ -94,8 +94,8 @@ def test_export_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     from mfdetr.engine.export import ExportJob, run_export
     from mfdetr.errors import MfdetrError
 
-    proc = run_cli("export", "--detector", "demo", "--masknet", tmp_path / "missing.pt", "--out",
-                   tmp_path / "m.onnx", "--masknet-only")
+    proc = cli("export", "--detector", "demo", "--masknet", tmp_path / "missing.pt", "--out",
+               tmp_path / "m.onnx", "--masknet-only")
     assert_user_error(proc, "missing.pt", "not found")
     assert not (tmp_path / "m.onnx").exists()
     ckpt = _masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
