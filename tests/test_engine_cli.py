@@ -1,4 +1,5 @@
-"""The real ``mfdetr train`` / ``eval`` / ``sweep`` / ``plot`` commands on a tiny cache, and their errors."""
+"""The ``mfdetr train`` / ``eval`` / ``sweep`` / ``plot`` commands on a tiny cache, and their errors (in this
+process; torchrun and SIGKILL + resume in real processes)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mfdetr.masknet")
-
-import tests._fake_detector as fd  # noqa: E402
-from tests.conftest import assert_user_error, run_cli  # noqa: E402
-from tests.test_engine_stage2 import TINY, make_oracle, write_cache  # noqa: E402
+import tests._fake_detector as fd
+from tests.conftest import assert_user_error, cli
+from tests.test_engine_stage2 import TINY, make_oracle, write_cache
 
 
 def _toml_table(prefix: str, d: dict[str, object]) -> list[str]:
@@ -43,31 +42,30 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.slow
 def test_train_eval_plot_commands(setup: dict[str, Path]) -> None:
     run = setup["root"] / "run"
-    p = run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--val-cache", setup["val"],
-                "--config", setup["cfg"], "--out", run, "train.iterations=6", "train.progress=false")
+    p = cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--val-cache", setup["val"],
+            "--config", setup["cfg"], "--out", run, "train.iterations=6", "train.progress=false")
     assert p.returncode == 0, p.stderr
     assert "global batch 2 (2 x 1), lr 0.001" in p.stderr and "bbox     100.00" in p.stderr
     assert json.loads((run / "config.json").read_text())["train"]["iterations"] == 6
-    p = run_cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
-                "--out", setup["root"] / "res.json")
+    p = cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
+            "--out", setup["root"] / "res.json")
     assert p.returncode == 0, p.stderr
     assert "iou_type" in p.stdout and "segm" in p.stdout and json.loads((setup["root"] / "res.json").read_text())
     rows = {ln.split()[0]: ln.split()[1:] for ln in p.stdout.splitlines() if ln.split()[:1] in (["segm"], ["boundary"])}
-    fast = run_cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
-                   "--evaluator", "faster")
+    fast = cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
+               "--evaluator", "faster")
     assert fast.returncode == 0, fast.stderr
     fast_rows = {ln.split()[0]: ln.split()[1:] for ln in fast.stdout.splitlines()
                  if ln.split()[:1] in (["segm"], ["boundary"])}
     assert set(rows) == {"segm", "boundary"} and fast_rows == rows  # same numbers from either evaluator
-    p = run_cli("plot", run)
+    p = cli("plot", run)
     assert p.returncode == 0 and Path(p.stdout.strip()).is_file()
 
 
 @pytest.mark.slow
 def test_cli_bad_input_is_one_line(setup: dict[str, Path]) -> None:
-    # (the in-process tests cover the other refusals; one subprocess shows the one-line contract)
-    assert_user_error(run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
-                              "--out", setup["root"] / "bad1", "masknet.image_encoder.depth=3"), "unknown key", "depth")
+    assert_user_error(cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
+                          "--out", setup["root"] / "bad1", "masknet.image_encoder.depth=3"), "unknown key", "depth")
 
 
 @pytest.mark.slow
@@ -108,6 +106,7 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     import sys
     import time
 
+    import torch
     import zarr
 
     from mfdetr.cache.store import chunk_path
@@ -117,8 +116,11 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     args = ["train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
             "train.iterations=7", "train.batch_size=1", "train.log_every=1", "train.checkpoint_every=2",
             "train.progress=false"]
+    # the reference and the resume need no process of their own; they compute with the killed process's
+    # thread count, so the losses compare bit for bit (the thread count is restored after the test)
+    torch.set_num_threads(int(cli_env()["OMP_NUM_THREADS"]))
     ref = tmp_path / "ref"
-    p = run_cli(*args, "--out", ref)
+    p = cli(*args, "--out", ref)
     assert p.returncode == 0, p.stderr
 
     order = EpochPlan(num_items=4, batch_size=1, seed=42).order(0)  # the run's data order (4 images, seed 42)
@@ -143,7 +145,7 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     assert proc.returncode == -signal.SIGKILL
     assert json.loads(json.dumps(read_jsonl(run / "metrics.jsonl")))[-1]["step"] == 3
 
-    p = run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--out", run, "--resume")
+    p = cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--out", run, "--resume")
     assert p.returncode == 0, p.stderr
     assert "resuming at step 2" in p.stderr
     a = [(r["step"], r["loss"], r["lr"]) for r in read_jsonl(ref / "metrics.jsonl") if r["kind"] == "train"]
