@@ -85,6 +85,15 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> 
         assert n in lines[0], (n, lines[0])
 
 
+@pytest.fixture
+def cli_threads() -> int:
+    """Compute in this process with the torch thread count of the processes :func:`run_cli` starts, so
+    numbers from an in-process command and from a real process compare bit for bit (restored after the test)."""
+    n = int(cli_env()["OMP_NUM_THREADS"])
+    torch.set_num_threads(n)
+    return n
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -93,7 +93,8 @@ def test_torchrun_mfdetr_train_two_processes(setup: dict[str, Path]) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[str, Path], tmp_path: Path) -> None:
+def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[str, Path], tmp_path: Path,
+                                                                   cli_threads: int) -> None:
     """Kill a real ``mfdetr train`` with SIGKILL mid-run, resume it: the losses equal an uninterrupted run's.
 
     To kill it at a known point without any hook in the library, the cache chunk of the image that
@@ -106,7 +107,6 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     import sys
     import time
 
-    import torch
     import zarr
 
     from mfdetr.cache.store import chunk_path
@@ -116,9 +116,7 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     args = ["train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
             "train.iterations=7", "train.batch_size=1", "train.log_every=1", "train.checkpoint_every=2",
             "train.progress=false"]
-    # the reference and the resume need no process of their own; they compute with the killed process's
-    # thread count, so the losses compare bit for bit (the thread count is restored after the test)
-    torch.set_num_threads(int(cli_env()["OMP_NUM_THREADS"]))
+    # the reference and the resume need no process of their own (cli_threads: the killed process's thread count)
     ref = tmp_path / "ref"
     p = cli(*args, "--out", ref)
     assert p.returncode == 0, p.stderr
