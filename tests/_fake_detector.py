@@ -177,6 +177,15 @@ def make_coco(root: str | Path, *, n: int = 6, split: str = "val2017", corrupt: 
     return path
 
 
+def cache_args(coco: Path, out: Path, *extra: str) -> list[str]:
+    """``mfdetr cache`` arguments for ``fake_tiny`` on the ``val2017`` split of :func:`make_coco`'s folder
+    (checkpoint ``coco/fake.pth``). Batch size 1: bit-identical comparisons hold even for a detector whose
+    outputs depend on batch padding."""
+    return ["cache", "--detector", NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
+            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", "4,6", "--batch-size", "1",
+            "--workers", "0", *extra]
+
+
 # --- comparing stores -----------------------------------------------------------------------------------
 def read_all(path: Path) -> dict[str, np.ndarray]:
     root = zarr.open_group(str(path), mode="r")

@@ -271,10 +271,10 @@ def test_views_option_manifest_and_commit_combination(fake: dict[str, Path]) -> 
 
 
 def test_cache_cli_refuses_bad_views(fake: dict[str, Path], tmp_path: Path) -> None:
-    from tests.test_cache_cli import main_inproc
+    from tests.conftest import cli
 
-    r = main_inproc("cache", "--detector", fd.NAME, "--checkpoint", fake["ckpt"], "--coco", fake["coco"],
-                    "--split", "train2017", "--out", tmp_path / "x", "--views", "orig,sideways")
+    r = cli("cache", "--detector", fd.NAME, "--checkpoint", fake["ckpt"], "--coco", fake["coco"],
+            "--split", "train2017", "--out", tmp_path / "x", "--views", "orig,sideways")
     assert r.returncode != 0 and "--views" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -305,8 +305,8 @@ def test_recompute_cache_recomputes_c1_of_the_flipped_image(tmp_path: Path) -> N
 
 
 def test_demo_cli_refuses_bad_views(tmp_path: Path) -> None:
-    from tests.test_cache_cli import main_inproc
+    from tests.conftest import cli
 
-    r = main_inproc("demo", "--out", tmp_path / "d", "--views", "orig,upside-down", "--quick")
+    r = cli("demo", "--out", tmp_path / "d", "--views", "orig,upside-down", "--quick")
     assert r.returncode != 0 and "--views" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "d").exists()

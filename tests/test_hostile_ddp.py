@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 import tests._fake_detector as fd
-from tests.conftest import REPO, cli_env
-from tests.test_cache_cli import main_inproc
+from tests.conftest import REPO, cli, cli_env
 from tests.test_engine_stage2 import TINY
 from tests.test_hostile_cache import N, cache_args, damage
 
@@ -35,7 +34,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | int]:
     fd.make_coco(coco, n=N)
     fd.save_fake_checkpoint(coco / "fake.pth")
     store = root / "store"
-    assert main_inproc(*cache_args(coco, store)).returncode == 0
+    assert cli(*cache_args(coco, store)).returncode == 0
     image_id = damage(store, "truncated")
     # 2 processes x 1 image x N steps: every image is read, each by one process only
     return {"root": root, "coco": coco, "store": store, "cfg": tiny_config(root / "tiny.toml", N),

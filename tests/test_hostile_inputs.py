@@ -22,7 +22,7 @@ from PIL import Image
 
 import tests._fake_detector as fd
 from mfdetr.errors import SkipImage
-from tests.test_cache_cli import main_inproc
+from tests.conftest import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2
 
@@ -183,7 +183,7 @@ def test_unusable_ground_truth_is_one_line(tmp_path: Path, mutate: Any, needle: 
     data = json.loads(ann.read_text())
     mutate(data)
     ann.write_text(json.dumps(data))
-    proc = main_inproc("eval-json", "--coco", tmp_path, "--results", ann)
+    proc = cli("eval-json", "--coco", tmp_path, "--results", ann)
     assert proc.returncode == 2 and needle in proc.stderr and str(ann) in proc.stderr
     no_traceback(proc)
 
@@ -226,7 +226,7 @@ def test_eval_json_on_damaged_ground_truth_equals_pycocotools_on_the_clean_one(t
     res_file = tmp_path / "res.json"
     res_file.write_text(json.dumps(results))
     clean, _ = damage_gt(ann)
-    proc = main_inproc("eval-json", "--coco", tmp_path, "--results", res_file, "--iou-type", "both")
+    proc = cli("eval-json", "--coco", tmp_path, "--results", res_file, "--iou-type", "both")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     assert len([ln for ln in proc.stderr.splitlines() if "ignored" in ln]) == 1
@@ -250,12 +250,12 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     args = ["cache", "--detector", fd.NAME, "--checkpoint", ckpt, "--coco", root / "coco", "--split", "val2017",
             "--out", store, "--topk", "8", "--workers", "0", "--no-progress"]
     out = {"root": root, "ids": ids, "clean": clean, "store": store, "args": args,
-           "first": main_inproc(*args), "again": main_inproc(*args)}
+           "first": cli(*args), "again": cli(*args)}
     extreme_coco(root / "coco", "train2017", normal=3, seed=1)
     train_args = [str(a) for a in args]
     train_args[train_args.index("val2017")] = "train2017"
     train_args[train_args.index(str(store))] = str(root / "train_store")
-    assert main_inproc(*train_args).returncode == 0
+    assert cli(*train_args).returncode == 0
     return out
 
 
@@ -284,7 +284,7 @@ def test_cache_records_an_image_the_detector_cannot_process(stage1: dict[str, An
     monkeypatch.setattr(fd.FakeDetector, "detect", picky)
     args = [str(a) for a in stage1["args"]]
     args[args.index("--out") + 1] = str(tmp_path / "store")
-    proc = main_inproc(*args, "--batch-size", "4")
+    proc = cli(*args, "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     n = len(stage1["ids"])
@@ -307,7 +307,7 @@ def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]
             [f"{k} = {json.dumps(v)}"]
     cfg.write_text("\n".join(lines) + "\n")
     run = root / "run"
-    proc = main_inproc("train", "--cache", root / "train_store", "--val-cache", store, "--config", cfg, "--out", run)
+    proc = cli("train", "--cache", root / "train_store", "--val-cache", store, "--config", cfg, "--out", run)
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     ann = root / "coco" / "annotations" / "instances_val2017.json"
@@ -328,7 +328,7 @@ def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]
     got = [metrics["segm"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
     assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9)
                for a, b in zip(got, want, strict=True)), (got, want)
-    proc = main_inproc("eval", "--cache", store, "--checkpoint", run / "ckpt.pt")
+    proc = cli("eval", "--cache", store, "--checkpoint", run / "ckpt.pt")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     assert "segm" in proc.stdout and proc.stderr.count("ignored") == 1
@@ -373,7 +373,7 @@ def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[st
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     out = tmp_path / "out"
-    proc = main_inproc(*_predict_args(predict_setup, out))
+    proc = cli(*_predict_args(predict_setup, out))
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     pred = json.loads((out / "predictions.json").read_text())
@@ -430,10 +430,10 @@ def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: di
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 52, 3), np.uint8)).save(jpeg, format="JPEG")
     (coco / "val2017" / "normal1.png").write_bytes(jpeg.getvalue()[:-100])
     run = tmp_path / "run"
-    proc = main_inproc("train", "--online", "--detector", NAME, "--checkpoint", predict_setup["det"], "--coco", coco,
-                       "--split", "train2017", "--val-split", "val2017", "--topk", "10", "--out", run, *TINY_MASKNET,
-                       "train.device=cpu", "train.iterations=4", "train.batch_size=1", "train.num_workers=0",
-                       "train.progress=false", "train.log_every=1", "assign.iou_threshold=0.01")
+    proc = cli("train", "--online", "--detector", NAME, "--checkpoint", predict_setup["det"], "--coco", coco,
+               "--split", "train2017", "--val-split", "val2017", "--topk", "10", "--out", run, *TINY_MASKNET,
+               "train.device=cpu", "train.iterations=4", "train.batch_size=1", "train.num_workers=0",
+               "train.progress=false", "train.log_every=1", "assign.iou_threshold=0.01")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     # 1 x 1 → 64 x 64: the tiny detector refuses it alone (probed once); huge headers: never decoded
