@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("mfdetr.masknet")
-
-import tests._fake_detector as fd  # noqa: E402
-from mfdetr.cache import CacheJob, run_cache  # noqa: E402
-from mfdetr.engine import build_run_config, collate_detector_outputs, read_jsonl  # noqa: E402
-from mfdetr.engine.config import replace_train  # noqa: E402
-from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache  # noqa: E402
-from mfdetr.engine.stage2 import CacheSources, eval_from_cache, train_from_cache  # noqa: E402
-from mfdetr.errors import MfdetrError  # noqa: E402
+import tests._fake_detector as fd
+from mfdetr.cache import CacheJob, run_cache
+from mfdetr.engine import build_run_config, collate_detector_outputs, read_jsonl
+from mfdetr.engine.config import replace_train
+from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache
+from mfdetr.engine.stage2 import CacheSources, eval_from_cache, train_from_cache
+from mfdetr.errors import MfdetrError
 
 # MaskNet scaled to the fake detector (d = 16, C1 = 8 channels, K = 8 cached queries)
 TINY = {"num_queries": 8, "roi_size": 8, "image_encoder": {"layers": 1, "heads": 2, "points": 2},
