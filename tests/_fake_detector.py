@@ -1,4 +1,5 @@
-"""A tiny deterministic fake frozen detector for the cache tests (and a tiny COCO folder writer).
+"""A tiny deterministic fake frozen detector for the cache tests, a tiny COCO folder writer, and the tiny
+MaskNet, caches and run configs that stage-2 tests build on it.
 
 ``fake_tiny`` has the shapes of a real 4-scale DINO at toy sizes: levels at strides 8/16/32/64 with
 ``d = 16`` channels, C1 (stride 4, 8 channels, ReLU'd so it has zeros like a ResNet stage), K of
@@ -184,6 +185,69 @@ def cache_args(coco: Path, out: Path, *extra: str) -> list[str]:
     return ["cache", "--detector", NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
             "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", "4,6", "--batch-size", "1",
             "--workers", "0", *extra]
+
+
+# --- stage 2 on a fake_tiny cache ---------------------------------------------------------------------
+# MaskNet scaled to the fake detector (d = 16, C1 = 8 channels, K = 8 cached queries)
+TINY = {"num_queries": 8, "roi_size": 8, "image_encoder": {"layers": 1, "heads": 2, "points": 2},
+        "box_encoder": {"layers": 1, "dim": 8, "heads": 2, "points": 2}, "query_encoder": {"heads": 2},
+        "neck": {"groups": 4}, "mask_scoring": {"channels": 8, "fc_dim": 16}}
+
+
+def make_oracle(store: Path, annotation_file: Path) -> None:
+    """Overwrite a cache's boxes/logits with the GT (query k = annotation k, class slot 1 = category 1):
+    the cached detector is then perfect (box AP 100) and a trained MaskNet can reach mask AP 100."""
+    import numpy as np
+    import zarr
+
+    g = zarr.open_group(str(store), mode="r+")
+    d = json.loads(annotation_file.read_text())
+    imgs = {im["id"]: im for im in d["images"]}
+    anns: dict[int, list[dict[str, object]]] = {}
+    for a in d["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    for i, iid in enumerate(g["image_ids"][:].tolist()):
+        boxes = g["boxes"][i]
+        logits = np.full(g["logits"][i].shape, -10.0, dtype=g["logits"].dtype)
+        for k, a in enumerate(anns.get(iid, [])):
+            x, y, w, h = a["bbox"]  # type: ignore[misc]
+            wi, hi = imgs[iid]["width"], imgs[iid]["height"]
+            boxes[k] = [(x + w / 2) / wi, (y + h / 2) / hi, w / wi, h / hi]
+            logits[k, 1] = 10.0
+        g["boxes"][i] = boxes
+        g["logits"][i] = logits
+
+
+def tiny_cfg(**train: object) -> dict[str, object]:
+    base = {"device": "cpu", "iterations": 4, "batch_size": 2, "log_every": 1, "num_workers": 0, "progress": False}
+    base.update(train)
+    return {"train": base, "masknet": TINY}
+
+
+def write_cache(coco: Path, split: str, out: Path, ckpt: Path, **kw: object) -> Path:
+    """Cache ``split`` of ``coco`` with ``fake_tiny`` (K = 8, encoder layer 4) into ``out``."""
+    from mfdetr.cache import CacheJob, run_cache
+
+    run_cache(CacheJob(detector=NAME, checkpoint=ckpt, coco=coco, split=split, out=out, topk=8, enc_layers=(4,),
+                       num_workers=0, **kw), progress=False, echo=lambda *a, **k: None)
+    return out
+
+
+def toml_table(prefix: str, d: dict[str, object]) -> list[str]:
+    """The lines of TOML table ``[prefix]`` holding ``d`` (one level of nested tables as dotted keys)."""
+    lines = [f"[{prefix}]"]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    return lines
+
+
+def write_run_config(path: Path, **train: object) -> Path:
+    """A run config file: ``[train]`` holding ``train`` and ``[masknet]`` holding :data:`TINY`."""
+    path.write_text("\n".join(toml_table("train", train) + toml_table("masknet", TINY)) + "\n")
+    return path
 
 
 # --- comparing stores -----------------------------------------------------------------------------------

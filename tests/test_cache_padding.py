@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tests._fake_detector import read_all
-from tests.test_predict_tinydet import NAME, save_detector_checkpoint
+from tests._tiny_detector import NAME, save_detector_checkpoint
 
 
 def test_batched_cache_equals_batch_one_for_a_real_dino(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import assert_user_error, cli, run_cli
 
-from tests.test_predict_tinydet import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
+from tests._tiny_detector import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
 
 #: mask AP (COCO, 0-100) a --quick demo with the trained `demo` detector must exceed; chance is ~0
 QUICK_DEMO_MIN_MASK_AP = 20.0

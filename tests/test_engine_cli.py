@@ -10,17 +10,7 @@ import pytest
 
 import tests._fake_detector as fd
 from tests.conftest import assert_user_error, cli
-from tests.test_engine_stage2 import TINY, make_oracle, write_cache
-
-
-def _toml_table(prefix: str, d: dict[str, object]) -> list[str]:
-    lines = [f"[{prefix}]"]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
-        else:
-            lines.append(f"{k} = {json.dumps(v)}")
-    return lines
+from tests._fake_detector import make_oracle, write_cache
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +23,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt = fd.save_fake_checkpoint(root / "fake.pth")
     for split in ("train2017", "val2017"):
         make_oracle(write_cache(coco, split, root / split, ckpt), coco / "annotations" / f"instances_{split}.json")
-    cfg = root / "tiny.toml"
-    train = {"device": "cpu", "iterations": 4, "batch_size": 2, "log_every": 2, "num_workers": 0, "lr": 1e-3}
-    cfg.write_text("\n".join(_toml_table("train", train) + _toml_table("masknet", TINY)) + "\n")
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=4, batch_size=2, log_every=2,
+                              num_workers=0, lr=1e-3)
     return {"root": root, "coco": coco, "train": root / "train2017", "val": root / "val2017", "cfg": cfg}
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_user_error, cli
-from tests.test_predict_tinydet import tiny_masknet_config
+from tests._tiny_detector import tiny_masknet_config
 
 SIZES = ((96, 128), (72, 112))  # two input sizes through one graph (neither is the export example's)
 

@@ -23,7 +23,6 @@ import tests._fake_detector as fd
 from mfdetr.cache.store import chunk_path
 from tests._fake_detector import assert_same_store
 from tests.conftest import assert_user_error, cli
-from tests.test_engine_stage2 import TINY
 
 N = 6
 #: damage kind → (store index, array); CHEAP ones are found from files and flags alone
@@ -48,13 +47,8 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fd.save_fake_checkpoint(coco / "fake.pth")
     store = root / "store"
     assert cli(*cache_args(coco, store)).returncode == 0
-    cfg = root / "tiny.toml"
-    lines = ["[train]", 'device = "cpu"', "iterations = 3", "batch_size = 2", "num_workers = 0", "progress = false",
-             "[masknet]"] + [f"{k} = {json.dumps(v)}" for k, v in TINY.items() if not isinstance(v, dict)]
-    for k, v in TINY.items():
-        if isinstance(v, dict):
-            lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
-    cfg.write_text("\n".join(lines) + "\n")
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=3, batch_size=2, num_workers=0,
+                              progress=False)
     run = root / "run"
     p = cli("train", "--cache", store, "--coco", coco, "--config", cfg, "--out", run)
     assert p.returncode == 0, p.stderr

@@ -295,17 +295,10 @@ def test_cache_records_an_image_the_detector_cannot_process(stage1: dict[str, An
 
 @pytest.mark.slow
 def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]) -> None:
-    from tests.test_engine_stage2 import TINY, make_oracle
-
     root, store = stage1["root"], stage1["store"]
-    make_oracle(store, stage1["clean"])  # the cached detector returns the undamaged GT: box AP 100
-    cfg = root / "tiny.toml"
-    lines = ["[train]", 'device = "cpu"', "iterations = 2", "batch_size = 2", "log_every = 1", "num_workers = 0",
-             "progress = false", "[masknet]"]
-    for k, v in TINY.items():
-        lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()] if isinstance(v, dict) else \
-            [f"{k} = {json.dumps(v)}"]
-    cfg.write_text("\n".join(lines) + "\n")
+    fd.make_oracle(store, stage1["clean"])  # the cached detector returns the undamaged GT: box AP 100
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=2, batch_size=2, log_every=1, num_workers=0,
+                              progress=False)
     run = root / "run"
     proc = cli("train", "--cache", root / "train_store", "--val-cache", store, "--config", cfg, "--out", run)
     assert proc.returncode == 0, proc.stderr
@@ -340,7 +333,7 @@ def predict_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from mfdetr.config import to_dict
     from mfdetr.detectors import get_preset
     from mfdetr.masknet import build_masknet
-    from tests.test_predict_tinydet import NAME, save_detector_checkpoint, tiny_masknet_config
+    from tests._tiny_detector import NAME, save_detector_checkpoint, tiny_masknet_config
 
     root = tmp_path_factory.mktemp("hostile_predict")
     images = root / "images"
@@ -361,7 +354,7 @@ def predict_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _predict_args(s: dict[str, Path], out: Path) -> list[Any]:
-    from tests.test_predict_tinydet import NAME
+    from tests._tiny_detector import NAME
 
     return ["predict", s["images"], "--detector", NAME, "--checkpoint", s["det"], "--masknet", s["masknet"],
             "--out", out, "--score-threshold", "0", "--device", "cpu", "--no-progress", "--no-overlays"]
@@ -369,7 +362,7 @@ def _predict_args(s: dict[str, Path], out: Path) -> list[Any]:
 
 def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[str, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_predict_tinydet import PLUGIN
+    from tests._tiny_detector import PLUGIN
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     out = tmp_path / "out"
@@ -392,7 +385,7 @@ def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[st
 def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from mfdetr.engine.predict import PredictJob, run_predict
-    from tests.test_predict_tinydet import NAME
+    from tests._tiny_detector import NAME
 
     out = tmp_path / "out"
     out.mkdir()
@@ -419,7 +412,7 @@ def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tm
 @pytest.mark.slow
 def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: dict[str, Path], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_predict_tinydet import NAME, PLUGIN, TINY_MASKNET
+    from tests._tiny_detector import NAME, PLUGIN, TINY_MASKNET
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     coco = tmp_path / "coco"
@@ -448,7 +441,7 @@ def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: di
 @pytest.mark.slow
 def test_detector_training_replaces_unreadable_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mfdetr.detectors.training.__main__ import main
-    from tests.test_predict_tinydet import NAME
+    from tests._tiny_detector import NAME
 
     coco = tmp_path / "coco"
     extreme_coco(coco, "train2017", normal=8)  # the huge headers share the 64 x 64 input group of the 1 x 1 image

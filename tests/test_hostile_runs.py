@@ -23,11 +23,10 @@ import torch
 from typer.testing import CliRunner, Result
 
 import tests._fake_detector as fd
-import tests.test_predict_tinydet as tinydet
+import tests._tiny_detector as tinydet
 from mfdetr.cli import app
 from tests.conftest import assert_user_error, run_cli
-from tests.test_engine_cli import _toml_table
-from tests.test_engine_stage2 import TINY, write_cache
+from tests._fake_detector import TINY, write_cache
 
 
 def cli(*args: Any) -> Result:
@@ -73,11 +72,8 @@ def s(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     caches = {"train": write_cache(coco, "train2017", root / "c_train", ckpt),
               "val": write_cache(coco, "val2017", root / "c_val", ckpt),
               "train_other": write_cache(coco, "train2017", root / "c_train_other", other)}
-    cfg = root / "tiny.toml"
-    train = {"device": "cpu", "iterations": 2, "batch_size": 2, "log_every": 1, "num_workers": 0, "progress": False,
-             "lr": 1e-3}
-    lines = _toml_table("train", train) + _toml_table("masknet", TINY)
-    cfg.write_text("\n".join(lines) + "\n")
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=2, batch_size=2, log_every=1, num_workers=0,
+                              progress=False, lr=1e-3)
     run = root / "run"
     r = cli("train", "--cache", caches["train"], "--coco", coco, "--config", cfg, "--out", run)
     assert r.exit_code == 0, r.output

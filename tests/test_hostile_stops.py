@@ -20,8 +20,7 @@ import torch
 
 import tests._fake_detector as fd
 from tests.conftest import cli, cli_env
-from tests.test_engine_cli import _toml_table
-from tests.test_engine_stage2 import TINY, write_cache
+from tests._fake_detector import write_cache
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +30,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     coco = root / "coco"
     fd.make_coco(coco, n=4, split="train2017")
     cache = write_cache(coco, "train2017", root / "c_train", fd.save_fake_checkpoint(root / "fake.pth"))
-    cfg = root / "tiny.toml"
-    train = {"device": "cpu", "iterations": 4, "batch_size": 1, "log_every": 1, "num_workers": 0, "progress": False,
-             "lr": 1e-3, "checkpoint_every": 100}
-    cfg.write_text("\n".join(_toml_table("train", train) + _toml_table("masknet", TINY)) + "\n")
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=4, batch_size=1, log_every=1, num_workers=0,
+                              progress=False, lr=1e-3, checkpoint_every=100)
     return {"root": root, "coco": coco, "cache": cache, "cfg": cfg}
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mfdetr.errors import MfdetrError
-from tests.test_predict_tinydet import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
+from tests._tiny_detector import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_finetuned_state_round_trips_and_backbone_stays_frozen(synth: dict[str, 
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.engine.finetune import FineTuned, split_state
     from mfdetr.masknet import build_masknet
-    from tests.test_predict_tinydet import tiny_masknet_config
+    from tests._tiny_detector import tiny_masknet_config
 
     preset = get_preset(NAME)
 

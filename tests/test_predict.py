@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import assert_user_error, cli
-from tests.test_predict_tinydet import NAME, PLUGIN, save_detector_checkpoint, tiny_masknet_config
+from tests._tiny_detector import NAME, PLUGIN, save_detector_checkpoint, tiny_masknet_config
 
 
 @pytest.fixture(scope="module")
