@@ -85,6 +85,18 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> 
         assert n in lines[0], (n, lines[0])
 
 
+def refused(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """A user mistake refused as the command group refuses one: exit status 2, exactly one
+    ``mfdetr: error:`` line holding ``needles``, no traceback. Returns that line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mfdetr: error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
 @pytest.fixture
 def cli_threads() -> int:
     """Compute in this process with the torch thread count of the processes :func:`run_cli` starts, so
