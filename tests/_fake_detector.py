@@ -178,12 +178,12 @@ def make_coco(root: str | Path, *, n: int = 6, split: str = "val2017", corrupt: 
     return path
 
 
-def cache_args(coco: Path, out: Path, *extra: str) -> list[str]:
+def cache_args(coco: Path, out: Path, *extra: str, enc_layers: str = "4,6") -> list[str]:
     """``mfdetr cache`` arguments for ``fake_tiny`` on the ``val2017`` split of :func:`make_coco`'s folder
     (checkpoint ``coco/fake.pth``). Batch size 1: bit-identical comparisons hold even for a detector whose
     outputs depend on batch padding."""
     return ["cache", "--detector", NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
-            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", "4,6", "--batch-size", "1",
+            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", enc_layers, "--batch-size", "1",
             "--workers", "0", *extra]
 
 
@@ -248,6 +248,44 @@ def write_run_config(path: Path, **train: object) -> Path:
     """A run config file: ``[train]`` holding ``train`` and ``[masknet]`` holding :data:`TINY`."""
     path.write_text("\n".join(toml_table("train", train) + toml_table("masknet", TINY)) + "\n")
     return path
+
+
+# --- damaging a store -----------------------------------------------------------------------------------
+#: damage kind → (store index, array) in a store of 6 images; CHEAP ones are found from files and flags alone
+KINDS = {"missing_shard": (2, "c1"), "missing_chunk": (1, "boxes"), "emptied": (4, "queries"),
+         "truncated": (3, "c1"), "flipped": (4, "logits"), "nan": (5, "queries"), "commit": (0, "commit"),
+         "bad_size": (1, "input_hw")}
+CHEAP = ("missing_shard", "missing_chunk", "emptied", "commit")
+
+
+def damage(store: Path, kind: str) -> int:
+    """Damage image ``KINDS[kind]`` of ``store`` the way a user's disk would; return its image id."""
+    from mfdetr.cache.store import chunk_path
+
+    index, name = KINDS[kind]
+    g = zarr.open_group(str(store), mode="r+")
+    path = chunk_path(store, g[name], index)
+    if kind.startswith("missing"):
+        path.unlink()                                    # an interrupted rsync
+    elif kind == "emptied":
+        path.write_bytes(b"")                            # a full quota
+    elif kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "flipped":
+        data = bytearray(path.read_bytes())
+        for k in (len(data) // 3, len(data) // 2):
+            data[k] ^= 0xA5
+        path.write_bytes(bytes(data))
+    elif kind == "nan":                                  # through zarr: the checksum is valid, the values are not
+        x = g[name][index]
+        x[0, 0] = np.nan
+        g[name][index] = x
+    elif kind == "bad_size":                             # through zarr: a valid chunk holding an impossible size
+        g[name][index] = np.array([0, 10**6], dtype=g[name].dtype)
+    else:
+        path.write_bytes(bytes([7]))                     # a commit byte that is not 0/1/2
+    return int(g["image_ids"][index])
 
 
 # --- comparing stores -----------------------------------------------------------------------------------

@@ -53,3 +53,24 @@ def tiny_masknet_config() -> Any:
 
     return from_dict(MaskNetConfig, apply_overrides({}, [o[len("masknet."):] for o in TINY_MASKNET]),
                      where="masknet")
+
+
+def save_masknet_checkpoint(path: Path, preset_name: str, *, seed: int) -> Path:
+    """A random tiny MaskNet (:func:`tiny_masknet_config`) for ``preset_name`` saved as a plain checkpoint."""
+    import dataclasses
+
+    from mfdetr.config import to_dict
+    from mfdetr.detectors import get_preset
+    from mfdetr.masknet import build_masknet
+
+    preset = get_preset(preset_name)
+    cfg = dataclasses.replace(tiny_masknet_config(), enc_layer=min(3, preset.num_encoder_layers))
+    torch.manual_seed(seed)
+    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
+                          c1_channels=preset.c1_channels)
+    with torch.no_grad():  # non-trivial mask-scoring outputs (default init can saturate)
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    torch.save({"masknet_config": to_dict(cfg), "model": model.state_dict(), "detector": preset_name,
+                "class_to_category": list(preset.class_to_category), "enc_layer": cfg.enc_layer}, path)
+    return path

@@ -21,21 +21,14 @@ import zarr
 
 import tests._fake_detector as fd
 from mfdetr.cache.store import chunk_path
-from tests._fake_detector import assert_same_store
+from tests._fake_detector import CHEAP, KINDS, assert_same_store, damage
 from tests.conftest import assert_user_error, cli
 
 N = 6
-#: damage kind → (store index, array); CHEAP ones are found from files and flags alone
-KINDS = {"missing_shard": (2, "c1"), "missing_chunk": (1, "boxes"), "emptied": (4, "queries"),
-         "truncated": (3, "c1"), "flipped": (4, "logits"), "nan": (5, "queries"), "commit": (0, "commit"),
-         "bad_size": (1, "input_hw")}
-CHEAP = ("missing_shard", "missing_chunk", "emptied", "commit")
 
 
 def cache_args(coco: Path, out: Path, *extra: str) -> list[str]:
-    return ["cache", "--detector", fd.NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
-            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", "4", "--workers", "0",
-            "--no-progress", *extra]
+    return fd.cache_args(coco, out, "--no-progress", *extra, enc_layers="4")
 
 
 @pytest.fixture(scope="module")
@@ -61,34 +54,6 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def eval_args(store: Path, coco: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     return ["eval", "--cache", str(store), "--coco", str(coco), "--checkpoint", str(ckpt), "--out", str(out),
             "--batch-size", "1", "--device", "cpu", *extra]
-
-
-def damage(store: Path, kind: str) -> int:
-    """Damage image ``KINDS[kind]`` of ``store`` the way a user's disk would; return its image id."""
-    index, name = KINDS[kind]
-    g = zarr.open_group(str(store), mode="r+")
-    path = chunk_path(store, g[name], index)
-    if kind.startswith("missing"):
-        path.unlink()                                    # an interrupted rsync
-    elif kind == "emptied":
-        path.write_bytes(b"")                            # a full quota
-    elif kind == "truncated":
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
-    elif kind == "flipped":
-        data = bytearray(path.read_bytes())
-        for k in (len(data) // 3, len(data) // 2):
-            data[k] ^= 0xA5
-        path.write_bytes(bytes(data))
-    elif kind == "nan":                                  # through zarr: the checksum is valid, the values are not
-        x = g[name][index]
-        x[0, 0] = np.nan
-        g[name][index] = x
-    elif kind == "bad_size":                             # through zarr: a valid chunk holding an impossible size
-        g[name][index] = np.array([0, 10**6], dtype=g[name].dtype)
-    else:
-        path.write_bytes(bytes([7]))                     # a commit byte that is not 0/1/2
-    return int(g["image_ids"][index])
 
 
 def counts(stdout: str) -> tuple[int, ...]:

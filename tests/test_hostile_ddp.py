@@ -14,7 +14,9 @@ import pytest
 
 import tests._fake_detector as fd
 from tests.conftest import REPO, cli, cli_env
-from tests.test_hostile_cache import N, cache_args, damage
+from tests._fake_detector import cache_args, damage
+
+N = 6  # images (and steps: 2 processes x 1 image each read every image once)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | int]:
     fd.make_coco(coco, n=N)
     fd.save_fake_checkpoint(coco / "fake.pth")
     store = root / "store"
-    assert cli(*cache_args(coco, store)).returncode == 0
+    assert cli(*cache_args(coco, store, "--no-progress", enc_layers="4")).returncode == 0
     image_id = damage(store, "truncated")
     # 2 processes x 1 image x N steps: every image is read, each by one process only
     cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=N, batch_size=1, num_workers=0,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, assert_user_error, cli
-from tests.test_export import _masknet_checkpoint
+from tests._tiny_detector import save_masknet_checkpoint
 
 STAGES = ("preprocess", "detector", "masknet", "postprocess")
 
@@ -21,7 +21,7 @@ def test_benchmark_breakdown_for_the_demo_detector(tmp_path: Path) -> None:
     from mfdetr.engine.latency import benchmark_predict, format_report
 
     assert stages == STAGES
-    ckpt = _masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
+    ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
     report = benchmark_predict(detector="demo", masknet=ckpt, size=(40, 56), num_images=2, device="cpu",
                                warmup=1, repeats=1)
     assert set(report.stages) == set(STAGES) and all(v > 0 for v in report.stages.values()), report.stages
@@ -34,7 +34,7 @@ def test_benchmark_breakdown_for_the_demo_detector(tmp_path: Path) -> None:
 
 def test_predict_benchmark_cli_and_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    ckpt = _masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
+    ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
     proc = cli("predict", "--benchmark", "--detector", "demo", "--masknet", ckpt, "--size", "32x48",
                "--num-images", "2", "--repeats", "1", "--device", "cpu", check=True)
     rows = {ln.split()[0]: float(ln.split()[1]) for ln in proc.stdout.splitlines()
