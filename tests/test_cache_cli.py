@@ -16,7 +16,7 @@ import zarr
 
 import tests._fake_detector as fd
 from tests._fake_detector import assert_same_store, cache_args
-from tests.conftest import REPO, assert_user_error, cli, cli_env, run_cli
+from tests.conftest import REPO, assert_user_error, cli, cli_env
 
 N_IMAGES = 10
 
@@ -132,11 +132,11 @@ def test_user_errors_are_one_line(coco, tmp_path, reference, monkeypatch):
     assert not (tmp_path / "s").exists()
 
 
-def test_inspect_subprocess_fails_on_invalid_store(tmp_path, reference):
-    """The real process: exit 2 and one line for a corrupt store (an array's metadata deleted)."""
+def test_inspect_fails_on_invalid_store(tmp_path, reference):
+    """Exit 2 and one line for a corrupt store (an array's metadata deleted)."""
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(reference[0], broken)
     (broken / "c1" / "zarr.json").unlink()
-    assert_user_error(run_cli("inspect", broken), str(broken))
+    assert_user_error(cli("inspect", broken), str(broken))
