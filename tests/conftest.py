@@ -97,6 +97,18 @@ def refused(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def fake_plugin() -> Iterator[None]:
+    """``MFDETR_PLUGINS`` names the fake detector (``tests/_fake_detector.py``) for a whole module, for
+    commands run in this process and in real ones (``pytestmark = pytest.mark.usefixtures("fake_plugin")``)."""
+    import tests._fake_detector as fd
+
+    fd.register()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MFDETR_PLUGINS", "tests._fake_detector")
+        yield
+
+
 @pytest.fixture
 def cli_threads() -> int:
     """Compute in this process with the torch thread count of the processes :func:`run_cli` starts, so

@@ -19,6 +19,7 @@ from tests._fake_detector import assert_same_store, cache_args
 from tests.conftest import REPO, assert_user_error, cli, cli_env
 
 N_IMAGES = 10
+pytestmark = pytest.mark.usefixtures("fake_plugin")
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,6 @@ def coco(tmp_path_factory):
     fd.make_coco(root, n=N_IMAGES, corrupt=[7])
     fd.save_fake_checkpoint(root / "fake.pth")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def plugin_env():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MFDETR_PLUGINS", "tests._fake_detector")
-        yield
 
 
 def popen(args: list[str], **env: str) -> subprocess.Popen[str]:
@@ -47,7 +41,7 @@ def committed(store: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(plugin_env, coco, tmp_path_factory):
+def reference(fake_plugin, coco, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "store"
     proc = cli(*cache_args(coco, out, "--no-progress"))
     assert proc.returncode == 0, proc.stderr

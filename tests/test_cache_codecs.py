@@ -23,6 +23,7 @@ from mfdetr.errors import MfdetrError
 
 FEATURES = ("queries", "enc_layer4_level0", "enc_layer4_level3", "enc_layer6_level1", "c1")
 EXACT = ("boxes", "logits", "input_hw", "orig_hw", "level_valid_hw", "image_ids", "commit")
+pytestmark = pytest.mark.usefixtures("fake_plugin")
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,6 @@ def coco(tmp_path_factory):
     fd.make_coco(root, n=4)
     fd.save_fake_checkpoint(root / "fake.pth")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def plugin_env():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MFDETR_PLUGINS", "tests._fake_detector")
-        fd.register()
-        yield
 
 
 def make_store(coco: Path, out: Path, codec: str | None) -> Path:
