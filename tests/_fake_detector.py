@@ -1,4 +1,5 @@
-"""A tiny deterministic fake frozen detector for the cache tests (and a tiny COCO folder writer).
+"""A tiny deterministic fake frozen detector for the cache tests, a tiny COCO folder writer, and the tiny
+MaskNet, caches and run configs that stage-2 tests build on it.
 
 ``fake_tiny`` has the shapes of a real 4-scale DINO at toy sizes: levels at strides 8/16/32/64 with
 ``d = 16`` channels, C1 (stride 4, 8 channels, ReLU'd so it has zeros like a ResNet stage), K of
@@ -175,6 +176,116 @@ def make_coco(root: str | Path, *, n: int = 6, split: str = "val2017", corrupt: 
     path = root / "annotations" / f"instances_{split}.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return path
+
+
+def cache_args(coco: Path, out: Path, *extra: str, enc_layers: str = "4,6") -> list[str]:
+    """``mfdetr cache`` arguments for ``fake_tiny`` on the ``val2017`` split of :func:`make_coco`'s folder
+    (checkpoint ``coco/fake.pth``). Batch size 1: bit-identical comparisons hold even for a detector whose
+    outputs depend on batch padding."""
+    return ["cache", "--detector", NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
+            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", enc_layers, "--batch-size", "1",
+            "--workers", "0", *extra]
+
+
+# --- stage 2 on a fake_tiny cache ---------------------------------------------------------------------
+# MaskNet scaled to the fake detector (d = 16, C1 = 8 channels, K = 8 cached queries)
+TINY = {"num_queries": 8, "roi_size": 8, "image_encoder": {"layers": 1, "heads": 2, "points": 2},
+        "box_encoder": {"layers": 1, "dim": 8, "heads": 2, "points": 2}, "query_encoder": {"heads": 2},
+        "neck": {"groups": 4}, "mask_scoring": {"channels": 8, "fc_dim": 16}}
+
+
+def make_oracle(store: Path, annotation_file: Path) -> None:
+    """Overwrite a cache's boxes/logits with the GT (query k = annotation k, class slot 1 = category 1):
+    the cached detector is then perfect (box AP 100) and a trained MaskNet can reach mask AP 100."""
+    import numpy as np
+    import zarr
+
+    g = zarr.open_group(str(store), mode="r+")
+    d = json.loads(annotation_file.read_text())
+    imgs = {im["id"]: im for im in d["images"]}
+    anns: dict[int, list[dict[str, object]]] = {}
+    for a in d["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    for i, iid in enumerate(g["image_ids"][:].tolist()):
+        boxes = g["boxes"][i]
+        logits = np.full(g["logits"][i].shape, -10.0, dtype=g["logits"].dtype)
+        for k, a in enumerate(anns.get(iid, [])):
+            x, y, w, h = a["bbox"]  # type: ignore[misc]
+            wi, hi = imgs[iid]["width"], imgs[iid]["height"]
+            boxes[k] = [(x + w / 2) / wi, (y + h / 2) / hi, w / wi, h / hi]
+            logits[k, 1] = 10.0
+        g["boxes"][i] = boxes
+        g["logits"][i] = logits
+
+
+def tiny_cfg(**train: object) -> dict[str, object]:
+    base = {"device": "cpu", "iterations": 4, "batch_size": 2, "log_every": 1, "num_workers": 0, "progress": False}
+    base.update(train)
+    return {"train": base, "masknet": TINY}
+
+
+def write_cache(coco: Path, split: str, out: Path, ckpt: Path, **kw: object) -> Path:
+    """Cache ``split`` of ``coco`` with ``fake_tiny`` (K = 8, encoder layer 4) into ``out``."""
+    from mfdetr.cache import CacheJob, run_cache
+
+    run_cache(CacheJob(detector=NAME, checkpoint=ckpt, coco=coco, split=split, out=out, topk=8, enc_layers=(4,),
+                       num_workers=0, **kw), progress=False, echo=lambda *a, **k: None)
+    return out
+
+
+def toml_table(prefix: str, d: dict[str, object]) -> list[str]:
+    """The lines of TOML table ``[prefix]`` holding ``d`` (one level of nested tables as dotted keys)."""
+    lines = [f"[{prefix}]"]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    return lines
+
+
+def write_run_config(path: Path, **train: object) -> Path:
+    """A run config file: ``[train]`` holding ``train`` and ``[masknet]`` holding :data:`TINY`."""
+    path.write_text("\n".join(toml_table("train", train) + toml_table("masknet", TINY)) + "\n")
+    return path
+
+
+# --- damaging a store -----------------------------------------------------------------------------------
+#: damage kind → (store index, array) in a store of 6 images; CHEAP ones are found from files and flags alone
+KINDS = {"missing_shard": (2, "c1"), "missing_chunk": (1, "boxes"), "emptied": (4, "queries"),
+         "truncated": (3, "c1"), "flipped": (4, "logits"), "nan": (5, "queries"), "commit": (0, "commit"),
+         "bad_size": (1, "input_hw")}
+CHEAP = ("missing_shard", "missing_chunk", "emptied", "commit")
+
+
+def damage(store: Path, kind: str) -> int:
+    """Damage image ``KINDS[kind]`` of ``store`` the way a user's disk would; return its image id."""
+    from mfdetr.cache.store import chunk_path
+
+    index, name = KINDS[kind]
+    g = zarr.open_group(str(store), mode="r+")
+    path = chunk_path(store, g[name], index)
+    if kind.startswith("missing"):
+        path.unlink()                                    # an interrupted rsync
+    elif kind == "emptied":
+        path.write_bytes(b"")                            # a full quota
+    elif kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "flipped":
+        data = bytearray(path.read_bytes())
+        for k in (len(data) // 3, len(data) // 2):
+            data[k] ^= 0xA5
+        path.write_bytes(bytes(data))
+    elif kind == "nan":                                  # through zarr: the checksum is valid, the values are not
+        x = g[name][index]
+        x[0, 0] = np.nan
+        g[name][index] = x
+    elif kind == "bad_size":                             # through zarr: a valid chunk holding an impossible size
+        g[name][index] = np.array([0, 10**6], dtype=g[name].dtype)
+    else:
+        path.write_bytes(bytes([7]))                     # a commit byte that is not 0/1/2
+    return int(g["image_ids"][index])
 
 
 # --- comparing stores -----------------------------------------------------------------------------------

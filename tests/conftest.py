@@ -1,10 +1,15 @@
-"""Shared test helpers: run the real CLI in a subprocess, seeded RNG."""
+"""Shared test helpers: the CLI in this process (:func:`cli`) or in a real one (:func:`run_cli`), and
+per-test isolation (seeded RNG; torch threads, SIGINT handler, environment and cwd restored)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import traceback
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -33,6 +38,43 @@ def run_cli(*args: str | os.PathLike, cwd: str | os.PathLike | None = None, time
     return proc
 
 
+def cli(*args: str | os.PathLike, env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``mfdetr ARGS`` in this process: typer's ``CliRunner`` on :data:`mfdetr.cli.app`, the command group
+    that prints a user error as one ``mfdetr: error:`` line with exit 2 and an interrupt with exit 130,
+    as the console script does. Returns what :func:`run_cli` returns; an exception that escapes the
+    command group is written to ``stderr`` as a traceback (as a real process would print it) with exit 1.
+    ``env`` sets (or, with ``None``, removes) variables for this call only; ``cwd`` likewise; ``check``
+    turns a non-zero exit into an ``AssertionError`` showing the output."""
+    from typer.testing import CliRunner
+
+    from mfdetr.cli import app
+
+    argv = [str(a) for a in args]
+    with _chdir(cwd):
+        res = CliRunner().invoke(app, argv, env=dict(env) if env else None)
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "".join(traceback.format_exception(*res.exc_info))  # type: ignore[misc]
+    proc = subprocess.CompletedProcess(["mfdetr", *argv], res.exit_code, res.stdout, err)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mfdetr {' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@contextlib.contextmanager
+def _chdir(cwd: str | os.PathLike | None) -> Iterator[None]:
+    if cwd is None:
+        yield
+        return
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
     """A user mistake: non-zero exit, a one-line ``mfdetr: error:`` message, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
@@ -43,6 +85,59 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> 
         assert n in lines[0], (n, lines[0])
 
 
+def refused(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """A user mistake refused as the command group refuses one: exit status 2, exactly one
+    ``mfdetr: error:`` line holding ``needles``, no traceback. Returns that line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mfdetr: error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def fake_plugin() -> Iterator[None]:
+    """``MFDETR_PLUGINS`` names the fake detector (``tests/_fake_detector.py``) for a whole module, for
+    commands run in this process and in real ones (``pytestmark = pytest.mark.usefixtures("fake_plugin")``)."""
+    import tests._fake_detector as fd
+
+    fd.register()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MFDETR_PLUGINS", "tests._fake_detector")
+        yield
+
+
+@pytest.fixture
+def cli_threads() -> int:
+    """Compute in this process with the torch thread count of the processes :func:`run_cli` starts, so
+    numbers from an in-process command and from a real process compare bit for bit (restored after the test)."""
+    n = int(cli_env()["OMP_NUM_THREADS"])
+    torch.set_num_threads(n)
+    return n
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolate() -> Iterator[None]:
+    """Whatever a test (or a command it runs in this process) changes of the process-wide state that
+    later tests depend on is put back: torch's thread count and default dtype, the SIGINT handler, the
+    environment and the working directory."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    sigint, cwd, env = signal.getsignal(signal.SIGINT), os.getcwd(), dict(os.environ)
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    if signal.getsignal(signal.SIGINT) is not sigint:
+        signal.signal(signal.SIGINT, sigint)
+    if os.getcwd() != cwd:
+        os.chdir(cwd)
+    if dict(os.environ) != env:
+        os.environ.clear()
+        os.environ.update(env)

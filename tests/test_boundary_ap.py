@@ -31,7 +31,7 @@ from mfdetr.evaluation import (
     mask_to_rle,
     write_results_json,
 )
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2
 
@@ -200,13 +200,13 @@ def test_faster_evaluator_equals_pycocotools_on_the_synthetic_set(synth_gt, iou_
 def test_eval_json_boundary_cli(synth_gt, tmp_path: Path) -> None:
     coco_dir, gt = synth_gt
     res = write_results_json(tmp_path / "perfect.json", gt_to_results(gt))
-    proc = run_cli("eval-json", "--coco", coco_dir, "--results", res, "--iou-type", "all", "--evaluator", "faster",
-                   check=True)
+    proc = cli("eval-json", "--coco", coco_dir, "--results", res, "--iou-type", "all", "--evaluator", "faster",
+               check=True)
     rows = {ln.split()[0]: ln.split()[1:] for ln in proc.stdout.splitlines()[2:]}
     assert set(rows) == {"segm", "boundary", "bbox"} and all(r[0] == "100.00" for r in rows.values())
     noseg = tmp_path / "noseg.json"
     noseg.write_text(json.dumps([{k: v for k, v in r.items() if k != "segmentation"} for r in gt_to_results(gt)]))
-    assert_user_error(run_cli("eval-json", "--coco", coco_dir, "--results", noseg, "--iou-type", "boundary"),
+    assert_user_error(cli("eval-json", "--coco", coco_dir, "--results", noseg, "--iou-type", "boundary"),
                       str(noseg), "--iou-type boundary")
 
 
@@ -219,5 +219,5 @@ def test_boundary_after_pycocotools_scored_the_same_gt(synth_gt) -> None:
 
 
 def test_eval_cli_refuses_an_unknown_evaluator(tmp_path: Path) -> None:
-    assert_user_error(run_cli("eval", "--cache", tmp_path, "--checkpoint", tmp_path / "ckpt.pt",
-                              "--evaluator", "detectron"), "unknown --evaluator 'detectron'")
+    assert_user_error(cli("eval", "--cache", tmp_path, "--checkpoint", tmp_path / "ckpt.pt",
+                          "--evaluator", "detectron"), "unknown --evaluator 'detectron'")

@@ -23,7 +23,7 @@ from mfdetr.engine.cache_data import CacheDataset, open_annotations
 from mfdetr.engine.collate import collate_detector_outputs
 from mfdetr.errors import MfdetrError
 from tests.conftest import REPO, cli_env
-from tests.test_predict_tinydet import NAME as TINY, TINY_MASKNET, save_detector_checkpoint
+from tests._tiny_detector import NAME as TINY, TINY_MASKNET, save_detector_checkpoint
 
 DEMO_CKPT = REPO / "mfdetr" / "detectors" / "weights" / "demo_dino.pt"
 ENC = {TINY: 4, "demo": 3}

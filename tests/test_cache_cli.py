@@ -1,11 +1,9 @@
 """The ``mfdetr cache`` / ``mfdetr inspect`` CLI: SIGKILL + resume and 2 concurrent shards in real
 subprocesses (the fake detector comes in through ``MFDETR_PLUGINS``); dry run, inspect and the one-line
-errors through the same ``main()`` in-process (a subprocess costs ~10 s of torch import on CI)."""
+errors through the same command group in this process (a subprocess costs seconds of torch import)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import signal
 import subprocess
@@ -17,10 +15,11 @@ import pytest
 import zarr
 
 import tests._fake_detector as fd
-from tests.conftest import REPO, assert_user_error, cli_env, run_cli
-from tests._fake_detector import assert_same_store
+from tests._fake_detector import assert_same_store, cache_args
+from tests.conftest import REPO, assert_user_error, cli, cli_env
 
 N_IMAGES = 10
+pytestmark = pytest.mark.usefixtures("fake_plugin")
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +28,6 @@ def coco(tmp_path_factory):
     fd.make_coco(root, n=N_IMAGES, corrupt=[7])
     fd.save_fake_checkpoint(root / "fake.pth")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def plugin_env():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MFDETR_PLUGINS", "tests._fake_detector")
-        yield
-
-
-def cache_args(coco: Path, out: Path, *extra: str) -> list[str]:
-    """Batch size 1: bit-identical comparisons hold even for a detector whose outputs depend on batch padding."""
-    return ["cache", "--detector", fd.NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
-            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", "4,6", "--batch-size", "1",
-            "--workers", "0", *extra]
 
 
 def popen(args: list[str], **env: str) -> subprocess.Popen[str]:
@@ -55,29 +40,10 @@ def committed(store: Path) -> int:
     return len([p for p in d.iterdir() if not p.name.endswith(".partial")]) if d.is_dir() else 0
 
 
-def main_inproc(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``mfdetr ARGS`` through :func:`mfdetr.cli.main` in this process (same exit codes and output)."""
-    from mfdetr.cli import main
-
-    fd.register()
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["mfdetr", *map(str, args)]
-    rc = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(list(map(str, args)), rc, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture(scope="module")
-def reference(plugin_env, coco, tmp_path_factory):
+def reference(fake_plugin, coco, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "store"
-    proc = main_inproc(*cache_args(coco, out, "--no-progress"))
+    proc = cli(*cache_args(coco, out, "--no-progress"))
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -87,14 +53,14 @@ def test_run_summary_and_inspect(reference):
     assert f"done: {N_IMAGES - 1} images this run, 1 skipped" in proc.stdout
     assert "skipped index 6 (image id 7)" in proc.stdout and "corrupt or unreadable" in proc.stdout
     assert "bytes/image:" in proc.stdout and "enc_layer6_level0" in proc.stdout
-    ins = main_inproc("inspect", out)
+    ins = cli("inspect", out)
     assert ins.returncode == 0, ins.stderr
     assert "valid (schema v1" in ins.stdout and f"{N_IMAGES - 1}/{N_IMAGES} done, 1 skipped, 0 pending" in ins.stdout
     assert "c1 " in ins.stdout and "zstd" in ins.stdout and "(10, 8, 32, 32)" in ins.stdout
 
 
 def test_dry_run_estimates_before_compute(coco, tmp_path):
-    proc = main_inproc(*cache_args(coco, tmp_path / "s", "--dry-run"))
+    proc = cli(*cache_args(coco, tmp_path / "s", "--dry-run"))
     assert proc.returncode == 0, proc.stderr
     assert f"images: {N_IMAGES} in val2017; 0 already done; {N_IMAGES} to compute" in proc.stdout
     assert "estimated bytes/image:" in proc.stdout and "estimated total:" in proc.stdout
@@ -102,13 +68,13 @@ def test_dry_run_estimates_before_compute(coco, tmp_path):
 
 
 def test_dry_run_on_a_finished_store_has_nothing_to_do(coco, reference):
-    proc = main_inproc(*cache_args(coco, reference[0], "--dry-run"))
+    proc = cli(*cache_args(coco, reference[0], "--dry-run"))
     assert proc.returncode == 0, proc.stderr
     assert f"{N_IMAGES - 1} already done; 0 to compute" in proc.stdout
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_is_identical(coco, tmp_path, reference):
+def test_sigkill_mid_run_then_resume_is_identical(coco, tmp_path, reference, cli_threads):
     out = tmp_path / "s"
     proc = popen(cache_args(coco, out), MFDETR_FAKE_SLEEP="0.4")
     try:
@@ -126,7 +92,7 @@ def test_sigkill_mid_run_then_resume_is_identical(coco, tmp_path, reference):
     store = zarr.open_group(str(out), mode="r")
     flags = store["commit"][:]
     assert 2 <= int((flags != 0).sum()) < N_IMAGES  # really interrupted mid-run
-    resumed = run_cli(*cache_args(coco, out, "--no-progress"), check=True)
+    resumed = cli(*cache_args(coco, out, "--no-progress"), check=True)  # the resume needs no process of its own
     assert f"{N_IMAGES - 1} done, 1 skipped, 0 pending" in resumed.stdout
     assert_same_store(reference[0], out)
 
@@ -145,26 +111,26 @@ def test_two_concurrent_shards_fill_one_store(coco, tmp_path, reference):
 
 
 def test_user_errors_are_one_line(coco, tmp_path, reference, monkeypatch):
-    assert_user_error(main_inproc("inspect", tmp_path / "missing"), "cache store not found")
-    assert_user_error(main_inproc(*cache_args(coco, reference[0], "--topk", "5")), "different settings", "topk")
-    assert_user_error(main_inproc(*cache_args(coco, tmp_path / "s", "--shard", "2/2")), "--shard 2/2")
-    assert_user_error(main_inproc(*cache_args(coco, tmp_path / "s", "--enc-layers", "7")), "encoder layers 1..6")
-    assert_user_error(main_inproc(*cache_args(coco, tmp_path / "s", "--enc-layers", "4,x")), "comma-separated")
+    assert_user_error(cli("inspect", tmp_path / "missing"), "cache store not found")
+    assert_user_error(cli(*cache_args(coco, reference[0], "--topk", "5")), "different settings", "topk")
+    assert_user_error(cli(*cache_args(coco, tmp_path / "s", "--shard", "2/2")), "--shard 2/2")
+    assert_user_error(cli(*cache_args(coco, tmp_path / "s", "--enc-layers", "7")), "encoder layers 1..6")
+    assert_user_error(cli(*cache_args(coco, tmp_path / "s", "--enc-layers", "4,x")), "comma-separated")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
-    assert_user_error(main_inproc("inspect", bad), "not an mfdetr cache store")
+    assert_user_error(cli("inspect", bad), "not an mfdetr cache store")
     monkeypatch.setenv("MFDETR_PLUGINS", "tests._no_such_plugin")
-    assert_user_error(main_inproc(*cache_args(coco, tmp_path / "s")),
+    assert_user_error(cli(*cache_args(coco, tmp_path / "s")),
                       "cannot import detector plugin 'tests._no_such_plugin'")
     assert not (tmp_path / "s").exists()
 
 
-def test_inspect_subprocess_fails_on_invalid_store(tmp_path, reference):
-    """The real process: exit 2 and one line for a corrupt store (an array's metadata deleted)."""
+def test_inspect_fails_on_invalid_store(tmp_path, reference):
+    """Exit 2 and one line for a corrupt store (an array's metadata deleted)."""
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(reference[0], broken)
     (broken / "c1" / "zarr.json").unlink()
-    assert_user_error(run_cli("inspect", broken), str(broken))
+    assert_user_error(cli("inspect", broken), str(broken))

@@ -12,8 +12,8 @@ import torch
 import zarr
 
 import tests._fake_detector as fd
-from tests.conftest import assert_user_error
-from tests.test_cache_cli import cache_args, main_inproc
+from tests._fake_detector import cache_args
+from tests.conftest import assert_user_error, cli
 from mfdetr.cache import CacheJob, CacheStore, CacheWriter, inspect_store, records_from_output, run_cache
 from mfdetr.cache.codecs import PRESETS, get_preset
 from mfdetr.cache.manifest import MANIFEST_ATTR
@@ -23,6 +23,7 @@ from mfdetr.errors import MfdetrError
 
 FEATURES = ("queries", "enc_layer4_level0", "enc_layer4_level3", "enc_layer6_level1", "c1")
 EXACT = ("boxes", "logits", "input_hw", "orig_hw", "level_valid_hw", "image_ids", "commit")
+pytestmark = pytest.mark.usefixtures("fake_plugin")
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,6 @@ def coco(tmp_path_factory):
     fd.make_coco(root, n=4)
     fd.save_fake_checkpoint(root / "fake.pth")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def plugin_env():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MFDETR_PLUGINS", "tests._fake_detector")
-        fd.register()
-        yield
 
 
 def make_store(coco: Path, out: Path, codec: str | None) -> Path:
@@ -191,19 +184,19 @@ def test_a_manifest_without_preset_is_lossless_and_resumable(stores, coco, tmp_p
     assert "preset" not in st.manifest["codecs"] and st.read(0)[0].c1.dtype == torch.float16
     new = dict(CacheStore.open(stores["lossless"]).manifest)
     open_for_writing(old, new, st.image_ids)  # same settings: accepted for resuming
-    proc = main_inproc(*cache_args(coco, old, "--dry-run"))
+    proc = cli(*cache_args(coco, old, "--dry-run"))
     assert proc.returncode == 0 and "4 already done; 0 to compute" in proc.stdout, proc.stderr
-    assert_user_error(main_inproc(*cache_args(coco, old, "--dry-run", "--codec", "bitround-7")),
+    assert_user_error(cli(*cache_args(coco, old, "--dry-run", "--codec", "bitround-7")),
                       "cache was made with codecs=", "bitround-7")
 
 
 def test_rerun_with_another_codec_is_refused_in_one_line(coco, stores):
-    proc = main_inproc(*cache_args(coco, stores["lossless"], "--codec", "bitround-7"))
+    proc = cli(*cache_args(coco, stores["lossless"], "--codec", "bitround-7"))
     assert_user_error(proc, "different settings", "codecs.preset", "bitround-7")
 
 
 def test_unknown_codec_is_a_one_line_cli_error(coco, tmp_path):
-    proc = main_inproc(*cache_args(coco, tmp_path / "s", "--codec", "jpeg"))
+    proc = cli(*cache_args(coco, tmp_path / "s", "--codec", "jpeg"))
     assert_user_error(proc, "--codec 'jpeg'", "lossless, bitround-7, bitround-4, quantize-1")
     assert not (tmp_path / "s").exists()
 
@@ -241,14 +234,14 @@ def _table_rows(stdout: str) -> dict[tuple[str, str], str]:
 
 
 def test_dry_run_prints_a_row_per_codec_and_c1_mode(coco, tmp_path, stores):
-    proc = main_inproc(*cache_args(coco, tmp_path / "s", "--dry-run", "--codec", "bitround-4"))
+    proc = cli(*cache_args(coco, tmp_path / "s", "--dry-run", "--codec", "bitround-4"))
     assert proc.returncode == 0, proc.stderr
     rows = _table_rows(proc.stdout)
     assert sorted(rows) == sorted((p, m) for p in PRESETS for m in ("store", "recompute"))
     assert rows[("bitround-4", "store")].startswith("*") and "ratios assumed" in proc.stdout
     assert "split total (4 images)" in proc.stdout and not (tmp_path / "s").exists()
     # on a store holding finished lossless images the ratios are measured on one of them
-    proc = main_inproc(*cache_args(coco, stores["lossless"], "--dry-run"))
+    proc = cli(*cache_args(coco, stores["lossless"], "--dry-run"))
     assert proc.returncode == 0, proc.stderr
     assert "ratios measured by encoding image index 0" in proc.stdout
     assert len(_table_rows(proc.stdout)) == 2 * len(PRESETS)

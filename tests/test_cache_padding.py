@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests._fake_detector import read_all
-from tests.test_predict_tinydet import NAME, save_detector_checkpoint
+from tests._tiny_detector import NAME, save_detector_checkpoint
 
 
 def test_batched_cache_equals_batch_one_for_a_real_dino(tmp_path: Path) -> None:
@@ -41,6 +40,3 @@ def test_batched_cache_equals_batch_one_for_a_real_dino(tmp_path: Path) -> None:
                                        err_msg=name)
         else:
             assert np.array_equal(a[name], b[name]), name
-
-
-pytest.importorskip("zarr")

@@ -1,4 +1,4 @@
-"""``mfdetr demo`` end to end through the real CLI, shortened (a few 40-px images, ``dino_tiny`` code with
+"""``mfdetr demo`` end to end through the CLI (in-process), shortened (a few 40-px images, ``dino_tiny`` code with
 random weights at 64-px preprocessing, a tiny MaskNet, a few iterations); and, only when the shipped
 ``demo`` detector's weights exist, a ``--quick`` demo whose mask AP must be well above chance."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, cli, run_cli
 
-from tests.test_predict_tinydet import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
+from tests._tiny_detector import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
 
 #: mask AP (COCO, 0-100) a --quick demo with the trained `demo` detector must exceed; chance is ~0
 QUICK_DEMO_MIN_MASK_AP = 20.0
@@ -35,9 +35,9 @@ def test_shortened_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     det = save_detector_checkpoint(tmp_path / "det.pth")
     out = tmp_path / "demo"
     sets = [a for o in TINY_MASKNET for a in ("--set", o)]
-    proc = run_cli("demo", "--out", out, "--detector", NAME, "--checkpoint", det, "--train-images", "6",
-                   "--val-images", "3", "--iterations", "3", "--image-size", "40", "--batch-size", "2",
-                   "--overlays", "2", "--overlay-threshold", "0", "--no-progress", *sets)
+    proc = cli("demo", "--out", out, "--detector", NAME, "--checkpoint", det, "--train-images", "6",
+               "--val-images", "3", "--iterations", "3", "--image-size", "40", "--batch-size", "2",
+               "--overlays", "2", "--overlay-threshold", "0", "--no-progress", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     text = proc.stdout
@@ -104,7 +104,7 @@ def test_demo_without_the_demo_detector_is_a_clear_error(tmp_path: Path) -> None
 
     if _demo_weights() is not None:
         pytest.skip("the demo detector and its weights are installed")
-    proc = run_cli("demo", "--out", tmp_path / "d", "--quick")
+    proc = cli("demo", "--out", tmp_path / "d", "--quick")
     if "demo" not in list_detectors():
         assert_user_error(proc, "'demo' is not registered", "--detector NAME --checkpoint FILE")
     else:
@@ -117,7 +117,7 @@ def test_quick_demo_mask_ap_well_above_chance(tmp_path: Path) -> None:
     if _demo_weights() is None:
         pytest.skip("needs the trained `demo` detector (mfdetr/detectors/weights/demo_dino.pt, the 'demo' "
                     "preset): mask AP well above chance cannot be asserted with random detector weights")
-    proc = run_cli("demo", "--out", tmp_path / "d", "--quick", "--no-progress", timeout=1800)
+    proc = run_cli("demo", "--out", tmp_path / "d", "--quick", "--no-progress", timeout=1800)  # a real process
     assert proc.returncode == 0, proc.stdout + proc.stderr
     mask_ap = _summary_value(proc.stdout, "mask AP (val)")
     assert mask_ap >= QUICK_DEMO_MIN_MASK_AP, proc.stdout
@@ -127,13 +127,13 @@ def test_quick_demo_mask_ap_well_above_chance(tmp_path: Path) -> None:
 def test_demo_with_untrained_detector_runs_every_stage(tmp_path: Path) -> None:
     """The README's main job before the demo weights ship: the real `demo` architecture, untrained."""
     out = tmp_path / "d"
-    proc = run_cli("demo", "--out", out, "--untrained-detector", "--train-images", "3", "--val-images", "2",
-                   "--iterations", "2", "--batch-size", "2", "--overlays", "1", "--no-progress",
-                   "--set", "masknet.num_queries=10")
+    proc = cli("demo", "--out", out, "--untrained-detector", "--train-images", "3", "--val-images", "2",
+               "--iterations", "2", "--batch-size", "2", "--overlays", "1", "--no-progress",
+               "--set", "masknet.num_queries=10")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "detector_untrained.pt").is_file()
     assert (out / "run" / "ckpt.pt").is_file() and (out / "curves.png").is_file()
     assert len(list((out / "predict" / "overlays").glob("*.png"))) == 1
     assert "mask AP (val)" in proc.stdout and "untrained demo detector" in proc.stdout
-    bad = run_cli("demo", "--out", tmp_path / "e", "--untrained-detector", "--checkpoint", out / "detector_untrained.pt")
+    bad = cli("demo", "--out", tmp_path / "e", "--untrained-detector", "--checkpoint", out / "detector_untrained.pt")
     assert_user_error(bad, "exclude each other")

@@ -1,4 +1,5 @@
-"""The real ``mfdetr train`` / ``eval`` / ``sweep`` / ``plot`` commands on a tiny cache, and their errors."""
+"""The ``mfdetr train`` / ``eval`` / ``sweep`` / ``plot`` commands on a tiny cache, and their errors (in this
+process; torchrun and SIGKILL + resume in real processes)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mfdetr.masknet")
-
-import tests._fake_detector as fd  # noqa: E402
-from tests.conftest import assert_user_error, run_cli  # noqa: E402
-from tests.test_engine_stage2 import TINY, make_oracle, write_cache  # noqa: E402
-
-
-def _toml_table(prefix: str, d: dict[str, object]) -> list[str]:
-    lines = [f"[{prefix}]"]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
-        else:
-            lines.append(f"{k} = {json.dumps(v)}")
-    return lines
+import tests._fake_detector as fd
+from tests.conftest import assert_user_error, cli
+from tests._fake_detector import make_oracle, write_cache
 
 
 @pytest.fixture(scope="module")
@@ -34,40 +23,38 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt = fd.save_fake_checkpoint(root / "fake.pth")
     for split in ("train2017", "val2017"):
         make_oracle(write_cache(coco, split, root / split, ckpt), coco / "annotations" / f"instances_{split}.json")
-    cfg = root / "tiny.toml"
-    train = {"device": "cpu", "iterations": 4, "batch_size": 2, "log_every": 2, "num_workers": 0, "lr": 1e-3}
-    cfg.write_text("\n".join(_toml_table("train", train) + _toml_table("masknet", TINY)) + "\n")
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=4, batch_size=2, log_every=2,
+                              num_workers=0, lr=1e-3)
     return {"root": root, "coco": coco, "train": root / "train2017", "val": root / "val2017", "cfg": cfg}
 
 
 @pytest.mark.slow
 def test_train_eval_plot_commands(setup: dict[str, Path]) -> None:
     run = setup["root"] / "run"
-    p = run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--val-cache", setup["val"],
-                "--config", setup["cfg"], "--out", run, "train.iterations=6", "train.progress=false")
+    p = cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--val-cache", setup["val"],
+            "--config", setup["cfg"], "--out", run, "train.iterations=6", "train.progress=false")
     assert p.returncode == 0, p.stderr
     assert "global batch 2 (2 x 1), lr 0.001" in p.stderr and "bbox     100.00" in p.stderr
     assert json.loads((run / "config.json").read_text())["train"]["iterations"] == 6
-    p = run_cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
-                "--out", setup["root"] / "res.json")
+    p = cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
+            "--out", setup["root"] / "res.json")
     assert p.returncode == 0, p.stderr
     assert "iou_type" in p.stdout and "segm" in p.stdout and json.loads((setup["root"] / "res.json").read_text())
     rows = {ln.split()[0]: ln.split()[1:] for ln in p.stdout.splitlines() if ln.split()[:1] in (["segm"], ["boundary"])}
-    fast = run_cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
-                   "--evaluator", "faster")
+    fast = cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
+               "--evaluator", "faster")
     assert fast.returncode == 0, fast.stderr
     fast_rows = {ln.split()[0]: ln.split()[1:] for ln in fast.stdout.splitlines()
                  if ln.split()[:1] in (["segm"], ["boundary"])}
     assert set(rows) == {"segm", "boundary"} and fast_rows == rows  # same numbers from either evaluator
-    p = run_cli("plot", run)
+    p = cli("plot", run)
     assert p.returncode == 0 and Path(p.stdout.strip()).is_file()
 
 
 @pytest.mark.slow
 def test_cli_bad_input_is_one_line(setup: dict[str, Path]) -> None:
-    # (the in-process tests cover the other refusals; one subprocess shows the one-line contract)
-    assert_user_error(run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
-                              "--out", setup["root"] / "bad1", "masknet.image_encoder.depth=3"), "unknown key", "depth")
+    assert_user_error(cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
+                          "--out", setup["root"] / "bad1", "masknet.image_encoder.depth=3"), "unknown key", "depth")
 
 
 @pytest.mark.slow
@@ -95,7 +82,8 @@ def test_torchrun_mfdetr_train_two_processes(setup: dict[str, Path]) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[str, Path], tmp_path: Path) -> None:
+def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[str, Path], tmp_path: Path,
+                                                                   cli_threads: int) -> None:
     """Kill a real ``mfdetr train`` with SIGKILL mid-run, resume it: the losses equal an uninterrupted run's.
 
     To kill it at a known point without any hook in the library, the cache chunk of the image that
@@ -117,8 +105,9 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     args = ["train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
             "train.iterations=7", "train.batch_size=1", "train.log_every=1", "train.checkpoint_every=2",
             "train.progress=false"]
+    # the reference and the resume need no process of their own (cli_threads: the killed process's thread count)
     ref = tmp_path / "ref"
-    p = run_cli(*args, "--out", ref)
+    p = cli(*args, "--out", ref)
     assert p.returncode == 0, p.stderr
 
     order = EpochPlan(num_items=4, batch_size=1, seed=42).order(0)  # the run's data order (4 images, seed 42)
@@ -143,7 +132,7 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     assert proc.returncode == -signal.SIGKILL
     assert json.loads(json.dumps(read_jsonl(run / "metrics.jsonl")))[-1]["step"] == 3
 
-    p = run_cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--out", run, "--resume")
+    p = cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--out", run, "--resume")
     assert p.returncode == 0, p.stderr
     assert "resuming at step 2" in p.stderr
     a = [(r["step"], r["loss"], r["lr"]) for r in read_jsonl(ref / "metrics.jsonl") if r["kind"] == "train"]

@@ -10,57 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("mfdetr.masknet")
-
-import tests._fake_detector as fd  # noqa: E402
-from mfdetr.cache import CacheJob, run_cache  # noqa: E402
-from mfdetr.engine import build_run_config, collate_detector_outputs, read_jsonl  # noqa: E402
-from mfdetr.engine.config import replace_train  # noqa: E402
-from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache  # noqa: E402
-from mfdetr.engine.stage2 import CacheSources, eval_from_cache, train_from_cache  # noqa: E402
-from mfdetr.errors import MfdetrError  # noqa: E402
-
-# MaskNet scaled to the fake detector (d = 16, C1 = 8 channels, K = 8 cached queries)
-TINY = {"num_queries": 8, "roi_size": 8, "image_encoder": {"layers": 1, "heads": 2, "points": 2},
-        "box_encoder": {"layers": 1, "dim": 8, "heads": 2, "points": 2}, "query_encoder": {"heads": 2},
-        "neck": {"groups": 4}, "mask_scoring": {"channels": 8, "fc_dim": 16}}
-
-
-def make_oracle(store: Path, annotation_file: Path) -> None:
-    """Overwrite a cache's boxes/logits with the GT (query k = annotation k, class slot 1 = category 1):
-    the cached detector is then perfect (box AP 100) and a trained MaskNet can reach mask AP 100."""
-    import numpy as np
-    import zarr
-
-    g = zarr.open_group(str(store), mode="r+")
-    d = json.loads(annotation_file.read_text())
-    imgs = {im["id"]: im for im in d["images"]}
-    anns: dict[int, list[dict[str, object]]] = {}
-    for a in d["annotations"]:
-        anns.setdefault(a["image_id"], []).append(a)
-    for i, iid in enumerate(g["image_ids"][:].tolist()):
-        boxes = g["boxes"][i]
-        logits = np.full(g["logits"][i].shape, -10.0, dtype=g["logits"].dtype)
-        for k, a in enumerate(anns.get(iid, [])):
-            x, y, w, h = a["bbox"]  # type: ignore[misc]
-            wi, hi = imgs[iid]["width"], imgs[iid]["height"]
-            boxes[k] = [(x + w / 2) / wi, (y + h / 2) / hi, w / wi, h / hi]
-            logits[k, 1] = 10.0
-        g["boxes"][i] = boxes
-        g["logits"][i] = logits
-
-
-def tiny_cfg(**train: object) -> dict[str, object]:
-    base = {"device": "cpu", "iterations": 4, "batch_size": 2, "log_every": 1, "num_workers": 0, "progress": False}
-    base.update(train)
-    return {"train": base, "masknet": TINY}
-
-
-def write_cache(coco: Path, split: str, out: Path, ckpt: Path, **kw: object) -> Path:
-    run_cache(CacheJob(detector=fd.NAME, checkpoint=ckpt, coco=coco, split=split, out=out, topk=8, enc_layers=(4,),
-                       num_workers=0, **kw), progress=False, echo=lambda *a, **k: None)
-    return out
-
+import tests._fake_detector as fd
+from tests._fake_detector import TINY, make_oracle, tiny_cfg, write_cache
+from mfdetr.engine import build_run_config, collate_detector_outputs, read_jsonl
+from mfdetr.engine.config import replace_train
+from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache
+from mfdetr.engine.stage2 import CacheSources, eval_from_cache, train_from_cache
+from mfdetr.errors import MfdetrError
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

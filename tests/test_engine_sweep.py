@@ -47,25 +47,26 @@ def test_recipes_per_detector() -> None:
 
 
 def test_sweep_and_recipe_tables_are_valid_masknet_configs() -> None:
-    masknet = pytest.importorskip("mfdetr.masknet")
-    losses = pytest.importorskip("mfdetr.masknet.losses")
+    from mfdetr.masknet import MaskNetConfig, build_masknet
+    from mfdetr.masknet.losses import LossConfig
+
     for p in ABLATIONS:
         spec = load_sweep(p)
         for v in spec.variants:
             cfg = spec.config_for(v)
-            from_dict(masknet.MaskNetConfig, cfg.masknet, where=f"{p.name}:{v.name}")
-            from_dict(losses.LossConfig, cfg.loss, where=f"{p.name}:{v.name}")
+            from_dict(MaskNetConfig, cfg.masknet, where=f"{p.name}:{v.name}")
+            from_dict(LossConfig, cfg.loss, where=f"{p.name}:{v.name}")
     from mfdetr.detectors import get_preset, list_detectors
 
     for p in RECIPES:
         cfg = load_run_config(p)
-        mcfg = from_dict(masknet.MaskNetConfig, cfg.masknet, where=p.name)
-        from_dict(losses.LossConfig, cfg.loss, where=p.name)
+        mcfg = from_dict(MaskNetConfig, cfg.masknet, where=p.name)
+        from_dict(LossConfig, cfg.loss, where=p.name)
         name = p.stem  # every recipe is named after the preset it is sized for
         if name in list_detectors():  # the recipe builds a MaskNet for its detector's feature shapes
             pre = get_preset(name)
-            net = masknet.build_masknet(mcfg, d_model=pre.hidden_dim, level_strides=pre.level_strides,
-                                        c1_channels=pre.c1_channels)
+            net = build_masknet(mcfg, d_model=pre.hidden_dim, level_strides=pre.level_strides,
+                                c1_channels=pre.c1_channels)
             assert sum(q.numel() for q in net.parameters()) > 0
 
 

@@ -33,7 +33,7 @@ from mfdetr.evaluation import (
     write_results_json,
 )
 from tests._data_helpers import make_tiny_coco
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2
 
@@ -162,34 +162,34 @@ def test_results_validation(gt):
 
 def test_eval_json_cli(gt, coco_dir, tmp_path):
     res = write_results_json(tmp_path / "r.json", gt_to_results(gt))
-    proc = run_cli("eval-json", "--coco", coco_dir, "--split", "val2017", "--results", res, "--iou-type", "both",
-                   check=True)
+    proc = cli("eval-json", "--coco", coco_dir, "--split", "val2017", "--results", res, "--iou-type", "both",
+               check=True)
     rows = {ln.split()[0]: ln.split()[1:] for ln in proc.stdout.splitlines()}
     assert rows["segm"][:3] == ["100.00"] * 3 and rows["bbox"][0] == "100.00"
     bad = tmp_path / "bad.json"
     bad.write_text("[{\"image_id\": 1,")
-    assert_user_error(run_cli("eval-json", "--coco", coco_dir, "--results", bad), str(bad), "malformed results JSON")
-    assert_user_error(run_cli("eval-json", "--coco", coco_dir, "--results", tmp_path / "none.json"),
+    assert_user_error(cli("eval-json", "--coco", coco_dir, "--results", bad), str(bad), "malformed results JSON")
+    assert_user_error(cli("eval-json", "--coco", coco_dir, "--results", tmp_path / "none.json"),
                       "none.json", "results file not found")
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps([{"image_id": 5, "category_id": 1, "score": 0.5, "bbox": [0, 0, 1, 1]}]))
-    assert_user_error(run_cli("eval-json", "--coco", coco_dir, "--results", wrong, "--iou-type", "bbox"),
+    assert_user_error(cli("eval-json", "--coco", coco_dir, "--results", wrong, "--iou-type", "bbox"),
                       str(wrong), "unknown image id 5")
 
 
 def test_eval_json_cli_bad_coco_inputs(tmp_path):
-    """Through the real CLI: bad COCO folders / annotation files → one-line errors."""
+    """Through the CLI: bad COCO folders / annotation files → one-line errors."""
     res = tmp_path / "r.json"
     res.write_text("[]")
-    assert_user_error(run_cli("eval-json", "--coco", tmp_path / "missing", "--results", res),
+    assert_user_error(cli("eval-json", "--coco", tmp_path / "missing", "--results", res),
                       "missing", "COCO folder not found")
     root = tmp_path / "coco"
     ann = make_tiny_coco(root)
-    assert_user_error(run_cli("eval-json", "--coco", root, "--split", "test2017", "--results", res),
+    assert_user_error(cli("eval-json", "--coco", root, "--split", "test2017", "--results", res),
                       "instances_test2017.json", "annotation file not found")
     data = json.loads(ann.read_text())
     data["annotations"][0]["category_id"] = 42
     ann.write_text(json.dumps(data))
-    assert_user_error(run_cli("eval-json", "--coco", root, "--results", res), str(ann), "unknown category id 42")
+    assert_user_error(cli("eval-json", "--coco", root, "--results", res), str(ann), "unknown category id 42")
     ann.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    assert_user_error(run_cli("eval-json", "--coco", root, "--results", res), str(ann), "empty split")
+    assert_user_error(cli("eval-json", "--coco", root, "--results", res), str(ann), "empty split")

@@ -11,31 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_user_error, run_cli
-from tests.test_predict_tinydet import tiny_masknet_config
+from tests.conftest import assert_user_error, cli
+from tests._tiny_detector import save_masknet_checkpoint
 
 SIZES = ((96, 128), (72, 112))  # two input sizes through one graph (neither is the export example's)
-
-
-def _masknet_checkpoint(path: Path, preset_name: str, *, seed: int) -> Path:
-    """A random tiny MaskNet for ``preset_name`` saved as a plain checkpoint."""
-    import dataclasses
-
-    from mfdetr.config import to_dict
-    from mfdetr.detectors import get_preset
-    from mfdetr.masknet import build_masknet
-
-    preset = get_preset(preset_name)
-    cfg = dataclasses.replace(tiny_masknet_config(), enc_layer=min(3, preset.num_encoder_layers))
-    torch.manual_seed(seed)
-    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
-                          c1_channels=preset.c1_channels)
-    with torch.no_grad():  # non-trivial mask-scoring outputs (default init can saturate)
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    torch.save({"masknet_config": to_dict(cfg), "model": model.state_dict(), "detector": preset_name,
-                "class_to_category": list(preset.class_to_category), "enc_layer": cfg.enc_layer}, path)
-    return path
 
 
 def _check_graph(onnx_path: Path, masknet: torch.nn.Module, preset: Any) -> None:
@@ -77,7 +56,7 @@ def test_masknet_only_onnx_matches_pytorch_at_two_sizes(preset_name: str, tmp_pa
     from mfdetr.engine.predict import load_masknet_checkpoint
 
     preset = get_preset(preset_name)
-    ckpt = _masknet_checkpoint(tmp_path / "ckpt.pt", preset_name, seed=3)
+    ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", preset_name, seed=3)
     out = tmp_path / "masknet.onnx"
     lines: list[str] = []
     if preset_name == "demo":  # the command's own path (preset-sized example input)
@@ -94,11 +73,11 @@ def test_export_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     from mfdetr.engine.export import ExportJob, run_export
     from mfdetr.errors import MfdetrError
 
-    proc = run_cli("export", "--detector", "demo", "--masknet", tmp_path / "missing.pt", "--out",
-                   tmp_path / "m.onnx", "--masknet-only")
+    proc = cli("export", "--detector", "demo", "--masknet", tmp_path / "missing.pt", "--out",
+               tmp_path / "m.onnx", "--masknet-only")
     assert_user_error(proc, "missing.pt", "not found")
     assert not (tmp_path / "m.onnx").exists()
-    ckpt = _masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
+    ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
     with pytest.raises(MfdetrError, match=r"m\.txt: the output must be a \.onnx file"):
         run_export(ExportJob(detector="demo", masknet=ckpt, out=tmp_path / "m.txt", masknet_only=True))
     with pytest.raises(MfdetrError, match="detector checkpoint file not found"):
@@ -129,7 +108,7 @@ def test_whole_path_onnx_matches_pytorch_at_two_sizes(preset_name: str, tmp_path
     from mfdetr.engine.predict import detector_checkpoint, load_masknet_checkpoint
 
     preset = get_preset(preset_name)
-    ckpt = _masknet_checkpoint(tmp_path / "ckpt.pt", preset_name, seed=4)
+    ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", preset_name, seed=4)
     loaded = load_masknet_checkpoint(ckpt, preset=preset)
     out = tmp_path / "full.onnx"
     topk = loaded.config.num_queries

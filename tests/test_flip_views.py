@@ -24,7 +24,7 @@ from mfdetr.engine.cache_views import ViewSampledDataset, choose_view
 from mfdetr.engine.config import replace_train
 from mfdetr.engine.stage2 import CacheSources, eval_from_cache, train_from_cache
 from mfdetr.errors import MfdetrError
-from tests.test_engine_stage2 import tiny_cfg
+from tests._fake_detector import tiny_cfg
 
 VIEWS = ("orig", "hflip")
 
@@ -271,10 +271,10 @@ def test_views_option_manifest_and_commit_combination(fake: dict[str, Path]) -> 
 
 
 def test_cache_cli_refuses_bad_views(fake: dict[str, Path], tmp_path: Path) -> None:
-    from tests.test_cache_cli import main_inproc
+    from tests.conftest import cli
 
-    r = main_inproc("cache", "--detector", fd.NAME, "--checkpoint", fake["ckpt"], "--coco", fake["coco"],
-                    "--split", "train2017", "--out", tmp_path / "x", "--views", "orig,sideways")
+    r = cli("cache", "--detector", fd.NAME, "--checkpoint", fake["ckpt"], "--coco", fake["coco"],
+            "--split", "train2017", "--out", tmp_path / "x", "--views", "orig,sideways")
     assert r.returncode != 0 and "--views" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -282,8 +282,8 @@ def test_cache_cli_refuses_bad_views(fake: dict[str, Path], tmp_path: Path) -> N
 def test_recompute_cache_recomputes_c1_of_the_flipped_image(tmp_path: Path) -> None:
     from mfdetr.data import SynthConfig, generate_synth
     from mfdetr.engine.collate import collate_detector_outputs
-    from tests.test_predict_tinydet import NAME as TINY
-    from tests.test_predict_tinydet import save_detector_checkpoint
+    from tests._tiny_detector import NAME as TINY
+    from tests._tiny_detector import save_detector_checkpoint
 
     synth = tmp_path / "synth"
     generate_synth(synth, config=SynthConfig(train=3, val=1, image_size=40, seed=40))
@@ -305,8 +305,8 @@ def test_recompute_cache_recomputes_c1_of_the_flipped_image(tmp_path: Path) -> N
 
 
 def test_demo_cli_refuses_bad_views(tmp_path: Path) -> None:
-    from tests.test_cache_cli import main_inproc
+    from tests.conftest import cli
 
-    r = main_inproc("demo", "--out", tmp_path / "d", "--views", "orig,upside-down", "--quick")
+    r = cli("demo", "--out", tmp_path / "d", "--views", "orig,upside-down", "--quick")
     assert r.returncode != 0 and "--views" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "d").exists()

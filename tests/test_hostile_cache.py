@@ -21,23 +21,14 @@ import zarr
 
 import tests._fake_detector as fd
 from mfdetr.cache.store import chunk_path
-from tests._fake_detector import assert_same_store
-from tests.conftest import assert_user_error
-from tests.test_cache_cli import main_inproc
-from tests.test_engine_stage2 import TINY
+from tests._fake_detector import CHEAP, KINDS, assert_same_store, damage
+from tests.conftest import assert_user_error, cli
 
 N = 6
-#: damage kind → (store index, array); CHEAP ones are found from files and flags alone
-KINDS = {"missing_shard": (2, "c1"), "missing_chunk": (1, "boxes"), "emptied": (4, "queries"),
-         "truncated": (3, "c1"), "flipped": (4, "logits"), "nan": (5, "queries"), "commit": (0, "commit"),
-         "bad_size": (1, "input_hw")}
-CHEAP = ("missing_shard", "missing_chunk", "emptied", "commit")
 
 
 def cache_args(coco: Path, out: Path, *extra: str) -> list[str]:
-    return ["cache", "--detector", fd.NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
-            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", "4", "--workers", "0",
-            "--no-progress", *extra]
+    return fd.cache_args(coco, out, "--no-progress", *extra, enc_layers="4")
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +39,13 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fd.make_coco(coco, n=N)
     fd.save_fake_checkpoint(coco / "fake.pth")
     store = root / "store"
-    assert main_inproc(*cache_args(coco, store)).returncode == 0
-    cfg = root / "tiny.toml"
-    lines = ["[train]", 'device = "cpu"', "iterations = 3", "batch_size = 2", "num_workers = 0", "progress = false",
-             "[masknet]"] + [f"{k} = {json.dumps(v)}" for k, v in TINY.items() if not isinstance(v, dict)]
-    for k, v in TINY.items():
-        if isinstance(v, dict):
-            lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
-    cfg.write_text("\n".join(lines) + "\n")
+    assert cli(*cache_args(coco, store)).returncode == 0
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=3, batch_size=2, num_workers=0,
+                              progress=False)
     run = root / "run"
-    p = main_inproc("train", "--cache", store, "--coco", coco, "--config", cfg, "--out", run)
+    p = cli("train", "--cache", store, "--coco", coco, "--config", cfg, "--out", run)
     assert p.returncode == 0, p.stderr
-    p = main_inproc(*eval_args(store, coco, run / "ckpt.pt", root / "ref_results.json"))
+    p = cli(*eval_args(store, coco, run / "ckpt.pt", root / "ref_results.json"))
     assert p.returncode == 0, p.stderr
     return {"root": root, "coco": coco, "store": store, "cfg": cfg, "ckpt": run / "ckpt.pt",
             "results": root / "ref_results.json"}
@@ -68,34 +54,6 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def eval_args(store: Path, coco: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     return ["eval", "--cache", str(store), "--coco", str(coco), "--checkpoint", str(ckpt), "--out", str(out),
             "--batch-size", "1", "--device", "cpu", *extra]
-
-
-def damage(store: Path, kind: str) -> int:
-    """Damage image ``KINDS[kind]`` of ``store`` the way a user's disk would; return its image id."""
-    index, name = KINDS[kind]
-    g = zarr.open_group(str(store), mode="r+")
-    path = chunk_path(store, g[name], index)
-    if kind.startswith("missing"):
-        path.unlink()                                    # an interrupted rsync
-    elif kind == "emptied":
-        path.write_bytes(b"")                            # a full quota
-    elif kind == "truncated":
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
-    elif kind == "flipped":
-        data = bytearray(path.read_bytes())
-        for k in (len(data) // 3, len(data) // 2):
-            data[k] ^= 0xA5
-        path.write_bytes(bytes(data))
-    elif kind == "nan":                                  # through zarr: the checksum is valid, the values are not
-        x = g[name][index]
-        x[0, 0] = np.nan
-        g[name][index] = x
-    elif kind == "bad_size":                             # through zarr: a valid chunk holding an impossible size
-        g[name][index] = np.array([0, 10**6], dtype=g[name].dtype)
-    else:
-        path.write_bytes(bytes([7]))                     # a commit byte that is not 0/1/2
-    return int(g["image_ids"][index])
 
 
 def counts(stdout: str) -> tuple[int, ...]:
@@ -109,7 +67,7 @@ def counts(stdout: str) -> tuple[int, ...]:
 def test_intact_store_has_checksums_and_verifies(ref: dict[str, Path]) -> None:
     m = dict(zarr.open_group(str(ref["store"]), mode="r").attrs["mfdetr_cache"])
     assert m["codecs"]["checksum"] == {"name": "crc32c"}
-    p = main_inproc("inspect", "--verify", "--no-progress", ref["store"])
+    p = cli("inspect", "--verify", "--no-progress", ref["store"])
     assert p.returncode == 0, p.stderr
     assert counts(p.stdout) == (N, 0, 0, 0) and "checksums crc32c" in p.stdout
 
@@ -123,29 +81,29 @@ def test_damaged_store_is_reported_never_read_as_data(ref: dict[str, Path], tmp_
     named = (f"image id {iid}", f"array '{array}'", str(store))
 
     # inspect: the cheap check finds lost files and bad flags; --verify decodes and finds everything
-    plain = main_inproc("inspect", store)
+    plain = cli("inspect", store)
     if kind in CHEAP:
         assert_user_error(plain, "1 damaged image(s)", *named[:2])
         assert counts(plain.stdout)[3] == 1
     else:
         assert plain.returncode == 0 and counts(plain.stdout) == (N, 0, 0, 0), plain.stderr
         assert "--verify decodes every image" in plain.stdout
-    ver = main_inproc("inspect", "--verify", "--no-progress", store)
+    ver = cli("inspect", "--verify", "--no-progress", store)
     assert_user_error(ver, "1 damaged image(s)", *named[:2])
     assert counts(ver.stdout) == (N - 1, 0, 0, 1) and f"damaged image id {iid}" in ver.stdout
 
     # train and eval stop with one line naming store, image id and array
     run = tmp_path / "run"
     train = ["train", "--cache", store, "--coco", ref["coco"], "--config", ref["cfg"], "--out", run]
-    assert_user_error(main_inproc(*train), *named)
-    assert_user_error(main_inproc(*eval_args(store, ref["coco"], ref["ckpt"], tmp_path / "r.json")), *named)
+    assert_user_error(cli(*train), *named)
+    assert_user_error(cli(*eval_args(store, ref["coco"], ref["ckpt"], tmp_path / "r.json")), *named)
 
     # ... or skip it and record it
-    p = main_inproc(*train, "--skip-damaged")
+    p = cli(*train, "--skip-damaged")
     assert p.returncode == 0, p.stderr
     assert [(d["image_id"], d["array"]) for d in json.loads((run / "damaged_images.json").read_text())] == [(iid, array)]
     assert f"skipping damaged image id {iid}" in p.stderr
-    p = main_inproc(*eval_args(store, ref["coco"], ref["ckpt"], tmp_path / "r.json", "--skip-damaged"))
+    p = cli(*eval_args(store, ref["coco"], ref["ckpt"], tmp_path / "r.json", "--skip-damaged"))
     assert p.returncode == 0, p.stderr
     assert f"skipped damaged images: 1 (image ids {iid})" in p.stdout
     want = [r for r in json.loads(ref["results"].read_text()) if r["image_id"] != iid]
@@ -154,17 +112,17 @@ def test_damaged_store_is_reported_never_read_as_data(ref: dict[str, Path], tmp_
     assert np.allclose([r["score"] for r in got], [r["score"] for r in want], rtol=1e-5)
 
     # a plain rerun recomputes what the cheap check finds; --repair decodes everything and recomputes the rest
-    p = main_inproc(*cache_args(ref["coco"], store))
+    p = cli(*cache_args(ref["coco"], store))
     assert p.returncode == 0, p.stderr
     if kind not in CHEAP:
         assert "0 damaged image(s) to recompute (--repair also decodes every image)" in p.stdout
-        assert main_inproc("inspect", "--verify", "--no-progress", store).returncode != 0
-        p = main_inproc(*cache_args(ref["coco"], store, "--repair"))
+        assert cli("inspect", "--verify", "--no-progress", store).returncode != 0
+        p = cli(*cache_args(ref["coco"], store, "--repair"))
         assert p.returncode == 0, p.stderr
         assert "1 damaged image(s) to recompute" in p.stdout
     assert f"damaged image id {iid}" in p.stdout and "done: 1 images this run" in p.stdout
     assert_same_store(ref["store"], store)
-    assert main_inproc("inspect", "--verify", "--no-progress", store).returncode == 0
+    assert cli("inspect", "--verify", "--no-progress", store).returncode == 0
 
 
 def test_dataloader_worker_errors_print_one_line(ref: dict[str, Path], tmp_path: Path) -> None:
@@ -179,8 +137,8 @@ def test_dataloader_worker_errors_print_one_line(ref: dict[str, Path], tmp_path:
     store = tmp_path / "store"
     shutil.copytree(ref["store"], store)
     iid = damage(store, "truncated")
-    p = main_inproc("train", "--cache", store, "--coco", ref["coco"], "--config", ref["cfg"], "--out",
-                    tmp_path / "run", "train.num_workers=1")
+    p = cli("train", "--cache", store, "--coco", ref["coco"], "--config", ref["cfg"], "--out",
+            tmp_path / "run", "train.num_workers=1")
     assert_user_error(p, f"image id {iid}", "array 'c1'", "checksum mismatch")
     s = open_cache(store)
     ds = CacheDataset(store=s, coco_split=open_annotations(s, coco=ref["coco"]), enc_layer=4)
@@ -207,19 +165,19 @@ def test_store_without_checksums_still_reads_and_detects_loss(ref: dict[str, Pat
 
     with monkeypatch.context() as mp:
         mp.setattr(run_mod, "plan_job", plan_without_checksum)
-        assert main_inproc(*cache_args(ref["coco"], store)).returncode == 0
+        assert cli(*cache_args(ref["coco"], store)).returncode == 0
     assert "checksum" not in zarr.open_group(str(store), mode="r").attrs["mfdetr_cache"]["codecs"]
-    p = main_inproc("inspect", "--verify", "--no-progress", store)
+    p = cli("inspect", "--verify", "--no-progress", store)
     assert p.returncode == 0 and "checksums none" in p.stdout, p.stderr
     iid = damage(store, "missing_chunk")
-    assert_user_error(main_inproc("inspect", store), f"image id {iid}", "array 'boxes'", "missing")
-    p = main_inproc(*cache_args(ref["coco"], store, "--dry-run"))
+    assert_user_error(cli("inspect", store), f"image id {iid}", "array 'boxes'", "missing")
+    p = cli(*cache_args(ref["coco"], store, "--dry-run"))
     assert p.returncode == 0 and f"{N - 1} already done; 1 to compute (1 of them damaged)" in p.stdout, p.stderr
-    p = main_inproc(*cache_args(ref["coco"], store))
+    p = cli(*cache_args(ref["coco"], store))
     assert p.returncode == 0, p.stderr
     assert "done: 1 images this run" in p.stdout
     assert "checksum" not in zarr.open_group(str(store), mode="r").attrs["mfdetr_cache"]["codecs"]
-    assert main_inproc("inspect", "--verify", "--no-progress", store).returncode == 0
+    assert cli("inspect", "--verify", "--no-progress", store).returncode == 0
 
 
 def test_damaged_validation_cache_is_skipped_and_recorded(ref: dict[str, Path], tmp_path: Path) -> None:
@@ -229,13 +187,13 @@ def test_damaged_validation_cache_is_skipped_and_recorded(ref: dict[str, Path], 
     run = tmp_path / "run"
     train = ["train", "--cache", ref["store"], "--val-cache", val, "--coco", ref["coco"], "--config", ref["cfg"],
              "--out", run]
-    assert_user_error(main_inproc(*train), str(val), f"image id {iid}", "array 'logits'", "checksum mismatch")
-    p = main_inproc(*train[:-1], tmp_path / "run2", "--skip-damaged")
+    assert_user_error(cli(*train), str(val), f"image id {iid}", "array 'logits'", "checksum mismatch")
+    p = cli(*train[:-1], tmp_path / "run2", "--skip-damaged")
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "run2" / "val_metrics.json").read_text())["skipped_damaged_image_ids"] == [iid]
     assert [d["image_id"] for d in json.loads((tmp_path / "run2" / "damaged_images.json").read_text())] == [iid]
     iid = damage(val, "missing_chunk")  # a lost file of the validation cache stops the run before training
-    assert_user_error(main_inproc(*train[:-1], tmp_path / "run3"), f"image id {iid}", "array 'boxes'", "missing")
+    assert_user_error(cli(*train[:-1], tmp_path / "run3"), f"image id {iid}", "array 'boxes'", "missing")
     assert not (tmp_path / "run3" / "ckpt.pt").exists()
 
 
@@ -247,9 +205,9 @@ def test_damaged_image_ids_chunk_is_one_line(ref: dict[str, Path], tmp_path: Pat
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert_user_error(main_inproc("inspect", store), str(store), "array 'image_ids' cannot be decoded")
+    assert_user_error(cli("inspect", store), str(store), "array 'image_ids' cannot be decoded")
     path.unlink()  # read as zeros by zarr: the ids no longer match the manifest's hash
-    assert_user_error(main_inproc("eval", "--cache", store, "--coco", ref["coco"], "--checkpoint", ref["ckpt"]),
+    assert_user_error(cli("eval", "--cache", store, "--coco", ref["coco"], "--checkpoint", ref["ckpt"]),
                       "image_ids do not match")
 
 
@@ -263,6 +221,6 @@ def test_rerun_of_a_finished_store_writes_nothing(ref: dict[str, Path], tmp_path
                 for p in sorted(store.rglob("*")) if p.is_file()}
 
     before = files()
-    p = main_inproc(*cache_args(ref["coco"], store))
+    p = cli(*cache_args(ref["coco"], store))
     assert p.returncode == 0 and "done: 0 images this run" in p.stdout, p.stderr
     assert files() == before

@@ -6,23 +6,17 @@ never a half-written output.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from typer.testing import CliRunner, Result
-
-from mfdetr.cli import app
-from tests.test_hostile_runs import refused
+from tests.conftest import cli, refused
 
 
-def cli(*args: Any) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def usage_error(r: Result) -> None:
+def usage_error(r: subprocess.CompletedProcess[str]) -> None:
     """An option out of its declared range: the parser's usage error (exit 2), no traceback."""
-    assert isinstance(r.exception, SystemExit) and r.exit_code == 2, (r.exit_code, r.output, r.exception)
-    assert "Traceback" not in r.output
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stdout + r.stderr
 
 
 def test_recipe_that_is_not_utf8_text(tmp_path: Path) -> None:
@@ -53,7 +47,7 @@ def test_plot_out_is_checked_before_drawing(tmp_path: Path) -> None:
     refused(cli("plot", run, "--out", tmp_path / "curves.txt"), "curves.txt", ".png")
     assert not (tmp_path / "curves.txt").exists()
     r = cli("plot", run, "--out", tmp_path / "c.png")
-    assert r.exit_code == 0, r.output
+    assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "run"]  # no temporary file left
 

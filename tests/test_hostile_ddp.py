@@ -13,19 +13,10 @@ from pathlib import Path
 import pytest
 
 import tests._fake_detector as fd
-from tests.conftest import REPO, cli_env
-from tests.test_cache_cli import main_inproc
-from tests.test_engine_stage2 import TINY
-from tests.test_hostile_cache import N, cache_args, damage
+from tests.conftest import REPO, cli, cli_env
+from tests._fake_detector import cache_args, damage
 
-
-def tiny_config(path: Path, iterations: int) -> Path:
-    lines = ["[train]", 'device = "cpu"', f"iterations = {iterations}", "batch_size = 1", "num_workers = 0",
-             "progress = false", "checkpoint_every = 0", "[masknet]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in TINY.items() if not isinstance(v, dict)]
-    lines += [f"{k}.{kk} = {json.dumps(vv)}" for k, v in TINY.items() if isinstance(v, dict) for kk, vv in v.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+N = 6  # images (and steps: 2 processes x 1 image each read every image once)
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +26,12 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | int]:
     fd.make_coco(coco, n=N)
     fd.save_fake_checkpoint(coco / "fake.pth")
     store = root / "store"
-    assert main_inproc(*cache_args(coco, store)).returncode == 0
+    assert cli(*cache_args(coco, store, "--no-progress", enc_layers="4")).returncode == 0
     image_id = damage(store, "truncated")
     # 2 processes x 1 image x N steps: every image is read, each by one process only
-    return {"root": root, "coco": coco, "store": store, "cfg": tiny_config(root / "tiny.toml", N),
-            "image_id": image_id}
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=N, batch_size=1, num_workers=0,
+                              progress=False, checkpoint_every=0)
+    return {"root": root, "coco": coco, "store": store, "cfg": cfg, "image_id": image_id}
 
 
 def torchrun(d: dict[str, Path | int], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ from PIL import Image
 
 import tests._fake_detector as fd
 from mfdetr.errors import SkipImage
-from tests.test_cache_cli import main_inproc
+from tests.conftest import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2
 
@@ -183,7 +183,7 @@ def test_unusable_ground_truth_is_one_line(tmp_path: Path, mutate: Any, needle: 
     data = json.loads(ann.read_text())
     mutate(data)
     ann.write_text(json.dumps(data))
-    proc = main_inproc("eval-json", "--coco", tmp_path, "--results", ann)
+    proc = cli("eval-json", "--coco", tmp_path, "--results", ann)
     assert proc.returncode == 2 and needle in proc.stderr and str(ann) in proc.stderr
     no_traceback(proc)
 
@@ -226,7 +226,7 @@ def test_eval_json_on_damaged_ground_truth_equals_pycocotools_on_the_clean_one(t
     res_file = tmp_path / "res.json"
     res_file.write_text(json.dumps(results))
     clean, _ = damage_gt(ann)
-    proc = main_inproc("eval-json", "--coco", tmp_path, "--results", res_file, "--iou-type", "both")
+    proc = cli("eval-json", "--coco", tmp_path, "--results", res_file, "--iou-type", "both")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     assert len([ln for ln in proc.stderr.splitlines() if "ignored" in ln]) == 1
@@ -250,12 +250,12 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     args = ["cache", "--detector", fd.NAME, "--checkpoint", ckpt, "--coco", root / "coco", "--split", "val2017",
             "--out", store, "--topk", "8", "--workers", "0", "--no-progress"]
     out = {"root": root, "ids": ids, "clean": clean, "store": store, "args": args,
-           "first": main_inproc(*args), "again": main_inproc(*args)}
+           "first": cli(*args), "again": cli(*args)}
     extreme_coco(root / "coco", "train2017", normal=3, seed=1)
     train_args = [str(a) for a in args]
     train_args[train_args.index("val2017")] = "train2017"
     train_args[train_args.index(str(store))] = str(root / "train_store")
-    assert main_inproc(*train_args).returncode == 0
+    assert cli(*train_args).returncode == 0
     return out
 
 
@@ -284,7 +284,7 @@ def test_cache_records_an_image_the_detector_cannot_process(stage1: dict[str, An
     monkeypatch.setattr(fd.FakeDetector, "detect", picky)
     args = [str(a) for a in stage1["args"]]
     args[args.index("--out") + 1] = str(tmp_path / "store")
-    proc = main_inproc(*args, "--batch-size", "4")
+    proc = cli(*args, "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     n = len(stage1["ids"])
@@ -295,19 +295,12 @@ def test_cache_records_an_image_the_detector_cannot_process(stage1: dict[str, An
 
 @pytest.mark.slow
 def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]) -> None:
-    from tests.test_engine_stage2 import TINY, make_oracle
-
     root, store = stage1["root"], stage1["store"]
-    make_oracle(store, stage1["clean"])  # the cached detector returns the undamaged GT: box AP 100
-    cfg = root / "tiny.toml"
-    lines = ["[train]", 'device = "cpu"', "iterations = 2", "batch_size = 2", "log_every = 1", "num_workers = 0",
-             "progress = false", "[masknet]"]
-    for k, v in TINY.items():
-        lines += [f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()] if isinstance(v, dict) else \
-            [f"{k} = {json.dumps(v)}"]
-    cfg.write_text("\n".join(lines) + "\n")
+    fd.make_oracle(store, stage1["clean"])  # the cached detector returns the undamaged GT: box AP 100
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=2, batch_size=2, log_every=1, num_workers=0,
+                              progress=False)
     run = root / "run"
-    proc = main_inproc("train", "--cache", root / "train_store", "--val-cache", store, "--config", cfg, "--out", run)
+    proc = cli("train", "--cache", root / "train_store", "--val-cache", store, "--config", cfg, "--out", run)
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     ann = root / "coco" / "annotations" / "instances_val2017.json"
@@ -328,7 +321,7 @@ def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]
     got = [metrics["segm"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
     assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9)
                for a, b in zip(got, want, strict=True)), (got, want)
-    proc = main_inproc("eval", "--cache", store, "--checkpoint", run / "ckpt.pt")
+    proc = cli("eval", "--cache", store, "--checkpoint", run / "ckpt.pt")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     assert "segm" in proc.stdout and proc.stderr.count("ignored") == 1
@@ -340,7 +333,7 @@ def predict_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from mfdetr.config import to_dict
     from mfdetr.detectors import get_preset
     from mfdetr.masknet import build_masknet
-    from tests.test_predict_tinydet import NAME, save_detector_checkpoint, tiny_masknet_config
+    from tests._tiny_detector import NAME, save_detector_checkpoint, tiny_masknet_config
 
     root = tmp_path_factory.mktemp("hostile_predict")
     images = root / "images"
@@ -361,7 +354,7 @@ def predict_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _predict_args(s: dict[str, Path], out: Path) -> list[Any]:
-    from tests.test_predict_tinydet import NAME
+    from tests._tiny_detector import NAME
 
     return ["predict", s["images"], "--detector", NAME, "--checkpoint", s["det"], "--masknet", s["masknet"],
             "--out", out, "--score-threshold", "0", "--device", "cpu", "--no-progress", "--no-overlays"]
@@ -369,11 +362,11 @@ def _predict_args(s: dict[str, Path], out: Path) -> list[Any]:
 
 def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[str, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_predict_tinydet import PLUGIN
+    from tests._tiny_detector import PLUGIN
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     out = tmp_path / "out"
-    proc = main_inproc(*_predict_args(predict_setup, out))
+    proc = cli(*_predict_args(predict_setup, out))
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     pred = json.loads((out / "predictions.json").read_text())
@@ -392,7 +385,7 @@ def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[st
 def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from mfdetr.engine.predict import PredictJob, run_predict
-    from tests.test_predict_tinydet import NAME
+    from tests._tiny_detector import NAME
 
     out = tmp_path / "out"
     out.mkdir()
@@ -419,7 +412,7 @@ def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tm
 @pytest.mark.slow
 def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: dict[str, Path], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_predict_tinydet import NAME, PLUGIN, TINY_MASKNET
+    from tests._tiny_detector import NAME, PLUGIN, TINY_MASKNET
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     coco = tmp_path / "coco"
@@ -430,10 +423,10 @@ def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: di
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 52, 3), np.uint8)).save(jpeg, format="JPEG")
     (coco / "val2017" / "normal1.png").write_bytes(jpeg.getvalue()[:-100])
     run = tmp_path / "run"
-    proc = main_inproc("train", "--online", "--detector", NAME, "--checkpoint", predict_setup["det"], "--coco", coco,
-                       "--split", "train2017", "--val-split", "val2017", "--topk", "10", "--out", run, *TINY_MASKNET,
-                       "train.device=cpu", "train.iterations=4", "train.batch_size=1", "train.num_workers=0",
-                       "train.progress=false", "train.log_every=1", "assign.iou_threshold=0.01")
+    proc = cli("train", "--online", "--detector", NAME, "--checkpoint", predict_setup["det"], "--coco", coco,
+               "--split", "train2017", "--val-split", "val2017", "--topk", "10", "--out", run, *TINY_MASKNET,
+               "train.device=cpu", "train.iterations=4", "train.batch_size=1", "train.num_workers=0",
+               "train.progress=false", "train.log_every=1", "assign.iou_threshold=0.01")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     # 1 x 1 → 64 x 64: the tiny detector refuses it alone (probed once); huge headers: never decoded
@@ -448,7 +441,7 @@ def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: di
 @pytest.mark.slow
 def test_detector_training_replaces_unreadable_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mfdetr.detectors.training.__main__ import main
-    from tests.test_predict_tinydet import NAME
+    from tests._tiny_detector import NAME
 
     coco = tmp_path / "coco"
     extreme_coco(coco, "train2017", normal=8)  # the huge headers share the 64 x 64 input group of the 1 x 1 image

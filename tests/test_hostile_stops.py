@@ -19,9 +19,8 @@ import pytest
 import torch
 
 import tests._fake_detector as fd
-from tests.conftest import cli_env, run_cli
-from tests.test_engine_cli import _toml_table
-from tests.test_engine_stage2 import TINY, write_cache
+from tests.conftest import cli, cli_env
+from tests._fake_detector import write_cache
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +30,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     coco = root / "coco"
     fd.make_coco(coco, n=4, split="train2017")
     cache = write_cache(coco, "train2017", root / "c_train", fd.save_fake_checkpoint(root / "fake.pth"))
-    cfg = root / "tiny.toml"
-    train = {"device": "cpu", "iterations": 4, "batch_size": 1, "log_every": 1, "num_workers": 0, "progress": False,
-             "lr": 1e-3, "checkpoint_every": 100}
-    cfg.write_text("\n".join(_toml_table("train", train) + _toml_table("masknet", TINY)) + "\n")
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=4, batch_size=1, log_every=1, num_workers=0,
+                              progress=False, lr=1e-3, checkpoint_every=100)
     return {"root": root, "coco": coco, "cache": cache, "cfg": cfg}
 
 
@@ -51,9 +48,11 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 @pytest.mark.slow
-def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path], tmp_path: Path) -> None:
+def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path], tmp_path: Path,
+                                                          cli_threads: int) -> None:
     """The image step 2 needs is swapped for a named pipe, so the process waits there (after logging step
-    1) until SIGINT arrives; the pipe is then fed so that the reader thread can finish too."""
+    1) until SIGINT arrives; the pipe is then fed so that the reader thread can finish too. The reference
+    run and the resume run in this process (with the interrupted process's thread count)."""
     import zarr
 
     from mfdetr.cache.store import chunk_path
@@ -61,7 +60,7 @@ def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path]
 
     args = ["train", "--cache", setup["cache"], "--coco", setup["coco"], "--config", setup["cfg"]]
     ref = tmp_path / "ref"
-    p = run_cli(*args, "--out", ref)
+    p = cli(*args, "--out", ref)
     assert p.returncode == 0, p.stderr
 
     order = EpochPlan(num_items=4, batch_size=1, seed=42).order(0)
@@ -97,7 +96,7 @@ def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path]
     assert f"--out {run}" in line[0]
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 1
 
-    p = run_cli("train", "--cache", setup["cache"], "--coco", setup["coco"], "--out", run, "--resume")
+    p = cli("train", "--cache", setup["cache"], "--coco", setup["coco"], "--out", run, "--resume")
     assert p.returncode == 0, p.stderr
     assert "resuming at step 1" in p.stderr
     assert [s for s, _, _ in _losses(ref)] == [1, 2, 3, 4] and _losses(run) == _losses(ref)
@@ -216,7 +215,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_real_mfdetr_cache_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
+def test_sigint_real_mfdetr_cache_then_rerun_equals_uninterrupted(tmp_path: Path, cli_threads: int) -> None:
     """Ctrl-C a real ``mfdetr cache`` while the detector works on its third image (of 4): exit 130 with the command
     to rerun; rerunning it completes the store, identical to an uninterrupted one."""
     import tests._held_detector as held
@@ -227,8 +226,7 @@ def test_sigint_real_mfdetr_cache_then_rerun_equals_uninterrupted(tmp_path: Path
     env = {**cli_env(), "MFDETR_PLUGINS": "tests._held_detector"}
     args = ["cache", "--detector", held.NAME, "--checkpoint", str(ckpt), "--coco", str(coco), "--split", "val2017",
             "--topk", "8", "--workers", "0", "--no-progress"]
-    ref = subprocess.run([sys.executable, "-m", "mfdetr", *args, "--out", str(tmp_path / "ref")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    ref = cli(*args, "--out", tmp_path / "ref", env={"MFDETR_PLUGINS": env["MFDETR_PLUGINS"]})  # in this process
     assert ref.returncode == 0, ref.stderr
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, "-m", "mfdetr", *args, "--out", str(store)],
@@ -246,8 +244,7 @@ def test_sigint_real_mfdetr_cache_then_rerun_equals_uninterrupted(tmp_path: Path
     assert proc.returncode == 130 and "Traceback" not in err, err
     line = [ln for ln in err.splitlines() if ln.startswith("mfdetr: interrupted")]
     assert len(line) == 1 and line[0].endswith(f"--out {store}") and "mfdetr cache --detector" in line[0], err
-    p = subprocess.run([sys.executable, "-m", "mfdetr", *args, "--out", str(store)], env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = cli(*args, "--out", store, env={"MFDETR_PLUGINS": env["MFDETR_PLUGINS"]})  # the rerun, in this process
     assert p.returncode == 0, p.stderr
     assert "done: 2 images this run" in p.stdout and "4 done, 0 skipped, 0 pending" in p.stdout
     fd.assert_same_store(tmp_path / "ref", store)

@@ -20,7 +20,7 @@ from mfdetr.masknet.losses import (
     sigmoid_bce_loss,
 )
 from mfdetr.masknet.targets import AssignConfig
-from tests.test_masknet_targets import make_det, make_gt
+from tests._masknet_data import make_det, make_gt
 
 
 @dataclass

@@ -1,18 +1,18 @@
-"""``mfdetr describe``: #params▲ / #FLOPs▲ per component (real CLI, tiny explicit detector features)."""
+"""``mfdetr describe``: #params▲ / #FLOPs▲ per component (the CLI in-process, tiny explicit detector features)."""
 
 from __future__ import annotations
 
 import re
 
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, cli
 
 
 def test_describe_tiny_explicit_features(tmp_path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text("[masknet]\nroi_size = 8\nbox_encoder.dim = 16\nmask_scoring.channels = 8\n"
                       "mask_scoring.fc_dim = 8\nneck.groups = 8\n")
-    proc = run_cli("describe", "--config", recipe, "--d", "32", "--levels", "8/16", "--c1-channels", "24",
-                   "--input-size", "40x56", "-k", "4", "masknet.image_encoder.layers=1", check=True)
+    proc = cli("describe", "--config", recipe, "--d", "32", "--levels", "8/16", "--c1-channels", "24",
+               "--input-size", "40x56", "-k", "4", "masknet.image_encoder.layers=1", check=True)
     out = proc.stdout
     assert "features: explicit values" in out and "input 40x56, K=4, S=8" in out
     rows = {m.group(1): (int(m.group(2).replace(",", "")), float(m.group(3)), float(m.group(4)))
@@ -25,4 +25,4 @@ def test_describe_tiny_explicit_features(tmp_path) -> None:
 
 
 def test_describe_unknown_detector_is_one_line_error() -> None:
-    assert_user_error(run_cli("describe", "--detector", "no_such_detector", "--no-flops"), "no_such_detector")
+    assert_user_error(cli("describe", "--detector", "no_such_detector", "--no-flops"), "no_such_detector")

@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from mfdetr.errors import MfdetrError
 from mfdetr.masknet.postprocess import encode_rle, masks_to_coco_results, paste_masks
 from mfdetr.masknet.targets import crop_masks
-from tests.test_masknet_targets import make_det, make_gt
+from tests._masknet_data import make_det, make_gt
 
 
 @dataclass

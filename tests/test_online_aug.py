@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mfdetr.errors import MfdetrError
-from tests.test_predict_tinydet import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
+from tests._tiny_detector import NAME, PLUGIN, TINY_MASKNET, save_detector_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_finetuned_state_round_trips_and_backbone_stays_frozen(synth: dict[str, 
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.engine.finetune import FineTuned, split_state
     from mfdetr.masknet import build_masknet
-    from tests.test_predict_tinydet import tiny_masknet_config
+    from tests._tiny_detector import tiny_masknet_config
 
     preset = get_preset(NAME)
 
@@ -160,7 +160,7 @@ def test_finetuned_state_round_trips_and_backbone_stays_frozen(synth: dict[str, 
 def test_cached_runs_refuse_online_settings_and_finetuned_checkpoints(synth: dict[str, Path], tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from mfdetr.engine.stage2 import CacheSources, train_from_cache
-    from tests.conftest import assert_user_error, run_cli
+    from tests.conftest import assert_user_error, cli
 
     with pytest.raises(MfdetrError, match="online.finetune.*--online"):
         train_from_cache(_online_cfg(tmp_path, finetune="all"), CacheSources(cache=tmp_path / "x", coco=None),  # type: ignore[arg-type]
@@ -170,21 +170,21 @@ def test_cached_runs_refuse_online_settings_and_finetuned_checkpoints(synth: dic
     cfg.write_text("[train]\niterations = 1\nbatch_size = 2\ndevice = 'cpu'\nnum_workers = 0\nprogress = false\n"
                    "[online]\nfinetune = 'all'\n[assign]\niou_threshold = 0.01\n")
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
-    r = run_cli("train", "--online", "--detector", NAME, "--checkpoint", str(synth["det"]), "--coco", str(synth["coco"]),
-                "--config", str(cfg), "--out", str(tmp_path / "ft"), "--topk", "10", *TINY_MASKNET)
+    r = cli("train", "--online", "--detector", NAME, "--checkpoint", str(synth["det"]), "--coco", str(synth["coco"]),
+            "--config", str(cfg), "--out", str(tmp_path / "ft"), "--topk", "10", *TINY_MASKNET)
     assert r.returncode == 0, r.stderr
-    r = run_cli("cache", "--detector", NAME, "--checkpoint", str(synth["det"]), "--coco", str(synth["coco"]),
-                "--split", "val2017", "--out", str(tmp_path / "cache"), "--topk", "10")
+    r = cli("cache", "--detector", NAME, "--checkpoint", str(synth["det"]), "--coco", str(synth["coco"]),
+            "--split", "val2017", "--out", str(tmp_path / "cache"), "--topk", "10")
     assert r.returncode == 0, r.stderr
-    r = run_cli("eval", "--cache", str(tmp_path / "cache"), "--coco", str(synth["coco"]),
-                "--checkpoint", str(tmp_path / "ft" / "ckpt.pt"))
+    r = cli("eval", "--cache", str(tmp_path / "cache"), "--coco", str(synth["coco"]),
+            "--checkpoint", str(tmp_path / "ft" / "ckpt.pt"))
     assert_user_error(r, "fine-tuned the detector")
-    r = run_cli("eval", "--online", "--coco", str(synth["coco"]), "--checkpoint", str(tmp_path / "ft" / "ckpt.pt"),
-                )
+    r = cli("eval", "--online", "--coco", str(synth["coco"]), "--checkpoint", str(tmp_path / "ft" / "ckpt.pt"),
+            )
     assert r.returncode == 0 and "AP" in r.stdout, r.stderr
     # predict loads the fine-tuned detector tensors over the detector checkpoint
-    r = run_cli("predict", "--detector", NAME, "--checkpoint", str(synth["det"]), "--masknet",
-                str(tmp_path / "ft" / "ckpt.pt"), str(synth["coco"] / "val2017"), "--out", str(tmp_path / "pred"))
+    r = cli("predict", "--detector", NAME, "--checkpoint", str(synth["det"]), "--masknet",
+            str(tmp_path / "ft" / "ckpt.pt"), str(synth["coco"] / "val2017"), "--out", str(tmp_path / "pred"))
     assert r.returncode == 0 and "fine-tuned detector tensors" in r.stdout, r.stderr
 
 
@@ -207,14 +207,14 @@ def test_online_sweeps_of_tables_11_and_13(synth: dict[str, Path], tmp_path: Pat
 
 
 def test_sweep_cli_online_and_cached_need_their_sources(tmp_path: Path) -> None:
-    from tests.conftest import REPO, assert_user_error, run_cli
+    from tests.conftest import REPO, assert_user_error, cli
 
     spec = REPO / "pipeline" / "ablations" / "table13_lsj.toml"
-    assert_user_error(run_cli("sweep", spec, "--online", "--out", tmp_path / "s"), "--online needs --detector")
-    assert_user_error(run_cli("sweep", spec, "--out", tmp_path / "s"), "--cache TRAIN --val-cache VAL")
-    assert_user_error(run_cli("train", "--cache", tmp_path / "c", "--val-split", "val2017", "--out", tmp_path / "r"),
+    assert_user_error(cli("sweep", spec, "--online", "--out", tmp_path / "s"), "--online needs --detector")
+    assert_user_error(cli("sweep", spec, "--out", tmp_path / "s"), "--cache TRAIN --val-cache VAL")
+    assert_user_error(cli("train", "--cache", tmp_path / "c", "--val-split", "val2017", "--out", tmp_path / "r"),
                       "--val-split is for --online")
-    assert_user_error(run_cli("eval", "--online", "--checkpoint", tmp_path / "x.pt"), "--online evaluates")
+    assert_user_error(cli("eval", "--online", "--checkpoint", tmp_path / "x.pt"), "--online evaluates")
 
 
 @pytest.mark.slow

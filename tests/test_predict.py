@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import assert_user_error, run_cli
-from tests.test_predict_tinydet import NAME, PLUGIN, save_detector_checkpoint, tiny_masknet_config
+from tests.conftest import assert_user_error, cli
+from tests._tiny_detector import NAME, PLUGIN, save_detector_checkpoint, tiny_masknet_config
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def test_predict_cli_json_overlays_and_skips(setup: dict[str, Path], tmp_path: P
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     out = tmp_path / "out"
-    proc = run_cli("predict", "--detector", NAME, "--checkpoint", setup["det"], "--masknet", setup["engine"],
-                   setup["images"], setup["bad"], setup["root"] / "nope.png", "--out", out, "--score-threshold", "0",
-                   "--device", "cpu", "--batch-size", "2", "--no-progress")
+    proc = cli("predict", "--detector", NAME, "--checkpoint", setup["det"], "--masknet", setup["engine"],
+               setup["images"], setup["bad"], setup["root"] / "nope.png", "--out", out, "--score-threshold", "0",
+               "--device", "cpu", "--batch-size", "2", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "skipped" in proc.stderr and "bad.jpg" in proc.stderr and "nope.png" in proc.stderr
@@ -187,7 +187,7 @@ def test_missing_and_foreign_checkpoints_are_one_line_errors(setup: dict[str, Pa
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     base = ["predict", "--detector", NAME, "--checkpoint", setup["det"], setup["images"], "--out", tmp_path / "o",
             "--device", "cpu"]
-    assert_user_error(run_cli(*base, "--masknet", tmp_path / "nothing.pt"), "MaskNet checkpoint not found",
+    assert_user_error(cli(*base, "--masknet", tmp_path / "nothing.pt"), "MaskNet checkpoint not found",
                       "nothing.pt")
     from mfdetr.engine.predict import run_predict
     from mfdetr.errors import MfdetrError

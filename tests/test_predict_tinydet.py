@@ -1,64 +1,17 @@
-"""``dino_tiny64``: the ``dino_tiny`` preset (same DINO code, random weights) with 64-px preprocessing,
-so end-to-end tests on tiny images do not upsample them to 800 px. Importing this module registers it
-(idempotent): subprocess tests select it with ``MFDETR_PLUGINS=tests.test_predict_tinydet``.
-
-Also the tiny MaskNet config the predict/demo tests use (sized for d = 32), as run-config overrides.
-"""
+"""The ``dino_tiny64`` test preset (``tests/_tiny_detector.py``) detects at 64 px."""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from typing import Any
-
 import torch
 
-from mfdetr.contracts import Preprocessing
-from mfdetr.detectors.dino.presets import DINO_CONFIGS, build_dino
-from mfdetr.detectors.registry import get_preset, list_detectors, register_detector
-
-NAME = "dino_tiny64"
-PLUGIN = "tests.test_predict_tinydet"
-_CFG = DINO_CONFIGS["dino_tiny"][0]
-PRESET = dataclasses.replace(get_preset("dino_tiny"), name=NAME,
-                             preprocessing=Preprocessing(short_side=64, max_size=96),
-                             notes="dino_tiny with 64-px preprocessing (tests)")
-
-#: ``section.key=value`` overrides making MaskNet tiny for d = 32 (every part present, as the paper's)
-TINY_MASKNET = ("masknet.num_queries=10", "masknet.roi_size=8", "masknet.neck.groups=8",
-                "masknet.image_encoder.layers=1", "masknet.image_encoder.heads=4", "masknet.image_encoder.points=2",
-                "masknet.box_encoder.layers=1", "masknet.box_encoder.dim=16", "masknet.box_encoder.heads=2",
-                "masknet.box_encoder.points=2", "masknet.query_encoder.heads=4", "masknet.mask_scoring.channels=8",
-                "masknet.mask_scoring.convs=2", "masknet.mask_scoring.pool=2", "masknet.mask_scoring.fc_dim=16")
-
-
-def _build(*, checkpoint: object = None, device: str = "cpu") -> torch.nn.Module:
-    return build_dino(_CFG, preset=PRESET, checkpoint=checkpoint, device=device)  # type: ignore[arg-type]
-
-
-if NAME not in list_detectors():
-    register_detector(PRESET, _build)
-
-
-def save_detector_checkpoint(path: str | Path, seed: int = 0) -> Path:
-    """Random ``dino_tiny`` weights (seeded) as a checkpoint file."""
-    torch.manual_seed(seed)
-    torch.save(_build().state_dict(), path)
-    return Path(path)
-
-
-def tiny_masknet_config() -> Any:
-    from mfdetr.config import apply_overrides, from_dict
-    from mfdetr.masknet import MaskNetConfig
-
-    return from_dict(MaskNetConfig, apply_overrides({}, [o[len("masknet."):] for o in TINY_MASKNET]),
-                     where="masknet")
+from mfdetr.detectors.registry import get_preset
+from tests._tiny_detector import NAME, build_tiny
 
 
 def test_tiny64_preset_detects_at_64px() -> None:
     from mfdetr.contracts import ImageBatch
 
-    det = _build()
+    det = build_tiny()
     x = torch.randn(1, 3, 64, 80)
     batch = ImageBatch(images=x, pad_mask=torch.zeros(1, 64, 80, dtype=torch.bool),
                        input_hw=torch.tensor([[64, 80]]), orig_hw=torch.tensor([[48, 60]]), image_ids=[1],

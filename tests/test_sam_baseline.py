@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
-from mfdetr.cli import app
 from mfdetr.engine import sam_baseline
 from mfdetr.engine.sam_model import SAM_SPECS, SamSpec, build_sam_model, load_sam
-from tests.test_hostile_runs import refused
+from tests.conftest import cli, refused
 
 # SAM's architecture at toy sizes: a 64-px input, 4-px patches (a 16 × 16 embedding, 64 × 64 low-res masks)
 TINY = SamSpec(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
@@ -108,8 +107,9 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "coco": root / "coco", "cache": root / "cache", "ckpt": root / "run" / "ckpt.pt"}
 
 
-def cli(*args: Any) -> Result:
-    return CliRunner().invoke(app, ["eval", *[str(a) for a in args]])
+def sam_eval(*args: Any) -> subprocess.CompletedProcess[str]:
+    """``mfdetr eval ARGS`` in this process."""
+    return cli("eval", *args)
 
 
 def expected_boxes(cache: Path, topk: int) -> dict[int, np.ndarray]:
@@ -143,9 +143,9 @@ def test_cli_compares_sam_and_masknet_on_a_demo_cache(demo_cache: dict[str, Path
 
     monkeypatch.setattr(sam_baseline, "sam_image_masks", spy)
     out = tmp_path / "sam.json"
-    r = cli("--cache", demo_cache["cache"], "--baseline", "sam", "--sam-checkpoint", sam_file, "--sam-model", "tiny",
-            "--sam-topk", 4, "--masknet", demo_cache["ckpt"], "--device", "cpu", "--out", out)
-    assert r.exit_code == 0, (r.output, r.exception)
+    r = sam_eval("--cache", demo_cache["cache"], "--baseline", "sam", "--sam-checkpoint", sam_file, "--sam-model",
+                 "tiny", "--sam-topk", 4, "--masknet", demo_cache["ckpt"], "--device", "cpu", "--out", out)
+    assert r.returncode == 0, (r.stdout, r.stderr)
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["method", "segm", "AP"] and "boundary AP" in lines[0]
     assert lines[1].startswith("SAM tiny (box prompts)") and lines[2].startswith("MaskNet run")
@@ -169,8 +169,8 @@ def test_cli_compares_sam_and_masknet_on_a_demo_cache(demo_cache: dict[str, Path
     scores = [d["score"] for d in res]
     assert all(0 < s < 1 for s in scores) and len(set(scores)) > 1  # the detector's class scores
     # the results file scores like any results file, to the AP the table shows
-    e = CliRunner().invoke(app, ["eval-json", "--coco", str(demo_cache["coco"]), "--results", str(out)])
-    assert e.exit_code == 0, e.output
+    e = cli("eval-json", "--coco", demo_cache["coco"], "--results", out)
+    assert e.returncode == 0, e.stdout + e.stderr
     row = next(ln for ln in e.stdout.splitlines() if ln.startswith("segm"))
     assert abs(float(row.split()[1]) - float(lines[1].split()[-8])) < 0.01, (row, lines[1])
 
@@ -180,29 +180,29 @@ def test_missing_extra_is_one_line(demo_cache: dict[str, Path], sam_file: Path,
     for name in [m for m in sys.modules if m == "segment_anything" or m.startswith("segment_anything.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "segment_anything", None)
-    refused(cli("--cache", demo_cache["cache"], "--baseline", "sam", "--sam-checkpoint", sam_file),
+    refused(sam_eval("--cache", demo_cache["cache"], "--baseline", "sam", "--sam-checkpoint", sam_file),
             "segment-anything", ".[sam]")
 
 
 def test_bad_weights_are_one_line(demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None,
                                   tmp_path: Path) -> None:
     base = ("--cache", demo_cache["cache"], "--baseline", "sam", "--device", "cpu", "--sam-checkpoint")
-    refused(cli(*base, tmp_path / "nope.pth", "--sam-model", "tiny"), "nope.pth", "not found")
+    refused(sam_eval(*base, tmp_path / "nope.pth", "--sam-model", "tiny"), "nope.pth", "not found")
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
-    refused(cli(*base, tmp_path / "list.pth", "--sam-model", "tiny"), "list.pth", "not a SAM state dict")
+    refused(sam_eval(*base, tmp_path / "list.pth", "--sam-model", "tiny"), "list.pth", "not a SAM state dict")
     torch.save({"image_encoder.pos_embed": torch.zeros(1)}, tmp_path / "other.pth")
-    refused(cli(*base, tmp_path / "other.pth", "--sam-model", "tiny"), "not a SAM state dict", "patch_embed")
-    refused(cli(*base, sam_file, "--sam-model", "deeper"), "sam_tiny.pth", "2 blocks", "pass --sam-model tiny")
-    refused(cli(*base, sam_file), "--sam-model vit_h has width 1280", "pass --sam-model tiny")
-    refused(cli(*base, sam_file, "--sam-model", "vit_x"), "unknown --sam-model 'vit_x'")
+    refused(sam_eval(*base, tmp_path / "other.pth", "--sam-model", "tiny"), "not a SAM state dict", "patch_embed")
+    refused(sam_eval(*base, sam_file, "--sam-model", "deeper"), "sam_tiny.pth", "2 blocks", "pass --sam-model tiny")
+    refused(sam_eval(*base, sam_file), "--sam-model vit_h has width 1280", "pass --sam-model tiny")
+    refused(sam_eval(*base, sam_file, "--sam-model", "vit_x"), "unknown --sam-model 'vit_x'")
     state = torch.load(sam_file, weights_only=True)
     del state["mask_decoder.iou_token.weight"]
     torch.save(state, tmp_path / "cut.pth")
-    refused(cli(*base, tmp_path / "cut.pth", "--sam-model", "tiny"), "weights do not fit SAM tiny",
+    refused(sam_eval(*base, tmp_path / "cut.pth", "--sam-model", "tiny"), "weights do not fit SAM tiny",
             "mask_decoder.iou_token.weight")
-    refused(cli("--cache", demo_cache["cache"], "--baseline", "sam"), "--sam-checkpoint")
-    refused(cli(*base, sam_file, "--baseline", "medsam"), "unknown --baseline 'medsam'")
-    refused(cli(*base, sam_file, "--sam-model", "tiny", "--config", tmp_path / "x.toml"), "no --online, --config")
+    refused(sam_eval("--cache", demo_cache["cache"], "--baseline", "sam"), "--sam-checkpoint")
+    refused(sam_eval(*base, sam_file, "--baseline", "medsam"), "unknown --baseline 'medsam'")
+    refused(sam_eval(*base, sam_file, "--sam-model", "tiny", "--config", tmp_path / "x.toml"), "no --online, --config")
 
 
 def test_images_that_are_not_the_cached_ones(demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None,
@@ -212,10 +212,10 @@ def test_images_that_are_not_the_cached_ones(demo_cache: dict[str, Path], sam_fi
     base = ("--cache", demo_cache["cache"], "--baseline", "sam", "--device", "cpu", "--sam-checkpoint", sam_file,
             "--sam-model", "tiny", "--images", tmp_path, "--out", tmp_path / "r.json")
     first = min((demo_cache["coco"] / "val2017").iterdir())
-    refused(cli(*base), first.name, "missing image file")
+    refused(sam_eval(*base), first.name, "missing image file")
     with Image.open(first) as im:
         im.resize((im.width + 3, im.height)).save(tmp_path / first.name)
-    refused(cli(*base), first.name, "the cache recorded")
+    refused(sam_eval(*base), first.name, "the cache recorded")
     assert not (tmp_path / "r.json").exists()
     json.dumps(SAM_SPECS["vit_b"].__dict__)  # the published sizes are plain data
     assert (SAM_SPECS["vit_b"].encoder_embed_dim, SAM_SPECS["vit_l"].encoder_depth,

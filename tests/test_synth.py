@@ -15,7 +15,7 @@ from mfdetr.data import CocoInstances
 from mfdetr.data.synth import SynthConfig, generate_synth, render_scene
 from mfdetr.data.synth_render import SYNTH_CLASSES, render_object
 from mfdetr.evaluation import load_coco_gt
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2
 
@@ -136,15 +136,15 @@ def test_dataset_reads_synth_and_masks_match_coco(synth_dir):
 
 def test_synth_cli_and_overwrite(tmp_path):
     out = tmp_path / "s"
-    proc = run_cli("synth", "--out", out, "--train", "3", "--val", "2", "--image-size", "48", "--seed", "1",
-                   check=True)
+    proc = cli("synth", "--out", out, "--train", "3", "--val", "2", "--image-size", "48", "--seed", "1",
+               check=True)
     assert "train2017: 3 images" in proc.stdout
     data = json.loads((out / "annotations" / "instances_val2017.json").read_text())
     assert len(data["images"]) == 2
-    assert_user_error(run_cli("synth", "--out", out, "--train", "2"), str(out), "not empty", "--force")
-    run_cli("synth", "--out", out, "--train", "2", "--val", "1", "--image-size", "48", "--force", check=True)
+    assert_user_error(cli("synth", "--out", out, "--train", "2"), str(out), "not empty", "--force")
+    cli("synth", "--out", out, "--train", "2", "--val", "1", "--image-size", "48", "--force", check=True)
     assert len(list((out / "train2017").iterdir())) == 2 and len(list((out / "val2017").iterdir())) == 1
-    assert_user_error(run_cli("synth", "--out", tmp_path / "z", "--train", "0", "--val", "0"), "at least one image")
+    assert_user_error(cli("synth", "--out", tmp_path / "z", "--train", "0", "--val", "0"), "at least one image")
 
 
 def test_batches_over_synth_pad_varied_sizes(synth_dir):
