@@ -75,6 +75,13 @@ def _chdir(cwd: str | os.PathLike | None) -> Iterator[None]:
         os.chdir(old)
 
 
+def logged_losses(run: Path) -> list[tuple[int, float, float]]:
+    """``(step, loss, lr)`` of every training record in a run's ``metrics.jsonl``."""
+    from mfdetr.engine import read_jsonl
+
+    return [(r["step"], r["loss"], r["lr"]) for r in read_jsonl(Path(run) / "metrics.jsonl") if r["kind"] == "train"]
+
+
 def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
     """A user mistake: non-zero exit, a one-line ``mfdetr: error:`` message, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

@@ -21,9 +21,8 @@ import pytest
 import zarr
 
 import tests._fake_detector as fd
-from tests.conftest import REPO, assert_user_error, cli_env
+from tests.conftest import REPO, assert_user_error, cli, cli_env, logged_losses
 from tests.s3_server import S3Server
-from tests.test_cache_cli import cache_args, main_inproc
 
 N_IMAGES = 8
 
@@ -53,7 +52,7 @@ def coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(s3: S3Server, coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ref_s3") / "store"
-    proc = main_inproc(*cache_args(coco, out, "--no-progress"))
+    proc = cli(*fd.cache_args(coco, out, "--no-progress"))
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -108,7 +107,7 @@ def wait_for_commits(url: str, proc: subprocess.Popen[str], n: int) -> None:
 @pytest.mark.slow
 def test_sigkill_then_resume_on_s3_is_identical_to_disk(s3: S3Server, coco: Path, reference: Path) -> None:
     url = f"s3://{s3.make_bucket()}/caches/val"
-    proc = popen(cache_args(coco, url), {"MFDETR_FAKE_SLEEP": "0.4"})
+    proc = popen(fd.cache_args(coco, url), {"MFDETR_FAKE_SLEEP": "0.4"})
     try:
         wait_for_commits(url, proc, 2)
         proc.send_signal(signal.SIGKILL)
@@ -119,11 +118,11 @@ def test_sigkill_then_resume_on_s3_is_identical_to_disk(s3: S3Server, coco: Path
     assert proc.returncode == -signal.SIGKILL
     flags = remote_arrays(url)[0]["commit"]
     assert 2 <= int((flags != 0).sum()) < N_IMAGES  # really interrupted mid-run
-    resumed = main_inproc(*cache_args(coco, url, "--no-progress"))
+    resumed = cli(*fd.cache_args(coco, url, "--no-progress"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"{N_IMAGES - 1} done, 1 skipped, 0 pending" in resumed.stdout
     assert_same_as_local(reference, url)
-    ins = main_inproc("inspect", url, "--verify")
+    ins = cli("inspect", url, "--verify")
     assert ins.returncode == 0, ins.stderr
     assert f"{N_IMAGES - 1}/{N_IMAGES} done, 1 skipped, 0 pending, 0 damaged" in ins.stdout
 
@@ -132,8 +131,8 @@ def test_sigkill_then_resume_on_s3_is_identical_to_disk(s3: S3Server, coco: Path
 def test_two_concurrent_shard_writers_on_s3(s3: S3Server, coco: Path, reference: Path) -> None:
     """Two processes create the same new store at once (one wins the exclusive create) and fill it."""
     url = f"s3://{s3.make_bucket()}/shared"
-    a = popen(cache_args(coco, url, "--shard", "0/2", "--no-progress"), {})
-    b = popen(cache_args(coco, url, "--shard", "1/2", "--no-progress"), {})
+    a = popen(fd.cache_args(coco, url, "--shard", "0/2", "--no-progress"), {})
+    b = popen(fd.cache_args(coco, url, "--shard", "1/2", "--no-progress"), {})
     outs = [p.communicate(timeout=300) for p in (a, b)]
     assert a.returncode == 0 and b.returncode == 0, outs
     done = [int(o[0].split("done: ")[1].split(" images")[0]) for o in outs]
@@ -145,16 +144,16 @@ def test_inspect_verify_finds_a_lost_object(s3: S3Server, coco: Path, reference:
     import fsspec
 
     url = f"s3://{s3.make_bucket()}/v"
-    proc = main_inproc(*cache_args(coco, url, "--no-progress"))
+    proc = cli(*fd.cache_args(coco, url, "--no-progress"))
     assert proc.returncode == 0, proc.stderr
     assert_same_as_local(reference, url)
-    ins = main_inproc("inspect", url, "--verify")
+    ins = cli("inspect", url, "--verify")
     assert ins.returncode == 0 and f"cache {url}: valid" in ins.stdout, ins.stderr
     fs, path = fsspec.core.url_to_fs(url)
     fs.rm_file(f"{path}/queries/c/0/0/0")  # image index 0's queries lost
-    ins = main_inproc("inspect", url, "--verify")
+    ins = cli("inspect", url, "--verify")
     assert ins.returncode != 0 and "1 damaged" in ins.stdout and "queries" in ins.stdout, (ins.stdout, ins.stderr)
-    rerun = main_inproc(*cache_args(coco, url, "--no-progress"))  # the damaged image is recomputed
+    rerun = cli(*fd.cache_args(coco, url, "--no-progress"))  # the damaged image is recomputed
     assert rerun.returncode == 0 and "done: 1 images this run" in rerun.stdout, rerun.stderr
     assert_same_as_local(reference, url)
 
@@ -163,16 +162,16 @@ def test_wrong_bucket_and_missing_credentials_are_one_line(s3: S3Server, coco: P
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs
 
-    assert_user_error(main_inproc(*cache_args(coco, "s3://no-such-bucket-mfdetr/x")), "s3://no-such-bucket-mfdetr/x",
+    assert_user_error(cli(*fd.cache_args(coco, "s3://no-such-bucket-mfdetr/x")), "s3://no-such-bucket-mfdetr/x",
                       "bucket")
-    assert_user_error(main_inproc("inspect", "s3://no-such-bucket-mfdetr/x"), "bucket 'no-such-bucket-mfdetr'")
+    assert_user_error(cli("inspect", "s3://no-such-bucket-mfdetr/x"), "bucket 'no-such-bucket-mfdetr'")
     bucket = s3.make_bucket()
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(k)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        assert_user_error(main_inproc(*cache_args(coco, f"s3://{bucket}/x")), f"s3://{bucket}/x", "credentials")
-        assert_user_error(main_inproc("inspect", f"s3://{bucket}/x"), "NoCredentialsError")
+        assert_user_error(cli(*fd.cache_args(coco, f"s3://{bucket}/x")), f"s3://{bucket}/x", "credentials")
+        assert_user_error(cli("inspect", f"s3://{bucket}/x"), "NoCredentialsError")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
 
@@ -185,7 +184,7 @@ def test_server_stopped_mid_write_is_one_line_and_resumable(s3: S3Server, coco: 
     own.start()
     bucket = own.make_bucket()
     url = f"s3://{bucket}/c"
-    proc = popen(cache_args(coco, url, "--no-progress"), {**own.env(), "MFDETR_FAKE_SLEEP": "0.4"})
+    proc = popen(fd.cache_args(coco, url, "--no-progress"), {**own.env(), "MFDETR_FAKE_SLEEP": "0.4"})
     try:
         wait_for_commits(url, proc, 2)
         own.stop()
@@ -199,7 +198,7 @@ def test_server_stopped_mid_write_is_one_line_and_resumable(s3: S3Server, coco: 
     try:
         committed = int((remote_arrays(url)[0]["commit"] != 0).sum())
         assert 2 <= committed < N_IMAGES
-        rerun = main_inproc(*cache_args(coco, url, "--no-progress"))
+        rerun = cli(*fd.cache_args(coco, url, "--no-progress"))
         assert rerun.returncode == 0, rerun.stderr
         assert f"{N_IMAGES - 1} done, 1 skipped, 0 pending" in rerun.stdout
         assert_same_as_local(reference, url)
@@ -216,7 +215,7 @@ def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, re
     from mfdetr.cache import CacheStore
 
     url = f"s3://{s3.make_bucket()}/e"
-    assert main_inproc(*cache_args(coco, url, "--no-progress")).returncode == 0
+    assert cli(*fd.cache_args(coco, url, "--no-progress")).returncode == 0
     store = CacheStore.open(url, remote_cache=tmp_path / "node")
     local = CacheStore.open(reference)
     got = []
@@ -240,22 +239,19 @@ def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, re
 def test_training_with_workers_from_s3_equals_disk(s3: S3Server, tmp_path: Path) -> None:
     """``mfdetr train --cache s3://...`` in a real process with 2 DataLoader workers (forkserver/spawn)
     logs the losses of the same run on the local-disk copy of the cache."""
-    from tests.test_engine_cli import _toml_table
-    from tests.test_engine_stage2 import TINY, write_cache
-    from tests.test_hostile_stops import _losses
 
     coco = tmp_path / "coco"
     fd.make_coco(coco, n=4, split="train2017")
     ckpt = fd.save_fake_checkpoint(tmp_path / "fake.pth")
     url = f"s3://{s3.make_bucket()}/train"
-    write_cache(coco, "train2017", tmp_path / "disk", ckpt)
-    write_cache(coco, "train2017", url, ckpt)  # type: ignore[arg-type]
+    fd.write_cache(coco, "train2017", tmp_path / "disk", ckpt)
+    fd.write_cache(coco, "train2017", url, ckpt)  # type: ignore[arg-type]
     train = {"device": "cpu", "iterations": 6, "batch_size": 2, "log_every": 1, "num_workers": 0, "progress": False,
              "lr": 1e-3, "checkpoint_every": 100}
     for workers in (0, 2):
         cfg = tmp_path / f"w{workers}.toml"
-        cfg.write_text("\n".join(_toml_table("train", {**train, "num_workers": workers}) + _toml_table("masknet", TINY)))
-    disk = main_inproc("train", "--cache", tmp_path / "disk", "--coco", coco, "--config", tmp_path / "w0.toml",
+        cfg.write_text("\n".join(fd.toml_table("train", {**train, "num_workers": workers}) + fd.toml_table("masknet", fd.TINY)))
+    disk = cli("train", "--cache", tmp_path / "disk", "--coco", coco, "--config", tmp_path / "w0.toml",
                        "--out", tmp_path / "run_disk")
     assert disk.returncode == 0, disk.stderr
     proc = subprocess.run([sys.executable, "-m", "mfdetr", "train", "--cache", url, "--coco", str(coco), "--config",
@@ -264,7 +260,7 @@ def test_training_with_workers_from_s3_equals_disk(s3: S3Server, tmp_path: Path)
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     assert any(p.name == "0" for p in (tmp_path / "node").rglob("*"))  # chunks were read through the node cache
-    ref, got = _losses(tmp_path / "run_disk"), _losses(tmp_path / "run_s3")
+    ref, got = logged_losses(tmp_path / "run_disk"), logged_losses(tmp_path / "run_s3")
     assert len(ref) == 6 and got == ref
 
 
@@ -289,9 +285,6 @@ def test_two_nodes_cache_and_train_from_one_s3_store(s3: S3Server, tmp_path: Pat
     """Two torchrun launchers (standing for two machines) write one S3 store, work split by global rank,
     identical to a single-process cache; DDP training from it (gloo) logs the losses of one process
     with the global batch."""
-    from tests.test_engine_cli import _toml_table
-    from tests.test_engine_stage2 import TINY
-    from tests.test_hostile_stops import _losses
 
     coco = tmp_path / "coco"
     fd.make_coco(coco, n=6, split="train2017")
@@ -303,24 +296,24 @@ def test_two_nodes_cache_and_train_from_one_s3_store(s3: S3Server, tmp_path: Pat
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
     done = sorted(int(r.stdout.split("done: ")[1].split(" images")[0]) for r in runs)
     assert done == [3, 3]  # global ranks 0 and 1 took every other image
-    one = main_inproc(*args, "--out", tmp_path / "one")
+    one = cli(*args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     assert_same_as_local(tmp_path / "one", url)
 
     train = {"device": "cpu", "iterations": 3, "log_every": 1, "num_workers": 0, "progress": False, "lr": 1e-3,
              "checkpoint_every": 100}
     for name, bs in (("ddp", 1), ("single", 2)):
-        (tmp_path / f"{name}.toml").write_text("\n".join(_toml_table("train", {**train, "batch_size": bs})
-                                                         + _toml_table("masknet", TINY)))
+        (tmp_path / f"{name}.toml").write_text("\n".join(fd.toml_table("train", {**train, "batch_size": bs})
+                                                         + fd.toml_table("masknet", fd.TINY)))
     runs = _two_nodes(["train", "--cache", url, "--coco", str(coco), "--config", str(tmp_path / "ddp.toml"),
                        "--out", str(tmp_path / "run_ddp")], tmp_path, "train")
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
-    single = main_inproc("train", "--cache", tmp_path / "one", "--coco", coco, "--config", tmp_path / "single.toml",
+    single = cli("train", "--cache", tmp_path / "one", "--coco", coco, "--config", tmp_path / "single.toml",
                          "--out", tmp_path / "run_single")
     assert single.returncode == 0, single.stderr
     run = json.loads((tmp_path / "run_ddp" / "run.json").read_text())
     assert (run["world_size"], run["backend"]) == (2, "gloo")
-    a, b = _losses(tmp_path / "run_ddp"), _losses(tmp_path / "run_single")
+    a, b = logged_losses(tmp_path / "run_ddp"), logged_losses(tmp_path / "run_single")
     assert len(a) == len(b) == 3
     assert [x[1] for x in a] == pytest.approx([x[1] for x in b], abs=1e-5)
 
@@ -340,7 +333,7 @@ def test_file_url_is_the_local_store(s3: S3Server, reference: Path) -> None:
 
     assert store_location(f"file://{reference}") == reference and store_location(str(reference)) == reference
     assert isinstance(store_location("s3://bucket/prefix"), RemotePath)
-    ins = main_inproc("inspect", f"file://{reference}")
+    ins = cli("inspect", f"file://{reference}")
     assert ins.returncode == 0 and f"{N_IMAGES - 1}/{N_IMAGES} done" in ins.stdout, ins.stderr
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import tests._fake_detector as fd
-from tests.conftest import cli, cli_env
+from tests.conftest import cli, cli_env, logged_losses
 from tests._fake_detector import write_cache
 
 
@@ -35,10 +35,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "coco": coco, "cache": cache, "cfg": cfg}
 
 
-def _losses(run: Path) -> list[tuple[int, float, float]]:
-    from mfdetr.engine import read_jsonl
-
-    return [(r["step"], r["loss"], r["lr"]) for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+_losses = logged_losses
 
 
 
