@@ -3,7 +3,10 @@
 The engine composes injected parts (model, criterion, dataset, evaluation) and owns the loop, data
 order, distributed setup, checkpoints, logging and the run record. Public surface:
 
-- :func:`train`, :class:`TrainResult`, :func:`seed_everything` — the training loop (:mod:`.trainer`);
+- :class:`Trainer`, :class:`HookBase`, :class:`TrainModel` — the training loop and its hooks
+  (:mod:`.training`), on which every training job runs (stage 2 cached / online / fine-tuning, and a
+  detector from scratch: :mod:`.training.detector`);
+- :func:`train`, :class:`TrainResult`, :func:`seed_everything` — stage-2 training (:mod:`.trainer`);
 - :class:`TrainConfig`, :class:`DataConfig`, :class:`RunConfig`, :func:`load_run_config`,
   :func:`build_run_config` — typed run configuration (:mod:`.config`);
 - :class:`StepDecay` — the paper's lr schedule; :class:`EpochPlan` — seeded, resumable data order;
@@ -46,6 +49,7 @@ _EXPORTS = {
     "train_from_cache": "stage2",
     "DetectorStep": "online", "eval_online": "online", "sweep_online": "online", "train_online": "online",
     "FineTuned": "finetune",
+    "HookBase": "training.loop", "TrainModel": "training.loop", "Trainer": "training.loop",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -67,6 +71,7 @@ if TYPE_CHECKING:
     from mfdetr.engine.stage2 import CacheSources, eval_from_cache, sweep_from_cache, train_from_cache
     from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, load_sweep, run_sweep
     from mfdetr.engine.trainer import TrainResult, seed_everything, train
+    from mfdetr.engine.training.loop import HookBase, Trainer, TrainModel
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

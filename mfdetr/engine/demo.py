@@ -193,7 +193,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
     out = Path(opts.out)
     _prepare(out, opts.force)
     if ckpt is None:
-        from mfdetr.detectors.training.loop import build_trainable, save_weights
+        from mfdetr.detectors.training.recipe import build_trainable, save_weights
 
         ckpt = save_weights(build_trainable(preset.name, seed=opts.seed), out / "detector_untrained.pt")
         echo(f"untrained {preset.name} detector (seed {opts.seed}) written to {ckpt}: APs will be near zero")

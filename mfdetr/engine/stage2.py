@@ -2,7 +2,7 @@
 ``mfdetr train`` / ``mfdetr eval`` / ``mfdetr sweep``.
 
 Composition only: the cache reader, the COCO data/evaluation and the
-mask network are built here and handed to the generic loop of :mod:`mfdetr.engine.trainer`.
+mask network are built here and handed to the training loop (:mod:`mfdetr.engine.trainer`).
 ``mfdetr.detectors`` is never imported — stage 2 sees only cached tensors.
 
 Evaluation reports the segm AP of the masks (score eq. 13 with mask scoring, else eq. 2) and the box
@@ -36,6 +36,7 @@ from mfdetr.engine.loading import loader_options
 from mfdetr.devices import resolve_device
 from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
 from mfdetr.engine.trainer import TrainResult, seed_everything, train
+from mfdetr.engine.training.models import Supervised
 from mfdetr.errors import MfdetrError
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -94,13 +95,13 @@ def build_parts(cfg: RunConfig, manifest: Mapping[str, Any]) -> Stage2Parts:
     return Stage2Parts(masknet_cfg=mcfg, loss_cfg=loss_cfg, assign_cfg=assign_cfg, model=model, criterion=crit)
 
 
-def training_model(parts: Stage2Parts) -> nn.Module:
-    """The module the training loop drives: target assignment, then MaskNet on the positives only
+def training_model(parts: Stage2Parts) -> Supervised:
+    """What the training loop trains: target assignment, then MaskNet on the positives only
     (:class:`~mfdetr.masknet.positives.PositivesOnly`; same losses and gradients as all K queries,
-    checkpoints hold the plain MaskNet state)."""
+    checkpoints hold the plain MaskNet state), scored by the run's criterion."""
     from mfdetr.masknet.positives import PositivesOnly
 
-    return PositivesOnly(parts.model, parts.criterion)
+    return Supervised(PositivesOnly(parts.model, parts.criterion), parts.criterion, assigns_targets=True)
 
 
 def complexity(model: nn.Module, manifest: Mapping[str, Any]) -> dict[str, float]:
@@ -290,7 +291,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
               "cache_manifest": store.manifest}
     if resume:
         check_same_cache(out, store.manifest)
-    res = train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set, run_dir=out,
+    res = train(cfg=cfg, model=training_model(parts), train_set=train_set, run_dir=out,
                 resume=resume, masknet_config=_plain(parts.masknet_cfg), manifest_sha256=manifest_sha256(store.manifest),
                 evaluate_fn=evaluate_fn if val_set is not None else None, record=record,
                 prepare_batch=damage.preparer(train_set.prepare_batch))
@@ -398,7 +399,7 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
             resume = (vdir / "run" / "ckpt.pt").exists()
             if resume:
                 check_same_cache(vdir / "run", store.manifest)
-            train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set,
+            train(cfg=cfg, model=training_model(parts), train_set=train_set,
                   run_dir=vdir / "run", resume=resume, masknet_config=_plain(parts.masknet_cfg),
                   manifest_sha256=manifest_sha256(store.manifest),
                   record={"variant": v.name, "complexity": cx, "cache_manifest": store.manifest},
