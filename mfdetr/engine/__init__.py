@@ -3,6 +3,11 @@
 The engine composes injected parts (model, criterion, dataset, evaluation) and owns the loop, data
 order, distributed setup, checkpoints, logging and the run record. Public surface:
 
+Subpackages by job: :mod:`.training` (the loop and its hooks, the detector's training driver),
+:mod:`.inference` (``mfdetr predict``, overlays, ONNX export, latency, the SAM baseline) and
+:mod:`.reports` (curves, the demo); the modules here serve stage 2 (train / evaluate / sweep, cached or
+online).
+
 - :class:`Trainer`, :class:`HookBase`, :class:`TrainModel` — the training loop and its hooks
   (:mod:`.training`), on which every training job runs (stage 2 cached / online / fine-tuning, and a
   detector from scratch: :mod:`.training.detector`);
@@ -40,7 +45,7 @@ _EXPORTS = {
     "diff_configs": "config", "load_run_config": "config",
     "DistContext": "distributed", "init_distributed": "distributed",
     "MetricLogger": "metrics", "read_jsonl": "metrics", "read_scalars": "metrics",
-    "plot_run": "plot",
+    "plot_run": "reports.plot",
     "EpochPlan": "sampling", "StepDecay": "schedule",
     "TrainResult": "trainer", "seed_everything": "trainer", "train": "trainer",
     "SweepSpec": "sweep", "Variant": "sweep", "VariantResult": "sweep", "load_sweep": "sweep", "run_sweep": "sweep",
@@ -65,7 +70,7 @@ if TYPE_CHECKING:
     from mfdetr.engine.metrics import MetricLogger, read_jsonl, read_scalars
     from mfdetr.engine.finetune import FineTuned
     from mfdetr.engine.online import DetectorStep, eval_online, sweep_online, train_online
-    from mfdetr.engine.plot import plot_run
+    from mfdetr.engine.reports.plot import plot_run
     from mfdetr.engine.sampling import EpochPlan
     from mfdetr.engine.schedule import StepDecay
     from mfdetr.engine.stage2 import CacheSources, eval_from_cache, sweep_from_cache, train_from_cache
