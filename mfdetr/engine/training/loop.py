@@ -173,14 +173,14 @@ class Trainer:
     def train(self) -> None:
         """Run every step from ``step`` to ``stop`` (see the class doc)."""
         try:
-            self._each("before_train")
+            self._each(lambda h: h.before_train(self))
             self.model.network.train()
             for batch, failed in interruptible(_guarded(self.data.batches(self.step, self.stop)), self._interrupted):
-                self._each("before_step")
+                self._each(lambda h: h.before_step(self))
                 self.run_step(batch, failed)
                 self.step += 1
-                self._each("after_step")
-            self._each("after_train")
+                self._each(lambda h: h.after_step(self))
+            self._each(lambda h: h.after_train(self))
         finally:
             for h in self.hooks:
                 h.close()
@@ -222,12 +222,12 @@ class Trainer:
             state.update(h.state_dict())
         return state
 
-    def _each(self, point: str) -> None:
+    def _each(self, call: Callable[[HookBase], None]) -> None:
         for h in self.hooks:
-            getattr(h, point)(self)
+            call(h)
 
     def _interrupted(self) -> BaseException:
-        self._each("on_interrupt")
+        self._each(lambda h: h.on_interrupt(self))
         return self._interrupt(self)
 
 
