@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mfdetr.engine.latency import benchmark_predict, format_report, parse_size  # noqa: E402
+from mfdetr.engine.inference.latency import benchmark_predict, format_report, parse_size  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from mfdetr.data.synth import SynthConfig, generate_synth, synth_classes
 from mfdetr.data.synth_render import SYNTH_CLASSES
 from mfdetr.detectors.auto import eval_preprocessing
 from mfdetr.detectors.categories import read_categories, slot_map
-from mfdetr.engine.predict import category_names
+from mfdetr.engine.inference.names import category_names
 from mfdetr.errors import MfdetrError
 from mfdetr.evaluation import (
     CocoEvaluator,

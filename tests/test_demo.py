@@ -29,7 +29,7 @@ def _summary_value(text: str, label: str) -> float:
 def test_shortened_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mfdetr.cache import CacheStore
     from mfdetr.detectors import get_preset
-    from mfdetr.engine.predict import load_masknet_checkpoint
+    from mfdetr.engine.inference.predict import load_masknet_checkpoint
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     det = save_detector_checkpoint(tmp_path / "det.pth")
@@ -76,7 +76,7 @@ def test_shortened_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_demo_refuses_a_non_empty_folder(tmp_path: Path) -> None:
-    from mfdetr.engine.demo import DemoOptions, run_demo
+    from mfdetr.engine.reports.demo import DemoOptions, run_demo
     from mfdetr.errors import MfdetrError
 
     (tmp_path / "keep.txt").write_text("mine")
@@ -88,7 +88,7 @@ def test_demo_refuses_a_non_empty_folder(tmp_path: Path) -> None:
 
 def _demo_weights() -> Path | None:
     from mfdetr.detectors import get_preset, list_detectors
-    from mfdetr.engine.predict import detector_checkpoint
+    from mfdetr.engine.inference.predict import detector_checkpoint
     from mfdetr.errors import MfdetrError
 
     if "demo" not in list_detectors():

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from mfdetr.detectors.training import HungarianMatcher, SetCriterion, build_trainable, dino_train_forward, train_detector
+from mfdetr.detectors.training import HungarianMatcher, SetCriterion, build_trainable, dino_train_forward
 from mfdetr.detectors.training.denoising import cdn_attn_mask, prepare_cdn
-from mfdetr.detectors.training.loop import LossOptions
+from mfdetr.engine.training.detector import train_detector
+from mfdetr.detectors.training.recipe import LossOptions
 from tests.test_det_training import TINY, _tiny_cfg, _toy_batch, tiny_preset, toy_coco  # noqa: F401
 
 TARGETS = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},

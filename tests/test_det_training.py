@@ -28,11 +28,11 @@ from mfdetr.detectors.training import (
     build_trainable,
     dino_train_forward,
     epoch_batches,
-    train_detector,
     weights_state,
 )
 from mfdetr.detectors.training.data import min_batches
-from mfdetr.detectors.training.loop import DataOptions, OptimOptions
+from mfdetr.engine.training.detector import train_detector
+from mfdetr.detectors.training.recipe import DataOptions, OptimOptions
 
 TINY = "test_tiny_train"
 
@@ -246,7 +246,7 @@ def test_demo_preset_small_weights_and_strict_reload() -> None:
 
 
 def test_sampling_projections_get_a_tenth_of_the_lr() -> None:
-    from mfdetr.detectors.training.loop import OptimOptions, param_groups
+    from mfdetr.detectors.training.recipe import OptimOptions, param_groups
 
     model = build_trainable(TINY, seed=0)
     groups = param_groups(model, OptimOptions(linear_proj_lr_mult=0.1))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mfdetr.config import from_dict, load_toml
 from mfdetr.engine import load_run_config
-from mfdetr.engine.plot import nice_ticks, plot_run
+from mfdetr.engine.reports.plot import nice_ticks, plot_run
 from mfdetr.engine.sweep import METRICS, Variant, VariantResult, load_sweep, run_sweep
 from mfdetr.errors import MfdetrError
 

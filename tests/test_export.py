@@ -21,7 +21,7 @@ def _check_graph(onnx_path: Path, masknet: torch.nn.Module, preset: Any) -> None
     import onnx
     import onnxruntime as ort
 
-    from mfdetr.engine.export import (
+    from mfdetr.engine.inference.export import (
         MaskNetGraph,
         flat_inputs,
         masknet_example_inputs,
@@ -52,8 +52,8 @@ def _check_graph(onnx_path: Path, masknet: torch.nn.Module, preset: Any) -> None
 @pytest.mark.parametrize("preset_name", ["demo", "hdetr_tiny"])
 def test_masknet_only_onnx_matches_pytorch_at_two_sizes(preset_name: str, tmp_path: Path) -> None:
     from mfdetr.detectors import get_preset
-    from mfdetr.engine.export import ExportJob, export_masknet, run_export
-    from mfdetr.engine.predict import load_masknet_checkpoint
+    from mfdetr.engine.inference.export import ExportJob, export_masknet, run_export
+    from mfdetr.engine.inference.predict import load_masknet_checkpoint
 
     preset = get_preset(preset_name)
     ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", preset_name, seed=3)
@@ -70,7 +70,7 @@ def test_masknet_only_onnx_matches_pytorch_at_two_sizes(preset_name: str, tmp_pa
 
 
 def test_export_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mfdetr.engine.export import ExportJob, run_export
+    from mfdetr.engine.inference.export import ExportJob, run_export
     from mfdetr.errors import MfdetrError
 
     proc = cli("export", "--detector", "demo", "--masknet", tmp_path / "missing.pt", "--out",
@@ -104,8 +104,8 @@ def test_whole_path_onnx_matches_pytorch_at_two_sizes(preset_name: str, tmp_path
     import onnxruntime as ort
 
     from mfdetr.detectors import build_detector, get_preset
-    from mfdetr.engine.export import ExportJob, FullGraph, export_full, run_export
-    from mfdetr.engine.predict import detector_checkpoint, load_masknet_checkpoint
+    from mfdetr.engine.inference.export import ExportJob, FullGraph, export_full, run_export
+    from mfdetr.engine.inference.predict import detector_checkpoint, load_masknet_checkpoint
 
     preset = get_preset(preset_name)
     ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", preset_name, seed=4)

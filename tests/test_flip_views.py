@@ -91,7 +91,7 @@ def _flipped_copy(coco: Path, split: str, out: Path) -> Path:
 def test_hflip_view_is_the_demo_detector_run_on_the_flipped_image(tmp_path: Path) -> None:
     from mfdetr.data import SynthConfig, generate_synth
     from mfdetr.detectors.registry import get_preset
-    from mfdetr.engine.predict import detector_checkpoint
+    from mfdetr.engine.inference.predict import detector_checkpoint
 
     ckpt = detector_checkpoint(get_preset("demo"), None)
     coco = tmp_path / "synth"

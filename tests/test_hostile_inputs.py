@@ -384,7 +384,7 @@ def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[st
 
 def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from mfdetr.engine.predict import PredictJob, run_predict
+    from mfdetr.engine.inference.predict import PredictJob, run_predict
     from tests._tiny_detector import NAME
 
     out = tmp_path / "out"
@@ -399,7 +399,7 @@ def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tm
             raise OSError(28, "No space left on device")
         return Image.new("RGB", (4, 4))
 
-    monkeypatch.setattr("mfdetr.engine.overlay.draw_overlay", fails_on_the_second_image)
+    monkeypatch.setattr("mfdetr.engine.inference.overlay.draw_overlay", fails_on_the_second_image)
     job = PredictJob(detector=NAME, masknet=predict_setup["masknet"], inputs=(str(predict_setup["images"]),),
                      out=out, checkpoint=predict_setup["det"], score_threshold=0.0, device="cpu")
     with pytest.raises(OSError, match="No space left"):

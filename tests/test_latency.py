@@ -17,8 +17,8 @@ STAGES = ("preprocess", "detector", "masknet", "postprocess")
 
 
 def test_benchmark_breakdown_for_the_demo_detector(tmp_path: Path) -> None:
-    from mfdetr.engine.latency import STAGES as stages
-    from mfdetr.engine.latency import benchmark_predict, format_report
+    from mfdetr.engine.inference.latency import STAGES as stages
+    from mfdetr.engine.inference.latency import benchmark_predict, format_report
 
     assert stages == STAGES
     ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)

@@ -52,7 +52,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _job(s: dict[str, Path], out: Path, **kw: Any) -> Any:
-    from mfdetr.engine.predict import PredictJob
+    from mfdetr.engine.inference.predict import PredictJob
 
     args = dict(detector=NAME, masknet=s["plain"], inputs=(str(s["images"]), str(s["bad"])), out=out,
                 checkpoint=s["det"], score_threshold=0.0, device="cpu")
@@ -113,7 +113,7 @@ def test_predict_matches_detector_then_masknet(setup: dict[str, Path], tmp_path:
     from mfdetr.data import EvalTransform, load_rgb
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.contracts import ImageBatch
-    from mfdetr.engine.predict import load_masknet_checkpoint, run_predict
+    from mfdetr.engine.inference.predict import load_masknet_checkpoint, run_predict
     from mfdetr.masknet import masks_to_coco_results
 
     preset = get_preset(NAME)
@@ -146,7 +146,7 @@ def test_predict_matches_detector_then_masknet(setup: dict[str, Path], tmp_path:
 
 
 def test_threshold_one_keeps_nothing_and_overlay_is_the_image(setup: dict[str, Path], tmp_path: Path) -> None:
-    from mfdetr.engine.predict import run_predict
+    from mfdetr.engine.inference.predict import run_predict
 
     s = run_predict(_job(setup, tmp_path / "o", score_threshold=1.0, masknet=setup["engine"]),
                     progress=False, echo=lambda _: None, warn=lambda _: None)
@@ -158,7 +158,7 @@ def test_threshold_one_keeps_nothing_and_overlay_is_the_image(setup: dict[str, P
 
 
 def test_checkpoint_records_category_names(setup: dict[str, Path], tmp_path: Path) -> None:
-    from mfdetr.engine.predict import run_predict
+    from mfdetr.engine.inference.predict import run_predict
 
     s = run_predict(_job(setup, tmp_path / "o", overlays=False), progress=False, echo=lambda _: None,
                     warn=lambda _: None)
@@ -167,7 +167,7 @@ def test_checkpoint_records_category_names(setup: dict[str, Path], tmp_path: Pat
 
 
 def test_overlay_draws_mask_box_and_label() -> None:
-    from mfdetr.engine.overlay import OverlayInstance, category_color, draw_overlay
+    from mfdetr.engine.inference.overlay import OverlayInstance, category_color, draw_overlay
 
     img = Image.new("RGB", (60, 40), (0, 0, 0))
     mask = np.zeros((40, 60), dtype=bool)
@@ -189,7 +189,7 @@ def test_missing_and_foreign_checkpoints_are_one_line_errors(setup: dict[str, Pa
             "--device", "cpu"]
     assert_user_error(cli(*base, "--masknet", tmp_path / "nothing.pt"), "MaskNet checkpoint not found",
                       "nothing.pt")
-    from mfdetr.engine.predict import run_predict
+    from mfdetr.engine.inference.predict import run_predict
     from mfdetr.errors import MfdetrError
 
     with pytest.raises(MfdetrError, match="hidden_dim=64"):
@@ -205,7 +205,7 @@ def test_missing_and_foreign_checkpoints_are_one_line_errors(setup: dict[str, Pa
 
 def test_other_detector_checkpoint_warns(setup: dict[str, Path], tmp_path: Path) -> None:
     """A MaskNet trained on another checkpoint of the same preset (sha256 differs) runs, with a warning."""
-    from mfdetr.engine.predict import run_predict
+    from mfdetr.engine.inference.predict import run_predict
 
     ckpt = torch.load(setup["engine"], weights_only=False)
     ckpt["meta"]["detector"]["checkpoint.sha256"] = "0" * 64

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from mfdetr.engine import sam_baseline
-from mfdetr.engine.sam_model import SAM_SPECS, SamSpec, build_sam_model, load_sam
+from mfdetr.engine.inference import sam_baseline
+from mfdetr.engine.inference.sam_model import SAM_SPECS, SamSpec, build_sam_model, load_sam
 from tests.conftest import cli, refused
 
 # SAM's architecture at toy sizes: a 64-px input, 4-px patches (a 16 × 16 embedding, 64 × 64 low-res masks)

@@ -129,7 +129,7 @@ def test_preset_file_and_plot_write_through_the_helper(tmp_path) -> None:
 
     from mfdetr.detectors import get_preset
     from mfdetr.detectors.preset_file import save_preset_file
-    from mfdetr.engine.plot import plot_run
+    from mfdetr.engine.reports.plot import plot_run
 
     out = save_preset_file(get_preset("demo"), tmp_path / "p.json", name="mine")
     assert json.loads(out.read_text())["name"] == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
@@ -154,7 +154,7 @@ def test_coco_bbox_clips_to_the_image_then_gives_xywh() -> None:
 
 
 def test_cached_box_results_are_clipped_coco_boxes() -> None:
-    from mfdetr.engine.stage2 import box_results
+    from mfdetr.engine.evaluate import box_results
 
     det = _output()
     det.boxes = torch.tensor([[[0.5, 0.5, 1.4, 0.2], [0.1, 0.9, 0.4, 0.4], [0.5, 0.5, 0.2, 0.2]]] * 2)

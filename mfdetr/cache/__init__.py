@@ -16,7 +16,7 @@
 
 The schema (manifest JSON Schema + array table) lives in ``cache_schemas/v1`` and ships with the
 package. The reader side (:class:`CacheStore`) never imports a detector: the stage-1 job
-(:mod:`mfdetr.cache.run`, which builds one) is imported on first use of its names only.
+(:mod:`mfdetr.cache.run` and its plan, :mod:`mfdetr.cache.plan`) is imported on first use of its names only.
 """
 
 from typing import TYPE_CHECKING

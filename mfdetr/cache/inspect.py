@@ -76,10 +76,28 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     if len(skips) > max_skips:
         lines.append(f"  ... {len(skips) - max_skips} more skipped")
     written = flag_done + skipped
-    arrays: dict[str, Any] = {}
     lines.append(f"arrays (stored bytes vs raw bytes of the {written} written chunks):")
+    arrays, total = _arrays(store, view_flags, lines)
+    partial = 0 if isinstance(store.path, RemotePath) else sum(  # object stores have no temporaries
+        1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
+    lines.append(f"bytes on disk: {_human(stored_bytes(store.path))}"
+                 + (f"; {_human(total / flag_done)}/image" if flag_done else ""))
+    if partial:
+        lines.append(f"note: {partial} leftover '.partial' temporary files from interrupted writers "
+                     "(harmless; not part of any image)")
+    facts = {"done": done, "skipped": skipped, "pending": pending, "damaged": int(damaged_idx.sum()),
+             "damage": damage, "verified": verify, "num_images": len(flags), "arrays": arrays,
+             "partial_files": partial, "skips": skips, "views": per_view}
+    return lines, facts
+
+
+def _arrays(store: CacheStore, view_flags: dict[str, np.ndarray], lines: list[str]) -> tuple[dict[str, Any], int]:
+    """Every array's shape, layout, codec and stored vs raw bytes of its written chunks (one line each
+    appended to ``lines``); returns ``(facts per array, stored bytes of them all)``."""
+    views = store.views
+    arrays: dict[str, Any] = {}
     total = 0
-    for name in m["arrays"]:
+    for name in store.manifest["arrays"]:
         arr = store.root[name]
         vflags = view_flags[next((v for v in views if view_array_name(v, base_name(name)) == name), views[0])]
         v_done, v_skipped = int((vflags == COMMIT_DONE).sum()), int((vflags == COMMIT_SKIPPED).sum())
@@ -102,17 +120,7 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
         layout = f"chunks {unit}" + (f" tiles {tiles[-2]}x{tiles[-1]}" if tiles else "")
         lines.append(f"  {name:22s} {str(tuple(arr.shape)):24s} {str(arr.dtype):8s} {layout:38s} "
                      f"{label:5s} {_human(sb):>10s} / {_human(raw):>10s} {ratio}")
-    partial = 0 if isinstance(store.path, RemotePath) else sum(  # object stores have no temporaries
-        1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
-    lines.append(f"bytes on disk: {_human(stored_bytes(store.path))}"
-                 + (f"; {_human(total / flag_done)}/image" if flag_done else ""))
-    if partial:
-        lines.append(f"note: {partial} leftover '.partial' temporary files from interrupted writers "
-                     "(harmless; not part of any image)")
-    facts = {"done": done, "skipped": skipped, "pending": pending, "damaged": int(damaged_idx.sum()),
-             "damage": damage, "verified": verify, "num_images": len(flags), "arrays": arrays,
-             "partial_files": partial, "skips": skips, "views": per_view}
-    return lines, facts
+    return arrays, total
 
 
 def _check_views(store: CacheStore, *, verify: bool, progress: bool

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the whole pipeline offline on synthetic data and print box AP, mask AP, times and cache size."""
         from mfdetr.cache.views import parse_views
-        from mfdetr.engine.demo import DemoOptions, run_demo
+        from mfdetr.engine.reports.demo import DemoOptions, run_demo
         from mfdetr.outputs import check_output_dir
 
         view_names = parse_views(views)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from mfdetr.engine.stage2 import CacheSources
 
 
 def register(app: typer.Typer) -> None:
@@ -54,12 +58,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate MaskNet on a cache: COCO segm AP and Boundary AP (masks), bbox AP (cached detector boxes)."""
         from mfdetr.cache.readthrough import use_cache_root
+        from mfdetr.engine.stage2 import CacheSources
 
         use_cache_root(remote_cache_dir)
-        from mfdetr.engine.stage2 import CacheSources, eval_from_cache, format_metrics
         from mfdetr.errors import MfdetrError
 
-        from mfdetr.evaluation import EVALUATORS, format_category_table
+        from mfdetr.evaluation import EVALUATORS
 
         if evaluator not in EVALUATORS:
             raise MfdetrError(f"unknown --evaluator {evaluator!r} (choose from {', '.join(EVALUATORS)})")
@@ -67,7 +71,7 @@ def register(app: typer.Typer) -> None:
             if online or config is not None or overrides:
                 raise MfdetrError("--baseline compares on a --cache with a trained --masknet RUN/ckpt.pt (no --online, "
                                   "--config or overrides)")
-            from mfdetr.engine.sam_baseline import BaselineJob, run_baseline
+            from mfdetr.engine.inference.sam_baseline import BaselineJob, run_baseline
 
             run_baseline(BaselineJob(cache=cache, sam_checkpoint=sam_checkpoint, sam_model=sam_model,
                                      masknet=masknet or checkpoint, coco=coco, annotations=annotations, images=images,
@@ -84,42 +88,63 @@ def register(app: typer.Typer) -> None:
             check_output_file(out)
         per_cat: dict | None = {} if per_category else None
         if online:
-            if cache is not None or coco is None or checkpoint is None:
-                raise MfdetrError("--online evaluates --checkpoint RUN/ckpt.pt on --coco DIR --split SPLIT (no --cache)")
-            from mfdetr.engine.online import eval_online
-
-            if detector is not None:
-                from mfdetr.detectors.resolve import resolve_detector
-
-                det = resolve_detector(detector, detector_checkpoint, config_file=detector_config, echo=typer.echo,
-                                       categories_file=coco / "annotations" / f"instances_{split}.json",
-                                       slot_categories=categories)
-                detector, detector_checkpoint = det.name, det.checkpoint
-
-            metrics = eval_online(checkpoint, coco=coco, split=split, detector=detector,
-                                  detector_checkpoint=detector_checkpoint, out=out, batch_size=batch_size,
-                                  device=device, max_images=max_images, evaluator=evaluator,
-                                  category_ap=per_cat, slot_categories=categories)
-            typer.echo(format_metrics(metrics))
-            if per_cat:
-                typer.echo(format_category_table(per_cat))
-            if out is not None:
-                typer.echo(f"results: {out}")
+            _eval_online(checkpoint=checkpoint, cache=cache, coco=coco, split=split, detector=detector,
+                         detector_checkpoint=detector_checkpoint, detector_config=detector_config, out=out,
+                         batch_size=batch_size, device=device, max_images=max_images, evaluator=evaluator,
+                         per_cat=per_cat, categories=categories)
             return
         if cache is None:
             raise MfdetrError("pass --cache DIR (or --online --coco DIR --split SPLIT)")
-        from mfdetr.engine.damage import DamagePolicy
+        _eval_cache(CacheSources(cache=cache, coco=coco, annotations=annotations), checkpoint=checkpoint, config=config,
+                    overrides=list(overrides or []), out=out, batch_size=batch_size, device=device,
+                    skip_damaged=skip_damaged, evaluator=evaluator, per_cat=per_cat)
 
-        damage = DamagePolicy(skip=skip_damaged)
-        metrics = eval_from_cache(CacheSources(cache=cache, coco=coco, annotations=annotations),
-                                  checkpoint=checkpoint, config=config, overrides=list(overrides or []), out=out,
-                                  batch_size=batch_size, device=device, damage=damage, evaluator=evaluator,
-                                  category_ap=per_cat)
-        typer.echo(format_metrics(metrics))
-        if per_cat:
-            typer.echo(format_category_table(per_cat))
-        if damage.skipped:
-            ids = ", ".join(str(d.image_id) for d in damage.skipped)
-            typer.echo(f"skipped damaged images: {len(damage.skipped)} (image ids {ids}); AP is over the others")
-        if out is not None:
-            typer.echo(f"results: {out}")
+
+def _eval_online(*, checkpoint: Path | None, cache: str | None, coco: Path | None, split: str, detector: str | None,
+                 detector_checkpoint: Path | None, detector_config: Path | None, out: Path | None, batch_size: int,
+                 device: str, max_images: int, evaluator: str, per_cat: dict | None, categories: Path | None) -> None:
+    """``mfdetr eval --online``: the run's MaskNet with the detector in the loop."""
+    from mfdetr.engine.online import eval_online
+    from mfdetr.engine.stage2 import format_metrics
+    from mfdetr.errors import MfdetrError
+    from mfdetr.evaluation import format_category_table
+
+    if cache is not None or coco is None or checkpoint is None:
+        raise MfdetrError("--online evaluates --checkpoint RUN/ckpt.pt on --coco DIR --split SPLIT (no --cache)")
+    if detector is not None:
+        from mfdetr.detectors.resolve import resolve_detector
+
+        det = resolve_detector(detector, detector_checkpoint, config_file=detector_config, echo=typer.echo,
+                               categories_file=coco / "annotations" / f"instances_{split}.json",
+                               slot_categories=categories)
+        detector, detector_checkpoint = det.name, det.checkpoint
+    metrics = eval_online(checkpoint, coco=coco, split=split, detector=detector,
+                          detector_checkpoint=detector_checkpoint, out=out, batch_size=batch_size,
+                          device=device, max_images=max_images, evaluator=evaluator,
+                          category_ap=per_cat, slot_categories=categories)
+    typer.echo(format_metrics(metrics))
+    if per_cat:
+        typer.echo(format_category_table(per_cat))
+    if out is not None:
+        typer.echo(f"results: {out}")
+
+
+def _eval_cache(src: CacheSources, *, checkpoint: Path | None, config: Path | None, overrides: list[str], out: Path | None,
+                batch_size: int, device: str, skip_damaged: bool, evaluator: str, per_cat: dict | None) -> None:
+    """``mfdetr eval --cache``: a checkpoint (or a training-free config) on a cache."""
+    from mfdetr.engine.damage import DamagePolicy
+    from mfdetr.engine.stage2 import eval_from_cache, format_metrics
+    from mfdetr.evaluation import format_category_table
+
+    damage = DamagePolicy(skip=skip_damaged)
+    metrics = eval_from_cache(src, checkpoint=checkpoint, config=config, overrides=overrides, out=out,
+                              batch_size=batch_size, device=device, damage=damage, evaluator=evaluator,
+                              category_ap=per_cat)
+    typer.echo(format_metrics(metrics))
+    if per_cat:
+        typer.echo(format_category_table(per_cat))
+    if damage.skipped:
+        ids = ", ".join(str(d.image_id) for d in damage.skipped)
+        typer.echo(f"skipped damaged images: {len(damage.skipped)} (image ids {ids}); AP is over the others")
+    if out is not None:
+        typer.echo(f"results: {out}")

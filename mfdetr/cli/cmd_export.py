@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         opset: int = typer.Option(18, "--opset", help="ONNX opset version."),
     ) -> None:
         """Write an ONNX graph: frozen detector → MaskNet → top-K masks and scores (or MaskNet alone)."""
-        from mfdetr.engine.export import ExportJob, run_export
+        from mfdetr.engine.inference.export import ExportJob, run_export
 
         run_export(ExportJob(detector=detector, masknet=masknet, out=out, checkpoint=checkpoint,
                              masknet_only=masknet_only, opset=opset), echo=typer.echo)

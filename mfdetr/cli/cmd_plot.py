@@ -14,6 +14,6 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", help="PNG to write (default RUN/curves.png)."),
     ) -> None:
         """Render a run's training loss and evaluation AP curves to a PNG."""
-        from mfdetr.engine.plot import plot_run
+        from mfdetr.engine.reports.plot import plot_run
 
         typer.echo(str(plot_run(run, out)))

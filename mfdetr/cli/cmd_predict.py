@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Segment objects in images: COCO-style JSON (RLE masks, category names) + overlay PNGs."""
         from mfdetr.detectors.resolve import resolve_detector
-        from mfdetr.engine.predict import PredictJob, run_predict
+        from mfdetr.engine.inference.predict import PredictJob, run_predict
         from mfdetr.errors import MfdetrError
         from mfdetr.outputs import check_output_dir
 
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         det = resolve_detector(detector, checkpoint, config_file=detector_config, slot_categories=categories,
                                need_categories=False, echo=typer.echo)  # the MaskNet run records the slot map
         if benchmark:
-            from mfdetr.engine.latency import benchmark_predict, format_report, parse_size
+            from mfdetr.engine.inference.latency import benchmark_predict, format_report, parse_size
 
             report = benchmark_predict(detector=det.name, masknet=masknet, checkpoint=det.checkpoint,
                                        inputs=tuple(inputs or ()), size=parse_size(size), num_images=num_images,

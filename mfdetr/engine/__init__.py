@@ -3,7 +3,15 @@
 The engine composes injected parts (model, criterion, dataset, evaluation) and owns the loop, data
 order, distributed setup, checkpoints, logging and the run record. Public surface:
 
-- :func:`train`, :class:`TrainResult`, :func:`seed_everything` — the training loop (:mod:`.trainer`);
+Subpackages by job: :mod:`.training` (the loop and its hooks, the detector's training driver),
+:mod:`.inference` (``mfdetr predict``, overlays, ONNX export, latency, the SAM baseline) and
+:mod:`.reports` (curves, the demo); the modules here serve stage 2 (train / evaluate / sweep, cached or
+online).
+
+- :class:`Trainer`, :class:`HookBase`, :class:`TrainModel` — the training loop and its hooks
+  (:mod:`.training`), on which every training job runs (stage 2 cached / online / fine-tuning, and a
+  detector from scratch: :mod:`.training.detector`);
+- :func:`train`, :class:`TrainResult`, :func:`seed_everything` — stage-2 training (:mod:`.trainer`);
 - :class:`TrainConfig`, :class:`DataConfig`, :class:`RunConfig`, :func:`load_run_config`,
   :func:`build_run_config` — typed run configuration (:mod:`.config`);
 - :class:`StepDecay` — the paper's lr schedule; :class:`EpochPlan` — seeded, resumable data order;
@@ -37,7 +45,7 @@ _EXPORTS = {
     "diff_configs": "config", "load_run_config": "config",
     "DistContext": "distributed", "init_distributed": "distributed",
     "MetricLogger": "metrics", "read_jsonl": "metrics", "read_scalars": "metrics",
-    "plot_run": "plot",
+    "plot_run": "reports.plot",
     "EpochPlan": "sampling", "StepDecay": "schedule",
     "TrainResult": "trainer", "seed_everything": "trainer", "train": "trainer",
     "SweepSpec": "sweep", "Variant": "sweep", "VariantResult": "sweep", "load_sweep": "sweep", "run_sweep": "sweep",
@@ -46,6 +54,7 @@ _EXPORTS = {
     "train_from_cache": "stage2",
     "DetectorStep": "online", "eval_online": "online", "sweep_online": "online", "train_online": "online",
     "FineTuned": "finetune",
+    "HookBase": "training.loop", "TrainModel": "training.loop", "Trainer": "training.loop",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -61,12 +70,13 @@ if TYPE_CHECKING:
     from mfdetr.engine.metrics import MetricLogger, read_jsonl, read_scalars
     from mfdetr.engine.finetune import FineTuned
     from mfdetr.engine.online import DetectorStep, eval_online, sweep_online, train_online
-    from mfdetr.engine.plot import plot_run
+    from mfdetr.engine.reports.plot import plot_run
     from mfdetr.engine.sampling import EpochPlan
     from mfdetr.engine.schedule import StepDecay
     from mfdetr.engine.stage2 import CacheSources, eval_from_cache, sweep_from_cache, train_from_cache
     from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, load_sweep, run_sweep
     from mfdetr.engine.trainer import TrainResult, seed_everything, train
+    from mfdetr.engine.training.loop import HookBase, Trainer, TrainModel
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

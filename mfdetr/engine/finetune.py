@@ -57,9 +57,12 @@ class FineTuned(nn.Module):
         detector: the detector (a ``FrozenDetr``); the parameters ``mode`` selects get gradients.
         mode: ``transformer`` or ``all``.
         detector_lr_mult: the detector group's ``lr_scale``.
+        detector_step: the online :class:`~mfdetr.engine.online.DetectorStep` that runs the detector
+            with gradients in :meth:`forward`.
     """
 
-    def __init__(self, masknet: nn.Module, detector: nn.Module, *, mode: str, detector_lr_mult: float = 0.1) -> None:
+    def __init__(self, masknet: nn.Module, detector: nn.Module, *, mode: str, detector_lr_mult: float = 0.1,
+                 detector_step: Any = None) -> None:
         super().__init__()
         if mode == "none":
             raise ValueError("FineTuned needs a fine-tuning mode (transformer or all)")
@@ -67,31 +70,18 @@ class FineTuned(nn.Module):
         self.detector = detector
         self.mode = mode
         self.detector_lr_mult = float(detector_lr_mult)
-        self.step: Any = None  # the online DetectorStep that runs the detector (set by train_online)
+        self.step: Any = detector_step  # the online DetectorStep that runs the detector
         detector.requires_grad_(False)
         self.tuned = [n for n, p in finetuned_parameters(detector, mode)]
         for _, p in finetuned_parameters(detector, mode):
             p.requires_grad_(True)
         detector.eval()
 
-    #: some tuned detector parameters get no gradient from MaskNet's losses (class heads, the two-stage
-    #: selection, the box head: RoIAlign passes no gradient to boxes), which DDP must be told
-    has_unused_parameters = True
-    #: the training loop passes the images (an :class:`~mfdetr.engine.online.ImageStep`'s) and gets
-    #: ``(outputs, detector_outputs)`` back
-    runs_detector = True
-
-    @property
-    def takes_targets(self) -> bool:
-        """Whether the training loop passes ``(images, targets, step=...)``: when ``masknet`` assigns the
-        targets itself (:class:`~mfdetr.masknet.positives.PositivesOnly`)."""
-        return bool(getattr(self.masknet, "takes_targets", False))
-
     def forward(self, images: Any, targets: Any = None, *, step: int = 0) -> tuple[Any, Any]:
         """Detector (with gradients) then MaskNet (on the positives of ``targets`` when ``masknet`` assigns
         them): ``(masknet_outputs, detector_outputs)``."""
         if self.step is None:
-            raise RuntimeError("FineTuned.step (the online DetectorStep) is not set")
+            raise RuntimeError("FineTuned needs the online DetectorStep (detector_step) to run")
         det = self.step.run(images, images.images.device)
         out = self.masknet(det) if targets is None else self.masknet(det, targets, step=step)
         # what MaskNet passes through from the detector (boxes, scores, logits) and the detector outputs

@@ -44,16 +44,18 @@ def read_scalars(path: str | Path) -> list[tuple[int, str, float]]:
 
 
 class MetricLogger:
-    """Appends records to ``<run>/metrics.jsonl`` and scalars to ``<run>/tb/``.
+    """Appends records to ``<run>/metrics.jsonl`` (or ``name``) and scalars to ``<run>/tb/``.
 
     Args:
         run_dir: the run folder.
         resume_step: when resuming, records with ``step`` beyond it are dropped first.
         tensorboard: also write TensorBoard event files.
+        name: the file name of the records.
     """
 
-    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True,
+                 name: str = "metrics.jsonl") -> None:
+        self.path = Path(run_dir) / name
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -241,6 +241,7 @@ def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco:
     from mfdetr.engine.stage2 import (build_parts, evaluate_and_record, flat_metrics, resolve_masknet_config,
                                       training_model)
     from mfdetr.engine.trainer import train
+    from mfdetr.engine.training.models import FineTunedModel
 
     oc = cfg.online
     ctx = init_distributed(cfg.train.device)
@@ -264,13 +265,12 @@ def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco:
         dataset = _Subset(dataset, min(cfg.data.max_images, len(dataset)))
     manifest = detector_manifest(preset, topk)
     parts = build_parts(cfg, manifest)
-    model: torch.nn.Module = training_model(parts)  # MaskNet on the positives only
+    model: Any = training_model(parts)  # MaskNet on the positives only
     finetune = oc.finetune != "none"
-    if finetune:
-        model = FineTuned(model, det_model, mode=oc.finetune, detector_lr_mult=oc.detector_lr_mult)
     step = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=finetune)
-    if isinstance(model, FineTuned):
-        model.step = step
+    if finetune:
+        model = FineTunedModel(FineTuned(model.network, det_model, mode=oc.finetune, detector_step=step,
+                                         detector_lr_mult=oc.detector_lr_mult), parts.criterion, assigns_targets=True)
     evaluate_fn = None
     if val_split:
         val = OnlineEvalSet(CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True),
@@ -288,7 +288,7 @@ def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco:
         from mfdetr.engine.checkpoint import check_resume_source
 
         check_resume_source(out, key="online_source", current=source, what="detector or training data")
-    return train(cfg=cfg, model=model, criterion=parts.criterion, train_set=dataset, run_dir=out,
+    return train(cfg=cfg, model=model, train_set=dataset, run_dir=out,
                  collate=partial(collate), resume=resume, masknet_config=to_dict(parts.masknet_cfg),
                  record={"online": {"detector": detector, "checkpoint": str(checkpoint), "coco": str(coco),
                                     "split": split, "val_split": val_split, "topk": topk, "lsj": oc.lsj,

@@ -2,11 +2,10 @@
 ``mfdetr train`` / ``mfdetr eval`` / ``mfdetr sweep``.
 
 Composition only: the cache reader, the COCO data/evaluation and the
-mask network are built here and handed to the generic loop of :mod:`mfdetr.engine.trainer`.
+mask network are built here and handed to the training loop (:mod:`mfdetr.engine.trainer`).
 ``mfdetr.detectors`` is never imported — stage 2 sees only cached tensors.
 
-Evaluation reports the segm AP of the masks (score eq. 13 with mask scoring, else eq. 2) and the box
-AP of the cached detector boxes (scored by the detector's class scores), both over the same images.
+Evaluation (segm, Boundary and box AP over the same images) is :mod:`mfdetr.engine.evaluate`'s.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from mfdetr.cache.verify import find_damaged
 from mfdetr.config import from_dict
@@ -30,12 +27,13 @@ from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_
 from mfdetr.engine.cache_views import ViewSampledDataset
 from mfdetr.engine.checkpoint import (atomic_write_text, check_masknet_config, check_resume_source, load_checkpoint,
                                       load_weights)
-from mfdetr.engine.damage import DamagePolicy, collate_marked
+from mfdetr.engine.damage import DamagePolicy
+from mfdetr.engine.evaluate import evaluate_and_record, evaluate_masknet, flat_metrics, format_metrics
 from mfdetr.engine.config import RunConfig, build_run_config, load_run_config, with_default_enc_layer
-from mfdetr.engine.loading import loader_options
 from mfdetr.devices import resolve_device
 from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
 from mfdetr.engine.trainer import TrainResult, seed_everything, train
+from mfdetr.engine.training.models import Supervised
 from mfdetr.errors import MfdetrError
 
 FLOPS_INPUT_HW = (800, 1200)  # the typical COCO input size used for #FLOPs▲ (like the paper's tables)
@@ -93,13 +91,13 @@ def build_parts(cfg: RunConfig, manifest: Mapping[str, Any]) -> Stage2Parts:
     return Stage2Parts(masknet_cfg=mcfg, loss_cfg=loss_cfg, assign_cfg=assign_cfg, model=model, criterion=crit)
 
 
-def training_model(parts: Stage2Parts) -> nn.Module:
-    """The module the training loop drives: target assignment, then MaskNet on the positives only
+def training_model(parts: Stage2Parts) -> Supervised:
+    """What the training loop trains: target assignment, then MaskNet on the positives only
     (:class:`~mfdetr.masknet.positives.PositivesOnly`; same losses and gradients as all K queries,
-    checkpoints hold the plain MaskNet state)."""
+    checkpoints hold the plain MaskNet state), scored by the run's criterion."""
     from mfdetr.masknet.positives import PositivesOnly
 
-    return PositivesOnly(parts.model, parts.criterion)
+    return Supervised(PositivesOnly(parts.model, parts.criterion), parts.criterion, assigns_targets=True)
 
 
 def complexity(model: nn.Module, manifest: Mapping[str, Any]) -> dict[str, float]:
@@ -111,113 +109,6 @@ def complexity(model: nn.Module, manifest: Mapping[str, Any]) -> dict[str, float
                        num_classes=int(manifest["num_classes"]))
     rep = describe(model, spec, num_queries=int(getattr(model, "num_queries", 100)))  # type: ignore[arg-type]
     return {"params_m": rep.params["total"] / 1e6, "flops_g": rep.flops["total"] / 2e9}
-
-
-# ---- evaluation ------------------------------------------------------------------------------------
-
-def box_results(det: Any, class_to_category: Sequence[int], image_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """The cached detector boxes as COCO ``bbox`` results (score = class score c_i)."""
-    from mfdetr.masknet.targets import pred_boxes_original
-    from mfdetr.ops.boxes import coco_bbox
-
-    prob, slot = det.logits.float().sigmoid().max(dim=-1)
-    cats = torch.as_tensor(list(class_to_category), dtype=torch.long, device=slot.device)[slot]
-    boxes = pred_boxes_original(det)
-    out = []
-    for b, iid in enumerate(image_ids):
-        xywh = coco_bbox(boxes[b].double(), det.orig_hw[b].tolist()).tolist()
-        for k in torch.nonzero(cats[b] > 0).flatten().tolist():
-            out.append({"image_id": int(iid), "category_id": int(cats[b, k]), "score": float(prob[b, k]),
-                        "bbox": xywh[k]})
-    return out
-
-
-@torch.no_grad()
-def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mapping[str, Any], batch_size: int = 2,
-                     device: torch.device | str = "cpu", num_workers: int = 0, amp: str = "off",
-                     score: str | None = None, damage: DamagePolicy | None = None, evaluator: str = "pycocotools",
-                     category_ap: dict[int, dict[str, Any]] | None = None
-                     ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Segm AP and Boundary AP of MaskNet's masks and box AP of the cached boxes over ``dataset``'s images.
-
-    A damaged cache image stops the evaluation (:class:`~mfdetr.cache.verify.DamagedImage`) unless
-    ``damage`` skips it: the AP is then over the intact images, and ``damage`` lists the others.
-    ``evaluator`` scores segm/bbox (:func:`mfdetr.evaluation.evaluate`; boundary always uses faster-coco-eval).
-    ``category_ap``, when given, is filled with each GT category's name and AP per IoU type.
-    Returns ``({"segm": {AP, ...}, "boundary": {...}, "bbox": {...}}, segm results)`` (COCO format, RLE masks).
-    """
-    damage = damage or DamagePolicy()
-    from mfdetr.evaluation import CocoEvaluator, category_rows, coco_from_dict
-    from mfdetr.masknet.postprocess import masks_to_coco_results
-
-    device = torch.device(device)
-    model.eval().to(device)
-    c2c = manifest["category_map"]
-    coco_gt = coco_from_dict(_annotation_dict(dataset))
-    segm_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("segm", "boundary"), evaluator=evaluator)
-    box_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("bbox",), evaluator=evaluator)
-    known = set(coco_gt.getCatIds())
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_marked,
-                        pin_memory=device.type == "cuda", **loader_options(num_workers))
-    use_amp = device.type == "cuda" and amp != "off"
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    all_results: list[dict[str, Any]] = []
-    prepare = getattr(dataset, "prepare_batch", None)  # a --c1 recompute cache: C1 from the images
-    for batch, damaged in loader:
-        damage.take(damaged)
-        if batch is None:
-            continue
-        batch = prepare(batch, device) if prepare is not None else batch.to(device)
-        det = batch.det
-        ids = [int(i) for i in det.extras["image_id"]]
-        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-            out = model(det)
-        mode = score or ("mask_iou" if out.iou_pred is not None else "mask_prob")  # eq. 13, else eq. 2
-        res = masks_to_coco_results(out, det, c2c, ids, score=mode)  # type: ignore[arg-type]
-        # a detector head may know categories the annotation file does not list: those cannot be scored
-        res = [r for r in res if r["category_id"] in known]
-        segm_ev.process(res, image_ids=ids)
-        box_ev.process([r for r in box_results(det, c2c, ids) if r["category_id"] in known], image_ids=ids)
-        all_results.extend(res)
-    metrics = {**segm_ev.finish(), **box_ev.finish()}
-    if category_ap is not None:
-        category_ap.update(category_rows(coco_gt, segm_ev, box_ev))
-    return metrics, all_results
-
-
-def evaluate_and_record(model: nn.Module, dataset: Any, *, manifest: Mapping[str, Any], cfg: RunConfig, out: Path,
-                        step: int, device: torch.device | str, damage: DamagePolicy | None = None
-                        ) -> dict[str, dict[str, float]]:
-    """A run's validation: :func:`evaluate_masknet`, then ``out/val_results.json`` and
-    ``out/val_metrics.json`` (with the step, and the image ids of damaged images skipped, if any);
-    returns the metrics."""
-    from mfdetr.evaluation import write_results_json
-
-    m, results = evaluate_masknet(model, dataset, manifest=manifest, batch_size=cfg.train.batch_size, device=device,
-                                  amp=cfg.train.amp, damage=damage)
-    write_results_json(out / "val_results.json", results)
-    store = getattr(getattr(dataset, "store", None), "path", None)
-    skipped = [d.image_id for d in damage.skipped_in(store)] if damage is not None and store is not None else []
-    extra = {"skipped_damaged_image_ids": skipped} if skipped else {}
-    atomic_write_text(out / "val_metrics.json", json.dumps({"step": step, **m, **extra}, indent=2) + "\n")
-    return m
-
-
-def _annotation_dict(dataset: CacheDataset) -> dict[str, Any]:
-    """The GT of the dataset's split as parsed once when it was opened (usable annotations only)."""
-    return dataset.coco.annotations.data
-
-
-def flat_metrics(m: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """One run's metrics as a flat row (segm AP as ``AP``…, ``boundary_AP``…, ``box_AP``…) for metrics.jsonl."""
-    return {**m["segm"], **{f"boundary_{k}": v for k, v in m.get("boundary", {}).items()},
-            **{f"box_{k}": v for k, v in m["bbox"].items()}}
-
-
-def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    from mfdetr.evaluation import format_table
-
-    return format_table(metrics)
 
 
 # ---- entry points ----------------------------------------------------------------------------------
@@ -292,7 +183,7 @@ def train_from_cache(cfg: RunConfig, src: CacheSources, out: str | Path, *, resu
               "cache_manifest": store.manifest}
     if resume:
         check_same_cache(out, store.manifest)
-    res = train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set, run_dir=out,
+    res = train(cfg=cfg, model=training_model(parts), train_set=train_set, run_dir=out,
                 resume=resume, masknet_config=_plain(parts.masknet_cfg), manifest_sha256=manifest_sha256(store.manifest),
                 evaluate_fn=evaluate_fn if val_set is not None else None, record=record,
                 prepare_batch=damage.preparer(train_set.prepare_batch))
@@ -401,7 +292,7 @@ def sweep_from_cache(spec: SweepSpec, src: CacheSources, out_dir: str | Path, *,
             resume = (vdir / "run" / "ckpt.pt").exists()
             if resume:
                 check_same_cache(vdir / "run", store.manifest)
-            train(cfg=cfg, model=training_model(parts), criterion=parts.criterion, train_set=train_set,
+            train(cfg=cfg, model=training_model(parts), train_set=train_set,
                   run_dir=vdir / "run", resume=resume, masknet_config=_plain(parts.masknet_cfg),
                   manifest_sha256=manifest_sha256(store.manifest),
                   record={"variant": v.name, "complexity": cx, "cache_manifest": store.manifest},

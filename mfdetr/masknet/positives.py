@@ -80,9 +80,6 @@ class PositivesOnly(nn.Module):
     non-RoI baseline) MaskNet itself computes all K queries and returns the positives' rows.
     """
 
-    #: the training loop passes ``(det, targets, step=step)`` to ``forward``
-    takes_targets = True
-
     def __init__(self, masknet: nn.Module, criterion: nn.Module) -> None:
         super().__init__()
         self.masknet = masknet

@@ -6,7 +6,9 @@
 - :func:`dino_train_forward`, :func:`init_for_training` — the differentiable forward (all layers and
   the encoder proposals) from the frozen detector's submodules; DINO's head init (focal prior).
 - :class:`DetectionTrainSet` — COCO split → padded batches with normalised boxes, seeded flips.
-- :func:`train_detector`, :class:`DetTrainConfig` — the seeded, resumable loop; :func:`box_ap`.
+- :class:`DetTrainConfig`, :func:`build_trainable`, :func:`save_weights` — the recipe (config, trainable
+  model, optimiser groups, shipped weights); :func:`box_ap`. The loop that trains it is the engine's
+  (:func:`mfdetr.engine.training.detector.train_detector`).
 
 Command line: ``python -m mfdetr.detectors.training {train,eval,export} ...`` (see ``--help``).
 """
@@ -22,7 +24,7 @@ from mfdetr.detectors.training.forward import (
     init_for_training,
     trainable_model,
 )
-from mfdetr.detectors.training.loop import (
+from mfdetr.detectors.training.recipe import (
     MAX_WEIGHTS_BYTES,
     DataOptions,
     DetTrainConfig,
@@ -30,7 +32,6 @@ from mfdetr.detectors.training.loop import (
     OptimOptions,
     build_trainable,
     save_weights,
-    train_detector,
     weights_state,
 )
 from mfdetr.detectors.training.matcher import HungarianMatcher
@@ -39,5 +40,5 @@ __all__ = [
     "FOCAL_PRIOR", "MAX_WEIGHTS_BYTES", "DataOptions", "DetTrainConfig", "DetectionTrainSet", "HungarianMatcher",
     "LossOptions", "OptimOptions", "SetCriterion", "TrainBatch", "TrainForward", "box_ap", "build_trainable",
     "dino_train_forward", "epoch_batches", "epoch_order", "focal_prior_bias", "init_for_training", "save_weights",
-    "sigmoid_focal_loss", "train_detector", "trainable_model", "weights_state",
+    "sigmoid_focal_loss", "trainable_model", "weights_state",
 ]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> None:
     from mfdetr.config import apply_overrides, from_dict, load_toml
-    from mfdetr.detectors.training.loop import DetTrainConfig, train_detector
+    from mfdetr.detectors.training.recipe import DetTrainConfig
+    from mfdetr.engine.training.detector import train_detector
 
     cfg = from_dict(DetTrainConfig, apply_overrides(load_toml(args.recipe), args.overrides), where=str(args.recipe))
     summary = train_detector(cfg, args.out, resume=not args.no_resume, max_steps=args.max_steps,
@@ -38,7 +39,7 @@ def _export(args: argparse.Namespace) -> None:
     import torch
 
     from mfdetr.detectors.common.checkpoint import read_checkpoint, unwrap_state_dict
-    from mfdetr.detectors.training.loop import MAX_WEIGHTS_BYTES
+    from mfdetr.detectors.training.recipe import MAX_WEIGHTS_BYTES
 
     sd = unwrap_state_dict(read_checkpoint(args.checkpoint), origin=str(args.checkpoint))
     total = sum(v.numel() * v.element_size() for v in {v.data_ptr(): v for v in sd.values()}.values())

@@ -20,7 +20,7 @@ original-image pixels. Pasting the masks into the image stays outside the graph
 
 Everything data-dependent is tensor arithmetic (valid-region masks from ``level_valid_hw``, level
 sizes taken from the maps' shapes), so the exported graph carries symbolic sizes, not the example's.
-The MaskNet is loaded by :func:`mfdetr.engine.predict.load_masknet_checkpoint`, as ``mfdetr predict`` does.
+The MaskNet is loaded by :func:`mfdetr.engine.inference.predict.load_masknet_checkpoint`, as ``mfdetr predict`` does.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ class ExportJob:
 def run_export(job: ExportJob, *, echo: Any = print) -> Path:
     """Run an export job; returns the written ``.onnx`` file."""
     from mfdetr.detectors.registry import get_preset, load_plugins
-    from mfdetr.engine.predict import (
+    from mfdetr.engine.inference.predict import (
         detector_checkpoint,
         load_masknet_checkpoint,
         preset_queries,

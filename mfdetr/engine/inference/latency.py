@@ -162,7 +162,7 @@ def benchmark_predict(*, detector: str, masknet: Any = None, checkpoint: Any = N
     from mfdetr.data import load_rgb
     from mfdetr.detectors.registry import build_detector, get_preset, load_plugins
     from mfdetr.devices import resolve_device
-    from mfdetr.engine.predict import (
+    from mfdetr.engine.inference.predict import (
         detector_checkpoint,
         expand_inputs,
         load_masknet_checkpoint,

@@ -9,8 +9,8 @@ Stages (each one library call, timed):
    and evaluates segm AP (masks) and box AP (the cached detector boxes) on the val cache, at a few
    points during training and at the end (stage 2); the run folder holds ``ckpt.pt``, ``metrics.jsonl``,
    ``val_results.json``;
-4. ``plot`` — :func:`mfdetr.engine.plot.plot_run` renders the loss / AP curves to ``curves.png``;
-5. ``overlays`` — :func:`mfdetr.engine.predict.run_predict` runs detector → MaskNet on a few val
+4. ``plot`` — :func:`mfdetr.engine.reports.plot.plot_run` renders the loss / AP curves to ``curves.png``;
+5. ``overlays`` — :func:`mfdetr.engine.inference.predict.run_predict` runs detector → MaskNet on a few val
    images and writes overlay PNGs (and their COCO JSON).
 
 The MaskNet recipe (:func:`demo_run_config`) is the paper's architecture (every component: neck,
@@ -161,17 +161,10 @@ def _prepare(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoSummary:
-    """Run every stage of the demo (see the module doc) and return its summary."""
-    import torch
-
-    from mfdetr.cache.run import CacheJob, run_cache
-    from mfdetr.data import SynthConfig, generate_synth
-    from mfdetr.detectors.registry import build_detector, get_preset, list_detectors, load_plugins
-    from mfdetr.engine.config import build_run_config
-    from mfdetr.engine.plot import plot_run
-    from mfdetr.engine.predict import PredictJob, detector_checkpoint, preset_queries, resolve_device, run_predict
-    from mfdetr.engine.stage2 import CacheSources, train_from_cache
+def _check(opts: DemoOptions) -> tuple[Any, Path | None, str]:
+    """``(preset, detector checkpoint or None for an untrained one, device)`` after checking the options."""
+    from mfdetr.detectors.registry import get_preset, list_detectors, load_plugins
+    from mfdetr.engine.inference.predict import detector_checkpoint, resolve_device
 
     load_plugins()
     if opts.detector not in list_detectors():
@@ -189,11 +182,62 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
         raise MfdetrError("demo sizes (images, iterations, batch size) must be >= 1")
     if not 0.0 <= opts.overlay_threshold <= 1.0:
         raise MfdetrError(f"--overlay-threshold must be in [0, 1], got {opts.overlay_threshold}")
-    device = str(resolve_device(opts.device))
+    return preset, ckpt, str(resolve_device(opts.device))
+
+
+def _cache_splits(opts: DemoOptions, s: DemoSummary, preset: Any, ckpt: Path, detector: Any, device: str,
+                  topk: int, echo: Callable[[str], None]) -> dict[str, Path]:
+    """Both splits of the synthetic set cached with the detector (flip views for train only)."""
+    from mfdetr.cache.run import CacheJob, run_cache
+
+    enc_layer = demo_enc_layer(preset.num_encoder_layers)
+    stores = {}
+    for split in ("train2017", "val2017"):
+        done = _stage(s.times, f"cache {split}", echo)
+        store = s.out / "cache" / split
+        res = run_cache(CacheJob(detector=preset.name, checkpoint=ckpt, coco=s.out / "synth", split=split, out=store,
+                                 topk=topk, enc_layers=(enc_layer,), batch_size=4, device=device, num_workers=0,
+                                 writer_threads=2, c1=opts.c1, codec=opts.codec,
+                                 views=opts.views if split == "train2017" else ("orig",)),
+                        progress=opts.progress, echo=_brief(echo), detector=detector)
+        done()
+        s.cache_bytes[split], s.cache_images[split] = res.store_bytes, res.store_done
+        stores[split] = store
+    return stores
+
+
+def _overlays(opts: DemoOptions, s: DemoSummary, preset: Any, ckpt: Path, detector: Any, device: str,
+              echo: Callable[[str], None]) -> None:
+    """The first ``opts.overlays`` val images predicted with the trained run (overlay PNGs)."""
+    from mfdetr.engine.inference.predict import PredictJob, run_predict
+
+    synth = s.out / "synth"
+    images = sorted(p for p in (synth / "val2017").iterdir() if p.suffix == ".jpg")[: opts.overlays]
+    pred = run_predict(PredictJob(detector=preset.name, masknet=s.run_dir / "ckpt.pt",
+                                  inputs=tuple(map(str, images)), out=s.out / "predict", checkpoint=ckpt,
+                                  score_threshold=opts.overlay_threshold, device=device,
+                                  categories_file=synth / "annotations" / "instances_val2017.json"),
+                       progress=opts.progress, echo=echo, detector=detector)
+    s.overlays, s.predictions = list(pred.overlays), pred.predictions_json
+
+
+def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoSummary:
+    """Run every stage of the demo (see the module doc) and return its summary."""
+    import torch
+
+    from mfdetr.data import SynthConfig, generate_synth
+    from mfdetr.detectors.registry import build_detector
+    from mfdetr.engine.config import build_run_config
+    from mfdetr.engine.inference.predict import preset_queries
+    from mfdetr.engine.reports.plot import plot_run
+    from mfdetr.engine.stage2 import CacheSources, train_from_cache
+
+    preset, ckpt, device = _check(opts)
+    n_train, n_val, iters = opts.sizes()
     out = Path(opts.out)
     _prepare(out, opts.force)
     if ckpt is None:
-        from mfdetr.detectors.training.loop import build_trainable, save_weights
+        from mfdetr.detectors.training.recipe import build_trainable, save_weights
 
         ckpt = save_weights(build_trainable(preset.name, seed=opts.seed), out / "detector_untrained.pt")
         echo(f"untrained {preset.name} detector (seed {opts.seed}) written to {ckpt}: APs will be near zero")
@@ -210,20 +254,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
 
     detector = build_detector(preset.name, checkpoint=ckpt, device=device)
     topk = min(100, preset_queries(preset))
-    enc_layer = demo_enc_layer(preset.num_encoder_layers)
-    stores = {}
-    for split in ("train2017", "val2017"):
-        done = _stage(s.times, f"cache {split}", echo)
-        store = out / "cache" / split
-        res = run_cache(CacheJob(detector=preset.name, checkpoint=ckpt, coco=synth, split=split, out=store,
-                                 topk=topk, enc_layers=(enc_layer,), batch_size=4, device=device, num_workers=0,
-                                 writer_threads=2, c1=opts.c1, codec=opts.codec,
-                                 views=opts.views if split == "train2017" else ("orig",)),
-                         progress=opts.progress, echo=_brief(echo),
-                         detector=detector)
-        done()
-        s.cache_bytes[split], s.cache_images[split] = res.store_bytes, res.store_done
-        stores[split] = store
+    stores = _cache_splits(opts, s, preset, ckpt, detector, device, topk, echo)
 
     done = _stage(s.times, "train + eval", echo)
     cfg = build_run_config(demo_run_config(num_encoder_layers=preset.num_encoder_layers, topk=topk, iterations=iters,
@@ -239,18 +270,10 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
     done = _stage(s.times, "plot", echo)
     s.plot = plot_run(s.run_dir, out / "curves.png")
     done()
-
     if opts.overlays:
         done = _stage(s.times, "overlays", echo)
-        val_dir = synth / "val2017"
-        images = sorted(p for p in val_dir.iterdir() if p.suffix == ".jpg")[: opts.overlays]
-        pred = run_predict(PredictJob(detector=preset.name, masknet=s.run_dir / "ckpt.pt",
-                                      inputs=tuple(map(str, images)), out=out / "predict", checkpoint=ckpt,
-                                      score_threshold=opts.overlay_threshold, device=device,
-                                      categories_file=synth / "annotations" / "instances_val2017.json"),
-                           progress=opts.progress, echo=echo, detector=detector)
+        _overlays(opts, s, preset, ckpt, detector, device, echo)
         done()
-        s.overlays, s.predictions = list(pred.overlays), pred.predictions_json
     s.times["total"] = time.perf_counter() - t_all
     for line in format_demo_summary(s):
         echo(line)

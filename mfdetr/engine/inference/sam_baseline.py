@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from mfdetr.engine.damage import DamagePolicy, collate_marked
-from mfdetr.engine.latency import _Clock
+from mfdetr.engine.inference.latency import _Clock
 from mfdetr.errors import MfdetrError, SkipImage
 
 __all__ = ["BaselineJob", "MethodResult", "compare_on_cache", "format_comparison", "original_boxes", "run_baseline",
@@ -206,7 +206,7 @@ def compare_on_cache(job: BaselineJob, damage: DamagePolicy | None = None) -> di
     """
     from mfdetr.devices import resolve_device
     from mfdetr.engine.cache_data import open_annotations, open_cache
-    from mfdetr.engine.sam_model import import_sam, load_sam
+    from mfdetr.engine.inference.sam_model import import_sam, load_sam
     from mfdetr.engine.stage2 import CacheSources, masknet_on_cache
     from mfdetr.evaluation import coco_from_dict, write_results_json
 
