@@ -20,17 +20,13 @@ import torch
 from test_detector_auto import DINO_ARGS, HDETR_ARGS, HDETR_TINY, _cli
 from test_detector_detrex import CFG as DETREX_CFG
 from test_detector_detrex import to_detrex
-from test_predict_tinydet import TINY_MASKNET
 
 from mfdetr.contracts import Preprocessing
 from mfdetr.detectors.dino.presets import DINO_CONFIGS, dino_preset
 from mfdetr.detectors.registry import register_detector, unregister_detector
-from mfdetr.detectors.training import (
-    DataOptions,
-    DetTrainConfig,
-    OptimOptions,
-    train_detector,
-)
+from mfdetr.detectors.training import DataOptions, DetTrainConfig, OptimOptions
+from mfdetr.engine.training.detector import train_detector
+from tests._tiny_detector import TINY_MASKNET
 
 IDS = tuple(range(11, 18))
 NAMES = {11: "disc", 12: "box", 13: "triangle", 14: "arc", 15: "cross", 16: "star", 17: "disc-2"}
