@@ -87,7 +87,9 @@ def test_prediction_names(tmp_path: Path) -> None:
     listed = _write(tmp_path / "n.json", [{"id": 11, "name": "eleven"}])
     assert category_names(c2c, recorded=dict(SEVEN), categories_file=listed)[11] == "eleven"
     assert category_names(tuple(range(91)))[1] == "person"  # a COCO head keeps COCO's names by default
-    assert category_names(tuple(s.id for s in SYNTH_CLASSES))[1] == "disc"
+    synth = tuple(s.id for s in SYNTH_CLASSES)  # no dataset is special: names come from a record or a file
+    assert category_names(synth)[1] == "class 1"
+    assert category_names(synth, recorded={s.id: s.name for s in SYNTH_CLASSES})[1] == "disc"
     with pytest.raises(MfdetrError, match="none of the ids the detector head predicts"):
         category_names(c2c, categories_file=_write(tmp_path / "o.json", [{"id": 1, "name": "x"}]))
 

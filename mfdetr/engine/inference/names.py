@@ -16,13 +16,11 @@ def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, s
 
     Sources, first match wins per id: ``categories_file`` (a JSON list of ``{"id", "name"}`` or a COCO
     annotation file), the MaskNet checkpoint's record (the training annotation file's names), then
-    defaults: the synthetic dataset's names when the head's ids are exactly its ids (the ``demo``
-    preset), COCO's names for a 91-slot COCO head, else ``"class <id>"``.
+    COCO's names for a 91-slot COCO head, else ``"class <id>"``.
 
     Raises:
         MfdetrError: ``categories_file`` is unreadable or names none of the head's ids.
     """
-    from mfdetr.data.synth_render import SYNTH_CLASSES
     from mfdetr.detectors.categories import read_categories
 
     ids = sorted({int(c) for c in class_to_category if int(c) > 0})
@@ -34,6 +32,5 @@ def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, s
                               f"({ids[:8]}{'…' if len(ids) > 8 else ''})", path=categories_file)
     for cid, n in (recorded or {}).items():
         names.setdefault(int(cid), n)
-    synth = {c.id: c.name for c in SYNTH_CLASSES}
-    fallback = synth if set(ids) == set(synth) else COCO_NAMES if len(class_to_category) == 91 else {}
+    fallback = COCO_NAMES if len(class_to_category) == 91 else {}
     return {i: names.get(i) or fallback.get(i) or f"class {i}" for i in ids}
