@@ -61,6 +61,7 @@ def _epochs(store: Any, workers: int, epochs: int, node_cache: Path | None) -> l
 
 
 def _start_moto() -> str:
+    import logging
     import socket
 
     import boto3
@@ -69,6 +70,7 @@ def _start_moto() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on stderr
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
                        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})

@@ -134,6 +134,17 @@ def step_losses(mode: str, model: Any, crit: Any, det: Any, targets: list[GTInst
     return crit(PositivesOnly(model, crit)(det, targets, step=step), det, targets)
 
 
+def own_peak_rss_mib() -> float:
+    """This process's own peak resident set size (MiB). Linux keeps ``ru_maxrss`` across ``execve``, so a
+    spawned mode process would report its parent's peak (the detector build and the cache writing);
+    ``VmHWM`` belongs to the process's own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queue: Any = None) -> dict[str, float]:
     from mfdetr.cache import CacheStore
     from mfdetr.detectors import build_detector
@@ -192,7 +203,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queu
     if device.type == "cuda":
         res["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        res["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_mem_mib"] = own_peak_rss_mib()
     if queue is not None:
         queue.put(res)
     return res
