@@ -59,32 +59,26 @@ def register(app: typer.Typer) -> None:
         """Evaluate MaskNet on a cache: COCO segm AP and Boundary AP (masks), bbox AP (cached detector boxes)."""
         from mfdetr.cache.readthrough import use_cache_root
         from mfdetr.engine.stage2 import CacheSources
+        from mfdetr.errors import MfdetrError
+        from mfdetr.evaluation import EVALUATORS
+        from mfdetr.outputs import check_output_file
 
         use_cache_root(remote_cache_dir)
-        from mfdetr.errors import MfdetrError
-
-        from mfdetr.evaluation import EVALUATORS
-
         if evaluator not in EVALUATORS:
             raise MfdetrError(f"unknown --evaluator {evaluator!r} (choose from {', '.join(EVALUATORS)})")
         if baseline is not None:
             if online or config is not None or overrides:
                 raise MfdetrError("--baseline compares on a --cache with a trained --masknet RUN/ckpt.pt (no --online, "
                                   "--config or overrides)")
-            from mfdetr.engine.inference.sam_baseline import BaselineJob, run_baseline
-
-            run_baseline(BaselineJob(cache=cache, sam_checkpoint=sam_checkpoint, sam_model=sam_model,
-                                     masknet=masknet or checkpoint, coco=coco, annotations=annotations, images=images,
-                                     topk=sam_topk, max_images=max_images, device=device, evaluator=evaluator,
-                                     out=out), baseline=baseline, skip_damaged=skip_damaged, echo=typer.echo)
-            return
+            return _eval_baseline(dict(cache=cache, sam_checkpoint=sam_checkpoint, sam_model=sam_model,
+                                       masknet=masknet or checkpoint, coco=coco, annotations=annotations,
+                                       images=images, topk=sam_topk, max_images=max_images, device=device,
+                                       evaluator=evaluator, out=out), baseline=baseline, skip_damaged=skip_damaged)
         if checkpoint is None and config is None:
             raise MfdetrError("pass --checkpoint RUN/ckpt.pt (or --config FILE for a training-free baseline)")
         if batch_size < 1 or max_images < 0:
             raise MfdetrError(f"need --batch-size >= 1 and --max-images >= 0, got {batch_size} and {max_images}")
         if out is not None:
-            from mfdetr.outputs import check_output_file
-
             check_output_file(out)
         per_cat: dict | None = {} if per_category else None
         if online:
@@ -92,12 +86,19 @@ def register(app: typer.Typer) -> None:
                          detector_checkpoint=detector_checkpoint, detector_config=detector_config, out=out,
                          batch_size=batch_size, device=device, max_images=max_images, evaluator=evaluator,
                          per_cat=per_cat, categories=categories)
-            return
-        if cache is None:
+        elif cache is None:
             raise MfdetrError("pass --cache DIR (or --online --coco DIR --split SPLIT)")
-        _eval_cache(CacheSources(cache=cache, coco=coco, annotations=annotations), checkpoint=checkpoint, config=config,
-                    overrides=list(overrides or []), out=out, batch_size=batch_size, device=device,
-                    skip_damaged=skip_damaged, evaluator=evaluator, per_cat=per_cat)
+        else:
+            _eval_cache(CacheSources(cache=cache, coco=coco, annotations=annotations), checkpoint=checkpoint,
+                        config=config, overrides=list(overrides or []), out=out, batch_size=batch_size, device=device,
+                        skip_damaged=skip_damaged, evaluator=evaluator, per_cat=per_cat)
+
+
+def _eval_baseline(job: dict, *, baseline: str, skip_damaged: bool) -> None:
+    """``mfdetr eval --baseline sam``: SAM prompted with the cache's boxes, next to a trained MaskNet."""
+    from mfdetr.engine.inference.sam_baseline import BaselineJob, run_baseline
+
+    run_baseline(BaselineJob(**job), baseline=baseline, skip_damaged=skip_damaged, echo=typer.echo)
 
 
 def _eval_online(*, checkpoint: Path | None, cache: str | None, coco: Path | None, split: str, detector: str | None,
