@@ -50,26 +50,10 @@ BOUNDARY_DILATION_RATIO = 0.02  # the boundary band, as a fraction of the image 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 __all__ = [
-    "BOUNDARY_DILATION_RATIO",
-    "EVALUATORS",
-    "IOU_TYPES",
-    "MASK_IOU_TYPES",
-    "METRIC_NAMES",
-    "CocoEvaluator",
-    "annotation_path",
-    "category_ap",
-    "category_rows",
-    "coco_from_dict",
-    "evaluate",
-    "format_category_table",
-    "format_table",
-    "gt_to_results",
-    "instances_to_results",
-    "load_coco_gt",
-    "mask_to_rle",
-    "read_results_json",
-    "validate_results",
-    "write_results_json",
+    "BOUNDARY_DILATION_RATIO", "EVALUATORS", "IOU_TYPES", "MASK_IOU_TYPES", "METRIC_NAMES", "CocoEvaluator",
+    "annotation_path", "category_ap", "category_rows", "coco_from_dict", "evaluate",
+    "format_category_table", "format_table", "gt_to_results", "instances_to_results", "load_coco_gt", "mask_to_rle",
+    "read_results_json", "validate_results", "write_results_json",
 ]
 
 
@@ -108,9 +92,8 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def validate_results(
-    results: Any, coco_gt: COCO, iou_types: Sequence[str], *, source: str = "results"
-) -> list[dict[str, Any]]:
+def validate_results(results: Any, coco_gt: COCO, iou_types: Sequence[str], *, source: str = "results"
+                     ) -> list[dict[str, Any]]:
     """Check a results list against the GT: fields, types, known image/category ids, mask sizes.
 
     Raises:
@@ -140,17 +123,12 @@ def validate_results(
         if mask_types:
             seg = r.get("segmentation")
             if not (isinstance(seg, dict) and isinstance(seg.get("counts"), str) and isinstance(seg.get("size"), list)):
-                raise MfdetrError(
-                    f"results[{i}] needs 'segmentation' as an RLE {{size, counts}} (for --iou-type {mask_types[0]})",
-                    path=source,
-                )
+                raise MfdetrError(f"results[{i}] needs 'segmentation' as an RLE {{size, counts}} "
+                                  f"(for --iou-type {mask_types[0]})", path=source)
             img = coco_gt.imgs[iid]
             if seg["size"] != [img["height"], img["width"]]:
-                raise MfdetrError(
-                    f"results[{i}] mask size {seg['size']} differs from image {iid}'s "
-                    f"[{img['height']}, {img['width']}]",
-                    path=source,
-                )
+                raise MfdetrError(f"results[{i}] mask size {seg['size']} differs from image {iid}'s "
+                                  f"[{img['height']}, {img['width']}]", path=source)
     return results
 
 
@@ -172,20 +150,15 @@ def write_results_json(path: str | Path, results: Iterable[Mapping[str, Any]]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     out = []
     for r in results:
-        d: dict[str, Any] = {
-            "image_id": int(r["image_id"]),
-            "category_id": int(r["category_id"]),
-            "score": float(r["score"]),
-        }
+        d: dict[str, Any] = {"image_id": int(r["image_id"]), "category_id": int(r["category_id"]),
+                             "score": float(r["score"])}
         if "bbox" in r:
             d["bbox"] = [float(v) for v in r["bbox"]]
         if "segmentation" in r:
             seg = r["segmentation"]
             counts = seg["counts"]
-            d["segmentation"] = {
-                "size": [int(seg["size"][0]), int(seg["size"][1])],
-                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-            }
+            d["segmentation"] = {"size": [int(seg["size"][0]), int(seg["size"][1])],
+                                 "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
         out.append(d)
     text = json.dumps(out, separators=(",", ":")).encode()
     atomic_write(path, lambda f: f.write(text), what="results JSON")
@@ -193,13 +166,9 @@ def write_results_json(path: str | Path, results: Iterable[Mapping[str, Any]]) -
 
 
 # --- conversions -----------------------------------------------------------------------------------
-def instances_to_results(
-    image_id: int,
-    category_ids: Tensor | Sequence[int],
-    scores: Tensor | Sequence[float],
-    boxes_xyxy: Tensor | np.ndarray | None = None,
-    masks: Tensor | np.ndarray | None = None,
-) -> list[dict[str, Any]]:
+def instances_to_results(image_id: int, category_ids: Tensor | Sequence[int], scores: Tensor | Sequence[float],
+                         boxes_xyxy: Tensor | np.ndarray | None = None, masks: Tensor | np.ndarray | None = None
+                         ) -> list[dict[str, Any]]:
     """Per-image predictions → COCO result dicts.
 
     Args:
@@ -209,9 +178,8 @@ def instances_to_results(
     """
     cats = [int(c) for c in (category_ids.tolist() if hasattr(category_ids, "tolist") else category_ids)]
     sc = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
-    out: list[dict[str, Any]] = [
-        {"image_id": int(image_id), "category_id": c, "score": s} for c, s in zip(cats, sc, strict=True)
-    ]
+    out: list[dict[str, Any]] = [{"image_id": int(image_id), "category_id": c, "score": s}
+                                 for c, s in zip(cats, sc, strict=True)]
     if boxes_xyxy is not None:
         if hasattr(boxes_xyxy, "detach"):  # a torch Tensor
             boxes_xyxy = boxes_xyxy.detach().cpu().double().numpy()
@@ -232,18 +200,11 @@ def gt_to_results(coco_gt: COCO, *, score: float = 1.0) -> list[dict[str, Any]]:
         if ann.get("iscrowd", 0):
             continue
         rle = coco_gt.annToRLE(ann)
-        out.append(
-            {
-                "image_id": ann["image_id"],
-                "category_id": ann["category_id"],
-                "score": score,
-                "bbox": [float(v) for v in ann["bbox"]],
-                "segmentation": {
-                    "size": [int(rle["size"][0]), int(rle["size"][1])],
-                    "counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"],
-                },
-            }
-        )
+        out.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": score,
+                    "bbox": [float(v) for v in ann["bbox"]],
+                    "segmentation": {"size": [int(rle["size"][0]), int(rle["size"][1])],
+                                     "counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes)
+                                     else rle["counts"]}})
     return out
 
 
@@ -281,16 +242,9 @@ def category_ap(ev: Any) -> dict[int, float]:
     return out
 
 
-def evaluate(
-    coco_gt: COCO,
-    results: Sequence[Mapping[str, Any]],
-    iou_type: str,
-    *,
-    image_ids: Iterable[int] | None = None,
-    verbose: bool = False,
-    evaluator: str = "pycocotools",
-    per_category: dict[int, float] | None = None,
-) -> dict[str, float]:
+def evaluate(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str, *,
+             image_ids: Iterable[int] | None = None, verbose: bool = False, evaluator: str = "pycocotools",
+             per_category: dict[int, float] | None = None) -> dict[str, float]:
     """COCO evaluation of ``results`` → ``{AP, AP50, AP75, APs, APm, APl}`` in percent.
 
     Args:
@@ -321,9 +275,8 @@ def evaluate(
         ev.summarize()
     if per_category is not None:
         per_category.update(category_ap(ev))
-    return {
-        name: float(ev.stats[k] * 100.0) if ev.stats[k] >= 0 else float("nan") for k, name in enumerate(METRIC_NAMES)
-    }
+    return {name: float(ev.stats[k] * 100.0) if ev.stats[k] >= 0 else float("nan")
+            for k, name in enumerate(METRIC_NAMES)}
 
 
 class CocoEvaluator:
@@ -341,15 +294,8 @@ class CocoEvaluator:
     After :meth:`finish`, ``category_ap[iou_type]`` holds each category's AP (:func:`category_ap`).
     """
 
-    def __init__(
-        self,
-        *,
-        coco_gt: COCO,
-        iou_types: Sequence[str] = ("segm", "bbox"),
-        all_images: bool = False,
-        verbose: bool = False,
-        evaluator: str = "pycocotools",
-    ) -> None:
+    def __init__(self, *, coco_gt: COCO, iou_types: Sequence[str] = ("segm", "bbox"), all_images: bool = False,
+                 verbose: bool = False, evaluator: str = "pycocotools") -> None:
         for t in iou_types:
             _check_choice(t, evaluator)
         self.coco_gt = coco_gt
@@ -382,18 +328,8 @@ class CocoEvaluator:
         if ids is not None and not ids:
             return {t: dict.fromkeys(METRIC_NAMES, 0.0) for t in self.iou_types}
         self.category_ap = {t: {} for t in self.iou_types}
-        return {
-            t: evaluate(
-                self.coco_gt,
-                self.results,
-                t,
-                image_ids=ids,
-                verbose=self.verbose,
-                evaluator=self.evaluator,
-                per_category=self.category_ap[t],
-            )
-            for t in self.iou_types
-        }
+        return {t: evaluate(self.coco_gt, self.results, t, image_ids=ids, verbose=self.verbose,
+                            evaluator=self.evaluator, per_category=self.category_ap[t]) for t in self.iou_types}
 
 
 def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:

@@ -27,31 +27,19 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(
-    *args: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = 600, check: bool = False
-) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = 600,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mfdetr ARGS`` (this checkout's package) and capture its output."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "mfdetr", *map(str, args)],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = subprocess.run([sys.executable, "-m", "mfdetr", *map(str, args)], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"mfdetr {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
+        raise AssertionError(f"mfdetr {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def cli(
-    *args: str | os.PathLike,
-    env: Mapping[str, str | None] | None = None,
-    cwd: str | os.PathLike | None = None,
-    check: bool = False,
-) -> subprocess.CompletedProcess[str]:
+def cli(*args: str | os.PathLike, env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
     """``mfdetr ARGS`` in this process: typer's ``CliRunner`` on :data:`mfdetr.cli.app`, the command group
     that prints a user error as one ``mfdetr: error:`` line with exit 2 and an interrupt with exit 130,
     as the console script does. Returns what :func:`run_cli` returns; an exception that escapes the

@@ -31,14 +31,13 @@ def manifest_part(name: str, prefix: str) -> list[tuple[str, tuple[int, ...], to
         if line.startswith("#") or not line.startswith(prefix):
             continue
         key, shape, dtype = line.split("\t")
-        rows.append((key[len(prefix) :], tuple(int(s) for s in shape.split("x")), _DTYPES[dtype]))
+        rows.append((key[len(prefix):], tuple(int(s) for s in shape.split("x")), _DTYPES[dtype]))
     return rows
 
 
 def tiny(out_indices=(0, 1, 2, 3), window=3, depths=(1, 1, 2, 1)):
-    return build_swin(
-        SwinConfig(embed_dim=16, depths=depths, num_heads=(1, 2, 2, 4), window_size=window, out_indices=out_indices)
-    ).eval()
+    return build_swin(SwinConfig(embed_dim=16, depths=depths, num_heads=(1, 2, 2, 4),
+                                 window_size=window, out_indices=out_indices)).eval()
 
 
 def randomize_(model: torch.nn.Module) -> None:
@@ -150,9 +149,8 @@ def test_bad_configs_raise_clear_errors():
 
 
 def test_factory_builder_accepts_toml_lists():
-    model = swin_backbone(
-        out_indices=[1, 2, 3], embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=3
-    )
+    model = swin_backbone(out_indices=[1, 2, 3], embed_dim=16, depths=[1, 1, 2, 1],
+                          num_heads=[1, 2, 2, 4], window_size=3)
     assert model.out_indices == (1, 2, 3) and model.stage_specs[3].channels == 128
 
 
@@ -185,5 +183,5 @@ def test_patch_merging_pads_odd_maps_and_keeps_official_neighbour_order():
     xp = F.pad(x, (0, 0, 0, 1, 0, 1))
     # official order: (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1)
     for j, (r, c) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
-        torch.testing.assert_close(cat[..., 16 * j : 16 * (j + 1)], xp[:, r::2, c::2], rtol=0, atol=0)
+        torch.testing.assert_close(cat[..., 16 * j:16 * (j + 1)], xp[:, r::2, c::2], rtol=0, atol=0)
     assert (cat[0, 2, :, 16:32] == 0).all()  # padded bottom row

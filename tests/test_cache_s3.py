@@ -92,14 +92,8 @@ def remote_commits(url: str) -> int:
 
 
 def popen(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mfdetr", *args],
-        cwd=REPO,
-        env={**cli_env(), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return subprocess.Popen([sys.executable, "-m", "mfdetr", *args], cwd=REPO, env={**cli_env(), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_commits(url: str, proc: subprocess.Popen[str], n: int) -> None:
@@ -164,14 +158,12 @@ def test_inspect_verify_finds_a_lost_object(s3: S3Server, coco: Path, reference:
     assert_same_as_local(reference, url)
 
 
-def test_wrong_bucket_and_missing_credentials_are_one_line(
-    s3: S3Server, coco: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wrong_bucket_and_missing_credentials_are_one_line(s3: S3Server, coco: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs
 
-    assert_user_error(
-        cli(*fd.cache_args(coco, "s3://no-such-bucket-mfdetr/x")), "s3://no-such-bucket-mfdetr/x", "bucket"
-    )
+    assert_user_error(cli(*fd.cache_args(coco, "s3://no-such-bucket-mfdetr/x")), "s3://no-such-bucket-mfdetr/x",
+                      "bucket")
     assert_user_error(cli("inspect", "s3://no-such-bucket-mfdetr/x"), "bucket 'no-such-bucket-mfdetr'")
     bucket = s3.make_bucket()
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -214,7 +206,8 @@ def test_server_stopped_mid_write_is_one_line_and_resumable(s3: S3Server, coco: 
         again.stop()
 
 
-def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, reference: Path, tmp_path: Path) -> None:
+def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, reference: Path,
+                                                     tmp_path: Path) -> None:
     """The node-local read-through cache: every image read twice (two epochs), and once more by a store
     reopened in another process's way (unpickled, as a DataLoader worker): only the first epoch downloads."""
     import pickle
@@ -231,9 +224,7 @@ def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, re
         for i in store.complete_indices().tolist():
             out, _ = store.read(i)
             ref, _ = local.read(i)
-            assert all(
-                np.array_equal(a.numpy(), b.numpy()) for a, b in zip(out.enc_maps[4], ref.enc_maps[4], strict=True)
-            )
+            assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(out.enc_maps[4], ref.enc_maps[4], strict=True))
         got.append(s3.counts())
     assert got[0][1] > 10_000 and got[1] == ({}, 0), got
     worker = pickle.loads(pickle.dumps(store))
@@ -255,57 +246,18 @@ def test_training_with_workers_from_s3_equals_disk(s3: S3Server, tmp_path: Path)
     url = f"s3://{s3.make_bucket()}/train"
     fd.write_cache(coco, "train2017", tmp_path / "disk", ckpt)
     fd.write_cache(coco, "train2017", url, ckpt)  # type: ignore[arg-type]
-    train = {
-        "device": "cpu",
-        "iterations": 6,
-        "batch_size": 2,
-        "log_every": 1,
-        "num_workers": 0,
-        "progress": False,
-        "lr": 1e-3,
-        "checkpoint_every": 100,
-    }
+    train = {"device": "cpu", "iterations": 6, "batch_size": 2, "log_every": 1, "num_workers": 0, "progress": False,
+             "lr": 1e-3, "checkpoint_every": 100}
     for workers in (0, 2):
         cfg = tmp_path / f"w{workers}.toml"
-        cfg.write_text(
-            "\n".join(fd.toml_table("train", {**train, "num_workers": workers}) + fd.toml_table("masknet", fd.TINY))
-        )
-    disk = cli(
-        "train",
-        "--cache",
-        tmp_path / "disk",
-        "--coco",
-        coco,
-        "--config",
-        tmp_path / "w0.toml",
-        "--out",
-        tmp_path / "run_disk",
-    )
+        cfg.write_text("\n".join(fd.toml_table("train", {**train, "num_workers": workers}) + fd.toml_table("masknet", fd.TINY)))
+    disk = cli("train", "--cache", tmp_path / "disk", "--coco", coco, "--config", tmp_path / "w0.toml",
+                       "--out", tmp_path / "run_disk")
     assert disk.returncode == 0, disk.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mfdetr",
-            "train",
-            "--cache",
-            url,
-            "--coco",
-            str(coco),
-            "--config",
-            str(tmp_path / "w2.toml"),
-            "--out",
-            str(tmp_path / "run_s3"),
-            "--remote-cache-dir",
-            str(tmp_path / "node"),
-        ],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = subprocess.run([sys.executable, "-m", "mfdetr", "train", "--cache", url, "--coco", str(coco), "--config",
+                           str(tmp_path / "w2.toml"), "--out", str(tmp_path / "run_s3"),
+                           "--remote-cache-dir", str(tmp_path / "node")], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     assert any(p.name == "0" for p in (tmp_path / "node").rglob("*"))  # chunks were read through the node cache
     ref, got = logged_losses(tmp_path / "run_disk"), logged_losses(tmp_path / "run_s3")
@@ -319,38 +271,11 @@ def _two_nodes(args: list[str], tmp_path: Path, name: str) -> list[subprocess.Co
 
     port = _free_port()
     env = {**cli_env(), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc-per-node",
-                "1",
-                "--rdzv-backend",
-                "c10d",
-                "--rdzv-endpoint",
-                f"127.0.0.1:{port}",
-                "--rdzv-id",
-                name,
-                "--node-rank",
-                str(rank),
-                "--monitor-interval",
-                "1",
-                "-m",
-                "mfdetr",
-                *args,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", name,
+                               "--node-rank", str(rank), "--monitor-interval", "1", "-m", "mfdetr", *args],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     return [subprocess.CompletedProcess(args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
 
@@ -365,26 +290,8 @@ def test_two_nodes_cache_and_train_from_one_s3_store(s3: S3Server, tmp_path: Pat
     fd.make_coco(coco, n=6, split="train2017")
     ckpt = fd.save_fake_checkpoint(tmp_path / "fake.pth")
     url = f"s3://{s3.make_bucket()}/nodes"
-    args = [
-        "cache",
-        "--detector",
-        fd.NAME,
-        "--checkpoint",
-        str(ckpt),
-        "--coco",
-        str(coco),
-        "--split",
-        "train2017",
-        "--topk",
-        "8",
-        "--enc-layers",
-        "4",
-        "--batch-size",
-        "1",
-        "--workers",
-        "0",
-        "--no-progress",
-    ]
+    args = ["cache", "--detector", fd.NAME, "--checkpoint", str(ckpt), "--coco", str(coco), "--split", "train2017",
+            "--topk", "8", "--enc-layers", "4", "--batch-size", "1", "--workers", "0", "--no-progress"]
     runs = _two_nodes([*args, "--out", url], tmp_path, "cache")
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
     done = sorted(int(r.stdout.split("done: ")[1].split(" images")[0]) for r in runs)
@@ -393,46 +300,16 @@ def test_two_nodes_cache_and_train_from_one_s3_store(s3: S3Server, tmp_path: Pat
     assert one.returncode == 0, one.stderr
     assert_same_as_local(tmp_path / "one", url)
 
-    train = {
-        "device": "cpu",
-        "iterations": 3,
-        "log_every": 1,
-        "num_workers": 0,
-        "progress": False,
-        "lr": 1e-3,
-        "checkpoint_every": 100,
-    }
+    train = {"device": "cpu", "iterations": 3, "log_every": 1, "num_workers": 0, "progress": False, "lr": 1e-3,
+             "checkpoint_every": 100}
     for name, bs in (("ddp", 1), ("single", 2)):
-        (tmp_path / f"{name}.toml").write_text(
-            "\n".join(fd.toml_table("train", {**train, "batch_size": bs}) + fd.toml_table("masknet", fd.TINY))
-        )
-    runs = _two_nodes(
-        [
-            "train",
-            "--cache",
-            url,
-            "--coco",
-            str(coco),
-            "--config",
-            str(tmp_path / "ddp.toml"),
-            "--out",
-            str(tmp_path / "run_ddp"),
-        ],
-        tmp_path,
-        "train",
-    )
+        (tmp_path / f"{name}.toml").write_text("\n".join(fd.toml_table("train", {**train, "batch_size": bs})
+                                                         + fd.toml_table("masknet", fd.TINY)))
+    runs = _two_nodes(["train", "--cache", url, "--coco", str(coco), "--config", str(tmp_path / "ddp.toml"),
+                       "--out", str(tmp_path / "run_ddp")], tmp_path, "train")
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
-    single = cli(
-        "train",
-        "--cache",
-        tmp_path / "one",
-        "--coco",
-        coco,
-        "--config",
-        tmp_path / "single.toml",
-        "--out",
-        tmp_path / "run_single",
-    )
+    single = cli("train", "--cache", tmp_path / "one", "--coco", coco, "--config", tmp_path / "single.toml",
+                         "--out", tmp_path / "run_single")
     assert single.returncode == 0, single.stderr
     run = json.loads((tmp_path / "run_ddp" / "run.json").read_text())
     assert (run["world_size"], run["backend"]) == (2, "gloo")
@@ -443,14 +320,11 @@ def test_two_nodes_cache_and_train_from_one_s3_store(s3: S3Server, tmp_path: Pat
 
 def test_remote_reading_never_imports_a_detector() -> None:
     """The reader side (store, location, node cache, dataset) stays below the detectors."""
-    code = (
-        "import sys; import mfdetr.cache.reader, mfdetr.cache.location, mfdetr.cache.readthrough, "
-        "mfdetr.engine.cache_data; bad = [m for m in sys.modules if m.startswith('mfdetr.detectors')]; "
-        "assert not bad, bad"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120, check=False
-    )
+    code = ("import sys; import mfdetr.cache.reader, mfdetr.cache.location, mfdetr.cache.readthrough, "
+            "mfdetr.engine.cache_data; bad = [m for m in sys.modules if m.startswith('mfdetr.detectors')]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -40,9 +40,8 @@ TINY = "test_tiny_train"
 @pytest.fixture(scope="module", autouse=True)
 def tiny_preset():
     """dino_tiny with a small input size, registered for :func:`build_trainable`."""
-    preset = dataclasses.replace(
-        DINO_PRESETS["dino_tiny"], name=TINY, preprocessing=Preprocessing(short_side=64, max_size=96)
-    )
+    preset = dataclasses.replace(DINO_PRESETS["dino_tiny"], name=TINY,
+                                 preprocessing=Preprocessing(short_side=64, max_size=96))
 
     def builder(**_: object) -> None:  # pragma: no cover - never built through the registry
         raise AssertionError
@@ -68,43 +67,25 @@ def toy_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 cat = 1 + (i + k) % 3
                 bw, bh = int(rng.integers(12, 30)), int(rng.integers(12, 30))
                 x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-                img[y : y + bh, x : x + bw] = colours[cat]
-                anns.append(
-                    {
-                        "id": len(anns) + 1,
-                        "image_id": off + i + 1,
-                        "category_id": cat,
-                        "iscrowd": 0,
-                        "bbox": [x, y, bw, bh],
-                        "area": bw * bh,
-                        "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]],
-                    }
-                )
+                img[y:y + bh, x:x + bw] = colours[cat]
+                anns.append({"id": len(anns) + 1, "image_id": off + i + 1, "category_id": cat, "iscrowd": 0,
+                             "bbox": [x, y, bw, bh], "area": bw * bh,
+                             "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
             name = f"{off + i + 1:012d}.png"
             Image.fromarray(img).save(root / split / name)
             images.append({"id": off + i + 1, "file_name": name, "height": h, "width": w})
         (root / "annotations").mkdir(exist_ok=True)
         cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
         (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats})
-        )
+            json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return root
 
 
 def _tiny_cfg(root: Path, **train: object) -> DetTrainConfig:
-    opts = {
-        "seed": 3,
-        "batch_size": 2,
-        "epochs": 2,
-        "lr": 1e-3,
-        "lr_drop_epoch": 1,
-        "threads": 1,
-        "log_every": 1,
-        "checkpoint_every": 2,
-        "eval_every_epochs": 1,
-        **train,
-    }
-    return DetTrainConfig(preset=TINY, data=DataOptions(root=str(root), val_images=4), train=OptimOptions(**opts))  # type: ignore[arg-type]
+    opts = {"seed": 3, "batch_size": 2, "epochs": 2, "lr": 1e-3, "lr_drop_epoch": 1, "threads": 1,
+            "log_every": 1, "checkpoint_every": 2, "eval_every_epochs": 1, **train}
+    return DetTrainConfig(preset=TINY, data=DataOptions(root=str(root), val_images=4),
+                          train=OptimOptions(**opts))  # type: ignore[arg-type]
 
 
 # --- matcher ----------------------------------------------------------------------------------------
@@ -116,7 +97,7 @@ def test_matcher_is_optimal_on_small_cases() -> None:
         boxes = torch.rand(1, q, 4) * 0.5 + 0.25
         t = {"labels": torch.randint(0, 4, (n,)), "boxes": torch.rand(n, 4) * 0.5 + 0.25}
         cost = m.cost_matrix(logits[0], boxes[0], t["labels"], t["boxes"])
-        ((qi, ti),) = m(logits, boxes, [t])
+        (qi, ti), = m(logits, boxes, [t])
         assert len(qi) == n and len(set(qi.tolist())) == n and sorted(ti.tolist()) == list(range(n))
         got = float(cost[qi, ti].sum())
         best = min(sum(float(cost[p[j], j]) for j in range(n)) for p in itertools.permutations(range(q), n))
@@ -128,9 +109,9 @@ def test_matcher_prefers_the_right_box_and_class() -> None:
     boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.3, 0.3]]])
     logits = torch.tensor([[[4.0, -4.0], [-4.0, 4.0]]])
     t = {"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.7, 0.7, 0.3, 0.3], [0.2, 0.2, 0.1, 0.1]])}
-    ((qi, ti),) = m(logits, boxes, [t])
+    (qi, ti), = m(logits, boxes, [t])
     assert dict(zip(qi.tolist(), ti.tolist(), strict=True)) == {0: 1, 1: 0}
-    ((qe, te),) = m(logits, boxes, [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])
+    (qe, te), = m(logits, boxes, [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])
     assert qe.numel() == 0 and te.numel() == 0
 
 
@@ -140,10 +121,8 @@ def _toy_batch(preset_name: str = TINY) -> tuple[torch.Tensor, torch.Tensor, lis
     images = torch.randn(2, 3, 64, 80)
     pad = torch.zeros(2, 64, 80, dtype=torch.bool)
     pad[1, :, 64:] = True
-    targets = [
-        {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
-    ]
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
     return images, pad, targets
 
 
@@ -200,9 +179,8 @@ def test_optimisation_steps_reduce_the_loss() -> None:
 
 # --- data / loop ------------------------------------------------------------------------------------
 def test_train_set_boxes_flips_and_batches(toy_coco: Path, tiny_preset) -> None:
-    ds = DetectionTrainSet(
-        toy_coco, "train2017", preprocessing=tiny_preset.preprocessing, class_to_category=tiny_preset.class_to_category
-    )
+    ds = DetectionTrainSet(toy_coco, "train2017", preprocessing=tiny_preset.preprocessing,
+                           class_to_category=tiny_preset.class_to_category)
     img, t = ds.item(1)
     assert img.shape == (3, 64, 80) and t["labels"].tolist() == [2]  # category 2 → slot 2 (identity map)
     flipped, tf = ds.item(1, flip=True)
@@ -214,13 +192,8 @@ def test_train_set_boxes_flips_and_batches(toy_coco: Path, tiny_preset) -> None:
     for idx in batches:  # one input size per batch: no padding at all (DINO is not padding-invariant)
         b = ds.batch(idx, hflip=0.5)
         assert b.images.shape[0] == 2 and not bool(b.pad_mask.any())
-    by_orientation = DetectionTrainSet(
-        toy_coco,
-        "train2017",
-        preprocessing=tiny_preset.preprocessing,
-        class_to_category=tiny_preset.class_to_category,
-        by_size=False,
-    )
+    by_orientation = DetectionTrainSet(toy_coco, "train2017", preprocessing=tiny_preset.preprocessing,
+                                       class_to_category=tiny_preset.class_to_category, by_size=False)
     assert sorted(set(by_orientation.groups)) == [0, 1]
     for epoch in range(5):
         assert len(epoch_batches(ds.groups, 3, seed=1, epoch=epoch)) >= min_batches(ds.groups, 3)
@@ -247,9 +220,8 @@ def test_full_run_writes_weights_that_load_strictly(toy_coco: Path, tmp_path: Pa
     from mfdetr.detectors.dino import build_dino
     from mfdetr.detectors.dino.config import DinoConfig
 
-    det = build_dino(
-        DinoConfig.from_dict(tiny_preset.arch), preset=tiny_preset, checkpoint=tmp_path / "r" / "weights.pt"
-    )
+    det = build_dino(DinoConfig.from_dict(tiny_preset.arch), preset=tiny_preset,
+                     checkpoint=tmp_path / "r" / "weights.pt")
     assert not det.training and not any(p.requires_grad for p in det.parameters())
 
 
@@ -266,15 +238,9 @@ def test_demo_preset_small_weights_and_strict_reload() -> None:
     assert nbytes <= MAX_WEIGHTS_BYTES
     det = build_detector("demo", checkpoint={"model": sd})
     x = torch.randn(1, 3, 160, 200)
-    batch = ImageBatch(
-        images=x,
-        pad_mask=torch.zeros(1, 160, 200, dtype=torch.bool),
-        input_hw=torch.tensor([[160, 200]]),
-        orig_hw=torch.tensor([[160, 200]]),
-        image_ids=[1],
-        file_names=["x"],
-        targets=None,
-    )
+    batch = ImageBatch(images=x, pad_mask=torch.zeros(1, 160, 200, dtype=torch.bool),
+                       input_hw=torch.tensor([[160, 200]]), orig_hw=torch.tensor([[160, 200]]), image_ids=[1],
+                       file_names=["x"], targets=None)
     out = det.detect(batch, topk=10, enc_layers=(3,))
     assert out.c1.shape == (1, 32, 40, 50) and out.queries.shape == (1, 10, 128)
 
@@ -316,11 +282,8 @@ def test_box_ap_is_100_for_a_detector_that_returns_the_ground_truth(toy_coco: Pa
             for image_id in batch.image_ids:
                 t = gt.load_targets(image_id)
                 n = len(t)
-                out.append(
-                    Detections(
-                        scores=torch.linspace(0.9, 0.5, n), category_ids=t.labels, labels=t.labels, boxes=t.boxes
-                    )
-                )
+                out.append(Detections(scores=torch.linspace(0.9, 0.5, n), category_ids=t.labels, labels=t.labels,
+                                      boxes=t.boxes))
             return out
 
     ap = box_ap(Oracle(), toy_coco, "val2017")  # type: ignore[arg-type]

@@ -22,25 +22,10 @@ from mfdetr.errors import MfdetrError
 
 DINO_TINY = DINO_CONFIGS["dino_tiny"][0]
 HDETR_TINY = HDETR_CONFIGS["hdetr_tiny"][0]
-DINO_ARGS = {
-    "modelname": "dino",
-    "nheads": 4,
-    "two_stage_type": "standard",
-    "num_select": 50,
-    "return_interm_indices": [1, 2, 3],
-    "nms_iou_threshold": -1,
-    "dec_pred_class_embed_share": True,
-}
-HDETR_ARGS = {
-    "nheads": 4,
-    "num_queries_one2one": 20,
-    "num_queries_one2many": 12,
-    "topk": 50,
-    "two_stage": True,
-    "with_box_refine": True,
-    "mixed_selection": True,
-    "look_forward_twice": True,
-}
+DINO_ARGS = {"modelname": "dino", "nheads": 4, "two_stage_type": "standard", "num_select": 50,
+             "return_interm_indices": [1, 2, 3], "nms_iou_threshold": -1, "dec_pred_class_embed_share": True}
+HDETR_ARGS = {"nheads": 4, "num_queries_one2one": 20, "num_queries_one2many": 12, "topk": 50, "two_stage": True,
+              "with_box_refine": True, "mixed_selection": True, "look_forward_twice": True}
 
 
 def _model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -50,9 +35,8 @@ def _model(family: str, seed: int = 0) -> torch.nn.Module:
     from mfdetr.detectors.common.arch import family_preset
     from mfdetr.detectors.hdetr.model import build_hdetr_model
 
-    return build_hdetr_model(
-        HDETR_TINY, preset=family_preset("t", "hdetr", HDETR_TINY, checkpoint_file=None, box_ap=None)
-    ).eval()
+    return build_hdetr_model(HDETR_TINY, preset=family_preset("t", "hdetr", HDETR_TINY, checkpoint_file=None,
+                                                              box_ap=None)).eval()
 
 
 def _save(path: Path, model: torch.nn.Module, args: dict | None) -> Path:
@@ -91,9 +75,8 @@ def test_auto_builds_the_checkpoints_architecture_with_identical_outputs(tmp_pat
     assert torch.equal(a.enc_maps[3][0], b.enc_maps[3][0])
 
 
-@pytest.mark.parametrize(
-    "name", sorted(n for n in DINO_CONFIGS if n != "dino_tiny") + sorted(n for n in HDETR_CONFIGS if n != "hdetr_tiny")
-)
+@pytest.mark.parametrize("name", sorted(n for n in DINO_CONFIGS if n != "dino_tiny") + sorted(
+    n for n in HDETR_CONFIGS if n != "hdetr_tiny"))
 def test_full_size_presets_are_recovered_from_shapes(name: str) -> None:
     """Every released architecture from its tensor shapes alone (+ nheads and, for H-DETR, the
     one-to-one query count: the two things shapes cannot tell), on meta tensors."""
@@ -114,20 +97,17 @@ def test_full_size_presets_are_recovered_from_shapes(name: str) -> None:
     assert got.to_dict() == {**cfg.to_dict(), "num_select": got.num_select} and got.num_select == cfg.num_select
 
 
-@pytest.mark.parametrize(
-    "change,needle",
-    [
-        ({"two_stage_type": "no"}, "args.two_stage_type = 'no'"),
-        ({"nms_iou_threshold": 0.8}, "NMS in post-processing"),
-        ({"num_classes": 80}, "class_embed.0.bias"),
-        ({"enc_layers": 6}, "transformer.encoder.layers"),
-        ({"backbone": "convnext_xlarge_22k"}, "args.backbone = 'convnext_xlarge_22k'"),
-        ({"backbone": "resnet50"}, "tiny backbone"),
-        ({"return_interm_indices": [0, 1, 2, 3]}, "args.return_interm_indices"),
-        ({"nheads": None}, "nheads"),
-        ({"modelname": "dab_deformable_detr"}, "args.modelname"),
-    ],
-)
+@pytest.mark.parametrize("change,needle", [
+    ({"two_stage_type": "no"}, "args.two_stage_type = 'no'"),
+    ({"nms_iou_threshold": 0.8}, "NMS in post-processing"),
+    ({"num_classes": 80}, "class_embed.0.bias"),
+    ({"enc_layers": 6}, "transformer.encoder.layers"),
+    ({"backbone": "convnext_xlarge_22k"}, "args.backbone = 'convnext_xlarge_22k'"),
+    ({"backbone": "resnet50"}, "tiny backbone"),
+    ({"return_interm_indices": [0, 1, 2, 3]}, "args.return_interm_indices"),
+    ({"nheads": None}, "nheads"),
+    ({"modelname": "dab_deformable_detr"}, "args.modelname"),
+])
 def test_contradictions_and_unimplemented_settings_are_one_line_errors(tmp_path: Path, change, needle) -> None:
     args = {k: v for k, v in {**DINO_ARGS, **change}.items() if v is not None}
     ckpt = _save(tmp_path / "bad.pth", _model("dino"), args)
@@ -136,9 +116,8 @@ def test_contradictions_and_unimplemented_settings_are_one_line_errors(tmp_path:
 
 
 def test_hdetr_needs_its_one2one_query_count(tmp_path: Path) -> None:
-    ckpt = _save(
-        tmp_path / "h.pth", _model("hdetr"), {k: v for k, v in HDETR_ARGS.items() if not k.startswith("num_queries")}
-    )
+    ckpt = _save(tmp_path / "h.pth", _model("hdetr"), {k: v for k, v in HDETR_ARGS.items()
+                                                         if not k.startswith("num_queries")})
     with pytest.raises(MfdetrError, match="num_queries_one2one"):
         architecture_of(ckpt)
     with pytest.raises(MfdetrError, match="args.mixed_selection = False"):
@@ -150,8 +129,7 @@ def test_config_files_are_read_as_data_never_run(tmp_path: Path) -> None:
     (tmp_path / "base.py").write_text("nheads = 8\nnum_select = 300\nnum_queries = 20\n")
     (tmp_path / "DINO_tiny.py").write_text(
         f"_base_ = ['base.py']\nmodelname = 'dino'\nnheads = 4\nnum_select = 50\nreturn_interm_indices = [1, 2, 3]\n"
-        f"two_stage_type = 'standard'\nside_effect = __import__('pathlib').Path({str(marker)!r}).touch()\n"
-    )
+        f"two_stage_type = 'standard'\nside_effect = __import__('pathlib').Path({str(marker)!r}).touch()\n")
     cfg = read_config_file(tmp_path / "DINO_tiny.py")
     assert cfg["nheads"] == 4 and cfg["num_queries"] == 20 and "side_effect" not in cfg and not marker.exists()
     ckpt = _save(tmp_path / "noargs.pth", _model("dino"), None)
@@ -161,14 +139,11 @@ def test_config_files_are_read_as_data_never_run(tmp_path: Path) -> None:
     (tmp_path / "run.sh").write_text(
         "#!/usr/bin/env bash\nset -x\nEXP_DIR=exps/x\nPY_ARGS=${@:1}\npython -u main.py \\\n  --output_dir ${EXP_DIR} \\\n"
         "  --with_box_refine \\\n  --two_stage \\\n  --nheads 4 \\\n  --num_queries_one2one 20 \\\n"
-        "  --num_queries_one2many 12 \\\n  --topk 50 \\\n  --mixed_selection \\\n  --look_forward_twice \\\n  ${PY_ARGS}\n"
-    )
+        "  --num_queries_one2many 12 \\\n  --topk 50 \\\n  --mixed_selection \\\n  --look_forward_twice \\\n  ${PY_ARGS}\n")
     hck = _save(tmp_path / "h.pth", _model("hdetr"), None)
     assert architecture_of(hck, config_file=tmp_path / "run.sh") == ("hdetr", HDETR_TINY)
-    (tmp_path / "run2.sh").write_text(
-        "python main.py --two_stage --with_box_refine --nheads 4 "
-        "--num_queries_one2one 20 --topk 50 --look_forward_twice\n"
-    )
+    (tmp_path / "run2.sh").write_text("python main.py --two_stage --with_box_refine --nheads 4 "
+                                      "--num_queries_one2one 20 --topk 50 --look_forward_twice\n")
     with pytest.raises(MfdetrError, match="mixed_selection"):
         architecture_of(hck, config_file=tmp_path / "run2.sh")
     bad = _save(tmp_path / "bad.pth", _model("dino"), {**DINO_ARGS, "nheads": 8})
@@ -198,38 +173,15 @@ def test_cache_with_auto_records_and_prints_the_architecture(tmp_path: Path) -> 
     code, out = _cli("synth", "--out", tmp_path / "synth", "--train", "1", "--val", "2")
     assert code == 0, out
     ckpt = _save(tmp_path / "custom.pth", _model("dino"), DINO_ARGS)
-    code, out = _cli(
-        "cache",
-        "--detector",
-        "auto",
-        "--checkpoint",
-        ckpt,
-        "--coco",
-        tmp_path / "synth",
-        "--out",
-        tmp_path / "c",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--topk",
-        "10",
-    )
+    code, out = _cli("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
+                     "--out", tmp_path / "c", "--workers", "0", "--no-progress", "--topk", "10")
     assert code == 0, out
     assert out.startswith("detector auto-custom: dino, backbone tiny") and "default encoder layer 3" in out
     manifest = json.loads((tmp_path / "c" / "zarr.json").read_text())["attributes"]["mfdetr_cache"]
     assert manifest["detector"]["name"] == "auto-custom" and manifest["enc_layers"] == [3]
     assert manifest["detector"]["arch"] == json.loads(json.dumps(DINO_TINY.to_dict()))
-    code, out = _cli(
-        "cache",
-        "--detector",
-        "dino_tiny",
-        "--detector-config",
-        tmp_path / "x.py",
-        "--coco",
-        tmp_path / "synth",
-        "--out",
-        tmp_path / "c2",
-    )
+    code, out = _cli("cache", "--detector", "dino_tiny", "--detector-config", tmp_path / "x.py", "--coco",
+                     tmp_path / "synth", "--out", tmp_path / "c2")
     assert code != 0 and "use it with --detector auto" in out
 
 
@@ -241,77 +193,25 @@ def test_auto_online_train_eval_and_predict(tmp_path: Path) -> None:
     code, out = _cli("synth", "--out", tmp_path / "synth", "--train", "2", "--val", "2")
     assert code == 0, out
     ckpt = _save(tmp_path / "online.pth", _model("dino"), DINO_ARGS)
-    small = [
-        "train.iterations=1",
-        "train.checkpoint_every=0",
-        "train.eval_every=0",
-        "train.progress=false",
-        "masknet.num_queries=10",
-        "masknet.roi_size=16",
-        "masknet.image_encoder.layers=1",
-        "masknet.box_encoder.layers=1",
-        "masknet.box_encoder.dim=32",
-        "masknet.box_encoder.heads=4",
-        "masknet.mask_scoring.channels=32",
-        "masknet.mask_scoring.fc_dim=64",
-    ]
-    code, out = _cli(
-        "train",
-        "--online",
-        "--detector",
-        "auto",
-        "--checkpoint",
-        ckpt,
-        "--coco",
-        tmp_path / "synth",
-        "--topk",
-        "10",
-        "--out",
-        tmp_path / "run",
-        *small,
-    )
+    small = ["train.iterations=1", "train.checkpoint_every=0", "train.eval_every=0", "train.progress=false",
+             "masknet.num_queries=10", "masknet.roi_size=16", "masknet.image_encoder.layers=1",
+             "masknet.box_encoder.layers=1", "masknet.box_encoder.dim=32", "masknet.box_encoder.heads=4",
+             "masknet.mask_scoring.channels=32", "masknet.mask_scoring.fc_dim=64"]
+    code, out = _cli("train", "--online", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
+                     "--topk", "10", "--out", tmp_path / "run", *small)
     assert code == 0, out
     assert "detector auto-online: dino" in out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["masknet"]["enc_layer"] == 3
     unregister_detector("auto-online")  # as in a new process
-    code, out = _cli(
-        "eval",
-        "--online",
-        "--coco",
-        tmp_path / "synth",
-        "--checkpoint",
-        tmp_path / "run" / "ckpt.pt",
-        "--max-images",
-        "1",
-        "--per-category",
-    )
+    code, out = _cli("eval", "--online", "--coco", tmp_path / "synth", "--checkpoint", tmp_path / "run" / "ckpt.pt",
+                     "--max-images", "1", "--per-category")
     assert code == 0, out
-    table = out[out.index("    id category") :].splitlines()  # the synthetic set's 6 categories
-    assert [r.split()[:2] for r in table[1:]] == [
-        ["1", "disc"],
-        ["2", "box"],
-        ["3", "triangle"],
-        ["4", "arc"],
-        ["5", "cross"],
-        ["6", "star"],
-    ]
+    table = out[out.index("    id category"):].splitlines()  # the synthetic set's 6 categories
+    assert [r.split()[:2] for r in table[1:]] == [["1", "disc"], ["2", "box"], ["3", "triangle"], ["4", "arc"],
+                                                  ["5", "cross"], ["6", "star"]]
     images = tmp_path / "synth" / "val2017"
-    code, out = _cli(
-        "predict",
-        "--detector",
-        "auto",
-        "--checkpoint",
-        ckpt,
-        "--masknet",
-        tmp_path / "run" / "ckpt.pt",
-        images,
-        "--out",
-        tmp_path / "preds",
-        "--no-overlays",
-        "--no-progress",
-        "--score-threshold",
-        "0",
-    )
+    code, out = _cli("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", tmp_path / "run" / "ckpt.pt",
+                     images, "--out", tmp_path / "preds", "--no-overlays", "--no-progress", "--score-threshold", "0")
     assert code == 0, out
     pred = json.loads((tmp_path / "preds" / "predictions.json").read_text())
     assert pred["meta"]["detector"] == "auto-online"

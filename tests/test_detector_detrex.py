@@ -22,26 +22,11 @@ from mfdetr.detectors.resolve import resolve_detector
 from mfdetr.errors import MfdetrError
 
 #: a small detrex-style DINO: ResNet (1 block per stage), 8 heads (detrex's), unshared heads, detrex positions
-CFG = DinoConfig(
-    backbone=BackboneConfig(kind="resnet", out_indices=(1, 2, 3), params={"depths": (1, 1, 1, 1)}),
-    hidden_dim=32,
-    nheads=8,
-    enc_layers=2,
-    dec_layers=2,
-    dim_feedforward=64,
-    enc_n_points=2,
-    dec_n_points=2,
-    num_queries=20,
-    num_feature_levels=4,
-    num_classes=7,
-    dn_labelbook_size=6,
-    pe_temperature_h=10000.0,
-    pe_temperature_w=10000.0,
-    pe_offset=-0.5,
-    dec_pred_class_embed_share=False,
-    dec_pred_bbox_embed_share=False,
-    num_select=300,
-)
+CFG = DinoConfig(backbone=BackboneConfig(kind="resnet", out_indices=(1, 2, 3), params={"depths": (1, 1, 1, 1)}),
+                 hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=64, enc_n_points=2,
+                 dec_n_points=2, num_queries=20, num_feature_levels=4, num_classes=7, dn_labelbook_size=6,
+                 pe_temperature_h=10000.0, pe_temperature_w=10000.0, pe_offset=-0.5,
+                 dec_pred_class_embed_share=False, dec_pred_bbox_embed_share=False, num_select=300)
 
 
 def to_detrex(key: str) -> str | None:
@@ -51,9 +36,8 @@ def to_detrex(key: str) -> str | None:
         return key.replace("transformer.enc_out_class_embed.", f"class_embed.{n_dec}.")
     if key.startswith("transformer.enc_out_bbox_embed."):
         return key.replace("transformer.enc_out_bbox_embed.", f"bbox_embed.{n_dec}.")
-    key = key.replace("backbone.0.body.conv1.", "backbone.stem.conv1.").replace(
-        "backbone.0.body.bn1.", "backbone.stem.conv1.norm."
-    )
+    key = key.replace("backbone.0.body.conv1.", "backbone.stem.conv1.").replace("backbone.0.body.bn1.",
+                                                                               "backbone.stem.conv1.norm.")
     for i in range(4):
         key = key.replace(f"backbone.0.body.layer{i + 1}.", f"backbone.res{i + 2}.")
     key = re.sub(r"(res\d\.\d+)\.bn(\d)\.", r"\1.conv\2.norm.", key)
@@ -62,7 +46,8 @@ def to_detrex(key: str) -> str | None:
     m = re.match(r"^input_proj\.(\d+)\.([01])\.(.*)$", key)
     if m:
         i, part = int(m.group(1)), "conv" if m.group(2) == "0" else "norm"
-        return f"neck.convs.{i}.{part}.{m.group(3)}" if i < n_in else f"neck.extra_convs.{i - n_in}.{part}.{m.group(3)}"
+        return (f"neck.convs.{i}.{part}.{m.group(3)}" if i < n_in else
+                f"neck.extra_convs.{i - n_in}.{part}.{m.group(3)}")
     key = key.replace("transformer.level_embed", "transformer.level_embeds")
     key = re.sub(r"(encoder\.layers\.\d+)\.self_attn\.", r"\1.attentions.0.", key)
     key = re.sub(r"(encoder\.layers\.\d+)\.norm1\.", r"\1.norms.0.", key)
@@ -85,13 +70,8 @@ def _detrex_file(path: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
                 buf.copy_(torch.rand_like(buf) + 0.5)
     sd = {to_detrex(k): v for k, v in model.state_dict().items()}
     n = CFG.dec_layers  # detrex aliases the encoder heads under transformer.decoder too
-    sd.update(
-        {
-            f"transformer.decoder.{k}": v
-            for k, v in list(sd.items())
-            if k.startswith((f"class_embed.{n}.", f"bbox_embed.{n}."))
-        }
-    )
+    sd.update({f"transformer.decoder.{k}": v for k, v in list(sd.items()) if k.startswith((f"class_embed.{n}.",
+                                                                                           f"bbox_embed.{n}."))})
     assert not any(k.startswith(("input_proj", "backbone.0.")) for k in sd)
     torch.save({"model": sd, "iteration": 100}, path)  # detectron2's checkpointer: no args
     return model, path
@@ -140,30 +120,16 @@ def test_detrex_class_slots_map_to_the_datasets_sorted_category_ids(tmp_path: Pa
         resolve_detector("auto", path)
     code, out = _cli("synth", "--out", tmp_path / "synth", "--train", "1", "--val", "1")
     assert code == 0, out
-    code, out = _cli(
-        "cache", "--detector", "auto", "--checkpoint", path, "--coco", tmp_path / "synth", "--out", tmp_path / "c"
-    )
+    code, out = _cli("cache", "--detector", "auto", "--checkpoint", path, "--coco", tmp_path / "synth",
+                     "--out", tmp_path / "c")
     assert code != 0 and "has 7 class slots" in out and "has 6 categories" in out and "instances_val2017.json" in out
     assert not (tmp_path / "c").exists()
 
 
 #: a small H-Deformable-DETR as detrex builds it (300 one-to-one queries, top-300, inverse_sigmoid eps 1e-3)
-HCFG = HDetrConfig(
-    backbone=CFG.backbone,
-    hidden_dim=32,
-    nheads=8,
-    enc_layers=2,
-    dec_layers=2,
-    dim_feedforward=64,
-    enc_n_points=2,
-    dec_n_points=2,
-    num_feature_levels=4,
-    num_classes=7,
-    num_queries_one2one=300,
-    num_queries_one2many=20,
-    num_select=300,
-    inv_sigmoid_eps=1e-3,
-)
+HCFG = HDetrConfig(backbone=CFG.backbone, hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=64,
+                   enc_n_points=2, dec_n_points=2, num_feature_levels=4, num_classes=7, num_queries_one2one=300,
+                   num_queries_one2many=20, num_select=300, inv_sigmoid_eps=1e-3)
 
 
 def test_detrex_hdetr_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> None:

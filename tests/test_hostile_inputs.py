@@ -34,17 +34,12 @@ HUGE = {"huge": (20000, 20000), "bomb": (10000, 10000)}
 
 def png_header_only(path: Path, h: int, w: int) -> Path:
     """A PNG whose header declares ``w × h`` RGB pixels, with a single row of data behind it."""
-
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * w)))
-        + chunk(b"IEND", b"")
-    )
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * w)))
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -66,20 +61,10 @@ def extreme_coco(root: Path, split: str, *, normal: int = 2, seed: int = 0) -> d
         ids[stem] = i
         images.append({"id": i, "file_name": f"{stem}.png", "height": h, "width": w})
         bw, bh = max(1, w // 2), max(1, h // 2)
-        anns.append(
-            {
-                "id": i,
-                "image_id": i,
-                "category_id": 1,
-                "iscrowd": 0,
-                "area": float(bw * bh),
-                "bbox": [0, 0, bw, bh],
-                "segmentation": [[0, 0, bw, 0, bw, bh, 0, bh]],
-            }
-        )
-    (root / "annotations" / f"instances_{split}.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]})
-    )
+        anns.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": float(bw * bh),
+                     "bbox": [0, 0, bw, bh], "segmentation": [[0, 0, bw, 0, bw, bh, 0, bh]]})
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
     return ids
 
 
@@ -107,8 +92,7 @@ def test_resize_of_an_extreme_image_caps_the_long_side() -> None:
     assert resized_hw(1, 3000, 800, 1333) == (1, 1333)
     assert resized_hw(1500, 3, 800, 1333) == (1500, 3)  # short side already the target: left alone
     x = EvalTransform(preprocessing=Preprocessing(short_side=160, max_size=224))(
-        Image.fromarray(np.zeros((1500, 3, 3), np.uint8))
-    )
+        Image.fromarray(np.zeros((1500, 3, 3), np.uint8)))
     assert x.shape == (3, 224, 1) and torch.isfinite(x).all()
 
 
@@ -129,26 +113,24 @@ def _bad_instances(h: int, w: int, image_id: int, first_id: int) -> list[dict[st
     """One annotation per kind of damage (ids from ``first_id``; the last two have no integer id)."""
     base = {"image_id": image_id, "category_id": 1, "iscrowd": 0, "area": 20.0, "bbox": [1, 1, 5, 4]}
     segs: list[Any] = [
-        [[1.0, 1.0, 6.0, 5.0]],  # 4 numbers: pycocotools would read a box
-        [[1.0, 1.0, 6.0, 1.0, 6.0]],  # odd length
-        [[1.0, 1.0, 6.0, 1.0, float("nan"), 5.0]],  # non-finite
-        [],  # no polygon
-        {"size": [h, w], "counts": "zzzz~~~~garbage"},  # undecodable compressed counts
-        {"size": [h, w], "counts": "1234567"},  # decodes, but not h*w pixels
-        {"size": [h, w], "counts": [5, -3, h * w - 2]},  # negative count
-        {"size": [h + 1, w], "counts": [(h + 1) * w]},  # size differs from the image
+        [[1.0, 1.0, 6.0, 5.0]],                                # 4 numbers: pycocotools would read a box
+        [[1.0, 1.0, 6.0, 1.0, 6.0]],                           # odd length
+        [[1.0, 1.0, 6.0, 1.0, float("nan"), 5.0]],             # non-finite
+        [],                                                    # no polygon
+        {"size": [h, w], "counts": "zzzz~~~~garbage"},         # undecodable compressed counts
+        {"size": [h, w], "counts": "1234567"},                 # decodes, but not h*w pixels
+        {"size": [h, w], "counts": [5, -3, h * w - 2]},        # negative count
+        {"size": [h + 1, w], "counts": [(h + 1) * w]},         # size differs from the image
     ]
     out = [{**base, "id": first_id + k, "segmentation": s} for k, s in enumerate(segs)]
     good = [[1.0, 1.0, 6.0, 1.0, 6.0, 5.0, 1.0, 5.0]]
     n = first_id + len(out)
-    out += [
-        {**base, "id": n, "segmentation": good, "bbox": [1, 1, 0, 4]},  # zero width
-        {**base, "id": n + 1, "segmentation": good, "bbox": [1, 1, -5, 4]},  # negative width
-        {**base, "id": n + 2, "segmentation": good, "iscrowd": 2},
-        {**base, "id": n + 3, "segmentation": good, "image_id": [image_id]},  # list-valued image id
-        {**base, "id": "n4", "segmentation": good},  # non-integer ids
-        {**base, "segmentation": good},
-    ]
+    out += [{**base, "id": n, "segmentation": good, "bbox": [1, 1, 0, 4]},       # zero width
+            {**base, "id": n + 1, "segmentation": good, "bbox": [1, 1, -5, 4]},  # negative width
+            {**base, "id": n + 2, "segmentation": good, "iscrowd": 2},
+            {**base, "id": n + 3, "segmentation": good, "image_id": [image_id]},  # list-valued image id
+            {**base, "id": "n4", "segmentation": good},                          # non-integer ids
+            {**base, "segmentation": good}]
     return out
 
 
@@ -191,13 +173,10 @@ def test_ground_truth_is_cleaned_and_reported_once(tmp_path: Path, capsys: pytes
     assert [len(ds.load_targets(i)) for i in ds.image_ids] == [1, 0, 1]
 
 
-@pytest.mark.parametrize(
-    "mutate,needle",
-    [
-        (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicate annotation id 1"),
-        (lambda d: d["annotations"][0].update(image_id=99), "unknown image id 99 (annotation id 1)"),
-    ],
-)
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicate annotation id 1"),
+    (lambda d: d["annotations"][0].update(image_id=99), "unknown image id 99 (annotation id 1)"),
+])
 def test_unusable_ground_truth_is_one_line(tmp_path: Path, mutate: Any, needle: str) -> None:
     fd.make_coco(tmp_path, n=3)
     ann = tmp_path / "annotations" / "instances_val2017.json"
@@ -254,10 +233,8 @@ def test_eval_json_on_damaged_ground_truth_equals_pycocotools_on_the_clean_one(t
     table = _table(proc.stdout)
     for t in ("segm", "bbox"):
         want = _pycocotools(clean, results, t)
-        assert all(
-            (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=0.006)
-            for a, b in zip(table[t], want, strict=True)
-        ), (t, table[t], want)
+        assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=0.006)
+                   for a, b in zip(table[t], want, strict=True)), (t, table[t], want)
         assert 5.0 < table[t][0] < 100.0
 
 
@@ -270,33 +247,10 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     clean, _ = damage_gt(root / "coco" / "annotations" / "instances_val2017.json")
     ckpt = fd.save_fake_checkpoint(root / "fake.pth")
     store = root / "store"
-    args = [
-        "cache",
-        "--detector",
-        fd.NAME,
-        "--checkpoint",
-        ckpt,
-        "--coco",
-        root / "coco",
-        "--split",
-        "val2017",
-        "--out",
-        store,
-        "--topk",
-        "8",
-        "--workers",
-        "0",
-        "--no-progress",
-    ]
-    out = {
-        "root": root,
-        "ids": ids,
-        "clean": clean,
-        "store": store,
-        "args": args,
-        "first": cli(*args),
-        "again": cli(*args),
-    }
+    args = ["cache", "--detector", fd.NAME, "--checkpoint", ckpt, "--coco", root / "coco", "--split", "val2017",
+            "--out", store, "--topk", "8", "--workers", "0", "--no-progress"]
+    out = {"root": root, "ids": ids, "clean": clean, "store": store, "args": args,
+           "first": cli(*args), "again": cli(*args)}
     extreme_coco(root / "coco", "train2017", normal=3, seed=1)
     train_args = [str(a) for a in args]
     train_args[train_args.index("val2017")] = "train2017"
@@ -318,9 +272,8 @@ def test_cache_processes_or_records_every_extreme_image(stage1: dict[str, Any]) 
     no_traceback(again)
 
 
-def test_cache_records_an_image_the_detector_cannot_process(
-    stage1: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cache_records_an_image_the_detector_cannot_process(stage1: dict[str, Any], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     detect = fd.FakeDetector.detect
 
     def picky(self: Any, batch: Any, **kw: Any) -> Any:
@@ -336,19 +289,16 @@ def test_cache_records_an_image_the_detector_cannot_process(
     no_traceback(proc)
     n = len(stage1["ids"])
     assert f"{n - 3} done, 3 skipped, 0 pending" in proc.stdout
-    assert (
-        f"(image id {stage1['ids']['tall']}): " in proc.stdout
-        and "cannot process this image (input 80x1)" in proc.stdout
-    )
+    assert f"(image id {stage1['ids']['tall']}): " in proc.stdout and "cannot process this image (input 80x1)" \
+        in proc.stdout
 
 
 @pytest.mark.slow
 def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]) -> None:
     root, store = stage1["root"], stage1["store"]
     fd.make_oracle(store, stage1["clean"])  # the cached detector returns the undamaged GT: box AP 100
-    cfg = fd.write_run_config(
-        root / "tiny.toml", device="cpu", iterations=2, batch_size=2, log_every=1, num_workers=0, progress=False
-    )
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=2, batch_size=2, log_every=1, num_workers=0,
+                              progress=False)
     run = root / "run"
     proc = cli("train", "--cache", root / "train_store", "--val-cache", store, "--config", cfg, "--out", run)
     assert proc.returncode == 0, proc.stderr
@@ -359,8 +309,7 @@ def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]
     assert metrics["bbox"]["AP"] == 100.0  # scored on exactly the undamaged instances
     results = json.loads((run / "val_results.json").read_text())
     assert results and {r["image_id"] for r in results} == set(stage1["ids"].values()) - {
-        stage1["ids"][k] for k in HUGE
-    }
+        stage1["ids"][k] for k in HUGE}
     with open(stage1["clean"]) as f:  # pycocotools on the processed images of the undamaged GT
         clean = json.load(f)
     kept = {r["image_id"] for r in results}
@@ -370,9 +319,8 @@ def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]
     sub_gt.write_text(json.dumps(clean))
     want = _pycocotools(sub_gt, results, "segm")
     got = [metrics["segm"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-    assert all(
-        (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9) for a, b in zip(got, want, strict=True)
-    ), (got, want)
+    assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9)
+               for a, b in zip(got, want, strict=True)), (got, want)
     proc = cli("eval", "--cache", store, "--checkpoint", run / "ckpt.pt")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
@@ -398,9 +346,8 @@ def predict_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     preset = get_preset(NAME)
     cfg = tiny_masknet_config()
     torch.manual_seed(1)
-    model = build_masknet(
-        cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides, c1_channels=preset.c1_channels
-    )
+    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
+                          c1_channels=preset.c1_channels)
     masknet = root / "masknet.pt"
     torch.save({"masknet_config": to_dict(cfg), "model": model.state_dict(), "detector": NAME}, masknet)
     return {"root": root, "images": images, "det": save_detector_checkpoint(root / "det.pth"), "masknet": masknet}
@@ -409,29 +356,12 @@ def predict_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _predict_args(s: dict[str, Path], out: Path) -> list[Any]:
     from tests._tiny_detector import NAME
 
-    return [
-        "predict",
-        s["images"],
-        "--detector",
-        NAME,
-        "--checkpoint",
-        s["det"],
-        "--masknet",
-        s["masknet"],
-        "--out",
-        out,
-        "--score-threshold",
-        "0",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--no-overlays",
-    ]
+    return ["predict", s["images"], "--detector", NAME, "--checkpoint", s["det"], "--masknet", s["masknet"],
+            "--out", out, "--score-threshold", "0", "--device", "cpu", "--no-progress", "--no-overlays"]
 
 
-def test_predict_processes_or_records_every_extreme_image(
-    predict_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from tests._tiny_detector import PLUGIN
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
@@ -452,9 +382,8 @@ def test_predict_processes_or_records_every_extreme_image(
         assert a["segmentation"]["size"] == [h, w]
 
 
-def test_predict_crash_leaves_no_stale_result(
-    predict_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from mfdetr.engine.inference.predict import PredictJob, run_predict
     from tests._tiny_detector import NAME
 
@@ -471,15 +400,8 @@ def test_predict_crash_leaves_no_stale_result(
         return Image.new("RGB", (4, 4))
 
     monkeypatch.setattr("mfdetr.engine.inference.overlay.draw_overlay", fails_on_the_second_image)
-    job = PredictJob(
-        detector=NAME,
-        masknet=predict_setup["masknet"],
-        inputs=(str(predict_setup["images"]),),
-        out=out,
-        checkpoint=predict_setup["det"],
-        score_threshold=0.0,
-        device="cpu",
-    )
+    job = PredictJob(detector=NAME, masknet=predict_setup["masknet"], inputs=(str(predict_setup["images"]),),
+                     out=out, checkpoint=predict_setup["det"], score_threshold=0.0, device="cpu")
     with pytest.raises(OSError, match="No space left"):
         run_predict(job, progress=False, echo=lambda s: None, warn=lambda s: None)
     assert not (out / "predictions.json").exists() and not (out / "results.json").exists()
@@ -488,9 +410,8 @@ def test_predict_crash_leaves_no_stale_result(
 
 # ---- online and detector training -------------------------------------------------------------------
 @pytest.mark.slow
-def test_online_training_skips_or_replaces_every_extreme_image(
-    predict_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: dict[str, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from tests._tiny_detector import NAME, PLUGIN, TINY_MASKNET
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
@@ -502,32 +423,10 @@ def test_online_training_skips_or_replaces_every_extreme_image(
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 52, 3), np.uint8)).save(jpeg, format="JPEG")
     (coco / "val2017" / "normal1.png").write_bytes(jpeg.getvalue()[:-100])
     run = tmp_path / "run"
-    proc = cli(
-        "train",
-        "--online",
-        "--detector",
-        NAME,
-        "--checkpoint",
-        predict_setup["det"],
-        "--coco",
-        coco,
-        "--split",
-        "train2017",
-        "--val-split",
-        "val2017",
-        "--topk",
-        "10",
-        "--out",
-        run,
-        *TINY_MASKNET,
-        "train.device=cpu",
-        "train.iterations=4",
-        "train.batch_size=1",
-        "train.num_workers=0",
-        "train.progress=false",
-        "train.log_every=1",
-        "assign.iou_threshold=0.01",
-    )
+    proc = cli("train", "--online", "--detector", NAME, "--checkpoint", predict_setup["det"], "--coco", coco,
+               "--split", "train2017", "--val-split", "val2017", "--topk", "10", "--out", run, *TINY_MASKNET,
+               "train.device=cpu", "train.iterations=4", "train.batch_size=1", "train.num_workers=0",
+               "train.progress=false", "train.log_every=1", "assign.iou_threshold=0.01")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     # 1 x 1 → 64 x 64: the tiny detector refuses it alone (probed once); huge headers: never decoded
@@ -548,10 +447,8 @@ def test_detector_training_replaces_unreadable_images(tmp_path: Path, capsys: py
     extreme_coco(coco, "train2017", normal=8)  # the huge headers share the 64 x 64 input group of the 1 x 1 image
     ids = extreme_coco(coco, "val2017", normal=2, seed=1)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(
-        f'preset = "{NAME}"\n[data]\nroot = "{coco}"\nval_images = 0\n'
-        "[train]\nbatch_size = 2\nepochs = 1\nthreads = 1\nlog_every = 1\n"
-    )
+    recipe.write_text(f'preset = "{NAME}"\n[data]\nroot = "{coco}"\nval_images = 0\n'
+                      '[train]\nbatch_size = 2\nepochs = 1\nthreads = 1\nlog_every = 1\n')
     rc = main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "det"), "--max-steps", "3"])
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -587,13 +484,8 @@ def test_run_or_skip_retries_each_image_alone(tmp_path: Path) -> None:
     assert [r for _, r in done] == [[1], [3]] and [p.image_ids for p, _ in done] == [[1], [3]]
     h, w = batch.input_hw[0].tolist()
     assert tuple(done[0][0].images.shape[-2:]) == (h, w)  # each image cut to its own size
-    assert failed == [
-        (
-            1,
-            f"the network cannot process this image (input {batch.input_hw[1, 0]}x"
-            f"{batch.input_hw[1, 1]}): RuntimeError: shape check failed",
-        )
-    ]
+    assert failed == [(1, f"the network cannot process this image (input {batch.input_hw[1, 0]}x"
+                          f"{batch.input_hw[1, 1]}): RuntimeError: shape check failed")]
 
     def oom(b: Any) -> None:
         raise torch.OutOfMemoryError("out of memory")
@@ -602,9 +494,8 @@ def test_run_or_skip_retries_each_image_alone(tmp_path: Path) -> None:
         run_or_skip(oom, batch)
 
 
-def test_online_step_leaves_out_an_image_the_detector_refuses(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_online_step_leaves_out_an_image_the_detector_refuses(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     from mfdetr.engine.online import DetectorStep
 
     fd.register()

@@ -38,16 +38,8 @@ class _Payload:
 
 
 def write_payload(path: Path, marker: Path) -> Path:
-    torch.save(
-        {
-            "model": {"w": torch.zeros(1)},
-            "step": 1,
-            "config": {},
-            "masknet_config": {},
-            "meta": {"note": _Payload(marker)},
-        },
-        path,
-    )
+    torch.save({"model": {"w": torch.zeros(1)}, "step": 1, "config": {}, "masknet_config": {},
+                "meta": {"note": _Payload(marker)}}, path)
     return path
 
 
@@ -60,21 +52,11 @@ def s(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fd.make_coco(coco, n=3, split="val2017", seed=1)
     ckpt = fd.save_fake_checkpoint(root / "fake.pth")
     other = fd.save_fake_checkpoint(root / "other.pth", seed=1)
-    caches = {
-        "train": write_cache(coco, "train2017", root / "c_train", ckpt),
-        "val": write_cache(coco, "val2017", root / "c_val", ckpt),
-        "train_other": write_cache(coco, "train2017", root / "c_train_other", other),
-    }
-    cfg = fd.write_run_config(
-        root / "tiny.toml",
-        device="cpu",
-        iterations=2,
-        batch_size=2,
-        log_every=1,
-        num_workers=0,
-        progress=False,
-        lr=1e-3,
-    )
+    caches = {"train": write_cache(coco, "train2017", root / "c_train", ckpt),
+              "val": write_cache(coco, "val2017", root / "c_val", ckpt),
+              "train_other": write_cache(coco, "train2017", root / "c_train_other", other)}
+    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=2, batch_size=2, log_every=1, num_workers=0,
+                              progress=False, lr=1e-3)
     run = root / "run"
     r = cli("train", "--cache", caches["train"], "--coco", coco, "--config", cfg, "--out", run)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -86,7 +68,6 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 # ---- no code from a checkpoint ---------------------------------------------------------------------------
-
 
 def test_code_executing_pickle_is_refused_by_every_command(s: dict[str, Path], tmp_path: Path) -> None:
     marker = tmp_path / "PAYLOAD_RAN"
@@ -100,49 +81,13 @@ def test_code_executing_pickle_is_refused_by_every_command(s: dict[str, Path], t
     commands = [
         ("eval", "--cache", s["val"], "--coco", s["coco"], "--checkpoint", evil),
         ("eval", "--online", "--coco", s["coco"], "--split", "val2017", "--checkpoint", evil),
-        (
-            "predict",
-            image,
-            "--detector",
-            fd.NAME,
-            "--checkpoint",
-            s["fake"],
-            "--masknet",
-            evil,
-            "--out",
-            tmp_path / "pred1",
-        ),
-        (
-            "predict",
-            image,
-            "--detector",
-            tinydet.NAME,
-            "--checkpoint",
-            evil,
-            "--masknet",
-            tinydet_masknet,
-            "--out",
-            tmp_path / "pred2",
-        ),
+        ("predict", image, "--detector", fd.NAME, "--checkpoint", s["fake"], "--masknet", evil,
+         "--out", tmp_path / "pred1"),
+        ("predict", image, "--detector", tinydet.NAME, "--checkpoint", evil, "--masknet", tinydet_masknet,
+         "--out", tmp_path / "pred2"),
         ("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", resumed, "--resume"),
-        (
-            "cache",
-            "--detector",
-            tinydet.NAME,
-            "--checkpoint",
-            evil,
-            "--coco",
-            s["coco"],
-            "--split",
-            "val2017",
-            "--topk",
-            "10",
-            "--out",
-            store,
-            "--workers",
-            "0",
-            "--no-progress",
-        ),
+        ("cache", "--detector", tinydet.NAME, "--checkpoint", evil, "--coco", s["coco"], "--split", "val2017",
+         "--topk", "10", "--out", store, "--workers", "0", "--no-progress"),
     ]
     for args in commands:
         refused(cli(*args), "ckpt.pt" if "--resume" in args else "evil.pt", "refused", "GLOBAL io.open")
@@ -159,18 +104,10 @@ def _tinydet_masknet(path: Path) -> Path:
     from mfdetr.masknet import build_masknet
 
     preset, cfg = get_preset(tinydet.NAME), tinydet.tiny_masknet_config()
-    model = build_masknet(
-        cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides, c1_channels=preset.c1_channels
-    )
-    torch.save(
-        {
-            "masknet_config": to_dict(cfg),
-            "model": model.state_dict(),
-            "detector": tinydet.NAME,
-            "class_to_category": list(preset.class_to_category),
-        },
-        path,
-    )
+    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
+                          c1_channels=preset.c1_channels)
+    torch.save({"masknet_config": to_dict(cfg), "model": model.state_dict(), "detector": tinydet.NAME,
+                "class_to_category": list(preset.class_to_category)}, path)
     return path
 
 
@@ -200,7 +137,6 @@ def test_checkpoint_of_the_earlier_format_still_loads_and_resumes(s: dict[str, P
 
 # ---- consistent runs ------------------------------------------------------------------------------------
 
-
 def test_one_manifest_hash_is_recorded_and_compared(s: dict[str, Path]) -> None:
     from mfdetr.cache import CacheStore
     from mfdetr.engine.cache_data import manifest_sha256
@@ -215,55 +151,32 @@ def test_resume_refuses_another_cache(s: dict[str, Path], tmp_path: Path, other:
     run = tmp_path / "run"
     shutil.copytree(s["run"], run)
     before = _snapshot(run)
-    line = refused(
-        cli("train", "--cache", s[other], "--coco", s["coco"], "--out", run, "--resume"),
-        "cannot resume with a different training cache",
-        needle,
-    )
+    line = refused(cli("train", "--cache", s[other], "--coco", s["coco"], "--out", run, "--resume"),
+                   "cannot resume with a different training cache", needle)
     assert "(run) vs" in line
     assert _snapshot(run) == before  # run.json keeps the recorded hash
 
 
-def test_resume_refuses_another_cache_for_a_run_that_recorded_only_the_hash(s: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_refuses_another_cache_for_a_run_that_recorded_only_the_hash(s: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(s["run"], run)
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     del ck["meta"]["cache_manifest"]
     torch.save(ck, run / "ckpt.pt")
-    refused(
-        cli("train", "--cache", s["train_other"], "--coco", s["coco"], "--out", run, "--resume"),
-        "different training cache",
-        "manifest_sha256",
-    )
+    refused(cli("train", "--cache", s["train_other"], "--coco", s["coco"], "--out", run, "--resume"),
+            "different training cache", "manifest_sha256")
 
 
 def test_online_resume_refuses_another_detector_checkpoint(s: dict[str, Path], tmp_path: Path) -> None:
     run = tmp_path / "online"
-    args = (
-        "train",
-        "--online",
-        "--detector",
-        fd.NAME,
-        "--coco",
-        s["coco"],
-        "--split",
-        "train2017",
-        "--topk",
-        "8",
-        "--config",
-        s["cfg"],
-        "--out",
-        run,
-        "train.iterations=1",
-    )
+    args = ("train", "--online", "--detector", fd.NAME, "--coco", s["coco"], "--split", "train2017", "--topk", "8",
+            "--config", s["cfg"], "--out", run, "train.iterations=1")
     r = cli(*args, "--checkpoint", s["fake"])
     assert r.returncode == 0, r.stdout + r.stderr
     before = _snapshot(run)
-    refused(
-        cli(*args, "--checkpoint", s["root"] / "other.pth", "--resume"),
-        "cannot resume with a different detector or training data",
-        "checkpoint_sha256",
-    )
+    refused(cli(*args, "--checkpoint", s["root"] / "other.pth", "--resume"),
+            "cannot resume with a different detector or training data", "checkpoint_sha256")
     refused(cli(*args, "--checkpoint", s["fake"], "--resume", "--split", "val2017"), "split", "annotation_sha256")
     assert _snapshot(run) == before
 
@@ -273,22 +186,13 @@ def test_sweep_resume_refuses_another_cache(s: dict[str, Path], tmp_path: Path) 
     base = ["--val-cache", s["val"], "--coco", s["coco"], "--out", tmp_path / "out"]
     tiny = [f"masknet.{k}.{kk}={vv}" for k, v in TINY.items() if isinstance(v, dict) for kk, vv in v.items()]
     tiny += [f"masknet.{k}={v}" for k, v in TINY.items() if not isinstance(v, dict)]
-    over = [
-        'train.device="cpu"',
-        "train.iterations=1",
-        "train.batch_size=2",
-        "train.num_workers=0",
-        "train.progress=false",
-        *tiny,
-    ]
+    over = ["train.device=\"cpu\"", "train.iterations=1", "train.batch_size=2", "train.num_workers=0",
+            "train.progress=false", *tiny]
     r = cli("sweep", sweep, "--cache", s["train"], *base, *over)
     assert r.returncode == 0, r.stdout + r.stderr
     # a finished variant is not reused for other inputs (another cache, another config)
-    refused(
-        cli("sweep", sweep, "--cache", s["train_other"], *base, *over),
-        "variant a was run with other inputs",
-        "sources.train_cache",
-    )
+    refused(cli("sweep", sweep, "--cache", s["train_other"], *base, *over), "variant a was run with other inputs",
+            "sources.train_cache")
     refused(cli("sweep", sweep, "--cache", s["train"], *base, *over, "train.lr=0.01"), "config.train.lr")
     assert cli("sweep", sweep, "--cache", s["train"], *base, *over, "train.num_workers=1").returncode == 0
     # an unfinished one is not resumed on another cache (here: the same settings, written again)
@@ -298,18 +202,13 @@ def test_sweep_resume_refuses_another_cache(s: dict[str, Path], tmp_path: Path) 
     refused(cli("sweep", sweep, "--cache", again, *base, *over), "different training cache", "created_utc")
 
 
-@pytest.mark.parametrize(
-    "damage, needle",
-    [
-        (lambda c: c.pop("optimizer"), "cannot restore the training state (KeyError"),
-        (lambda c: c.update(step="two"), "cannot restore the training state (ValueError"),
-        (lambda c: c["rng"][0].update(numpy=[1, 2]), "cannot restore the training state"),
-        (lambda c: c["model"].pop(sorted(c["model"])[0]), "weights do not fit this run's model (missing 1:"),
-    ],
-)
-def test_resume_from_a_damaged_checkpoint_is_one_line(
-    s: dict[str, Path], tmp_path: Path, damage: Any, needle: str
-) -> None:
+@pytest.mark.parametrize("damage, needle", [
+    (lambda c: c.pop("optimizer"), "cannot restore the training state (KeyError"),
+    (lambda c: c.update(step="two"), "cannot restore the training state (ValueError"),
+    (lambda c: c["rng"][0].update(numpy=[1, 2]), "cannot restore the training state"),
+    (lambda c: c["model"].pop(sorted(c["model"])[0]), "weights do not fit this run's model (missing 1:")])
+def test_resume_from_a_damaged_checkpoint_is_one_line(s: dict[str, Path], tmp_path: Path, damage: Any,
+                                                      needle: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(s["run"], run)
     ck = torch.load(run / "ckpt.pt", weights_only=True)
@@ -319,71 +218,33 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(
     refused(cli("train", "--cache", s["train"], "--coco", s["coco"], "--out", run, "--resume"), "ckpt.pt", needle)
 
 
-@pytest.mark.parametrize(
-    "override, needle",
-    [
-        ("train.lr=inf", "lr=inf"),
-        ("train.lr=nan", "lr=nan"),
-        ("train.lr=-1", "lr must lie in (0, 1]"),
-        ("train.lr=1e39", "lr must lie in (0, 1]"),
-        ("train.weight_decay=-5", "weight_decay"),
-        ("train.weight_decay=nan", "weight_decay"),
-        ("train.betas=[1.0, 0.9]", "betas"),
-        ("train.betas=[0.9, nan]", "betas"),
-        ("train.clip_grad_norm=-1", "clip_grad_norm"),
-        ("train.clip_grad_norm=inf", "clip_grad_norm"),
-        ("train.lr_drop_factor=nan", "lr_drop_factor"),
-        ("train.lr_drop_factor=0", "lr_drop_factor"),
-        ("train.lr_drop_factor=2", "lr_drop_factor"),
-        ("train.num_workers=-1", "num_workers"),
-        ("train.seed=-1", "seed"),
-        ("train.iterations=-3", "iterations"),
-        ("train.batch_size=0", "batch_size"),
-        ("online.detector_lr_mult=nan", "detector_lr_mult"),
-    ],
-)
+@pytest.mark.parametrize("override, needle", [
+    ("train.lr=inf", "lr=inf"), ("train.lr=nan", "lr=nan"), ("train.lr=-1", "lr must lie in (0, 1]"),
+    ("train.lr=1e39", "lr must lie in (0, 1]"),
+    ("train.weight_decay=-5", "weight_decay"), ("train.weight_decay=nan", "weight_decay"),
+    ("train.betas=[1.0, 0.9]", "betas"), ("train.betas=[0.9, nan]", "betas"),
+    ("train.clip_grad_norm=-1", "clip_grad_norm"), ("train.clip_grad_norm=inf", "clip_grad_norm"),
+    ("train.lr_drop_factor=nan", "lr_drop_factor"), ("train.lr_drop_factor=0", "lr_drop_factor"),
+    ("train.lr_drop_factor=2", "lr_drop_factor"), ("train.num_workers=-1", "num_workers"),
+    ("train.seed=-1", "seed"), ("train.iterations=-3", "iterations"), ("train.batch_size=0", "batch_size"),
+    ("online.detector_lr_mult=nan", "detector_lr_mult")])
 def test_out_of_range_config_is_one_line(s: dict[str, Path], tmp_path: Path, override: str, needle: str) -> None:
     out = tmp_path / "run"
-    refused(
-        cli("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", out, override), needle
-    )
+    refused(cli("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", out, override),
+            needle)
     assert not out.exists()
 
 
 def test_negative_seeds_and_workers_of_other_commands(s: dict[str, Path], tmp_path: Path) -> None:
     refused(cli("synth", "--out", tmp_path / "synth", "--seed", "-5"), "--seed")
-    cache = (
-        "cache",
-        "--detector",
-        fd.NAME,
-        "--checkpoint",
-        s["fake"],
-        "--coco",
-        s["coco"],
-        "--split",
-        "val2017",
-        "--out",
-        tmp_path / "store",
-    )
+    cache = ("cache", "--detector", fd.NAME, "--checkpoint", s["fake"], "--coco", s["coco"], "--split", "val2017",
+             "--out", tmp_path / "store")
     refused(cli(*cache, "--workers", "-1"), "--workers")
     refused(cli(*cache, "--enc-layers", "9"), "--enc-layers")
     refused(cli(*cache, "--topk", "0"), "--topk")
     refused(cli(*cache, "--writer-threads", "0"), "--writer-threads")
-    refused(
-        cli(
-            "predict",
-            s["coco"] / "val2017",
-            "--detector",
-            fd.NAME,
-            "--masknet",
-            s["run"] / "ckpt.pt",
-            "--out",
-            tmp_path / "pred",
-            "--workers",
-            "-1",
-        ),
-        "--workers",
-    )
+    refused(cli("predict", s["coco"] / "val2017", "--detector", fd.NAME, "--masknet", s["run"] / "ckpt.pt",
+                "--out", tmp_path / "pred", "--workers", "-1"), "--workers")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -397,12 +258,8 @@ def test_eval_checkpoint_without_config_and_mismatched_weights(s: dict[str, Path
     sd["bogus.weight"] = torch.zeros(3)
     bad = tmp_path / "mismatch.pt"
     torch.save({**good, "model": sd}, bad)
-    refused(
-        cli("eval", "--cache", s["val"], "--coco", s["coco"], "--checkpoint", bad),
-        "weights do not fit",
-        f"missing 1: {dropped}",
-        "unexpected 1: bogus.weight",
-    )
+    refused(cli("eval", "--cache", s["val"], "--coco", s["coco"], "--checkpoint", bad),
+            "weights do not fit", f"missing 1: {dropped}", "unexpected 1: bogus.weight")
 
 
 def test_list_valued_image_id_is_ignored_and_reported_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -430,22 +287,8 @@ def test_cache_checks_the_checkpoint_before_creating_the_store(s: dict[str, Path
     work = tmp_path / "work"
     work.mkdir()
     store = work / "store"
-    args = (
-        "cache",
-        "--detector",
-        tinydet.NAME,
-        "--coco",
-        coco,
-        "--split",
-        "val2017",
-        "--out",
-        store,
-        "--topk",
-        "10",
-        "--workers",
-        "0",
-        "--no-progress",
-    )
+    args = ("cache", "--detector", tinydet.NAME, "--coco", coco, "--split", "val2017", "--out", store,
+            "--topk", "10", "--workers", "0", "--no-progress")
     refused(cli(*args, "--checkpoint", s["fake"]), "fake.pth")  # another detector's weights
     assert list(work.iterdir()) == []
     r = cli(*args, "--checkpoint", tinydet.save_detector_checkpoint(tmp_path / "det.pth"))
@@ -455,70 +298,30 @@ def test_cache_checks_the_checkpoint_before_creating_the_store(s: dict[str, Path
 
 # ---- output paths ---------------------------------------------------------------------------------------
 
-
 def test_wrong_kind_of_output_path(s: dict[str, Path], tmp_path: Path) -> None:
     afile = tmp_path / "a_file"
     afile.write_text("x")
     adir = tmp_path / "a_dir"
     adir.mkdir()
-    refused(
-        cli("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", afile),
-        "must be a folder",
-    )
-    refused(
-        cli("eval", "--cache", s["val"], "--coco", s["coco"], "--checkpoint", s["run"] / "ckpt.pt", "--out", adir),
-        "existing folder",
-    )
-    refused(
-        cli(
-            "cache",
-            "--detector",
-            fd.NAME,
-            "--checkpoint",
-            s["fake"],
-            "--coco",
-            s["coco"],
-            "--split",
-            "val2017",
-            "--out",
-            afile,
-            "--workers",
-            "0",
-        ),
-        "must be a folder",
-    )
-    refused(
-        cli(
-            "predict",
-            s["coco"] / "val2017",
-            "--detector",
-            fd.NAME,
-            "--checkpoint",
-            s["fake"],
-            "--masknet",
-            s["run"] / "ckpt.pt",
-            "--out",
-            afile,
-        ),
-        "must be a folder",
-    )
-    refused(
-        cli("sweep", _sweep_file(tmp_path), "--cache", s["train"], "--val-cache", s["val"], "--out", afile),
-        "must be a folder",
-    )
-    refused(
-        cli("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", afile / "run"),
-        "is a file, not a folder",
-    )
+    refused(cli("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", afile),
+            "must be a folder")
+    refused(cli("eval", "--cache", s["val"], "--coco", s["coco"], "--checkpoint", s["run"] / "ckpt.pt",
+                "--out", adir), "existing folder")
+    refused(cli("cache", "--detector", fd.NAME, "--checkpoint", s["fake"], "--coco", s["coco"], "--split",
+                "val2017", "--out", afile, "--workers", "0"), "must be a folder")
+    refused(cli("predict", s["coco"] / "val2017", "--detector", fd.NAME, "--checkpoint", s["fake"], "--masknet",
+                s["run"] / "ckpt.pt", "--out", afile), "must be a folder")
+    refused(cli("sweep", _sweep_file(tmp_path), "--cache", s["train"], "--val-cache", s["val"], "--out", afile),
+            "must be a folder")
+    refused(cli("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", afile / "run"),
+            "is a file, not a folder")
     assert afile.read_text() == "x" and list(adir.iterdir()) == []
 
 
 def _sweep_file(folder: Path, *, train: bool = False) -> Path:
     p = folder / "sweep.toml"
-    p.write_text(
-        f'[sweep]\ntable = "t"\ntitle = "t"\ncolumns = ["c"]\ntrain = {str(train).lower()}\n'
-        '[[variants]]\nname = "a"\nlabels = ["x"]\n'
-    )
+    p.write_text(f'[sweep]\ntable = "t"\ntitle = "t"\ncolumns = ["c"]\ntrain = {str(train).lower()}\n'
+                 '[[variants]]\nname = "a"\nlabels = ["x"]\n')
     return p
 
 
@@ -528,57 +331,14 @@ def test_read_only_output_folder(s: dict[str, Path], tmp_path: Path) -> None:
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(
-            cli("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", ro / "r"),
-            "not writable",
-        )
-        refused(
-            cli(
-                "eval",
-                "--cache",
-                s["val"],
-                "--coco",
-                s["coco"],
-                "--checkpoint",
-                s["run"] / "ckpt.pt",
-                "--out",
-                ro / "res.json",
-            ),
-            "not writable",
-        )
-        refused(
-            cli(
-                "cache",
-                "--detector",
-                fd.NAME,
-                "--checkpoint",
-                s["fake"],
-                "--coco",
-                s["coco"],
-                "--split",
-                "val2017",
-                "--out",
-                ro / "store",
-                "--workers",
-                "0",
-            ),
-            "not writable",
-        )
-        refused(
-            cli(
-                "predict",
-                s["coco"] / "val2017",
-                "--detector",
-                fd.NAME,
-                "--checkpoint",
-                s["fake"],
-                "--masknet",
-                s["run"] / "ckpt.pt",
-                "--out",
-                ro / "p",
-            ),
-            "not writable",
-        )
+        refused(cli("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", ro / "r"),
+                "not writable")
+        refused(cli("eval", "--cache", s["val"], "--coco", s["coco"], "--checkpoint", s["run"] / "ckpt.pt",
+                    "--out", ro / "res.json"), "not writable")
+        refused(cli("cache", "--detector", fd.NAME, "--checkpoint", s["fake"], "--coco", s["coco"], "--split",
+                    "val2017", "--out", ro / "store", "--workers", "0"), "not writable")
+        refused(cli("predict", s["coco"] / "val2017", "--detector", fd.NAME, "--checkpoint", s["fake"],
+                    "--masknet", s["run"] / "ckpt.pt", "--out", ro / "p"), "not writable")
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
@@ -592,24 +352,8 @@ def test_cache_on_a_complete_read_only_store_has_nothing_to_do(s: dict[str, Path
     for p in modes:
         p.chmod(modes[p] & ~0o222)
     try:
-        r = cli(
-            "cache",
-            "--detector",
-            fd.NAME,
-            "--checkpoint",
-            s["fake"],
-            "--coco",
-            s["coco"],
-            "--split",
-            "val2017",
-            "--out",
-            store,
-            "--workers",
-            "0",
-            "--no-progress",
-            "--topk",
-            "8",
-        )
+        r = cli("cache", "--detector", fd.NAME, "--checkpoint", s["fake"], "--coco", s["coco"], "--split",
+                "val2017", "--out", store, "--workers", "0", "--no-progress", "--topk", "8")
     finally:
         for p, m in modes.items():
             p.chmod(m)

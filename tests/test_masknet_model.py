@@ -18,14 +18,8 @@ from mfdetr.masknet.config import load_masknet_config
 
 D_MODEL, STRIDES = 32, (8, 16, 32, 64)
 # tiny widths standing in for D = 128 / 96 / 64 and small windows / heads for tiny maps
-TINY = [
-    "roi_size=8",
-    "image_encoder.swin_window=4",
-    "box_encoder.swin_window=4",
-    "mask_scoring.channels=16",
-    "mask_scoring.fc_dim=16",
-    "neck.groups=8",
-]
+TINY = ["roi_size=8", "image_encoder.swin_window=4", "box_encoder.swin_window=4", "mask_scoring.channels=16",
+        "mask_scoring.fc_dim=16", "neck.groups=8"]
 
 
 def tiny_cfg(overrides: list[str] | tuple[str, ...] = ()) -> MaskNetConfig:
@@ -33,53 +27,36 @@ def tiny_cfg(overrides: list[str] | tuple[str, ...] = ()) -> MaskNetConfig:
     return from_dict(MaskNetConfig, apply_overrides(to_dict(MaskNetConfig()), ovs))
 
 
-def make_det(
-    *,
-    b: int = 2,
-    k: int = 6,
-    hw: tuple[int, int] = (44, 58),
-    pad: tuple[int, int] = (0, 0),
-    c1_channels: int = D_MODEL,
-    seed: int = 0,
-    base: dict | None = None,
-    map_fill: float | None = None,
-) -> DetectorOutput:
+def make_det(*, b: int = 2, k: int = 6, hw: tuple[int, int] = (44, 58), pad: tuple[int, int] = (0, 0),
+             c1_channels: int = D_MODEL, seed: int = 0, base: dict | None = None,
+             map_fill: float | None = None) -> DetectorOutput:
     """Random detector output; ``pad`` adds canvas padding filled with garbage (must be ignored), in the
     encoder maps ``map_fill`` (e.g. NaN) when given."""
     g = torch.Generator().manual_seed(seed)
     h, w = hw
     hc, wc = h + pad[0], w + pad[1]
     if base is None:
-        boxes = torch.cat(
-            (torch.rand(b, k, 2, generator=g) * 0.6 + 0.2, torch.rand(b, k, 2, generator=g) * 0.3 + 0.1), -1
-        )
+        boxes = torch.cat((torch.rand(b, k, 2, generator=g) * 0.6 + 0.2,
+                           torch.rand(b, k, 2, generator=g) * 0.3 + 0.1), -1)
         boxes[:, 0] = torch.tensor([0.5, 0.5, 1.0, 1.0])  # touches every image border
         boxes[:, 1] = torch.tensor([0.9, 0.9, 0.2, 0.2])  # bottom-right corner
-        base = {
-            "queries": torch.randn(b, k, D_MODEL, generator=g),
-            "boxes": boxes,
-            "logits": torch.randn(b, k, 7, generator=g),
-            "maps": [torch.randn(b, D_MODEL, math.ceil(h / s), math.ceil(w / s), generator=g) for s in STRIDES],
-            "c1": torch.randn(b, c1_channels, math.ceil(h / 4), math.ceil(w / 4), generator=g),
-        }
+        base = {"queries": torch.randn(b, k, D_MODEL, generator=g), "boxes": boxes,
+                "logits": torch.randn(b, k, 7, generator=g),
+                "maps": [torch.randn(b, D_MODEL, math.ceil(h / s), math.ceil(w / s), generator=g) for s in STRIDES],
+                "c1": torch.randn(b, c1_channels, math.ceil(h / 4), math.ceil(w / 4), generator=g)}
 
     def canvas(t: torch.Tensor, stride: int, fill: float | None = None) -> torch.Tensor:
         z = torch.randn(*t.shape[:2], math.ceil(hc / stride), math.ceil(wc / stride), generator=g) * 7
         if fill is not None:
             z.fill_(fill)
-        z[..., : t.shape[-2], : t.shape[-1]] = t
+        z[..., :t.shape[-2], :t.shape[-1]] = t
         return z
 
     return DetectorOutput(
-        queries=base["queries"],
-        boxes=base["boxes"],
-        logits=base["logits"],
+        queries=base["queries"], boxes=base["boxes"], logits=base["logits"],
         enc_maps={4: [canvas(m, s, map_fill) for m, s in zip(base["maps"], STRIDES, strict=True)]},
-        c1=canvas(base["c1"], 4),
-        input_hw=torch.tensor([[h, w]] * b),
-        orig_hw=torch.tensor([[2 * h, 2 * w]] * b),
-        level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES]] * b),
-    ).validate()
+        c1=canvas(base["c1"], 4), input_hw=torch.tensor([[h, w]] * b), orig_hw=torch.tensor([[2 * h, 2 * w]] * b),
+        level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES]] * b)).validate()
 
 
 def build(cfg: MaskNetConfig, c1_channels: int = D_MODEL) -> MaskNet:
@@ -134,12 +111,8 @@ def test_paper_configurations_forward_backward(row: tuple) -> None:
 PADDING_CONFIGS = {
     "default": [],
     "swin": ["image_encoder.block=swin", "box_encoder.block=swin", "box_encoder.heads=4"],
-    "convnext+segmenter": [
-        "image_encoder.block=convnext",
-        "box_encoder.block=convnext",
-        "mask_head.kind=segmenter",
-        "query_encoder.o2o=true",
-    ],
+    "convnext+segmenter": ["image_encoder.block=convnext", "box_encoder.block=convnext", "mask_head.kind=segmenter",
+                           "query_encoder.o2o=true"],
     "baseline non-RoI": [*PAPER_ROWS[2][2]],
     "baseline RoI, no C1": [*PAPER_ROWS[1][2]],
 }
@@ -150,27 +123,13 @@ def test_padding_invariance(name: str) -> None:
     """Same image, different canvas padding (filled with garbage) → same outputs."""
     model = build(tiny_cfg(PADDING_CONFIGS[name])).eval()
     ref = make_det(b=1, k=5, hw=(45, 61))
-    base = {
-        "queries": ref.queries,
-        "boxes": ref.boxes,
-        "logits": ref.logits,
-        "maps": [m for m in ref.enc_maps[4]],
-        "c1": ref.c1,
-    }
+    base = {"queries": ref.queries, "boxes": ref.boxes, "logits": ref.logits,
+            "maps": [m for m in ref.enc_maps[4]], "c1": ref.c1}
     with torch.no_grad():
         o0 = model(ref)
         for pad in ((19, 0), (3, 37), (40, 40)):
-            o = model(
-                make_det(
-                    b=1,
-                    k=5,
-                    hw=(45, 61),
-                    pad=pad,
-                    base=base,
-                    seed=1 + pad[0],
-                    map_fill=float("nan") if pad[0] == 40 else None,
-                )
-            )
+            o = model(make_det(b=1, k=5, hw=(45, 61), pad=pad, base=base, seed=1 + pad[0],
+                               map_fill=float("nan") if pad[0] == 40 else None))
             h, w = o0.mask_logits.shape[-2:]
             if o0.roi:
                 assert o.mask_logits.shape == o0.mask_logits.shape
@@ -219,16 +178,9 @@ def test_autocast_runs_finite() -> None:
 
 def test_fp16_cache_inputs_are_accepted() -> None:
     det = make_det(b=1, k=4)
-    half = DetectorOutput(
-        queries=det.queries.half(),
-        boxes=det.boxes.half(),
-        logits=det.logits.half(),
-        enc_maps={4: [m.half() for m in det.enc_maps[4]]},
-        c1=det.c1.half(),
-        input_hw=det.input_hw,
-        orig_hw=det.orig_hw,
-        level_valid_hw=det.level_valid_hw,
-    )
+    half = DetectorOutput(queries=det.queries.half(), boxes=det.boxes.half(), logits=det.logits.half(),
+                          enc_maps={4: [m.half() for m in det.enc_maps[4]]}, c1=det.c1.half(), input_hw=det.input_hw,
+                          orig_hw=det.orig_hw, level_valid_hw=det.level_valid_hw)
     model = build(tiny_cfg()).eval()
     with torch.no_grad():
         a, b = model(det), model(half)
@@ -236,16 +188,13 @@ def test_fp16_cache_inputs_are_accepted() -> None:
     torch.testing.assert_close(b.mask_logits, a.mask_logits, atol=0.2, rtol=0.05)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "c1", "needle"),
-    [
-        (["neck.enabled=false"], 24, "C1's channels (24) must equal d (32)"),
-        (["roi=false"], D_MODEL, "roi=false"),
-        (["neck.enabled=true", "fuse_c1=false"], D_MODEL, "fuse_c1"),
-        (["box_encoder.dim=20", "box_encoder.heads=8"], D_MODEL, "box_encoder.heads=8 must divide"),
-        (["image_encoder.layers=-1"], D_MODEL, "image_encoder.layers"),
-    ],
-)
+@pytest.mark.parametrize(("overrides", "c1", "needle"), [
+    (["neck.enabled=false"], 24, "C1's channels (24) must equal d (32)"),
+    (["roi=false"], D_MODEL, "roi=false"),
+    (["neck.enabled=true", "fuse_c1=false"], D_MODEL, "fuse_c1"),
+    (["box_encoder.dim=20", "box_encoder.heads=8"], D_MODEL, "box_encoder.heads=8 must divide"),
+    (["image_encoder.layers=-1"], D_MODEL, "image_encoder.layers"),
+])
 def test_config_errors(overrides: list[str], c1: int, needle: str) -> None:
     with pytest.raises(MfdetrError, match="masknet config") as e:
         build(tiny_cfg(overrides), c1_channels=c1)
@@ -280,11 +229,8 @@ def test_masknet_never_imports_detectors() -> None:
 
     from tests.conftest import REPO, cli_env
 
-    code = (
-        "import sys, mfdetr.masknet, mfdetr.masknet.complexity; "
-        "bad = [m for m in sys.modules if m.startswith('mfdetr.detectors')]; assert not bad, bad"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300
-    )
+    code = ("import sys, mfdetr.masknet, mfdetr.masknet.complexity; "
+            "bad = [m for m in sys.modules if m.startswith('mfdetr.detectors')]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr

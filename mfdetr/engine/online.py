@@ -47,8 +47,8 @@ def zero_padding(det: DetectorOutput) -> DetectorOutput:
             hmax, wmax = int(lv[:, lvl, 0].max()), int(lv[:, lvl, 1].max())
             m = m[..., :hmax, :wmax].clone()
             for b in range(m.shape[0]):
-                m[b, :, int(lv[b, lvl, 0]) :, :] = 0
-                m[b, :, :, int(lv[b, lvl, 1]) :] = 0
+                m[b, :, int(lv[b, lvl, 0]):, :] = 0
+                m[b, :, :, int(lv[b, lvl, 1]):] = 0
             out.append(m)
         enc[layer] = out
     ihw = det.input_hw.cpu()
@@ -62,7 +62,6 @@ def zero_padding(det: DetectorOutput) -> DetectorOutput:
 
 def round_features(det: DetectorOutput, dtype: torch.dtype) -> DetectorOutput:
     """Round queries, encoder maps and C1 through ``dtype`` (the cache's float16), back to float32."""
-
     def r(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).float()
 
@@ -82,16 +81,9 @@ class DetectorStep:
         autocast_dtype: run the detector under autocast with this dtype (AMP on GPU), or ``None``.
     """
 
-    def __init__(
-        self,
-        *,
-        detector: Any,
-        topk: int,
-        enc_layers: Sequence[int],
-        round_dtype: torch.dtype | None = torch.float16,
-        grad: bool = False,
-        autocast_dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, *, detector: Any, topk: int, enc_layers: Sequence[int],
+                 round_dtype: torch.dtype | None = torch.float16, grad: bool = False,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         self.detector = detector
         self.topk = int(topk)
         self.enc_layers = tuple(enc_layers)
@@ -100,11 +92,8 @@ class DetectorStep:
         self.autocast_dtype = autocast_dtype
 
     def _detect(self, batch: ImageBatch, device: torch.device) -> DetectorOutput:
-        amp = (
-            torch.autocast(device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
+        amp = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+               else contextlib.nullcontext())
         with amp:
             if self.grad:
                 return self.detector.detect(batch, topk=self.topk, enc_layers=self.enc_layers, grad=True)
@@ -141,14 +130,11 @@ class DetectorStep:
         else:
             done, failed = run_or_skip(lambda b: zero_padding(self._detect(b.to(device), device)), batch)
         for pos, reason in failed:
-            print(
-                f"mfdetr: left out image id {batch.image_ids[pos]} ({batch.file_names[pos]}): {reason}", file=sys.stderr
-            )
+            print(f"mfdetr: left out image id {batch.image_ids[pos]} ({batch.file_names[pos]}): {reason}",
+                  file=sys.stderr)
         if not done:
-            raise MfdetrError(
-                f"the detector cannot process image ids {batch.image_ids} "
-                f"({', '.join(batch.file_names)}): {failed[0][1]}"
-            )
+            raise MfdetrError(f"the detector cannot process image ids {batch.image_ids} "
+                              f"({', '.join(batch.file_names)}): {failed[0][1]}")
         det = done[0][1] if len(done) == 1 else cat_detector_outputs([o for _, o in done])
         ids = [i for part, _ in done for i in part.image_ids]
         targets = [t for part, _ in done for t in (part.targets or [])]
@@ -177,15 +163,9 @@ class ImageStep:
 
 def detector_manifest(preset: Any, topk: int) -> dict[str, Any]:
     """The manifest fields MaskNet is built from, taken from a detector preset (no cache involved)."""
-    return {
-        "hidden_dim": preset.hidden_dim,
-        "level_strides": list(preset.level_strides),
-        "c1_channels": preset.c1_channels,
-        "topk": int(topk),
-        "category_map": list(preset.class_to_category),
-        "num_classes": preset.num_classes,
-        "detector": {"name": preset.name},
-    }
+    return {"hidden_dim": preset.hidden_dim, "level_strides": list(preset.level_strides),
+            "c1_channels": preset.c1_channels, "topk": int(topk), "category_map": list(preset.class_to_category),
+            "num_classes": preset.num_classes, "detector": {"name": preset.name}}
 
 
 class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -194,9 +174,8 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
     :func:`~mfdetr.engine.stage2.evaluate_masknet` evaluates online runs (and fine-tuned detectors).
     Runs the detector in the calling process: use it with ``num_workers = 0``."""
 
-    def __init__(
-        self, coco: Any, step: DetectorStep, device: torch.device, max_images: int = 0, coarsest_stride: int = 0
-    ) -> None:
+    def __init__(self, coco: Any, step: DetectorStep, device: torch.device, max_images: int = 0,
+                 coarsest_stride: int = 0) -> None:
         self.coco = coco
         self.step = step
         self.device = device
@@ -226,49 +205,27 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return det.to("cpu"), item.target
 
 
-def _detector_step(
-    cfg: Any, det_model: Any, topk: int, enc_layer: int, device: torch.device, *, grad: bool
-) -> DetectorStep:
+def _detector_step(cfg: Any, det_model: Any, topk: int, enc_layer: int, device: torch.device, *,
+                   grad: bool) -> DetectorStep:
     from mfdetr.engine.trainer import amp_settings
 
     use_amp, amp_dtype = amp_settings(cfg.train.amp, device)
-    return DetectorStep(
-        detector=det_model,
-        topk=topk,
-        enc_layers=(enc_layer,),
-        round_dtype=torch.float16 if cfg.online.round_features else None,
-        grad=grad,
-        autocast_dtype=amp_dtype if use_amp else None,
-    )
+    return DetectorStep(detector=det_model, topk=topk, enc_layers=(enc_layer,),
+                        round_dtype=torch.float16 if cfg.online.round_features else None, grad=grad,
+                        autocast_dtype=amp_dtype if use_amp else None)
 
 
-def online_source(
-    *, detector: str, checkpoint: str | None, split: str, topk: int, annotation_sha256: str
-) -> dict[str, Any]:
+def online_source(*, detector: str, checkpoint: str | None, split: str, topk: int,
+                  annotation_sha256: str) -> dict[str, Any]:
     """What an online run trains on (compared on ``--resume``): detector, weights, split, annotations."""
     from mfdetr.cache.manifest import sha256_file
 
-    return {
-        "detector": detector,
-        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
-        "split": split,
-        "topk": int(topk),
-        "annotation_sha256": annotation_sha256,
-    }
+    return {"detector": detector, "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+            "split": split, "topk": int(topk), "annotation_sha256": annotation_sha256}
 
 
-def train_online(
-    cfg: RunConfig,
-    *,
-    detector: str,
-    checkpoint: str | None,
-    coco: str,
-    split: str = "train2017",
-    out: str,
-    topk: int = 100,
-    resume: bool = False,
-    val_split: str | None = None,
-) -> TrainResult:
+def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
+                 out: str, topk: int = 100, resume: bool = False, val_split: str | None = None) -> TrainResult:
     """``mfdetr train --online``: the same training with the detector run in the loop (``cfg.online``:
     large-scale jitter, fine-tuning, rounding through the cache dtype); evaluated on ``val_split``
     (through the detector as it is at that step) at the end and every ``train.eval_every`` steps."""
@@ -281,13 +238,8 @@ def train_online(
     from mfdetr.engine.config import with_default_enc_layer
     from mfdetr.engine.distributed import init_distributed
     from mfdetr.engine.finetune import FineTuned
-    from mfdetr.engine.stage2 import (
-        build_parts,
-        evaluate_and_record,
-        flat_metrics,
-        resolve_masknet_config,
-        training_model,
-    )
+    from mfdetr.engine.stage2 import (build_parts, evaluate_and_record, flat_metrics, resolve_masknet_config,
+                                      training_model)
     from mfdetr.engine.trainer import train
     from mfdetr.engine.training.models import FineTunedModel
 
@@ -301,9 +253,8 @@ def train_online(
     dataset: Any = base
     coarsest = max(preset.level_strides)
     if oc.lsj:  # random windows: an image the detector cannot process is left out of its step instead
-        dataset = LargeScaleJitter(
-            base, size=oc.lsj_size, min_scale=oc.lsj_min_scale, max_scale=oc.lsj_max_scale, seed=cfg.train.seed
-        )
+        dataset = LargeScaleJitter(base, size=oc.lsj_size, min_scale=oc.lsj_min_scale, max_scale=oc.lsj_max_scale,
+                                   seed=cfg.train.seed)
     else:
         probe = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False)
         kept = runnable_indices(base, probe._detect, ctx.device, range(len(base)), coarsest)
@@ -318,84 +269,41 @@ def train_online(
     finetune = oc.finetune != "none"
     step = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=finetune)
     if finetune:
-        model = FineTunedModel(
-            FineTuned(
-                model.network, det_model, mode=oc.finetune, detector_step=step, detector_lr_mult=oc.detector_lr_mult
-            ),
-            parts.criterion,
-            assigns_targets=True,
-        )
+        model = FineTunedModel(FineTuned(model.network, det_model, mode=oc.finetune, detector_step=step,
+                                         detector_lr_mult=oc.detector_lr_mult), parts.criterion, assigns_targets=True)
     evaluate_fn = None
     if val_split:
-        val = OnlineEvalSet(
-            CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True),
-            _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False),
-            ctx.device,
-            max_images=cfg.data.max_images,
-            coarsest_stride=coarsest,
-        )
+        val = OnlineEvalSet(CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True),
+                            _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False), ctx.device,
+                            max_images=cfg.data.max_images, coarsest_stride=coarsest)
 
         def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
-            r = evaluate_and_record(
-                parts.model, val, manifest=manifest, cfg=cfg, out=Path(out), step=at, device=val.device
-            )
+            r = evaluate_and_record(parts.model, val, manifest=manifest, cfg=cfg, out=Path(out), step=at,
+                                    device=val.device)
             return flat_metrics(r)
 
-    source = online_source(
-        detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=base.annotation_sha256
-    )
+    source = online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk,
+                           annotation_sha256=base.annotation_sha256)
     if resume:
         from mfdetr.engine.checkpoint import check_resume_source
 
         check_resume_source(out, key="online_source", current=source, what="detector or training data")
-    return train(
-        cfg=cfg,
-        model=model,
-        train_set=dataset,
-        run_dir=out,
-        collate=partial(collate),
-        resume=resume,
-        masknet_config=to_dict(parts.masknet_cfg),
-        record={
-            "online": {
-                "detector": detector,
-                "checkpoint": str(checkpoint),
-                "coco": str(coco),
-                "split": split,
-                "val_split": val_split,
-                "topk": topk,
-                "lsj": oc.lsj,
-                "finetune": oc.finetune,
-            },
-            "online_source": source,
-            "detector": {
-                "detector.name": preset.name,
-                "num_classes": preset.num_classes,
-                "category_map": list(preset.class_to_category),
-            },
-            "categories": [{"id": int(c["id"]), "name": str(c.get("name", ""))} for c in base.categories],
-        },
-        ctx=ctx,
-        prepare_batch=step,
-        evaluate_fn=evaluate_fn,
-    )
+    return train(cfg=cfg, model=model, train_set=dataset, run_dir=out,
+                 collate=partial(collate), resume=resume, masknet_config=to_dict(parts.masknet_cfg),
+                 record={"online": {"detector": detector, "checkpoint": str(checkpoint), "coco": str(coco),
+                                    "split": split, "val_split": val_split, "topk": topk, "lsj": oc.lsj,
+                                    "finetune": oc.finetune}, "online_source": source,
+                         "detector": {"detector.name": preset.name, "num_classes": preset.num_classes,
+                                      "category_map": list(preset.class_to_category)},
+                         "categories": [{"id": int(c["id"]), "name": str(c.get("name", ""))} for c in base.categories]},
+                 ctx=ctx, prepare_batch=step, evaluate_fn=evaluate_fn)
 
 
-def eval_online(
-    checkpoint: str | Path,
-    *,
-    coco: str | Path,
-    split: str = "val2017",
-    detector: str | None = None,
-    detector_checkpoint: str | Path | None = None,
-    out: str | Path | None = None,
-    batch_size: int = 2,
-    device: str = "auto",
-    max_images: int = 0,
-    evaluator: str = "pycocotools",
-    category_ap: dict[int, dict[str, Any]] | None = None,
-    slot_categories: str | Path | None = None,
-) -> dict[str, dict[str, float]]:
+def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val2017", detector: str | None = None,
+                detector_checkpoint: str | Path | None = None, out: str | Path | None = None, batch_size: int = 2,
+                device: str = "auto", max_images: int = 0, evaluator: str = "pycocotools",
+                category_ap: dict[int, dict[str, Any]] | None = None, slot_categories: str | Path | None = None
+                ) -> dict[str, dict[str, float]]:
     """``mfdetr eval --online``: a run's MaskNet (and fine-tuned detector tensors) on a COCO split, with
     the detector in the loop. Detector name and checkpoint default to what an online run recorded."""
     from mfdetr.config import from_dict
@@ -413,10 +321,8 @@ def eval_online(
     rec = dict(ckpt.get("meta", {}).get("online") or {})
     detector = detector or rec.get("detector")
     if detector is None:
-        raise MfdetrError(
-            "a cached run does not record its detector: pass --detector NAME --detector-checkpoint FILE",
-            path=checkpoint,
-        )
+        raise MfdetrError("a cached run does not record its detector: pass --detector NAME --detector-checkpoint "
+                          "FILE", path=checkpoint)
     if detector_checkpoint is None and rec.get("checkpoint") not in (None, "None"):
         detector_checkpoint = rec["checkpoint"]
     cfg = build_run_config(ckpt["config"], where=str(checkpoint))
@@ -426,12 +332,8 @@ def eval_online(
     if detector.startswith("auto-"):  # an architecture read from the checkpoint: rebuild it from there
         from mfdetr.detectors.resolve import resolve_detector
 
-        detector = resolve_detector(
-            detector,
-            detector_checkpoint,
-            slot_categories=slot_categories,
-            categories_file=Path(coco) / "annotations" / f"instances_{split}.json",
-        ).name
+        detector = resolve_detector(detector, detector_checkpoint, slot_categories=slot_categories,
+                                    categories_file=Path(coco) / "annotations" / f"instances_{split}.json").name
     preset = get_preset(detector)
     det_model = build_detector(detector, checkpoint=detector_checkpoint, device=str(dev))
     masknet_sd, detector_sd = split_state(ckpt["model"])
@@ -440,22 +342,11 @@ def eval_online(
     manifest = detector_manifest(preset, topk)
     parts = build_parts(cfg, manifest)
     load_weights(parts.model, masknet_sd, path=checkpoint)
-    val = OnlineEvalSet(
-        CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True),
-        _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False),
-        dev,
-        max_images=max_images,
-        coarsest_stride=max(preset.level_strides),
-    )
-    metrics, results = evaluate_masknet(
-        parts.model,
-        val,
-        manifest=manifest,
-        batch_size=batch_size,
-        device=dev,
-        evaluator=evaluator,
-        category_ap=category_ap,
-    )
+    val = OnlineEvalSet(CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True),
+                        _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False), dev,
+                        max_images=max_images, coarsest_stride=max(preset.level_strides))
+    metrics, results = evaluate_masknet(parts.model, val, manifest=manifest, batch_size=batch_size, device=dev,
+                                        evaluator=evaluator, category_ap=category_ap)
     if out is not None:
         from mfdetr.evaluation import write_results_json
 
@@ -474,20 +365,9 @@ class _Subset(torch.utils.data.Subset):  # type: ignore[type-arg]
             self.dataset.set_epoch(epoch)
 
 
-def sweep_online(
-    spec: SweepSpec,
-    *,
-    detector: str,
-    checkpoint: str | None,
-    coco: str,
-    split: str = "train2017",
-    val_split: str = "val2017",
-    out_dir: str | Path,
-    topk: int = 100,
-    overrides: Sequence[str] = (),
-    only: Sequence[str] = (),
-    log: Callable[[str], None] = print,
-) -> list[VariantResult]:
+def sweep_online(spec: SweepSpec, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
+                 val_split: str = "val2017", out_dir: str | Path, topk: int = 100, overrides: Sequence[str] = (),
+                 only: Sequence[str] = (), log: Callable[[str], None] = print) -> list[VariantResult]:
     """``mfdetr sweep --online``: every variant trained online (Tables 11 and 13: fine-tuning, LSJ) and
     evaluated through the detector on ``val_split``; the same comparison tables as a cached sweep."""
     import json
@@ -498,40 +378,20 @@ def sweep_online(
     from mfdetr.errors import MfdetrError
 
     if not spec.sweep.train:
-        raise MfdetrError(
-            "an online sweep trains every variant: use a cache for training-free sweeps "
-            "(`mfdetr sweep --cache ... --val-cache ...`)",
-            path=spec.path,
-        )
+        raise MfdetrError("an online sweep trains every variant: use a cache for training-free sweeps "
+                          "(`mfdetr sweep --cache ... --val-cache ...`)", path=spec.path)
     manifest = detector_manifest(get_preset(detector), topk)
 
     def run_variant(v: Any, cfg: Any, vdir: Path) -> Any:
         run = vdir / "run"
-        train_online(
-            cfg,
-            detector=detector,
-            checkpoint=checkpoint,
-            coco=coco,
-            split=split,
-            out=str(run),
-            topk=topk,
-            resume=(run / "ckpt.pt").is_file(),
-            val_split=val_split,
-        )
+        train_online(cfg, detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=str(run), topk=topk,
+                     resume=(run / "ckpt.pt").is_file(), val_split=val_split)
         metrics = json.loads((run / "val_metrics.json").read_text())
         cx = complexity(build_parts(cfg, manifest).model, manifest)
-        return VariantResult(
-            name=v.name,
-            labels=list(v.labels),
-            params_m=cx["params_m"],
-            flops_g=cx["flops_g"],
-            metrics={**metrics["segm"], "boundary_AP": metrics.get("boundary", {}).get("AP")},
-        )
+        return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
+                             metrics={**metrics["segm"], "boundary_AP": metrics.get("boundary", {}).get("AP")})
 
-    sources = {
-        **online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=""),
-        "val_split": val_split,
-    }
-    return run_sweep(
-        spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log, sources=sources
-    )
+    sources = {**online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=""),
+               "val_split": val_split}
+    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log,
+                     sources=sources)

@@ -34,16 +34,8 @@ class BoxEncoder(nn.Module):
         sampling_ratio: RoIAlign sampling points per bin side (0 = adaptive).
     """
 
-    def __init__(
-        self,
-        *,
-        block: str,
-        mapper: nn.Linear | None,
-        layers: list[nn.Module],
-        pos_embed: nn.Parameter | None,
-        roi_size: int,
-        sampling_ratio: int = 2,
-    ) -> None:
+    def __init__(self, *, block: str, mapper: nn.Linear | None, layers: list[nn.Module],
+                 pos_embed: nn.Parameter | None, roi_size: int, sampling_ratio: int = 2) -> None:
         super().__init__()
         self.sampling_ratio = sampling_ratio
         self.block = block
@@ -63,9 +55,8 @@ class BoxEncoder(nn.Module):
             return f
         return self.mapper(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def forward(
-        self, f: Tensor, boxes: Tensor, input_hw: Tensor, valid_hw: Tensor, batch_idx: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, f: Tensor, boxes: Tensor, input_hw: Tensor, valid_hw: Tensor,
+                batch_idx: Tensor | None = None) -> Tensor:
         """R_i for every box.
 
         Args:
@@ -96,14 +87,8 @@ class BoxEncoder(nn.Module):
         dt = f.dtype
         if dt == torch.bfloat16:
             f = f.float()
-        out = roi_align(
-            f,
-            rois.to(f.dtype),
-            self.roi_size,
-            spatial_scale=1.0 / FEATURE_STRIDE,
-            sampling_ratio=self.sampling_ratio,
-            aligned=True,
-        )
+        out = roi_align(f, rois.to(f.dtype), self.roi_size, spatial_scale=1.0 / FEATURE_STRIDE,
+                        sampling_ratio=self.sampling_ratio, aligned=True)
         return out.to(dt)
 
     def encode(self, rois: Tensor) -> Tensor:
@@ -113,32 +98,14 @@ class BoxEncoder(nn.Module):
         return self.kind.encode_rois(self.layers, rois, self.pos_embed)
 
 
-def build_box_encoder(
-    *,
-    block: str,
-    layers: int,
-    in_dim: int,
-    dim: int | None,
-    roi_size: int,
-    heads: int = 8,
-    points: int = 4,
-    ffn_ratio: float = 4.0,
-    swin_window: int = 8,
-    convnext_kernel: int = 7,
-    sampling_ratio: int = 2,
-) -> BoxEncoder:
+def build_box_encoder(*, block: str, layers: int, in_dim: int, dim: int | None, roi_size: int, heads: int = 8,
+                      points: int = 4, ffn_ratio: float = 4.0, swin_window: int = 8, convnext_kernel: int = 7,
+                      sampling_ratio: int = 2) -> BoxEncoder:
     """Build the channel mapper (``in_dim`` = d → ``dim`` = D; none when D is None or d) and F_b."""
     d_out = in_dim if dim is None else dim
     mapper = nn.Linear(in_dim, d_out) if d_out != in_dim else None
-    args = BlockArgs(
-        dim=d_out,
-        heads=heads,
-        points=points,
-        ffn_hidden=int(round(ffn_ratio * d_out)),
-        window=swin_window,
-        kernel=convnext_kernel,
-    )
+    args = BlockArgs(dim=d_out, heads=heads, points=points, ffn_hidden=int(round(ffn_ratio * d_out)),
+                     window=swin_window, kernel=convnext_kernel)
     mods, pos = get_block(block).build_box(layers, args, roi_size=roi_size)
-    return BoxEncoder(
-        block=block, mapper=mapper, layers=mods, pos_embed=pos, roi_size=roi_size, sampling_ratio=sampling_ratio
-    )
+    return BoxEncoder(block=block, mapper=mapper, layers=mods, pos_embed=pos, roi_size=roi_size,
+                      sampling_ratio=sampling_ratio)

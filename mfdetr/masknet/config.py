@@ -156,9 +156,7 @@ class MaskNetConfig:
 def baseline_config(*, roi: bool = True, fuse_c1: bool = True, roi_size: int = 32) -> MaskNetConfig:
     """The training-free baseline of eq. 1-4 (Table 1): no parameters; scores by eq. 2."""
     return MaskNetConfig(
-        roi=roi,
-        roi_size=roi_size,
-        fuse_c1=fuse_c1,
+        roi=roi, roi_size=roi_size, fuse_c1=fuse_c1,
         neck=NeckConfig(enabled=False),
         image_encoder=ImageEncoderConfig(layers=0),
         box_encoder=BoxEncoderConfig(layers=0, dim=None),
@@ -199,7 +197,7 @@ def load_masknet_config(path: str | Path | None = None, overrides: Sequence[str]
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key.startswith("masknet."):
-            item = item.strip()[len("masknet.") :]
+            item = item.strip()[len("masknet."):]
         elif "=" in item and key.split(".", 1)[0] not in {f.name for f in fields(MaskNetConfig)}:
             raise MfdetrError(f"override {item!r} is not a masknet.* key")
         ovs.append(item)

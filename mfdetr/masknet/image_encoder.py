@@ -50,28 +50,11 @@ class ImageEncoder(nn.Module):
         return self.kind.encode_maps(self.layers, maps, valid_hw, self.level_embed, first_level_only=True)[0]
 
 
-def build_image_encoder(
-    *,
-    block: str,
-    layers: int,
-    dim: int,
-    levels: int,
-    heads: int = 8,
-    points: int = 4,
-    ffn_ratio: float = 4.0,
-    swin_window: int = 16,
-    convnext_kernel: int = 7,
-    level_embed: bool = True,
-) -> ImageEncoder:
+def build_image_encoder(*, block: str, layers: int, dim: int, levels: int, heads: int = 8, points: int = 4,
+                        ffn_ratio: float = 4.0, swin_window: int = 16, convnext_kernel: int = 7,
+                        level_embed: bool = True) -> ImageEncoder:
     """Build F_e with every number visible (Table 2: ``block`` × ``layers`` at width ``dim``)."""
-    args = BlockArgs(
-        dim=dim,
-        heads=heads,
-        points=points,
-        ffn_hidden=int(round(ffn_ratio * dim)),
-        window=swin_window,
-        kernel=convnext_kernel,
-        level_embed=level_embed,
-    )
+    args = BlockArgs(dim=dim, heads=heads, points=points, ffn_hidden=int(round(ffn_ratio * dim)),
+                     window=swin_window, kernel=convnext_kernel, level_embed=level_embed)
     mods, emb = get_block(block).build_image(layers, args, levels=levels)
     return ImageEncoder(block=block, layers=mods, level_embed=emb)

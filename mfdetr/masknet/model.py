@@ -103,24 +103,11 @@ class MaskNet(nn.Module):
             (``None`` where absent).
     """
 
-    def __init__(
-        self,
-        *,
-        d_model: int,
-        level_strides: Sequence[int],
-        c1_channels: int,
-        num_queries: int,
-        enc_layer: int,
-        roi: bool,
-        roi_size: int,
-        fuse_c1: bool,
-        neck: Neck | None,
-        image_encoder: ImageEncoder,
-        box_encoder: BoxEncoder | None,
-        query_encoder: QueryEncoder | None,
-        mask_head: DotProductHead | SegmenterHead,
-        mask_scoring: MaskScoringHead | None,
-    ) -> None:
+    def __init__(self, *, d_model: int, level_strides: Sequence[int], c1_channels: int, num_queries: int,
+                 enc_layer: int, roi: bool, roi_size: int, fuse_c1: bool,
+                 neck: Neck | None, image_encoder: ImageEncoder, box_encoder: BoxEncoder | None,
+                 query_encoder: QueryEncoder | None, mask_head: DotProductHead | SegmenterHead,
+                 mask_scoring: MaskScoringHead | None) -> None:
         super().__init__()
         self.d_model, self.level_strides, self.c1_channels = d_model, tuple(level_strides), c1_channels
         self.num_queries, self.enc_layer = num_queries, enc_layer
@@ -135,23 +122,18 @@ class MaskNet(nn.Module):
     # -- inputs --------------------------------------------------------------------------------
     def _check(self, det: DetectorOutput) -> list[Tensor]:
         if self.enc_layer not in det.enc_maps:
-            raise MfdetrError(
-                f"masknet.enc_layer={self.enc_layer} but the detector output holds encoder "
-                f"layers {sorted(det.enc_maps)}"
-            )
+            raise MfdetrError(f"masknet.enc_layer={self.enc_layer} but the detector output holds encoder "
+                              f"layers {sorted(det.enc_maps)}")
         maps = det.enc_maps[self.enc_layer]
         if det.queries.shape[-1] != self.d_model:
-            raise MfdetrError(
-                f"MaskNet was built for d={self.d_model}, the detector output has d={det.queries.shape[-1]}"
-            )
+            raise MfdetrError(f"MaskNet was built for d={self.d_model}, the detector output has "
+                              f"d={det.queries.shape[-1]}")
         if len(maps) != len(self.level_strides):
-            raise MfdetrError(
-                f"MaskNet was built for {len(self.level_strides)} encoder levels, the detector output has {len(maps)}"
-            )
+            raise MfdetrError(f"MaskNet was built for {len(self.level_strides)} encoder levels, the detector "
+                              f"output has {len(maps)}")
         if det.c1.shape[1] != self.c1_channels:
-            raise MfdetrError(
-                f"MaskNet was built for C1 with {self.c1_channels} channels, the detector output has {det.c1.shape[1]}"
-            )
+            raise MfdetrError(f"MaskNet was built for C1 with {self.c1_channels} channels, the detector output "
+                              f"has {det.c1.shape[1]}")
         return maps
 
     def _dtype(self) -> torch.dtype:
@@ -207,14 +189,8 @@ class MaskNet(nn.Module):
         if self.fuse_c1:
             f = f + (self.neck(c1, c1_hw) if self.neck is not None else c1)
         f = masked_fill_outside(f, c1_hw)
-        common = {
-            "boxes": boxes,
-            "scores": det.scores[:, :k],
-            "logits": logits,
-            "input_hw": det.input_hw,
-            "orig_hw": det.orig_hw,
-            "mask_valid_hw": c1_hw.to(det.input_hw.device),
-        }
+        common = {"boxes": boxes, "scores": det.scores[:, :k], "logits": logits, "input_hw": det.input_hw,
+                  "orig_hw": det.orig_hw, "mask_valid_hw": c1_hw.to(det.input_hw.device)}
 
         if not self.roi:  # eq. 1: dot product on the whole stride-4 grid
             ml = torch.einsum("bkc,bchw->bkhw", self.mask_head_project(queries), f)
@@ -234,21 +210,15 @@ class MaskNet(nn.Module):
         ml, iou = self._box_branch(f, q_in, boxes[bi, qi], bi, input_hw, c1_hw)
         if full:
             s = self.roi_size
-            out = MaskNetOutput(
-                mask_logits=ml.view(bsz, k, s, s),
-                iou_pred=None if iou is None else iou.view(bsz, k),
-                roi=True,
-                **common,
-            )
+            out = MaskNetOutput(mask_logits=ml.view(bsz, k, s, s), iou_pred=None if iou is None else iou.view(bsz, k),
+                                roi=True, **common)
             return out if select is None else out.select(*select)
         n = int(select[0].numel())
-        return MaskNetOutput(
-            mask_logits=ml[:n], iou_pred=None if iou is None else iou[:n], roi=True, selected=select, **common
-        )
+        return MaskNetOutput(mask_logits=ml[:n], iou_pred=None if iou is None else iou[:n], roi=True,
+                             selected=select, **common)
 
-    def _box_branch(
-        self, f: Tensor, queries: Tensor, boxes: Tensor, batch_idx: Tensor, input_hw: Tensor, c1_hw: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
+    def _box_branch(self, f: Tensor, queries: Tensor, boxes: Tensor, batch_idx: Tensor, input_hw: Tensor,
+                    c1_hw: Tensor) -> tuple[Tensor, Tensor | None]:
         """Steps 4-5 for N = G·M queries (``queries`` [G, M, d]: groups of M queries that attend to each
         other with O2O; ``boxes`` [N, 4] of images ``batch_idx`` [N], in the queries' row-major order):
         mask logits [N, S, S] and predicted IoU [N] (or ``None``)."""
@@ -267,7 +237,8 @@ class MaskNet(nn.Module):
         bi, qi = (torch.as_tensor(t, device=dev).long() for t in select)
         if bi.dim() != 1 or bi.shape != qi.shape:
             raise ValueError(f"select must be two [P] index tensors, got {tuple(bi.shape)} and {tuple(qi.shape)}")
-        if bi.numel() and not (0 <= int(bi.min()) and int(bi.max()) < bsz and 0 <= int(qi.min()) and int(qi.max()) < k):
+        if bi.numel() and not (0 <= int(bi.min()) and int(bi.max()) < bsz and 0 <= int(qi.min())
+                               and int(qi.max()) < k):
             raise ValueError(f"select holds an index outside the batch ({bsz} images) or the top-{k} queries")
         return bi, qi
 
@@ -285,7 +256,8 @@ class MaskNet(nn.Module):
         ends there or carries padding."""
         r = self.level_strides[0] // C1_STRIDE
         if r > 1:
-            e1 = F.interpolate(F.pad(e1, (0, 1, 0, 1)), scale_factor=float(r), mode="bilinear", align_corners=False)
+            e1 = F.interpolate(F.pad(e1, (0, 1, 0, 1)), scale_factor=float(r), mode="bilinear",
+                               align_corners=False)
         h, w = hw[0], hw[1]  # sizes, symbolic under export
         e1 = e1[..., :h, :w]
         return F.pad(e1, (0, w - e1.shape[-1], 0, h - e1.shape[-2]))
@@ -317,73 +289,37 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
     if cfg.neck.enabled and not cfg.fuse_c1:
         raise _err("neck.enabled=true needs fuse_c1=true (the neck works on C1)")
     if cfg.fuse_c1 and not cfg.neck.enabled and c1_channels != d_model:
-        raise _err(
-            f"without the neck, C1's channels ({c1_channels}) must equal d ({d_model}) to fuse "
-            "C1 + up(E); set neck.enabled=true or fuse_c1=false"
-        )
+        raise _err(f"without the neck, C1's channels ({c1_channels}) must equal d ({d_model}) to fuse "
+                   "C1 + up(E); set neck.enabled=true or fuse_c1=false")
     if not cfg.roi:
-        bad = [
-            n
-            for n, on in (
-                ("box_encoder.layers>0", be.layers > 0),
-                ("box_encoder.dim≠d", box_dim != d_model),
-                ("query_encoder.b2o", qe.b2o),
-                ("mask_scoring.enabled", ms.enabled),
-                ("mask_head.kind=segmenter", cfg.mask_head.kind != "dot"),
-            )
-            if on
-        ]
+        bad = [n for n, on in (("box_encoder.layers>0", be.layers > 0), ("box_encoder.dim≠d", box_dim != d_model),
+                               ("query_encoder.b2o", qe.b2o), ("mask_scoring.enabled", ms.enabled),
+                               ("mask_head.kind=segmenter", cfg.mask_head.kind != "dot")) if on]
         if bad:
             raise _err(f"roi=false (full-image baseline) cannot use {', '.join(bad)}")
-    for name, dim, heads in (
-        ("image_encoder", d_model, ie.heads),
-        ("box_encoder", box_dim, be.heads),
-        ("query_encoder", d_model, qe.heads),
-    ):
+    for name, dim, heads in (("image_encoder", d_model, ie.heads), ("box_encoder", box_dim, be.heads),
+                             ("query_encoder", d_model, qe.heads)):
         if heads < 1 or dim % heads:
             raise _err(f"{name}.heads={heads} must divide its width {dim}")
     try:
         neck = Neck(in_channels=c1_channels, dim=d_model, groups=cfg.neck.groups) if cfg.neck.enabled else None
     except ValueError as e:
         raise _err(str(e)) from None
-    image_encoder = build_image_encoder(
-        block=ie.block,
-        layers=ie.layers,
-        dim=d_model,
-        levels=len(strides),
-        heads=ie.heads,
-        points=ie.points,
-        ffn_ratio=ie.ffn_ratio,
-        swin_window=ie.swin_window,
-        convnext_kernel=ie.convnext_kernel,
-        level_embed=ie.level_embed,
-    )
+    image_encoder = build_image_encoder(block=ie.block, layers=ie.layers, dim=d_model, levels=len(strides),
+                                        heads=ie.heads, points=ie.points, ffn_ratio=ie.ffn_ratio,
+                                        swin_window=ie.swin_window, convnext_kernel=ie.convnext_kernel,
+                                        level_embed=ie.level_embed)
     box_encoder = None
     if cfg.roi:
-        box_encoder = build_box_encoder(
-            block=be.block,
-            layers=be.layers,
-            in_dim=d_model,
-            dim=box_dim,
-            roi_size=cfg.roi_size,
-            heads=be.heads,
-            points=be.points,
-            ffn_ratio=be.ffn_ratio,
-            swin_window=be.swin_window,
-            convnext_kernel=be.convnext_kernel,
-            sampling_ratio=cfg.roi_sampling_ratio,
-        )
+        box_encoder = build_box_encoder(block=be.block, layers=be.layers, in_dim=d_model, dim=box_dim,
+                                        roi_size=cfg.roi_size, heads=be.heads, points=be.points,
+                                        ffn_ratio=be.ffn_ratio, swin_window=be.swin_window,
+                                        convnext_kernel=be.convnext_kernel,
+                                        sampling_ratio=cfg.roi_sampling_ratio)
     query_encoder = None
     if qe.ffn or qe.o2o or qe.b2o:
-        query_encoder = QueryEncoder(
-            dim=d_model,
-            roi_dim=box_dim,
-            o2o=qe.o2o,
-            b2o=qe.b2o,
-            ffn=qe.ffn,
-            heads=qe.heads,
-            ffn_hidden=int(round(qe.ffn_ratio * d_model)),
-        )
+        query_encoder = QueryEncoder(dim=d_model, roi_dim=box_dim, o2o=qe.o2o, b2o=qe.b2o, ffn=qe.ffn,
+                                     heads=qe.heads, ffn_hidden=int(round(qe.ffn_ratio * d_model)))
     head: DotProductHead | SegmenterHead
     if cfg.mask_head.kind == "dot":
         head = DotProductHead(query_dim=d_model, feature_dim=box_dim)
@@ -391,28 +327,9 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
         head = SegmenterHead(query_dim=d_model, feature_dim=box_dim)
     scoring = None
     if ms.enabled:
-        scoring = MaskScoringHead(
-            in_dim=box_dim,
-            channels=ms.channels,
-            convs=ms.convs,
-            pool=ms.pool,
-            fc_dim=ms.fc_dim,
-            fc_layers=ms.fc_layers,
-            detach_mask=ms.detach_mask,
-        )
-    return MaskNet(
-        d_model=d_model,
-        level_strides=strides,
-        c1_channels=c1_channels,
-        num_queries=cfg.num_queries,
-        enc_layer=cfg.enc_layer,
-        roi=cfg.roi,
-        roi_size=cfg.roi_size,
-        fuse_c1=cfg.fuse_c1,
-        neck=neck,
-        image_encoder=image_encoder,
-        box_encoder=box_encoder,
-        query_encoder=query_encoder,
-        mask_head=head,
-        mask_scoring=scoring,
-    )
+        scoring = MaskScoringHead(in_dim=box_dim, channels=ms.channels, convs=ms.convs, pool=ms.pool,
+                                  fc_dim=ms.fc_dim, fc_layers=ms.fc_layers, detach_mask=ms.detach_mask)
+    return MaskNet(d_model=d_model, level_strides=strides, c1_channels=c1_channels, num_queries=cfg.num_queries,
+                   enc_layer=cfg.enc_layer, roi=cfg.roi, roi_size=cfg.roi_size, fuse_c1=cfg.fuse_c1, neck=neck,
+                   image_encoder=image_encoder, box_encoder=box_encoder, query_encoder=query_encoder,
+                   mask_head=head, mask_scoring=scoring)

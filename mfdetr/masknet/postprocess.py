@@ -47,9 +47,8 @@ class _MaskOutput(Protocol):
     iou_pred: Tensor | None
 
 
-def paste_masks(
-    probs: Tensor, boxes: Tensor, image_hw: tuple[int, int], *, threshold: float = 0.5, max_elems: int = 1 << 24
-) -> tuple[Tensor, Tensor]:
+def paste_masks(probs: Tensor, boxes: Tensor, image_hw: tuple[int, int], *, threshold: float = 0.5,
+                max_elems: int = 1 << 24) -> tuple[Tensor, Tensor]:
     """Paste box-relative probability maps into an image and binarise them (eq. 4).
 
     Args:
@@ -116,11 +115,8 @@ def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
         return []
     # [K, W, H] C-contiguous (built on the masks' device; free for masks from paste_masks) is
     # [H, W, K] Fortran-contiguous, the layout pycocotools encodes: no copy on the host
-    kwh = (
-        masks.transpose(1, 2).contiguous().view(torch.uint8)
-        if masks.dtype == torch.bool
-        else (masks.transpose(1, 2).to(torch.uint8).contiguous())
-    )
+    kwh = masks.transpose(1, 2).contiguous().view(torch.uint8) if masks.dtype == torch.bool else (
+        masks.transpose(1, 2).to(torch.uint8).contiguous())
     arr = kwh.cpu().numpy().transpose(2, 1, 0)
     rles = mask_util.encode(arr)
     out = []
@@ -130,18 +126,10 @@ def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def masks_to_coco_results(
-    out: _MaskOutput,
-    det: DetectorOutput,
-    class_to_category: Sequence[int],
-    image_ids: Sequence[int],
-    *,
-    score: ScoreMode = "mask_iou",
-    on_input_grid: bool | None = None,
-    mask_threshold: float = 0.5,
-    min_score: float = 0.0,
-    grid_stride: int = 4,
-) -> list[dict[str, Any]]:
+def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_category: Sequence[int],
+                          image_ids: Sequence[int], *, score: ScoreMode = "mask_iou",
+                          on_input_grid: bool | None = None, mask_threshold: float = 0.5, min_score: float = 0.0,
+                          grid_stride: int = 4) -> list[dict[str, Any]]:
     """COCO instance-segmentation results of a batch, ready for a results JSON / ``COCO.loadRes``.
 
     Args:
@@ -173,9 +161,8 @@ def masks_to_coco_results(
     if score == "mask_iou" and out.iou_pred is None:
         raise MfdetrError("score 'mask_iou' (eq. 13) needs a mask-scoring head; use 'mask_prob' (eq. 2)")
     if len(class_to_category) != det.logits.shape[-1]:
-        raise ValueError(
-            f"class_to_category has {len(class_to_category)} entries for {det.logits.shape[-1]} class slots"
-        )
+        raise ValueError(f"class_to_category has {len(class_to_category)} entries for "
+                         f"{det.logits.shape[-1]} class slots")
     cls_prob, slot = det.logits.float().sigmoid().max(dim=-1)  # c_i and arg-max slot, [B, K]
     cat_table = torch.as_tensor(list(class_to_category), dtype=torch.long, device=slot.device)
     cats = cat_table[slot]
@@ -192,9 +179,8 @@ def masks_to_coco_results(
             hi, wi = (int(v) for v in det.input_hw[b].tolist())
             hv, wv = -(-hi // grid_stride), -(-wi // grid_stride)
             probs = probs[:, :hv, :wv]
-            grid_box = torch.tensor(
-                [0.0, 0.0, grid_stride * wv * w0 / wi, grid_stride * hv * h0 / hi], device=boxes.device
-            )
+            grid_box = torch.tensor([0.0, 0.0, grid_stride * wv * w0 / wi, grid_stride * hv * h0 / hi],
+                                    device=boxes.device)
             paste_boxes = grid_box[None].expand(keep.numel(), 4)
         else:
             paste_boxes = boxes[b, keep]
@@ -213,13 +199,6 @@ def masks_to_coco_results(
         for i in range(keep.numel()):
             if s_list[i] < min_score:
                 continue
-            results.append(
-                {
-                    "image_id": int(image_ids[b]),
-                    "category_id": int(c_list[i]),
-                    "score": float(s_list[i]),
-                    "bbox": [float(v) for v in xywh[i]],
-                    "segmentation": rles[i],
-                }
-            )
+            results.append({"image_id": int(image_ids[b]), "category_id": int(c_list[i]), "score": float(s_list[i]),
+                            "bbox": [float(v) for v in xywh[i]], "segmentation": rles[i]})
     return results

@@ -49,17 +49,8 @@ from mfdetr.layers import focal_class_cost
 from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, clip_boxes, generalized_box_iou
 
 __all__ = [
-    "AssignConfig",
-    "Assignment",
-    "MaskTargets",
-    "assign",
-    "box_crowd_fraction",
-    "build_mask_targets",
-    "crop_masks",
-    "first_queries",
-    "input_grid_boxes",
-    "is_input_grid_output",
-    "pred_boxes_original",
+    "AssignConfig", "Assignment", "MaskTargets", "assign", "box_crowd_fraction", "build_mask_targets",
+    "crop_masks", "first_queries", "input_grid_boxes", "is_input_grid_output", "pred_boxes_original",
 ]
 
 
@@ -214,15 +205,8 @@ def _category_to_slot(class_to_category: Sequence[int], device: torch.device) ->
     return table.to(device)
 
 
-def _hungarian_cost(
-    det: DetectorOutput,
-    b: int,
-    boxes: Tensor,
-    gt: GTInstances,
-    keep_gt: Tensor,
-    cfg: AssignConfig,
-    class_to_category: Sequence[int] | None,
-) -> Tensor:
+def _hungarian_cost(det: DetectorOutput, b: int, boxes: Tensor, gt: GTInstances, keep_gt: Tensor,
+                    cfg: AssignConfig, class_to_category: Sequence[int] | None) -> Tensor:
     """[K, G] matching cost between the queries of image ``b`` and its kept (non-crowd) GTs."""
     gt_boxes = gt.boxes[keep_gt].to(boxes.device, boxes.dtype)
     iou = box_iou(boxes, gt_boxes)
@@ -246,9 +230,8 @@ def _hungarian_cost(
 
 
 @torch.no_grad()
-def assign(
-    det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig, class_to_category: Sequence[int] | None = None
-) -> Assignment:
+def assign(det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig,
+           class_to_category: Sequence[int] | None = None) -> Assignment:
     """Assign GT instances to the K predicted boxes of every image (see module docstring).
 
     Args:
@@ -264,11 +247,8 @@ def assign(
     bi, qi, gi, ignored = [], [], [], []
     for b, gt in enumerate(gts):
         boxes = clip_boxes(boxes_all[b], (int(gt.orig_hw[0]), int(gt.orig_hw[1])))
-        ign = (
-            _ignored_by_crowd(gt, boxes, cfg.crowd_threshold)
-            if len(gt)
-            else torch.zeros(boxes.shape[0], dtype=torch.bool, device=dev)
-        )
+        ign = _ignored_by_crowd(gt, boxes, cfg.crowd_threshold) if len(gt) else torch.zeros(
+            boxes.shape[0], dtype=torch.bool, device=dev)
         ignored.append(ign)
         keep_gt = torch.nonzero(~gt.iscrowd.bool().cpu()).flatten()
         if keep_gt.numel() == 0 or boxes.shape[0] == 0:
@@ -292,23 +272,13 @@ def assign(
         qi.append(q)
         gi.append(g)
     empty = torch.zeros(0, dtype=torch.long, device=dev)
-    return Assignment(
-        batch_idx=torch.cat(bi) if bi else empty,
-        query_idx=torch.cat(qi) if qi else empty,
-        gt_idx=torch.cat(gi) if gi else empty,
-        ignored=torch.stack(ignored) if ignored else torch.zeros(0, 0, dtype=torch.bool, device=dev),
-    )
+    return Assignment(batch_idx=torch.cat(bi) if bi else empty, query_idx=torch.cat(qi) if qi else empty,
+                      gt_idx=torch.cat(gi) if gi else empty,
+                      ignored=torch.stack(ignored) if ignored else torch.zeros(0, 0, dtype=torch.bool, device=dev))
 
 
-def crop_masks(
-    masks: Tensor,
-    boxes: Tensor,
-    mask_idx: Tensor,
-    out_size: tuple[int, int],
-    *,
-    soft: bool = False,
-    max_elems: int = 1 << 26,
-) -> Tensor:
+def crop_masks(masks: Tensor, boxes: Tensor, mask_idx: Tensor, out_size: tuple[int, int], *,
+               soft: bool = False, max_elems: int = 1 << 26) -> Tensor:
     """Crop-and-resize binary masks to boxes (Mask R-CNN targets, detectron2 ``crop_and_resize``).
 
     Args:
@@ -358,16 +328,9 @@ def input_grid_boxes(det: DetectorOutput, grid_hw: tuple[int, int], stride: int 
     return torch.stack([z, z, x1, y1], dim=-1)
 
 
-def build_mask_targets(
-    det: DetectorOutput,
-    gts: Sequence[GTInstances],
-    assignment: Assignment,
-    out_size: tuple[int, int],
-    *,
-    soft: bool = False,
-    on_input_grid: bool = False,
-    grid_stride: int = 4,
-) -> MaskTargets:
+def build_mask_targets(det: DetectorOutput, gts: Sequence[GTInstances], assignment: Assignment,
+                       out_size: tuple[int, int], *, soft: bool = False, on_input_grid: bool = False,
+                       grid_stride: int = 4) -> MaskTargets:
     """Crop every positive's GT mask to its predicted box on the prediction grid.
 
     Args:
@@ -396,23 +359,14 @@ def build_mask_targets(
             boxes = boxes_all[b, assignment.query_idx[sel]]
         masks.append(crop_masks(gt.masks, boxes, g, out_size, soft=soft))
         full = gt_areas[g.to(gt_areas.device)]
-        cell = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6) / (out_size[0] * out_size[1])
+        cell = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6) / (
+            out_size[0] * out_size[1])
         areas.append(full / cell)
     dev = boxes_all.device
     if not order:
         z = torch.zeros(0, dtype=torch.long, device=dev)
-        return MaskTargets(
-            batch_idx=z,
-            query_idx=z,
-            gt_idx=z,
-            masks=torch.zeros((0, *out_size), device=dev),
-            gt_area=torch.zeros(0, device=dev),
-        )
+        return MaskTargets(batch_idx=z, query_idx=z, gt_idx=z,
+                           masks=torch.zeros((0, *out_size), device=dev), gt_area=torch.zeros(0, device=dev))
     idx = torch.cat(order)
-    return MaskTargets(
-        batch_idx=assignment.batch_idx[idx],
-        query_idx=assignment.query_idx[idx],
-        gt_idx=assignment.gt_idx[idx],
-        masks=torch.cat(masks),
-        gt_area=torch.cat(areas),
-    )
+    return MaskTargets(batch_idx=assignment.batch_idx[idx], query_idx=assignment.query_idx[idx],
+                       gt_idx=assignment.gt_idx[idx], masks=torch.cat(masks), gt_area=torch.cat(areas))

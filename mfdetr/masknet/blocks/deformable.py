@@ -24,17 +24,8 @@ from mfdetr.ops import shapes_tensor
 
 
 def _layers(count: int, args: BlockArgs, levels: int) -> list[nn.Module]:
-    return [
-        DeformableEncoderLayer(
-            dim=args.dim,
-            levels=levels,
-            heads=args.heads,
-            points=args.points,
-            ffn_hidden=args.ffn_hidden,
-            activation="gelu",
-        )
-        for _ in range(count)
-    ]
+    return [DeformableEncoderLayer(dim=args.dim, levels=levels, heads=args.heads, points=args.points,
+                                   ffn_hidden=args.ffn_hidden, activation="gelu") for _ in range(count)]
 
 
 def reference_points_from_sizes(valid_hw: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
@@ -67,15 +58,8 @@ class DeformableBlocks(EncoderBlock):
             nn.init.normal_(pos, std=0.02)
         return mods, pos
 
-    def encode_maps(
-        self,
-        layers: nn.ModuleList,
-        maps: list[Tensor],
-        valid_hw: Tensor,
-        embed: Tensor | None,
-        *,
-        first_level_only: bool,
-    ) -> list[Tensor]:
+    def encode_maps(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None, *,
+                    first_level_only: bool) -> list[Tensor]:
         b, d = maps[0].shape[:2]
         shapes = [(m.shape[-2], m.shape[-1]) for m in maps]  # sizes, symbolic under export
         vhw = valid_hw.to(maps[0].device)
@@ -93,10 +77,10 @@ class DeformableBlocks(EncoderBlock):
         for i, layer in enumerate(layers):
             n_out = shapes[0][0] * shapes[0][1] if first_level_only and i == last else None
             src = layer(src, pos_t, ref, shapes, pad, num_out=n_out)
-        src = src.masked_fill(pad[:, : src.shape[1], None], 0.0)
+        src = src.masked_fill(pad[:, :src.shape[1], None], 0.0)
         out, start = [], 0
         for h, w in shapes[:1] if first_level_only else shapes:
-            out.append(src[:, start : start + h * w].transpose(1, 2).reshape(b, d, h, w))
+            out.append(src[:, start:start + h * w].transpose(1, 2).reshape(b, d, h, w))
             start += h * w
         return out
 

@@ -60,15 +60,8 @@ class EncoderBlock(ABC):
         """``count`` blocks for the box encoder over S×S RoI maps, plus an optional embedding."""
 
     @abstractmethod
-    def encode_maps(
-        self,
-        layers: nn.ModuleList,
-        maps: list[Tensor],
-        valid_hw: Tensor,
-        embed: Tensor | None,
-        *,
-        first_level_only: bool,
-    ) -> list[Tensor]:
+    def encode_maps(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None, *,
+                    first_level_only: bool) -> list[Tensor]:
         """Image encoder: ``maps`` per level [B, d, H_l, W_l], zero outside ``valid_hw`` [B, L, 2] → the
         refined maps (zero outside); only E_1 (a one-element list) with ``first_level_only``."""
 
@@ -84,15 +77,8 @@ class FirstLevelBlock(EncoderBlock):
     def encode_map(self, layers: nn.ModuleList, x: Tensor, valid_hw: Tensor) -> Tensor:
         """E_1 [B, d, H, W] with valid sizes [B, 2] → refined [B, d, H, W] (any values outside)."""
 
-    def encode_maps(
-        self,
-        layers: nn.ModuleList,
-        maps: list[Tensor],
-        valid_hw: Tensor,
-        embed: Tensor | None,
-        *,
-        first_level_only: bool,
-    ) -> list[Tensor]:
+    def encode_maps(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None, *,
+                    first_level_only: bool) -> list[Tensor]:
         v0 = valid_hw[:, 0]
         x = masked_fill_outside(self.encode_map(layers, maps[0], v0), v0)
         return [x] if first_level_only else [x, *maps[1:]]

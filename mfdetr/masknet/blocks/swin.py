@@ -106,12 +106,8 @@ class SwinBlock(nn.Module):
 
 
 def _layers(count: int, args: BlockArgs, window: int) -> list[nn.Module]:
-    return [
-        SwinBlock(
-            dim=args.dim, heads=args.heads, window=window, shift=(window // 2) * (i % 2), ffn_hidden=args.ffn_hidden
-        )
-        for i in range(count)
-    ]
+    return [SwinBlock(dim=args.dim, heads=args.heads, window=window, shift=(window // 2) * (i % 2),
+                      ffn_hidden=args.ffn_hidden) for i in range(count)]
 
 
 @register_block("swin")
