@@ -62,6 +62,12 @@ def cli(*args: str | os.PathLike, env: Mapping[str, str | None] | None = None,
     return proc
 
 
+def cli_output(*args: object) -> tuple[int, str]:
+    """``(exit status, stdout + stderr)`` of :func:`cli` (a user error is its one ``mfdetr: error:`` line)."""
+    proc = cli(*(str(a) for a in args))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 @contextlib.contextmanager
 def _chdir(cwd: str | os.PathLike | None) -> Iterator[None]:
     if cwd is None:

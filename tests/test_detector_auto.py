@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from test_det_dino import make_batch
-from typer.testing import CliRunner
 
 from mfdetr.detectors import build_detector
 from mfdetr.detectors.auto import architecture_of, describe_preset
@@ -19,6 +18,7 @@ from mfdetr.detectors.dino.presets import DINO_CONFIGS, build_dino_model, dino_p
 from mfdetr.detectors.hdetr.presets import HDETR_CONFIGS
 from mfdetr.detectors.resolve import resolve_detector
 from mfdetr.errors import MfdetrError
+from tests.conftest import cli_output
 
 DINO_TINY = DINO_CONFIGS["dino_tiny"][0]
 HDETR_TINY = HDETR_CONFIGS["hdetr_tiny"][0]
@@ -47,16 +47,7 @@ def _save(path: Path, model: torch.nn.Module, args: dict | None) -> Path:
     return path
 
 
-def _cli(*args: str) -> tuple[int, str]:
-    """Run the CLI in-process; a user error prints its one line as ``mfdetr`` does."""
-    from mfdetr.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(r.exception, MfdetrError):
-        return 2, f"mfdetr: error: {r.exception}"
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r.exit_code, r.output
+_cli = cli_output  # (exit status, output) of the in-process CLI
 
 
 @pytest.mark.parametrize("family,cfg,args", [("dino", DINO_TINY, DINO_ARGS), ("hdetr", HDETR_TINY, HDETR_ARGS)])

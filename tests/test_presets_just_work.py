@@ -8,27 +8,18 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from mfdetr.contracts import default_enc_layer
 from mfdetr.detectors import get_preset
 from mfdetr.detectors.defaults import shipped_weights
 from mfdetr.engine.config import load_run_config, with_default_enc_layer
-from mfdetr.errors import MfdetrError
+from tests.conftest import cli_output
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "pipeline" / "recipes").glob("*.toml"))
 
 
-def _cli(*args: object) -> tuple[int, str]:
-    from mfdetr.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(r.exception, MfdetrError):
-        return 2, f"mfdetr: error: {r.exception}"
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r.exit_code, r.output
+_cli = cli_output  # (exit status, output) of the in-process CLI
 
 
 def test_default_encoder_layer_is_two_thirds_of_the_depth() -> None:
