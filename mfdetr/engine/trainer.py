@@ -54,7 +54,7 @@ EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
 
 # Settings that may change between a run and its resumption without changing any result.
 RESUMABLE_CHANGES = {"train.progress", "train.num_workers", "train.prefetch_factor", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.eval_every", "train.device"}
+                     "train.keep_checkpoints", "train.eval_every", "train.device", "masknet.checkpoint_tokens"}
 
 
 @dataclass

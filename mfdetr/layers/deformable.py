@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mfdetr.layers.ffn import ACTIVATIONS, FFN, Activation
 from mfdetr.ops import MSDeformAttn, SpatialShapes, level_shapes
@@ -46,6 +47,11 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: Tensor, vali
             rx = rx.reshape(-1)[None] / valid_wh[:, None, lvl, 0]
         refs.append(torch.stack((rx, ry), -1))
     return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
+
+
+def _take(t: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` [B, M] of ``t`` [B, N, ...] → [B, M, ...]."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -88,7 +94,8 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor | None, reference_points: Tensor, spatial_shapes: SpatialShapes,
                 padding_mask: Tensor | None = None, *, level_start_index: Tensor | None = None,
-                num_out: int | None = None) -> Tensor:
+                num_out: int | None = None, out_index: Tensor | None = None,
+                checkpoint_tokens: int | None = None) -> Tensor:
         """Update the tokens.
 
         Args:
@@ -99,13 +106,36 @@ class DeformableEncoderLayer(nn.Module):
             level_start_index: [L] first token of each level (derived from the shapes when absent).
             num_out: compute only the first ``num_out`` tokens' outputs ([B, num_out, dim]); every
                 token still serves as a value, so these equal the first rows of the full result.
+            out_index: [B, M] token indices: compute only these tokens' outputs ([B, M, dim], row
+                ``m`` of image ``b`` being token ``out_index[b, m]`` of the full result).
+            checkpoint_tokens: when a gradient is recorded, update the output tokens in chunks of this
+                many, each recomputed in the backward pass instead of keeping its activations (the
+                values are projected once and kept): the layer's activation memory is that of one
+                chunk, for about one more forward pass of compute. Same results.
 
         Returns:
-            [B, N (or num_out), dim].
+            [B, N (or num_out, or M), dim].
         """
-        q = src if pos is None else src + pos
-        x, ref = src, reference_points
+        x, p, ref = src, pos, reference_points
         if num_out is not None:
-            x, q, ref = src[:, :num_out], q[:, :num_out], reference_points[:, :num_out]
-        x = self.norm1(x + self.self_attn(q, ref, src, spatial_shapes, level_start_index, padding_mask))
+            x, ref = src[:, :num_out], reference_points[:, :num_out]
+            p = None if pos is None else pos[:, :num_out]
+        elif out_index is not None:
+            x, ref = _take(src, out_index), _take(reference_points, out_index)
+            p = None if pos is None else _take(pos.expand(src.shape[0], -1, -1), out_index)
+        value = self.self_attn.project_values(src, padding_mask)
+        if not checkpoint_tokens or not torch.is_grad_enabled():
+            return self._update(x, p, ref, value, spatial_shapes)
+        out = []
+        for s in range(0, x.shape[1], checkpoint_tokens):
+            part = slice(s, s + checkpoint_tokens)
+            out.append(checkpoint(self._update, x[:, part], None if p is None else p[:, part], ref[:, part], value,
+                                  spatial_shapes, use_reentrant=False))
+        return torch.cat(out, 1)
+
+    def _update(self, x: Tensor, pos: Tensor | None, reference_points: Tensor, value: Tensor,
+                spatial_shapes: SpatialShapes) -> Tensor:
+        """The output tokens of inputs ``x`` [B, Q, dim] at ``pos``, sampling the projected ``value``."""
+        q = x if pos is None else x + pos
+        x = self.norm1(x + self.self_attn.attend(q, reference_points, value, spatial_shapes))
         return self.norm2(x + self.feed_forward(x))

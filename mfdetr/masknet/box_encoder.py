@@ -32,11 +32,14 @@ class BoxEncoder(nn.Module):
         pos_embed: the kind's learned embedding ([S·S, D] RoI positions of ``deformable``), or ``None``.
         roi_size: S.
         sampling_ratio: RoIAlign sampling points per bin side (0 = adaptive).
+        checkpoint_tokens: activation checkpointing chunk (0 = off; see ``MaskNetConfig``).
     """
 
     def __init__(self, *, block: str, mapper: nn.Linear | None, layers: list[nn.Module],
-                 pos_embed: nn.Parameter | None, roi_size: int, sampling_ratio: int = 2) -> None:
+                 pos_embed: nn.Parameter | None, roi_size: int, sampling_ratio: int = 2,
+                 checkpoint_tokens: int = 0) -> None:
         super().__init__()
+        self.checkpoint_tokens = checkpoint_tokens
         self.sampling_ratio = sampling_ratio
         self.block = block
         self.kind = get_block(block)
@@ -95,12 +98,13 @@ class BoxEncoder(nn.Module):
         """F_b on ``rois`` [N, D, S, S] RoIAligned (mapped) features of all N = B·K boxes → [N, S·S, D]."""
         if not self.layers:
             return rois.flatten(2).transpose(1, 2)
-        return self.kind.encode_rois(self.layers, rois, self.pos_embed)
+        kw = {"checkpoint_tokens": self.checkpoint_tokens} if self.checkpoint_tokens else {}  # optional keyword
+        return self.kind.encode_rois(self.layers, rois, self.pos_embed, **kw)
 
 
 def build_box_encoder(*, block: str, layers: int, in_dim: int, dim: int | None, roi_size: int, heads: int = 8,
                       points: int = 4, ffn_ratio: float = 4.0, swin_window: int = 8, convnext_kernel: int = 7,
-                      sampling_ratio: int = 2) -> BoxEncoder:
+                      sampling_ratio: int = 2, checkpoint_tokens: int = 0) -> BoxEncoder:
     """Build the channel mapper (``in_dim`` = d → ``dim`` = D; none when D is None or d) and F_b."""
     d_out = in_dim if dim is None else dim
     mapper = nn.Linear(in_dim, d_out) if d_out != in_dim else None
@@ -108,4 +112,42 @@ def build_box_encoder(*, block: str, layers: int, in_dim: int, dim: int | None, 
                      window=swin_window, kernel=convnext_kernel)
     mods, pos = get_block(block).build_box(layers, args, roi_size=roi_size)
     return BoxEncoder(block=block, mapper=mapper, layers=mods, pos_embed=pos, roi_size=roi_size,
-                      sampling_ratio=sampling_ratio)
+                      sampling_ratio=sampling_ratio, checkpoint_tokens=checkpoint_tokens)
+
+
+def roi_support(boxes: Tensor, batch_idx: Tensor, input_hw: Tensor, grid_hw: tuple[int, int], grid_stride: int,
+                batch: int) -> Tensor:
+    """The cells of a feature grid that RoIAlign of ``boxes`` can read through F.
+
+    F is the grid (stride ``grid_stride`` in input pixels, a multiple of 4) upsampled bilinearly
+    (half-pixel centres) to stride 4; :meth:`BoxEncoder.roi_align` samples F bilinearly inside each
+    box. A cell outside the returned mask reaches no sample of any box with a non-zero weight, so its
+    value cannot change a RoI feature or its gradient.
+
+    Args:
+        boxes: [P, 4] normalised cxcywh of the unpadded input image of ``batch_idx`` [P].
+        input_hw: [B, 2] unpadded input sizes; ``grid_hw``: (H, W) of the grid; ``batch``: B.
+
+    Returns:
+        [B, H, W] bool.
+    """
+    h, w = grid_hw
+    dev = boxes.device
+    bi = batch_idx.to(dev)
+    scale = input_hw.to(dev)[bi].flip(-1).repeat(1, 2).to(torch.float64)  # (w, h, w, h)
+    xyxy = box_cxcywh_to_xyxy(boxes.to(torch.float64)) * scale / FEATURE_STRIDE - 0.5  # F's pixel coordinates
+    lo = torch.minimum(xyxy[:, :2], xyxy[:, 2:]).floor() - 1  # bilinear reads floor and floor + 1; one more
+    hi = torch.maximum(xyxy[:, :2], xyxy[:, 2:]).floor() + 2  # cell either side for rounding
+    r = grid_stride / FEATURE_STRIDE
+    lo = ((lo + 0.5) / r - 0.5).floor() - 1  # the grid cells the upsampling reads for those F pixels
+    hi = ((hi + 0.5) / r - 0.5).floor() + 2
+    size = torch.tensor([w, h], device=dev, dtype=torch.float64)
+    lo = torch.minimum(lo.clamp(min=0), size - 1).long()
+    hi = torch.minimum(hi.clamp(min=0), size - 1).long() + 1  # exclusive
+    # union of rectangles per image through a 2-D difference table
+    table = torch.zeros(batch, h + 1, w + 1, dtype=torch.int32, device=dev)
+    one = torch.ones_like(bi, dtype=torch.int32)
+    for ys, xs, sign in ((lo[:, 1], lo[:, 0], 1), (lo[:, 1], hi[:, 0], -1), (hi[:, 1], lo[:, 0], -1),
+                         (hi[:, 1], hi[:, 0], 1)):
+        table.index_put_((bi, ys, xs), one * sign, accumulate=True)
+    return table.cumsum(1).cumsum(2)[:, :h, :w] > 0

@@ -137,6 +137,11 @@ class MaskNetConfig:
         roi_sampling_ratio: RoIAlign sampling points per bin side (0 = adaptive); 2 as torchvision's
             Mask R-CNN mask pooler (bounded cost for large boxes).
         fuse_c1: F = C1 + up(E_1) (eq. 1/5); ``False`` = F = up(E_1).
+        checkpoint_tokens: activation checkpointing of the deformable encoder layers (image and box
+            encoders) in training: each layer updates its tokens in chunks of this many and recomputes a
+            chunk in the backward pass instead of keeping its activations. Same results and
+            parameters; the layers' activation memory drops to about one chunk's for about one more
+            forward pass of compute. 0 = off (keep every activation).
     """
 
     num_queries: int = 100
@@ -145,6 +150,7 @@ class MaskNetConfig:
     roi_size: int = 32
     roi_sampling_ratio: int = 2
     fuse_c1: bool = True
+    checkpoint_tokens: int = 0
     neck: NeckConfig = field(default_factory=NeckConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     box_encoder: BoxEncoderConfig = field(default_factory=BoxEncoderConfig)

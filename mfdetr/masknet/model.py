@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
 from mfdetr.masknet.blocks import masked_fill_outside
-from mfdetr.masknet.box_encoder import BoxEncoder, build_box_encoder
+from mfdetr.masknet.box_encoder import BoxEncoder, build_box_encoder, roi_support
 from mfdetr.masknet.config import MaskNetConfig
 from mfdetr.masknet.image_encoder import ImageEncoder, build_image_encoder
 from mfdetr.masknet.mask_head import DotProductHead, SegmenterHead
@@ -153,7 +153,8 @@ class MaskNet(nn.Module):
             det: the detector outputs of B images.
             select: ``(batch_idx, query_idx)`` [P] int64 (query indices < K): compute only these
                 queries (training: the ones that get a loss). The image encoder, neck and F run once
-                per image as always; the box feature encoder, query encoder, mask head and mask
+                per image, the image encoder's last deformable layer only on the E_1 tokens RoIAlign
+                reads for the selected boxes; the box feature encoder, query encoder, mask head and mask
                 scoring run on the P selected queries only. Every selected query's outputs equal the
                 all-K computation's, except where queries interact or share one map: with
                 object-to-object attention, and in the non-RoI baseline (``roi=false``), all K are
@@ -168,28 +169,18 @@ class MaskNet(nn.Module):
         k = min(self.num_queries, det.num_queries)
         queries = det.queries[:, :k].to(dtype)
         boxes = det.boxes[:, :k].float()
-        logits = det.logits[:, :k]
-        bsz = queries.shape[0]
-        dev = queries.device
-        level_hw = det.level_valid_hw.to(dev)
+        bsz, dev = queries.shape[0], queries.device
         input_hw = det.input_hw.to(dev)
         c1_hw = (input_hw + C1_STRIDE - 1) // C1_STRIDE
         if select is not None:
             select = self._check_select(select, bsz, k, dev)
-
-        # 1. zero everything outside the valid regions (padding-invariance)
-        maps = [masked_fill_outside(m.to(dtype), level_hw[:, lvl]) for lvl, m in enumerate(maps)]
-        c1 = masked_fill_outside(det.c1.to(dtype), c1_hw)
-
-        # 2. image feature encoder (eq. 5-8)
-        e1 = self.image_encoder.first_level(maps, level_hw)
-
-        # 3. F = Neck(C1) + up(E_1) at stride 4 (eq. 1, 5, 14)
-        f = self._upsample_to(e1, c1.shape[-2:])
-        if self.fuse_c1:
-            f = f + (self.neck(c1, c1_hw) if self.neck is not None else c1)
-        f = masked_fill_outside(f, c1_hw)
-        common = {"boxes": boxes, "scores": det.scores[:, :k], "logits": logits, "input_hw": det.input_hw,
+        full = select is None or self.queries_interact or not self.roi
+        bi, qi = self._rows(None if full else select, bsz, k, dev)
+        needed = None
+        if not full:  # the image encoder need only be exact where RoIAlign reads the selected boxes
+            needed = roi_support(boxes[bi, qi], bi, input_hw, tuple(maps[0].shape[-2:]), self.level_strides[0], bsz)
+        f = self._features(det, maps, dtype, c1_hw, needed)
+        common = {"boxes": boxes, "scores": det.scores[:, :k], "logits": det.logits[:, :k], "input_hw": det.input_hw,
                   "orig_hw": det.orig_hw, "mask_valid_hw": c1_hw.to(det.input_hw.device)}
 
         if not self.roi:  # eq. 1: dot product on the whole stride-4 grid
@@ -197,15 +188,6 @@ class MaskNet(nn.Module):
             out = MaskNetOutput(mask_logits=ml, iou_pred=None, roi=False, **common)
             return out if select is None else out.select(*select)
 
-        full = select is None or self.queries_interact
-        if full:
-            bi = torch.arange(bsz, device=dev).repeat_interleave(k)
-            qi = torch.arange(k, device=dev).repeat(bsz)
-        else:
-            assert select is not None
-            bi, qi = select
-            if bi.numel() == 0:  # one query keeps every parameter in the graph; its rows are dropped below
-                bi = qi = torch.zeros(1, dtype=torch.long, device=dev)
         q_in = queries if full else queries[bi, qi][None]  # O2O attends within each image's K queries
         ml, iou = self._box_branch(f, q_in, boxes[bi, qi], bi, input_hw, c1_hw)
         if full:
@@ -213,9 +195,37 @@ class MaskNet(nn.Module):
             out = MaskNetOutput(mask_logits=ml.view(bsz, k, s, s), iou_pred=None if iou is None else iou.view(bsz, k),
                                 roi=True, **common)
             return out if select is None else out.select(*select)
+        assert select is not None
         n = int(select[0].numel())
         return MaskNetOutput(mask_logits=ml[:n], iou_pred=None if iou is None else iou[:n], roi=True,
                              selected=select, **common)
+
+    @staticmethod
+    def _rows(select: tuple[Tensor, Tensor] | None, bsz: int, k: int, dev: torch.device) -> tuple[Tensor, Tensor]:
+        """The (image, query) of each box-branch row: all B·K queries, or the selected ones (an empty
+        selection runs one query, so every parameter stays in the graph; its rows are dropped)."""
+        if select is None:
+            return torch.arange(bsz, device=dev).repeat_interleave(k), torch.arange(k, device=dev).repeat(bsz)
+        bi, qi = select
+        if bi.numel() == 0:
+            bi = qi = torch.zeros(1, dtype=torch.long, device=dev)
+        return bi, qi
+
+    def _features(self, det: DetectorOutput, maps: list[Tensor], dtype: torch.dtype, c1_hw: Tensor,
+                  needed: Tensor | None) -> Tensor:
+        """Steps 1-3: F [B, d, H1, W1] on the stride-4 grid, zero outside ``c1_hw`` (exact where RoIAlign
+        reads when ``needed`` [B, H_1, W_1] marks the E_1 cells it reaches)."""
+        level_hw = det.level_valid_hw.to(c1_hw.device)
+        # 1. zero everything outside the valid regions (padding-invariance)
+        maps = [masked_fill_outside(m.to(dtype), level_hw[:, lvl]) for lvl, m in enumerate(maps)]
+        c1 = masked_fill_outside(det.c1.to(dtype), c1_hw)
+        # 2. image feature encoder (eq. 5-8)
+        e1 = self.image_encoder.first_level(maps, level_hw, needed)
+        # 3. F = Neck(C1) + up(E_1) at stride 4 (eq. 1, 5, 14)
+        f = self._upsample_to(e1, c1.shape[-2:])
+        if self.fuse_c1:
+            f = f + (self.neck(c1, c1_hw) if self.neck is not None else c1)
+        return masked_fill_outside(f, c1_hw)
 
     def _box_branch(self, f: Tensor, queries: Tensor, boxes: Tensor, batch_idx: Tensor, input_hw: Tensor,
                     c1_hw: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -279,6 +289,8 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
         raise _err(f"num_queries must be ≥ 1, got {cfg.num_queries}")
     if cfg.enc_layer < 1:
         raise _err(f"enc_layer is 1-based, got {cfg.enc_layer}")
+    if cfg.checkpoint_tokens < 0:
+        raise _err(f"checkpoint_tokens must be ≥ 0 (0 = off), got {cfg.checkpoint_tokens}")
     if cfg.roi_size < 1:
         raise _err(f"roi_size must be ≥ 1, got {cfg.roi_size}")
     ie, be, qe, ms = cfg.image_encoder, cfg.box_encoder, cfg.query_encoder, cfg.mask_scoring
@@ -308,14 +320,15 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
     image_encoder = build_image_encoder(block=ie.block, layers=ie.layers, dim=d_model, levels=len(strides),
                                         heads=ie.heads, points=ie.points, ffn_ratio=ie.ffn_ratio,
                                         swin_window=ie.swin_window, convnext_kernel=ie.convnext_kernel,
-                                        level_embed=ie.level_embed)
+                                        level_embed=ie.level_embed, checkpoint_tokens=cfg.checkpoint_tokens)
     box_encoder = None
     if cfg.roi:
         box_encoder = build_box_encoder(block=be.block, layers=be.layers, in_dim=d_model, dim=box_dim,
                                         roi_size=cfg.roi_size, heads=be.heads, points=be.points,
                                         ffn_ratio=be.ffn_ratio, swin_window=be.swin_window,
                                         convnext_kernel=be.convnext_kernel,
-                                        sampling_ratio=cfg.roi_sampling_ratio)
+                                        sampling_ratio=cfg.roi_sampling_ratio,
+                                        checkpoint_tokens=cfg.checkpoint_tokens)
     query_encoder = None
     if qe.ffn or qe.o2o or qe.b2o:
         query_encoder = QueryEncoder(dim=d_model, roi_dim=box_dim, o2o=qe.o2o, b2o=qe.b2o, ffn=qe.ffn,

@@ -242,12 +242,22 @@ class MSDeformAttn(nn.Module):
         Returns:
             [B, Q, d].
         """
-        bsz, nq, _ = query.shape
-        _, ns, _ = input_flatten.shape
+        return self.attend(query, reference_points, self.project_values(input_flatten, input_padding_mask),
+                           input_spatial_shapes)
+
+    def project_values(self, input_flatten: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
+        """The values every query samples: ``input_flatten`` [B, S, d] → [B, S, heads, d / heads], zero at
+        the padding tokens ``input_padding_mask`` [B, S]."""
+        bsz, ns, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(bsz, ns, self.n_heads, self.d_model // self.n_heads)
+        return value.view(bsz, ns, self.n_heads, self.d_model // self.n_heads)
+
+    def attend(self, query: Tensor, reference_points: Tensor, value: Tensor,
+               input_spatial_shapes: SpatialShapes) -> Tensor:
+        """:meth:`forward` on values already projected (:meth:`project_values`)."""
+        bsz, nq, _ = query.shape
         offsets = self.sampling_offsets(query).view(bsz, nq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(bsz, nq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(bsz, nq, self.n_heads, self.n_levels, self.n_points)

@@ -61,12 +61,17 @@ class EncoderBlock(ABC):
 
     @abstractmethod
     def encode_maps(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None, *,
-                    first_level_only: bool) -> list[Tensor]:
+                    first_level_only: bool, needed: Tensor | None = None, checkpoint_tokens: int = 0) -> list[Tensor]:
         """Image encoder: ``maps`` per level [B, d, H_l, W_l], zero outside ``valid_hw`` [B, L, 2] → the
-        refined maps (zero outside); only E_1 (a one-element list) with ``first_level_only``."""
+        refined maps (zero outside); only E_1 (a one-element list) with ``first_level_only``.
+
+        ``needed`` [B, H_1, W_1] (with ``first_level_only``): the only E_1 tokens the caller will read; a
+        kind may leave the others at any value to save work (``None``: every token is read).
+        ``checkpoint_tokens``: see :class:`~mfdetr.masknet.config.MaskNetConfig` (a kind may ignore it)."""
 
     @abstractmethod
-    def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None) -> Tensor:
+    def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *,
+                    checkpoint_tokens: int = 0) -> Tensor:
         """Box encoder: ``rois`` [N, D, S, S] → tokens [N, S·S, D] (row-major over each RoI)."""
 
 
@@ -78,7 +83,7 @@ class FirstLevelBlock(EncoderBlock):
         """E_1 [B, d, H, W] with valid sizes [B, 2] → refined [B, d, H, W] (any values outside)."""
 
     def encode_maps(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None, *,
-                    first_level_only: bool) -> list[Tensor]:
+                    first_level_only: bool, needed: Tensor | None = None, checkpoint_tokens: int = 0) -> list[Tensor]:
         v0 = valid_hw[:, 0]
         x = masked_fill_outside(self.encode_map(layers, maps[0], v0), v0)
         return [x] if first_level_only else [x, *maps[1:]]

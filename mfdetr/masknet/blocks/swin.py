@@ -127,7 +127,8 @@ class SwinBlocks(FirstLevelBlock):
             y = layer(y, vm)
         return y.permute(0, 3, 1, 2)
 
-    def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None) -> Tensor:
+    def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *,
+                    checkpoint_tokens: int = 0) -> Tensor:
         n, c, s, _ = rois.shape
         y = rois.permute(0, 2, 3, 1)
         for layer in layers:
