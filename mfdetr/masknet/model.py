@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
@@ -224,8 +225,16 @@ class MaskNet(nn.Module):
         # 3. F = Neck(C1) + up(E_1) at stride 4 (eq. 1, 5, 14)
         f = self._upsample_to(e1, c1.shape[-2:])
         if self.fuse_c1:
-            f = f + (self.neck(c1, c1_hw) if self.neck is not None else c1)
+            f = f + (self._neck(c1, c1_hw) if self.neck is not None else c1)
         return masked_fill_outside(f, c1_hw)
+
+    def _neck(self, c1: Tensor, c1_hw: Tensor) -> Tensor:
+        """The neck on C1, recomputed in the backward pass under ``checkpoint_tokens`` (its normalisation
+        keeps several stride-4 maps otherwise)."""
+        assert self.neck is not None
+        if self.image_encoder.checkpoint_tokens and torch.is_grad_enabled():
+            return checkpoint(self.neck, c1, c1_hw, use_reentrant=False)
+        return self.neck(c1, c1_hw)
 
     def _box_branch(self, f: Tensor, queries: Tensor, boxes: Tensor, batch_idx: Tensor, input_hw: Tensor,
                     c1_hw: Tensor) -> tuple[Tensor, Tensor | None]:
