@@ -122,6 +122,30 @@ def fake_plugin() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module")
+def tiny_preset() -> Iterator[object]:
+    """The tiny DINO training preset (:data:`tests._det_training_data.TINY`) registered for a whole module
+    (``pytestmark = pytest.mark.usefixtures("tiny_preset")``), unregistered after it."""
+    from mfdetr.detectors.registry import register_detector, unregister_detector
+    from tests._det_training_data import TINY, tiny_train_preset
+
+    def builder(**_: object) -> None:  # pragma: no cover - never built through the registry
+        raise AssertionError
+
+    preset = tiny_train_preset()
+    register_detector(preset, builder)
+    yield preset
+    unregister_detector(TINY)
+
+
+@pytest.fixture(scope="module")
+def toy_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny COCO-format folder, one per module (:func:`tests._det_training_data.write_toy_coco`)."""
+    from tests._det_training_data import write_toy_coco
+
+    return write_toy_coco(tmp_path_factory.mktemp("toycoco"))
+
+
 @pytest.fixture
 def cli_threads() -> int:
     """Compute in this process with the torch thread count of the processes :func:`run_cli` starts, so
