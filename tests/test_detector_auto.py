@@ -151,11 +151,13 @@ def test_auto_online_train_eval_and_predict(tmp_path: Path) -> None:
     auto detector from the recorded checkpoint in a fresh registry."""
     from mfdetr.detectors.registry import unregister_detector
 
-    code, out = cli_output("synth", "--out", tmp_path / "synth", "--train", "2", "--val", "2")
+    code, out = cli_output("synth", "--out", tmp_path / "synth", "--train", "2", "--val", "2", "--image-size", "64")
     assert code == 0, out
-    ckpt = save_checkpoint(tmp_path / "online.pth", tiny_model("dino"), DINO_ARGS)
+    # the checkpoint's args set a 64-px eval resize (the tiny model at 800 px only costs time here)
+    ckpt = save_checkpoint(tmp_path / "online.pth", tiny_model("dino"),
+                           {**DINO_ARGS, "data_aug_scales": [64], "data_aug_max_size": 96})
     small = ["train.iterations=1", "train.checkpoint_every=0", "train.eval_every=0", "train.progress=false",
-             "masknet.num_queries=10", "masknet.roi_size=16", "masknet.image_encoder.layers=1",
+             "train.num_workers=0", "masknet.num_queries=10", "masknet.roi_size=16", "masknet.image_encoder.layers=1",
              "masknet.box_encoder.layers=1", "masknet.box_encoder.dim=32", "masknet.box_encoder.heads=4",
              "masknet.mask_scoring.channels=32", "masknet.mask_scoring.fc_dim=64"]
     code, out = cli_output("train", "--online", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
