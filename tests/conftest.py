@@ -122,6 +122,62 @@ def fake_plugin() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module")
+def tiny_preset() -> Iterator[object]:
+    """The tiny DINO training preset (:data:`tests._det_training_data.TINY`) registered for a whole module
+    (``pytestmark = pytest.mark.usefixtures("tiny_preset")``), unregistered after it."""
+    from mfdetr.detectors.registry import register_detector, unregister_detector
+    from tests._det_training_data import TINY, tiny_train_preset
+
+    def builder(**_: object) -> None:  # pragma: no cover - never built through the registry
+        raise AssertionError
+
+    preset = tiny_train_preset()
+    register_detector(preset, builder)
+    yield preset
+    unregister_detector(TINY)
+
+
+@pytest.fixture(scope="module")
+def toy_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny COCO-format folder, one per module (:func:`tests._det_training_data.write_toy_coco`)."""
+    from tests._det_training_data import write_toy_coco
+
+    return write_toy_coco(tmp_path_factory.mktemp("toycoco"))
+
+
+#: groups of modules whose import must load no detector (nor the cache's stage-1 job), each imported in
+#: turn into one fresh interpreter by :func:`fresh_imports`
+IMPORT_PROBES: dict[str, tuple[str, ...]] = {
+    "cache": ("mfdetr.cache", "mfdetr.cache.reader"),
+    "remote_reader": ("mfdetr.cache.reader", "mfdetr.cache.location", "mfdetr.cache.readthrough",
+                      "mfdetr.engine.cache_data"),
+    "masknet": ("mfdetr.masknet", "mfdetr.masknet.complexity"),
+}
+_PROBED = ("mfdetr.detectors", "mfdetr.cache.run")
+
+
+@pytest.fixture(scope="session")
+def fresh_imports() -> dict[str, list[str]]:
+    """Group of :data:`IMPORT_PROBES` → the modules under ``mfdetr.detectors`` / ``mfdetr.cache.run`` loaded
+    once that group (and the groups before it) is imported into a fresh interpreter: one process for all
+    groups. A group that loads none adds none, so a non-empty list is the first group that loaded one."""
+    import json
+
+    code = ("import importlib, json, sys\n"
+            f"groups = {IMPORT_PROBES!r}\n"
+            "seen = {}\n"
+            "for name, mods in groups.items():\n"
+            "    for m in mods:\n"
+            "        importlib.import_module(m)\n"
+            f"    seen[name] = sorted(m for m in sys.modules if m.startswith({_PROBED!r}))\n"
+            "print(json.dumps(seen))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def cli_threads() -> int:
     """Compute in this process with the torch thread count of the processes :func:`run_cli` starts, so

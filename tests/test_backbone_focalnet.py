@@ -4,46 +4,19 @@ formulas, and the full-size state-dict layout against the official FocalNet-DINO
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mfdetr.detectors.backbones.focalnet import (
-    FocalNetConfig,
-    build_focalnet,
     build_focalnet_l_fl4,
     focalnet_backbone,
 )
 from mfdetr.errors import MfdetrError
-
-MANIFESTS = Path(__file__).parent / "data" / "manifests"
-_DTYPES = {"float32": torch.float32, "int64": torch.int64}
-
-
-def manifest_part(name: str, prefix: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """Entries of ``name.keys.tsv`` under ``prefix`` (prefix stripped), in state-dict order."""
-    rows = []
-    for line in (MANIFESTS / f"{name}.keys.tsv").read_text().splitlines():
-        if line.startswith("#") or not line.startswith(prefix):
-            continue
-        key, shape, dtype = line.split("\t")
-        rows.append((key[len(prefix):], tuple(int(s) for s in shape.split("x")), _DTYPES[dtype]))
-    return rows
-
-
-def tiny(out_indices=(0, 1, 2, 3), **kw):
-    cfg = dict(embed_dim=16, depths=(1, 1, 2, 1), focal_levels=2, focal_windows=3)
-    cfg.update(kw)
-    return build_focalnet(FocalNetConfig(out_indices=out_indices, **cfg)).eval()
-
-
-def randomize_(model: torch.nn.Module) -> None:
-    """Perturb every parameter (layer-scale gammas included) so nothing is trivially small."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+from tests._manifests import manifest_part
+from tests._backbones import randomize_
+from tests._backbones import tiny_focalnet as tiny
 
 
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 2, 3), (3,)])

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import test_backbone_focalnet as focal
-from tests import test_backbone_swin as swin
+from tests._backbones import randomize_, tiny_focalnet, tiny_swin
 
 
-@pytest.mark.parametrize("family", [swin, focal], ids=["swin", "focalnet"])
+@pytest.mark.parametrize("tiny", [tiny_swin, tiny_focalnet], ids=["swin", "focalnet"])
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 2, 3)])
-def test_norms_exist_only_for_out_indices_and_stage0_raw_otherwise(family, out_indices):
-    model = family.tiny(out_indices)
-    family.randomize_(model)
+def test_norms_exist_only_for_out_indices_and_stage0_raw_otherwise(tiny, out_indices):
+    model = tiny(out_indices)
+    randomize_(model)
     keys = model.state_dict().keys()
     for i in range(4):
         assert (f"norm{i}.weight" in keys) == (i in out_indices)

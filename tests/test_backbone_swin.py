@@ -4,7 +4,6 @@ full-size state-dict layout against the official DINO / H-Deformable-DETR key ma
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,32 +18,9 @@ from mfdetr.detectors.backbones.swin import (
     swin_backbone,
 )
 from mfdetr.errors import MfdetrError
-
-MANIFESTS = Path(__file__).parent / "data" / "manifests"
-_DTYPES = {"float32": torch.float32, "int64": torch.int64}
-
-
-def manifest_part(name: str, prefix: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """Entries of ``name.keys.tsv`` under ``prefix`` (prefix stripped), in state-dict order."""
-    rows = []
-    for line in (MANIFESTS / f"{name}.keys.tsv").read_text().splitlines():
-        if line.startswith("#") or not line.startswith(prefix):
-            continue
-        key, shape, dtype = line.split("\t")
-        rows.append((key[len(prefix):], tuple(int(s) for s in shape.split("x")), _DTYPES[dtype]))
-    return rows
-
-
-def tiny(out_indices=(0, 1, 2, 3), window=3, depths=(1, 1, 2, 1)):
-    return build_swin(SwinConfig(embed_dim=16, depths=depths, num_heads=(1, 2, 2, 4),
-                                 window_size=window, out_indices=out_indices)).eval()
-
-
-def randomize_(model: torch.nn.Module) -> None:
-    """Perturb every parameter so LayerNorms, biases and the position table are not trivial."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+from tests._manifests import manifest_part
+from tests._backbones import randomize_
+from tests._backbones import tiny_swin as tiny
 
 
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 2, 3), (2, 3)])

@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_detector_auto import DINO_ARGS, HDETR_ARGS, HDETR_TINY, _cli
-from test_detector_detrex import CFG as DETREX_CFG
-from test_detector_detrex import to_detrex
 
 from mfdetr.contracts import Preprocessing
 from mfdetr.detectors.dino.presets import DINO_CONFIGS, dino_preset
 from mfdetr.detectors.registry import register_detector, unregister_detector
 from mfdetr.detectors.training import DataOptions, DetTrainConfig, OptimOptions
 from mfdetr.engine.training.detector import train_detector
+from tests._checkpoint_files import DETREX_CFG, DINO_ARGS, HDETR_ARGS, HDETR_TINY, to_detrex
 from tests._tiny_detector import TINY_MASKNET
+from tests.conftest import cli_output
 
 IDS = tuple(range(11, 18))
 NAMES = {11: "disc", 12: "box", 13: "triangle", 14: "arc", 15: "cross", 16: "star", 17: "disc-2"}
@@ -38,7 +37,7 @@ RUN = ("train.iterations=2", "train.batch_size=2", "train.num_workers=0", "train
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("byod") / "shapes"
-    code, out = _cli("synth", "--out", root, "--train", "4", "--val", "2", "--image-size", "64", "--seed", "3",
+    code, out = cli_output("synth", "--out", root, "--train", "4", "--val", "2", "--image-size", "64", "--seed", "3",
                      "--classes", "7", "--first-category-id", "11")
     assert code == 0, out
     cats = json.loads((root / "annotations" / "instances_val2017.json").read_text())["categories"]
@@ -65,19 +64,19 @@ def _train_dino(cfg, class_to_category: tuple[int, ...], data: Path, out: Path) 
 def _pipeline(data: Path, ckpt: Path, work: Path, *extra: str) -> dict:
     """cache (train, val) → train → eval --per-category → predict, all through the CLI; predictions.json."""
     for split in ("train2017", "val2017"):
-        code, out = _cli("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", data, "--split", split,
+        code, out = cli_output("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", data, "--split", split,
                          "--out", work / split, "--workers", "0", "--no-progress", "--topk", "10", *extra)
         assert code == 0, out
     manifest = json.loads((work / "val2017" / "zarr.json").read_text())["attributes"]["mfdetr_cache"]
-    code, out = _cli("train", "--cache", work / "train2017", "--coco", data, "--out", work / "run", *RUN)
+    code, out = cli_output("train", "--cache", work / "train2017", "--coco", data, "--out", work / "run", *RUN)
     assert code == 0, out
-    code, out = _cli("eval", "--cache", work / "val2017", "--coco", data, "--checkpoint", work / "run" / "ckpt.pt",
+    code, out = cli_output("eval", "--cache", work / "val2017", "--coco", data, "--checkpoint", work / "run" / "ckpt.pt",
                      "--per-category")
     assert code == 0, out
     table = out[out.index("    id category"):].splitlines()
     assert [int(r.split()[0]) for r in table[1:]] == list(IDS)  # one row per dataset category, by id
     assert [r.split()[1] for r in table[1:]] == [NAMES[i] for i in IDS] and "boundary" in table[0]
-    code, out = _cli("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", work / "run" / "ckpt.pt",
+    code, out = cli_output("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", work / "run" / "ckpt.pt",
                      data / "val2017", "--out", work / "preds", "--no-overlays", "--no-progress",
                      "--score-threshold", "0", *extra)
     assert code == 0, out
@@ -123,7 +122,7 @@ def test_detrex_dino_trained_here(data: Path, tmp_path: Path) -> None:
     _check_names(got["pred"], NAMES)
     names = tmp_path / "names.json"
     names.write_text(json.dumps([{"id": i, "name": f"shape {i}"} for i in IDS]))
-    code, out = _cli("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", tmp_path / "run" / "ckpt.pt",
+    code, out = cli_output("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", tmp_path / "run" / "ckpt.pt",
                      data / "val2017", "--out", tmp_path / "named", "--no-overlays", "--no-progress",
                      "--score-threshold", "0", "--categories", names, "--detector-config", config)
     assert code == 0, out
@@ -145,12 +144,12 @@ def test_hdetr_with_a_categories_list(data: Path, tmp_path: Path) -> None:
     names = {**NAMES, 40: "kite", 41: "lamp"}
     listed = tmp_path / "slots.json"
     listed.write_text(json.dumps([{"id": i, "name": names[i]} for i in order]))
-    code, out = _cli("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", data, "--out", tmp_path / "x")
+    code, out = cli_output("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", data, "--out", tmp_path / "x")
     assert code != 0 and "has 9 class slots" in out and "--categories" in out and "instances_val2017.json" in out
     assert len(out.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     short = tmp_path / "short.json"
     short.write_text(json.dumps([{"id": i, "name": names.get(i, "mug")} for i in order[:2] + [42] + order[3:]]))
-    code, out = _cli("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", data, "--out", tmp_path / "x",
+    code, out = cli_output("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", data, "--out", tmp_path / "x",
                      "--categories", short)
     assert code != 0 and str(short) in out and "[11]" in out and len(out.strip().splitlines()) == 1, out
     got = _pipeline(data, ckpt, tmp_path, "--categories", listed)

@@ -221,8 +221,8 @@ def test_run_batches_follow_the_epoch_plan_and_workers_never_fork() -> None:
 def _backbones() -> dict[str, object]:
     import mfdetr.detectors.dino.demo  # noqa: F401 - registers the demo's resnet_bn kind
     from mfdetr.detectors.backbones import BackboneConfig, build_backbone
-    from tests.test_backbone_focalnet import tiny as focalnet
-    from tests.test_backbone_swin import tiny as swin
+    from tests._backbones import tiny_focalnet as focalnet
+    from tests._backbones import tiny_swin as swin
 
     return {"tiny": lambda: build_backbone(BackboneConfig(kind="tiny")),
             "resnet_bn": lambda: build_backbone(BackboneConfig(kind="resnet_bn", params={"widths": (8, 16, 32, 64)})),

@@ -141,15 +141,14 @@ def test_dino_eval_resize_from_its_args() -> None:
 
 
 def test_preset_files_keep_the_slot_map_and_the_resize(tmp_path: Path) -> None:
-    from test_detector_auto import DINO_ARGS, _cli, _model, _save
-    from test_detector_detrex import _detrex_file
-
     from mfdetr.detectors.resolve import resolve_detector
+    from tests._checkpoint_files import DINO_ARGS, detrex_file, save_checkpoint, tiny_model
+    from tests.conftest import cli_output
 
-    ckpt = _save(tmp_path / "mine.pth", _model("dino"), {**DINO_ARGS, "data_aug_scales": [64, 72],
-                                                          "data_aug_max_size": 96})
+    ckpt = save_checkpoint(tmp_path / "mine.pth", tiny_model("dino"),
+                           {**DINO_ARGS, "data_aug_scales": [64, 72], "data_aug_max_size": 96})
     ann = _write(tmp_path / "instances.json", {"images": [], "categories": [{"id": i, "name": n} for i, n in SEVEN]})
-    code, out = _cli("detectors", "save", tmp_path / "mine.json", "--checkpoint", ckpt, "--categories", ann)
+    code, out = cli_output("detectors", "save", tmp_path / "mine.json", "--checkpoint", ckpt, "--categories", ann)
     assert code == 0, out
     rec = json.loads((tmp_path / "mine.json").read_text())
     assert rec["class_to_category"] == [0] * 11 + list(range(11, 18)) + [0] * 73  # 91 slots, slot = id
@@ -159,6 +158,6 @@ def test_preset_files_keep_the_slot_map_and_the_resize(tmp_path: Path) -> None:
     _write(tmp_path / "bad.json", {**rec, "name": "bad", "class_to_category": [1, 2]})
     with pytest.raises(MfdetrError, match="class_to_category must list 91"):
         resolve_detector(str(tmp_path / "bad.json"), ckpt)
-    _, detrex = _detrex_file(tmp_path / "detrex.pth")
-    code, out = _cli("detectors", "save", tmp_path / "d.json", "--checkpoint", detrex)
+    _, detrex = detrex_file(tmp_path / "detrex.pth")
+    code, out = cli_output("detectors", "save", tmp_path / "d.json", "--checkpoint", detrex)
     assert code != 0 and "detrex checkpoint numbers its classes" in out and not (tmp_path / "d.json").exists()

@@ -4,7 +4,6 @@ remapper (wrappers, ``module.`` prefix, aliases) and its error messages."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,22 +11,13 @@ import torch
 from mfdetr.detectors.common import load_state_dict_strict
 from mfdetr.detectors.dino import DINO_CONFIGS, DINO_PRESETS, build_dino, build_dino_model
 from mfdetr.errors import MfdetrError
+from tests._manifests import read_manifest
 
-MANIFESTS = Path(__file__).parent / "data" / "manifests"
-DTYPES = {"float32": torch.float32, "int64": torch.int64}
 #: preset → official manifest (DETECTORS.md table)
 PRESET_MANIFEST = {
     "dino_r50": "dino_r50_4scale", "dino_r50_5scale": "dino_r50_5scale", "dino_swinl": "dino_swinl_5scale",
     "dino_swinl_4scale": "dino_swinl_4scale", "dino_focal": "dino_focalnet_l_5scale",
 }
-def read_manifest(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    out = {}
-    for line in (MANIFESTS / f"{name}.keys.tsv").read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, shape, dtype = line.split("\t")
-        out[key] = (tuple(int(x) for x in shape.split("x")) if shape else (), DTYPES[dtype])
-    return out
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_MANIFEST))

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mfdetr.detectors.training import HungarianMatcher, SetCriterion, build_trainable, dino_train_forward
 from mfdetr.detectors.training.denoising import cdn_attn_mask, prepare_cdn
 from mfdetr.engine.training.detector import train_detector
 from mfdetr.detectors.training.recipe import LossOptions
-from tests.test_det_training import TINY, _tiny_cfg, _toy_batch, tiny_preset, toy_coco  # noqa: F401
+from tests._det_training_data import TINY, tiny_cfg, toy_batch
+
+pytestmark = pytest.mark.usefixtures("tiny_preset")  # the tiny DINO preset, registered for this module
 
 TARGETS = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
            {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
@@ -73,7 +76,7 @@ def test_noise_bounds_of_positives_and_negatives_and_seeded() -> None:
 
 def test_denoising_slots_leave_the_matching_queries_unchanged_and_get_a_loss() -> None:
     model = build_trainable(TINY, seed=0)
-    images, pad, targets = _toy_batch()
+    images, pad, targets = toy_batch()
     dn = prepare_cdn(targets, label_enc=model.label_enc, num_classes=91, num_queries=model.transformer.num_queries,
                      dn_number=10, generator=torch.Generator().manual_seed(0))
     assert dn is not None
@@ -93,9 +96,9 @@ def test_denoising_slots_leave_the_matching_queries_unchanged_and_get_a_loss() -
     assert model.label_enc.weight.grad is not None and bool(model.label_enc.weight.grad[1].abs().sum() > 0)
 
 
-def test_training_with_denoising_is_seeded_and_resumes_exactly(toy_coco: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_training_with_denoising_is_seeded_and_resumes_exactly(toy_coco: Path, tmp_path: Path) -> None:
     def cfg():  # noqa: ANN202
-        c = _tiny_cfg(toy_coco)
+        c = tiny_cfg(toy_coco)
         c.loss = LossOptions(dn_number=10)
         return c
 

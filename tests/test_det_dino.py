@@ -5,27 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mfdetr.contracts import DetectorOutput, FrozenDetector, ImageBatch
+from mfdetr.contracts import DetectorOutput, FrozenDetector
 from mfdetr.detectors import build_detector, get_preset, list_detectors
 from mfdetr.detectors.backbones import BackboneConfig
 from mfdetr.detectors.dino import DinoConfig, build_dino
 from mfdetr.errors import MfdetrError
-
-
-def make_batch(sizes: list[tuple[int, int]], *, seed: int = 0, pad_noise: bool = False) -> ImageBatch:
-    """Zero-padded batch of random images of the given (h, w)."""
-    g = torch.Generator().manual_seed(seed)
-    hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
-    images = torch.zeros(len(sizes), 3, hp, wp)
-    mask = torch.ones(len(sizes), hp, wp, dtype=torch.bool)
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
-        mask[i, :h, :w] = False
-    if pad_noise:
-        images = torch.where(mask[:, None], torch.randn(images.shape, generator=g) * 5, images)
-    hw = torch.tensor(sizes, dtype=torch.long)
-    return ImageBatch(images=images, pad_mask=mask, input_hw=hw, orig_hw=hw * 3, image_ids=list(range(len(sizes))),
-                      file_names=[f"{i}.jpg" for i in range(len(sizes))])
+from tests._det_batches import crop_valid, make_batch, padded_levels
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +73,6 @@ def test_deterministic(tiny):
     assert all(torch.equal(x, y) for x, y in zip(a.enc_maps[4], b.enc_maps[4], strict=True))
 
 
-def _valid(m: torch.Tensor, hw) -> torch.Tensor:
-    return m[..., : int(hw[0]), : int(hw[1])]
-
-
 def test_batch_members_are_independent(tiny):
     """The largest image (no padding) gives the same outputs alone and inside a batch with a smaller,
     padded image. (A *padded* image does not: the official input projections' GroupNorm statistics
@@ -108,22 +89,6 @@ def test_batch_members_are_independent(tiny):
     torch.testing.assert_close(b.c1, a.c1)
 
 
-def _levels(valid: list[tuple[int, int]], canvas: list[tuple[int, int]], d: int, *, seed: int, noise: bool):
-    """Per-level maps whose valid top-left region is the same random content for every canvas size;
-    the padded part is zeros or noise."""
-    g = torch.Generator().manual_seed(seed)
-    srcs, masks = [], []
-    for (h, w), (hp, wp) in zip(valid, canvas, strict=True):
-        content = torch.randn(1, d, h, w, generator=g)
-        src = torch.randn(1, d, hp, wp) * 3 if noise else torch.zeros(1, d, hp, wp)
-        src[..., :h, :w] = content
-        mask = torch.ones(1, hp, wp, dtype=torch.bool)
-        mask[:, :h, :w] = False
-        srcs.append(src)
-        masks.append(mask)
-    return srcs, masks
-
-
 def test_transformer_ignores_padding_content(tiny):
     """Padded level tokens filled with zeros or with noise give identical outputs (values are masked,
     proposals at padding are +inf, the selection never prefers them)."""
@@ -131,15 +96,15 @@ def test_transformer_ignores_padding_content(tiny):
     canvas = [(11, 16), (6, 8), (3, 4), (2, 2)]
     c1 = torch.zeros(1, 8, 2, 2)
     with torch.inference_mode():
-        a = tiny.forward_levels(*_levels(valid, canvas, 32, seed=1, noise=False), c1=c1, enc_layers=(1, 4))
-        b = tiny.forward_levels(*_levels(valid, canvas, 32, seed=1, noise=True), c1=c1, enc_layers=(1, 4))
+        a = tiny.forward_levels(*padded_levels(valid, canvas, 32, seed=1, noise=False), c1=c1, enc_layers=(1, 4))
+        b = tiny.forward_levels(*padded_levels(valid, canvas, 32, seed=1, noise=True), c1=c1, enc_layers=(1, 4))
     torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.boxes, a.boxes, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(b.hs, a.hs, atol=1e-5, rtol=1e-5)
     for layer in (1, 4):
         for lvl, (xa, xb) in enumerate(zip(a.levels.unflatten(a.enc_memory[layer]),
                                            b.levels.unflatten(b.enc_memory[layer]), strict=True)):
-            torch.testing.assert_close(_valid(xb, valid[lvl]), _valid(xa, valid[lvl]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(crop_valid(xb, valid[lvl]), crop_valid(xa, valid[lvl]), atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_and_selection_alone_vs_padded(tiny):
@@ -150,12 +115,12 @@ def test_encoder_and_selection_alone_vs_padded(tiny):
     canvas = [(11, 16), (6, 8), (3, 4), (2, 2)]
     c1 = torch.zeros(1, 8, 2, 2)
     with torch.inference_mode():
-        a = tiny.forward_levels(*_levels(valid, valid, 32, seed=1, noise=False), c1=c1, enc_layers=(1, 4))
-        b = tiny.forward_levels(*_levels(valid, canvas, 32, seed=1, noise=True), c1=c1, enc_layers=(1, 4))
+        a = tiny.forward_levels(*padded_levels(valid, valid, 32, seed=1, noise=False), c1=c1, enc_layers=(1, 4))
+        b = tiny.forward_levels(*padded_levels(valid, canvas, 32, seed=1, noise=True), c1=c1, enc_layers=(1, 4))
     for layer in (1, 4):
         for lvl, (xa, xb) in enumerate(zip(a.levels.unflatten(a.enc_memory[layer]),
                                            b.levels.unflatten(b.enc_memory[layer]), strict=True)):
-            torch.testing.assert_close(_valid(xb, valid[lvl]), xa, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(crop_valid(xb, valid[lvl]), xa, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b.aux["refs"][0], a.aux["refs"][0], atol=1e-5, rtol=1e-4)
 
 

@@ -14,7 +14,7 @@ from mfdetr.detectors import build_detector, get_preset, list_detectors
 from mfdetr.detectors.backbones import BackboneConfig
 from mfdetr.detectors.hdetr import HDETR_CONFIGS, HDetrConfig, build_hdetr
 from mfdetr.errors import MfdetrError
-from tests.test_det_dino import _levels, _valid, make_batch
+from tests._det_batches import crop_valid, make_batch, padded_levels
 
 VALID = [(8, 12), (4, 6), (2, 3), (1, 2)]
 CANVAS = [(11, 16), (6, 8), (3, 4), (2, 2)]
@@ -95,13 +95,13 @@ def test_batch_members_are_independent(tiny):
 
 def _run(det, canvas, *, noise: bool, seed: int = 1):
     with torch.inference_mode():
-        return det.forward_levels(*_levels(VALID, canvas, 32, seed=seed, noise=noise), c1=torch.zeros(1, 8, 2, 2),
+        return det.forward_levels(*padded_levels(VALID, canvas, 32, seed=seed, noise=noise), c1=torch.zeros(1, 8, 2, 2),
                                   enc_layers=(1, 4))
 
 
 def _valid_maps(out) -> list[torch.Tensor]:
     """Valid regions of the encoder maps after layers 1 and 4, all levels."""
-    return [_valid(m, VALID[lvl]) for layer in (1, 4) for lvl, m in enumerate(out.levels.unflatten(out.enc_memory[layer]))]
+    return [crop_valid(m, VALID[lvl]) for layer in (1, 4) for lvl, m in enumerate(out.levels.unflatten(out.enc_memory[layer]))]
 
 
 def _assert_same(a, b):

@@ -19,7 +19,7 @@ from mfdetr.detectors.hdetr import (
     hdetr_checkpoint_format,
 )
 from mfdetr.errors import MfdetrError
-from tests.test_det_checkpoint import read_manifest
+from tests._manifests import read_manifest
 
 
 @pytest.mark.parametrize("preset", ["hdetr_r50", "hdetr_swinl", "hdetr_swinl_q300"])

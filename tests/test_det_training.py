@@ -3,26 +3,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from mfdetr.contracts import ImageBatch, Preprocessing
+from mfdetr.contracts import ImageBatch
 from mfdetr.detectors import build_detector, get_preset
-from mfdetr.detectors.dino import DINO_PRESETS
-from mfdetr.detectors.registry import register_detector, unregister_detector
 from mfdetr.detectors.training import (
     FOCAL_PRIOR,
     MAX_WEIGHTS_BYTES,
     DetectionTrainSet,
-    DetTrainConfig,
     HungarianMatcher,
     SetCriterion,
     build_trainable,
@@ -32,60 +26,9 @@ from mfdetr.detectors.training import (
 )
 from mfdetr.detectors.training.data import min_batches
 from mfdetr.engine.training.detector import train_detector
-from mfdetr.detectors.training.recipe import DataOptions, OptimOptions
+from tests._det_training_data import TINY, tiny_cfg, toy_batch
 
-TINY = "test_tiny_train"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_preset():
-    """dino_tiny with a small input size, registered for :func:`build_trainable`."""
-    preset = dataclasses.replace(DINO_PRESETS["dino_tiny"], name=TINY,
-                                 preprocessing=Preprocessing(short_side=64, max_size=96))
-
-    def builder(**_: object) -> None:  # pragma: no cover - never built through the registry
-        raise AssertionError
-
-    register_detector(preset, builder)
-    yield preset
-    unregister_detector(TINY)
-
-
-@pytest.fixture(scope="module")
-def toy_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny COCO-format folder: 10 train / 4 val images with 0-3 filled rectangles (ids 1..3)."""
-    root = tmp_path_factory.mktemp("toycoco")
-    rng = np.random.default_rng(0)
-    colours = {1: (230, 40, 40), 2: (40, 230, 40), 3: (40, 40, 230)}
-    for split, n, off in (("train2017", 10, 0), ("val2017", 4, 100)):
-        (root / split).mkdir()
-        images, anns = [], []
-        for i in range(n):
-            h, w = (64, 80) if i % 3 else (80, 64)
-            img = np.full((h, w, 3), 128, np.uint8)
-            for k in range(i % 4):
-                cat = 1 + (i + k) % 3
-                bw, bh = int(rng.integers(12, 30)), int(rng.integers(12, 30))
-                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-                img[y:y + bh, x:x + bw] = colours[cat]
-                anns.append({"id": len(anns) + 1, "image_id": off + i + 1, "category_id": cat, "iscrowd": 0,
-                             "bbox": [x, y, bw, bh], "area": bw * bh,
-                             "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
-            name = f"{off + i + 1:012d}.png"
-            Image.fromarray(img).save(root / split / name)
-            images.append({"id": off + i + 1, "file_name": name, "height": h, "width": w})
-        (root / "annotations").mkdir(exist_ok=True)
-        cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
-        (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root
-
-
-def _tiny_cfg(root: Path, **train: object) -> DetTrainConfig:
-    opts = {"seed": 3, "batch_size": 2, "epochs": 2, "lr": 1e-3, "lr_drop_epoch": 1, "threads": 1,
-            "log_every": 1, "checkpoint_every": 2, "eval_every_epochs": 1, **train}
-    return DetTrainConfig(preset=TINY, data=DataOptions(root=str(root), val_images=4),
-                          train=OptimOptions(**opts))  # type: ignore[arg-type]
+pytestmark = pytest.mark.usefixtures("tiny_preset")  # the tiny DINO preset, registered for this module
 
 
 # --- matcher ----------------------------------------------------------------------------------------
@@ -116,23 +59,13 @@ def test_matcher_prefers_the_right_box_and_class() -> None:
 
 
 # --- model / criterion ------------------------------------------------------------------------------
-def _toy_batch(preset_name: str = TINY) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
-    torch.manual_seed(1)
-    images = torch.randn(2, 3, 64, 80)
-    pad = torch.zeros(2, 64, 80, dtype=torch.bool)
-    pad[1, :, 64:] = True
-    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
-    return images, pad, targets
-
-
 def test_training_init_and_forward_match_inference() -> None:
     model = build_trainable(TINY, seed=0)
     prior = -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR)
     assert torch.allclose(model.class_embed[0].bias, torch.full_like(model.class_embed[0].bias, prior))
     assert torch.allclose(model.transformer.enc_out_class_embed.bias, torch.full((91,), prior))
     assert all(p.requires_grad for p in model.parameters()) and model.training
-    images, pad, _ = _toy_batch()
+    images, pad, _ = toy_batch()
     model.eval()
     with torch.no_grad():  # trained layers end in a LayerNorm with learned affine: the heads must see decoder.norm
         for layer in model.transformer.decoder.layers:
@@ -148,7 +81,7 @@ def test_training_init_and_forward_match_inference() -> None:
 
 def test_criterion_finite_for_empty_targets_and_covers_every_set() -> None:
     model = build_trainable(TINY, seed=0)
-    images, pad, targets = _toy_batch()
+    images, pad, targets = toy_batch()
     crit = SetCriterion(matcher=HungarianMatcher())
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
     loss, log = crit(dino_train_forward(model, images, pad), empty)
@@ -164,7 +97,7 @@ def test_criterion_finite_for_empty_targets_and_covers_every_set() -> None:
 def test_optimisation_steps_reduce_the_loss() -> None:
     torch.set_num_threads(1)
     model = build_trainable(TINY, seed=0)
-    images, pad, targets = _toy_batch()
+    images, pad, targets = toy_batch()
     crit = SetCriterion(matcher=HungarianMatcher())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
@@ -200,14 +133,14 @@ def test_train_set_boxes_flips_and_batches(toy_coco: Path, tiny_preset) -> None:
 
 
 def test_loop_is_seeded_and_resumes_exactly(toy_coco: Path, tmp_path: Path) -> None:
-    s1 = train_detector(_tiny_cfg(toy_coco), tmp_path / "a", max_steps=4, log=lambda s: None)
-    s2 = train_detector(_tiny_cfg(toy_coco), tmp_path / "b", max_steps=2, log=lambda s: None)
-    s3 = train_detector(_tiny_cfg(toy_coco), tmp_path / "b", max_steps=4, log=lambda s: None)  # resumes at 2
+    s1 = train_detector(tiny_cfg(toy_coco), tmp_path / "a", max_steps=4, log=lambda s: None)
+    s2 = train_detector(tiny_cfg(toy_coco), tmp_path / "b", max_steps=2, log=lambda s: None)
+    s3 = train_detector(tiny_cfg(toy_coco), tmp_path / "b", max_steps=4, log=lambda s: None)  # resumes at 2
     assert s1["steps"] == s3["steps"] == 4 and s2["steps"] == 2
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    s4 = train_detector(_tiny_cfg(toy_coco, seed=4), tmp_path / "c", max_steps=1, log=lambda s: None)
+    s4 = train_detector(tiny_cfg(toy_coco, seed=4), tmp_path / "c", max_steps=1, log=lambda s: None)
     assert s4["loss"] != pytest.approx(s1["loss"])
     rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
@@ -215,7 +148,7 @@ def test_loop_is_seeded_and_resumes_exactly(toy_coco: Path, tmp_path: Path) -> N
 
 
 def test_full_run_writes_weights_that_load_strictly(toy_coco: Path, tmp_path: Path, tiny_preset) -> None:
-    s = train_detector(_tiny_cfg(toy_coco, epochs=1), tmp_path / "r", log=lambda s: None)
+    s = train_detector(tiny_cfg(toy_coco, epochs=1), tmp_path / "r", log=lambda s: None)
     assert s["steps"] == s["total_steps"] == 4
     from mfdetr.detectors.dino import build_dino
     from mfdetr.detectors.dino.config import DinoConfig
@@ -310,7 +243,7 @@ def test_export_cli_writes_loadable_weights(toy_coco: Path, tmp_path: Path, tiny
     from mfdetr.detectors.dino.config import DinoConfig
     from mfdetr.detectors.training.__main__ import main
 
-    train_detector(_tiny_cfg(toy_coco), tmp_path / "r", max_steps=1, log=lambda s: None)
+    train_detector(tiny_cfg(toy_coco), tmp_path / "r", max_steps=1, log=lambda s: None)
     assert main(["export", str(tmp_path / "r" / "checkpoint.pt"), str(tmp_path / "w.pt")]) == 0
     det = build_dino(DinoConfig.from_dict(tiny_preset.arch), preset=tiny_preset, checkpoint=tmp_path / "w.pt")
     ref = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]

@@ -3,57 +3,27 @@ file read as data), one-line errors for contradictions and unimplemented setting
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from test_det_dino import make_batch
 
 from mfdetr.detectors import build_detector
 from mfdetr.detectors.auto import architecture_of, describe_preset
 from mfdetr.detectors.auto.config_files import read_config_file
-from mfdetr.detectors.dino.presets import DINO_CONFIGS, build_dino_model, dino_preset
+from mfdetr.detectors.dino.presets import DINO_CONFIGS, build_dino_model
 from mfdetr.detectors.hdetr.presets import HDETR_CONFIGS
 from mfdetr.detectors.resolve import resolve_detector
 from mfdetr.errors import MfdetrError
+from tests._checkpoint_files import DINO_ARGS, DINO_TINY, HDETR_ARGS, HDETR_TINY, save_checkpoint, tiny_model
+from tests._det_batches import make_batch
 from tests.conftest import cli_output
-
-DINO_TINY = DINO_CONFIGS["dino_tiny"][0]
-HDETR_TINY = HDETR_CONFIGS["hdetr_tiny"][0]
-DINO_ARGS = {"modelname": "dino", "nheads": 4, "two_stage_type": "standard", "num_select": 50,
-             "return_interm_indices": [1, 2, 3], "nms_iou_threshold": -1, "dec_pred_class_embed_share": True}
-HDETR_ARGS = {"nheads": 4, "num_queries_one2one": 20, "num_queries_one2many": 12, "topk": 50, "two_stage": True,
-              "with_box_refine": True, "mixed_selection": True, "look_forward_twice": True}
-
-
-def _model(family: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if family == "dino":
-        return build_dino_model(DINO_TINY, preset=dino_preset("t", DINO_TINY, None, None)).eval()
-    from mfdetr.detectors.common.arch import family_preset
-    from mfdetr.detectors.hdetr.model import build_hdetr_model
-
-    return build_hdetr_model(HDETR_TINY, preset=family_preset("t", "hdetr", HDETR_TINY, checkpoint_file=None,
-                                                              box_ap=None)).eval()
-
-
-def _save(path: Path, model: torch.nn.Module, args: dict | None) -> Path:
-    obj: dict = {"model": model.state_dict(), "epoch": 3}
-    if args is not None:
-        obj["args"] = argparse.Namespace(**args)
-    torch.save(obj, path)
-    return path
-
-
-_cli = cli_output  # (exit status, output) of the in-process CLI
-
 
 @pytest.mark.parametrize("family,cfg,args", [("dino", DINO_TINY, DINO_ARGS), ("hdetr", HDETR_TINY, HDETR_ARGS)])
 def test_auto_builds_the_checkpoints_architecture_with_identical_outputs(tmp_path: Path, family, cfg, args) -> None:
-    model = _model(family)
-    ckpt = _save(tmp_path / f"my_{family}.pth", model, args)
+    model = tiny_model(family)
+    ckpt = save_checkpoint(tmp_path / f"my_{family}.pth", model, args)
     got_family, got = architecture_of(ckpt)
     assert got_family == family and got == cfg
     det = resolve_detector("auto", ckpt)
@@ -101,18 +71,18 @@ def test_full_size_presets_are_recovered_from_shapes(name: str) -> None:
 ])
 def test_contradictions_and_unimplemented_settings_are_one_line_errors(tmp_path: Path, change, needle) -> None:
     args = {k: v for k, v in {**DINO_ARGS, **change}.items() if v is not None}
-    ckpt = _save(tmp_path / "bad.pth", _model("dino"), args)
-    code, out = _cli("detectors", "show", "auto", "--checkpoint", ckpt)
+    ckpt = save_checkpoint(tmp_path / "bad.pth", tiny_model("dino"), args)
+    code, out = cli_output("detectors", "show", "auto", "--checkpoint", ckpt)
     assert code != 0 and needle in out and str(ckpt) in out and len(out.strip().splitlines()) == 1, out
 
 
 def test_hdetr_needs_its_one2one_query_count(tmp_path: Path) -> None:
-    ckpt = _save(tmp_path / "h.pth", _model("hdetr"), {k: v for k, v in HDETR_ARGS.items()
+    ckpt = save_checkpoint(tmp_path / "h.pth", tiny_model("hdetr"), {k: v for k, v in HDETR_ARGS.items()
                                                          if not k.startswith("num_queries")})
     with pytest.raises(MfdetrError, match="num_queries_one2one"):
         architecture_of(ckpt)
     with pytest.raises(MfdetrError, match="args.mixed_selection = False"):
-        architecture_of(_save(tmp_path / "m.pth", _model("hdetr"), {**HDETR_ARGS, "mixed_selection": False}))
+        architecture_of(save_checkpoint(tmp_path / "m.pth", tiny_model("hdetr"), {**HDETR_ARGS, "mixed_selection": False}))
 
 
 def test_config_files_are_read_as_data_never_run(tmp_path: Path) -> None:
@@ -123,7 +93,7 @@ def test_config_files_are_read_as_data_never_run(tmp_path: Path) -> None:
         f"two_stage_type = 'standard'\nside_effect = __import__('pathlib').Path({str(marker)!r}).touch()\n")
     cfg = read_config_file(tmp_path / "DINO_tiny.py")
     assert cfg["nheads"] == 4 and cfg["num_queries"] == 20 and "side_effect" not in cfg and not marker.exists()
-    ckpt = _save(tmp_path / "noargs.pth", _model("dino"), None)
+    ckpt = save_checkpoint(tmp_path / "noargs.pth", tiny_model("dino"), None)
     with pytest.raises(MfdetrError, match="nheads"):
         architecture_of(ckpt)  # shapes alone cannot tell the heads
     assert architecture_of(ckpt, config_file=tmp_path / "DINO_tiny.py") == ("dino", DINO_TINY)
@@ -131,22 +101,22 @@ def test_config_files_are_read_as_data_never_run(tmp_path: Path) -> None:
         "#!/usr/bin/env bash\nset -x\nEXP_DIR=exps/x\nPY_ARGS=${@:1}\npython -u main.py \\\n  --output_dir ${EXP_DIR} \\\n"
         "  --with_box_refine \\\n  --two_stage \\\n  --nheads 4 \\\n  --num_queries_one2one 20 \\\n"
         "  --num_queries_one2many 12 \\\n  --topk 50 \\\n  --mixed_selection \\\n  --look_forward_twice \\\n  ${PY_ARGS}\n")
-    hck = _save(tmp_path / "h.pth", _model("hdetr"), None)
+    hck = save_checkpoint(tmp_path / "h.pth", tiny_model("hdetr"), None)
     assert architecture_of(hck, config_file=tmp_path / "run.sh") == ("hdetr", HDETR_TINY)
     (tmp_path / "run2.sh").write_text("python main.py --two_stage --with_box_refine --nheads 4 "
                                       "--num_queries_one2one 20 --topk 50 --look_forward_twice\n")
     with pytest.raises(MfdetrError, match="mixed_selection"):
         architecture_of(hck, config_file=tmp_path / "run2.sh")
-    bad = _save(tmp_path / "bad.pth", _model("dino"), {**DINO_ARGS, "nheads": 8})
-    code, out = _cli("detectors", "show", "auto", "--checkpoint", bad, "--detector-config", tmp_path / "DINO_tiny.py")
+    bad = save_checkpoint(tmp_path / "bad.pth", tiny_model("dino"), {**DINO_ARGS, "nheads": 8})
+    code, out = cli_output("detectors", "show", "auto", "--checkpoint", bad, "--detector-config", tmp_path / "DINO_tiny.py")
     assert code != 0 and "nheads = 4 but the checkpoint's args say 8" in out
 
 
 def test_detectors_show_and_save_a_preset_file(tmp_path: Path) -> None:
-    ckpt = _save(tmp_path / "mine.pth", _model("dino"), DINO_ARGS)
-    code, out = _cli("detectors", "show", "auto", "--checkpoint", ckpt)
+    ckpt = save_checkpoint(tmp_path / "mine.pth", tiny_model("dino"), DINO_ARGS)
+    code, out = cli_output("detectors", "show", "auto", "--checkpoint", ckpt)
     assert code == 0 and out.startswith("detector auto-mine: dino, backbone tiny") and "20 queries" in out
-    code, out = _cli("detectors", "save", tmp_path / "mine.json", "--checkpoint", ckpt, "--name", "my_dino")
+    code, out = cli_output("detectors", "save", tmp_path / "mine.json", "--checkpoint", ckpt, "--name", "my_dino")
     assert code == 0, out
     rec = json.loads((tmp_path / "mine.json").read_text())
     assert rec["name"] == "my_dino" and rec["family"] == "dino" and rec["arch"]["num_queries"] == 20
@@ -154,24 +124,24 @@ def test_detectors_show_and_save_a_preset_file(tmp_path: Path) -> None:
     assert det.name == "my_dino" and det.preset.arch == resolve_detector("auto", ckpt).preset.arch
     assert "d=32" in describe_preset(det.preset)
     built = build_detector("my_dino", checkpoint=ckpt)
-    assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in _model("dino").parameters())
+    assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in tiny_model("dino").parameters())
     (tmp_path / "dino_r50.json").write_text(json.dumps({**rec, "name": "dino_r50"}))
     with pytest.raises(MfdetrError, match="already exists"):
         resolve_detector(str(tmp_path / "dino_r50.json"))
 
 
 def test_cache_with_auto_records_and_prints_the_architecture(tmp_path: Path) -> None:
-    code, out = _cli("synth", "--out", tmp_path / "synth", "--train", "1", "--val", "2")
+    code, out = cli_output("synth", "--out", tmp_path / "synth", "--train", "1", "--val", "2")
     assert code == 0, out
-    ckpt = _save(tmp_path / "custom.pth", _model("dino"), DINO_ARGS)
-    code, out = _cli("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
+    ckpt = save_checkpoint(tmp_path / "custom.pth", tiny_model("dino"), DINO_ARGS)
+    code, out = cli_output("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
                      "--out", tmp_path / "c", "--workers", "0", "--no-progress", "--topk", "10")
     assert code == 0, out
     assert out.startswith("detector auto-custom: dino, backbone tiny") and "default encoder layer 3" in out
     manifest = json.loads((tmp_path / "c" / "zarr.json").read_text())["attributes"]["mfdetr_cache"]
     assert manifest["detector"]["name"] == "auto-custom" and manifest["enc_layers"] == [3]
     assert manifest["detector"]["arch"] == json.loads(json.dumps(DINO_TINY.to_dict()))
-    code, out = _cli("cache", "--detector", "dino_tiny", "--detector-config", tmp_path / "x.py", "--coco",
+    code, out = cli_output("cache", "--detector", "dino_tiny", "--detector-config", tmp_path / "x.py", "--coco",
                      tmp_path / "synth", "--out", tmp_path / "c2")
     assert code != 0 and "use it with --detector auto" in out
 
@@ -181,27 +151,29 @@ def test_auto_online_train_eval_and_predict(tmp_path: Path) -> None:
     auto detector from the recorded checkpoint in a fresh registry."""
     from mfdetr.detectors.registry import unregister_detector
 
-    code, out = _cli("synth", "--out", tmp_path / "synth", "--train", "2", "--val", "2")
+    code, out = cli_output("synth", "--out", tmp_path / "synth", "--train", "2", "--val", "2", "--image-size", "64")
     assert code == 0, out
-    ckpt = _save(tmp_path / "online.pth", _model("dino"), DINO_ARGS)
+    # the checkpoint's args set a 64-px eval resize (the tiny model at 800 px only costs time here)
+    ckpt = save_checkpoint(tmp_path / "online.pth", tiny_model("dino"),
+                           {**DINO_ARGS, "data_aug_scales": [64], "data_aug_max_size": 96})
     small = ["train.iterations=1", "train.checkpoint_every=0", "train.eval_every=0", "train.progress=false",
-             "masknet.num_queries=10", "masknet.roi_size=16", "masknet.image_encoder.layers=1",
+             "train.num_workers=0", "masknet.num_queries=10", "masknet.roi_size=16", "masknet.image_encoder.layers=1",
              "masknet.box_encoder.layers=1", "masknet.box_encoder.dim=32", "masknet.box_encoder.heads=4",
              "masknet.mask_scoring.channels=32", "masknet.mask_scoring.fc_dim=64"]
-    code, out = _cli("train", "--online", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
+    code, out = cli_output("train", "--online", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
                      "--topk", "10", "--out", tmp_path / "run", *small)
     assert code == 0, out
     assert "detector auto-online: dino" in out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["masknet"]["enc_layer"] == 3
     unregister_detector("auto-online")  # as in a new process
-    code, out = _cli("eval", "--online", "--coco", tmp_path / "synth", "--checkpoint", tmp_path / "run" / "ckpt.pt",
+    code, out = cli_output("eval", "--online", "--coco", tmp_path / "synth", "--checkpoint", tmp_path / "run" / "ckpt.pt",
                      "--max-images", "1", "--per-category")
     assert code == 0, out
     table = out[out.index("    id category"):].splitlines()  # the synthetic set's 6 categories
     assert [r.split()[:2] for r in table[1:]] == [["1", "disc"], ["2", "box"], ["3", "triangle"], ["4", "arc"],
                                                   ["5", "cross"], ["6", "star"]]
     images = tmp_path / "synth" / "val2017"
-    code, out = _cli("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", tmp_path / "run" / "ckpt.pt",
+    code, out = cli_output("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", tmp_path / "run" / "ckpt.pt",
                      images, "--out", tmp_path / "preds", "--no-overlays", "--no-progress", "--score-threshold", "0")
     assert code == 0, out
     pred = json.loads((tmp_path / "preds" / "predictions.json").read_text())

@@ -4,83 +4,26 @@ architecture read by ``--detector auto`` (detrex's positional encoding, per-laye
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from test_det_dino import make_batch
 
 from mfdetr.detectors import build_detector
 from mfdetr.detectors.auto import architecture_of
-from mfdetr.detectors.backbones import BackboneConfig
-from mfdetr.detectors.dino import DinoConfig, build_dino
-from mfdetr.detectors.dino.presets import build_dino_model, dino_preset
+from mfdetr.detectors.dino import build_dino
 from mfdetr.detectors.hdetr import HDetrConfig
 from mfdetr.detectors.hdetr.presets import build_hdetr
 from mfdetr.detectors.resolve import resolve_detector
 from mfdetr.errors import MfdetrError
-
-#: a small detrex-style DINO: ResNet (1 block per stage), 8 heads (detrex's), unshared heads, detrex positions
-CFG = DinoConfig(backbone=BackboneConfig(kind="resnet", out_indices=(1, 2, 3), params={"depths": (1, 1, 1, 1)}),
-                 hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=64, enc_n_points=2,
-                 dec_n_points=2, num_queries=20, num_feature_levels=4, num_classes=7, dn_labelbook_size=6,
-                 pe_temperature_h=10000.0, pe_temperature_w=10000.0, pe_offset=-0.5,
-                 dec_pred_class_embed_share=False, dec_pred_bbox_embed_share=False, num_select=300)
-
-
-def to_detrex(key: str) -> str | None:
-    """Our (official DINO) key → the detrex DINO key, written out from detrex's module names."""
-    n_dec, n_in = CFG.dec_layers, len(CFG.backbone.out_indices)
-    if key.startswith("transformer.enc_out_class_embed."):
-        return key.replace("transformer.enc_out_class_embed.", f"class_embed.{n_dec}.")
-    if key.startswith("transformer.enc_out_bbox_embed."):
-        return key.replace("transformer.enc_out_bbox_embed.", f"bbox_embed.{n_dec}.")
-    key = key.replace("backbone.0.body.conv1.", "backbone.stem.conv1.").replace("backbone.0.body.bn1.",
-                                                                               "backbone.stem.conv1.norm.")
-    for i in range(4):
-        key = key.replace(f"backbone.0.body.layer{i + 1}.", f"backbone.res{i + 2}.")
-    key = re.sub(r"(res\d\.\d+)\.bn(\d)\.", r"\1.conv\2.norm.", key)
-    key = re.sub(r"(res\d\.\d+)\.downsample\.0\.", r"\1.shortcut.", key)
-    key = re.sub(r"(res\d\.\d+)\.downsample\.1\.", r"\1.shortcut.norm.", key)
-    m = re.match(r"^input_proj\.(\d+)\.([01])\.(.*)$", key)
-    if m:
-        i, part = int(m.group(1)), "conv" if m.group(2) == "0" else "norm"
-        return (f"neck.convs.{i}.{part}.{m.group(3)}" if i < n_in else
-                f"neck.extra_convs.{i - n_in}.{part}.{m.group(3)}")
-    key = key.replace("transformer.level_embed", "transformer.level_embeds")
-    key = re.sub(r"(encoder\.layers\.\d+)\.self_attn\.", r"\1.attentions.0.", key)
-    key = re.sub(r"(encoder\.layers\.\d+)\.norm1\.", r"\1.norms.0.", key)
-    key = re.sub(r"(encoder\.layers\.\d+)\.norm2\.", r"\1.norms.1.", key)
-    key = re.sub(r"(decoder\.layers\.\d+)\.self_attn\.", r"\1.attentions.0.attn.", key)
-    key = re.sub(r"(decoder\.layers\.\d+)\.cross_attn\.", r"\1.attentions.1.", key)
-    key = re.sub(r"(decoder\.layers\.\d+)\.norm1\.", r"\1.norms.1.", key)
-    key = re.sub(r"(decoder\.layers\.\d+)\.norm2\.", r"\1.norms.0.", key)
-    key = re.sub(r"(decoder\.layers\.\d+)\.norm3\.", r"\1.norms.2.", key)
-    key = re.sub(r"(coder\.layers\.\d+)\.linear1\.", r"\1.ffns.0.layers.0.0.", key)
-    return re.sub(r"(coder\.layers\.\d+)\.linear2\.", r"\1.ffns.0.layers.1.", key)
-
-
-def _detrex_file(path: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(seed)
-    model = build_dino_model(CFG, preset=dino_preset("t", CFG, None, None)).eval()
-    with torch.no_grad():  # random BN statistics, so that a mis-mapped norm buffer changes the outputs
-        for name, buf in model.named_buffers():
-            if name.endswith(("running_mean", "running_var")):
-                buf.copy_(torch.rand_like(buf) + 0.5)
-    sd = {to_detrex(k): v for k, v in model.state_dict().items()}
-    n = CFG.dec_layers  # detrex aliases the encoder heads under transformer.decoder too
-    sd.update({f"transformer.decoder.{k}": v for k, v in list(sd.items()) if k.startswith((f"class_embed.{n}.",
-                                                                                           f"bbox_embed.{n}."))})
-    assert not any(k.startswith(("input_proj", "backbone.0.")) for k in sd)
-    torch.save({"model": sd, "iteration": 100}, path)  # detectron2's checkpointer: no args
-    return model, path
-
+from tests._checkpoint_files import DETREX_CFG, detrex_file, to_detrex
+from tests._det_batches import make_batch
+from tests.conftest import cli_output
 
 def test_detrex_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> None:
-    model, path = _detrex_file(tmp_path / "model_final.pth")
+    model, path = detrex_file(tmp_path / "model_final.pth")
     family, cfg = architecture_of(path)
-    assert family == "dino" and cfg == CFG
+    assert family == "dino" and cfg == DETREX_CFG
     cats = tmp_path / "instances.json"
     cats.write_text('{"categories": [' + ", ".join(f'{{"id": {i}, "name": "c{i}"}}' for i in range(1, 8)) + "]}")
     det = resolve_detector("auto", path, categories_file=cats)
@@ -93,14 +36,14 @@ def test_detrex_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> N
 
 
 def test_detrex_checkpoint_is_loaded_strictly(tmp_path: Path) -> None:
-    _, path = _detrex_file(tmp_path / "a.pth")
+    _, path = detrex_file(tmp_path / "a.pth")
     obj = torch.load(path, weights_only=True)
     obj["model"]["transformer.decoder.layers.0.norms.3.weight"] = torch.ones(32)
     torch.save(obj, tmp_path / "extra.pth")
     with pytest.raises(MfdetrError, match=r"unexpected keys \(1\): transformer\.decoder\.layers\.0\.norms\.3\.weight"):
-        build_dino(CFG, checkpoint=tmp_path / "extra.pth")
+        build_dino(DETREX_CFG, checkpoint=tmp_path / "extra.pth")
     # a preset with the official DINO's positional encoding refuses detrex weights instead of running them wrong
-    official = dataclasses.replace(CFG, pe_temperature_h=20.0, pe_temperature_w=20.0, pe_offset=0.0)
+    official = dataclasses.replace(DETREX_CFG, pe_temperature_h=20.0, pe_temperature_w=20.0, pe_offset=0.0)
     with pytest.raises(MfdetrError, match="use --detector auto"):
         build_dino(official, checkpoint=path)
 
@@ -109,26 +52,24 @@ def test_detrex_class_slots_map_to_the_datasets_sorted_category_ids(tmp_path: Pa
     """detrex numbers its slots in the order of the dataset's sorted ids (ids 11..17 here)."""
     import json
 
-    from test_detector_auto import _cli
-
-    _, path = _detrex_file(tmp_path / "seven.pth")
+    _, path = detrex_file(tmp_path / "seven.pth")
     cats = tmp_path / "instances.json"
     cats.write_text(json.dumps({"categories": [{"id": i, "name": f"c{i}"} for i in (17, 12, 11, 13, 16, 15, 14)]}))
     det = resolve_detector("auto", path, categories_file=cats)
     assert det.preset.class_to_category == (11, 12, 13, 14, 15, 16, 17)
     with pytest.raises(MfdetrError, match="detrex checkpoint numbers its classes"):
         resolve_detector("auto", path)
-    code, out = _cli("synth", "--out", tmp_path / "synth", "--train", "1", "--val", "1")
+    code, out = cli_output("synth", "--out", tmp_path / "synth", "--train", "1", "--val", "1")
     assert code == 0, out
-    code, out = _cli("cache", "--detector", "auto", "--checkpoint", path, "--coco", tmp_path / "synth",
+    code, out = cli_output("cache", "--detector", "auto", "--checkpoint", path, "--coco", tmp_path / "synth",
                      "--out", tmp_path / "c")
     assert code != 0 and "has 7 class slots" in out and "has 6 categories" in out and "instances_val2017.json" in out
     assert not (tmp_path / "c").exists()
 
 
 #: a small H-Deformable-DETR as detrex builds it (300 one-to-one queries, top-300, inverse_sigmoid eps 1e-3)
-HCFG = HDetrConfig(backbone=CFG.backbone, hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=64,
-                   enc_n_points=2, dec_n_points=2, num_feature_levels=4, num_classes=7, num_queries_one2one=300,
+HCFG = HDetrConfig(backbone=DETREX_CFG.backbone, hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2,
+                   dim_feedforward=64, enc_n_points=2, dec_n_points=2, num_feature_levels=4, num_classes=7, num_queries_one2one=300,
                    num_queries_one2many=20, num_select=300, inv_sigmoid_eps=1e-3)
 
 

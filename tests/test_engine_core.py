@@ -11,7 +11,7 @@ import torch
 from mfdetr.engine import (EpochPlan, StepDecay, build_run_config, cat_detector_outputs, collate_detector_outputs,
                            load_run_config, read_jsonl, seed_everything, step_seed, train)
 from mfdetr.errors import MfdetrError
-from tests.test_engine_toy import ToyCriterion, ToyDataset, ToyMaskNet, toy_item
+from tests._toy_engine import ToyCriterion, ToyDataset, ToyMaskNet, toy_item
 
 
 def test_train_config_defaults_are_the_papers() -> None:

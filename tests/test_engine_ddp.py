@@ -12,10 +12,10 @@ import torch
 
 from mfdetr.engine import read_jsonl, seed_everything
 from tests.conftest import cli_env
-from tests.test_engine_toy import ToyMaskNet
-from tests.test_engine_toy import main as toy_main
+from tests._toy_engine import ToyMaskNet
+from tests._toy_engine import main as toy_main
 
-TOY = Path(__file__).with_name("test_engine_toy.py")
+TOY = Path(__file__).with_name("_toy_engine.py")
 COMMON = ["--images", "9", "--no-random", "--dropout", "0", "train.iterations=5", "train.checkpoint_every=0"]
 
 

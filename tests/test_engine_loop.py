@@ -17,7 +17,9 @@ from mfdetr.engine.training import (Checkpointer, Evaluation, HookBase, LRSchedu
                                     TrainModel, restore)
 from mfdetr.engine.training.models import FineTunedModel, Supervised
 from mfdetr.errors import Interrupted, MfdetrError
-from tests.test_det_training import tiny_preset, toy_coco  # noqa: F401 - the tiny DINO preset and COCO folder
+from tests._det_training_data import tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("tiny_preset")  # the tiny DINO preset, registered for this module
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 
@@ -166,13 +168,12 @@ def test_metrics_log_keeps_its_window_and_evaluation_runs_when_asked(tmp_path: P
     assert log.state_dict() == {"log_window": {}}
 
 
-def test_earlier_detector_checkpoint_format_still_resumes(tmp_path: Path, toy_coco: Path) -> None:  # noqa: F811
+def test_earlier_detector_checkpoint_format_still_resumes(tmp_path: Path, toy_coco: Path) -> None:
     from mfdetr.engine.training.detector import train_detector
-    from tests.test_det_training import _tiny_cfg
 
     quiet = {"log": lambda s: None}
-    train_detector(_tiny_cfg(toy_coco), tmp_path / "a", max_steps=3, **quiet)
-    train_detector(_tiny_cfg(toy_coco), tmp_path / "b", max_steps=2, **quiet)
+    train_detector(tiny_cfg(toy_coco), tmp_path / "a", max_steps=3, **quiet)
+    train_detector(tiny_cfg(toy_coco), tmp_path / "b", max_steps=2, **quiet)
     path = tmp_path / "b" / "checkpoint.pt"
     new = torch.load(path, weights_only=True)
     opt = new["optimizer"]
@@ -181,7 +182,7 @@ def test_earlier_detector_checkpoint_format_still_resumes(tmp_path: Path, toy_co
     torch.save({"model": new["model"], "optimizer": opt, "step": new["step"],
                 "config": json.dumps({"preset": "x"})}, path)
     lines: list[str] = []
-    train_detector(_tiny_cfg(toy_coco), tmp_path / "b", max_steps=3, log=lines.append)
+    train_detector(tiny_cfg(toy_coco), tmp_path / "b", max_steps=3, log=lines.append)
     assert any("resumed from" in ln and "at step 2/" in ln for ln in lines), lines
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     b = torch.load(path, weights_only=True)

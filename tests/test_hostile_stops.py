@@ -109,7 +109,7 @@ def test_sigint_during_a_step_lands_after_it(tmp_path: Path, request: pytest.Fix
         request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     from mfdetr.engine import build_run_config, seed_everything, train
     from mfdetr.errors import Interrupted
-    from tests.test_engine_toy import ToyCriterion, ToyDataset, ToyMaskNet
+    from tests._toy_engine import ToyCriterion, ToyDataset, ToyMaskNet
 
     cfg = build_run_config({"train": {"device": "cpu", "progress": False, "log_every": 1, "num_workers": 0,
                                       "iterations": 4, "batch_size": 2}})
@@ -172,7 +172,7 @@ def test_an_interrupt_or_os_error_in_any_command_is_one_line(monkeypatch: pytest
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     from mfdetr.engine import build_run_config, seed_everything, train
     from mfdetr.errors import MfdetrError
-    from tests.test_engine_toy import ToyCriterion, ToyDataset, ToyMaskNet
+    from tests._toy_engine import ToyCriterion, ToyDataset, ToyMaskNet
 
     calls = {"n": 0}
     base = ToyCriterion()
@@ -195,7 +195,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
     """A finite loss whose gradient is NaN (sqrt at 0) poisons the weights: the checkpoint is refused."""
     from mfdetr.engine import build_run_config, seed_everything, train
     from mfdetr.errors import MfdetrError
-    from tests.test_engine_toy import ToyCriterion, ToyDataset, ToyMaskNet
+    from tests._toy_engine import ToyCriterion, ToyDataset, ToyMaskNet
 
     base = ToyCriterion()
 

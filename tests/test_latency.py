@@ -36,14 +36,15 @@ def test_predict_benchmark_cli_and_script(tmp_path: Path, monkeypatch: pytest.Mo
                                           capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
     proc = cli("predict", "--benchmark", "--detector", "demo", "--masknet", ckpt, "--size", "32x48",
-               "--num-images", "2", "--repeats", "1", "--device", "cpu", check=True)
+               "--num-images", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu", check=True)
     rows = {ln.split()[0]: float(ln.split()[1]) for ln in proc.stdout.splitlines()
             if ln.split() and ln.split()[0] in (*STAGES, "total")}
     assert set(rows) == {*STAGES, "total"} and all(v > 0 for v in rows.values()), proc.stdout
     out = tmp_path / "lat.json"
     script = REPO / "benchmarks" / "bench_latency.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--preset", "demo", "--size", "32x48", "--num-images", "2",
-                                      "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    # one image, no warm-up: the script's default MaskNet (the full recipe) costs seconds per run on a CPU
+    monkeypatch.setattr(sys, "argv", [str(script), "--preset", "demo", "--size", "32x48", "--num-images", "1",
+                                      "--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out)])
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the checkout first on sys.path
     runpy.run_path(str(script), run_name="__main__")  # the script as `python bench_latency.py` runs it
     assert "bench_latency (demo, images 32x48)" in capsys.readouterr().out

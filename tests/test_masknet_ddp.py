@@ -23,6 +23,7 @@ from mfdetr.masknet.criterion import MaskCriterion  # noqa: E402
 from mfdetr.masknet.losses import LossConfig  # noqa: E402
 from mfdetr.masknet.positives import PositivesOnly  # noqa: E402
 from mfdetr.masknet.targets import AssignConfig  # noqa: E402
+from tests._masknet_models import det64, gts_for, model64
 
 # per step, the GT queries of each of the 4 images: rank 0 gets images 0-1, rank 1 images 2-3
 STEPS = [[[0, 2, 3], [1], [], []],            # rank 1 has no positive
@@ -38,8 +39,6 @@ def rows(det: DetectorOutput, lo: int, hi: int) -> DetectorOutput:
 
 
 def setup(step: int) -> tuple[torch.nn.Module, MaskCriterion, DetectorOutput, list[GTInstances]]:
-    from tests.test_masknet_positives import det64, gts_for, model64
-
     det = det64(b=4)
     crit = MaskCriterion(loss_cfg=LossConfig(point_sampling=False), assign_cfg=AssignConfig(),
                          class_to_category=tuple(range(7)))

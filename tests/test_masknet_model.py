@@ -4,64 +4,16 @@ on the padding of the maps; top-K selection; batch of one vs many; config errors
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
-from mfdetr.config import apply_overrides, from_dict, to_dict
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
-from mfdetr.masknet import MaskNet, MaskNetConfig, MaskNetOutput, baseline_config, build_masknet
-from mfdetr.masknet.complexity import PAPER_ROWS, paper_row_overrides
+from mfdetr.masknet import MaskNet, MaskNetOutput, baseline_config
+from mfdetr.masknet.complexity import PAPER_ROWS
 from mfdetr.masknet.config import load_masknet_config
-
-D_MODEL, STRIDES = 32, (8, 16, 32, 64)
-# tiny widths standing in for D = 128 / 96 / 64 and small windows / heads for tiny maps
-TINY = ["roi_size=8", "image_encoder.swin_window=4", "box_encoder.swin_window=4", "mask_scoring.channels=16",
-        "mask_scoring.fc_dim=16", "neck.groups=8"]
-
-
-def tiny_cfg(overrides: list[str] | tuple[str, ...] = ()) -> MaskNetConfig:
-    ovs = [*TINY, *paper_row_overrides(overrides, d=D_MODEL, d128=16, d96=24, d64=8)]
-    return from_dict(MaskNetConfig, apply_overrides(to_dict(MaskNetConfig()), ovs))
-
-
-def make_det(*, b: int = 2, k: int = 6, hw: tuple[int, int] = (44, 58), pad: tuple[int, int] = (0, 0),
-             c1_channels: int = D_MODEL, seed: int = 0, base: dict | None = None,
-             map_fill: float | None = None) -> DetectorOutput:
-    """Random detector output; ``pad`` adds canvas padding filled with garbage (must be ignored), in the
-    encoder maps ``map_fill`` (e.g. NaN) when given."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = hw
-    hc, wc = h + pad[0], w + pad[1]
-    if base is None:
-        boxes = torch.cat((torch.rand(b, k, 2, generator=g) * 0.6 + 0.2,
-                           torch.rand(b, k, 2, generator=g) * 0.3 + 0.1), -1)
-        boxes[:, 0] = torch.tensor([0.5, 0.5, 1.0, 1.0])  # touches every image border
-        boxes[:, 1] = torch.tensor([0.9, 0.9, 0.2, 0.2])  # bottom-right corner
-        base = {"queries": torch.randn(b, k, D_MODEL, generator=g), "boxes": boxes,
-                "logits": torch.randn(b, k, 7, generator=g),
-                "maps": [torch.randn(b, D_MODEL, math.ceil(h / s), math.ceil(w / s), generator=g) for s in STRIDES],
-                "c1": torch.randn(b, c1_channels, math.ceil(h / 4), math.ceil(w / 4), generator=g)}
-
-    def canvas(t: torch.Tensor, stride: int, fill: float | None = None) -> torch.Tensor:
-        z = torch.randn(*t.shape[:2], math.ceil(hc / stride), math.ceil(wc / stride), generator=g) * 7
-        if fill is not None:
-            z.fill_(fill)
-        z[..., :t.shape[-2], :t.shape[-1]] = t
-        return z
-
-    return DetectorOutput(
-        queries=base["queries"], boxes=base["boxes"], logits=base["logits"],
-        enc_maps={4: [canvas(m, s, map_fill) for m, s in zip(base["maps"], STRIDES, strict=True)]},
-        c1=canvas(base["c1"], 4), input_hw=torch.tensor([[h, w]] * b), orig_hw=torch.tensor([[2 * h, 2 * w]] * b),
-        level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES]] * b)).validate()
-
-
-def build(cfg: MaskNetConfig, c1_channels: int = D_MODEL) -> MaskNet:
-    return build_masknet(cfg, d_model=D_MODEL, level_strides=STRIDES, c1_channels=c1_channels)
-
+from tests._masknet_models import D_MODEL, build, make_det, tiny_cfg
 
 def check_forward_backward(model: MaskNet, det: DetectorOutput) -> MaskNetOutput:
     # Deformable DETR zero-initialises the offset/attention-weight projections, which makes the gradient
@@ -222,15 +174,7 @@ def test_baseline_config_and_recipe_loading(tmp_path) -> None:
         load_masknet_config(None, ["masknet.mask_head.kind=conv"])
 
 
-def test_masknet_never_imports_detectors() -> None:
+def test_masknet_never_imports_detectors(fresh_imports: dict[str, list[str]]) -> None:
     """The mask network only ever sees tensors (stage 2 never imports mfdetr.detectors)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO, cli_env
-
-    code = ("import sys, mfdetr.masknet, mfdetr.masknet.complexity; "
-            "bad = [m for m in sys.modules if m.startswith('mfdetr.detectors')]; assert not bad, bad")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    bad = [m for m in fresh_imports["masknet"] if m.startswith("mfdetr.detectors")]
+    assert not bad, bad

@@ -13,43 +13,8 @@ from mfdetr.masknet import MaskNet
 from mfdetr.masknet.criterion import MaskCriterion
 from mfdetr.masknet.losses import LossConfig
 from mfdetr.masknet.positives import PositivesOnly, cap_positives, cap_seed
-from mfdetr.masknet.targets import AssignConfig, Assignment, assign, pred_boxes_original
-from tests.test_masknet_model import build, make_det, tiny_cfg
-
-K = 6
-
-
-def gts_for(det: DetectorOutput, queries: list[list[int]]) -> list[GTInstances]:
-    """Per image, one GT per listed query: its (clamped) predicted box, with an elliptic mask inside."""
-    boxes = pred_boxes_original(det)
-    out = []
-    for b, qs in enumerate(queries):
-        h0, w0 = (int(v) for v in det.orig_hw[b].tolist())
-        yy, xx = torch.meshgrid(torch.arange(h0) + 0.5, torch.arange(w0) + 0.5, indexing="ij")
-        gb, masks = [], []
-        for q in qs:
-            x0, y0, x1, y1 = boxes[b, q].tolist()
-            x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, w0), min(y1, h0)
-            gb.append([x0, y0, x1, y1])
-            cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-            masks.append(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1)
-        n = len(qs)
-        out.append(GTInstances(boxes=torch.tensor(gb, dtype=torch.float32).reshape(n, 4),
-                               labels=torch.ones(n, dtype=torch.long),
-                               masks=torch.stack(masks) if masks else torch.zeros(0, h0, w0, dtype=torch.bool),
-                               iscrowd=torch.zeros(n, dtype=torch.bool), image_id=100 + b, orig_hw=(h0, w0)))
-    return out
-
-
-def model64(overrides: tuple[str, ...] = ()) -> MaskNet:
-    torch.manual_seed(0)
-    model = build(tiny_cfg(overrides)).double()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # away from the zero-initialised deformable projections (all gradients non-zero)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
-    return model
-
+from mfdetr.masknet.targets import AssignConfig, Assignment, assign
+from tests._masknet_models import K, det64, gts_for, model64
 
 def run(model: MaskNet, det: DetectorOutput, gts: list[GTInstances], *, positives: bool,
         assign_cfg: AssignConfig | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor | None], int]:
@@ -79,10 +44,6 @@ def assert_same(a: tuple, b: tuple) -> None:
         assert (ga[n] is None) == (gb[n] is None), n
         if ga[n] is not None:
             assert float((ga[n] - gb[n]).abs().max()) <= 1e-10, (n, float((ga[n] - gb[n]).abs().max()))
-
-
-def det64(b: int = 2) -> DetectorOutput:
-    return make_det(b=b, k=K).to("cpu", dtype=torch.float64)
 
 
 @pytest.mark.parametrize("method", ["box_iou", "hungarian"])

@@ -174,7 +174,7 @@ def test_cached_runs_refuse_online_settings_and_finetuned_checkpoints(synth: dic
             "--config", str(cfg), "--out", str(tmp_path / "ft"), "--topk", "10", *TINY_MASKNET)
     assert r.returncode == 0, r.stderr
     r = cli("cache", "--detector", NAME, "--checkpoint", str(synth["det"]), "--coco", str(synth["coco"]),
-            "--split", "val2017", "--out", str(tmp_path / "cache"), "--topk", "10")
+            "--split", "val2017", "--out", str(tmp_path / "cache"), "--topk", "10", "--workers", "0")
     assert r.returncode == 0, r.stderr
     r = cli("eval", "--cache", str(tmp_path / "cache"), "--coco", str(synth["coco"]),
             "--checkpoint", str(tmp_path / "ft" / "ckpt.pt"))
