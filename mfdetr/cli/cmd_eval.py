@@ -147,12 +147,12 @@ def _check_model_args(checkpoint: Path | None, config: Path | None, batch_size: 
 
 def _eval_baseline(run: _Settings, *, baseline: str, skip_damaged: bool, model_args: bool, job: dict) -> None:
     """``mfdetr eval --baseline sam``: SAM prompted with the cache's boxes, next to a trained MaskNet."""
-    from mfdetr.engine.inference.sam_baseline import BaselineJob, run_baseline
     from mfdetr.errors import MfdetrError
 
     if model_args:
         raise MfdetrError("--baseline compares on a --cache with a trained --masknet RUN/ckpt.pt (no --online, "
                           "--config or overrides)")
+    from mfdetr.engine.inference.sam_baseline import BaselineJob, run_baseline
 
     job = dict(job, max_images=run.max_images, device=run.device, evaluator=run.evaluator, out=run.out)
     run_baseline(BaselineJob(**job), baseline=baseline, skip_damaged=skip_damaged, echo=typer.echo)
