@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mfdetr.cache import CacheJob, CacheStore, run_cache  # noqa: E402
+from mfdetr.cache.run import CacheSummary  # noqa: E402
 from mfdetr.cache.schema import enc_array_name  # noqa: E402
 from mfdetr.contracts import DetectorOutput, DetectorPreset, ImageBatch, Preprocessing, coco91_identity  # noqa: E402
 from mfdetr.detectors.registry import build_detector, list_detectors, load_plugins, register_detector  # noqa: E402
@@ -194,7 +195,7 @@ def preset_table(store: Path) -> list[str]:
     """Bytes/image of every codec preset, C1 stored and not, over the store's finished (lossless) images."""
     from mfdetr.cache.codecs import PRESETS
     from mfdetr.cache.sizes import numcodecs_chain, encoded_size
-    from mfdetr.cache.store import stored_bytes
+    from mfdetr.cache.chunk_files import stored_bytes
 
     st = CacheStore.open(store)
     m = st.manifest
@@ -223,7 +224,7 @@ def preset_table(store: Path) -> list[str]:
     return lines
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--detector", default=SYNTH_NAME)
     ap.add_argument("--checkpoint", type=Path, default=None)
@@ -242,11 +243,12 @@ def main() -> None:
                     help="synthetic detector: generate outputs once (warm-up), then each forward only sleeps "
                          "--emulate-ms (a GPU detector leaves the host CPU free for the writer)")
     ap.add_argument("--workdir", type=Path, default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    load_plugins()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cache_"))
-    work.mkdir(parents=True, exist_ok=True)
+
+def _data_and_checkpoint(args: argparse.Namespace, work: Path) -> tuple[Path, Path | None]:
+    """The COCO folder (a fresh synthetic set unless --coco) and the detector checkpoint (the synthetic
+    detector registered, with a placeholder file, when it is the one benchmarked)."""
     coco = args.coco
     if coco is None:
         from mfdetr.data import SynthConfig, generate_synth
@@ -262,6 +264,15 @@ def main() -> None:
         if checkpoint is None:
             checkpoint = work / "synthetic.ckpt"
             checkpoint.write_bytes(b"synthetic detector: no weights")
+    return coco, checkpoint
+
+
+def main() -> None:
+    args = _parse_args()
+    load_plugins()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cache_"))
+    work.mkdir(parents=True, exist_ok=True)
+    coco, checkpoint = _data_and_checkpoint(args, work)
     detector = build_detector(args.detector, checkpoint=checkpoint, device=args.device)
     out = work / "store"
     shutil.rmtree(out, ignore_errors=True)
@@ -276,6 +287,19 @@ def main() -> None:
     fwd2 = forward_only(detector, job)  # again after: machine load drifts, report both
     wr = writer_only(detector, job, out)
     rd = reader(out)
+    _report(args, summary, fwd=fwd, fwd2=fwd2, cache_ips=cache_ips, writer_ips=wr, reader_ips=rd)
+    for line in codec_table(out):
+        print(line)
+    for line in preset_table(out):
+        print(line)
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(args: argparse.Namespace, summary: CacheSummary, *, fwd: float, fwd2: float, cache_ips: float,
+            writer_ips: float, reader_ips: float) -> None:
+    """Print the throughputs of detector, cache run, writer and reader, and the bytes per image."""
+    wr, rd = writer_ips, reader_ips
     st = summary.stats
     stored = sum(st.stored.values())
     valid = sum(v for k, v in st.raw_valid.items() if k not in ("commit", "skip_reason"))
@@ -298,12 +322,6 @@ def main() -> None:
         print(f"  {name:22s} stored {st.stored[name] / st.done / 1e3:9.1f} KB/img  raw valid "
               f"{st.raw_valid[name] / st.done / 1e3:9.1f} KB/img  stored/raw valid "
               f"{st.stored[name] / max(st.raw_valid[name], 1):.3f}")
-    for line in codec_table(out):
-        print(line)
-    for line in preset_table(out):
-        print(line)
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from tqdm import tqdm
 from mfdetr.cache.codecs import filters_metadata_of
 from mfdetr.cache.location import RemotePath, file_size
 from mfdetr.cache.reader import CacheStore
-from mfdetr.cache.store import _describe_compressors, human_bytes as _human, stored_bytes
+from mfdetr.cache.chunk_files import human_bytes as _human, stored_bytes
+from mfdetr.cache.store import _describe_compressors
 from mfdetr.cache.verify import find_damaged
 from mfdetr.cache.views import base_name, combined_commit, view_array_name
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED
@@ -36,7 +37,6 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     temporaries of killed writers).
     """
     store = CacheStore.open(path)
-    m = store.manifest
     views = store.views
     view_flags, view_damage = _check_views(store, verify=verify, progress=progress)
     per_view = {v: _counts(view_flags[v], view_damage[v]) for v in views}
@@ -49,15 +49,7 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
                                                                                    COMMIT_PENDING))
     flag_done = int((flags == COMMIT_DONE).sum())
     status = f"{len(damage)} DAMAGED image(s)" if damage else "valid"
-    lines = [f"cache {store.path}: {status} (schema v{m['schema_version']}, format {m['format']}, "
-             f"checksums {'crc32c' if m['codecs'].get('checksum') else 'none'})", "manifest:"]
-    for key, value in m.items():
-        if key in ("detector", "category_map", "arrays"):
-            continue
-        lines.append(f"  {key}: {json.dumps(value)}")
-    det = m["detector"]
-    lines.append(f"  detector: {det['name']} (family {det['family']}, {det['num_classes']} classes, "
-                 f"{det['num_encoder_layers']} encoder layers); category_map: {len(m['category_map'])} slots")
+    lines = _manifest_lines(store, status)
     checked = ("every committed image decoded and checked" if verify
                else "commit flags and chunk files checked; --verify decodes every image")
     lines.append(f"completeness: {done}/{len(flags)} done, {skipped} skipped, {pending} pending, "
@@ -66,20 +58,12 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
         for v, c in per_view.items():
             lines.append(f"  view {v}: {c['done']} done, {c['skipped']} skipped, {c['pending']} pending, "
                          f"{c['damaged']} damaged")
-    for d in damage[:max_skips]:
-        lines.append(f"  damaged {d.describe()}")
-    if len(damage) > max_skips:
-        lines.append(f"  ... {len(damage) - max_skips} more damaged")
     skips = store.skipped()
-    for index, image_id, reason in skips[:max_skips]:
-        lines.append(f"  skipped index {index} (image id {image_id}): {reason}")
-    if len(skips) > max_skips:
-        lines.append(f"  ... {len(skips) - max_skips} more skipped")
+    lines += _damage_and_skip_lines(damage, skips, max_skips)
     written = flag_done + skipped
     lines.append(f"arrays (stored bytes vs raw bytes of the {written} written chunks):")
     arrays, total = _arrays(store, view_flags, lines)
-    partial = 0 if isinstance(store.path, RemotePath) else sum(  # object stores have no temporaries
-        1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
+    partial = _partial_files(store)
     lines.append(f"bytes on disk: {_human(stored_bytes(store.path))}"
                  + (f"; {_human(total / flag_done)}/image" if flag_done else ""))
     if partial:
@@ -89,6 +73,40 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
              "damage": damage, "verified": verify, "num_images": len(flags), "arrays": arrays,
              "partial_files": partial, "skips": skips, "views": per_view}
     return lines, facts
+
+
+def _manifest_lines(store: CacheStore, status: str) -> list[str]:
+    """The report's first line and its manifest section (one line per key, the detector summarised)."""
+    m = store.manifest
+    lines = [f"cache {store.path}: {status} (schema v{m['schema_version']}, format {m['format']}, "
+             f"checksums {'crc32c' if m['codecs'].get('checksum') else 'none'})", "manifest:"]
+    for key, value in m.items():
+        if key in ("detector", "category_map", "arrays"):
+            continue
+        lines.append(f"  {key}: {json.dumps(value)}")
+    det = m["detector"]
+    lines.append(f"  detector: {det['name']} (family {det['family']}, {det['num_classes']} classes, "
+                 f"{det['num_encoder_layers']} encoder layers); category_map: {len(m['category_map'])} slots")
+    return lines
+
+
+def _damage_and_skip_lines(damage: list[Any], skips: list[tuple[int, int, str]], max_skips: int) -> list[str]:
+    """One line per damaged and per skipped image, at most ``max_skips`` of each (then how many more)."""
+    lines = [f"  damaged {d.describe()}" for d in damage[:max_skips]]
+    if len(damage) > max_skips:
+        lines.append(f"  ... {len(damage) - max_skips} more damaged")
+    for index, image_id, reason in skips[:max_skips]:
+        lines.append(f"  skipped index {index} (image id {image_id}): {reason}")
+    if len(skips) > max_skips:
+        lines.append(f"  ... {len(skips) - max_skips} more skipped")
+    return lines
+
+
+def _partial_files(store: CacheStore) -> int:
+    """How many leftover ``.partial`` temporaries of killed writers the store holds (object stores have none)."""
+    if isinstance(store.path, RemotePath):
+        return 0
+    return sum(1 for _d, _s, files in os.walk(store.path) for f in files if f.endswith(".partial"))
 
 
 def _arrays(store: CacheStore, view_flags: dict[str, np.ndarray], lines: list[str]) -> tuple[dict[str, Any], int]:

@@ -5,22 +5,26 @@ looks the detector preset up in the registry."""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mfdetr.cache.codecs import DEFAULT_PRESET, get_preset as get_codec_preset
 from mfdetr.cache.manifest import build_manifest, sha256_file
 from mfdetr.cache.sizes import ratios_for, raw_bytes, size_table
-from mfdetr.cache.store import chunk_path
+from mfdetr.cache.chunk_files import chunk_path
 from mfdetr.cache.views import ORIG, parse_views, store_views, view_array_name
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED
 from mfdetr.data import CocoInstances, resized_hw
 from mfdetr.errors import MfdetrError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -176,3 +180,34 @@ def reset_damaged(out_path: Path, root: Any, plan: _Plan, *, full: bool, echo: C
 
 
 __all__ = ["CacheJob", "estimate_bytes", "parse_shard", "plan_job", "reset_damaged", "resolve_shard"]
+
+
+def _stage0_module(detector: Any, name: str) -> nn.Module:
+    """The frozen stage 0 (stem + first backbone stage) that produced the detector's C1."""
+    fn = getattr(getattr(detector, "body", None), "stage0", None)
+    if not callable(fn):
+        raise MfdetrError(f"detector {name} does not expose its backbone's stage 0, so its C1 cannot be "
+                          "recomputed: use --c1 store")
+    return fn()
+
+
+def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A ``--c1 recompute`` store's manifest (no c1 array; the stage 0's sha256) and its stage-0 files
+    (:mod:`mfdetr.cache.stage0`), exported from ``detector`` on a seeded random input (on the CPU)."""
+    import torch
+
+    from mfdetr.cache.schema import resolve_array_table
+    from mfdetr.cache.stage0 import PROGRAM_FILE, WEIGHTS_FILE, export_stage0, sha256_bytes
+
+    # traced and verified on the CPU (deterministic kernels), whatever device the detector runs on
+    module = copy.deepcopy(_stage0_module(detector, plan.preset.name)).cpu()
+    pre = plan.preset.preprocessing
+    h = min(pre.short_side, 224)
+    w = min(pre.max_size, h * 4 // 3 + 3)
+    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    program, weights = export_stage0(module, example)
+    entry = {"mode": "recompute", "stage0": {"program": PROGRAM_FILE, "program_sha256": sha256_bytes(program),
+                                             "weights": WEIGHTS_FILE, "weights_sha256": sha256_bytes(weights)}}
+    m = {**{k: v for k, v in plan.manifest.items() if k != "arrays"}, "c1": entry}
+    m["arrays"] = [a.name for a in resolve_array_table(m)]
+    return m, {PROGRAM_FILE: program, WEIGHTS_FILE: weights}

@@ -20,7 +20,8 @@ from mfdetr.cache.location import RemotePath, store_location, zarr_target
 from mfdetr.cache.manifest import check_expectations, manifest_sha256
 from mfdetr.cache.readthrough import default_cache_root, read_through
 from mfdetr.cache.schema import base_array_table, c1_mode, enc_array_name
-from mfdetr.cache.store import open_validated, read_commit_flags
+from mfdetr.cache.chunk_files import read_commit_flags
+from mfdetr.cache.store import open_validated
 from mfdetr.cache.verify import Damage, DamagedImage, checked_read, geometry_problem
 from mfdetr.cache.views import ORIG, store_views, view_array_name
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED

@@ -10,7 +10,6 @@ only images whose commit flag is unset are computed. Shards (``--shard i/n`` or 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import contextlib
 import time
@@ -26,17 +25,17 @@ from tqdm import tqdm
 from mfdetr.cache.codecs import with_codec_defaults
 from mfdetr.cache.manifest import sha256_file
 from mfdetr.cache.sizes import format_size_table
-from mfdetr.cache.store import human_bytes as _human
 from mfdetr.devices import resolve_device
 from mfdetr.cache.location import RemotePath, is_remote, remote_error, storage_problem, store_location
-from mfdetr.cache.store import open_for_writing, stored_bytes
+from mfdetr.cache.chunk_files import human_bytes as _human, stored_bytes
+from mfdetr.cache.store import open_for_writing
 from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
                                  WriteStats)
 from mfdetr.cache.views import ORIG, flip_batch, read_all_commits, store_views
 from mfdetr.contracts import DetectorOutput, FrozenDetector
 from mfdetr.data import iterate_batches, run_or_skip, same_size_batches
-from mfdetr.cache.plan import (CacheJob, _Plan, _todo, estimate_bytes, parse_shard, plan_job, reset_damaged,
-                               resolve_shard)
+from mfdetr.cache.plan import (CacheJob, _Plan, _todo, estimate_bytes, parse_shard, plan_job, recompute_manifest,
+                               reset_damaged, resolve_shard)
 from mfdetr.errors import MfdetrError
 from mfdetr.outputs import atomic_write_text
 
@@ -124,35 +123,6 @@ def _dry_run(job: CacheJob, plan: _Plan, summary: CacheSummary, echo: Callable[[
     for line in format_size_table(est["table"], chosen=(job.codec, job.c1), note=est["ratio_source"], n_images=n):
         echo(line)
     return summary
-
-
-def _stage0_module(detector: Any, name: str) -> torch.nn.Module:
-    """The frozen stage 0 (stem + first backbone stage) that produced the detector's C1."""
-    fn = getattr(getattr(detector, "body", None), "stage0", None)
-    if not callable(fn):
-        raise MfdetrError(f"detector {name} does not expose its backbone's stage 0, so its C1 cannot be "
-                          "recomputed: use --c1 store")
-    return fn()
-
-
-def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """A ``--c1 recompute`` store's manifest (no c1 array; the stage 0's sha256) and its stage-0 files
-    (:mod:`mfdetr.cache.stage0`), exported from ``detector`` on a seeded random input (on the CPU)."""
-    from mfdetr.cache.schema import resolve_array_table
-    from mfdetr.cache.stage0 import PROGRAM_FILE, WEIGHTS_FILE, export_stage0, sha256_bytes
-
-    # traced and verified on the CPU (deterministic kernels), whatever device the detector runs on
-    module = copy.deepcopy(_stage0_module(detector, plan.preset.name)).cpu()
-    pre = plan.preset.preprocessing
-    h = min(pre.short_side, 224)
-    w = min(pre.max_size, h * 4 // 3 + 3)
-    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    program, weights = export_stage0(module, example)
-    entry = {"mode": "recompute", "stage0": {"program": PROGRAM_FILE, "program_sha256": sha256_bytes(program),
-                                             "weights": WEIGHTS_FILE, "weights_sha256": sha256_bytes(weights)}}
-    m = {**{k: v for k, v in plan.manifest.items() if k != "arrays"}, "c1": entry}
-    m["arrays"] = [a.name for a in resolve_array_table(m)]
-    return m, {PROGRAM_FILE: program, WEIGHTS_FILE: weights}
 
 
 def _image_sha256(plan: _Plan, image_ids: list[int]) -> list[dict[str, np.ndarray]]:
@@ -332,6 +302,3 @@ def format_summary(s: CacheSummary) -> list[str]:
                          f"{cb / max(sb, 1):6.2f}x {vb / max(sb, 1):6.2f}x")
     return lines
 
-
-__all__ = ["CacheJob", "CacheSummary", "estimate_bytes", "format_summary",
-           "parse_shard", "plan_job", "resolve_shard", "run_cache"]

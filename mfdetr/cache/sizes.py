@@ -127,7 +127,7 @@ def size_table(raw: dict[str, float], n_images: int, ratios: dict[str, dict[str,
 
 def format_size_table(rows: list[SizeRow], *, chosen: tuple[str, str], note: str, n_images: int) -> list[str]:
     """The dry run's lines: one per preset and C1 mode, the chosen one marked ``*``."""
-    from mfdetr.cache.store import human_bytes
+    from mfdetr.cache.chunk_files import human_bytes
 
     lines = [f"size per codec preset and C1 mode ({note}):",
              f"  {'codec':12s} {'C1':10s} {'bytes/image':>12s} {'split total (' + str(n_images) + ' images)':>26s}"]

@@ -42,23 +42,21 @@ WEIGHTS_FILE = "stage0/weights.pt"
 
 #: ATen ops (``name.overload``) a stored stage 0 may call: pure tensor math of conv / BN / pooling /
 #: token backbones. Anything else is refused at export and at load.
-ALLOWED_ATEN = frozenset({
-    "conv2d.default", "convolution.default", "batch_norm.default", "_native_batch_norm_legit_no_training.default",
-    "relu.default", "relu_.default", "gelu.default", "silu.default", "sigmoid.default", "tanh.default",
-    "max_pool2d.default", "max_pool2d_with_indices.default", "avg_pool2d.default", "adaptive_avg_pool2d.default",
-    "add.Tensor", "add_.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor", "mul_.Tensor",
-    "mul.Scalar", "div.Tensor", "div.Scalar", "rsqrt.default", "sqrt.default", "pow.Tensor_Scalar",
-    "mean.dim", "sum.dim_IntList", "layer_norm.default", "group_norm.default", "linear.default",
-    "matmul.default", "bmm.default", "softmax.int", "_softmax.default", "view.default", "reshape.default",
-    "permute.default", "transpose.int", "contiguous.default", "clone.default", "flatten.using_ints",
-    "unsqueeze.default", "squeeze.dim", "expand.default", "slice.Tensor", "select.int", "cat.default",
-    "stack.default", "split.Tensor", "chunk.default", "pad.default", "constant_pad_nd.default", "roll.default",
-    "to.dtype", "_to_copy.default", "sym_size.int", "dropout.default", "unbind.int", "masked_fill.Scalar",
-    "index.Tensor", "index_select.default", "gather.default", "split_with_sizes.default", "unfold.default",
-    "t.default", "addmm.default", "baddbmm.default", "_unsafe_view.default", "where.self", "abs.default",
-    "exp.default", "log.default", "amax.default", "max.dim", "eq.Scalar", "ne.Scalar", "gt.Scalar", "lt.Scalar",
-    "zeros.default", "new_zeros.default", "zeros_like.default", "ones_like.default", "full_like.default", "full.default", "arange.default", "arange.start", "fill_.Scalar",
-})
+ALLOWED_ATEN = frozenset("""
+    conv2d.default convolution.default batch_norm.default _native_batch_norm_legit_no_training.default relu.default
+    relu_.default gelu.default silu.default sigmoid.default tanh.default max_pool2d.default
+    max_pool2d_with_indices.default avg_pool2d.default adaptive_avg_pool2d.default add.Tensor add_.Tensor
+    add.Scalar sub.Tensor sub.Scalar mul.Tensor mul_.Tensor mul.Scalar div.Tensor div.Scalar rsqrt.default
+    sqrt.default pow.Tensor_Scalar mean.dim sum.dim_IntList layer_norm.default group_norm.default linear.default
+    matmul.default bmm.default softmax.int _softmax.default view.default reshape.default permute.default
+    transpose.int contiguous.default clone.default flatten.using_ints unsqueeze.default squeeze.dim expand.default
+    slice.Tensor select.int cat.default stack.default split.Tensor chunk.default pad.default
+    constant_pad_nd.default roll.default to.dtype _to_copy.default sym_size.int dropout.default unbind.int
+    masked_fill.Scalar index.Tensor index_select.default gather.default split_with_sizes.default unfold.default
+    t.default addmm.default baddbmm.default _unsafe_view.default where.self abs.default exp.default log.default
+    amax.default max.dim eq.Scalar ne.Scalar gt.Scalar lt.Scalar zeros.default new_zeros.default zeros_like.default
+    ones_like.default full_like.default full.default arange.default arange.start fill_.Scalar
+""".split())
 #: Python-level calls in an exported graph: result indexing and integer arithmetic on dynamic sizes.
 PY_OPS: dict[str, Callable[..., Any]] = {
     "getitem": operator.getitem, "add": operator.add, "sub": operator.sub, "mul": operator.mul,

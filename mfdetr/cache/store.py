@@ -24,6 +24,8 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,13 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+# the store's files, re-exported: imported from here by the cache's modules and its users
+from mfdetr.cache.chunk_files import chunk_path as chunk_path
+from mfdetr.cache.chunk_files import human_bytes as human_bytes
+from mfdetr.cache.chunk_files import read_commit_flags as read_commit_flags
+from mfdetr.cache.chunk_files import stored_bytes as stored_bytes
 from mfdetr.cache.codecs import feature_filters, filters_metadata_of, preset_of, with_codec_defaults
-from mfdetr.cache.location import (CREATOR_OBJECT, RemotePath, claim_creation, is_remote, remote_error, storage_problem,
+from mfdetr.cache.location import (CREATOR_OBJECT, RemotePath, claim_creation, remote_error, storage_problem,
                                    store_location, wait_for_manifest, zarr_target)
 from mfdetr.cache.manifest import MANIFEST_ATTR, image_ids_sha256, manifest_differences, validate_manifest_data
 from mfdetr.cache.schema import ArraySpec, resolve_array_table
@@ -177,7 +184,7 @@ def _check_same_manifest(root: zarr.Group, have: dict[str, Any], manifest: dict[
 def _open_remote_for_writing(path: RemotePath, manifest: dict[str, Any], image_ids: np.ndarray,
                              extra_files: dict[str, bytes] | None) -> zarr.Group:
     """:func:`open_for_writing` on object storage: creation claimed by an exclusive-create object."""
-    try:
+    with _storage_errors(path, "create or open the cache store"):
         if not _remote_has_store(path):
             if claim_creation(path):
                 if not _remote_has_store(path):
@@ -188,12 +195,20 @@ def _open_remote_for_writing(path: RemotePath, manifest: dict[str, Any], image_i
         root, have = _open_root(path)
         _check_same_manifest(root, have, manifest, path)
         return zarr.open_group(zarr_target(path, read_only=False), mode="r+", zarr_format=3)
+
+
+@contextmanager
+def _storage_errors(path: RemotePath, action: str) -> Iterator[None]:
+    """Re-raise a storage problem (credentials, network, permissions...) of the block as one
+    :class:`MfdetrError` line saying what could not be done (``action``); anything else passes unchanged."""
+    try:
+        yield
     except MfdetrError:
         raise
     except Exception as e:
         if storage_problem(e) is None:
             raise
-        raise remote_error(path, e, "create or open the cache store") from None
+        raise remote_error(path, e, action) from None
 
 
 def _remote_has_store(path: RemotePath) -> bool:
@@ -219,15 +234,9 @@ def _missing_remote(path: RemotePath) -> MfdetrError:
 
 def _open_root(path: Path | RemotePath) -> tuple[zarr.Group, dict[str, Any]]:
     if isinstance(path, RemotePath):
-        try:
+        with _storage_errors(path, "open the cache store"):
             if not (path / "zarr.json").exists():
                 raise _missing_remote(path)
-        except MfdetrError:
-            raise
-        except Exception as e:
-            if storage_problem(e) is None:
-                raise
-            raise remote_error(path, e, "open the cache store") from None
     elif not path.is_dir():
         raise MfdetrError("cache store not found (expected a directory made by `mfdetr cache`)", path=path)
     try:
@@ -298,78 +307,3 @@ def open_validated(path: str | Path, *, mode: str = "r") -> tuple[zarr.Group, di
     if mode != "r":
         root = zarr.open_group(zarr_target(path, read_only=False), mode=mode, zarr_format=3)
     return root, manifest
-
-
-def chunk_path(root_dir: str | Path | RemotePath, arr: zarr.Array, index: int) -> Path | RemotePath:
-    """File (or object) holding image ``index``'s chunk (or shard) of ``arr`` (one image per file along N)."""
-    key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
-    return store_location(root_dir) / arr.path / key
-
-
-def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
-    """All commit flags [N] uint8 (0 pending, 1 done, 2 skipped).
-
-    Fast path (~4x faster than one zarr read per chunk; seconds for COCO train): the commit array is
-    stored uncompressed with one 1-byte chunk per image under ``commit/c/<i>`` (schema v1), so the flags
-    are the contents of the chunk files present; missing files are pending, a file of another length
-    reads as 255 (damaged: neither pending, done nor skipped). Leftover ``*.partial``
-    temporaries of killed writers are ignored (zarr renames a chunk file into place only when complete).
-    Falls back to zarr for any other layout.
-    """
-    enc = arr.metadata.chunk_key_encoding
-    if arr.compressors or arr.ndim != 1 or arr.chunks != (1,) or enc.to_dict() != {
-            "name": "default", "configuration": {"separator": "/"}}:
-        return np.asarray(arr[:], dtype=np.uint8)
-    flags = np.zeros(arr.shape[0], dtype=np.uint8)
-    if is_remote(root_dir):
-        return _remote_commit_flags(store_location(root_dir) / arr.path / "c", flags)  # type: ignore[arg-type]
-    base = Path(root_dir) / arr.path / "c"
-    if not base.is_dir():
-        return flags
-    for entry in os.scandir(base):
-        if entry.name.isdigit() and int(entry.name) < len(flags):
-            with open(entry.path, "rb") as f:
-                raw = f.read(2)
-            flags[int(entry.name)] = raw[0] if len(raw) == 1 else 255
-    return flags
-
-
-def _remote_commit_flags(base: RemotePath, flags: np.ndarray) -> np.ndarray:
-    """:func:`read_commit_flags` on object storage: one listing, then the present flags in one batch."""
-    names = [n for n in base.listdir() if n.isdigit() and int(n) < len(flags)]
-    if not names:
-        return flags
-    got = base.fs.cat([f"{base.path}/{n}" for n in names], on_error="return")
-    for n in names:
-        raw = got.get(f"{base.path}/{n}")
-        if isinstance(raw, BaseException):
-            if isinstance(raw, FileNotFoundError):
-                continue
-            raise raw
-        flags[int(n)] = raw[0] if len(raw) == 1 else 255
-    return flags
-
-
-def stored_bytes(root_dir: str | Path | RemotePath, name: str | None = None) -> int:
-    """Bytes on disk (or in the object store) under the store (or under one array)."""
-    if is_remote(root_dir):
-        loc = store_location(root_dir)
-        return sum((loc / name if name else loc).sizes_under().values())  # type: ignore[union-attr]
-    base = Path(root_dir) / name if name else Path(root_dir)
-    total = 0
-    for dirpath, _dirs, files in os.walk(base):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(dirpath, f)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
-def human_bytes(n: float) -> str:
-    """``n`` bytes as a short human string (decimal units: 1.5 MB = 1,500,000 bytes)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"

@@ -28,7 +28,7 @@ import zarr
 
 from mfdetr.cache.location import file_size, is_remote, remote_error, storage_problem
 from mfdetr.cache.readthrough import ReadThroughStore
-from mfdetr.cache.store import chunk_path
+from mfdetr.cache.chunk_files import chunk_path
 from mfdetr.errors import MfdetrError
 
 COMMIT_DONE, COMMIT_SKIPPED = 1, 2

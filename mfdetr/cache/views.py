@@ -106,7 +106,7 @@ def combined_commit(flags: Sequence[np.ndarray]) -> np.ndarray:
 
 def read_all_commits(root_dir: str | Path, root: Any, manifest: Mapping[str, Any]) -> np.ndarray:
     """:func:`combined_commit` of every view's commit flags as stored under ``root_dir``."""
-    from mfdetr.cache.store import read_commit_flags
+    from mfdetr.cache.chunk_files import read_commit_flags
 
     return combined_commit([read_commit_flags(root_dir, root[view_array_name(v, "commit")])
                             for v in store_views(manifest)])

@@ -30,7 +30,7 @@ import zarr
 from mfdetr.cache.codecs import check_encodable
 from mfdetr.cache.schema import SKIP_REASON_BYTES, base_array_table, enc_array_name
 from mfdetr.cache.location import file_size, is_remote, remote_error, storage_problem, store_location
-from mfdetr.cache.store import chunk_path
+from mfdetr.cache.chunk_files import chunk_path
 from mfdetr.cache.views import ORIG, view_array_name
 from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError

@@ -18,210 +18,28 @@ detector then runs with gradients and under the run's autocast).
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mfdetr.contracts import DetectorOutput, ImageBatch
-from mfdetr.engine.collate import Stage2Batch
-from mfdetr.engine.screening import readable_indices, runnable_indices
+# the detector step, re-exported: the online mode's public names stay importable from here
+from mfdetr.engine.online_step import DetectorStep as DetectorStep
+from mfdetr.engine.online_step import ImageStep as ImageStep
+from mfdetr.engine.online_step import OnlineEvalSet as OnlineEvalSet
+from mfdetr.engine.online_step import _detector_step
+from mfdetr.engine.online_step import detector_manifest as detector_manifest
+from mfdetr.engine.online_step import online_source as online_source
+from mfdetr.engine.online_step import round_features as round_features
+from mfdetr.engine.online_step import zero_padding as zero_padding
+from mfdetr.engine.screening import runnable_indices
 
 if TYPE_CHECKING:
     from mfdetr.engine.config import RunConfig
     from mfdetr.engine.sweep import SweepSpec, VariantResult
     from mfdetr.engine.trainer import TrainResult
-
-
-def zero_padding(det: DetectorOutput) -> DetectorOutput:
-    """Cut every map to the batch's largest valid size and zero each image's padding (cache layout)."""
-    lv = det.level_valid_hw.cpu()
-    enc: dict[int, list[torch.Tensor]] = {}
-    for layer, maps in det.enc_maps.items():
-        out = []
-        for lvl, m in enumerate(maps):
-            hmax, wmax = int(lv[:, lvl, 0].max()), int(lv[:, lvl, 1].max())
-            m = m[..., :hmax, :wmax].clone()
-            for b in range(m.shape[0]):
-                m[b, :, int(lv[b, lvl, 0]):, :] = 0
-                m[b, :, :, int(lv[b, lvl, 1]):] = 0
-            out.append(m)
-        enc[layer] = out
-    ihw = det.input_hw.cpu()
-    c1_hw = [(math.ceil(int(h) / 4), math.ceil(int(w) / 4)) for h, w in ihw.tolist()]
-    c1 = det.c1[..., : max(h for h, _ in c1_hw), : max(w for _, w in c1_hw)].clone()
-    for b, (h, w) in enumerate(c1_hw):
-        c1[b, :, h:, :] = 0
-        c1[b, :, :, w:] = 0
-    return replace(det, enc_maps=enc, c1=c1, extras=dict(det.extras))
-
-
-def round_features(det: DetectorOutput, dtype: torch.dtype) -> DetectorOutput:
-    """Round queries, encoder maps and C1 through ``dtype`` (the cache's float16), back to float32."""
-    def r(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).float()
-
-    rounded = det.map(r)  # the cache keeps boxes and logits exact: those are only made float32
-    return replace(rounded, boxes=det.boxes.float(), logits=det.logits.float())
-
-
-class DetectorStep:
-    """``prepare_batch`` of the online mode: ImageBatch → frozen detector → :class:`Stage2Batch`.
-
-    Args:
-        detector: the detector on the training device (``eval()``; frozen unless ``grad``).
-        topk: queries kept per image (the cache's K).
-        enc_layers: encoder layers to return (the MaskNet's ``enc_layer``).
-        round_dtype: round features through this dtype (``torch.float16`` = the cache's), or ``None``.
-        grad: run with gradients (fine-tuning); otherwise under ``torch.inference_mode``.
-        autocast_dtype: run the detector under autocast with this dtype (AMP on GPU), or ``None``.
-    """
-
-    def __init__(self, *, detector: Any, topk: int, enc_layers: Sequence[int],
-                 round_dtype: torch.dtype | None = torch.float16, grad: bool = False,
-                 autocast_dtype: torch.dtype | None = None) -> None:
-        self.detector = detector
-        self.topk = int(topk)
-        self.enc_layers = tuple(enc_layers)
-        self.round_dtype = round_dtype
-        self.grad = bool(grad)
-        self.autocast_dtype = autocast_dtype
-
-    def _detect(self, batch: ImageBatch, device: torch.device) -> DetectorOutput:
-        amp = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-               else contextlib.nullcontext())
-        with amp:
-            if self.grad:
-                return self.detector.detect(batch, topk=self.topk, enc_layers=self.enc_layers, grad=True)
-            with torch.inference_mode():
-                return self.detector.detect(batch, topk=self.topk, enc_layers=self.enc_layers)
-
-    def __call__(self, batch: ImageBatch, device: torch.device) -> Stage2Batch | ImageStep:
-        """The trainer's ``prepare_batch``: the detector's outputs; with ``grad`` only the images moved to
-        the device (:class:`ImageStep`: the fine-tuned model runs the detector inside its forward, so
-        DDP sees the detector's parameters used there)."""
-        if batch.targets is None:
-            raise ValueError("online training needs GT targets in the image batch")
-        if self.grad:
-            return ImageStep(images=batch.to(device), targets=[t.to(device) for t in batch.targets])
-        det, targets = self._run_kept(batch, device)
-        return Stage2Batch(det=det, targets=[t.to(device) for t in targets])
-
-    def run(self, batch: ImageBatch, device: torch.device) -> DetectorOutput:
-        """Detector outputs of ``batch`` in the cache's layout (zero padding, optional float16 rounding)."""
-        return self._run_kept(batch, device)[0]
-
-    def _run_kept(self, batch: ImageBatch, device: torch.device) -> tuple[DetectorOutput, list[Any]]:
-        """:meth:`run` on the images the detector can process, and their targets: an image it cannot
-        process (:func:`mfdetr.data.run_or_skip`) is reported on stderr and left out of the step (not
-        with ``grad``: the fine-tuned model's targets travel apart from its images)."""
-        import sys
-
-        from mfdetr.data import run_or_skip
-        from mfdetr.engine.collate import cat_detector_outputs
-        from mfdetr.errors import MfdetrError
-
-        if self.grad:
-            done, failed = [(batch, zero_padding(self._detect(batch.to(device), device)))], []
-        else:
-            done, failed = run_or_skip(lambda b: zero_padding(self._detect(b.to(device), device)), batch)
-        for pos, reason in failed:
-            print(f"mfdetr: left out image id {batch.image_ids[pos]} ({batch.file_names[pos]}): {reason}",
-                  file=sys.stderr)
-        if not done:
-            raise MfdetrError(f"the detector cannot process image ids {batch.image_ids} "
-                              f"({', '.join(batch.file_names)}): {failed[0][1]}")
-        det = done[0][1] if len(done) == 1 else cat_detector_outputs([o for _, o in done])
-        ids = [i for part, _ in done for i in part.image_ids]
-        targets = [t for part, _ in done for t in (part.targets or [])]
-        if self.round_dtype is not None:
-            det = round_features(det, self.round_dtype)
-        det = det.to(device, dtype=torch.float32)
-        if not self.grad:  # tensors made under inference mode cannot be saved for backward: plain copies
-            det = det.map(torch.Tensor.clone, sizes=torch.Tensor.clone)
-        det.extras = {"image_id": ids}
-        return det, targets
-
-
-@dataclass
-class ImageStep:
-    """A training batch whose detector runs inside the model (fine-tuning): unpacks as ``images, targets``."""
-
-    images: ImageBatch
-    targets: list[Any]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __iter__(self) -> Any:
-        return iter((self.images, self.targets))
-
-
-def detector_manifest(preset: Any, topk: int) -> dict[str, Any]:
-    """The manifest fields MaskNet is built from, taken from a detector preset (no cache involved)."""
-    return {"hidden_dim": preset.hidden_dim, "level_strides": list(preset.level_strides),
-            "c1_channels": preset.c1_channels, "topk": int(topk), "category_map": list(preset.class_to_category),
-            "num_classes": preset.num_classes, "detector": {"name": preset.name}}
-
-
-class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """A COCO split seen through the detector, image by image (batch 1, like the cache): items
-    ``(DetectorOutput B=1, GTInstances)`` as :class:`~mfdetr.engine.cache_data.CacheDataset` gives, so
-    :func:`~mfdetr.engine.stage2.evaluate_masknet` evaluates online runs (and fine-tuned detectors).
-    Runs the detector in the calling process: use it with ``num_workers = 0``."""
-
-    def __init__(self, coco: Any, step: DetectorStep, device: torch.device, max_images: int = 0,
-                 coarsest_stride: int = 0) -> None:
-        self.coco = coco
-        self.step = step
-        self.device = device
-        n = len(coco) if max_images <= 0 else min(max_images, len(coco))
-        #: the images evaluated: readable (header check) and of a size the detector can process
-        #: (:func:`runnable_indices`); the others are reported on stderr
-        self.indices = runnable_indices(coco, step._detect, device, readable_indices(coco, range(n)), coarsest_stride)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[DetectorOutput, Any] | None:
-        """``(detector outputs, GT)``, or ``None`` (reported on stderr) for an image that fails to decode:
-        :func:`~mfdetr.engine.stage2.evaluate_masknet` then scores the others."""
-        import sys
-
-        from mfdetr.data import collate
-        from mfdetr.errors import SkipImage
-
-        try:
-            item = self.coco[self.indices[i]]
-        except SkipImage as e:
-            print(f"mfdetr: skipped {e}", file=sys.stderr)
-            return None
-        with torch.no_grad():
-            det = self.step.run(collate([item]), self.device)
-        return det.to("cpu"), item.target
-
-
-def _detector_step(cfg: Any, det_model: Any, topk: int, enc_layer: int, device: torch.device, *,
-                   grad: bool) -> DetectorStep:
-    from mfdetr.engine.trainer import amp_settings
-
-    use_amp, amp_dtype = amp_settings(cfg.train.amp, device)
-    return DetectorStep(detector=det_model, topk=topk, enc_layers=(enc_layer,),
-                        round_dtype=torch.float16 if cfg.online.round_features else None, grad=grad,
-                        autocast_dtype=amp_dtype if use_amp else None)
-
-
-def online_source(*, detector: str, checkpoint: str | None, split: str, topk: int,
-                  annotation_sha256: str) -> dict[str, Any]:
-    """What an online run trains on (compared on ``--resume``): detector, weights, split, annotations."""
-    from mfdetr.cache.manifest import sha256_file
-
-    return {"detector": detector, "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
-            "split": split, "topk": int(topk), "annotation_sha256": annotation_sha256}
 
 
 def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
@@ -232,16 +50,13 @@ def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco:
     from functools import partial
 
     from mfdetr.config import to_dict
-    from mfdetr.data import CocoInstances, LargeScaleJitter, SkipReplace, collate
+    from mfdetr.data import CocoInstances, collate
     from mfdetr.detectors import build_detector, get_preset
     from mfdetr.contracts import default_enc_layer
     from mfdetr.engine.config import with_default_enc_layer
     from mfdetr.engine.distributed import init_distributed
-    from mfdetr.engine.finetune import FineTuned
-    from mfdetr.engine.stage2 import (build_parts, evaluate_and_record, flat_metrics, resolve_masknet_config,
-                                      training_model)
+    from mfdetr.engine.parts import build_parts, resolve_masknet_config
     from mfdetr.engine.trainer import train
-    from mfdetr.engine.training.models import FineTunedModel
 
     oc = cfg.online
     ctx = init_distributed(cfg.train.device)
@@ -250,53 +65,102 @@ def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco:
     det_model = build_detector(detector, checkpoint=checkpoint, device=str(ctx.device))
     mcfg = resolve_masknet_config(cfg)
     base = CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True)
-    dataset: Any = base
-    coarsest = max(preset.level_strides)
-    if oc.lsj:  # random windows: an image the detector cannot process is left out of its step instead
-        dataset = LargeScaleJitter(base, size=oc.lsj_size, min_scale=oc.lsj_min_scale, max_scale=oc.lsj_max_scale,
-                                   seed=cfg.train.seed)
-    else:
-        probe = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False)
-        kept = runnable_indices(base, probe._detect, ctx.device, range(len(base)), coarsest)
-        if len(kept) < len(base):
-            dataset = torch.utils.data.Subset(base, kept)
-    dataset = SkipReplace(dataset)  # an unreadable image: the next one takes its place (reported)
-    if cfg.data.max_images > 0:
-        dataset = _Subset(dataset, min(cfg.data.max_images, len(dataset)))
+    run = _OnlineDetector(cfg, det_model, topk, mcfg.enc_layer, ctx.device, coarsest=max(preset.level_strides))
+    dataset = _online_train_set(cfg, base, run)
     manifest = detector_manifest(preset, topk)
     parts = build_parts(cfg, manifest)
-    model: Any = training_model(parts)  # MaskNet on the positives only
-    finetune = oc.finetune != "none"
-    step = _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=finetune)
-    if finetune:
-        model = FineTunedModel(FineTuned(model.network, det_model, mode=oc.finetune, detector_step=step,
-                                         detector_lr_mult=oc.detector_lr_mult), parts.criterion, assigns_targets=True)
+    step = run.step(grad=oc.finetune != "none")
+    model = _training_model(parts, run, step)
     evaluate_fn = None
     if val_split:
-        val = OnlineEvalSet(CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True),
-                            _detector_step(cfg, det_model, topk, mcfg.enc_layer, ctx.device, grad=False), ctx.device,
-                            max_images=cfg.data.max_images, coarsest_stride=coarsest)
-
-        def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
-            r = evaluate_and_record(parts.model, val, manifest=manifest, cfg=cfg, out=Path(out), step=at,
-                                    device=val.device)
-            return flat_metrics(r)
-
+        val = CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True)
+        evaluate_fn = _evaluate_fn(run, parts.model, val, manifest, out)
     source = online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk,
                            annotation_sha256=base.annotation_sha256)
     if resume:
         from mfdetr.engine.checkpoint import check_resume_source
 
         check_resume_source(out, key="online_source", current=source, what="detector or training data")
-    return train(cfg=cfg, model=model, train_set=dataset, run_dir=out,
-                 collate=partial(collate), resume=resume, masknet_config=to_dict(parts.masknet_cfg),
-                 record={"online": {"detector": detector, "checkpoint": str(checkpoint), "coco": str(coco),
-                                    "split": split, "val_split": val_split, "topk": topk, "lsj": oc.lsj,
-                                    "finetune": oc.finetune}, "online_source": source,
-                         "detector": {"detector.name": preset.name, "num_classes": preset.num_classes,
-                                      "category_map": list(preset.class_to_category)},
-                         "categories": [{"id": int(c["id"]), "name": str(c.get("name", ""))} for c in base.categories]},
-                 ctx=ctx, prepare_batch=step, evaluate_fn=evaluate_fn)
+    online = {"detector": detector, "checkpoint": str(checkpoint), "coco": str(coco), "split": split,
+              "val_split": val_split, "topk": topk, "lsj": oc.lsj, "finetune": oc.finetune}
+    record = {"online": online, "online_source": source, **_detector_record(preset, base)}
+    return train(cfg=cfg, model=model, train_set=dataset, run_dir=out, collate=partial(collate), resume=resume,
+                 masknet_config=to_dict(parts.masknet_cfg), record=record, ctx=ctx, prepare_batch=step,
+                 evaluate_fn=evaluate_fn)
+
+
+@dataclass(frozen=True)
+class _OnlineDetector:
+    """The frozen detector of an online run and how its steps are made."""
+
+    cfg: RunConfig
+    model: Any
+    topk: int
+    enc_layer: int
+    device: torch.device
+    coarsest: int  # the detector's coarsest feature stride
+
+    def step(self, *, grad: bool) -> DetectorStep:
+        return _detector_step(self.cfg, self.model, self.topk, self.enc_layer, self.device, grad=grad)
+
+
+def _training_model(parts: Any, run: _OnlineDetector, step: DetectorStep) -> Any:
+    """What an online run trains: MaskNet on the positives, with the detector when ``online.finetune``
+    fine-tunes it by MaskNet's losses (``step`` then runs it with gradients)."""
+    from mfdetr.engine.finetune import FineTuned
+    from mfdetr.engine.parts import training_model
+    from mfdetr.engine.training.models import FineTunedModel
+
+    model: Any = training_model(parts)  # MaskNet on the positives only
+    oc = run.cfg.online
+    if oc.finetune != "none":
+        model = FineTunedModel(FineTuned(model.network, run.model, mode=oc.finetune, detector_step=step,
+                                         detector_lr_mult=oc.detector_lr_mult), parts.criterion, assigns_targets=True)
+    return model
+
+
+def _evaluate_fn(run: _OnlineDetector, model: torch.nn.Module, coco_val: Any, manifest: dict[str, Any],
+                 out: str) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+    """The trainer's ``evaluate_fn`` of an online run: MaskNet on the validation split through the
+    detector as it is at that step, recorded in the run folder."""
+    from mfdetr.engine.stage2 import evaluate_and_record, flat_metrics
+
+    cfg = run.cfg
+    val = OnlineEvalSet(coco_val, run.step(grad=False), run.device, max_images=cfg.data.max_images,
+                        coarsest_stride=run.coarsest)
+
+    def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
+        r = evaluate_and_record(model, val, manifest=manifest, cfg=cfg, out=Path(out), step=at, device=val.device)
+        return flat_metrics(r)
+
+    return evaluate_fn
+
+
+def _online_train_set(cfg: RunConfig, base: Any, run: _OnlineDetector) -> Any:
+    """The training images of an online run: the split with large-scale jitter, or the images the detector
+    can process; an unreadable image replaced by the next one; at most ``data.max_images``."""
+    from mfdetr.data import LargeScaleJitter, SkipReplace
+
+    oc = cfg.online
+    dataset: Any = base
+    if oc.lsj:  # random windows: an image the detector cannot process is left out of its step instead
+        dataset = LargeScaleJitter(base, size=oc.lsj_size, min_scale=oc.lsj_min_scale, max_scale=oc.lsj_max_scale,
+                                   seed=cfg.train.seed)
+    else:
+        kept = runnable_indices(base, run.step(grad=False)._detect, run.device, range(len(base)), run.coarsest)
+        if len(kept) < len(base):
+            dataset = torch.utils.data.Subset(base, kept)
+    dataset = SkipReplace(dataset)  # an unreadable image: the next one takes its place (reported)
+    if cfg.data.max_images > 0:
+        dataset = _Subset(dataset, min(cfg.data.max_images, len(dataset)))
+    return dataset
+
+
+def _detector_record(preset: Any, base: Any) -> dict[str, Any]:
+    """The detector and categories an online run records (what ``eval`` and ``predict`` read back)."""
+    return {"detector": {"detector.name": preset.name, "num_classes": preset.num_classes,
+                         "category_map": list(preset.class_to_category)},
+            "categories": [{"id": int(c["id"]), "name": str(c.get("name", ""))} for c in base.categories]}
 
 
 def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val2017", detector: str | None = None,
@@ -373,7 +237,7 @@ def sweep_online(spec: SweepSpec, *, detector: str, checkpoint: str | None, coco
     import json
 
     from mfdetr.detectors import get_preset
-    from mfdetr.engine.stage2 import build_parts, complexity
+    from mfdetr.engine.parts import build_parts, complexity
     from mfdetr.engine.sweep import VariantResult, run_sweep
     from mfdetr.errors import MfdetrError
 

@@ -1,4 +1,4 @@
-"""Stage 2 wiring: MaskNet + criterion from a run config, COCO evaluation, and the entry points of
+"""Stage 2 wiring: the run's parts (:mod:`mfdetr.engine.parts`), COCO evaluation, and the entry points of
 ``mfdetr train`` / ``mfdetr eval`` / ``mfdetr sweep``.
 
 Composition only: the cache reader, the COCO data/evaluation and the
@@ -21,95 +21,26 @@ from typing import Any
 from torch import nn
 
 from mfdetr.cache.verify import find_damaged
-from mfdetr.config import from_dict
 from mfdetr.engine.cache_data import (CacheDataset, detector_identity, manifest_sha256, open_annotations,
                                       open_cache)
 from mfdetr.engine.cache_views import ViewSampledDataset
 from mfdetr.engine.checkpoint import (atomic_write_text, check_masknet_config, check_resume_source, load_checkpoint,
                                       load_weights)
 from mfdetr.engine.damage import DamagePolicy
+# the run's parts, re-exported: stage 2's entry points and their users import them from here
+from mfdetr.engine.parts import FLOPS_INPUT_HW as FLOPS_INPUT_HW
+from mfdetr.engine.parts import Stage2Parts as Stage2Parts
+from mfdetr.engine.parts import build_parts as build_parts
+from mfdetr.engine.parts import complexity as complexity
+from mfdetr.engine.parts import resolve_masknet_config as resolve_masknet_config
+from mfdetr.engine.parts import training_model as training_model
+from mfdetr.engine.parts import with_cache_enc_layer as with_cache_enc_layer
 from mfdetr.engine.evaluate import evaluate_and_record, evaluate_masknet, flat_metrics, format_metrics
-from mfdetr.engine.config import RunConfig, build_run_config, load_run_config, with_default_enc_layer
+from mfdetr.engine.config import RunConfig, build_run_config, load_run_config
 from mfdetr.devices import resolve_device
 from mfdetr.engine.sweep import SweepSpec, Variant, VariantResult, run_sweep
-from mfdetr.engine.trainer import TrainResult, seed_everything, train
-from mfdetr.engine.training.models import Supervised
+from mfdetr.engine.trainer import TrainResult, train
 from mfdetr.errors import MfdetrError
-
-FLOPS_INPUT_HW = (800, 1200)  # the typical COCO input size used for #FLOPs▲ (like the paper's tables)
-
-
-@dataclass
-class Stage2Parts:
-    """What one MaskNet run is made of (typed configs resolved from the run config's tables)."""
-
-    masknet_cfg: Any
-    loss_cfg: Any
-    assign_cfg: Any
-    model: nn.Module
-    criterion: nn.Module
-
-
-def resolve_masknet_config(cfg: RunConfig) -> Any:
-    from mfdetr.masknet import MaskNetConfig
-
-    return from_dict(MaskNetConfig, cfg.masknet, where="masknet")
-
-
-def with_cache_enc_layer(cfg: RunConfig, cache: str | Path) -> RunConfig:
-    """``cfg`` with the default ``masknet.enc_layer`` when the recipe leaves it unset: the detector's
-    default layer (two thirds of its depth), or the cache's only layer if it holds just one other."""
-    if "enc_layer" in cfg.masknet:
-        return cfg
-    from mfdetr.contracts import default_enc_layer
-
-    store = open_cache(cache, role="training cache")
-    layer = default_enc_layer(int(store.manifest["detector"]["num_encoder_layers"]))
-    if layer not in store.enc_layers and len(store.enc_layers) == 1:
-        layer = int(store.enc_layers[0])
-    return with_default_enc_layer(cfg, layer)
-
-
-def build_parts(cfg: RunConfig, manifest: Mapping[str, Any]) -> Stage2Parts:
-    """MaskNet (sized by the cache's detector: d, level strides, C1 channels) and its criterion."""
-    from mfdetr.masknet import build_masknet
-    from mfdetr.masknet.criterion import MaskCriterion
-    from mfdetr.masknet.losses import LossConfig
-    from mfdetr.masknet.targets import AssignConfig
-
-    mcfg = resolve_masknet_config(cfg)
-    loss_cfg = from_dict(LossConfig, cfg.loss, where="loss")
-    assign_cfg = from_dict(AssignConfig, cfg.assign, where="assign")
-    seed_everything(cfg.train.seed)
-    model = build_masknet(mcfg, d_model=int(manifest["hidden_dim"]), level_strides=manifest["level_strides"],
-                          c1_channels=int(manifest["c1_channels"]))
-    if mcfg.num_queries > int(manifest["topk"]):
-        raise MfdetrError(f"masknet.num_queries={mcfg.num_queries} but the cache keeps only "
-                          f"{manifest['topk']} queries per image")
-    crit = MaskCriterion(loss_cfg=loss_cfg, assign_cfg=assign_cfg, class_to_category=manifest["category_map"],
-                         seed=cfg.train.seed)
-    return Stage2Parts(masknet_cfg=mcfg, loss_cfg=loss_cfg, assign_cfg=assign_cfg, model=model, criterion=crit)
-
-
-def training_model(parts: Stage2Parts) -> Supervised:
-    """What the training loop trains: target assignment, then MaskNet on the positives only
-    (:class:`~mfdetr.masknet.positives.PositivesOnly`; same losses and gradients as all K queries,
-    checkpoints hold the plain MaskNet state), scored by the run's criterion."""
-    from mfdetr.masknet.positives import PositivesOnly
-
-    return Supervised(PositivesOnly(parts.model, parts.criterion), parts.criterion, assigns_targets=True)
-
-
-def complexity(model: nn.Module, manifest: Mapping[str, Any]) -> dict[str, float]:
-    """#params▲ (M) and #FLOPs▲ (G multiply-adds, as the paper counts them) for one image, K queries."""
-    from mfdetr.masknet.complexity import FeatureSpec, describe
-
-    spec = FeatureSpec(d_model=int(manifest["hidden_dim"]), level_strides=tuple(manifest["level_strides"]),
-                       c1_channels=int(manifest["c1_channels"]), input_hw=FLOPS_INPUT_HW,
-                       num_classes=int(manifest["num_classes"]))
-    rep = describe(model, spec, num_queries=int(getattr(model, "num_queries", 100)))  # type: ignore[arg-type]
-    return {"params_m": rep.params["total"] / 1e6, "flops_g": rep.flops["total"] / 2e9}
-
 
 # ---- entry points ----------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from mfdetr.engine.checkpoint import (atomic_write_text, library_versions, load_checkpoint, load_weights,
                                       python_command, seed_step)
 from mfdetr.engine.collate import collate_detector_outputs
-from mfdetr.engine.config import RunConfig, diff_configs
+from mfdetr.engine.config import RunConfig, TrainConfig, diff_configs
 from mfdetr.engine.distributed import DistContext, barrier, init_distributed
 from mfdetr.engine.metrics import MetricLogger
 from mfdetr.engine.sampling import EpochPlan
@@ -192,52 +192,90 @@ def _train(*, cfg: RunConfig, model: nn.Module | TrainModel, train_set: Dataset[
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(ctx)
 
+    model, groups = _as_train_model(model, criterion, ctx.device)
+    plan, total, lr = _schedule_of(tc, len(train_set), ctx)  # type: ignore[arg-type]
+    sched = StepDecay(base_lr=lr, total_steps=total, drop_at=tc.lr_drop_at, factor=tc.lr_drop_factor)
+    amp = AmpSettings(*amp_settings(tc.amp, ctx.device))
+    meta = {**_run_meta(cfg, ctx, plan, lr, total, amp.enabled, amp.dtype), "num_train_images": plan.num_items,
+            "manifest_sha256": manifest_sha256, "trainable_params": _numel(groups), **dict(record or {})}
+    mcfg = dict(masknet_config if masknet_config is not None else cfg.masknet)
+    open_log = (lambda start: MetricLogger(run_dir, resume_step=start if resume else None)) if ctx.is_main else None
+
+    def extra(step: int) -> dict[str, Any]:  # what every checkpoint records besides the state
+        return {"epoch": plan.locate(step)[0], "config": cfg_dict, "masknet_config": mcfg, "meta": meta}
+
+    hooks, saver, ev = _hooks(cfg, ctx, plan, sched, total, run_dir, extra, evaluate_fn, open_log)
+    data = LoaderData(train_set, plan, collate=collate, prepare=prepare_batch, pin_memory=ctx.device.type == "cuda",
+                      num_workers=tc.num_workers, prefetch_factor=tc.prefetch_factor)
+    trainer = _make_trainer(tc, ctx, model, groups, data, lr=lr, total=total, hooks=hooks, saver=saver, amp=amp,
+                            ckpt=ckpt)
+    _say(ctx, _start_line(tc, ctx, plan, meta, lr=lr, total=total, step=trainer.step))
+    if ctx.is_main:
+        _write_records(run_dir, cfg_dict, meta, trainer.step, resume)
+    trainer.train()
+    _say(ctx, f"done: {trainer.step} steps, checkpoint {saver.path}")
+    return _result(trainer, run_dir, plan, lr=lr, total=total, ev=ev)
+
+
+def _start_line(tc: TrainConfig, ctx: DistContext, plan: EpochPlan, meta: Mapping[str, Any], *, lr: float,
+                total: int, step: int) -> str:
+    return (f"training {total} steps ({plan.steps_per_epoch}/epoch) on {ctx.world_size} process(es) "
+            f"[{meta['device']}, {meta['amp']}]: global batch {plan.global_batch} "
+            f"({tc.batch_size} x {ctx.world_size}), lr {lr:g}" + (f"; resuming at step {step}" if step else ""))
+
+
+def _numel(groups: list[dict[str, Any]]) -> int:
+    return sum(p.numel() for g in groups for p in g["params"])
+
+
+def _result(trainer: Trainer, run_dir: Path, plan: EpochPlan, *, lr: float, total: int,
+            ev: Evaluation | None) -> TrainResult:
+    """The summary of a finished run: its last logged losses and the final evaluation."""
+    last = {k: v for k, v in (trainer.logged or {}).items() if k not in ("lr", "img_s")}
+    return TrainResult(run_dir=run_dir, steps=trainer.step, total_steps=total, global_batch=plan.global_batch, lr=lr,
+                       last_losses=last, eval_metrics=ev.metrics if ev is not None else {})
+
+
+def _as_train_model(model: nn.Module | TrainModel, criterion: Criterion | None,
+                    device: torch.device) -> tuple[TrainModel, list[dict[str, Any]]]:
+    """``model`` as a :class:`TrainModel` (a bare network scored by ``criterion``) on ``device``, and its
+    parameter groups; a model with nothing to train is refused."""
     if not isinstance(model, TrainModel):
         if criterion is None:
             raise TypeError("a bare network needs a criterion")
         model = Supervised(model, criterion)
-    model.to(ctx.device)
+    model.to(device)
     groups = model.param_groups()
-    params = [p for g in groups for p in g["params"]]
-    if not params:
+    if not any(True for g in groups for _p in g["params"]):
         raise MfdetrError("the model has no trainable parameters (a training-free config: use `mfdetr eval`)")
-    plan = EpochPlan(num_items=len(train_set), batch_size=tc.batch_size, world_size=ctx.world_size,  # type: ignore[arg-type]
-                     rank=ctx.rank, seed=tc.seed)
+    return model, groups
+
+
+def _schedule_of(tc: TrainConfig, num_items: int, ctx: DistContext) -> tuple[EpochPlan, int, float]:
+    """The run's epoch plan, its total steps and its learning rate (scaled by the global batch)."""
+    plan = EpochPlan(num_items=num_items, batch_size=tc.batch_size, world_size=ctx.world_size, rank=ctx.rank,
+                     seed=tc.seed)
     total = tc.iterations if tc.iterations > 0 else tc.epochs * plan.steps_per_epoch
     lr = tc.lr * (plan.global_batch / tc.reference_batch if tc.reference_batch > 0 else 1.0)
-    sched = StepDecay(base_lr=lr, total_steps=total, drop_at=tc.lr_drop_at, factor=tc.lr_drop_factor)
-    use_amp, amp_dtype = amp_settings(tc.amp, ctx.device)
-    meta = {**_run_meta(cfg, ctx, plan, lr, total, use_amp, amp_dtype), "num_train_images": len(train_set),  # type: ignore[arg-type]
-            "manifest_sha256": manifest_sha256, "trainable_params": sum(p.numel() for p in params),
-            **dict(record or {})}
-    mcfg = dict(masknet_config if masknet_config is not None else cfg.masknet)
-    open_log = (lambda start: MetricLogger(run_dir, resume_step=start if resume else None)) if ctx.is_main else None
-    hooks, saver, ev = _hooks(cfg, ctx, plan, sched, total, run_dir, open_log=open_log, evaluate_fn=evaluate_fn,
-                              extra=lambda step: {"epoch": plan.locate(step)[0], "config": cfg_dict,
-                                                  "masknet_config": mcfg, "meta": meta})
+    return plan, total, lr
+
+
+def _make_trainer(tc: TrainConfig, ctx: DistContext, model: TrainModel, groups: list[dict[str, Any]],
+                  data: LoaderData, *, lr: float, total: int, hooks: list[HookBase], saver: Checkpointer, amp: AmpSettings,
+                  ckpt: dict[str, Any] | None) -> Trainer:
+    """The loop: AdamW over ``groups``, stopping at ``total`` steps, restored from ``ckpt`` when resuming;
+    an interrupt or a non-finite loss ends it with one line naming the checkpoint."""
     trainer = Trainer(
-        model=model, data=LoaderData(train_set, plan, collate=collate, prepare=prepare_batch,
-                                     pin_memory=ctx.device.type == "cuda", num_workers=tc.num_workers,
-                                     prefetch_factor=tc.prefetch_factor),
+        model=model, data=data,
         optimizer=torch.optim.AdamW(groups, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay), hooks=hooks,
-        ctx=ctx, start=0, stop=total, amp=AmpSettings(use_amp, amp_dtype), clip_grad_norm=tc.clip_grad_norm,
+        ctx=ctx, start=0, stop=total, amp=amp, clip_grad_norm=tc.clip_grad_norm,
         find_unused_parameters=tc.find_unused_parameters,
         interrupt=lambda t: KeyboardInterrupt() if ctx.distributed else Interrupted(step=t.step, checkpoint=saver.path),
         nonfinite=lambda t, losses, ids: _nonfinite(t, losses, ids, saver))
     if ckpt is not None:
         load_weights(model.network, ckpt["model"], path=saver.path, what="this run's model")
         restore(trainer, ckpt, path=saver.path)
-    _say(ctx, f"training {total} steps ({plan.steps_per_epoch}/epoch) on {ctx.world_size} process(es) "
-              f"[{meta['device']}, {meta['amp']}]: global batch {plan.global_batch} "
-              f"({tc.batch_size} x {ctx.world_size}), lr {lr:g}" + (f"; resuming at step {trainer.step}"
-                                                                    if trainer.step else ""))
-    if ctx.is_main:
-        _write_records(run_dir, cfg_dict, meta, trainer.step, resume)
-    trainer.train()
-    _say(ctx, f"done: {trainer.step} steps, checkpoint {saver.path}")
-    last = {k: v for k, v in (trainer.logged or {}).items() if k not in ("lr", "img_s")}
-    return TrainResult(run_dir=run_dir, steps=trainer.step, total_steps=total, global_batch=plan.global_batch, lr=lr,
-                       last_losses=last, eval_metrics=ev.metrics if ev is not None else {})
+    return trainer
 
 
 def _nonfinite(trainer: Trainer, losses: Mapping[str, Tensor], image_ids: list[Any], saver: Checkpointer) -> Exception:

@@ -152,17 +152,8 @@ def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_catego
     logits = out.mask_logits
     if on_input_grid is None:
         on_input_grid = is_input_grid_output(out)
-    bsz, k = int(logits.shape[0]), int(logits.shape[1])
-    if bsz != det.batch_size or k > det.num_queries:
-        raise ValueError(f"mask_logits {tuple(logits.shape)} do not match B={det.batch_size}, K ≤ {det.num_queries}")
-    det = first_queries(det, k)  # the network may segment only the top K' queries
-    if len(image_ids) != bsz:
-        raise ValueError(f"got {len(image_ids)} image ids for a batch of {bsz}")
-    if score == "mask_iou" and out.iou_pred is None:
-        raise MfdetrError("score 'mask_iou' (eq. 13) needs a mask-scoring head; use 'mask_prob' (eq. 2)")
-    if len(class_to_category) != det.logits.shape[-1]:
-        raise ValueError(f"class_to_category has {len(class_to_category)} entries for "
-                         f"{det.logits.shape[-1]} class slots")
+    bsz = int(logits.shape[0])
+    det = _checked_queries(out, det, class_to_category, image_ids, score)
     cls_prob, slot = det.logits.float().sigmoid().max(dim=-1)  # c_i and arg-max slot, [B, K]
     cat_table = torch.as_tensor(list(class_to_category), dtype=torch.long, device=slot.device)
     cats = cat_table[slot]
@@ -175,24 +166,12 @@ def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_catego
             continue
         probs = logits[b, keep.to(logits.device)].float().sigmoid()
         if on_input_grid:
-            # crop the valid cells of the padded stride-4 grid, then paste them over the whole image
-            hi, wi = (int(v) for v in det.input_hw[b].tolist())
-            hv, wv = -(-hi // grid_stride), -(-wi // grid_stride)
-            probs = probs[:, :hv, :wv]
-            grid_box = torch.tensor([0.0, 0.0, grid_stride * wv * w0 / wi, grid_stride * hv * h0 / hi],
-                                    device=boxes.device)
-            paste_boxes = grid_box[None].expand(keep.numel(), 4)
+            probs, paste_boxes = _on_whole_image(probs, det, b, grid_stride, boxes.device)
+            paste_boxes = paste_boxes[None].expand(keep.numel(), 4)
         else:
             paste_boxes = boxes[b, keep]
         masks, mean_prob = paste_masks(probs, paste_boxes, (h0, w0), threshold=mask_threshold)
-        c = cls_prob[b, keep]
-        if score == "mask_prob":
-            s = c * mean_prob.to(c.device)
-        elif score == "mask_iou":
-            assert out.iou_pred is not None
-            s = c * out.iou_pred[b, keep.to(out.iou_pred.device)].float().clamp(0, 1).to(c.device)
-        else:
-            s = c
+        s = _final_score(score, cls_prob[b, keep], mean_prob, out.iou_pred, b, keep)
         xywh = coco_bbox(boxes[b, keep], (h0, w0)).cpu().tolist()
         rles = encode_rle(masks)
         s_list, c_list = s.cpu().tolist(), cats[b, keep].cpu().tolist()
@@ -202,3 +181,45 @@ def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_catego
             results.append({"image_id": int(image_ids[b]), "category_id": int(c_list[i]), "score": float(s_list[i]),
                             "bbox": [float(v) for v in xywh[i]], "segmentation": rles[i]})
     return results
+
+
+def _checked_queries(out: _MaskOutput, det: DetectorOutput, class_to_category: Sequence[int],
+                     image_ids: Sequence[int], score: ScoreMode) -> DetectorOutput:
+    """``det`` cut to the queries the network segmented (its top K'), once the shapes, ids, score mode and
+    category table are checked against each other."""
+    logits = out.mask_logits
+    bsz, k = int(logits.shape[0]), int(logits.shape[1])
+    if bsz != det.batch_size or k > det.num_queries:
+        raise ValueError(f"mask_logits {tuple(logits.shape)} do not match B={det.batch_size}, K ≤ {det.num_queries}")
+    det = first_queries(det, k)  # the network may segment only the top K' queries
+    if len(image_ids) != bsz:
+        raise ValueError(f"got {len(image_ids)} image ids for a batch of {bsz}")
+    if score == "mask_iou" and out.iou_pred is None:
+        raise MfdetrError("score 'mask_iou' (eq. 13) needs a mask-scoring head; use 'mask_prob' (eq. 2)")
+    if len(class_to_category) != det.logits.shape[-1]:
+        raise ValueError(f"class_to_category has {len(class_to_category)} entries for "
+                         f"{det.logits.shape[-1]} class slots")
+    return det
+
+
+def _on_whole_image(probs: Tensor, det: DetectorOutput, b: int, grid_stride: int,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    """Masks on the padded stride-``grid_stride`` input grid: their valid cells, and the box (original
+    pixels) that pastes them over the whole image."""
+    h0, w0 = (int(v) for v in det.orig_hw[b].tolist())
+    hi, wi = (int(v) for v in det.input_hw[b].tolist())
+    hv, wv = -(-hi // grid_stride), -(-wi // grid_stride)
+    box = torch.tensor([0.0, 0.0, grid_stride * wv * w0 / wi, grid_stride * hv * h0 / hi], device=device)
+    return probs[:, :hv, :wv], box
+
+
+def _final_score(score: ScoreMode, c: Tensor, mean_prob: Tensor, iou_pred: Tensor | None, b: int,
+                 keep: Tensor) -> Tensor:
+    """The final score of image ``b``'s kept predictions from their class probability ``c``: times the mean
+    mask probability (eq. 2), times the predicted mask IoU (eq. 13), or alone (``"box"``)."""
+    if score == "mask_prob":
+        return c * mean_prob.to(c.device)
+    if score == "mask_iou":
+        assert iou_pred is not None
+        return c * iou_pred[b, keep.to(iou_pred.device)].float().clamp(0, 1).to(c.device)
+    return c

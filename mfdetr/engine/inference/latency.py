@@ -159,15 +159,9 @@ def benchmark_predict(*, detector: str, masknet: Any = None, checkpoint: Any = N
         random_weights: build the detector with random weights when ``checkpoint`` is ``None`` and the
             preset ships none (benchmarks of released presets without their files).
     """
-    from mfdetr.data import load_rgb
     from mfdetr.detectors.registry import build_detector, get_preset, load_plugins
     from mfdetr.devices import resolve_device
-    from mfdetr.engine.inference.predict import (
-        detector_checkpoint,
-        expand_inputs,
-        load_masknet_checkpoint,
-        preset_queries,
-    )
+    from mfdetr.engine.inference.predict import detector_checkpoint, load_masknet_checkpoint, preset_queries
 
     load_plugins()
     preset = get_preset(detector)
@@ -192,17 +186,25 @@ def benchmark_predict(*, detector: str, masknet: Any = None, checkpoint: Any = N
             raise
         ckpt = None
     det = build_detector(preset.name, checkpoint=ckpt, device=str(dev))
-    if inputs:
-        files, missing = expand_inputs(inputs)
-        if missing:
-            raise MfdetrError(f"{missing[0][1]}", path=missing[0][0])
-        try:
-            images = [load_rgb(f) for f in files]
-        except SkipImage as e:
-            raise MfdetrError(e.reason, path=e.image) from None
-    else:
-        images = synthetic_images(num_images, *size)
+    images = _benchmark_images(inputs, num_images, size)
     return measure_latency(images, detector=det, masknet=model, device=dev, preprocessing=preset.preprocessing,
                            class_to_category=preset.class_to_category,
                            topk=min(cfg.num_queries, preset_queries(preset)), enc_layer=enc_layer,
                            warmup=warmup, repeats=repeats)
+
+
+def _benchmark_images(inputs: Sequence[str], num_images: int, size: tuple[int, int]) -> list[Any]:
+    """The images of ``mfdetr predict --benchmark``: those of ``inputs`` (files/folders), else ``num_images``
+    synthetic images of ``size``; a missing or unreadable file is a one-line error."""
+    from mfdetr.data import load_rgb
+    from mfdetr.engine.inference.predict import expand_inputs
+
+    if not inputs:
+        return synthetic_images(num_images, *size)
+    files, missing = expand_inputs(inputs)
+    if missing:
+        raise MfdetrError(f"{missing[0][1]}", path=missing[0][0])
+    try:
+        return [load_rgb(f) for f in files]
+    except SkipImage as e:
+        raise MfdetrError(e.reason, path=e.image) from None

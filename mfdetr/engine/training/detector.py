@@ -183,12 +183,7 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
     if spe <= 0:
         raise MfdetrError(f"{len(train_set)} training images < batch size {o.batch_size}")
     total = spe * o.epochs
-    lo = cfg.loss
-    criterion = SetCriterion(matcher=HungarianMatcher(cost_class=lo.cost_class, cost_bbox=lo.cost_bbox,
-                                                      cost_giou=lo.cost_giou),
-                             weight_ce=lo.weight_ce, weight_bbox=lo.weight_bbox, weight_giou=lo.weight_giou,
-                             aux=lo.aux, enc=lo.enc)
-    task = DinoTraining(model, criterion, loss=lo, seed=o.seed, groups=param_groups(model, o))
+    task = DinoTraining(model, _criterion(cfg.loss), loss=cfg.loss, seed=o.seed, groups=param_groups(model, o))
     ckpt_path = out / "checkpoint.pt"
     state = _read_state(ckpt_path) if resume and ckpt_path.is_file() else None
     epoch_of = lambda s: s // spe  # noqa: E731
@@ -215,9 +210,20 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
     trainer.train()
     if trainer.step >= total:
         save_weights(model, out / "weights.pt")
-    last: dict[str, Any] = {"step": trainer.step, "epoch": epoch_of(max(trainer.step - 1, 0)), "lr": trainer.lr,
-                            **trainer.last.losses}
-    ev = hooks[-1]
+    return _summary(trainer, hooks[-1], epoch=epoch_of(max(trainer.step - 1, 0)), total=total, t0=t0)
+
+
+def _criterion(lo: LossOptions) -> SetCriterion:
+    """The detection loss of the recipe's ``[loss]`` (Hungarian matching costs, loss weights)."""
+    return SetCriterion(matcher=HungarianMatcher(cost_class=lo.cost_class, cost_bbox=lo.cost_bbox,
+                                                 cost_giou=lo.cost_giou),
+                        weight_ce=lo.weight_ce, weight_bbox=lo.weight_bbox, weight_giou=lo.weight_giou,
+                        aux=lo.aux, enc=lo.enc)
+
+
+def _summary(trainer: Trainer, ev: Any, *, epoch: int, total: int, t0: float) -> dict[str, Any]:
+    """What :func:`train_detector` returns: the last step's losses and validation AP, steps, seconds."""
+    last: dict[str, Any] = {"step": trainer.step, "epoch": epoch, "lr": trainer.lr, **trainer.last.losses}
     if isinstance(ev, Evaluation) and ev.metrics:
         last["val"] = ev.metrics
     return {**last, "steps": trainer.step, "total_steps": total, "seconds": round(time.time() - t0, 1)}
