@@ -208,3 +208,45 @@ def load_masknet_config(path: str | Path | None = None, overrides: Sequence[str]
             raise MfdetrError(f"override {item!r} is not a masknet.* key")
         ovs.append(item)
     return from_dict(MaskNetConfig, apply_overrides(data, ovs), where=where)
+
+
+def _err(msg: str) -> MfdetrError:
+    return MfdetrError(f"masknet config: {msg}")
+
+
+def check_masknet_config(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[int], c1_channels: int) -> int:
+    """Check that ``cfg`` is consistent and fits a detector of width ``d_model``, encoder levels of
+    ``level_strides`` and C1 of ``c1_channels`` channels (:class:`MfdetrError` naming the keys otherwise);
+    return the box branch's width D."""
+    strides = tuple(level_strides)
+    if not strides or strides[0] % 4:
+        raise _err(f"the highest-resolution encoder level must have a stride multiple of 4, got {strides}")
+    if cfg.num_queries < 1:
+        raise _err(f"num_queries must be ≥ 1, got {cfg.num_queries}")
+    if cfg.enc_layer < 1:
+        raise _err(f"enc_layer is 1-based, got {cfg.enc_layer}")
+    if cfg.checkpoint_tokens < 0:
+        raise _err(f"checkpoint_tokens must be ≥ 0 (0 = off), got {cfg.checkpoint_tokens}")
+    if cfg.roi_size < 1:
+        raise _err(f"roi_size must be ≥ 1, got {cfg.roi_size}")
+    ie, be, qe, ms = cfg.image_encoder, cfg.box_encoder, cfg.query_encoder, cfg.mask_scoring
+    for name, n in (("image_encoder.layers", ie.layers), ("box_encoder.layers", be.layers)):
+        if n < 0:
+            raise _err(f"{name} must be ≥ 0, got {n}")
+    box_dim = d_model if be.dim is None else be.dim
+    if cfg.neck.enabled and not cfg.fuse_c1:
+        raise _err("neck.enabled=true needs fuse_c1=true (the neck works on C1)")
+    if cfg.fuse_c1 and not cfg.neck.enabled and c1_channels != d_model:
+        raise _err(f"without the neck, C1's channels ({c1_channels}) must equal d ({d_model}) to fuse "
+                   "C1 + up(E); set neck.enabled=true or fuse_c1=false")
+    if not cfg.roi:
+        bad = [n for n, on in (("box_encoder.layers>0", be.layers > 0), ("box_encoder.dim≠d", box_dim != d_model),
+                               ("query_encoder.b2o", qe.b2o), ("mask_scoring.enabled", ms.enabled),
+                               ("mask_head.kind=segmenter", cfg.mask_head.kind != "dot")) if on]
+        if bad:
+            raise _err(f"roi=false (full-image baseline) cannot use {', '.join(bad)}")
+    for name, dim, heads in (("image_encoder", d_model, ie.heads), ("box_encoder", box_dim, be.heads),
+                             ("query_encoder", d_model, qe.heads)):
+        if heads < 1 or dim % heads:
+            raise _err(f"{name}.heads={heads} must divide its width {dim}")
+    return box_dim

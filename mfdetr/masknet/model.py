@@ -18,10 +18,7 @@ given to :func:`build_masknet` by the caller (the cache manifest or the detector
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,60 +29,15 @@ from mfdetr.contracts import DetectorOutput
 from mfdetr.errors import MfdetrError
 from mfdetr.masknet.blocks import masked_fill_outside
 from mfdetr.masknet.box_encoder import BoxEncoder, build_box_encoder, roi_support
-from mfdetr.masknet.config import MaskNetConfig
+from mfdetr.masknet.config import MaskNetConfig, check_masknet_config
 from mfdetr.masknet.image_encoder import ImageEncoder, build_image_encoder
 from mfdetr.masknet.mask_head import DotProductHead, SegmenterHead
 from mfdetr.masknet.mask_scoring import MaskScoringHead
 from mfdetr.masknet.neck import Neck
+from mfdetr.masknet.output import C1_STRIDE, MaskNetOutput
 from mfdetr.masknet.query_encoder import QueryEncoder
 
-C1_STRIDE = 4
-
-
-@dataclass
-class MaskNetOutput:
-    """What the mask network returns for B images and K queries.
-
-    - ``mask_logits``: RoI mode (``roi=True``) [B, K, S, S] logits on each box's S×S grid (row-major,
-      the grid spans the detector box ``boxes`` in the input frame: cell (i, j) covers
-      ``x1 + (j, j+1)·w/S``); non-RoI baseline (``roi=False``) [B, K, H1, W1] logits on the stride-4
-      grid of the (padded) input canvas, valid in ``mask_valid_hw``.
-    - ``iou_pred``: [B, K] predicted mask IoU in [0, 1] (eq. 12), or ``None`` without mask scoring.
-    - ``boxes``: [B, K, 4] the boxes used, normalised cxcywh of the unpadded input image.
-    - ``scores``: [B, K] detector classification scores c_i (max sigmoid over classes, eq. 2/13).
-    - ``logits``: [B, K, C] detector class logits of the kept queries (labels = argmax).
-    - ``input_hw``, ``orig_hw``: [B, 2] int64, as in :class:`DetectorOutput`.
-    - ``mask_valid_hw``: [B, 2] int64 valid size of the stride-4 grid, ``ceil(input_hw / 4)``.
-    - ``roi``: which of the two layouts ``mask_logits`` has; ``mask_stride``: 4 (non-RoI grid stride).
-    - ``selected``: ``None`` when ``mask_logits`` / ``iou_pred`` hold all K queries of every image (the
-      layouts above); else ``(batch_idx, query_idx)`` [P] int64: they hold only those P queries, row
-      ``p`` being query ``query_idx[p]`` of image ``batch_idx[p]`` (``mask_logits`` [P, S, S] or
-      [P, H1, W1], ``iou_pred`` [P]). ``boxes``, ``scores``, ``logits`` stay [B, K, ...].
-    - ``assignment``: the training targets' :class:`~mfdetr.masknet.targets.Assignment` the selection
-      was made for (set by :class:`~mfdetr.masknet.positives.PositivesOnly`), else ``None``.
-    """
-
-    mask_logits: Tensor
-    iou_pred: Tensor | None
-    boxes: Tensor
-    scores: Tensor
-    logits: Tensor
-    input_hw: Tensor
-    orig_hw: Tensor
-    mask_valid_hw: Tensor
-    roi: bool = True
-    mask_stride: int = C1_STRIDE
-    selected: tuple[Tensor, Tensor] | None = None
-    assignment: Any = None
-
-    def select(self, batch_idx: Tensor, query_idx: Tensor) -> MaskNetOutput:
-        """The rows of queries ``(batch_idx, query_idx)`` of an all-K output (see ``selected``)."""
-        if self.selected is not None:
-            raise ValueError("this output already holds a selection of queries")
-        dev = self.mask_logits.device
-        bi, qi = batch_idx.to(dev), query_idx.to(dev)
-        iou = None if self.iou_pred is None else self.iou_pred[bi, qi]
-        return dataclasses.replace(self, mask_logits=self.mask_logits[bi, qi], iou_pred=iou, selected=(bi, qi))
+__all__ = ["C1_STRIDE", "MaskNet", "MaskNetOutput", "build_masknet"]
 
 
 class MaskNet(nn.Module):
@@ -282,50 +234,18 @@ class MaskNet(nn.Module):
         return F.pad(e1, (0, w - e1.shape[-1], 0, h - e1.shape[-2]))
 
 
-def _err(msg: str) -> MfdetrError:
-    return MfdetrError(f"masknet config: {msg}")
-
-
 def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[int], c1_channels: int) -> MaskNet:
     """Build the mask network of ``cfg`` for a detector with width ``d_model``, encoder levels of
     ``level_strides`` (highest resolution first) and a C1 of ``c1_channels`` channels.
 
-    Inconsistent choices are :class:`MfdetrError` naming the config keys."""
+    Inconsistent choices are :class:`MfdetrError` naming the config keys (:func:`check_masknet_config`)."""
     strides = tuple(int(s) for s in level_strides)
-    if not strides or strides[0] % C1_STRIDE:
-        raise _err(f"the highest-resolution encoder level must have a stride multiple of 4, got {strides}")
-    if cfg.num_queries < 1:
-        raise _err(f"num_queries must be ≥ 1, got {cfg.num_queries}")
-    if cfg.enc_layer < 1:
-        raise _err(f"enc_layer is 1-based, got {cfg.enc_layer}")
-    if cfg.checkpoint_tokens < 0:
-        raise _err(f"checkpoint_tokens must be ≥ 0 (0 = off), got {cfg.checkpoint_tokens}")
-    if cfg.roi_size < 1:
-        raise _err(f"roi_size must be ≥ 1, got {cfg.roi_size}")
-    ie, be, qe, ms = cfg.image_encoder, cfg.box_encoder, cfg.query_encoder, cfg.mask_scoring
-    for name, n in (("image_encoder.layers", ie.layers), ("box_encoder.layers", be.layers)):
-        if n < 0:
-            raise _err(f"{name} must be ≥ 0, got {n}")
-    box_dim = d_model if be.dim is None else be.dim
-    if cfg.neck.enabled and not cfg.fuse_c1:
-        raise _err("neck.enabled=true needs fuse_c1=true (the neck works on C1)")
-    if cfg.fuse_c1 and not cfg.neck.enabled and c1_channels != d_model:
-        raise _err(f"without the neck, C1's channels ({c1_channels}) must equal d ({d_model}) to fuse "
-                   "C1 + up(E); set neck.enabled=true or fuse_c1=false")
-    if not cfg.roi:
-        bad = [n for n, on in (("box_encoder.layers>0", be.layers > 0), ("box_encoder.dim≠d", box_dim != d_model),
-                               ("query_encoder.b2o", qe.b2o), ("mask_scoring.enabled", ms.enabled),
-                               ("mask_head.kind=segmenter", cfg.mask_head.kind != "dot")) if on]
-        if bad:
-            raise _err(f"roi=false (full-image baseline) cannot use {', '.join(bad)}")
-    for name, dim, heads in (("image_encoder", d_model, ie.heads), ("box_encoder", box_dim, be.heads),
-                             ("query_encoder", d_model, qe.heads)):
-        if heads < 1 or dim % heads:
-            raise _err(f"{name}.heads={heads} must divide its width {dim}")
+    box_dim = check_masknet_config(cfg, d_model=d_model, level_strides=strides, c1_channels=c1_channels)
+    ie, be = cfg.image_encoder, cfg.box_encoder
     try:
         neck = Neck(in_channels=c1_channels, dim=d_model, groups=cfg.neck.groups) if cfg.neck.enabled else None
     except ValueError as e:
-        raise _err(str(e)) from None
+        raise MfdetrError(f"masknet config: {e}") from None
     image_encoder = build_image_encoder(block=ie.block, layers=ie.layers, dim=d_model, levels=len(strides),
                                         heads=ie.heads, points=ie.points, ffn_ratio=ie.ffn_ratio,
                                         swin_window=ie.swin_window, convnext_kernel=ie.convnext_kernel,
@@ -338,6 +258,17 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
                                         convnext_kernel=be.convnext_kernel,
                                         sampling_ratio=cfg.roi_sampling_ratio,
                                         checkpoint_tokens=cfg.checkpoint_tokens)
+    query_encoder, head, scoring = _query_side(cfg, d_model, box_dim)
+    return MaskNet(d_model=d_model, level_strides=strides, c1_channels=c1_channels, num_queries=cfg.num_queries,
+                   enc_layer=cfg.enc_layer, roi=cfg.roi, roi_size=cfg.roi_size, fuse_c1=cfg.fuse_c1, neck=neck,
+                   image_encoder=image_encoder, box_encoder=box_encoder, query_encoder=query_encoder,
+                   mask_head=head, mask_scoring=scoring)
+
+
+def _query_side(cfg: MaskNetConfig, d_model: int, box_dim: int
+                ) -> tuple[QueryEncoder | None, DotProductHead | SegmenterHead, MaskScoringHead | None]:
+    """The query encoder, mask head and mask scoring of ``cfg``."""
+    qe, ms = cfg.query_encoder, cfg.mask_scoring
     query_encoder = None
     if qe.ffn or qe.o2o or qe.b2o:
         query_encoder = QueryEncoder(dim=d_model, roi_dim=box_dim, o2o=qe.o2o, b2o=qe.b2o, ffn=qe.ffn,
@@ -351,7 +282,4 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
     if ms.enabled:
         scoring = MaskScoringHead(in_dim=box_dim, channels=ms.channels, convs=ms.convs, pool=ms.pool,
                                   fc_dim=ms.fc_dim, fc_layers=ms.fc_layers, detach_mask=ms.detach_mask)
-    return MaskNet(d_model=d_model, level_strides=strides, c1_channels=c1_channels, num_queries=cfg.num_queries,
-                   enc_layer=cfg.enc_layer, roi=cfg.roi, roi_size=cfg.roi_size, fuse_c1=cfg.fuse_c1, neck=neck,
-                   image_encoder=image_encoder, box_encoder=box_encoder, query_encoder=query_encoder,
-                   mask_head=head, mask_scoring=scoring)
+    return query_encoder, head, scoring
