@@ -11,6 +11,11 @@ first-step loss of each side (equal up to float rounding where the cap keeps eve
 
     git worktree add /tmp/before fcf1443
     python benchmarks/bench_step_trees.py --other /tmp/before --cache mfdetr-demo/cache/train2017 --rounds 2
+    python benchmarks/bench_step_trees.py --other /tmp/before --cache mfdetr-demo/cache/train2017 \
+        --val-cache mfdetr-demo/cache/val2017 --other-caches OLD_TRAIN OLD_VAL --stage2 200 --caps 8 --methods box_iou
+
+``--stage2 N`` times whole stage-2 runs of the demo recipe instead (data loading, N steps, one evaluation), the
+other tree on its own caches of the same images (``mfdetr cache`` of that tree).
 """
 
 from __future__ import annotations
@@ -93,15 +98,51 @@ def time_steps(blob_path: str, sets: list[str], positives: bool, steps: int, war
             "pos_per_image": sum(pos) / len(pos)}
 
 
-def measure(tree: Path, blob: Path, sets: list[str], positives: bool, steps: int, warmup: int) -> dict[str, Any]:
-    """Run :func:`time_steps` in a child process that imports ``tree``'s code."""
+def stage2(cache: str, val_cache: str, out: str, sets: list[str]) -> dict[str, Any]:
+    """Child side: a whole stage-2 run of the tree on ``sys.path`` (data loading, steps, evaluation)."""
+    from mfdetr.engine.config import build_run_config
+    from mfdetr.engine.stage2 import CacheSources, train_from_cache
+
+    cfg = build_run_config({}, sets)
+    t0 = time.perf_counter()
+    _, metrics = train_from_cache(cfg, CacheSources(cache=Path(cache), coco=None, val_cache=Path(val_cache)), out,
+                                  log=lambda _: None)
+    return {"seconds": time.perf_counter() - t0, "segm_AP": metrics["segm"]["AP"]}
+
+
+def measure(tree: Path, blob: Path, sets: list[str], positives: bool, steps: int, warmup: int,
+            extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run :func:`time_steps` (or, with ``extra``, :func:`stage2`) in a child process importing ``tree``'s code."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, __file__, "--child", str(blob), "--steps", str(steps), "--warmup", str(warmup),
-           *(["--positives"] if positives else []), "--set", *sets]
+           *(["--positives"] if positives else []), *extra, "--set", *sets]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"measurement in {tree} failed:\n{p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def whole_runs(args: argparse.Namespace, sets: list[str]) -> None:
+    """``--stage2 N``: the demo recipe's stage 2 (N steps, batch 8, evaluated once) in each tree, in turn."""
+    if not args.val_cache:
+        raise SystemExit("--stage2 needs --val-cache")
+    n = args.stage2
+    run = ["train.batch_size=8", "train.lr=3e-4", "train.seed=0", "train.num_workers=0", "train.checkpoint_every=0",
+           f"train.iterations={n}", f"train.eval_every={n}", f"train.log_every={n}", "train.progress=false"]
+    print(f"stage 2, demo recipe, {n} steps + one evaluation, {args.rounds} round(s) in turn; other tree {args.other}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            for cap in args.caps:
+                c = 0 if cap.lower() in ("none", "0") else int(cap)
+                for r in range(args.rounds):
+                    for name, tree, extra, caches in (
+                            ("other", Path(args.other), [], args.other_caches or [args.cache, args.val_cache]),
+                            ("this", HERE, [f"assign.max_positives_per_image={c}"], [args.cache, args.val_cache])):
+                        out = Path(tmp) / f"{name}-{method}-{cap}-{r}"
+                        res = measure(tree, Path(tmp), [*sets, *run, f"assign.method={method}", *extra], False, 0, 0,
+                                      extra=("--child-stage2", *caches, str(out)))
+                        print(f"{method:<10} cap {cap:>5} round {r + 1} {name:<6} {res['seconds']:8.1f} s   "
+                              f"mask AP {res['segm_AP']:.2f}")
 
 
 def main() -> None:
@@ -116,15 +157,27 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["box_iou", "hungarian"], choices=["box_iou", "hungarian"])
     ap.add_argument("--caps", nargs="+", default=["none", "8", "4"], help="positives per image ('none')")
     ap.add_argument("--set", nargs="*", default=None, help="recipe overrides (default: the demo's MaskNet)")
+    ap.add_argument("--stage2", type=int, default=0, metavar="N",
+                    help="instead: a whole demo-recipe stage-2 run of N steps (evaluated once, on --val-cache) per tree")
+    ap.add_argument("--val-cache", default=None, help="the validation cache of --stage2")
+    ap.add_argument("--other-caches", nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                    help="--stage2: the other tree's own train and val caches of the same images (an older tree "
+                         "may not read this tree's store format)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-stage2", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--positives", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sets = DEMO if args.set is None else args.set
+    if args.child_stage2:
+        print(json.dumps(stage2(*args.child_stage2, sets)))
+        return
     if args.child:
         print(json.dumps(time_steps(args.child, sets, args.positives, args.steps, args.warmup)))
         return
     if not args.other or not args.cache:
         ap.error("--other and --cache are required")
+    if args.stage2:
+        return whole_runs(args, sets)
     enc_layer = next((int(s.split("=")[1]) for s in sets if s.startswith("masknet.enc_layer=")), 4)
     with tempfile.TemporaryDirectory() as tmp:
         blob = Path(tmp) / "batches.pt"
