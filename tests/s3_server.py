@@ -11,11 +11,17 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import zarr
 from moto.server import ThreadedMotoServer
+
+import tests._fake_detector as fd
 
 
 def _free_port() -> int:
@@ -100,3 +106,52 @@ def running_s3() -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+def serve_s3(tmp_path_factory: Any) -> Iterator[S3Server]:
+    """The body of a module-scoped ``s3`` fixture: a started server whose endpoint and credentials, the fake
+    detector plugin and a node cache folder are in the environment until the module ends."""
+    import logging
+
+    import pytest
+
+    from s3fs import S3FileSystem
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    # s3fs keeps one filesystem per set of arguments for the whole process: one made for an earlier server
+    # (another test module in this process) would still point at that server's endpoint
+    S3FileSystem.clear_instance_cache()
+    server = S3Server()
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in server.env().items():
+            mp.setenv(k, v)
+        mp.setenv("MFDETR_PLUGINS", "tests._fake_detector")
+        mp.setenv("MFDETR_REMOTE_CACHE_DIR", str(tmp_path_factory.mktemp("node_cache")))
+        yield server
+    server.stop()
+    S3FileSystem.clear_instance_cache()
+
+
+def remote_arrays(url: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every array of the store at ``url`` and its manifest (without the creation time)."""
+    from zarr.storage import FsspecStore
+
+    root = zarr.open_group(FsspecStore.from_url(url, read_only=True), mode="r")
+    manifest = dict(root.attrs["mfdetr_cache"])
+    manifest.pop("created_utc")
+    with warnings.catch_warnings():  # zarr warns about the store's non-zarr objects (mfdetr_source.json)
+        warnings.simplefilter("ignore")
+        names = list(root.array_keys())
+    return {n: root[n][:] for n in names}, manifest
+
+
+def assert_same_as_local(local: Path, url: str) -> None:
+    """The store at ``url`` holds the arrays and manifest of the local store ``local``."""
+    xa = fd.read_all(local)
+    xb, mb = remote_arrays(url)
+    assert sorted(xa) == sorted(xb)
+    for name in xa:
+        assert xa[name].dtype == xb[name].dtype and np.array_equal(xa[name], xb[name]), name
+    ma = dict(zarr.open_group(str(local), mode="r").attrs["mfdetr_cache"])
+    ma.pop("created_utc")
+    assert ma == mb

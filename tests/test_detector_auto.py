@@ -146,6 +146,13 @@ def test_cache_with_auto_records_and_prints_the_architecture(tmp_path: Path) -> 
     assert code != 0 and "use it with --detector auto" in out
 
 
+#: a one-step online run of a small MaskNet
+SMALL_ONLINE_RUN = ["train.iterations=1", "train.checkpoint_every=0", "train.eval_every=0", "train.progress=false",
+                    "train.num_workers=0", "masknet.num_queries=10", "masknet.roi_size=16",
+                    "masknet.image_encoder.layers=1", "masknet.box_encoder.layers=1", "masknet.box_encoder.dim=32",
+                    "masknet.box_encoder.heads=4", "masknet.mask_scoring.channels=32", "masknet.mask_scoring.fc_dim=64"]
+
+
 def test_auto_online_train_eval_and_predict(tmp_path: Path) -> None:
     """train --online / eval --online / predict with --detector auto; eval --online rebuilds the recorded
     auto detector from the recorded checkpoint in a fresh registry."""
@@ -156,12 +163,8 @@ def test_auto_online_train_eval_and_predict(tmp_path: Path) -> None:
     # the checkpoint's args set a 64-px eval resize (the tiny model at 800 px only costs time here)
     ckpt = save_checkpoint(tmp_path / "online.pth", tiny_model("dino"),
                            {**DINO_ARGS, "data_aug_scales": [64], "data_aug_max_size": 96})
-    small = ["train.iterations=1", "train.checkpoint_every=0", "train.eval_every=0", "train.progress=false",
-             "train.num_workers=0", "masknet.num_queries=10", "masknet.roi_size=16", "masknet.image_encoder.layers=1",
-             "masknet.box_encoder.layers=1", "masknet.box_encoder.dim=32", "masknet.box_encoder.heads=4",
-             "masknet.mask_scoring.channels=32", "masknet.mask_scoring.fc_dim=64"]
     code, out = cli_output("train", "--online", "--detector", "auto", "--checkpoint", ckpt, "--coco", tmp_path / "synth",
-                     "--topk", "10", "--out", tmp_path / "run", *small)
+                     "--topk", "10", "--out", tmp_path / "run", *SMALL_ONLINE_RUN)
     assert code == 0, out
     assert "detector auto-online: dino" in out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["masknet"]["enc_layer"] == 3

@@ -157,25 +157,36 @@ def test_finetuned_state_round_trips_and_backbone_stays_frozen(synth: dict[str, 
         b.load_state_dict(dict(m))  # a plain MaskNet state lacks the detector tensors
 
 
-def test_cached_runs_refuse_online_settings_and_finetuned_checkpoints(synth: dict[str, Path], tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_runs_refuse_online_settings(tmp_path: Path) -> None:
     from mfdetr.engine.stage2 import CacheSources, train_from_cache
-    from tests.conftest import assert_user_error, cli
 
     with pytest.raises(MfdetrError, match="online.finetune.*--online"):
         train_from_cache(_online_cfg(tmp_path, finetune="all"), CacheSources(cache=tmp_path / "x", coco=None),  # type: ignore[arg-type]
                          tmp_path / "run")
-    # a fine-tuned run evaluated on a cache of the original detector: a one-line error
+
+
+def _finetuned_run_and_cache(synth: dict[str, Path], tmp_path: Path) -> None:
+    """A fine-tuning online run in ``tmp_path / "ft"`` and a cache of the original detector in ``.../cache``."""
+    from tests.conftest import cli
+
     cfg = tmp_path / "c.toml"
     cfg.write_text("[train]\niterations = 1\nbatch_size = 2\ndevice = 'cpu'\nnum_workers = 0\nprogress = false\n"
                    "[online]\nfinetune = 'all'\n[assign]\niou_threshold = 0.01\n")
-    monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     r = cli("train", "--online", "--detector", NAME, "--checkpoint", str(synth["det"]), "--coco", str(synth["coco"]),
             "--config", str(cfg), "--out", str(tmp_path / "ft"), "--topk", "10", *TINY_MASKNET)
     assert r.returncode == 0, r.stderr
     r = cli("cache", "--detector", NAME, "--checkpoint", str(synth["det"]), "--coco", str(synth["coco"]),
             "--split", "val2017", "--out", str(tmp_path / "cache"), "--topk", "10", "--workers", "0")
     assert r.returncode == 0, r.stderr
+
+
+def test_finetuned_checkpoints_refuse_caches_and_load_online_and_in_predict(synth: dict[str, Path], tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import assert_user_error, cli
+
+    monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
+    _finetuned_run_and_cache(synth, tmp_path)
+    # a fine-tuned run evaluated on a cache of the original detector: a one-line error
     r = cli("eval", "--cache", str(tmp_path / "cache"), "--coco", str(synth["coco"]),
             "--checkpoint", str(tmp_path / "ft" / "ckpt.pt"))
     assert_user_error(r, "fine-tuned the detector")

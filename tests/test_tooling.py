@@ -1,5 +1,6 @@
-"""The linters CI runs: ruff (lint rules in pyproject.toml) and the import contracts (import-linter) that keep
-the floors: the mask network apart from the detectors, the cache reader free of detectors, no import upward."""
+"""The linters CI runs: ruff (lint rules and formatting, configured in pyproject.toml) and the import contracts
+(import-linter) that keep the floors: the mask network apart from the detectors, the cache reader free of detectors,
+no import upward."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 def test_ruff_check_passes() -> None:
     p = _run(_tool("ruff"), "check", "--no-cache", ".")
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_ruff_format_leaves_the_tree_unchanged() -> None:
+    p = _run(_tool("ruff"), "format", "--check", "--no-cache", ".")
     assert p.returncode == 0, p.stdout + p.stderr
 
 
