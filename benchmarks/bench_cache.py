@@ -48,10 +48,21 @@ from mfdetr.detectors.registry import build_detector, list_detectors, load_plugi
 
 SYNTH_NAME = "bench_r50_shapes"
 SYNTH_PRESET = DetectorPreset(
-    name=SYNTH_NAME, family="synthetic", arch={}, checkpoint_file=None, checkpoint_sha256=None, box_ap=None,
-    num_classes=91, class_to_category=coco91_identity(), preprocessing=Preprocessing(short_side=800, max_size=1333),
-    level_strides=(8, 16, 32, 64), hidden_dim=256, c1_channels=256, num_encoder_layers=6,
-    notes="benchmark only: R50 DINO output shapes with synthetic values")
+    name=SYNTH_NAME,
+    family="synthetic",
+    arch={},
+    checkpoint_file=None,
+    checkpoint_sha256=None,
+    box_ap=None,
+    num_classes=91,
+    class_to_category=coco91_identity(),
+    preprocessing=Preprocessing(short_side=800, max_size=1333),
+    level_strides=(8, 16, 32, 64),
+    hidden_dim=256,
+    c1_channels=256,
+    num_encoder_layers=6,
+    notes="benchmark only: R50 DINO output shapes with synthetic values",
+)
 
 
 class SyntheticR50(torch.nn.Module):
@@ -102,9 +113,14 @@ class SyntheticR50(torch.nn.Module):
         g = torch.Generator().manual_seed(int(batch.image_ids[0]))
         return DetectorOutput(
             queries=F.layer_norm(torch.randn(bsz, topk, d, generator=g), (d,)),
-            boxes=torch.rand(bsz, topk, 4, generator=g), logits=torch.randn(bsz, topk, 91, generator=g) - 4,
-            enc_maps=enc, c1=c1, input_hw=batch.input_hw, orig_hw=batch.orig_hw,
-            level_valid_hw=torch.tensor(valid, dtype=torch.int64))
+            boxes=torch.rand(bsz, topk, 4, generator=g),
+            logits=torch.randn(bsz, topk, 91, generator=g) - 4,
+            enc_maps=enc,
+            c1=c1,
+            input_hw=batch.input_hw,
+            orig_hw=batch.orig_hw,
+            level_valid_hw=torch.tensor(valid, dtype=torch.int64),
+        )
 
 
 def _sync(device: str) -> None:
@@ -143,11 +159,16 @@ def writer_only(detector, job: CacheJob, store: Path, repeats: int = 2) -> float
     with torch.inference_mode():
         for batch, _skips in iterate_batches(ds, batch_size=1, indices=st.complete_indices()[:4].tolist()):
             out = detector.detect(batch.to(torch.device(job.device)), topk=job.topk, enc_layers=job.enc_layers)
-            records += records_from_output(out, indices=[ds.index_of(i) for i in batch.image_ids],
-                                           file_names=batch.file_names, image_ids=batch.image_ids)
+            records += records_from_output(
+                out,
+                indices=[ds.index_of(i) for i in batch.image_ids],
+                file_names=batch.file_names,
+                image_ids=batch.image_ids,
+            )
     root = zarr.open_group(str(store), mode="r+")
-    bg = BackgroundWriter(writer=CacheWriter(root=root, path=store, manifest=st.manifest),
-                          threads=job.writer_threads, queue_size=4)
+    bg = BackgroundWriter(
+        writer=CacheWriter(root=root, path=store, manifest=st.manifest), threads=job.writer_threads, queue_size=4
+    )
     t0 = time.perf_counter()
     for _ in range(repeats):
         bg.write_records(records)
@@ -175,9 +196,13 @@ def codec_table(store: Path) -> list[str]:
     i = int(st.complete_indices()[0])
     names = ["c1", enc_array_name(st.enc_layers[0], 0), "queries"]
     arrays = st.read_arrays(i, names)
-    codecs = {"zstd-1 (default)": Zstd(1), "zstd-3": Zstd(3), "blosc-zstd-1-shuffle": Blosc("zstd", 1, Blosc.SHUFFLE),
-              "blosc-zstd-3-bitshuffle": Blosc("zstd", 3, Blosc.BITSHUFFLE),
-              "blosc-lz4-5-bitshuffle": Blosc("lz4", 5, Blosc.BITSHUFFLE)}
+    codecs = {
+        "zstd-1 (default)": Zstd(1),
+        "zstd-3": Zstd(3),
+        "blosc-zstd-1-shuffle": Blosc("zstd", 1, Blosc.SHUFFLE),
+        "blosc-zstd-3-bitshuffle": Blosc("zstd", 3, Blosc.BITSHUFFLE),
+        "blosc-lz4-5-bitshuffle": Blosc("lz4", 5, Blosc.BITSHUFFLE),
+    }
     lines = [f"codecs on image {i} (canvas arrays; ratio = raw canvas / compressed, speed = encode MB/s):"]
     for cname, codec in codecs.items():
         cells = []
@@ -201,26 +226,32 @@ def preset_table(store: Path) -> list[str]:
     m = st.manifest
     done = st.complete_indices().tolist()
     small = ("boxes", "logits", "input_hw", "orig_hw", "level_valid_hw", "image_ids", "commit", "skip_reason")
-    other = sum(stored_bytes(store, n) - (store / n / "zarr.json").stat().st_size  # never filtered: as stored
-                for n in small) / len(done)
+    other = sum(
+        stored_bytes(store, n) - (store / n / "zarr.json").stat().st_size  # never filtered: as stored
+        for n in small
+    ) / len(done)
     sizes = {p: {"c1": 0.0, "rest": 0.0} for p in PRESETS}
     for i in done:
         out, _ = st.read(i, crop=True)
-        feats = [out.queries[0].numpy()] + [out.enc_maps[e][lvl][0].numpy() for e in st.enc_layers
-                                            for lvl in range(len(st.level_strides))]
+        feats = [out.queries[0].numpy()] + [
+            out.enc_maps[e][lvl][0].numpy() for e in st.enc_layers for lvl in range(len(st.level_strides))
+        ]
         for p, preset in PRESETS.items():
             chain = numcodecs_chain(preset, m["codecs"]["data"])
             sizes[p]["c1"] += encoded_size(out.c1[0].numpy(), chain) / len(done)
             sizes[p]["rest"] += sum(encoded_size(x, chain) for x in feats) / len(done)
     base = sizes["lossless"]["c1"] + sizes["lossless"]["rest"] + other
-    lines = [f"codec presets on {len(done)} images (features re-encoded in memory, valid region; boxes/logits/"
-             f"sizes as stored, {other / 1e3:.1f} KB/img):",
-             f"  {'preset':12s} {'C1 stored':>14s} {'ratio':>6s} {'C1 recomputed':>14s} {'ratio':>6s} "
-             f"{'C1 share':>8s}"]
+    lines = [
+        f"codec presets on {len(done)} images (features re-encoded in memory, valid region; boxes/logits/"
+        f"sizes as stored, {other / 1e3:.1f} KB/img):",
+        f"  {'preset':12s} {'C1 stored':>14s} {'ratio':>6s} {'C1 recomputed':>14s} {'ratio':>6s} {'C1 share':>8s}",
+    ]
     for p, sz in sizes.items():
         full, no_c1 = sz["c1"] + sz["rest"] + other, sz["rest"] + other
-        lines.append(f"  {p:12s} {full / 1e3:11.1f} KB {full / base:6.3f} {no_c1 / 1e3:11.1f} KB "
-                     f"{no_c1 / base:6.3f} {sz['c1'] / full:8.2f}")
+        lines.append(
+            f"  {p:12s} {full / 1e3:11.1f} KB {full / base:6.3f} {no_c1 / 1e3:11.1f} KB "
+            f"{no_c1 / base:6.3f} {sz['c1'] / full:8.2f}"
+        )
     return lines
 
 
@@ -239,9 +270,12 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--writer-threads", type=int, default=2)
     ap.add_argument("--emulate-ms", type=float, default=0.0, help="synthetic detector: extra ms/image (GPU time)")
-    ap.add_argument("--gpu-like", action="store_true",
-                    help="synthetic detector: generate outputs once (warm-up), then each forward only sleeps "
-                         "--emulate-ms (a GPU detector leaves the host CPU free for the writer)")
+    ap.add_argument(
+        "--gpu-like",
+        action="store_true",
+        help="synthetic detector: generate outputs once (warm-up), then each forward only sleeps "
+        "--emulate-ms (a GPU detector leaves the host CPU free for the writer)",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     return ap.parse_args()
 
@@ -259,8 +293,9 @@ def _data_and_checkpoint(args: argparse.Namespace, work: Path) -> tuple[Path, Pa
     checkpoint = args.checkpoint
     if args.detector == SYNTH_NAME:
         if SYNTH_NAME not in list_detectors():
-            register_detector(SYNTH_PRESET, lambda **kw: SyntheticR50(emulate_ms=args.emulate_ms,
-                                                                            memoize=args.gpu_like))
+            register_detector(
+                SYNTH_PRESET, lambda **kw: SyntheticR50(emulate_ms=args.emulate_ms, memoize=args.gpu_like)
+            )
         if checkpoint is None:
             checkpoint = work / "synthetic.ckpt"
             checkpoint.write_bytes(b"synthetic detector: no weights")
@@ -276,9 +311,19 @@ def main() -> None:
     detector = build_detector(args.detector, checkpoint=checkpoint, device=args.device)
     out = work / "store"
     shutil.rmtree(out, ignore_errors=True)
-    job = CacheJob(detector=args.detector, checkpoint=checkpoint, coco=coco, split=args.split, out=out,
-                   topk=args.topk, enc_layers=tuple(int(x) for x in args.enc_layers.split(",")), batch_size=args.batch_size,
-                   device=args.device, num_workers=args.workers, writer_threads=args.writer_threads)
+    job = CacheJob(
+        detector=args.detector,
+        checkpoint=checkpoint,
+        coco=coco,
+        split=args.split,
+        out=out,
+        topk=args.topk,
+        enc_layers=tuple(int(x) for x in args.enc_layers.split(",")),
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.workers,
+        writer_threads=args.writer_threads,
+    )
 
     forward_only(detector, job)  # warm-up (page cache, allocator, cuDNN autotune)
     fwd = forward_only(detector, job)
@@ -296,32 +341,50 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _report(args: argparse.Namespace, summary: CacheSummary, *, fwd: float, fwd2: float, cache_ips: float,
-            writer_ips: float, reader_ips: float) -> None:
+def _report(
+    args: argparse.Namespace,
+    summary: CacheSummary,
+    *,
+    fwd: float,
+    fwd2: float,
+    cache_ips: float,
+    writer_ips: float,
+    reader_ips: float,
+) -> None:
     """Print the throughputs of detector, cache run, writer and reader, and the bytes per image."""
     wr, rd = writer_ips, reader_ips
     st = summary.stats
     stored = sum(st.stored.values())
     valid = sum(v for k, v in st.raw_valid.items() if k not in ("commit", "skip_reason"))
     canvas = sum(v for k, v in st.raw_canvas.items() if k not in ("commit", "skip_reason"))
-    print(f"detector {args.detector} on {args.device}, {st.done} images, batch {args.batch_size}, "
-          f"{args.writer_threads} writer threads, emulate {args.emulate_ms} ms/img, gpu-like {args.gpu_like}, "
-          f"torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"throughput: detector forward only {fwd:.2f} img/s (after: {fwd2:.2f}); cache {cache_ips:.2f} img/s; "
-          f"ratio {cache_ips / ((fwd + fwd2) / 2):.2f} (goal >= 0.9)")
-    print(f"writer alone ({args.writer_threads} threads): {wr:.2f} img/s — with spare cores the cache runs at "
-          f"min(detector, writer); here detector and writer share {torch.get_num_threads()} busy CPU threads")
+    print(
+        f"detector {args.detector} on {args.device}, {st.done} images, batch {args.batch_size}, "
+        f"{args.writer_threads} writer threads, emulate {args.emulate_ms} ms/img, gpu-like {args.gpu_like}, "
+        f"torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(
+        f"throughput: detector forward only {fwd:.2f} img/s (after: {fwd2:.2f}); cache {cache_ips:.2f} img/s; "
+        f"ratio {cache_ips / ((fwd + fwd2) / 2):.2f} (goal >= 0.9)"
+    )
+    print(
+        f"writer alone ({args.writer_threads} threads): {wr:.2f} img/s — with spare cores the cache runs at "
+        f"min(detector, writer); here detector and writer share {torch.get_num_threads()} busy CPU threads"
+    )
     print(f"reader: CacheStore.read {rd:.2f} img/s (one process, 4 read threads; stage 2 adds DataLoader workers)")
-    print(f"bytes/image: stored {stored / st.done / 1e6:.2f} MB; raw valid region {valid / st.done / 1e6:.2f} MB "
-          f"(float16 features); raw padded canvas {canvas / st.done / 1e6:.2f} MB; "
-          f"stored/raw valid = {stored / valid:.3f} (goal <= 0.7)")
+    print(
+        f"bytes/image: stored {stored / st.done / 1e6:.2f} MB; raw valid region {valid / st.done / 1e6:.2f} MB "
+        f"(float16 features); raw padded canvas {canvas / st.done / 1e6:.2f} MB; "
+        f"stored/raw valid = {stored / valid:.3f} (goal <= 0.7)"
+    )
     for name in sorted(st.stored):
         if name in ("commit", "skip_reason"):
             continue
-        print(f"  {name:22s} stored {st.stored[name] / st.done / 1e3:9.1f} KB/img  raw valid "
-              f"{st.raw_valid[name] / st.done / 1e3:9.1f} KB/img  stored/raw valid "
-              f"{st.stored[name] / max(st.raw_valid[name], 1):.3f}")
+        print(
+            f"  {name:22s} stored {st.stored[name] / st.done / 1e3:9.1f} KB/img  raw valid "
+            f"{st.raw_valid[name] / st.done / 1e3:9.1f} KB/img  stored/raw valid "
+            f"{st.stored[name] / max(st.raw_valid[name], 1):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,14 @@ def main() -> None:
     det = build_detector(args.preset, checkpoint=args.checkpoint)
     h, w = args.hw
     hw = torch.tensor([[h, w]] * args.batch)
-    batch = ImageBatch(images=torch.randn(args.batch, 3, h, w), pad_mask=torch.zeros(args.batch, h, w, dtype=torch.bool),
-                       input_hw=hw, orig_hw=hw, image_ids=list(range(args.batch)), file_names=[""] * args.batch)
+    batch = ImageBatch(
+        images=torch.randn(args.batch, 3, h, w),
+        pad_mask=torch.zeros(args.batch, h, w, dtype=torch.bool),
+        input_hw=hw,
+        orig_hw=hw,
+        image_ids=list(range(args.batch)),
+        file_names=[""] * args.batch,
+    )
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     det.detect(batch, topk=100, enc_layers=(4,))  # warm-up
@@ -48,9 +54,11 @@ def main() -> None:
         out = det.detect(batch, topk=100, enc_layers=(4,))
     per_image = (time.perf_counter() - t0) / (args.repeat * args.batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{args.preset} {h}x{w} batch {args.batch}, threads {args.threads}: {per_image:.2f} s/image "
-          f"(first call {first:.2f} s); peak RSS {peak:.0f} MiB (after build {rss_built:.0f} MiB); "
-          f"queries {tuple(out.queries.shape)}, enc levels {[tuple(m.shape[-2:]) for m in out.enc_maps[4]]}")
+    print(
+        f"{args.preset} {h}x{w} batch {args.batch}, threads {args.threads}: {per_image:.2f} s/image "
+        f"(first call {first:.2f} s); peak RSS {peak:.0f} MiB (after build {rss_built:.0f} MiB); "
+        f"queries {tuple(out.queries.shape)}, enc levels {[tuple(m.shape[-2:]) for m in out.enc_maps[4]]}"
+    )
 
 
 if __name__ == "__main__":

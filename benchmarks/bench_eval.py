@@ -48,19 +48,34 @@ def perturbed_predictions(coco_gt: Any, seed: int, spurious: float = 0.3) -> lis
     out = []
     for r in copy.deepcopy(gt):
         m = mask_utils.decode(r["segmentation"]).astype(bool)
-        m = ndimage.binary_erosion(m, iterations=1) if rng.random() < 0.5 else \
-            np.roll(m, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), (0, 1))
+        m = (
+            ndimage.binary_erosion(m, iterations=1)
+            if rng.random() < 0.5
+            else np.roll(m, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), (0, 1))
+        )
         if not m.any():
             continue
         x, y, w, h = r["bbox"]
-        out.append({**r, "segmentation": mask_to_rle(m), "score": float(rng.uniform(0.05, 1.0)),
-                    "bbox": [x + rng.normal(0, 2), y + rng.normal(0, 2), w * rng.uniform(0.8, 1.2), h]})
+        out.append(
+            {
+                **r,
+                "segmentation": mask_to_rle(m),
+                "score": float(rng.uniform(0.05, 1.0)),
+                "bbox": [x + rng.normal(0, 2), y + rng.normal(0, 2), w * rng.uniform(0.8, 1.2), h],
+            }
+        )
     for r in rng.choice(np.array(gt, dtype=object), size=int(spurious * len(gt)), replace=True):
         m = np.roll(mask_utils.decode(r["segmentation"]).astype(bool), (int(rng.integers(10, 40)),) * 2, (0, 1))
         if m.any():
             ys, xs = np.nonzero(m)
-            out.append({**r, "segmentation": mask_to_rle(m), "score": float(rng.uniform(0.0, 0.5)),
-                        "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]})
+            out.append(
+                {
+                    **r,
+                    "segmentation": mask_to_rle(m),
+                    "score": float(rng.uniform(0.0, 0.5)),
+                    "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
+                }
+            )
     return out
 
 
@@ -95,8 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             res = perturbed_predictions(gt, seed=0)
         print(f"{len(res)} detections on {len(gt.imgs)} images; best of {args.repeats} runs each")
-        print(f"{'iou_type':<9}{'evaluator':<13}" + "".join(f"{m:>8}" for m in METRIC_NAMES[:3])
-              + f"{'max|Δ|':>9}{'time s':>9}{'ratio':>8}")
+        print(
+            f"{'iou_type':<9}{'evaluator':<13}"
+            + "".join(f"{m:>8}" for m in METRIC_NAMES[:3])
+            + f"{'max|Δ|':>9}{'time s':>9}{'ratio':>8}"
+        )
         for t in types:
             t_ref, ref = best_of(args.repeats, lambda t=t: evaluate(gt, res, t))
             t_fast, fast = best_of(args.repeats, lambda t=t: evaluate(gt, res, t, evaluator="faster"))
@@ -108,8 +126,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def row(iou_type: str, evaluator: str, ap: dict[str, float], diff: str, sec: float, ratio: str) -> str:
-    return (f"{iou_type:<9}{evaluator:<13}" + "".join(f"{ap[m]:8.2f}" for m in METRIC_NAMES[:3])
-            + f"{diff:>9}{sec:9.3f}{ratio:>8}")
+    return (
+        f"{iou_type:<9}{evaluator:<13}"
+        + "".join(f"{ap[m]:8.2f}" for m in METRIC_NAMES[:3])
+        + f"{diff:>9}{sec:9.3f}{ratio:>8}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -39,9 +39,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    report = benchmark_predict(detector=args.preset, masknet=args.masknet, checkpoint=args.checkpoint,
-                               inputs=args.inputs, size=parse_size(args.size), num_images=args.num_images,
-                               device=args.device, warmup=args.warmup, repeats=args.repeats, random_weights=True)
+    report = benchmark_predict(
+        detector=args.preset,
+        masknet=args.masknet,
+        checkpoint=args.checkpoint,
+        inputs=args.inputs,
+        size=parse_size(args.size),
+        num_images=args.num_images,
+        device=args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        random_weights=True,
+    )
     print(format_report(report, title=f"bench_latency ({args.preset}, images {args.size})"))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")

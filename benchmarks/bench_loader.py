@@ -45,8 +45,9 @@ def loader_rate(ds: Any, *, workers: int, batch_size: int, batches: int, warmup:
 
     n = len(ds)
     order = [[(b * batch_size + j) % n for j in range(batch_size)] for b in range(warmup + batches)]
-    loader = DataLoader(ds, batch_sampler=order, collate_fn=collate_detector_outputs,
-                        **loader_options(workers, prefetch))
+    loader = DataLoader(
+        ds, batch_sampler=order, collate_fn=collate_detector_outputs, **loader_options(workers, prefetch)
+    )
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -68,8 +69,10 @@ def consumer_rate(ds: Any, cfg: Any, *, device: torch.device, batch_size: int, s
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
     use_amp, amp_dtype = amp_settings(cfg.train.amp, device)
     n = len(ds)
-    cpu_batches = [collate_detector_outputs([ds[(b * batch_size + j) % n] for j in range(batch_size)])
-                   for b in range(min(warmup + steps, max(1, -(-n // batch_size))))]
+    cpu_batches = [
+        collate_detector_outputs([ds[(b * batch_size + j) % n] for j in range(batch_size)])
+        for b in range(min(warmup + steps, max(1, -(-n // batch_size))))
+    ]
     prepare = ds.prepare_batch
 
     def one(s: int) -> int:
@@ -114,20 +117,29 @@ def main() -> None:
     cfg = with_cache_enc_layer(cfg, args.cache[0])  # the detector's default layer unless the recipe sets one
     enc_layer = resolve_masknet_config(cfg).enc_layer
     device = torch.device(args.device)
-    print(f"device {device}, batch {args.batch_size}, {args.batches} loader batches / {args.steps} MaskNet steps "
-          f"timed after {args.warmup} warm-up; torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device}, batch {args.batch_size}, {args.batches} loader batches / {args.steps} MaskNet steps "
+        f"timed after {args.warmup} warm-up; torch threads {torch.get_num_threads()}"
+    )
     print(f"{'cache':<40}{'C1':>10}{'workers':>9}{'loader img/s':>14}{'step img/s':>12}{'loader/step':>13}")
     for cache in args.cache:
         ds = _dataset(cache, args.coco, enc_layer)
         mode = ds.store.c1_mode
-        step = consumer_rate(ds, cfg, device=device, batch_size=args.batch_size, steps=args.steps,
-                             warmup=args.warmup)
+        step = consumer_rate(ds, cfg, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
         for w in args.workers:
-            load = loader_rate(ds, workers=w, batch_size=args.batch_size, batches=args.batches,
-                               warmup=args.warmup, prefetch=args.prefetch)
+            load = loader_rate(
+                ds,
+                workers=w,
+                batch_size=args.batch_size,
+                batches=args.batches,
+                warmup=args.warmup,
+                prefetch=args.prefetch,
+            )
             print(f"{str(cache)[-40:]:<40}{mode:>10}{w:>9}{load:>14.2f}{step:>12.2f}{load / step:>12.2f}x")
-    print("recompute caches: the loader figure includes image read + sha256 + decode + preprocessing; the "
-          "stage-0 forward that rebuilds C1 runs on the training device and counts in the step figure")
+    print(
+        "recompute caches: the loader figure includes image read + sha256 + decode + preprocessing; the "
+        "stage-0 forward that rebuilds C1 runs on the training device and counts in the step figure"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ def load_batches(args: argparse.Namespace, enc_layer: int, device: torch.device)
     from mfdetr.engine.collate import collate_detector_outputs
 
     store = open_cache(args.cache, enc_layer=enc_layer, role="benchmark cache")
-    ds = CacheDataset(store=store, coco_split=open_annotations(store, coco=args.coco), enc_layer=enc_layer,
-                      max_images=args.images)
+    ds = CacheDataset(
+        store=store, coco_split=open_annotations(store, coco=args.coco), enc_layer=enc_layer, max_images=args.images
+    )
     n = len(ds)
     out = []
     for s in range(max(1, n // args.batch_size)):
@@ -47,8 +48,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_path(model0: torch.nn.Module, crit: Any, batches: list[Any], *, positives: bool, steps: int, warmup: int,
-             device: torch.device) -> dict[str, float]:
+def run_path(
+    model0: torch.nn.Module,
+    crit: Any,
+    batches: list[Any],
+    *,
+    positives: bool,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, float]:
     """Time ``steps`` training steps (after ``warmup``) of a copy of ``model0`` on one path."""
     from mfdetr.masknet.positives import PositivesOnly
 
@@ -73,8 +82,7 @@ def run_path(model0: torch.nn.Module, crit: Any, batches: list[Any], *, positive
             first = float(losses["loss"].detach())
         pos.append(float(losses["pos_per_image"]))
     sync(device)
-    return {"s_per_step": (time.perf_counter() - t0) / steps, "first_loss": first,
-            "pos_per_image": sum(pos) / len(pos)}
+    return {"s_per_step": (time.perf_counter() - t0) / steps, "first_loss": first, "pos_per_image": sum(pos) / len(pos)}
 
 
 def assigned_per_image(crit: Any, batches: list[Any]) -> float:
@@ -105,10 +113,14 @@ def main() -> None:
     caps = [0 if c.lower() in ("none", "0") else int(c) for c in args.caps]
     base = load_run_config(args.config, args.set) if args.config else build_run_config({}, args.set)
     batches, manifest = load_batches(args, resolve_masknet_config(base).enc_layer, device)
-    print(f"cache {args.cache}: {len(batches)} batches of {args.batch_size} preloaded on {device}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up; MaskNet K={resolve_masknet_config(base).num_queries}")
-    print(f"{'assign':<10}{'cap':>6}{'assigned/img':>14}{'trained/img':>13}{'s/step':>10}{'speed-up':>10}"
-          f"{'|dloss| step 0':>16}")
+    print(
+        f"cache {args.cache}: {len(batches)} batches of {args.batch_size} preloaded on {device}; "
+        f"{args.steps} timed steps after {args.warmup} warm-up; MaskNet K={resolve_masknet_config(base).num_queries}"
+    )
+    print(
+        f"{'assign':<10}{'cap':>6}{'assigned/img':>14}{'trained/img':>13}{'s/step':>10}{'speed-up':>10}"
+        f"{'|dloss| step 0':>16}"
+    )
     for method in args.methods:
         rows = []
         for cap in caps:
@@ -117,15 +129,25 @@ def main() -> None:
             parts = build_parts(cfg, manifest)
             model0, crit = parts.model.to(device), parts.criterion.to(device)
             if not rows:  # all-K once per assignment (a cap does not change its cost)
-                full = run_path(model0, crit, batches, positives=False, steps=args.steps, warmup=args.warmup,
-                                device=device)
-                rows.append(("all-K", assigned_per_image(crit, batches), full["pos_per_image"], full["s_per_step"],
-                             1.0, 0.0))
+                full = run_path(
+                    model0, crit, batches, positives=False, steps=args.steps, warmup=args.warmup, device=device
+                )
+                rows.append(
+                    ("all-K", assigned_per_image(crit, batches), full["pos_per_image"], full["s_per_step"], 1.0, 0.0)
+                )
             else:  # the first-step loss of all-K at this cap (one untimed step)
                 full = run_path(model0, crit, batches, positives=False, steps=1, warmup=0, device=device)
             pos = run_path(model0, crit, batches, positives=True, steps=args.steps, warmup=args.warmup, device=device)
-            rows.append((str(cap or "none"), assigned_per_image(crit, batches), pos["pos_per_image"],
-                         pos["s_per_step"], rows[0][3] / pos["s_per_step"], abs(pos["first_loss"] - full["first_loss"])))
+            rows.append(
+                (
+                    str(cap or "none"),
+                    assigned_per_image(crit, batches),
+                    pos["pos_per_image"],
+                    pos["s_per_step"],
+                    rows[0][3] / pos["s_per_step"],
+                    abs(pos["first_loss"] - full["first_loss"]),
+                )
+            )
         for cap_s, assigned, trained, sps, ratio, dloss in rows:
             print(f"{method:<10}{cap_s:>6}{assigned:>14.1f}{trained:>13.1f}{sps:>10.3f}{ratio:>9.2f}x{dloss:>16.2e}")
 

@@ -25,8 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mfdetr.ops import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
 
 
-def make_inputs(hw: tuple[int, int], queries: str, *, heads: int = 8, dh: int = 32, points: int = 4,
-                strides: tuple[int, ...] = (8, 16, 32, 64), seed: int = 0) -> tuple[torch.Tensor, ...]:
+def make_inputs(
+    hw: tuple[int, int],
+    queries: str,
+    *,
+    heads: int = 8,
+    dh: int = 32,
+    points: int = 4,
+    strides: tuple[int, ...] = (8, 16, 32, 64),
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     shapes = torch.tensor([(math.ceil(hw[0] / s), math.ceil(hw[1] / s)) for s in strides], dtype=torch.long)
     s_total = int(shapes.prod(1).sum())
@@ -56,8 +64,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     value, shapes, loc, attn = make_inputs(tuple(args.hw), args.queries)
-    print(f"levels {shapes.tolist()}, tokens {value.shape[1]}, queries {loc.shape[1]}, heads 8x32, points 4, "
-          f"threads {args.threads}")
+    print(
+        f"levels {shapes.tolist()}, tokens {value.shape[1]}, queries {loc.shape[1]}, heads 8x32, points 4, "
+        f"threads {args.threads}"
+    )
     impls = {"ms_deform_attn (grid_sample)": ms_deform_attn}
     if not args.skip_reference:
         impls["ms_deform_attn_reference (gather)"] = ms_deform_attn_reference

@@ -72,8 +72,14 @@ def _start_moto() -> str:
         port = s.getsockname()[1]
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on stderr
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     boto3.client("s3").create_bucket(Bucket="mfdetr-bench")
     return "s3://mfdetr-bench/cache"
 

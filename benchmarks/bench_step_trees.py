@@ -37,9 +37,17 @@ import torch
 HERE = Path(__file__).resolve().parents[1]
 
 #: the demo's MaskNet recipe (`mfdetr demo`)
-DEMO = ["masknet.num_queries=20", "masknet.enc_layer=2", "masknet.roi_size=16", "masknet.image_encoder.layers=1",
-        "masknet.box_encoder.layers=1", "masknet.box_encoder.dim=32", "masknet.box_encoder.heads=4",
-        "masknet.mask_scoring.channels=32", "masknet.mask_scoring.fc_dim=64"]
+DEMO = [
+    "masknet.num_queries=20",
+    "masknet.enc_layer=2",
+    "masknet.roi_size=16",
+    "masknet.image_encoder.layers=1",
+    "masknet.box_encoder.layers=1",
+    "masknet.box_encoder.dim=32",
+    "masknet.box_encoder.heads=4",
+    "masknet.mask_scoring.channels=32",
+    "masknet.mask_scoring.fc_dim=64",
+]
 
 
 def dump(cache: str, out: Path, images: int, batch_size: int, enc_layer: int) -> int:
@@ -48,8 +56,9 @@ def dump(cache: str, out: Path, images: int, batch_size: int, enc_layer: int) ->
     from mfdetr.engine.collate import collate_detector_outputs
 
     store = open_cache(cache, enc_layer=enc_layer, role="benchmark cache")
-    ds = CacheDataset(store=store, coco_split=open_annotations(store, coco=None), enc_layer=enc_layer,
-                      max_images=images)
+    ds = CacheDataset(
+        store=store, coco_split=open_annotations(store, coco=None), enc_layer=enc_layer, max_images=images
+    )
     plain = []
     for s in range(len(ds) // batch_size):
         b = collate_detector_outputs([ds[s * batch_size + j] for j in range(batch_size)])
@@ -94,8 +103,12 @@ def time_steps(blob_path: str, sets: list[str], positives: bool, steps: int, war
         if s >= warmup:
             times.append(dt)
         pos.append(float(losses["pos_per_image"] if "pos_per_image" in losses else losses["num_pos"] / len(gts)))
-    return {"median": statistics.median(times), "min": min(times), "first_loss": first,
-            "pos_per_image": sum(pos) / len(pos)}
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "first_loss": first,
+        "pos_per_image": sum(pos) / len(pos),
+    }
 
 
 def stage2(cache: str, val_cache: str, out: str, sets: list[str]) -> dict[str, Any]:
@@ -105,17 +118,31 @@ def stage2(cache: str, val_cache: str, out: str, sets: list[str]) -> dict[str, A
 
     cfg = build_run_config({}, sets)
     t0 = time.perf_counter()
-    _, metrics = train_from_cache(cfg, CacheSources(cache=Path(cache), coco=None, val_cache=Path(val_cache)), out,
-                                  log=lambda _: None)
+    _, metrics = train_from_cache(
+        cfg, CacheSources(cache=Path(cache), coco=None, val_cache=Path(val_cache)), out, log=lambda _: None
+    )
     return {"seconds": time.perf_counter() - t0, "segm_AP": metrics["segm"]["AP"]}
 
 
-def measure(tree: Path, blob: Path, sets: list[str], positives: bool, steps: int, warmup: int,
-            extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def measure(
+    tree: Path, blob: Path, sets: list[str], positives: bool, steps: int, warmup: int, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run :func:`time_steps` (or, with ``extra``, :func:`stage2`) in a child process importing ``tree``'s code."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, __file__, "--child", str(blob), "--steps", str(steps), "--warmup", str(warmup),
-           *(["--positives"] if positives else []), *extra, "--set", *sets]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(blob),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        *(["--positives"] if positives else []),
+        *extra,
+        "--set",
+        *sets,
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"measurement in {tree} failed:\n{p.stderr[-2000:]}")
@@ -127,8 +154,17 @@ def whole_runs(args: argparse.Namespace, sets: list[str]) -> None:
     if not args.val_cache:
         raise SystemExit("--stage2 needs --val-cache")
     n = args.stage2
-    run = ["train.batch_size=8", "train.lr=3e-4", "train.seed=0", "train.num_workers=0", "train.checkpoint_every=0",
-           f"train.iterations={n}", f"train.eval_every={n}", f"train.log_every={n}", "train.progress=false"]
+    run = [
+        "train.batch_size=8",
+        "train.lr=3e-4",
+        "train.seed=0",
+        "train.num_workers=0",
+        "train.checkpoint_every=0",
+        f"train.iterations={n}",
+        f"train.eval_every={n}",
+        f"train.log_every={n}",
+        "train.progress=false",
+    ]
     print(f"stage 2, demo recipe, {n} steps + one evaluation, {args.rounds} round(s) in turn; other tree {args.other}")
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
@@ -136,13 +172,23 @@ def whole_runs(args: argparse.Namespace, sets: list[str]) -> None:
                 c = 0 if cap.lower() in ("none", "0") else int(cap)
                 for r in range(args.rounds):
                     for name, tree, extra, caches in (
-                            ("other", Path(args.other), [], args.other_caches or [args.cache, args.val_cache]),
-                            ("this", HERE, [f"assign.max_positives_per_image={c}"], [args.cache, args.val_cache])):
+                        ("other", Path(args.other), [], args.other_caches or [args.cache, args.val_cache]),
+                        ("this", HERE, [f"assign.max_positives_per_image={c}"], [args.cache, args.val_cache]),
+                    ):
                         out = Path(tmp) / f"{name}-{method}-{cap}-{r}"
-                        res = measure(tree, Path(tmp), [*sets, *run, f"assign.method={method}", *extra], False, 0, 0,
-                                      extra=("--child-stage2", *caches, str(out)))
-                        print(f"{method:<10} cap {cap:>5} round {r + 1} {name:<6} {res['seconds']:8.1f} s   "
-                              f"mask AP {res['segm_AP']:.2f}")
+                        res = measure(
+                            tree,
+                            Path(tmp),
+                            [*sets, *run, f"assign.method={method}", *extra],
+                            False,
+                            0,
+                            0,
+                            extra=("--child-stage2", *caches, str(out)),
+                        )
+                        print(
+                            f"{method:<10} cap {cap:>5} round {r + 1} {name:<6} {res['seconds']:8.1f} s   "
+                            f"mask AP {res['segm_AP']:.2f}"
+                        )
 
 
 def main() -> None:
@@ -157,12 +203,22 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["box_iou", "hungarian"], choices=["box_iou", "hungarian"])
     ap.add_argument("--caps", nargs="+", default=["none", "8", "4"], help="positives per image ('none')")
     ap.add_argument("--set", nargs="*", default=None, help="recipe overrides (default: the demo's MaskNet)")
-    ap.add_argument("--stage2", type=int, default=0, metavar="N",
-                    help="instead: a whole demo-recipe stage-2 run of N steps (evaluated once, on --val-cache) per tree")
+    ap.add_argument(
+        "--stage2",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: a whole demo-recipe stage-2 run of N steps (evaluated once, on --val-cache) per tree",
+    )
     ap.add_argument("--val-cache", default=None, help="the validation cache of --stage2")
-    ap.add_argument("--other-caches", nargs=2, default=None, metavar=("TRAIN", "VAL"),
-                    help="--stage2: the other tree's own train and val caches of the same images (an older tree "
-                         "may not read this tree's store format)")
+    ap.add_argument(
+        "--other-caches",
+        nargs=2,
+        default=None,
+        metavar=("TRAIN", "VAL"),
+        help="--stage2: the other tree's own train and val caches of the same images (an older tree "
+        "may not read this tree's store format)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-stage2", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--positives", action="store_true", help=argparse.SUPPRESS)
@@ -182,23 +238,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         blob = Path(tmp) / "batches.pt"
         n = dump(args.cache, blob, args.images, args.batch_size, enc_layer)
-        print(f"{n} batches of {args.batch_size} from {args.cache}; {args.steps} timed steps after {args.warmup} "
-              f"warm-up, {args.rounds} round(s); other tree {args.other}")
-        print(f"{'assign':<10}{'cap':>6}{'pos/img':>9}{'other s/step':>14}{'this s/step':>13}{'other/this':>12}"
-              f"{'loss other':>12}{'loss this':>11}")
+        print(
+            f"{n} batches of {args.batch_size} from {args.cache}; {args.steps} timed steps after {args.warmup} "
+            f"warm-up, {args.rounds} round(s); other tree {args.other}"
+        )
+        print(
+            f"{'assign':<10}{'cap':>6}{'pos/img':>9}{'other s/step':>14}{'this s/step':>13}{'other/this':>12}"
+            f"{'loss other':>12}{'loss this':>11}"
+        )
         for method in args.methods:
             other: list[dict[str, Any]] = []
             for _ in range(args.rounds):
-                other.append(measure(Path(args.other), blob, [*sets, f"assign.method={method}"], False,
-                                     args.steps, args.warmup))
+                other.append(
+                    measure(Path(args.other), blob, [*sets, f"assign.method={method}"], False, args.steps, args.warmup)
+                )
             for cap in args.caps:
                 c = 0 if cap.lower() in ("none", "0") else int(cap)
-                this = [measure(HERE, blob, [*sets, f"assign.method={method}", f"assign.max_positives_per_image={c}"],
-                                True, args.steps, args.warmup) for _ in range(args.rounds)]
+                this = [
+                    measure(
+                        HERE,
+                        blob,
+                        [*sets, f"assign.method={method}", f"assign.max_positives_per_image={c}"],
+                        True,
+                        args.steps,
+                        args.warmup,
+                    )
+                    for _ in range(args.rounds)
+                ]
                 o = statistics.median(r["median"] for r in other)
                 t = statistics.median(r["median"] for r in this)
-                print(f"{method:<10}{cap:>6}{this[0]['pos_per_image']:>9.1f}{o:>14.3f}{t:>13.3f}{o / t:>11.2f}x"
-                      f"{other[0]['first_loss']:>12.5f}{this[0]['first_loss']:>11.5f}")
+                print(
+                    f"{method:<10}{cap:>6}{this[0]['pos_per_image']:>9.1f}{o:>14.3f}{t:>13.3f}{o / t:>11.2f}x"
+                    f"{other[0]['first_loss']:>12.5f}{this[0]['first_loss']:>11.5f}"
+                )
 
 
 if __name__ == "__main__":

@@ -52,12 +52,20 @@ def image_batch(imgs: list[torch.Tensor], ids: list[int]) -> ImageBatch:
     x = torch.stack(imgs)
     b, _, h, w = x.shape
     hw = torch.tensor([[h, w]] * b)
-    return ImageBatch(images=x, pad_mask=torch.zeros(b, h, w, dtype=torch.bool), input_hw=hw, orig_hw=hw.clone(),
-                      image_ids=ids, file_names=[f"{i}.png" for i in ids], targets=None)
+    return ImageBatch(
+        images=x,
+        pad_mask=torch.zeros(b, h, w, dtype=torch.bool),
+        input_hw=hw,
+        orig_hw=hw.clone(),
+        image_ids=ids,
+        file_names=[f"{i}.png" for i in ids],
+        targets=None,
+    )
 
 
-def gt_from_boxes(boxes_xyxy: torch.Tensor, labels: torch.Tensor, hw: tuple[int, int], image_id: int,
-                  objects: int) -> GTInstances:
+def gt_from_boxes(
+    boxes_xyxy: torch.Tensor, labels: torch.Tensor, hw: tuple[int, int], image_id: int, objects: int
+) -> GTInstances:
     """Up to ``objects`` GT instances at well-separated boxes among ``boxes_xyxy`` (score order): each is an
     ellipse inscribed in its box (boxes clamped to the image, at least 8 px a side)."""
     from torchvision.ops import box_iou
@@ -70,7 +78,7 @@ def gt_from_boxes(boxes_xyxy: torch.Tensor, labels: torch.Tensor, hw: tuple[int,
     for k in range(b.shape[0]):
         if (b[k, 2] - b[k, 0]) < 8 or (b[k, 3] - b[k, 1]) < 8:
             continue
-        if keep and float(box_iou(b[k:k + 1], b[keep]).max()) > 0.3:
+        if keep and float(box_iou(b[k : k + 1], b[keep]).max()) > 0.3:
             continue
         keep.append(k)
         if len(keep) == objects:
@@ -83,28 +91,54 @@ def gt_from_boxes(boxes_xyxy: torch.Tensor, labels: torch.Tensor, hw: tuple[int,
         masks.append(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0)
     n = len(keep)
     m = torch.stack(masks) if n else torch.zeros(0, h, w, dtype=torch.bool)
-    return GTInstances(boxes=b[keep].float(), labels=labels[keep].long(), masks=m,
-                       iscrowd=torch.zeros(n, dtype=torch.bool), image_id=image_id, orig_hw=(h, w))
+    return GTInstances(
+        boxes=b[keep].float(),
+        labels=labels[keep].long(),
+        masks=m,
+        iscrowd=torch.zeros(n, dtype=torch.bool),
+        image_id=image_id,
+        orig_hw=(h, w),
+    )
 
 
-def write_cache(detector: Any, imgs: list[torch.Tensor], path: Path, *, topk: int, enc_layer: int,
-                batch_size: int, device: torch.device) -> None:
+def write_cache(
+    detector: Any,
+    imgs: list[torch.Tensor],
+    path: Path,
+    *,
+    topk: int,
+    enc_layer: int,
+    batch_size: int,
+    device: torch.device,
+) -> None:
     from mfdetr.cache import CacheWriter, build_manifest, records_from_output
     from mfdetr.cache.store import open_for_writing
 
     ids = list(range(1, len(imgs) + 1))
-    manifest = build_manifest(preset=detector.preset, checkpoint_file="bench.pth", checkpoint_sha256="0" * 64,
-                              split="bench", annotation_file="none.json", annotation_sha256="0" * 64,
-                              image_ids=ids, topk=topk, enc_layers=(enc_layer,))
+    manifest = build_manifest(
+        preset=detector.preset,
+        checkpoint_file="bench.pth",
+        checkpoint_sha256="0" * 64,
+        split="bench",
+        annotation_file="none.json",
+        annotation_sha256="0" * 64,
+        image_ids=ids,
+        topk=topk,
+        enc_layers=(enc_layer,),
+    )
     root = open_for_writing(path, manifest, np.asarray(ids, dtype=np.int64))
     writer = CacheWriter(root=root, path=path, manifest=manifest)
     for s in range(0, len(imgs), batch_size):
         idx = list(range(s, min(s + batch_size, len(imgs))))
         with torch.inference_mode():
-            out = detector.detect(image_batch([imgs[i] for i in idx], [ids[i] for i in idx]).to(device),
-                                  topk=topk, enc_layers=(enc_layer,))
-        for rec in records_from_output(out, indices=idx, file_names=[f"{ids[i]}.png" for i in idx],
-                                       image_ids=[ids[i] for i in idx]):
+            out = detector.detect(
+                image_batch([imgs[i] for i in idx], [ids[i] for i in idx]).to(device),
+                topk=topk,
+                enc_layers=(enc_layer,),
+            )
+        for rec in records_from_output(
+            out, indices=idx, file_names=[f"{ids[i]}.png" for i in idx], image_ids=[ids[i] for i in idx]
+        ):
             writer.write_image(rec)
 
 
@@ -124,8 +158,9 @@ def make_gts(cache_dir: str, objects: int) -> list[GTInstances]:
     return gts
 
 
-def step_losses(mode: str, model: Any, crit: Any, det: Any, targets: list[GTInstances], step: int
-                ) -> dict[str, torch.Tensor]:
+def step_losses(
+    mode: str, model: Any, crit: Any, det: Any, targets: list[GTInstances], step: int
+) -> dict[str, torch.Tensor]:
     """One batch's losses: all K queries through MaskNet (``cached-allK``) or only those that get a loss."""
     if mode == "cached-allK":
         return crit(model(det), det, targets)
@@ -158,8 +193,10 @@ def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queu
     cfg = load_run_config(args.config, args.set) if args.config else build_run_config({}, args.set)
     mcfg = resolve_masknet_config(cfg)
     store = CacheStore.open(Path(work) / "cache")
-    gts = [GTInstances(**{**g, "orig_hw": tuple(g["orig_hw"])})
-           for g in torch.load(Path(work) / "gts.pt", weights_only=True)]
+    gts = [
+        GTInstances(**{**g, "orig_hw": tuple(g["orig_hw"])})
+        for g in torch.load(Path(work) / "gts.pt", weights_only=True)
+    ]
     imgs = synthetic_images(args.images, tuple(args.image_size))
     step = None
     if mode == "online":
@@ -198,8 +235,11 @@ def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queu
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    res = {"img_per_s": args.steps * args.batch_size / dt, "s_per_step": dt / args.steps,
-           "pos_per_img": sum(npos) / max(len(npos), 1)}
+    res = {
+        "img_per_s": args.steps * args.batch_size / dt,
+        "s_per_step": dt / args.steps,
+        "pos_per_img": sum(npos) / max(len(npos), 1),
+    }
     if device.type == "cuda":
         res["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -219,8 +259,15 @@ def bench_detector(name: str, args: argparse.Namespace, enc_layer: int) -> dict[
         det = build_detector(name, checkpoint=args.checkpoint, device=str(device))
         torch.save(det.state_dict(), Path(work) / "detector.pt")  # type: ignore[attr-defined]
         t = time.perf_counter()
-        write_cache(det, synthetic_images(args.images, tuple(args.image_size)), Path(work) / "cache",
-                    topk=args.topk, enc_layer=enc_layer, batch_size=args.batch_size, device=device)
+        write_cache(
+            det,
+            synthetic_images(args.images, tuple(args.image_size)),
+            Path(work) / "cache",
+            topk=args.topk,
+            enc_layer=enc_layer,
+            batch_size=args.batch_size,
+            device=device,
+        )
         print(f"[{name}] cache of {args.images} images written in {time.perf_counter() - t:.1f} s", flush=True)
         del det
         torch.save([dict(vars(g)) for g in make_gts(str(Path(work) / "cache"), args.objects)], Path(work) / "gts.pt")
@@ -265,19 +312,25 @@ def main() -> None:
     cfg = load_run_config(args.config, args.set) if args.config else build_run_config({}, args.set)
     enc_layer = resolve_masknet_config(cfg).enc_layer
     table = {name: bench_detector(name, args, enc_layer) for name in args.detectors}
-    print(f"\ndevice {args.device}, images {args.image_size[0]}x{args.image_size[1]}, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, K={args.topk}, {args.objects} GT objects/image, "
-          f"{'random weights' if args.checkpoint is None else args.checkpoint}")
+    print(
+        f"\ndevice {args.device}, images {args.image_size[0]}x{args.image_size[1]}, batch {args.batch_size}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, K={args.topk}, {args.objects} GT objects/image, "
+        f"{'random weights' if args.checkpoint is None else args.checkpoint}"
+    )
     print(f"{'detector':<14}{'mode':<13}{'pos/img':>8}{'s/step':>10}{'img/s':>9}{'peak MiB':>10}")
     for name, res in table.items():
         for m, r in res.items():
-            print(f"{name:<14}{m:<13}{r['pos_per_img']:>8.1f}{r['s_per_step']:>10.3f}{r['img_per_s']:>9.3f}"
-                  f"{r['peak_mem_mib']:>10.1f}")
+            print(
+                f"{name:<14}{m:<13}{r['pos_per_img']:>8.1f}{r['s_per_step']:>10.3f}{r['img_per_s']:>9.3f}"
+                f"{r['peak_mem_mib']:>10.1f}"
+            )
     for name, res in table.items():
         c, o, a = res["cached"], res["online"], res["cached-allK"]
-        print(f"{name}: cached/online throughput {c['img_per_s'] / o['img_per_s']:.2f}x, peak memory "
-              f"cached/online {c['peak_mem_mib'] / max(o['peak_mem_mib'], 1e-9):.2f}x; MaskNet step "
-              f"all-K/positives-only {a['s_per_step'] / c['s_per_step']:.2f}x")
+        print(
+            f"{name}: cached/online throughput {c['img_per_s'] / o['img_per_s']:.2f}x, peak memory "
+            f"cached/online {c['peak_mem_mib'] / max(o['peak_mem_mib'], 1e-9):.2f}x; MaskNet step "
+            f"all-K/positives-only {a['s_per_step'] / c['s_per_step']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

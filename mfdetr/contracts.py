@@ -53,14 +53,21 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def to_dict(self) -> dict[str, Any]:
-        return {"short_side": self.short_side, "max_size": self.max_size,
-                "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "short_side": self.short_side,
+            "max_size": self.max_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
-        return cls(short_side=int(d["short_side"]), max_size=int(d["max_size"]),
-                   mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
-                   std=tuple(float(x) for x in d["std"]))  # type: ignore[arg-type]
+        return cls(
+            short_side=int(d["short_side"]),
+            max_size=int(d["max_size"]),
+            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in d["std"]),
+        )  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,10 @@ class DetectorPreset:
 
     def __post_init__(self) -> None:
         if len(self.class_to_category) != self.num_classes:
-            raise ValueError(f"preset {self.name}: class_to_category has {len(self.class_to_category)} "
-                             f"entries, num_classes is {self.num_classes}")
+            raise ValueError(
+                f"preset {self.name}: class_to_category has {len(self.class_to_category)} "
+                f"entries, num_classes is {self.num_classes}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -173,8 +182,7 @@ class DetectorOutput:
         """[B, K] max sigmoid class probability (the ``c_i`` of eq. 2)."""
         return self.logits.float().sigmoid().amax(dim=-1)
 
-    def map(self, fn: Callable[[Tensor], Tensor], *, sizes: Callable[[Tensor], Tensor] | None = None
-            ) -> DetectorOutput:
+    def map(self, fn: Callable[[Tensor], Tensor], *, sizes: Callable[[Tensor], Tensor] | None = None) -> DetectorOutput:
         """A new output with ``fn`` applied to every feature tensor — ``queries``, ``boxes``, ``logits``,
         each map of every ``enc_maps`` layer, ``c1`` — and ``sizes`` to the integer size tensors
         (``input_hw``, ``orig_hw``, ``level_valid_hw``; kept as they are when ``sizes`` is ``None``).
@@ -184,10 +192,16 @@ class DetectorOutput:
         """
         size = sizes if sizes is not None else (lambda t: t)
         return DetectorOutput(
-            queries=fn(self.queries), boxes=fn(self.boxes), logits=fn(self.logits),
-            enc_maps={k: [fn(m) for m in v] for k, v in self.enc_maps.items()}, c1=fn(self.c1),
-            input_hw=size(self.input_hw), orig_hw=size(self.orig_hw), level_valid_hw=size(self.level_valid_hw),
-            extras=dict(self.extras))
+            queries=fn(self.queries),
+            boxes=fn(self.boxes),
+            logits=fn(self.logits),
+            enc_maps={k: [fn(m) for m in v] for k, v in self.enc_maps.items()},
+            c1=fn(self.c1),
+            input_hw=size(self.input_hw),
+            orig_hw=size(self.orig_hw),
+            level_valid_hw=size(self.level_valid_hw),
+            extras=dict(self.extras),
+        )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DetectorOutput:
         """Move to ``device``; float tensors are cast to ``dtype`` when given."""
@@ -226,18 +240,19 @@ class DetectorOutput:
                 raise ValueError(f"enc_maps[{layer}] has {len(maps)} levels, expected {n_levels}")
             for lvl, m in enumerate(maps):
                 if m.dim() != 4 or m.shape[0] != bsz or m.shape[1] != d:
-                    raise ValueError(f"enc_maps[{layer}][{lvl}] must be [B,d,H,W] with B={bsz}, d={d}, "
-                                     f"got {tuple(m.shape)}")
+                    raise ValueError(
+                        f"enc_maps[{layer}][{lvl}] must be [B,d,H,W] with B={bsz}, d={d}, got {tuple(m.shape)}"
+                    )
         if self.c1.dim() != 4 or self.c1.shape[0] != bsz:
             raise ValueError(f"c1 must be [B,C1,H/4,W/4] with B={bsz}, got {tuple(self.c1.shape)}")
         for name in ("input_hw", "orig_hw"):
             t = getattr(self, name)
             if tuple(t.shape) != (bsz, 2) or t.is_floating_point():
-                raise ValueError(f"{name} must be an integer [B,2]=({bsz},2) tensor, got "
-                                 f"{tuple(t.shape)} {t.dtype}")
+                raise ValueError(f"{name} must be an integer [B,2]=({bsz},2) tensor, got {tuple(t.shape)} {t.dtype}")
         if tuple(self.level_valid_hw.shape) != (bsz, n_levels, 2):
-            raise ValueError(f"level_valid_hw must be [B,L,2]=({bsz},{n_levels},2), got "
-                             f"{tuple(self.level_valid_hw.shape)}")
+            raise ValueError(
+                f"level_valid_hw must be [B,L,2]=({bsz},{n_levels},2), got {tuple(self.level_valid_hw.shape)}"
+            )
         if torch.compiler.is_exporting():  # value checks need data a traced graph does not have
             return self
         if k and bool(((b < -1e-3) | (b > 1 + 1e-3)).any()):
@@ -270,8 +285,14 @@ class GTInstances:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device | str) -> GTInstances:
-        return GTInstances(boxes=self.boxes.to(device), labels=self.labels.to(device), masks=self.masks.to(device),
-                           iscrowd=self.iscrowd.to(device), image_id=self.image_id, orig_hw=self.orig_hw)
+        return GTInstances(
+            boxes=self.boxes.to(device),
+            labels=self.labels.to(device),
+            masks=self.masks.to(device),
+            iscrowd=self.iscrowd.to(device),
+            image_id=self.image_id,
+            orig_hw=self.orig_hw,
+        )
 
 
 @dataclass
@@ -297,10 +318,15 @@ class ImageBatch:
         return int(self.images.shape[0])
 
     def to(self, device: torch.device | str) -> ImageBatch:
-        return ImageBatch(images=self.images.to(device, non_blocking=True),
-                          pad_mask=self.pad_mask.to(device, non_blocking=True),
-                          input_hw=self.input_hw, orig_hw=self.orig_hw, image_ids=list(self.image_ids),
-                          file_names=list(self.file_names), targets=self.targets)
+        return ImageBatch(
+            images=self.images.to(device, non_blocking=True),
+            pad_mask=self.pad_mask.to(device, non_blocking=True),
+            input_hw=self.input_hw,
+            orig_hw=self.orig_hw,
+            image_ids=list(self.image_ids),
+            file_names=list(self.file_names),
+            targets=self.targets,
+        )
 
 
 @runtime_checkable

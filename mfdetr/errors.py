@@ -44,8 +44,10 @@ def load_failure(e: Exception) -> str:
     text = str(e)
     found = re.search(r"(Unsupported global: GLOBAL \S+|got <class '[^']+'>)", text)
     if "Weights only load failed" in text and found:
-        return ("refused: it holds objects other than tensors and plain data, and loading it could run code "
-                f"({found.group(1)})")
+        return (
+            "refused: it holds objects other than tensors and plain data, and loading it could run code "
+            f"({found.group(1)})"
+        )
     detail = re.search(r"WeightsUnpickler error: *([^\n]+)", text)
     first = detail.group(1) if detail else (text.strip().splitlines() or [""])[0]
     return f"cannot read checkpoint ({type(e).__name__}: {first.strip()[:200]})"

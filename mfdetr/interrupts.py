@@ -22,8 +22,10 @@ T = TypeVar("T")
 
 def interruptible(items: Iterable[T], on_interrupt: Callable[[], BaseException]) -> Iterator[T]:
     """Yield ``items``; on SIGINT between two items raise ``on_interrupt()`` (see the module doc)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield from items
         return
     state = {"defer": False, "pending": False}

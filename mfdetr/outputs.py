@@ -88,8 +88,9 @@ def atomic_path(path: str | Path, *, what: str = "output", shared: bool = False)
             tmp.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: str = "output",
-                 shared: bool = False) -> None:
+def atomic_write(
+    path: str | Path, write: Callable[[IO[bytes]], None], *, what: str = "output", shared: bool = False
+) -> None:
     """``write(f)`` into a binary file that takes the name ``path`` only once complete and on disk
     (:func:`atomic_path`): a full disk or an I/O error leaves no partial file under the name."""
     with atomic_path(path, what=what, shared=shared) as tmp, tmp.open("wb") as f:
@@ -117,8 +118,11 @@ def exclusive_folder(path: str | Path, *, what: str = "--out") -> Iterator[Path]
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise MfdetrError(f"another mfdetr command is writing this folder ({what}) now: wait for it to "
-                              "end or choose another folder", path=p) from None
+            raise MfdetrError(
+                f"another mfdetr command is writing this folder ({what}) now: wait for it to "
+                "end or choose another folder",
+                path=p,
+            ) from None
         yield p
     finally:
         os.close(fd)
@@ -127,4 +131,11 @@ def exclusive_folder(path: str | Path, *, what: str = "--out") -> Iterator[Path]
                 p.rmdir()  # only if still empty: a command refused before writing anything leaves nothing
 
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "exclusive_folder", "check_output_dir", "check_output_file"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_text",
+    "exclusive_folder",
+    "check_output_dir",
+    "check_output_file",
+]

@@ -16,10 +16,25 @@ from mfdetr.detectors.hdetr.presets import HDETR_CONFIGS
 
 DINO_TINY = DINO_CONFIGS["dino_tiny"][0]
 HDETR_TINY = HDETR_CONFIGS["hdetr_tiny"][0]
-DINO_ARGS = {"modelname": "dino", "nheads": 4, "two_stage_type": "standard", "num_select": 50,
-             "return_interm_indices": [1, 2, 3], "nms_iou_threshold": -1, "dec_pred_class_embed_share": True}
-HDETR_ARGS = {"nheads": 4, "num_queries_one2one": 20, "num_queries_one2many": 12, "topk": 50, "two_stage": True,
-              "with_box_refine": True, "mixed_selection": True, "look_forward_twice": True}
+DINO_ARGS = {
+    "modelname": "dino",
+    "nheads": 4,
+    "two_stage_type": "standard",
+    "num_select": 50,
+    "return_interm_indices": [1, 2, 3],
+    "nms_iou_threshold": -1,
+    "dec_pred_class_embed_share": True,
+}
+HDETR_ARGS = {
+    "nheads": 4,
+    "num_queries_one2one": 20,
+    "num_queries_one2many": 12,
+    "topk": 50,
+    "two_stage": True,
+    "with_box_refine": True,
+    "mixed_selection": True,
+    "look_forward_twice": True,
+}
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -30,8 +45,9 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     from mfdetr.detectors.common.arch import family_preset
     from mfdetr.detectors.hdetr.model import build_hdetr_model
 
-    return build_hdetr_model(HDETR_TINY, preset=family_preset("t", "hdetr", HDETR_TINY, checkpoint_file=None,
-                                                              box_ap=None)).eval()
+    return build_hdetr_model(
+        HDETR_TINY, preset=family_preset("t", "hdetr", HDETR_TINY, checkpoint_file=None, box_ap=None)
+    ).eval()
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, args: dict | None) -> Path:
@@ -44,11 +60,26 @@ def save_checkpoint(path: Path, model: torch.nn.Module, args: dict | None) -> Pa
 
 
 #: a small detrex-style DINO: ResNet (1 block per stage), 8 heads (detrex's), unshared heads, detrex positions
-DETREX_CFG = DinoConfig(backbone=BackboneConfig(kind="resnet", out_indices=(1, 2, 3), params={"depths": (1, 1, 1, 1)}),
-                 hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=64, enc_n_points=2,
-                 dec_n_points=2, num_queries=20, num_feature_levels=4, num_classes=7, dn_labelbook_size=6,
-                 pe_temperature_h=10000.0, pe_temperature_w=10000.0, pe_offset=-0.5,
-                 dec_pred_class_embed_share=False, dec_pred_bbox_embed_share=False, num_select=300)
+DETREX_CFG = DinoConfig(
+    backbone=BackboneConfig(kind="resnet", out_indices=(1, 2, 3), params={"depths": (1, 1, 1, 1)}),
+    hidden_dim=32,
+    nheads=8,
+    enc_layers=2,
+    dec_layers=2,
+    dim_feedforward=64,
+    enc_n_points=2,
+    dec_n_points=2,
+    num_queries=20,
+    num_feature_levels=4,
+    num_classes=7,
+    dn_labelbook_size=6,
+    pe_temperature_h=10000.0,
+    pe_temperature_w=10000.0,
+    pe_offset=-0.5,
+    dec_pred_class_embed_share=False,
+    dec_pred_bbox_embed_share=False,
+    num_select=300,
+)
 
 
 def to_detrex(key: str) -> str | None:
@@ -58,8 +89,9 @@ def to_detrex(key: str) -> str | None:
         return key.replace("transformer.enc_out_class_embed.", f"class_embed.{n_dec}.")
     if key.startswith("transformer.enc_out_bbox_embed."):
         return key.replace("transformer.enc_out_bbox_embed.", f"bbox_embed.{n_dec}.")
-    key = key.replace("backbone.0.body.conv1.", "backbone.stem.conv1.").replace("backbone.0.body.bn1.",
-                                                                               "backbone.stem.conv1.norm.")
+    key = key.replace("backbone.0.body.conv1.", "backbone.stem.conv1.").replace(
+        "backbone.0.body.bn1.", "backbone.stem.conv1.norm."
+    )
     for i in range(4):
         key = key.replace(f"backbone.0.body.layer{i + 1}.", f"backbone.res{i + 2}.")
     key = re.sub(r"(res\d\.\d+)\.bn(\d)\.", r"\1.conv\2.norm.", key)
@@ -68,8 +100,7 @@ def to_detrex(key: str) -> str | None:
     m = re.match(r"^input_proj\.(\d+)\.([01])\.(.*)$", key)
     if m:
         i, part = int(m.group(1)), "conv" if m.group(2) == "0" else "norm"
-        return (f"neck.convs.{i}.{part}.{m.group(3)}" if i < n_in else
-                f"neck.extra_convs.{i - n_in}.{part}.{m.group(3)}")
+        return f"neck.convs.{i}.{part}.{m.group(3)}" if i < n_in else f"neck.extra_convs.{i - n_in}.{part}.{m.group(3)}"
     key = key.replace("transformer.level_embed", "transformer.level_embeds")
     key = re.sub(r"(encoder\.layers\.\d+)\.self_attn\.", r"\1.attentions.0.", key)
     key = re.sub(r"(encoder\.layers\.\d+)\.norm1\.", r"\1.norms.0.", key)
@@ -93,8 +124,13 @@ def detrex_file(path: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
                 buf.copy_(torch.rand_like(buf) + 0.5)
     sd = {to_detrex(k): v for k, v in model.state_dict().items()}
     n = DETREX_CFG.dec_layers  # detrex aliases the encoder heads under transformer.decoder too
-    sd.update({f"transformer.decoder.{k}": v for k, v in list(sd.items()) if k.startswith((f"class_embed.{n}.",
-                                                                                           f"bbox_embed.{n}."))})
+    sd.update(
+        {
+            f"transformer.decoder.{k}": v
+            for k, v in list(sd.items())
+            if k.startswith((f"class_embed.{n}.", f"bbox_embed.{n}."))
+        }
+    )
     assert not any(k.startswith(("input_proj", "backbone.0.")) for k in sd)
     torch.save({"model": sd, "iteration": 100}, path)  # detectron2's checkpointer: no args
     return model, path

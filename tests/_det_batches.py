@@ -19,8 +19,14 @@ def make_batch(sizes: list[tuple[int, int]], *, seed: int = 0, pad_noise: bool =
     if pad_noise:
         images = torch.where(mask[:, None], torch.randn(images.shape, generator=g) * 5, images)
     hw = torch.tensor(sizes, dtype=torch.long)
-    return ImageBatch(images=images, pad_mask=mask, input_hw=hw, orig_hw=hw * 3, image_ids=list(range(len(sizes))),
-                      file_names=[f"{i}.jpg" for i in range(len(sizes))])
+    return ImageBatch(
+        images=images,
+        pad_mask=mask,
+        input_hw=hw,
+        orig_hw=hw * 3,
+        image_ids=list(range(len(sizes))),
+        file_names=[f"{i}.jpg" for i in range(len(sizes))],
+    )
 
 
 def crop_valid(m: torch.Tensor, hw) -> torch.Tensor:

@@ -38,10 +38,21 @@ D, C1, NUM_CLASSES, NUM_CANDIDATES, STRIDES, LAYERS = 16, 8, 6, 40, (8, 16, 32, 
 PAD_VALUE = 7.0
 
 PRESET = DetectorPreset(
-    name=NAME, family="fake", arch={"hidden_dim": D, "candidates": NUM_CANDIDATES}, checkpoint_file="fake.pth",
-    checkpoint_sha256=None, box_ap=None, num_classes=NUM_CLASSES, class_to_category=(0, 1, 2, 3, 0, 5),
-    preprocessing=Preprocessing(short_side=48, max_size=80), level_strides=STRIDES, hidden_dim=D,
-    c1_channels=C1, num_encoder_layers=LAYERS, notes="test-only fake detector")
+    name=NAME,
+    family="fake",
+    arch={"hidden_dim": D, "candidates": NUM_CANDIDATES},
+    checkpoint_file="fake.pth",
+    checkpoint_sha256=None,
+    box_ap=None,
+    num_classes=NUM_CLASSES,
+    class_to_category=(0, 1, 2, 3, 0, 5),
+    preprocessing=Preprocessing(short_side=48, max_size=80),
+    level_strides=STRIDES,
+    hidden_dim=D,
+    c1_channels=C1,
+    num_encoder_layers=LAYERS,
+    notes="test-only fake detector",
+)
 
 
 def fake_state_dict(seed: int = 0) -> dict[str, Tensor]:
@@ -50,10 +61,16 @@ def fake_state_dict(seed: int = 0) -> dict[str, Tensor]:
     def r(*shape: int, scale: float = 1.0) -> Tensor:
         return torch.randn(*shape, generator=g) * scale
 
-    return {"c1.weight": r(C1, 3, 4, 4, scale=0.3), "c1.bias": r(C1, scale=0.1),
-            "proj.weight": r(len(STRIDES), D, 3), "proj.bias": r(len(STRIDES), D, scale=0.1),
-            "query_embed": r(NUM_CANDIDATES, D), "base.weight": r(D, 3 * len(STRIDES), scale=0.5),
-            "cls.weight": r(NUM_CLASSES, D), "box.weight": r(4, D, scale=0.5)}
+    return {
+        "c1.weight": r(C1, 3, 4, 4, scale=0.3),
+        "c1.bias": r(C1, scale=0.1),
+        "proj.weight": r(len(STRIDES), D, 3),
+        "proj.bias": r(len(STRIDES), D, scale=0.1),
+        "query_embed": r(NUM_CANDIDATES, D),
+        "base.weight": r(D, 3 * len(STRIDES), scale=0.5),
+        "cls.weight": r(NUM_CLASSES, D),
+        "box.weight": r(4, D, scale=0.5),
+    }
 
 
 def save_fake_checkpoint(path: str | Path, seed: int = 0) -> Path:
@@ -79,39 +96,48 @@ class FakeDetector(nn.Module):
         _, h, w = x.shape
         e = 64
         xp = F.pad(x, (0, -(-w // e) * e - w, 0, -(-h // e) * e - h))[None]
-        c1 = F.relu(F.conv2d(xp, self.c1_weight, self.c1_bias, stride=4))[0, :, :math.ceil(h / 4),
-                                                                          :math.ceil(w / 4)]
+        c1 = F.relu(F.conv2d(xp, self.c1_weight, self.c1_bias, stride=4))[0, :, : math.ceil(h / 4), : math.ceil(w / 4)]
         levels, pooled = [], []
         for lvl, s in enumerate(STRIDES):
-            p = F.avg_pool2d(xp, s, s)[0, :, :math.ceil(h / s), :math.ceil(w / s)]
+            p = F.avg_pool2d(xp, s, s)[0, :, : math.ceil(h / s), : math.ceil(w / s)]
             pooled.append(p.mean(dim=(1, 2)))
             levels.append(torch.einsum("dc,chw->dhw", self.proj_weight[lvl], p) + self.proj_bias[lvl][:, None, None])
         enc = {}
         for layer in enc_layers:
-            enc[layer] = [F.layer_norm((m * (1 + 0.25 * layer) + torch.sin(layer * m)).permute(1, 2, 0), (D,))
-                          .permute(2, 0, 1) for m in levels]
+            enc[layer] = [
+                F.layer_norm((m * (1 + 0.25 * layer) + torch.sin(layer * m)).permute(1, 2, 0), (D,)).permute(2, 0, 1)
+                for m in levels
+            ]
         base = self.base_weight @ torch.cat(pooled)
         q = F.layer_norm(self.query_embed + base, (D,))
         logits = q @ self.cls_weight.T
         order = torch.sort(logits.sigmoid().amax(-1), descending=True, stable=True).indices[:topk]
         q, logits = q[order], logits[order]
         boxes = (q @ self.box_weight.T).sigmoid()
-        return {"q": q, "b": boxes, "l": logits, "enc": enc, "c1": c1,
-                "valid": [[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES]}
+        return {
+            "q": q,
+            "b": boxes,
+            "l": logits,
+            "enc": enc,
+            "c1": c1,
+            "valid": [[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES],
+        }
 
     @torch.inference_mode()
     def detect(self, batch: ImageBatch, *, topk: int = 100, enc_layers: Sequence[int] = (4,)) -> DetectorOutput:
         self.forward_calls += 1
         time.sleep(float(os.environ.get("MFDETR_FAKE_SLEEP", "0")))  # lets subprocess tests kill a run mid-way
         topk = min(topk, NUM_CANDIDATES)
-        outs = [self._one(batch.images[b, :, :int(hw[0]), :int(hw[1])].float(), enc_layers, topk)
-                for b, hw in enumerate(batch.input_hw.tolist())]
+        outs = [
+            self._one(batch.images[b, :, : int(hw[0]), : int(hw[1])].float(), enc_layers, topk)
+            for b, hw in enumerate(batch.input_hw.tolist())
+        ]
         hp, wp = batch.images.shape[-2:]
 
         def pad(maps: list[Tensor], hh: int, ww: int) -> Tensor:
             out = maps[0].new_full((len(maps), maps[0].shape[0], hh, ww), PAD_VALUE)
             for i, m in enumerate(maps):
-                out[i, :, :m.shape[1], :m.shape[2]] = m
+                out[i, :, : m.shape[1], : m.shape[2]] = m
             return out
 
         logits = torch.stack([o["l"] for o in outs])
@@ -119,12 +145,20 @@ class FakeDetector(nn.Module):
             if iid in self.nan_image_ids:
                 logits[b, 0, 0] = float("nan")
         return DetectorOutput(
-            queries=torch.stack([o["q"] for o in outs]), boxes=torch.stack([o["b"] for o in outs]), logits=logits,
-            enc_maps={layer: [pad([o["enc"][layer][lvl] for o in outs], -(-hp // s), -(-wp // s))
-                              for lvl, s in enumerate(STRIDES)] for layer in enc_layers},
+            queries=torch.stack([o["q"] for o in outs]),
+            boxes=torch.stack([o["b"] for o in outs]),
+            logits=logits,
+            enc_maps={
+                layer: [
+                    pad([o["enc"][layer][lvl] for o in outs], -(-hp // s), -(-wp // s)) for lvl, s in enumerate(STRIDES)
+                ]
+                for layer in enc_layers
+            },
             c1=pad([o["c1"] for o in outs], -(-hp // 4), -(-wp // 4)),
-            input_hw=batch.input_hw.clone(), orig_hw=batch.orig_hw.clone(),
-            level_valid_hw=torch.tensor([o["valid"] for o in outs], dtype=torch.int64))
+            input_hw=batch.input_hw.clone(),
+            orig_hw=batch.orig_hw.clone(),
+            level_valid_hw=torch.tensor([o["valid"] for o in outs], dtype=torch.int64),
+        )
 
 
 def build_fake(*, checkpoint: str | Path | dict[str, Any] | None = None, device: str = "cpu") -> FakeDetector:
@@ -147,8 +181,9 @@ register()
 
 
 # --- a tiny COCO folder -------------------------------------------------------------------------------
-def make_coco(root: str | Path, *, n: int = 6, split: str = "val2017", corrupt: Sequence[int] = (),
-              seed: int = 0) -> Path:
+def make_coco(
+    root: str | Path, *, n: int = 6, split: str = "val2017", corrupt: Sequence[int] = (), seed: int = 0
+) -> Path:
     """Write ``n`` small RGB JPEG/PNG images (ids 1..n, mixed orientations) + instances JSON.
 
     Images listed in ``corrupt`` (ids) get a file that is not an image. Image 2 has no annotation.
@@ -165,13 +200,22 @@ def make_coco(root: str | Path, *, n: int = 6, split: str = "val2017", corrupt: 
             (root / split / name).write_bytes(b"this is not an image")
         else:
             arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            arr[h // 4: h // 2, w // 4: w // 2] = [200, 30, 30]
+            arr[h // 4 : h // 2, w // 4 : w // 2] = [200, 30, 30]
             Image.fromarray(arr).save(root / split / name)
         images.append({"id": i, "file_name": name, "height": h, "width": w})
         if i != 2:
             x0, y0, x1, y1 = w // 4, h // 4, w // 2, h // 2
-            anns.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": float((x1 - x0) * (y1 - y0)),
-                         "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+            anns.append(
+                {
+                    "id": i,
+                    "image_id": i,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "area": float((x1 - x0) * (y1 - y0)),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                }
+            )
     cats = [{"id": 1, "name": "thing", "supercategory": "thing"}]
     path = root / "annotations" / f"instances_{split}.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -182,16 +226,41 @@ def cache_args(coco: Path, out: Path, *extra: str, enc_layers: str = "4,6") -> l
     """``mfdetr cache`` arguments for ``fake_tiny`` on the ``val2017`` split of :func:`make_coco`'s folder
     (checkpoint ``coco/fake.pth``). Batch size 1: bit-identical comparisons hold even for a detector whose
     outputs depend on batch padding."""
-    return ["cache", "--detector", NAME, "--checkpoint", str(coco / "fake.pth"), "--coco", str(coco),
-            "--split", "val2017", "--out", str(out), "--topk", "8", "--enc-layers", enc_layers, "--batch-size", "1",
-            "--workers", "0", *extra]
+    return [
+        "cache",
+        "--detector",
+        NAME,
+        "--checkpoint",
+        str(coco / "fake.pth"),
+        "--coco",
+        str(coco),
+        "--split",
+        "val2017",
+        "--out",
+        str(out),
+        "--topk",
+        "8",
+        "--enc-layers",
+        enc_layers,
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 # --- stage 2 on a fake_tiny cache ---------------------------------------------------------------------
 # MaskNet scaled to the fake detector (d = 16, C1 = 8 channels, K = 8 cached queries)
-TINY = {"num_queries": 8, "roi_size": 8, "image_encoder": {"layers": 1, "heads": 2, "points": 2},
-        "box_encoder": {"layers": 1, "dim": 8, "heads": 2, "points": 2}, "query_encoder": {"heads": 2},
-        "neck": {"groups": 4}, "mask_scoring": {"channels": 8, "fc_dim": 16}}
+TINY = {
+    "num_queries": 8,
+    "roi_size": 8,
+    "image_encoder": {"layers": 1, "heads": 2, "points": 2},
+    "box_encoder": {"layers": 1, "dim": 8, "heads": 2, "points": 2},
+    "query_encoder": {"heads": 2},
+    "neck": {"groups": 4},
+    "mask_scoring": {"channels": 8, "fc_dim": 16},
+}
 
 
 def make_oracle(store: Path, annotation_file: Path) -> None:
@@ -228,8 +297,21 @@ def write_cache(coco: Path, split: str, out: Path, ckpt: Path, **kw: object) -> 
     """Cache ``split`` of ``coco`` with ``fake_tiny`` (K = 8, encoder layer 4) into ``out``."""
     from mfdetr.cache import CacheJob, run_cache
 
-    run_cache(CacheJob(detector=NAME, checkpoint=ckpt, coco=coco, split=split, out=out, topk=8, enc_layers=(4,),
-                       num_workers=0, **kw), progress=False, echo=lambda *a, **k: None)
+    run_cache(
+        CacheJob(
+            detector=NAME,
+            checkpoint=ckpt,
+            coco=coco,
+            split=split,
+            out=out,
+            topk=8,
+            enc_layers=(4,),
+            num_workers=0,
+            **kw,
+        ),
+        progress=False,
+        echo=lambda *a, **k: None,
+    )
     return out
 
 
@@ -252,9 +334,16 @@ def write_run_config(path: Path, **train: object) -> Path:
 
 # --- damaging a store -----------------------------------------------------------------------------------
 #: damage kind → (store index, array) in a store of 6 images; CHEAP ones are found from files and flags alone
-KINDS = {"missing_shard": (2, "c1"), "missing_chunk": (1, "boxes"), "emptied": (4, "queries"),
-         "truncated": (3, "c1"), "flipped": (4, "logits"), "nan": (5, "queries"), "commit": (0, "commit"),
-         "bad_size": (1, "input_hw")}
+KINDS = {
+    "missing_shard": (2, "c1"),
+    "missing_chunk": (1, "boxes"),
+    "emptied": (4, "queries"),
+    "truncated": (3, "c1"),
+    "flipped": (4, "logits"),
+    "nan": (5, "queries"),
+    "commit": (0, "commit"),
+    "bad_size": (1, "input_hw"),
+}
 CHEAP = ("missing_shard", "missing_chunk", "emptied", "commit")
 
 
@@ -266,9 +355,9 @@ def damage(store: Path, kind: str) -> int:
     g = zarr.open_group(str(store), mode="r+")
     path = chunk_path(store, g[name], index)
     if kind.startswith("missing"):
-        path.unlink()                                    # an interrupted rsync
+        path.unlink()  # an interrupted rsync
     elif kind == "emptied":
-        path.write_bytes(b"")                            # a full quota
+        path.write_bytes(b"")  # a full quota
     elif kind == "truncated":
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
@@ -277,14 +366,14 @@ def damage(store: Path, kind: str) -> int:
         for k in (len(data) // 3, len(data) // 2):
             data[k] ^= 0xA5
         path.write_bytes(bytes(data))
-    elif kind == "nan":                                  # through zarr: the checksum is valid, the values are not
+    elif kind == "nan":  # through zarr: the checksum is valid, the values are not
         x = g[name][index]
         x[0, 0] = np.nan
         g[name][index] = x
-    elif kind == "bad_size":                             # through zarr: a valid chunk holding an impossible size
+    elif kind == "bad_size":  # through zarr: a valid chunk holding an impossible size
         g[name][index] = np.array([0, 10**6], dtype=g[name].dtype)
     else:
-        path.write_bytes(bytes([7]))                     # a commit byte that is not 0/1/2
+        path.write_bytes(bytes([7]))  # a commit byte that is not 0/1/2
     return int(g["image_ids"][index])
 
 

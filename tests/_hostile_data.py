@@ -23,12 +23,17 @@ HUGE = {"huge": (20000, 20000), "bomb": (10000, 10000)}
 
 def png_header_only(path: Path, h: int, w: int) -> Path:
     """A PNG whose header declares ``w × h`` RGB pixels, with a single row of data behind it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * w)))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * w)))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -50,10 +55,20 @@ def extreme_coco(root: Path, split: str, *, normal: int = 2, seed: int = 0) -> d
         ids[stem] = i
         images.append({"id": i, "file_name": f"{stem}.png", "height": h, "width": w})
         bw, bh = max(1, w // 2), max(1, h // 2)
-        anns.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": float(bw * bh),
-                     "bbox": [0, 0, bw, bh], "segmentation": [[0, 0, bw, 0, bw, bh, 0, bh]]})
-    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
-        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+        anns.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": float(bw * bh),
+                "bbox": [0, 0, bw, bh],
+                "segmentation": [[0, 0, bw, 0, bw, bh, 0, bh]],
+            }
+        )
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]})
+    )
     return ids
 
 
@@ -66,24 +81,26 @@ def bad_instances(h: int, w: int, image_id: int, first_id: int) -> list[dict[str
     """One annotation per kind of damage (ids from ``first_id``; the last two have no integer id)."""
     base = {"image_id": image_id, "category_id": 1, "iscrowd": 0, "area": 20.0, "bbox": [1, 1, 5, 4]}
     segs: list[Any] = [
-        [[1.0, 1.0, 6.0, 5.0]],                                # 4 numbers: pycocotools would read a box
-        [[1.0, 1.0, 6.0, 1.0, 6.0]],                           # odd length
-        [[1.0, 1.0, 6.0, 1.0, float("nan"), 5.0]],             # non-finite
-        [],                                                    # no polygon
-        {"size": [h, w], "counts": "zzzz~~~~garbage"},         # undecodable compressed counts
-        {"size": [h, w], "counts": "1234567"},                 # decodes, but not h*w pixels
-        {"size": [h, w], "counts": [5, -3, h * w - 2]},        # negative count
-        {"size": [h + 1, w], "counts": [(h + 1) * w]},         # size differs from the image
+        [[1.0, 1.0, 6.0, 5.0]],  # 4 numbers: pycocotools would read a box
+        [[1.0, 1.0, 6.0, 1.0, 6.0]],  # odd length
+        [[1.0, 1.0, 6.0, 1.0, float("nan"), 5.0]],  # non-finite
+        [],  # no polygon
+        {"size": [h, w], "counts": "zzzz~~~~garbage"},  # undecodable compressed counts
+        {"size": [h, w], "counts": "1234567"},  # decodes, but not h*w pixels
+        {"size": [h, w], "counts": [5, -3, h * w - 2]},  # negative count
+        {"size": [h + 1, w], "counts": [(h + 1) * w]},  # size differs from the image
     ]
     out = [{**base, "id": first_id + k, "segmentation": s} for k, s in enumerate(segs)]
     good = [[1.0, 1.0, 6.0, 1.0, 6.0, 5.0, 1.0, 5.0]]
     n = first_id + len(out)
-    out += [{**base, "id": n, "segmentation": good, "bbox": [1, 1, 0, 4]},       # zero width
-            {**base, "id": n + 1, "segmentation": good, "bbox": [1, 1, -5, 4]},  # negative width
-            {**base, "id": n + 2, "segmentation": good, "iscrowd": 2},
-            {**base, "id": n + 3, "segmentation": good, "image_id": [image_id]},  # list-valued image id
-            {**base, "id": "n4", "segmentation": good},                          # non-integer ids
-            {**base, "segmentation": good}]
+    out += [
+        {**base, "id": n, "segmentation": good, "bbox": [1, 1, 0, 4]},  # zero width
+        {**base, "id": n + 1, "segmentation": good, "bbox": [1, 1, -5, 4]},  # negative width
+        {**base, "id": n + 2, "segmentation": good, "iscrowd": 2},
+        {**base, "id": n + 3, "segmentation": good, "image_id": [image_id]},  # list-valued image id
+        {**base, "id": "n4", "segmentation": good},  # non-integer ids
+        {**base, "segmentation": good},
+    ]
     return out
 
 

@@ -18,7 +18,7 @@ def manifest_part(name: str, prefix: str) -> list[tuple[str, tuple[int, ...], to
         if line.startswith("#") or not line.startswith(prefix):
             continue
         key, shape, dtype = line.split("\t")
-        rows.append((key[len(prefix):], tuple(int(s) for s in shape.split("x")), _DTYPES[dtype]))
+        rows.append((key[len(prefix) :], tuple(int(s) for s in shape.split("x")), _DTYPES[dtype]))
     return rows
 
 

@@ -34,16 +34,25 @@ def toy_item(index: int) -> tuple[DetectorOutput, GTInstances]:
     h, w = 16 + 4 * (index % 3), 16 + 4 * (index % 2)
     levels = [(h // 8, w // 8), (h // 16, w // 16)]
     det = DetectorOutput(
-        queries=torch.randn(1, K, D, generator=g), boxes=torch.rand(1, K, 4, generator=g) * 0.5 + 0.25,
+        queries=torch.randn(1, K, D, generator=g),
+        boxes=torch.rand(1, K, 4, generator=g) * 0.5 + 0.25,
         logits=torch.randn(1, K, C, generator=g),
         enc_maps={4: [torch.randn(1, D, lh, lw, generator=g) for lh, lw in levels]},
         c1=torch.randn(1, C1, h // 4, w // 4, generator=g),
-        input_hw=torch.tensor([[h, w]]), orig_hw=torch.tensor([[2 * h, 2 * w]]),
-        level_valid_hw=torch.tensor([levels]), extras={"image_id": [index]})
+        input_hw=torch.tensor([[h, w]]),
+        orig_hw=torch.tensor([[2 * h, 2 * w]]),
+        level_valid_hw=torch.tensor([levels]),
+        extras={"image_id": [index]},
+    )
     masks = torch.rand(2, 2 * h, 2 * w, generator=g) > 0.5
-    gt = GTInstances(boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 8.0, 8.0]]),
-                     labels=torch.tensor([1, 2]), masks=masks, iscrowd=torch.zeros(2, dtype=torch.bool),
-                     image_id=index, orig_hw=(2 * h, 2 * w))
+    gt = GTInstances(
+        boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 8.0, 8.0]]),
+        labels=torch.tensor([1, 2]),
+        masks=masks,
+        iscrowd=torch.zeros(2, dtype=torch.bool),
+        image_id=index,
+        orig_hw=(2 * h, 2 * w),
+    )
     return det, gt
 
 
@@ -78,8 +87,10 @@ class ToyMaskNet(nn.Module):
             mask[b, :, : int(vh[b]), : int(vw[b])] = 1
         pooled = (lvl0 * mask).sum((-2, -1)) / mask.sum((-2, -1))
         x = torch.cat([det.queries, pooled[:, None].expand(-1, det.num_queries, -1)], -1)
-        return {"mask_logits": self.proj(self.drop(x)).view(-1, det.num_queries, S, S),
-                "iou_pred": self.iou(det.queries).squeeze(-1)}
+        return {
+            "mask_logits": self.proj(self.drop(x)).view(-1, det.num_queries, S, S),
+            "iou_pred": self.iou(det.queries).squeeze(-1),
+        }
 
 
 class ToyCriterion:
@@ -110,13 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_intermixed_args(argv)
-    cfg = build_run_config({"train": {"device": "cpu", "progress": False, "log_every": 1, "num_workers": 0}},
-                           a.overrides)
+    cfg = build_run_config(
+        {"train": {"device": "cpu", "progress": False, "log_every": 1, "num_workers": 0}}, a.overrides
+    )
     seed_everything(cfg.train.seed)
     model = ToyMaskNet(dropout=a.dropout)
     crit = ToyCriterion(random_points=not a.no_random)
-    res = train(cfg=cfg, model=model, criterion=crit, train_set=ToyDataset(a.images), run_dir=a.out,
-                resume=a.resume, manifest_sha256="toy")
+    res = train(
+        cfg=cfg,
+        model=model,
+        criterion=crit,
+        train_set=ToyDataset(a.images),
+        run_dir=a.out,
+        resume=a.resume,
+        manifest_sha256="toy",
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(model.state_dict(), Path(a.out) / "final_model.pt")
         print(f"TOY_DONE steps={res.steps} global_batch={res.global_batch} lr={res.lr}")
@@ -124,4 +143,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -27,19 +27,31 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = 600,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = 600, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mfdetr ARGS`` (this checkout's package) and capture its output."""
-    proc = subprocess.run([sys.executable, "-m", "mfdetr", *map(str, args)], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mfdetr", *map(str, args)],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"mfdetr {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"mfdetr {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
-def cli(*args: str | os.PathLike, env: Mapping[str, str | None] | None = None,
-        cwd: str | os.PathLike | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str | os.PathLike,
+    env: Mapping[str, str | None] | None = None,
+    cwd: str | os.PathLike | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """``mfdetr ARGS`` in this process: typer's ``CliRunner`` on :data:`mfdetr.cli.app`, the command group
     that prints a user error as one ``mfdetr: error:`` line with exit 2 and an interrupt with exit 130,
     as the console script does. Returns what :func:`run_cli` returns; an exception that escapes the
@@ -150,8 +162,12 @@ def toy_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: turn into one fresh interpreter by :func:`fresh_imports`
 IMPORT_PROBES: dict[str, tuple[str, ...]] = {
     "cache": ("mfdetr.cache", "mfdetr.cache.reader"),
-    "remote_reader": ("mfdetr.cache.reader", "mfdetr.cache.location", "mfdetr.cache.readthrough",
-                      "mfdetr.engine.cache_data"),
+    "remote_reader": (
+        "mfdetr.cache.reader",
+        "mfdetr.cache.location",
+        "mfdetr.cache.readthrough",
+        "mfdetr.engine.cache_data",
+    ),
     "masknet": ("mfdetr.masknet", "mfdetr.masknet.complexity"),
 }
 _PROBED = ("mfdetr.detectors", "mfdetr.cache.run")
@@ -164,16 +180,19 @@ def fresh_imports() -> dict[str, list[str]]:
     groups. A group that loads none adds none, so a non-empty list is the first group that loaded one."""
     import json
 
-    code = ("import importlib, json, sys\n"
-            f"groups = {IMPORT_PROBES!r}\n"
-            "seen = {}\n"
-            "for name, mods in groups.items():\n"
-            "    for m in mods:\n"
-            "        importlib.import_module(m)\n"
-            f"    seen[name] = sorted(m for m in sys.modules if m.startswith({_PROBED!r}))\n"
-            "print(json.dumps(seen))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
+    code = (
+        "import importlib, json, sys\n"
+        f"groups = {IMPORT_PROBES!r}\n"
+        "seen = {}\n"
+        "for name, mods in groups.items():\n"
+        "    for m in mods:\n"
+        "        importlib.import_module(m)\n"
+        f"    seen[name] = sorted(m for m in sys.modules if m.startswith({_PROBED!r}))\n"
+        "print(json.dumps(seen))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

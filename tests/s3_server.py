@@ -75,8 +75,13 @@ class S3Server:
         import boto3
 
         name = name or f"mfdetr-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        ).create_bucket(Bucket=name)
         return name
 
     def reset_counts(self) -> None:
@@ -93,9 +98,15 @@ class S3Server:
 
 def s3_env(endpoint: str) -> dict[str, str]:
     """Environment of an S3 client talking to ``endpoint`` with dummy credentials."""
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+    }
 
 
 @contextmanager
@@ -106,6 +117,7 @@ def running_s3() -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
 
 def serve_s3(tmp_path_factory: Any) -> Iterator[S3Server]:
     """The body of a module-scoped ``s3`` fixture: a started server whose endpoint and credentials, the fake

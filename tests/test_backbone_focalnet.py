@@ -72,7 +72,7 @@ def reference_modulation(mod, x: torch.Tensor, levels: int, kernels: list[int]) 
     m = (Σ_l gate_l ctx_l + gate_L GELU(mean ctx_L)) / (L + 1); out = proj(q ⊙ h(m))."""
     c = x.shape[-1]
     y = x @ mod.f.weight.T + mod.f.bias
-    q, ctx, gates = y[..., :c], y[..., c:2 * c], y[..., 2 * c:]
+    q, ctx, gates = y[..., :c], y[..., c : 2 * c], y[..., 2 * c :]
     ctx = ctx.permute(0, 3, 1, 2)
     total = 0
     for level in range(levels):
@@ -123,8 +123,7 @@ def test_bad_configs_raise_clear_errors():
 
 
 def test_factory_builder_accepts_toml_lists():
-    model = focalnet_backbone(out_indices=[0, 1, 2, 3], embed_dim=16, depths=[1, 1, 2, 1],
-                              focal_levels=[2, 2, 3, 3])
+    model = focalnet_backbone(out_indices=[0, 1, 2, 3], embed_dim=16, depths=[1, 1, 2, 1], focal_levels=[2, 2, 3, 3])
     assert model.out_indices == (0, 1, 2, 3)
     assert len(model.layers[3].blocks[0].modulation.focal_layers) == 3
 
@@ -138,5 +137,9 @@ def test_full_size_state_dict_matches_official_manifest():
     assert ours == official
     # fl4: depthwise kernels 3, 5, 7, 9 (2k + 3) and gates = levels + 1 = 5 extra outputs of f
     assert [w for k, w, _ in official if k.startswith("layers.0.blocks.0.modulation.focal_layers")] == [
-        (192, 1, 3, 3), (192, 1, 5, 5), (192, 1, 7, 7), (192, 1, 9, 9)]
+        (192, 1, 3, 3),
+        (192, 1, 5, 5),
+        (192, 1, 7, 7),
+        (192, 1, 9, 9),
+    ]
     assert model.layers[0].blocks[0].modulation.f.out_features == 2 * 192 + 5

@@ -125,8 +125,9 @@ def test_bad_configs_raise_clear_errors():
 
 
 def test_factory_builder_accepts_toml_lists():
-    model = swin_backbone(out_indices=[1, 2, 3], embed_dim=16, depths=[1, 1, 2, 1],
-                          num_heads=[1, 2, 2, 4], window_size=3)
+    model = swin_backbone(
+        out_indices=[1, 2, 3], embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=3
+    )
     assert model.out_indices == (1, 2, 3) and model.stage_specs[3].channels == 128
 
 
@@ -159,5 +160,5 @@ def test_patch_merging_pads_odd_maps_and_keeps_official_neighbour_order():
     xp = F.pad(x, (0, 0, 0, 1, 0, 1))
     # official order: (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1)
     for j, (r, c) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
-        torch.testing.assert_close(cat[..., 16 * j:16 * (j + 1)], xp[:, r::2, c::2], rtol=0, atol=0)
+        torch.testing.assert_close(cat[..., 16 * j : 16 * (j + 1)], xp[:, r::2, c::2], rtol=0, atol=0)
     assert (cat[0, 2, :, 16:32] == 0).all()  # padded bottom row

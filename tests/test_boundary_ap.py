@@ -52,7 +52,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def square(y0: int = 40, x0: int = 40, size: int = 120) -> np.ndarray:
     m = np.zeros((H, W), bool)
-    m[y0:y0 + size, x0:x0 + size] = True
+    m[y0 : y0 + size, x0 : x0 + size] = True
     return m
 
 
@@ -64,9 +64,9 @@ def ragged(m: np.ndarray, depth: int, period: int) -> np.ndarray:
     teeth = (np.arange(max(H, W)) // (period // 2)) % 2 == 0
     for k in range(depth):
         for r in (y0 + k, y1 - k):
-            out[r, x0:x1 + 1] &= ~teeth[x0:x1 + 1]
+            out[r, x0 : x1 + 1] &= ~teeth[x0 : x1 + 1]
         for c in (x0 + k, x1 - k):
-            out[y0:y1 + 1, c] &= ~teeth[y0:y1 + 1]
+            out[y0 : y1 + 1, c] &= ~teeth[y0 : y1 + 1]
     return out
 
 
@@ -75,17 +75,26 @@ def coco_dict(gt_masks: list[np.ndarray]) -> dict:
     anns = []
     for i, m in enumerate(gt_masks, start=1):
         ys, xs = np.nonzero(m)
-        anns.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": float(m.sum()),
-                     "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
-                     "segmentation": mask_to_rle(m)})
+        anns.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": float(m.sum()),
+                "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
+                "segmentation": mask_to_rle(m),
+            }
+        )
     images = [{"id": i, "height": H, "width": W, "file_name": f"{i}.png"} for i in range(1, len(gt_masks) + 1)]
-    return {"images": images,
-            "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
 
 
 def results(pred_masks: list[np.ndarray]) -> list[dict]:
-    return [{"image_id": i, "category_id": 1, "score": 1.0, "segmentation": mask_to_rle(m)}
-            for i, m in enumerate(pred_masks, start=1)]
+    return [
+        {"image_id": i, "category_id": 1, "score": 1.0, "segmentation": mask_to_rle(m)}
+        for i, m in enumerate(pred_masks, start=1)
+    ]
 
 
 def expected_ap(ious: list[float]) -> float:
@@ -99,7 +108,7 @@ def test_definition_boundary_equals_package_boundary() -> None:
         h, w = (int(v) for v in rng.integers(4, 90, 2))
         m = np.zeros((h, w), bool)
         y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
-        m[y:y + int(rng.integers(1, h + 1)), x:x + int(rng.integers(1, w + 1))] = True
+        m[y : y + int(rng.integers(1, h + 1)), x : x + int(rng.integers(1, w + 1))] = True
         m |= rng.random((h, w)) < 0.05
         rle = faster_mask.encode(np.asfortranarray(m.astype(np.uint8)))
         got = faster_mask.decode(faster_mask.rleToBoundary(rle, 0.02)).astype(bool)
@@ -112,8 +121,10 @@ def test_per_pair_matching_iou_is_min_of_mask_and_boundary_iou() -> None:
     data = coco_dict([g[0]])
     data["annotations"].append({**coco_dict([g[1]])["annotations"][0], "id": 2})
     gt = FasterCOCO(data)
-    res = [{"image_id": 1, "category_id": 1, "score": 1.0 - 0.1 * k, "segmentation": mask_to_rle(m)}
-           for k, m in enumerate(d)]
+    res = [
+        {"image_id": 1, "category_id": 1, "score": 1.0 - 0.1 * k, "segmentation": mask_to_rle(m)}
+        for k, m in enumerate(d)
+    ]
     ev = COCOeval_faster(gt, gt.loadRes(res), "boundary", print_function=lambda *a: None)
     ev.evaluate()
     got = np.asarray(ev.ious[(1, 1)])
@@ -121,8 +132,9 @@ def test_per_pair_matching_iou_is_min_of_mask_and_boundary_iou() -> None:
     np.testing.assert_allclose(got, want, atol=1e-9)
     assert (want < np.array([[iou(dm, gm) for gm in g] for dm in d])).any()  # the boundary term matters
     # the package's boundary IoU of one pair on its own
-    b = [faster_mask.rleToBoundary(faster_mask.encode(np.asfortranarray(m.astype(np.uint8))), 0.02)
-         for m in (d[0], g[0])]
+    b = [
+        faster_mask.rleToBoundary(faster_mask.encode(np.asfortranarray(m.astype(np.uint8))), 0.02) for m in (d[0], g[0])
+    ]
     assert float(faster_mask.iou([b[0]], [b[1]], [0])[0][0]) == pytest.approx(iou(boundary(d[0]), boundary(g[0])))
 
 
@@ -176,13 +188,22 @@ def _perturbed(gt, seed: int) -> list[dict]:
     out = []
     for r in copy.deepcopy(gt_to_results(gt)):
         m = mask_utils.decode(r["segmentation"]).astype(bool)
-        m = ndimage.binary_erosion(m, iterations=1) if rng.random() < 0.5 else \
-            np.roll(m, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), (0, 1))
+        m = (
+            ndimage.binary_erosion(m, iterations=1)
+            if rng.random() < 0.5
+            else np.roll(m, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), (0, 1))
+        )
         if not m.any():
             continue
         x, y, w, h = r["bbox"]
-        out.append({**r, "segmentation": mask_to_rle(m), "score": float(rng.uniform(0.05, 1.0)),
-                    "bbox": [x + rng.normal(0, 2), y + rng.normal(0, 2), w * rng.uniform(0.8, 1.2), h]})
+        out.append(
+            {
+                **r,
+                "segmentation": mask_to_rle(m),
+                "score": float(rng.uniform(0.05, 1.0)),
+                "bbox": [x + rng.normal(0, 2), y + rng.normal(0, 2), w * rng.uniform(0.8, 1.2), h],
+            }
+        )
     return out
 
 
@@ -200,14 +221,18 @@ def test_faster_evaluator_equals_pycocotools_on_the_synthetic_set(synth_gt, iou_
 def test_eval_json_boundary_cli(synth_gt, tmp_path: Path) -> None:
     coco_dir, gt = synth_gt
     res = write_results_json(tmp_path / "perfect.json", gt_to_results(gt))
-    proc = cli("eval-json", "--coco", coco_dir, "--results", res, "--iou-type", "all", "--evaluator", "faster",
-               check=True)
+    proc = cli(
+        "eval-json", "--coco", coco_dir, "--results", res, "--iou-type", "all", "--evaluator", "faster", check=True
+    )
     rows = {ln.split()[0]: ln.split()[1:] for ln in proc.stdout.splitlines()[2:]}
     assert set(rows) == {"segm", "boundary", "bbox"} and all(r[0] == "100.00" for r in rows.values())
     noseg = tmp_path / "noseg.json"
     noseg.write_text(json.dumps([{k: v for k, v in r.items() if k != "segmentation"} for r in gt_to_results(gt)]))
-    assert_user_error(cli("eval-json", "--coco", coco_dir, "--results", noseg, "--iou-type", "boundary"),
-                      str(noseg), "--iou-type boundary")
+    assert_user_error(
+        cli("eval-json", "--coco", coco_dir, "--results", noseg, "--iou-type", "boundary"),
+        str(noseg),
+        "--iou-type boundary",
+    )
 
 
 def test_boundary_after_pycocotools_scored_the_same_gt(synth_gt) -> None:
@@ -219,5 +244,7 @@ def test_boundary_after_pycocotools_scored_the_same_gt(synth_gt) -> None:
 
 
 def test_eval_cli_refuses_an_unknown_evaluator(tmp_path: Path) -> None:
-    assert_user_error(cli("eval", "--cache", tmp_path, "--checkpoint", tmp_path / "ckpt.pt",
-                          "--evaluator", "detectron"), "unknown --evaluator 'detectron'")
+    assert_user_error(
+        cli("eval", "--cache", tmp_path, "--checkpoint", tmp_path / "ckpt.pt", "--evaluator", "detectron"),
+        "unknown --evaluator 'detectron'",
+    )

@@ -30,15 +30,38 @@ from tests.conftest import cli_output
 IDS = tuple(range(11, 18))
 NAMES = {11: "disc", 12: "box", 13: "triangle", 14: "arc", 15: "cross", 16: "star", 17: "disc-2"}
 SMALL = Preprocessing(short_side=64, max_size=96)
-RUN = ("train.iterations=2", "train.batch_size=2", "train.num_workers=0", "train.device=cpu",
-       "train.checkpoint_every=0", "train.eval_every=0", "train.progress=false", *TINY_MASKNET)
+RUN = (
+    "train.iterations=2",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "train.device=cpu",
+    "train.checkpoint_every=0",
+    "train.eval_every=0",
+    "train.progress=false",
+    *TINY_MASKNET,
+)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("byod") / "shapes"
-    code, out = cli_output("synth", "--out", root, "--train", "4", "--val", "2", "--image-size", "64", "--seed", "3",
-                     "--classes", "7", "--first-category-id", "11")
+    code, out = cli_output(
+        "synth",
+        "--out",
+        root,
+        "--train",
+        "4",
+        "--val",
+        "2",
+        "--image-size",
+        "64",
+        "--seed",
+        "3",
+        "--classes",
+        "7",
+        "--first-category-id",
+        "11",
+    )
     assert code == 0, out
     cats = json.loads((root / "annotations" / "instances_val2017.json").read_text())["categories"]
     assert {c["id"]: c["name"] for c in cats} == NAMES
@@ -48,14 +71,20 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train_dino(cfg, class_to_category: tuple[int, ...], data: Path, out: Path) -> dict[str, torch.Tensor]:
     """A few steps of the project's detector training on the 11..17 set; the trained state dict."""
     name = f"byod_train_{out.name}"
-    preset = dataclasses.replace(dino_preset(name, cfg, None, None), class_to_category=class_to_category,
-                                 preprocessing=SMALL)
+    preset = dataclasses.replace(
+        dino_preset(name, cfg, None, None), class_to_category=class_to_category, preprocessing=SMALL
+    )
     register_detector(preset, lambda **_: None)
     try:
-        opts = OptimOptions(seed=0, batch_size=1, epochs=1, threads=1, log_every=1, checkpoint_every=100,
-                            eval_every_epochs=0)
-        train_detector(DetTrainConfig(preset=name, data=DataOptions(root=str(data), val_split=""), train=opts),
-                       out, max_steps=2, log=lambda s: None)
+        opts = OptimOptions(
+            seed=0, batch_size=1, epochs=1, threads=1, log_every=1, checkpoint_every=100, eval_every_epochs=0
+        )
+        train_detector(
+            DetTrainConfig(preset=name, data=DataOptions(root=str(data), val_split=""), train=opts),
+            out,
+            max_steps=2,
+            log=lambda s: None,
+        )
     finally:
         unregister_detector(name)
     return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
@@ -64,21 +93,53 @@ def _train_dino(cfg, class_to_category: tuple[int, ...], data: Path, out: Path) 
 def _pipeline(data: Path, ckpt: Path, work: Path, *extra: str) -> dict:
     """cache (train, val) → train → eval --per-category → predict, all through the CLI; predictions.json."""
     for split in ("train2017", "val2017"):
-        code, out = cli_output("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", data, "--split", split,
-                         "--out", work / split, "--workers", "0", "--no-progress", "--topk", "10", *extra)
+        code, out = cli_output(
+            "cache",
+            "--detector",
+            "auto",
+            "--checkpoint",
+            ckpt,
+            "--coco",
+            data,
+            "--split",
+            split,
+            "--out",
+            work / split,
+            "--workers",
+            "0",
+            "--no-progress",
+            "--topk",
+            "10",
+            *extra,
+        )
         assert code == 0, out
     manifest = json.loads((work / "val2017" / "zarr.json").read_text())["attributes"]["mfdetr_cache"]
     code, out = cli_output("train", "--cache", work / "train2017", "--coco", data, "--out", work / "run", *RUN)
     assert code == 0, out
-    code, out = cli_output("eval", "--cache", work / "val2017", "--coco", data, "--checkpoint", work / "run" / "ckpt.pt",
-                     "--per-category")
+    code, out = cli_output(
+        "eval", "--cache", work / "val2017", "--coco", data, "--checkpoint", work / "run" / "ckpt.pt", "--per-category"
+    )
     assert code == 0, out
-    table = out[out.index("    id category"):].splitlines()
+    table = out[out.index("    id category") :].splitlines()
     assert [int(r.split()[0]) for r in table[1:]] == list(IDS)  # one row per dataset category, by id
     assert [r.split()[1] for r in table[1:]] == [NAMES[i] for i in IDS] and "boundary" in table[0]
-    code, out = cli_output("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", work / "run" / "ckpt.pt",
-                     data / "val2017", "--out", work / "preds", "--no-overlays", "--no-progress",
-                     "--score-threshold", "0", *extra)
+    code, out = cli_output(
+        "predict",
+        "--detector",
+        "auto",
+        "--checkpoint",
+        ckpt,
+        "--masknet",
+        work / "run" / "ckpt.pt",
+        data / "val2017",
+        "--out",
+        work / "preds",
+        "--no-overlays",
+        "--no-progress",
+        "--score-threshold",
+        "0",
+        *extra,
+    )
     assert code == 0, out
     pred = json.loads((work / "preds" / "predictions.json").read_text())
     assert pred["annotations"], "no predictions"
@@ -111,8 +172,13 @@ def test_detrex_dino_trained_here(data: Path, tmp_path: Path) -> None:
     sd = _train_dino(DETREX_CFG, IDS, data, tmp_path / "dino")
     sd = {to_detrex(k): v for k, v in sd.items()}
     n = DETREX_CFG.dec_layers
-    sd.update({f"transformer.decoder.{k}": v for k, v in list(sd.items())
-               if k.startswith((f"class_embed.{n}.", f"bbox_embed.{n}."))})
+    sd.update(
+        {
+            f"transformer.decoder.{k}": v
+            for k, v in list(sd.items())
+            if k.startswith((f"class_embed.{n}.", f"bbox_embed.{n}."))
+        }
+    )
     ckpt = tmp_path / "model_final.pth"
     torch.save({"model": sd, "iteration": 2}, ckpt)
     config = tmp_path / "dino_r50_4scale.py"  # detrex states no args: the eval resize it was trained with
@@ -122,9 +188,26 @@ def test_detrex_dino_trained_here(data: Path, tmp_path: Path) -> None:
     _check_names(got["pred"], NAMES)
     names = tmp_path / "names.json"
     names.write_text(json.dumps([{"id": i, "name": f"shape {i}"} for i in IDS]))
-    code, out = cli_output("predict", "--detector", "auto", "--checkpoint", ckpt, "--masknet", tmp_path / "run" / "ckpt.pt",
-                     data / "val2017", "--out", tmp_path / "named", "--no-overlays", "--no-progress",
-                     "--score-threshold", "0", "--categories", names, "--detector-config", config)
+    code, out = cli_output(
+        "predict",
+        "--detector",
+        "auto",
+        "--checkpoint",
+        ckpt,
+        "--masknet",
+        tmp_path / "run" / "ckpt.pt",
+        data / "val2017",
+        "--out",
+        tmp_path / "named",
+        "--no-overlays",
+        "--no-progress",
+        "--score-threshold",
+        "0",
+        "--categories",
+        names,
+        "--detector-config",
+        config,
+    )
     assert code == 0, out
     _check_names(json.loads((tmp_path / "named" / "predictions.json").read_text()), {i: f"shape {i}" for i in IDS})
 
@@ -149,8 +232,19 @@ def test_hdetr_with_a_categories_list(data: Path, tmp_path: Path) -> None:
     assert len(out.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     short = tmp_path / "short.json"
     short.write_text(json.dumps([{"id": i, "name": names.get(i, "mug")} for i in order[:2] + [42] + order[3:]]))
-    code, out = cli_output("cache", "--detector", "auto", "--checkpoint", ckpt, "--coco", data, "--out", tmp_path / "x",
-                     "--categories", short)
+    code, out = cli_output(
+        "cache",
+        "--detector",
+        "auto",
+        "--checkpoint",
+        ckpt,
+        "--coco",
+        data,
+        "--out",
+        tmp_path / "x",
+        "--categories",
+        short,
+    )
     assert code != 0 and str(short) in out and "[11]" in out and len(out.strip().splitlines()) == 1, out
     got = _pipeline(data, ckpt, tmp_path, "--categories", listed)
     assert got["manifest"]["category_map"] == order

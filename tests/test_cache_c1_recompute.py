@@ -32,9 +32,22 @@ ENC = {TINY: 4, "demo": 3}
 def _cache(root: Path, det: str, ckpt: Path, split: str, mode: str) -> Path:
     out = root / f"{det}_{split}_{mode}"
     if not out.exists():
-        run_cache(CacheJob(detector=det, checkpoint=ckpt, coco=root / "synth", split=split, out=out, topk=10,
-                           enc_layers=(ENC[det],), batch_size=1, num_workers=0, c1=mode), progress=False,
-                  echo=lambda *a, **k: None)
+        run_cache(
+            CacheJob(
+                detector=det,
+                checkpoint=ckpt,
+                coco=root / "synth",
+                split=split,
+                out=out,
+                topk=10,
+                enc_layers=(ENC[det],),
+                batch_size=1,
+                num_workers=0,
+                c1=mode,
+            ),
+            progress=False,
+            echo=lambda *a, **k: None,
+        )
     return out
 
 
@@ -99,13 +112,27 @@ def test_training_and_eval_from_recompute_match_store(root: Path) -> None:
     caches = {m: {s: _cache(root, TINY, ck, s, m) for s in ("train2017", "val2017")} for m in ("store", "recompute")}
     losses, metrics = {}, {}
     for mode, workers in (("store", 0), ("recompute", 1)):  # one worker: forkserver, store reopened there
-        cfg = build_run_config({"train": {"device": "cpu", "iterations": 2, "batch_size": 2, "log_every": 1,
-                                          "num_workers": workers, "progress": False}},
-                               [o for o in TINY_MASKNET], where="test")
+        cfg = build_run_config(
+            {
+                "train": {
+                    "device": "cpu",
+                    "iterations": 2,
+                    "batch_size": 2,
+                    "log_every": 1,
+                    "num_workers": workers,
+                    "progress": False,
+                }
+            },
+            [o for o in TINY_MASKNET],
+            where="test",
+        )
         out = root / f"run_{mode}"
-        _, metrics[mode] = train_from_cache(cfg, CacheSources(cache=caches[mode]["train2017"], coco=None,
-                                                              val_cache=caches[mode]["val2017"]), out,
-                                            log=lambda s: None)
+        _, metrics[mode] = train_from_cache(
+            cfg,
+            CacheSources(cache=caches[mode]["train2017"], coco=None, val_cache=caches[mode]["val2017"]),
+            out,
+            log=lambda s: None,
+        )
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [r["loss"] for r in rows if r["kind"] == "train"]
     assert len(losses["store"]) == 2 and losses["recompute"] == pytest.approx(losses["store"], rel=1e-6, abs=1e-7)
@@ -113,8 +140,11 @@ def test_training_and_eval_from_recompute_match_store(root: Path) -> None:
     res = {m: json.loads((root / f"run_{m}" / "val_results.json").read_text()) for m in losses}
     assert len(res["store"]) > 0 and len(res["recompute"]) == len(res["store"])
     for a, b in zip(res["recompute"], res["store"], strict=True):  # the same masks, the same scores
-        assert (a["image_id"], a["category_id"], a["segmentation"]) == (b["image_id"], b["category_id"],
-                                                                         b["segmentation"])
+        assert (a["image_id"], a["category_id"], a["segmentation"]) == (
+            b["image_id"],
+            b["category_id"],
+            b["segmentation"],
+        )
         assert a["score"] == pytest.approx(b["score"], rel=1e-5)
 
 
@@ -173,14 +203,17 @@ def test_a_hostile_stage0_is_refused_without_running_code(root: Path, tmp_path: 
 
 def test_stage2_recompute_never_imports_a_detector(root: Path) -> None:
     store = _cache(root, TINY, _ckpt(root, TINY), "val2017", "recompute")
-    code = ("import sys, torch; from mfdetr.engine.cache_data import CacheDataset, open_annotations; "
-            "from mfdetr.engine.collate import collate_detector_outputs; from mfdetr.cache import CacheStore; "
-            f"s = CacheStore.open({str(store)!r}); ds = CacheDataset(store=s, coco_split=open_annotations(s, coco=None), "
-            "enc_layer=4); b = ds.prepare_batch(collate_detector_outputs([ds[0], ds[1]]), 'cpu'); "
-            "assert b.det.c1.shape[1] == s.manifest['c1_channels'] and b.det.c1.abs().sum() > 0; "
-            "bad = [m for m in sys.modules if m.startswith('mfdetr.detectors')]; assert not bad, bad")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "import sys, torch; from mfdetr.engine.cache_data import CacheDataset, open_annotations; "
+        "from mfdetr.engine.collate import collate_detector_outputs; from mfdetr.cache import CacheStore; "
+        f"s = CacheStore.open({str(store)!r}); ds = CacheDataset(store=s, coco_split=open_annotations(s, coco=None), "
+        "enc_layer=4); b = ds.prepare_batch(collate_detector_outputs([ds[0], ds[1]]), 'cpu'); "
+        "assert b.det.c1.shape[1] == s.manifest['c1_channels'] and b.det.c1.abs().sum() > 0; "
+        "bad = [m for m in sys.modules if m.startswith('mfdetr.detectors')]; assert not bad, bad"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -191,16 +224,26 @@ def test_c1_option_errors_and_dry_run(root: Path, tmp_path: Path) -> None:
     coco = tmp_path / "coco"
     fd.make_coco(coco, n=2)
     ck = fd.save_fake_checkpoint(tmp_path / "fake.pth")
-    job = CacheJob(detector=fd.NAME, checkpoint=ck, coco=coco, split="val2017", out=tmp_path / "s", topk=8,
-                   num_workers=0, c1="recompute")
+    job = CacheJob(
+        detector=fd.NAME,
+        checkpoint=ck,
+        coco=coco,
+        split="val2017",
+        out=tmp_path / "s",
+        topk=8,
+        num_workers=0,
+        c1="recompute",
+    )
     with pytest.raises(MfdetrError, match="stage 0.*--c1 store"):  # a detector without a backbone stage 0
         run_cache(job, progress=False, echo=lambda *a, **k: None)
     assert not (tmp_path / "s").exists()
     with pytest.raises(MfdetrError, match="--c1 must be"):
         run_cache(CacheJob(**{**job.__dict__, "c1": "drop"}), progress=False, echo=lambda *a, **k: None)
     lines: list[str] = []
-    est = {m: run_cache(CacheJob(**{**job.__dict__, "c1": m}), dry_run=True, echo=lines.append).estimate
-           for m in ("store", "recompute")}
+    est = {
+        m: run_cache(CacheJob(**{**job.__dict__, "c1": m}), dry_run=True, echo=lines.append).estimate
+        for m in ("store", "recompute")
+    }
     assert est["recompute"]["bytes_per_image"] < est["store"]["bytes_per_image"]  # type: ignore[index]
     assert any("no C1 array" in ln for ln in lines)
 
@@ -224,10 +267,13 @@ def _backbones() -> dict[str, object]:
     from tests._backbones import tiny_focalnet as focalnet
     from tests._backbones import tiny_swin as swin
 
-    return {"tiny": lambda: build_backbone(BackboneConfig(kind="tiny")),
-            "resnet_bn": lambda: build_backbone(BackboneConfig(kind="resnet_bn", params={"widths": (8, 16, 32, 64)})),
-            "resnet": lambda: build_backbone(BackboneConfig(kind="resnet", params={"depths": (1, 1, 1, 1)})),
-            "swin_5scale": swin, "focalnet": focalnet}  # swin 5-scale: stage 0 is a level, so C1 is normed
+    return {
+        "tiny": lambda: build_backbone(BackboneConfig(kind="tiny")),
+        "resnet_bn": lambda: build_backbone(BackboneConfig(kind="resnet_bn", params={"widths": (8, 16, 32, 64)})),
+        "resnet": lambda: build_backbone(BackboneConfig(kind="resnet", params={"depths": (1, 1, 1, 1)})),
+        "swin_5scale": swin,
+        "focalnet": focalnet,
+    }  # swin 5-scale: stage 0 is a level, so C1 is normed
 
 
 @pytest.mark.parametrize("kind", ["tiny", "resnet_bn", "resnet", "swin_5scale", "focalnet"])

@@ -31,8 +31,14 @@ def coco(tmp_path_factory):
 
 
 def popen(args: list[str], **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "mfdetr", *args], cwd=REPO, env={**cli_env(), **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mfdetr", *args],
+        cwd=REPO,
+        env={**cli_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def committed(store: Path) -> int:
@@ -121,8 +127,7 @@ def test_user_errors_are_one_line(coco, tmp_path, reference, monkeypatch):
     (bad / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
     assert_user_error(cli("inspect", bad), "not an mfdetr cache store")
     monkeypatch.setenv("MFDETR_PLUGINS", "tests._no_such_plugin")
-    assert_user_error(cli(*cache_args(coco, tmp_path / "s")),
-                      "cannot import detector plugin 'tests._no_such_plugin'")
+    assert_user_error(cli(*cache_args(coco, tmp_path / "s")), "cannot import detector plugin 'tests._no_such_plugin'")
     assert not (tmp_path / "s").exists()
 
 

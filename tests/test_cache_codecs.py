@@ -36,8 +36,18 @@ def coco(tmp_path_factory):
 
 def make_store(coco: Path, out: Path, codec: str | None) -> Path:
     kw = {} if codec is None else {"codec": codec}
-    job = CacheJob(detector=fd.NAME, checkpoint=coco / "fake.pth", coco=coco, split="val2017", out=out, topk=8,
-                   enc_layers=(4, 6), num_workers=0, writer_threads=1, **kw)
+    job = CacheJob(
+        detector=fd.NAME,
+        checkpoint=coco / "fake.pth",
+        coco=coco,
+        split="val2017",
+        out=out,
+        topk=8,
+        enc_layers=(4, 6),
+        num_workers=0,
+        writer_threads=1,
+        **kw,
+    )
     summary = run_cache(job, progress=False, echo=lambda s: None, detector=fd.build_fake())
     assert summary.store_done == 4
     return out
@@ -61,8 +71,13 @@ def test_default_is_lossless_and_identical_to_a_store_without_presets(stores):
     for name in ref:
         assert ref[name].dtype == default[name].dtype and np.array_equal(ref[name], default[name]), name
     m = CacheStore.open(stores["default"]).manifest
-    assert m["codecs"] == {"data": {"name": "zstd", "level": 1}, "commit": {"name": "none"}, "preset": "lossless",
-                           "feature_filters": [], "checksum": {"name": "crc32c"}}
+    assert m["codecs"] == {
+        "data": {"name": "zstd", "level": 1},
+        "commit": {"name": "none"},
+        "preset": "lossless",
+        "feature_filters": [],
+        "checksum": {"name": "crc32c"},
+    }
     root = zarr.open_group(str(stores["default"]), mode="r")
     for name in FEATURES:  # no filter in the chain: the array metadata of a store without presets
         meta = json.loads((stores["default"] / name / "zarr.json").read_text())
@@ -115,13 +130,20 @@ def test_bounds_hold_over_the_whole_float16_range(tmp_path, name):
 
     preset = get_preset(name)
     rng = np.random.default_rng(0)
-    mags = np.exp(rng.uniform(np.log(2.0 ** -24), np.log(preset.max_abs), size=4096))
+    mags = np.exp(rng.uniform(np.log(2.0**-24), np.log(preset.max_abs), size=4096))
     x = (mags * rng.choice([-1.0, 1.0], size=mags.size)).astype(np.float16)
-    x[:4] = [0.0, 2.0 ** -24, -(2.0 ** -20), preset.max_abs]
+    x[:4] = [0.0, 2.0**-24, -(2.0**-20), preset.max_abs]
     x = x.reshape(1, 4, 32, 32)
-    arr = zarr.create_array(str(tmp_path / "a"), shape=x.shape, dtype="float16", shards=x.shape,
-                            chunks=(1, 4, 16, 16), filters=preset.filters(), compressors=(ZstdCodec(level=1),),
-                            fill_value=0)
+    arr = zarr.create_array(
+        str(tmp_path / "a"),
+        shape=x.shape,
+        dtype="float16",
+        shards=x.shape,
+        chunks=(1, 4, 16, 16),
+        filters=preset.filters(),
+        compressors=(ZstdCodec(level=1),),
+        fill_value=0,
+    )
     arr[:] = x
     y = zarr.open_array(str(tmp_path / "a"), mode="r")[:]
     assert np.isfinite(y).all()
@@ -131,8 +153,9 @@ def test_bounds_hold_over_the_whole_float16_range(tmp_path, name):
 def test_manifest_records_the_preset_and_a_reader_needs_no_flag(stores):
     st = CacheStore.open(stores["bitround-4"])
     assert st.manifest["codecs"]["preset"] == "bitround-4"
-    assert st.manifest["codecs"]["feature_filters"] == [{"name": "numcodecs.bitround",
-                                                         "configuration": {"keepbits": 4}}]
+    assert st.manifest["codecs"]["feature_filters"] == [
+        {"name": "numcodecs.bitround", "configuration": {"keepbits": 4}}
+    ]
     meta = json.loads((stores["bitround-4"] / "c1" / "zarr.json").read_text())
     inner = meta["codecs"][0]["configuration"]["codecs"]  # sharded: the filter runs on every tile
     assert inner[0] == {"name": "numcodecs.bitround", "configuration": {"keepbits": 4}}
@@ -186,8 +209,9 @@ def test_a_manifest_without_preset_is_lossless_and_resumable(stores, coco, tmp_p
     open_for_writing(old, new, st.image_ids)  # same settings: accepted for resuming
     proc = cli(*cache_args(coco, old, "--dry-run"))
     assert proc.returncode == 0 and "4 already done; 0 to compute" in proc.stdout, proc.stderr
-    assert_user_error(cli(*cache_args(coco, old, "--dry-run", "--codec", "bitround-7")),
-                      "cache was made with codecs=", "bitround-7")
+    assert_user_error(
+        cli(*cache_args(coco, old, "--dry-run", "--codec", "bitround-7")), "cache was made with codecs=", "bitround-7"
+    )
 
 
 def test_rerun_with_another_codec_is_refused_in_one_line(coco, stores):
@@ -204,8 +228,16 @@ def test_unknown_codec_is_a_one_line_cli_error(coco, tmp_path):
 def test_value_beyond_the_preset_range_stops_the_writer(coco, tmp_path):
     from mfdetr.data import CocoInstances, collate
 
-    job = CacheJob(detector=fd.NAME, checkpoint=coco / "fake.pth", coco=coco, split="val2017", out=tmp_path / "s",
-                   topk=8, enc_layers=(4,), codec="quantize-1")
+    job = CacheJob(
+        detector=fd.NAME,
+        checkpoint=coco / "fake.pth",
+        coco=coco,
+        split="val2017",
+        out=tmp_path / "s",
+        topk=8,
+        enc_layers=(4,),
+        codec="quantize-1",
+    )
     from mfdetr.cache.run import plan_job
 
     plan = plan_job(job)
@@ -257,5 +289,8 @@ def test_size_table_orders_presets_and_drops_c1_for_recompute():
         assert rows[(p, "store")].total_bytes == pytest.approx(sum(raw[k] / r[k] for k in raw))
         assert rows[(p, "store")].total_bytes - rows[(p, "recompute")].total_bytes == pytest.approx(3000 / r["c1"])
         assert rows[(p, "store")].bytes_per_image == pytest.approx(rows[(p, "store")].total_bytes / 2)
-    assert rows[("bitround-4", "store")].total_bytes < rows[("bitround-7", "store")].total_bytes \
+    assert (
+        rows[("bitround-4", "store")].total_bytes
+        < rows[("bitround-7", "store")].total_bytes
         < rows[("lossless", "store")].total_bytes
+    )

@@ -23,20 +23,36 @@ def test_batched_cache_equals_batch_one_for_a_real_dino(tmp_path: Path) -> None:
     assert len(sizes) >= 3  # mixed sizes: a plain batch of 4 would be padded
     batches = same_size_batches(ds, range(len(ds)), 4)
     assert sorted(i for b in batches for i in b) == list(range(len(ds)))
-    assert all(len({(ds.image_info(ds.image_ids[i])["height"], ds.image_info(ds.image_ids[i])["width"])
-                     for i in b}) == 1 and len(b) <= 4 for b in batches)
+    assert all(
+        len({(ds.image_info(ds.image_ids[i])["height"], ds.image_info(ds.image_ids[i])["width"]) for i in b}) == 1
+        and len(b) <= 4
+        for b in batches
+    )
     det = save_detector_checkpoint(tmp_path / "det.pth")
     stores = {}
     for bs in (1, 4):
         stores[bs] = tmp_path / f"cache_bs{bs}"
-        run_cache(CacheJob(detector=NAME, checkpoint=det, coco=tmp_path / "synth", split="val2017", out=stores[bs],
-                           topk=10, enc_layers=(4,), batch_size=bs, num_workers=0), progress=False,
-                  echo=lambda *a, **k: None)
+        run_cache(
+            CacheJob(
+                detector=NAME,
+                checkpoint=det,
+                coco=tmp_path / "synth",
+                split="val2017",
+                out=stores[bs],
+                topk=10,
+                enc_layers=(4,),
+                batch_size=bs,
+                num_workers=0,
+            ),
+            progress=False,
+            echo=lambda *a, **k: None,
+        )
     a, b = read_all(stores[1]), read_all(stores[4])
     assert sorted(a) == sorted(b)
     for name in a:
         if np.issubdtype(a[name].dtype, np.floating):
-            np.testing.assert_allclose(a[name].astype(np.float32), b[name].astype(np.float32), atol=2e-3, rtol=2e-3,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                a[name].astype(np.float32), b[name].astype(np.float32), atol=2e-3, rtol=2e-3, err_msg=name
+            )
         else:
             assert np.array_equal(a[name], b[name]), name

@@ -57,8 +57,14 @@ def remote_commits(url: str) -> int:
 
 
 def popen(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "mfdetr", *args], cwd=REPO, env={**cli_env(), **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mfdetr", *args],
+        cwd=REPO,
+        env={**cli_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_commits(url: str, proc: subprocess.Popen[str], n: int) -> None:
@@ -123,12 +129,14 @@ def test_inspect_verify_finds_a_lost_object(s3: S3Server, coco: Path, reference:
     assert_same_as_local(reference, url)
 
 
-def test_wrong_bucket_and_missing_credentials_are_one_line(s3: S3Server, coco: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_bucket_and_missing_credentials_are_one_line(
+    s3: S3Server, coco: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import s3fs
 
-    assert_user_error(cli(*fd.cache_args(coco, "s3://no-such-bucket-mfdetr/x")), "s3://no-such-bucket-mfdetr/x",
-                      "bucket")
+    assert_user_error(
+        cli(*fd.cache_args(coco, "s3://no-such-bucket-mfdetr/x")), "s3://no-such-bucket-mfdetr/x", "bucket"
+    )
     assert_user_error(cli("inspect", "s3://no-such-bucket-mfdetr/x"), "bucket 'no-such-bucket-mfdetr'")
     bucket = s3.make_bucket()
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -171,8 +179,7 @@ def test_server_stopped_mid_write_is_one_line_and_resumable(s3: S3Server, coco: 
         again.stop()
 
 
-def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, reference: Path,
-                                                     tmp_path: Path) -> None:
+def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, reference: Path, tmp_path: Path) -> None:
     """The node-local read-through cache: every image read twice (two epochs), and once more by a store
     reopened in another process's way (unpickled, as a DataLoader worker): only the first epoch downloads."""
     import pickle
@@ -189,7 +196,9 @@ def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, re
         for i in store.complete_indices().tolist():
             out, _ = store.read(i)
             ref, _ = local.read(i)
-            assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(out.enc_maps[4], ref.enc_maps[4], strict=True))
+            assert all(
+                np.array_equal(a.numpy(), b.numpy()) for a, b in zip(out.enc_maps[4], ref.enc_maps[4], strict=True)
+            )
         got.append(s3.counts())
     assert got[0][1] > 10_000 and got[1] == ({}, 0), got
     worker = pickle.loads(pickle.dumps(store))

@@ -18,9 +18,17 @@ from mfdetr.errors import MfdetrError
 
 
 def manifest(**kw):
-    base = dict(preset=fd.PRESET, checkpoint_file="/x/fake.pth", checkpoint_sha256="a" * 64, split="val2017",
-                annotation_file="/c/annotations/instances_val2017.json", annotation_sha256="b" * 64,
-                image_ids=[3, 9, 12], topk=8, enc_layers=[6, 4])
+    base = dict(
+        preset=fd.PRESET,
+        checkpoint_file="/x/fake.pth",
+        checkpoint_sha256="a" * 64,
+        split="val2017",
+        annotation_file="/c/annotations/instances_val2017.json",
+        annotation_sha256="b" * 64,
+        image_ids=[3, 9, 12],
+        topk=8,
+        enc_layers=[6, 4],
+    )
     base.update(kw)
     return build_manifest(**base)
 
@@ -49,8 +57,13 @@ def test_built_manifest_resolves_the_array_table():
     m = manifest()
     assert validate_manifest_data(m) == []
     assert m["enc_layers"] == [4, 6] and m["checkpoint"]["file"] == "fake.pth"
-    assert m["canvas"] == {"input_hw": [128, 128], "level_hw": [[16, 16], [8, 8], [4, 4], [2, 2]], "c1_hw": [32, 32],
-                           "level_tile": [16, 8, 4, 2], "c1_tile": 16}
+    assert m["canvas"] == {
+        "input_hw": [128, 128],
+        "level_hw": [[16, 16], [8, 8], [4, 4], [2, 2]],
+        "c1_hw": [32, 32],
+        "level_tile": [16, 8, 4, 2],
+        "c1_tile": 16,
+    }
     specs = {s.name: s for s in resolve_array_table(m)}
     assert specs["enc_layer6_level1"].shape == (3, 16, 8, 8) and specs["enc_layer6_level1"].chunks == (1, 16, 8, 8)
     assert specs["logits"].dtype == "float32" and specs["queries"].dtype == "float16"
@@ -64,15 +77,18 @@ def test_built_manifest_resolves_the_array_table():
         manifest(enc_layers=[7])
 
 
-@pytest.mark.parametrize("path,value,needle", [
-    (("topk",), 0, "manifest.topk: must be >= 1"),
-    (("checkpoint", "sha256"), "xyz", "manifest.checkpoint.sha256"),
-    (("canvas", "level_hw"), [[16, 16, 1]], "manifest.canvas.level_hw[0]: expected at most 2 items"),
-    (("dtypes", "features"), "float32", "manifest.dtypes.features: must be one of"),
-    (("extra",), 1, "unexpected field 'extra'"),
-    (("format",), "zarr", "not an mfdetr cache manifest"),
-    (("schema_version",), 9, "unknown cache schema version 9"),
-])
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        (("topk",), 0, "manifest.topk: must be >= 1"),
+        (("checkpoint", "sha256"), "xyz", "manifest.checkpoint.sha256"),
+        (("canvas", "level_hw"), [[16, 16, 1]], "manifest.canvas.level_hw[0]: expected at most 2 items"),
+        (("dtypes", "features"), "float32", "manifest.dtypes.features: must be one of"),
+        (("extra",), 1, "unexpected field 'extra'"),
+        (("format",), "zarr", "not an mfdetr cache manifest"),
+        (("schema_version",), 9, "unknown cache schema version 9"),
+    ],
+)
 def test_validator_names_the_broken_field(path, value, needle):
     m = copy.deepcopy(manifest())
     cur = m
@@ -92,9 +108,15 @@ def test_validator_agrees_with_jsonschema():
     good = manifest()
     jsonschema.validate(good, schema)
     validator = jsonschema.Draft202012Validator(schema)
-    mutations = [("canvas", "c1_hw", [32]), ("source", "split", ""), ("checkpoint", "file", 3),
-                 ("preprocessing", "mean", [0.5, "x", 0.5]), ("codecs", "commit", {"name": "zstd"}),
-                 ("detector", "hidden_dim", 0), ("dtypes", "logits", "float16")]
+    mutations = [
+        ("canvas", "c1_hw", [32]),
+        ("source", "split", ""),
+        ("checkpoint", "file", 3),
+        ("preprocessing", "mean", [0.5, "x", 0.5]),
+        ("codecs", "commit", {"name": "zstd"}),
+        ("detector", "hidden_dim", 0),
+        ("dtypes", "logits", "float16"),
+    ]
     for outer, inner, value in mutations:
         bad = copy.deepcopy(good)
         bad[outer][inner] = value
@@ -111,8 +133,11 @@ def test_validator_checks_every_keyword_and_refuses_a_broken_schema():
 def test_expectations():
     m = manifest()
     check_expectations(m, {"detector.name": fd.NAME, "enc_layers": [4], "topk": 8}, where="s")
-    with pytest.raises(MfdetrError, match=r"s: cache was made with detector.name=\"fake_tiny\", but this command "
-                                          r"expects \"dino_r50\""):
+    with pytest.raises(
+        MfdetrError,
+        match=r"s: cache was made with detector.name=\"fake_tiny\", but this command "
+        r"expects \"dino_r50\"",
+    ):
         check_expectations(m, {"detector.name": "dino_r50"}, where="s")
     with pytest.raises(MfdetrError, match=r"layers \[5\] were asked for"):
         check_expectations(m, {"enc_layers": [4, 5]}, where="s")

@@ -14,8 +14,18 @@ import zarr
 
 import tests._fake_detector as fd
 from tests._fake_detector import assert_same_store, read_all
-from mfdetr.cache import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheJob, CacheStore,
-                          CacheWriter, build_manifest, records_from_output, run_cache)
+from mfdetr.cache import (
+    COMMIT_DONE,
+    COMMIT_PENDING,
+    COMMIT_SKIPPED,
+    BackgroundWriter,
+    CacheJob,
+    CacheStore,
+    CacheWriter,
+    build_manifest,
+    records_from_output,
+    run_cache,
+)
 from mfdetr.cache.store import open_for_writing, read_commit_flags
 from mfdetr.contracts import ImageBatch
 from mfdetr.detectors.registry import unregister_detector
@@ -38,8 +48,18 @@ def coco(tmp_path_factory):
 
 
 def job(coco: Path, out: Path, **kw) -> CacheJob:
-    base = dict(detector=fd.NAME, checkpoint=coco / "fake.pth", coco=coco, split="val2017", out=out, topk=8,
-                enc_layers=(4, 6), batch_size=2, num_workers=0, writer_threads=2)
+    base = dict(
+        detector=fd.NAME,
+        checkpoint=coco / "fake.pth",
+        coco=coco,
+        split="val2017",
+        out=out,
+        topk=8,
+        enc_layers=(4, 6),
+        batch_size=2,
+        num_workers=0,
+        writer_threads=2,
+    )
     base.update(kw)
     return CacheJob(**base)
 
@@ -73,7 +93,7 @@ def test_round_trip_values_padding_and_layers(tmp_path, coco, fake):
         assert torch.equal(out.logits[0], ref.logits[b].float())
         assert torch.equal(out.queries[0], ref.queries[b].half())
         h, w = ref.input_hw[b].tolist()
-        assert torch.equal(out.c1[0], ref.c1[b, :, :-(-h // 4), :-(-w // 4)].half())
+        assert torch.equal(out.c1[0], ref.c1[b, :, : -(-h // 4), : -(-w // 4)].half())
         for layer in (4, 6):
             for lvl, (lh, lw) in enumerate(ref.level_valid_hw[b].tolist()):
                 assert torch.equal(out.enc_maps[layer][lvl][0], ref.enc_maps[layer][lvl][b, :, :lh, :lw].half())
@@ -91,8 +111,10 @@ def test_round_trip_values_padding_and_layers(tmp_path, coco, fake):
     with pytest.raises(MfdetrError, match="checkpoint.sha256"):
         CacheStore.open(tmp_path / "s", expect={"checkpoint.sha256": "0" * 64})
     with pytest.raises(MfdetrError, match="preprocessing"):
-        CacheStore.open(tmp_path / "s", expect={"preprocessing": {"short_side": 800, "max_size": 1333,
-                                                                  "mean": [0.5] * 3, "std": [0.5] * 3}})
+        CacheStore.open(
+            tmp_path / "s",
+            expect={"preprocessing": {"short_side": 800, "max_size": 1333, "mean": [0.5] * 3, "std": [0.5] * 3}},
+        )
 
 
 def test_rerun_is_a_no_op_and_other_settings_refused(tmp_path, coco, fake):
@@ -105,15 +127,22 @@ def test_rerun_is_a_no_op_and_other_settings_refused(tmp_path, coco, fake):
     with pytest.raises(MfdetrError, match=r"different settings.*topk: 8 vs 4"):
         run_cache(job(coco, tmp_path / "s", topk=4), progress=False, echo=lambda s: None)
     # --retry-skipped recomputes only the skipped image (still corrupt: skipped again)
-    retry = run_cache(job(coco, tmp_path / "s", retry_skipped=True), progress=False, echo=lambda s: None,
-                      detector=fake)
+    retry = run_cache(job(coco, tmp_path / "s", retry_skipped=True), progress=False, echo=lambda s: None, detector=fake)
     assert retry.planned == 1 and len(retry.stats.skipped) == 1
 
 
 def test_concurrent_creation_is_race_free(tmp_path, coco):
-    m = build_manifest(preset=fd.PRESET, checkpoint_file="fake.pth", checkpoint_sha256="a" * 64, split="val2017",
-                       annotation_file="instances_val2017.json", annotation_sha256="b" * 64,
-                       image_ids=[1, 2, 3], topk=4, enc_layers=[4])
+    m = build_manifest(
+        preset=fd.PRESET,
+        checkpoint_file="fake.pth",
+        checkpoint_sha256="a" * 64,
+        split="val2017",
+        annotation_file="instances_val2017.json",
+        annotation_sha256="b" * 64,
+        image_ids=[1, 2, 3],
+        topk=4,
+        enc_layers=[4],
+    )
     errors: list[BaseException] = []
 
     def create() -> None:
@@ -171,9 +200,17 @@ def test_disk_full_stops_cleanly_and_resumes_identically(tmp_path, coco, fake, m
 
 
 def test_writer_errors_surface_in_the_main_thread(tmp_path, coco, fake):
-    m = build_manifest(preset=fd.PRESET, checkpoint_file="fake.pth", checkpoint_sha256="a" * 64, split="val2017",
-                       annotation_file="instances_val2017.json", annotation_sha256="b" * 64,
-                       image_ids=[1, 2, 3, 4], topk=8, enc_layers=[4])
+    m = build_manifest(
+        preset=fd.PRESET,
+        checkpoint_file="fake.pth",
+        checkpoint_sha256="a" * 64,
+        split="val2017",
+        annotation_file="instances_val2017.json",
+        annotation_sha256="b" * 64,
+        image_ids=[1, 2, 3, 4],
+        topk=8,
+        enc_layers=[4],
+    )
     root = open_for_writing(tmp_path / "s", m, np.array([1, 2, 3, 4]))
     writer = CacheWriter(root=root, path=tmp_path / "s", manifest=m)
     out = fake.detect(batch_of(coco, [1, 2]), topk=8, enc_layers=(6,))  # layer 6 is not in the store
@@ -188,9 +225,17 @@ def test_writer_errors_surface_in_the_main_thread(tmp_path, coco, fake):
 
 
 def test_image_larger_than_canvas_is_skipped_with_reason(tmp_path, coco, fake):
-    m = build_manifest(preset=fd.PRESET, checkpoint_file="fake.pth", checkpoint_sha256="a" * 64, split="val2017",
-                       annotation_file="instances_val2017.json", annotation_sha256="b" * 64,
-                       image_ids=[1], topk=8, enc_layers=[4])
+    m = build_manifest(
+        preset=fd.PRESET,
+        checkpoint_file="fake.pth",
+        checkpoint_sha256="a" * 64,
+        split="val2017",
+        annotation_file="instances_val2017.json",
+        annotation_sha256="b" * 64,
+        image_ids=[1],
+        topk=8,
+        enc_layers=[4],
+    )
     root = open_for_writing(tmp_path / "s", m, np.array([1]))
     writer = CacheWriter(root=root, path=tmp_path / "s", manifest=m)
     out = fake.detect(batch_of(coco, [1]), topk=8, enc_layers=(4,))

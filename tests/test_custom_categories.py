@@ -56,21 +56,32 @@ def test_a_categories_list_names_the_slots_in_order(tmp_path: Path) -> None:
     with pytest.raises(MfdetrError, match=r"l.json: lists 8 categories .* ck has 20 class slots"):
         slot_map(20, contiguous=True, origin="ck", listed=listed, listed_path=tmp_path / "l.json")
     with pytest.raises(MfdetrError, match=r"l.json: disagrees with the dataset ann.json: .*ids \[16\]"):
-        slot_map(8, contiguous=False, origin="ck", dataset=SEVEN, dataset_path="ann.json", listed=listed,
-                 listed_path=tmp_path / "l.json")
-    coco = _write(tmp_path / "instances.json", {"images": [], "categories": [{"id": 3, "name": "b"},
-                                                                              {"id": 1, "name": "a"}]})
+        slot_map(
+            8,
+            contiguous=False,
+            origin="ck",
+            dataset=SEVEN,
+            dataset_path="ann.json",
+            listed=listed,
+            listed_path=tmp_path / "l.json",
+        )
+    coco = _write(
+        tmp_path / "instances.json", {"images": [], "categories": [{"id": 3, "name": "b"}, {"id": 1, "name": "a"}]}
+    )
     assert read_categories(coco) == [(1, "a"), (3, "b")]  # a COCO file: sorted by id
 
 
-@pytest.mark.parametrize("content,needle", [
-    (None, "categories file not found"),
-    ("{not json", "not a readable JSON file"),
-    ({"images": []}, "non-empty JSON list"),
-    ([{"name": "x"}], "categories[0] needs a non-negative integer 'id'"),
-    ([{"id": "3", "name": "x"}], "categories[0] needs a non-negative integer 'id'"),
-    ([{"id": 3, "name": "x"}, {"id": 3, "name": "y"}], "category ids repeat: [3]"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "categories file not found"),
+        ("{not json", "not a readable JSON file"),
+        ({"images": []}, "non-empty JSON list"),
+        ([{"name": "x"}], "categories[0] needs a non-negative integer 'id'"),
+        ([{"id": "3", "name": "x"}], "categories[0] needs a non-negative integer 'id'"),
+        ([{"id": 3, "name": "x"}, {"id": 3, "name": "y"}], "category ids repeat: [3]"),
+    ],
+)
 def test_bad_categories_files_are_one_line_errors(tmp_path: Path, content, needle) -> None:
     p = tmp_path / "cats.json"
     if content is not None:
@@ -111,8 +122,7 @@ def test_synth_category_ids_option(tmp_path: Path) -> None:
 
 def test_per_category_ap(tmp_path: Path) -> None:
     out = tmp_path / "s"
-    generate_synth(out, config=SynthConfig(train=0, val=12, image_size=48, num_classes=7, first_category_id=11,
-                                           seed=1))
+    generate_synth(out, config=SynthConfig(train=0, val=12, image_size=48, num_classes=7, first_category_id=11, seed=1))
     gt = load_coco_gt(out / "annotations" / "instances_val2017.json")
     res = gt_to_results(gt)
     present = sorted({r["category_id"] for r in res})
@@ -145,8 +155,9 @@ def test_preset_files_keep_the_slot_map_and_the_resize(tmp_path: Path) -> None:
     from tests._checkpoint_files import DINO_ARGS, detrex_file, save_checkpoint, tiny_model
     from tests.conftest import cli_output
 
-    ckpt = save_checkpoint(tmp_path / "mine.pth", tiny_model("dino"),
-                           {**DINO_ARGS, "data_aug_scales": [64, 72], "data_aug_max_size": 96})
+    ckpt = save_checkpoint(
+        tmp_path / "mine.pth", tiny_model("dino"), {**DINO_ARGS, "data_aug_scales": [64, 72], "data_aug_max_size": 96}
+    )
     ann = _write(tmp_path / "instances.json", {"images": [], "categories": [{"id": i, "name": n} for i, n in SEVEN]})
     code, out = cli_output("detectors", "save", tmp_path / "mine.json", "--checkpoint", ckpt, "--categories", ann)
     assert code == 0, out

@@ -30,16 +30,19 @@ PRE = Preprocessing(short_side=16, max_size=40)
 
 
 # (h, w, S, M) -> official Deformable-DETR get_size_with_aspect_ratio result, worked by hand.
-@pytest.mark.parametrize("h,w,s,m,expected", [
-    (480, 640, 800, 1333, (800, 1066)),   # int() truncates 1066.67
-    (427, 640, 800, 1333, (800, 1199)),
-    (800, 600, 800, 1333, (1066, 800)),   # portrait
-    (800, 1200, 800, 1333, (800, 1200)),  # shorter side already S: unchanged
-    (100, 1000, 800, 1333, (133, 1330)),  # capped by M: S' = round(133.3) = 133, long = int(1330.0)
-    (2, 4, 800, 1333, (666, 1332)),       # round(666.5) = 666 (round-half-even, as Python's round)
-    (333, 500, 160, 1333, (160, 240)),
-    (30, 40, 16, 40, (16, 21)),
-])
+@pytest.mark.parametrize(
+    "h,w,s,m,expected",
+    [
+        (480, 640, 800, 1333, (800, 1066)),  # int() truncates 1066.67
+        (427, 640, 800, 1333, (800, 1199)),
+        (800, 600, 800, 1333, (1066, 800)),  # portrait
+        (800, 1200, 800, 1333, (800, 1200)),  # shorter side already S: unchanged
+        (100, 1000, 800, 1333, (133, 1330)),  # capped by M: S' = round(133.3) = 133, long = int(1330.0)
+        (2, 4, 800, 1333, (666, 1332)),  # round(666.5) = 666 (round-half-even, as Python's round)
+        (333, 500, 160, 1333, (160, 240)),
+        (30, 40, 16, 40, (16, 21)),
+    ],
+)
 def test_resized_hw_matches_official_rule(h, w, s, m, expected):
     assert resized_hw(h, w, s, m) == expected
 
@@ -166,13 +169,16 @@ def _mutate(tmp_path, fn):
     return ann
 
 
-@pytest.mark.parametrize("mutate,needle", [
-    (lambda d: d["annotations"][0].update(image_id=99), "unknown image id 99"),
-    (lambda d: d["annotations"][1].update(category_id=7), "unknown category id 7"),
-    (lambda d: d.update(images=[], annotations=[]), "empty split"),
-    (lambda d: d.pop("categories"), "no 'categories' list"),
-    (lambda d: d["images"][0].pop("height"), "height"),
-])
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda d: d["annotations"][0].update(image_id=99), "unknown image id 99"),
+        (lambda d: d["annotations"][1].update(category_id=7), "unknown category id 7"),
+        (lambda d: d.update(images=[], annotations=[]), "empty split"),
+        (lambda d: d.pop("categories"), "no 'categories' list"),
+        (lambda d: d["images"][0].pop("height"), "height"),
+    ],
+)
 def test_bad_annotation_files(tmp_path, mutate, needle):
     ann = _mutate(tmp_path, mutate)
     with pytest.raises(MfdetrError, match=needle) as e:
@@ -201,6 +207,7 @@ def test_mask_helpers_roundtrip():
     assert isinstance(rles, list) and isinstance(rles[0]["counts"], str) and rles[0]["size"] == [6, 7]
     back = segmentation_to_rle(rles[0], 6, 7)
     from mfdetr.data import decode_rle
+
     assert np.array_equal(decode_rle(back), m[0].numpy())
     assert masks_to_boxes_xyxy(m).tolist() == [[2.0, 1.0, 6.0, 4.0], [0.0, 0.0, 0.0, 0.0]]
     assert segmentation_to_rle([[1, 1, 2, 2]], 6, 7) is None  # < 3 points
@@ -211,7 +218,11 @@ def test_mask_helpers_roundtrip():
 
 def test_unknown_category_in_second_split_names_file(tmp_path):
     make_tiny_coco(tmp_path)
-    write_coco(tmp_path, "train2017", [{"id": 1, "file_name": "a.jpg", "height": 3, "width": 3}],
-               [{"id": 1, "image_id": 1, "category_id": 2, "segmentation": [], "bbox": [0, 0, 1, 1]}])
+    write_coco(
+        tmp_path,
+        "train2017",
+        [{"id": 1, "file_name": "a.jpg", "height": 3, "width": 3}],
+        [{"id": 1, "image_id": 1, "category_id": 2, "segmentation": [], "bbox": [0, 0, 1, 1]}],
+    )
     with pytest.raises(MfdetrError, match="instances_train2017.json: annotations\\[0\\] points at unknown category"):
         CocoInstances(tmp_path, "train2017")

@@ -35,9 +35,31 @@ def test_shortened_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     det = save_detector_checkpoint(tmp_path / "det.pth")
     out = tmp_path / "demo"
     sets = [a for o in TINY_MASKNET for a in ("--set", o)]
-    proc = cli("demo", "--out", out, "--detector", NAME, "--checkpoint", det, "--train-images", "6",
-               "--val-images", "3", "--iterations", "3", "--image-size", "40", "--batch-size", "2",
-               "--overlays", "2", "--overlay-threshold", "0", "--no-progress", *sets)
+    proc = cli(
+        "demo",
+        "--out",
+        out,
+        "--detector",
+        NAME,
+        "--checkpoint",
+        det,
+        "--train-images",
+        "6",
+        "--val-images",
+        "3",
+        "--iterations",
+        "3",
+        "--image-size",
+        "40",
+        "--batch-size",
+        "2",
+        "--overlays",
+        "2",
+        "--overlay-threshold",
+        "0",
+        "--no-progress",
+        *sets,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     text = proc.stdout
@@ -115,8 +137,10 @@ def test_demo_without_the_demo_detector_is_a_clear_error(tmp_path: Path) -> None
 def test_quick_demo_mask_ap_well_above_chance(tmp_path: Path) -> None:
     """The README's ``mfdetr demo --quick`` with the shipped detector: a few minutes on 2 CPU cores."""
     if _demo_weights() is None:
-        pytest.skip("needs the trained `demo` detector (mfdetr/detectors/weights/demo_dino.pt, the 'demo' "
-                    "preset): mask AP well above chance cannot be asserted with random detector weights")
+        pytest.skip(
+            "needs the trained `demo` detector (mfdetr/detectors/weights/demo_dino.pt, the 'demo' "
+            "preset): mask AP well above chance cannot be asserted with random detector weights"
+        )
     proc = run_cli("demo", "--out", tmp_path / "d", "--quick", "--no-progress", timeout=1800)  # a real process
     assert proc.returncode == 0, proc.stdout + proc.stderr
     mask_ap = _summary_value(proc.stdout, "mask AP (val)")
@@ -127,9 +151,25 @@ def test_quick_demo_mask_ap_well_above_chance(tmp_path: Path) -> None:
 def test_demo_with_untrained_detector_runs_every_stage(tmp_path: Path) -> None:
     """The README's main job before the demo weights ship: the real `demo` architecture, untrained."""
     out = tmp_path / "d"
-    proc = cli("demo", "--out", out, "--untrained-detector", "--train-images", "3", "--val-images", "2",
-               "--iterations", "2", "--batch-size", "2", "--overlays", "1", "--no-progress",
-               "--set", "masknet.num_queries=10")
+    proc = cli(
+        "demo",
+        "--out",
+        out,
+        "--untrained-detector",
+        "--train-images",
+        "3",
+        "--val-images",
+        "2",
+        "--iterations",
+        "2",
+        "--batch-size",
+        "2",
+        "--overlays",
+        "1",
+        "--no-progress",
+        "--set",
+        "masknet.num_queries=10",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "detector_untrained.pt").is_file()
     assert (out / "run" / "ckpt.pt").is_file() and (out / "curves.png").is_file()

@@ -39,7 +39,7 @@ def test_resnet_contract(out_indices):
     torch.manual_seed(0)
     bb = ResNetBackbone(depths=(1, 1, 1, 1), out_indices=out_indices).eval()
     assert [s.channels for s in bb.stage_specs] == [256, 512, 1024, 2048]
-    assert [s.stride for s in bb.out_specs] == [4 * 2 ** i for i in out_indices]
+    assert [s.stride for s in bb.out_specs] == [4 * 2**i for i in out_indices]
     with torch.no_grad():
         out = bb(torch.randn(1, 3, 70, 97))
     assert sorted(out) == sorted(set(out_indices) | {0})

@@ -15,8 +15,11 @@ from tests._manifests import read_manifest
 
 #: preset → official manifest (DETECTORS.md table)
 PRESET_MANIFEST = {
-    "dino_r50": "dino_r50_4scale", "dino_r50_5scale": "dino_r50_5scale", "dino_swinl": "dino_swinl_5scale",
-    "dino_swinl_4scale": "dino_swinl_4scale", "dino_focal": "dino_focalnet_l_5scale",
+    "dino_r50": "dino_r50_4scale",
+    "dino_r50_5scale": "dino_r50_5scale",
+    "dino_swinl": "dino_swinl_5scale",
+    "dino_swinl_4scale": "dino_swinl_4scale",
+    "dino_focal": "dino_focalnet_l_5scale",
 }
 
 
@@ -69,8 +72,7 @@ def test_remapper_round_trip(tiny_pair, wrap, tmp_path):
     cfg, src, _ = tiny_pair
     sd = official_layout(src.state_dict())
     if wrap == "module_prefix":
-        obj = {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3,
-               "args": argparse.Namespace(lr=1e-4)}
+        obj = {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3, "args": argparse.Namespace(lr=1e-4)}
     elif wrap == "bare":
         obj = sd
     else:
@@ -120,7 +122,10 @@ def test_inconsistent_aliases_are_an_error(tiny_pair):
     sd = official_layout(src.state_dict())
     assert "transformer.decoder.class_embed.1.weight" in sd and "class_embed.0.weight" in sd
     sd["transformer.decoder.class_embed.1.weight"] = sd["transformer.decoder.class_embed.1.weight"] + 1
-    with pytest.raises(MfdetrError, match=r"share one tensor hold different values: transformer.decoder.class_embed.1.weight != transformer.decoder.class_embed.0.weight$"):
+    with pytest.raises(
+        MfdetrError,
+        match=r"share one tensor hold different values: transformer.decoder.class_embed.1.weight != transformer.decoder.class_embed.0.weight$",
+    ):
         build_dino(cfg, checkpoint=sd)
 
 

@@ -17,8 +17,10 @@ from tests._det_training_data import TINY, tiny_cfg, toy_batch
 
 pytestmark = pytest.mark.usefixtures("tiny_preset")  # the tiny DINO preset, registered for this module
 
-TARGETS = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-           {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+TARGETS = [
+    {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+    {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+]
 
 
 def test_attention_mask_separates_groups_and_hides_them_from_matching_queries() -> None:
@@ -31,8 +33,9 @@ def test_attention_mask_separates_groups_and_hides_them_from_matching_queries() 
 
 def test_slot_layout_without_noise() -> None:
     enc = torch.nn.Embedding(7, 8)
-    dn = prepare_cdn(TARGETS, label_enc=enc, num_classes=6, num_queries=5, dn_number=6, label_noise_ratio=0.0,
-                     box_noise_scale=0.0)
+    dn = prepare_cdn(
+        TARGETS, label_enc=enc, num_classes=6, num_queries=5, dn_number=6, label_noise_ratio=0.0, box_noise_scale=0.0
+    )
     assert dn is not None and dn.groups == 3 and dn.single_pad == 2 and dn.pad_size == 12
     assert dn.tgt.shape == (2, 12, 8) and dn.reference.shape == (2, 12, 4) and dn.attn_mask.shape == (17, 17)
     for b, t in enumerate(TARGETS):
@@ -44,8 +47,15 @@ def test_slot_layout_without_noise() -> None:
         torch.testing.assert_close(dn.tgt[b, slots + 2], enc(t["labels"][gt]))  # the negative copies
     # image 1 has one GT: its second slot of every block is padding (zero content, box 0.5)
     assert not bool(dn.tgt[1, 1].any()) and torch.allclose(dn.reference[1, 1], torch.full((4,), 0.5))
-    assert prepare_cdn([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}], label_enc=enc,
-                       num_classes=6, num_queries=5) is None
+    assert (
+        prepare_cdn(
+            [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}],
+            label_enc=enc,
+            num_classes=6,
+            num_queries=5,
+        )
+        is None
+    )
 
 
 def test_noise_bounds_of_positives_and_negatives_and_seeded() -> None:
@@ -56,8 +66,16 @@ def test_noise_bounds_of_positives_and_negatives_and_seeded() -> None:
     t = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]  # no clamping possible
 
     def make(seed: int):
-        return prepare_cdn(t, label_enc=enc, num_classes=6, num_queries=5, dn_number=50, label_noise_ratio=0.0,
-                           box_noise_scale=scale, generator=torch.Generator().manual_seed(seed))
+        return prepare_cdn(
+            t,
+            label_enc=enc,
+            num_classes=6,
+            num_queries=5,
+            dn_number=50,
+            label_noise_ratio=0.0,
+            box_noise_scale=scale,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     dn = make(0)
     assert dn is not None and dn.groups == 50
@@ -67,8 +85,16 @@ def test_noise_bounds_of_positives_and_negatives_and_seeded() -> None:
     assert bool((delta[1::2] <= 2 * half + 1e-5).all())
     torch.testing.assert_close(make(0).reference, dn.reference)
     assert not torch.equal(make(1).reference, dn.reference)
-    flipped = prepare_cdn(t * 1, label_enc=enc, num_classes=6, num_queries=5, dn_number=50, label_noise_ratio=1.0,
-                          box_noise_scale=0.0, generator=torch.Generator().manual_seed(0))
+    flipped = prepare_cdn(
+        t * 1,
+        label_enc=enc,
+        num_classes=6,
+        num_queries=5,
+        dn_number=50,
+        label_noise_ratio=1.0,
+        box_noise_scale=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert flipped is not None
     frac = (flipped.tgt[0] - enc(torch.tensor([1]))).abs().sum(-1).gt(0).float().mean()
     assert 0.25 < float(frac) < 0.6  # about half the labels were redrawn (5/6 of those to another class)
@@ -77,8 +103,14 @@ def test_noise_bounds_of_positives_and_negatives_and_seeded() -> None:
 def test_denoising_slots_leave_the_matching_queries_unchanged_and_get_a_loss() -> None:
     model = build_trainable(TINY, seed=0)
     images, pad, targets = toy_batch()
-    dn = prepare_cdn(targets, label_enc=model.label_enc, num_classes=91, num_queries=model.transformer.num_queries,
-                     dn_number=10, generator=torch.Generator().manual_seed(0))
+    dn = prepare_cdn(
+        targets,
+        label_enc=model.label_enc,
+        num_classes=91,
+        num_queries=model.transformer.num_queries,
+        dn_number=10,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert dn is not None
     model.eval()
     with torch.no_grad():

@@ -102,8 +102,9 @@ def test_transformer_ignores_padding_content(tiny):
     torch.testing.assert_close(b.boxes, a.boxes, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(b.hs, a.hs, atol=1e-5, rtol=1e-5)
     for layer in (1, 4):
-        for lvl, (xa, xb) in enumerate(zip(a.levels.unflatten(a.enc_memory[layer]),
-                                           b.levels.unflatten(b.enc_memory[layer]), strict=True)):
+        for lvl, (xa, xb) in enumerate(
+            zip(a.levels.unflatten(a.enc_memory[layer]), b.levels.unflatten(b.enc_memory[layer]), strict=True)
+        ):
             torch.testing.assert_close(crop_valid(xb, valid[lvl]), crop_valid(xa, valid[lvl]), atol=1e-5, rtol=1e-5)
 
 
@@ -118,8 +119,9 @@ def test_encoder_and_selection_alone_vs_padded(tiny):
         a = tiny.forward_levels(*padded_levels(valid, valid, 32, seed=1, noise=False), c1=c1, enc_layers=(1, 4))
         b = tiny.forward_levels(*padded_levels(valid, canvas, 32, seed=1, noise=True), c1=c1, enc_layers=(1, 4))
     for layer in (1, 4):
-        for lvl, (xa, xb) in enumerate(zip(a.levels.unflatten(a.enc_memory[layer]),
-                                           b.levels.unflatten(b.enc_memory[layer]), strict=True)):
+        for lvl, (xa, xb) in enumerate(
+            zip(a.levels.unflatten(a.enc_memory[layer]), b.levels.unflatten(b.enc_memory[layer]), strict=True)
+        ):
             torch.testing.assert_close(crop_valid(xb, valid[lvl]), xa, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b.aux["refs"][0], a.aux["refs"][0], atol=1e-5, rtol=1e-4)
 
@@ -154,9 +156,20 @@ def test_predict_official_postprocess(tiny):
 @pytest.mark.parametrize("levels,out_indices", [(5, (0, 1, 2, 3)), (3, (1, 2, 3)), (2, (2, 3))])
 def test_any_size_config(levels, out_indices):
     """The same code at other sizes: 5-scale (stage 0 used), no extra level, 2 levels; d=64."""
-    cfg = DinoConfig(backbone=BackboneConfig(kind="tiny", out_indices=out_indices, params={"widths": (8, 8, 16, 16)}),
-                     hidden_dim=64, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=32, enc_n_points=1,
-                     dec_n_points=3, num_queries=7, num_feature_levels=levels, num_classes=5, dn_labelbook_size=5)
+    cfg = DinoConfig(
+        backbone=BackboneConfig(kind="tiny", out_indices=out_indices, params={"widths": (8, 8, 16, 16)}),
+        hidden_dim=64,
+        nheads=8,
+        enc_layers=2,
+        dec_layers=3,
+        dim_feedforward=32,
+        enc_n_points=1,
+        dec_n_points=3,
+        num_queries=7,
+        num_feature_levels=levels,
+        num_classes=5,
+        dn_labelbook_size=5,
+    )
     det = build_dino(cfg)
     out = det.detect(make_batch([(64, 128)]), topk=7, enc_layers=(2,))
     assert len(out.enc_maps[2]) == levels and out.logits.shape == (1, 7, 5) and out.queries.shape == (1, 7, 64)
@@ -173,8 +186,9 @@ def test_config_errors():
         DinoConfig.from_dict({"backbone": {"kind": "tiny"}, "hiden_dim": 3})
 
 
-@pytest.mark.parametrize("name", ["dino_r50", "dino_r50_5scale", "dino_swinl", "dino_swinl_4scale", "dino_focal",
-                                  "dino_tiny"])
+@pytest.mark.parametrize(
+    "name", ["dino_r50", "dino_r50_5scale", "dino_swinl", "dino_swinl_4scale", "dino_focal", "dino_tiny"]
+)
 def test_preset_json_round_trip_rebuilds_the_same_architecture(name):
     """A cache manifest stores ``preset.to_dict()`` as JSON; its ``arch`` rebuilds the same model."""
     import json
@@ -191,19 +205,42 @@ def test_preset_json_round_trip_rebuilds_the_same_architecture(name):
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
 
 
-@pytest.mark.parametrize("backbone", [
-    BackboneConfig(kind="swin", out_indices=(0, 1, 2, 3),
-                   params={"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4), "window_size": 3}),
-    BackboneConfig(kind="swin", out_indices=(1, 2, 3),
-                   params={"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4), "window_size": 3}),
-    BackboneConfig(kind="focalnet", out_indices=(0, 1, 2, 3),
-                   params={"embed_dim": 16, "depths": (1, 1, 2, 1), "focal_levels": 2, "focal_windows": 3}),
-], ids=["swin-5scale", "swin-4scale", "focalnet-5scale"])
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        BackboneConfig(
+            kind="swin",
+            out_indices=(0, 1, 2, 3),
+            params={"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4), "window_size": 3},
+        ),
+        BackboneConfig(
+            kind="swin",
+            out_indices=(1, 2, 3),
+            params={"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4), "window_size": 3},
+        ),
+        BackboneConfig(
+            kind="focalnet",
+            out_indices=(0, 1, 2, 3),
+            params={"embed_dim": 16, "depths": (1, 1, 2, 1), "focal_levels": 2, "focal_windows": 3},
+        ),
+    ],
+    ids=["swin-5scale", "swin-4scale", "focalnet-5scale"],
+)
 def test_tiny_dino_with_transformer_backbones(backbone):
     """The dino_swinl / dino_focal code paths at tiny size (same builders, same wiring)."""
     levels = len(backbone.out_indices) + 1
-    cfg = DinoConfig(backbone=backbone, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=32,
-                     enc_n_points=2, dec_n_points=2, num_queries=10, num_feature_levels=levels)
+    cfg = DinoConfig(
+        backbone=backbone,
+        hidden_dim=32,
+        nheads=4,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=32,
+        enc_n_points=2,
+        dec_n_points=2,
+        num_queries=10,
+        num_feature_levels=levels,
+    )
     det = build_dino(cfg)
     out = det.detect(make_batch([(64, 96), (80, 64)]), topk=5, enc_layers=(2,))
     assert out.c1.shape == (2, 16, 20, 24) and len(out.enc_maps[2]) == levels

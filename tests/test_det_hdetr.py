@@ -35,8 +35,10 @@ def test_presets_registered():
     p = get_preset("hdetr_r50")
     assert p.family == "hdetr" and p.level_strides == (8, 16, 32, 64) and p.hidden_dim == 256
     assert p.c1_channels == 256 and p.num_classes == 91 and p.num_encoder_layers == 6
-    assert p.checkpoint_file == ("r50_hybrid_branch_lambda1_group6_t1500_dp0_mqs_lft_deformable_detr_plus_iterative_"
-                                 "bbox_refinement_plus_plus_two_stage_36eps.pth")
+    assert p.checkpoint_file == (
+        "r50_hybrid_branch_lambda1_group6_t1500_dp0_mqs_lft_deformable_detr_plus_iterative_"
+        "bbox_refinement_plus_plus_two_stage_36eps.pth"
+    )
     assert p.preprocessing.short_side == 800 and p.preprocessing.max_size == 1333
     cfg = HDetrConfig.from_dict(p.arch)
     assert cfg.to_dict() == dict(p.arch) and cfg.num_queries_one2one == 300 and cfg.num_select == 100
@@ -87,27 +89,36 @@ def test_batch_members_are_independent(tiny):
     """The unpadded image alone and inside a batch with a smaller, padded image."""
     a = tiny.detect(make_batch([(128, 128)], seed=3), topk=10, enc_layers=(2, 4))
     b = tiny.detect(make_batch([(128, 128), (64, 96)], seed=3), topk=10, enc_layers=(2, 4)).select([0])
-    pairs = zip([a.logits, a.boxes, a.queries, a.c1, *a.enc_maps[2], *a.enc_maps[4]],
-                [b.logits, b.boxes, b.queries, b.c1, *b.enc_maps[2], *b.enc_maps[4]], strict=True)
+    pairs = zip(
+        [a.logits, a.boxes, a.queries, a.c1, *a.enc_maps[2], *a.enc_maps[4]],
+        [b.logits, b.boxes, b.queries, b.c1, *b.enc_maps[2], *b.enc_maps[4]],
+        strict=True,
+    )
     for xa, xb in pairs:
         torch.testing.assert_close(xb, xa, atol=1e-5, rtol=1e-5)
 
 
 def _run(det, canvas, *, noise: bool, seed: int = 1):
     with torch.inference_mode():
-        return det.forward_levels(*padded_levels(VALID, canvas, 32, seed=seed, noise=noise), c1=torch.zeros(1, 8, 2, 2),
-                                  enc_layers=(1, 4))
+        return det.forward_levels(
+            *padded_levels(VALID, canvas, 32, seed=seed, noise=noise), c1=torch.zeros(1, 8, 2, 2), enc_layers=(1, 4)
+        )
 
 
 def _valid_maps(out) -> list[torch.Tensor]:
     """Valid regions of the encoder maps after layers 1 and 4, all levels."""
-    return [crop_valid(m, VALID[lvl]) for layer in (1, 4) for lvl, m in enumerate(out.levels.unflatten(out.enc_memory[layer]))]
+    return [
+        crop_valid(m, VALID[lvl])
+        for layer in (1, 4)
+        for lvl, m in enumerate(out.levels.unflatten(out.enc_memory[layer]))
+    ]
 
 
 def _assert_same(a, b):
     """Heads, hidden states and the valid part of the encoder memory agree (float32 round-off)."""
-    for xa, xb in zip([a.logits, a.boxes, a.hs, *_valid_maps(a)], [b.logits, b.boxes, b.hs, *_valid_maps(b)],
-                      strict=True):
+    for xa, xb in zip(
+        [a.logits, a.boxes, a.hs, *_valid_maps(a)], [b.logits, b.boxes, b.hs, *_valid_maps(b)], strict=True
+    ):
         torch.testing.assert_close(xb, xa, atol=1e-4, rtol=1e-4)
 
 
@@ -189,10 +200,20 @@ def test_predict_official_postprocess(tiny):
 
 @pytest.mark.parametrize("levels,out_indices,dec", [(5, (0, 1, 2, 3), 3), (3, (1, 2, 3), 1), (2, (2, 3), 2)])
 def test_any_size_config(levels, out_indices, dec):
-    cfg = HDetrConfig(backbone=BackboneConfig(kind="tiny", out_indices=out_indices, params={"widths": (8, 8, 16, 16)}),
-                      hidden_dim=64, nheads=8, enc_layers=2, dec_layers=dec, dim_feedforward=32, enc_n_points=1,
-                      dec_n_points=3, num_feature_levels=levels, num_classes=5, num_queries_one2one=7,
-                      num_queries_one2many=3)
+    cfg = HDetrConfig(
+        backbone=BackboneConfig(kind="tiny", out_indices=out_indices, params={"widths": (8, 8, 16, 16)}),
+        hidden_dim=64,
+        nheads=8,
+        enc_layers=2,
+        dec_layers=dec,
+        dim_feedforward=32,
+        enc_n_points=1,
+        dec_n_points=3,
+        num_feature_levels=levels,
+        num_classes=5,
+        num_queries_one2one=7,
+        num_queries_one2many=3,
+    )
     det = build_hdetr(cfg)
     out = det.detect(make_batch([(64, 128)]), topk=7, enc_layers=(2,))
     assert len(out.enc_maps[2]) == levels and out.logits.shape == (1, 7, 5) and out.queries.shape == (1, 7, 64)

@@ -37,8 +37,11 @@ def test_full_preset_matches_official_manifest(preset):
     assert len(mapped) == len(manifest)  # nothing dropped
     assert sorted(set(mapped) - set(ours)) == []
     assert sorted(set(ours) - set(mapped)) == []
-    bad = [(k, tuple(v.shape), tuple(mapped[k].shape)) for k, v in ours.items()
-           if (tuple(v.shape), v.dtype) != (tuple(mapped[k].shape), mapped[k].dtype)]
+    bad = [
+        (k, tuple(v.shape), tuple(mapped[k].shape))
+        for k, v in ours.items()
+        if (tuple(v.shape), v.dtype) != (tuple(mapped[k].shape), mapped[k].dtype)
+    ]
     assert bad == []
     rows = {"hdetr_r50": 1800, "hdetr_swinl": 2400, "hdetr_swinl_q300": 1800}[preset]
     assert manifest["query_embed.weight"][0] == (rows, 256)
@@ -66,9 +69,14 @@ def test_released_file_layout_round_trip(tiny_pair, tmp_path):
     """A training checkpoint (``model`` + args), DDP prefix, FLOP-counter leftovers dropped."""
     cfg, src = tiny_pair
     sd = {f"module.{k}": v.clone() for k, v in src.state_dict().items()}
-    sd.update({"module.total_ops": torch.zeros(1, dtype=torch.float64), "module.total_params": torch.zeros(1),
-               "module.transformer.encoder.layers.0.linear1.total_ops": torch.zeros(1),
-               "module.backbone.0.body.stem.total_params": torch.zeros(1)})
+    sd.update(
+        {
+            "module.total_ops": torch.zeros(1, dtype=torch.float64),
+            "module.total_params": torch.zeros(1),
+            "module.transformer.encoder.layers.0.linear1.total_ops": torch.zeros(1),
+            "module.backbone.0.body.stem.total_params": torch.zeros(1),
+        }
+    )
     path = tmp_path / "hdetr.pth"
     torch.save({"model": sd, "optimizer": {}, "epoch": 11, "args": argparse.Namespace(num_queries_one2one=20)}, path)
     torch.manual_seed(99)
@@ -80,11 +88,18 @@ def test_released_file_layout_round_trip(tiny_pair, tmp_path):
 
 
 def test_format_drops_only_the_listed_leftovers():
-    keys = {"total_ops": 0, "class_embed.0.total_params": 0, "backbone.0.body.bn1.num_batches_tracked": 0,
-            "query_embed.weight": 0, "transformer.pos_trans.weight": 0}
+    keys = {
+        "total_ops": 0,
+        "class_embed.0.total_params": 0,
+        "backbone.0.body.bn1.num_batches_tracked": 0,
+        "query_embed.weight": 0,
+        "transformer.pos_trans.weight": 0,
+    }
     sd = {k: torch.zeros(1) for k in keys}
     assert set(remap_state_dict(sd, HDETR_CHECKPOINT_FORMAT, expected=set())) == {
-        "query_embed.weight", "transformer.pos_trans.weight"}
+        "query_embed.weight",
+        "transformer.pos_trans.weight",
+    }
 
 
 def test_errors_list_offending_keys(tiny_pair):
@@ -93,9 +108,11 @@ def test_errors_list_offending_keys(tiny_pair):
     del sd["transformer.pos_trans_norm.bias"]
     sd["transformer.tgt_embed.weight"] = torch.zeros(20, 32)  # a DINO key
     sd["query_embed.weight"] = torch.zeros(20, 32)  # one-to-many rows missing
-    expected = ("state dict does not match the model: missing keys (1): transformer.pos_trans_norm.bias; "
-                "unexpected keys (1): transformer.tgt_embed.weight; "
-                "shape mismatch (1): query_embed.weight (20, 32) vs ours (32, 32)")
+    expected = (
+        "state dict does not match the model: missing keys (1): transformer.pos_trans_norm.bias; "
+        "unexpected keys (1): transformer.tgt_embed.weight; "
+        "shape mismatch (1): query_embed.weight (20, 32) vs ours (32, 32)"
+    )
     with pytest.raises(MfdetrError, match=f"^{re.escape(expected)}$"):
         build_hdetr(cfg, checkpoint=sd)
 
@@ -104,8 +121,11 @@ def test_inconsistent_head_aliases_are_an_error(tiny_pair):
     cfg, src = tiny_pair
     sd = {k: v.clone() for k, v in src.state_dict().items()}
     sd["transformer.decoder.bbox_embed.2.layers.0.bias"] += 1  # the proposal head's alias
-    with pytest.raises(MfdetrError, match="share one tensor hold different values: bbox_embed.2.layers.0.bias "
-                                          r"!= transformer.decoder.bbox_embed.2.layers.0.bias"):
+    with pytest.raises(
+        MfdetrError,
+        match="share one tensor hold different values: bbox_embed.2.layers.0.bias "
+        r"!= transformer.decoder.bbox_embed.2.layers.0.bias",
+    ):
         build_hdetr(cfg, checkpoint=sd)
 
 
@@ -116,9 +136,16 @@ def test_swin_backbone_keys_follow_the_official_body_prefix(tmp_path):
     from mfdetr.detectors.hdetr import HDetrConfig
 
     swin = {"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4), "window_size": 3}
-    cfg = HDetrConfig(backbone=BackboneConfig(kind="swin", out_indices=(1, 2, 3), params=swin), hidden_dim=32,
-                      nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries_one2one=5,
-                      num_queries_one2many=2)
+    cfg = HDetrConfig(
+        backbone=BackboneConfig(kind="swin", out_indices=(1, 2, 3), params=swin),
+        hidden_dim=32,
+        nheads=4,
+        enc_layers=1,
+        dec_layers=1,
+        dim_feedforward=32,
+        num_queries_one2one=5,
+        num_queries_one2many=2,
+    )
     torch.manual_seed(3)
     src = build_hdetr(cfg)
     official = {k.replace("backbone.0.", "backbone.0.body.", 1): v for k, v in src.state_dict().items()}

@@ -40,7 +40,7 @@ def test_matcher_is_optimal_on_small_cases() -> None:
         boxes = torch.rand(1, q, 4) * 0.5 + 0.25
         t = {"labels": torch.randint(0, 4, (n,)), "boxes": torch.rand(n, 4) * 0.5 + 0.25}
         cost = m.cost_matrix(logits[0], boxes[0], t["labels"], t["boxes"])
-        (qi, ti), = m(logits, boxes, [t])
+        ((qi, ti),) = m(logits, boxes, [t])
         assert len(qi) == n and len(set(qi.tolist())) == n and sorted(ti.tolist()) == list(range(n))
         got = float(cost[qi, ti].sum())
         best = min(sum(float(cost[p[j], j]) for j in range(n)) for p in itertools.permutations(range(q), n))
@@ -52,9 +52,9 @@ def test_matcher_prefers_the_right_box_and_class() -> None:
     boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.3, 0.3]]])
     logits = torch.tensor([[[4.0, -4.0], [-4.0, 4.0]]])
     t = {"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.7, 0.7, 0.3, 0.3], [0.2, 0.2, 0.1, 0.1]])}
-    (qi, ti), = m(logits, boxes, [t])
+    ((qi, ti),) = m(logits, boxes, [t])
     assert dict(zip(qi.tolist(), ti.tolist(), strict=True)) == {0: 1, 1: 0}
-    (qe, te), = m(logits, boxes, [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])
+    ((qe, te),) = m(logits, boxes, [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])
     assert qe.numel() == 0 and te.numel() == 0
 
 
@@ -112,8 +112,9 @@ def test_optimisation_steps_reduce_the_loss() -> None:
 
 # --- data / loop ------------------------------------------------------------------------------------
 def test_train_set_boxes_flips_and_batches(toy_coco: Path, tiny_preset) -> None:
-    ds = DetectionTrainSet(toy_coco, "train2017", preprocessing=tiny_preset.preprocessing,
-                           class_to_category=tiny_preset.class_to_category)
+    ds = DetectionTrainSet(
+        toy_coco, "train2017", preprocessing=tiny_preset.preprocessing, class_to_category=tiny_preset.class_to_category
+    )
     img, t = ds.item(1)
     assert img.shape == (3, 64, 80) and t["labels"].tolist() == [2]  # category 2 → slot 2 (identity map)
     flipped, tf = ds.item(1, flip=True)
@@ -125,8 +126,13 @@ def test_train_set_boxes_flips_and_batches(toy_coco: Path, tiny_preset) -> None:
     for idx in batches:  # one input size per batch: no padding at all (DINO is not padding-invariant)
         b = ds.batch(idx, hflip=0.5)
         assert b.images.shape[0] == 2 and not bool(b.pad_mask.any())
-    by_orientation = DetectionTrainSet(toy_coco, "train2017", preprocessing=tiny_preset.preprocessing,
-                                       class_to_category=tiny_preset.class_to_category, by_size=False)
+    by_orientation = DetectionTrainSet(
+        toy_coco,
+        "train2017",
+        preprocessing=tiny_preset.preprocessing,
+        class_to_category=tiny_preset.class_to_category,
+        by_size=False,
+    )
     assert sorted(set(by_orientation.groups)) == [0, 1]
     for epoch in range(5):
         assert len(epoch_batches(ds.groups, 3, seed=1, epoch=epoch)) >= min_batches(ds.groups, 3)
@@ -153,8 +159,9 @@ def test_full_run_writes_weights_that_load_strictly(toy_coco: Path, tmp_path: Pa
     from mfdetr.detectors.dino import build_dino
     from mfdetr.detectors.dino.config import DinoConfig
 
-    det = build_dino(DinoConfig.from_dict(tiny_preset.arch), preset=tiny_preset,
-                     checkpoint=tmp_path / "r" / "weights.pt")
+    det = build_dino(
+        DinoConfig.from_dict(tiny_preset.arch), preset=tiny_preset, checkpoint=tmp_path / "r" / "weights.pt"
+    )
     assert not det.training and not any(p.requires_grad for p in det.parameters())
 
 
@@ -171,9 +178,15 @@ def test_demo_preset_small_weights_and_strict_reload() -> None:
     assert nbytes <= MAX_WEIGHTS_BYTES
     det = build_detector("demo", checkpoint={"model": sd})
     x = torch.randn(1, 3, 160, 200)
-    batch = ImageBatch(images=x, pad_mask=torch.zeros(1, 160, 200, dtype=torch.bool),
-                       input_hw=torch.tensor([[160, 200]]), orig_hw=torch.tensor([[160, 200]]), image_ids=[1],
-                       file_names=["x"], targets=None)
+    batch = ImageBatch(
+        images=x,
+        pad_mask=torch.zeros(1, 160, 200, dtype=torch.bool),
+        input_hw=torch.tensor([[160, 200]]),
+        orig_hw=torch.tensor([[160, 200]]),
+        image_ids=[1],
+        file_names=["x"],
+        targets=None,
+    )
     out = det.detect(batch, topk=10, enc_layers=(3,))
     assert out.c1.shape == (1, 32, 40, 50) and out.queries.shape == (1, 10, 128)
 
@@ -215,8 +228,11 @@ def test_box_ap_is_100_for_a_detector_that_returns_the_ground_truth(toy_coco: Pa
             for image_id in batch.image_ids:
                 t = gt.load_targets(image_id)
                 n = len(t)
-                out.append(Detections(scores=torch.linspace(0.9, 0.5, n), category_ids=t.labels, labels=t.labels,
-                                      boxes=t.boxes))
+                out.append(
+                    Detections(
+                        scores=torch.linspace(0.9, 0.5, n), category_ids=t.labels, labels=t.labels, boxes=t.boxes
+                    )
+                )
             return out
 
     ap = box_ap(Oracle(), toy_coco, "val2017")  # type: ignore[arg-type]

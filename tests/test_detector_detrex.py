@@ -20,6 +20,7 @@ from tests._checkpoint_files import DETREX_CFG, detrex_file, to_detrex
 from tests._det_batches import make_batch
 from tests.conftest import cli_output
 
+
 def test_detrex_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> None:
     model, path = detrex_file(tmp_path / "model_final.pth")
     family, cfg = architecture_of(path)
@@ -61,16 +62,30 @@ def test_detrex_class_slots_map_to_the_datasets_sorted_category_ids(tmp_path: Pa
         resolve_detector("auto", path)
     code, out = cli_output("synth", "--out", tmp_path / "synth", "--train", "1", "--val", "1")
     assert code == 0, out
-    code, out = cli_output("cache", "--detector", "auto", "--checkpoint", path, "--coco", tmp_path / "synth",
-                     "--out", tmp_path / "c")
+    code, out = cli_output(
+        "cache", "--detector", "auto", "--checkpoint", path, "--coco", tmp_path / "synth", "--out", tmp_path / "c"
+    )
     assert code != 0 and "has 7 class slots" in out and "has 6 categories" in out and "instances_val2017.json" in out
     assert not (tmp_path / "c").exists()
 
 
 #: a small H-Deformable-DETR as detrex builds it (300 one-to-one queries, top-300, inverse_sigmoid eps 1e-3)
-HCFG = HDetrConfig(backbone=DETREX_CFG.backbone, hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2,
-                   dim_feedforward=64, enc_n_points=2, dec_n_points=2, num_feature_levels=4, num_classes=7, num_queries_one2one=300,
-                   num_queries_one2many=20, num_select=300, inv_sigmoid_eps=1e-3)
+HCFG = HDetrConfig(
+    backbone=DETREX_CFG.backbone,
+    hidden_dim=32,
+    nheads=8,
+    enc_layers=2,
+    dec_layers=2,
+    dim_feedforward=64,
+    enc_n_points=2,
+    dec_n_points=2,
+    num_feature_levels=4,
+    num_classes=7,
+    num_queries_one2one=300,
+    num_queries_one2many=20,
+    num_select=300,
+    inv_sigmoid_eps=1e-3,
+)
 
 
 def test_detrex_hdetr_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> None:

@@ -23,29 +23,62 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt = fd.save_fake_checkpoint(root / "fake.pth")
     for split in ("train2017", "val2017"):
         make_oracle(write_cache(coco, split, root / split, ckpt), coco / "annotations" / f"instances_{split}.json")
-    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=4, batch_size=2, log_every=2,
-                              num_workers=0, lr=1e-3)
+    cfg = fd.write_run_config(
+        root / "tiny.toml", device="cpu", iterations=4, batch_size=2, log_every=2, num_workers=0, lr=1e-3
+    )
     return {"root": root, "coco": coco, "train": root / "train2017", "val": root / "val2017", "cfg": cfg}
 
 
 @pytest.mark.slow
 def test_train_eval_plot_commands(setup: dict[str, Path]) -> None:
     run = setup["root"] / "run"
-    p = cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--val-cache", setup["val"],
-            "--config", setup["cfg"], "--out", run, "train.iterations=6", "train.progress=false")
+    p = cli(
+        "train",
+        "--cache",
+        setup["train"],
+        "--coco",
+        setup["coco"],
+        "--val-cache",
+        setup["val"],
+        "--config",
+        setup["cfg"],
+        "--out",
+        run,
+        "train.iterations=6",
+        "train.progress=false",
+    )
     assert p.returncode == 0, p.stderr
     assert "global batch 2 (2 x 1), lr 0.001" in p.stderr and "bbox     100.00" in p.stderr
     assert json.loads((run / "config.json").read_text())["train"]["iterations"] == 6
-    p = cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
-            "--out", setup["root"] / "res.json")
+    p = cli(
+        "eval",
+        "--cache",
+        setup["val"],
+        "--coco",
+        setup["coco"],
+        "--checkpoint",
+        run / "ckpt.pt",
+        "--out",
+        setup["root"] / "res.json",
+    )
     assert p.returncode == 0, p.stderr
     assert "iou_type" in p.stdout and "segm" in p.stdout and json.loads((setup["root"] / "res.json").read_text())
     rows = {ln.split()[0]: ln.split()[1:] for ln in p.stdout.splitlines() if ln.split()[:1] in (["segm"], ["boundary"])}
-    fast = cli("eval", "--cache", setup["val"], "--coco", setup["coco"], "--checkpoint", run / "ckpt.pt",
-               "--evaluator", "faster")
+    fast = cli(
+        "eval",
+        "--cache",
+        setup["val"],
+        "--coco",
+        setup["coco"],
+        "--checkpoint",
+        run / "ckpt.pt",
+        "--evaluator",
+        "faster",
+    )
     assert fast.returncode == 0, fast.stderr
-    fast_rows = {ln.split()[0]: ln.split()[1:] for ln in fast.stdout.splitlines()
-                 if ln.split()[:1] in (["segm"], ["boundary"])}
+    fast_rows = {
+        ln.split()[0]: ln.split()[1:] for ln in fast.stdout.splitlines() if ln.split()[:1] in (["segm"], ["boundary"])
+    }
     assert set(rows) == {"segm", "boundary"} and fast_rows == rows  # same numbers from either evaluator
     p = cli("plot", run)
     assert p.returncode == 0 and Path(p.stdout.strip()).is_file()
@@ -53,8 +86,22 @@ def test_train_eval_plot_commands(setup: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_cli_bad_input_is_one_line(setup: dict[str, Path]) -> None:
-    assert_user_error(cli("train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
-                          "--out", setup["root"] / "bad1", "masknet.image_encoder.depth=3"), "unknown key", "depth")
+    assert_user_error(
+        cli(
+            "train",
+            "--cache",
+            setup["train"],
+            "--coco",
+            setup["coco"],
+            "--config",
+            setup["cfg"],
+            "--out",
+            setup["root"] / "bad1",
+            "masknet.image_encoder.depth=3",
+        ),
+        "unknown key",
+        "depth",
+    )
 
 
 @pytest.mark.slow
@@ -67,10 +114,33 @@ def test_torchrun_mfdetr_train_two_processes(setup: dict[str, Path]) -> None:
     env = cli_env()
     env["OMP_NUM_THREADS"] = "1"
     run = setup["root"] / "ddp"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "mfdetr", "train", "--cache", str(setup["train"]), "--coco", str(setup["coco"]),
-                        "--config", str(setup["cfg"]), "--out", str(run), "train.batch_size=1", "train.progress=false"],
-                       env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "mfdetr",
+            "train",
+            "--cache",
+            str(setup["train"]),
+            "--coco",
+            str(setup["coco"]),
+            "--config",
+            str(setup["cfg"]),
+            "--out",
+            str(run),
+            "train.batch_size=1",
+            "train.progress=false",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stderr.count("global batch 2 (1 x 2), lr 0.001") == 1  # reported once, by rank 0
     rj = json.loads((run / "run.json").read_text())
@@ -82,8 +152,9 @@ def test_torchrun_mfdetr_train_two_processes(setup: dict[str, Path]) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[str, Path], tmp_path: Path,
-                                                                   cli_threads: int) -> None:
+def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(
+    setup: dict[str, Path], tmp_path: Path, cli_threads: int
+) -> None:
     """Kill a real ``mfdetr train`` with SIGKILL mid-run, resume it: the losses equal an uninterrupted run's.
 
     To kill it at a known point without any hook in the library, the cache chunk of the image that
@@ -102,9 +173,20 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     from mfdetr.engine import EpochPlan, read_jsonl
     from tests.conftest import cli_env
 
-    args = ["train", "--cache", setup["train"], "--coco", setup["coco"], "--config", setup["cfg"],
-            "train.iterations=7", "train.batch_size=1", "train.log_every=1", "train.checkpoint_every=2",
-            "train.progress=false"]
+    args = [
+        "train",
+        "--cache",
+        setup["train"],
+        "--coco",
+        setup["coco"],
+        "--config",
+        setup["cfg"],
+        "train.iterations=7",
+        "train.batch_size=1",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "train.progress=false",
+    ]
     # the reference and the resume need no process of their own (cli_threads: the killed process's thread count)
     ref = tmp_path / "ref"
     p = cli(*args, "--out", ref)
@@ -117,8 +199,12 @@ def test_sigkill_real_mfdetr_train_then_resume_equals_uninterrupted(setup: dict[
     os.mkfifo(chunk)
     run = tmp_path / "run"
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "mfdetr", *map(str, args), "--out", str(run)], env=cli_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mfdetr", *map(str, args), "--out", str(run)],
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 300
         while not any(r.get("step") == 3 for r in read_jsonl(run / "metrics.jsonl")):
             assert proc.poll() is None, proc.communicate()[1].decode()

@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from mfdetr.engine import (EpochPlan, StepDecay, build_run_config, cat_detector_outputs, collate_detector_outputs,
-                           load_run_config, read_jsonl, seed_everything, step_seed, train)
+from mfdetr.engine import (
+    EpochPlan,
+    StepDecay,
+    build_run_config,
+    cat_detector_outputs,
+    collate_detector_outputs,
+    load_run_config,
+    read_jsonl,
+    seed_everything,
+    step_seed,
+    train,
+)
 from mfdetr.errors import MfdetrError
 from tests._toy_engine import ToyCriterion, ToyDataset, ToyMaskNet, toy_item
 
@@ -17,8 +27,13 @@ from tests._toy_engine import ToyCriterion, ToyDataset, ToyMaskNet, toy_item
 def test_train_config_defaults_are_the_papers() -> None:
     cfg = build_run_config({})
     t = cfg.train
-    assert (t.lr, t.betas, t.weight_decay, t.lr_drop_at, t.lr_drop_factor) == (1.5e-4, (0.9, 0.999), 5e-5,
-                                                                              (0.9, 0.95), 0.1)
+    assert (t.lr, t.betas, t.weight_decay, t.lr_drop_at, t.lr_drop_factor) == (
+        1.5e-4,
+        (0.9, 0.999),
+        5e-5,
+        (0.9, 0.95),
+        0.1,
+    )
 
 
 def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
@@ -72,7 +87,9 @@ def test_collate_pads_to_the_batch_max_and_keeps_valid_sizes() -> None:
     det.validate()
     assert len(batch) == 3 and [t.image_id for t in targets] == [0, 1, 2]
     hs = [d.c1.shape[-2] for d, _ in items]
-    assert det.c1.shape[-2] == max(hs) and det.enc_maps[4][0].shape[-2] == max(d.enc_maps[4][0].shape[-2] for d, _ in items)
+    assert det.c1.shape[-2] == max(hs) and det.enc_maps[4][0].shape[-2] == max(
+        d.enc_maps[4][0].shape[-2] for d, _ in items
+    )
     for b, (d, _) in enumerate(items):  # original values kept, padding zero
         h, w = d.c1.shape[-2:]
         assert torch.equal(det.c1[b, :, :h, :w], d.c1[0])
@@ -95,11 +112,20 @@ def test_collate_pads_to_the_batch_max_and_keeps_valid_sizes() -> None:
 
 
 def _toy_train(out: Path, *overrides: str, resume: bool = False) -> None:
-    cfg = build_run_config({"train": {"device": "cpu", "progress": False, "log_every": 2, "num_workers": 0,
-                                      "batch_size": 2}}, list(overrides))
+    cfg = build_run_config(
+        {"train": {"device": "cpu", "progress": False, "log_every": 2, "num_workers": 0, "batch_size": 2}},
+        list(overrides),
+    )
     seed_everything(cfg.train.seed)
-    train(cfg=cfg, model=ToyMaskNet(), criterion=ToyCriterion(), train_set=ToyDataset(5), run_dir=out,
-          resume=resume, evaluate_fn=lambda m, step: {"AP": float(step)})
+    train(
+        cfg=cfg,
+        model=ToyMaskNet(),
+        criterion=ToyCriterion(),
+        train_set=ToyDataset(5),
+        run_dir=out,
+        resume=resume,
+        evaluate_fn=lambda m, step: {"AP": float(step)},
+    )
 
 
 def test_train_in_process_records_and_refusals(tmp_path: Path) -> None:

@@ -23,9 +23,25 @@ COMMON = ["--images", "9", "--no-random", "--dropout", "0", "train.iterations=5"
 def test_torchrun_two_processes_equals_one_process_with_the_global_batch(tmp_path: Path) -> None:
     env = cli_env()
     env["OMP_NUM_THREADS"] = "1"
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(TOY), "--out", str(tmp_path / "ddp"), *COMMON, "train.batch_size=2"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(TOY),
+            "--out",
+            str(tmp_path / "ddp"),
+            *COMMON,
+            "train.batch_size=2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "global batch 4 (2 x 2), lr 0.00015" in ddp.stderr
     assert ddp.stdout.count("TOY_DONE") == 1  # rank 0 only

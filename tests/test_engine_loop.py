@@ -13,8 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from mfdetr.engine.distributed import DistContext
-from mfdetr.engine.training import (Checkpointer, Evaluation, HookBase, LRSchedule, MetricsLog, Trainer, TrainData,
-                                    TrainModel, restore)
+from mfdetr.engine.training import (
+    Checkpointer,
+    Evaluation,
+    HookBase,
+    LRSchedule,
+    MetricsLog,
+    Trainer,
+    TrainData,
+    TrainModel,
+    restore,
+)
 from mfdetr.engine.training.models import FineTunedModel, Supervised
 from mfdetr.errors import Interrupted, MfdetrError
 from tests._det_training_data import tiny_cfg
@@ -91,14 +100,22 @@ class Recorder(HookBase):
         return {"recorder_calls": len(self.calls)}
 
 
-def _trainer(path: Path, *hooks: HookBase, stop: int = 4, data: TrainData | None = None,
-             every: int = 2) -> tuple[Trainer, Line]:
+def _trainer(
+    path: Path, *hooks: HookBase, stop: int = 4, data: TrainData | None = None, every: int = 2
+) -> tuple[Trainer, Line]:
     model = Line()
     path.mkdir(parents=True, exist_ok=True)
     ck = Checkpointer(path / "ckpt.pt", every=every, extra=lambda step: {"epoch": step // 2})
-    trainer = Trainer(model=model, data=data or Batches(), hooks=[LRSchedule(Constant()), *hooks, ck],
-                      optimizer=torch.optim.SGD(model.param_groups(), lr=0.05), ctx=CPU, start=0, stop=stop,
-                      interrupt=lambda t: Interrupted(step=t.step, checkpoint=ck.path))
+    trainer = Trainer(
+        model=model,
+        data=data or Batches(),
+        hooks=[LRSchedule(Constant()), *hooks, ck],
+        optimizer=torch.optim.SGD(model.param_groups(), lr=0.05),
+        ctx=CPU,
+        start=0,
+        stop=stop,
+        interrupt=lambda t: Interrupted(step=t.step, checkpoint=ck.path),
+    )
     return trainer, model
 
 
@@ -111,20 +128,29 @@ def test_the_models_and_data_of_every_job_are_the_typed_protocols() -> None:
     assert isinstance(Supervised(nn.Linear(1, 1), lambda o, d, t: {}), TrainModel)
     assert isinstance(Line(), TrainModel) and not isinstance(nn.Linear(1, 1), TrainModel)
     assert FineTunedModel.unused_parameters and not Supervised.unused_parameters
-    assert all(callable(getattr(c, "batches", None)) and callable(getattr(c, "to_device", None))
-               for c in (LoaderData, DetectionBatches))
+    assert all(
+        callable(getattr(c, "batches", None)) and callable(getattr(c, "to_device", None))
+        for c in (LoaderData, DetectionBatches)
+    )
 
 
 def test_hooks_run_in_order_and_their_state_is_checkpointed(tmp_path: Path) -> None:
     rec = Recorder()
     trainer, model = _trainer(tmp_path, rec, stop=2)
     trainer.train()
-    assert rec.calls == [("before_train", 0), ("before_step", 0), ("after_step", 1), ("before_step", 1),
-                         ("after_step", 2), ("after_train", 2)]
+    assert rec.calls == [
+        ("before_train", 0),
+        ("before_step", 0),
+        ("after_step", 1),
+        ("before_step", 1),
+        ("after_step", 2),
+        ("after_train", 2),
+    ]
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ck["step"] == 2 and ck["epoch"] == 1 and ck["schedule"] == {"lr": 0.05} and ck["recorder_calls"] == 6
-    assert set(ck) >= {"model", "optimizer", "scaler", "rng"} and torch.equal(ck["model"]["weight"],
-                                                                              model.network.weight)
+    assert set(ck) >= {"model", "optimizer", "scaler", "rng"} and torch.equal(
+        ck["model"]["weight"], model.network.weight
+    )
     assert trainer.last.losses.keys() == {"loss"} and trainer.lr == 0.05
 
 
@@ -155,11 +181,13 @@ def test_non_finite_loss_stops_before_the_update_and_names_the_images(tmp_path: 
 def test_metrics_log_keeps_its_window_and_evaluation_runs_when_asked(tmp_path: Path) -> None:
     from mfdetr.engine.metrics import MetricLogger, read_jsonl
 
-    log = MetricsLog(lambda start: MetricLogger(tmp_path, tensorboard=False, name="log.jsonl"), every=3,
-                     epoch_of=lambda s: s // 2)
+    log = MetricsLog(
+        lambda start: MetricLogger(tmp_path, tensorboard=False, name="log.jsonl"), every=3, epoch_of=lambda s: s // 2
+    )
     seen: list[int] = []
-    ev = Evaluation(lambda net, step: {"AP": float(step)}, when=lambda s: s == 2, at_end=True,
-                    report=lambda s, m: seen.append(s))
+    ev = Evaluation(
+        lambda net, step: {"AP": float(step)}, when=lambda s: s == 2, at_end=True, report=lambda s, m: seen.append(s)
+    )
     trainer, _ = _trainer(tmp_path, log, ev, stop=4, every=0)
     trainer.train()
     rows = read_jsonl(tmp_path / "log.jsonl")
@@ -179,8 +207,9 @@ def test_earlier_detector_checkpoint_format_still_resumes(tmp_path: Path, toy_co
     opt = new["optimizer"]
     for g in opt["param_groups"]:
         del g["lr_scale"]  # the earlier format's groups carry only lr_mult
-    torch.save({"model": new["model"], "optimizer": opt, "step": new["step"],
-                "config": json.dumps({"preset": "x"})}, path)
+    torch.save(
+        {"model": new["model"], "optimizer": opt, "step": new["step"], "config": json.dumps({"preset": "x"})}, path
+    )
     lines: list[str] = []
     train_detector(tiny_cfg(toy_coco), tmp_path / "b", max_steps=3, log=lines.append)
     assert any("resumed from" in ln and "at step 2/" in ln for ln in lines), lines

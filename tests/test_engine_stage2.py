@@ -18,6 +18,7 @@ from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache
 from mfdetr.engine.stage2 import CacheSources, eval_from_cache, train_from_cache
 from mfdetr.errors import MfdetrError
 
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fd.register()
@@ -28,11 +29,17 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt = fd.save_fake_checkpoint(root / "fake.pth")
     other = fd.save_fake_checkpoint(root / "other.pth", seed=1)
     for split in ("train2017", "val2017"):
-        make_oracle(write_cache(coco, split, root / f"c_{split[:-4]}", ckpt),
-                    coco / "annotations" / f"instances_{split}.json")
-    return {"root": root, "coco": coco, "train": root / "c_train", "val": root / "c_val",
-            "val_other": write_cache(coco, "val2017", root / "c_val_other", other),
-            "half": write_cache(coco, "train2017", root / "c_half", ckpt, shard=(0, 2))}
+        make_oracle(
+            write_cache(coco, split, root / f"c_{split[:-4]}", ckpt), coco / "annotations" / f"instances_{split}.json"
+        )
+    return {
+        "root": root,
+        "coco": coco,
+        "train": root / "c_train",
+        "val": root / "c_val",
+        "val_other": write_cache(coco, "val2017", root / "c_val_other", other),
+        "half": write_cache(coco, "train2017", root / "c_half", ckpt, shard=(0, 2)),
+    }
 
 
 def test_cache_dataset_yields_cached_fields_and_gt(data: dict[str, Path]) -> None:
@@ -102,8 +109,9 @@ def test_train_checkpoint_eval_and_refusals(data: dict[str, Path], tmp_path: Pat
     out = tmp_path / "results.json"
     m = eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), checkpoint=run / "ckpt.pt", out=out)
     assert json.dumps(m, sort_keys=True) == json.dumps(metrics, sort_keys=True)  # NaN-safe equality
-    fast = eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), checkpoint=run / "ckpt.pt",
-                           evaluator="faster")
+    fast = eval_from_cache(
+        CacheSources(cache=data["val"], coco=data["coco"]), checkpoint=run / "ckpt.pt", evaluator="faster"
+    )
     for t in ("segm", "bbox", "boundary"):  # faster-coco-eval scores segm/bbox as pycocotools does
         assert fast[t] == pytest.approx(m[t], abs=0.01, nan_ok=True), t
     results = json.loads(out.read_text())
@@ -112,14 +120,19 @@ def test_train_checkpoint_eval_and_refusals(data: dict[str, Path], tmp_path: Pat
     with pytest.raises(MfdetrError, match="checkpoint.sha256"):
         eval_from_cache(CacheSources(cache=data["val_other"], coco=data["coco"]), checkpoint=run / "ckpt.pt")
     with pytest.raises(MfdetrError, match="different MaskNet config.*roi_size"):
-        eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), checkpoint=run / "ckpt.pt",
-                        overrides=["masknet.roi_size=16"])
+        eval_from_cache(
+            CacheSources(cache=data["val"], coco=data["coco"]),
+            checkpoint=run / "ckpt.pt",
+            overrides=["masknet.roi_size=16"],
+        )
     with pytest.raises(MfdetrError, match="unknown key.*depth"):
         train_from_cache(build_run_config(tiny_cfg(), ["masknet.image_encoder.depth=3"]), src, tmp_path / "r2")
     with pytest.raises(MfdetrError, match="checkpoint.sha256"):
-        train_from_cache(build_run_config(tiny_cfg()),
-                         CacheSources(cache=data["train"], coco=data["coco"], val_cache=data["val_other"]),
-                         tmp_path / "r3")
+        train_from_cache(
+            build_run_config(tiny_cfg()),
+            CacheSources(cache=data["train"], coco=data["coco"], val_cache=data["val_other"]),
+            tmp_path / "r3",
+        )
 
 
 def test_real_masknet_resumes_exactly(data: dict[str, Path], tmp_path: Path) -> None:
@@ -139,7 +152,10 @@ def test_real_masknet_resumes_exactly(data: dict[str, Path], tmp_path: Path) -> 
     a = [(r["step"], r["loss"]) for r in read_jsonl(full / "metrics.jsonl") if r["kind"] == "train"]
     b = [(r["step"], r["loss"]) for r in read_jsonl(cut / "metrics.jsonl") if r["kind"] == "train"]
     assert a == b and len(a) == 6
-    sa, sb = torch.load(full / "ckpt.pt", weights_only=False)["model"], torch.load(cut / "ckpt.pt", weights_only=False)["model"]
+    sa, sb = (
+        torch.load(full / "ckpt.pt", weights_only=False)["model"],
+        torch.load(cut / "ckpt.pt", weights_only=False)["model"],
+    )
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -147,17 +163,44 @@ def test_sweep_from_one_cache_and_training_free_eval(data: dict[str, Path], tmp_
     from mfdetr.engine.stage2 import sweep_from_cache
     from mfdetr.engine.sweep import load_sweep
 
-    lines = ['[sweep]', 'table = "Table X"', 'title = "tiny"', 'columns = ["# layers"]', '[base.train]',
-             'device = "cpu"', 'iterations = 2', 'batch_size = 2', 'num_workers = 0', 'progress = false', '[base.masknet]']
-    lines += [f"{k} = {json.dumps(v)}" if not isinstance(v, dict) else "\n".join(
-        f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items()) for k, v in TINY.items()]
-    lines += ['[[variants]]', 'name = "l0"', 'labels = ["0"]', 'set = ["masknet.image_encoder.layers=0"]',
-              '[[variants]]', 'name = "l1"', 'labels = ["1"]', 'set = ["masknet.image_encoder.layers=1"]',
-              'paper = { AP = 30.8, params_m = 0.76 }']
+    lines = [
+        "[sweep]",
+        'table = "Table X"',
+        'title = "tiny"',
+        'columns = ["# layers"]',
+        "[base.train]",
+        'device = "cpu"',
+        "iterations = 2",
+        "batch_size = 2",
+        "num_workers = 0",
+        "progress = false",
+        "[base.masknet]",
+    ]
+    lines += [
+        f"{k} = {json.dumps(v)}"
+        if not isinstance(v, dict)
+        else "\n".join(f"{k}.{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+        for k, v in TINY.items()
+    ]
+    lines += [
+        "[[variants]]",
+        'name = "l0"',
+        'labels = ["0"]',
+        'set = ["masknet.image_encoder.layers=0"]',
+        "[[variants]]",
+        'name = "l1"',
+        'labels = ["1"]',
+        'set = ["masknet.image_encoder.layers=1"]',
+        "paper = { AP = 30.8, params_m = 0.76 }",
+    ]
     f = tmp_path / "tiny_sweep.toml"
     f.write_text("\n".join(lines) + "\n")
-    res = sweep_from_cache(load_sweep(f), CacheSources(cache=data["train"], coco=data["coco"], val_cache=data["val"]),
-                           tmp_path / "sweep", log=lambda s: None)
+    res = sweep_from_cache(
+        load_sweep(f),
+        CacheSources(cache=data["train"], coco=data["coco"], val_cache=data["val"]),
+        tmp_path / "sweep",
+        log=lambda s: None,
+    )
     assert [r.name for r in res] == ["l0", "l1"]
     assert res[1].params_m > res[0].params_m > 0 and res[1].flops_g > res[0].flops_g > 0  # one more encoder layer
     assert all(r.metrics.keys() >= {"AP", "AP50", "APs", "boundary_AP"} for r in res)
@@ -168,14 +211,20 @@ def test_sweep_from_one_cache_and_training_free_eval(data: dict[str, Path], tmp_
 
     # Table 1-style training-free baseline: evaluated from a config, no checkpoint
     free = tmp_path / "free.toml"
-    free.write_text('[masknet]\nnum_queries = 8\nfuse_c1 = false\nneck.enabled = false\nimage_encoder.layers = 0\n'
-                    'box_encoder.layers = 0\nbox_encoder.dim = 16\nquery_encoder.ffn = false\nquery_encoder.b2o = false\n'
-                    'mask_scoring.enabled = false\n')
+    free.write_text(
+        "[masknet]\nnum_queries = 8\nfuse_c1 = false\nneck.enabled = false\nimage_encoder.layers = 0\n"
+        "box_encoder.layers = 0\nbox_encoder.dim = 16\nquery_encoder.ffn = false\nquery_encoder.b2o = false\n"
+        "mask_scoring.enabled = false\n"
+    )
     m = eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), config=free)
     assert m["bbox"]["AP"] == pytest.approx(100.0) and 0.0 <= m["segm"]["AP"] <= 100.0
     trainable = tmp_path / "trainable.toml"
-    trainable.write_text("\n".join(lines[lines.index("[base.masknet]"):lines.index("[[variants]]")]).replace(
-        "[base.masknet]", "[masknet]") + "\n")
+    trainable.write_text(
+        "\n".join(lines[lines.index("[base.masknet]") : lines.index("[[variants]]")]).replace(
+            "[base.masknet]", "[masknet]"
+        )
+        + "\n"
+    )
     with pytest.raises(MfdetrError, match="--checkpoint"):
         eval_from_cache(CacheSources(cache=data["val"], coco=data["coco"]), config=trainable)
 
@@ -190,8 +239,15 @@ def test_online_training_equals_cached_training(data: dict[str, Path], tmp_path:
     # random fake boxes rarely overlap the GT: accept any overlap so every step has positives
     cfg = build_run_config({**tiny_cfg(iterations=4), "assign": {"iou_threshold": 0.01}})
     train_from_cache(cfg, CacheSources(cache=cache, coco=data["coco"]), tmp_path / "cached")
-    train_online(cfg, detector=fd.NAME, checkpoint=str(ckpt), coco=str(data["coco"]), split="train2017",
-                 out=str(tmp_path / "online"), topk=8)
+    train_online(
+        cfg,
+        detector=fd.NAME,
+        checkpoint=str(ckpt),
+        coco=str(data["coco"]),
+        split="train2017",
+        out=str(tmp_path / "online"),
+        topk=8,
+    )
     a = [r for r in read_jsonl(tmp_path / "cached" / "metrics.jsonl") if r["kind"] == "train"]
     b = [r for r in read_jsonl(tmp_path / "online" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(a) == len(b) == 4 and sum(r["loss"] > 0 for r in a) >= 3
@@ -215,8 +271,12 @@ def test_positive_cap_in_cached_training(data: dict[str, Path], tmp_path: Path) 
         g["boxes"][i] = boxes
     runs, src = {}, CacheSources(cache=cache, coco=data["coco"])
     for cap in (0, 1):
-        cfg = build_run_config({**tiny_cfg(iterations=4, checkpoint_every=2, keep_checkpoints=True),
-                                "assign": {"max_positives_per_image": cap}})
+        cfg = build_run_config(
+            {
+                **tiny_cfg(iterations=4, checkpoint_every=2, keep_checkpoints=True),
+                "assign": {"max_positives_per_image": cap},
+            }
+        )
         train_from_cache(cfg, src, tmp_path / f"cap{cap}")
         runs[cap] = [r for r in read_jsonl(tmp_path / f"cap{cap}" / "metrics.jsonl") if r["kind"] == "train"]
     # the sampled positives are a function of (seed, step, image): a resumed run trains on the same ones

@@ -18,8 +18,20 @@ from mfdetr.errors import MfdetrError
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = sorted((REPO / "pipeline" / "ablations").glob("*.toml"))
 RECIPES = sorted((REPO / "pipeline" / "recipes").glob("*.toml"))
-TABLES = {"Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 10", "Table 11", "Table 12", "Table 13",
-          "Table 14", "Table 15", "Table 16"}  # 11 and 13 are online sweeps (fine-tuning, jitter)
+TABLES = {
+    "Table 1",
+    "Table 2",
+    "Table 3",
+    "Table 4",
+    "Table 5",
+    "Table 10",
+    "Table 11",
+    "Table 12",
+    "Table 13",
+    "Table 14",
+    "Table 15",
+    "Table 16",
+}  # 11 and 13 are online sweeps (fine-tuning, jitter)
 
 
 def test_every_paper_table_has_a_sweep_file() -> None:
@@ -42,7 +54,9 @@ def test_recipes_per_detector() -> None:
     for p in RECIPES:
         cfg = load_run_config(p)
         assert cfg.train.lr == 1.5e-4 and cfg.train.weight_decay == 5e-5
-    assert load_run_config(REPO / "pipeline/recipes/dino_focal.toml").masknet["image_encoder"]["layers"] == 3  # Table 16
+    assert (
+        load_run_config(REPO / "pipeline/recipes/dino_focal.toml").masknet["image_encoder"]["layers"] == 3
+    )  # Table 16
     assert load_run_config(REPO / "pipeline/recipes/hdetr_r50.toml").masknet["image_encoder"]["layers"] == 2
 
 
@@ -65,8 +79,9 @@ def test_sweep_and_recipe_tables_are_valid_masknet_configs() -> None:
         name = p.stem  # every recipe is named after the preset it is sized for
         if name in list_detectors():  # the recipe builds a MaskNet for its detector's feature shapes
             pre = get_preset(name)
-            net = build_masknet(mcfg, d_model=pre.hidden_dim, level_strides=pre.level_strides,
-                                c1_channels=pre.c1_channels)
+            net = build_masknet(
+                mcfg, d_model=pre.hidden_dim, level_strides=pre.level_strides, c1_channels=pre.c1_channels
+            )
             assert sum(q.numel() for q in net.parameters()) > 0
 
 
@@ -74,20 +89,31 @@ def _fake_variant(v: Variant, cfg, vdir: Path) -> VariantResult:  # noqa: ANN001
     # a stand-in for "train + evaluate": numbers derived from the variant's config
     layers = cfg.masknet["image_encoder"]["layers"]
     (vdir / "ran").write_text("1")
-    return VariantResult(name=v.name, labels=[], params_m=0.75 * layers, flops_g=14.2 * layers,
-                         metrics={**{m: 10.0 * layers + i for i, m in enumerate(METRICS)},
-                                  "boundary_AP": 10.0 * layers - 5.0})
+    return VariantResult(
+        name=v.name,
+        labels=[],
+        params_m=0.75 * layers,
+        flops_g=14.2 * layers,
+        metrics={**{m: 10.0 * layers + i for i, m in enumerate(METRICS)}, "boundary_AP": 10.0 * layers - 5.0},
+    )
 
 
 def test_run_sweep_writes_tables_and_resumes(tmp_path: Path) -> None:
     spec = load_sweep(REPO / "pipeline/ablations/table02_image_encoder.toml")
     out = tmp_path / "sweep"
-    res = run_sweep(spec, out_dir=out, run_variant=_fake_variant, only=["none", "deformable-2"],
-                    overrides=["train.iterations=3"], log=lambda s: None)
+    res = run_sweep(
+        spec,
+        out_dir=out,
+        run_variant=_fake_variant,
+        only=["none", "deformable-2"],
+        overrides=["train.iterations=3"],
+        log=lambda s: None,
+    )
     assert [r.name for r in res] == ["none", "deformable-2"]
     md = (out / "summary.md").read_text()
-    assert ("| block type | # layers | #FLOPs▲ | #params▲ | AP | AP50 | AP75 | APs | APm | APl | AP^boundary | "
-            "paper AP |") in md
+    assert (
+        "| block type | # layers | #FLOPs▲ | #params▲ | AP | AP50 | AP75 | APs | APm | APl | AP^boundary | paper AP |"
+    ) in md
     assert "| 24.0 | 25.0 | 15.0 | 32.9 |" in md  # APm, APl, boundary AP, then the paper's AP
     assert "| deformable | 2 | 28.40 G | 1.50 M | 20.0 | 21.0 |" in md and "| 32.9 | 1.51 M |" in md
     rows = list(csv.DictReader((out / "summary.csv").open()))
@@ -95,8 +121,14 @@ def test_run_sweep_writes_tables_and_resumes(tmp_path: Path) -> None:
     assert float(rows[1]["boundary_AP"]) == 15.0
     assert json.loads((out / "deformable-2" / "result.json").read_text())["params_m"] == 1.5
     (out / "none" / "ran").unlink()
-    run_sweep(spec, out_dir=out, run_variant=_fake_variant, only=["none"], overrides=["train.iterations=3"],
-              log=lambda s: None)
+    run_sweep(
+        spec,
+        out_dir=out,
+        run_variant=_fake_variant,
+        only=["none"],
+        overrides=["train.iterations=3"],
+        log=lambda s: None,
+    )
     assert not (out / "none" / "ran").exists()  # finished variants are not rerun
     with pytest.raises(MfdetrError, match=r"variant none was run with other inputs.*config.train.iterations"):
         run_sweep(spec, out_dir=out, run_variant=_fake_variant, only=["none"], log=lambda s: None)
@@ -109,8 +141,9 @@ def test_bad_sweep_files(tmp_path: Path) -> None:
     f.write_text('[sweep]\ntable="T"\ntitle="t"\ncolumns=["a"]\n[[variants]]\nname="x"\nlabels=["1","2"]\n')
     with pytest.raises(MfdetrError, match="2 labels for 1 columns"):
         load_sweep(f)
-    f.write_text('[sweep]\ntable="T"\ntitle="t"\ncolumns=["a"]\n[[variants]]\nname="x"\nlabels=["1"]\n'
-                 'set=["train.nope=1"]\n')
+    f.write_text(
+        '[sweep]\ntable="T"\ntitle="t"\ncolumns=["a"]\n[[variants]]\nname="x"\nlabels=["1"]\nset=["train.nope=1"]\n'
+    )
     with pytest.raises(MfdetrError, match=r"\[x\].*unknown key.*nope"):
         load_sweep(f)
     f.write_text('[sweep]\ntable="T"\ntitle="t"\ncolumns=["a"]\ncolour="red"\n[[variants]]\nname="x"\nlabels=["1"]\n')

@@ -39,8 +39,7 @@ def test_resumed_logger_drops_later_records_and_writes_a_second_event_file(tmp_p
     log = MetricLogger(tmp_path, resume_step=2)
     log.log("train", 3, {"loss": 30.0})
     log.close()
-    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0),
-                                                                                         (3, 30.0)]
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["kind"] == "train"
     files = sorted((tmp_path / "tb").iterdir())
     assert len(files) == 2

@@ -102,8 +102,7 @@ def test_numbers_equal_direct_pycocotools(gt, coco_dir, tmp_path):
     gt_file = coco_dir / "annotations" / "instances_val2017.json"
     res = _perturb(gt, gt_to_results(gt), np.random.default_rng(1))
     both = write_results_json(tmp_path / "both.json", res)
-    segm_only = write_results_json(tmp_path / "segm.json", [{k: v for k, v in r.items() if k != "bbox"}
-                                                            for r in res])
+    segm_only = write_results_json(tmp_path / "segm.json", [{k: v for k, v in r.items() if k != "bbox"} for r in res])
     ours_bbox = evaluate(gt, read_results_json(both, gt, ["bbox"]), "bbox")
     assert _same([ours_bbox[k] for k in METRIC_NAMES], _direct(gt_file, both, "bbox"))
     ours_segm = evaluate(gt, read_results_json(both, gt, ["segm"]), "segm")
@@ -127,8 +126,16 @@ def test_streaming_evaluator_matches_evaluate(gt):
         mine = [r for r in perfect if r["image_id"] == iid]
         masks = torch.from_numpy(np.stack([mask_utils.decode(r["segmentation"]) for r in mine])) if mine else None
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)]).reshape(-1, 4)
-        ev.process(instances_to_results(iid, torch.tensor([r["category_id"] for r in mine], dtype=torch.long),
-                                        torch.ones(len(mine)), boxes, masks), image_ids=[iid])
+        ev.process(
+            instances_to_results(
+                iid,
+                torch.tensor([r["category_id"] for r in mine], dtype=torch.long),
+                torch.ones(len(mine)),
+                boxes,
+                masks,
+            ),
+            image_ids=[iid],
+        )
     out = ev.finish()
     assert out["segm"]["AP"] == 100.0 and out["bbox"]["AP"] == 100.0  # scored on the images seen only
     full = CocoEvaluator(coco_gt=gt, iou_types=("segm",), all_images=True)
@@ -162,31 +169,38 @@ def test_results_validation(gt):
 
 def test_eval_json_cli(gt, coco_dir, tmp_path):
     res = write_results_json(tmp_path / "r.json", gt_to_results(gt))
-    proc = cli("eval-json", "--coco", coco_dir, "--split", "val2017", "--results", res, "--iou-type", "both",
-               check=True)
+    proc = cli(
+        "eval-json", "--coco", coco_dir, "--split", "val2017", "--results", res, "--iou-type", "both", check=True
+    )
     rows = {ln.split()[0]: ln.split()[1:] for ln in proc.stdout.splitlines()}
     assert rows["segm"][:3] == ["100.00"] * 3 and rows["bbox"][0] == "100.00"
     bad = tmp_path / "bad.json"
-    bad.write_text("[{\"image_id\": 1,")
+    bad.write_text('[{"image_id": 1,')
     assert_user_error(cli("eval-json", "--coco", coco_dir, "--results", bad), str(bad), "malformed results JSON")
-    assert_user_error(cli("eval-json", "--coco", coco_dir, "--results", tmp_path / "none.json"),
-                      "none.json", "results file not found")
+    assert_user_error(
+        cli("eval-json", "--coco", coco_dir, "--results", tmp_path / "none.json"), "none.json", "results file not found"
+    )
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps([{"image_id": 5, "category_id": 1, "score": 0.5, "bbox": [0, 0, 1, 1]}]))
-    assert_user_error(cli("eval-json", "--coco", coco_dir, "--results", wrong, "--iou-type", "bbox"),
-                      str(wrong), "unknown image id 5")
+    assert_user_error(
+        cli("eval-json", "--coco", coco_dir, "--results", wrong, "--iou-type", "bbox"), str(wrong), "unknown image id 5"
+    )
 
 
 def test_eval_json_cli_bad_coco_inputs(tmp_path):
     """Through the CLI: bad COCO folders / annotation files → one-line errors."""
     res = tmp_path / "r.json"
     res.write_text("[]")
-    assert_user_error(cli("eval-json", "--coco", tmp_path / "missing", "--results", res),
-                      "missing", "COCO folder not found")
+    assert_user_error(
+        cli("eval-json", "--coco", tmp_path / "missing", "--results", res), "missing", "COCO folder not found"
+    )
     root = tmp_path / "coco"
     ann = make_tiny_coco(root)
-    assert_user_error(cli("eval-json", "--coco", root, "--split", "test2017", "--results", res),
-                      "instances_test2017.json", "annotation file not found")
+    assert_user_error(
+        cli("eval-json", "--coco", root, "--split", "test2017", "--results", res),
+        "instances_test2017.json",
+        "annotation file not found",
+    )
     data = json.loads(ann.read_text())
     data["annotations"][0]["category_id"] = 42
     ann.write_text(json.dumps(data))

@@ -73,16 +73,23 @@ def test_export_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     from mfdetr.engine.inference.export import ExportJob, run_export
     from mfdetr.errors import MfdetrError
 
-    proc = cli("export", "--detector", "demo", "--masknet", tmp_path / "missing.pt", "--out",
-               tmp_path / "m.onnx", "--masknet-only")
+    proc = cli(
+        "export",
+        "--detector",
+        "demo",
+        "--masknet",
+        tmp_path / "missing.pt",
+        "--out",
+        tmp_path / "m.onnx",
+        "--masknet-only",
+    )
     assert_user_error(proc, "missing.pt", "not found")
     assert not (tmp_path / "m.onnx").exists()
     ckpt = save_masknet_checkpoint(tmp_path / "ckpt.pt", "demo", seed=0)
     with pytest.raises(MfdetrError, match=r"m\.txt: the output must be a \.onnx file"):
         run_export(ExportJob(detector="demo", masknet=ckpt, out=tmp_path / "m.txt", masknet_only=True))
     with pytest.raises(MfdetrError, match="detector checkpoint file not found"):
-        run_export(ExportJob(detector="demo", masknet=ckpt, out=tmp_path / "m.onnx",
-                             checkpoint=tmp_path / "nope.pth"))
+        run_export(ExportJob(detector="demo", masknet=ckpt, out=tmp_path / "m.onnx", checkpoint=tmp_path / "nope.pth"))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the extra not installed
     with pytest.raises(MfdetrError, match=r"needs the 'onnxruntime' package \(the 'export' extra\)"):
         run_export(ExportJob(detector="demo", masknet=ckpt, out=tmp_path / "m.onnx", masknet_only=True))
@@ -117,8 +124,14 @@ def test_whole_path_onnx_matches_pytorch_at_two_sizes(preset_name: str, tmp_path
         run_export(ExportJob(detector=preset_name, masknet=ckpt, out=out), echo=lambda s: None)
     else:  # a small example input keeps the test quick at 800-px presets
         det_ckpt = _hdetr_tiny_checkpoint(tmp_path / "det.pth")
-        export_full(build_detector(preset_name, checkpoint=det_ckpt, device="cpu"), loaded.model, preset, out,
-                    topk=topk, example_hw=(96, 128))  # every level ≥ 2 cells: a size-1 dim would be fixed
+        export_full(
+            build_detector(preset_name, checkpoint=det_ckpt, device="cpu"),
+            loaded.model,
+            preset,
+            out,
+            topk=topk,
+            example_hw=(96, 128),
+        )  # every level ≥ 2 cells: a size-1 dim would be fixed
     model = onnx.load(str(out))
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert all(isinstance(v, str) and v for v in dims[2:]), dims  # symbolic H, W
@@ -133,6 +146,9 @@ def test_whole_path_onnx_matches_pytorch_at_two_sizes(preset_name: str, tmp_path
         assert [a.shape for a in got] == [r.shape for r in ref] and ref[0].shape[1] == topk
         assert np.array_equal(got[2], ref[2])  # labels
         scale = np.array([2 * w, 2 * h, 2 * w, 2 * h], dtype=np.float32)  # boxes compared in image units
-        for name, a, r in (("mask_logits", got[0], ref[0]), ("scores", got[1], ref[1]),
-                           ("boxes", got[3] / scale, ref[3] / scale)):
+        for name, a, r in (
+            ("mask_logits", got[0], ref[0]),
+            ("scores", got[1], ref[1]),
+            ("boxes", got[3] / scale, ref[3] / scale),
+        ):
             assert np.abs(a - r).max() <= 1e-4, (name, (h, w), float(np.abs(a - r).max()))

@@ -29,10 +29,30 @@ from tests._fake_detector import tiny_cfg
 VIEWS = ("orig", "hflip")
 
 
-def _cache(coco: Path, split: str, out: Path, ckpt: Path, detector: str = fd.NAME, enc_layers: tuple[int, ...] = (4,),
-           **kw: object) -> Path:
-    run_cache(CacheJob(detector=detector, checkpoint=ckpt, coco=coco, split=split, out=out, topk=8,
-                       enc_layers=enc_layers, num_workers=0, **kw), progress=False, echo=lambda *a, **k: None)
+def _cache(
+    coco: Path,
+    split: str,
+    out: Path,
+    ckpt: Path,
+    detector: str = fd.NAME,
+    enc_layers: tuple[int, ...] = (4,),
+    **kw: object,
+) -> Path:
+    run_cache(
+        CacheJob(
+            detector=detector,
+            checkpoint=ckpt,
+            coco=coco,
+            split=split,
+            out=out,
+            topk=8,
+            enc_layers=enc_layers,
+            num_workers=0,
+            **kw,
+        ),
+        progress=False,
+        echo=lambda *a, **k: None,
+    )
     return out
 
 
@@ -48,11 +68,15 @@ def _oracle(store: Path, annotation_file: Path) -> Path:
         pre = "" if view == "orig" else f"{view}_"
         for i, iid in enumerate(g["image_ids"][:].tolist()):
             boxes, logits = g[pre + "boxes"][i], np.full(g[pre + "logits"][i].shape, -10.0, dtype=np.float32)
-            for k, a in enumerate([a for a in d["annotations"] if a["image_id"] == iid][:len(boxes)]):
+            for k, a in enumerate([a for a in d["annotations"] if a["image_id"] == iid][: len(boxes)]):
                 x, y, w, h = a["bbox"]
                 cx = (x + w / 2) / imgs[iid]["width"]
-                boxes[k] = [cx if view == "orig" else 1 - cx, (y + h / 2) / imgs[iid]["height"],
-                            w / imgs[iid]["width"], h / imgs[iid]["height"]]
+                boxes[k] = [
+                    cx if view == "orig" else 1 - cx,
+                    (y + h / 2) / imgs[iid]["height"],
+                    w / imgs[iid]["width"],
+                    h / imgs[iid]["height"],
+                ]
                 logits[k, 1] = 10.0
             g[pre + "boxes"][i], g[pre + "logits"][i] = boxes, logits
     return store
@@ -68,13 +92,17 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fd.make_coco(coco, n=3, split="val2017", seed=1)
     ckpt = fd.save_fake_checkpoint(root / "fake.pth")
     ann = coco / "annotations" / "instances_train2017.json"
-    return {"root": root, "coco": coco, "ckpt": ckpt,
-            "flip": _cache(coco, "train2017", root / "flip", ckpt, views=VIEWS),
-            "orig": _cache(coco, "train2017", root / "orig", ckpt),
-            "val": _cache(coco, "val2017", root / "val", ckpt),
-            "val_flip": _cache(coco, "val2017", root / "val_flip", ckpt, views=VIEWS),
-            "flip_oracle": _oracle(_cache(coco, "train2017", root / "flip_o", ckpt, views=VIEWS), ann),
-            "orig_oracle": _oracle(_cache(coco, "train2017", root / "orig_o", ckpt), ann)}
+    return {
+        "root": root,
+        "coco": coco,
+        "ckpt": ckpt,
+        "flip": _cache(coco, "train2017", root / "flip", ckpt, views=VIEWS),
+        "orig": _cache(coco, "train2017", root / "orig", ckpt),
+        "val": _cache(coco, "val2017", root / "val", ckpt),
+        "val_flip": _cache(coco, "val2017", root / "val_flip", ckpt, views=VIEWS),
+        "flip_oracle": _oracle(_cache(coco, "train2017", root / "flip_o", ckpt, views=VIEWS), ann),
+        "orig_oracle": _oracle(_cache(coco, "train2017", root / "orig_o", ckpt), ann),
+    }
 
 
 def _flipped_copy(coco: Path, split: str, out: Path) -> Path:
@@ -96,8 +124,14 @@ def test_hflip_view_is_the_demo_detector_run_on_the_flipped_image(tmp_path: Path
     ckpt = detector_checkpoint(get_preset("demo"), None)
     coco = tmp_path / "synth"
     generate_synth(coco, config=SynthConfig(train=3, val=1, image_size=160, seed=3))
-    flipped = _cache(_flipped_copy(coco, "train2017", tmp_path / "flipped"), "train2017", tmp_path / "fl", ckpt,
-                     detector="demo", enc_layers=(2,))
+    flipped = _cache(
+        _flipped_copy(coco, "train2017", tmp_path / "flipped"),
+        "train2017",
+        tmp_path / "fl",
+        ckpt,
+        detector="demo",
+        enc_layers=(2,),
+    )
     both = _cache(coco, "train2017", tmp_path / "both", ckpt, detector="demo", views=VIEWS, enc_layers=(2,))
     s = CacheStore.open(both)
     assert s.views == list(VIEWS) and s.manifest["views"] == list(VIEWS)
@@ -136,7 +170,7 @@ def test_flipped_gt_matches_the_flipped_image(fake: dict[str, Path]) -> None:
                 continue
             # the flipped mask covers the flipped image's pixels of the object, and its box fits it tightly
             torch.testing.assert_close(flipped_px[f.masks[k]].mean(0), px[t.masks[k]].mean(0))
-            torch.testing.assert_close(masks_to_boxes_xyxy(f.masks[k:k + 1])[0], f.boxes[k])
+            torch.testing.assert_close(masks_to_boxes_xyxy(f.masks[k : k + 1])[0], f.boxes[k])
             checked += 1
     assert checked > 0
 
@@ -237,8 +271,16 @@ def test_inspect_dry_run_and_repair_count_views(fake: dict[str, Path], tmp_path:
     # the dry run's estimate doubles
     est = {}
     for name, views in (("p", ("orig",)), ("b", VIEWS)):
-        job = CacheJob(detector=fd.NAME, checkpoint=fake["ckpt"], coco=fake["coco"], split="train2017",
-                       out=tmp_path / f"new_{name}", topk=8, enc_layers=(4,), views=views)
+        job = CacheJob(
+            detector=fd.NAME,
+            checkpoint=fake["ckpt"],
+            coco=fake["coco"],
+            split="train2017",
+            out=tmp_path / f"new_{name}",
+            topk=8,
+            enc_layers=(4,),
+            views=views,
+        )
         est[name] = run_cache(job, dry_run=True, echo=lambda *a: None).estimate
     assert est["b"]["bytes_per_image"] == pytest.approx(2 * est["p"]["bytes_per_image"])
     # a lost chunk of the flipped view: found by inspect, recomputed by a plain rerun
@@ -273,8 +315,21 @@ def test_views_option_manifest_and_commit_combination(fake: dict[str, Path]) -> 
 def test_cache_cli_refuses_bad_views(fake: dict[str, Path], tmp_path: Path) -> None:
     from tests.conftest import cli
 
-    r = cli("cache", "--detector", fd.NAME, "--checkpoint", fake["ckpt"], "--coco", fake["coco"],
-            "--split", "train2017", "--out", tmp_path / "x", "--views", "orig,sideways")
+    r = cli(
+        "cache",
+        "--detector",
+        fd.NAME,
+        "--checkpoint",
+        fake["ckpt"],
+        "--coco",
+        fake["coco"],
+        "--split",
+        "train2017",
+        "--out",
+        tmp_path / "x",
+        "--views",
+        "orig,sideways",
+    )
     assert r.returncode != 0 and "--views" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -288,10 +343,13 @@ def test_recompute_cache_recomputes_c1_of_the_flipped_image(tmp_path: Path) -> N
     synth = tmp_path / "synth"
     generate_synth(synth, config=SynthConfig(train=3, val=1, image_size=40, seed=40))
     ckpt = save_detector_checkpoint(tmp_path / "tiny.pth")
-    stored, recomp = (CacheStore.open(_cache(synth, "train2017", tmp_path / m, ckpt, detector=TINY, views=VIEWS, c1=m))
-                      for m in ("store", "recompute"))
-    ds = ViewSampledDataset(views=VIEWS, seed=0, store=recomp, coco_split=open_annotations(recomp, coco=None),
-                            enc_layer=4)
+    stored, recomp = (
+        CacheStore.open(_cache(synth, "train2017", tmp_path / m, ckpt, detector=TINY, views=VIEWS, c1=m))
+        for m in ("store", "recompute")
+    )
+    ds = ViewSampledDataset(
+        views=VIEWS, seed=0, store=recomp, coco_split=open_annotations(recomp, coco=None), enc_layer=4
+    )
     seen = set()
     for epoch in range(3):
         ds.set_epoch(epoch)

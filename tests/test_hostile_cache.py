@@ -40,20 +40,41 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fd.save_fake_checkpoint(coco / "fake.pth")
     store = root / "store"
     assert cli(*cache_args(coco, store)).returncode == 0
-    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=3, batch_size=2, num_workers=0,
-                              progress=False)
+    cfg = fd.write_run_config(
+        root / "tiny.toml", device="cpu", iterations=3, batch_size=2, num_workers=0, progress=False
+    )
     run = root / "run"
     p = cli("train", "--cache", store, "--coco", coco, "--config", cfg, "--out", run)
     assert p.returncode == 0, p.stderr
     p = cli(*eval_args(store, coco, run / "ckpt.pt", root / "ref_results.json"))
     assert p.returncode == 0, p.stderr
-    return {"root": root, "coco": coco, "store": store, "cfg": cfg, "ckpt": run / "ckpt.pt",
-            "results": root / "ref_results.json"}
+    return {
+        "root": root,
+        "coco": coco,
+        "store": store,
+        "cfg": cfg,
+        "ckpt": run / "ckpt.pt",
+        "results": root / "ref_results.json",
+    }
 
 
 def eval_args(store: Path, coco: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--cache", str(store), "--coco", str(coco), "--checkpoint", str(ckpt), "--out", str(out),
-            "--batch-size", "1", "--device", "cpu", *extra]
+    return [
+        "eval",
+        "--cache",
+        str(store),
+        "--coco",
+        str(coco),
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def counts(stdout: str) -> tuple[int, ...]:
@@ -101,7 +122,9 @@ def test_damaged_store_is_reported_never_read_as_data(ref: dict[str, Path], tmp_
     # ... or skip it and record it
     p = cli(*train, "--skip-damaged")
     assert p.returncode == 0, p.stderr
-    assert [(d["image_id"], d["array"]) for d in json.loads((run / "damaged_images.json").read_text())] == [(iid, array)]
+    assert [(d["image_id"], d["array"]) for d in json.loads((run / "damaged_images.json").read_text())] == [
+        (iid, array)
+    ]
     assert f"skipping damaged image id {iid}" in p.stderr
     p = cli(*eval_args(store, ref["coco"], ref["ckpt"], tmp_path / "r.json", "--skip-damaged"))
     assert p.returncode == 0, p.stderr
@@ -137,20 +160,31 @@ def test_dataloader_worker_errors_print_one_line(ref: dict[str, Path], tmp_path:
     store = tmp_path / "store"
     shutil.copytree(ref["store"], store)
     iid = damage(store, "truncated")
-    p = cli("train", "--cache", store, "--coco", ref["coco"], "--config", ref["cfg"], "--out",
-            tmp_path / "run", "train.num_workers=1")
+    p = cli(
+        "train",
+        "--cache",
+        store,
+        "--coco",
+        ref["coco"],
+        "--config",
+        ref["cfg"],
+        "--out",
+        tmp_path / "run",
+        "train.num_workers=1",
+    )
     assert_user_error(p, f"image id {iid}", "array 'c1'", "checksum mismatch")
     s = open_cache(store)
     ds = CacheDataset(store=s, coco_split=open_annotations(s, coco=ref["coco"]), enc_layer=4)
     with pytest.raises(MfdetrError) as e:
         list(DataLoader(ds, batch_size=None, num_workers=1))
     assert "Traceback" in str(e.value)  # torch's wrapping of a worker's error ...
-    line = one_line(str(e.value))       # ... which the CLI reduces to the original message
+    line = one_line(str(e.value))  # ... which the CLI reduces to the original message
     assert "\n" not in line and line.startswith(f"{store}: damaged cache: image id {iid}") and "array 'c1'" in line
 
 
-def test_store_without_checksums_still_reads_and_detects_loss(ref: dict[str, Path], tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_without_checksums_still_reads_and_detects_loss(
+    ref: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A store written before checksums (no codecs.checksum) opens, verifies and is repaired in its own
     format by today's command; lost files are still found."""
     import mfdetr.cache.run as run_mod
@@ -185,8 +219,19 @@ def test_damaged_validation_cache_is_skipped_and_recorded(ref: dict[str, Path], 
     shutil.copytree(ref["store"], val)
     iid = damage(val, "flipped")
     run = tmp_path / "run"
-    train = ["train", "--cache", ref["store"], "--val-cache", val, "--coco", ref["coco"], "--config", ref["cfg"],
-             "--out", run]
+    train = [
+        "train",
+        "--cache",
+        ref["store"],
+        "--val-cache",
+        val,
+        "--coco",
+        ref["coco"],
+        "--config",
+        ref["cfg"],
+        "--out",
+        run,
+    ]
     assert_user_error(cli(*train), str(val), f"image id {iid}", "array 'logits'", "checksum mismatch")
     p = cli(*train[:-1], tmp_path / "run2", "--skip-damaged")
     assert p.returncode == 0, p.stderr
@@ -207,8 +252,9 @@ def test_damaged_image_ids_chunk_is_one_line(ref: dict[str, Path], tmp_path: Pat
     path.write_bytes(bytes(data))
     assert_user_error(cli("inspect", store), str(store), "array 'image_ids' cannot be decoded")
     path.unlink()  # read as zeros by zarr: the ids no longer match the manifest's hash
-    assert_user_error(cli("eval", "--cache", store, "--coco", ref["coco"], "--checkpoint", ref["ckpt"]),
-                      "image_ids do not match")
+    assert_user_error(
+        cli("eval", "--cache", store, "--coco", ref["coco"], "--checkpoint", ref["ckpt"]), "image_ids do not match"
+    )
 
 
 def test_rerun_of_a_finished_store_writes_nothing(ref: dict[str, Path], tmp_path: Path) -> None:
@@ -217,8 +263,11 @@ def test_rerun_of_a_finished_store_writes_nothing(ref: dict[str, Path], tmp_path
     shutil.copytree(ref["store"], store)
 
     def files() -> dict[str, tuple[int, int]]:
-        return {str(p.relative_to(store)): (p.stat().st_mtime_ns, p.stat().st_size)
-                for p in sorted(store.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(store)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(store.rglob("*"))
+            if p.is_file()
+        }
 
     before = files()
     p = cli(*cache_args(ref["coco"], store))

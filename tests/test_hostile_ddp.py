@@ -29,19 +29,45 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | int]:
     assert cli(*cache_args(coco, store, "--no-progress", enc_layers="4")).returncode == 0
     image_id = damage(store, "truncated")
     # 2 processes x 1 image x N steps: every image is read, each by one process only
-    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=N, batch_size=1, num_workers=0,
-                              progress=False, checkpoint_every=0)
+    cfg = fd.write_run_config(
+        root / "tiny.toml", device="cpu", iterations=N, batch_size=1, num_workers=0, progress=False, checkpoint_every=0
+    )
     return {"root": root, "coco": coco, "store": store, "cfg": cfg, "image_id": image_id}
 
 
 def torchrun(d: dict[str, Path | int], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = cli_env()
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           # the launcher looks at its processes every 5 s: each one exits on its own
-                           "--monitor-interval", "5", "-m", "mfdetr", "train", "--cache", str(d["store"]), "--coco", str(d["coco"]),
-                           "--config", str(d["cfg"]), "--out", str(out), *extra],
-                          env=env, capture_output=True, text=True, timeout=240, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            # the launcher looks at its processes every 5 s: each one exits on its own
+            "--monitor-interval",
+            "5",
+            "-m",
+            "mfdetr",
+            "train",
+            "--cache",
+            str(d["store"]),
+            "--coco",
+            str(d["coco"]),
+            "--config",
+            str(d["cfg"]),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
 
 
 @pytest.mark.slow

@@ -43,10 +43,13 @@ def test_ground_truth_is_cleaned_and_reported_once(tmp_path: Path, capsys: pytes
     assert [len(ds.load_targets(i)) for i in ds.image_ids] == [1, 0, 1]
 
 
-@pytest.mark.parametrize("mutate,needle", [
-    (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicate annotation id 1"),
-    (lambda d: d["annotations"][0].update(image_id=99), "unknown image id 99 (annotation id 1)"),
-])
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicate annotation id 1"),
+        (lambda d: d["annotations"][0].update(image_id=99), "unknown image id 99 (annotation id 1)"),
+    ],
+)
 def test_unusable_ground_truth_is_one_line(tmp_path: Path, mutate: Any, needle: str) -> None:
     fd.make_coco(tmp_path, n=3)
     ann = tmp_path / "annotations" / "instances_val2017.json"
@@ -89,8 +92,8 @@ def test_eval_json_on_damaged_ground_truth_equals_pycocotools_on_the_clean_one(t
     table = _table(proc.stdout)
     for t in ("segm", "bbox"):
         want = pycocotools_stats(clean, results, t)
-        assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=0.006)
-                   for a, b in zip(table[t], want, strict=True)), (t, table[t], want)
+        assert all(
+            (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=0.006)
+            for a, b in zip(table[t], want, strict=True)
+        ), (t, table[t], want)
         assert 5.0 < table[t][0] < 100.0
-
-

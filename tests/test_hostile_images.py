@@ -17,7 +17,15 @@ from PIL import Image
 
 import tests._fake_detector as fd
 from mfdetr.errors import SkipImage
-from tests._hostile_data import EXTREMES, HUGE, damage_gt, extreme_coco, no_traceback, png_header_only, pycocotools_stats
+from tests._hostile_data import (
+    EXTREMES,
+    HUGE,
+    damage_gt,
+    extreme_coco,
+    no_traceback,
+    png_header_only,
+    pycocotools_stats,
+)
 from tests.conftest import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs NumPy 2
@@ -43,7 +51,8 @@ def test_resize_of_an_extreme_image_caps_the_long_side() -> None:
     assert resized_hw(1, 3000, 800, 1333) == (1, 1333)
     assert resized_hw(1500, 3, 800, 1333) == (1500, 3)  # short side already the target: left alone
     x = EvalTransform(preprocessing=Preprocessing(short_side=160, max_size=224))(
-        Image.fromarray(np.zeros((1500, 3, 3), np.uint8)))
+        Image.fromarray(np.zeros((1500, 3, 3), np.uint8))
+    )
     assert x.shape == (3, 224, 1) and torch.isfinite(x).all()
 
 
@@ -68,10 +77,33 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     clean, _ = damage_gt(root / "coco" / "annotations" / "instances_val2017.json")
     ckpt = fd.save_fake_checkpoint(root / "fake.pth")
     store = root / "store"
-    args = ["cache", "--detector", fd.NAME, "--checkpoint", ckpt, "--coco", root / "coco", "--split", "val2017",
-            "--out", store, "--topk", "8", "--workers", "0", "--no-progress"]
-    out = {"root": root, "ids": ids, "clean": clean, "store": store, "args": args,
-           "first": cli(*args), "again": cli(*args)}
+    args = [
+        "cache",
+        "--detector",
+        fd.NAME,
+        "--checkpoint",
+        ckpt,
+        "--coco",
+        root / "coco",
+        "--split",
+        "val2017",
+        "--out",
+        store,
+        "--topk",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    out = {
+        "root": root,
+        "ids": ids,
+        "clean": clean,
+        "store": store,
+        "args": args,
+        "first": cli(*args),
+        "again": cli(*args),
+    }
     extreme_coco(root / "coco", "train2017", normal=3, seed=1)
     train_args = [str(a) for a in args]
     train_args[train_args.index("val2017")] = "train2017"
@@ -93,8 +125,9 @@ def test_cache_processes_or_records_every_extreme_image(stage1: dict[str, Any]) 
     no_traceback(again)
 
 
-def test_cache_records_an_image_the_detector_cannot_process(stage1: dict[str, Any], tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_records_an_image_the_detector_cannot_process(
+    stage1: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     detect = fd.FakeDetector.detect
 
     def picky(self: Any, batch: Any, **kw: Any) -> Any:
@@ -110,16 +143,19 @@ def test_cache_records_an_image_the_detector_cannot_process(stage1: dict[str, An
     no_traceback(proc)
     n = len(stage1["ids"])
     assert f"{n - 3} done, 3 skipped, 0 pending" in proc.stdout
-    assert f"(image id {stage1['ids']['tall']}): " in proc.stdout and "cannot process this image (input 80x1)" \
-        in proc.stdout
+    assert (
+        f"(image id {stage1['ids']['tall']}): " in proc.stdout
+        and "cannot process this image (input 80x1)" in proc.stdout
+    )
 
 
 @pytest.mark.slow
 def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]) -> None:
     root, store = stage1["root"], stage1["store"]
     fd.make_oracle(store, stage1["clean"])  # the cached detector returns the undamaged GT: box AP 100
-    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=2, batch_size=2, log_every=1, num_workers=0,
-                              progress=False)
+    cfg = fd.write_run_config(
+        root / "tiny.toml", device="cpu", iterations=2, batch_size=2, log_every=1, num_workers=0, progress=False
+    )
     run = root / "run"
     proc = cli("train", "--cache", root / "train_store", "--val-cache", store, "--config", cfg, "--out", run)
     assert proc.returncode == 0, proc.stderr
@@ -130,7 +166,8 @@ def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]
     assert metrics["bbox"]["AP"] == 100.0  # scored on exactly the undamaged instances
     results = json.loads((run / "val_results.json").read_text())
     assert results and {r["image_id"] for r in results} == set(stage1["ids"].values()) - {
-        stage1["ids"][k] for k in HUGE}
+        stage1["ids"][k] for k in HUGE
+    }
     with open(stage1["clean"]) as f:  # pycocotools on the processed images of the undamaged GT
         clean = json.load(f)
     kept = {r["image_id"] for r in results}
@@ -140,8 +177,9 @@ def test_train_val_cache_and_eval_on_damaged_ground_truth(stage1: dict[str, Any]
     sub_gt.write_text(json.dumps(clean))
     want = pycocotools_stats(sub_gt, results, "segm")
     got = [metrics["segm"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-    assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9)
-               for a, b in zip(got, want, strict=True)), (got, want)
+    assert all(
+        (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9) for a, b in zip(got, want, strict=True)
+    ), (got, want)
     proc = cli("eval", "--cache", store, "--checkpoint", run / "ckpt.pt")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
@@ -171,8 +209,13 @@ def test_run_or_skip_retries_each_image_alone(tmp_path: Path) -> None:
     assert [r for _, r in done] == [[1], [3]] and [p.image_ids for p, _ in done] == [[1], [3]]
     h, w = batch.input_hw[0].tolist()
     assert tuple(done[0][0].images.shape[-2:]) == (h, w)  # each image cut to its own size
-    assert failed == [(1, f"the network cannot process this image (input {batch.input_hw[1, 0]}x"
-                          f"{batch.input_hw[1, 1]}): RuntimeError: shape check failed")]
+    assert failed == [
+        (
+            1,
+            f"the network cannot process this image (input {batch.input_hw[1, 0]}x"
+            f"{batch.input_hw[1, 1]}): RuntimeError: shape check failed",
+        )
+    ]
 
     def oom(b: Any) -> None:
         raise torch.OutOfMemoryError("out of memory")
@@ -181,8 +224,9 @@ def test_run_or_skip_retries_each_image_alone(tmp_path: Path) -> None:
         run_or_skip(oom, batch)
 
 
-def test_online_step_leaves_out_an_image_the_detector_refuses(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_online_step_leaves_out_an_image_the_detector_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from mfdetr.engine.online import DetectorStep
 
     fd.register()

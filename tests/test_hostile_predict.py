@@ -39,8 +39,9 @@ def predict_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     preset = get_preset(NAME)
     cfg = tiny_masknet_config()
     torch.manual_seed(1)
-    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
-                          c1_channels=preset.c1_channels)
+    model = build_masknet(
+        cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides, c1_channels=preset.c1_channels
+    )
     masknet = root / "masknet.pt"
     torch.save({"masknet_config": to_dict(cfg), "model": model.state_dict(), "detector": NAME}, masknet)
     return {"root": root, "images": images, "det": save_detector_checkpoint(root / "det.pth"), "masknet": masknet}
@@ -49,12 +50,29 @@ def predict_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _predict_args(s: dict[str, Path], out: Path) -> list[Any]:
     from tests._tiny_detector import NAME
 
-    return ["predict", s["images"], "--detector", NAME, "--checkpoint", s["det"], "--masknet", s["masknet"],
-            "--out", out, "--score-threshold", "0", "--device", "cpu", "--no-progress", "--no-overlays"]
+    return [
+        "predict",
+        s["images"],
+        "--detector",
+        NAME,
+        "--checkpoint",
+        s["det"],
+        "--masknet",
+        s["masknet"],
+        "--out",
+        out,
+        "--score-threshold",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-overlays",
+    ]
 
 
-def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[str, Path], tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predict_processes_or_records_every_extreme_image(
+    predict_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests._tiny_detector import PLUGIN
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
@@ -75,8 +93,9 @@ def test_predict_processes_or_records_every_extreme_image(predict_setup: dict[st
         assert a["segmentation"]["size"] == [h, w]
 
 
-def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predict_crash_leaves_no_stale_result(
+    predict_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mfdetr.engine.inference.predict import PredictJob, run_predict
     from tests._tiny_detector import NAME
 
@@ -93,8 +112,15 @@ def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tm
         return Image.new("RGB", (4, 4))
 
     monkeypatch.setattr("mfdetr.engine.inference.overlay.draw_overlay", fails_on_the_second_image)
-    job = PredictJob(detector=NAME, masknet=predict_setup["masknet"], inputs=(str(predict_setup["images"]),),
-                     out=out, checkpoint=predict_setup["det"], score_threshold=0.0, device="cpu")
+    job = PredictJob(
+        detector=NAME,
+        masknet=predict_setup["masknet"],
+        inputs=(str(predict_setup["images"]),),
+        out=out,
+        checkpoint=predict_setup["det"],
+        score_threshold=0.0,
+        device="cpu",
+    )
     with pytest.raises(OSError, match="No space left"):
         run_predict(job, progress=False, echo=lambda s: None, warn=lambda s: None)
     assert not (out / "predictions.json").exists() and not (out / "results.json").exists()
@@ -103,8 +129,9 @@ def test_predict_crash_leaves_no_stale_result(predict_setup: dict[str, Path], tm
 
 # ---- online and detector training -------------------------------------------------------------------
 @pytest.mark.slow
-def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: dict[str, Path], tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_online_training_skips_or_replaces_every_extreme_image(
+    predict_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests._tiny_detector import NAME, PLUGIN, TINY_MASKNET
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
@@ -116,10 +143,32 @@ def test_online_training_skips_or_replaces_every_extreme_image(predict_setup: di
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 52, 3), np.uint8)).save(jpeg, format="JPEG")
     (coco / "val2017" / "normal1.png").write_bytes(jpeg.getvalue()[:-100])
     run = tmp_path / "run"
-    proc = cli("train", "--online", "--detector", NAME, "--checkpoint", predict_setup["det"], "--coco", coco,
-               "--split", "train2017", "--val-split", "val2017", "--topk", "10", "--out", run, *TINY_MASKNET,
-               "train.device=cpu", "train.iterations=4", "train.batch_size=1", "train.num_workers=0",
-               "train.progress=false", "train.log_every=1", "assign.iou_threshold=0.01")
+    proc = cli(
+        "train",
+        "--online",
+        "--detector",
+        NAME,
+        "--checkpoint",
+        predict_setup["det"],
+        "--coco",
+        coco,
+        "--split",
+        "train2017",
+        "--val-split",
+        "val2017",
+        "--topk",
+        "10",
+        "--out",
+        run,
+        *TINY_MASKNET,
+        "train.device=cpu",
+        "train.iterations=4",
+        "train.batch_size=1",
+        "train.num_workers=0",
+        "train.progress=false",
+        "train.log_every=1",
+        "assign.iou_threshold=0.01",
+    )
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
     # 1 x 1 → 64 x 64: the tiny detector refuses it alone (probed once); huge headers: never decoded
@@ -140,8 +189,10 @@ def test_detector_training_replaces_unreadable_images(tmp_path: Path, capsys: py
     extreme_coco(coco, "train2017", normal=8)  # the huge headers share the 64 x 64 input group of the 1 x 1 image
     ids = extreme_coco(coco, "val2017", normal=2, seed=1)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'preset = "{NAME}"\n[data]\nroot = "{coco}"\nval_images = 0\n'
-                      '[train]\nbatch_size = 2\nepochs = 1\nthreads = 1\nlog_every = 1\n')
+    recipe.write_text(
+        f'preset = "{NAME}"\n[data]\nroot = "{coco}"\nval_images = 0\n'
+        "[train]\nbatch_size = 2\nepochs = 1\nthreads = 1\nlog_every = 1\n"
+    )
     rc = main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "det"), "--max-steps", "3"])
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -152,5 +203,3 @@ def test_detector_training_replaces_unreadable_images(tmp_path: Path, capsys: py
     assert f"skipped image id {ids['dot']}: the network cannot process this image (input 64x64)" in out.err
     rows = [json.loads(x) for x in (tmp_path / "det" / "log.jsonl").read_text().splitlines()]
     assert any("val" in r for r in rows)
-
-

@@ -34,6 +34,7 @@ def s(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 # ---- no code from a checkpoint ---------------------------------------------------------------------------
 
+
 def test_code_executing_pickle_is_refused_by_every_command(s: dict[str, Path], tmp_path: Path) -> None:
     marker = tmp_path / "PAYLOAD_RAN"
     evil = write_payload(tmp_path / "evil.pt", marker)
@@ -46,13 +47,49 @@ def test_code_executing_pickle_is_refused_by_every_command(s: dict[str, Path], t
     commands = [
         ("eval", "--cache", s["val"], "--coco", s["coco"], "--checkpoint", evil),
         ("eval", "--online", "--coco", s["coco"], "--split", "val2017", "--checkpoint", evil),
-        ("predict", image, "--detector", fd.NAME, "--checkpoint", s["fake"], "--masknet", evil,
-         "--out", tmp_path / "pred1"),
-        ("predict", image, "--detector", tinydet.NAME, "--checkpoint", evil, "--masknet", tinydet_masknet,
-         "--out", tmp_path / "pred2"),
+        (
+            "predict",
+            image,
+            "--detector",
+            fd.NAME,
+            "--checkpoint",
+            s["fake"],
+            "--masknet",
+            evil,
+            "--out",
+            tmp_path / "pred1",
+        ),
+        (
+            "predict",
+            image,
+            "--detector",
+            tinydet.NAME,
+            "--checkpoint",
+            evil,
+            "--masknet",
+            tinydet_masknet,
+            "--out",
+            tmp_path / "pred2",
+        ),
         ("train", "--cache", s["train"], "--coco", s["coco"], "--config", s["cfg"], "--out", resumed, "--resume"),
-        ("cache", "--detector", tinydet.NAME, "--checkpoint", evil, "--coco", s["coco"], "--split", "val2017",
-         "--topk", "10", "--out", store, "--workers", "0", "--no-progress"),
+        (
+            "cache",
+            "--detector",
+            tinydet.NAME,
+            "--checkpoint",
+            evil,
+            "--coco",
+            s["coco"],
+            "--split",
+            "val2017",
+            "--topk",
+            "10",
+            "--out",
+            store,
+            "--workers",
+            "0",
+            "--no-progress",
+        ),
     ]
     for args in commands:
         refused(cli(*args), "ckpt.pt" if "--resume" in args else "evil.pt", "refused", "GLOBAL io.open")
@@ -69,10 +106,18 @@ def _tinydet_masknet(path: Path) -> Path:
     from mfdetr.masknet import build_masknet
 
     preset, cfg = get_preset(tinydet.NAME), tinydet.tiny_masknet_config()
-    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
-                          c1_channels=preset.c1_channels)
-    torch.save({"masknet_config": to_dict(cfg), "model": model.state_dict(), "detector": tinydet.NAME,
-                "class_to_category": list(preset.class_to_category)}, path)
+    model = build_masknet(
+        cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides, c1_channels=preset.c1_channels
+    )
+    torch.save(
+        {
+            "masknet_config": to_dict(cfg),
+            "model": model.state_dict(),
+            "detector": tinydet.NAME,
+            "class_to_category": list(preset.class_to_category),
+        },
+        path,
+    )
     return path
 
 
@@ -102,6 +147,7 @@ def test_checkpoint_of_the_earlier_format_still_loads_and_resumes(s: dict[str, P
 
 # ---- consistent runs ------------------------------------------------------------------------------------
 
+
 def test_one_manifest_hash_is_recorded_and_compared(s: dict[str, Path]) -> None:
     from mfdetr.cache import CacheStore
     from mfdetr.engine.cache_data import manifest_sha256
@@ -116,32 +162,55 @@ def test_resume_refuses_another_cache(s: dict[str, Path], tmp_path: Path, other:
     run = tmp_path / "run"
     shutil.copytree(s["run"], run)
     before = snapshot(run)
-    line = refused(cli("train", "--cache", s[other], "--coco", s["coco"], "--out", run, "--resume"),
-                   "cannot resume with a different training cache", needle)
+    line = refused(
+        cli("train", "--cache", s[other], "--coco", s["coco"], "--out", run, "--resume"),
+        "cannot resume with a different training cache",
+        needle,
+    )
     assert "(run) vs" in line
     assert snapshot(run) == before  # run.json keeps the recorded hash
 
 
-def test_resume_refuses_another_cache_for_a_run_that_recorded_only_the_hash(s: dict[str, Path],
-                                                                             tmp_path: Path) -> None:
+def test_resume_refuses_another_cache_for_a_run_that_recorded_only_the_hash(s: dict[str, Path], tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(s["run"], run)
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     del ck["meta"]["cache_manifest"]
     torch.save(ck, run / "ckpt.pt")
-    refused(cli("train", "--cache", s["train_other"], "--coco", s["coco"], "--out", run, "--resume"),
-            "different training cache", "manifest_sha256")
+    refused(
+        cli("train", "--cache", s["train_other"], "--coco", s["coco"], "--out", run, "--resume"),
+        "different training cache",
+        "manifest_sha256",
+    )
 
 
 def test_online_resume_refuses_another_detector_checkpoint(s: dict[str, Path], tmp_path: Path) -> None:
     run = tmp_path / "online"
-    args = ("train", "--online", "--detector", fd.NAME, "--coco", s["coco"], "--split", "train2017", "--topk", "8",
-            "--config", s["cfg"], "--out", run, "train.iterations=1")
+    args = (
+        "train",
+        "--online",
+        "--detector",
+        fd.NAME,
+        "--coco",
+        s["coco"],
+        "--split",
+        "train2017",
+        "--topk",
+        "8",
+        "--config",
+        s["cfg"],
+        "--out",
+        run,
+        "train.iterations=1",
+    )
     r = cli(*args, "--checkpoint", s["fake"])
     assert r.returncode == 0, r.stdout + r.stderr
     before = snapshot(run)
-    refused(cli(*args, "--checkpoint", s["root"] / "other.pth", "--resume"),
-            "cannot resume with a different detector or training data", "checkpoint_sha256")
+    refused(
+        cli(*args, "--checkpoint", s["root"] / "other.pth", "--resume"),
+        "cannot resume with a different detector or training data",
+        "checkpoint_sha256",
+    )
     refused(cli(*args, "--checkpoint", s["fake"], "--resume", "--split", "val2017"), "split", "annotation_sha256")
     assert snapshot(run) == before
 
@@ -151,13 +220,22 @@ def test_sweep_resume_refuses_another_cache(s: dict[str, Path], tmp_path: Path) 
     base = ["--val-cache", s["val"], "--coco", s["coco"], "--out", tmp_path / "out"]
     tiny = [f"masknet.{k}.{kk}={vv}" for k, v in TINY.items() if isinstance(v, dict) for kk, vv in v.items()]
     tiny += [f"masknet.{k}={v}" for k, v in TINY.items() if not isinstance(v, dict)]
-    over = ["train.device=\"cpu\"", "train.iterations=1", "train.batch_size=2", "train.num_workers=0",
-            "train.progress=false", *tiny]
+    over = [
+        'train.device="cpu"',
+        "train.iterations=1",
+        "train.batch_size=2",
+        "train.num_workers=0",
+        "train.progress=false",
+        *tiny,
+    ]
     r = cli("sweep", sweep, "--cache", s["train"], *base, *over)
     assert r.returncode == 0, r.stdout + r.stderr
     # a finished variant is not reused for other inputs (another cache, another config)
-    refused(cli("sweep", sweep, "--cache", s["train_other"], *base, *over), "variant a was run with other inputs",
-            "sources.train_cache")
+    refused(
+        cli("sweep", sweep, "--cache", s["train_other"], *base, *over),
+        "variant a was run with other inputs",
+        "sources.train_cache",
+    )
     refused(cli("sweep", sweep, "--cache", s["train"], *base, *over, "train.lr=0.01"), "config.train.lr")
     assert cli("sweep", sweep, "--cache", s["train"], *base, *over, "train.num_workers=1").returncode == 0
     # an unfinished one is not resumed on another cache (here: the same settings, written again)
@@ -167,13 +245,18 @@ def test_sweep_resume_refuses_another_cache(s: dict[str, Path], tmp_path: Path) 
     refused(cli("sweep", sweep, "--cache", again, *base, *over), "different training cache", "created_utc")
 
 
-@pytest.mark.parametrize("damage, needle", [
-    (lambda c: c.pop("optimizer"), "cannot restore the training state (KeyError"),
-    (lambda c: c.update(step="two"), "cannot restore the training state (ValueError"),
-    (lambda c: c["rng"][0].update(numpy=[1, 2]), "cannot restore the training state"),
-    (lambda c: c["model"].pop(sorted(c["model"])[0]), "weights do not fit this run's model (missing 1:")])
-def test_resume_from_a_damaged_checkpoint_is_one_line(s: dict[str, Path], tmp_path: Path, damage: Any,
-                                                      needle: str) -> None:
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda c: c.pop("optimizer"), "cannot restore the training state (KeyError"),
+        (lambda c: c.update(step="two"), "cannot restore the training state (ValueError"),
+        (lambda c: c["rng"][0].update(numpy=[1, 2]), "cannot restore the training state"),
+        (lambda c: c["model"].pop(sorted(c["model"])[0]), "weights do not fit this run's model (missing 1:"),
+    ],
+)
+def test_resume_from_a_damaged_checkpoint_is_one_line(
+    s: dict[str, Path], tmp_path: Path, damage: Any, needle: str
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(s["run"], run)
     ck = torch.load(run / "ckpt.pt", weights_only=True)

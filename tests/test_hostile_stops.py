@@ -30,13 +30,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     coco = root / "coco"
     fd.make_coco(coco, n=4, split="train2017")
     cache = write_cache(coco, "train2017", root / "c_train", fd.save_fake_checkpoint(root / "fake.pth"))
-    cfg = fd.write_run_config(root / "tiny.toml", device="cpu", iterations=4, batch_size=1, log_every=1, num_workers=0,
-                              progress=False, lr=1e-3, checkpoint_every=100)
+    cfg = fd.write_run_config(
+        root / "tiny.toml",
+        device="cpu",
+        iterations=4,
+        batch_size=1,
+        log_every=1,
+        num_workers=0,
+        progress=False,
+        lr=1e-3,
+        checkpoint_every=100,
+    )
     return {"root": root, "coco": coco, "cache": cache, "cfg": cfg}
 
 
 _losses = logged_losses
-
 
 
 def default_sigint() -> None:
@@ -44,9 +52,11 @@ def default_sigint() -> None:
     background of a non-interactive shell (as CI may be) ignores SIGINT, and children inherit that."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 @pytest.mark.slow
-def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path], tmp_path: Path,
-                                                          cli_threads: int) -> None:
+def test_sigint_real_mfdetr_train_checkpoints_and_resumes(
+    setup: dict[str, Path], tmp_path: Path, cli_threads: int
+) -> None:
     """The image step 2 needs is swapped for a named pipe, so the process waits there (after logging step
     1) until SIGINT arrives; the pipe is then fed so that the reader thread can finish too. The reference
     run and the resume run in this process (with the interrupted process's thread count)."""
@@ -67,9 +77,14 @@ def test_sigint_real_mfdetr_train_checkpoints_and_resumes(setup: dict[str, Path]
     os.mkfifo(chunk)
     run = tmp_path / "run"
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "mfdetr", *map(str, args), "--out", str(run)], env=cli_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=default_sigint)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mfdetr", *map(str, args), "--out", str(run)],
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sigint,
+        )
         deadline = time.time() + 300
         while not any(r.get("step") == 1 for r in read_jsonl(run / "metrics.jsonl")):
             assert proc.poll() is None, proc.communicate()[1]
@@ -111,8 +126,18 @@ def test_sigint_during_a_step_lands_after_it(tmp_path: Path, request: pytest.Fix
     from mfdetr.errors import Interrupted
     from tests._toy_engine import ToyCriterion, ToyDataset, ToyMaskNet
 
-    cfg = build_run_config({"train": {"device": "cpu", "progress": False, "log_every": 1, "num_workers": 0,
-                                      "iterations": 4, "batch_size": 2}})
+    cfg = build_run_config(
+        {
+            "train": {
+                "device": "cpu",
+                "progress": False,
+                "log_every": 1,
+                "num_workers": 0,
+                "iterations": 4,
+                "batch_size": 2,
+            }
+        }
+    )
     base = ToyCriterion()
     calls = {"n": 0}
 
@@ -154,8 +179,17 @@ def test_an_interrupt_or_os_error_in_any_command_is_one_line(monkeypatch: pytest
     monkeypatch.setattr(cache_run, "run_cache", interrupted)
     fd.register()
     ckpt = fd.save_fake_checkpoint(tmp_path / "x.pth")  # the command resolves detector and weights first
-    args = ["cache", "--detector", fd.NAME, "--checkpoint", str(ckpt), "--coco", str(tmp_path),
-            "--out", str(tmp_path / "store")]
+    args = [
+        "cache",
+        "--detector",
+        fd.NAME,
+        "--checkpoint",
+        str(ckpt),
+        "--coco",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "store"),
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 130 and "Traceback" not in r.output
     assert r.stderr.strip() == "mfdetr: interrupted; to continue run: mfdetr " + " ".join(args)
@@ -182,8 +216,19 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
         losses = base(out, det, targets)
         return {**losses, "total": losses["total"] * (float("nan") if calls["n"] == 3 else 1.0)}
 
-    cfg = build_run_config({"train": {"device": "cpu", "progress": False, "log_every": 1, "num_workers": 0,
-                                      "iterations": 5, "batch_size": 2, "checkpoint_every": 2}})
+    cfg = build_run_config(
+        {
+            "train": {
+                "device": "cpu",
+                "progress": False,
+                "log_every": 1,
+                "num_workers": 0,
+                "iterations": 5,
+                "batch_size": 2,
+                "checkpoint_every": 2,
+            }
+        }
+    )
     seed_everything(cfg.train.seed)
     with pytest.raises(MfdetrError, match=r"non-finite loss at step 3 on image ids \[\d+, \d+\].*last good"):
         train(cfg=cfg, model=ToyMaskNet(), criterion=crit, train_set=ToyDataset(6), run_dir=tmp_path / "run")
@@ -203,8 +248,19 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
         losses = base(out, det, targets)
         return {**losses, "total": losses["total"] + torch.sqrt((out["mask_logits"].sum() * 0).abs())}
 
-    cfg = build_run_config({"train": {"device": "cpu", "progress": False, "log_every": 1, "num_workers": 0,
-                                      "iterations": 3, "batch_size": 2, "checkpoint_every": 1}})
+    cfg = build_run_config(
+        {
+            "train": {
+                "device": "cpu",
+                "progress": False,
+                "log_every": 1,
+                "num_workers": 0,
+                "iterations": 3,
+                "batch_size": 2,
+                "checkpoint_every": 1,
+            }
+        }
+    )
     seed_everything(cfg.train.seed)
     with pytest.raises(MfdetrError, match="non-finite weights after step 1 .*not saved"):
         train(cfg=cfg, model=ToyMaskNet(), criterion=crit, train_set=ToyDataset(6), run_dir=tmp_path / "run")
@@ -221,15 +277,33 @@ def test_sigint_real_mfdetr_cache_then_rerun_equals_uninterrupted(tmp_path: Path
     fd.make_coco(coco, n=4, split="val2017")
     ckpt = fd.save_fake_checkpoint(tmp_path / "fake.pth")
     env = {**cli_env(), "MFDETR_PLUGINS": "tests._held_detector"}
-    args = ["cache", "--detector", held.NAME, "--checkpoint", str(ckpt), "--coco", str(coco), "--split", "val2017",
-            "--topk", "8", "--workers", "0", "--no-progress"]
+    args = [
+        "cache",
+        "--detector",
+        held.NAME,
+        "--checkpoint",
+        str(ckpt),
+        "--coco",
+        str(coco),
+        "--split",
+        "val2017",
+        "--topk",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     ref = cli(*args, "--out", tmp_path / "ref", env={"MFDETR_PLUGINS": env["MFDETR_PLUGINS"]})  # in this process
     assert ref.returncode == 0, ref.stderr
     store = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-m", "mfdetr", *args, "--out", str(store)],
-                            env={**env, held.HOLD_ENV: "3"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=default_sigint,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mfdetr", *args, "--out", str(store)],
+        env={**env, held.HOLD_ENV: "3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
+        text=True,
+    )
     deadline = time.time() + 300
     commits = store / "commit" / "c"
     while not (commits.is_dir() and len(list(commits.iterdir())) >= 2):

@@ -25,15 +25,32 @@ from mfdetr.layers import (
 
 
 def test_deformable_layer_key_layouts() -> None:
-    official = DeformableEncoderLayer(dim=16, levels=2, heads=2, points=2, ffn_hidden=24, activation="relu",
-                                      ffn_names="linear")
+    official = DeformableEncoderLayer(
+        dim=16, levels=2, heads=2, points=2, ffn_hidden=24, activation="relu", ffn_names="linear"
+    )
     ours = DeformableEncoderLayer(dim=16, levels=2, heads=2, points=2, ffn_hidden=24)
     off_keys = [k for k in official.state_dict() if not k.startswith("self_attn.")]
     our_keys = [k for k in ours.state_dict() if not k.startswith("self_attn.")]
-    assert off_keys == ["norm1.weight", "norm1.bias", "linear1.weight", "linear1.bias", "linear2.weight",
-                        "linear2.bias", "norm2.weight", "norm2.bias"]
-    assert our_keys == ["norm1.weight", "norm1.bias", "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight",
-                        "ffn.fc2.bias", "norm2.weight", "norm2.bias"]
+    assert off_keys == [
+        "norm1.weight",
+        "norm1.bias",
+        "linear1.weight",
+        "linear1.bias",
+        "linear2.weight",
+        "linear2.bias",
+        "norm2.weight",
+        "norm2.bias",
+    ]
+    assert our_keys == [
+        "norm1.weight",
+        "norm1.bias",
+        "ffn.fc1.weight",
+        "ffn.fc1.bias",
+        "ffn.fc2.weight",
+        "ffn.fc2.bias",
+        "norm2.weight",
+        "norm2.bias",
+    ]
     with pytest.raises(ValueError, match="ffn_names"):
         DeformableEncoderLayer(dim=16, levels=1, heads=2, points=2, ffn_hidden=8, ffn_names="mlp")  # type: ignore[arg-type]
 
@@ -41,8 +58,9 @@ def test_deformable_layer_key_layouts() -> None:
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_deformable_layer_is_post_norm_attention_then_ffn(activation: str) -> None:
     torch.manual_seed(0)
-    layer = DeformableEncoderLayer(dim=16, levels=2, heads=2, points=2, ffn_hidden=24, activation=activation,
-                                   ffn_names="linear").double()
+    layer = DeformableEncoderLayer(
+        dim=16, levels=2, heads=2, points=2, ffn_hidden=24, activation=activation, ffn_names="linear"
+    ).double()
     for p in layer.parameters():
         p.data.add_(0.1 * torch.randn_like(p))
     shapes = [(4, 5), (2, 3)]
@@ -110,10 +128,12 @@ def test_window_helpers() -> None:
 
 def test_focal_class_cost() -> None:
     p = torch.tensor([0.01, 0.3, 0.5, 0.99])
-    want = 0.25 * (1 - p) ** 2 * -torch.log(p + 1e-8) - 0.75 * p ** 2 * -torch.log(1 - p + 1e-8)
+    want = 0.25 * (1 - p) ** 2 * -torch.log(p + 1e-8) - 0.75 * p**2 * -torch.log(1 - p + 1e-8)
     torch.testing.assert_close(focal_class_cost(p), want)
     assert focal_class_cost(p)[0] > 0 > focal_class_cost(p)[-1]  # a likely class is cheap to match
-    torch.testing.assert_close(focal_class_cost(p, alpha=0.5, gamma=0.0), 0.5 * (-torch.log(p + 1e-8) + torch.log(1 - p + 1e-8)))
+    torch.testing.assert_close(
+        focal_class_cost(p, alpha=0.5, gamma=0.0), 0.5 * (-torch.log(p + 1e-8) + torch.log(1 - p + 1e-8))
+    )
 
 
 def test_ffn() -> None:

@@ -61,16 +61,28 @@ def tiny_det(b: int = 2, k: int = 4, hw: tuple[int, int] = (40, 52)) -> Detector
     h, w = hw
     boxes = torch.cat((torch.rand(b, k, 2, generator=g) * 0.5 + 0.25, torch.rand(b, k, 2, generator=g) * 0.3 + 0.1), -1)
     return DetectorOutput(
-        queries=torch.randn(b, k, D, generator=g), boxes=boxes, logits=torch.randn(b, k, 5, generator=g),
+        queries=torch.randn(b, k, D, generator=g),
+        boxes=boxes,
+        logits=torch.randn(b, k, 5, generator=g),
         enc_maps={4: [torch.randn(b, D, math.ceil(h / s), math.ceil(w / s), generator=g) for s in STRIDES]},
         c1=torch.randn(b, D, math.ceil(h / 4), math.ceil(w / 4), generator=g),
-        input_hw=torch.tensor([[h, w]] * b), orig_hw=torch.tensor([[h, w]] * b),
-        level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES]] * b)).validate()
+        input_hw=torch.tensor([[h, w]] * b),
+        orig_hw=torch.tensor([[h, w]] * b),
+        level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in STRIDES]] * b),
+    ).validate()
 
 
 def tiny_cfg(overrides: list[str]) -> MaskNetConfig:
-    base = ["roi_size=4", "box_encoder.dim=8", "mask_scoring.channels=8", "mask_scoring.fc_dim=8", "neck.groups=4",
-            "image_encoder.heads=2", "box_encoder.heads=2", "query_encoder.heads=2"]
+    base = [
+        "roi_size=4",
+        "box_encoder.dim=8",
+        "mask_scoring.channels=8",
+        "mask_scoring.fc_dim=8",
+        "neck.groups=4",
+        "image_encoder.heads=2",
+        "box_encoder.heads=2",
+        "query_encoder.heads=2",
+    ]
     return from_dict(MaskNetConfig, apply_overrides(to_dict(MaskNetConfig()), [*base, *overrides]))
 
 
@@ -93,11 +105,19 @@ def test_config_accepts_exactly_the_registered_kinds(own_registry) -> None:
 def test_a_new_kind_builds_and_trains_through_the_config(own_registry) -> None:
     register_block("pointwise")(PointwiseBlocks)
     torch.manual_seed(0)
-    cfg = tiny_cfg(["image_encoder.block=pointwise", "image_encoder.layers=2",
-                    "box_encoder.block=pointwise", "box_encoder.layers=3"])
+    cfg = tiny_cfg(
+        [
+            "image_encoder.block=pointwise",
+            "image_encoder.layers=2",
+            "box_encoder.block=pointwise",
+            "box_encoder.layers=3",
+        ]
+    )
     model = build_masknet(cfg, d_model=D, level_strides=STRIDES, c1_channels=D)
     names = dict(model.named_parameters())
-    assert {"image_encoder.layers.1.proj.weight", "box_encoder.layers.2.proj.bias", "box_encoder.pos_embed"} <= set(names)
+    assert {"image_encoder.layers.1.proj.weight", "box_encoder.layers.2.proj.bias", "box_encoder.pos_embed"} <= set(
+        names
+    )
     assert "image_encoder.level_embed" not in names
     assert names["image_encoder.layers.0.proj.weight"].shape == (D, D)
     assert names["box_encoder.layers.0.proj.weight"].shape == (8, 8)
@@ -128,8 +148,8 @@ def test_image_encoder_first_level_equals_forward_for_every_kind(block: str) -> 
     maps = [torch.randn(2, D, h, w, dtype=torch.float64) for h, w in ((10, 13), (5, 7), (3, 4))]
     for lvl, m in enumerate(maps):
         for b in range(2):
-            m[b, :, valid[b, lvl, 0]:] = 0
-            m[b, :, :, valid[b, lvl, 1]:] = 0
+            m[b, :, valid[b, lvl, 0] :] = 0
+            m[b, :, :, valid[b, lvl, 1] :] = 0
     full = enc(maps, valid)
     assert [tuple(f.shape) for f in full] == [tuple(m.shape) for m in maps]
     torch.testing.assert_close(enc.first_level(maps, valid), full[0], rtol=1e-12, atol=1e-12)

@@ -30,8 +30,13 @@ def small_boxes(n: int, g: torch.Generator, spill: float = 0.05) -> torch.Tensor
 @pytest.mark.parametrize("stride", [4, 8, 16])
 def test_cells_outside_the_support_reach_no_roi_feature(stride: int) -> None:
     g = torch.Generator().manual_seed(stride)
-    cfg = from_dict(MaskNetConfig, apply_overrides(to_dict(MaskNetConfig()), [
-        "roi_size=7", "neck.groups=4", "box_encoder.layers=0", f"box_encoder.dim={D}", "image_encoder.layers=0"]))
+    cfg = from_dict(
+        MaskNetConfig,
+        apply_overrides(
+            to_dict(MaskNetConfig()),
+            ["roi_size=7", "neck.groups=4", "box_encoder.layers=0", f"box_encoder.dim={D}", "image_encoder.layers=0"],
+        ),
+    )
     model = build_masknet(cfg, d_model=D, level_strides=(stride, 2 * stride), c1_channels=D).double()
     input_hw = torch.tensor([[90, 131], [77, 120]])
     grid = (math.ceil(100 / stride), math.ceil(140 / stride))  # a canvas with padding
@@ -59,22 +64,50 @@ def det64(g: torch.Generator, strides: tuple[int, ...], b: int = 2, k: int = 8) 
     h, w = 96, 128
     maps = [torch.randn(b, D, math.ceil(h / s), math.ceil(w / s), generator=g) for s in strides]
     boxes = torch.stack([small_boxes(k, g, spill=0.0) for _ in range(b)])
-    return DetectorOutput(queries=torch.randn(b, k, D, generator=g), boxes=boxes.float(),
-                          logits=torch.randn(b, k, 5, generator=g), enc_maps={1: maps},
-                          c1=torch.randn(b, D, h // 4, w // 4, generator=g), input_hw=torch.tensor([[h, w], [80, 100]]),
-                          orig_hw=torch.tensor([[h, w], [80, 100]]),
-                          level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in strides],
-                                                       [[math.ceil(80 / s), math.ceil(100 / s)] for s in strides]]),
-                          ).validate().to("cpu", dtype=torch.float64)
+    return (
+        DetectorOutput(
+            queries=torch.randn(b, k, D, generator=g),
+            boxes=boxes.float(),
+            logits=torch.randn(b, k, 5, generator=g),
+            enc_maps={1: maps},
+            c1=torch.randn(b, D, h // 4, w // 4, generator=g),
+            input_hw=torch.tensor([[h, w], [80, 100]]),
+            orig_hw=torch.tensor([[h, w], [80, 100]]),
+            level_valid_hw=torch.tensor(
+                [
+                    [[math.ceil(h / s), math.ceil(w / s)] for s in strides],
+                    [[math.ceil(80 / s), math.ceil(100 / s)] for s in strides],
+                ]
+            ),
+        )
+        .validate()
+        .to("cpu", dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("strides,layers", [((4, 8, 16), 2), ((8, 16, 32, 64), 1)], ids=["stride4-2layers", "stride8"])
 def test_selected_queries_equal_all_queries_with_fewer_tokens(strides: tuple[int, ...], layers: int) -> None:
     g = torch.Generator().manual_seed(len(strides))
-    cfg = from_dict(MaskNetConfig, apply_overrides(to_dict(MaskNetConfig()), [
-        "num_queries=8", "enc_layer=1", "roi_size=6", "neck.groups=4", f"image_encoder.layers={layers}", "image_encoder.heads=4",
-        "box_encoder.layers=1", "box_encoder.dim=8", "box_encoder.heads=2", "query_encoder.heads=4",
-        "mask_scoring.channels=8", "mask_scoring.fc_dim=8"]))
+    cfg = from_dict(
+        MaskNetConfig,
+        apply_overrides(
+            to_dict(MaskNetConfig()),
+            [
+                "num_queries=8",
+                "enc_layer=1",
+                "roi_size=6",
+                "neck.groups=4",
+                f"image_encoder.layers={layers}",
+                "image_encoder.heads=4",
+                "box_encoder.layers=1",
+                "box_encoder.dim=8",
+                "box_encoder.heads=2",
+                "query_encoder.heads=4",
+                "mask_scoring.channels=8",
+                "mask_scoring.fc_dim=8",
+            ],
+        ),
+    )
     torch.manual_seed(0)
     model = build_masknet(cfg, d_model=D, level_strides=strides, c1_channels=D).double()
     with torch.no_grad():  # away from the zero-initialised deformable projections
@@ -122,9 +155,20 @@ def saved_bytes(fn) -> tuple[object, int]:
 def test_checkpointed_layers_give_the_same_step_and_keep_less() -> None:
     g = torch.Generator().manual_seed(11)
     strides = (4, 8, 16)
-    sets = ["num_queries=8", "enc_layer=1", "roi_size=8", "neck.groups=4", "image_encoder.layers=2", "image_encoder.heads=4",
-            "box_encoder.layers=2", "box_encoder.dim=8", "box_encoder.heads=2", "query_encoder.heads=4",
-            "mask_scoring.channels=8", "mask_scoring.fc_dim=8"]
+    sets = [
+        "num_queries=8",
+        "enc_layer=1",
+        "roi_size=8",
+        "neck.groups=4",
+        "image_encoder.layers=2",
+        "image_encoder.heads=4",
+        "box_encoder.layers=2",
+        "box_encoder.dim=8",
+        "box_encoder.heads=2",
+        "query_encoder.heads=4",
+        "mask_scoring.channels=8",
+        "mask_scoring.fc_dim=8",
+    ]
     det = det64(g, strides)
     select = (torch.tensor([0, 1, 1]), torch.tensor([3, 0, 6]))
     results = []

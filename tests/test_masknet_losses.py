@@ -80,16 +80,21 @@ def test_perfect_and_wrong_predictions() -> None:
         bad = mask_losses(-good, t, cfg, iou_pred=torch.ones(2), generator=torch.Generator().manual_seed(0))
         assert bad["loss_mask_bce"].item() > 5 and bad["loss_mask_dice"].item() > 0.8
         assert bad["loss_mask_iou"].item() == pytest.approx(1.0)  # IoU target 0, prediction 1 (mean of 2)
-        assert bad["loss"].item() == pytest.approx(sum(bad[k].item() for k in
-                                                       ("loss_mask_bce", "loss_mask_dice", "loss_mask_iou")))
+        assert bad["loss"].item() == pytest.approx(
+            sum(bad[k].item() for k in ("loss_mask_bce", "loss_mask_dice", "loss_mask_iou"))
+        )
         assert pts["loss"].item() < 0.1 * bad["loss"].item()
 
 
 def test_point_losses_have_no_border_bias() -> None:
     # a box-filling object predicted perfectly: no sampled point may see a softened edge
     t = torch.ones(3, 8, 8)
-    ls = mask_losses(torch.full((3, 8, 8), 20.0), t, LossConfig(num_points=64, importance_sample_ratio=0.5),
-                     generator=torch.Generator().manual_seed(0))
+    ls = mask_losses(
+        torch.full((3, 8, 8), 20.0),
+        t,
+        LossConfig(num_points=64, importance_sample_ratio=0.5),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert ls["loss_mask_bce"].item() < 1e-6 and ls["loss_mask_dice"].item() < 1e-6
 
 
@@ -122,15 +127,25 @@ def test_no_positive_losses_are_zero_and_backprop() -> None:
     ls["loss"].backward()
 
 
-def _crit_case(boxes: list[list[float]], gt_rects: list[tuple[int, int, int, int]], *, iou: bool = True,
-               crowd: list[bool] | None = None, assign_cfg: AssignConfig | None = None) -> dict[str, torch.Tensor]:
+def _crit_case(
+    boxes: list[list[float]],
+    gt_rects: list[tuple[int, int, int, int]],
+    *,
+    iou: bool = True,
+    crowd: list[bool] | None = None,
+    assign_cfg: AssignConfig | None = None,
+) -> dict[str, torch.Tensor]:
     det = make_det(boxes, (64, 64), labels=[1] * len(boxes))
     gt = make_gt(gt_rects, (64, 64), crowd=crowd)
     k = len(boxes)
     logits = torch.randn(1, k, 16, 16, requires_grad=True)
     iou_pred = torch.rand(1, k, requires_grad=True) if iou else None
-    crit = MaskCriterion(loss_cfg=LossConfig(), assign_cfg=assign_cfg or AssignConfig(),
-                         class_to_category=(0, 1, 2, 3), generator=torch.Generator().manual_seed(0))
+    crit = MaskCriterion(
+        loss_cfg=LossConfig(),
+        assign_cfg=assign_cfg or AssignConfig(),
+        class_to_category=(0, 1, 2, 3),
+        generator=torch.Generator().manual_seed(0),
+    )
     ls = crit(Out(logits, iou_pred), det, [gt])
     ls["loss"].backward()
     assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
@@ -147,8 +162,11 @@ def test_criterion_edge_cases_are_finite() -> None:
     assert _crit_case([[40, 40, 60, 60]], [(0, 0, 10, 10)])["loss"].item() == 0.0  # no match
     assert _crit_case([[10, 10, 30, 30]], [(10, 10, 30, 30)], crowd=[True])["num_pos"].item() == 0  # crowd only
     # tiny and degenerate boxes (zero width / height, a point) matched one-to-one
-    tiny = _crit_case([[5, 5, 5, 5], [5, 5, 5.01, 9], [3, 3, 3.5, 3.5]], [(5, 5, 6, 6), (3, 3, 4, 4)],
-                      assign_cfg=AssignConfig(method="hungarian", hungarian_cost="iou"))
+    tiny = _crit_case(
+        [[5, 5, 5, 5], [5, 5, 5.01, 9], [3, 3, 3.5, 3.5]],
+        [(5, 5, 6, 6), (3, 3, 4, 4)],
+        assign_cfg=AssignConfig(method="hungarian", hungarian_cost="iou"),
+    )
     assert tiny["num_pos"].item() == 2
     assert _crit_case([[10, 10, 30, 30]], [(10, 10, 30, 30)], iou=False)["loss_mask_iou"].item() == 0.0
 

@@ -15,6 +15,7 @@ from mfdetr.masknet.complexity import PAPER_ROWS
 from mfdetr.masknet.config import load_masknet_config
 from tests._masknet_models import D_MODEL, build, make_det, tiny_cfg
 
+
 def check_forward_backward(model: MaskNet, det: DetectorOutput) -> MaskNetOutput:
     # Deformable DETR zero-initialises the offset/attention-weight projections, which makes the gradient
     # of the positional/level embeddings exactly zero at step 0: perturb the weights as training would
@@ -63,8 +64,12 @@ def test_paper_configurations_forward_backward(row: tuple) -> None:
 PADDING_CONFIGS = {
     "default": [],
     "swin": ["image_encoder.block=swin", "box_encoder.block=swin", "box_encoder.heads=4"],
-    "convnext+segmenter": ["image_encoder.block=convnext", "box_encoder.block=convnext", "mask_head.kind=segmenter",
-                           "query_encoder.o2o=true"],
+    "convnext+segmenter": [
+        "image_encoder.block=convnext",
+        "box_encoder.block=convnext",
+        "mask_head.kind=segmenter",
+        "query_encoder.o2o=true",
+    ],
     "baseline non-RoI": [*PAPER_ROWS[2][2]],
     "baseline RoI, no C1": [*PAPER_ROWS[1][2]],
 }
@@ -75,13 +80,27 @@ def test_padding_invariance(name: str) -> None:
     """Same image, different canvas padding (filled with garbage) → same outputs."""
     model = build(tiny_cfg(PADDING_CONFIGS[name])).eval()
     ref = make_det(b=1, k=5, hw=(45, 61))
-    base = {"queries": ref.queries, "boxes": ref.boxes, "logits": ref.logits,
-            "maps": [m for m in ref.enc_maps[4]], "c1": ref.c1}
+    base = {
+        "queries": ref.queries,
+        "boxes": ref.boxes,
+        "logits": ref.logits,
+        "maps": [m for m in ref.enc_maps[4]],
+        "c1": ref.c1,
+    }
     with torch.no_grad():
         o0 = model(ref)
         for pad in ((19, 0), (3, 37), (40, 40)):
-            o = model(make_det(b=1, k=5, hw=(45, 61), pad=pad, base=base, seed=1 + pad[0],
-                               map_fill=float("nan") if pad[0] == 40 else None))
+            o = model(
+                make_det(
+                    b=1,
+                    k=5,
+                    hw=(45, 61),
+                    pad=pad,
+                    base=base,
+                    seed=1 + pad[0],
+                    map_fill=float("nan") if pad[0] == 40 else None,
+                )
+            )
             h, w = o0.mask_logits.shape[-2:]
             if o0.roi:
                 assert o.mask_logits.shape == o0.mask_logits.shape
@@ -130,9 +149,16 @@ def test_autocast_runs_finite() -> None:
 
 def test_fp16_cache_inputs_are_accepted() -> None:
     det = make_det(b=1, k=4)
-    half = DetectorOutput(queries=det.queries.half(), boxes=det.boxes.half(), logits=det.logits.half(),
-                          enc_maps={4: [m.half() for m in det.enc_maps[4]]}, c1=det.c1.half(), input_hw=det.input_hw,
-                          orig_hw=det.orig_hw, level_valid_hw=det.level_valid_hw)
+    half = DetectorOutput(
+        queries=det.queries.half(),
+        boxes=det.boxes.half(),
+        logits=det.logits.half(),
+        enc_maps={4: [m.half() for m in det.enc_maps[4]]},
+        c1=det.c1.half(),
+        input_hw=det.input_hw,
+        orig_hw=det.orig_hw,
+        level_valid_hw=det.level_valid_hw,
+    )
     model = build(tiny_cfg()).eval()
     with torch.no_grad():
         a, b = model(det), model(half)
@@ -140,13 +166,16 @@ def test_fp16_cache_inputs_are_accepted() -> None:
     torch.testing.assert_close(b.mask_logits, a.mask_logits, atol=0.2, rtol=0.05)
 
 
-@pytest.mark.parametrize(("overrides", "c1", "needle"), [
-    (["neck.enabled=false"], 24, "C1's channels (24) must equal d (32)"),
-    (["roi=false"], D_MODEL, "roi=false"),
-    (["neck.enabled=true", "fuse_c1=false"], D_MODEL, "fuse_c1"),
-    (["box_encoder.dim=20", "box_encoder.heads=8"], D_MODEL, "box_encoder.heads=8 must divide"),
-    (["image_encoder.layers=-1"], D_MODEL, "image_encoder.layers"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "c1", "needle"),
+    [
+        (["neck.enabled=false"], 24, "C1's channels (24) must equal d (32)"),
+        (["roi=false"], D_MODEL, "roi=false"),
+        (["neck.enabled=true", "fuse_c1=false"], D_MODEL, "fuse_c1"),
+        (["box_encoder.dim=20", "box_encoder.heads=8"], D_MODEL, "box_encoder.heads=8 must divide"),
+        (["image_encoder.layers=-1"], D_MODEL, "image_encoder.layers"),
+    ],
+)
 def test_config_errors(overrides: list[str], c1: int, needle: str) -> None:
     with pytest.raises(MfdetrError, match="masknet config") as e:
         build(tiny_cfg(overrides), c1_channels=c1)

@@ -76,8 +76,8 @@ def test_image_encoder_first_level_equals_the_full_encoders_first_level(layers: 
     maps = [torch.randn(2, 16, h, w, dtype=torch.float64) for h, w in sizes]
     for m, lvl in zip(maps, range(3), strict=True):
         for b in range(2):
-            m[b, :, valid[b, lvl, 0]:] = 0
-            m[b, :, :, valid[b, lvl, 1]:] = 0
+            m[b, :, valid[b, lvl, 0] :] = 0
+            m[b, :, :, valid[b, lvl, 1] :] = 0
     g = torch.randn(2, 16, 12, 16, dtype=torch.float64)
     full = enc(maps, valid)[0]
     grads_full = torch.autograd.grad((full * g).sum(), list(enc.parameters()))

@@ -9,14 +9,33 @@ from tests.conftest import assert_user_error, cli
 
 def test_describe_tiny_explicit_features(tmp_path) -> None:
     recipe = tmp_path / "r.toml"
-    recipe.write_text("[masknet]\nroi_size = 8\nbox_encoder.dim = 16\nmask_scoring.channels = 8\n"
-                      "mask_scoring.fc_dim = 8\nneck.groups = 8\n")
-    proc = cli("describe", "--config", recipe, "--d", "32", "--levels", "8/16", "--c1-channels", "24",
-               "--input-size", "40x56", "-k", "4", "masknet.image_encoder.layers=1", check=True)
+    recipe.write_text(
+        "[masknet]\nroi_size = 8\nbox_encoder.dim = 16\nmask_scoring.channels = 8\n"
+        "mask_scoring.fc_dim = 8\nneck.groups = 8\n"
+    )
+    proc = cli(
+        "describe",
+        "--config",
+        recipe,
+        "--d",
+        "32",
+        "--levels",
+        "8/16",
+        "--c1-channels",
+        "24",
+        "--input-size",
+        "40x56",
+        "-k",
+        "4",
+        "masknet.image_encoder.layers=1",
+        check=True,
+    )
     out = proc.stdout
     assert "features: explicit values" in out and "input 40x56, K=4, S=8" in out
-    rows = {m.group(1): (int(m.group(2).replace(",", "")), float(m.group(3)), float(m.group(4)))
-            for m in re.finditer(r"^(\w+)\s+([\d,]+)\s+[\d.]+\s+([\d.]+)\s+([\d.]+)$", out, re.M)}
+    rows = {
+        m.group(1): (int(m.group(2).replace(",", "")), float(m.group(3)), float(m.group(4)))
+        for m in re.finditer(r"^(\w+)\s+([\d,]+)\s+[\d.]+\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    }
     assert set(rows) >= {"neck", "image_encoder", "box_encoder", "query_encoder", "mask_head", "mask_scoring", "total"}
     assert rows["neck"][0] == 24 * 32 + 32 + 64
     assert rows["total"][0] == sum(v[0] for k, v in rows.items() if k != "total")

@@ -47,9 +47,11 @@ def synthetic_scene() -> tuple[torch.Tensor, torch.Tensor]:
     """RGB image [3, H, W] in [0, 1] and visible masks [3, H, W] bool (ellipse, triangle, ring)."""
     yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     ellipse = ((xx - 20) / 14) ** 2 + ((yy - 20) / 9) ** 2 <= 1
+
     # triangle with vertices (26, 14), (46, 40), (18, 40): inside all three half-planes
     def side(ax: float, ay: float, bx: float, by: float) -> torch.Tensor:
         return (bx - ax) * (yy - ay) - (by - ay) * (xx - ax)
+
     s1, s2, s3 = side(26, 14, 46, 40), side(46, 40, 18, 40), side(18, 40, 26, 14)
     triangle = ((s1 >= 0) & (s2 >= 0) & (s3 >= 0)) | ((s1 <= 0) & (s2 <= 0) & (s3 <= 0))
     r = ((xx - 46) ** 2 + (yy - 47) ** 2).sqrt()
@@ -82,19 +84,28 @@ def fake_detector_output(img: torch.Tensor, boxes_xyxy: torch.Tensor, g: torch.G
     cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
     maps = [proj(s, D) for s in STRIDES]
     return DetectorOutput(
-        queries=torch.randn(1, k, D, generator=g), boxes=cxcywh[None], logits=torch.tensor([-3.0, 3.0]).expand(1, k, 2),
-        enc_maps={4: maps}, c1=proj(4, 48), input_hw=torch.tensor([[H, W]]), orig_hw=torch.tensor([[H, W]]),
-        level_valid_hw=torch.tensor([[[m.shape[-2], m.shape[-1]] for m in maps]])).validate()
+        queries=torch.randn(1, k, D, generator=g),
+        boxes=cxcywh[None],
+        logits=torch.tensor([-3.0, 3.0]).expand(1, k, 2),
+        enc_maps={4: maps},
+        c1=proj(4, 48),
+        input_hw=torch.tensor([[H, W]]),
+        orig_hw=torch.tensor([[H, W]]),
+        level_valid_hw=torch.tensor([[[m.shape[-2], m.shape[-1]] for m in maps]]),
+    ).validate()
 
 
 def tiny_default_config() -> MaskNetConfig:
     """The paper's default component set at toy width."""
     return MaskNetConfig(
-        num_queries=4, roi_size=16, neck=NeckConfig(groups=8),
+        num_queries=4,
+        roi_size=16,
+        neck=NeckConfig(groups=8),
         image_encoder=ImageEncoderConfig(block="deformable", layers=1, heads=4, points=4),
         box_encoder=BoxEncoderConfig(block="deformable", layers=1, dim=16, heads=4, points=4),
         query_encoder=QueryEncoderConfig(ffn=True, b2o=True, heads=4),
-        mask_scoring=MaskScoringConfig(channels=16, convs=2, pool=2, fc_dim=16, fc_layers=1))
+        mask_scoring=MaskScoringConfig(channels=16, convs=2, pool=2, fc_dim=16, fc_layers=1),
+    )
 
 
 def test_overfit_one_synthetic_image(tmp_path: Path) -> None:
@@ -104,8 +115,14 @@ def test_overfit_one_synthetic_image(tmp_path: Path) -> None:
     gt_boxes = torch.tensor([mask_box(m) for m in masks])
     jitter = gt_boxes[2] + torch.tensor([1.5, -1.0, 2.0, 0.5])  # a loose duplicate of the ring box
     det = fake_detector_output(img, torch.cat([gt_boxes, jitter[None]]), g)
-    gt = GTInstances(boxes=gt_boxes, labels=torch.tensor([1, 1, 1]), masks=masks,
-                     iscrowd=torch.zeros(3, dtype=torch.bool), image_id=1, orig_hw=(H, W))
+    gt = GTInstances(
+        boxes=gt_boxes,
+        labels=torch.tensor([1, 1, 1]),
+        masks=masks,
+        iscrowd=torch.zeros(3, dtype=torch.bool),
+        image_id=1,
+        orig_hw=(H, W),
+    )
     net = build_masknet(tiny_default_config(), d_model=D, level_strides=STRIDES, c1_channels=48)
     crit = MaskCriterion(loss_cfg=LossConfig(), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=5e-5)
@@ -152,11 +169,27 @@ def coco_segm_stats(tmp_path: Path, masks: torch.Tensor, res: list[dict]) -> lis
     anns = []
     for i, m in enumerate(masks.numpy().astype(np.uint8)):
         rle = mask_util.encode(np.asfortranarray(m))
-        anns.append({"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": float(m.sum()),
-                     "bbox": mask_box(masks[i]), "segmentation": {"size": [H, W], "counts": rle["counts"].decode()}})
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": float(m.sum()),
+                "bbox": mask_box(masks[i]),
+                "segmentation": {"size": [H, W], "counts": rle["counts"].decode()},
+            }
+        )
     p = tmp_path / "gt.json"
-    p.write_text(json.dumps({"images": [{"id": 1, "height": H, "width": W}], "annotations": anns,
-                             "categories": [{"id": 1, "name": "shape"}]}))
+    p.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "height": H, "width": W}],
+                "annotations": anns,
+                "categories": [{"id": 1, "name": "shape"}],
+            }
+        )
+    )
     gt = COCO(str(p))
     ev = COCOeval(gt, gt.loadRes(res), "segm")
     ev.evaluate()

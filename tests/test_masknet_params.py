@@ -72,8 +72,14 @@ def ln(c: int) -> int:
 
 
 def deform_layer(c: int, levels: int, heads: int, points: int, hidden: int) -> int:
-    return (lin(c, heads * levels * points * 2) + lin(c, heads * levels * points) + 2 * lin(c, c) + 2 * ln(c)
-            + lin(c, hidden) + lin(hidden, c))
+    return (
+        lin(c, heads * levels * points * 2)
+        + lin(c, heads * levels * points)
+        + 2 * lin(c, c)
+        + 2 * ln(c)
+        + lin(c, hidden)
+        + lin(hidden, c)
+    )
 
 
 def swin_block(c: int, heads: int, window: int, hidden: int) -> int:
@@ -129,13 +135,28 @@ def test_table16_dino_focal() -> None:
 
 def test_hand_count_small_deformable_config() -> None:
     d, c1, dd, s = 32, 24, 16, 8
-    cfg = cfg_of([
-        "roi_size=8", "neck.groups=8",
-        "image_encoder.layers=1", "image_encoder.heads=4", "image_encoder.points=2", "image_encoder.ffn_ratio=2.0",
-        "box_encoder.layers=2", "box_encoder.dim=16", "box_encoder.heads=4", "box_encoder.points=2",
-        "box_encoder.ffn_ratio=2.0", "query_encoder.o2o=true", "query_encoder.heads=4",
-        "mask_scoring.channels=8", "mask_scoring.convs=2", "mask_scoring.pool=2", "mask_scoring.fc_dim=16",
-        "mask_scoring.fc_layers=1"])
+    cfg = cfg_of(
+        [
+            "roi_size=8",
+            "neck.groups=8",
+            "image_encoder.layers=1",
+            "image_encoder.heads=4",
+            "image_encoder.points=2",
+            "image_encoder.ffn_ratio=2.0",
+            "box_encoder.layers=2",
+            "box_encoder.dim=16",
+            "box_encoder.heads=4",
+            "box_encoder.points=2",
+            "box_encoder.ffn_ratio=2.0",
+            "query_encoder.o2o=true",
+            "query_encoder.heads=4",
+            "mask_scoring.channels=8",
+            "mask_scoring.convs=2",
+            "mask_scoring.pool=2",
+            "mask_scoring.fc_dim=16",
+            "mask_scoring.fc_layers=1",
+        ]
+    )
     m = build_masknet(cfg, d_model=d, level_strides=(8, 16), c1_channels=c1)
     parts = params_by_component(m)
     assert parts["neck"] == lin(c1, d) + 2 * d
@@ -153,11 +174,24 @@ def test_hand_count_small_deformable_config() -> None:
 
 def test_hand_count_swin_convnext_segmenter() -> None:
     d, dd = 32, 16
-    cfg = cfg_of([
-        "roi_size=8", "neck.enabled=false", "mask_scoring.enabled=false", "mask_head.kind=segmenter",
-        "image_encoder.block=swin", "image_encoder.layers=2", "image_encoder.swin_window=4",
-        "image_encoder.heads=4", "box_encoder.block=convnext", "box_encoder.layers=3", "box_encoder.dim=16",
-        "box_encoder.convnext_kernel=5", "query_encoder.ffn=false", "query_encoder.b2o=false"])
+    cfg = cfg_of(
+        [
+            "roi_size=8",
+            "neck.enabled=false",
+            "mask_scoring.enabled=false",
+            "mask_head.kind=segmenter",
+            "image_encoder.block=swin",
+            "image_encoder.layers=2",
+            "image_encoder.swin_window=4",
+            "image_encoder.heads=4",
+            "box_encoder.block=convnext",
+            "box_encoder.layers=3",
+            "box_encoder.dim=16",
+            "box_encoder.convnext_kernel=5",
+            "query_encoder.ffn=false",
+            "query_encoder.b2o=false",
+        ]
+    )
     m = build_masknet(cfg, d_model=d, level_strides=(8, 16, 32), c1_channels=d)
     parts = params_by_component(m)
     assert parts["image_encoder"] == 2 * swin_block(d, 4, 4, 4 * d)
@@ -165,8 +199,19 @@ def test_hand_count_swin_convnext_segmenter() -> None:
     assert parts["mask_head"] == lin(d, dd) + ln(dd) + 2 * dd * dd + 2
     assert parts["neck"] == parts["query_encoder"] == parts["mask_scoring"] == 0
     # a Swin box encoder has no positional embedding and the window is clipped to S
-    cfg2 = cfg_of(["roi_size=4", "box_encoder.block=swin", "box_encoder.layers=1", "box_encoder.dim=16",
-                   "box_encoder.heads=4", "image_encoder.layers=0", "neck.enabled=false",
-                   "mask_scoring.enabled=false", "query_encoder.ffn=false", "query_encoder.b2o=false"])
+    cfg2 = cfg_of(
+        [
+            "roi_size=4",
+            "box_encoder.block=swin",
+            "box_encoder.layers=1",
+            "box_encoder.dim=16",
+            "box_encoder.heads=4",
+            "image_encoder.layers=0",
+            "neck.enabled=false",
+            "mask_scoring.enabled=false",
+            "query_encoder.ffn=false",
+            "query_encoder.b2o=false",
+        ]
+    )
     m2 = build_masknet(cfg2, d_model=d, level_strides=(8,), c1_channels=d)
     assert params_by_component(m2)["box_encoder"] == lin(d, dd) + swin_block(dd, 4, 4, 4 * dd)

@@ -16,15 +16,30 @@ from mfdetr.masknet.positives import PositivesOnly, cap_positives, cap_seed
 from mfdetr.masknet.targets import AssignConfig, Assignment, assign
 from tests._masknet_models import K, det64, gts_for, model64
 
-def run(model: MaskNet, det: DetectorOutput, gts: list[GTInstances], *, positives: bool,
-        assign_cfg: AssignConfig | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor | None], int]:
+
+def run(
+    model: MaskNet,
+    det: DetectorOutput,
+    gts: list[GTInstances],
+    *,
+    positives: bool,
+    assign_cfg: AssignConfig | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor | None], int]:
     """Losses, parameter gradients and the number of RoIs the box encoder saw, for one step."""
-    crit = MaskCriterion(loss_cfg=LossConfig(), assign_cfg=assign_cfg or AssignConfig(),
-                         class_to_category=tuple(range(7)), generator=torch.Generator().manual_seed(5), seed=3)
+    crit = MaskCriterion(
+        loss_cfg=LossConfig(),
+        assign_cfg=assign_cfg or AssignConfig(),
+        class_to_category=tuple(range(7)),
+        generator=torch.Generator().manual_seed(5),
+        seed=3,
+    )
     model.zero_grad(set_to_none=True)
     seen = []
-    hook = None if model.box_encoder is None else model.box_encoder.register_forward_hook(
-        lambda m, inp, out: seen.append(int(out.shape[0])))
+    hook = (
+        None
+        if model.box_encoder is None
+        else model.box_encoder.register_forward_hook(lambda m, inp, out: seen.append(int(out.shape[0])))
+    )
     out = PositivesOnly(model, crit)(det, gts, step=7) if positives else model(det)
     if hook is not None:
         hook.remove()
@@ -98,10 +113,14 @@ def test_object_to_object_attention_falls_back_to_all_queries() -> None:
     assert_same(full, pos)
 
 
-@pytest.mark.parametrize("overrides", [
-    ("box_encoder.block=swin", "box_encoder.heads=4", "mask_head.kind=segmenter"),
-    ("box_encoder.block=convnext", "image_encoder.block=convnext", "query_encoder.b2o=false"),
-], ids=["swin+segmenter", "convnext"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("box_encoder.block=swin", "box_encoder.heads=4", "mask_head.kind=segmenter"),
+        ("box_encoder.block=convnext", "image_encoder.block=convnext", "query_encoder.b2o=false"),
+    ],
+    ids=["swin+segmenter", "convnext"],
+)
 def test_positives_only_equals_all_queries_for_other_blocks(overrides: tuple[str, ...]) -> None:
     det = det64()
     gts = gts_for(det, [[0, 2, 3], [1, 4]])
@@ -114,8 +133,17 @@ def test_positives_only_equals_all_queries_for_other_blocks(overrides: tuple[str
 
 def test_non_roi_baseline_falls_back_to_all_queries() -> None:
     det = det64()
-    model = model64(("roi=false", "box_encoder.layers=0", "box_encoder.dim={d}", "query_encoder.ffn=false",
-                     "query_encoder.b2o=false", "mask_scoring.enabled=false", "image_encoder.layers=1"))
+    model = model64(
+        (
+            "roi=false",
+            "box_encoder.layers=0",
+            "box_encoder.dim={d}",
+            "query_encoder.ffn=false",
+            "query_encoder.b2o=false",
+            "mask_scoring.enabled=false",
+            "image_encoder.layers=1",
+        )
+    )
     assert not model.roi and any(p.requires_grad for p in model.parameters())
     for gt_queries in ([[0, 2, 3], [1, 4]], [[], []]):
         gts = gts_for(det, gt_queries)
@@ -154,8 +182,9 @@ def test_selection_output_and_errors() -> None:
 def _assignment(counts: list[int]) -> Assignment:
     bi = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
     qi = torch.cat([torch.arange(n) * 2 for n in counts])
-    return Assignment(batch_idx=bi, query_idx=qi, gt_idx=torch.zeros_like(qi),
-                      ignored=torch.zeros(len(counts), 100, dtype=torch.bool))
+    return Assignment(
+        batch_idx=bi, query_idx=qi, gt_idx=torch.zeros_like(qi), ignored=torch.zeros(len(counts), 100, dtype=torch.bool)
+    )
 
 
 def test_cap_holds_is_seeded_and_is_identity_above_the_count() -> None:

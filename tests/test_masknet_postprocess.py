@@ -87,11 +87,22 @@ def _coco_gt(tmp_path, gt_rects: list[tuple[int, int, int, int]], hw: tuple[int,
         m = np.zeros((h, w), dtype=np.uint8, order="F")
         m[y0:y1, x0:x1] = 1
         rle = mask_util.encode(np.asfortranarray(m))
-        anns.append({"id": i + 1, "image_id": 7, "category_id": 3, "iscrowd": 0, "area": float(m.sum()),
-                     "bbox": [x0, y0, x1 - x0, y1 - y0],
-                     "segmentation": {"size": [h, w], "counts": rle["counts"].decode()}})
-    data = {"images": [{"id": 7, "height": h, "width": w, "file_name": "x.jpg"}], "annotations": anns,
-            "categories": [{"id": 3, "name": "c"}, {"id": 5, "name": "d"}]}
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": 7,
+                "category_id": 3,
+                "iscrowd": 0,
+                "area": float(m.sum()),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "segmentation": {"size": [h, w], "counts": rle["counts"].decode()},
+            }
+        )
+    data = {
+        "images": [{"id": 7, "height": h, "width": w, "file_name": "x.jpg"}],
+        "annotations": anns,
+        "categories": [{"id": 3, "name": "c"}, {"id": 5, "name": "d"}],
+    }
     p = tmp_path / "gt.json"
     p.write_text(json.dumps(data))
     return COCO(str(p))
@@ -102,8 +113,13 @@ def test_coco_results_load_and_evaluate(tmp_path, mode: str) -> None:
     rects = [(4, 6, 20, 30), (30, 10, 44, 20)]
     hw = (40, 48)
     # detector on a 2× downscaled input: boxes are normalised, so the original frame is recovered
-    det = make_det([list(map(float, r)) for r in rects] + [[0.0, 0, 10, 10]], hw, num_classes=6,
-                   labels=[3, 3, 0], input_hw=(20, 24))
+    det = make_det(
+        [list(map(float, r)) for r in rects] + [[0.0, 0, 10, 10]],
+        hw,
+        num_classes=6,
+        labels=[3, 3, 0],
+        input_hw=(20, 24),
+    )
     det.logits[0, 2, 0] = 5.0  # third query's arg-max slot maps to category 0 → dropped
     logits = torch.full((1, 3, 8, 8), 6.0)
     out = Out(logits, torch.tensor([[0.9, 0.5, 0.7]]) if mode != "box" else None)
@@ -113,8 +129,11 @@ def test_coco_results_load_and_evaluate(tmp_path, mode: str) -> None:
     assert [r["category_id"] for r in res] == [3, 3]
     assert res[0]["bbox"] == pytest.approx([4, 6, 16, 24], abs=1e-3)
     c = float(torch.sigmoid(torch.tensor(5.0)))
-    expect = {"mask_prob": [c * float(torch.sigmoid(torch.tensor(6.0)))] * 2, "mask_iou": [c * 0.9, c * 0.5],
-              "box": [c, c]}[mode]
+    expect = {
+        "mask_prob": [c * float(torch.sigmoid(torch.tensor(6.0)))] * 2,
+        "mask_iou": [c * 0.9, c * 0.5],
+        "box": [c, c],
+    }[mode]
     assert [r["score"] for r in res] == pytest.approx(expect, abs=1e-4)
     json.dumps(res)
     gt = _coco_gt(tmp_path, rects, hw)

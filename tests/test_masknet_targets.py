@@ -26,11 +26,16 @@ def test_pred_boxes_original_scales_normalised_boxes() -> None:
 
 def test_box_iou_assignment_threshold_and_best_gt() -> None:
     gt = make_gt([(10, 10, 30, 30), (40, 40, 60, 60)], (64, 64))
-    det = make_det([[10, 10, 30, 30],  # exact GT 0
-                    [12, 12, 32, 32],  # IoU 0.68 with GT 0
-                    [20, 20, 40, 40],  # IoU 0.14 with both → negative
-                    [41, 41, 60, 60],  # best is GT 1
-                    [0, 0, 2, 2]], (64, 64))
+    det = make_det(
+        [
+            [10, 10, 30, 30],  # exact GT 0
+            [12, 12, 32, 32],  # IoU 0.68 with GT 0
+            [20, 20, 40, 40],  # IoU 0.14 with both → negative
+            [41, 41, 60, 60],  # best is GT 1
+            [0, 0, 2, 2],
+        ],
+        (64, 64),
+    )
     a = assign(det, [gt], AssignConfig(iou_threshold=0.5))
     got = dict(zip(a.query_idx.tolist(), a.gt_idx.tolist(), strict=True))
     assert got == {0: 0, 1: 0, 3: 1}
@@ -40,9 +45,14 @@ def test_box_iou_assignment_threshold_and_best_gt() -> None:
 
 def test_crowd_is_never_positive_and_mostly_crowd_box_is_ignored() -> None:
     gt = make_gt([(0, 0, 32, 32), (40, 40, 60, 60)], (64, 64), crowd=[True, False])
-    det = make_det([[0, 0, 32, 32],  # exactly the crowd region
-                    [40, 40, 60, 60],  # the non-crowd GT
-                    [2, 2, 34, 34]], (64, 64))
+    det = make_det(
+        [
+            [0, 0, 32, 32],  # exactly the crowd region
+            [40, 40, 60, 60],  # the non-crowd GT
+            [2, 2, 34, 34],
+        ],
+        (64, 64),
+    )
     a = assign(det, [gt], AssignConfig())
     assert a.query_idx.tolist() == [1] and a.gt_idx.tolist() == [1]
     assert a.ignored[0].tolist() == [True, False, True]
@@ -64,10 +74,15 @@ def test_box_crowd_fraction() -> None:
 @pytest.mark.parametrize("cost", ["detr", "iou"])
 def test_hungarian_is_one_to_one(cost: str) -> None:
     gt = make_gt([(10, 10, 30, 30), (40, 40, 60, 60)], (64, 64), labels=[1, 2])
-    det = make_det([[10, 10, 30, 30], [11, 11, 31, 31], [40, 40, 60, 60], [41, 41, 61, 61]], (64, 64),
-                   labels=[1, 1, 2, 2])
-    a = assign(det, [gt], AssignConfig(method="hungarian", hungarian_cost=cost),  # type: ignore[arg-type]
-               class_to_category=(0, 1, 2, 3))
+    det = make_det(
+        [[10, 10, 30, 30], [11, 11, 31, 31], [40, 40, 60, 60], [41, 41, 61, 61]], (64, 64), labels=[1, 1, 2, 2]
+    )
+    a = assign(
+        det,
+        [gt],
+        AssignConfig(method="hungarian", hungarian_cost=cost),  # type: ignore[arg-type]
+        class_to_category=(0, 1, 2, 3),
+    )
     assert sorted(a.gt_idx.tolist()) == [0, 1]
     assert len(set(a.query_idx.tolist())) == 2
     assert dict(zip(a.gt_idx.tolist(), a.query_idx.tolist(), strict=True)) == {0: 0, 1: 2}
@@ -110,11 +125,16 @@ def test_build_targets_batched_and_gt_area() -> None:
     gt_b = make_gt([(4, 4, 12, 12)], (32, 32))
     det_a = make_det([[0, 0, 16, 16], [20, 20, 40, 40], [20, 20, 60, 40]], (64, 64))
     det_b = make_det([[4, 4, 12, 12], [0, 0, 1, 1], [0, 0, 1, 1]], (32, 32))
-    det = DetectorOutput(queries=torch.cat([det_a.queries, det_b.queries]),
-                         boxes=torch.cat([det_a.boxes, det_b.boxes]), logits=torch.cat([det_a.logits, det_b.logits]),
-                         enc_maps={4: [torch.zeros(2, 8, 2, 2)]}, c1=torch.zeros(2, 4, 4, 4),
-                         input_hw=torch.tensor([[64, 64], [32, 32]]), orig_hw=torch.tensor([[64, 64], [32, 32]]),
-                         level_valid_hw=torch.tensor([[[2, 2]], [[2, 2]]]))
+    det = DetectorOutput(
+        queries=torch.cat([det_a.queries, det_b.queries]),
+        boxes=torch.cat([det_a.boxes, det_b.boxes]),
+        logits=torch.cat([det_a.logits, det_b.logits]),
+        enc_maps={4: [torch.zeros(2, 8, 2, 2)]},
+        c1=torch.zeros(2, 4, 4, 4),
+        input_hw=torch.tensor([[64, 64], [32, 32]]),
+        orig_hw=torch.tensor([[64, 64], [32, 32]]),
+        level_valid_hw=torch.tensor([[[2, 2]], [[2, 2]]]),
+    )
     a = assign(det, [gt_a, gt_b], AssignConfig())
     t = build_mask_targets(det, [gt_a, gt_b], a, (8, 8))
     pairs = sorted(zip(t.batch_idx.tolist(), t.query_idx.tolist(), t.gt_idx.tolist(), strict=True))

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import torchvision.ops as tvo
 
-from mfdetr.ops.boxes import (box_cxcywh_to_xyxy, box_iou, box_xywh_to_xyxy, box_xyxy_to_cxcywh,
-                              generalized_box_iou)
+from mfdetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
 
 
 def _boxes(n: int, seed: int) -> torch.Tensor:

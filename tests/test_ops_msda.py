@@ -44,8 +44,9 @@ def test_gradcheck_fast_path():
     assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, ss, l, a), (value, loc, w))
 
 
-@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
-                                   (False, True, True)])
+@pytest.mark.parametrize(
+    "needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
+)
 def test_backward_with_only_some_inputs_needing_grad(needs):
     value, ss, loc, w = _inputs()
     ins = [t.detach().requires_grad_(n) for t, n in zip((value, loc, w), needs, strict=True)]

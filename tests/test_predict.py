@@ -29,46 +29,109 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     preset = get_preset(NAME)
     cfg = tiny_masknet_config()
     torch.manual_seed(1)
-    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
-                          c1_channels=preset.c1_channels)
+    model = build_masknet(
+        cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides, c1_channels=preset.c1_channels
+    )
     plain = root / "masknet_plain.pt"
-    torch.save({"masknet_config": to_dict(cfg), "model": model.state_dict(), "detector": NAME,
-                "class_to_category": list(preset.class_to_category),
-                "categories": [{"id": 1, "name": "thing one"}], "enc_layer": cfg.enc_layer}, plain)
+    torch.save(
+        {
+            "masknet_config": to_dict(cfg),
+            "model": model.state_dict(),
+            "detector": NAME,
+            "class_to_category": list(preset.class_to_category),
+            "categories": [{"id": 1, "name": "thing one"}],
+            "enc_layer": cfg.enc_layer,
+        },
+        plain,
+    )
     # the engine's run checkpoint layout (mfdetr.engine.trainer): identity of the cache under meta.detector
-    ident = {"detector.name": NAME, "checkpoint.sha256": None, "hidden_dim": preset.hidden_dim,
-             "level_strides": list(preset.level_strides), "c1_channels": preset.c1_channels,
-             "num_classes": preset.num_classes, "category_map": list(preset.class_to_category)}
+    ident = {
+        "detector.name": NAME,
+        "checkpoint.sha256": None,
+        "hidden_dim": preset.hidden_dim,
+        "level_strides": list(preset.level_strides),
+        "c1_channels": preset.c1_channels,
+        "num_classes": preset.num_classes,
+        "category_map": list(preset.class_to_category),
+    }
     engine = root / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "step": 5, "config": {}, "masknet_config": to_dict(cfg),
-                "meta": {"detector": ident}}, engine)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "step": 5,
+            "config": {},
+            "masknet_config": to_dict(cfg),
+            "meta": {"detector": ident},
+        },
+        engine,
+    )
     wrong = root / "wrong_d.pt"
-    torch.save({"model": model.state_dict(), "step": 5, "masknet_config": to_dict(cfg),
-                "meta": {"detector": {**ident, "hidden_dim": 64}}}, wrong)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "step": 5,
+            "masknet_config": to_dict(cfg),
+            "meta": {"detector": {**ident, "hidden_dim": 64}},
+        },
+        wrong,
+    )
     bad = root / "bad.jpg"
     bad.write_bytes(b"this is not a JPEG")
-    return {"root": root, "images": root / "synth" / "val2017", "det": det, "plain": plain, "engine": engine,
-            "wrong": wrong, "bad": bad}
+    return {
+        "root": root,
+        "images": root / "synth" / "val2017",
+        "det": det,
+        "plain": plain,
+        "engine": engine,
+        "wrong": wrong,
+        "bad": bad,
+    }
 
 
 def _job(s: dict[str, Path], out: Path, **kw: Any) -> Any:
     from mfdetr.engine.inference.predict import PredictJob
 
-    args = dict(detector=NAME, masknet=s["plain"], inputs=(str(s["images"]), str(s["bad"])), out=out,
-                checkpoint=s["det"], score_threshold=0.0, device="cpu")
+    args = dict(
+        detector=NAME,
+        masknet=s["plain"],
+        inputs=(str(s["images"]), str(s["bad"])),
+        out=out,
+        checkpoint=s["det"],
+        score_threshold=0.0,
+        device="cpu",
+    )
     args.update(kw)
     return PredictJob(**args)
 
 
-def test_predict_cli_json_overlays_and_skips(setup: dict[str, Path], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predict_cli_json_overlays_and_skips(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pycocotools.coco import COCO
 
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
     out = tmp_path / "out"
-    proc = cli("predict", "--detector", NAME, "--checkpoint", setup["det"], "--masknet", setup["engine"],
-               setup["images"], setup["bad"], setup["root"] / "nope.png", "--out", out, "--score-threshold", "0",
-               "--device", "cpu", "--batch-size", "2", "--no-progress")
+    proc = cli(
+        "predict",
+        "--detector",
+        NAME,
+        "--checkpoint",
+        setup["det"],
+        "--masknet",
+        setup["engine"],
+        setup["images"],
+        setup["bad"],
+        setup["root"] / "nope.png",
+        "--out",
+        out,
+        "--score-threshold",
+        "0",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "skipped" in proc.stderr and "bad.jpg" in proc.stderr and "nope.png" in proc.stderr
@@ -91,8 +154,12 @@ def test_predict_cli_json_overlays_and_skips(setup: dict[str, Path], tmp_path: P
         assert 0.0 <= a["score"] <= 1.0 and a["category_name"] == names[a["category_id"]]
     # results.json loads into pycocotools against a GT made of the same images
     gt = COCO()
-    gt.dataset = {"images": pred["images"], "annotations": [], "categories": pred["categories"] + [
-        {"id": a["category_id"], "name": a["category_name"]} for a in anns if a["category_id"] not in names]}
+    gt.dataset = {
+        "images": pred["images"],
+        "annotations": [],
+        "categories": pred["categories"]
+        + [{"id": a["category_id"], "name": a["category_name"]} for a in anns if a["category_id"] not in names],
+    }
     gt.createIndex()
     results = json.loads((out / "results.json").read_text())
     assert len(results) == len(anns)
@@ -123,23 +190,36 @@ def test_predict_matches_detector_then_masknet(setup: dict[str, Path], tmp_path:
     for i, f in enumerate(sorted(setup["images"].iterdir()), start=1):
         img = load_rgb(f)
         x = EvalTransform(preprocessing=preset.preprocessing)(img)
-        b = ImageBatch(images=x[None], pad_mask=torch.zeros(1, *x.shape[1:], dtype=torch.bool),
-                       input_hw=torch.tensor([x.shape[1:]]), orig_hw=torch.tensor([[img.height, img.width]]),
-                       image_ids=[i], file_names=[str(f)])
+        b = ImageBatch(
+            images=x[None],
+            pad_mask=torch.zeros(1, *x.shape[1:], dtype=torch.bool),
+            input_hw=torch.tensor([x.shape[1:]]),
+            orig_hw=torch.tensor([[img.height, img.width]]),
+            image_ids=[i],
+            file_names=[str(f)],
+        )
         with torch.inference_mode():
             o = det.detect(b, topk=10, enc_layers=(4,))
-            want += masks_to_coco_results(mn.model(o), o, preset.class_to_category, [i], score="mask_iou",
-                                          min_score=0.0)
+            want += masks_to_coco_results(
+                mn.model(o), o, preset.class_to_category, [i], score="mask_iou", min_score=0.0
+            )
     t = float(np.median([w["score"] for w in want]))  # a threshold that keeps about half
     want = [w for w in want if w["score"] >= t]
-    s = run_predict(_job(setup, tmp_path / "o", score_threshold=t, overlays=False), progress=False,
-                    echo=lambda _: None, warn=lambda _: None)
+    s = run_predict(
+        _job(setup, tmp_path / "o", score_threshold=t, overlays=False),
+        progress=False,
+        echo=lambda _: None,
+        warn=lambda _: None,
+    )
     assert s.images == 3 and len(s.skipped) == 1 and s.overlays == []
     got = json.loads(s.results_json.read_text())
     assert len(got) == len(want) > 0
     for g, w in zip(got, want, strict=True):
-        assert (g["image_id"], g["category_id"], g["segmentation"]) == (w["image_id"], w["category_id"],
-                                                                      w["segmentation"])
+        assert (g["image_id"], g["category_id"], g["segmentation"]) == (
+            w["image_id"],
+            w["category_id"],
+            w["segmentation"],
+        )
         assert g["score"] == pytest.approx(w["score"], abs=1e-5)
         assert g["bbox"] == pytest.approx(w["bbox"], abs=1e-3)
     assert all(g["score"] >= t for g in got)
@@ -148,8 +228,12 @@ def test_predict_matches_detector_then_masknet(setup: dict[str, Path], tmp_path:
 def test_threshold_one_keeps_nothing_and_overlay_is_the_image(setup: dict[str, Path], tmp_path: Path) -> None:
     from mfdetr.engine.inference.predict import run_predict
 
-    s = run_predict(_job(setup, tmp_path / "o", score_threshold=1.0, masknet=setup["engine"]),
-                    progress=False, echo=lambda _: None, warn=lambda _: None)
+    s = run_predict(
+        _job(setup, tmp_path / "o", score_threshold=1.0, masknet=setup["engine"]),
+        progress=False,
+        echo=lambda _: None,
+        warn=lambda _: None,
+    )
     pred = json.loads(s.predictions_json.read_text())
     assert pred["annotations"] == [] and len(pred["images"]) == 3
     for f in sorted(setup["images"].iterdir()):
@@ -160,8 +244,9 @@ def test_threshold_one_keeps_nothing_and_overlay_is_the_image(setup: dict[str, P
 def test_checkpoint_records_category_names(setup: dict[str, Path], tmp_path: Path) -> None:
     from mfdetr.engine.inference.predict import run_predict
 
-    s = run_predict(_job(setup, tmp_path / "o", overlays=False), progress=False, echo=lambda _: None,
-                    warn=lambda _: None)
+    s = run_predict(
+        _job(setup, tmp_path / "o", overlays=False), progress=False, echo=lambda _: None, warn=lambda _: None
+    )
     cats = {c["id"]: c["name"] for c in json.loads(s.predictions_json.read_text())["categories"]}
     assert cats[1] == "thing one" and cats[2] == "bicycle"
 
@@ -172,23 +257,38 @@ def test_overlay_draws_mask_box_and_label() -> None:
     img = Image.new("RGB", (60, 40), (0, 0, 0))
     mask = np.zeros((40, 60), dtype=bool)
     mask[20:30, 30:50] = True
-    out = np.asarray(draw_overlay(img, [OverlayInstance(mask=mask, box_xywh=(28.0, 18.0, 24.0, 14.0),
-                                                        label="disc", score=0.9, category_id=3)], alpha=0.5))
+    out = np.asarray(
+        draw_overlay(
+            img,
+            [OverlayInstance(mask=mask, box_xywh=(28.0, 18.0, 24.0, 14.0), label="disc", score=0.9, category_id=3)],
+            alpha=0.5,
+        )
+    )
     color = np.array(category_color(3))
     assert np.allclose(out[25, 40], np.round(color * 0.5), atol=1)  # inside: translucent colour
     assert np.array_equal(out[20, 40], color)  # mask outline: solid colour
     assert np.array_equal(out[5, 2], [0, 0, 0])  # far away: untouched
     assert np.array_equal(out[31, 28], color)  # box outline (left edge)
-    assert (np.abs(out[:18].astype(int) - 0).sum() > 0)  # the label tag above the box
+    assert np.abs(out[:18].astype(int) - 0).sum() > 0  # the label tag above the box
 
 
-def test_missing_and_foreign_checkpoints_are_one_line_errors(setup: dict[str, Path], tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_and_foreign_checkpoints_are_one_line_errors(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MFDETR_PLUGINS", PLUGIN)
-    base = ["predict", "--detector", NAME, "--checkpoint", setup["det"], setup["images"], "--out", tmp_path / "o",
-            "--device", "cpu"]
-    assert_user_error(cli(*base, "--masknet", tmp_path / "nothing.pt"), "MaskNet checkpoint not found",
-                      "nothing.pt")
+    base = [
+        "predict",
+        "--detector",
+        NAME,
+        "--checkpoint",
+        setup["det"],
+        setup["images"],
+        "--out",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+    ]
+    assert_user_error(cli(*base, "--masknet", tmp_path / "nothing.pt"), "MaskNet checkpoint not found", "nothing.pt")
     from mfdetr.engine.inference.predict import run_predict
     from mfdetr.errors import MfdetrError
 
@@ -199,8 +299,12 @@ def test_missing_and_foreign_checkpoints_are_one_line_errors(setup: dict[str, Pa
     with pytest.raises(MfdetrError, match="detector checkpoint file not found"):
         run_predict(_job(setup, tmp_path / "o", checkpoint=tmp_path / "no.pth"), progress=False, echo=lambda _: None)
     with pytest.raises(MfdetrError, match="no image files"):
-        run_predict(_job(setup, tmp_path / "o", inputs=(str(setup["bad"].parent / "x.png"),)), progress=False,
-                    echo=lambda _: None, warn=lambda _: None)
+        run_predict(
+            _job(setup, tmp_path / "o", inputs=(str(setup["bad"].parent / "x.png"),)),
+            progress=False,
+            echo=lambda _: None,
+            warn=lambda _: None,
+        )
 
 
 def test_other_detector_checkpoint_warns(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -212,7 +316,11 @@ def test_other_detector_checkpoint_warns(setup: dict[str, Path], tmp_path: Path)
     other = tmp_path / "other.pt"
     torch.save(ckpt, other)
     warnings: list[str] = []
-    s = run_predict(_job(setup, tmp_path / "o", masknet=other, overlays=False), progress=False,
-                    echo=lambda _: None, warn=warnings.append)
+    s = run_predict(
+        _job(setup, tmp_path / "o", masknet=other, overlays=False),
+        progress=False,
+        echo=lambda _: None,
+        warn=warnings.append,
+    )
     assert s.images == 3
     assert any("another checkpoint" in w and "000000000000" in w for w in warnings), warnings

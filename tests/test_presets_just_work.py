@@ -51,20 +51,42 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cache_and_train_the_demo_preset_with_no_checkpoint_and_no_layer(synth: Path, tmp_path: Path) -> None:
     assert shipped_weights(get_preset("demo")) is not None
     store = tmp_path / "cache"
-    code, out = _cli("cache", "--detector", "demo", "--coco", synth, "--split", "val2017", "--out", store,
-                     "--workers", "0", "--no-progress")
+    code, out = _cli(
+        "cache",
+        "--detector",
+        "demo",
+        "--coco",
+        synth,
+        "--split",
+        "val2017",
+        "--out",
+        store,
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert code == 0, out
     manifest = json.loads((store / "zarr.json").read_text())["attributes"]["mfdetr_cache"]
     assert manifest["enc_layers"] == [2]  # layer 2 of the demo's 3
     shipped = shipped_weights(get_preset("demo"))
     assert manifest["checkpoint"]["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
     run = tmp_path / "run"
-    code, out = _cli("train", "--cache", store, "--config", REPO / "pipeline/recipes/demo.toml", "--out", run,
-                     "train.iterations=1", "train.checkpoint_every=0", "train.eval_every=0", "train.progress=false")
+    code, out = _cli(
+        "train",
+        "--cache",
+        store,
+        "--config",
+        REPO / "pipeline/recipes/demo.toml",
+        "--out",
+        run,
+        "train.iterations=1",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+        "train.progress=false",
+    )
     assert code == 0, out
     assert json.loads((run / "config.json").read_text())["masknet"]["enc_layer"] == 2
-    code, out = _cli("train", "--cache", store, "--out", tmp_path / "run4", "masknet.enc_layer=3",
-                     "train.iterations=1")
+    code, out = _cli("train", "--cache", store, "--out", tmp_path / "run4", "masknet.enc_layer=3", "train.iterations=1")
     assert code != 0 and "masknet.enc_layer=3" in out  # an explicit layer is kept (and must be cached)
 
 

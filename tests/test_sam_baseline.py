@@ -20,9 +20,21 @@ from mfdetr.engine.inference.sam_model import SAM_SPECS, SamSpec, build_sam_mode
 from tests.conftest import cli, refused
 
 # SAM's architecture at toy sizes: a 64-px input, 4-px patches (a 16 × 16 embedding, 64 × 64 low-res masks)
-TINY = SamSpec(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
-               image_size=64, patch_size=4, window_size=4, prompt_embed_dim=32, mask_in_chans=4, decoder_depth=1,
-               decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+TINY = SamSpec(
+    encoder_embed_dim=32,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,),
+    image_size=64,
+    patch_size=4,
+    window_size=4,
+    prompt_embed_dim=32,
+    mask_in_chans=4,
+    decoder_depth=1,
+    decoder_mlp_dim=64,
+    decoder_num_heads=2,
+    iou_head_hidden_dim=32,
+)
 DEEPER = SamSpec(**{**TINY.__dict__, "encoder_depth": 3, "encoder_global_attn_indexes": (2,)})
 
 
@@ -43,6 +55,7 @@ def sam_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def box_decoder(sam: torch.nn.Module, prompts: list[torch.Tensor]) -> None:
     """Record the box prompts SAM gets, and make its decoder answer each with the box itself (logit +20
     inside the prompt box on the low-res grid of the padded input, -20 outside)."""
+
     def grab(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         prompts.append(kwargs["boxes"].detach().cpu().clone())
 
@@ -51,8 +64,12 @@ def box_decoder(sam: torch.nn.Module, prompts: list[torch.Tensor]) -> None:
         side = masks.shape[-1]
         c = (torch.arange(side, dtype=torch.float32) + 0.5) * (TINY.image_size / side)  # cell centres
         b = prompts[-1]
-        inside = ((c[None, :, None] >= b[:, 1, None, None]) & (c[None, :, None] < b[:, 3, None, None])
-                  & (c[None, None, :] >= b[:, 0, None, None]) & (c[None, None, :] < b[:, 2, None, None]))
+        inside = (
+            (c[None, :, None] >= b[:, 1, None, None])
+            & (c[None, :, None] < b[:, 3, None, None])
+            & (c[None, None, :] >= b[:, 0, None, None])
+            & (c[None, None, :] < b[:, 2, None, None])
+        )
         return torch.where(inside, 20.0, -20.0)[:, None].to(masks.dtype), iou
 
     sam.prompt_encoder.register_forward_pre_hook(grab, with_kwargs=True)
@@ -98,11 +115,34 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("samcache")
     generate_synth(root / "coco", config=SynthConfig(train=0, val=3, image_size=64, seed=1))
     weights = shipped_weights(get_preset("demo"))
-    run_cache(CacheJob(detector="demo", checkpoint=weights, coco=root / "coco", split="val2017", out=root / "cache",
-                       topk=10, enc_layers=(2,), num_workers=0), progress=False, echo=lambda *a, **k: None)
-    cfg = build_run_config({"train": {"device": "cpu", "iterations": 2, "batch_size": 1, "num_workers": 0,
-                                      "progress": False, "log_every": 1},
-                            "masknet": {"num_queries": 10}}, [])
+    run_cache(
+        CacheJob(
+            detector="demo",
+            checkpoint=weights,
+            coco=root / "coco",
+            split="val2017",
+            out=root / "cache",
+            topk=10,
+            enc_layers=(2,),
+            num_workers=0,
+        ),
+        progress=False,
+        echo=lambda *a, **k: None,
+    )
+    cfg = build_run_config(
+        {
+            "train": {
+                "device": "cpu",
+                "iterations": 2,
+                "batch_size": 1,
+                "num_workers": 0,
+                "progress": False,
+                "log_every": 1,
+            },
+            "masknet": {"num_queries": 10},
+        },
+        [],
+    )
     train_from_cache(cfg, CacheSources(cache=root / "cache", coco=root / "coco"), root / "run", log=lambda s: None)
     return {"root": root, "coco": root / "coco", "cache": root / "cache", "ckpt": root / "run" / "ckpt.pt"}
 
@@ -121,8 +161,15 @@ def expected_boxes(cache: Path, topk: int) -> dict[int, np.ndarray]:
     for i, iid in enumerate(g["image_ids"][:].tolist()):
         cx, cy, w, h = np.asarray(g["boxes"][i], dtype=np.float64).T
         h0, w0 = (float(v) for v in g["orig_hw"][i])
-        xyxy = np.stack([np.clip((cx - w / 2) * w0, 0, w0), np.clip((cy - h / 2) * h0, 0, h0),
-                         np.clip((cx + w / 2) * w0, 0, w0), np.clip((cy + h / 2) * h0, 0, h0)], axis=1)
+        xyxy = np.stack(
+            [
+                np.clip((cx - w / 2) * w0, 0, w0),
+                np.clip((cy - h / 2) * h0, 0, h0),
+                np.clip((cx + w / 2) * w0, 0, w0),
+                np.clip((cy + h / 2) * h0, 0, h0),
+            ],
+            axis=1,
+        )
         score = 1 / (1 + np.exp(-np.asarray(g["logits"][i], dtype=np.float64)))
         keep = score.argmax(1) > 0  # slot 0 is no category
         order = np.argsort(-score.max(1)[keep], kind="stable")
@@ -130,8 +177,9 @@ def expected_boxes(cache: Path, topk: int) -> dict[int, np.ndarray]:
     return out
 
 
-def test_cli_compares_sam_and_masknet_on_a_demo_cache(demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None,
-                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_compares_sam_and_masknet_on_a_demo_cache(
+    demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mfdetr.evaluation import load_coco_gt, read_results_json
 
     seen: dict[tuple[int, int], torch.Tensor] = {}
@@ -143,8 +191,24 @@ def test_cli_compares_sam_and_masknet_on_a_demo_cache(demo_cache: dict[str, Path
 
     monkeypatch.setattr(sam_baseline, "sam_image_masks", spy)
     out = tmp_path / "sam.json"
-    r = sam_eval("--cache", demo_cache["cache"], "--baseline", "sam", "--sam-checkpoint", sam_file, "--sam-model",
-                 "tiny", "--sam-topk", 4, "--masknet", demo_cache["ckpt"], "--device", "cpu", "--out", out)
+    r = sam_eval(
+        "--cache",
+        demo_cache["cache"],
+        "--baseline",
+        "sam",
+        "--sam-checkpoint",
+        sam_file,
+        "--sam-model",
+        "tiny",
+        "--sam-topk",
+        4,
+        "--masknet",
+        demo_cache["ckpt"],
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, (r.stdout, r.stderr)
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["method", "segm", "AP"] and "boundary AP" in lines[0]
@@ -163,8 +227,9 @@ def test_cli_compares_sam_and_masknet_on_a_demo_cache(demo_cache: dict[str, Path
         np.testing.assert_allclose(seen[sizes[iid]].numpy(), boxes, atol=1e-3)
         mine = [d for d in res if d["image_id"] == iid]
         assert len(mine) == len(boxes)
-        np.testing.assert_allclose([d["bbox"] for d in mine], np.c_[boxes[:, :2], boxes[:, 2:] - boxes[:, :2]],
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            [d["bbox"] for d in mine], np.c_[boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], atol=1e-3
+        )
         assert all(d["segmentation"]["size"] == list(sizes[iid]) for d in mine)
     scores = [d["score"] for d in res]
     assert all(0 < s < 1 for s in scores) and len(set(scores)) > 1  # the detector's class scores
@@ -175,17 +240,22 @@ def test_cli_compares_sam_and_masknet_on_a_demo_cache(demo_cache: dict[str, Path
     assert abs(float(row.split()[1]) - float(lines[1].split()[-8])) < 0.01, (row, lines[1])
 
 
-def test_missing_extra_is_one_line(demo_cache: dict[str, Path], sam_file: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_extra_is_one_line(
+    demo_cache: dict[str, Path], sam_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in [m for m in sys.modules if m == "segment_anything" or m.startswith("segment_anything.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "segment_anything", None)
-    refused(sam_eval("--cache", demo_cache["cache"], "--baseline", "sam", "--sam-checkpoint", sam_file),
-            "segment-anything", ".[sam]")
+    refused(
+        sam_eval("--cache", demo_cache["cache"], "--baseline", "sam", "--sam-checkpoint", sam_file),
+        "segment-anything",
+        ".[sam]",
+    )
 
 
-def test_bad_weights_are_one_line(demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None,
-                                  tmp_path: Path) -> None:
+def test_bad_weights_are_one_line(
+    demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None, tmp_path: Path
+) -> None:
     base = ("--cache", demo_cache["cache"], "--baseline", "sam", "--device", "cpu", "--sam-checkpoint")
     refused(sam_eval(*base, tmp_path / "nope.pth", "--sam-model", "tiny"), "nope.pth", "not found")
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
@@ -198,19 +268,37 @@ def test_bad_weights_are_one_line(demo_cache: dict[str, Path], sam_file: Path, t
     state = torch.load(sam_file, weights_only=True)
     del state["mask_decoder.iou_token.weight"]
     torch.save(state, tmp_path / "cut.pth")
-    refused(sam_eval(*base, tmp_path / "cut.pth", "--sam-model", "tiny"), "weights do not fit SAM tiny",
-            "mask_decoder.iou_token.weight")
+    refused(
+        sam_eval(*base, tmp_path / "cut.pth", "--sam-model", "tiny"),
+        "weights do not fit SAM tiny",
+        "mask_decoder.iou_token.weight",
+    )
     refused(sam_eval("--cache", demo_cache["cache"], "--baseline", "sam"), "--sam-checkpoint")
     refused(sam_eval(*base, sam_file, "--baseline", "medsam"), "unknown --baseline 'medsam'")
     refused(sam_eval(*base, sam_file, "--sam-model", "tiny", "--config", tmp_path / "x.toml"), "no --online, --config")
 
 
-def test_images_that_are_not_the_cached_ones(demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None,
-                                             tmp_path: Path) -> None:
+def test_images_that_are_not_the_cached_ones(
+    demo_cache: dict[str, Path], sam_file: Path, tiny_specs: None, tmp_path: Path
+) -> None:
     from PIL import Image
 
-    base = ("--cache", demo_cache["cache"], "--baseline", "sam", "--device", "cpu", "--sam-checkpoint", sam_file,
-            "--sam-model", "tiny", "--images", tmp_path, "--out", tmp_path / "r.json")
+    base = (
+        "--cache",
+        demo_cache["cache"],
+        "--baseline",
+        "sam",
+        "--device",
+        "cpu",
+        "--sam-checkpoint",
+        sam_file,
+        "--sam-model",
+        "tiny",
+        "--images",
+        tmp_path,
+        "--out",
+        tmp_path / "r.json",
+    )
     first = min((demo_cache["coco"] / "val2017").iterdir())
     refused(sam_eval(*base), first.name, "missing image file")
     with Image.open(first) as im:
@@ -218,5 +306,8 @@ def test_images_that_are_not_the_cached_ones(demo_cache: dict[str, Path], sam_fi
     refused(sam_eval(*base), first.name, "the cache recorded")
     assert not (tmp_path / "r.json").exists()
     json.dumps(SAM_SPECS["vit_b"].__dict__)  # the published sizes are plain data
-    assert (SAM_SPECS["vit_b"].encoder_embed_dim, SAM_SPECS["vit_l"].encoder_depth,
-            SAM_SPECS["vit_h"].encoder_global_attn_indexes) == (768, 24, (7, 15, 23, 31))
+    assert (
+        SAM_SPECS["vit_b"].encoder_embed_dim,
+        SAM_SPECS["vit_l"].encoder_depth,
+        SAM_SPECS["vit_h"].encoder_global_attn_indexes,
+    ) == (768, 24, (7, 15, 23, 31))

@@ -14,13 +14,19 @@ from mfdetr.contracts import DetectorOutput
 def _output() -> DetectorOutput:
     g = torch.Generator().manual_seed(0)
     return DetectorOutput(
-        queries=torch.randn(2, 3, 8, generator=g), boxes=torch.rand(2, 3, 4, generator=g),
+        queries=torch.randn(2, 3, 8, generator=g),
+        boxes=torch.rand(2, 3, 4, generator=g),
         logits=torch.randn(2, 3, 5, generator=g),
-        enc_maps={2: [torch.randn(2, 8, 6, 7, generator=g), torch.randn(2, 8, 3, 4, generator=g)],
-                  4: [torch.randn(2, 8, 6, 7, generator=g), torch.randn(2, 8, 3, 4, generator=g)]},
-        c1=torch.randn(2, 4, 12, 14, generator=g), input_hw=torch.tensor([[48, 56], [40, 52]]),
-        orig_hw=torch.tensor([[96, 112], [80, 104]]), level_valid_hw=torch.tensor([[[6, 7], [3, 4]], [[5, 7], [3, 4]]]),
-        extras={"image_id": [7, 9], "damaged": []})
+        enc_maps={
+            2: [torch.randn(2, 8, 6, 7, generator=g), torch.randn(2, 8, 3, 4, generator=g)],
+            4: [torch.randn(2, 8, 6, 7, generator=g), torch.randn(2, 8, 3, 4, generator=g)],
+        },
+        c1=torch.randn(2, 4, 12, 14, generator=g),
+        input_hw=torch.tensor([[48, 56], [40, 52]]),
+        orig_hw=torch.tensor([[96, 112], [80, 104]]),
+        level_valid_hw=torch.tensor([[[6, 7], [3, 4]], [[5, 7], [3, 4]]]),
+        extras={"image_id": [7, 9], "damaged": []},
+    )
 
 
 def _tensors(det: DetectorOutput) -> dict[str, torch.Tensor]:
@@ -135,7 +141,9 @@ def test_preset_file_and_plot_write_through_the_helper(tmp_path) -> None:
     assert json.loads(out.read_text())["name"] == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"kind": "train", "step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3))
+    )
     png = plot_run(run, run / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in run.iterdir()) == ["curves.png", "metrics.jsonl"]
@@ -146,10 +154,12 @@ def test_coco_bbox_clips_to_the_image_then_gives_xywh() -> None:
 
     xyxy = torch.tensor([[-5.0, 2.0, 30.0, 50.0], [10.0, -1.0, 12.0, 3.0], [45.0, 38.0, 60.0, 41.0]])
     hw = (40, 48)  # h, w
-    assert torch.equal(clip_boxes(xyxy, hw), torch.tensor([[0.0, 2.0, 30.0, 40.0], [10.0, 0.0, 12.0, 3.0],
-                                                           [45.0, 38.0, 48.0, 40.0]]))
-    assert torch.equal(coco_bbox(xyxy, hw), torch.tensor([[0.0, 2.0, 30.0, 38.0], [10.0, 0.0, 2.0, 3.0],
-                                                          [45.0, 38.0, 3.0, 2.0]]))
+    assert torch.equal(
+        clip_boxes(xyxy, hw), torch.tensor([[0.0, 2.0, 30.0, 40.0], [10.0, 0.0, 12.0, 3.0], [45.0, 38.0, 48.0, 40.0]])
+    )
+    assert torch.equal(
+        coco_bbox(xyxy, hw), torch.tensor([[0.0, 2.0, 30.0, 38.0], [10.0, 0.0, 2.0, 3.0], [45.0, 38.0, 3.0, 2.0]])
+    )
     assert coco_bbox(xyxy[None].double(), (40.0, 48.0)).shape == (1, 3, 4)  # any leading dims, float sizes
 
 
@@ -170,10 +180,12 @@ def test_cached_box_results_are_clipped_coco_boxes() -> None:
 
 def _sweep_file(tmp_path, *sets: str):
     f = tmp_path / "s.toml"
-    rows = "".join(f'[[variants]]\nname="v{i}"\nlabels=["{i}"]\nset={list(s)!r}\n'.replace("'", '"')
-                   for i, s in enumerate(sets))
-    f.write_text('[sweep]\ntable="T"\ntitle="t"\ncolumns=["a"]\n[base.masknet]\nroi_size=8\n'
-                 '[base.train]\niterations=3\n' + rows)
+    rows = "".join(
+        f'[[variants]]\nname="v{i}"\nlabels=["{i}"]\nset={list(s)!r}\n'.replace("'", '"') for i, s in enumerate(sets)
+    )
+    f.write_text(
+        '[sweep]\ntable="T"\ntitle="t"\ncolumns=["a"]\n[base.masknet]\nroi_size=8\n[base.train]\niterations=3\n' + rows
+    )
     return f
 
 
@@ -190,18 +202,24 @@ def test_sweep_reader_applies_every_section_of_a_variant(tmp_path) -> None:
     assert spec.config_for(base).train.iterations == 3
     # the caller's overrides on top; keys outside the run config's sections are mask network keys
     assert run_overrides(["box_encoder.layers=1", "train.lr=0.1", "masknet.roi_size=16"]) == [
-        "masknet.box_encoder.layers=1", "train.lr=0.1", "masknet.roi_size=16"]
+        "masknet.box_encoder.layers=1",
+        "train.lr=0.1",
+        "masknet.roi_size=16",
+    ]
     mcfg = variant_masknet_config(spec, changed, run_overrides(["box_encoder.layers=1", "roi_size=16"]))
     assert mcfg.box_encoder.layers == 1 and mcfg.roi_size == 16
 
 
-@pytest.mark.parametrize("bad,needle", [
-    ("train.nope=1", r"\[v0\].*unknown key.*nope"),
-    ("loss.nope=1", r"s.toml: variant v0: loss: unknown key.*nope"),
-    ("assign.nope=1", r"s.toml: variant v0: assign: unknown key.*nope"),
-    ("masknet.box_encoder.depth=2", r"s.toml: variant v0: masknet.box_encoder: unknown key.*depth"),
-    ("online.lsj=3", r"online.lsj.*true/false"),
-])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ("train.nope=1", r"\[v0\].*unknown key.*nope"),
+        ("loss.nope=1", r"s.toml: variant v0: loss: unknown key.*nope"),
+        ("assign.nope=1", r"s.toml: variant v0: assign: unknown key.*nope"),
+        ("masknet.box_encoder.depth=2", r"s.toml: variant v0: masknet.box_encoder: unknown key.*depth"),
+        ("online.lsj=3", r"online.lsj.*true/false"),
+    ],
+)
 def test_sweep_reader_refuses_a_bad_override_of_any_section(tmp_path, bad: str, needle: str) -> None:
     from mfdetr.engine.sweep import load_sweep
     from mfdetr.errors import MfdetrError
@@ -216,11 +234,26 @@ def test_describe_reads_sweeps_with_the_sweep_reader(tmp_path) -> None:
     from mfdetr.cli import app
 
     def describe(sweep, *extra: str):
-        return CliRunner().invoke(app, ["describe", "-c", str(sweep), "--d", "32", "--levels", "8/16",
-                                        "--c1-channels", "24", "--no-flops", *extra])
+        return CliRunner().invoke(
+            app,
+            [
+                "describe",
+                "-c",
+                str(sweep),
+                "--d",
+                "32",
+                "--levels",
+                "8/16",
+                "--c1-channels",
+                "24",
+                "--no-flops",
+                *extra,
+            ],
+        )
 
-    f = _sweep_file(tmp_path, ["masknet.image_encoder.layers=1", "train.iterations=7"],
-                    ["masknet.image_encoder.layers=2"])
+    f = _sweep_file(
+        tmp_path, ["masknet.image_encoder.layers=1", "train.iterations=7"], ["masknet.image_encoder.layers=2"]
+    )
     r = describe(f, "neck.groups=8")
     assert r.exit_code == 0, r.output
     n1, n2 = (int(m.split()[1].replace(",", "")) for m in r.output.splitlines() if m.startswith(("v0 ", "v1 ")))
@@ -268,6 +301,8 @@ def test_cache_source_hint_is_written_whole_by_each_shard(tmp_path) -> None:
     store.mkdir()
     write_source_hint(store, coco=tmp_path / "coco", annotation_file=tmp_path / "coco" / "a.json")
     hint = json.loads((store / SOURCE_HINT).read_text())
-    assert hint == {"coco_root": str((tmp_path / "coco").resolve()),
-                    "annotation_path": str((tmp_path / "coco" / "a.json").resolve())}
+    assert hint == {
+        "coco_root": str((tmp_path / "coco").resolve()),
+        "annotation_path": str((tmp_path / "coco" / "a.json").resolve()),
+    }
     assert sorted(p.name for p in store.iterdir()) == [SOURCE_HINT]  # no temporary file left

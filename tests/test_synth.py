@@ -74,7 +74,7 @@ def test_dataset_contents(synth_dir):
     gt = load_coco_gt(synth_dir / "annotations" / "instances_train2017.json")
     anns = list(gt.anns.values())
     areas = np.array([a["area"] for a in anns if not a["iscrowd"]])
-    assert (areas < 32 ** 2 * (64 / 160) ** 2).any() and (areas > 96 ** 2 * (64 / 160) ** 2).any()
+    assert (areas < 32**2 * (64 / 160) ** 2).any() and (areas > 96**2 * (64 / 160) ** 2).any()
     assert any(a["iscrowd"] for a in anns) and any(not gt.imgToAnns[i] for i in gt.imgs)
     assert {a["category_id"] for a in anns} == {c.id for c in SYNTH_CLASSES}
     assert sum(isinstance(a["segmentation"], list) for a in anns) > 0.8 * len(anns)  # mostly polygons
@@ -83,6 +83,7 @@ def test_dataset_contents(synth_dir):
         x, y, w, h = a["bbox"]
         img = gt.imgs[a["image_id"]]
         return x == 0 or y == 0 or x + w == img["width"] or y + h == img["height"]
+
     assert 0 < sum(map(on_border, anns)) < len(anns)
     sizes = {(im["height"], im["width"]) for im in gt.imgs.values()}
     assert len(sizes) > 2  # aspect ratios vary (batch padding gets exercised)
@@ -104,8 +105,9 @@ def test_occlusion_keeps_visible_parts_only():
 def test_classes_differ_in_shape_and_texture():
     masks, stds = [], []
     for cls in SYNTH_CLASSES:
-        out = render_object(cls, cx=32, cy=32, a=24, aspect=1.0, angle=0.3, height=64, width=64,
-                            rng=np.random.default_rng(0))
+        out = render_object(
+            cls, cx=32, cy=32, a=24, aspect=1.0, angle=0.3, height=64, width=64, rng=np.random.default_rng(0)
+        )
         assert out is not None
         rows, cols, m, rgb = out
         full = np.zeros((64, 64), dtype=bool)
@@ -136,8 +138,7 @@ def test_dataset_reads_synth_and_masks_match_coco(synth_dir):
 
 def test_synth_cli_and_overwrite(tmp_path):
     out = tmp_path / "s"
-    proc = cli("synth", "--out", out, "--train", "3", "--val", "2", "--image-size", "48", "--seed", "1",
-               check=True)
+    proc = cli("synth", "--out", out, "--train", "3", "--val", "2", "--image-size", "48", "--seed", "1", check=True)
     assert "train2017: 3 images" in proc.stdout
     data = json.loads((out / "annotations" / "instances_val2017.json").read_text())
     assert len(data["images"]) == 2
@@ -150,8 +151,9 @@ def test_synth_cli_and_overwrite(tmp_path):
 def test_batches_over_synth_pad_varied_sizes(synth_dir):
     from mfdetr.data import iterate_batches
 
-    ds = CocoInstances(synth_dir, "train2017", preprocessing=Preprocessing(short_side=32, max_size=64),
-                       with_targets=False)
+    ds = CocoInstances(
+        synth_dir, "train2017", preprocessing=Preprocessing(short_side=32, max_size=64), with_targets=False
+    )
     seen = 0
     for batch, skips in iterate_batches(ds, batch_size=8, indices=range(16)):
         assert not skips and batch is not None and batch.targets is None

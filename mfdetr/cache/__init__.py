@@ -27,18 +27,44 @@ from mfdetr.cache.inspect import inspect_store
 from mfdetr.cache.manifest import build_manifest, check_expectations, manifest_differences, validate_manifest_data
 from mfdetr.cache.reader import CacheStore
 from mfdetr.cache.schema import ArraySpec, enc_array_name, load_array_table, load_manifest_schema, resolve_array_table
-from mfdetr.cache.writer import (COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED, BackgroundWriter, CacheWriter,
-                                 ImageRecord, records_from_output)
+from mfdetr.cache.writer import (
+    COMMIT_DONE,
+    COMMIT_PENDING,
+    COMMIT_SKIPPED,
+    BackgroundWriter,
+    CacheWriter,
+    ImageRecord,
+    records_from_output,
+)
 
 __all__ = [
-    "COMMIT_DONE", "COMMIT_PENDING", "COMMIT_SKIPPED", "ArraySpec", "BackgroundWriter", "CacheJob", "CacheStore",
-    "CacheSummary", "CacheWriter", "ImageRecord", "build_manifest", "check_expectations", "enc_array_name",
-    "inspect_store", "load_array_table", "load_manifest_schema", "manifest_differences", "parse_shard",
-    "records_from_output", "resolve_array_table", "run_cache", "validate_manifest_data",
+    "COMMIT_DONE",
+    "COMMIT_PENDING",
+    "COMMIT_SKIPPED",
+    "ArraySpec",
+    "BackgroundWriter",
+    "CacheJob",
+    "CacheStore",
+    "CacheSummary",
+    "CacheWriter",
+    "ImageRecord",
+    "build_manifest",
+    "check_expectations",
+    "enc_array_name",
+    "inspect_store",
+    "load_array_table",
+    "load_manifest_schema",
+    "manifest_differences",
+    "parse_shard",
+    "records_from_output",
+    "resolve_array_table",
+    "run_cache",
+    "validate_manifest_data",
 ]
 
 if TYPE_CHECKING:
     from mfdetr.cache.run import CacheJob, CacheSummary, parse_shard, run_cache
 
 __getattr__, __dir__ = lazy_exports(
-    __name__, {"CacheJob": "run", "CacheSummary": "run", "parse_shard": "run", "run_cache": "run"}, globals())
+    __name__, {"CacheJob": "run", "CacheSummary": "run", "parse_shard": "run", "run_cache": "run"}, globals()
+)

@@ -29,8 +29,12 @@ def read_commit_flags(root_dir: str | Path, arr: zarr.Array) -> np.ndarray:
     Falls back to zarr for any other layout.
     """
     enc = arr.metadata.chunk_key_encoding
-    if arr.compressors or arr.ndim != 1 or arr.chunks != (1,) or enc.to_dict() != {
-            "name": "default", "configuration": {"separator": "/"}}:
+    if (
+        arr.compressors
+        or arr.ndim != 1
+        or arr.chunks != (1,)
+        or enc.to_dict() != {"name": "default", "configuration": {"separator": "/"}}
+    ):
         return np.asarray(arr[:], dtype=np.uint8)
     flags = np.zeros(arr.shape[0], dtype=np.uint8)
     if is_remote(root_dir):

@@ -51,9 +51,9 @@ class CodecPreset:
 
     name: str
     make_filters: Callable[[], tuple[Any, ...]]
-    relative_error: float   # bound on |x' - x| / |x| (0: none)
-    absolute_error: float   # bound on |x' - x| (0: none)
-    max_abs: float          # |x| above this would encode as +-inf
+    relative_error: float  # bound on |x' - x| / |x| (0: none)
+    absolute_error: float  # bound on |x' - x| (0: none)
+    max_abs: float  # |x| above this would encode as +-inf
     description: str
 
     @property
@@ -76,27 +76,45 @@ class CodecPreset:
 
 def _bitround(keepbits: int) -> CodecPreset:
     return CodecPreset(
-        name=f"bitround-{keepbits}", make_filters=lambda: (BitRound(keepbits=keepbits),),
+        name=f"bitround-{keepbits}",
+        make_filters=lambda: (BitRound(keepbits=keepbits),),
         # subnormals (|x| < 2^-14) have a fixed quantum instead: the absolute term
-        relative_error=2.0 ** -(keepbits + 1), absolute_error=2.0 ** -(keepbits + 15),
-        max_abs=(2 - 2.0 ** -keepbits) * 2.0 ** 15,
+        relative_error=2.0 ** -(keepbits + 1),
+        absolute_error=2.0 ** -(keepbits + 15),
+        max_abs=(2 - 2.0**-keepbits) * 2.0**15,
         description=f"numcodecs BitRound: {keepbits} of float16's 10 mantissa bits kept, relative error "
-                    f"<= 2^-{keepbits + 1}")
+        f"<= 2^-{keepbits + 1}",
+    )
 
 
 def _quantize(digits: int) -> CodecPreset:
-    step = 2.0 ** -int(np.ceil(np.log2(10.0 ** digits)))  # numcodecs Quantize's grid for `digits`
+    step = 2.0 ** -int(np.ceil(np.log2(10.0**digits)))  # numcodecs Quantize's grid for `digits`
     return CodecPreset(
-        name=f"quantize-{digits}", make_filters=lambda: (Quantize(digits=digits, dtype="<f2"),),
-        relative_error=0.0, absolute_error=step / 2, max_abs=np.floor(F16_MAX * step),
-        description=f"numcodecs Quantize: absolute step {step:g}, absolute error <= {step / 2:g}")
+        name=f"quantize-{digits}",
+        make_filters=lambda: (Quantize(digits=digits, dtype="<f2"),),
+        relative_error=0.0,
+        absolute_error=step / 2,
+        max_abs=np.floor(F16_MAX * step),
+        description=f"numcodecs Quantize: absolute step {step:g}, absolute error <= {step / 2:g}",
+    )
 
 
-PRESETS: dict[str, CodecPreset] = {p.name: p for p in (
-    CodecPreset(name="lossless", make_filters=tuple, relative_error=0.0, absolute_error=0.0, max_abs=F16_MAX,
-                description="float16 + the data compressor (zstd-1): bit-exact"),
-    _bitround(7), _bitround(4), _quantize(1),
-)}
+PRESETS: dict[str, CodecPreset] = {
+    p.name: p
+    for p in (
+        CodecPreset(
+            name="lossless",
+            make_filters=tuple,
+            relative_error=0.0,
+            absolute_error=0.0,
+            max_abs=F16_MAX,
+            description="float16 + the data compressor (zstd-1): bit-exact",
+        ),
+        _bitround(7),
+        _bitround(4),
+        _quantize(1),
+    )
+}
 
 
 def _jsonable(x: Any) -> Any:
@@ -116,8 +134,12 @@ def get_preset(name: str) -> CodecPreset:
 
 def manifest_codecs(preset: str, data: dict[str, Any]) -> dict[str, Any]:
     """The manifest's ``codecs`` entry for ``preset`` and the data compressor ``data``."""
-    return {"data": dict(data), "commit": {"name": "none"}, "preset": preset,
-            "feature_filters": get_preset(preset).filter_metadata()}
+    return {
+        "data": dict(data),
+        "commit": {"name": "none"},
+        "preset": preset,
+        "feature_filters": get_preset(preset).filter_metadata(),
+    }
 
 
 def preset_of(manifest: dict[str, Any]) -> CodecPreset:
@@ -146,9 +168,11 @@ def check_encodable(manifest: dict[str, Any], name: str, value: np.ndarray, wher
         return
     peak = max(float(value.max()), -float(value.min()))  # no |value| temporary (maps can be large)
     if peak > p.max_abs:
-        raise MfdetrError(f"the detector returned |value| = {peak:g} in '{name}' for {where}, beyond what "
-                          f"--codec {p.name} can store (|x| <= {p.max_abs:g}); stopping — use --codec lossless "
-                          "or bitround-7 with another --out")
+        raise MfdetrError(
+            f"the detector returned |value| = {peak:g} in '{name}' for {where}, beyond what "
+            f"--codec {p.name} can store (|x| <= {p.max_abs:g}); stopping — use --codec lossless "
+            "or bitround-7 with another --out"
+        )
 
 
 def filters_metadata_of(arr: Any) -> list[dict[str, Any]]:

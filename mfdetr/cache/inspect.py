@@ -21,8 +21,9 @@ from mfdetr.cache.views import base_name, combined_commit, view_array_name
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_PENDING, COMMIT_SKIPPED
 
 
-def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False,
-                  progress: bool = False) -> tuple[list[str], dict[str, Any]]:
+def inspect_store(
+    path: str | Path, *, max_skips: int = 20, verify: bool = False, progress: bool = False
+) -> tuple[list[str], dict[str, Any]]:
     """Validate the store at ``path`` (raises :class:`MfdetrError` if invalid) and describe it.
 
     Damaged images (:func:`~mfdetr.cache.verify.find_damaged`): a commit flag outside 0/1/2, or a
@@ -45,48 +46,74 @@ def inspect_store(path: str | Path, *, max_skips: int = 20, verify: bool = False
     flags = combined_commit(list(view_flags.values()))
     damaged_idx = np.zeros(len(store), dtype=bool)
     damaged_idx[[d.index for d in damage]] = True
-    done, skipped, pending = (int(((flags == f) & ~damaged_idx).sum()) for f in (COMMIT_DONE, COMMIT_SKIPPED,
-                                                                                   COMMIT_PENDING))
+    done, skipped, pending = (
+        int(((flags == f) & ~damaged_idx).sum()) for f in (COMMIT_DONE, COMMIT_SKIPPED, COMMIT_PENDING)
+    )
     flag_done = int((flags == COMMIT_DONE).sum())
     status = f"{len(damage)} DAMAGED image(s)" if damage else "valid"
     lines = _manifest_lines(store, status)
-    checked = ("every committed image decoded and checked" if verify
-               else "commit flags and chunk files checked; --verify decodes every image")
-    lines.append(f"completeness: {done}/{len(flags)} done, {skipped} skipped, {pending} pending, "
-                 f"{int(damaged_idx.sum())} damaged ({checked})")
+    checked = (
+        "every committed image decoded and checked"
+        if verify
+        else "commit flags and chunk files checked; --verify decodes every image"
+    )
+    lines.append(
+        f"completeness: {done}/{len(flags)} done, {skipped} skipped, {pending} pending, "
+        f"{int(damaged_idx.sum())} damaged ({checked})"
+    )
     if len(views) > 1:
         for v, c in per_view.items():
-            lines.append(f"  view {v}: {c['done']} done, {c['skipped']} skipped, {c['pending']} pending, "
-                         f"{c['damaged']} damaged")
+            lines.append(
+                f"  view {v}: {c['done']} done, {c['skipped']} skipped, {c['pending']} pending, {c['damaged']} damaged"
+            )
     skips = store.skipped()
     lines += _damage_and_skip_lines(damage, skips, max_skips)
     written = flag_done + skipped
     lines.append(f"arrays (stored bytes vs raw bytes of the {written} written chunks):")
     arrays, total = _arrays(store, view_flags, lines)
     partial = _partial_files(store)
-    lines.append(f"bytes on disk: {_human(stored_bytes(store.path))}"
-                 + (f"; {_human(total / flag_done)}/image" if flag_done else ""))
+    lines.append(
+        f"bytes on disk: {_human(stored_bytes(store.path))}"
+        + (f"; {_human(total / flag_done)}/image" if flag_done else "")
+    )
     if partial:
-        lines.append(f"note: {partial} leftover '.partial' temporary files from interrupted writers "
-                     "(harmless; not part of any image)")
-    facts = {"done": done, "skipped": skipped, "pending": pending, "damaged": int(damaged_idx.sum()),
-             "damage": damage, "verified": verify, "num_images": len(flags), "arrays": arrays,
-             "partial_files": partial, "skips": skips, "views": per_view}
+        lines.append(
+            f"note: {partial} leftover '.partial' temporary files from interrupted writers "
+            "(harmless; not part of any image)"
+        )
+    facts = {
+        "done": done,
+        "skipped": skipped,
+        "pending": pending,
+        "damaged": int(damaged_idx.sum()),
+        "damage": damage,
+        "verified": verify,
+        "num_images": len(flags),
+        "arrays": arrays,
+        "partial_files": partial,
+        "skips": skips,
+        "views": per_view,
+    }
     return lines, facts
 
 
 def _manifest_lines(store: CacheStore, status: str) -> list[str]:
     """The report's first line and its manifest section (one line per key, the detector summarised)."""
     m = store.manifest
-    lines = [f"cache {store.path}: {status} (schema v{m['schema_version']}, format {m['format']}, "
-             f"checksums {'crc32c' if m['codecs'].get('checksum') else 'none'})", "manifest:"]
+    lines = [
+        f"cache {store.path}: {status} (schema v{m['schema_version']}, format {m['format']}, "
+        f"checksums {'crc32c' if m['codecs'].get('checksum') else 'none'})",
+        "manifest:",
+    ]
     for key, value in m.items():
         if key in ("detector", "category_map", "arrays"):
             continue
         lines.append(f"  {key}: {json.dumps(value)}")
     det = m["detector"]
-    lines.append(f"  detector: {det['name']} (family {det['family']}, {det['num_classes']} classes, "
-                 f"{det['num_encoder_layers']} encoder layers); category_map: {len(m['category_map'])} slots")
+    lines.append(
+        f"  detector: {det['name']} (family {det['family']}, {det['num_classes']} classes, "
+        f"{det['num_encoder_layers']} encoder layers); category_map: {len(m['category_map'])} slots"
+    )
     return lines
 
 
@@ -124,29 +151,47 @@ def _arrays(store: CacheStore, view_flags: dict[str, np.ndarray], lines: list[st
         tiles = tuple(arr.chunks) if arr.shards else None
         per_chunk = int(np.prod(unit)) * arr.dtype.itemsize
         base = base_name(name)
-        n_chunks = 1 if name == "image_ids" else (v_skipped if base == "skip_reason" else
-                                                  v_done + v_skipped if base == "commit" else v_done)
+        n_chunks = (
+            1
+            if name == "image_ids"
+            else (v_skipped if base == "skip_reason" else v_done + v_skipped if base == "commit" else v_done)
+        )
         raw = per_chunk * n_chunks
         total += sb
         codec = _describe_compressors(arr)
         filters = filters_metadata_of(arr)
         label = "+".join([f["name"].removeprefix("numcodecs.") for f in filters] + [codec["name"]])
-        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(unit),
-                        "tiles": list(tiles) if tiles else None, "codec": codec, "filters": filters,
-                        "stored_bytes": sb, "raw_bytes_written": raw}
+        arrays[name] = {
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "chunks": list(unit),
+            "tiles": list(tiles) if tiles else None,
+            "codec": codec,
+            "filters": filters,
+            "stored_bytes": sb,
+            "raw_bytes_written": raw,
+        }
         ratio = f"{raw / sb:5.2f}x" if sb else "   - "
         layout = f"chunks {unit}" + (f" tiles {tiles[-2]}x{tiles[-1]}" if tiles else "")
-        lines.append(f"  {name:22s} {str(tuple(arr.shape)):24s} {str(arr.dtype):8s} {layout:38s} "
-                     f"{label:5s} {_human(sb):>10s} / {_human(raw):>10s} {ratio}")
+        lines.append(
+            f"  {name:22s} {str(tuple(arr.shape)):24s} {str(arr.dtype):8s} {layout:38s} "
+            f"{label:5s} {_human(sb):>10s} / {_human(raw):>10s} {ratio}"
+        )
     return arrays, total
 
 
-def _check_views(store: CacheStore, *, verify: bool, progress: bool
-                 ) -> tuple[dict[str, np.ndarray], dict[str, list[Any]]]:
+def _check_views(
+    store: CacheStore, *, verify: bool, progress: bool
+) -> tuple[dict[str, np.ndarray], dict[str, list[Any]]]:
     """Every view's commit flags and damaged images (:func:`~mfdetr.cache.verify.find_damaged`)."""
     flags = {v: store.for_view(v).commit_flags() for v in store.views}
-    bar = tqdm(total=len(store) * len(store.views), unit="img", desc="verify", disable=not (verify and progress),
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(store) * len(store.views),
+        unit="img",
+        desc="verify",
+        disable=not (verify and progress),
+        file=sys.stderr,
+    )
     damage = {v: find_damaged(store.for_view(v), full=verify, progress=bar.update) for v in store.views}
     bar.close()
     return flags, damage
@@ -156,6 +201,9 @@ def _counts(flags: np.ndarray, damage: list[Any]) -> dict[str, int]:
     """One view's done/skipped/pending/damaged image counts (they sum to the image count)."""
     hit = np.zeros(len(flags), dtype=bool)
     hit[[d.index for d in damage]] = True
-    return {"done": int(((flags == COMMIT_DONE) & ~hit).sum()),
-            "skipped": int(((flags == COMMIT_SKIPPED) & ~hit).sum()),
-            "pending": int(((flags == COMMIT_PENDING) & ~hit).sum()), "damaged": int(hit.sum())}
+    return {
+        "done": int(((flags == COMMIT_DONE) & ~hit).sum()),
+        "skipped": int(((flags == COMMIT_SKIPPED) & ~hit).sum()),
+        "pending": int(((flags == COMMIT_PENDING) & ~hit).sum()),
+        "damaged": int(hit.sum()),
+    }

@@ -110,8 +110,11 @@ class RemotePath:
         try:
             fs, path = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as e:
-            raise MfdetrError(f"no filesystem for this URL ({' '.join(str(e).split())[:160]}); install the "
-                              f"fsspec package of {protocol}:// (for S3: pip install mfdetr[s3])", path=url) from None
+            raise MfdetrError(
+                f"no filesystem for this URL ({' '.join(str(e).split())[:160]}); install the "
+                f"fsspec package of {protocol}:// (for S3: pip install mfdetr[s3])",
+                path=url,
+            ) from None
         return cls(fs, path, protocol)
 
     # --- the pathlib subset -------------------------------------------------------------------------
@@ -207,7 +210,7 @@ class RemotePath:
             found = self.fs.find(self.path, detail=True)
         except FileNotFoundError:
             return {}
-        return {p[len(self.path) + 1:]: int(info.get("size") or 0) for p, info in found.items()}
+        return {p[len(self.path) + 1 :]: int(info.get("size") or 0) for p, info in found.items()}
 
     def zarr_store(self, *, read_only: bool) -> Any:
         """A zarr ``FsspecStore`` over this folder (a new async filesystem instance of the same URL)."""
@@ -265,11 +268,24 @@ def wait_for_manifest(where: RemotePath, manifest_present: Any, *, timeout_s: fl
     deadline = time.monotonic() + timeout_s
     while not manifest_present():
         if time.monotonic() > deadline:
-            raise MfdetrError(f"another writer claimed the creation of this store ({CREATOR_OBJECT}) but no "
-                              f"manifest appeared within {timeout_s:.0f} s; if no writer is running, delete "
-                              f"{CREATOR_OBJECT} and rerun", path=str(where))
+            raise MfdetrError(
+                f"another writer claimed the creation of this store ({CREATOR_OBJECT}) but no "
+                f"manifest appeared within {timeout_s:.0f} s; if no writer is running, delete "
+                f"{CREATOR_OBJECT} and rerun",
+                path=str(where),
+            )
         time.sleep(0.2)
 
 
-__all__ = ["CREATOR_OBJECT", "RemotePath", "claim_creation", "file_size", "is_remote", "remote_error",
-           "storage_problem", "store_location", "wait_for_manifest", "zarr_target"]
+__all__ = [
+    "CREATOR_OBJECT",
+    "RemotePath",
+    "claim_creation",
+    "file_size",
+    "is_remote",
+    "remote_error",
+    "storage_problem",
+    "store_location",
+    "wait_for_manifest",
+    "zarr_target",
+]

@@ -20,8 +20,13 @@ import numpy as np
 
 from mfdetr import __version__
 from mfdetr.cache.codecs import DEFAULT_PRESET, manifest_codecs
-from mfdetr.cache.schema import (CURRENT_SCHEMA_VERSION, SCHEMA_VERSIONS, load_manifest_schema, resolve_array_table,
-                                 validate_json)
+from mfdetr.cache.schema import (
+    CURRENT_SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
+    load_manifest_schema,
+    resolve_array_table,
+    validate_json,
+)
 from mfdetr.cache.views import check_views, view_manifest_entry
 from mfdetr.contracts import DetectorPreset
 from mfdetr.errors import MfdetrError
@@ -85,20 +90,36 @@ def canvas_for(max_size: int, level_strides: Sequence[int]) -> dict[str, Any]:
     """
     coarsest = max(max(level_strides), C1_STRIDE)
     e = -(-max_size // coarsest) * coarsest
-    return {"input_hw": [e, e], "level_hw": [[e // s, e // s] for s in level_strides],
-            "c1_hw": [e // C1_STRIDE, e // C1_STRIDE],
-            "level_tile": [tile_for(e // s) for s in level_strides], "c1_tile": tile_for(e // C1_STRIDE)}
+    return {
+        "input_hw": [e, e],
+        "level_hw": [[e // s, e // s] for s in level_strides],
+        "c1_hw": [e // C1_STRIDE, e // C1_STRIDE],
+        "level_tile": [tile_for(e // s) for s in level_strides],
+        "c1_tile": tile_for(e // C1_STRIDE),
+    }
 
 
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
-def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_sha256: str, split: str,
-                   annotation_file: str, annotation_sha256: str, image_ids: Sequence[int], topk: int,
-                   enc_layers: Sequence[int], logits_dtype: str = "float32",
-                   codec: Mapping[str, Any] | None = None, codec_preset: str = DEFAULT_PRESET,
-                   c1: Mapping[str, Any] | None = None, views: Sequence[str] = ("orig",)) -> dict[str, Any]:
+def build_manifest(
+    *,
+    preset: DetectorPreset,
+    checkpoint_file: str,
+    checkpoint_sha256: str,
+    split: str,
+    annotation_file: str,
+    annotation_sha256: str,
+    image_ids: Sequence[int],
+    topk: int,
+    enc_layers: Sequence[int],
+    logits_dtype: str = "float32",
+    codec: Mapping[str, Any] | None = None,
+    codec_preset: str = DEFAULT_PRESET,
+    c1: Mapping[str, Any] | None = None,
+    views: Sequence[str] = ("orig",),
+) -> dict[str, Any]:
     """The manifest of a new store (validated against the schema).
 
     Args:
@@ -116,8 +137,9 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
     """
     layers = sorted({int(e) for e in enc_layers})
     if not layers or layers[0] < 1 or layers[-1] > preset.num_encoder_layers:
-        raise MfdetrError(f"--enc-layers {list(enc_layers)}: detector {preset.name} has encoder layers "
-                          f"1..{preset.num_encoder_layers}")
+        raise MfdetrError(
+            f"--enc-layers {list(enc_layers)}: detector {preset.name} has encoder layers 1..{preset.num_encoder_layers}"
+        )
     if topk < 1:
         raise MfdetrError(f"--topk must be >= 1, got {topk}")
     if preset.num_queries is not None and topk > preset.num_queries:
@@ -130,8 +152,11 @@ def build_manifest(*, preset: DetectorPreset, checkpoint_file: str, checkpoint_s
         "detector": preset.to_dict(),
         "checkpoint": {"file": Path(checkpoint_file).name, "sha256": checkpoint_sha256},
         "preprocessing": preset.preprocessing.to_dict(),
-        "source": {"split": split, "annotation_file": Path(annotation_file).name,
-                   "annotation_sha256": annotation_sha256},
+        "source": {
+            "split": split,
+            "annotation_file": Path(annotation_file).name,
+            "annotation_sha256": annotation_sha256,
+        },
         "num_images": len(image_ids),
         "image_ids_sha256": image_ids_sha256(image_ids),
         "topk": int(topk),
@@ -166,8 +191,10 @@ def validate_manifest_data(m: Any) -> list[str]:
         return [f"not an mfdetr cache manifest (format={m.get('format')!r})"]
     v = m.get("schema_version")
     if v not in SCHEMA_VERSIONS:
-        return [f"unknown cache schema version {v!r} (this mfdetr {__version__} reads "
-                f"{', '.join(map(str, SCHEMA_VERSIONS))})"]
+        return [
+            f"unknown cache schema version {v!r} (this mfdetr {__version__} reads "
+            f"{', '.join(map(str, SCHEMA_VERSIONS))})"
+        ]
     errs = validate_json(m, load_manifest_schema(v))
     if not errs:
         if m["num_classes"] != len(m["category_map"]):
@@ -221,9 +248,11 @@ def check_expectations(m: Mapping[str, Any], expect: Mapping[str, Any] | None, *
         if key == "enc_layers":
             missing = sorted(set(int(e) for e in want) - set(have if isinstance(have, list) else []))
             if missing:
-                raise MfdetrError(f"cache holds encoder layers {have}, but layers {missing} were asked for",
-                                  path=where)
+                raise MfdetrError(f"cache holds encoder layers {have}, but layers {missing} were asked for", path=where)
             continue
         if _jsonable(want) != have:
-            raise MfdetrError(f"cache was made with {key}={json.dumps(have)[:100]}, but this command expects "
-                              f"{json.dumps(_jsonable(want))[:100]}", path=where)
+            raise MfdetrError(
+                f"cache was made with {key}={json.dumps(have)[:100]}, but this command expects "
+                f"{json.dumps(_jsonable(want))[:100]}",
+                path=where,
+            )

@@ -94,24 +94,35 @@ def plan_job(job: CacheJob) -> _Plan:
     if not Path(job.checkpoint).is_file():
         raise MfdetrError("checkpoint file not found", path=job.checkpoint)
     if job.batch_size < 1 or job.num_workers < 0 or job.writer_threads < 1:
-        raise MfdetrError(f"need --batch-size >= 1, --workers >= 0 and --writer-threads >= 1, got "
-                          f"{job.batch_size}, {job.num_workers} and {job.writer_threads}")
+        raise MfdetrError(
+            f"need --batch-size >= 1, --workers >= 0 and --writer-threads >= 1, got "
+            f"{job.batch_size}, {job.num_workers} and {job.writer_threads}"
+        )
     if job.c1 not in ("store", "recompute"):
         raise MfdetrError(f"--c1 must be 'store' or 'recompute', got {job.c1!r}")
-    dataset = CocoInstances(job.coco, job.split, preprocessing=preset.preprocessing, with_targets=False,
-                            annotation_file=job.annotation_file)
+    dataset = CocoInstances(
+        job.coco, job.split, preprocessing=preset.preprocessing, with_targets=False, annotation_file=job.annotation_file
+    )
     image_ids = np.asarray(dataset.image_ids, dtype=np.int64)
     manifest = build_manifest(
-        preset=preset, checkpoint_file=str(job.checkpoint), checkpoint_sha256=sha256_file(job.checkpoint),
-        split=job.split, annotation_file=str(dataset.annotation_file),
-        annotation_sha256=dataset.annotation_sha256, image_ids=image_ids.tolist(), topk=job.topk,
-        enc_layers=job.enc_layers, codec_preset=job.codec, views=parse_views(job.views))
-    return _Plan(preset=preset, dataset=dataset, manifest=manifest, image_ids=image_ids,
-                 shard=resolve_shard(job.shard))
+        preset=preset,
+        checkpoint_file=str(job.checkpoint),
+        checkpoint_sha256=sha256_file(job.checkpoint),
+        split=job.split,
+        annotation_file=str(dataset.annotation_file),
+        annotation_sha256=dataset.annotation_sha256,
+        image_ids=image_ids.tolist(),
+        topk=job.topk,
+        enc_layers=job.enc_layers,
+        codec_preset=job.codec,
+        views=parse_views(job.views),
+    )
+    return _Plan(preset=preset, dataset=dataset, manifest=manifest, image_ids=image_ids, shard=resolve_shard(job.shard))
 
 
-def estimate_bytes(plan: _Plan, indices: list[int], store: Any | None = None, *,
-                   c1_mode: str = "store") -> dict[str, Any]:
+def estimate_bytes(
+    plan: _Plan, indices: list[int], store: Any | None = None, *, c1_mode: str = "store"
+) -> dict[str, Any]:
     """Estimated bytes of ``indices`` (with the job's codec and C1 mode) and a table of bytes/image and the
     whole split's total under every codec preset and C1 mode, from the annotation's image sizes and the
     shapes (:mod:`mfdetr.cache.sizes`; ratios measured on ``store`` where possible). Every stored view
@@ -120,24 +131,34 @@ def estimate_bytes(plan: _Plan, indices: list[int], store: Any | None = None, *,
     nv = len(store_views(m))
     pre = plan.preset.preprocessing
     d, k, c, c1 = m["hidden_dim"], m["topk"], m["num_classes"], m["c1_channels"]
-    canvas = 2 * (d * len(m["enc_layers"]) * sum(h * w for h, w in m["canvas"]["level_hw"])
-                  + c1 * m["canvas"]["c1_hw"][0] * m["canvas"]["c1_hw"][1]) + k * (2 * d + 4 * 4 + 4 * c)
+    canvas = 2 * (
+        d * len(m["enc_layers"]) * sum(h * w for h, w in m["canvas"]["level_hw"])
+        + c1 * m["canvas"]["c1_hw"][0] * m["canvas"]["c1_hw"][1]
+    ) + k * (2 * d + 4 * 4 + 4 * c)
     canvas *= nv
     hws = []
     for image_id in plan.image_ids.tolist():
         info = plan.dataset.image_info(int(image_id))
         hws.append(resized_hw(int(info["height"]), int(info["width"]), pre.short_side, pre.max_size))
     ratios, note = ratios_for(store)
+
     def raw_of(sizes: list[tuple[int, int]]) -> dict[str, float]:
         return {key: nv * v for key, v in raw_bytes(m, sizes).items()}
 
     raw = raw_of([hws[i] for i in indices])
-    mine = next(r for r in size_table(raw, len(indices), ratios)
-                if r.preset == m["codecs"]["preset"] and r.c1_mode == c1_mode)
-    return {"images": len(indices), "bytes_per_image": mine.bytes_per_image,
-            "raw_f16_valid_per_image": sum(raw.values()) / max(len(indices), 1),
-            "raw_canvas_per_image": float(canvas), "total_bytes": mine.total_bytes, "ratios": ratios,
-            "ratio_source": note, "table": size_table(raw_of(hws), len(hws), ratios)}
+    mine = next(
+        r for r in size_table(raw, len(indices), ratios) if r.preset == m["codecs"]["preset"] and r.c1_mode == c1_mode
+    )
+    return {
+        "images": len(indices),
+        "bytes_per_image": mine.bytes_per_image,
+        "raw_f16_valid_per_image": sum(raw.values()) / max(len(indices), 1),
+        "raw_canvas_per_image": float(canvas),
+        "total_bytes": mine.total_bytes,
+        "ratios": ratios,
+        "ratio_source": note,
+        "table": size_table(raw_of(hws), len(hws), ratios),
+    }
 
 
 def _todo(plan: _Plan, commit: np.ndarray, retry_skipped: bool) -> list[int]:
@@ -173,9 +194,11 @@ def reset_damaged(out_path: Path, root: Any, plan: _Plan, *, full: bool, echo: C
                 chunk_path(out_path, store._arrays[name], d.index).unlink(missing_ok=True)
         found += found_here
     if written:
-        echo(f"{'repair (every committed image decoded)' if full else 'check of commit flags and chunk files'} of "
-             f"{written} written image(s): {len(found)} damaged image(s) to recompute"
-             + ("" if full else " (--repair also decodes every image)"))
+        echo(
+            f"{'repair (every committed image decoded)' if full else 'check of commit flags and chunk files'} of "
+            f"{written} written image(s): {len(found)} damaged image(s) to recompute"
+            + ("" if full else " (--repair also decodes every image)")
+        )
     return len(found)
 
 
@@ -186,8 +209,9 @@ def _stage0_module(detector: Any, name: str) -> nn.Module:
     """The frozen stage 0 (stem + first backbone stage) that produced the detector's C1."""
     fn = getattr(getattr(detector, "body", None), "stage0", None)
     if not callable(fn):
-        raise MfdetrError(f"detector {name} does not expose its backbone's stage 0, so its C1 cannot be "
-                          "recomputed: use --c1 store")
+        raise MfdetrError(
+            f"detector {name} does not expose its backbone's stage 0, so its C1 cannot be recomputed: use --c1 store"
+        )
     return fn()
 
 
@@ -206,8 +230,15 @@ def recompute_manifest(plan: _Plan, detector: Any) -> tuple[dict[str, Any], dict
     w = min(pre.max_size, h * 4 // 3 + 3)
     example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     program, weights = export_stage0(module, example)
-    entry = {"mode": "recompute", "stage0": {"program": PROGRAM_FILE, "program_sha256": sha256_bytes(program),
-                                             "weights": WEIGHTS_FILE, "weights_sha256": sha256_bytes(weights)}}
+    entry = {
+        "mode": "recompute",
+        "stage0": {
+            "program": PROGRAM_FILE,
+            "program_sha256": sha256_bytes(program),
+            "weights": WEIGHTS_FILE,
+            "weights_sha256": sha256_bytes(weights),
+        },
+    }
     m = {**{k: v for k, v in plan.manifest.items() if k != "arrays"}, "c1": entry}
     m["arrays"] = [a.name for a in resolve_array_table(m)]
     return m, {PROGRAM_FILE: program, WEIGHTS_FILE: weights}

@@ -41,13 +41,21 @@ class CacheStore:
     cache folder of a store on object storage (:mod:`mfdetr.cache.readthrough`), or None.
     """
 
-    def __init__(self, *, path: Path | RemotePath, root: zarr.Group | None, manifest: dict[str, Any],
-                 view: str = ORIG, remote_cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        path: Path | RemotePath,
+        root: zarr.Group | None,
+        manifest: dict[str, Any],
+        view: str = ORIG,
+        remote_cache: Path | None = None,
+    ) -> None:
         self.path = path
         self.remote_cache = remote_cache
         if isinstance(path, RemotePath) and remote_cache is not None:
-            root = zarr.open_group(read_through(path.zarr_store(read_only=True), str(path), remote_cache),
-                                   mode="r", zarr_format=3)
+            root = zarr.open_group(
+                read_through(path.zarr_store(read_only=True), str(path), remote_cache), mode="r", zarr_format=3
+            )
         self.root = root
         self.manifest = manifest
         self.image_ids: np.ndarray = root["image_ids"][:]  # type: ignore[index]
@@ -59,7 +67,8 @@ class CacheStore:
         self.view = view
         # the view's arrays under their original-view names
         self._arrays: dict[str, zarr.Array] = {  # type: ignore[misc]
-            s.name: root[view_array_name(view, s.name)] for s in base_array_table(manifest)}
+            s.name: root[view_array_name(view, s.name)] for s in base_array_table(manifest)
+        }
         #: "store" (C1 read from the ``c1`` array) or "recompute" (no ``c1`` array: :meth:`read` returns an
         #: empty [1, C1, 0, 0] placeholder; the engine recomputes C1 with the store's stage 0)
         self.c1_mode: str = c1_mode(manifest)
@@ -67,8 +76,14 @@ class CacheStore:
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None, view: str = ORIG,
-             remote_cache: str | Path | None | bool = None) -> CacheStore:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        expect: Mapping[str, Any] | None = None,
+        view: str = ORIG,
+        remote_cache: str | Path | None | bool = None,
+    ) -> CacheStore:
         """Open and validate the store at ``path`` (a folder or an fsspec URL such as ``s3://bucket/prefix``).
 
         Args:
@@ -84,13 +99,23 @@ class CacheStore:
         root, manifest = open_validated(path)
         check_expectations(manifest, expect, where=str(path))
         cache = default_cache_root() if remote_cache is True else (Path(remote_cache) if remote_cache else None)
-        return cls(path=path, root=root, manifest=manifest, view=view,
-                   remote_cache=cache if isinstance(path, RemotePath) else None)
+        return cls(
+            path=path,
+            root=root,
+            manifest=manifest,
+            view=view,
+            remote_cache=cache if isinstance(path, RemotePath) else None,
+        )
 
     def for_view(self, view: str) -> CacheStore:
         """The same store read through ``view`` (no reopening or revalidation)."""
-        return self if view == self.view else CacheStore(path=self.path, root=self.root, manifest=self.manifest,
-                                                         view=view, remote_cache=self.remote_cache)
+        return (
+            self
+            if view == self.view
+            else CacheStore(
+                path=self.path, root=self.root, manifest=self.manifest, view=view, remote_cache=self.remote_cache
+            )
+        )
 
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
@@ -105,10 +130,18 @@ class CacheStore:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         cache = state.get("remote_cache")
-        root = (None if cache is not None and isinstance(state["path"], RemotePath)  # opened by __init__
-                else zarr.open_group(zarr_target(state["path"], read_only=True), mode="r", zarr_format=3))
-        self.__init__(path=state["path"], root=root, manifest=state["manifest"],  # type: ignore[misc]
-                      view=state.get("view", ORIG), remote_cache=cache)
+        root = (
+            None
+            if cache is not None and isinstance(state["path"], RemotePath)  # opened by __init__
+            else zarr.open_group(zarr_target(state["path"], read_only=True), mode="r", zarr_format=3)
+        )
+        self.__init__(
+            path=state["path"],
+            root=root,
+            manifest=state["manifest"],  # type: ignore[misc]
+            view=state.get("view", ORIG),
+            remote_cache=cache,
+        )
 
     # --- completeness -------------------------------------------------------------------------------
     def commit_flags(self, *, refresh: bool = False) -> np.ndarray:
@@ -140,8 +173,9 @@ class CacheStore:
         return int(hit[0])
 
     # --- per-image reads ----------------------------------------------------------------------------
-    def read_arrays(self, index: int, names: Sequence[str],
-                    regions: Mapping[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    def read_arrays(
+        self, index: int, names: Sequence[str], regions: Mapping[str, tuple[int, int]] | None = None
+    ) -> dict[str, np.ndarray]:
         """Raw stored arrays of image ``index`` (batch dim removed), read in parallel threads.
 
         Maps are canvas-sized unless ``regions`` gives ``name → (h, w)``: then only ``[..., :h, :w]`` is
@@ -158,11 +192,19 @@ class CacheStore:
                 return (index, slice(None), slice(0, h), slice(0, w))
             return index
 
-        return checked_read(path=self.path, arrays=self._arrays, image_id=int(self.image_ids[index]), index=index,
-                            names=names, submit=self._pool.submit, key=key)
+        return checked_read(
+            path=self.path,
+            arrays=self._arrays,
+            image_id=int(self.image_ids[index]),
+            index=index,
+            names=names,
+            submit=self._pool.submit,
+            key=key,
+        )
 
-    def read(self, index: int, *, enc_layers: Sequence[int] | None = None, crop: bool = True,
-             check_commit: bool = True) -> tuple[DetectorOutput, int]:
+    def read(
+        self, index: int, *, enc_layers: Sequence[int] | None = None, crop: bool = True, check_commit: bool = True
+    ) -> tuple[DetectorOutput, int]:
         """Image ``index`` as a :class:`DetectorOutput` with batch dim 1 (CPU tensors), and its image id.
 
         Features stay float16 (boxes float32, logits as stored). Only the requested encoder layers
@@ -176,13 +218,17 @@ class CacheStore:
         if check_commit and int(self.commit_flags()[index]) != COMMIT_DONE:
             self.commit_flags(refresh=True)
             if int(self.commit_flags()[index]) != COMMIT_DONE:
-                raise MfdetrError(f"image index {index} (id {int(self.image_ids[index])}) is not complete in "
-                                  "this cache (pending or skipped)", path=self.path)
+                raise MfdetrError(
+                    f"image index {index} (id {int(self.image_ids[index])}) is not complete in "
+                    "this cache (pending or skipped)",
+                    path=self.path,
+                )
         layers = self.enc_layers if enc_layers is None else [int(e) for e in enc_layers]
         missing = sorted(set(layers) - set(self.enc_layers))
         if missing:
-            raise MfdetrError(f"cache holds encoder layers {self.enc_layers}, layers {missing} were asked for",
-                              path=self.path)
+            raise MfdetrError(
+                f"cache holds encoder layers {self.enc_layers}, layers {missing} were asked for", path=self.path
+            )
         a = self.read_arrays(index, list(_SMALL))
         geo = geometry_problem(a, self.manifest)
         if geo:
@@ -201,11 +247,17 @@ class CacheStore:
 
         enc = {e: [t(a[enc_array_name(e, lvl)]) for lvl in range(len(self.level_strides))] for e in layers}
         out = DetectorOutput(
-            queries=t(a["queries"]), boxes=t(a["boxes"]), logits=t(a["logits"]), enc_maps=enc,
-            c1=t(a["c1"]) if "c1" in a else torch.zeros(1, int(self.manifest["c1_channels"]), 0, 0,
-                                                         dtype=torch.float16),
-            input_hw=t(a["input_hw"].astype(np.int64)), orig_hw=t(a["orig_hw"].astype(np.int64)),
-            level_valid_hw=t(lvl_hw))
+            queries=t(a["queries"]),
+            boxes=t(a["boxes"]),
+            logits=t(a["logits"]),
+            enc_maps=enc,
+            c1=t(a["c1"])
+            if "c1" in a
+            else torch.zeros(1, int(self.manifest["c1_channels"]), 0, 0, dtype=torch.float16),
+            input_hw=t(a["input_hw"].astype(np.int64)),
+            orig_hw=t(a["orig_hw"].astype(np.int64)),
+            level_valid_hw=t(lvl_hw),
+        )
         return out, int(self.image_ids[index])
 
     def image_sha256(self, index: int) -> str:

@@ -65,11 +65,11 @@ def _slice(data: bytes, byte_range: ByteRequest | None) -> bytes:
     if byte_range is None:
         return data
     if isinstance(byte_range, RangeByteRequest):
-        return data[byte_range.start:byte_range.end]
+        return data[byte_range.start : byte_range.end]
     if isinstance(byte_range, OffsetByteRequest):
-        return data[byte_range.offset:]
+        return data[byte_range.offset :]
     if isinstance(byte_range, SuffixByteRequest):
-        return data[len(data) - byte_range.suffix:]
+        return data[len(data) - byte_range.suffix :]
     raise TypeError(f"unexpected byte range {byte_range!r}")
 
 
@@ -103,15 +103,15 @@ class ReadThroughStore(WrapperStore[Store]):
         os.replace(tmp, p)
         return data
 
-    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-                  ) -> Buffer | None:
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         if key.startswith(MUTABLE_PREFIXES):
             return await self._store.get(key, prototype, byte_range)
         data = await self._fetch(key, prototype)
         return None if data is None else prototype.buffer.from_bytes(_slice(data, byte_range))
 
-    async def get_partial_values(self, prototype: BufferPrototype,
-                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
         return [await self.get(k, prototype, r) for k, r in key_ranges]
 
     def object_size(self, key: str) -> int | None:

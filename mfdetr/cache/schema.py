@@ -127,15 +127,21 @@ def base_array_table(manifest: dict[str, Any]) -> list[ArraySpec]:
     table = load_array_table(int(manifest["schema_version"]))
     canvas = manifest["canvas"]
     sym: dict[str, int] = {
-        "N": manifest["num_images"], "K": manifest["topk"], "d": manifest["hidden_dim"],
-        "C": manifest["num_classes"], "C1": manifest["c1_channels"], "L": len(manifest["level_strides"]),
-        "H1": canvas["c1_hw"][0], "W1": canvas["c1_hw"][1], "R": SKIP_REASON_BYTES, "T1": canvas["c1_tile"],
+        "N": manifest["num_images"],
+        "K": manifest["topk"],
+        "d": manifest["hidden_dim"],
+        "C": manifest["num_classes"],
+        "C1": manifest["c1_channels"],
+        "L": len(manifest["level_strides"]),
+        "H1": canvas["c1_hw"][0],
+        "W1": canvas["c1_hw"][1],
+        "R": SKIP_REASON_BYTES,
+        "T1": canvas["c1_tile"],
     }
 
     def dims(spec: list[Any], extra: dict[str, int]) -> tuple[int, ...]:
         # a chunk of length N is at least 1 (a store of 0 images still has valid metadata)
-        return tuple(int(x) if isinstance(x, int) else max({**sym, **extra}[x], 1 if x == "N" else 0)
-                     for x in spec)
+        return tuple(int(x) if isinstance(x, int) else max({**sym, **extra}[x], 1 if x == "N" else 0) for x in spec)
 
     def _spec(row: dict[str, Any], name: str, dtype: str, extra: dict[str, int]) -> ArraySpec:
         shape = (manifest["num_images"], *dims(row["shape"], extra)[1:])

@@ -66,13 +66,20 @@ def raw_bytes(manifest: dict[str, Any], input_hws: Iterable[tuple[int, int]]) ->
 
 
 def numcodecs_chain(preset: CodecPreset, data_codec: dict[str, Any]) -> list[Any]:
-    chain = [numcodecs.get_codec({"id": f["name"].removeprefix("numcodecs."), **f.get("configuration", {})})
-             for f in preset.filter_metadata()]
+    chain = [
+        numcodecs.get_codec({"id": f["name"].removeprefix("numcodecs."), **f.get("configuration", {})})
+        for f in preset.filter_metadata()
+    ]
     if data_codec["name"] == "zstd":
         chain.append(numcodecs.Zstd(level=int(data_codec.get("level", 1))))
     elif data_codec["name"] == "blosc":
-        chain.append(numcodecs.Blosc(cname=data_codec.get("cname", "zstd"), clevel=int(data_codec.get("level", 1)),
-                                     shuffle=numcodecs.Blosc.SHUFFLE))
+        chain.append(
+            numcodecs.Blosc(
+                cname=data_codec.get("cname", "zstd"),
+                clevel=int(data_codec.get("level", 1)),
+                shuffle=numcodecs.Blosc.SHUFFLE,
+            )
+        )
     return chain
 
 
@@ -88,9 +95,11 @@ def measure_ratios(store: Any, index: int) -> dict[str, dict[str, float]]:
     """Ratios (raw valid / encoded) of every preset on image ``index`` of a ``lossless`` store."""
     out, _ = store.read(index, crop=True)
     m = store.manifest
-    kinds = {"queries": [out.queries[0].numpy()], "c1": [out.c1[0].numpy()],
-             "enc": [out.enc_maps[e][lvl][0].numpy() for e in m["enc_layers"]
-                     for lvl in range(len(m["level_strides"]))]}
+    kinds = {
+        "queries": [out.queries[0].numpy()],
+        "c1": [out.c1[0].numpy()],
+        "enc": [out.enc_maps[e][lvl][0].numpy() for e in m["enc_layers"] for lvl in range(len(m["level_strides"]))],
+    }
     ratios: dict[str, dict[str, float]] = {}
     for name, preset in PRESETS.items():
         chain = numcodecs_chain(preset, m["codecs"]["data"])
@@ -108,10 +117,13 @@ def ratios_for(store: Any | None) -> tuple[dict[str, dict[str, float]], str]:
         done = store.complete_indices()
         if len(done):
             i = int(done[0])
-            return measure_ratios(store, i), (f"ratios measured by encoding image index {i} of this store "
-                                              "with every preset in memory")
-    return ASSUMED_RATIOS, ("ratios assumed (mfdetr/cache/sizes.py ASSUMED_RATIOS; a dry run on a store with a "
-                            "finished lossless image measures them)")
+            return measure_ratios(store, i), (
+                f"ratios measured by encoding image index {i} of this store with every preset in memory"
+            )
+    return ASSUMED_RATIOS, (
+        "ratios assumed (mfdetr/cache/sizes.py ASSUMED_RATIOS; a dry run on a store with a "
+        "finished lossless image measures them)"
+    )
 
 
 def size_table(raw: dict[str, float], n_images: int, ratios: dict[str, dict[str, float]]) -> list[SizeRow]:
@@ -129,14 +141,27 @@ def format_size_table(rows: list[SizeRow], *, chosen: tuple[str, str], note: str
     """The dry run's lines: one per preset and C1 mode, the chosen one marked ``*``."""
     from mfdetr.cache.chunk_files import human_bytes
 
-    lines = [f"size per codec preset and C1 mode ({note}):",
-             f"  {'codec':12s} {'C1':10s} {'bytes/image':>12s} {'split total (' + str(n_images) + ' images)':>26s}"]
+    lines = [
+        f"size per codec preset and C1 mode ({note}):",
+        f"  {'codec':12s} {'C1':10s} {'bytes/image':>12s} {'split total (' + str(n_images) + ' images)':>26s}",
+    ]
     for row in rows:
         mark = "*" if (row.preset, row.c1_mode) == chosen else " "
-        lines.append(f"{mark} {row.preset:12s} {row.c1_mode:10s} {human_bytes(row.bytes_per_image):>12s} "
-                     f"{human_bytes(row.total_bytes):>26s}")
+        lines.append(
+            f"{mark} {row.preset:12s} {row.c1_mode:10s} {human_bytes(row.bytes_per_image):>12s} "
+            f"{human_bytes(row.total_bytes):>26s}"
+        )
     return lines
 
 
-__all__ = ["ASSUMED_RATIOS", "C1_MODES", "SizeRow", "encoded_size", "format_size_table", "measure_ratios",
-           "ratios_for", "raw_bytes", "size_table"]
+__all__ = [
+    "ASSUMED_RATIOS",
+    "C1_MODES",
+    "SizeRow",
+    "encoded_size",
+    "format_size_table",
+    "measure_ratios",
+    "ratios_for",
+    "raw_bytes",
+    "size_table",
+]

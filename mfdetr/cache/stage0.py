@@ -42,7 +42,8 @@ WEIGHTS_FILE = "stage0/weights.pt"
 
 #: ATen ops (``name.overload``) a stored stage 0 may call: pure tensor math of conv / BN / pooling /
 #: token backbones. Anything else is refused at export and at load.
-ALLOWED_ATEN = frozenset("""
+ALLOWED_ATEN = frozenset(
+    """
     conv2d.default convolution.default batch_norm.default _native_batch_norm_legit_no_training.default relu.default
     relu_.default gelu.default silu.default sigmoid.default tanh.default max_pool2d.default
     max_pool2d_with_indices.default avg_pool2d.default adaptive_avg_pool2d.default add.Tensor add_.Tensor
@@ -56,18 +57,38 @@ ALLOWED_ATEN = frozenset("""
     t.default addmm.default baddbmm.default _unsafe_view.default where.self abs.default exp.default log.default
     amax.default max.dim eq.Scalar ne.Scalar gt.Scalar lt.Scalar zeros.default new_zeros.default zeros_like.default
     ones_like.default full_like.default full.default arange.default arange.start fill_.Scalar
-""".split())
+""".split()
+)
 #: Python-level calls in an exported graph: result indexing and integer arithmetic on dynamic sizes.
 PY_OPS: dict[str, Callable[..., Any]] = {
-    "getitem": operator.getitem, "add": operator.add, "sub": operator.sub, "mul": operator.mul,
-    "floordiv": operator.floordiv, "mod": operator.mod, "neg": operator.neg,
+    "getitem": operator.getitem,
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "floordiv": operator.floordiv,
+    "mod": operator.mod,
+    "neg": operator.neg,
 }
 #: exported bookkeeping calls that compute nothing (dropped when converting)
 _SKIP = frozenset({"_assert_tensor_metadata.default"})
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                                                       torch.int64, torch.int32, torch.bool, torch.uint8)}
-_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format,
-            "channels_last": torch.channels_last}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.bool,
+        torch.uint8,
+    )
+}
+_FORMATS = {
+    "contiguous_format": torch.contiguous_format,
+    "preserve_format": torch.preserve_format,
+    "channels_last": torch.channels_last,
+}
 
 
 def _op_name(target: Any) -> str:
@@ -124,9 +145,18 @@ def program_from_export(ep: torch.export.ExportedProgram) -> tuple[dict[str, Any
             if op.removeprefix("aten.") in _SKIP:
                 continue
             if not (op in PY_OPS or (op.startswith("aten.") and op[5:] in ALLOWED_ATEN)):
-                raise MfdetrError(f"stage 0 calls {op}, which a stored stage 0 may not use "
-                                  "(only plain tensor ops are allowed); use --c1 store for this detector")
-            nodes.append({"name": n.name, "op": op, "args": _encode(list(n.args)), "kwargs": {k: _encode(v) for k, v in n.kwargs.items()}})
+                raise MfdetrError(
+                    f"stage 0 calls {op}, which a stored stage 0 may not use "
+                    "(only plain tensor ops are allowed); use --c1 store for this detector"
+                )
+            nodes.append(
+                {
+                    "name": n.name,
+                    "op": op,
+                    "args": _encode(list(n.args)),
+                    "kwargs": {k: _encode(v) for k, v in n.kwargs.items()},
+                }
+            )
         elif n.op == "output":
             outs = n.args[0]
             if not isinstance(outs, list | tuple) or len(outs) != 1:
@@ -134,8 +164,14 @@ def program_from_export(ep: torch.export.ExportedProgram) -> tuple[dict[str, Any
             output = _encode(outs[0])
         elif n.op != "placeholder":
             raise MfdetrError(f"stage 0 cannot be stored: graph node kind {n.op!r}")
-    program = {"format": FORMAT, "version": 1, "input": user_inputs[0], "weights": sorted(weights),
-               "nodes": nodes, "output": output}
+    program = {
+        "format": FORMAT,
+        "version": 1,
+        "input": user_inputs[0],
+        "weights": sorted(weights),
+        "nodes": nodes,
+        "output": output,
+    }
     return program, weights
 
 
@@ -180,19 +216,25 @@ class Stage0Program(nn.Module):
             if isinstance(v, list):
                 return all(arg_ok(x) for x in v)
             if isinstance(v, dict) and len(v) == 1:
-                (k, x), = v.items()
-                return ((k == "ref" and x in known) or (k == "dtype" and x in _DTYPES)
-                        or (k == "memory_format" and x in _FORMATS) or (k, x) in (("device", "input"),
-                                                                                   ("layout", "strided")))
+                ((k, x),) = v.items()
+                return (
+                    (k == "ref" and x in known)
+                    or (k == "dtype" and x in _DTYPES)
+                    or (k == "memory_format" and x in _FORMATS)
+                    or (k, x) in (("device", "input"), ("layout", "strided"))
+                )
             return False
 
         for nd in program.get("nodes", []):
             op = nd.get("op")
             if not isinstance(op, str) or not (op in PY_OPS or (op.startswith("aten.") and op[5:] in ALLOWED_ATEN)):
                 raise ValueError(f"op {op!r} is not allowed in a stage-0 program")
-            if not (arg_ok(nd.get("args")) and isinstance(nd.get("kwargs"), dict)
-                    and all(isinstance(k, str) and arg_ok(v) for k, v in nd["kwargs"].items())
-                    and isinstance(nd.get("args"), list)):
+            if not (
+                arg_ok(nd.get("args"))
+                and isinstance(nd.get("kwargs"), dict)
+                and all(isinstance(k, str) and arg_ok(v) for k, v in nd["kwargs"].items())
+                and isinstance(nd.get("args"), list)
+            ):
                 raise ValueError(f"node {nd.get('name')!r}: arguments are not plain data or refer to unknown values")
             if not isinstance(nd.get("name"), str) or nd["name"] in known:
                 raise ValueError(f"node name {nd.get('name')!r} is missing or repeated")
@@ -208,9 +250,14 @@ class Stage0Program(nn.Module):
             if isinstance(v, list):
                 return [val(x) for x in v]
             if isinstance(v, dict):
-                (k, x), = v.items()
-                return {"ref": lambda: env[x], "dtype": lambda: _DTYPES[x], "device": lambda: images.device,
-                        "memory_format": lambda: _FORMATS[x], "layout": lambda: torch.strided}[k]()
+                ((k, x),) = v.items()
+                return {
+                    "ref": lambda: env[x],
+                    "dtype": lambda: _DTYPES[x],
+                    "device": lambda: images.device,
+                    "memory_format": lambda: _FORMATS[x],
+                    "layout": lambda: torch.strided,
+                }[k]()
             return v
 
         for nd in self.program["nodes"]:
@@ -251,8 +298,10 @@ def export_stage0(module: nn.Module, example: Tensor) -> tuple[bytes, bytes]:
         with torch.inference_mode():
             want, got = module(x), stored(x)
         if want.shape != got.shape or not torch.equal(want, got):
-            raise MfdetrError(f"the exported stage 0 does not reproduce C1 at input {tuple(x.shape[-2:])} "
-                              "(shape-specialised ops?); use --c1 store for this detector")
+            raise MfdetrError(
+                f"the exported stage 0 does not reproduce C1 at input {tuple(x.shape[-2:])} "
+                "(shape-specialised ops?); use --c1 store for this detector"
+            )
     return prog_bytes, w_bytes
 
 
@@ -278,9 +327,19 @@ def load_stage0(store: str | Path, entry: Mapping[str, Any]) -> Stage0Program:
     try:
         return Stage0Program.from_bytes(raw["program"], raw["weights"])
     except Exception as e:  # noqa: BLE001 - any malformed content is the same user-facing problem
-        raise MfdetrError(f"invalid stored stage 0 ({type(e).__name__}: {str(e)[:160]})",
-                          path=store / entry["program"]) from None
+        raise MfdetrError(
+            f"invalid stored stage 0 ({type(e).__name__}: {str(e)[:160]})", path=store / entry["program"]
+        ) from None
 
 
-__all__ = ["ALLOWED_ATEN", "PROGRAM_FILE", "PY_OPS", "WEIGHTS_FILE", "Stage0Program", "export_stage0",
-           "load_stage0", "program_from_export", "sha256_bytes"]
+__all__ = [
+    "ALLOWED_ATEN",
+    "PROGRAM_FILE",
+    "PY_OPS",
+    "WEIGHTS_FILE",
+    "Stage0Program",
+    "export_stage0",
+    "load_stage0",
+    "program_from_export",
+    "sha256_bytes",
+]

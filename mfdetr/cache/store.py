@@ -39,8 +39,16 @@ from mfdetr.cache.chunk_files import human_bytes as human_bytes
 from mfdetr.cache.chunk_files import read_commit_flags as read_commit_flags
 from mfdetr.cache.chunk_files import stored_bytes as stored_bytes
 from mfdetr.cache.codecs import feature_filters, filters_metadata_of, preset_of, with_codec_defaults
-from mfdetr.cache.location import (CREATOR_OBJECT, RemotePath, claim_creation, remote_error, storage_problem,
-                                   store_location, wait_for_manifest, zarr_target)
+from mfdetr.cache.location import (
+    CREATOR_OBJECT,
+    RemotePath,
+    claim_creation,
+    remote_error,
+    storage_problem,
+    store_location,
+    wait_for_manifest,
+    zarr_target,
+)
 from mfdetr.cache.manifest import MANIFEST_ATTR, image_ids_sha256, manifest_differences, validate_manifest_data
 from mfdetr.cache.schema import ArraySpec, resolve_array_table
 from mfdetr.errors import MfdetrError
@@ -54,8 +62,13 @@ def make_compressors(codec: dict[str, Any]) -> tuple[Any, ...]:
     if name == "zstd":
         return (ZstdCodec(level=int(codec.get("level", 1))),)
     if name == "blosc":
-        return (BloscCodec(cname=codec.get("cname", "zstd"), clevel=int(codec.get("level", 1)),
-                           shuffle=codec.get("shuffle", "shuffle")),)
+        return (
+            BloscCodec(
+                cname=codec.get("cname", "zstd"),
+                clevel=int(codec.get("level", 1)),
+                shuffle=codec.get("shuffle", "shuffle"),
+            ),
+        )
     raise MfdetrError(f"unknown cache codec {name!r}")
 
 
@@ -108,8 +121,12 @@ def _describe_compressors(arr: zarr.Array) -> dict[str, Any]:
     return {"name": type(c).__name__}
 
 
-def _build(path: Path | RemotePath, manifest: dict[str, Any], image_ids: np.ndarray,
-           extra_files: dict[str, bytes] | None = None) -> None:
+def _build(
+    path: Path | RemotePath,
+    manifest: dict[str, Any],
+    image_ids: np.ndarray,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
     remote = isinstance(path, RemotePath)  # remote: never delete anything (another creator may be writing)
     root = zarr.open_group(zarr_target(path, read_only=False), mode="a" if remote else "w", zarr_format=3)
     for rel, data in (extra_files or {}).items():  # e.g. the stage 0 of a --c1 recompute store
@@ -122,20 +139,25 @@ def _build(path: Path | RemotePath, manifest: dict[str, Any], image_ids: np.ndar
     for spec in resolve_array_table(manifest):
         if spec.name in have:  # left by a creator that died: compared with the schema when opened
             continue
-        layout = ({"shards": spec.chunks, "chunks": spec.inner_chunks} if spec.inner_chunks
-                  else {"chunks": spec.chunks})
-        arr = root.create_array(spec.name, shape=spec.shape, dtype=spec.dtype, **layout,
-                                filters=_filters_of(spec, manifest),
-                                compressors=make_compressors(_codec_of(spec, manifest))
-                                + checksum_codecs(manifest, spec.name), fill_value=0)
+        layout = {"shards": spec.chunks, "chunks": spec.inner_chunks} if spec.inner_chunks else {"chunks": spec.chunks}
+        arr = root.create_array(
+            spec.name,
+            shape=spec.shape,
+            dtype=spec.dtype,
+            **layout,
+            filters=_filters_of(spec, manifest),
+            compressors=make_compressors(_codec_of(spec, manifest)) + checksum_codecs(manifest, spec.name),
+            fill_value=0,
+        )
         if spec.name == "image_ids" and len(image_ids):
             arr[:] = image_ids
     # the manifest goes last: a directory without it is never mistaken for a store
     root.attrs[MANIFEST_ATTR] = manifest
 
 
-def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.ndarray,
-                     extra_files: dict[str, bytes] | None = None) -> zarr.Group:
+def open_for_writing(
+    path: str | Path, manifest: dict[str, Any], image_ids: np.ndarray, extra_files: dict[str, bytes] | None = None
+) -> zarr.Group:
     """Create the store at ``path`` (atomically) or open the existing one with the same manifest.
 
     ``extra_files`` (store-relative path → bytes) are written into a new store before it appears; an
@@ -170,19 +192,25 @@ def open_for_writing(path: str | Path, manifest: dict[str, Any], image_ids: np.n
     return zarr.open_group(str(path), mode="r+", zarr_format=3)
 
 
-def _check_same_manifest(root: zarr.Group, have: dict[str, Any], manifest: dict[str, Any],
-                         path: Path | RemotePath) -> None:
+def _check_same_manifest(
+    root: zarr.Group, have: dict[str, Any], manifest: dict[str, Any], path: Path | RemotePath
+) -> None:
     manifest = adopt_checksum_setting(have, manifest)
     diffs = manifest_differences(with_codec_defaults(have), manifest)
     if diffs:
-        raise MfdetrError("exists and was made with different settings (store vs this run): " + "; ".join(diffs[:4])
-                          + ("; ..." if len(diffs) > 4 else "")
-                          + " (rerun with the same options to resume, or choose another --out)", path=path)
+        raise MfdetrError(
+            "exists and was made with different settings (store vs this run): "
+            + "; ".join(diffs[:4])
+            + ("; ..." if len(diffs) > 4 else "")
+            + " (rerun with the same options to resume, or choose another --out)",
+            path=path,
+        )
     validate_store(root, have, path=path)
 
 
-def _open_remote_for_writing(path: RemotePath, manifest: dict[str, Any], image_ids: np.ndarray,
-                             extra_files: dict[str, bytes] | None) -> zarr.Group:
+def _open_remote_for_writing(
+    path: RemotePath, manifest: dict[str, Any], image_ids: np.ndarray, extra_files: dict[str, bytes] | None
+) -> zarr.Group:
     """:func:`open_for_writing` on object storage: creation claimed by an exclusive-create object."""
     with _storage_errors(path, "create or open the cache store"):
         if not _remote_has_store(path):
@@ -227,8 +255,7 @@ def _missing_remote(path: RemotePath) -> MfdetrError:
     except Exception:  # noqa: BLE001 - any failure here only changes the wording
         bucket_ok = True
     if not bucket_ok:
-        return MfdetrError(f"cache store not found: bucket '{bucket}' does not exist or is not accessible",
-                           path=path)
+        return MfdetrError(f"cache store not found: bucket '{bucket}' does not exist or is not accessible", path=path)
     return MfdetrError("cache store not found (no zarr.json: expected a store made by `mfdetr cache`)", path=path)
 
 
@@ -250,8 +277,7 @@ def _open_root(path: Path | RemotePath) -> tuple[zarr.Group, dict[str, Any]]:
         raise MfdetrError(f"not an mfdetr cache store (no '{MANIFEST_ATTR}' manifest attribute)", path=path)
     errs = validate_manifest_data(manifest)
     if errs:
-        raise MfdetrError("invalid manifest: " + "; ".join(errs[:3]) + (" ..." if len(errs) > 3 else ""),
-                          path=path)
+        raise MfdetrError("invalid manifest: " + "; ".join(errs[:3]) + (" ..." if len(errs) > 3 else ""), path=path)
     return root, dict(manifest)
 
 
@@ -265,12 +291,17 @@ def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Pa
             raise MfdetrError(f"array '{spec.name}' is missing", path=path)
         arr = root[spec.name]
         assert isinstance(arr, zarr.Array)
-        got = (tuple(arr.shape), str(arr.dtype), tuple(arr.shards or arr.chunks),
-               tuple(arr.chunks) if arr.shards else None)
+        got = (
+            tuple(arr.shape),
+            str(arr.dtype),
+            tuple(arr.shards or arr.chunks),
+            tuple(arr.chunks) if arr.shards else None,
+        )
         want = (spec.shape, spec.dtype, spec.chunks, spec.inner_chunks)
         if got != want:
-            raise MfdetrError(f"array '{spec.name}' is (shape, dtype, chunks, inner chunks)={got}, the schema "
-                              f"says {want}", path=path)
+            raise MfdetrError(
+                f"array '{spec.name}' is (shape, dtype, chunks, inner chunks)={got}, the schema says {want}", path=path
+            )
         codec = _describe_compressors(arr)
         want_codec = _codec_of(spec, manifest)
         if codec["name"] != want_codec["name"] or codec.get("level") != want_codec.get("level"):
@@ -279,12 +310,18 @@ def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Pa
         feats = spec.codec == "features"
         want_filters = preset_of(manifest).filter_metadata() if feats else []
         if filters != want_filters or (feats and filters != manifest["codecs"].get("feature_filters", [])):
-            raise MfdetrError(f"array '{spec.name}' has filters {filters}, the manifest's codec preset "
-                              f"{manifest['codecs'].get('preset', 'lossless')!r} says {want_filters}", path=path)
+            raise MfdetrError(
+                f"array '{spec.name}' has filters {filters}, the manifest's codec preset "
+                f"{manifest['codecs'].get('preset', 'lossless')!r} says {want_filters}",
+                path=path,
+            )
         has_ck = any(isinstance(c, Crc32cCodec) for c in arr.compressors)
         if has_ck != bool(checksum_codecs(manifest, spec.name)):
-            raise MfdetrError(f"array '{spec.name}' {'has' if has_ck else 'lacks'} a crc32c checksum, the manifest "
-                              f"says codecs.checksum={manifest['codecs'].get('checksum')}", path=path)
+            raise MfdetrError(
+                f"array '{spec.name}' {'has' if has_ck else 'lacks'} a crc32c checksum, the manifest "
+                f"says codecs.checksum={manifest['codecs'].get('checksum')}",
+                path=path,
+            )
     extra = members - set(manifest["arrays"])
     if extra:
         raise MfdetrError(f"unexpected arrays {sorted(extra)} (not in the manifest)", path=path)
@@ -293,8 +330,11 @@ def validate_store(root: zarr.Group, manifest: dict[str, Any], *, path: str | Pa
     try:
         ids = root["image_ids"][:]
     except Exception as e:  # noqa: BLE001 - a checksum or decoder failure of the one image_ids chunk
-        raise MfdetrError(f"array 'image_ids' cannot be decoded, truncated or altered ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:120]})", path=path) from None
+        raise MfdetrError(
+            f"array 'image_ids' cannot be decoded, truncated or altered ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:120]})",
+            path=path,
+        ) from None
     if image_ids_sha256(ids.tolist()) != manifest["image_ids_sha256"]:
         raise MfdetrError("image_ids do not match manifest.image_ids_sha256", path=path)
 

@@ -34,8 +34,10 @@ from mfdetr.errors import MfdetrError
 COMMIT_DONE, COMMIT_SKIPPED = 1, 2
 #: arrays that are not per-image data of a committed image
 NOT_IMAGE_DATA = ("image_ids", "commit", "skip_reason")
-REPAIR_HINT = ("rerun the `mfdetr cache` command that wrote it with --repair to recompute it, or pass "
-               "--skip-damaged to leave it out")
+REPAIR_HINT = (
+    "rerun the `mfdetr cache` command that wrote it with --repair to recompute it, or pass "
+    "--skip-damaged to leave it out"
+)
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,11 @@ def file_problem(root_dir: str | Path, arr: zarr.Array, index: int) -> str | Non
     if is_remote(p):
         cached = arr.store_path.store
         try:
-            size = (cached.object_size(str(p.relative_to(root_dir)))  # type: ignore[arg-type]
-                    if isinstance(cached, ReadThroughStore) else file_size(p))
+            size = (
+                cached.object_size(str(p.relative_to(root_dir)))  # type: ignore[arg-type]
+                if isinstance(cached, ReadThroughStore)
+                else file_size(p)
+            )
         except FileNotFoundError:
             return f"chunk object {p.relative_to(root_dir)} is missing"  # type: ignore[arg-type]
         except Exception as e:  # noqa: BLE001 - a storage failure is not damage of the image
@@ -129,18 +134,27 @@ def geometry_problem(a: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -
     """``(array, problem)`` if an image's stored sizes cannot be true (outside the store's canvas, or
     below 1), else ``None``. ``a`` holds its ``input_hw``, ``orig_hw`` and ``level_valid_hw``."""
     canvas = manifest["canvas"]
-    limits = {"input_hw": (np.asarray(canvas["input_hw"]), a["input_hw"]),
-              "level_valid_hw": (np.asarray(canvas["level_hw"]), a["level_valid_hw"]),
-              "orig_hw": (None, a["orig_hw"])}
+    limits = {
+        "input_hw": (np.asarray(canvas["input_hw"]), a["input_hw"]),
+        "level_valid_hw": (np.asarray(canvas["level_hw"]), a["level_valid_hw"]),
+        "orig_hw": (None, a["orig_hw"]),
+    }
     for name, (hi, x) in limits.items():
         if (x < 1).any() or (hi is not None and (x.shape != hi.shape or (x > hi).any())):
             return name, f"stored size {x.tolist()} is impossible (canvas {None if hi is None else hi.tolist()})"
     return None
 
 
-def checked_read(*, path: Path, arrays: Mapping[str, zarr.Array], image_id: int, index: int,
-                 names: Iterable[str], submit: Callable[..., Any], key: Callable[[str], Any]
-                 ) -> dict[str, np.ndarray]:
+def checked_read(
+    *,
+    path: Path,
+    arrays: Mapping[str, zarr.Array],
+    image_id: int,
+    index: int,
+    names: Iterable[str],
+    submit: Callable[..., Any],
+    key: Callable[[str], Any],
+) -> dict[str, np.ndarray]:
     """Read ``arrays[name][key(name)]`` for every name (through ``submit``, a thread pool's), raising
     :class:`DamagedImage` for a missing/empty file, a decoder failure or non-finite float values."""
     names = list(names)
@@ -179,8 +193,9 @@ def image_arrays(manifest: Mapping[str, Any]) -> list[str]:
     return [s.name for s in base_array_table(dict(manifest)) if s.name not in NOT_IMAGE_DATA]
 
 
-def find_damaged(store: Any, *, full: bool, indices: Iterable[int] | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[Damage]:
+def find_damaged(
+    store: Any, *, full: bool, indices: Iterable[int] | None = None, progress: Callable[[int], None] | None = None
+) -> list[Damage]:
     """Damaged images of an open :class:`~mfdetr.cache.reader.CacheStore`'s view (one :class:`Damage` each).
 
     Commit flags outside 0/1/2 always count. Committed images (flag 1) are checked for missing or
@@ -215,5 +230,16 @@ def find_damaged(store: Any, *, full: bool, indices: Iterable[int] | None = None
     return out
 
 
-__all__ = ["Damage", "DamagedImage", "REPAIR_HINT", "checked_read", "commit_problem", "decode_problem",
-           "file_problem", "find_damaged", "geometry_problem", "image_arrays", "nonfinite_problem"]
+__all__ = [
+    "Damage",
+    "DamagedImage",
+    "REPAIR_HINT",
+    "checked_read",
+    "commit_problem",
+    "decode_problem",
+    "file_problem",
+    "find_damaged",
+    "geometry_problem",
+    "image_arrays",
+    "nonfinite_problem",
+]

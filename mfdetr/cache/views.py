@@ -40,8 +40,9 @@ def parse_views(text: str | Sequence[str] | None) -> tuple[str, ...]:
     items = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
     unknown = [v for v in items if v not in KNOWN_VIEWS]
     if unknown or not items:
-        raise MfdetrError(f"--views must be a comma-separated subset of {','.join(KNOWN_VIEWS)} that includes "
-                          f"orig, got {text!r}")
+        raise MfdetrError(
+            f"--views must be a comma-separated subset of {','.join(KNOWN_VIEWS)} that includes orig, got {text!r}"
+        )
     if len(set(items)) != len(items) or ORIG not in items:
         raise MfdetrError(f"--views must name each view once and include orig, got {text!r}")
     return tuple(v for v in KNOWN_VIEWS if v in items)
@@ -61,7 +62,7 @@ def base_name(stored: str) -> str:
     """The original view's name of a stored array (``hflip_commit`` → ``commit``)."""
     for view in KNOWN_VIEWS[1:]:
         if stored.startswith(f"{view}_"):
-            return stored[len(view) + 1:]
+            return stored[len(view) + 1 :]
     return stored
 
 
@@ -71,8 +72,9 @@ def expand_views(base: Sequence[Any], views: Sequence[str]) -> list[Any]:
     out = list(base)
     for view in views:
         if view != ORIG:
-            out += [dataclasses.replace(s, name=view_array_name(view, s.name)) for s in base
-                    if s.name not in SHARED_ARRAYS]
+            out += [
+                dataclasses.replace(s, name=view_array_name(view, s.name)) for s in base if s.name not in SHARED_ARRAYS
+            ]
     return out
 
 
@@ -82,8 +84,12 @@ def check_views(manifest: Mapping[str, Any]) -> list[str]:
         return []
     views = manifest["views"]
     if views[:1] != [ORIG] or len(set(views)) != len(views) or views != [v for v in KNOWN_VIEWS if v in views]:
-        return [(f"manifest.views: {views} must start with 'orig' and name each view once, in the order "
-                 f"{list(KNOWN_VIEWS)}")]
+        return [
+            (
+                f"manifest.views: {views} must start with 'orig' and name each view once, in the order "
+                f"{list(KNOWN_VIEWS)}"
+            )
+        ]
     return []
 
 
@@ -99,8 +105,8 @@ def combined_commit(flags: Sequence[np.ndarray]) -> np.ndarray:
     for f in flags[1:]:
         f = np.asarray(f, dtype=np.uint8)
         written = np.isin(out, (1, 2))
-        out = np.where(written & ~np.isin(f, (1, 2)), f, out)   # this view pending or damaged
-        out = np.where(written & (f == 2), np.uint8(2), out)     # this view skipped
+        out = np.where(written & ~np.isin(f, (1, 2)), f, out)  # this view pending or damaged
+        out = np.where(written & (f == 2), np.uint8(2), out)  # this view skipped
     return out
 
 
@@ -108,8 +114,9 @@ def read_all_commits(root_dir: str | Path, root: Any, manifest: Mapping[str, Any
     """:func:`combined_commit` of every view's commit flags as stored under ``root_dir``."""
     from mfdetr.cache.chunk_files import read_commit_flags
 
-    return combined_commit([read_commit_flags(root_dir, root[view_array_name(v, "commit")])
-                            for v in store_views(manifest)])
+    return combined_commit(
+        [read_commit_flags(root_dir, root[view_array_name(v, "commit")]) for v in store_views(manifest)]
+    )
 
 
 def flip_batch(batch: Any) -> Any:
@@ -121,6 +128,19 @@ def flip_batch(batch: Any) -> Any:
     return dataclasses.replace(batch, images=images)
 
 
-__all__ = ["HFLIP", "KNOWN_VIEWS", "ORIG", "SHARED_ARRAYS", "base_name", "check_views", "combined_commit",
-           "expand_views", "flip_batch", "parse_views", "read_all_commits", "store_views", "view_array_name",
-           "view_manifest_entry"]
+__all__ = [
+    "HFLIP",
+    "KNOWN_VIEWS",
+    "ORIG",
+    "SHARED_ARRAYS",
+    "base_name",
+    "check_views",
+    "combined_commit",
+    "expand_views",
+    "flip_batch",
+    "parse_views",
+    "read_all_commits",
+    "store_views",
+    "view_array_name",
+    "view_manifest_entry",
+]

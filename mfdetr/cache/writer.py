@@ -57,9 +57,9 @@ class WriteStats:
 
     done: int = 0
     skipped: list[tuple[int, int, str]] = field(default_factory=list)  # (index, image_id, reason)
-    stored: dict[str, int] = field(default_factory=dict)       # bytes on disk per array
-    raw_canvas: dict[str, int] = field(default_factory=dict)   # uncompressed bytes incl. padding
-    raw_valid: dict[str, int] = field(default_factory=dict)    # uncompressed bytes of the valid region
+    stored: dict[str, int] = field(default_factory=dict)  # bytes on disk per array
+    raw_canvas: dict[str, int] = field(default_factory=dict)  # uncompressed bytes incl. padding
+    raw_valid: dict[str, int] = field(default_factory=dict)  # uncompressed bytes of the valid region
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, stored: int, canvas: int, valid: int) -> None:
@@ -73,8 +73,14 @@ class WriteStats:
         return sum(self.stored.values())
 
 
-def records_from_output(out: DetectorOutput, *, indices: list[int], file_names: list[str],
-                        image_ids: list[int], logits_dtype: torch.dtype = torch.float32) -> list[ImageRecord]:
+def records_from_output(
+    out: DetectorOutput,
+    *,
+    indices: list[int],
+    file_names: list[str],
+    image_ids: list[int],
+    logits_dtype: torch.dtype = torch.float32,
+) -> list[ImageRecord]:
     """Split a batch :class:`DetectorOutput` into per-image :class:`ImageRecord` (on the CPU).
 
     Features are cast to float16 on their device first (halves the device→host copy). Raises
@@ -92,23 +98,32 @@ def records_from_output(out: DetectorOutput, *, indices: list[int], file_names: 
         # float16 maps: a float32 sum is non-finite iff some element is (|x| <= 65504, so no overflow
         # below ~5e33 elements), and it is ~2x cheaper on CPU than isfinite().all()
         flat = t.reshape(bsz, -1)
-        nonfinite = (~torch.isfinite(flat.sum(dim=1, dtype=torch.float32)) if t.dtype == torch.float16
-                     else ~torch.isfinite(flat).all(dim=1))
+        nonfinite = (
+            ~torch.isfinite(flat.sum(dim=1, dtype=torch.float32))
+            if t.dtype == torch.float16
+            else ~torch.isfinite(flat).all(dim=1)
+        )
         if bool(nonfinite.any()):
             for b in torch.nonzero(nonfinite).flatten().tolist():
                 first_bad.setdefault(b, name)
             bad |= nonfinite
     if first_bad:
         b = min(first_bad)
-        raise MfdetrError(f"the detector returned non-finite values in '{first_bad[b]}' for image id "
-                          f"{image_ids[b]} ({file_names[b]}) (NaN/Inf, or beyond the float16 range); "
-                          "stopping — the store keeps every image committed so far")
+        raise MfdetrError(
+            f"the detector returned non-finite values in '{first_bad[b]}' for image id "
+            f"{image_ids[b]} ({file_names[b]}) (NaN/Inf, or beyond the float16 range); "
+            "stopping — the store keeps every image committed so far"
+        )
     host = {k: v.cpu().numpy() for k, v in {**full, **f16}.items()}
     host["input_hw"] = out.input_hw.cpu().numpy().astype(np.int32)
     host["orig_hw"] = out.orig_hw.cpu().numpy().astype(np.int32)
     host["level_valid_hw"] = out.level_valid_hw.cpu().numpy().astype(np.int32)
-    return [ImageRecord(index=indices[b], image_id=image_ids[b], file_name=file_names[b],
-                        arrays={k: v[b] for k, v in host.items()}) for b in range(bsz)]
+    return [
+        ImageRecord(
+            index=indices[b], image_id=image_ids[b], file_name=file_names[b], arrays={k: v[b] for k, v in host.items()}
+        )
+        for b in range(bsz)
+    ]
 
 
 class CacheWriter:
@@ -130,7 +145,10 @@ class CacheWriter:
         self.view = view
         self.arrays: dict[str, zarr.Array] = {
             s.name: root[view_array_name(view, s.name)].with_config(  # type: ignore[union-attr]
-                {"write_empty_chunks": True}) for s in base_array_table(manifest)}
+                {"write_empty_chunks": True}
+            )
+            for s in base_array_table(manifest)
+        }
         self.level_hw = [tuple(x) for x in manifest["canvas"]["level_hw"]]
         self.c1_hw = tuple(manifest["canvas"]["c1_hw"])
         self.feature_arrays = {s.name for s in base_array_table(manifest) if s.codec == "features"}
@@ -143,12 +161,15 @@ class CacheWriter:
         stored = file_size(chunk_path(self.path, arr, index))
         self.stats.add(name, stored, value.nbytes, valid_bytes)
 
-    def _canvas(self, x: np.ndarray, valid_hw: tuple[int, int], canvas_hw: tuple[int, int], what: str,
-                rec: ImageRecord) -> tuple[np.ndarray, int]:
+    def _canvas(
+        self, x: np.ndarray, valid_hw: tuple[int, int], canvas_hw: tuple[int, int], what: str, rec: ImageRecord
+    ) -> tuple[np.ndarray, int]:
         h, w = valid_hw
         if h > x.shape[-2] or w > x.shape[-1]:  # the detector broke its contract: not the image's fault
-            raise ValueError(f"image id {rec.image_id}: {what} valid size {h}x{w} exceeds the returned map "
-                             f"{x.shape[-2]}x{x.shape[-1]}")
+            raise ValueError(
+                f"image id {rec.image_id}: {what} valid size {h}x{w} exceeds the returned map "
+                f"{x.shape[-2]}x{x.shape[-1]}"
+            )
         if h > canvas_hw[0] or w > canvas_hw[1]:  # e.g. an extremely elongated image: skip it, recorded
             raise _DoesNotFit(f"{what} valid size {h}x{w} exceeds the store canvas {canvas_hw[0]}x{canvas_hw[1]}")
         out = np.zeros((x.shape[0], *canvas_hw), dtype=np.float16)
@@ -193,7 +214,7 @@ class CacheWriter:
         """Record image ``index`` as skipped with ``reason`` (UTF-8, truncated to 256 bytes)."""
         raw = reason.encode("utf-8")[:SKIP_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
         buf = np.zeros(SKIP_REASON_BYTES, dtype=np.uint8)
-        buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         self._put("skip_reason", index, buf, len(raw))
         self._put("commit", index, np.array(COMMIT_SKIPPED, dtype=np.uint8), 1)
         with self.stats._lock:
@@ -223,8 +244,10 @@ class BackgroundWriter:
         self._stopping = threading.Event()
         self.completed = 0
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, name=f"mfdetr-cache-writer-{k}", daemon=True)
-                         for k in range(max(1, threads))]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"mfdetr-cache-writer-{k}", daemon=True)
+            for k in range(max(1, threads))
+        ]
         for t in self._threads:
             t.start()
 
@@ -253,9 +276,12 @@ class BackgroundWriter:
         if is_remote(self.writer.path) and not isinstance(err, MfdetrError) and storage_problem(err) is not None:
             raise remote_error(self.writer.path, err, "write the cache", resumable=True) from err
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise MfdetrError(f"disk full while writing the cache ({err.strerror}: {err.filename or ''}); "
-                              "images committed so far are kept — free space and rerun the same command "
-                              "to resume", path=self.writer.path) from err
+            raise MfdetrError(
+                f"disk full while writing the cache ({err.strerror}: {err.filename or ''}); "
+                "images committed so far are kept — free space and rerun the same command "
+                "to resume",
+                path=self.writer.path,
+            ) from err
         if isinstance(err, OSError):
             raise MfdetrError(f"cannot write the cache: {err}", path=self.writer.path) from err
         raise err
@@ -277,9 +303,16 @@ class BackgroundWriter:
         for r in records:
             self.submit(self.writer.write_image, r)
 
-    def write_output(self, out: DetectorOutput, *, indices: list[int], file_names: list[str],
-                     image_ids: list[int], extra: list[dict[str, np.ndarray]] | None = None,
-                     writer: CacheWriter | None = None) -> None:
+    def write_output(
+        self,
+        out: DetectorOutput,
+        *,
+        indices: list[int],
+        file_names: list[str],
+        image_ids: list[int],
+        extra: list[dict[str, np.ndarray]] | None = None,
+        writer: CacheWriter | None = None,
+    ) -> None:
         """Queue a whole batch output: a worker converts it (float16 cast, non-finite check, device→host
         copy: :func:`records_from_output`) and writes its images, so the main thread goes straight back
         to the detector. A non-finite output surfaces as :class:`MfdetrError` at the next call.

@@ -69,8 +69,7 @@ class _Group(TyperGroup):
             ctx.exit(2)
         except KeyboardInterrupt as e:
             where = f" at step {e.step} (checkpoint {e.checkpoint})" if isinstance(e, Interrupted) else ""
-            typer.echo(f"mfdetr: interrupted{where}; to continue run: {continue_command(argv, e)}",
-                       err=True)
+            typer.echo(f"mfdetr: interrupted{where}; to continue run: {continue_command(argv, e)}", err=True)
             ctx.exit(130)
 
 
@@ -92,8 +91,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Mask Frozen-DETR: cache a frozen DETR detector once, train a light mask network on the cache."""
 
 

@@ -10,15 +10,22 @@ import typer
 Out = Annotated[Path, typer.Option("--out", help="Working folder for every output.")]
 Quick = Annotated[bool, typer.Option("--quick", help="Fewer images and iterations (a few minutes).")]
 Detector = Annotated[str, typer.Option("--detector", help="Detector preset (default: the shipped demo DINO).")]
-Checkpoint = Annotated[Path | None, typer.Option(
-    "--checkpoint", help="Detector checkpoint (default: the preset's shipped weights).")]
-UntrainedDetector = Annotated[bool, typer.Option(
-    "--untrained-detector", help="Use seeded untrained detector weights (runs the whole pipeline; APs near zero).")]
-TrainImages = Annotated[int | None, typer.Option(
-    "--train-images", help="Synthetic train images (default 400; quick 100).")]
+Checkpoint = Annotated[
+    Path | None, typer.Option("--checkpoint", help="Detector checkpoint (default: the preset's shipped weights).")
+]
+UntrainedDetector = Annotated[
+    bool,
+    typer.Option(
+        "--untrained-detector", help="Use seeded untrained detector weights (runs the whole pipeline; APs near zero)."
+    ),
+]
+TrainImages = Annotated[
+    int | None, typer.Option("--train-images", help="Synthetic train images (default 400; quick 100).")
+]
 ValImages = Annotated[int | None, typer.Option("--val-images", help="Synthetic val images (default 100; quick 30).")]
-Iterations = Annotated[int | None, typer.Option(
-    "--iterations", help="MaskNet training iterations (default 1000; quick 150).")]
+Iterations = Annotated[
+    int | None, typer.Option("--iterations", help="MaskNet training iterations (default 1000; quick 150).")
+]
 ImageSize = Annotated[int, typer.Option("--image-size", help="Shorter side of the synthetic images.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="MaskNet training batch size.")]
 Overlays = Annotated[int, typer.Option("--overlays", help="Val images to draw overlays for.")]
@@ -28,13 +35,23 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
 Overrides = Annotated[list[str], typer.Option("--set", help="Recipe override section.key=value (repeatable).")]
 Force = Annotated[bool, typer.Option("--force", help="Redo the demo in a non-empty --out.")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show tqdm progress bars.")]
-Views = Annotated[str, typer.Option(
-    "--views", help="Train cache views: orig, or orig,hflip (also cache the flipped images; training samples one "
-                    "view per image and epoch). Evaluation uses the original view.")]
+Views = Annotated[
+    str,
+    typer.Option(
+        "--views",
+        help="Train cache views: orig, or orig,hflip (also cache the flipped images; training samples one "
+        "view per image and epoch). Evaluation uses the original view.",
+    ),
+]
 Codec = Annotated[str, typer.Option("--codec", help="Cache feature codec preset (see `mfdetr cache --codec`).")]
-C1 = Annotated[str, typer.Option(
-    "--c1", help="store: cache C1; recompute: cache the frozen stage 0 instead and recompute C1 from the images in "
-                 "training.")]
+C1 = Annotated[
+    str,
+    typer.Option(
+        "--c1",
+        help="store: cache C1; recompute: cache the frozen stage 0 instead and recompute C1 from the images in "
+        "training.",
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -71,9 +88,28 @@ def demo(
     view_names = parse_views(views)
     check_output_dir(out)
 
-    run_demo(DemoOptions(out=out, detector=detector, checkpoint=checkpoint, untrained_detector=untrained_detector,
-                         quick=quick, train_images=train_images, val_images=val_images, iterations=iterations,
-                         image_size=image_size, batch_size=batch_size, overlays=overlays,
-                         overlay_threshold=overlay_threshold, seed=seed, device=device,
-                         overrides=tuple(overrides), force=force, progress=progress, c1=c1,
-                         codec=codec, views=view_names), echo=typer.echo)
+    run_demo(
+        DemoOptions(
+            out=out,
+            detector=detector,
+            checkpoint=checkpoint,
+            untrained_detector=untrained_detector,
+            quick=quick,
+            train_images=train_images,
+            val_images=val_images,
+            iterations=iterations,
+            image_size=image_size,
+            batch_size=batch_size,
+            overlays=overlays,
+            overlay_threshold=overlay_threshold,
+            seed=seed,
+            device=device,
+            overrides=tuple(overrides),
+            force=force,
+            progress=progress,
+            c1=c1,
+            codec=codec,
+            views=view_names,
+        ),
+        echo=typer.echo,
+    )

@@ -19,23 +19,27 @@ def _preset_spec(name: str):  # -> FeatureSpec | None
         p = get_preset(name)
     except (MfdetrError, ImportError):
         return None
-    return FeatureSpec(d_model=p.hidden_dim, level_strides=tuple(p.level_strides), c1_channels=p.c1_channels,
-                       num_classes=p.num_classes)
+    return FeatureSpec(
+        d_model=p.hidden_dim, level_strides=tuple(p.level_strides), c1_channels=p.c1_channels, num_classes=p.num_classes
+    )
 
 
 def describe_cmd(
     overrides: list[str] = typer.Argument(None, help="masknet overrides, e.g. masknet.box_encoder.layers=3"),
-    config: Path | None = typer.Option(None, "--config", "-c",
-                                       help="TOML recipe (its masknet table) or a sweep recipe."),
-    detector: str | None = typer.Option(None, "--detector", help="detector preset (default: the recipe's, "
-                                                                 "else hdetr_r50)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="TOML recipe (its masknet table) or a sweep recipe."
+    ),
+    detector: str | None = typer.Option(
+        None, "--detector", help="detector preset (default: the recipe's, else hdetr_r50)."
+    ),
     d: int | None = typer.Option(None, "--d", help="transformer width d (overrides the preset)."),
     levels: str | None = typer.Option(None, "--levels", help="encoder level strides, e.g. 8/16/32/64."),
     c1_channels: int | None = typer.Option(None, "--c1-channels", help="channels of C1."),
     input_size: str = typer.Option("800x1200", "--input-size", help="network input HxW for the FLOPs."),
     num_queries: int = typer.Option(100, "--num-queries", "-k", min=1, help="K queries per image."),
-    flops: bool | None = typer.Option(None, "--flops/--no-flops", help="count FLOPs (default: yes for one "
-                                                                       "config, no for a sweep)."),
+    flops: bool | None = typer.Option(
+        None, "--flops/--no-flops", help="count FLOPs (default: yes for one config, no for a sweep)."
+    ),
     device: str = typer.Option("cpu", "--device", help="where the counting forward runs (cpu, cuda, ...)."),
 ) -> None:
     """Print #params▲ and #FLOPs▲ per component for one image with K queries (FLOPs: torch's counter)."""
@@ -53,9 +57,14 @@ def describe_cmd(
     explicit = d is not None and levels is not None and c1_channels is not None
     if name is None and not explicit:
         name = "hdetr_r50"
-    spec, source = resolve_feature_spec(preset=_preset_spec(name) if name else None, name=name, d_model=d,
-                                        levels=parse_levels(levels) if levels else None, c1_channels=c1_channels,
-                                        input_hw=parse_size(input_size))
+    spec, source = resolve_feature_spec(
+        preset=_preset_spec(name) if name else None,
+        name=name,
+        d_model=d,
+        levels=parse_levels(levels) if levels else None,
+        c1_channels=c1_channels,
+        input_hw=parse_size(input_size),
+    )
     typer.echo(f"features: {source}")
     if config is not None and isinstance(data.get("variants"), list):
         from mfdetr.engine.sweep import load_sweep, run_overrides, variant_masknet_config
@@ -68,8 +77,9 @@ def describe_cmd(
             head += f"{'GMACs':>9}{'paper G':>9}"
         typer.echo(head)
         for row, mcfg in rows:
-            model = build_masknet(mcfg, d_model=spec.d_model, level_strides=spec.level_strides,
-                                  c1_channels=spec.c1_channels)
+            model = build_masknet(
+                mcfg, d_model=spec.d_model, level_strides=spec.level_strides, c1_channels=spec.c1_channels
+            )
             n = params_by_component(model)["total"]
             pm = row.paper.get("params_m")
             delta = f"{100 * (n / 1e6 - pm) / pm:+.1f}" if isinstance(pm, int | float) and pm else ""

@@ -11,8 +11,12 @@ def register(app: typer.Typer) -> None:
     def inspect(
         cache: str = typer.Argument(..., help="Cache store directory (made by `mfdetr cache`)."),
         max_skips: int = typer.Option(20, "--max-skips", min=0, help="Skipped (and damaged) images to list."),
-        verify: bool = typer.Option(False, "--verify", help="Decode and check every committed image (checksums, "
-                                                            "finite values), not only its files and commit flag."),
+        verify: bool = typer.Option(
+            False,
+            "--verify",
+            help="Decode and check every committed image (checksums, "
+            "finite values), not only its files and commit flag.",
+        ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar of --verify."),
     ) -> None:
         """Validate a cache store and describe it; exit 2 with a one-line error if it is invalid or holds
@@ -26,5 +30,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(line)
         if facts["damaged"]:
             first = facts["damage"][0]
-            raise MfdetrError(f"{facts['damaged']} damaged image(s), first {first.describe()}; {REPAIR_HINT}",
-                              path=cache)
+            raise MfdetrError(
+                f"{facts['damaged']} damaged image(s), first {first.describe()}; {REPAIR_HINT}", path=cache
+            )

@@ -14,32 +14,55 @@ if TYPE_CHECKING:
     from mfdetr.engine.config import RunConfig
 
 Cache = Annotated[str | None, typer.Option("--cache", help="Training cache store (written by `mfdetr cache`).")]
-Coco = Annotated[Path | None, typer.Option(
-    "--coco", help="COCO folder the caches were written from (GT annotations; default: the folder `mfdetr cache` "
-                   "recorded, if it still exists).")]
-ValCache = Annotated[str | None, typer.Option(
-    "--val-cache", help="Validation cache: evaluated at the end (and every train.eval_every steps).")]
-Config = Annotated[Path | None, typer.Option(
-    "--config", help="Run recipe TOML, e.g. pipeline/recipes/hdetr_r50.toml (default: the paper's final system).")]
+Coco = Annotated[
+    Path | None,
+    typer.Option(
+        "--coco",
+        help="COCO folder the caches were written from (GT annotations; default: the folder `mfdetr cache` "
+        "recorded, if it still exists).",
+    ),
+]
+ValCache = Annotated[
+    str | None,
+    typer.Option("--val-cache", help="Validation cache: evaluated at the end (and every train.eval_every steps)."),
+]
+Config = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="Run recipe TOML, e.g. pipeline/recipes/hdetr_r50.toml (default: the paper's final system)."
+    ),
+]
 Out = Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, TensorBoard, checkpoints).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")]
-RequireComplete = Annotated[bool, typer.Option("--require-complete", help="Refuse a cache that is still being written.")]
-SkipDamaged = Annotated[bool, typer.Option(
-    "--skip-damaged", help="Skip damaged cache images (missing/corrupt chunks, non-finite values) and list them in "
-                           "OUT/damaged_images.json, instead of stopping.")]
+RequireComplete = Annotated[
+    bool, typer.Option("--require-complete", help="Refuse a cache that is still being written.")
+]
+SkipDamaged = Annotated[
+    bool,
+    typer.Option(
+        "--skip-damaged",
+        help="Skip damaged cache images (missing/corrupt chunks, non-finite values) and list them in "
+        "OUT/damaged_images.json, instead of stopping.",
+    ),
+]
 Annotations = Annotated[Path | None, typer.Option("--annotations", help="Override the training annotation file.")]
-ValAnnotations = Annotated[Path | None, typer.Option(
-    "--val-annotations", help="Override the validation annotation file.")]
+ValAnnotations = Annotated[
+    Path | None, typer.Option("--val-annotations", help="Override the validation annotation file.")
+]
 Online = Annotated[bool, typer.Option("--online", help="Run the frozen detector in the loop instead of a cache.")]
 Detector = Annotated[str | None, typer.Option("--detector", help="--online: detector preset name or file, or 'auto'.")]
-Checkpoint = Annotated[Path | None, typer.Option(
-    "--checkpoint", help="--online: detector checkpoint file (default: the preset's shipped weights).")]
+Checkpoint = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="--online: detector checkpoint file (default: the preset's shipped weights)."),
+]
 Split = Annotated[str, typer.Option("--split", help="--online: COCO split to train on.")]
 TopK = Annotated[int, typer.Option("--topk", help="--online: queries kept per image (the cache's K).")]
-ValSplit = Annotated[str | None, typer.Option(
-    "--val-split", help="--online: COCO split to evaluate on (e.g. val2017).")]
-Overrides = Annotated[list[str] | None, typer.Argument(
-    help="Config overrides section.key=value, e.g. train.batch_size=2.")]
+ValSplit = Annotated[
+    str | None, typer.Option("--val-split", help="--online: COCO split to evaluate on (e.g. val2017).")
+]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Config overrides section.key=value, e.g. train.batch_size=2.")
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -86,12 +109,26 @@ def train(
         from mfdetr.detectors.resolve import resolve_detector
         from mfdetr.engine.online import train_online
 
-        det = resolve_detector(detector, checkpoint, config_file=detector_config, echo=typer.echo,
-                               categories_file=annotations or coco / "annotations" / f"instances_{split}.json",
-                               slot_categories=categories)
+        det = resolve_detector(
+            detector,
+            checkpoint,
+            config_file=detector_config,
+            echo=typer.echo,
+            categories_file=annotations or coco / "annotations" / f"instances_{split}.json",
+            slot_categories=categories,
+        )
         ckpt = str(det.checkpoint) if det.checkpoint else None
-        train_online(cfg, detector=det.name, checkpoint=ckpt, coco=str(coco),
-                     split=split, out=str(out), topk=topk, resume=resume, val_split=val_split)
+        train_online(
+            cfg,
+            detector=det.name,
+            checkpoint=ckpt,
+            coco=str(coco),
+            split=split,
+            out=str(out),
+            topk=topk,
+            resume=resume,
+            val_split=val_split,
+        )
         return
     if cache is None:
         raise MfdetrError("pass --cache DIR (or --online --detector NAME --checkpoint FILE --coco DIR)")
@@ -100,8 +137,9 @@ def train(
     from mfdetr.engine.damage import DamagePolicy
     from mfdetr.engine.stage2 import CacheSources, train_from_cache
 
-    src = CacheSources(cache=cache, coco=coco, val_cache=val_cache, annotations=annotations,
-                       val_annotations=val_annotations)
+    src = CacheSources(
+        cache=cache, coco=coco, val_cache=val_cache, annotations=annotations, val_annotations=val_annotations
+    )
     train_from_cache(cfg, src, out, resume=resume, damage=DamagePolicy(skip=skip_damaged))
 
 

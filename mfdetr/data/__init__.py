@@ -25,19 +25,35 @@ from typing import TYPE_CHECKING
 from mfdetr._lazy import lazy_exports
 
 _EXPORTS = {
-    "annotation_path": "annotations", "load_annotation_file": "annotations", "load_annotations": "annotations",
+    "annotation_path": "annotations",
+    "load_annotation_file": "annotations",
+    "load_annotations": "annotations",
     "AnnotationFile": "annotations",
-    "CocoInstances": "coco", "CocoItem": "coco",
-    "SkipRecord": "batching", "SkipReplace": "batching", "SkipSafe": "batching", "collate": "batching",
+    "CocoInstances": "coco",
+    "CocoItem": "coco",
+    "SkipRecord": "batching",
+    "SkipReplace": "batching",
+    "SkipSafe": "batching",
+    "collate": "batching",
     "collate_with_skips": "batching",
-    "iterate_batches": "batching", "same_size_batches": "batching", "run_or_skip": "batching",
+    "iterate_batches": "batching",
+    "same_size_batches": "batching",
+    "run_or_skip": "batching",
     "single_image_batches": "batching",
-    "load_rgb": "images", "to_rgb": "images", "LargeScaleJitter": "lsj",
-    "decode_rle": "masks", "decode_rles": "masks", "mask_to_rle": "masks", "masks_to_boxes_xyxy": "masks",
+    "load_rgb": "images",
+    "to_rgb": "images",
+    "LargeScaleJitter": "lsj",
+    "decode_rle": "masks",
+    "decode_rles": "masks",
+    "mask_to_rle": "masks",
+    "masks_to_boxes_xyxy": "masks",
     "segmentation_to_rle": "masks",
     "mask_to_polygons": "polygons",
-    "SynthConfig": "synth", "generate_synth": "synth", "SYNTH_CLASSES": "synth_render",
-    "EvalTransform": "transforms", "resized_hw": "transforms",
+    "SynthConfig": "synth",
+    "generate_synth": "synth",
+    "SYNTH_CLASSES": "synth_render",
+    "EvalTransform": "transforms",
+    "resized_hw": "transforms",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -45,8 +61,17 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from mfdetr.data.annotations import AnnotationFile, annotation_path, load_annotation_file, load_annotations
     from mfdetr.data.coco import CocoInstances, CocoItem
-    from mfdetr.data.batching import (SkipRecord, SkipReplace, SkipSafe, collate, collate_with_skips, iterate_batches,
-                                      run_or_skip, same_size_batches, single_image_batches)
+    from mfdetr.data.batching import (
+        SkipRecord,
+        SkipReplace,
+        SkipSafe,
+        collate,
+        collate_with_skips,
+        iterate_batches,
+        run_or_skip,
+        same_size_batches,
+        single_image_batches,
+    )
     from mfdetr.data.images import load_rgb, to_rgb
     from mfdetr.data.lsj import LargeScaleJitter
     from mfdetr.data.masks import decode_rle, decode_rles, mask_to_rle, masks_to_boxes_xyxy, segmentation_to_rle

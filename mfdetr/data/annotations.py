@@ -47,8 +47,10 @@ class AnnotationFile:
         by_reason: dict[str, list[str]] = {}
         for ref, why in self.ignored:
             by_reason.setdefault(why, []).append(ref)
-        parts = [f"{len(refs)} {why} ({', '.join(refs[:5])}{', …' if len(refs) > 5 else ''})"
-                 for why, refs in by_reason.items()]
+        parts = [
+            f"{len(refs)} {why} ({', '.join(refs[:5])}{', …' if len(refs) > 5 else ''})"
+            for why, refs in by_reason.items()
+        ]
         total = len(self.ignored) + len(self.data["annotations"])
         return f"{self.path}: ignored {len(self.ignored)} of {total} annotations: {'; '.join(parts)}"
 
@@ -56,8 +58,13 @@ class AnnotationFile:
 def _clean_annotation(a: dict[str, Any], image: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """``(usable annotation, None)`` (a copy where something was filled in or removed) or ``(None, why)``."""
     bbox = a.get("bbox")
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite(v) for v in bbox)
-            and bbox[2] > 0 and bbox[3] > 0):
+    if not (
+        isinstance(bbox, (list, tuple))
+        and len(bbox) == 4
+        and all(_finite(v) for v in bbox)
+        and bbox[2] > 0
+        and bbox[3] > 0
+    ):
         return None, "bbox not [x, y, w, h] with positive width and height"
     crowd = a.get("iscrowd", 0)
     if crowd not in (0, 1) or not isinstance(crowd, (int, bool)):
@@ -79,8 +86,9 @@ def _clean_annotation(a: dict[str, Any], image: dict[str, Any]) -> tuple[dict[st
     return out, None
 
 
-def _clean_annotations(data: dict[str, Any], path: Path, image_ids: dict[int, dict[str, Any]],
-                       cat_ids: set[int]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+def _clean_annotations(
+    data: dict[str, Any], path: Path, image_ids: dict[int, dict[str, Any]], cat_ids: set[int]
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """The usable annotations and the ignored ones (see :func:`load_annotations`)."""
     kept: list[dict[str, Any]] = []
     ignored: list[tuple[str, str]] = []
@@ -99,11 +107,13 @@ def _clean_annotations(data: dict[str, Any], path: Path, image_ids: dict[int, di
             ignored.append((ref, "non-integer image_id or category_id"))
             continue
         if a["image_id"] not in image_ids:
-            raise MfdetrError(f"annotations[{i}] points at unknown image id {a['image_id']!r} (annotation {ref})",
-                              path=path)
+            raise MfdetrError(
+                f"annotations[{i}] points at unknown image id {a['image_id']!r} (annotation {ref})", path=path
+            )
         if a["category_id"] not in cat_ids:
-            raise MfdetrError(f"annotations[{i}] points at unknown category id {a['category_id']!r} "
-                              f"(annotation {ref})", path=path)
+            raise MfdetrError(
+                f"annotations[{i}] points at unknown category id {a['category_id']!r} (annotation {ref})", path=path
+            )
         clean, why = _clean_annotation(a, image_ids[a["image_id"]])
         if clean is None:
             ignored.append((ref, str(why)))

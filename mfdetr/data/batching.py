@@ -60,11 +60,14 @@ def collate(items: Sequence[CocoItem], *, size_divisibility: int = 1) -> ImageBa
         pad_mask[i, :h, :w] = False
     targets = [it.target for it in items]
     return ImageBatch(
-        images=images, pad_mask=pad_mask,
+        images=images,
+        pad_mask=pad_mask,
         input_hw=torch.tensor([list(it.input_hw) for it in items], dtype=torch.int64),
         orig_hw=torch.tensor([list(it.orig_hw) for it in items], dtype=torch.int64),
-        image_ids=[it.image_id for it in items], file_names=[it.file_name for it in items],
-        targets=None if any(t is None for t in targets) else targets)  # type: ignore[arg-type]
+        image_ids=[it.image_id for it in items],
+        file_names=[it.file_name for it in items],
+        targets=None if any(t is None for t in targets) else targets,
+    )  # type: ignore[arg-type]
 
 
 class SkipSafe(Dataset[Any]):
@@ -86,8 +89,11 @@ class SkipSafe(Dataset[Any]):
         except SkipImage as e:
             ids = getattr(self.dataset, "image_ids", None)
             image_id = ids[index] if ids is not None else None
-            name = self.dataset.file_name(image_id) if image_id is not None and hasattr(
-                self.dataset, "file_name") else e.image
+            name = (
+                self.dataset.file_name(image_id)
+                if image_id is not None and hasattr(self.dataset, "file_name")
+                else e.image
+            )
             return SkipRecord(index=index, image_id=image_id, file_name=name, reason=str(e))
 
 
@@ -131,8 +137,9 @@ class SkipReplace(Dataset[Any]):
         raise MfdetrError(f"no image of the training split can be loaded (first: {next(iter(self.bad.values()), '')})")
 
 
-def collate_with_skips(items: Sequence[Any], *, size_divisibility: int = 1
-                       ) -> tuple[ImageBatch | None, list[SkipRecord]]:
+def collate_with_skips(
+    items: Sequence[Any], *, size_divisibility: int = 1
+) -> tuple[ImageBatch | None, list[SkipRecord]]:
     """Split ``items`` (from :class:`SkipSafe`) into a padded batch of the good ones and the skips."""
     skips = [it for it in items if isinstance(it, SkipRecord)]
     good = [it for it in items if not isinstance(it, SkipRecord)]
@@ -154,13 +161,18 @@ def same_size_batches(dataset: Any, indices: Sequence[int], batch_size: int) -> 
         h, w = int(info["height"]), int(info["width"])
         key = dataset.transform.output_hw(h, w) if h > 0 and w > 0 else (-1, -int(i) - 1)  # unknown: alone
         groups.setdefault(key, []).append(int(i))
-    return [g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+    return [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
 
 
-def iterate_batches(dataset: Dataset[Any], *, batch_size: int = 1, num_workers: int = 0,
-                    indices: Sequence[int] | None = None, size_divisibility: int = 1,
-                    batches: Sequence[Sequence[int]] | None = None
-                    ) -> Iterator[tuple[ImageBatch | None, list[SkipRecord]]]:
+def iterate_batches(
+    dataset: Dataset[Any],
+    *,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    indices: Sequence[int] | None = None,
+    size_divisibility: int = 1,
+    batches: Sequence[Sequence[int]] | None = None,
+) -> Iterator[tuple[ImageBatch | None, list[SkipRecord]]]:
     """Yield ``(batch or None, skips)`` over ``dataset`` (optionally only ``indices``), in order, or
     over the given ``batches`` of dataset indices (e.g. :func:`same_size_batches`).
 
@@ -169,14 +181,25 @@ def iterate_batches(dataset: Dataset[Any], *, batch_size: int = 1, num_workers: 
     safe: Dataset[Any] = SkipSafe(dataset)
     collate_fn = partial(collate_with_skips, size_divisibility=size_divisibility)
     if batches is not None:
-        loader = DataLoader(safe, batch_sampler=[list(b) for b in batches], num_workers=num_workers,
-                            collate_fn=collate_fn, persistent_workers=False)
+        loader = DataLoader(
+            safe,
+            batch_sampler=[list(b) for b in batches],
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=False,
+        )
         yield from loader
         return
     if indices is not None:
         safe = torch.utils.data.Subset(safe, list(indices))
-    loader = DataLoader(safe, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_fn, persistent_workers=False)
+    loader = DataLoader(
+        safe,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        persistent_workers=False,
+    )
     yield from loader
 
 
@@ -191,21 +214,30 @@ def single_image_batches(batch: ImageBatch) -> list[ImageBatch]:
     out = []
     for b in range(len(batch)):
         h, w = (int(v) for v in batch.input_hw[b].tolist())
-        out.append(ImageBatch(images=batch.images[b:b + 1, :, :h, :w], pad_mask=batch.pad_mask[b:b + 1, :h, :w],
-                              input_hw=batch.input_hw[b:b + 1], orig_hw=batch.orig_hw[b:b + 1],
-                              image_ids=[batch.image_ids[b]], file_names=[batch.file_names[b]],
-                              targets=None if batch.targets is None else [batch.targets[b]]))
+        out.append(
+            ImageBatch(
+                images=batch.images[b : b + 1, :, :h, :w],
+                pad_mask=batch.pad_mask[b : b + 1, :h, :w],
+                input_hw=batch.input_hw[b : b + 1],
+                orig_hw=batch.orig_hw[b : b + 1],
+                image_ids=[batch.image_ids[b]],
+                file_names=[batch.file_names[b]],
+                targets=None if batch.targets is None else [batch.targets[b]],
+            )
+        )
     return out
 
 
-def run_or_skip(fn: Callable[[ImageBatch], T], batch: ImageBatch
-                ) -> tuple[list[tuple[ImageBatch, T]], list[tuple[int, str]]]:
+def run_or_skip(
+    fn: Callable[[ImageBatch], T], batch: ImageBatch
+) -> tuple[list[tuple[ImageBatch, T]], list[tuple[int, str]]]:
     """``fn(batch)``; if that raises one of :data:`RUN_FAILURES`, ``fn`` on each image alone.
 
     Returns ``([(batch or single-image batch, result)], [(position in batch, reason)])``: the images
     ``fn`` cannot process are reported with the network-input size and the error, never raised.
     Out-of-memory errors are raised (they depend on the batch, not on the image).
     """
+
     def reason(one: ImageBatch, e: BaseException) -> str:
         h, w = (int(v) for v in one.input_hw[0].tolist())
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -76,18 +76,29 @@ class CocoInstances(Dataset[CocoItem]):
     whose mask is empty are ignored too; boxes are the tight boxes of the decoded masks.
     """
 
-    def __init__(self, root: str | Path, split: str, *, preprocessing: Preprocessing | None = None,
-                 with_targets: bool = True, annotation_file: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        preprocessing: Preprocessing | None = None,
+        with_targets: bool = True,
+        annotation_file: str | Path | None = None,
+    ) -> None:
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
             raise MfdetrError("COCO folder not found", path=self.root)
         self.image_dir = self.root / split
         if not self.image_dir.is_dir():
-            raise MfdetrError(f"split folder not found (expected the images of split '{split}' there)",
-                              path=self.image_dir)
-        self.annotation_file = Path(annotation_file) if annotation_file is not None else (
-            self.root / "annotations" / f"instances_{split}.json")
+            raise MfdetrError(
+                f"split folder not found (expected the images of split '{split}' there)", path=self.image_dir
+            )
+        self.annotation_file = (
+            Path(annotation_file)
+            if annotation_file is not None
+            else (self.root / "annotations" / f"instances_{split}.json")
+        )
         #: the parsed file (only its usable annotations); evaluation builds its pycocotools GT from it
         self.annotations: AnnotationFile = load_annotations(self.annotation_file)
         self.annotation_sha256 = self.annotations.sha256
@@ -144,9 +155,14 @@ class CocoInstances(Dataset[CocoItem]):
             masks = torch.from_numpy(np.ascontiguousarray(decode_rles(rles).transpose(2, 0, 1))).bool()
         else:
             masks = torch.zeros(0, h, w, dtype=torch.bool)
-        return GTInstances(boxes=masks_to_boxes_xyxy(masks), labels=torch.tensor(labels, dtype=torch.int64),
-                           masks=masks, iscrowd=torch.tensor(crowd, dtype=torch.bool), image_id=image_id,
-                           orig_hw=(h, w))
+        return GTInstances(
+            boxes=masks_to_boxes_xyxy(masks),
+            labels=torch.tensor(labels, dtype=torch.int64),
+            masks=masks,
+            iscrowd=torch.tensor(crowd, dtype=torch.bool),
+            image_id=image_id,
+            orig_hw=(h, w),
+        )
 
     def __getitem__(self, index: int) -> CocoItem:
         image_id = self.image_ids[index]
@@ -154,10 +170,17 @@ class CocoInstances(Dataset[CocoItem]):
         image = load_rgb(path)
         info = self._images[image_id]
         if (image.height, image.width) != (info["height"], info["width"]):
-            raise SkipImage(path, f"image is {image.width}x{image.height} but the annotation file says "
-                                  f"{info['width']}x{info['height']}")
+            raise SkipImage(
+                path,
+                f"image is {image.width}x{image.height} but the annotation file says {info['width']}x{info['height']}",
+            )
         x = self.transform(image)
         target = self.load_targets(image_id) if self.with_targets else None
-        return CocoItem(image=x, image_id=image_id, file_name=self.file_name(image_id),
-                        orig_hw=(image.height, image.width), input_hw=(int(x.shape[1]), int(x.shape[2])),
-                        target=target)
+        return CocoItem(
+            image=x,
+            image_id=image_id,
+            file_name=self.file_name(image_id),
+            orig_hw=(image.height, image.width),
+            input_hw=(int(x.shape[1]), int(x.shape[2])),
+            target=target,
+        )

@@ -14,5 +14,11 @@ def hflip_instances(target: GTInstances) -> GTInstances:
     w = float(target.orig_hw[1])
     b = target.boxes
     boxes = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1) if len(b) else b.clone()
-    return GTInstances(boxes=boxes, labels=target.labels.clone(), masks=target.masks.flip(-1),
-                       iscrowd=target.iscrowd.clone(), image_id=target.image_id, orig_hw=target.orig_hw)
+    return GTInstances(
+        boxes=boxes,
+        labels=target.labels.clone(),
+        masks=target.masks.flip(-1),
+        iscrowd=target.iscrowd.clone(),
+        image_id=target.image_id,
+        orig_hw=target.orig_hw,
+    )

@@ -67,8 +67,9 @@ def load_rgb(path: str | Path, *, max_pixels: int | None = None) -> Image.Image:
                 if w < 1 or h < 1:
                     raise SkipImage(path, f"image has no pixels ({w}x{h})")
                 if w * h > limit:
-                    raise SkipImage(path, f"image too large: {w}x{h} = {w * h} pixels, over the limit of "
-                                          f"{limit} (not decoded)")
+                    raise SkipImage(
+                        path, f"image too large: {w}x{h} = {w * h} pixels, over the limit of {limit} (not decoded)"
+                    )
                 im.load()  # decode now: a truncated JPEG fails here ("image file is truncated")
                 rgb = to_rgb(im)
                 return rgb.copy() if rgb is im else rgb  # a closed PIL image loses its pixels
@@ -78,8 +79,9 @@ def load_rgb(path: str | Path, *, max_pixels: int | None = None) -> Image.Image:
         raise SkipImage(path, f"corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
 
-def header_problem(path: str | Path, *, expect_hw: tuple[int, int] | None = None,
-                   max_pixels: int | None = None) -> str | None:
+def header_problem(
+    path: str | Path, *, expect_hw: tuple[int, int] | None = None, max_pixels: int | None = None
+) -> str | None:
     """Why ``path`` cannot be used, from its header and PIL's structural check only (nothing decoded),
     or ``None``: missing, not an image, no pixels, over ``max_pixels`` (default :data:`MAX_PIXELS`), or
     not of size ``expect_hw`` (height, width)."""

@@ -57,8 +57,14 @@ def jitter_instances(target: GTInstances, *, f: float, y0: int, x0: int, ch: int
     masks = target.masks[:, rows][:, :, cols] if len(target) else target.masks.new_zeros((0, ch, cw))
     keep = masks.flatten(1).any(1) if len(target) else torch.zeros(0, dtype=torch.bool)
     masks = masks[keep]
-    return GTInstances(boxes=masks_to_boxes_xyxy(masks), labels=target.labels[keep], masks=masks,
-                       iscrowd=target.iscrowd[keep], image_id=target.image_id, orig_hw=(ch, cw))
+    return GTInstances(
+        boxes=masks_to_boxes_xyxy(masks),
+        labels=target.labels[keep],
+        masks=masks,
+        iscrowd=target.iscrowd[keep],
+        image_id=target.image_id,
+        orig_hw=(ch, cw),
+    )
 
 
 class LargeScaleJitter(Dataset[CocoItem]):
@@ -71,8 +77,9 @@ class LargeScaleJitter(Dataset[CocoItem]):
         seed: with the epoch and the index, fixes every draw.
     """
 
-    def __init__(self, base: CocoInstances, *, size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, base: CocoInstances, *, size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0, seed: int = 0
+    ) -> None:
         if not base.with_targets:
             raise ValueError("large-scale jitter needs a dataset with GT targets")
         if size < 8 or not 0 < min_scale <= max_scale:
@@ -104,18 +111,26 @@ class LargeScaleJitter(Dataset[CocoItem]):
         image = load_rgb(path)
         info = self.base.image_info(image_id)
         if (image.height, image.width) != (info["height"], info["width"]):
-            raise SkipImage(path, f"image is {image.width}x{image.height} but the annotation file says "
-                                  f"{info['width']}x{info['height']}")
+            raise SkipImage(
+                path,
+                f"image is {image.width}x{image.height} but the annotation file says {info['width']}x{info['height']}",
+            )
         s, u = self.draw(index)
         nh, nw, y0, x0, f = lsj_window(image.height, image.width, size=self.size, scale=s, u=u)
         ch, cw = min(nh, self.size), min(nw, self.size)
         if (nh, nw) != (image.height, image.width):
             image = TF.resize(image, [nh, nw], interpolation=TF.InterpolationMode.BILINEAR)
-        x = TF.pil_to_tensor(image)[:, y0:y0 + ch, x0:x0 + cw].to(torch.float32).div_(255.0)
+        x = TF.pil_to_tensor(image)[:, y0 : y0 + ch, x0 : x0 + cw].to(torch.float32).div_(255.0)
         x = x.sub_(self._mean).div_(self._std)
         target = jitter_instances(self.base.load_targets(image_id), f=f, y0=y0, x0=x0, ch=ch, cw=cw)
-        return CocoItem(image=x, image_id=image_id, file_name=self.base.file_name(image_id), orig_hw=(ch, cw),
-                        input_hw=(ch, cw), target=target)
+        return CocoItem(
+            image=x,
+            image_id=image_id,
+            file_name=self.base.file_name(image_id),
+            orig_hw=(ch, cw),
+            input_hw=(ch, cw),
+            target=target,
+        )
 
 
 __all__ = ["LargeScaleJitter", "jitter_instances", "lsj_window"]

@@ -81,8 +81,11 @@ def clean_segmentation(segm: Any, h: int, w: int) -> tuple[Any, str | None]:
     if not isinstance(segm, dict):
         return None, "segmentation neither polygons nor an RLE"
     size, counts = segm.get("size"), segm.get("counts")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in size)):
+    if not (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
         return None, "RLE without an integer [height, width] size"
     if [int(size[0]), int(size[1])] != [h, w]:
         return None, "RLE size differs from the image size"

@@ -92,8 +92,12 @@ def synth_classes(config: SynthConfig) -> tuple[SynthClass, ...]:
     for k in range(config.num_classes):
         base, rnd = SYNTH_CLASSES[k % n], k // n
         if rnd:
-            base = dataclasses.replace(base, name=f"{base.name}-{rnd + 1}",
-                                       texture=SYNTH_CLASSES[(k + rnd) % n].texture, hue=(base.hue + 0.5 * rnd) % 1.0)
+            base = dataclasses.replace(
+                base,
+                name=f"{base.name}-{rnd + 1}",
+                texture=SYNTH_CLASSES[(k + rnd) % n].texture,
+                hue=(base.hue + 0.5 * rnd) % 1.0,
+            )
         out.append(dataclasses.replace(base, id=config.first_category_id + k))
     return tuple(out)
 
@@ -138,8 +142,17 @@ def render_scene(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndar
 
     def paint(cls_idx: int, cx: float, cy: float, a: float, gid: int) -> None:
         cls = classes[cls_idx]
-        out = render_object(cls, cx=cx, cy=cy, a=a, aspect=float(rng.uniform(0.7, 1.0)),
-                            angle=float(rng.uniform(0, 2 * np.pi)), height=h, width=w, rng=rng)
+        out = render_object(
+            cls,
+            cx=cx,
+            cy=cy,
+            a=a,
+            aspect=float(rng.uniform(0.7, 1.0)),
+            angle=float(rng.uniform(0, 2 * np.pi)),
+            height=h,
+            width=w,
+            rng=rng,
+        )
         if out is None:
             return
         rows, cols, m, rgb = out
@@ -148,8 +161,10 @@ def render_scene(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndar
 
     # object sizes: half-size log-uniform in [0.035, 0.35] S, one in four large (0.4–0.7 S);
     # painted roughly back to front by size (larger ones mostly behind), so small ones occlude large
-    sizes = [float(s * (rng.uniform(0.4, 0.7) if rng.random() < 0.25 else
-                        np.exp(rng.uniform(np.log(0.035), np.log(0.35))))) for _ in range(n_obj)]
+    sizes = [
+        float(s * (rng.uniform(0.4, 0.7) if rng.random() < 0.25 else np.exp(rng.uniform(np.log(0.035), np.log(0.35)))))
+        for _ in range(n_obj)
+    ]
     depth = [a * float(rng.lognormal(0.0, 0.5)) for a in sizes]
     sizes = [sizes[j] for j in sorted(range(n_obj), key=lambda j: -depth[j])]
     for k in range(n_obj + 1):
@@ -159,8 +174,13 @@ def render_scene(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndar
             groups.append((classes[cls_idx].id, True))
             ccx, ccy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
             for _ in range(int(rng.integers(5, 10))):
-                paint(cls_idx, ccx + rng.normal(0, 0.07 * s), ccy + rng.normal(0, 0.07 * s),
-                      float(s * rng.uniform(0.02, 0.045)), gid)
+                paint(
+                    cls_idx,
+                    ccx + rng.normal(0, 0.07 * s),
+                    ccy + rng.normal(0, 0.07 * s),
+                    float(s * rng.uniform(0.02, 0.045)),
+                    gid,
+                )
         if k < n_obj:
             cls_idx = int(rng.integers(len(classes)))
             gid = len(groups)
@@ -188,8 +208,15 @@ def instance_annotation(inst: SceneInstance, *, ann_id: int, image_id: int) -> d
     else:
         polys = mask_to_polygons(m)
         segm = polys if polys is not None else mask_to_rle(m)
-    return {"id": ann_id, "image_id": image_id, "category_id": inst.category_id, "segmentation": segm,
-            "area": int(m.sum()), "bbox": bbox, "iscrowd": int(inst.iscrowd)}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": inst.category_id,
+        "segmentation": segm,
+        "area": int(m.sum()),
+        "bbox": bbox,
+        "iscrowd": int(inst.iscrowd),
+    }
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -206,8 +233,13 @@ def _prepare_out(out: Path, force: bool) -> None:
     (out / "annotations").mkdir(parents=True, exist_ok=True)
 
 
-def generate_synth(out: str | Path, *, config: SynthConfig | None = None, force: bool = False,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+def generate_synth(
+    out: str | Path,
+    *,
+    config: SynthConfig | None = None,
+    force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
     """Write the synthetic dataset to ``out``; return a summary (per split: images, instances, ...).
 
     Raises:
@@ -227,8 +259,9 @@ def generate_synth(out: str | Path, *, config: SynthConfig | None = None, force:
             image_id = _ID_OFFSET[split] + i + 1
             file_name = f"{image_id:012d}.jpg"
             Image.fromarray(pixels).save(out / split / file_name, quality=config.jpeg_quality)
-            images.append({"id": image_id, "file_name": file_name, "height": int(pixels.shape[0]),
-                           "width": int(pixels.shape[1])})
+            images.append(
+                {"id": image_id, "file_name": file_name, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
+            )
             for inst in instances:
                 ann = instance_annotation(inst, ann_id=len(anns) + 1, image_id=image_id)
                 anns.append(ann)
@@ -238,9 +271,18 @@ def generate_synth(out: str | Path, *, config: SynthConfig | None = None, force:
             stats["empty_images"] += int(not instances)
             if progress is not None:
                 progress(split, i + 1, n)
-        data = {"info": {"description": "mfdetr synthetic COCO-format instance segmentation",
-                         "version": "1", "seed": config.seed, "image_size": config.image_size},
-                "licenses": [], "images": images, "annotations": anns, "categories": categories}
+        data = {
+            "info": {
+                "description": "mfdetr synthetic COCO-format instance segmentation",
+                "version": "1",
+                "seed": config.seed,
+                "image_size": config.image_size,
+            },
+            "licenses": [],
+            "images": images,
+            "annotations": anns,
+            "categories": categories,
+        }
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(data, separators=(",", ":")))
         summary["splits"][split] = stats
     return summary

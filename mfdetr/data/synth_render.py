@@ -67,7 +67,7 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray, a: float, aspect: float
         return m
     if shape == "arc":  # ring of radii 0.55a..a with a 70° gap
         r2 = (u * u + v * v) / (a * a)
-        return (r2 <= 1.0) & (r2 >= 0.55 ** 2) & (np.abs(np.arctan2(v, u)) > 0.6)
+        return (r2 <= 1.0) & (r2 >= 0.55**2) & (np.abs(np.arctan2(v, u)) > 0.6)
     if shape == "cross":
         t = 0.32 * a
         return ((np.abs(u) <= a * 0.95) & (np.abs(v) <= t)) | ((np.abs(u) <= t) & (np.abs(v) <= a * 0.95))
@@ -77,8 +77,7 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray, a: float, aspect: float
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def texture(kind: str, u: np.ndarray, v: np.ndarray, a: float, hue: float, rng: np.random.Generator
-            ) -> np.ndarray:
+def texture(kind: str, u: np.ndarray, v: np.ndarray, a: float, hue: float, rng: np.random.Generator) -> np.ndarray:
     """RGB float32 ``[h, w, 3]`` appearance of one instance (per-instance colours and parameters)."""
     h = hue + rng.normal(0.0, 0.035)
     c1 = _hsv(h, rng.uniform(0.55, 0.95), rng.uniform(0.55, 0.95))
@@ -107,9 +106,18 @@ def texture(kind: str, u: np.ndarray, v: np.ndarray, a: float, hue: float, rng: 
     return c1 * (1.0 - t) + c2 * t
 
 
-def render_object(cls: SynthClass, *, cx: float, cy: float, a: float, aspect: float, angle: float,
-                  height: int, width: int, rng: np.random.Generator
-                  ) -> tuple[slice, slice, np.ndarray, np.ndarray] | None:
+def render_object(
+    cls: SynthClass,
+    *,
+    cx: float,
+    cy: float,
+    a: float,
+    aspect: float,
+    angle: float,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+) -> tuple[slice, slice, np.ndarray, np.ndarray] | None:
     """Rasterise one object clipped to the image.
 
     Returns ``(rows, cols, mask [h, w] bool, rgb [h, w, 3] float32)`` of its on-image crop, or
@@ -153,8 +161,10 @@ def background(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     img[:] = base
     for _ in range(int(rng.integers(1, 4))):
         per, phi = rng.uniform(12.0, 80.0), rng.uniform(0, 2 * np.pi)
-        wave = np.sin((2 * np.pi / per) * (xx * np.float32(np.cos(phi)) + yy * np.float32(np.sin(phi)))
-                      + np.float32(rng.uniform(0, 2 * np.pi)))
+        wave = np.sin(
+            (2 * np.pi / per) * (xx * np.float32(np.cos(phi)) + yy * np.float32(np.sin(phi)))
+            + np.float32(rng.uniform(0, 2 * np.pi))
+        )
         img += wave[..., None] * rng.uniform(-30, 30, size=3).astype(np.float32)
     gh, gw = height // 16 + 2, width // 16 + 2
     coarse = rng.standard_normal((gh, gw * 3), dtype=np.float32) * np.float32(18.0)

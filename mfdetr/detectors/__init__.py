@@ -16,5 +16,15 @@ from mfdetr.detectors.common import Detections, DetrForward, FrozenDetr
 from mfdetr.detectors.dino import DinoConfig, DinoDetector, build_dino
 from mfdetr.detectors.registry import build_detector, get_preset, list_detectors, register_detector
 
-__all__ = ["Detections", "DetrForward", "DinoConfig", "DinoDetector", "FrozenDetr", "build_detector", "build_dino",
-           "get_preset", "list_detectors", "register_detector"]
+__all__ = [
+    "Detections",
+    "DetrForward",
+    "DinoConfig",
+    "DinoDetector",
+    "FrozenDetr",
+    "build_detector",
+    "build_dino",
+    "get_preset",
+    "list_detectors",
+    "register_detector",
+]

@@ -45,8 +45,9 @@ def read_categories(path: str | Path, *, what: str = "categories file") -> Categ
         raise MfdetrError(f"not a readable JSON file ({type(e).__name__}: {e})", path=p) from None
     items = data.get("categories") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
-        raise MfdetrError("expected a non-empty JSON list of {\"id\", \"name\"} or a COCO annotation file with "
-                          "'categories'", path=p)
+        raise MfdetrError(
+            'expected a non-empty JSON list of {"id", "name"} or a COCO annotation file with \'categories\'', path=p
+        )
     out: Categories = []
     for i, c in enumerate(items):
         cid = c.get("id") if isinstance(c, dict) else None
@@ -78,9 +79,16 @@ def _ids_text(ids: Sequence[int]) -> str:
     return f"ids {s}" if len(s) <= 8 else f"ids {s[0]}..{s[-1]}"
 
 
-def slot_map(num_slots: int, *, contiguous: bool, origin: str, dataset: Categories | None = None,
-             dataset_path: str | Path | None = None, listed: Categories | None = None,
-             listed_path: str | Path | None = None) -> tuple[int, ...] | None:
+def slot_map(
+    num_slots: int,
+    *,
+    contiguous: bool,
+    origin: str,
+    dataset: Categories | None = None,
+    dataset_path: str | Path | None = None,
+    listed: Categories | None = None,
+    listed_path: str | Path | None = None,
+) -> tuple[int, ...] | None:
     """Slot → category id of a head with ``num_slots`` slots (``0`` = a slot of no category).
 
     Args:
@@ -97,24 +105,36 @@ def slot_map(num_slots: int, *, contiguous: bool, origin: str, dataset: Categori
         ids = [c for c, _ in listed]
         found = _by_count(num_slots, ids, contiguous=contiguous) or (None if contiguous else _identity(num_slots, ids))
         if found is None:
-            raise MfdetrError(f"lists {len(ids)} categories ({_ids_text(ids)}), {origin} has {num_slots} class "
-                              f"slots: give one category per slot, in slot order", path=listed_path)
+            raise MfdetrError(
+                f"lists {len(ids)} categories ({_ids_text(ids)}), {origin} has {num_slots} class "
+                f"slots: give one category per slot, in slot order",
+                path=listed_path,
+            )
         if dataset is not None:
             missing = sorted({c for c, _ in dataset} - set(found))
             if missing:
-                raise MfdetrError(f"disagrees with the dataset {dataset_path}: its categories {_ids_text(missing)} "
-                                  f"are not among the {num_slots} class slots this file names", path=listed_path)
+                raise MfdetrError(
+                    f"disagrees with the dataset {dataset_path}: its categories {_ids_text(missing)} "
+                    f"are not among the {num_slots} class slots this file names",
+                    path=listed_path,
+                )
         return found
     if dataset is None:
         return None
     ids = sorted(c for c, _ in dataset)
     found = (None if contiguous else _identity(num_slots, ids)) or _by_count(num_slots, ids, contiguous=contiguous)
     if found is None:
-        how = ("one slot per category, in sorted id order" if contiguous else
-               "slot = category id, or one slot per category in sorted id order")
-        raise MfdetrError(f"{origin} has {num_slots} class slots, the dataset has {len(ids)} categories "
-                          f"({_ids_text(ids)}): they cannot be matched ({how}); name the category of each slot "
-                          "with --categories FILE", path=dataset_path)
+        how = (
+            "one slot per category, in sorted id order"
+            if contiguous
+            else "slot = category id, or one slot per category in sorted id order"
+        )
+        raise MfdetrError(
+            f"{origin} has {num_slots} class slots, the dataset has {len(ids)} categories "
+            f"({_ids_text(ids)}): they cannot be matched ({how}); name the category of each slot "
+            "with --categories FILE",
+            path=dataset_path,
+        )
     return found
 
 

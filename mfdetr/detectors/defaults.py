@@ -39,8 +39,10 @@ def preset_weights(preset: DetectorPreset, checkpoint: str | Path | None) -> Pat
     if shipped is not None:
         return shipped
     if preset.checkpoint_file:
-        raise MfdetrError(f"detector {preset.name!r} ships no weights in this installation: pass --checkpoint FILE "
-                          f"(the released file is {preset.checkpoint_file})")
+        raise MfdetrError(
+            f"detector {preset.name!r} ships no weights in this installation: pass --checkpoint FILE "
+            f"(the released file is {preset.checkpoint_file})"
+        )
     return None
 
 

@@ -21,8 +21,13 @@ FAMILIES = ("dino", "hdetr")
 
 def preset_record(preset: DetectorPreset) -> dict[str, Any]:
     """What a preset file holds."""
-    return {"name": preset.name, "family": preset.family, "arch": json.loads(json.dumps(dict(preset.arch))),
-            "class_to_category": list(preset.class_to_category), "preprocessing": preset.preprocessing.to_dict()}
+    return {
+        "name": preset.name,
+        "family": preset.family,
+        "arch": json.loads(json.dumps(dict(preset.arch))),
+        "class_to_category": list(preset.class_to_category),
+        "preprocessing": preset.preprocessing.to_dict(),
+    }
 
 
 def save_preset_file(preset: DetectorPreset, path: Path, *, name: str | None = None) -> Path:
@@ -72,19 +77,28 @@ def load_preset_file(path: Path) -> tuple[DetectorPreset, str, Any]:
     cfg = _config(family, data["arch"], path)
     preset = arch_preset(str(data["name"]), family, cfg)
     c2c = data.get("class_to_category", preset.class_to_category)
-    if not (isinstance(c2c, list | tuple) and len(c2c) == cfg.num_classes and
-            all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in c2c)):
-        raise MfdetrError(f"class_to_category must list {cfg.num_classes} non-negative category ids (one per "
-                          "class slot)", path=path)
+    if not (
+        isinstance(c2c, list | tuple)
+        and len(c2c) == cfg.num_classes
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in c2c)
+    ):
+        raise MfdetrError(
+            f"class_to_category must list {cfg.num_classes} non-negative category ids (one per class slot)", path=path
+        )
     pre = data.get("preprocessing")
     try:
         pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}) if pre else None
     except (TypeError, AttributeError) as e:
         raise MfdetrError(f"bad preprocessing: {e}", path=path) from None
-    if pre is not None and not (isinstance(pre.short_side, int) and isinstance(pre.max_size, int)
-                                and 0 < pre.short_side <= pre.max_size and len(pre.mean) == len(pre.std) == 3):
-        raise MfdetrError("bad preprocessing: needs integer 0 < short_side <= max_size and 3-value mean and std",
-                          path=path)
+    if pre is not None and not (
+        isinstance(pre.short_side, int)
+        and isinstance(pre.max_size, int)
+        and 0 < pre.short_side <= pre.max_size
+        and len(pre.mean) == len(pre.std) == 3
+    ):
+        raise MfdetrError(
+            "bad preprocessing: needs integer 0 < short_side <= max_size and 3-value mean and std", path=path
+        )
     preset = dataclasses.replace(preset, class_to_category=tuple(c2c), preprocessing=pre or preset.preprocessing)
     return preset, family, cfg
 

@@ -50,8 +50,9 @@ def get_preset(name: str) -> DetectorPreset:
     return _PRESETS[name]
 
 
-def build_detector(name: str, *, checkpoint: str | Path | dict[str, Any] | None = None,
-                   device: str = "cpu", **kwargs: Any) -> FrozenDetector:
+def build_detector(
+    name: str, *, checkpoint: str | Path | dict[str, Any] | None = None, device: str = "cpu", **kwargs: Any
+) -> FrozenDetector:
     """Build the frozen detector ``name`` and load ``checkpoint`` strictly."""
     get_preset(name)
     return _BUILDERS[name](checkpoint=checkpoint, device=device, **kwargs)

@@ -32,11 +32,18 @@ class ResolvedDetector:
     enc_layer: int
 
 
-def resolve_detector(name: str, checkpoint: str | Path | None = None, *, config_file: str | Path | None = None,
-                     need_file: bool = False, allow_missing_weights: bool = False,
-                     categories_file: str | Path | None = None, slot_categories: str | Path | None = None,
-                     need_categories: bool | None = None,
-                     echo: Callable[[str], None] | None = None) -> ResolvedDetector:
+def resolve_detector(
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    config_file: str | Path | None = None,
+    need_file: bool = False,
+    allow_missing_weights: bool = False,
+    categories_file: str | Path | None = None,
+    slot_categories: str | Path | None = None,
+    need_categories: bool | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> ResolvedDetector:
     """Resolve ``name`` (a preset, a preset file, or ``auto``) and its weights; ``need_file`` refuses a
     preset with no weights file (the cache records the checkpoint's sha256). ``categories_file``: the
     command's COCO annotation file, ``slot_categories``: a ``--categories`` file naming the class slots'
@@ -48,14 +55,18 @@ def resolve_detector(name: str, checkpoint: str | Path | None = None, *, config_
         from mfdetr.detectors.auto import register_auto_preset
 
         if name != AUTO:
-            raise MfdetrError(f"--detector-config describes the architecture: use it with --detector auto, not {name!r}")
+            raise MfdetrError(
+                f"--detector-config describes the architecture: use it with --detector auto, not {name!r}"
+            )
         if checkpoint is None:
             raise MfdetrError("--detector auto reads the architecture from the checkpoint: pass --checkpoint FILE")
-        preset = register_auto_preset(Path(checkpoint), config_file=config_file,
-                                      categories_file=Path(categories_file) if categories_file else None,
-                                      slot_categories=Path(slot_categories) if slot_categories else None,
-                                      need_categories=(not allow_missing_weights if need_categories is None
-                                                       else need_categories))
+        preset = register_auto_preset(
+            Path(checkpoint),
+            config_file=config_file,
+            categories_file=Path(categories_file) if categories_file else None,
+            slot_categories=Path(slot_categories) if slot_categories else None,
+            need_categories=(not allow_missing_weights if need_categories is None else need_categories),
+        )
         if echo is not None:
             from mfdetr.detectors.auto import describe_preset
 
@@ -70,19 +81,27 @@ def resolve_detector(name: str, checkpoint: str | Path | None = None, *, config_
         weights = None
     if weights is None and need_file:
         raise MfdetrError(f"detector {preset.name!r} has no released weights: pass --checkpoint FILE")
-    return ResolvedDetector(name=preset.name, preset=preset, checkpoint=weights,
-                            enc_layer=default_enc_layer(preset.num_encoder_layers))
+    return ResolvedDetector(
+        name=preset.name, preset=preset, checkpoint=weights, enc_layer=default_enc_layer(preset.num_encoder_layers)
+    )
 
 
-def _named_preset(name: str, checkpoint: str | Path | None, categories_file: str | Path | None,
-                  slot_categories: str | Path | None = None) -> DetectorPreset:
+def _named_preset(
+    name: str,
+    checkpoint: str | Path | None,
+    categories_file: str | Path | None,
+    slot_categories: str | Path | None = None,
+) -> DetectorPreset:
     """A registered preset, or a preset file (``.toml``/``.json`` written by ``mfdetr detectors save``)."""
     if name.startswith(AUTO + "-") and checkpoint is not None and name not in list_detectors():
         from mfdetr.detectors.auto import register_auto_preset
 
-        preset = register_auto_preset(Path(checkpoint), categories_file=Path(categories_file) if categories_file
-                                      else None, slot_categories=Path(slot_categories) if slot_categories else None,
-                                      need_categories=True)  # a run recorded an auto preset: rebuild it
+        preset = register_auto_preset(
+            Path(checkpoint),
+            categories_file=Path(categories_file) if categories_file else None,
+            slot_categories=Path(slot_categories) if slot_categories else None,
+            need_categories=True,
+        )  # a run recorded an auto preset: rebuild it
         if preset.name != name:
             raise MfdetrError(f"the run used detector {name!r}, the checkpoint resolves to {preset.name!r}")
         return preset

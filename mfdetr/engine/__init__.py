@@ -38,34 +38,69 @@ from typing import TYPE_CHECKING
 from mfdetr._lazy import lazy_exports
 
 _EXPORTS = {
-    "check_masknet_config": "checkpoint", "library_versions": "checkpoint", "load_checkpoint": "checkpoint",
-    "seed_step": "checkpoint", "step_seed": "checkpoint",
-    "Stage2Batch": "collate", "cat_detector_outputs": "collate", "collate_detector_outputs": "collate",
-    "DataConfig": "config", "OnlineConfig": "config", "RunConfig": "config", "TrainConfig": "config", "build_run_config": "config",
-    "diff_configs": "config", "load_run_config": "config",
-    "DistContext": "distributed", "init_distributed": "distributed",
-    "MetricLogger": "metrics", "read_jsonl": "metrics", "read_scalars": "metrics",
+    "check_masknet_config": "checkpoint",
+    "library_versions": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "seed_step": "checkpoint",
+    "step_seed": "checkpoint",
+    "Stage2Batch": "collate",
+    "cat_detector_outputs": "collate",
+    "collate_detector_outputs": "collate",
+    "DataConfig": "config",
+    "OnlineConfig": "config",
+    "RunConfig": "config",
+    "TrainConfig": "config",
+    "build_run_config": "config",
+    "diff_configs": "config",
+    "load_run_config": "config",
+    "DistContext": "distributed",
+    "init_distributed": "distributed",
+    "MetricLogger": "metrics",
+    "read_jsonl": "metrics",
+    "read_scalars": "metrics",
     "plot_run": "reports.plot",
-    "EpochPlan": "sampling", "StepDecay": "schedule",
-    "TrainResult": "trainer", "seed_everything": "trainer", "train": "trainer",
-    "SweepSpec": "sweep", "Variant": "sweep", "VariantResult": "sweep", "load_sweep": "sweep", "run_sweep": "sweep",
-    "CacheDataset": "cache_data", "open_annotations": "cache_data", "open_cache": "cache_data",
-    "CacheSources": "stage2", "eval_from_cache": "stage2", "sweep_from_cache": "stage2",
+    "EpochPlan": "sampling",
+    "StepDecay": "schedule",
+    "TrainResult": "trainer",
+    "seed_everything": "trainer",
+    "train": "trainer",
+    "SweepSpec": "sweep",
+    "Variant": "sweep",
+    "VariantResult": "sweep",
+    "load_sweep": "sweep",
+    "run_sweep": "sweep",
+    "CacheDataset": "cache_data",
+    "open_annotations": "cache_data",
+    "open_cache": "cache_data",
+    "CacheSources": "stage2",
+    "eval_from_cache": "stage2",
+    "sweep_from_cache": "stage2",
     "train_from_cache": "stage2",
-    "DetectorStep": "online", "eval_online": "online", "sweep_online": "online", "train_online": "online",
+    "DetectorStep": "online",
+    "eval_online": "online",
+    "sweep_online": "online",
+    "train_online": "online",
     "FineTuned": "finetune",
-    "HookBase": "training.loop", "TrainModel": "training.loop", "Trainer": "training.loop",
+    "HookBase": "training.loop",
+    "TrainModel": "training.loop",
+    "Trainer": "training.loop",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache
-    from mfdetr.engine.checkpoint import (check_masknet_config, library_versions, load_checkpoint, seed_step,
-                                          step_seed)
+    from mfdetr.engine.checkpoint import check_masknet_config, library_versions, load_checkpoint, seed_step, step_seed
     from mfdetr.engine.collate import Stage2Batch, cat_detector_outputs, collate_detector_outputs
-    from mfdetr.engine.config import (DataConfig, OnlineConfig, RunConfig, TrainConfig, build_run_config, diff_configs,
-                                      load_run_config)
+    from mfdetr.engine.config import (
+        DataConfig,
+        OnlineConfig,
+        RunConfig,
+        TrainConfig,
+        build_run_config,
+        diff_configs,
+        load_run_config,
+    )
     from mfdetr.engine.distributed import DistContext, init_distributed
     from mfdetr.engine.metrics import MetricLogger, read_jsonl, read_scalars
     from mfdetr.engine.finetune import FineTuned

@@ -49,8 +49,9 @@ class ImageSource:
         self.coco = coco_split
         self.transform = EvalTransform(preprocessing=Preprocessing.from_dict(store.manifest["preprocessing"]))
 
-    def load(self, store: CacheStore, index: int, image_id: int, input_hw: tuple[int, int]) -> tuple[Tensor | None,
-                                                                                                     str | None]:
+    def load(
+        self, store: CacheStore, index: int, image_id: int, input_hw: tuple[int, int]
+    ) -> tuple[Tensor | None, str | None]:
         """``(image [3, h, w] float32, None)``, or ``(None, one-line error naming the file)``."""
         from mfdetr.data.images import load_rgb
 
@@ -58,8 +59,10 @@ class ImageSource:
         try:
             data = path.read_bytes()
         except OSError as e:
-            return None, (f"{path}: cannot read the image ({e.strerror}); a --c1 recompute cache decodes every "
-                          "image again (pass --coco DIR if the COCO folder moved)")
+            return None, (
+                f"{path}: cannot read the image ({e.strerror}); a --c1 recompute cache decodes every "
+                "image again (pass --coco DIR if the COCO folder moved)"
+            )
         if hashlib.sha256(data).hexdigest() != store.image_sha256(index):
             return None, f"{path}: image file changed since the cache was written (sha256 differs from the cache's)"
         try:
@@ -67,8 +70,10 @@ class ImageSource:
         except SkipImage as e:
             return None, str(e)
         if tuple(x.shape[1:]) != tuple(input_hw):
-            return None, (f"{path}: preprocessed to {tuple(x.shape[1:])}, the cache says {tuple(input_hw)} "
-                          "(preprocessing differs)")
+            return None, (
+                f"{path}: preprocessed to {tuple(x.shape[1:])}, the cache says {tuple(input_hw)} "
+                "(preprocessing differs)"
+            )
         return x, None
 
 

@@ -37,8 +37,16 @@ if TYPE_CHECKING:
     from mfdetr.data import CocoInstances
 
 # What two caches must share to be used by one MaskNet (train vs val, checkpoint vs eval cache).
-IDENTITY_KEYS = ("detector.name", "checkpoint.sha256", "hidden_dim", "level_strides", "c1_channels", "num_classes",
-                 "preprocessing", "category_map")
+IDENTITY_KEYS = (
+    "detector.name",
+    "checkpoint.sha256",
+    "hidden_dim",
+    "level_strides",
+    "c1_channels",
+    "num_classes",
+    "preprocessing",
+    "category_map",
+)
 
 
 def _get(m: Mapping[str, Any], dotted: str) -> Any:
@@ -53,8 +61,9 @@ def detector_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _get(manifest, k) for k in IDENTITY_KEYS}
 
 
-def open_cache(path: str | Path, *, identity: Mapping[str, Any] | None = None, enc_layer: int | None = None,
-               role: str = "cache") -> CacheStore:
+def open_cache(
+    path: str | Path, *, identity: Mapping[str, Any] | None = None, enc_layer: int | None = None, role: str = "cache"
+) -> CacheStore:
     """Open and validate a cache store; with ``identity`` (from another cache or a checkpoint) refuse a
     cache of another detector/checkpoint/preprocessing; with ``enc_layer`` refuse a cache lacking it."""
     from mfdetr.cache.location import RemotePath, store_location
@@ -64,13 +73,17 @@ def open_cache(path: str | Path, *, identity: Mapping[str, Any] | None = None, e
         raise MfdetrError(f"{role} not found", path=p)
     store = CacheStore.open(p, expect=dict(identity) if identity else None, remote_cache=True)
     if enc_layer is not None and enc_layer not in store.enc_layers:
-        raise MfdetrError(f"{role} holds encoder layers {store.enc_layers}, the MaskNet config uses "
-                          f"masknet.enc_layer={enc_layer} (write the cache with --enc-layers {enc_layer})", path=p)
+        raise MfdetrError(
+            f"{role} holds encoder layers {store.enc_layers}, the MaskNet config uses "
+            f"masknet.enc_layer={enc_layer} (write the cache with --enc-layers {enc_layer})",
+            path=p,
+        )
     return store
 
 
-def open_annotations(store: CacheStore, *, coco: str | Path | None, annotations: str | Path | None = None,
-                     with_targets: bool = True) -> CocoInstances:
+def open_annotations(
+    store: CacheStore, *, coco: str | Path | None, annotations: str | Path | None = None, with_targets: bool = True
+) -> CocoInstances:
     """The COCO split a cache was written from, as :class:`mfdetr.data.CocoInstances`.
 
     ``coco`` is the COCO folder; the annotation file is the one the manifest names
@@ -85,8 +98,10 @@ def open_annotations(store: CacheStore, *, coco: str | Path | None, annotations:
     if coco is None:
         hinted = _source_hint(store)
         if hinted is None:
-            raise MfdetrError(f"the GT annotations of cache {store.path} are needed: pass --coco DIR (the COCO "
-                              f"folder with annotations/{src['annotation_file']})")
+            raise MfdetrError(
+                f"the GT annotations of cache {store.path} are needed: pass --coco DIR (the COCO "
+                f"folder with annotations/{src['annotation_file']})"
+            )
         coco = hinted["coco_root"]
     if annotations is not None:
         path = Path(annotations)
@@ -96,8 +111,11 @@ def open_annotations(store: CacheStore, *, coco: str | Path | None, annotations:
         path = Path(coco) / "annotations" / src["annotation_file"]
     ds = CocoInstances(coco, src["split"], annotation_file=path, with_targets=with_targets)
     if ds.annotation_sha256 != src["annotation_sha256"]:
-        raise MfdetrError(f"sha256 differs from the annotation file cache {store.path} was written from "
-                          f"({src['annotation_file']}, {src['annotation_sha256'][:12]}…)", path=path)
+        raise MfdetrError(
+            f"sha256 differs from the annotation file cache {store.path} was written from "
+            f"({src['annotation_file']}, {src['annotation_sha256'][:12]}…)",
+            path=path,
+        )
     return ds
 
 
@@ -132,8 +150,16 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
             damaged are never used; they are in :attr:`damaged_commits` (raised at once with ``"raise"``).
     """
 
-    def __init__(self, *, store: CacheStore, coco_split: Any, enc_layer: int, require_complete: bool = False,
-                 max_images: int = 0, on_damaged: str = "raise") -> None:
+    def __init__(
+        self,
+        *,
+        store: CacheStore,
+        coco_split: Any,
+        enc_layer: int,
+        require_complete: bool = False,
+        max_images: int = 0,
+        on_damaged: str = "raise",
+    ) -> None:
         if on_damaged not in ("raise", "substitute", "mark"):
             raise ValueError(f"on_damaged={on_damaged!r}")
         self.store = store
@@ -141,22 +167,29 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
         self.enc_layer = int(enc_layer)
         self.on_damaged = on_damaged
         flags = store.commit_flags(refresh=True)
-        self.damaged_commits = [Damage(str(store.path), int(i), int(store.image_ids[i]), "commit",
-                                       commit_problem(flags[i]) or "")
-                                for i in np.flatnonzero(flags > COMMIT_SKIPPED).tolist()]
+        self.damaged_commits = [
+            Damage(str(store.path), int(i), int(store.image_ids[i]), "commit", commit_problem(flags[i]) or "")
+            for i in np.flatnonzero(flags > COMMIT_SKIPPED).tolist()
+        ]
         if self.damaged_commits and on_damaged == "raise":
             raise DamagedImage(self.damaged_commits[0])
         complete = store.complete_indices()
         skipped = store.skipped()
         pending = len(store) - len(complete) - len(skipped) - len(self.damaged_commits)
         if pending and require_complete:
-            raise MfdetrError(f"cache is incomplete: {pending} of {len(store)} images not written yet "
-                              "(finish `mfdetr cache` or drop --require-complete)", path=store.path)
+            raise MfdetrError(
+                f"cache is incomplete: {pending} of {len(store)} images not written yet "
+                "(finish `mfdetr cache` or drop --require-complete)",
+                path=store.path,
+            )
         if pending or skipped or self.damaged_commits:
             if os.environ.get("RANK", "0") == "0":
                 bad = f", {len(self.damaged_commits)} with a damaged commit flag" if self.damaged_commits else ""
-                print(f"mfdetr: warning: {store.path}: using {len(complete)} of {len(store)} images "
-                      f"({pending} not written yet, {len(skipped)} skipped by the cache writer{bad})", file=sys.stderr)
+                print(
+                    f"mfdetr: warning: {store.path}: using {len(complete)} of {len(store)} images "
+                    f"({pending} not written yet, {len(skipped)} skipped by the cache writer{bad})",
+                    file=sys.stderr,
+                )
         if not len(complete):
             raise MfdetrError("cache holds no complete image", path=store.path)
         self.indices: np.ndarray = complete[:max_images] if max_images > 0 else complete
@@ -191,8 +224,9 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
                 if e.damage is None:
                     raise
                 damaged.append(e.damage)
-        raise MfdetrError(f"no intact image left to train on (first damaged: {damaged[0].describe()})",
-                          path=self.store.path)
+        raise MfdetrError(
+            f"no intact image left to train on (first damaged: {damaged[0].describe()})", path=self.store.path
+        )
 
     def view_of(self, i: int) -> str:
         """The stored view item ``i`` reads (:mod:`mfdetr.cache.views`): the original image here;

@@ -49,8 +49,9 @@ class ViewSampledDataset(CacheDataset):
         super().__init__(**kwargs)
         missing = [v for v in views if v not in self.store.views]
         if missing or not views:
-            raise MfdetrError(f"cache holds the views {self.store.views}, training asked for {list(views)}",
-                              path=self.store.path)
+            raise MfdetrError(
+                f"cache holds the views {self.store.views}, training asked for {list(views)}", path=self.store.path
+            )
         self.views = list(views)
         self.seed = int(seed)
         self.epoch = 0

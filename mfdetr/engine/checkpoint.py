@@ -40,9 +40,21 @@ import torch
 from mfdetr.errors import MfdetrError, load_failure
 from mfdetr.outputs import atomic_write, atomic_write_text
 
-__all__ = ["atomic_torch_save", "atomic_write_text", "capture_rng", "check_masknet_config", "check_resume_source",
-           "config_hash", "library_versions", "load_checkpoint", "load_weights", "restore_rng", "safe_torch_load",
-           "seed_step", "step_seed"]
+__all__ = [
+    "atomic_torch_save",
+    "atomic_write_text",
+    "capture_rng",
+    "check_masknet_config",
+    "check_resume_source",
+    "config_hash",
+    "library_versions",
+    "load_checkpoint",
+    "load_weights",
+    "restore_rng",
+    "safe_torch_load",
+    "seed_step",
+    "step_seed",
+]
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -54,9 +66,11 @@ def capture_rng() -> dict[str, Any]:
     """The process's RNG states (torch CPU, CUDA if initialised, numpy, python) as tensors and plain data."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(),
-                             "numpy": [str(kind), np.asarray(keys).tolist(), int(pos), int(has_gauss), float(gauss)],
-                             "python": [int(version), list(internal), gauss_next]}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [str(kind), np.asarray(keys).tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [int(version), list(internal), gauss_next],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -95,9 +109,15 @@ def library_versions() -> dict[str, str]:
 
     from mfdetr import __version__
 
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "zarr": zarr.__version__, "numpy": np.__version__,
-            "mfdetr": __version__, "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "mfdetr": __version__,
+        "platform": platform.platform(),
+    }
 
 
 def config_hash(data: Any) -> str:
@@ -141,27 +161,37 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise MfdetrError(f"not an mfdetr training checkpoint (holds a {type(ckpt).__name__}, not a dict)", path=p)
     missing = [k for k in ("model", "step", "config", "masknet_config") if k not in ckpt]
     if missing:
-        raise MfdetrError(f"not an mfdetr training checkpoint (no {', '.join(repr(k) for k in missing)} entry; "
-                          "pass a training run's ckpt.pt)", path=p)
+        raise MfdetrError(
+            f"not an mfdetr training checkpoint (no {', '.join(repr(k) for k in missing)} entry; "
+            "pass a training run's ckpt.pt)",
+            path=p,
+        )
     if not isinstance(ckpt["config"], Mapping) or not isinstance(ckpt["masknet_config"], Mapping):
         raise MfdetrError("not an mfdetr training checkpoint ('config'/'masknet_config' are not tables)", path=p)
     return ckpt
 
 
-def load_weights(model: torch.nn.Module, state: Mapping[str, Any], *, path: str | Path,
-                 what: str = "the MaskNet config") -> None:
+def load_weights(
+    model: torch.nn.Module, state: Mapping[str, Any], *, path: str | Path, what: str = "the MaskNet config"
+) -> None:
     """``model.load_state_dict(state)`` (strict); a mismatch is one line listing the keys at fault."""
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(want[k].shape)}" for k in want
-              if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != want[k].shape]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(want[k].shape)}"
+        for k in want
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != want[k].shape
+    ]
 
     def listed(label: str, keys: list[str]) -> str:
         return f"{label} {len(keys)}: " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
 
-    parts = [listed(label, keys) for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                                      ("shape differs", shapes)) if keys]
+    parts = [
+        listed(label, keys)
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes))
+        if keys
+    ]
     if not parts:
         try:
             model.load_state_dict(state)
@@ -171,8 +201,9 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, Any], *, path: str 
     raise MfdetrError(f"weights do not fit {what} ({'; '.join(parts)})", path=path)
 
 
-def check_resume_source(run_dir: str | Path, *, key: str, current: Mapping[str, Any], what: str,
-                        legacy_hash: tuple[str, str] | None = None) -> None:
+def check_resume_source(
+    run_dir: str | Path, *, key: str, current: Mapping[str, Any], what: str, legacy_hash: tuple[str, str] | None = None
+) -> None:
     """Before ``--resume``: refuse when the data source recorded in the run's checkpoint (``meta[key]``)
     differs from ``current``; the message names the differing fields with both values. ``legacy_hash``
     ``(meta key, current value)`` compares a run that recorded only a hash."""
@@ -186,6 +217,7 @@ def check_resume_source(run_dir: str | Path, *, key: str, current: Mapping[str, 
     if isinstance(recorded, Mapping):
         diff = sorted(diff_configs(recorded, current), key=lambda k: k == "created_utc")  # settings first
         if diff:
+
             def value(m: Mapping[str, Any], dotted: str) -> str:
                 cur: Any = m
                 for part in dotted.split("."):
@@ -193,11 +225,15 @@ def check_resume_source(run_dir: str | Path, *, key: str, current: Mapping[str, 
                 return json.dumps(cur, default=str)[:60]
 
             shown = "; ".join(f"{k}: {value(recorded, k)} (run) vs {value(current, k)} (now)" for k in diff[:4])
-            raise MfdetrError(f"cannot resume with a different {what}: {shown}{' ...' if len(diff) > 4 else ''}",
-                              path=run_dir)
+            raise MfdetrError(
+                f"cannot resume with a different {what}: {shown}{' ...' if len(diff) > 4 else ''}", path=run_dir
+            )
     elif legacy_hash is not None and meta.get(legacy_hash[0]) not in (None, legacy_hash[1]):
-        raise MfdetrError(f"cannot resume with a different {what}: the run recorded {legacy_hash[0]} "
-                          f"{str(meta[legacy_hash[0]])[:12]}…, this one has {legacy_hash[1][:12]}…", path=run_dir)
+        raise MfdetrError(
+            f"cannot resume with a different {what}: the run recorded {legacy_hash[0]} "
+            f"{str(meta[legacy_hash[0]])[:12]}…, this one has {legacy_hash[1][:12]}…",
+            path=run_dir,
+        )
 
 
 def check_masknet_config(ckpt: Mapping[str, Any], expected: Mapping[str, Any], path: str | Path) -> None:
@@ -209,8 +245,11 @@ def check_masknet_config(ckpt: Mapping[str, Any], expected: Mapping[str, Any], p
         return
     diff = diff_configs(dict(got), dict(expected))
     if diff:
-        raise MfdetrError(f"checkpoint was trained with a different MaskNet config (differs in: "
-                          f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''})", path=path)
+        raise MfdetrError(
+            f"checkpoint was trained with a different MaskNet config (differs in: "
+            f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''})",
+            path=path,
+        )
 
 
 def python_command() -> str:

@@ -45,10 +45,14 @@ def cat_detector_outputs(outs: Sequence[DetectorOutput]) -> DetectorOutput:
         if sorted(o.enc_maps) != layers:
             raise ValueError(f"item {i}: encoder layers {sorted(o.enc_maps)} differ from {layers}")
         if o.queries.shape[1:] != first.queries.shape[1:] or o.logits.shape[1:] != first.logits.shape[1:]:
-            raise ValueError(f"item {i}: queries/logits shape {tuple(o.queries.shape)}/{tuple(o.logits.shape)} "
-                             f"differs from {tuple(first.queries.shape)}/{tuple(first.logits.shape)}")
-    enc = {layer: [_cat_padded([o.enc_maps[layer][lvl] for o in outs])
-                   for lvl in range(len(first.enc_maps[layer]))] for layer in layers}
+            raise ValueError(
+                f"item {i}: queries/logits shape {tuple(o.queries.shape)}/{tuple(o.logits.shape)} "
+                f"differs from {tuple(first.queries.shape)}/{tuple(first.logits.shape)}"
+            )
+    enc = {
+        layer: [_cat_padded([o.enc_maps[layer][lvl] for o in outs]) for lvl in range(len(first.enc_maps[layer]))]
+        for layer in layers
+    }
     extras: dict[str, Any] = {}
     for key in first.extras:
         vals = [o.extras.get(key) for o in outs]
@@ -60,11 +64,16 @@ def cat_detector_outputs(outs: Sequence[DetectorOutput]) -> DetectorOutput:
                 flat.extend(v if isinstance(v, list) else [v])
             extras[key] = flat
     return DetectorOutput(
-        queries=torch.cat([o.queries for o in outs]), boxes=torch.cat([o.boxes for o in outs]),
-        logits=torch.cat([o.logits for o in outs]), enc_maps=enc,
+        queries=torch.cat([o.queries for o in outs]),
+        boxes=torch.cat([o.boxes for o in outs]),
+        logits=torch.cat([o.logits for o in outs]),
+        enc_maps=enc,
         c1=_cat_padded([o.c1 for o in outs]),
-        input_hw=torch.cat([o.input_hw for o in outs]), orig_hw=torch.cat([o.orig_hw for o in outs]),
-        level_valid_hw=torch.cat([o.level_valid_hw for o in outs]), extras=extras)
+        input_hw=torch.cat([o.input_hw for o in outs]),
+        orig_hw=torch.cat([o.orig_hw for o in outs]),
+        level_valid_hw=torch.cat([o.level_valid_hw for o in outs]),
+        extras=extras,
+    )
 
 
 @dataclass

@@ -74,8 +74,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        finite = {"lr": self.lr, "weight_decay": self.weight_decay, "lr_drop_factor": self.lr_drop_factor,
-                  "clip_grad_norm": self.clip_grad_norm}
+        finite = {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "lr_drop_factor": self.lr_drop_factor,
+            "clip_grad_norm": self.clip_grad_norm,
+        }
         bad = [f"{k}={v}" for k, v in finite.items() if not math.isfinite(v)]
         if not all(map(math.isfinite, self.betas)):
             bad.append(f"betas={list(self.betas)}")
@@ -152,8 +156,10 @@ class OnlineConfig:
         if not all(map(math.isfinite, (self.lsj_min_scale, self.lsj_max_scale, self.detector_lr_mult))):
             raise ValueError("lsj_min_scale, lsj_max_scale and detector_lr_mult must be finite numbers")
         if self.lsj_size < 8 or not 0 < self.lsj_min_scale <= self.lsj_max_scale:
-            raise ValueError("need lsj_size >= 8 and 0 < lsj_min_scale <= lsj_max_scale, got "
-                             f"{self.lsj_size}, {self.lsj_min_scale}, {self.lsj_max_scale}")
+            raise ValueError(
+                "need lsj_size >= 8 and 0 < lsj_min_scale <= lsj_max_scale, got "
+                f"{self.lsj_size}, {self.lsj_min_scale}, {self.lsj_max_scale}"
+            )
         if self.detector_lr_mult <= 0:
             raise ValueError(f"detector_lr_mult must be > 0, got {self.detector_lr_mult}")
 
@@ -178,8 +184,7 @@ class RunConfig:
         return to_dict(self)
 
 
-def build_run_config(data: Mapping[str, Any], overrides: Sequence[str] = (), *,
-                     where: str = "config") -> RunConfig:
+def build_run_config(data: Mapping[str, Any], overrides: Sequence[str] = (), *, where: str = "config") -> RunConfig:
     """A :class:`RunConfig` from plain data plus ``section.key=value`` overrides (unknown keys refused)."""
     merged = apply_overrides(dict(data), overrides)
     return from_dict(RunConfig, merged, where=where)
@@ -223,5 +228,14 @@ def with_default_enc_layer(cfg: RunConfig, layer: int) -> RunConfig:
     return dataclasses.replace(cfg, masknet={**cfg.masknet, "enc_layer": int(layer)})
 
 
-__all__ = ["TrainConfig", "DataConfig", "OnlineConfig", "RunConfig", "build_run_config", "load_run_config",
-           "diff_configs", "replace_train", "with_default_enc_layer"]
+__all__ = [
+    "TrainConfig",
+    "DataConfig",
+    "OnlineConfig",
+    "RunConfig",
+    "build_run_config",
+    "load_run_config",
+    "diff_configs",
+    "replace_train",
+    "with_default_enc_layer",
+]

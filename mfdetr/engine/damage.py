@@ -72,10 +72,12 @@ class DamagePolicy:
     def skipped_in(self, store: str | Path) -> list[Damage]:
         return [d for d in self._seen.values() if d.store == str(store)]
 
-    def preparer(self, then: Callable[[Stage2Batch, torch.device], Stage2Batch] | None = None
-                 ) -> Callable[[Stage2Batch, torch.device], Stage2Batch]:
+    def preparer(
+        self, then: Callable[[Stage2Batch, torch.device], Stage2Batch] | None = None
+    ) -> Callable[[Stage2Batch, torch.device], Stage2Batch]:
         """The training loop's ``prepare_batch``: take the batch's damage, then ``then(batch, device)``
         (e.g. a ``--c1 recompute`` cache's C1 recomputation; default: move the batch to ``device``)."""
+
         def prepare(batch: Stage2Batch, device: torch.device) -> Stage2Batch:
             self.take(batch.det.extras.pop("damaged", []))
             return then(batch, device) if then is not None else batch.to(device)

@@ -57,8 +57,9 @@ def all_reduce_mean(values: dict[str, float], ctx: DistContext) -> dict[str, flo
     if not ctx.distributed or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
-                     device=ctx.device if ctx.backend == "nccl" else "cpu")
+    t = torch.tensor(
+        [values[k] for k in keys], dtype=torch.float64, device=ctx.device if ctx.backend == "nccl" else "cpu"
+    )
     dist.all_reduce(t)
     t /= ctx.world_size
     return dict(zip(keys, t.tolist(), strict=True))
@@ -75,13 +76,17 @@ def agree(ctx: DistContext, error: BaseException | None) -> None:
         if error is not None:
             raise error
         return
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32,
-                        device=ctx.device if ctx.backend == "nccl" else "cpu")
+    flag = torch.tensor(
+        [0 if error is None else 1], dtype=torch.int32, device=ctx.device if ctx.backend == "nccl" else "cpu"
+    )
     dist.all_reduce(flag)
     if int(flag.item()) == 0:
         return
-    said = None if error is None else (str(error) if isinstance(error, MfdetrError)
-                                       else f"{type(error).__name__}: {error}")
+    said = (
+        None
+        if error is None
+        else (str(error) if isinstance(error, MfdetrError) else f"{type(error).__name__}: {error}")
+    )
     messages: list[str | None] = [None] * ctx.world_size
     dist.all_gather_object(messages, said)
     if error is not None:

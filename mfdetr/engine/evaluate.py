@@ -34,17 +34,27 @@ def box_results(det: Any, class_to_category: Sequence[int], image_ids: Sequence[
     for b, iid in enumerate(image_ids):
         xywh = coco_bbox(boxes[b].double(), det.orig_hw[b].tolist()).tolist()
         for k in torch.nonzero(cats[b] > 0).flatten().tolist():
-            out.append({"image_id": int(iid), "category_id": int(cats[b, k]), "score": float(prob[b, k]),
-                        "bbox": xywh[k]})
+            out.append(
+                {"image_id": int(iid), "category_id": int(cats[b, k]), "score": float(prob[b, k]), "bbox": xywh[k]}
+            )
     return out
 
 
 @torch.no_grad()
-def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mapping[str, Any], batch_size: int = 2,
-                     device: torch.device | str = "cpu", num_workers: int = 0, amp: str = "off",
-                     score: str | None = None, damage: DamagePolicy | None = None, evaluator: str = "pycocotools",
-                     category_ap: dict[int, dict[str, Any]] | None = None
-                     ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+def evaluate_masknet(
+    model: nn.Module,
+    dataset: CacheDataset,
+    *,
+    manifest: Mapping[str, Any],
+    batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    amp: str = "off",
+    score: str | None = None,
+    damage: DamagePolicy | None = None,
+    evaluator: str = "pycocotools",
+    category_ap: dict[int, dict[str, Any]] | None = None,
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Segm AP and Boundary AP of MaskNet's masks and box AP of the cached boxes over ``dataset``'s images.
 
     A damaged cache image stops the evaluation (:class:`~mfdetr.cache.verify.DamagedImage`) unless
@@ -64,8 +74,14 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
     segm_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("segm", "boundary"), evaluator=evaluator)
     box_ev = CocoEvaluator(coco_gt=coco_gt, iou_types=("bbox",), evaluator=evaluator)
     known = set(coco_gt.getCatIds())
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_marked,
-                        pin_memory=device.type == "cuda", **loader_options(num_workers))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate_marked,
+        pin_memory=device.type == "cuda",
+        **loader_options(num_workers),
+    )
     use_amp = device.type == "cuda" and amp != "off"
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     all_results: list[dict[str, Any]] = []
@@ -92,16 +108,31 @@ def evaluate_masknet(model: nn.Module, dataset: CacheDataset, *, manifest: Mappi
     return metrics, all_results
 
 
-def evaluate_and_record(model: nn.Module, dataset: Any, *, manifest: Mapping[str, Any], cfg: RunConfig, out: Path,
-                        step: int, device: torch.device | str, damage: DamagePolicy | None = None
-                        ) -> dict[str, dict[str, float]]:
+def evaluate_and_record(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    manifest: Mapping[str, Any],
+    cfg: RunConfig,
+    out: Path,
+    step: int,
+    device: torch.device | str,
+    damage: DamagePolicy | None = None,
+) -> dict[str, dict[str, float]]:
     """A run's validation: :func:`evaluate_masknet`, then ``out/val_results.json`` and
     ``out/val_metrics.json`` (with the step, and the image ids of damaged images skipped, if any);
     returns the metrics."""
     from mfdetr.evaluation import write_results_json
 
-    m, results = evaluate_masknet(model, dataset, manifest=manifest, batch_size=cfg.train.batch_size, device=device,
-                                  amp=cfg.train.amp, damage=damage)
+    m, results = evaluate_masknet(
+        model,
+        dataset,
+        manifest=manifest,
+        batch_size=cfg.train.batch_size,
+        device=device,
+        amp=cfg.train.amp,
+        damage=damage,
+    )
     write_results_json(out / "val_results.json", results)
     store = getattr(getattr(dataset, "store", None), "path", None)
     skipped = [d.image_id for d in damage.skipped_in(store)] if damage is not None and store is not None else []
@@ -117,8 +148,11 @@ def _annotation_dict(dataset: CacheDataset) -> dict[str, Any]:
 
 def flat_metrics(m: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """One run's metrics as a flat row (segm AP as ``AP``…, ``boundary_AP``…, ``box_AP``…) for metrics.jsonl."""
-    return {**m["segm"], **{f"boundary_{k}": v for k, v in m.get("boundary", {}).items()},
-            **{f"box_{k}": v for k, v in m["bbox"].items()}}
+    return {
+        **m["segm"],
+        **{f"boundary_{k}": v for k, v in m.get("boundary", {}).items()},
+        **{f"box_{k}": v for k, v in m["bbox"].items()},
+    }
 
 
 def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:

@@ -41,8 +41,9 @@ def finetuned_parameters(detector: nn.Module, mode: str) -> Iterator[tuple[str, 
     if mode == "transformer":
         sub = getattr(detector, "transformer", None)
         if not isinstance(sub, nn.Module):
-            raise MfdetrError(f"detector {type(detector).__name__} has no `transformer` module to fine-tune "
-                              "(use online.finetune=all)")
+            raise MfdetrError(
+                f"detector {type(detector).__name__} has no `transformer` module to fine-tune (use online.finetune=all)"
+            )
         yield from ((f"transformer.{n}", p) for n, p in sub.named_parameters())
         return
     yield from detector.named_parameters()
@@ -61,8 +62,15 @@ class FineTuned(nn.Module):
             with gradients in :meth:`forward`.
     """
 
-    def __init__(self, masknet: nn.Module, detector: nn.Module, *, mode: str, detector_lr_mult: float = 0.1,
-                 detector_step: Any = None) -> None:
+    def __init__(
+        self,
+        masknet: nn.Module,
+        detector: nn.Module,
+        *,
+        mode: str,
+        detector_lr_mult: float = 0.1,
+        detector_step: Any = None,
+    ) -> None:
         super().__init__()
         if mode == "none":
             raise ValueError("FineTuned needs a fine-tuning mode (transformer or all)")
@@ -99,8 +107,10 @@ class FineTuned(nn.Module):
     def param_groups(self) -> list[dict[str, Any]]:
         """MaskNet's trainable parameters at the scheduled lr, the fine-tuned detector's at ``detector_lr_mult``."""
         det = dict(self.detector.named_parameters())
-        return [{"params": [p for p in self.masknet.parameters() if p.requires_grad], "lr_scale": 1.0},
-                {"params": [det[n] for n in self.tuned], "lr_scale": self.detector_lr_mult}]
+        return [
+            {"params": [p for p in self.masknet.parameters() if p.requires_grad], "lr_scale": 1.0},
+            {"params": [det[n] for n in self.tuned], "lr_scale": self.detector_lr_mult},
+        ]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         out = {MASKNET_PREFIX + k: v for k, v in self.masknet.state_dict().items()}
@@ -113,8 +123,9 @@ class FineTuned(nn.Module):
         want = set(self.tuned)
         if set(detector_sd) != want:
             missing, extra = sorted(want - set(detector_sd)), sorted(set(detector_sd) - want)
-            raise RuntimeError(f"fine-tuned detector tensors do not match (missing {missing[:3]}, "
-                               f"unexpected {extra[:3]})")
+            raise RuntimeError(
+                f"fine-tuned detector tensors do not match (missing {missing[:3]}, unexpected {extra[:3]})"
+            )
         self.masknet.load_state_dict(masknet_sd, strict=strict)
         load_finetuned_detector(self.detector, detector_sd)
         return None
@@ -134,8 +145,8 @@ def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, 
     a plain MaskNet state comes back unchanged with an empty detector part."""
     if not is_finetuned_state(state):
         return dict(state), {}
-    m = {k[len(MASKNET_PREFIX):]: v for k, v in state.items() if k.startswith(MASKNET_PREFIX)}
-    d = {k[len(DETECTOR_PREFIX):]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)}
+    m = {k[len(MASKNET_PREFIX) :]: v for k, v in state.items() if k.startswith(MASKNET_PREFIX)}
+    d = {k[len(DETECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)}
     return m, d
 
 
@@ -144,12 +155,22 @@ def load_finetuned_detector(detector: nn.Module, tensors: Mapping[str, Tensor]) 
     own = detector.state_dict()
     bad = [n for n, t in tensors.items() if n not in own or tuple(own[n].shape) != tuple(t.shape)]
     if bad:
-        raise MfdetrError(f"the checkpoint's fine-tuned detector tensors do not fit this detector "
-                          f"(e.g. {bad[0]!r}); was it trained with another --detector?")
+        raise MfdetrError(
+            f"the checkpoint's fine-tuned detector tensors do not fit this detector "
+            f"(e.g. {bad[0]!r}); was it trained with another --detector?"
+        )
     with torch.no_grad():
         for n, t in tensors.items():
             own[n].copy_(t)
 
 
-__all__ = ["DETECTOR_PREFIX", "FINETUNE_MODES", "FineTuned", "MASKNET_PREFIX", "finetuned_parameters",
-           "is_finetuned_state", "load_finetuned_detector", "split_state"]
+__all__ = [
+    "DETECTOR_PREFIX",
+    "FINETUNE_MODES",
+    "FineTuned",
+    "MASKNET_PREFIX",
+    "finetuned_parameters",
+    "is_finetuned_state",
+    "load_finetuned_detector",
+    "split_state",
+]

@@ -34,8 +34,13 @@ def loader_options(num_workers: int, prefetch_factor: int = 2) -> dict[str, Any]
     """Keyword arguments of ``DataLoader`` for ``num_workers`` worker processes (0 = in the main process)."""
     if num_workers <= 0:
         return {"num_workers": 0}
-    return {"num_workers": int(num_workers), "multiprocessing_context": worker_context(),
-            "persistent_workers": True, "prefetch_factor": int(prefetch_factor), "worker_init_fn": _worker_init}
+    return {
+        "num_workers": int(num_workers),
+        "multiprocessing_context": worker_context(),
+        "persistent_workers": True,
+        "prefetch_factor": int(prefetch_factor),
+        "worker_init_fn": _worker_init,
+    }
 
 
 class RunBatches:

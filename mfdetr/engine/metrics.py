@@ -53,8 +53,14 @@ class MetricLogger:
         name: the file name of the records.
     """
 
-    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True,
-                 name: str = "metrics.jsonl") -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        name: str = "metrics.jsonl",
+    ) -> None:
         self.path = Path(run_dir) / name
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]

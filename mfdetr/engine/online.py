@@ -42,8 +42,18 @@ if TYPE_CHECKING:
     from mfdetr.engine.trainer import TrainResult
 
 
-def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
-                 out: str, topk: int = 100, resume: bool = False, val_split: str | None = None) -> TrainResult:
+def train_online(
+    cfg: RunConfig,
+    *,
+    detector: str,
+    checkpoint: str | None,
+    coco: str,
+    split: str = "train2017",
+    out: str,
+    topk: int = 100,
+    resume: bool = False,
+    val_split: str | None = None,
+) -> TrainResult:
     """``mfdetr train --online``: the same training with the detector run in the loop (``cfg.online``:
     large-scale jitter, fine-tuning, rounding through the cache dtype); evaluated on ``val_split``
     (through the detector as it is at that step) at the end and every ``train.eval_every`` steps."""
@@ -75,18 +85,37 @@ def train_online(cfg: RunConfig, *, detector: str, checkpoint: str | None, coco:
     if val_split:
         val = CocoInstances(coco, val_split, preprocessing=preset.preprocessing, with_targets=True)
         evaluate_fn = _evaluate_fn(run, parts.model, val, manifest, out)
-    source = online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk,
-                           annotation_sha256=base.annotation_sha256)
+    source = online_source(
+        detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=base.annotation_sha256
+    )
     if resume:
         from mfdetr.engine.checkpoint import check_resume_source
 
         check_resume_source(out, key="online_source", current=source, what="detector or training data")
-    online = {"detector": detector, "checkpoint": str(checkpoint), "coco": str(coco), "split": split,
-              "val_split": val_split, "topk": topk, "lsj": oc.lsj, "finetune": oc.finetune}
+    online = {
+        "detector": detector,
+        "checkpoint": str(checkpoint),
+        "coco": str(coco),
+        "split": split,
+        "val_split": val_split,
+        "topk": topk,
+        "lsj": oc.lsj,
+        "finetune": oc.finetune,
+    }
     record = {"online": online, "online_source": source, **_detector_record(preset, base)}
-    return train(cfg=cfg, model=model, train_set=dataset, run_dir=out, collate=partial(collate), resume=resume,
-                 masknet_config=to_dict(parts.masknet_cfg), record=record, ctx=ctx, prepare_batch=step,
-                 evaluate_fn=evaluate_fn)
+    return train(
+        cfg=cfg,
+        model=model,
+        train_set=dataset,
+        run_dir=out,
+        collate=partial(collate),
+        resume=resume,
+        masknet_config=to_dict(parts.masknet_cfg),
+        record=record,
+        ctx=ctx,
+        prepare_batch=step,
+        evaluate_fn=evaluate_fn,
+    )
 
 
 @dataclass(frozen=True)
@@ -114,20 +143,27 @@ def _training_model(parts: Any, run: _OnlineDetector, step: DetectorStep) -> Any
     model: Any = training_model(parts)  # MaskNet on the positives only
     oc = run.cfg.online
     if oc.finetune != "none":
-        model = FineTunedModel(FineTuned(model.network, run.model, mode=oc.finetune, detector_step=step,
-                                         detector_lr_mult=oc.detector_lr_mult), parts.criterion, assigns_targets=True)
+        model = FineTunedModel(
+            FineTuned(
+                model.network, run.model, mode=oc.finetune, detector_step=step, detector_lr_mult=oc.detector_lr_mult
+            ),
+            parts.criterion,
+            assigns_targets=True,
+        )
     return model
 
 
-def _evaluate_fn(run: _OnlineDetector, model: torch.nn.Module, coco_val: Any, manifest: dict[str, Any],
-                 out: str) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+def _evaluate_fn(
+    run: _OnlineDetector, model: torch.nn.Module, coco_val: Any, manifest: dict[str, Any], out: str
+) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """The trainer's ``evaluate_fn`` of an online run: MaskNet on the validation split through the
     detector as it is at that step, recorded in the run folder."""
     from mfdetr.engine.stage2 import evaluate_and_record, flat_metrics
 
     cfg = run.cfg
-    val = OnlineEvalSet(coco_val, run.step(grad=False), run.device, max_images=cfg.data.max_images,
-                        coarsest_stride=run.coarsest)
+    val = OnlineEvalSet(
+        coco_val, run.step(grad=False), run.device, max_images=cfg.data.max_images, coarsest_stride=run.coarsest
+    )
 
     def evaluate_fn(m: torch.nn.Module, at: int) -> dict[str, float]:
         r = evaluate_and_record(model, val, manifest=manifest, cfg=cfg, out=Path(out), step=at, device=val.device)
@@ -144,8 +180,9 @@ def _online_train_set(cfg: RunConfig, base: Any, run: _OnlineDetector) -> Any:
     oc = cfg.online
     dataset: Any = base
     if oc.lsj:  # random windows: an image the detector cannot process is left out of its step instead
-        dataset = LargeScaleJitter(base, size=oc.lsj_size, min_scale=oc.lsj_min_scale, max_scale=oc.lsj_max_scale,
-                                   seed=cfg.train.seed)
+        dataset = LargeScaleJitter(
+            base, size=oc.lsj_size, min_scale=oc.lsj_min_scale, max_scale=oc.lsj_max_scale, seed=cfg.train.seed
+        )
     else:
         kept = runnable_indices(base, run.step(grad=False)._detect, run.device, range(len(base)), run.coarsest)
         if len(kept) < len(base):
@@ -158,16 +195,31 @@ def _online_train_set(cfg: RunConfig, base: Any, run: _OnlineDetector) -> Any:
 
 def _detector_record(preset: Any, base: Any) -> dict[str, Any]:
     """The detector and categories an online run records (what ``eval`` and ``predict`` read back)."""
-    return {"detector": {"detector.name": preset.name, "num_classes": preset.num_classes,
-                         "category_map": list(preset.class_to_category)},
-            "categories": [{"id": int(c["id"]), "name": str(c.get("name", ""))} for c in base.categories]}
+    return {
+        "detector": {
+            "detector.name": preset.name,
+            "num_classes": preset.num_classes,
+            "category_map": list(preset.class_to_category),
+        },
+        "categories": [{"id": int(c["id"]), "name": str(c.get("name", ""))} for c in base.categories],
+    }
 
 
-def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val2017", detector: str | None = None,
-                detector_checkpoint: str | Path | None = None, out: str | Path | None = None, batch_size: int = 2,
-                device: str = "auto", max_images: int = 0, evaluator: str = "pycocotools",
-                category_ap: dict[int, dict[str, Any]] | None = None, slot_categories: str | Path | None = None
-                ) -> dict[str, dict[str, float]]:
+def eval_online(
+    checkpoint: str | Path,
+    *,
+    coco: str | Path,
+    split: str = "val2017",
+    detector: str | None = None,
+    detector_checkpoint: str | Path | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 2,
+    device: str = "auto",
+    max_images: int = 0,
+    evaluator: str = "pycocotools",
+    category_ap: dict[int, dict[str, Any]] | None = None,
+    slot_categories: str | Path | None = None,
+) -> dict[str, dict[str, float]]:
     """``mfdetr eval --online``: a run's MaskNet (and fine-tuned detector tensors) on a COCO split, with
     the detector in the loop. Detector name and checkpoint default to what an online run recorded."""
     from mfdetr.config import from_dict
@@ -185,8 +237,10 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     rec = dict(ckpt.get("meta", {}).get("online") or {})
     detector = detector or rec.get("detector")
     if detector is None:
-        raise MfdetrError("a cached run does not record its detector: pass --detector NAME --detector-checkpoint "
-                          "FILE", path=checkpoint)
+        raise MfdetrError(
+            "a cached run does not record its detector: pass --detector NAME --detector-checkpoint FILE",
+            path=checkpoint,
+        )
     if detector_checkpoint is None and rec.get("checkpoint") not in (None, "None"):
         detector_checkpoint = rec["checkpoint"]
     cfg = build_run_config(ckpt["config"], where=str(checkpoint))
@@ -196,8 +250,12 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     if detector.startswith("auto-"):  # an architecture read from the checkpoint: rebuild it from there
         from mfdetr.detectors.resolve import resolve_detector
 
-        detector = resolve_detector(detector, detector_checkpoint, slot_categories=slot_categories,
-                                    categories_file=Path(coco) / "annotations" / f"instances_{split}.json").name
+        detector = resolve_detector(
+            detector,
+            detector_checkpoint,
+            slot_categories=slot_categories,
+            categories_file=Path(coco) / "annotations" / f"instances_{split}.json",
+        ).name
     preset = get_preset(detector)
     det_model = build_detector(detector, checkpoint=detector_checkpoint, device=str(dev))
     masknet_sd, detector_sd = split_state(ckpt["model"])
@@ -206,11 +264,22 @@ def eval_online(checkpoint: str | Path, *, coco: str | Path, split: str = "val20
     manifest = detector_manifest(preset, topk)
     parts = build_parts(cfg, manifest)
     load_weights(parts.model, masknet_sd, path=checkpoint)
-    val = OnlineEvalSet(CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True),
-                        _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False), dev,
-                        max_images=max_images, coarsest_stride=max(preset.level_strides))
-    metrics, results = evaluate_masknet(parts.model, val, manifest=manifest, batch_size=batch_size, device=dev,
-                                        evaluator=evaluator, category_ap=category_ap)
+    val = OnlineEvalSet(
+        CocoInstances(coco, split, preprocessing=preset.preprocessing, with_targets=True),
+        _detector_step(cfg, det_model, topk, mcfg.enc_layer, dev, grad=False),
+        dev,
+        max_images=max_images,
+        coarsest_stride=max(preset.level_strides),
+    )
+    metrics, results = evaluate_masknet(
+        parts.model,
+        val,
+        manifest=manifest,
+        batch_size=batch_size,
+        device=dev,
+        evaluator=evaluator,
+        category_ap=category_ap,
+    )
     if out is not None:
         from mfdetr.evaluation import write_results_json
 
@@ -229,9 +298,20 @@ class _Subset(torch.utils.data.Subset):  # type: ignore[type-arg]
             self.dataset.set_epoch(epoch)
 
 
-def sweep_online(spec: SweepSpec, *, detector: str, checkpoint: str | None, coco: str, split: str = "train2017",
-                 val_split: str = "val2017", out_dir: str | Path, topk: int = 100, overrides: Sequence[str] = (),
-                 only: Sequence[str] = (), log: Callable[[str], None] = print) -> list[VariantResult]:
+def sweep_online(
+    spec: SweepSpec,
+    *,
+    detector: str,
+    checkpoint: str | None,
+    coco: str,
+    split: str = "train2017",
+    val_split: str = "val2017",
+    out_dir: str | Path,
+    topk: int = 100,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> list[VariantResult]:
     """``mfdetr sweep --online``: every variant trained online (Tables 11 and 13: fine-tuning, LSJ) and
     evaluated through the detector on ``val_split``; the same comparison tables as a cached sweep."""
     import json
@@ -242,20 +322,40 @@ def sweep_online(spec: SweepSpec, *, detector: str, checkpoint: str | None, coco
     from mfdetr.errors import MfdetrError
 
     if not spec.sweep.train:
-        raise MfdetrError("an online sweep trains every variant: use a cache for training-free sweeps "
-                          "(`mfdetr sweep --cache ... --val-cache ...`)", path=spec.path)
+        raise MfdetrError(
+            "an online sweep trains every variant: use a cache for training-free sweeps "
+            "(`mfdetr sweep --cache ... --val-cache ...`)",
+            path=spec.path,
+        )
     manifest = detector_manifest(get_preset(detector), topk)
 
     def run_variant(v: Any, cfg: Any, vdir: Path) -> Any:
         run = vdir / "run"
-        train_online(cfg, detector=detector, checkpoint=checkpoint, coco=coco, split=split, out=str(run), topk=topk,
-                     resume=(run / "ckpt.pt").is_file(), val_split=val_split)
+        train_online(
+            cfg,
+            detector=detector,
+            checkpoint=checkpoint,
+            coco=coco,
+            split=split,
+            out=str(run),
+            topk=topk,
+            resume=(run / "ckpt.pt").is_file(),
+            val_split=val_split,
+        )
         metrics = json.loads((run / "val_metrics.json").read_text())
         cx = complexity(build_parts(cfg, manifest).model, manifest)
-        return VariantResult(name=v.name, labels=list(v.labels), params_m=cx["params_m"], flops_g=cx["flops_g"],
-                             metrics={**metrics["segm"], "boundary_AP": metrics.get("boundary", {}).get("AP")})
+        return VariantResult(
+            name=v.name,
+            labels=list(v.labels),
+            params_m=cx["params_m"],
+            flops_g=cx["flops_g"],
+            metrics={**metrics["segm"], "boundary_AP": metrics.get("boundary", {}).get("AP")},
+        )
 
-    sources = {**online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=""),
-               "val_split": val_split}
-    return run_sweep(spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log,
-                     sources=sources)
+    sources = {
+        **online_source(detector=detector, checkpoint=checkpoint, split=split, topk=topk, annotation_sha256=""),
+        "val_split": val_split,
+    }
+    return run_sweep(
+        spec, out_dir=out_dir, run_variant=run_variant, overrides=overrides, only=only, log=log, sources=sources
+    )

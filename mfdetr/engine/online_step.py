@@ -27,8 +27,8 @@ def zero_padding(det: DetectorOutput) -> DetectorOutput:
             hmax, wmax = int(lv[:, lvl, 0].max()), int(lv[:, lvl, 1].max())
             m = m[..., :hmax, :wmax].clone()
             for b in range(m.shape[0]):
-                m[b, :, int(lv[b, lvl, 0]):, :] = 0
-                m[b, :, :, int(lv[b, lvl, 1]):] = 0
+                m[b, :, int(lv[b, lvl, 0]) :, :] = 0
+                m[b, :, :, int(lv[b, lvl, 1]) :] = 0
             out.append(m)
         enc[layer] = out
     ihw = det.input_hw.cpu()
@@ -42,6 +42,7 @@ def zero_padding(det: DetectorOutput) -> DetectorOutput:
 
 def round_features(det: DetectorOutput, dtype: torch.dtype) -> DetectorOutput:
     """Round queries, encoder maps and C1 through ``dtype`` (the cache's float16), back to float32."""
+
     def r(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).float()
 
@@ -61,9 +62,16 @@ class DetectorStep:
         autocast_dtype: run the detector under autocast with this dtype (AMP on GPU), or ``None``.
     """
 
-    def __init__(self, *, detector: Any, topk: int, enc_layers: Sequence[int],
-                 round_dtype: torch.dtype | None = torch.float16, grad: bool = False,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        detector: Any,
+        topk: int,
+        enc_layers: Sequence[int],
+        round_dtype: torch.dtype | None = torch.float16,
+        grad: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
         self.detector = detector
         self.topk = int(topk)
         self.enc_layers = tuple(enc_layers)
@@ -72,8 +80,11 @@ class DetectorStep:
         self.autocast_dtype = autocast_dtype
 
     def _detect(self, batch: ImageBatch, device: torch.device) -> DetectorOutput:
-        amp = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-               else contextlib.nullcontext())
+        amp = (
+            torch.autocast(device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
         with amp:
             if self.grad:
                 return self.detector.detect(batch, topk=self.topk, enc_layers=self.enc_layers, grad=True)
@@ -110,11 +121,14 @@ class DetectorStep:
         else:
             done, failed = run_or_skip(lambda b: zero_padding(self._detect(b.to(device), device)), batch)
         for pos, reason in failed:
-            print(f"mfdetr: left out image id {batch.image_ids[pos]} ({batch.file_names[pos]}): {reason}",
-                  file=sys.stderr)
+            print(
+                f"mfdetr: left out image id {batch.image_ids[pos]} ({batch.file_names[pos]}): {reason}", file=sys.stderr
+            )
         if not done:
-            raise MfdetrError(f"the detector cannot process image ids {batch.image_ids} "
-                              f"({', '.join(batch.file_names)}): {failed[0][1]}")
+            raise MfdetrError(
+                f"the detector cannot process image ids {batch.image_ids} "
+                f"({', '.join(batch.file_names)}): {failed[0][1]}"
+            )
         det = done[0][1] if len(done) == 1 else cat_detector_outputs([o for _, o in done])
         ids = [i for part, _ in done for i in part.image_ids]
         targets = [t for part, _ in done for t in (part.targets or [])]
@@ -143,9 +157,15 @@ class ImageStep:
 
 def detector_manifest(preset: Any, topk: int) -> dict[str, Any]:
     """The manifest fields MaskNet is built from, taken from a detector preset (no cache involved)."""
-    return {"hidden_dim": preset.hidden_dim, "level_strides": list(preset.level_strides),
-            "c1_channels": preset.c1_channels, "topk": int(topk), "category_map": list(preset.class_to_category),
-            "num_classes": preset.num_classes, "detector": {"name": preset.name}}
+    return {
+        "hidden_dim": preset.hidden_dim,
+        "level_strides": list(preset.level_strides),
+        "c1_channels": preset.c1_channels,
+        "topk": int(topk),
+        "category_map": list(preset.class_to_category),
+        "num_classes": preset.num_classes,
+        "detector": {"name": preset.name},
+    }
 
 
 class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -154,8 +174,9 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
     :func:`~mfdetr.engine.stage2.evaluate_masknet` evaluates online runs (and fine-tuned detectors).
     Runs the detector in the calling process: use it with ``num_workers = 0``."""
 
-    def __init__(self, coco: Any, step: DetectorStep, device: torch.device, max_images: int = 0,
-                 coarsest_stride: int = 0) -> None:
+    def __init__(
+        self, coco: Any, step: DetectorStep, device: torch.device, max_images: int = 0, coarsest_stride: int = 0
+    ) -> None:
         self.coco = coco
         self.step = step
         self.device = device
@@ -185,20 +206,32 @@ class OnlineEvalSet(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return det.to("cpu"), item.target
 
 
-def _detector_step(cfg: Any, det_model: Any, topk: int, enc_layer: int, device: torch.device, *,
-                   grad: bool) -> DetectorStep:
+def _detector_step(
+    cfg: Any, det_model: Any, topk: int, enc_layer: int, device: torch.device, *, grad: bool
+) -> DetectorStep:
     from mfdetr.engine.trainer import amp_settings
 
     use_amp, amp_dtype = amp_settings(cfg.train.amp, device)
-    return DetectorStep(detector=det_model, topk=topk, enc_layers=(enc_layer,),
-                        round_dtype=torch.float16 if cfg.online.round_features else None, grad=grad,
-                        autocast_dtype=amp_dtype if use_amp else None)
+    return DetectorStep(
+        detector=det_model,
+        topk=topk,
+        enc_layers=(enc_layer,),
+        round_dtype=torch.float16 if cfg.online.round_features else None,
+        grad=grad,
+        autocast_dtype=amp_dtype if use_amp else None,
+    )
 
 
-def online_source(*, detector: str, checkpoint: str | None, split: str, topk: int,
-                  annotation_sha256: str) -> dict[str, Any]:
+def online_source(
+    *, detector: str, checkpoint: str | None, split: str, topk: int, annotation_sha256: str
+) -> dict[str, Any]:
     """What an online run trains on (compared on ``--resume``): detector, weights, split, annotations."""
     from mfdetr.cache.manifest import sha256_file
 
-    return {"detector": detector, "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
-            "split": split, "topk": int(topk), "annotation_sha256": annotation_sha256}
+    return {
+        "detector": detector,
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "split": split,
+        "topk": int(topk),
+        "annotation_sha256": annotation_sha256,
+    }

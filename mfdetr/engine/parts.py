@@ -62,13 +62,19 @@ def build_parts(cfg: RunConfig, manifest: Mapping[str, Any]) -> Stage2Parts:
     loss_cfg = from_dict(LossConfig, cfg.loss, where="loss")
     assign_cfg = from_dict(AssignConfig, cfg.assign, where="assign")
     seed_everything(cfg.train.seed)
-    model = build_masknet(mcfg, d_model=int(manifest["hidden_dim"]), level_strides=manifest["level_strides"],
-                          c1_channels=int(manifest["c1_channels"]))
+    model = build_masknet(
+        mcfg,
+        d_model=int(manifest["hidden_dim"]),
+        level_strides=manifest["level_strides"],
+        c1_channels=int(manifest["c1_channels"]),
+    )
     if mcfg.num_queries > int(manifest["topk"]):
-        raise MfdetrError(f"masknet.num_queries={mcfg.num_queries} but the cache keeps only "
-                          f"{manifest['topk']} queries per image")
-    crit = MaskCriterion(loss_cfg=loss_cfg, assign_cfg=assign_cfg, class_to_category=manifest["category_map"],
-                         seed=cfg.train.seed)
+        raise MfdetrError(
+            f"masknet.num_queries={mcfg.num_queries} but the cache keeps only {manifest['topk']} queries per image"
+        )
+    crit = MaskCriterion(
+        loss_cfg=loss_cfg, assign_cfg=assign_cfg, class_to_category=manifest["category_map"], seed=cfg.train.seed
+    )
     return Stage2Parts(masknet_cfg=mcfg, loss_cfg=loss_cfg, assign_cfg=assign_cfg, model=model, criterion=crit)
 
 
@@ -85,8 +91,12 @@ def complexity(model: nn.Module, manifest: Mapping[str, Any]) -> dict[str, float
     """#params▲ (M) and #FLOPs▲ (G multiply-adds, as the paper counts them) for one image, K queries."""
     from mfdetr.masknet.complexity import FeatureSpec, describe
 
-    spec = FeatureSpec(d_model=int(manifest["hidden_dim"]), level_strides=tuple(manifest["level_strides"]),
-                       c1_channels=int(manifest["c1_channels"]), input_hw=FLOPS_INPUT_HW,
-                       num_classes=int(manifest["num_classes"]))
+    spec = FeatureSpec(
+        d_model=int(manifest["hidden_dim"]),
+        level_strides=tuple(manifest["level_strides"]),
+        c1_channels=int(manifest["c1_channels"]),
+        input_hw=FLOPS_INPUT_HW,
+        num_classes=int(manifest["num_classes"]),
+    )
     rep = describe(model, spec, num_queries=int(getattr(model, "num_queries", 100)))  # type: ignore[arg-type]
     return {"params_m": rep.params["total"] / 1e6, "flops_g": rep.flops["total"] / 2e9}

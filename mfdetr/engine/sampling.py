@@ -32,8 +32,16 @@ class EpochPlan:
         shuffle: draw a fresh permutation per epoch (else the identity order).
     """
 
-    def __init__(self, *, num_items: int, batch_size: int, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        num_items: int,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         if num_items < 1:
             raise ValueError("no training items")
         self.num_items, self.batch_size = num_items, batch_size
@@ -56,7 +64,7 @@ class EpochPlan:
         """This rank's batches of ``epoch`` from in-epoch step ``start`` on."""
         order = self.order(epoch)
         b, gb, r = self.batch_size, self.global_batch, self.rank
-        return [order[s * gb + r * b: s * gb + (r + 1) * b] for s in range(start, self.steps_per_epoch)]
+        return [order[s * gb + r * b : s * gb + (r + 1) * b] for s in range(start, self.steps_per_epoch)]
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, in-epoch step) of global step ``step``."""

@@ -22,8 +22,9 @@ class StepDecay:
         factor: multiplier applied at each milestone (0.1 = "divide by 10").
     """
 
-    def __init__(self, *, base_lr: float, total_steps: int, drop_at: Sequence[float] = (0.9, 0.95),
-                 factor: float = 0.1) -> None:
+    def __init__(
+        self, *, base_lr: float, total_steps: int, drop_at: Sequence[float] = (0.9, 0.95), factor: float = 0.1
+    ) -> None:
         self.base_lr = float(base_lr)
         self.total_steps = int(total_steps)
         self.factor = float(factor)
@@ -32,7 +33,7 @@ class StepDecay:
     def lr_at(self, step: int) -> float:
         """Learning rate used for the optimiser step with 0-based index ``step``."""
         n = sum(1 for m in self.milestones if step >= m)
-        return self.base_lr * self.factor ** n
+        return self.base_lr * self.factor**n
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every parameter group's lr for ``step``; return it."""
@@ -42,5 +43,9 @@ class StepDecay:
         return lr
 
     def state_dict(self) -> dict[str, object]:
-        return {"base_lr": self.base_lr, "total_steps": self.total_steps, "factor": self.factor,
-                "milestones": list(self.milestones)}
+        return {
+            "base_lr": self.base_lr,
+            "total_steps": self.total_steps,
+            "factor": self.factor,
+            "milestones": list(self.milestones),
+        }

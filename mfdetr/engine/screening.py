@@ -27,13 +27,20 @@ def readable_indices(coco: Any, indices: Sequence[int]) -> list[int]:
         if why is None:
             kept.append(int(i))
         else:
-            print(f"mfdetr: left out image id {coco.image_ids[i]} ({coco.file_name(coco.image_ids[i])}): {why}",
-                  file=sys.stderr)
+            print(
+                f"mfdetr: left out image id {coco.image_ids[i]} ({coco.file_name(coco.image_ids[i])}): {why}",
+                file=sys.stderr,
+            )
     return kept
 
 
-def runnable_indices(coco: Any, detect: Callable[[ImageBatch, torch.device], Any], device: torch.device,
-                     indices: Sequence[int], coarsest_stride: int) -> list[int]:
+def runnable_indices(
+    coco: Any,
+    detect: Callable[[ImageBatch, torch.device], Any],
+    device: torch.device,
+    indices: Sequence[int],
+    coarsest_stride: int,
+) -> list[int]:
     """``indices`` of a COCO split whose network input the detector can process.
 
     Only sizes where the coarsest feature map would be one cell on a side (shorter input side ≤
@@ -55,16 +62,23 @@ def runnable_indices(coco: Any, detect: Callable[[ImageBatch, torch.device], Any
             continue
         if hw not in verdict:
             h, w = hw
-            probe = ImageBatch(images=torch.zeros(1, 3, h, w), pad_mask=torch.zeros(1, h, w, dtype=torch.bool),
-                               input_hw=torch.tensor([[h, w]]), orig_hw=torch.tensor([[h, w]]), image_ids=[0],
-                               file_names=["probe"])
+            probe = ImageBatch(
+                images=torch.zeros(1, 3, h, w),
+                pad_mask=torch.zeros(1, h, w, dtype=torch.bool),
+                input_hw=torch.tensor([[h, w]]),
+                orig_hw=torch.tensor([[h, w]]),
+                image_ids=[0],
+                file_names=["probe"],
+            )
             _, failed = run_or_skip(lambda b: detect(b.to(device), device), probe)
             verdict[hw] = failed[0][1] if failed else None
         if verdict[hw] is None:
             kept.append(int(i))
         else:
-            print(f"mfdetr: left out image id {coco.image_ids[i]} ({coco.file_name(coco.image_ids[i])}): "
-                  f"{verdict[hw]}", file=sys.stderr)
+            print(
+                f"mfdetr: left out image id {coco.image_ids[i]} ({coco.file_name(coco.image_ids[i])}): {verdict[hw]}",
+                file=sys.stderr,
+            )
     return kept
 
 

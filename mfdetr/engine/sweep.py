@@ -137,9 +137,11 @@ def typed_parts(cfg: RunConfig, *, where: str) -> tuple[MaskNetConfig, LossConfi
     from mfdetr.masknet.losses import LossConfig
     from mfdetr.masknet.targets import AssignConfig
 
-    return (from_dict(MaskNetConfig, cfg.masknet, where=f"{where}: masknet"),
-            from_dict(LossConfig, cfg.loss, where=f"{where}: loss"),
-            from_dict(AssignConfig, cfg.assign, where=f"{where}: assign"))
+    return (
+        from_dict(MaskNetConfig, cfg.masknet, where=f"{where}: masknet"),
+        from_dict(LossConfig, cfg.loss, where=f"{where}: loss"),
+        from_dict(AssignConfig, cfg.assign, where=f"{where}: assign"),
+    )
 
 
 def run_overrides(overrides: Sequence[str], default_section: str = "masknet") -> list[str]:
@@ -150,8 +152,7 @@ def run_overrides(overrides: Sequence[str], default_section: str = "masknet") ->
     out = []
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        out.append(item if "=" not in item or key.split(".", 1)[0] in sections
-                   else f"{default_section}.{item.strip()}")
+        out.append(item if "=" not in item or key.split(".", 1)[0] in sections else f"{default_section}.{item.strip()}")
     return out
 
 
@@ -179,16 +180,29 @@ def _check_inputs(vdir: Path, inputs: Mapping[str, Any], name: str) -> None:
         recorded = json.loads(path.read_text())
     except ValueError:
         raise MfdetrError("unreadable record of a finished variant's inputs", path=path) from None
-    diff = [k for k in diff_configs(recorded, json.loads(json.dumps(inputs)))
-            if k.removeprefix("config.") not in RESUMABLE_CHANGES]
+    diff = [
+        k
+        for k in diff_configs(recorded, json.loads(json.dumps(inputs)))
+        if k.removeprefix("config.") not in RESUMABLE_CHANGES
+    ]
     if diff:
-        raise MfdetrError(f"variant {name} was run with other inputs (differs in: {', '.join(diff[:6])}"
-                          f"{' ...' if len(diff) > 6 else ''}); choose another --out or remove {vdir}", path=vdir)
+        raise MfdetrError(
+            f"variant {name} was run with other inputs (differs in: {', '.join(diff[:6])}"
+            f"{' ...' if len(diff) > 6 else ''}); choose another --out or remove {vdir}",
+            path=vdir,
+        )
 
 
-def run_sweep(spec: SweepSpec, *, out_dir: str | Path, run_variant: RunVariant, overrides: Sequence[str] = (),
-              only: Sequence[str] = (), log: Callable[[str], None] = print,
-              sources: Mapping[str, Any] | None = None) -> list[VariantResult]:
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    out_dir: str | Path,
+    run_variant: RunVariant,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+    sources: Mapping[str, Any] | None = None,
+) -> list[VariantResult]:
     """Run every variant (or those named in ``only``) into ``out_dir/<name>/``; write the summary.
 
     A variant whose ``out_dir/<name>/result.json`` exists is not rerun: its stored result is used, if it
@@ -236,11 +250,16 @@ def summary_rows(spec: SweepSpec, results: Sequence[VariantResult]) -> tuple[lis
     header = [*spec.sweep.columns, "#FLOPs▲", "#params▲", *METRICS, "AP^boundary", "paper AP", "paper #params▲"]
     rows = []
     for r in results:
-        rows.append([*r.labels, _num(r.flops_g, ".2f") + (" G" if r.flops_g is not None else ""),
-                     _num(r.params_m, ".2f") + (" M" if r.params_m is not None else ""),
-                     *[_num(r.metrics.get(m), ".1f") for m in (*METRICS, BOUNDARY)],
-                     _num(r.paper.get("AP"), ".1f"),
-                     _num(r.paper.get("params_m"), ".2f") + (" M" if "params_m" in r.paper else "")])
+        rows.append(
+            [
+                *r.labels,
+                _num(r.flops_g, ".2f") + (" G" if r.flops_g is not None else ""),
+                _num(r.params_m, ".2f") + (" M" if r.params_m is not None else ""),
+                *[_num(r.metrics.get(m), ".1f") for m in (*METRICS, BOUNDARY)],
+                _num(r.paper.get("AP"), ".1f"),
+                _num(r.paper.get("params_m"), ".2f") + (" M" if "params_m" in r.paper else ""),
+            ]
+        )
     return header, rows
 
 
@@ -248,21 +267,45 @@ def write_summary(spec: SweepSpec, results: Sequence[VariantResult], out_dir: st
     """Write ``summary.md`` (a markdown table like the paper's) and ``summary.csv`` (numbers only)."""
     out = Path(out_dir)
     header, rows = summary_rows(spec, results)
-    md = [f"# {spec.sweep.table}: {spec.sweep.title}", "",
-          "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    md = [
+        f"# {spec.sweep.table}: {spec.sweep.title}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "▲: added by the mask network (the frozen detector is not counted), as in the paper; #FLOPs▲ are "
-           "G multiply-adds of one forward pass for one 800×1200 image with K queries (torch's FLOP counter / 2); "
-           "AP^boundary is the masks' Boundary AP (matching IoU = min(mask IoU, boundary IoU), band 2 % of the "
-           "image diagonal)."]
+    md += [
+        "",
+        "▲: added by the mask network (the frozen detector is not counted), as in the paper; #FLOPs▲ are "
+        "G multiply-adds of one forward pass for one 800×1200 image with K queries (torch's FLOP counter / 2); "
+        "AP^boundary is the masks' Boundary AP (matching IoU = min(mask IoU, boundary IoU), band 2 % of the "
+        "image diagonal).",
+    ]
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["name", *spec.sweep.columns, "flops_g", "params_m", *METRICS, BOUNDARY,
-                *[f"paper_{k}" for k in ("flops_g", "params_m", *METRICS)]])
+    w.writerow(
+        [
+            "name",
+            *spec.sweep.columns,
+            "flops_g",
+            "params_m",
+            *METRICS,
+            BOUNDARY,
+            *[f"paper_{k}" for k in ("flops_g", "params_m", *METRICS)],
+        ]
+    )
     for r in results:
-        w.writerow([r.name, *r.labels, r.flops_g, r.params_m, *[r.metrics.get(m) for m in (*METRICS, BOUNDARY)],
-                    *[r.paper.get(k) for k in ("flops_g", "params_m", *METRICS)]])
+        w.writerow(
+            [
+                r.name,
+                *r.labels,
+                r.flops_g,
+                r.params_m,
+                *[r.metrics.get(m) for m in (*METRICS, BOUNDARY)],
+                *[r.paper.get(k) for k in ("flops_g", "params_m", *METRICS)],
+            ]
+        )
     atomic_write_text(out / "summary.csv", buf.getvalue())
     return out / "summary.md", out / "summary.csv"
 

@@ -51,10 +51,26 @@ BOUNDARY_DILATION_RATIO = 0.02  # the boundary band, as a fraction of the image 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 __all__ = [
-    "BOUNDARY_DILATION_RATIO", "EVALUATORS", "IOU_TYPES", "MASK_IOU_TYPES", "METRIC_NAMES", "CocoEvaluator",
-    "annotation_path", "category_ap", "category_rows", "coco_from_dict", "evaluate",
-    "format_category_table", "format_table", "gt_to_results", "instances_to_results", "load_coco_gt", "mask_to_rle",
-    "read_results_json", "validate_results", "write_results_json",
+    "BOUNDARY_DILATION_RATIO",
+    "EVALUATORS",
+    "IOU_TYPES",
+    "MASK_IOU_TYPES",
+    "METRIC_NAMES",
+    "CocoEvaluator",
+    "annotation_path",
+    "category_ap",
+    "category_rows",
+    "coco_from_dict",
+    "evaluate",
+    "format_category_table",
+    "format_table",
+    "gt_to_results",
+    "instances_to_results",
+    "load_coco_gt",
+    "mask_to_rle",
+    "read_results_json",
+    "validate_results",
+    "write_results_json",
 ]
 
 
@@ -122,9 +138,16 @@ def category_ap(ev: Any) -> dict[int, float]:
     return out
 
 
-def evaluate(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str, *,
-             image_ids: Iterable[int] | None = None, verbose: bool = False, evaluator: str = "pycocotools",
-             per_category: dict[int, float] | None = None) -> dict[str, float]:
+def evaluate(
+    coco_gt: COCO,
+    results: Sequence[Mapping[str, Any]],
+    iou_type: str,
+    *,
+    image_ids: Iterable[int] | None = None,
+    verbose: bool = False,
+    evaluator: str = "pycocotools",
+    per_category: dict[int, float] | None = None,
+) -> dict[str, float]:
     """COCO evaluation of ``results`` → ``{AP, AP50, AP75, APs, APm, APl}`` in percent.
 
     Args:
@@ -155,8 +178,9 @@ def evaluate(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str,
         ev.summarize()
     if per_category is not None:
         per_category.update(category_ap(ev))
-    return {name: float(ev.stats[k] * 100.0) if ev.stats[k] >= 0 else float("nan")
-            for k, name in enumerate(METRIC_NAMES)}
+    return {
+        name: float(ev.stats[k] * 100.0) if ev.stats[k] >= 0 else float("nan") for k, name in enumerate(METRIC_NAMES)
+    }
 
 
 class CocoEvaluator:
@@ -174,8 +198,15 @@ class CocoEvaluator:
     After :meth:`finish`, ``category_ap[iou_type]`` holds each category's AP (:func:`category_ap`).
     """
 
-    def __init__(self, *, coco_gt: COCO, iou_types: Sequence[str] = ("segm", "bbox"), all_images: bool = False,
-                 verbose: bool = False, evaluator: str = "pycocotools") -> None:
+    def __init__(
+        self,
+        *,
+        coco_gt: COCO,
+        iou_types: Sequence[str] = ("segm", "bbox"),
+        all_images: bool = False,
+        verbose: bool = False,
+        evaluator: str = "pycocotools",
+    ) -> None:
         for t in iou_types:
             _check_choice(t, evaluator)
         self.coco_gt = coco_gt
@@ -208,8 +239,18 @@ class CocoEvaluator:
         if ids is not None and not ids:
             return {t: dict.fromkeys(METRIC_NAMES, 0.0) for t in self.iou_types}
         self.category_ap = {t: {} for t in self.iou_types}
-        return {t: evaluate(self.coco_gt, self.results, t, image_ids=ids, verbose=self.verbose,
-                            evaluator=self.evaluator, per_category=self.category_ap[t]) for t in self.iou_types}
+        return {
+            t: evaluate(
+                self.coco_gt,
+                self.results,
+                t,
+                image_ids=ids,
+                verbose=self.verbose,
+                evaluator=self.evaluator,
+                per_category=self.category_ap[t],
+            )
+            for t in self.iou_types
+        }
 
 
 def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:

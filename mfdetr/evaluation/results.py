@@ -27,8 +27,9 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def validate_results(results: Any, coco_gt: COCO, iou_types: Sequence[str], *, source: str = "results"
-                     ) -> list[dict[str, Any]]:
+def validate_results(
+    results: Any, coco_gt: COCO, iou_types: Sequence[str], *, source: str = "results"
+) -> list[dict[str, Any]]:
     """Check a results list against the GT: fields, types, known image/category ids, mask sizes.
 
     Raises:
@@ -58,12 +59,17 @@ def validate_results(results: Any, coco_gt: COCO, iou_types: Sequence[str], *, s
         if mask_types:
             seg = r.get("segmentation")
             if not (isinstance(seg, dict) and isinstance(seg.get("counts"), str) and isinstance(seg.get("size"), list)):
-                raise MfdetrError(f"results[{i}] needs 'segmentation' as an RLE {{size, counts}} "
-                                  f"(for --iou-type {mask_types[0]})", path=source)
+                raise MfdetrError(
+                    f"results[{i}] needs 'segmentation' as an RLE {{size, counts}} (for --iou-type {mask_types[0]})",
+                    path=source,
+                )
             img = coco_gt.imgs[iid]
             if seg["size"] != [img["height"], img["width"]]:
-                raise MfdetrError(f"results[{i}] mask size {seg['size']} differs from image {iid}'s "
-                                  f"[{img['height']}, {img['width']}]", path=source)
+                raise MfdetrError(
+                    f"results[{i}] mask size {seg['size']} differs from image {iid}'s "
+                    f"[{img['height']}, {img['width']}]",
+                    path=source,
+                )
     return results
 
 
@@ -85,15 +91,20 @@ def write_results_json(path: str | Path, results: Iterable[Mapping[str, Any]]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     out = []
     for r in results:
-        d: dict[str, Any] = {"image_id": int(r["image_id"]), "category_id": int(r["category_id"]),
-                             "score": float(r["score"])}
+        d: dict[str, Any] = {
+            "image_id": int(r["image_id"]),
+            "category_id": int(r["category_id"]),
+            "score": float(r["score"]),
+        }
         if "bbox" in r:
             d["bbox"] = [float(v) for v in r["bbox"]]
         if "segmentation" in r:
             seg = r["segmentation"]
             counts = seg["counts"]
-            d["segmentation"] = {"size": [int(seg["size"][0]), int(seg["size"][1])],
-                                 "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+            d["segmentation"] = {
+                "size": [int(seg["size"][0]), int(seg["size"][1])],
+                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+            }
         out.append(d)
     text = json.dumps(out, separators=(",", ":")).encode()
     atomic_write(path, lambda f: f.write(text), what="results JSON")
@@ -101,9 +112,13 @@ def write_results_json(path: str | Path, results: Iterable[Mapping[str, Any]]) -
 
 
 # --- conversions -----------------------------------------------------------------------------------
-def instances_to_results(image_id: int, category_ids: Tensor | Sequence[int], scores: Tensor | Sequence[float],
-                         boxes_xyxy: Tensor | np.ndarray | None = None, masks: Tensor | np.ndarray | None = None
-                         ) -> list[dict[str, Any]]:
+def instances_to_results(
+    image_id: int,
+    category_ids: Tensor | Sequence[int],
+    scores: Tensor | Sequence[float],
+    boxes_xyxy: Tensor | np.ndarray | None = None,
+    masks: Tensor | np.ndarray | None = None,
+) -> list[dict[str, Any]]:
     """Per-image predictions → COCO result dicts.
 
     Args:
@@ -113,8 +128,9 @@ def instances_to_results(image_id: int, category_ids: Tensor | Sequence[int], sc
     """
     cats = [int(c) for c in (category_ids.tolist() if hasattr(category_ids, "tolist") else category_ids)]
     sc = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
-    out: list[dict[str, Any]] = [{"image_id": int(image_id), "category_id": c, "score": s}
-                                 for c, s in zip(cats, sc, strict=True)]
+    out: list[dict[str, Any]] = [
+        {"image_id": int(image_id), "category_id": c, "score": s} for c, s in zip(cats, sc, strict=True)
+    ]
     if boxes_xyxy is not None:
         if hasattr(boxes_xyxy, "detach"):  # a torch Tensor
             boxes_xyxy = boxes_xyxy.detach().cpu().double().numpy()
@@ -135,9 +151,16 @@ def gt_to_results(coco_gt: COCO, *, score: float = 1.0) -> list[dict[str, Any]]:
         if ann.get("iscrowd", 0):
             continue
         rle = coco_gt.annToRLE(ann)
-        out.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": score,
-                    "bbox": [float(v) for v in ann["bbox"]],
-                    "segmentation": {"size": [int(rle["size"][0]), int(rle["size"][1])],
-                                     "counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes)
-                                     else rle["counts"]}})
+        out.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "score": score,
+                "bbox": [float(v) for v in ann["bbox"]],
+                "segmentation": {
+                    "size": [int(rle["size"][0]), int(rle["size"][1])],
+                    "counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"],
+                },
+            }
+        )
     return out

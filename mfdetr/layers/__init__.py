@@ -24,7 +24,17 @@ from mfdetr.layers.windows import (
 )
 
 __all__ = [
-    "FFN", "DeformableEncoderLayer", "PositionEmbeddingSine", "encoder_reference_points", "focal_class_cost",
-    "relative_position_bias", "relative_position_index", "shifted_window_regions", "sine_embed_coords",
-    "sine_features", "sine_pos_embed_from_sizes", "window_partition", "window_reverse",
+    "FFN",
+    "DeformableEncoderLayer",
+    "PositionEmbeddingSine",
+    "encoder_reference_points",
+    "focal_class_cost",
+    "relative_position_bias",
+    "relative_position_index",
+    "shifted_window_regions",
+    "sine_embed_coords",
+    "sine_features",
+    "sine_pos_embed_from_sizes",
+    "window_partition",
+    "window_reverse",
 ]

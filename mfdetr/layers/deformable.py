@@ -36,9 +36,11 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: Tensor, vali
     refs = []
     for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         # = linspace(0.5, size - 0.5, size), exactly; arange keeps a symbolic size symbolic under torch.export
-        ry, rx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=ratios.device) + 0.5,
-                                torch.arange(w, dtype=torch.float32, device=ratios.device) + 0.5,
-                                indexing="ij")
+        ry, rx = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=ratios.device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=ratios.device) + 0.5,
+            indexing="ij",
+        )
         if valid_wh is None:
             ry = ry.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
             rx = rx.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
@@ -70,8 +72,17 @@ class DeformableEncoderLayer(nn.Module):
     No dropout: the detectors run frozen and the mask network trains without it.
     """
 
-    def __init__(self, *, dim: int, levels: int, heads: int, points: int, ffn_hidden: int,
-                 activation: Activation = "gelu", ffn_names: Literal["ffn", "linear"] = "ffn") -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        levels: int,
+        heads: int,
+        points: int,
+        ffn_hidden: int,
+        activation: Activation = "gelu",
+        ffn_names: Literal["ffn", "linear"] = "ffn",
+    ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(d_model=dim, n_levels=levels, n_heads=heads, n_points=points)
         self.norm1 = nn.LayerNorm(dim)
@@ -92,10 +103,19 @@ class DeformableEncoderLayer(nn.Module):
             return self.ffn(x)
         return self.linear2(self._act(self.linear1(x)))
 
-    def forward(self, src: Tensor, pos: Tensor | None, reference_points: Tensor, spatial_shapes: SpatialShapes,
-                padding_mask: Tensor | None = None, *, level_start_index: Tensor | None = None,
-                num_out: int | None = None, out_index: Tensor | None = None,
-                checkpoint_tokens: int | None = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor | None,
+        reference_points: Tensor,
+        spatial_shapes: SpatialShapes,
+        padding_mask: Tensor | None = None,
+        *,
+        level_start_index: Tensor | None = None,
+        num_out: int | None = None,
+        out_index: Tensor | None = None,
+        checkpoint_tokens: int | None = None,
+    ) -> Tensor:
         """Update the tokens.
 
         Args:
@@ -129,12 +149,22 @@ class DeformableEncoderLayer(nn.Module):
         out = []
         for s in range(0, x.shape[1], checkpoint_tokens):
             part = slice(s, s + checkpoint_tokens)
-            out.append(checkpoint(self._update, x[:, part], None if p is None else p[:, part], ref[:, part], value,
-                                  spatial_shapes, use_reentrant=False))
+            out.append(
+                checkpoint(
+                    self._update,
+                    x[:, part],
+                    None if p is None else p[:, part],
+                    ref[:, part],
+                    value,
+                    spatial_shapes,
+                    use_reentrant=False,
+                )
+            )
         return torch.cat(out, 1)
 
-    def _update(self, x: Tensor, pos: Tensor | None, reference_points: Tensor, value: Tensor,
-                spatial_shapes: SpatialShapes) -> Tensor:
+    def _update(
+        self, x: Tensor, pos: Tensor | None, reference_points: Tensor, value: Tensor, spatial_shapes: SpatialShapes
+    ) -> Tensor:
         """The output tokens of inputs ``x`` [B, Q, dim] at ``pos``, sampling the projected ``value``."""
         q = x if pos is None else x + pos
         x = self.norm1(x + self.self_attn.attend(q, reference_points, value, spatial_shapes))

@@ -42,8 +42,16 @@ class PositionEmbeddingSine(nn.Module):
         scale: 2π by default.
     """
 
-    def __init__(self, *, num_feats: int, temperature_h: float = 10000.0, temperature_w: float = 10000.0,
-                 normalize: bool = True, offset: float = 0.0, scale: float = 2 * math.pi) -> None:
+    def __init__(
+        self,
+        *,
+        num_feats: int,
+        temperature_h: float = 10000.0,
+        temperature_w: float = 10000.0,
+        normalize: bool = True,
+        offset: float = 0.0,
+        scale: float = 2 * math.pi,
+    ) -> None:
         super().__init__()
         self.num_feats, self.temperature_h, self.temperature_w = num_feats, temperature_h, temperature_w
         self.normalize, self.offset, self.scale = normalize, offset, scale
@@ -62,8 +70,9 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
-def sine_pos_embed_from_sizes(valid_hw: Tensor, hw: tuple[int, int], dim: int, *,
-                              temperature: float = 10000.0) -> Tensor:
+def sine_pos_embed_from_sizes(
+    valid_hw: Tensor, hw: tuple[int, int], dim: int, *, temperature: float = 10000.0
+) -> Tensor:
     """Deformable DETR's normalised sine embedding of a map, from each image's valid size.
 
     Equals :class:`PositionEmbeddingSine` (offset −0.5) inside the valid region; it is computed from
@@ -90,8 +99,9 @@ def sine_pos_embed_from_sizes(valid_hw: Tensor, hw: tuple[int, int], dim: int, *
     return torch.cat((sine_features(y, npf, temperature), sine_features(x, npf, temperature)), dim=3).flatten(1, 2)
 
 
-def sine_embed_coords(coords: Tensor, *, num_feats: int, order: Sequence[int],
-                      temperature: float = 10000.0, scale: float = 2 * math.pi) -> Tensor:
+def sine_embed_coords(
+    coords: Tensor, *, num_feats: int, order: Sequence[int], temperature: float = 10000.0, scale: float = 2 * math.pi
+) -> Tensor:
     """Sine-embed normalised coordinates (query reference points / boxes).
 
     Args:

@@ -148,8 +148,15 @@ def _category_to_slot(class_to_category: Sequence[int], device: torch.device) ->
     return table.to(device)
 
 
-def _hungarian_cost(det: DetectorOutput, b: int, boxes: Tensor, gt: GTInstances, keep_gt: Tensor,
-                    cfg: AssignConfig, class_to_category: Sequence[int] | None) -> Tensor:
+def _hungarian_cost(
+    det: DetectorOutput,
+    b: int,
+    boxes: Tensor,
+    gt: GTInstances,
+    keep_gt: Tensor,
+    cfg: AssignConfig,
+    class_to_category: Sequence[int] | None,
+) -> Tensor:
     """[K, G] matching cost between the queries of image ``b`` and its kept (non-crowd) GTs."""
     gt_boxes = gt.boxes[keep_gt].to(boxes.device, boxes.dtype)
     iou = box_iou(boxes, gt_boxes)
@@ -173,8 +180,9 @@ def _hungarian_cost(det: DetectorOutput, b: int, boxes: Tensor, gt: GTInstances,
 
 
 @torch.no_grad()
-def assign(det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig,
-           class_to_category: Sequence[int] | None = None) -> Assignment:
+def assign(
+    det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig, class_to_category: Sequence[int] | None = None
+) -> Assignment:
     """Assign GT instances to the K predicted boxes of every image (see module docstring).
 
     Args:
@@ -190,8 +198,11 @@ def assign(det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig,
     bi, qi, gi, ignored = [], [], [], []
     for b, gt in enumerate(gts):
         boxes = clip_boxes(boxes_all[b], (int(gt.orig_hw[0]), int(gt.orig_hw[1])))
-        ign = _ignored_by_crowd(gt, boxes, cfg.crowd_threshold) if len(gt) else torch.zeros(
-            boxes.shape[0], dtype=torch.bool, device=dev)
+        ign = (
+            _ignored_by_crowd(gt, boxes, cfg.crowd_threshold)
+            if len(gt)
+            else torch.zeros(boxes.shape[0], dtype=torch.bool, device=dev)
+        )
         ignored.append(ign)
         keep_gt = torch.nonzero(~gt.iscrowd.bool().cpu()).flatten()
         if keep_gt.numel() == 0 or boxes.shape[0] == 0:
@@ -215,6 +226,9 @@ def assign(det: DetectorOutput, gts: Sequence[GTInstances], cfg: AssignConfig,
         qi.append(q)
         gi.append(g)
     empty = torch.zeros(0, dtype=torch.long, device=dev)
-    return Assignment(batch_idx=torch.cat(bi) if bi else empty, query_idx=torch.cat(qi) if qi else empty,
-                      gt_idx=torch.cat(gi) if gi else empty,
-                      ignored=torch.stack(ignored) if ignored else torch.zeros(0, 0, dtype=torch.bool, device=dev))
+    return Assignment(
+        batch_idx=torch.cat(bi) if bi else empty,
+        query_idx=torch.cat(qi) if qi else empty,
+        gt_idx=torch.cat(gi) if gi else empty,
+        ignored=torch.stack(ignored) if ignored else torch.zeros(0, 0, dtype=torch.bool, device=dev),
+    )

@@ -35,9 +35,17 @@ class BoxEncoder(nn.Module):
         checkpoint_tokens: activation checkpointing chunk (0 = off; see ``MaskNetConfig``).
     """
 
-    def __init__(self, *, block: str, mapper: nn.Linear | None, layers: list[nn.Module],
-                 pos_embed: nn.Parameter | None, roi_size: int, sampling_ratio: int = 2,
-                 checkpoint_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        block: str,
+        mapper: nn.Linear | None,
+        layers: list[nn.Module],
+        pos_embed: nn.Parameter | None,
+        roi_size: int,
+        sampling_ratio: int = 2,
+        checkpoint_tokens: int = 0,
+    ) -> None:
         super().__init__()
         self.checkpoint_tokens = checkpoint_tokens
         self.sampling_ratio = sampling_ratio
@@ -58,8 +66,9 @@ class BoxEncoder(nn.Module):
             return f
         return self.mapper(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def forward(self, f: Tensor, boxes: Tensor, input_hw: Tensor, valid_hw: Tensor,
-                batch_idx: Tensor | None = None) -> Tensor:
+    def forward(
+        self, f: Tensor, boxes: Tensor, input_hw: Tensor, valid_hw: Tensor, batch_idx: Tensor | None = None
+    ) -> Tensor:
         """R_i for every box.
 
         Args:
@@ -90,8 +99,14 @@ class BoxEncoder(nn.Module):
         dt = f.dtype
         if dt == torch.bfloat16:
             f = f.float()
-        out = roi_align(f, rois.to(f.dtype), self.roi_size, spatial_scale=1.0 / FEATURE_STRIDE,
-                        sampling_ratio=self.sampling_ratio, aligned=True)
+        out = roi_align(
+            f,
+            rois.to(f.dtype),
+            self.roi_size,
+            spatial_scale=1.0 / FEATURE_STRIDE,
+            sampling_ratio=self.sampling_ratio,
+            aligned=True,
+        )
         return out.to(dt)
 
     def encode(self, rois: Tensor) -> Tensor:
@@ -102,21 +117,47 @@ class BoxEncoder(nn.Module):
         return self.kind.encode_rois(self.layers, rois, self.pos_embed, **kw)
 
 
-def build_box_encoder(*, block: str, layers: int, in_dim: int, dim: int | None, roi_size: int, heads: int = 8,
-                      points: int = 4, ffn_ratio: float = 4.0, swin_window: int = 8, convnext_kernel: int = 7,
-                      sampling_ratio: int = 2, checkpoint_tokens: int = 0) -> BoxEncoder:
+def build_box_encoder(
+    *,
+    block: str,
+    layers: int,
+    in_dim: int,
+    dim: int | None,
+    roi_size: int,
+    heads: int = 8,
+    points: int = 4,
+    ffn_ratio: float = 4.0,
+    swin_window: int = 8,
+    convnext_kernel: int = 7,
+    sampling_ratio: int = 2,
+    checkpoint_tokens: int = 0,
+) -> BoxEncoder:
     """Build the channel mapper (``in_dim`` = d → ``dim`` = D; none when D is None or d) and F_b."""
     d_out = in_dim if dim is None else dim
     mapper = nn.Linear(in_dim, d_out) if d_out != in_dim else None
-    args = BlockArgs(dim=d_out, heads=heads, points=points, ffn_hidden=int(round(ffn_ratio * d_out)),
-                     window=swin_window, kernel=convnext_kernel)
+    args = BlockArgs(
+        dim=d_out,
+        heads=heads,
+        points=points,
+        ffn_hidden=int(round(ffn_ratio * d_out)),
+        window=swin_window,
+        kernel=convnext_kernel,
+    )
     mods, pos = get_block(block).build_box(layers, args, roi_size=roi_size)
-    return BoxEncoder(block=block, mapper=mapper, layers=mods, pos_embed=pos, roi_size=roi_size,
-                      sampling_ratio=sampling_ratio, checkpoint_tokens=checkpoint_tokens)
+    return BoxEncoder(
+        block=block,
+        mapper=mapper,
+        layers=mods,
+        pos_embed=pos,
+        roi_size=roi_size,
+        sampling_ratio=sampling_ratio,
+        checkpoint_tokens=checkpoint_tokens,
+    )
 
 
-def roi_support(boxes: Tensor, batch_idx: Tensor, input_hw: Tensor, grid_hw: tuple[int, int], grid_stride: int,
-                batch: int) -> Tensor:
+def roi_support(
+    boxes: Tensor, batch_idx: Tensor, input_hw: Tensor, grid_hw: tuple[int, int], grid_stride: int, batch: int
+) -> Tensor:
     """The cells of a feature grid that RoIAlign of ``boxes`` can read through F.
 
     F is the grid (stride ``grid_stride`` in input pixels, a multiple of 4) upsampled bilinearly
@@ -147,7 +188,11 @@ def roi_support(boxes: Tensor, batch_idx: Tensor, input_hw: Tensor, grid_hw: tup
     # union of rectangles per image through a 2-D difference table
     table = torch.zeros(batch, h + 1, w + 1, dtype=torch.int32, device=dev)
     one = torch.ones_like(bi, dtype=torch.int32)
-    for ys, xs, sign in ((lo[:, 1], lo[:, 0], 1), (lo[:, 1], hi[:, 0], -1), (hi[:, 1], lo[:, 0], -1),
-                         (hi[:, 1], hi[:, 0], 1)):
+    for ys, xs, sign in (
+        (lo[:, 1], lo[:, 0], 1),
+        (lo[:, 1], hi[:, 0], -1),
+        (hi[:, 1], lo[:, 0], -1),
+        (hi[:, 1], hi[:, 0], 1),
+    ):
         table.index_put_((bi, ys, xs), one * sign, accumulate=True)
     return table.cumsum(1).cumsum(2)[:, :h, :w] > 0

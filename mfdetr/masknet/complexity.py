@@ -55,8 +55,9 @@ BUILTIN_SPECS: dict[str, FeatureSpec] = {
 }
 
 
-def synthetic_detector_output(spec: FeatureSpec, *, num_queries: int = 100, enc_layer: int = 4,
-                              batch_size: int = 1, seed: int = 0) -> DetectorOutput:
+def synthetic_detector_output(
+    spec: FeatureSpec, *, num_queries: int = 100, enc_layer: int = 4, batch_size: int = 1, seed: int = 0
+) -> DetectorOutput:
     """A random, valid :class:`DetectorOutput` with the shapes a detector of ``spec`` produces."""
     g = torch.Generator().manual_seed(seed)
     h, w = spec.input_hw
@@ -65,11 +66,15 @@ def synthetic_detector_output(spec: FeatureSpec, *, num_queries: int = 100, enc_
     cxcy = torch.rand(b, k, 2, generator=g) * 0.6 + 0.2
     wh = torch.rand(b, k, 2, generator=g) * 0.35 + 0.05
     return DetectorOutput(
-        queries=torch.randn(b, k, d, generator=g), boxes=torch.cat((cxcy, wh), -1),
-        logits=torch.randn(b, k, spec.num_classes, generator=g), enc_maps={enc_layer: maps},
+        queries=torch.randn(b, k, d, generator=g),
+        boxes=torch.cat((cxcy, wh), -1),
+        logits=torch.randn(b, k, spec.num_classes, generator=g),
+        enc_maps={enc_layer: maps},
         c1=torch.randn(b, spec.c1_channels, math.ceil(h / 4), math.ceil(w / 4), generator=g),
-        input_hw=torch.tensor([[h, w]] * b), orig_hw=torch.tensor([[h, w]] * b),
-        level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in spec.level_strides]] * b))
+        input_hw=torch.tensor([[h, w]] * b),
+        orig_hw=torch.tensor([[h, w]] * b),
+        level_valid_hw=torch.tensor([[[math.ceil(h / s), math.ceil(w / s)] for s in spec.level_strides]] * b),
+    )
 
 
 def count_params(model: nn.Module, *, trainable_only: bool = True) -> int:
@@ -86,8 +91,9 @@ def params_by_component(model: MaskNet) -> dict[str, int]:
     return out
 
 
-def _cpu_flash_sdpa_flop(query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: object,
-                         **kwargs: object) -> int:
+def _cpu_flash_sdpa_flop(
+    query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: object, **kwargs: object
+) -> int:
     return int(sdpa_flop_count(query, key, value))
 
 
@@ -148,23 +154,37 @@ class ComplexityReport:
                 continue
             ps = f"{p:>12,}{p / 1e6:>8.2f}" if p is not None else f"{'':>12}{'':>8}"
             lines.append(f"{name:<15}{ps}{f / 1e9:>10.2f}{f / 2e9:>10.2f}")
-        lines.append("FLOPs: torch.utils.flop_counter.FlopCounterMode, 2 per multiply-add of matmul/conv/attention; "
-                     "grid_sample (deformable sampling), RoIAlign, interpolation, norms and element-wise ops "
-                     "are not counted. The paper's #FLOPs▲ appear to be multiply-adds: compare with GMACs.")
+        lines.append(
+            "FLOPs: torch.utils.flop_counter.FlopCounterMode, 2 per multiply-add of matmul/conv/attention; "
+            "grid_sample (deformable sampling), RoIAlign, interpolation, norms and element-wise ops "
+            "are not counted. The paper's #FLOPs▲ appear to be multiply-adds: compare with GMACs."
+        )
         lines.extend(self.notes)
         return "\n".join(lines)
 
 
-def describe(model: MaskNet, spec: FeatureSpec, *, num_queries: int = 100, enc_layer: int | None = None,
-             device: str | torch.device = "cpu") -> ComplexityReport:
+def describe(
+    model: MaskNet,
+    spec: FeatureSpec,
+    *,
+    num_queries: int = 100,
+    enc_layer: int | None = None,
+    device: str | torch.device = "cpu",
+) -> ComplexityReport:
     """Count #params▲ and FLOPs of ``model`` for one image of ``spec.input_hw`` with ``num_queries``
     queries (the forward runs on ``device``; the counts do not depend on it)."""
-    det = synthetic_detector_output(spec, num_queries=num_queries,
-                                    enc_layer=model.enc_layer if enc_layer is None else enc_layer).to(device)
+    det = synthetic_detector_output(
+        spec, num_queries=num_queries, enc_layer=model.enc_layer if enc_layer is None else enc_layer
+    ).to(device)
     model.to(device)
     k = min(num_queries, model.num_queries)
-    return ComplexityReport(params=params_by_component(model), flops=flops_by_component(model, det), spec=spec,
-                            num_queries=k, roi_size=model.roi_size)
+    return ComplexityReport(
+        params=params_by_component(model),
+        flops=flops_by_component(model, det),
+        spec=spec,
+        num_queries=k,
+        roi_size=model.roi_size,
+    )
 
 
 def parse_levels(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -181,9 +201,15 @@ def parse_levels(text: str | Sequence[int]) -> tuple[int, ...]:
     return levels
 
 
-def resolve_feature_spec(*, preset: FeatureSpec | None = None, name: str | None = None, d_model: int | None = None,
-                         levels: Sequence[int] | None = None, c1_channels: int | None = None,
-                         input_hw: tuple[int, int] | None = None) -> tuple[FeatureSpec, str]:
+def resolve_feature_spec(
+    *,
+    preset: FeatureSpec | None = None,
+    name: str | None = None,
+    d_model: int | None = None,
+    levels: Sequence[int] | None = None,
+    c1_channels: int | None = None,
+    input_hw: tuple[int, int] | None = None,
+) -> tuple[FeatureSpec, str]:
     """The :class:`FeatureSpec` to count with, and where it came from.
 
     ``preset`` (from the detector registry) wins over the built-in table entry ``name``; explicit
@@ -197,25 +223,33 @@ def resolve_feature_spec(*, preset: FeatureSpec | None = None, name: str | None 
         source = f"detector preset {name}"
     elif name is not None:
         if name not in BUILTIN_SPECS:
-            raise MfdetrError(f"unknown detector {name!r}: not registered and not in the built-in table "
-                              f"({', '.join(sorted(BUILTIN_SPECS))}); give --d, --levels and --c1-channels")
+            raise MfdetrError(
+                f"unknown detector {name!r}: not registered and not in the built-in table "
+                f"({', '.join(sorted(BUILTIN_SPECS))}); give --d, --levels and --c1-channels"
+            )
         base = BUILTIN_SPECS[name]
         source = f"{name} (built-in table)"
     if base is None:
         given = (("--d", d_model), ("--levels", levels), ("--c1-channels", c1_channels))
         missing = [n for n, v in given if v is None]
         if missing:
-            raise MfdetrError("give --detector NAME or all of --d, --levels, --c1-channels "
-                              f"(missing {', '.join(missing)})")
-        base = FeatureSpec(d_model=int(d_model or 0), level_strides=tuple(levels or ()),
-                           c1_channels=int(c1_channels or 0))
-    spec = FeatureSpec(d_model=base.d_model if d_model is None else int(d_model),
-                       level_strides=base.level_strides if levels is None else tuple(int(s) for s in levels),
-                       c1_channels=base.c1_channels if c1_channels is None else int(c1_channels),
-                       input_hw=base.input_hw if input_hw is None else input_hw, num_classes=base.num_classes)
+            raise MfdetrError(
+                f"give --detector NAME or all of --d, --levels, --c1-channels (missing {', '.join(missing)})"
+            )
+        base = FeatureSpec(
+            d_model=int(d_model or 0), level_strides=tuple(levels or ()), c1_channels=int(c1_channels or 0)
+        )
+    spec = FeatureSpec(
+        d_model=base.d_model if d_model is None else int(d_model),
+        level_strides=base.level_strides if levels is None else tuple(int(s) for s in levels),
+        c1_channels=base.c1_channels if c1_channels is None else int(c1_channels),
+        input_hw=base.input_hw if input_hw is None else input_hw,
+        num_classes=base.num_classes,
+    )
     if spec.d_model < 1 or spec.c1_channels < 1 or not spec.level_strides or min(spec.level_strides) < 1:
-        raise MfdetrError(f"invalid detector features: d={spec.d_model}, levels={spec.level_strides}, "
-                          f"C1={spec.c1_channels}")
+        raise MfdetrError(
+            f"invalid detector features: d={spec.d_model}, levels={spec.level_strides}, C1={spec.c1_channels}"
+        )
     return spec, source
 
 
@@ -237,8 +271,15 @@ def parse_size(text: str) -> tuple[int, int]:
 # overrides of the default config, with the paper's #params▲ (M) and #FLOPs▲ (G, multiply-adds).
 # ``{d}`` is the detector width and ``{D128}``/``{D96}``/``{D64}`` the channel-mapper widths (tests
 # format them for tiny widths). Table 10 (RoI size) prints no #params▲; Table 16 is separate below.
-_T1 = ("neck.enabled=false", "image_encoder.layers=0", "box_encoder.layers=0", "box_encoder.dim={d}",
-       "query_encoder.ffn=false", "query_encoder.b2o=false", "mask_scoring.enabled=false")
+_T1 = (
+    "neck.enabled=false",
+    "image_encoder.layers=0",
+    "box_encoder.layers=0",
+    "box_encoder.dim={d}",
+    "query_encoder.ffn=false",
+    "query_encoder.b2o=false",
+    "mask_scoring.enabled=false",
+)
 _T3 = (*_T1, "image_encoder.layers=2")
 _T5 = (*_T3, "box_encoder.layers=2", "box_encoder.dim={D128}")
 PAPER_ROWS: tuple[tuple[str, str, tuple[str, ...], float, float], ...] = (
@@ -246,16 +287,24 @@ PAPER_ROWS: tuple[tuple[str, str, tuple[str, ...], float, float], ...] = (
     ("Table 1", "RoIAlign, no 1/4 feat.", (*_T1, "fuse_c1=false"), 0.0, 0.53),
     ("Table 1", "no RoIAlign, 1/4 feat.", (*_T1, "roi=false"), 0.0, 1.50),
     ("Table 1", "RoIAlign, 1/4 feat.", _T1, 0.0, 0.54),
-    *[("Table 2", f"image {b} x{n}", (*_T1, f"image_encoder.block={b}", f"image_encoder.layers={n}"), p, f)
-      for b, rows in (("deformable", ((1, 0.76, 14.71), (2, 1.51, 28.88), (3, 2.27, 43.04))),
-                      ("swin", ((1, 0.80, 14.20), (2, 1.59, 27.86), (3, 2.39, 41.51))),
-                      ("convnext", ((1, 0.54, 8.12), (2, 1.08, 15.70), (3, 1.62, 23.27))))
-      for n, p, f in rows],
-    *[("Table 3", f"box {b} x{n}", (*_T3, f"box_encoder.block={b}", f"box_encoder.layers={n}"), p, f)
-      for b, rows in (("deformable", ((1, 2.46, 98.55), (2, 3.14, 168.23), (3, 3.82, 237.91))),
-                      ("swin", ((1, 2.31, 112.84), (2, 3.10, 196.81), (3, 3.89, 280.77))),
-                      ("convnext", ((1, 2.05, 83.90), (2, 2.59, 138.92), (3, 3.13, 193.95))))
-      for n, p, f in rows],
+    *[
+        ("Table 2", f"image {b} x{n}", (*_T1, f"image_encoder.block={b}", f"image_encoder.layers={n}"), p, f)
+        for b, rows in (
+            ("deformable", ((1, 0.76, 14.71), (2, 1.51, 28.88), (3, 2.27, 43.04))),
+            ("swin", ((1, 0.80, 14.20), (2, 1.59, 27.86), (3, 2.39, 41.51))),
+            ("convnext", ((1, 0.54, 8.12), (2, 1.08, 15.70), (3, 1.62, 23.27))),
+        )
+        for n, p, f in rows
+    ],
+    *[
+        ("Table 3", f"box {b} x{n}", (*_T3, f"box_encoder.block={b}", f"box_encoder.layers={n}"), p, f)
+        for b, rows in (
+            ("deformable", ((1, 2.46, 98.55), (2, 3.14, 168.23), (3, 3.82, 237.91))),
+            ("swin", ((1, 2.31, 112.84), (2, 3.10, 196.81), (3, 3.89, 280.77))),
+            ("convnext", ((1, 2.05, 83.90), (2, 2.59, 138.92), (3, 3.13, 193.95))),
+        )
+        for n, p, f in rows
+    ],
     ("Table 4", "D=256", (*_T3, "box_encoder.layers=2"), 3.14, 168.23),
     ("Table 4", "D=128", _T5, 2.07, 66.60),
     ("Table 4", "D=96", (*_T3, "box_encoder.layers=2", "box_encoder.dim={D96}"), 1.87, 50.76),
@@ -272,11 +321,16 @@ PAPER_ROWS: tuple[tuple[str, str, tuple[str, ...], float, float], ...] = (
 # paper #params▲ M, paper #FLOPs▲ G). The paper's box-encoder layer there adds 0.38 M / 64.4 G where
 # the H-DETR tables' 128-d layer adds 0.18 M / 18 G; see tests/test_masknet_params.py.
 PAPER_TABLE16: tuple[tuple[int, int, float, float], ...] = (
-    (2, 2, 3.24, 262.27), (2, 3, 3.62, 326.65), (3, 2, 4.03, 320.44), (3, 3, 4.40, 384.82), (4, 4, 5.56, 507.38),
+    (2, 2, 3.24, 262.27),
+    (2, 3, 3.62, 326.65),
+    (3, 2, 4.03, 320.44),
+    (3, 3, 4.40, 384.82),
+    (4, 4, 5.56, 507.38),
 )
 
 
-def paper_row_overrides(overrides: Sequence[str], *, d: int = 256, d128: int = 128, d96: int = 96,
-                        d64: int = 64) -> list[str]:
+def paper_row_overrides(
+    overrides: Sequence[str], *, d: int = 256, d128: int = 128, d96: int = 96, d64: int = 64
+) -> list[str]:
     """A :data:`PAPER_ROWS` entry's overrides with the width placeholders filled in."""
     return [o.format(d=d, D128=d128, D96=d96, D64=d64) for o in overrides]

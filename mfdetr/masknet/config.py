@@ -162,7 +162,9 @@ class MaskNetConfig:
 def baseline_config(*, roi: bool = True, fuse_c1: bool = True, roi_size: int = 32) -> MaskNetConfig:
     """The training-free baseline of eq. 1-4 (Table 1): no parameters; scores by eq. 2."""
     return MaskNetConfig(
-        roi=roi, roi_size=roi_size, fuse_c1=fuse_c1,
+        roi=roi,
+        roi_size=roi_size,
+        fuse_c1=fuse_c1,
         neck=NeckConfig(enabled=False),
         image_encoder=ImageEncoderConfig(layers=0),
         box_encoder=BoxEncoderConfig(layers=0, dim=None),
@@ -203,7 +205,7 @@ def load_masknet_config(path: str | Path | None = None, overrides: Sequence[str]
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key.startswith("masknet."):
-            item = item.strip()[len("masknet."):]
+            item = item.strip()[len("masknet.") :]
         elif "=" in item and key.split(".", 1)[0] not in {f.name for f in fields(MaskNetConfig)}:
             raise MfdetrError(f"override {item!r} is not a masknet.* key")
         ovs.append(item)
@@ -237,16 +239,29 @@ def check_masknet_config(cfg: MaskNetConfig, *, d_model: int, level_strides: Seq
     if cfg.neck.enabled and not cfg.fuse_c1:
         raise _err("neck.enabled=true needs fuse_c1=true (the neck works on C1)")
     if cfg.fuse_c1 and not cfg.neck.enabled and c1_channels != d_model:
-        raise _err(f"without the neck, C1's channels ({c1_channels}) must equal d ({d_model}) to fuse "
-                   "C1 + up(E); set neck.enabled=true or fuse_c1=false")
+        raise _err(
+            f"without the neck, C1's channels ({c1_channels}) must equal d ({d_model}) to fuse "
+            "C1 + up(E); set neck.enabled=true or fuse_c1=false"
+        )
     if not cfg.roi:
-        bad = [n for n, on in (("box_encoder.layers>0", be.layers > 0), ("box_encoder.dim≠d", box_dim != d_model),
-                               ("query_encoder.b2o", qe.b2o), ("mask_scoring.enabled", ms.enabled),
-                               ("mask_head.kind=segmenter", cfg.mask_head.kind != "dot")) if on]
+        bad = [
+            n
+            for n, on in (
+                ("box_encoder.layers>0", be.layers > 0),
+                ("box_encoder.dim≠d", box_dim != d_model),
+                ("query_encoder.b2o", qe.b2o),
+                ("mask_scoring.enabled", ms.enabled),
+                ("mask_head.kind=segmenter", cfg.mask_head.kind != "dot"),
+            )
+            if on
+        ]
         if bad:
             raise _err(f"roi=false (full-image baseline) cannot use {', '.join(bad)}")
-    for name, dim, heads in (("image_encoder", d_model, ie.heads), ("box_encoder", box_dim, be.heads),
-                             ("query_encoder", d_model, qe.heads)):
+    for name, dim, heads in (
+        ("image_encoder", d_model, ie.heads),
+        ("box_encoder", box_dim, be.heads),
+        ("query_encoder", d_model, qe.heads),
+    ):
         if heads < 1 or dim % heads:
             raise _err(f"{name}.heads={heads} must divide its width {dim}")
     return box_dim

@@ -30,8 +30,14 @@ from torch import Tensor, nn
 from mfdetr.contracts import DetectorOutput, GTInstances
 from mfdetr.masknet.losses import LossConfig, mask_iou, mask_losses
 from mfdetr.masknet.positives import cap_positives, cap_seed
-from mfdetr.masknet.targets import (AssignConfig, Assignment, assign, build_mask_targets, first_queries,
-                                    is_input_grid_output)
+from mfdetr.masknet.targets import (
+    AssignConfig,
+    Assignment,
+    assign,
+    build_mask_targets,
+    first_queries,
+    is_input_grid_output,
+)
 
 __all__ = ["AssignConfig", "LossConfig", "MaskCriterion"]
 
@@ -77,9 +83,16 @@ class MaskCriterion(nn.Module):
             at each step, as data-parallel training does); else by this batch's count.
     """
 
-    def __init__(self, *, loss_cfg: LossConfig | None = None, assign_cfg: AssignConfig | None = None,
-                 class_to_category: Sequence[int] | None = None, generator: torch.Generator | None = None,
-                 seed: int = 0, global_normaliser: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        loss_cfg: LossConfig | None = None,
+        assign_cfg: AssignConfig | None = None,
+        class_to_category: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        seed: int = 0,
+        global_normaliser: bool = True,
+    ) -> None:
         super().__init__()
         self.loss_cfg = loss_cfg if loss_cfg is not None else LossConfig()
         self.assign_cfg = assign_cfg if assign_cfg is not None else AssignConfig()
@@ -107,8 +120,15 @@ class MaskCriterion(nn.Module):
         torch.distributed.all_reduce(t)
         return max(float(t.item()) / world, 1.0)
 
-    def forward(self, out: _MaskOutput, det: DetectorOutput, gts: Sequence[GTInstances], *,
-                num_masks: float | None = None, step: int = 0) -> dict[str, Tensor]:
+    def forward(
+        self,
+        out: _MaskOutput,
+        det: DetectorOutput,
+        gts: Sequence[GTInstances],
+        *,
+        num_masks: float | None = None,
+        step: int = 0,
+    ) -> dict[str, Tensor]:
         """Losses of a batch.
 
         Args:
@@ -134,16 +154,19 @@ class MaskCriterion(nn.Module):
         a = getattr(out, "assignment", None)
         if selected is None:
             if logits.dim() != 4 or int(logits.shape[0]) != det.batch_size or int(logits.shape[1]) > det.num_queries:
-                raise ValueError(f"mask_logits must be [B,K',Sh,Sw] with B={det.batch_size}, K' ≤ "
-                                 f"{det.num_queries}, got {tuple(logits.shape)}")
+                raise ValueError(
+                    f"mask_logits must be [B,K',Sh,Sw] with B={det.batch_size}, K' ≤ "
+                    f"{det.num_queries}, got {tuple(logits.shape)}"
+                )
             det = first_queries(det, int(logits.shape[1]))  # the network may segment only the top K' queries
         elif a is None:
             raise ValueError("an output holding selected queries must carry the assignment they were selected for")
         if a is None:
             a = self.assign_targets(det, gts, step=step)
         grid = (int(logits.shape[-2]), int(logits.shape[-1]))
-        t = build_mask_targets(det, gts, a, grid, soft=self.assign_cfg.soft_targets,
-                               on_input_grid=is_input_grid_output(out))
+        t = build_mask_targets(
+            det, gts, a, grid, soft=self.assign_cfg.soft_targets, on_input_grid=is_input_grid_output(out)
+        )
         dev = logits.device
         bi, qi = t.batch_idx.to(dev), t.query_idx.to(dev)
         if selected is None:
@@ -155,8 +178,15 @@ class MaskCriterion(nn.Module):
             iou_pred = out.iou_pred[rows] if out.iou_pred is not None else None
         if num_masks is None:
             num_masks = self.normaliser(len(t), dev)
-        losses = mask_losses(pos_logits, t.masks.to(dev), self.loss_cfg, iou_pred=iou_pred,
-                             gt_area=t.gt_area.to(dev), num_masks=num_masks, generator=self.generator)
+        losses = mask_losses(
+            pos_logits,
+            t.masks.to(dev),
+            self.loss_cfg,
+            iou_pred=iou_pred,
+            gt_area=t.gt_area.to(dev),
+            num_masks=num_masks,
+            generator=self.generator,
+        )
         if len(t) == 0:
             # keep every output in the graph (zero gradient) so data-parallel reducers see all params
             losses["loss"] = losses["loss"] + logits.float().sum() * 0.0
@@ -165,6 +195,7 @@ class MaskCriterion(nn.Module):
         with torch.no_grad():
             losses["num_pos"] = torch.tensor(float(len(t)), device=dev)
             losses["pos_per_image"] = torch.tensor(float(len(t)) / max(det.batch_size, 1), device=dev)
-            losses["pos_mask_iou"] = (mask_iou(pos_logits.detach(), t.masks.to(dev)).mean() if len(t)
-                                      else torch.zeros((), device=dev))
+            losses["pos_mask_iou"] = (
+                mask_iou(pos_logits.detach(), t.masks.to(dev)).mean() if len(t) else torch.zeros((), device=dev)
+            )
         return losses

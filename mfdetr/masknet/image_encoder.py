@@ -29,8 +29,14 @@ class ImageEncoder(nn.Module):
         checkpoint_tokens: activation checkpointing chunk (0 = off; see ``MaskNetConfig``).
     """
 
-    def __init__(self, *, block: str, layers: list[nn.Module], level_embed: nn.Parameter | None = None,
-                 checkpoint_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        block: str,
+        layers: list[nn.Module],
+        level_embed: nn.Parameter | None = None,
+        checkpoint_tokens: int = 0,
+    ) -> None:
         super().__init__()
         self.checkpoint_tokens = checkpoint_tokens
         self.block = block
@@ -46,8 +52,9 @@ class ImageEncoder(nn.Module):
         """``maps`` per level [B, d, H_l, W_l] zero outside ``valid_hw`` [B, L, 2] → same shapes, zero outside."""
         if not self.layers:
             return maps
-        return self.kind.encode_maps(self.layers, maps, valid_hw, self.level_embed, first_level_only=False,
-                                     **self._options())
+        return self.kind.encode_maps(
+            self.layers, maps, valid_hw, self.level_embed, first_level_only=False, **self._options()
+        )
 
     def first_level(self, maps: list[Tensor], valid_hw: Tensor, needed: Tensor | None = None) -> Tensor:
         """E_1 alone: ``forward(maps, valid_hw)[0]``, without updating the other levels' tokens in
@@ -55,8 +62,9 @@ class ImageEncoder(nn.Module):
         only those tokens are exact (the last deformable layer updates only them; the rest are zero)."""
         if not self.layers:
             return maps[0]
-        return self.kind.encode_maps(self.layers, maps, valid_hw, self.level_embed, first_level_only=True,
-                                     **self._options(needed))[0]
+        return self.kind.encode_maps(
+            self.layers, maps, valid_hw, self.level_embed, first_level_only=True, **self._options(needed)
+        )[0]
 
     def _options(self, needed: Tensor | None = None) -> dict[str, Any]:
         """The optional keywords of ``encode_maps`` that are set (a kind may predate them)."""
@@ -66,11 +74,29 @@ class ImageEncoder(nn.Module):
         return kw
 
 
-def build_image_encoder(*, block: str, layers: int, dim: int, levels: int, heads: int = 8, points: int = 4,
-                        ffn_ratio: float = 4.0, swin_window: int = 16, convnext_kernel: int = 7,
-                        level_embed: bool = True, checkpoint_tokens: int = 0) -> ImageEncoder:
+def build_image_encoder(
+    *,
+    block: str,
+    layers: int,
+    dim: int,
+    levels: int,
+    heads: int = 8,
+    points: int = 4,
+    ffn_ratio: float = 4.0,
+    swin_window: int = 16,
+    convnext_kernel: int = 7,
+    level_embed: bool = True,
+    checkpoint_tokens: int = 0,
+) -> ImageEncoder:
     """Build F_e with every number visible (Table 2: ``block`` × ``layers`` at width ``dim``)."""
-    args = BlockArgs(dim=dim, heads=heads, points=points, ffn_hidden=int(round(ffn_ratio * dim)),
-                     window=swin_window, kernel=convnext_kernel, level_embed=level_embed)
+    args = BlockArgs(
+        dim=dim,
+        heads=heads,
+        points=points,
+        ffn_hidden=int(round(ffn_ratio * dim)),
+        window=swin_window,
+        kernel=convnext_kernel,
+        level_embed=level_embed,
+    )
     mods, emb = get_block(block).build_image(layers, args, levels=levels)
     return ImageEncoder(block=block, layers=mods, level_embed=emb, checkpoint_tokens=checkpoint_tokens)

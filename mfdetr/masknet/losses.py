@@ -29,7 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "LossConfig", "dice_loss", "mask_iou", "mask_losses", "point_sample", "sample_points",
+    "LossConfig",
+    "dice_loss",
+    "mask_iou",
+    "mask_losses",
+    "point_sample",
+    "sample_points",
     "sigmoid_bce_loss",
 ]
 
@@ -86,14 +91,24 @@ def point_sample(inp: Tensor, coords: Tensor) -> Tensor:
     zero padding (PointRend's default) would pull both logits and targets towards 0 there, teaching a
     box-filling object that its box edges are half background and making those points look uncertain.
     """
-    out = F.grid_sample(inp, (2.0 * coords.to(inp.dtype) - 1.0)[:, :, None, :], mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    out = F.grid_sample(
+        inp,
+        (2.0 * coords.to(inp.dtype) - 1.0)[:, :, None, :],
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
     return out[..., 0]
 
 
 @torch.no_grad()
-def sample_points(logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
-                  generator: torch.Generator | None = None) -> Tensor:
+def sample_points(
+    logits: Tensor,
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Importance-sampled point coordinates (appendix A; PointRend's uncertainty sampling).
 
     Args:
@@ -158,9 +173,16 @@ def mask_iou(logits: Tensor, targets: Tensor, gt_area: Tensor | None = None) -> 
     return torch.where(union > 0, inter / union.clamp(min=1e-6), torch.zeros_like(union))
 
 
-def mask_losses(logits: Tensor, targets: Tensor, cfg: LossConfig, *, iou_pred: Tensor | None = None,
-                gt_area: Tensor | None = None, num_masks: float | None = None,
-                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+def mask_losses(
+    logits: Tensor,
+    targets: Tensor,
+    cfg: LossConfig,
+    *,
+    iou_pred: Tensor | None = None,
+    gt_area: Tensor | None = None,
+    num_masks: float | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
     """BCE + Dice (+ mask-IoU L2) losses of P positive masks.
 
     Args:

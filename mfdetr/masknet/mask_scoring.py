@@ -29,8 +29,17 @@ class MaskScoringHead(nn.Module):
         detach_mask: stop the gradient into the mask input.
     """
 
-    def __init__(self, *, in_dim: int, channels: int = 128, convs: int = 3, pool: int = 4, fc_dim: int = 128,
-                 fc_layers: int = 2, detach_mask: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        channels: int = 128,
+        convs: int = 3,
+        pool: int = 4,
+        fc_dim: int = 128,
+        fc_layers: int = 2,
+        detach_mask: bool = True,
+    ) -> None:
         super().__init__()
         if convs < 1 or fc_layers < 1:
             raise ValueError("mask scoring needs at least one conv and one hidden MLP layer")
@@ -59,4 +68,3 @@ class MaskScoringHead(nn.Module):
         r = rois.transpose(1, 2).reshape(n, -1, s, s)
         x = self.convs(torch.cat((m[:, None].to(r.dtype), r), dim=1))
         return self.mlp(x).squeeze(-1).sigmoid()
-

@@ -56,11 +56,24 @@ class MaskNet(nn.Module):
             (``None`` where absent).
     """
 
-    def __init__(self, *, d_model: int, level_strides: Sequence[int], c1_channels: int, num_queries: int,
-                 enc_layer: int, roi: bool, roi_size: int, fuse_c1: bool,
-                 neck: Neck | None, image_encoder: ImageEncoder, box_encoder: BoxEncoder | None,
-                 query_encoder: QueryEncoder | None, mask_head: DotProductHead | SegmenterHead,
-                 mask_scoring: MaskScoringHead | None) -> None:
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        level_strides: Sequence[int],
+        c1_channels: int,
+        num_queries: int,
+        enc_layer: int,
+        roi: bool,
+        roi_size: int,
+        fuse_c1: bool,
+        neck: Neck | None,
+        image_encoder: ImageEncoder,
+        box_encoder: BoxEncoder | None,
+        query_encoder: QueryEncoder | None,
+        mask_head: DotProductHead | SegmenterHead,
+        mask_scoring: MaskScoringHead | None,
+    ) -> None:
         super().__init__()
         self.d_model, self.level_strides, self.c1_channels = d_model, tuple(level_strides), c1_channels
         self.num_queries, self.enc_layer = num_queries, enc_layer
@@ -75,18 +88,23 @@ class MaskNet(nn.Module):
     # -- inputs --------------------------------------------------------------------------------
     def _check(self, det: DetectorOutput) -> list[Tensor]:
         if self.enc_layer not in det.enc_maps:
-            raise MfdetrError(f"masknet.enc_layer={self.enc_layer} but the detector output holds encoder "
-                              f"layers {sorted(det.enc_maps)}")
+            raise MfdetrError(
+                f"masknet.enc_layer={self.enc_layer} but the detector output holds encoder "
+                f"layers {sorted(det.enc_maps)}"
+            )
         maps = det.enc_maps[self.enc_layer]
         if det.queries.shape[-1] != self.d_model:
-            raise MfdetrError(f"MaskNet was built for d={self.d_model}, the detector output has "
-                              f"d={det.queries.shape[-1]}")
+            raise MfdetrError(
+                f"MaskNet was built for d={self.d_model}, the detector output has d={det.queries.shape[-1]}"
+            )
         if len(maps) != len(self.level_strides):
-            raise MfdetrError(f"MaskNet was built for {len(self.level_strides)} encoder levels, the detector "
-                              f"output has {len(maps)}")
+            raise MfdetrError(
+                f"MaskNet was built for {len(self.level_strides)} encoder levels, the detector output has {len(maps)}"
+            )
         if det.c1.shape[1] != self.c1_channels:
-            raise MfdetrError(f"MaskNet was built for C1 with {self.c1_channels} channels, the detector output "
-                              f"has {det.c1.shape[1]}")
+            raise MfdetrError(
+                f"MaskNet was built for C1 with {self.c1_channels} channels, the detector output has {det.c1.shape[1]}"
+            )
         return maps
 
     def _dtype(self) -> torch.dtype:
@@ -133,8 +151,14 @@ class MaskNet(nn.Module):
         if not full:  # the image encoder need only be exact where RoIAlign reads the selected boxes
             needed = roi_support(boxes[bi, qi], bi, input_hw, tuple(maps[0].shape[-2:]), self.level_strides[0], bsz)
         f = self._features(det, maps, dtype, c1_hw, needed)
-        common = {"boxes": boxes, "scores": det.scores[:, :k], "logits": det.logits[:, :k], "input_hw": det.input_hw,
-                  "orig_hw": det.orig_hw, "mask_valid_hw": c1_hw.to(det.input_hw.device)}
+        common = {
+            "boxes": boxes,
+            "scores": det.scores[:, :k],
+            "logits": det.logits[:, :k],
+            "input_hw": det.input_hw,
+            "orig_hw": det.orig_hw,
+            "mask_valid_hw": c1_hw.to(det.input_hw.device),
+        }
 
         if not self.roi:  # eq. 1: dot product on the whole stride-4 grid
             ml = torch.einsum("bkc,bchw->bkhw", self.mask_head_project(queries), f)
@@ -145,13 +169,18 @@ class MaskNet(nn.Module):
         ml, iou = self._box_branch(f, q_in, boxes[bi, qi], bi, input_hw, c1_hw)
         if full:
             s = self.roi_size
-            out = MaskNetOutput(mask_logits=ml.view(bsz, k, s, s), iou_pred=None if iou is None else iou.view(bsz, k),
-                                roi=True, **common)
+            out = MaskNetOutput(
+                mask_logits=ml.view(bsz, k, s, s),
+                iou_pred=None if iou is None else iou.view(bsz, k),
+                roi=True,
+                **common,
+            )
             return out if select is None else out.select(*select)
         assert select is not None
         n = int(select[0].numel())
-        return MaskNetOutput(mask_logits=ml[:n], iou_pred=None if iou is None else iou[:n], roi=True,
-                             selected=select, **common)
+        return MaskNetOutput(
+            mask_logits=ml[:n], iou_pred=None if iou is None else iou[:n], roi=True, selected=select, **common
+        )
 
     @staticmethod
     def _rows(select: tuple[Tensor, Tensor] | None, bsz: int, k: int, dev: torch.device) -> tuple[Tensor, Tensor]:
@@ -164,8 +193,9 @@ class MaskNet(nn.Module):
             bi = qi = torch.zeros(1, dtype=torch.long, device=dev)
         return bi, qi
 
-    def _features(self, det: DetectorOutput, maps: list[Tensor], dtype: torch.dtype, c1_hw: Tensor,
-                  needed: Tensor | None) -> Tensor:
+    def _features(
+        self, det: DetectorOutput, maps: list[Tensor], dtype: torch.dtype, c1_hw: Tensor, needed: Tensor | None
+    ) -> Tensor:
         """Steps 1-3: F [B, d, H1, W1] on the stride-4 grid, zero outside ``c1_hw`` (exact where RoIAlign
         reads when ``needed`` [B, H_1, W_1] marks the E_1 cells it reaches)."""
         level_hw = det.level_valid_hw.to(c1_hw.device)
@@ -188,8 +218,9 @@ class MaskNet(nn.Module):
             return checkpoint(self.neck, c1, c1_hw, use_reentrant=False)
         return self.neck(c1, c1_hw)
 
-    def _box_branch(self, f: Tensor, queries: Tensor, boxes: Tensor, batch_idx: Tensor, input_hw: Tensor,
-                    c1_hw: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _box_branch(
+        self, f: Tensor, queries: Tensor, boxes: Tensor, batch_idx: Tensor, input_hw: Tensor, c1_hw: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
         """Steps 4-5 for N = G·M queries (``queries`` [G, M, d]: groups of M queries that attend to each
         other with O2O; ``boxes`` [N, 4] of images ``batch_idx`` [N], in the queries' row-major order):
         mask logits [N, S, S] and predicted IoU [N] (or ``None``)."""
@@ -208,8 +239,7 @@ class MaskNet(nn.Module):
         bi, qi = (torch.as_tensor(t, device=dev).long() for t in select)
         if bi.dim() != 1 or bi.shape != qi.shape:
             raise ValueError(f"select must be two [P] index tensors, got {tuple(bi.shape)} and {tuple(qi.shape)}")
-        if bi.numel() and not (0 <= int(bi.min()) and int(bi.max()) < bsz and 0 <= int(qi.min())
-                               and int(qi.max()) < k):
+        if bi.numel() and not (0 <= int(bi.min()) and int(bi.max()) < bsz and 0 <= int(qi.min()) and int(qi.max()) < k):
             raise ValueError(f"select holds an index outside the batch ({bsz} images) or the top-{k} queries")
         return bi, qi
 
@@ -227,8 +257,7 @@ class MaskNet(nn.Module):
         ends there or carries padding."""
         r = self.level_strides[0] // C1_STRIDE
         if r > 1:
-            e1 = F.interpolate(F.pad(e1, (0, 1, 0, 1)), scale_factor=float(r), mode="bilinear",
-                               align_corners=False)
+            e1 = F.interpolate(F.pad(e1, (0, 1, 0, 1)), scale_factor=float(r), mode="bilinear", align_corners=False)
         h, w = hw[0], hw[1]  # sizes, symbolic under export
         e1 = e1[..., :h, :w]
         return F.pad(e1, (0, w - e1.shape[-1], 0, h - e1.shape[-2]))
@@ -246,33 +275,70 @@ def build_masknet(cfg: MaskNetConfig, *, d_model: int, level_strides: Sequence[i
         neck = Neck(in_channels=c1_channels, dim=d_model, groups=cfg.neck.groups) if cfg.neck.enabled else None
     except ValueError as e:
         raise MfdetrError(f"masknet config: {e}") from None
-    image_encoder = build_image_encoder(block=ie.block, layers=ie.layers, dim=d_model, levels=len(strides),
-                                        heads=ie.heads, points=ie.points, ffn_ratio=ie.ffn_ratio,
-                                        swin_window=ie.swin_window, convnext_kernel=ie.convnext_kernel,
-                                        level_embed=ie.level_embed, checkpoint_tokens=cfg.checkpoint_tokens)
+    image_encoder = build_image_encoder(
+        block=ie.block,
+        layers=ie.layers,
+        dim=d_model,
+        levels=len(strides),
+        heads=ie.heads,
+        points=ie.points,
+        ffn_ratio=ie.ffn_ratio,
+        swin_window=ie.swin_window,
+        convnext_kernel=ie.convnext_kernel,
+        level_embed=ie.level_embed,
+        checkpoint_tokens=cfg.checkpoint_tokens,
+    )
     box_encoder = None
     if cfg.roi:
-        box_encoder = build_box_encoder(block=be.block, layers=be.layers, in_dim=d_model, dim=box_dim,
-                                        roi_size=cfg.roi_size, heads=be.heads, points=be.points,
-                                        ffn_ratio=be.ffn_ratio, swin_window=be.swin_window,
-                                        convnext_kernel=be.convnext_kernel,
-                                        sampling_ratio=cfg.roi_sampling_ratio,
-                                        checkpoint_tokens=cfg.checkpoint_tokens)
+        box_encoder = build_box_encoder(
+            block=be.block,
+            layers=be.layers,
+            in_dim=d_model,
+            dim=box_dim,
+            roi_size=cfg.roi_size,
+            heads=be.heads,
+            points=be.points,
+            ffn_ratio=be.ffn_ratio,
+            swin_window=be.swin_window,
+            convnext_kernel=be.convnext_kernel,
+            sampling_ratio=cfg.roi_sampling_ratio,
+            checkpoint_tokens=cfg.checkpoint_tokens,
+        )
     query_encoder, head, scoring = _query_side(cfg, d_model, box_dim)
-    return MaskNet(d_model=d_model, level_strides=strides, c1_channels=c1_channels, num_queries=cfg.num_queries,
-                   enc_layer=cfg.enc_layer, roi=cfg.roi, roi_size=cfg.roi_size, fuse_c1=cfg.fuse_c1, neck=neck,
-                   image_encoder=image_encoder, box_encoder=box_encoder, query_encoder=query_encoder,
-                   mask_head=head, mask_scoring=scoring)
+    return MaskNet(
+        d_model=d_model,
+        level_strides=strides,
+        c1_channels=c1_channels,
+        num_queries=cfg.num_queries,
+        enc_layer=cfg.enc_layer,
+        roi=cfg.roi,
+        roi_size=cfg.roi_size,
+        fuse_c1=cfg.fuse_c1,
+        neck=neck,
+        image_encoder=image_encoder,
+        box_encoder=box_encoder,
+        query_encoder=query_encoder,
+        mask_head=head,
+        mask_scoring=scoring,
+    )
 
 
-def _query_side(cfg: MaskNetConfig, d_model: int, box_dim: int
-                ) -> tuple[QueryEncoder | None, DotProductHead | SegmenterHead, MaskScoringHead | None]:
+def _query_side(
+    cfg: MaskNetConfig, d_model: int, box_dim: int
+) -> tuple[QueryEncoder | None, DotProductHead | SegmenterHead, MaskScoringHead | None]:
     """The query encoder, mask head and mask scoring of ``cfg``."""
     qe, ms = cfg.query_encoder, cfg.mask_scoring
     query_encoder = None
     if qe.ffn or qe.o2o or qe.b2o:
-        query_encoder = QueryEncoder(dim=d_model, roi_dim=box_dim, o2o=qe.o2o, b2o=qe.b2o, ffn=qe.ffn,
-                                     heads=qe.heads, ffn_hidden=int(round(qe.ffn_ratio * d_model)))
+        query_encoder = QueryEncoder(
+            dim=d_model,
+            roi_dim=box_dim,
+            o2o=qe.o2o,
+            b2o=qe.b2o,
+            ffn=qe.ffn,
+            heads=qe.heads,
+            ffn_hidden=int(round(qe.ffn_ratio * d_model)),
+        )
     head: DotProductHead | SegmenterHead
     if cfg.mask_head.kind == "dot":
         head = DotProductHead(query_dim=d_model, feature_dim=box_dim)
@@ -280,6 +346,13 @@ def _query_side(cfg: MaskNetConfig, d_model: int, box_dim: int
         head = SegmenterHead(query_dim=d_model, feature_dim=box_dim)
     scoring = None
     if ms.enabled:
-        scoring = MaskScoringHead(in_dim=box_dim, channels=ms.channels, convs=ms.convs, pool=ms.pool,
-                                  fc_dim=ms.fc_dim, fc_layers=ms.fc_layers, detach_mask=ms.detach_mask)
+        scoring = MaskScoringHead(
+            in_dim=box_dim,
+            channels=ms.channels,
+            convs=ms.convs,
+            pool=ms.pool,
+            fc_dim=ms.fc_dim,
+            fc_layers=ms.fc_layers,
+            detach_mask=ms.detach_mask,
+        )
     return query_encoder, head, scoring

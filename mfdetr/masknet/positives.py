@@ -62,8 +62,7 @@ def cap_positives(a: Assignment, max_per_image: int | None, seeds: Sequence[int]
             sel = sel[torch.randperm(int(sel.numel()), generator=g)[:max_per_image].sort().values]
         keep.append(sel)
     idx = torch.cat(keep).sort().values.to(a.batch_idx.device)
-    return Assignment(batch_idx=a.batch_idx[idx], query_idx=a.query_idx[idx], gt_idx=a.gt_idx[idx],
-                      ignored=a.ignored)
+    return Assignment(batch_idx=a.batch_idx[idx], query_idx=a.query_idx[idx], gt_idx=a.gt_idx[idx], ignored=a.ignored)
 
 
 class PositivesOnly(nn.Module):

@@ -47,8 +47,9 @@ class _MaskOutput(Protocol):
     iou_pred: Tensor | None
 
 
-def paste_masks(probs: Tensor, boxes: Tensor, image_hw: tuple[int, int], *, threshold: float = 0.5,
-                max_elems: int = 1 << 24) -> tuple[Tensor, Tensor]:
+def paste_masks(
+    probs: Tensor, boxes: Tensor, image_hw: tuple[int, int], *, threshold: float = 0.5, max_elems: int = 1 << 24
+) -> tuple[Tensor, Tensor]:
     """Paste box-relative probability maps into an image and binarise them (eq. 4).
 
     Args:
@@ -115,8 +116,11 @@ def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
         return []
     # [K, W, H] C-contiguous (built on the masks' device; free for masks from paste_masks) is
     # [H, W, K] Fortran-contiguous, the layout pycocotools encodes: no copy on the host
-    kwh = masks.transpose(1, 2).contiguous().view(torch.uint8) if masks.dtype == torch.bool else (
-        masks.transpose(1, 2).to(torch.uint8).contiguous())
+    kwh = (
+        masks.transpose(1, 2).contiguous().view(torch.uint8)
+        if masks.dtype == torch.bool
+        else (masks.transpose(1, 2).to(torch.uint8).contiguous())
+    )
     arr = kwh.cpu().numpy().transpose(2, 1, 0)
     rles = mask_util.encode(arr)
     out = []
@@ -126,10 +130,18 @@ def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_category: Sequence[int],
-                          image_ids: Sequence[int], *, score: ScoreMode = "mask_iou",
-                          on_input_grid: bool | None = None, mask_threshold: float = 0.5, min_score: float = 0.0,
-                          grid_stride: int = 4) -> list[dict[str, Any]]:
+def masks_to_coco_results(
+    out: _MaskOutput,
+    det: DetectorOutput,
+    class_to_category: Sequence[int],
+    image_ids: Sequence[int],
+    *,
+    score: ScoreMode = "mask_iou",
+    on_input_grid: bool | None = None,
+    mask_threshold: float = 0.5,
+    min_score: float = 0.0,
+    grid_stride: int = 4,
+) -> list[dict[str, Any]]:
     """COCO instance-segmentation results of a batch, ready for a results JSON / ``COCO.loadRes``.
 
     Args:
@@ -178,13 +190,21 @@ def masks_to_coco_results(out: _MaskOutput, det: DetectorOutput, class_to_catego
         for i in range(keep.numel()):
             if s_list[i] < min_score:
                 continue
-            results.append({"image_id": int(image_ids[b]), "category_id": int(c_list[i]), "score": float(s_list[i]),
-                            "bbox": [float(v) for v in xywh[i]], "segmentation": rles[i]})
+            results.append(
+                {
+                    "image_id": int(image_ids[b]),
+                    "category_id": int(c_list[i]),
+                    "score": float(s_list[i]),
+                    "bbox": [float(v) for v in xywh[i]],
+                    "segmentation": rles[i],
+                }
+            )
     return results
 
 
-def _checked_queries(out: _MaskOutput, det: DetectorOutput, class_to_category: Sequence[int],
-                     image_ids: Sequence[int], score: ScoreMode) -> DetectorOutput:
+def _checked_queries(
+    out: _MaskOutput, det: DetectorOutput, class_to_category: Sequence[int], image_ids: Sequence[int], score: ScoreMode
+) -> DetectorOutput:
     """``det`` cut to the queries the network segmented (its top K'), once the shapes, ids, score mode and
     category table are checked against each other."""
     logits = out.mask_logits
@@ -197,13 +217,15 @@ def _checked_queries(out: _MaskOutput, det: DetectorOutput, class_to_category: S
     if score == "mask_iou" and out.iou_pred is None:
         raise MfdetrError("score 'mask_iou' (eq. 13) needs a mask-scoring head; use 'mask_prob' (eq. 2)")
     if len(class_to_category) != det.logits.shape[-1]:
-        raise ValueError(f"class_to_category has {len(class_to_category)} entries for "
-                         f"{det.logits.shape[-1]} class slots")
+        raise ValueError(
+            f"class_to_category has {len(class_to_category)} entries for {det.logits.shape[-1]} class slots"
+        )
     return det
 
 
-def _on_whole_image(probs: Tensor, det: DetectorOutput, b: int, grid_stride: int,
-                    device: torch.device) -> tuple[Tensor, Tensor]:
+def _on_whole_image(
+    probs: Tensor, det: DetectorOutput, b: int, grid_stride: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Masks on the padded stride-``grid_stride`` input grid: their valid cells, and the box (original
     pixels) that pastes them over the whole image."""
     h0, w0 = (int(v) for v in det.orig_hw[b].tolist())
@@ -213,8 +235,9 @@ def _on_whole_image(probs: Tensor, det: DetectorOutput, b: int, grid_stride: int
     return probs[:, :hv, :wv], box
 
 
-def _final_score(score: ScoreMode, c: Tensor, mean_prob: Tensor, iou_pred: Tensor | None, b: int,
-                 keep: Tensor) -> Tensor:
+def _final_score(
+    score: ScoreMode, c: Tensor, mean_prob: Tensor, iou_pred: Tensor | None, b: int, keep: Tensor
+) -> Tensor:
     """The final score of image ``b``'s kept predictions from their class probability ``c``: times the mean
     mask probability (eq. 2), times the predicted mask IoU (eq. 13), or alone (``"box"``)."""
     if score == "mask_prob":

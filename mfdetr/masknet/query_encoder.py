@@ -31,8 +31,9 @@ class QueryEncoder(nn.Module):
         ffn_hidden: FFN hidden width.
     """
 
-    def __init__(self, *, dim: int, roi_dim: int, o2o: bool, b2o: bool, ffn: bool, heads: int = 8,
-                 ffn_hidden: int = 512) -> None:
+    def __init__(
+        self, *, dim: int, roi_dim: int, o2o: bool, b2o: bool, ffn: bool, heads: int = 8, ffn_hidden: int = 512
+    ) -> None:
         super().__init__()
         self.o2o = Attention(q_dim=dim, kv_dim=dim, heads=heads) if o2o else None
         self.o2o_norm = nn.LayerNorm(dim) if o2o else None

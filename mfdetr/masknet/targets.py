@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from mfdetr.contracts import DetectorOutput, GTInstances
+
 # the assignment, re-exported: the criterion and its users import it from here
 from mfdetr.masknet.assignment import AssignConfig as AssignConfig
 from mfdetr.masknet.assignment import Assignment as Assignment
@@ -31,8 +32,17 @@ from mfdetr.masknet.assignment import box_crowd_fraction as box_crowd_fraction
 from mfdetr.masknet.assignment import pred_boxes_original as pred_boxes_original
 
 __all__ = [
-    "AssignConfig", "Assignment", "MaskTargets", "assign", "box_crowd_fraction", "build_mask_targets",
-    "crop_masks", "first_queries", "input_grid_boxes", "is_input_grid_output", "pred_boxes_original",
+    "AssignConfig",
+    "Assignment",
+    "MaskTargets",
+    "assign",
+    "box_crowd_fraction",
+    "build_mask_targets",
+    "crop_masks",
+    "first_queries",
+    "input_grid_boxes",
+    "is_input_grid_output",
+    "pred_boxes_original",
 ]
 
 
@@ -78,8 +88,15 @@ def is_input_grid_output(out: object) -> bool:
     return getattr(out, "roi", None) is False
 
 
-def crop_masks(masks: Tensor, boxes: Tensor, mask_idx: Tensor, out_size: tuple[int, int], *,
-               soft: bool = False, max_elems: int = 1 << 26) -> Tensor:
+def crop_masks(
+    masks: Tensor,
+    boxes: Tensor,
+    mask_idx: Tensor,
+    out_size: tuple[int, int],
+    *,
+    soft: bool = False,
+    max_elems: int = 1 << 26,
+) -> Tensor:
     """Crop-and-resize binary masks to boxes (Mask R-CNN targets, detectron2 ``crop_and_resize``).
 
     Args:
@@ -129,9 +146,16 @@ def input_grid_boxes(det: DetectorOutput, grid_hw: tuple[int, int], stride: int 
     return torch.stack([z, z, x1, y1], dim=-1)
 
 
-def build_mask_targets(det: DetectorOutput, gts: Sequence[GTInstances], assignment: Assignment,
-                       out_size: tuple[int, int], *, soft: bool = False, on_input_grid: bool = False,
-                       grid_stride: int = 4) -> MaskTargets:
+def build_mask_targets(
+    det: DetectorOutput,
+    gts: Sequence[GTInstances],
+    assignment: Assignment,
+    out_size: tuple[int, int],
+    *,
+    soft: bool = False,
+    on_input_grid: bool = False,
+    grid_stride: int = 4,
+) -> MaskTargets:
     """Crop every positive's GT mask to its predicted box on the prediction grid.
 
     Args:
@@ -160,14 +184,23 @@ def build_mask_targets(det: DetectorOutput, gts: Sequence[GTInstances], assignme
             boxes = boxes_all[b, assignment.query_idx[sel]]
         masks.append(crop_masks(gt.masks, boxes, g, out_size, soft=soft))
         full = gt_areas[g.to(gt_areas.device)]
-        cell = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6) / (
-            out_size[0] * out_size[1])
+        cell = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6) / (out_size[0] * out_size[1])
         areas.append(full / cell)
     dev = boxes_all.device
     if not order:
         z = torch.zeros(0, dtype=torch.long, device=dev)
-        return MaskTargets(batch_idx=z, query_idx=z, gt_idx=z,
-                           masks=torch.zeros((0, *out_size), device=dev), gt_area=torch.zeros(0, device=dev))
+        return MaskTargets(
+            batch_idx=z,
+            query_idx=z,
+            gt_idx=z,
+            masks=torch.zeros((0, *out_size), device=dev),
+            gt_area=torch.zeros(0, device=dev),
+        )
     idx = torch.cat(order)
-    return MaskTargets(batch_idx=assignment.batch_idx[idx], query_idx=assignment.query_idx[idx],
-                       gt_idx=assignment.gt_idx[idx], masks=torch.cat(masks), gt_area=torch.cat(areas))
+    return MaskTargets(
+        batch_idx=assignment.batch_idx[idx],
+        query_idx=assignment.query_idx[idx],
+        gt_idx=assignment.gt_idx[idx],
+        masks=torch.cat(masks),
+        gt_area=torch.cat(areas),
+    )

@@ -43,16 +43,23 @@ def shapes_tensor(spatial_shapes: SpatialShapes, device: torch.device | str | No
     """[L, 2] int64 (H_l, W_l); built from sizes with ``torch.full`` so symbolic sizes stay symbolic."""
     if isinstance(spatial_shapes, Tensor):
         return spatial_shapes.to(device=device, dtype=torch.long)
-    return torch.stack([torch.stack([torch.full((), h, dtype=torch.long, device=device),
-                                     torch.full((), w, dtype=torch.long, device=device)])
-                        for h, w in spatial_shapes])
+    return torch.stack(
+        [
+            torch.stack(
+                [torch.full((), h, dtype=torch.long, device=device), torch.full((), w, dtype=torch.long, device=device)]
+            )
+            for h, w in spatial_shapes
+        ]
+    )
 
 
 def _check(value: Tensor, spatial_shapes: SpatialShapes, loc: Tensor, attn: Tensor) -> list[tuple[int, int]]:
     if value.dim() != 4 or loc.dim() != 6 or attn.dim() != 5:
-        raise ValueError("expected value [B,S,H,Dh], sampling_locations [B,Q,H,L,P,2], "
-                         f"attention_weights [B,Q,H,L,P]; got {tuple(value.shape)}, "
-                         f"{tuple(loc.shape)}, {tuple(attn.shape)}")
+        raise ValueError(
+            "expected value [B,S,H,Dh], sampling_locations [B,Q,H,L,P,2], "
+            f"attention_weights [B,Q,H,L,P]; got {tuple(value.shape)}, "
+            f"{tuple(loc.shape)}, {tuple(attn.shape)}"
+        )
     shapes = level_shapes(spatial_shapes)
     if isinstance(spatial_shapes, Tensor):  # symbolic pairs are tied to the maps by construction
         total = sum(h * w for h, w in shapes)
@@ -61,8 +68,9 @@ def _check(value: Tensor, spatial_shapes: SpatialShapes, loc: Tensor, attn: Tens
     return shapes
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
-                   attention_weights: Tensor) -> Tensor:
+def ms_deform_attn(
+    value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
     """Multi-scale deformable attention core.
 
     Args:
@@ -90,7 +98,8 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
     grids = (2 * sampling_locations.to(ct) - 1).transpose(1, 2).flatten(0, 1)
     w = attention_weights.to(ct).transpose(1, 2).flatten(0, 1)
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (value, sampling_locations, attention_weights))
+        t.requires_grad for t in (value, sampling_locations, attention_weights)
+    )
     out = _SampleAndWeigh.apply(grids, w, *maps) if needs_grad else _sample_and_weigh(maps, grids, w)
     # [B*H, Dh, Q] -> [B, Q, H*Dh]
     return out.view(bsz, heads * dh, nq).transpose(1, 2).contiguous().to(value.dtype)
@@ -150,8 +159,9 @@ class _SampleAndWeigh(torch.autograd.Function):
         return (grad_g, grad_w, *grad_maps)
 
 
-def ms_deform_attn_reference(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
-                             attention_weights: Tensor) -> Tensor:
+def ms_deform_attn_reference(
+    value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
     """Direct computation from the definition (gather the 4 neighbours, zero outside the map).
 
     Same arguments and result as :func:`ms_deform_attn`; slow, for tests and benchmarks only.
@@ -163,7 +173,7 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: SpatialShapes, sampl
     start = 0
     for lvl in range(n_levels):
         h, w = shapes[lvl]
-        v = value[:, start:start + h * w]  # [B, hw, H, Dh]
+        v = value[:, start : start + h * w]  # [B, hw, H, Dh]
         start += h * w
         # pixel coordinates with centres at integers: x_pix = x * w - 0.5
         x = sampling_locations[:, :, :, lvl, :, 0] * w - 0.5  # [B, Q, H, P]
@@ -173,8 +183,8 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: SpatialShapes, sampl
         for dy in (0, 1):
             for dx in (0, 1):
                 xi, yi = x0 + dx, y0 + dy
-                wx = (1 - (x - xi).abs())
-                wy = (1 - (y - yi).abs())
+                wx = 1 - (x - xi).abs()
+                wy = 1 - (y - yi).abs()
                 inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
                 idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()  # [B, Q, H, P]
                 # gather v[b, idx, head, :]
@@ -224,9 +234,15 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
-                input_spatial_shapes: SpatialShapes, input_level_start_index: Tensor | None = None,
-                input_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        input_flatten: Tensor,
+        input_spatial_shapes: SpatialShapes,
+        input_level_start_index: Tensor | None = None,
+        input_padding_mask: Tensor | None = None,
+    ) -> Tensor:
         """Attend from ``query`` to the multi-scale ``input_flatten``.
 
         Args:
@@ -242,8 +258,9 @@ class MSDeformAttn(nn.Module):
         Returns:
             [B, Q, d].
         """
-        return self.attend(query, reference_points, self.project_values(input_flatten, input_padding_mask),
-                           input_spatial_shapes)
+        return self.attend(
+            query, reference_points, self.project_values(input_flatten, input_padding_mask), input_spatial_shapes
+        )
 
     def project_values(self, input_flatten: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
         """The values every query samples: ``input_flatten`` [B, S, d] → [B, S, heads, d / heads], zero at
@@ -254,8 +271,9 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         return value.view(bsz, ns, self.n_heads, self.d_model // self.n_heads)
 
-    def attend(self, query: Tensor, reference_points: Tensor, value: Tensor,
-               input_spatial_shapes: SpatialShapes) -> Tensor:
+    def attend(
+        self, query: Tensor, reference_points: Tensor, value: Tensor, input_spatial_shapes: SpatialShapes
+    ) -> Tensor:
         """:meth:`forward` on values already projected (:meth:`project_values`)."""
         bsz, nq, _ = query.shape
         offsets = self.sampling_offsets(query).view(bsz, nq, self.n_heads, self.n_levels, self.n_points, 2)
@@ -264,11 +282,14 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 2:
             hw = shapes_tensor(input_spatial_shapes, query.device)
             normalizer = torch.stack([hw[..., 1], hw[..., 0]], -1)
-            loc = (reference_points[:, :, None, :, None, :]
-                   + offsets / normalizer[None, None, None, :, None, :].to(offsets.dtype))
+            loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :].to(
+                offsets.dtype
+            )
         elif reference_points.shape[-1] == 4:
-            loc = (reference_points[:, :, None, :, None, :2]
-                   + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+            loc = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
         else:
             raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
         out = ms_deform_attn(value, input_spatial_shapes, loc, weights)

@@ -53,8 +53,9 @@ def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def architecture_of(checkpoint: str | Path | Mapping[str, Any], *, config_file: str | Path | None = None
-                    ) -> tuple[str, DetrArchConfig]:
+def architecture_of(
+    checkpoint: str | Path | Mapping[str, Any], *, config_file: str | Path | None = None
+) -> tuple[str, DetrArchConfig]:
     """(family, config) of a checkpoint (file or loaded dict), with an optional official config file."""
     family, cfg, _, _ = _architecture(checkpoint, config_file)
     return family, cfg
@@ -66,16 +67,19 @@ def eval_preprocessing(args: Mapping[str, Any]) -> Preprocessing | None:
     scales, max_size = args.get("data_aug_scales"), args.get("data_aug_max_size")
     if scales is None and max_size is None:
         return None
-    ok_scales = scales is None or (isinstance(scales, (list, tuple)) and scales and
-                                   all(isinstance(x, int) and x > 0 for x in scales))
+    ok_scales = scales is None or (
+        isinstance(scales, (list, tuple)) and scales and all(isinstance(x, int) and x > 0 for x in scales)
+    )
     if not ok_scales or not (max_size is None or (isinstance(max_size, int) and max_size > 0)):
-        raise MfdetrError(f"args.data_aug_scales = {scales!r} / data_aug_max_size = {max_size!r}: expected "
-                          "positive integers")
+        raise MfdetrError(
+            f"args.data_aug_scales = {scales!r} / data_aug_max_size = {max_size!r}: expected positive integers"
+        )
     return Preprocessing(short_side=max(scales) if scales else 800, max_size=int(max_size) if max_size else 1333)
 
 
-def _architecture(checkpoint: str | Path | Mapping[str, Any], config_file: str | Path | None
-                  ) -> tuple[str, DetrArchConfig, bool, Preprocessing | None]:
+def _architecture(
+    checkpoint: str | Path | Mapping[str, Any], config_file: str | Path | None
+) -> tuple[str, DetrArchConfig, bool, Preprocessing | None]:
     """(family, config, whether the class slots count the dataset's categories in sorted order (detrex),
     the evaluation resize the args state)."""
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
@@ -112,10 +116,15 @@ def auto_name(checkpoint: Path) -> str:
     return "auto-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", checkpoint.stem)
 
 
-def arch_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_file: str | None = None
-                ) -> DetectorPreset:
-    return family_preset(name, family, cfg, checkpoint_file=checkpoint_file, box_ap=None,
-                         notes=f"{family} architecture read from {checkpoint_file or 'a preset file'}")
+def arch_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_file: str | None = None) -> DetectorPreset:
+    return family_preset(
+        name,
+        family,
+        cfg,
+        checkpoint_file=checkpoint_file,
+        box_ap=None,
+        notes=f"{family} architecture read from {checkpoint_file or 'a preset file'}",
+    )
 
 
 def register_arch(preset: DetectorPreset, family: str, cfg: DetrArchConfig) -> DetectorPreset:
@@ -124,8 +133,10 @@ def register_arch(preset: DetectorPreset, family: str, cfg: DetrArchConfig) -> D
         if _PRESETS[preset.name] == preset:
             return _PRESETS[preset.name]
         if preset.name not in _REGISTERED:
-            raise MfdetrError(f"detector preset {preset.name!r} already exists with another architecture: "
-                              "give the preset another name")
+            raise MfdetrError(
+                f"detector preset {preset.name!r} already exists with another architecture: "
+                "give the preset another name"
+            )
         unregister_detector(preset.name)
     if family == "dino":
         from mfdetr.detectors.dino.presets import build_dino as build
@@ -151,9 +162,14 @@ def category_ids(path: Path) -> list[int]:
         raise MfdetrError(f"no readable 'categories' ({type(e).__name__}: {e})", path=path) from None
 
 
-def register_auto_preset(checkpoint: Path, *, config_file: str | Path | None = None,
-                         categories_file: Path | None = None, slot_categories: Path | None = None,
-                         need_categories: bool = False) -> DetectorPreset:
+def register_auto_preset(
+    checkpoint: Path,
+    *,
+    config_file: str | Path | None = None,
+    categories_file: Path | None = None,
+    slot_categories: Path | None = None,
+    need_categories: bool = False,
+) -> DetectorPreset:
     """Read ``checkpoint``'s architecture and register it as ``auto-<stem>``.
 
     The class slots are matched to the categories of ``categories_file`` (the command's COCO annotation
@@ -170,15 +186,22 @@ def register_auto_preset(checkpoint: Path, *, config_file: str | Path | None = N
     preset = arch_preset(auto_name(checkpoint), family, cfg, checkpoint_file=checkpoint.name)
     if preprocessing is not None:
         preset = dataclasses.replace(preset, preprocessing=preprocessing)
-    found = slot_map(cfg.num_classes, contiguous=contiguous, origin=str(checkpoint),
-                     dataset=dataset_categories(categories_file) if categories_file is not None else None,
-                     dataset_path=categories_file, listed_path=slot_categories,
-                     listed=read_categories(slot_categories) if slot_categories is not None else None)
+    found = slot_map(
+        cfg.num_classes,
+        contiguous=contiguous,
+        origin=str(checkpoint),
+        dataset=dataset_categories(categories_file) if categories_file is not None else None,
+        dataset_path=categories_file,
+        listed_path=slot_categories,
+        listed=read_categories(slot_categories) if slot_categories is not None else None,
+    )
     if found is not None:
         preset = dataclasses.replace(preset, class_to_category=found)
     elif contiguous and need_categories:
-        raise MfdetrError(f"{checkpoint}: a detrex checkpoint numbers its classes in its dataset's category order: "
-                          "name that dataset's annotation file (--categories FILE)")
+        raise MfdetrError(
+            f"{checkpoint}: a detrex checkpoint numbers its classes in its dataset's category order: "
+            "name that dataset's annotation file (--categories FILE)"
+        )
     return register_arch(preset, family, cfg)
 
 
@@ -186,14 +209,19 @@ def describe_preset(preset: DetectorPreset) -> str:
     """One line per fact: what ``--detector auto`` resolved."""
     a = preset.arch
     bb = a["backbone"]
-    queries = (f"{a['num_queries']} queries" if "num_queries" in a else
-               f"{a['num_queries_one2one']} one-to-one + {a['num_queries_one2many']} one-to-many queries")
-    return (f"detector {preset.name}: {preset.family}, backbone {bb['kind']} {dict(bb['params'])} stages "
-            f"{list(bb['out_indices'])}, {a['num_feature_levels']} levels (strides {list(preset.level_strides)}), "
-            f"d={a['hidden_dim']}, {a['nheads']} heads, {a['enc_layers']}+{a['dec_layers']} layers, FFN "
-            f"{a['dim_feedforward']}, points {a['enc_n_points']}/{a['dec_n_points']}, {queries}, "
-            f"{a['num_classes']} classes; eval resize {preset.preprocessing.short_side}/{preset.preprocessing.max_size}; "
-            f"default encoder layer {default_enc_layer(a['enc_layers'])}")
+    queries = (
+        f"{a['num_queries']} queries"
+        if "num_queries" in a
+        else f"{a['num_queries_one2one']} one-to-one + {a['num_queries_one2many']} one-to-many queries"
+    )
+    return (
+        f"detector {preset.name}: {preset.family}, backbone {bb['kind']} {dict(bb['params'])} stages "
+        f"{list(bb['out_indices'])}, {a['num_feature_levels']} levels (strides {list(preset.level_strides)}), "
+        f"d={a['hidden_dim']}, {a['nheads']} heads, {a['enc_layers']}+{a['dec_layers']} layers, FFN "
+        f"{a['dim_feedforward']}, points {a['enc_n_points']}/{a['dec_n_points']}, {queries}, "
+        f"{a['num_classes']} classes; eval resize {preset.preprocessing.short_side}/{preset.preprocessing.max_size}; "
+        f"default encoder layer {default_enc_layer(a['enc_layers'])}"
+    )
 
 
 __all__ = [

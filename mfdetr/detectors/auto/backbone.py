@@ -48,8 +48,10 @@ def layout_kind(bb: Mapping[str, Tensor]) -> str:
         return "resnet_bn"
     if "stem.weight" in bb and "stages.0.weight" in bb:
         return "tiny"
-    raise MfdetrError("checkpoint: backbone key layout not recognised (first keys: "
-                      f"{', '.join(sorted(keys)[:4]) or 'none'}): not a backbone mfdetr implements")
+    raise MfdetrError(
+        "checkpoint: backbone key layout not recognised (first keys: "
+        f"{', '.join(sorted(keys)[:4]) or 'none'}): not a backbone mfdetr implements"
+    )
 
 
 def arg_kind(name: str) -> str:
@@ -57,8 +59,9 @@ def arg_kind(name: str) -> str:
     for prefix, kind in ARG_KINDS:
         if name.lower().startswith(prefix):
             return kind
-    raise MfdetrError(f"args.backbone = {name!r}: backbone not implemented in mfdetr (known: resnet*, swin*, "
-                      "focalnet*)")
+    raise MfdetrError(
+        f"args.backbone = {name!r}: backbone not implemented in mfdetr (known: resnet*, swin*, focalnet*)"
+    )
 
 
 def _params(kind: str, bb: Mapping[str, Tensor]) -> tuple[dict[str, Any], tuple[int, ...]]:
@@ -77,7 +80,7 @@ def _params(kind: str, bb: Mapping[str, Tensor]) -> tuple[dict[str, Any], tuple[
         return {"widths": widths}, widths
     embed = int(bb["patch_embed.proj.weight"].shape[0])
     depths = tuple(_count(keys, rf"^layers\.{i}\.blocks\.(\d+)\.") for i in range(4))
-    chans = tuple(embed * 2 ** i for i in range(4))
+    chans = tuple(embed * 2**i for i in range(4))
     if kind == "swin":
         heads, win = [], []
         for i in range(4):
@@ -111,12 +114,16 @@ def infer_backbone(sd: Mapping[str, Tensor], args: Mapping[str, Any]) -> Backbon
         if w.shape[-1] != 1:
             break
         if int(w.shape[1]) not in chans:
-            raise MfdetrError(f"checkpoint key input_proj.{i}.0.weight takes {int(w.shape[1])} channels, no backbone "
-                              f"stage has them (stages: {list(chans)})")
+            raise MfdetrError(
+                f"checkpoint key input_proj.{i}.0.weight takes {int(w.shape[1])} channels, no backbone "
+                f"stage has them (stages: {list(chans)})"
+            )
         out.append(chans.index(int(w.shape[1])))
     if "return_interm_indices" in args and list(args["return_interm_indices"]) != out:
-        raise MfdetrError(f"args.return_interm_indices = {list(args['return_interm_indices'])} but the input_proj.*.0 "
-                          f"keys take backbone stages {out}")
+        raise MfdetrError(
+            f"args.return_interm_indices = {list(args['return_interm_indices'])} but the input_proj.*.0 "
+            f"keys take backbone stages {out}"
+        )
     return BackboneConfig(kind=kind, out_indices=tuple(out), params=params)
 
 

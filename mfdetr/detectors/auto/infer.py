@@ -44,8 +44,10 @@ def detect_family(sd: Mapping[str, Tensor], args: Mapping[str, Any]) -> str:
     """``"dino"`` (``transformer.tgt_embed`` + ``label_enc``) or ``"hdetr"`` (``query_embed``), args agreeing."""
     layout = "dino" if "transformer.tgt_embed.weight" in sd else "hdetr" if "query_embed.weight" in sd else None
     if layout is None:
-        raise MfdetrError("checkpoint: neither transformer.tgt_embed.weight (DINO) nor query_embed.weight "
-                          "(H-Deformable-DETR) found: not an architecture mfdetr implements")
+        raise MfdetrError(
+            "checkpoint: neither transformer.tgt_embed.weight (DINO) nor query_embed.weight "
+            "(H-Deformable-DETR) found: not an architecture mfdetr implements"
+        )
     stated = args.get("modelname")
     if stated is not None and stated != "dino":
         raise MfdetrError(f"args.modelname = {stated!r}: model not implemented in mfdetr (DINO, H-Deformable-DETR)")
@@ -99,19 +101,27 @@ def _shared_sizes(s: _Sizes, sd: Mapping[str, Tensor]) -> None:
     ffn = "transformer.encoder.layers.0.linear1.weight"
     s.take("dim_feedforward", int(sd[ffn].shape[0]) if ffn in sd else None, ffn)
     if s.args.get("nheads") is None:  # heads × levels × points is all the shapes tell
-        raise MfdetrError("cannot tell nheads from tensor shapes: state args.nheads (checkpoint args or "
-                          "--detector-config)")
+        raise MfdetrError(
+            "cannot tell nheads from tensor shapes: state args.nheads (checkpoint args or --detector-config)"
+        )
     heads = int(s.args["nheads"])
     s.values["nheads"] = heads
-    for field, key in (("enc_n_points", "transformer.encoder.layers.0.self_attn.attention_weights.weight"),
-                       ("dec_n_points", "transformer.decoder.layers.0.cross_attn.attention_weights.weight")):
+    for field, key in (
+        ("enc_n_points", "transformer.encoder.layers.0.self_attn.attention_weights.weight"),
+        ("dec_n_points", "transformer.decoder.layers.0.cross_attn.attention_weights.weight"),
+    ):
         rows = int(sd[key].shape[0]) if key in sd else None
         if rows is not None and rows % (heads * levels):
-            raise MfdetrError(f"checkpoint key {key} has {rows} rows, not a multiple of nheads ({heads}) × levels "
-                              f"({levels}): state args.nheads")
+            raise MfdetrError(
+                f"checkpoint key {key} has {rows} rows, not a multiple of nheads ({heads}) × levels "
+                f"({levels}): state args.nheads"
+            )
         s.take(field, rows // (heads * levels) if rows is not None else None, key)
-    s.take("num_classes", int(sd["class_embed.0.bias"].shape[0]) if "class_embed.0.bias" in sd else None,
-           "class_embed.0.bias")
+    s.take(
+        "num_classes",
+        int(sd["class_embed.0.bias"].shape[0]) if "class_embed.0.bias" in sd else None,
+        "class_embed.0.bias",
+    )
 
 
 def infer_config(sd: Mapping[str, Tensor], args: Mapping[str, Any]) -> tuple[str, DetrArchConfig]:
@@ -125,8 +135,11 @@ def infer_config(sd: Mapping[str, Tensor], args: Mapping[str, Any]) -> tuple[str
         from mfdetr.detectors.dino.config import DinoConfig
 
         s.take("num_queries", int(sd["transformer.tgt_embed.weight"].shape[0]), "transformer.tgt_embed.weight")
-        s.take("dn_labelbook_size", int(sd["label_enc.weight"].shape[0]) - 1 if "label_enc.weight" in sd else None,
-               "label_enc.weight")
+        s.take(
+            "dn_labelbook_size",
+            int(sd["label_enc.weight"].shape[0]) - 1 if "label_enc.weight" in sd else None,
+            "label_enc.weight",
+        )
         extra = {k: bool(args[k]) for k in ("dec_pred_class_embed_share", "dec_pred_bbox_embed_share") if k in args}
         for ours, theirs in (("pe_temperature_h", "pe_temperatureH"), ("pe_temperature_w", "pe_temperatureW")):
             if theirs in args:
@@ -139,19 +152,30 @@ def infer_config(sd: Mapping[str, Tensor], args: Mapping[str, Any]) -> tuple[str
 
     rows = int(sd["query_embed.weight"].shape[0])
     if "num_queries_one2one" not in args:
-        raise MfdetrError(f"checkpoint key query_embed.weight has {rows} rows (one-to-one + one-to-many queries): "
-                          "state args.num_queries_one2one (checkpoint args or --detector-config)")
+        raise MfdetrError(
+            f"checkpoint key query_embed.weight has {rows} rows (one-to-one + one-to-many queries): "
+            "state args.num_queries_one2one (checkpoint args or --detector-config)"
+        )
     one2one = int(args["num_queries_one2one"])
     one2many = int(args.get("num_queries_one2many", rows - one2one))
     if one2many < 0:
-        raise MfdetrError(f"args.num_queries_one2one = {one2one} but checkpoint key query_embed.weight has only "
-                          f"{rows} rows")
+        raise MfdetrError(
+            f"args.num_queries_one2one = {one2one} but checkpoint key query_embed.weight has only {rows} rows"
+        )
     if one2one + one2many != rows:
-        raise MfdetrError(f"args.num_queries_one2one + num_queries_one2many = {one2one + one2many} but checkpoint "
-                          f"key query_embed.weight has {rows} rows")
+        raise MfdetrError(
+            f"args.num_queries_one2one + num_queries_one2many = {one2one + one2many} but checkpoint "
+            f"key query_embed.weight has {rows} rows"
+        )
     extra = {"inv_sigmoid_eps": float(args["inv_sigmoid_eps"])} if "inv_sigmoid_eps" in args else {}
-    return family, HDetrConfig(backbone=backbone, **s.values, num_queries_one2one=one2one,
-                               num_queries_one2many=one2many, num_select=int(args.get("topk", 100)), **extra)
+    return family, HDetrConfig(
+        backbone=backbone,
+        **s.values,
+        num_queries_one2one=one2one,
+        num_queries_one2many=one2many,
+        num_select=int(args.get("topk", 100)),
+        **extra,
+    )
 
 
 __all__ = ["check_supported", "detect_family", "infer_config"]

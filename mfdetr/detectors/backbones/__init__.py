@@ -19,7 +19,6 @@ from mfdetr.detectors.backbones.resnet import FrozenBatchNorm2d, ResNetBackbone,
 from mfdetr.detectors.backbones.tiny import TinyConvBackbone
 
 
-
 def _lazy(module: str, builder: str) -> Any:
     """A kind builder that imports its module on first use (Swin and FocalNet are large modules)."""
 
@@ -37,6 +36,13 @@ register_backbone_kind("swin", _lazy("mfdetr.detectors.backbones.swin", "swin_ba
 register_backbone_kind("focalnet", _lazy("mfdetr.detectors.backbones.focalnet", "focalnet_backbone"))
 
 __all__ = [
-    "Backbone", "BackboneConfig", "FrozenBatchNorm2d", "ResNetBackbone", "TinyConvBackbone", "backbone_kinds",
-    "build_backbone", "build_resnet50", "register_backbone_kind",
+    "Backbone",
+    "BackboneConfig",
+    "FrozenBatchNorm2d",
+    "ResNetBackbone",
+    "TinyConvBackbone",
+    "backbone_kinds",
+    "build_backbone",
+    "build_resnet50",
+    "register_backbone_kind",
 ]

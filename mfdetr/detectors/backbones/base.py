@@ -24,7 +24,8 @@ def check_out_indices(out_indices: Sequence[int], num_stages: int, what: str) ->
     if not idx or list(idx) != sorted(set(idx)) or idx[0] < 0 or idx[-1] >= num_stages:
         raise MfdetrError(
             f"{what}: out_indices must be strictly ascending stage numbers in 0..{num_stages - 1},"
-            f" got {list(out_indices)}")
+            f" got {list(out_indices)}"
+        )
     return idx
 
 
@@ -77,14 +78,21 @@ class StagedTokenBackbone(Backbone):
     ``out_indices`` ∪ {0}, channel-first, contiguous.
     """
 
-    def __init__(self, *, name: str, patch_embed: nn.Module, stages: Sequence[nn.Module], channels: Sequence[int],
-                 patch_size: int, out_indices: Sequence[int]) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        patch_embed: nn.Module,
+        stages: Sequence[nn.Module],
+        channels: Sequence[int],
+        patch_size: int,
+        out_indices: Sequence[int],
+    ) -> None:
         super().__init__()
         if len(stages) != 4 or len(channels) != 4:
             raise MfdetrError(f"{name}: the backbone contract needs 4 stages, got {len(stages)}")
         self.out_indices = check_out_indices(out_indices, 4, name)
-        self.stage_specs = tuple(ShapeSpec(channels=int(c), stride=patch_size * 2**i)
-                                 for i, c in enumerate(channels))
+        self.stage_specs = tuple(ShapeSpec(channels=int(c), stride=patch_size * 2**i) for i, c in enumerate(channels))
         self.patch_embed = patch_embed
         self.layers = nn.ModuleList(stages)
         for i in self.out_indices:

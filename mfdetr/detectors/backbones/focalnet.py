@@ -74,12 +74,19 @@ class FocalModulation(nn.Module):
     GELU(mean_{H,W}(ctx_L)). With ``normalize_modulator`` the sum is divided by ``focal_level + 1``.
     """
 
-    def __init__(self, *, dim: int, focal_level: int, focal_window: int, focal_factor: int = 2,
-                 normalize_modulator: bool = False, use_postln_in_modulation: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        focal_level: int,
+        focal_window: int,
+        focal_factor: int = 2,
+        normalize_modulator: bool = False,
+        use_postln_in_modulation: bool = False,
+    ) -> None:
         super().__init__()
         if focal_level < 1 or focal_window < 1:
-            raise MfdetrError(f"focalnet: focal_level and focal_window must be >= 1, got "
-                              f"{focal_level}, {focal_window}")
+            raise MfdetrError(f"focalnet: focal_level and focal_window must be >= 1, got {focal_level}, {focal_window}")
         self.focal_level = focal_level
         self.normalize_modulator = normalize_modulator
         self.f = nn.Linear(dim, 2 * dim + focal_level + 1)
@@ -89,9 +96,9 @@ class FocalModulation(nn.Module):
         self.focal_layers = nn.ModuleList()
         for k in range(focal_level):
             ks = focal_factor * k + focal_window
-            self.focal_layers.append(nn.Sequential(
-                nn.Conv2d(dim, dim, kernel_size=ks, padding=ks // 2, groups=dim, bias=False),
-                nn.GELU()))
+            self.focal_layers.append(
+                nn.Sequential(nn.Conv2d(dim, dim, kernel_size=ks, padding=ks // 2, groups=dim, bias=False), nn.GELU())
+            )
         self.ln = nn.LayerNorm(dim) if use_postln_in_modulation else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -102,9 +109,9 @@ class FocalModulation(nn.Module):
         ctx_all = torch.zeros_like(ctx)
         for level, layer in enumerate(self.focal_layers):
             ctx = layer(ctx)
-            ctx_all = ctx_all + ctx * gates[:, level:level + 1]
+            ctx_all = ctx_all + ctx * gates[:, level : level + 1]
         ctx_global = self.act(ctx.mean(2, keepdim=True).mean(3, keepdim=True))
-        ctx_all = ctx_all + ctx_global * gates[:, self.focal_level:]
+        ctx_all = ctx_all + ctx_global * gates[:, self.focal_level :]
         if self.normalize_modulator:
             ctx_all = ctx_all / (self.focal_level + 1)
         out = (q * self.h(ctx_all)).permute(0, 2, 3, 1).contiguous()
@@ -121,8 +128,16 @@ class FocalNetBlock(nn.Module):
     (``gamma_1``/``gamma_2``) when ``use_layerscale``, else 1.
     """
 
-    def __init__(self, *, dim: int, modulation: FocalModulation, mlp_ratio: float, use_postln: bool,
-                 use_layerscale: bool, layerscale_value: float = 1e-4) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        modulation: FocalModulation,
+        mlp_ratio: float,
+        use_postln: bool,
+        use_layerscale: bool,
+        layerscale_value: float = 1e-4,
+    ) -> None:
         super().__init__()
         self.use_postln = use_postln
         self.gamma_1: nn.Parameter | None = None
@@ -153,15 +168,15 @@ class FocalPatchEmbed(nn.Module):
     for a downsample layer (``patch_size`` 2); otherwise kernel = stride = ``patch_size``.
     """
 
-    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool,
-                 is_stem: bool, patch_norm: bool) -> None:
+    def __init__(
+        self, *, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool, is_stem: bool, patch_norm: bool
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         if use_conv_embed:
             kernel, stride, pad = (7, 4, 2) if is_stem else (3, 2, 1)
             if stride != patch_size:
-                raise MfdetrError(f"focalnet: use_conv_embed needs patch size {stride} here, "
-                                  f"got {patch_size}")
+                raise MfdetrError(f"focalnet: use_conv_embed needs patch size {stride} here, got {patch_size}")
             self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel, stride=stride, padding=pad)
         else:
             self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -211,10 +226,23 @@ class FocalNet(StagedTokenBackbone):
     ``out_indices`` ∪ {0}, channel-first, contiguous.
     """
 
-    def __init__(self, *, patch_embed: FocalPatchEmbed, stages: Sequence[FocalNetStage],
-                 channels: Sequence[int], patch_size: int, out_indices: Sequence[int]) -> None:
-        super().__init__(name="focalnet", patch_embed=patch_embed, stages=stages, channels=channels,
-                         patch_size=patch_size, out_indices=out_indices)
+    def __init__(
+        self,
+        *,
+        patch_embed: FocalPatchEmbed,
+        stages: Sequence[FocalNetStage],
+        channels: Sequence[int],
+        patch_size: int,
+        out_indices: Sequence[int],
+    ) -> None:
+        super().__init__(
+            name="focalnet",
+            patch_embed=patch_embed,
+            stages=stages,
+            channels=channels,
+            patch_size=patch_size,
+            out_indices=out_indices,
+        )
 
 
 def _per_stage(value: int | Sequence[int], name: str) -> tuple[int, ...]:
@@ -268,23 +296,46 @@ def build_focalnet(cfg: FocalNetConfig) -> FocalNet:
             FocalNetBlock(
                 dim=dim,
                 modulation=FocalModulation(
-                    dim=dim, focal_level=levels[i], focal_window=windows[i],
-                    focal_factor=cfg.focal_factor, normalize_modulator=cfg.normalize_modulator,
-                    use_postln_in_modulation=cfg.use_postln_in_modulation),
-                mlp_ratio=cfg.mlp_ratio, use_postln=cfg.use_postln,
-                use_layerscale=cfg.use_layerscale, layerscale_value=cfg.layerscale_value)
-            for _ in range(depth)]
+                    dim=dim,
+                    focal_level=levels[i],
+                    focal_window=windows[i],
+                    focal_factor=cfg.focal_factor,
+                    normalize_modulator=cfg.normalize_modulator,
+                    use_postln_in_modulation=cfg.use_postln_in_modulation,
+                ),
+                mlp_ratio=cfg.mlp_ratio,
+                use_postln=cfg.use_postln,
+                use_layerscale=cfg.use_layerscale,
+                layerscale_value=cfg.layerscale_value,
+            )
+            for _ in range(depth)
+        ]
         downsample = None
         if i < 3:
-            downsample = FocalPatchEmbed(patch_size=2, in_chans=dim, embed_dim=2 * dim,
-                                         use_conv_embed=cfg.use_conv_embed, is_stem=False,
-                                         patch_norm=True)
+            downsample = FocalPatchEmbed(
+                patch_size=2,
+                in_chans=dim,
+                embed_dim=2 * dim,
+                use_conv_embed=cfg.use_conv_embed,
+                is_stem=False,
+                patch_norm=True,
+            )
         stages.append(FocalNetStage(blocks=blocks, downsample=downsample))
-    patch_embed = FocalPatchEmbed(patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                                  embed_dim=cfg.embed_dim, use_conv_embed=cfg.use_conv_embed,
-                                  is_stem=True, patch_norm=cfg.patch_norm)
-    return FocalNet(patch_embed=patch_embed, stages=stages, channels=channels,
-                    patch_size=cfg.patch_size, out_indices=cfg.out_indices)
+    patch_embed = FocalPatchEmbed(
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        use_conv_embed=cfg.use_conv_embed,
+        is_stem=True,
+        patch_norm=cfg.patch_norm,
+    )
+    return FocalNet(
+        patch_embed=patch_embed,
+        stages=stages,
+        channels=channels,
+        patch_size=cfg.patch_size,
+        out_indices=cfg.out_indices,
+    )
 
 
 def focalnet_backbone(*, out_indices: Sequence[int], **params: Any) -> FocalNet:
@@ -300,7 +351,18 @@ def build_focalnet_l_fl4(out_indices: Sequence[int] = (0, 1, 2, 3)) -> FocalNet:
 
     ``out_indices`` (0, 1, 2, 3) for the 5-scale DINO of the FocalNet-DINO release.
     """
-    return build_focalnet(FocalNetConfig(
-        embed_dim=192, depths=(2, 2, 18, 2), focal_levels=4, focal_windows=3, mlp_ratio=4.0,
-        use_conv_embed=True, use_postln=True, use_postln_in_modulation=False, use_layerscale=True,
-        normalize_modulator=True, out_indices=tuple(out_indices)))
+    return build_focalnet(
+        FocalNetConfig(
+            embed_dim=192,
+            depths=(2, 2, 18, 2),
+            focal_levels=4,
+            focal_windows=3,
+            mlp_ratio=4.0,
+            use_conv_embed=True,
+            use_postln=True,
+            use_postln_in_modulation=False,
+            use_layerscale=True,
+            normalize_modulator=True,
+            out_indices=tuple(out_indices),
+        )
+    )

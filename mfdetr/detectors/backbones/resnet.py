@@ -76,7 +76,7 @@ class ResNetBackbone(Backbone):
         super().__init__()
         self.body = _ResNetBody(depths=depths)
         self.out_indices = tuple(out_indices)
-        self.stage_specs = tuple(ShapeSpec(channels=256 * 2 ** i, stride=4 * 2 ** i) for i in range(4))
+        self.stage_specs = tuple(ShapeSpec(channels=256 * 2**i, stride=4 * 2**i) for i in range(4))
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
         outs = self.body(x)

@@ -102,8 +102,9 @@ class PatchEmbed(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-def shifted_window_mask(hp: int, wp: int, window: int, shift: int, *, device: torch.device,
-                        dtype: torch.dtype) -> Tensor:
+def shifted_window_mask(
+    hp: int, wp: int, window: int, shift: int, *, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """Attention mask of shifted windows, ``[nW, N, N]``: 0 within a region, -100 across regions.
 
     After the cyclic shift by ``-shift`` the padded map ``[Hp, Wp]`` splits into 3×3 regions
@@ -130,8 +131,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.window_size = window_size
         self.scale = (dim // num_heads) ** -0.5
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         # Persistent: the official state dict contains it (int64, [N, N]).
         self.register_buffer("relative_position_index", relative_position_index(window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -160,16 +160,16 @@ class SwinBlock(nn.Module):
     multiples before partitioning (official), and cropped back after.
     """
 
-    def __init__(self, *, dim: int, num_heads: int, window_size: int, shift_size: int,
-                 mlp_ratio: float, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, *, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float, qkv_bias: bool = True
+    ) -> None:
         super().__init__()
         if not 0 <= shift_size < window_size:
             raise MfdetrError(f"swin: shift {shift_size} must lie in [0, window {window_size})")
         self.window_size = window_size
         self.shift_size = shift_size
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim=dim, num_heads=num_heads, window_size=window_size,
-                                    qkv_bias=qkv_bias)
+        self.attn = WindowAttention(dim=dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = FFN(dim=dim, hidden=int(dim * mlp_ratio))
 
@@ -226,8 +226,9 @@ class SwinStage(nn.Module):
         mask = None
         if self.shift_size > 0:
             h, w = x.shape[1:3]
-            mask = shifted_window_mask(h + (-h) % ws, w + (-w) % ws, ws, self.shift_size,
-                                       device=x.device, dtype=x.dtype)
+            mask = shifted_window_mask(
+                h + (-h) % ws, w + (-w) % ws, ws, self.shift_size, device=x.device, dtype=x.dtype
+            )
         for blk in self.blocks:
             x = blk(x, mask)
         return x, (self.downsample(x) if self.downsample is not None else None)
@@ -247,10 +248,23 @@ class SwinTransformer(StagedTokenBackbone):
     ``out_indices`` ∪ {0}, channel-first, contiguous.
     """
 
-    def __init__(self, *, patch_embed: PatchEmbed, stages: Sequence[SwinStage],
-                 channels: Sequence[int], patch_size: int, out_indices: Sequence[int]) -> None:
-        super().__init__(name="swin", patch_embed=patch_embed, stages=stages, channels=channels,
-                         patch_size=patch_size, out_indices=out_indices)
+    def __init__(
+        self,
+        *,
+        patch_embed: PatchEmbed,
+        stages: Sequence[SwinStage],
+        channels: Sequence[int],
+        patch_size: int,
+        out_indices: Sequence[int],
+    ) -> None:
+        super().__init__(
+            name="swin",
+            patch_embed=patch_embed,
+            stages=stages,
+            channels=channels,
+            patch_size=patch_size,
+            out_indices=out_indices,
+        )
 
 
 @dataclass(frozen=True)
@@ -282,14 +296,28 @@ def build_swin(cfg: SwinConfig) -> SwinTransformer:
     channels = [cfg.embed_dim * 2**i for i in range(4)]
     stages = []
     for i, (dim, depth, heads) in enumerate(zip(channels, cfg.depths, cfg.num_heads)):
-        blocks = [SwinBlock(dim=dim, num_heads=heads, window_size=cfg.window_size,
-                            shift_size=0 if j % 2 == 0 else cfg.window_size // 2,
-                            mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias) for j in range(depth)]
+        blocks = [
+            SwinBlock(
+                dim=dim,
+                num_heads=heads,
+                window_size=cfg.window_size,
+                shift_size=0 if j % 2 == 0 else cfg.window_size // 2,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+            )
+            for j in range(depth)
+        ]
         stages.append(SwinStage(blocks=blocks, downsample=PatchMerging(dim=dim) if i < 3 else None))
-    patch_embed = PatchEmbed(patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                             embed_dim=cfg.embed_dim, patch_norm=cfg.patch_norm)
-    return SwinTransformer(patch_embed=patch_embed, stages=stages, channels=channels,
-                           patch_size=cfg.patch_size, out_indices=cfg.out_indices)
+    patch_embed = PatchEmbed(
+        patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, patch_norm=cfg.patch_norm
+    )
+    return SwinTransformer(
+        patch_embed=patch_embed,
+        stages=stages,
+        channels=channels,
+        patch_size=cfg.patch_size,
+        out_indices=cfg.out_indices,
+    )
 
 
 def swin_backbone(*, out_indices: Sequence[int], **params: Any) -> SwinTransformer:
@@ -305,11 +333,19 @@ def build_swin_l_dino(out_indices: Sequence[int] = (0, 1, 2, 3)) -> SwinTransfor
 
     ``out_indices`` (0, 1, 2, 3) for 5-scale DINO, (1, 2, 3) for 4-scale.
     """
-    return build_swin(SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
-                                 window_size=12, out_indices=tuple(out_indices)))
+    return build_swin(
+        SwinConfig(
+            embed_dim=192,
+            depths=(2, 2, 18, 2),
+            num_heads=(6, 12, 24, 48),
+            window_size=12,
+            out_indices=tuple(out_indices),
+        )
+    )
 
 
 def build_swin_l_hdetr() -> SwinTransformer:
     """H-Deformable-DETR's Swin-L (``swin_large``): as DINO's but window 7, out_indices (1, 2, 3)."""
-    return build_swin(SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
-                                 window_size=7, out_indices=(1, 2, 3)))
+    return build_swin(
+        SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=7, out_indices=(1, 2, 3))
+    )

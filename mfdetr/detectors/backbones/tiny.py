@@ -30,10 +30,11 @@ class TinyConvBackbone(Backbone):
             raise ValueError(f"widths must give 4 stages, got {tuple(widths)}")
         self.stem = nn.Conv2d(3, widths[0], kernel_size=3, stride=2, padding=1)
         chans = [widths[0], *widths]
-        self.stages = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], kernel_size=3, stride=2, padding=1)
-                                    for i in range(4))
+        self.stages = nn.ModuleList(
+            nn.Conv2d(chans[i], chans[i + 1], kernel_size=3, stride=2, padding=1) for i in range(4)
+        )
         self.out_indices = tuple(out_indices)
-        self.stage_specs = tuple(ShapeSpec(channels=int(w), stride=4 * 2 ** i) for i, w in enumerate(widths))
+        self.stage_specs = tuple(ShapeSpec(channels=int(w), stride=4 * 2**i) for i, w in enumerate(widths))
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
         x = F.relu(self.stem(x))

@@ -59,8 +59,9 @@ class DetrArchConfig:
         if self.num_feature_levels < n_backbone:
             raise MfdetrError(f"num_feature_levels ({self.num_feature_levels}) < backbone levels ({n_backbone})")
         if self.hidden_dim % 32 or self.hidden_dim % self.nheads or self.hidden_dim % 2:
-            raise MfdetrError(f"hidden_dim ({self.hidden_dim}) must be a multiple of 32 (GroupNorm) and of "
-                              f"nheads ({self.nheads})")
+            raise MfdetrError(
+                f"hidden_dim ({self.hidden_dim}) must be a multiple of 32 (GroupNorm) and of nheads ({self.nheads})"
+            )
 
     def inference_queries(self) -> int:
         """Decoder queries run at inference (the most a caller can keep as top-K)."""
@@ -104,32 +105,55 @@ class DetrArchConfig:
         return C1_CHANNELS[kind]
 
 
-def family_preset(name: str, family: str, cfg: DetrArchConfig, *, checkpoint_file: str | None,
-                  box_ap: float | None, notes: str = "",
-                  preprocessing: Preprocessing | None = None) -> DetectorPreset:
+def family_preset(
+    name: str,
+    family: str,
+    cfg: DetrArchConfig,
+    *,
+    checkpoint_file: str | None,
+    box_ap: float | None,
+    notes: str = "",
+    preprocessing: Preprocessing | None = None,
+) -> DetectorPreset:
     """The :class:`DetectorPreset` of ``cfg`` (COCO 91-slot identity map when ``num_classes == 91``;
     eval preprocessing 800/1333 with ImageNet mean/std unless given)."""
     return DetectorPreset(
-        name=name, family=family, arch=cfg.to_dict(), checkpoint_file=checkpoint_file, checkpoint_sha256=None,
-        box_ap=box_ap, num_classes=cfg.num_classes,
+        name=name,
+        family=family,
+        arch=cfg.to_dict(),
+        checkpoint_file=checkpoint_file,
+        checkpoint_sha256=None,
+        box_ap=box_ap,
+        num_classes=cfg.num_classes,
         class_to_category=coco91_identity() if cfg.num_classes == 91 else tuple(range(cfg.num_classes)),
         preprocessing=preprocessing or Preprocessing(short_side=800, max_size=1333),
-        level_strides=cfg.level_strides(), hidden_dim=cfg.hidden_dim, c1_channels=cfg.c1_channels(),
-        num_encoder_layers=cfg.enc_layers, num_queries=cfg.inference_queries(), notes=notes)
+        level_strides=cfg.level_strides(),
+        hidden_dim=cfg.hidden_dim,
+        c1_channels=cfg.c1_channels(),
+        num_encoder_layers=cfg.enc_layers,
+        num_queries=cfg.inference_queries(),
+        notes=notes,
+    )
 
 
 CheckpointArg = str | Path | Mapping[str, Any] | None
 FamilyBuild = Callable[..., FrozenDetector]
 
 
-def register_family(presets: Mapping[str, DetectorPreset], configs: Mapping[str, DetrArchConfig],
-                    build: FamilyBuild) -> None:
+def register_family(
+    presets: Mapping[str, DetectorPreset], configs: Mapping[str, DetrArchConfig], build: FamilyBuild
+) -> None:
     """Register every preset with a builder ``build(cfg, preset=, checkpoint=, device=)``."""
     for name, preset in presets.items():
         cfg = configs[name]
 
-        def builder(*, checkpoint: CheckpointArg = None, device: str = "cpu", _cfg: DetrArchConfig = cfg,
-                    _preset: DetectorPreset = preset) -> FrozenDetector:
+        def builder(
+            *,
+            checkpoint: CheckpointArg = None,
+            device: str = "cpu",
+            _cfg: DetrArchConfig = cfg,
+            _preset: DetectorPreset = preset,
+        ) -> FrozenDetector:
             return build(_cfg, preset=_preset, checkpoint=checkpoint, device=device)
 
         builder.__name__ = f"build_{name}"

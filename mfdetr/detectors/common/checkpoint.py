@@ -87,7 +87,7 @@ def unwrap_state_dict(obj: Mapping[str, Any], *, origin: str = "checkpoint") -> 
     if non_tensor:
         raise MfdetrError(f"{origin}: state dict has non-tensor entries: {non_tensor[:8]}")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -108,8 +108,13 @@ def remap_state_dict(sd: Mapping[str, Tensor], fmt: CheckpointFormat, *, expecte
         if new != k:
             report.append(f"  {k} -> {new}")
         out[new] = v
-    log.info("%s: remapped %d keys (%d renamed/dropped)%s", fmt.name, len(sd), len(report),
-             "\n" + "\n".join(report) if report else "")
+    log.info(
+        "%s: remapped %d keys (%d renamed/dropped)%s",
+        fmt.name,
+        len(sd),
+        len(report),
+        "\n" + "\n".join(report) if report else "",
+    )
     return out
 
 
@@ -123,8 +128,11 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, Tensor], *, origin
     ours = model.state_dict(keep_vars=True)
     missing = sorted(set(ours) - set(sd))
     unexpected = sorted(set(sd) - set(ours))
-    mis_shaped = sorted(f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}"
-                        for k in set(sd) & set(ours) if tuple(sd[k].shape) != tuple(ours[k].shape))
+    mis_shaped = sorted(
+        f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}"
+        for k in set(sd) & set(ours)
+        if tuple(sd[k].shape) != tuple(ours[k].shape)
+    )
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_fmt_keys(missing)}")

@@ -50,9 +50,16 @@ class RefiningDecoder(nn.Module):
         when :meth:`forward` gets no fixed ``query_pos``; DINO recomputes it every layer)."""
         raise NotImplementedError(f"{type(self).__name__} needs a fixed query_pos")
 
-    def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: FlatLevels, *,
-                query_pos: Tensor | None = None, self_attn_mask: Tensor | None = None
-                ) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(
+        self,
+        tgt: Tensor,
+        reference: Tensor,
+        memory: Tensor,
+        levels: FlatLevels,
+        *,
+        query_pos: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Decode.
 
         Args:
@@ -76,8 +83,9 @@ class RefiningDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios
             pos = query_pos if query_pos is not None else self.layer_query_pos(ref_input, lid)
-            out = layer(out, pos, ref_input, memory, levels.level_hw(), levels.level_start_index, levels.mask,
-                        self_attn_mask)
+            out = layer(
+                out, pos, ref_input, memory, levels.level_hw(), levels.level_start_index, levels.mask, self_attn_mask
+            )
             refined = (self.bbox_embed[lid](out) + inverse_sigmoid(reference, eps=self.inv_sigmoid_eps)).sigmoid()
             reference = refined.detach()
             outs.append(out)
@@ -85,8 +93,9 @@ class RefiningDecoder(nn.Module):
         return outs, refs
 
 
-def layer_predictions(hs: Sequence[Tensor], refs: Sequence[Tensor], *, class_embed: nn.ModuleList,
-                      bbox_embed: nn.ModuleList, eps: float) -> tuple[list[Tensor], list[Tensor]]:
+def layer_predictions(
+    hs: Sequence[Tensor], refs: Sequence[Tensor], *, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList, eps: float
+) -> tuple[list[Tensor], list[Tensor]]:
     """Head outputs of every decoder layer (official ``DeformableDETR.forward`` / ``DINO.forward``).
 
     ``logits[l] = class_embed[l](hs[l])`` [B, Q, C];

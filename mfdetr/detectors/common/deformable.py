@@ -31,11 +31,19 @@ def valid_ratios(mask: Tensor) -> Tensor:
     return torch.stack([valid_w / w, valid_h / h], -1)
 
 
-def official_encoder_layer(*, d_model: int, d_ffn: int, n_levels: int, n_heads: int,
-                           n_points: int) -> DeformableEncoderLayer:
+def official_encoder_layer(
+    *, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int
+) -> DeformableEncoderLayer:
     """The detectors' encoder layer: post-norm, ReLU FFN under the official keys ``linear1`` / ``linear2``."""
-    return DeformableEncoderLayer(dim=d_model, levels=n_levels, heads=n_heads, points=n_points, ffn_hidden=d_ffn,
-                                  activation="relu", ffn_names="linear")
+    return DeformableEncoderLayer(
+        dim=d_model,
+        levels=n_levels,
+        heads=n_heads,
+        points=n_points,
+        ffn_hidden=d_ffn,
+        activation="relu",
+        ffn_names="linear",
+    )
 
 
 class DeformableEncoder(nn.Module):
@@ -49,8 +57,17 @@ class DeformableEncoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: SpatialShapes, level_start_index: Tensor,
-                ratios: Tensor, padding_mask: Tensor, *, keep: Collection[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        spatial_shapes: SpatialShapes,
+        level_start_index: Tensor,
+        ratios: Tensor,
+        padding_mask: Tensor,
+        *,
+        keep: Collection[int] = (),
+    ) -> tuple[Tensor, dict[int, Tensor]]:
         """Run all layers.
 
         Args:
@@ -84,14 +101,26 @@ class DeformableDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: SpatialShapes, level_start_index: Tensor, memory_padding_mask: Tensor,
-                self_attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: SpatialShapes,
+        level_start_index: Tensor,
+        memory_padding_mask: Tensor,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
         """tgt, query_pos [B, Q, d]; reference_points [B, Q, L, 4] (valid-ratio scaled); memory [B, S, d];
         ``self_attn_mask`` [Q, Q] bool, True where query i must not attend to query j (training with
         denoising queries; ``None`` at inference)."""
         q = tgt + query_pos
         tgt = self.norm2(tgt + self.self_attn(q, q, tgt, attn_mask=self_attn_mask, need_weights=False)[0])
-        tgt = self.norm1(tgt + self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
-                                               level_start_index, memory_padding_mask))
+        tgt = self.norm1(
+            tgt
+            + self.cross_attn(
+                tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
+            )
+        )
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))

@@ -41,9 +41,19 @@ class DeformableDetr(FrozenDetr):
         inv_sigmoid_eps: ``inverse_sigmoid`` clamp of the box heads (DINO 1e-3, H-DETR 1e-5).
     """
 
-    def __init__(self, *, backbone: Backbone, transformer: nn.Module, input_proj: nn.ModuleList,
-                 position: PositionEmbeddingSine, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList,
-                 preset: DetectorPreset, num_select: int, inv_sigmoid_eps: float) -> None:
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        transformer: nn.Module,
+        input_proj: nn.ModuleList,
+        position: PositionEmbeddingSine,
+        class_embed: nn.ModuleList,
+        bbox_embed: nn.ModuleList,
+        preset: DetectorPreset,
+        num_select: int,
+        inv_sigmoid_eps: float,
+    ) -> None:
         super().__init__()
         self.backbone = nn.ModuleList([backbone])
         self.transformer = transformer
@@ -75,24 +85,33 @@ class DeformableDetr(FrozenDetr):
         srcs, masks, _ = project_levels(self.input_proj, used, pad_mask)
         return self.forward_levels(srcs, masks, c1=feats[0], enc_layers=enc_layers)
 
-    def run_transformer(self, levels: FlatLevels, *, keep: Sequence[int]) -> tuple[list[Tensor], list[Tensor], Tensor,
-                                                                                   dict[int, Tensor]]:
+    def run_transformer(
+        self, levels: FlatLevels, *, keep: Sequence[int]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, dict[int, Tensor]]:
         """Hook: the family transformer on flattened levels (see the module docstring)."""
         return self.transformer(levels, keep=keep)
 
-    def forward_levels(self, srcs: Sequence[Tensor], masks: Sequence[Tensor], *, c1: Tensor,
-                       enc_layers: Sequence[int] = ()) -> DetrForward:
+    def forward_levels(
+        self, srcs: Sequence[Tensor], masks: Sequence[Tensor], *, c1: Tensor, enc_layers: Sequence[int] = ()
+    ) -> DetrForward:
         """The transformer and heads on projected levels ``srcs`` [B, d, H_l, W_l] with their padding
         masks [B, H_l, W_l] (positional encodings are computed from the masks)."""
         poss = [self.position(m).to(s.dtype) for s, m in zip(srcs, masks, strict=True)]
         levels = flatten_levels(srcs, masks, poss, self.transformer.level_embed)
         hs, refs, memory, kept = self.run_transformer(levels, keep=enc_layers)
-        logits, boxes = layer_predictions(hs, refs, class_embed=self.class_embed, bbox_embed=self.bbox_embed,
-                                          eps=self.inv_sigmoid_eps)
-        return DetrForward(logits=logits[-1], boxes=boxes[-1], hs=hs[-1], enc_memory=kept, levels=levels,
-                           level_masks=list(masks), c1=c1,
-                           aux={"hs": hs, "refs": refs, "memory": memory, "layer_logits": logits,
-                                "layer_boxes": boxes})
+        logits, boxes = layer_predictions(
+            hs, refs, class_embed=self.class_embed, bbox_embed=self.bbox_embed, eps=self.inv_sigmoid_eps
+        )
+        return DetrForward(
+            logits=logits[-1],
+            boxes=boxes[-1],
+            hs=hs[-1],
+            enc_memory=kept,
+            levels=levels,
+            level_masks=list(masks),
+            c1=c1,
+            aux={"hs": hs, "refs": refs, "memory": memory, "layer_logits": logits, "layer_boxes": boxes},
+        )
 
 
 __all__ = ["DeformableDetr"]

@@ -72,12 +72,14 @@ class FrozenDetr(nn.Module):
         layers = tuple(int(x) for x in enc_layers)
         bad = [x for x in layers if not 1 <= x <= self.num_encoder_layers]
         if not layers or bad:
-            raise MfdetrError(f"enc_layers must be 1-based encoder layers in 1..{self.num_encoder_layers}, "
-                              f"got {list(enc_layers)}")
+            raise MfdetrError(
+                f"enc_layers must be 1-based encoder layers in 1..{self.num_encoder_layers}, got {list(enc_layers)}"
+            )
         return layers
 
-    def detect(self, batch: ImageBatch, *, topk: int = 100, enc_layers: Sequence[int] = (4,),
-               grad: bool = False) -> DetectorOutput:
+    def detect(
+        self, batch: ImageBatch, *, topk: int = 100, enc_layers: Sequence[int] = (4,), grad: bool = False
+    ) -> DetectorOutput:
         """Top-``topk`` queries by max sigmoid class score (descending) and the encoder maps.
 
         Returns a validated :class:`DetectorOutput`: ``queries`` are the final (normed) hidden states
@@ -100,13 +102,19 @@ class FrozenDetr(nn.Module):
             def take(t: Tensor) -> Tensor:
                 return torch.gather(t, 1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
-            valid_hw = torch.stack([torch.stack([(~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)], -1)
-                                    for m in out.level_masks], 1)
+            valid_hw = torch.stack(
+                [torch.stack([(~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)], -1) for m in out.level_masks], 1
+            )
             result = DetectorOutput(
-                queries=take(out.hs), boxes=take(out.boxes), logits=take(out.logits),
+                queries=take(out.hs),
+                boxes=take(out.boxes),
+                logits=take(out.logits),
                 enc_maps={layer: out.levels.unflatten(out.enc_memory[layer]) for layer in layers},
-                c1=out.c1, input_hw=batch.input_hw.to(torch.long).cpu(), orig_hw=batch.orig_hw.to(torch.long).cpu(),
-                level_valid_hw=valid_hw.to(torch.long).cpu())
+                c1=out.c1,
+                input_hw=batch.input_hw.to(torch.long).cpu(),
+                orig_hw=batch.orig_hw.to(torch.long).cpu(),
+                level_valid_hw=valid_hw.to(torch.long).cpu(),
+            )
         return result.validate()
 
     def predict(self, batch: ImageBatch, *, num_select: int | None = None) -> list[Detections]:
@@ -115,6 +123,10 @@ class FrozenDetr(nn.Module):
         device = next(self.parameters()).device
         with torch.inference_mode():
             out = self.forward_detr(batch.images.to(device), batch.pad_mask.to(device))
-            return postprocess_detections(out.logits, out.boxes, batch.orig_hw,
-                                          num_select=num_select or self.num_select,
-                                          class_to_category=self.preset.class_to_category)
+            return postprocess_detections(
+                out.logits,
+                out.boxes,
+                batch.orig_hw,
+                num_select=num_select or self.num_select,
+                class_to_category=self.preset.class_to_category,
+            )

@@ -24,12 +24,12 @@ def build_input_proj(*, in_channels: Sequence[int], hidden_dim: int, num_levels:
     """``input_proj.{i}.{0: conv, 1: GroupNorm(32)}`` for ``len(in_channels)`` backbone levels + extras."""
     if num_levels < len(in_channels):
         raise ValueError(f"{num_levels} levels but the backbone returns {len(in_channels)} maps")
-    projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
-             for c in in_channels]
+    projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)) for c in in_channels]
     c = in_channels[-1]
     for _ in range(num_levels - len(in_channels)):
-        projs.append(nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=3, stride=2, padding=1),
-                                   nn.GroupNorm(32, hidden_dim)))
+        projs.append(
+            nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, hidden_dim))
+        )
         c = hidden_dim
     for p in projs:
         nn.init.xavier_uniform_(p[0].weight, gain=1)
@@ -42,8 +42,9 @@ def resize_mask(pad_mask: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(pad_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
 
-def project_levels(input_proj: nn.ModuleList, feats: Sequence[Tensor], pad_mask: Tensor,
-                   position: PositionEmbeddingSine | None = None) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+def project_levels(
+    input_proj: nn.ModuleList, feats: Sequence[Tensor], pad_mask: Tensor, position: PositionEmbeddingSine | None = None
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Project backbone maps to ``d`` and add the extra levels.
 
     Args:
@@ -102,16 +103,21 @@ class FlatLevels:
         return [p.transpose(1, 2).reshape(bsz, d, h, w) for p, (h, w) in zip(parts, shapes, strict=True)]
 
 
-def flatten_levels(srcs: Sequence[Tensor], masks: Sequence[Tensor], poss: Sequence[Tensor],
-                   level_embed: Tensor) -> FlatLevels:
+def flatten_levels(
+    srcs: Sequence[Tensor], masks: Sequence[Tensor], poss: Sequence[Tensor], level_embed: Tensor
+) -> FlatLevels:
     """Flatten per-level maps; ``level_embed`` [L, d] is added to each level's positions."""
     pairs = [(s.shape[-2], s.shape[-1]) for s in srcs]
     shapes = shapes_tensor(pairs, srcs[0].device)
     start = torch.cat((shapes.new_zeros((1,)), shapes.prod(1).cumsum(0)[:-1]))
     return FlatLevels(
         src=torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),
-        pos=torch.cat([p.flatten(2).transpose(1, 2) + level_embed[lvl].view(1, 1, -1)
-                       for lvl, p in enumerate(poss)], 1),
+        pos=torch.cat(
+            [p.flatten(2).transpose(1, 2) + level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(poss)], 1
+        ),
         mask=torch.cat([m.flatten(1) for m in masks], 1),
-        spatial_shapes=shapes, level_start_index=start, shapes=pairs,
-        valid_ratios=torch.stack([valid_ratios(m) for m in masks], 1))
+        spatial_shapes=shapes,
+        level_start_index=start,
+        shapes=pairs,
+        valid_ratios=torch.stack([valid_ratios(m) for m in masks], 1),
+    )

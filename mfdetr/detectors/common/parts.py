@@ -20,22 +20,41 @@ from mfdetr.detectors.common.multiscale import build_input_proj
 
 def build_encoder(cfg: DetrArchConfig) -> DeformableEncoder:
     """``cfg.enc_layers`` post-norm deformable encoder layers (keys ``layers.{i}``)."""
-    return DeformableEncoder(layers=nn.ModuleList(
-        official_encoder_layer(d_model=cfg.hidden_dim, d_ffn=cfg.dim_feedforward, n_levels=cfg.num_feature_levels,
-                               n_heads=cfg.nheads, n_points=cfg.enc_n_points) for _ in range(cfg.enc_layers)))
+    return DeformableEncoder(
+        layers=nn.ModuleList(
+            official_encoder_layer(
+                d_model=cfg.hidden_dim,
+                d_ffn=cfg.dim_feedforward,
+                n_levels=cfg.num_feature_levels,
+                n_heads=cfg.nheads,
+                n_points=cfg.enc_n_points,
+            )
+            for _ in range(cfg.enc_layers)
+        )
+    )
 
 
 def build_decoder_layers(cfg: DetrArchConfig) -> nn.ModuleList:
     """``cfg.dec_layers`` post-norm decoder layers (sa → ca → ffn)."""
     return nn.ModuleList(
-        DeformableDecoderLayer(d_model=cfg.hidden_dim, d_ffn=cfg.dim_feedforward, n_levels=cfg.num_feature_levels,
-                               n_heads=cfg.nheads, n_points=cfg.dec_n_points) for _ in range(cfg.dec_layers))
+        DeformableDecoderLayer(
+            d_model=cfg.hidden_dim,
+            d_ffn=cfg.dim_feedforward,
+            n_levels=cfg.num_feature_levels,
+            n_heads=cfg.nheads,
+            n_points=cfg.dec_n_points,
+        )
+        for _ in range(cfg.dec_layers)
+    )
 
 
 def build_level_proj(backbone: Backbone, cfg: DetrArchConfig) -> nn.ModuleList:
     """``input_proj`` for the backbone's returned stages plus the extra stride-2 levels."""
-    return build_input_proj(in_channels=[s.channels for s in backbone.out_specs], hidden_dim=cfg.hidden_dim,
-                            num_levels=cfg.num_feature_levels)
+    return build_input_proj(
+        in_channels=[s.channels for s in backbone.out_specs],
+        hidden_dim=cfg.hidden_dim,
+        num_levels=cfg.num_feature_levels,
+    )
 
 
 def build_heads(cfg: DetrArchConfig) -> tuple[nn.Linear, MLP]:

@@ -28,8 +28,9 @@ class Detections:
     boxes: Tensor
 
 
-def postprocess_detections(logits: Tensor, boxes: Tensor, orig_hw: Tensor, *, num_select: int,
-                           class_to_category: Sequence[int]) -> list[Detections]:
+def postprocess_detections(
+    logits: Tensor, boxes: Tensor, orig_hw: Tensor, *, num_select: int, class_to_category: Sequence[int]
+) -> list[Detections]:
     """Top-``num_select`` (query, class) pairs per image.
 
     Args:
@@ -48,5 +49,7 @@ def postprocess_detections(logits: Tensor, boxes: Tensor, orig_hw: Tensor, *, nu
     hw = orig_hw.to(xyxy.device, torch.float32)
     xyxy = xyxy * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]
     cat_map = torch.as_tensor(list(class_to_category), dtype=torch.long, device=labels.device)
-    return [Detections(scores=scores[b], category_ids=cat_map[labels[b]], labels=labels[b], boxes=xyxy[b])
-            for b in range(bsz)]
+    return [
+        Detections(scores=scores[b], category_ids=cat_map[labels[b]], labels=labels[b], boxes=xyxy[b])
+        for b in range(bsz)
+    ]

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from mfdetr.ops import SpatialShapes, level_shapes
 
 
-def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor,
-                                 spatial_shapes: SpatialShapes) -> tuple[Tensor, Tensor]:
+def gen_encoder_output_proposals(
+    memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes
+) -> tuple[Tensor, Tensor]:
     """Proposals for all tokens.
 
     Args:
@@ -32,15 +33,18 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor,
     proposals = []
     start = 0
     for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
-        m = padding_mask[:, start:start + h * w].view(bsz, h, w)
+        m = padding_mask[:, start : start + h * w].view(bsz, h, w)
         valid_h = (~m[:, :, 0]).sum(1)
         valid_w = (~m[:, 0, :]).sum(1)
-        gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=memory.device),
-                                torch.arange(w, dtype=torch.float32, device=memory.device), indexing="ij")
+        gy, gx = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=memory.device),
+            torch.arange(w, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
         grid = torch.stack([gx, gy], -1)  # [h, w, 2] (x, y)
         scale = torch.stack([valid_w, valid_h], -1).view(bsz, 1, 1, 2).to(torch.float32)
         grid = (grid[None] + 0.5) / scale
-        wh = torch.full_like(grid, 0.05 * 2.0 ** lvl)
+        wh = torch.full_like(grid, 0.05 * 2.0**lvl)
         proposals.append(torch.cat([grid, wh], -1).view(bsz, -1, 4))
         start += h * w
     props = torch.cat(proposals, 1)
@@ -51,9 +55,18 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor,
     return out, props
 
 
-def select_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes, *, enc_output: nn.Module,
-                     enc_output_norm: nn.Module, class_head: nn.Module, bbox_head: nn.Module, k: int,
-                     score: Literal["max", "first"]) -> Tensor:
+def select_proposals(
+    memory: Tensor,
+    padding_mask: Tensor,
+    spatial_shapes: SpatialShapes,
+    *,
+    enc_output: nn.Module,
+    enc_output_norm: nn.Module,
+    class_head: nn.Module,
+    bbox_head: nn.Module,
+    k: int,
+    score: Literal["max", "first"],
+) -> Tensor:
     """Two-stage query selection: the top-``k`` encoder tokens as initial boxes.
 
     ``out = enc_output_norm(enc_output(masked memory))``; a token's score is its **max** class

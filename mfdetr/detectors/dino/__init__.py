@@ -6,5 +6,13 @@ from mfdetr.detectors.dino.model import DINO_CHECKPOINT_FORMAT, DinoDetector, bu
 from mfdetr.detectors.dino.presets import DINO_CONFIGS, DINO_PRESETS, build_dino, dino_preset
 from mfdetr.detectors.dino import demo as demo  # noqa: E402,F401  (registers the `demo` preset)
 
-__all__ = ["DINO_CHECKPOINT_FORMAT", "DINO_CONFIGS", "DINO_PRESETS", "DinoConfig", "DinoDetector", "build_dino",
-           "build_dino_model", "dino_preset"]
+__all__ = [
+    "DINO_CHECKPOINT_FORMAT",
+    "DINO_CONFIGS",
+    "DINO_PRESETS",
+    "DinoConfig",
+    "DinoDetector",
+    "build_dino",
+    "build_dino_model",
+    "dino_preset",
+]

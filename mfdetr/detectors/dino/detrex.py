@@ -44,12 +44,25 @@ from mfdetr.errors import MfdetrError
 
 #: what a detrex DINO checkpoint does not say and detrex's DINO configs all set
 DETREX_DINO_ARGS: dict[str, Any] = {
-    "nheads": 8, "pe_temperatureH": 10000.0, "pe_temperatureW": 10000.0, "pe_offset": -0.5,
-    "dec_pred_class_embed_share": False, "dec_pred_bbox_embed_share": False, "num_select": 300}
+    "nheads": 8,
+    "pe_temperatureH": 10000.0,
+    "pe_temperatureW": 10000.0,
+    "pe_offset": -0.5,
+    "dec_pred_class_embed_share": False,
+    "dec_pred_bbox_embed_share": False,
+    "num_select": 300,
+}
 #: ... and H-Deformable-DETR (detrex's configs: 300 one-to-one queries, top-300, its inverse_sigmoid)
 DETREX_HDETR_ARGS: dict[str, Any] = {
-    "nheads": 8, "num_queries_one2one": 300, "topk": 300, "inv_sigmoid_eps": 1e-3, "two_stage": True,
-    "with_box_refine": True, "mixed_selection": True, "look_forward_twice": True}
+    "nheads": 8,
+    "num_queries_one2one": 300,
+    "topk": 300,
+    "inv_sigmoid_eps": 1e-3,
+    "two_stage": True,
+    "with_box_refine": True,
+    "mixed_selection": True,
+    "look_forward_twice": True,
+}
 #: positional encoding a model must have to run detrex weights
 DETREX_POSITION = (10000.0, 10000.0, -0.5)
 DETREX_HDETR_EPS = 1e-3
@@ -81,8 +94,10 @@ def detrex_dino_format(keys: Any) -> CheckpointFormat:
     hdetr = is_detrex_hdetr(keys)
     what = "H-Deformable-DETR" if hdetr else "DINO"
     if not any(k.startswith("backbone.stem.conv1.") for k in keys):
-        raise MfdetrError(f"detrex {what} checkpoint: only detectron2's ResNet backbone (backbone.stem/res2..res5) "
-                          "is implemented in mfdetr")
+        raise MfdetrError(
+            f"detrex {what} checkpoint: only detectron2's ResNet backbone (backbone.stem/res2..res5) "
+            "is implemented in mfdetr"
+        )
     if hdetr and "transformer.enc_output.weight" not in keys:
         raise MfdetrError("detrex H-Deformable-DETR checkpoint without as_two_stage: not implemented in mfdetr")
     if hdetr and not any(k.startswith("transformer.decoder.bbox_embed.") for k in keys):
@@ -92,10 +107,15 @@ def detrex_dino_format(keys: Any) -> CheckpointFormat:
     n_dec = _count(keys, r"^transformer\.decoder\.layers\.(\d+)\.")
     enc = r"^(transformer\.encoder\.layers\.\d+)\."
     dec = r"^(transformer\.decoder\.layers\.\d+)\."
-    heads: list[tuple[str, str | None]] = [(r"^query_embedding\.", "query_embed.")] if hdetr else [
-        (rf"^transformer\.decoder\.(?:class|bbox)_embed\.{n_dec}\.", None),  # alias of the encoder heads below
-        (rf"^class_embed\.{n_dec}\.", "transformer.enc_out_class_embed."),
-        (rf"^bbox_embed\.{n_dec}\.", "transformer.enc_out_bbox_embed.")]
+    heads: list[tuple[str, str | None]] = (
+        [(r"^query_embedding\.", "query_embed.")]
+        if hdetr
+        else [
+            (rf"^transformer\.decoder\.(?:class|bbox)_embed\.{n_dec}\.", None),  # alias of the encoder heads below
+            (rf"^class_embed\.{n_dec}\.", "transformer.enc_out_class_embed."),
+            (rf"^bbox_embed\.{n_dec}\.", "transformer.enc_out_bbox_embed."),
+        ]
+    )
     rules: list[tuple[str, str | None]] = [
         (r"^backbone\.stem\.conv1\.norm\.", "backbone.0.body.bn1."),
         (r"^backbone\.stem\.conv1\.weight$", "backbone.0.body.conv1.weight"),
@@ -129,8 +149,9 @@ def to_mfdetr_layout(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return remap_state_dict(sd, detrex_dino_format(sd), expected=set())
 
 
-def load_hdetr_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Any], official: CheckpointFormat,
-                          *, inv_sigmoid_eps: float) -> None:
+def load_hdetr_checkpoint(
+    model: nn.Module, source: str | Path | Mapping[str, Any], official: CheckpointFormat, *, inv_sigmoid_eps: float
+) -> None:
     """Load an official or a detrex H-DETR checkpoint into ``model`` strictly; a detrex file needs a model
     with detrex's ``inverse_sigmoid`` eps."""
     origin = str(source) if isinstance(source, (str, Path)) else "state dict"
@@ -139,16 +160,23 @@ def load_hdetr_checkpoint(model: nn.Module, source: str | Path | Mapping[str, An
     expected = set(model.state_dict().keys())
     if is_detrex_hdetr(sd):
         if float(inv_sigmoid_eps) != DETREX_HDETR_EPS:
-            raise MfdetrError(f"{origin}: a detrex H-Deformable-DETR checkpoint (inverse_sigmoid eps 1e-3) does not "
-                              f"fit this preset (eps {inv_sigmoid_eps:g}): use --detector auto")
+            raise MfdetrError(
+                f"{origin}: a detrex H-Deformable-DETR checkpoint (inverse_sigmoid eps 1e-3) does not "
+                f"fit this preset (eps {inv_sigmoid_eps:g}): use --detector auto"
+            )
         sd = remap_state_dict(sd, detrex_dino_format(sd), expected=expected)
     else:
         sd = remap_state_dict(sd, official, expected=expected)
     load_state_dict_strict(model, sd, origin=origin)
 
 
-def load_dino_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Any], official: CheckpointFormat,
-                         *, position: tuple[float, float, float]) -> None:
+def load_dino_checkpoint(
+    model: nn.Module,
+    source: str | Path | Mapping[str, Any],
+    official: CheckpointFormat,
+    *,
+    position: tuple[float, float, float],
+) -> None:
     """Load an official or a detrex DINO checkpoint into ``model`` strictly; a detrex file needs a model
     with detrex's positional encoding (``position`` = temperatures H, W and offset of ``model``)."""
     origin = str(source) if isinstance(source, (str, Path)) else "state dict"
@@ -156,14 +184,25 @@ def load_dino_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Any
     sd = unwrap_state_dict(obj, origin=origin)
     if is_detrex_dino(sd):
         if tuple(float(x) for x in position) != DETREX_POSITION:
-            raise MfdetrError(f"{origin}: a detrex DINO checkpoint (map positions: temperature 10000, offset -0.5) "
-                              f"does not fit this DINO preset (temperature {position[0]:g}, offset {position[2]:g}): "
-                              "use --detector auto")
+            raise MfdetrError(
+                f"{origin}: a detrex DINO checkpoint (map positions: temperature 10000, offset -0.5) "
+                f"does not fit this DINO preset (temperature {position[0]:g}, offset {position[2]:g}): "
+                "use --detector auto"
+            )
         sd = remap_state_dict(sd, detrex_dino_format(sd), expected=set(model.state_dict().keys()))
     else:
         sd = remap_state_dict(sd, official, expected=set(model.state_dict().keys()))
     load_state_dict_strict(model, sd, origin=origin)
 
 
-__all__ = ["DETREX_DINO_ARGS", "DETREX_HDETR_ARGS", "detrex_dino_format", "is_detrex", "is_detrex_dino",
-           "is_detrex_hdetr", "load_dino_checkpoint", "load_hdetr_checkpoint", "to_mfdetr_layout"]
+__all__ = [
+    "DETREX_DINO_ARGS",
+    "DETREX_HDETR_ARGS",
+    "detrex_dino_format",
+    "is_detrex",
+    "is_detrex_dino",
+    "is_detrex_hdetr",
+    "load_dino_checkpoint",
+    "load_hdetr_checkpoint",
+    "to_mfdetr_layout",
+]

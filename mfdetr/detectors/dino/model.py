@@ -44,30 +44,62 @@ class DinoDetector(DeformableDetr):
         preset: the preset metadata; num_select: post-processing top-k.
     """
 
-    def __init__(self, *, backbone: Backbone, transformer: DinoTransformer, input_proj: nn.ModuleList,
-                 position: PositionEmbeddingSine, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList,
-                 label_enc: nn.Embedding, preset: DetectorPreset, num_select: int = 300) -> None:
-        super().__init__(backbone=backbone, transformer=transformer, input_proj=input_proj, position=position,
-                         class_embed=class_embed, bbox_embed=bbox_embed, preset=preset, num_select=num_select,
-                         inv_sigmoid_eps=DINO_INV_SIGMOID_EPS)
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        transformer: DinoTransformer,
+        input_proj: nn.ModuleList,
+        position: PositionEmbeddingSine,
+        class_embed: nn.ModuleList,
+        bbox_embed: nn.ModuleList,
+        label_enc: nn.Embedding,
+        preset: DetectorPreset,
+        num_select: int = 300,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            transformer=transformer,
+            input_proj=input_proj,
+            position=position,
+            class_embed=class_embed,
+            bbox_embed=bbox_embed,
+            preset=preset,
+            num_select=num_select,
+            inv_sigmoid_eps=DINO_INV_SIGMOID_EPS,
+        )
         self.label_enc = label_enc
 
 
 def build_dino_model(cfg: DinoConfig, *, preset: DetectorPreset) -> DinoDetector:
     """Build an (unfrozen, randomly initialised) DINO from ``cfg``; every size comes from ``cfg``."""
     backbone = build_backbone(cfg.backbone)
-    transformer = DinoTransformer(encoder=build_encoder(cfg),
-                                  decoder=DinoDecoder(layers=build_decoder_layers(cfg), d_model=cfg.hidden_dim),
-                                  d_model=cfg.hidden_dim, num_queries=cfg.num_queries,
-                                  num_levels=cfg.num_feature_levels, num_classes=cfg.num_classes)
+    transformer = DinoTransformer(
+        encoder=build_encoder(cfg),
+        decoder=DinoDecoder(layers=build_decoder_layers(cfg), d_model=cfg.hidden_dim),
+        d_model=cfg.hidden_dim,
+        num_queries=cfg.num_queries,
+        num_levels=cfg.num_feature_levels,
+        num_classes=cfg.num_classes,
+    )
     class_head, box_head = build_heads(cfg)
     return DinoDetector(
-        backbone=backbone, transformer=transformer, input_proj=build_level_proj(backbone, cfg),
-        position=PositionEmbeddingSine(num_feats=cfg.hidden_dim // 2, temperature_h=cfg.pe_temperature_h,
-                                       temperature_w=cfg.pe_temperature_w, normalize=True, offset=cfg.pe_offset),
+        backbone=backbone,
+        transformer=transformer,
+        input_proj=build_level_proj(backbone, cfg),
+        position=PositionEmbeddingSine(
+            num_feats=cfg.hidden_dim // 2,
+            temperature_h=cfg.pe_temperature_h,
+            temperature_w=cfg.pe_temperature_w,
+            normalize=True,
+            offset=cfg.pe_offset,
+        ),
         class_embed=clones(class_head, cfg.dec_layers, shared=cfg.dec_pred_class_embed_share),
         bbox_embed=clones(box_head, cfg.dec_layers, shared=cfg.dec_pred_bbox_embed_share),
-        label_enc=nn.Embedding(cfg.dn_labelbook_size + 1, cfg.hidden_dim), preset=preset, num_select=cfg.num_select)
+        label_enc=nn.Embedding(cfg.dn_labelbook_size + 1, cfg.hidden_dim),
+        preset=preset,
+        num_select=cfg.num_select,
+    )
 
 
 __all__ = ["DINO_CHECKPOINT_FORMAT", "DinoDetector", "build_dino_model"]

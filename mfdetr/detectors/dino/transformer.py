@@ -59,8 +59,16 @@ class DinoTransformer(nn.Module):
         num_levels: encoder levels (``level_embed`` rows); num_classes: head slots.
     """
 
-    def __init__(self, *, encoder: DeformableEncoder, decoder: DinoDecoder, d_model: int, num_queries: int,
-                 num_levels: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        *,
+        encoder: DeformableEncoder,
+        decoder: DinoDecoder,
+        d_model: int,
+        num_queries: int,
+        num_levels: int,
+        num_classes: int,
+    ) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.d_model, self.num_queries = d_model, num_queries
@@ -79,18 +87,34 @@ class DinoTransformer(nn.Module):
         Returns ``(tgt [B, Q, d], reference [B, Q, 4])``: learned content queries (``tgt_embed``,
         ``embed_init_tgt``) and the detached sigmoid boxes ``enc_out_bbox_embed(out) + proposal``.
         """
-        coords = select_proposals(memory, levels.mask, levels.level_hw(), enc_output=self.enc_output,
-                                  enc_output_norm=self.enc_output_norm, class_head=self.enc_out_class_embed,
-                                  bbox_head=self.enc_out_bbox_embed, k=self.num_queries, score="max")
+        coords = select_proposals(
+            memory,
+            levels.mask,
+            levels.level_hw(),
+            enc_output=self.enc_output,
+            enc_output_norm=self.enc_output_norm,
+            class_head=self.enc_out_class_embed,
+            bbox_head=self.enc_out_bbox_embed,
+            k=self.num_queries,
+            score="max",
+        )
         tgt = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
         return tgt, coords.sigmoid()
 
-    def forward(self, levels: FlatLevels, *, keep: Collection[int] = ()) -> tuple[list[Tensor], list[Tensor], Tensor,
-                                                                                   dict[int, Tensor]]:
+    def forward(
+        self, levels: FlatLevels, *, keep: Collection[int] = ()
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, dict[int, Tensor]]:
         """Returns ``(hs, refs, memory, kept_encoder_outputs)``: ``hs[l]`` = ``decoder.norm`` of layer
         ``l``'s output (the head inputs), ``refs`` as :meth:`RefiningDecoder.forward`."""
-        memory, kept = self.encoder(levels.src, levels.pos, levels.level_hw(), levels.level_start_index,
-                                    levels.valid_ratios, levels.mask, keep=keep)
+        memory, kept = self.encoder(
+            levels.src,
+            levels.pos,
+            levels.level_hw(),
+            levels.level_start_index,
+            levels.valid_ratios,
+            levels.mask,
+            keep=keep,
+        )
         tgt, reference = self.select_queries(memory, levels)
         outs, refs = self.decoder(tgt, reference, memory, levels)
         return [self.decoder.norm(o) for o in outs], refs, memory, kept

@@ -12,5 +12,15 @@ from mfdetr.detectors.hdetr.model import (
 from mfdetr.detectors.hdetr.presets import HDETR_CONFIGS, HDETR_PRESETS, build_hdetr
 from mfdetr.detectors.hdetr.transformer import HDetrTransformer
 
-__all__ = ["HDETR_CHECKPOINT_FORMAT", "HDETR_CONFIGS", "HDETR_PRESETS", "HDETR_SWIN_CHECKPOINT_FORMAT", "HDetrConfig",
-           "HDetrDetector", "HDetrTransformer", "build_hdetr", "build_hdetr_model", "hdetr_checkpoint_format"]
+__all__ = [
+    "HDETR_CHECKPOINT_FORMAT",
+    "HDETR_CONFIGS",
+    "HDETR_PRESETS",
+    "HDETR_SWIN_CHECKPOINT_FORMAT",
+    "HDetrConfig",
+    "HDetrDetector",
+    "HDetrTransformer",
+    "build_hdetr",
+    "build_hdetr_model",
+    "hdetr_checkpoint_format",
+]

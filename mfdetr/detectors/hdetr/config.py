@@ -34,5 +34,7 @@ class HDetrConfig(DetrArchConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_queries_one2one < 1 or self.num_queries_one2many < 0:
-            raise MfdetrError(f"num_queries_one2one must be >= 1 and num_queries_one2many >= 0, got "
-                              f"{self.num_queries_one2one}, {self.num_queries_one2many}")
+            raise MfdetrError(
+                f"num_queries_one2one must be >= 1 and num_queries_one2many >= 0, got "
+                f"{self.num_queries_one2one}, {self.num_queries_one2many}"
+            )

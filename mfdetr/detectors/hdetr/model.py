@@ -33,8 +33,7 @@ from mfdetr.detectors.hdetr.transformer import HDETR_INV_SIGMOID_EPS, HDetrTrans
 #: FLOP counting (thop) leaves on modules — the official ``--resume`` ignores exactly those.
 HDETR_CHECKPOINT_FORMAT = CheckpointFormat(
     name="HDETR/H-Deformable-DETR",
-    renames=((r"^backbone\.0\.body\..*\.num_batches_tracked$", None),
-             (r"(^|\.)total_(ops|params)$", None)),
+    renames=((r"^backbone\.0\.body\..*\.num_batches_tracked$", None), (r"(^|\.)total_(ops|params)$", None)),
 )
 #: Swin backbones sit in ``TransformerBackbone.body`` officially (``backbone.0.body.layers...``); our
 #: Swin module is the backbone itself (``backbone.0.layers...``, as in DINO).
@@ -59,21 +58,43 @@ class HDetrDetector(DeformableDetr):
         num_queries_one2one: rows used at inference.
     """
 
-    def __init__(self, *, backbone: Backbone, transformer: HDetrTransformer, input_proj: nn.ModuleList,
-                 position: PositionEmbeddingSine, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList,
-                 query_embed: nn.Embedding, num_queries_one2one: int, preset: DetectorPreset,
-                 num_select: int = 100, inv_sigmoid_eps: float = HDETR_INV_SIGMOID_EPS) -> None:
-        super().__init__(backbone=backbone, transformer=transformer, input_proj=input_proj, position=position,
-                         class_embed=class_embed, bbox_embed=bbox_embed, preset=preset, num_select=num_select,
-                         inv_sigmoid_eps=inv_sigmoid_eps)
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        transformer: HDetrTransformer,
+        input_proj: nn.ModuleList,
+        position: PositionEmbeddingSine,
+        class_embed: nn.ModuleList,
+        bbox_embed: nn.ModuleList,
+        query_embed: nn.Embedding,
+        num_queries_one2one: int,
+        preset: DetectorPreset,
+        num_select: int = 100,
+        inv_sigmoid_eps: float = HDETR_INV_SIGMOID_EPS,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            transformer=transformer,
+            input_proj=input_proj,
+            position=position,
+            class_embed=class_embed,
+            bbox_embed=bbox_embed,
+            preset=preset,
+            num_select=num_select,
+            inv_sigmoid_eps=inv_sigmoid_eps,
+        )
         if transformer.num_queries != num_queries_one2one or query_embed.num_embeddings < num_queries_one2one:
-            raise ValueError(f"query_embed ({query_embed.num_embeddings} rows) / transformer "
-                             f"({transformer.num_queries}) do not fit num_queries_one2one={num_queries_one2one}")
+            raise ValueError(
+                f"query_embed ({query_embed.num_embeddings} rows) / transformer "
+                f"({transformer.num_queries}) do not fit num_queries_one2one={num_queries_one2one}"
+            )
         self.query_embed = query_embed
         self.num_queries_one2one = num_queries_one2one
 
-    def run_transformer(self, levels: FlatLevels, *, keep: Sequence[int]) -> tuple[list[Tensor], list[Tensor], Tensor,
-                                                                                   dict[int, Tensor]]:
+    def run_transformer(
+        self, levels: FlatLevels, *, keep: Sequence[int]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, dict[int, Tensor]]:
         """Mixed selection: the one-to-one rows of ``query_embed`` are the content queries."""
         return self.transformer(levels, keep=keep, content=self.query_embed.weight[: self.num_queries_one2one])
 
@@ -82,19 +103,36 @@ def build_hdetr_model(cfg: HDetrConfig, *, preset: DetectorPreset) -> HDetrDetec
     """Build an (unfrozen, randomly initialised) H-DETR from ``cfg``; every size comes from ``cfg``."""
     backbone = build_backbone(cfg.backbone)
     decoder = RefiningDecoder(layers=build_decoder_layers(cfg), inv_sigmoid_eps=cfg.inv_sigmoid_eps)
-    transformer = HDetrTransformer(encoder=build_encoder(cfg), decoder=decoder, d_model=cfg.hidden_dim,
-                                   num_queries=cfg.num_queries_one2one, num_levels=cfg.num_feature_levels)
+    transformer = HDetrTransformer(
+        encoder=build_encoder(cfg),
+        decoder=decoder,
+        d_model=cfg.hidden_dim,
+        num_queries=cfg.num_queries_one2one,
+        num_levels=cfg.num_feature_levels,
+    )
     class_head, box_head = build_heads(cfg)
     n_heads = cfg.dec_layers + 1  # one cloned pair per decoder layer + the encoder-proposal pair
     return HDetrDetector(
-        backbone=backbone, transformer=transformer, input_proj=build_level_proj(backbone, cfg),
-        position=PositionEmbeddingSine(num_feats=cfg.hidden_dim // 2, temperature_h=10000.0, temperature_w=10000.0,
-                                       normalize=True, offset=-0.5),
-        class_embed=clones(class_head, n_heads), bbox_embed=clones(box_head, n_heads),
+        backbone=backbone,
+        transformer=transformer,
+        input_proj=build_level_proj(backbone, cfg),
+        position=PositionEmbeddingSine(
+            num_feats=cfg.hidden_dim // 2, temperature_h=10000.0, temperature_w=10000.0, normalize=True, offset=-0.5
+        ),
+        class_embed=clones(class_head, n_heads),
+        bbox_embed=clones(box_head, n_heads),
         query_embed=nn.Embedding(cfg.num_queries_one2one + cfg.num_queries_one2many, cfg.hidden_dim),
-        num_queries_one2one=cfg.num_queries_one2one, preset=preset, num_select=cfg.num_select,
-        inv_sigmoid_eps=cfg.inv_sigmoid_eps)
+        num_queries_one2one=cfg.num_queries_one2one,
+        preset=preset,
+        num_select=cfg.num_select,
+        inv_sigmoid_eps=cfg.inv_sigmoid_eps,
+    )
 
 
-__all__ = ["HDETR_CHECKPOINT_FORMAT", "HDETR_SWIN_CHECKPOINT_FORMAT", "HDetrDetector", "build_hdetr_model",
-           "hdetr_checkpoint_format"]
+__all__ = [
+    "HDETR_CHECKPOINT_FORMAT",
+    "HDETR_SWIN_CHECKPOINT_FORMAT",
+    "HDetrDetector",
+    "build_hdetr_model",
+    "hdetr_checkpoint_format",
+]

@@ -42,8 +42,9 @@ class HDetrTransformer(nn.Module):
         num_levels: encoder levels (``level_embed`` rows).
     """
 
-    def __init__(self, *, encoder: DeformableEncoder, decoder: RefiningDecoder, d_model: int, num_queries: int,
-                 num_levels: int) -> None:
+    def __init__(
+        self, *, encoder: DeformableEncoder, decoder: RefiningDecoder, d_model: int, num_queries: int, num_levels: int
+    ) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.d_model, self.num_queries = d_model, num_queries
@@ -60,8 +61,9 @@ class HDetrTransformer(nn.Module):
         sine = sine_embed_coords(reference, num_feats=self.d_model // 2, order=HDETR_QUERY_SINE_ORDER)
         return self.pos_trans_norm(self.pos_trans(sine))[..., : self.d_model]
 
-    def forward(self, levels: FlatLevels, *, keep: Collection[int] = (),
-                content: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor, dict[int, Tensor]]:
+    def forward(
+        self, levels: FlatLevels, *, keep: Collection[int] = (), content: Tensor
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, dict[int, Tensor]]:
         """Run encoder, selection and decoder.
 
         Args:
@@ -74,12 +76,27 @@ class HDetrTransformer(nn.Module):
             (input of every layer, then the last refined ones), last encoder output [B, S, d], and
             ``{layer: [B, S, d]}``.
         """
-        memory, kept = self.encoder(levels.src, levels.pos, levels.level_hw(), levels.level_start_index,
-                                    levels.valid_ratios, levels.mask, keep=keep)
+        memory, kept = self.encoder(
+            levels.src,
+            levels.pos,
+            levels.level_hw(),
+            levels.level_start_index,
+            levels.valid_ratios,
+            levels.mask,
+            keep=keep,
+        )
         last = self.decoder.num_layers  # the extra heads score the encoder proposals
-        boxes = select_proposals(memory, levels.mask, levels.level_hw(), enc_output=self.enc_output,
-                                 enc_output_norm=self.enc_output_norm, class_head=self.decoder.class_embed[last],
-                                 bbox_head=self.decoder.bbox_embed[last], k=self.num_queries, score="first")
+        boxes = select_proposals(
+            memory,
+            levels.mask,
+            levels.level_hw(),
+            enc_output=self.enc_output,
+            enc_output_norm=self.enc_output_norm,
+            class_head=self.decoder.class_embed[last],
+            bbox_head=self.decoder.bbox_embed[last],
+            k=self.num_queries,
+            score="first",
+        )
         reference = boxes.sigmoid()
         tgt = content[None].expand(memory.shape[0], -1, -1)
         hs, refs = self.decoder(tgt, reference, memory, levels, query_pos=self.query_pos(reference))

@@ -21,8 +21,9 @@ def _train(args: argparse.Namespace) -> None:
     from mfdetr.engine.training.detector import train_detector
 
     cfg = from_dict(DetTrainConfig, apply_overrides(load_toml(args.recipe), args.overrides), where=str(args.recipe))
-    summary = train_detector(cfg, args.out, resume=not args.no_resume, max_steps=args.max_steps,
-                             log=lambda s: print(s, flush=True))
+    summary = train_detector(
+        cfg, args.out, resume=not args.no_resume, max_steps=args.max_steps, log=lambda s: print(s, flush=True)
+    )
     print(json.dumps(summary), flush=True)
 
 

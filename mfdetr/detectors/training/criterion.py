@@ -51,16 +51,26 @@ class SetCriterion:
         enc: add the loss of the two-stage encoder proposals.
     """
 
-    def __init__(self, *, matcher: HungarianMatcher, weight_ce: float = 1.0, weight_bbox: float = 5.0,
-                 weight_giou: float = 2.0, alpha: float = 0.25, gamma: float = 2.0, aux: bool = True,
-                 enc: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        matcher: HungarianMatcher,
+        weight_ce: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        aux: bool = True,
+        enc: bool = True,
+    ) -> None:
         self.matcher = matcher
         self.weight_ce, self.weight_bbox, self.weight_giou = weight_ce, weight_bbox, weight_giou
         self.alpha, self.gamma = alpha, gamma
         self.aux, self.enc = aux, enc
 
-    def set_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]],
-                   num_boxes: float) -> dict[str, Tensor]:
+    def set_losses(
+        self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], num_boxes: float
+    ) -> dict[str, Tensor]:
         """Losses of one prediction set: logits [B, Q, C], boxes [B, Q, 4] cxcywh."""
         matches = self.matcher(logits.detach(), boxes.detach(), targets)
         bsz, nq, nc = logits.shape
@@ -82,8 +92,11 @@ class SetCriterion:
 
     def weighted(self, parts: dict[str, Tensor]) -> Tensor:
         """``w_ce · loss_ce + w_bbox · loss_bbox + w_giou · loss_giou`` of one prediction set."""
-        return (self.weight_ce * parts["loss_ce"] + self.weight_bbox * parts["loss_bbox"]
-                + self.weight_giou * parts["loss_giou"])
+        return (
+            self.weight_ce * parts["loss_ce"]
+            + self.weight_bbox * parts["loss_bbox"]
+            + self.weight_giou * parts["loss_giou"]
+        )
 
     def __call__(self, out: TrainForward, targets: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, float]]:
         """Total weighted loss and a log dict (``loss``, final-layer terms, ``loss_enc``, ``loss_aux``).
@@ -93,8 +106,10 @@ class SetCriterion:
         num_boxes = max(float(sum(int(t["labels"].numel()) for t in targets)), 1.0)
         sets: list[tuple[str, Tensor, Tensor]] = [("final", out.layer_logits[-1], out.layer_boxes[-1])]
         if self.aux:
-            sets += [(f"aux{i}", lg, bx) for i, (lg, bx) in enumerate(zip(out.layer_logits[:-1],
-                                                                            out.layer_boxes[:-1], strict=True))]
+            sets += [
+                (f"aux{i}", lg, bx)
+                for i, (lg, bx) in enumerate(zip(out.layer_logits[:-1], out.layer_boxes[:-1], strict=True))
+            ]
         if self.enc:
             sets.append(("enc", out.enc_logits, out.enc_boxes))
         total = out.layer_logits[-1].new_zeros((), dtype=torch.float32)
@@ -116,8 +131,9 @@ class SetCriterion:
         log["loss"] = float(total.detach())
         return total, log
 
-    def dn_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], dn: DenoisingQueries,
-                  num_boxes: float) -> dict[str, Tensor]:
+    def dn_losses(
+        self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], dn: DenoisingQueries, num_boxes: float
+    ) -> dict[str, Tensor]:
         """Losses of one layer's denoising slots: every positive slot reconstructs its GT (no matching);
         negatives and padding are background; normalised by ``num_boxes · groups`` (official DINO)."""
         onehot = torch.zeros_like(logits)

@@ -51,13 +51,22 @@ class DetectionTrainSet:
         by_size: batch images of one network-input size only (no padding), else of one orientation.
     """
 
-    def __init__(self, root: str | Path, split: str, *, preprocessing: Preprocessing,
-                 class_to_category: Sequence[int], max_images: int = 0, by_size: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        preprocessing: Preprocessing,
+        class_to_category: Sequence[int],
+        max_images: int = 0,
+        by_size: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.image_dir = self.root / split
         if not self.image_dir.is_dir():
-            raise MfdetrError(f"split folder not found (expected the images of split '{split}' there)",
-                              path=self.image_dir)
+            raise MfdetrError(
+                f"split folder not found (expected the images of split '{split}' there)", path=self.image_dir
+            )
         data, _ = load_annotation_file(self.root / "annotations" / f"instances_{split}.json")
         slots = {int(c): i for i, c in enumerate(class_to_category) if int(c) > 0}
         images = sorted(data["images"], key=lambda im: im["id"])
@@ -81,12 +90,18 @@ class DetectionTrainSet:
                 if x1 <= x0 or y1 <= y0:
                     continue
                 if int(a["category_id"]) not in slots:
-                    raise MfdetrError(f"category id {a['category_id']} is not one of the detector's classes "
-                                      f"{sorted(slots)}", path=self.root / "annotations")
+                    raise MfdetrError(
+                        f"category id {a['category_id']} is not one of the detector's classes {sorted(slots)}",
+                        path=self.root / "annotations",
+                    )
                 labels.append(slots[int(a["category_id"])])
                 boxes.append([(x0 + x1) / 2 / w0, (y0 + y1) / 2 / h0, (x1 - x0) / w0, (y1 - y0) / h0])
-            self._targets.append({"labels": torch.tensor(labels, dtype=torch.int64),
-                                  "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)})
+            self._targets.append(
+                {
+                    "labels": torch.tensor(labels, dtype=torch.int64),
+                    "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                }
+            )
         self._cache: dict[int, Tensor] = {}
         #: images that cannot be loaded (index → reason); another image of their group takes their place
         self.bad: dict[int, str] = {}
@@ -115,8 +130,10 @@ class DetectionTrainSet:
             path = self.image_dir / info["file_name"]
             pic = load_rgb(path)
             if (pic.height, pic.width) != (info["height"], info["width"]):
-                raise SkipImage(path, f"image is {pic.width}x{pic.height} but the annotation file says "
-                                      f"{info['width']}x{info['height']}")
+                raise SkipImage(
+                    path,
+                    f"image is {pic.width}x{pic.height} but the annotation file says {info['width']}x{info['height']}",
+                )
             self._cache[index] = self.transform(pic).half()
         return self._cache[index].float()
 
@@ -138,10 +155,15 @@ class DetectionTrainSet:
                 return j
             except SkipImage as e:
                 self.bad[j] = str(e)
-                print(f"mfdetr: skipped image id {self.images[j]['id']} ({e}); training uses the next image of "
-                      f"its size in its place", file=sys.stderr)
-        raise MfdetrError(f"no image of {self.image_dir} of input size group {self.groups[index]} can be loaded "
-                          f"(first: {self.bad.get(index, '')})")
+                print(
+                    f"mfdetr: skipped image id {self.images[j]['id']} ({e}); training uses the next image of "
+                    f"its size in its place",
+                    file=sys.stderr,
+                )
+        raise MfdetrError(
+            f"no image of {self.image_dir} of input size group {self.groups[index]} can be loaded "
+            f"(first: {self.bad.get(index, '')})"
+        )
 
     def item(self, index: int, *, flip: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """``(image [3, h, w], target)`` of image ``index`` (see :meth:`_loadable` for an unreadable one),
@@ -156,8 +178,9 @@ class DetectionTrainSet:
 
     def batch(self, indices: Sequence[int], *, epoch: int = 0, seed: int = 0, hflip: float = 0.0) -> TrainBatch:
         """Pad the images ``indices`` (bottom/right zeros) with per-image flips from ``[seed, epoch, index]``."""
-        items = [self.item(i, flip=hflip > 0 and np.random.default_rng([seed, epoch, i]).random() < hflip)
-                 for i in indices]
+        items = [
+            self.item(i, flip=hflip > 0 and np.random.default_rng([seed, epoch, i]).random() < hflip) for i in indices
+        ]
         hp = max(int(x.shape[1]) for x, _ in items)
         wp = max(int(x.shape[2]) for x, _ in items)
         images = torch.zeros(len(items), 3, hp, wp)
@@ -165,8 +188,12 @@ class DetectionTrainSet:
         for b, (x, _) in enumerate(items):
             images[b, :, : x.shape[1], : x.shape[2]] = x
             pad_mask[b, : x.shape[1], : x.shape[2]] = False
-        return TrainBatch(images=images, pad_mask=pad_mask, targets=[t for _, t in items],
-                          image_ids=[int(self.images[self._loadable(i)]["id"]) for i in indices])
+        return TrainBatch(
+            images=images,
+            pad_mask=pad_mask,
+            targets=[t for _, t in items],
+            image_ids=[int(self.images[self._loadable(i)]["id"]) for i in indices],
+        )
 
 
 def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:

@@ -69,9 +69,18 @@ def cdn_attn_mask(groups: int, single_pad: int, num_queries: int, device: torch.
     return mask
 
 
-def prepare_cdn(targets: list[dict[str, Tensor]], *, label_enc: nn.Embedding, num_classes: int, num_queries: int,
-                dn_number: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 0.4,
-                generator: torch.Generator | None = None, inv_sigmoid_eps: float = 1e-3) -> DenoisingQueries | None:
+def prepare_cdn(
+    targets: list[dict[str, Tensor]],
+    *,
+    label_enc: nn.Embedding,
+    num_classes: int,
+    num_queries: int,
+    dn_number: int = 100,
+    label_noise_ratio: float = 0.5,
+    box_noise_scale: float = 0.4,
+    generator: torch.Generator | None = None,
+    inv_sigmoid_eps: float = 1e-3,
+) -> DenoisingQueries | None:
     """Denoising queries for a batch, or ``None`` when it holds no GT box (or ``dn_number`` is 0).
 
     Args:
@@ -92,8 +101,10 @@ def prepare_cdn(targets: list[dict[str, Tensor]], *, label_enc: nn.Embedding, nu
     labels = torch.cat([t["labels"] for t in targets]).cpu()
     book = label_enc.num_embeddings - 1  # label_enc has dn_labelbook_size + 1 rows
     if int(labels.max()) >= label_enc.num_embeddings:
-        raise ValueError(f"class slot {int(labels.max())} has no row in label_enc ({label_enc.num_embeddings} rows): "
-                         "the preset's dn_labelbook_size is smaller than its class count")
+        raise ValueError(
+            f"class slot {int(labels.max())} has no row in label_enc ({label_enc.num_embeddings} rows): "
+            "the preset's dn_labelbook_size is smaller than its class count"
+        )
     num_classes = max(1, min(num_classes, book))
     boxes = torch.cat([t["boxes"] for t in targets]).float().cpu()
     n = labels.numel()
@@ -120,8 +131,14 @@ def prepare_cdn(targets: list[dict[str, Tensor]], *, label_enc: nn.Embedding, nu
     slot = torch.cat([within + single_pad * i for i in range(reps)])
     tgt[image.to(device), slot.to(device)] = label_enc(lab.to(device))
     ref_unsig[image.to(device), slot.to(device)] = inverse_sigmoid(box.to(device), eps=inv_sigmoid_eps)
-    return DenoisingQueries(tgt=tgt, reference=ref_unsig.sigmoid(), attn_mask=cdn_attn_mask(groups, single_pad,
-                            num_queries, device), groups=groups, single_pad=single_pad, num_gt=num_gt)
+    return DenoisingQueries(
+        tgt=tgt,
+        reference=ref_unsig.sigmoid(),
+        attn_mask=cdn_attn_mask(groups, single_pad, num_queries, device),
+        groups=groups,
+        single_pad=single_pad,
+        num_gt=num_gt,
+    )
 
 
 __all__ = ["DenoisingQueries", "cdn_attn_mask", "prepare_cdn"]

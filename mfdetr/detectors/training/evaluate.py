@@ -15,8 +15,9 @@ from mfdetr.detectors.common.frozen import FrozenDetr
 from mfdetr.evaluation import METRIC_NAMES, coco_from_dict, evaluate, instances_to_results
 
 
-def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int = 8,
-                          max_images: int = 0) -> tuple[list[dict[str, Any]], list[int], CocoInstances]:
+def detections_to_results(
+    model: FrozenDetr, root: str | Path, split: str, *, batch_size: int = 8, max_images: int = 0
+) -> tuple[list[dict[str, Any]], list[int], CocoInstances]:
     """Run ``model.predict`` over the first ``max_images`` images of the split (all when 0), batching
     only images of one input size: COCO result dicts (xywh boxes, category ids), the image ids run,
     the split (its parsed annotations). Unreadable images and images the detector cannot process are
@@ -41,16 +42,16 @@ def detections_to_results(model: FrozenDetr, root: str | Path, split: str, *, ba
     return results, ids, ds
 
 
-def box_ap(model: FrozenDetr, root: str | Path, split: str, *, batch_size: int = 8,
-           max_images: int = 0) -> dict[str, float]:
+def box_ap(
+    model: FrozenDetr, root: str | Path, split: str, *, batch_size: int = 8, max_images: int = 0
+) -> dict[str, float]:
     """``{AP, AP50, AP75, APs, APm, APl}`` in percent (``nan`` where a size range has no GT) over the
     first ``max_images`` images of ``split`` (all when 0). The model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            results, ids, ds = detections_to_results(model, root, split, batch_size=batch_size,
-                                                           max_images=max_images)
+            results, ids, ds = detections_to_results(model, root, split, batch_size=batch_size, max_images=max_images)
     finally:
         model.train(was_training)
     if not ids:  # every image skipped: nothing was scored

@@ -78,8 +78,9 @@ def init_for_training(model: DinoDetector, *, prior: float = FOCAL_PRIOR) -> Din
     return model
 
 
-def dino_train_forward(model: DinoDetector, images: Tensor, pad_mask: Tensor,
-                       dn: DenoisingQueries | None = None) -> TrainForward:
+def dino_train_forward(
+    model: DinoDetector, images: Tensor, pad_mask: Tensor, dn: DenoisingQueries | None = None
+) -> TrainForward:
     """Differentiable DINO forward, optionally with contrastive denoising slots in front of the queries.
 
     Args:
@@ -92,8 +93,9 @@ def dino_train_forward(model: DinoDetector, images: Tensor, pad_mask: Tensor,
     poss = [model.position(m).to(s.dtype) for s, m in zip(srcs, masks, strict=True)]
     tr = model.transformer
     levels = flatten_levels(srcs, masks, poss, tr.level_embed)
-    memory, _ = tr.encoder(levels.src, levels.pos, levels.spatial_shapes, levels.level_start_index,
-                           levels.valid_ratios, levels.mask)
+    memory, _ = tr.encoder(
+        levels.src, levels.pos, levels.spatial_shapes, levels.level_start_index, levels.valid_ratios, levels.mask
+    )
     # two-stage selection (same as DinoTransformer.select_queries, keeping the undetached outputs)
     out, proposals = gen_encoder_output_proposals(memory, levels.mask, levels.spatial_shapes)
     out = tr.enc_output_norm(tr.enc_output(out))
@@ -109,15 +111,25 @@ def dino_train_forward(model: DinoDetector, images: Tensor, pad_mask: Tensor,
     tgt = tr.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
     mask, pad = None, 0
     if dn is not None:
-        tgt, reference, mask, pad = torch.cat([dn.tgt, tgt], 1), torch.cat([dn.reference, reference], 1), \
-            dn.attn_mask, dn.pad_size
+        tgt, reference, mask, pad = (
+            torch.cat([dn.tgt, tgt], 1),
+            torch.cat([dn.reference, reference], 1),
+            dn.attn_mask,
+            dn.pad_size,
+        )
     outs, refs = tr.decoder(tgt, reference, memory, levels, self_attn_mask=mask)
     hs = [tr.decoder.norm(o) for o in outs]  # the heads see the normed outputs (as at inference)
-    layer_boxes = [(model.bbox_embed[lid](h) + inverse_sigmoid(refs[lid], eps=DINO_INV_SIGMOID_EPS)).sigmoid()
-                   for lid, h in enumerate(hs)]
+    layer_boxes = [
+        (model.bbox_embed[lid](h) + inverse_sigmoid(refs[lid], eps=DINO_INV_SIGMOID_EPS)).sigmoid()
+        for lid, h in enumerate(hs)
+    ]
     layer_logits = [model.class_embed[lid](h) for lid, h in enumerate(hs)]
-    out = TrainForward(layer_logits=[x[:, pad:] for x in layer_logits], layer_boxes=[x[:, pad:] for x in layer_boxes],
-                       enc_logits=enc_logits, enc_boxes=coords_sel.sigmoid())
+    out = TrainForward(
+        layer_logits=[x[:, pad:] for x in layer_logits],
+        layer_boxes=[x[:, pad:] for x in layer_boxes],
+        enc_logits=enc_logits,
+        enc_boxes=coords_sel.sigmoid(),
+    )
     if dn is not None:
         out.dn_logits, out.dn_boxes, out.dn = [x[:, :pad] for x in layer_logits], [x[:, :pad] for x in layer_boxes], dn
     return out
@@ -130,5 +142,11 @@ def trainable_model(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["FOCAL_PRIOR", "TrainForward", "dino_train_forward", "focal_prior_bias", "init_for_training",
-           "trainable_model"]
+__all__ = [
+    "FOCAL_PRIOR",
+    "TrainForward",
+    "dino_train_forward",
+    "focal_prior_bias",
+    "init_for_training",
+    "trainable_model",
+]

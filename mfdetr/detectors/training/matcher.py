@@ -28,8 +28,15 @@ class HungarianMatcher:
         alpha, gamma: focal parameters of the classification cost.
     """
 
-    def __init__(self, *, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 alpha: float = 0.25, gamma: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+    ) -> None:
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
 

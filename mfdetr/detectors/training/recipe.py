@@ -135,5 +135,14 @@ def param_groups(model: torch.nn.Module, cfg: OptimOptions) -> list[dict[str, An
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["MAX_WEIGHTS_BYTES", "DataOptions", "DetTrainConfig", "LossOptions", "OptimOptions", "build_trainable",
-           "param_groups", "save_weights", "weights_state"]
+__all__ = [
+    "MAX_WEIGHTS_BYTES",
+    "DataOptions",
+    "DetTrainConfig",
+    "LossOptions",
+    "OptimOptions",
+    "build_trainable",
+    "param_groups",
+    "save_weights",
+    "weights_state",
+]

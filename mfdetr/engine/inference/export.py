@@ -38,8 +38,19 @@ from mfdetr.contracts import DetectorOutput, DetectorPreset
 from mfdetr.errors import MfdetrError
 from mfdetr.outputs import atomic_path
 
-__all__ = ["EXPORT_MODULES", "OPSET", "ExportJob", "FullGraph", "MaskNetGraph", "export_full", "export_masknet", "masknet_example_inputs", "masknet_input_names",
-           "require_onnx", "run_export"]
+__all__ = [
+    "EXPORT_MODULES",
+    "OPSET",
+    "ExportJob",
+    "FullGraph",
+    "MaskNetGraph",
+    "export_full",
+    "export_masknet",
+    "masknet_example_inputs",
+    "masknet_input_names",
+    "require_onnx",
+    "run_export",
+]
 
 #: the ONNX opset the graphs are written with (the newest the exporter's translation tables target)
 OPSET = 18
@@ -54,8 +65,10 @@ def require_onnx(modules: Sequence[str] = EXPORT_MODULES) -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            raise MfdetrError(f"ONNX export needs the {name!r} package (the 'export' extra): "
-                              "pip install -c constraints.txt -e '.[export]'") from None
+            raise MfdetrError(
+                f"ONNX export needs the {name!r} package (the 'export' extra): "
+                "pip install -c constraints.txt -e '.[export]'"
+            ) from None
 
 
 class MaskNetGraph(nn.Module):
@@ -65,11 +78,27 @@ class MaskNetGraph(nn.Module):
         super().__init__()
         self.masknet = masknet
 
-    def forward(self, queries: Tensor, boxes: Tensor, logits: Tensor, c1: Tensor, input_hw: Tensor,
-                orig_hw: Tensor, level_valid_hw: Tensor, enc_maps: list[Tensor]) -> tuple[Tensor, ...]:
-        det = DetectorOutput(queries=queries, boxes=boxes, logits=logits,
-                             enc_maps={self.masknet.enc_layer: list(enc_maps)}, c1=c1, input_hw=input_hw,
-                             orig_hw=orig_hw, level_valid_hw=level_valid_hw)
+    def forward(
+        self,
+        queries: Tensor,
+        boxes: Tensor,
+        logits: Tensor,
+        c1: Tensor,
+        input_hw: Tensor,
+        orig_hw: Tensor,
+        level_valid_hw: Tensor,
+        enc_maps: list[Tensor],
+    ) -> tuple[Tensor, ...]:
+        det = DetectorOutput(
+            queries=queries,
+            boxes=boxes,
+            logits=logits,
+            enc_maps={self.masknet.enc_layer: list(enc_maps)},
+            c1=c1,
+            input_hw=input_hw,
+            orig_hw=orig_hw,
+            level_valid_hw=level_valid_hw,
+        )
         return masknet_outputs(self.masknet, det)
 
 
@@ -101,20 +130,30 @@ class FullGraph(nn.Module):
 
         input_hw = shapes_tensor([(image.shape[-2], image.shape[-1])], image.device)  # symbolic under export
         pad_mask = torch.zeros_like(image[:, 0], dtype=torch.bool)
-        batch = ImageBatch(images=image, pad_mask=pad_mask, input_hw=input_hw, orig_hw=orig_hw, image_ids=[1],
-                           file_names=["image"])
+        batch = ImageBatch(
+            images=image, pad_mask=pad_mask, input_hw=input_hw, orig_hw=orig_hw, image_ids=[1], file_names=["image"]
+        )
         det = self.detector.detect(batch, topk=self.topk, enc_layers=(self.masknet.enc_layer,))
         return masknet_outputs(self.masknet, det)
 
 
 def masknet_input_names(levels: int) -> list[str]:
     """The graph's input names (the order of :class:`MaskNetGraph`'s arguments, maps last)."""
-    return ["queries", "boxes", "logits", "c1", "input_hw", "orig_hw", "level_valid_hw",
-            *(f"enc_map_{lvl}" for lvl in range(levels))]
+    return [
+        "queries",
+        "boxes",
+        "logits",
+        "c1",
+        "input_hw",
+        "orig_hw",
+        "level_valid_hw",
+        *(f"enc_map_{lvl}" for lvl in range(levels)),
+    ]
 
 
-def masknet_example_inputs(preset: DetectorPreset, num_queries: int, height: int, width: int, *,
-                           seed: int = 0) -> tuple[Any, ...]:
+def masknet_example_inputs(
+    preset: DetectorPreset, num_queries: int, height: int, width: int, *, seed: int = 0
+) -> tuple[Any, ...]:
     """Random DetectorOutput tensors of one ``height`` × ``width`` input image (the graph's arguments),
     with the canvas of every level exactly the valid size, as the detector gives for one image."""
     g = torch.Generator().manual_seed(seed)
@@ -123,9 +162,16 @@ def masknet_example_inputs(preset: DetectorPreset, num_queries: int, height: int
     valid = torch.tensor([[[m.shape[-2], m.shape[-1]] for m in maps]], dtype=torch.long)
     boxes = torch.cat((0.2 + 0.6 * torch.rand(1, k, 2, generator=g), 0.05 + 0.4 * torch.rand(1, k, 2, generator=g)), -1)
     hw = torch.tensor([[height, width]], dtype=torch.long)
-    return (torch.randn(1, k, d, generator=g), boxes, torch.randn(1, k, preset.num_classes, generator=g),
-            torch.randn(1, preset.c1_channels, -(-height // 4), -(-width // 4), generator=g), hw, hw.clone(),
-            valid, maps)
+    return (
+        torch.randn(1, k, d, generator=g),
+        boxes,
+        torch.randn(1, k, preset.num_classes, generator=g),
+        torch.randn(1, preset.c1_channels, -(-height // 4), -(-width // 4), generator=g),
+        hw,
+        hw.clone(),
+        valid,
+        maps,
+    )
 
 
 def flat_inputs(args: Sequence[Any]) -> list[Tensor]:
@@ -140,8 +186,14 @@ def _masknet_dynamic_shapes(levels: int) -> list[Any]:
     return [None, None, None, dict(spatial), None, None, None, [dict(spatial) for _ in range(levels)]]
 
 
-def export_masknet(masknet: nn.Module, preset: DetectorPreset, out: Path, *, opset: int = OPSET,
-                   example_hw: tuple[int, int] | None = None) -> Path:
+def export_masknet(
+    masknet: nn.Module,
+    preset: DetectorPreset,
+    out: Path,
+    *,
+    opset: int = OPSET,
+    example_hw: tuple[int, int] | None = None,
+) -> Path:
     """Write the mask network's ONNX graph (see the module doc) to ``out``."""
     require_onnx()
     graph = MaskNetGraph(masknet.eval()).eval()
@@ -149,12 +201,27 @@ def export_masknet(masknet: nn.Module, preset: DetectorPreset, out: Path, *, ops
     args = masknet_example_inputs(preset, masknet.num_queries, h, w)
     levels = len(preset.level_strides)
 
-    return _export_onnx(graph, args, out, what="the mask network", opset=opset,
-                        dynamic_shapes=_masknet_dynamic_shapes(levels), input_names=masknet_input_names(levels))
+    return _export_onnx(
+        graph,
+        args,
+        out,
+        what="the mask network",
+        opset=opset,
+        dynamic_shapes=_masknet_dynamic_shapes(levels),
+        input_names=masknet_input_names(levels),
+    )
 
 
-def export_full(detector: nn.Module, masknet: nn.Module, preset: DetectorPreset, out: Path, *, topk: int,
-                opset: int = OPSET, example_hw: tuple[int, int] | None = None) -> Path:
+def export_full(
+    detector: nn.Module,
+    masknet: nn.Module,
+    preset: DetectorPreset,
+    out: Path,
+    *,
+    topk: int,
+    opset: int = OPSET,
+    example_hw: tuple[int, int] | None = None,
+) -> Path:
     """Write the whole inference path's ONNX graph (:class:`FullGraph`) to ``out``."""
     from torch.export import Dim
 
@@ -163,21 +230,49 @@ def export_full(detector: nn.Module, masknet: nn.Module, preset: DetectorPreset,
     h, w = example_hw or (preset.preprocessing.short_side, preset.preprocessing.max_size)
     args = (torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)), torch.tensor([[h, w]]))
 
-    return _export_onnx(graph, args, out, what="the detector and mask network", opset=opset,
-                        dynamic_shapes=[{2: Dim.AUTO, 3: Dim.AUTO}, None], input_names=["image", "orig_hw"])
+    return _export_onnx(
+        graph,
+        args,
+        out,
+        what="the detector and mask network",
+        opset=opset,
+        dynamic_shapes=[{2: Dim.AUTO, 3: Dim.AUTO}, None],
+        input_names=["image", "orig_hw"],
+    )
 
 
-def _export_onnx(graph: nn.Module, args: tuple[Any, ...], out: Path, *, what: str, opset: int,
-                 dynamic_shapes: Any, input_names: list[str]) -> Path:
+def _export_onnx(
+    graph: nn.Module,
+    args: tuple[Any, ...],
+    out: Path,
+    *,
+    what: str,
+    opset: int,
+    dynamic_shapes: Any,
+    input_names: list[str],
+) -> Path:
     """``torch.onnx.export`` (dynamo) of ``graph`` to ``out``, atomically; a failure is one line naming ``what``."""
+
     def write(tmp: Path) -> None:
         try:
-            torch.onnx.export(graph, args, str(tmp), dynamo=True, opset_version=opset, external_data=False,
-                              dynamic_shapes=dynamic_shapes, input_names=input_names,
-                              output_names=list(MASKNET_OUTPUTS), verbose=False)
+            torch.onnx.export(
+                graph,
+                args,
+                str(tmp),
+                dynamo=True,
+                opset_version=opset,
+                external_data=False,
+                dynamic_shapes=dynamic_shapes,
+                input_names=input_names,
+                output_names=list(MASKNET_OUTPUTS),
+                verbose=False,
+            )
         except Exception as e:
-            raise MfdetrError(f"ONNX export of {what} failed: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", path=out) from e
+            raise MfdetrError(
+                f"ONNX export of {what} failed: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                path=out,
+            ) from e
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), atomic_path(out, what="ONNX file", shared=True) as tmp:  # a failed export leaves no file
@@ -224,7 +319,13 @@ def run_export(job: ExportJob, *, echo: Any = print) -> Path:
         from mfdetr.engine.finetune import load_finetuned_detector
 
         load_finetuned_detector(detector, loaded.detector_tensors)
-    export_full(detector, loaded.model, preset, job.out, topk=min(loaded.config.num_queries, preset_queries(preset)),
-                opset=job.opset)
+    export_full(
+        detector,
+        loaded.model,
+        preset,
+        job.out,
+        topk=min(loaded.config.num_queries, preset_queries(preset)),
+        opset=job.opset,
+    )
     echo(f"wrote {job.out} (opset {job.opset}, detector + mask network, dynamic image size)")
     return job.out

@@ -72,8 +72,14 @@ class ImageFiles(Dataset[Any]):
         t = self.transform(img)
         if t.shape[1] < 1 or t.shape[2] < 1:
             raise SkipImage(path, "image has no pixels")
-        return CocoItem(image=t, image_id=index + 1, file_name=str(path), orig_hw=(img.height, img.width),
-                        input_hw=(int(t.shape[1]), int(t.shape[2])), target=None)
+        return CocoItem(
+            image=t,
+            image_id=index + 1,
+            file_name=str(path),
+            orig_hw=(img.height, img.width),
+            input_hw=(int(t.shape[1]), int(t.shape[2])),
+            target=None,
+        )
 
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFiles", "expand_inputs"]

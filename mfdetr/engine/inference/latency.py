@@ -46,8 +46,14 @@ class LatencyReport:
         return sum(self.stages.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds_per_image": dict(self.stages), "total": self.total, "images": self.images,
-                "repeats": self.repeats, "input_hw": [list(hw) for hw in self.input_hw], "device": self.device}
+        return {
+            "seconds_per_image": dict(self.stages),
+            "total": self.total,
+            "images": self.images,
+            "repeats": self.repeats,
+            "input_hw": [list(hw) for hw in self.input_hw],
+            "device": self.device,
+        }
 
 
 def synthetic_images(n: int, height: int, width: int, *, seed: int = 0) -> list[Image.Image]:
@@ -89,9 +95,19 @@ class _Clock:
         self.last = now
 
 
-def measure_latency(images: Sequence[Image.Image], *, detector: Any, masknet: Any, device: torch.device,
-                    preprocessing: Any, class_to_category: Sequence[int], topk: int, enc_layer: int,
-                    warmup: int = 1, repeats: int = 3) -> LatencyReport:
+def measure_latency(
+    images: Sequence[Image.Image],
+    *,
+    detector: Any,
+    masknet: Any,
+    device: torch.device,
+    preprocessing: Any,
+    class_to_category: Sequence[int],
+    topk: int,
+    enc_layer: int,
+    warmup: int = 1,
+    repeats: int = 3,
+) -> LatencyReport:
     """Time every stage of the inference path on ``images`` (see the module doc).
 
     Args:
@@ -112,8 +128,18 @@ def measure_latency(images: Sequence[Image.Image], *, detector: Any, masknet: An
 
     def run(img: Image.Image, iid: int, clock: Callable[[str], None]) -> tuple[int, int]:
         t = transform(img)
-        batch = collate([CocoItem(image=t, image_id=iid, file_name=f"image{iid}", orig_hw=(img.height, img.width),
-                                  input_hw=(int(t.shape[1]), int(t.shape[2])), target=None)]).to(device)
+        batch = collate(
+            [
+                CocoItem(
+                    image=t,
+                    image_id=iid,
+                    file_name=f"image{iid}",
+                    orig_hw=(img.height, img.width),
+                    input_hw=(int(t.shape[1]), int(t.shape[2])),
+                    target=None,
+                )
+            ]
+        ).to(device)
         clock("preprocess")
         with torch.inference_mode():
             det = detector.detect(batch, topk=topk, enc_layers=(enc_layer,))
@@ -131,25 +157,42 @@ def measure_latency(images: Sequence[Image.Image], *, detector: Any, masknet: An
             hw = run(img, iid, _Clock(device, totals))
         input_hw.append(hw)
     n = len(images) * repeats
-    return LatencyReport(stages={k: v / n for k, v in totals.items()}, images=len(images), repeats=repeats,
-                         input_hw=input_hw, device=str(device))
+    return LatencyReport(
+        stages={k: v / n for k, v in totals.items()},
+        images=len(images),
+        repeats=repeats,
+        input_hw=input_hw,
+        device=str(device),
+    )
 
 
 def format_report(report: LatencyReport, *, title: str) -> str:
     """The breakdown as a small table (milliseconds per image and share of the total)."""
     sizes = sorted(set(report.input_hw))
-    lines = [f"{title}: {report.images} images × {report.repeats} warm runs on {report.device}, network input "
-             + ", ".join(f"{h}×{w}" for h, w in sizes),
-             f"{'stage':<12} {'ms/image':>10} {'share':>7}"]
+    lines = [
+        f"{title}: {report.images} images × {report.repeats} warm runs on {report.device}, network input "
+        + ", ".join(f"{h}×{w}" for h, w in sizes),
+        f"{'stage':<12} {'ms/image':>10} {'share':>7}",
+    ]
     for k, v in report.stages.items():
         lines.append(f"{k:<12} {1000 * v:>10.1f} {100 * v / max(report.total, 1e-12):>6.1f}%")
     lines.append(f"{'total':<12} {1000 * report.total:>10.1f} {100.0:>6.1f}%")
     return "\n".join(lines)
 
 
-def benchmark_predict(*, detector: str, masknet: Any = None, checkpoint: Any = None, inputs: Sequence[str] = (),
-                      size: tuple[int, int] = (800, 1333), num_images: int = 2, device: str = "auto",
-                      warmup: int = 1, repeats: int = 3, random_weights: bool = False) -> LatencyReport:
+def benchmark_predict(
+    *,
+    detector: str,
+    masknet: Any = None,
+    checkpoint: Any = None,
+    inputs: Sequence[str] = (),
+    size: tuple[int, int] = (800, 1333),
+    num_images: int = 2,
+    device: str = "auto",
+    warmup: int = 1,
+    repeats: int = 3,
+    random_weights: bool = False,
+) -> LatencyReport:
     """Build the inference path of ``mfdetr predict`` and time it on ``inputs`` (image files/folders) or
     on ``num_images`` synthetic images of ``size`` (H, W).
 
@@ -177,8 +220,13 @@ def benchmark_predict(*, detector: str, masknet: Any = None, checkpoint: Any = N
         cfg = MaskNetConfig()
         enc_layer = min(cfg.enc_layer, preset.num_encoder_layers)
         cfg = dataclasses.replace(cfg, enc_layer=enc_layer)
-        model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
-                              c1_channels=preset.c1_channels).to(dev).eval()
+        model = (
+            build_masknet(
+                cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides, c1_channels=preset.c1_channels
+            )
+            .to(dev)
+            .eval()
+        )
     try:
         ckpt = detector_checkpoint(preset, checkpoint)
     except MfdetrError:
@@ -187,10 +235,18 @@ def benchmark_predict(*, detector: str, masknet: Any = None, checkpoint: Any = N
         ckpt = None
     det = build_detector(preset.name, checkpoint=ckpt, device=str(dev))
     images = _benchmark_images(inputs, num_images, size)
-    return measure_latency(images, detector=det, masknet=model, device=dev, preprocessing=preset.preprocessing,
-                           class_to_category=preset.class_to_category,
-                           topk=min(cfg.num_queries, preset_queries(preset)), enc_layer=enc_layer,
-                           warmup=warmup, repeats=repeats)
+    return measure_latency(
+        images,
+        detector=det,
+        masknet=model,
+        device=dev,
+        preprocessing=preset.preprocessing,
+        class_to_category=preset.class_to_category,
+        topk=min(cfg.num_queries, preset_queries(preset)),
+        enc_layer=enc_layer,
+        warmup=warmup,
+        repeats=repeats,
+    )
 
 
 def _benchmark_images(inputs: Sequence[str], num_images: int, size: tuple[int, int]) -> list[Any]:

@@ -22,8 +22,14 @@ from mfdetr.data.coco_names import COCO_NAMES
 from mfdetr.engine.inference.names import category_names
 from mfdetr.errors import MfdetrError
 
-__all__ = ["COCO_NAMES", "LoadedMaskNet", "category_names", "detector_checkpoint", "load_masknet_checkpoint",
-           "preset_queries"]
+__all__ = [
+    "COCO_NAMES",
+    "LoadedMaskNet",
+    "category_names",
+    "detector_checkpoint",
+    "load_masknet_checkpoint",
+    "preset_queries",
+]
 
 
 @dataclass
@@ -70,8 +76,9 @@ def _categories_record(value: Any) -> dict[int, str]:
     return {}
 
 
-def load_masknet_checkpoint(path: str | Path, *, preset: DetectorPreset, device: torch.device | str = "cpu"
-                            ) -> LoadedMaskNet:
+def load_masknet_checkpoint(
+    path: str | Path, *, preset: DetectorPreset, device: torch.device | str = "cpu"
+) -> LoadedMaskNet:
     """Load a trained MaskNet for the detector ``preset`` (see the module doc for the formats).
 
     Raises:
@@ -87,40 +94,53 @@ def load_masknet_checkpoint(path: str | Path, *, preset: DetectorPreset, device:
         raise MfdetrError("MaskNet checkpoint not found", path=p)
     ckpt = safe_torch_load(p)
     if not isinstance(ckpt, Mapping) or "model" not in ckpt or "masknet_config" not in ckpt:
-        raise MfdetrError("not a MaskNet checkpoint (needs 'model' and 'masknet_config'; pass a training "
-                          "run's ckpt.pt)", path=p)
+        raise MfdetrError(
+            "not a MaskNet checkpoint (needs 'model' and 'masknet_config'; pass a training run's ckpt.pt)", path=p
+        )
     cfg = from_dict(MaskNetConfig, dict(ckpt["masknet_config"]), where=f"{p}: masknet_config")
     if "enc_layer" in ckpt and int(ckpt["enc_layer"]) != cfg.enc_layer:
-        raise MfdetrError(f"records enc_layer={ckpt['enc_layer']} but masknet_config.enc_layer={cfg.enc_layer}",
-                          path=p)
+        raise MfdetrError(f"records enc_layer={ckpt['enc_layer']} but masknet_config.enc_layer={cfg.enc_layer}", path=p)
     ident = _identity(ckpt)
     name = ident.get("detector.name")
     if name is not None and name != preset.name:
-        raise MfdetrError(f"was trained on the outputs of detector {name!r}, not {preset.name!r} "
-                          f"(pass --detector {name})", path=p)
-    checks = {"hidden_dim": preset.hidden_dim, "level_strides": list(preset.level_strides),
-              "c1_channels": preset.c1_channels, "num_classes": preset.num_classes}
+        raise MfdetrError(
+            f"was trained on the outputs of detector {name!r}, not {preset.name!r} (pass --detector {name})", path=p
+        )
+    checks = {
+        "hidden_dim": preset.hidden_dim,
+        "level_strides": list(preset.level_strides),
+        "c1_channels": preset.c1_channels,
+        "num_classes": preset.num_classes,
+    }
     for key, want in checks.items():
         if key in ident and ident[key] is not None and _plain(ident[key]) != _plain(want):
             raise MfdetrError(f"was trained for a detector with {key}={ident[key]}, {preset.name!r} has {want}", path=p)
     c2c = tuple(int(c) for c in ident.get("category_map") or preset.class_to_category)
     if len(c2c) != preset.num_classes:
-        raise MfdetrError(f"records {len(c2c)} class slots, detector {preset.name!r} has {preset.num_classes}",
-                          path=p)
+        raise MfdetrError(f"records {len(c2c)} class slots, detector {preset.name!r} has {preset.num_classes}", path=p)
     if not 1 <= cfg.enc_layer <= preset.num_encoder_layers:
-        raise MfdetrError(f"uses encoder layer {cfg.enc_layer}, detector {preset.name!r} has "
-                          f"{preset.num_encoder_layers}", path=p)
-    model = build_masknet(cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides,
-                          c1_channels=preset.c1_channels)
+        raise MfdetrError(
+            f"uses encoder layer {cfg.enc_layer}, detector {preset.name!r} has {preset.num_encoder_layers}", path=p
+        )
+    model = build_masknet(
+        cfg, d_model=preset.hidden_dim, level_strides=preset.level_strides, c1_channels=preset.c1_channels
+    )
     from mfdetr.engine.finetune import split_state
 
     masknet_sd, detector_sd = split_state(ckpt["model"])
     load_weights(model, masknet_sd, path=p, what="its MaskNet config")
     model.eval().requires_grad_(False).to(device)
-    return LoadedMaskNet(model=model, config=cfg, enc_layer=cfg.enc_layer, class_to_category=c2c,
-                         categories=_categories_record(ckpt.get("categories") or _meta(ckpt).get("categories")),
-                         detector=name,
-                         detector_sha256=ident.get("checkpoint.sha256"), path=p, detector_tensors=detector_sd)
+    return LoadedMaskNet(
+        model=model,
+        config=cfg,
+        enc_layer=cfg.enc_layer,
+        class_to_category=c2c,
+        categories=_categories_record(ckpt.get("categories") or _meta(ckpt).get("categories")),
+        detector=name,
+        detector_sha256=ident.get("checkpoint.sha256"),
+        path=p,
+        detector_tensors=detector_sd,
+    )
 
 
 def _plain(v: Any) -> Any:
@@ -143,9 +163,14 @@ def detector_checkpoint(preset: DetectorPreset, checkpoint: str | Path | None) -
         return p
     import mfdetr.detectors
 
-    shipped = (Path(mfdetr.detectors.__file__).resolve().parent / "weights" / preset.checkpoint_file
-               if preset.checkpoint_file else None)
+    shipped = (
+        Path(mfdetr.detectors.__file__).resolve().parent / "weights" / preset.checkpoint_file
+        if preset.checkpoint_file
+        else None
+    )
     if shipped is None or not shipped.is_file():
-        raise MfdetrError(f"detector {preset.name!r} ships no weights in this installation: pass --checkpoint FILE"
-                          + (f" (expected {shipped})" if shipped is not None else ""))
+        raise MfdetrError(
+            f"detector {preset.name!r} ships no weights in this installation: pass --checkpoint FILE"
+            + (f" (expected {shipped})" if shipped is not None else "")
+        )
     return shipped

@@ -10,8 +10,13 @@ from mfdetr.errors import MfdetrError
 
 __all__ = ["COCO_NAMES", "category_names"]
 
-def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, str] | None = None,
-                   categories_file: str | Path | None = None) -> dict[int, str]:
+
+def category_names(
+    class_to_category: Sequence[int],
+    *,
+    recorded: Mapping[int, str] | None = None,
+    categories_file: str | Path | None = None,
+) -> dict[int, str]:
     """Name of every category id the head can output.
 
     Sources, first match wins per id: ``categories_file`` (a JSON list of ``{"id", "name"}`` or a COCO
@@ -28,8 +33,11 @@ def category_names(class_to_category: Sequence[int], *, recorded: Mapping[int, s
     if categories_file is not None:
         names.update(read_categories(categories_file))
         if ids and not set(ids) & set(names):
-            raise MfdetrError(f"names categories {sorted(names)[:8]}, none of the ids the detector head predicts "
-                              f"({ids[:8]}{'…' if len(ids) > 8 else ''})", path=categories_file)
+            raise MfdetrError(
+                f"names categories {sorted(names)[:8]}, none of the ids the detector head predicts "
+                f"({ids[:8]}{'…' if len(ids) > 8 else ''})",
+                path=categories_file,
+            )
     for cid, n in (recorded or {}).items():
         names.setdefault(int(cid), n)
     fallback = COCO_NAMES if len(class_to_category) == 91 else {}

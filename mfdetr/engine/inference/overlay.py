@@ -24,10 +24,27 @@ __all__ = ["OverlayInstance", "category_color", "draw_overlay", "instances_from_
 
 #: distinct, saturated colours (Tableau-like), indexed by ``category_id % len(PALETTE)``
 PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-    (0, 0, 128), (128, 128, 128))
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+    (128, 128, 128),
+)
 
 
 def category_color(category_id: int) -> tuple[int, int, int]:
@@ -61,13 +78,22 @@ def instances_from_results(results: Sequence[Mapping[str, Any]], names: Mapping[
         seg = r.get("segmentation")
         mask = None
         if seg is not None:
-            rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str)
-                   else seg["counts"]}
+            rle = {
+                "size": seg["size"],
+                "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"],
+            }
             mask = mask_util.decode(rle).astype(bool)
         cid = int(r["category_id"])
         x, y, w, h = (float(v) for v in r["bbox"])
-        out.append(OverlayInstance(mask=mask, box_xywh=(x, y, w, h), label=names.get(cid, f"class {cid}"),
-                                   score=float(r["score"]), category_id=cid))
+        out.append(
+            OverlayInstance(
+                mask=mask,
+                box_xywh=(x, y, w, h),
+                label=names.get(cid, f"class {cid}"),
+                score=float(r["score"]),
+                category_id=cid,
+            )
+        )
     return out
 
 
@@ -86,8 +112,7 @@ def _font_file() -> str:
 
 def _ink(color: tuple[int, int, int]) -> tuple[int, int, int]:
     """Dark text on light colours, white on dark ones."""
-    return (0, 0, 0) if sum(c * k for c, k in zip(color, (0.299, 0.587, 0.114), strict=True)) > 140 else (
-        255, 255, 255)
+    return (0, 0, 0) if sum(c * k for c, k in zip(color, (0.299, 0.587, 0.114), strict=True)) > 140 else (255, 255, 255)
 
 
 def draw_overlay(image: Image.Image, instances: Sequence[OverlayInstance], *, alpha: float = 0.45) -> Image.Image:
@@ -106,8 +131,9 @@ def draw_overlay(image: Image.Image, instances: Sequence[OverlayInstance], *, al
         pic = draw_segmentation_masks(pic, torch.from_numpy(inst.mask), alpha=alpha, colors=color)
         pic = draw_segmentation_masks(pic, torch.from_numpy(_outline(inst.mask)), alpha=1.0, colors=color)
     colors = [category_color(t.category_id) for t in order]
-    boxes = torch.tensor([[x, y, x + max(bw, 1.0) - 1, y + max(bh, 1.0) - 1] for x, y, bw, bh in
-                          (t.box_xywh for t in order)])
+    boxes = torch.tensor(
+        [[x, y, x + max(bw, 1.0) - 1, y + max(bh, 1.0) - 1] for x, y, bw, bh in (t.box_xywh for t in order)]
+    )
     pic = draw_bounding_boxes(pic, boxes, colors=colors, width=max(1, round(min(h, w) / 300)))
     # the "<name> <score>" tag: a filled label box above the box when there is room, else inside it,
     # in matplotlib's bundled DejaVu Sans at a size that follows the image
@@ -121,7 +147,15 @@ def draw_overlay(image: Image.Image, instances: Sequence[OverlayInstance], *, al
         ty = y - th if y - th >= 0 else y
         tx = min(max(x, 0), max(w - tw, 0))
         tags.append([tx, ty, tx + tw, ty + th])
-    pic = draw_bounding_boxes(pic, torch.tensor(tags), labels=texts, colors=colors, fill_labels=True,
-                              label_colors=[_ink(c) for c in colors], label_background_colors=colors,
-                              font=font_file, font_size=font_size)
+    pic = draw_bounding_boxes(
+        pic,
+        torch.tensor(tags),
+        labels=texts,
+        colors=colors,
+        fill_labels=True,
+        label_colors=[_ink(c) for c in colors],
+        label_background_colors=colors,
+        font=font_file,
+        font_size=font_size,
+    )
     return Image.fromarray(pic.permute(1, 2, 0).numpy(), mode="RGB")

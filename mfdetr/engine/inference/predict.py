@@ -41,15 +41,33 @@ from tqdm import tqdm
 from mfdetr.devices import resolve_device
 from mfdetr.outputs import atomic_write_text
 from mfdetr.engine.inference.image_files import IMAGE_SUFFIXES, ImageFiles, expand_inputs
-from mfdetr.engine.inference.masknet_checkpoint import (COCO_NAMES, LoadedMaskNet, category_names,
-                                                        detector_checkpoint, load_masknet_checkpoint, preset_queries)
+from mfdetr.engine.inference.masknet_checkpoint import (
+    COCO_NAMES,
+    LoadedMaskNet,
+    category_names,
+    detector_checkpoint,
+    load_masknet_checkpoint,
+    preset_queries,
+)
 from mfdetr.errors import MfdetrError
 
-__all__ = ["COCO_NAMES", "IMAGE_SUFFIXES", "LoadedMaskNet", "PredictJob", "PredictSummary", "category_names",
-           "detector_checkpoint", "expand_inputs", "load_masknet_checkpoint", "preset_queries", "resolve_device",
-           "run_predict"]
+__all__ = [
+    "COCO_NAMES",
+    "IMAGE_SUFFIXES",
+    "LoadedMaskNet",
+    "PredictJob",
+    "PredictSummary",
+    "category_names",
+    "detector_checkpoint",
+    "expand_inputs",
+    "load_masknet_checkpoint",
+    "preset_queries",
+    "resolve_device",
+    "run_predict",
+]
 
 # ---- the job -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PredictJob:
@@ -93,21 +111,30 @@ def _overlay_names(files: Sequence[Path]) -> list[str]:
     return out
 
 
-def _segment(detector: Any, mask_net: LoadedMaskNet, device: torch.device, topk: int, min_score: float,
-             batch: Any) -> tuple[list[dict[str, Any]], str]:
+def _segment(
+    detector: Any, mask_net: LoadedMaskNet, device: torch.device, topk: int, min_score: float, batch: Any
+) -> tuple[list[dict[str, Any]], str]:
     """Detector → MaskNet → pasted, scored masks of one batch: ``(COCO results, score mode)``."""
     from mfdetr.masknet import masks_to_coco_results
 
     det = detector.detect(batch.to(device), topk=topk, enc_layers=(mask_net.enc_layer,))
     mo = mask_net.model(det)
     score_mode = "mask_iou" if mo.iou_pred is not None else "mask_prob"  # eq. 13, else eq. 2
-    res = masks_to_coco_results(mo, det, mask_net.class_to_category, batch.image_ids,
-                                score=score_mode, min_score=min_score)  # type: ignore[arg-type]
+    res = masks_to_coco_results(
+        mo, det, mask_net.class_to_category, batch.image_ids, score=score_mode, min_score=min_score
+    )  # type: ignore[arg-type]
     return res, score_mode
 
 
-def _write_outputs(out: Path, summary: PredictSummary, *, images: list[dict[str, Any]],
-                   results: list[dict[str, Any]], names: Mapping[int, str], meta: dict[str, Any]) -> None:
+def _write_outputs(
+    out: Path,
+    summary: PredictSummary,
+    *,
+    images: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    names: Mapping[int, str],
+    meta: dict[str, Any],
+) -> None:
     """``results.json``, then ``predictions.json`` (the mark of a complete run), each written atomically."""
     record = {
         "info": {"description": "mfdetr predict: frozen detector + Mask Frozen-DETR mask network"},
@@ -146,8 +173,13 @@ def _check(job: PredictJob) -> None:
         raise MfdetrError("no input images given")
 
 
-def _set_up(job: PredictJob, summary: PredictSummary, detector: Any | None, echo: Callable[[str], None],
-            warn: Callable[[str], None]) -> _Setup:
+def _set_up(
+    job: PredictJob,
+    summary: PredictSummary,
+    detector: Any | None,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> _Setup:
     """Preset, device, mask network (checked against the detector weights), category names, input files
     (the missing ones skipped) and the detector."""
     from mfdetr.detectors.registry import build_detector, get_preset, load_plugins
@@ -161,10 +193,13 @@ def _set_up(job: PredictJob, summary: PredictSummary, detector: Any | None, echo
         from mfdetr.cache.manifest import sha256_file
 
         if sha256_file(ckpt_path) != mask_net.detector_sha256:
-            warn(f"warning: {job.masknet} was trained on the outputs of another checkpoint of {preset.name!r} "
-                 f"(sha256 {mask_net.detector_sha256[:12]}…, {ckpt_path} differs)")
-    names = category_names(mask_net.class_to_category, recorded=mask_net.categories,
-                           categories_file=job.categories_file)
+            warn(
+                f"warning: {job.masknet} was trained on the outputs of another checkpoint of {preset.name!r} "
+                f"(sha256 {mask_net.detector_sha256[:12]}…, {ckpt_path} differs)"
+            )
+    names = category_names(
+        mask_net.class_to_category, recorded=mask_net.categories, categories_file=job.categories_file
+    )
     files, missing = expand_inputs(job.inputs)
     summary.skipped.extend(missing)
     for path, reason in missing:
@@ -178,12 +213,21 @@ def _set_up(job: PredictJob, summary: PredictSummary, detector: Any | None, echo
 
             load_finetuned_detector(detector, mask_net.detector_tensors)
             echo(f"loaded {len(mask_net.detector_tensors)} fine-tuned detector tensors from {job.masknet}")
-    return _Setup(preset=preset, device=device, detector_checkpoint=ckpt_path, mask_net=mask_net, names=names,
-                  files=files, detector=detector, topk=min(mask_net.config.num_queries, preset_queries(preset)))
+    return _Setup(
+        preset=preset,
+        device=device,
+        detector_checkpoint=ckpt_path,
+        mask_net=mask_net,
+        names=names,
+        files=files,
+        detector=detector,
+        topk=min(mask_net.config.num_queries, preset_queries(preset)),
+    )
 
 
-def _predict_all(job: PredictJob, su: _Setup, summary: PredictSummary, out: Path, progress: bool,
-                 warn: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+def _predict_all(
+    job: PredictJob, su: _Setup, summary: PredictSummary, out: Path, progress: bool, warn: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """Every input through the networks: ``(images, results, score mode)``; overlays written as they come."""
     from functools import partial
 
@@ -234,8 +278,14 @@ def _predict_all(job: PredictJob, su: _Setup, summary: PredictSummary, out: Path
     return images, results, score_mode
 
 
-def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str], None] = print,
-                warn: Callable[[str], None] | None = None, detector: Any | None = None) -> PredictSummary:
+def run_predict(
+    job: PredictJob,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
+    detector: Any | None = None,
+) -> PredictSummary:
     """Run a prediction job (see the module doc); returns what was written.
 
     Args:
@@ -257,14 +307,30 @@ def run_predict(job: PredictJob, *, progress: bool = True, echo: Callable[[str],
     images.sort(key=lambda im: im["id"])  # input order (batches went by input size)
     results.sort(key=lambda r: r["image_id"])  # stable: each image's own order kept
     summary.images, summary.instances = len(images), len(results)
-    _write_outputs(out, summary, images=images, results=results, names=su.names, meta={
-        "detector": su.preset.name, "score_threshold": job.score_threshold, "score": score_mode,
-        "detector_checkpoint": str(su.detector_checkpoint) if su.detector_checkpoint else None,
-        "masknet_checkpoint": str(job.masknet), "topk": su.topk, "enc_layer": su.mask_net.enc_layer,
-        "device": str(su.device)})
+    _write_outputs(
+        out,
+        summary,
+        images=images,
+        results=results,
+        names=su.names,
+        meta={
+            "detector": su.preset.name,
+            "score_threshold": job.score_threshold,
+            "score": score_mode,
+            "detector_checkpoint": str(su.detector_checkpoint) if su.detector_checkpoint else None,
+            "masknet_checkpoint": str(job.masknet),
+            "topk": su.topk,
+            "enc_layer": su.mask_net.enc_layer,
+            "device": str(su.device),
+        },
+    )
     summary.wall_s = time.perf_counter() - t0
-    echo(f"predicted {summary.instances} instances (score >= {job.score_threshold:g}) on {summary.images} images"
-         f" in {summary.wall_s:.1f} s; skipped {len(summary.skipped)}")
-    echo(f"wrote {summary.predictions_json}, {summary.results_json}"
-         + (f" and {len(summary.overlays)} overlays in {out / 'overlays'}" if job.overlays else ""))
+    echo(
+        f"predicted {summary.instances} instances (score >= {job.score_threshold:g}) on {summary.images} images"
+        f" in {summary.wall_s:.1f} s; skipped {len(summary.skipped)}"
+    )
+    echo(
+        f"wrote {summary.predictions_json}, {summary.results_json}"
+        + (f" and {len(summary.overlays)} overlays in {out / 'overlays'}" if job.overlays else "")
+    )
     return summary

@@ -31,8 +31,15 @@ from mfdetr.engine.damage import DamagePolicy, collate_marked
 from mfdetr.engine.inference.latency import _Clock
 from mfdetr.errors import MfdetrError, SkipImage
 
-__all__ = ["BaselineJob", "MethodResult", "compare_on_cache", "format_comparison", "original_boxes", "run_baseline",
-           "sam_image_masks"]
+__all__ = [
+    "BaselineJob",
+    "MethodResult",
+    "compare_on_cache",
+    "format_comparison",
+    "original_boxes",
+    "run_baseline",
+    "sam_image_masks",
+]
 
 SAM_STAGES = ("sam image encoder", "sam mask decoder", "postprocess")
 MASKNET_STAGES = ("masknet", "postprocess")
@@ -78,8 +85,9 @@ def original_boxes(boxes_cxcywh: torch.Tensor, orig_hw: Sequence[int]) -> torch.
     return clip_boxes(box_cxcywh_to_xyxy(boxes_cxcywh.float()) * torch.tensor([w0, h0, w0, h0]), (h0, w0))
 
 
-def _detections(arrays: Mapping[str, np.ndarray], class_to_category: Sequence[int], known: set[int]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _detections(
+    arrays: Mapping[str, np.ndarray], class_to_category: Sequence[int], known: set[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(boxes xyxy original, class scores, category ids) of the queries of a known category, best first."""
     prob, slot = torch.from_numpy(np.asarray(arrays["logits"], dtype=np.float32)).sigmoid().max(dim=-1)
     cats = torch.as_tensor(list(class_to_category), dtype=torch.long)[slot]
@@ -90,8 +98,9 @@ def _detections(arrays: Mapping[str, np.ndarray], class_to_category: Sequence[in
 
 
 @torch.inference_mode()
-def sam_image_masks(predictor: Any, image: np.ndarray, boxes_xyxy: torch.Tensor,
-                    clock: Callable[[str], None] = lambda stage: None) -> torch.Tensor:
+def sam_image_masks(
+    predictor: Any, image: np.ndarray, boxes_xyxy: torch.Tensor, clock: Callable[[str], None] = lambda stage: None
+) -> torch.Tensor:
     """[K, H0, W0] bool: SAM's single mask for each box (original-image xyxy) on ``image`` (H0×W0×3 RGB uint8)."""
     predictor.set_image(image, "RGB")
     clock("sam image encoder")
@@ -113,13 +122,23 @@ def _load_image(path: Path, orig_hw: Sequence[int]) -> np.ndarray:
         raise MfdetrError(e.reason, path=path) from None
     h0, w0 = (int(v) for v in orig_hw)
     if (image.height, image.width) != (h0, w0):
-        raise MfdetrError(f"image is {image.width}x{image.height}, the cache recorded {w0}x{h0} for it (not the "
-                          "image the cache was written from; pass the right --images or --coco folder)", path=path)
+        raise MfdetrError(
+            f"image is {image.width}x{image.height}, the cache recorded {w0}x{h0} for it (not the "
+            "image the cache was written from; pass the right --images or --coco folder)",
+            path=path,
+        )
     return np.asarray(image)
 
 
-def _sam_pass(job: BaselineJob, predictor: Any, store: Any, coco_split: Any, indices: Sequence[int],
-              known: set[int], damage: DamagePolicy) -> tuple[list[dict], list[dict], list[int], dict[str, float]]:
+def _sam_pass(
+    job: BaselineJob,
+    predictor: Any,
+    store: Any,
+    coco_split: Any,
+    indices: Sequence[int],
+    known: set[int],
+    damage: DamagePolicy,
+) -> tuple[list[dict], list[dict], list[int], dict[str, float]]:
     """SAM over the images ``indices`` of ``store``: (mask results, box results, image ids, mean seconds)."""
     from mfdetr.cache.verify import DamagedImage
     from mfdetr.evaluation import instances_to_results
@@ -154,9 +173,15 @@ def _sam_pass(job: BaselineJob, predictor: Any, store: Any, coco_split: Any, ind
     return masks_out, boxes_out, ids, {k: v / max(len(ids), 1) for k, v in totals.items()}
 
 
-def _masknet_pass(model: torch.nn.Module, dataset: Any, manifest: Mapping[str, Any], known: set[int],
-                  device: torch.device, damage: DamagePolicy, max_images: int
-                  ) -> tuple[list[dict], list[int], dict[str, float]]:
+def _masknet_pass(
+    model: torch.nn.Module,
+    dataset: Any,
+    manifest: Mapping[str, Any],
+    known: set[int],
+    device: torch.device,
+    damage: DamagePolicy,
+    max_images: int,
+) -> tuple[list[dict], list[int], dict[str, float]]:
     """MaskNet over the dataset, one image per forward: (mask results, image ids, mean seconds per image)."""
     from mfdetr.masknet.postprocess import masks_to_coco_results
 
@@ -190,8 +215,9 @@ def _masknet_pass(model: torch.nn.Module, dataset: Any, manifest: Mapping[str, A
     return results, ids, {k: v / max(len(ids), 1) for k, v in totals.items()}
 
 
-def _score(coco_gt: Any, results: list[dict[str, Any]], ids: set[int], iou_types: Sequence[str],
-           evaluator: str) -> dict[str, dict[str, float]]:
+def _score(
+    coco_gt: Any, results: list[dict[str, Any]], ids: set[int], iou_types: Sequence[str], evaluator: str
+) -> dict[str, dict[str, float]]:
     from mfdetr.evaluation import CocoEvaluator
 
     ev = CocoEvaluator(coco_gt=coco_gt, iou_types=tuple(iou_types), evaluator=evaluator)
@@ -229,15 +255,17 @@ def compare_on_cache(job: BaselineJob, damage: DamagePolicy | None = None) -> di
     known = set(coco_gt.getCatIds())
     if model is not None:
         res, mids, secs = _masknet_pass(model, ds, store.manifest, known, device, damage, job.max_images)
-        methods.append(MethodResult(name=f"MaskNet {Path(job.masknet).parent.name or job.masknet}",
-                                    metrics={}, seconds=secs, results=res))
+        methods.append(
+            MethodResult(
+                name=f"MaskNet {Path(job.masknet).parent.name or job.masknet}", metrics={}, seconds=secs, results=res
+            )
+        )
         indices = [store.index_of(i) for i in mids]
     else:
         indices = store.complete_indices().tolist()
-        indices = indices[:job.max_images] if job.max_images > 0 else indices
+        indices = indices[: job.max_images] if job.max_images > 0 else indices
     masks, boxes, sids, secs = _sam_pass(job, predictor, store, coco_split, indices, known, damage)
-    methods.insert(0, MethodResult(name=f"SAM {job.sam_model} (box prompts)", metrics={}, seconds=secs,
-                                   results=masks))
+    methods.insert(0, MethodResult(name=f"SAM {job.sam_model} (box prompts)", metrics={}, seconds=secs, results=masks))
     ids = set(sids)
     for m in methods:
         m.metrics = _score(coco_gt, m.results, ids, ("segm", "boundary"), job.evaluator)
@@ -255,18 +283,23 @@ def format_comparison(report: Mapping[str, Any]) -> str:
     lines = [head + f"{'boundary AP':>12}{'ms/image':>10}"]
     for m in methods:
         s, b = m.metrics["segm"], m.metrics["boundary"]
-        lines.append(f"{m.name:<{width}}{s['AP']:>8.2f}{s['AP50']:>7.2f}{s['AP75']:>7.2f}{s['APs']:>7.2f}"
-                     f"{s['APm']:>7.2f}{s['APl']:>7.2f}{b['AP']:>12.2f}{m.ms_per_image:>10.1f}")
-    lines.append(f"box AP of the cached detector boxes (both methods' prompts/inputs): {report['box']['AP']:.2f}; "
-                 f"{report['images']} images on {report['device']}")
+        lines.append(
+            f"{m.name:<{width}}{s['AP']:>8.2f}{s['AP50']:>7.2f}{s['AP75']:>7.2f}{s['APs']:>7.2f}"
+            f"{s['APm']:>7.2f}{s['APl']:>7.2f}{b['AP']:>12.2f}{m.ms_per_image:>10.1f}"
+        )
+    lines.append(
+        f"box AP of the cached detector boxes (both methods' prompts/inputs): {report['box']['AP']:.2f}; "
+        f"{report['images']} images on {report['device']}"
+    )
     for m in methods:
         parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in m.seconds.items())
         lines.append(f"{m.name} ms/image (warm, without the detector and the file/cache reads): {parts}")
     return "\n".join(lines)
 
 
-def run_baseline(job: BaselineJob, *, baseline: str, skip_damaged: bool = False,
-                 echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_baseline(
+    job: BaselineJob, *, baseline: str, skip_damaged: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
     """The ``mfdetr eval --baseline`` command: check the options, compare, print the table."""
     from mfdetr.outputs import check_output_file
 
@@ -280,8 +313,10 @@ def run_baseline(job: BaselineJob, *, baseline: str, skip_damaged: bool = False,
     report = compare_on_cache(job, damage)
     echo(format_comparison(report))
     if damage.skipped:
-        echo(f"skipped damaged images: {len(damage.skipped)} (image ids "
-             f"{', '.join(str(d.image_id) for d in damage.skipped)}); AP is over the others")
+        echo(
+            f"skipped damaged images: {len(damage.skipped)} (image ids "
+            f"{', '.join(str(d.image_id) for d in damage.skipped)}); AP is over the others"
+        )
     if job.out is not None:
         echo(f"results: {job.out}")
     return report

@@ -114,16 +114,32 @@ def demo_enc_layer(num_encoder_layers: int) -> int:
     return default_enc_layer(num_encoder_layers)
 
 
-def demo_run_config(*, num_encoder_layers: int, topk: int, iterations: int, batch_size: int, seed: int,
-                    device: str, progress: bool) -> dict[str, Any]:
+def demo_run_config(
+    *, num_encoder_layers: int, topk: int, iterations: int, batch_size: int, seed: int, device: str, progress: bool
+) -> dict[str, Any]:
     """The demo's stage-2 run recipe as plain data (``mfdetr train`` sections)."""
     return {
-        "train": {"iterations": iterations, "batch_size": batch_size, "lr": 3e-4, "seed": seed,
-                  "num_workers": 0, "log_every": max(1, iterations // 50), "eval_every": max(1, iterations // 3),
-                  "checkpoint_every": 0, "device": device, "amp": "off", "progress": progress},
-        "masknet": {"num_queries": min(20, topk), "enc_layer": demo_enc_layer(num_encoder_layers), "roi_size": 16,
-                    "image_encoder": {"layers": 1}, "box_encoder": {"layers": 1, "dim": 32, "heads": 4},
-                    "mask_scoring": {"channels": 32, "fc_dim": 64}},
+        "train": {
+            "iterations": iterations,
+            "batch_size": batch_size,
+            "lr": 3e-4,
+            "seed": seed,
+            "num_workers": 0,
+            "log_every": max(1, iterations // 50),
+            "eval_every": max(1, iterations // 3),
+            "checkpoint_every": 0,
+            "device": device,
+            "amp": "off",
+            "progress": progress,
+        },
+        "masknet": {
+            "num_queries": min(20, topk),
+            "enc_layer": demo_enc_layer(num_encoder_layers),
+            "roi_size": 16,
+            "image_encoder": {"layers": 1},
+            "box_encoder": {"layers": 1, "dim": 32, "heads": 4},
+            "mask_scoring": {"channels": 32, "fc_dim": 64},
+        },
         # at most 8 of each image's positives get a loss: the same mask AP as all of them, a faster step
         "assign": {"max_positives_per_image": 8},
     }
@@ -141,6 +157,7 @@ def _stage(times: dict[str, float], name: str, echo: Callable[[str], None]) -> C
 
 def _brief(echo: Callable[[str], None]) -> Callable[[str], None]:
     """The cache summary without its per-array table (``mfdetr inspect`` shows it)."""
+
     def say(line: str) -> None:
         if not line.startswith(("  ", "per array")):
             echo(line)
@@ -152,8 +169,9 @@ def _prepare(out: Path, force: bool) -> None:
     parts = ("synth", "cache", "run", "predict", "curves.png")
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise MfdetrError("folder is not empty: pass --force to redo the demo there, or choose another --out",
-                              path=out)
+            raise MfdetrError(
+                "folder is not empty: pass --force to redo the demo there, or choose another --out", path=out
+            )
         for p in parts:
             q = out / p
             if q.is_dir():
@@ -170,11 +188,18 @@ def _check(opts: DemoOptions) -> tuple[Any, Path | None, str]:
 
     load_plugins()
     if opts.detector not in list_detectors():
-        hint = (" — the `demo` preset (a small DINO trained on the synthetic set, shipped with the package) is "
+        hint = (
+            (
+                " — the `demo` preset (a small DINO trained on the synthetic set, shipped with the package) is "
                 "not in this installation; pass --detector NAME --checkpoint FILE to run the pipeline with "
-                "another detector") if opts.detector == "demo" else ""
-        raise MfdetrError(f"detector preset {opts.detector!r} is not registered "
-                          f"(known: {', '.join(list_detectors())}){hint}")
+                "another detector"
+            )
+            if opts.detector == "demo"
+            else ""
+        )
+        raise MfdetrError(
+            f"detector preset {opts.detector!r} is not registered (known: {', '.join(list_detectors())}){hint}"
+        )
     preset = get_preset(opts.detector)
     if opts.untrained_detector and opts.checkpoint is not None:
         raise MfdetrError("--untrained-detector and --checkpoint exclude each other")
@@ -187,8 +212,16 @@ def _check(opts: DemoOptions) -> tuple[Any, Path | None, str]:
     return preset, ckpt, str(resolve_device(opts.device))
 
 
-def _cache_splits(opts: DemoOptions, s: DemoSummary, preset: Any, ckpt: Path, detector: Any, device: str,
-                  topk: int, echo: Callable[[str], None]) -> dict[str, Path]:
+def _cache_splits(
+    opts: DemoOptions,
+    s: DemoSummary,
+    preset: Any,
+    ckpt: Path,
+    detector: Any,
+    device: str,
+    topk: int,
+    echo: Callable[[str], None],
+) -> dict[str, Path]:
     """Both splits of the synthetic set cached with the detector (flip views for train only)."""
     from mfdetr.cache.run import CacheJob, run_cache
 
@@ -197,29 +230,56 @@ def _cache_splits(opts: DemoOptions, s: DemoSummary, preset: Any, ckpt: Path, de
     for split in ("train2017", "val2017"):
         done = _stage(s.times, f"cache {split}", echo)
         store = s.out / "cache" / split
-        res = run_cache(CacheJob(detector=preset.name, checkpoint=ckpt, coco=s.out / "synth", split=split, out=store,
-                                 topk=topk, enc_layers=(enc_layer,), batch_size=4, device=device, num_workers=0,
-                                 writer_threads=2, c1=opts.c1, codec=opts.codec,
-                                 views=opts.views if split == "train2017" else ("orig",)),
-                        progress=opts.progress, echo=_brief(echo), detector=detector)
+        res = run_cache(
+            CacheJob(
+                detector=preset.name,
+                checkpoint=ckpt,
+                coco=s.out / "synth",
+                split=split,
+                out=store,
+                topk=topk,
+                enc_layers=(enc_layer,),
+                batch_size=4,
+                device=device,
+                num_workers=0,
+                writer_threads=2,
+                c1=opts.c1,
+                codec=opts.codec,
+                views=opts.views if split == "train2017" else ("orig",),
+            ),
+            progress=opts.progress,
+            echo=_brief(echo),
+            detector=detector,
+        )
         done()
         s.cache_bytes[split], s.cache_images[split] = res.store_bytes, res.store_done
         stores[split] = store
     return stores
 
 
-def _overlays(opts: DemoOptions, s: DemoSummary, preset: Any, ckpt: Path, detector: Any, device: str,
-              echo: Callable[[str], None]) -> None:
+def _overlays(
+    opts: DemoOptions, s: DemoSummary, preset: Any, ckpt: Path, detector: Any, device: str, echo: Callable[[str], None]
+) -> None:
     """The first ``opts.overlays`` val images predicted with the trained run (overlay PNGs)."""
     from mfdetr.engine.inference.predict import PredictJob, run_predict
 
     synth = s.out / "synth"
     images = sorted(p for p in (synth / "val2017").iterdir() if p.suffix == ".jpg")[: opts.overlays]
-    pred = run_predict(PredictJob(detector=preset.name, masknet=s.run_dir / "ckpt.pt",
-                                  inputs=tuple(map(str, images)), out=s.out / "predict", checkpoint=ckpt,
-                                  score_threshold=opts.overlay_threshold, device=device,
-                                  categories_file=synth / "annotations" / "instances_val2017.json"),
-                       progress=opts.progress, echo=echo, detector=detector)
+    pred = run_predict(
+        PredictJob(
+            detector=preset.name,
+            masknet=s.run_dir / "ckpt.pt",
+            inputs=tuple(map(str, images)),
+            out=s.out / "predict",
+            checkpoint=ckpt,
+            score_threshold=opts.overlay_threshold,
+            device=device,
+            categories_file=synth / "annotations" / "instances_val2017.json",
+        ),
+        progress=opts.progress,
+        echo=echo,
+        detector=detector,
+    )
     s.overlays, s.predictions = list(pred.overlays), pred.predictions_json
 
 
@@ -243,8 +303,9 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
 
         ckpt = save_weights(build_trainable(preset.name, seed=opts.seed), out / "detector_untrained.pt")
         echo(f"untrained {preset.name} detector (seed {opts.seed}) written to {ckpt}: APs will be near zero")
-    s = DemoSummary(out=out, detector=preset.name, train_images=n_train, val_images=n_val, iterations=iters,
-                    views=tuple(opts.views))
+    s = DemoSummary(
+        out=out, detector=preset.name, train_images=n_train, val_images=n_val, iterations=iters, views=tuple(opts.views)
+    )
     t_all = time.perf_counter()
     torch.manual_seed(opts.seed)
 
@@ -259,13 +320,23 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoS
     stores = _cache_splits(opts, s, preset, ckpt, detector, device, topk, echo)
 
     done = _stage(s.times, "train + eval", echo)
-    cfg = build_run_config(demo_run_config(num_encoder_layers=preset.num_encoder_layers, topk=topk, iterations=iters,
-                                           batch_size=opts.batch_size, seed=opts.seed, device=device,
-                                           progress=opts.progress),
-                           opts.overrides, where="demo recipe")
+    cfg = build_run_config(
+        demo_run_config(
+            num_encoder_layers=preset.num_encoder_layers,
+            topk=topk,
+            iterations=iters,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+            device=device,
+            progress=opts.progress,
+        ),
+        opts.overrides,
+        where="demo recipe",
+    )
     s.run_dir = out / "run"
-    _, metrics = train_from_cache(cfg, CacheSources(cache=stores["train2017"], coco=synth,
-                                                    val_cache=stores["val2017"]), s.run_dir, log=echo)
+    _, metrics = train_from_cache(
+        cfg, CacheSources(cache=stores["train2017"], coco=synth, val_cache=stores["val2017"]), s.run_dir, log=echo
+    )
     s.metrics = {k: dict(v) for k, v in metrics.items()}
     done()
 
@@ -289,20 +360,24 @@ def _mb(n: int) -> str:
 def format_demo_summary(s: DemoSummary) -> list[str]:
     """The demo's closing report (box AP of the detector, mask AP and Boundary AP, time per stage, cache bytes)."""
     seg, box, bnd = s.metrics.get("segm", {}), s.metrics.get("bbox", {}), s.metrics.get("boundary", {})
-    lines = [f"demo summary: detector {s.detector}; {s.train_images} train / {s.val_images} val synthetic images; "
-             f"MaskNet {s.iterations} iterations; train cache views {','.join(s.views)}",
-             f"  detector box AP (val): {s.box_ap:.1f}   AP50 {box.get('AP50', float('nan')):.1f}   "
-             f"AP75 {box.get('AP75', float('nan')):.1f}",
-             f"  mask AP (val):         {s.mask_ap:.1f}   AP50 {seg.get('AP50', float('nan')):.1f}   "
-             f"AP75 {seg.get('AP75', float('nan')):.1f}",
-             f"  boundary AP (val):     {s.boundary_ap:.1f}   AP50 {bnd.get('AP50', float('nan')):.1f}   "
-             f"AP75 {bnd.get('AP75', float('nan')):.1f}"]
+    lines = [
+        f"demo summary: detector {s.detector}; {s.train_images} train / {s.val_images} val synthetic images; "
+        f"MaskNet {s.iterations} iterations; train cache views {','.join(s.views)}",
+        f"  detector box AP (val): {s.box_ap:.1f}   AP50 {box.get('AP50', float('nan')):.1f}   "
+        f"AP75 {box.get('AP75', float('nan')):.1f}",
+        f"  mask AP (val):         {s.mask_ap:.1f}   AP50 {seg.get('AP50', float('nan')):.1f}   "
+        f"AP75 {seg.get('AP75', float('nan')):.1f}",
+        f"  boundary AP (val):     {s.boundary_ap:.1f}   AP50 {bnd.get('AP50', float('nan')):.1f}   "
+        f"AP75 {bnd.get('AP75', float('nan')):.1f}",
+    ]
     for split, b in s.cache_bytes.items():
         n = max(s.cache_images.get(split, 0), 1)
-        lines.append(f"  cache {split}: {_mb(b)} on disk ({b / n / 1e3:.1f} KB/image, {s.cache_images.get(split, 0)}"
-                     f" images)")
+        lines.append(
+            f"  cache {split}: {_mb(b)} on disk ({b / n / 1e3:.1f} KB/image, {s.cache_images.get(split, 0)} images)"
+        )
     lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.times.items()))
-    lines.append(f"  outputs: run {s.run_dir} (ckpt.pt, metrics.jsonl, val_results.json), curves {s.plot}, "
-                 f"overlays {s.out / 'predict' / 'overlays'} ({len(s.overlays)} PNG)")
+    lines.append(
+        f"  outputs: run {s.run_dir} (ckpt.pt, metrics.jsonl, val_results.json), curves {s.plot}, "
+        f"overlays {s.out / 'predict' / 'overlays'} ({len(s.overlays)} PNG)"
+    )
     return lines
-

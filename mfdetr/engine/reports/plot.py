@@ -65,12 +65,21 @@ def draw_panel(ax: Axes, series: Series, *, title: str, xlabel: str, ylabel: str
     ax.grid(True, color="0.9")
     for i, (name, s) in enumerate(series.items()):
         line = [(x, y) for x, y in s if math.isfinite(y)]
-        ax.plot([x for x, _ in line], [y for _, y in line], color=PALETTE[i % len(PALETTE)], linewidth=2,
-                marker="o" if len(line) <= 30 else None, markersize=5, label=name)
+        ax.plot(
+            [x for x, _ in line],
+            [y for _, y in line],
+            color=PALETTE[i % len(PALETTE)],
+            linewidth=2,
+            marker="o" if len(line) <= 30 else None,
+            markersize=5,
+            label=name,
+        )
     ax.legend(loc="best", fontsize="small")
 
 
-def run_series(run_dir: str | Path) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, float]]]]:
+def run_series(
+    run_dir: str | Path,
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, float]]]]:
     """(loss series, eval series) from ``<run>/metrics.jsonl``."""
     recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
     loss: dict[str, list[tuple[float, float]]] = {}
@@ -82,8 +91,9 @@ def run_series(run_dir: str | Path) -> tuple[dict[str, list[tuple[float, float]]
             if not isinstance(v, int | float) or isinstance(v, bool) or k == "step":
                 continue
             # the loss panel shows losses only; the AP panel the headline COCO numbers
-            if (train and not (k == "loss" or k.startswith("loss_"))) or \
-                    (not train and k not in ("AP", "AP50", "AP75", "box_AP")):
+            if (train and not (k == "loss" or k.startswith("loss_"))) or (
+                not train and k not in ("AP", "AP50", "AP75", "box_AP")
+            ):
                 continue
             target.setdefault(k, []).append((float(r["step"]), float(v)))
     return loss, ev

@@ -11,9 +11,21 @@ The jobs compose them: stage 2 cached / online / fine-tuning (:mod:`mfdetr.engin
 training of a detector from scratch (:mod:`mfdetr.engine.detector_training`).
 """
 
-from mfdetr.engine.training.hooks import (Checkpointer, Evaluation, LRSchedule, MetricsLog, Progress, StepSeed,
-                                          restore)
+from mfdetr.engine.training.hooks import Checkpointer, Evaluation, LRSchedule, MetricsLog, Progress, StepSeed, restore
 from mfdetr.engine.training.loop import AmpSettings, HookBase, StepRecord, TrainData, Trainer, TrainModel
 
-__all__ = ["AmpSettings", "Checkpointer", "Evaluation", "HookBase", "LRSchedule", "MetricsLog", "Progress",
-           "StepRecord", "StepSeed", "TrainData", "TrainModel", "Trainer", "restore"]
+__all__ = [
+    "AmpSettings",
+    "Checkpointer",
+    "Evaluation",
+    "HookBase",
+    "LRSchedule",
+    "MetricsLog",
+    "Progress",
+    "StepRecord",
+    "StepSeed",
+    "TrainData",
+    "TrainModel",
+    "Trainer",
+    "restore",
+]

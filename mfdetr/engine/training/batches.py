@@ -32,9 +32,17 @@ class LoaderData:
         pin_memory, num_workers, prefetch_factor: DataLoader settings.
     """
 
-    def __init__(self, dataset: Dataset[Any], plan: EpochPlan, *, collate: Callable[[list[Any]], Any],
-                 prepare: Callable[[Any, torch.device], Any] | None = None, pin_memory: bool = False,
-                 num_workers: int = 0, prefetch_factor: int = 2) -> None:
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        plan: EpochPlan,
+        *,
+        collate: Callable[[list[Any]], Any],
+        prepare: Callable[[Any, torch.device], Any] | None = None,
+        pin_memory: bool = False,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+    ) -> None:
         self.dataset, self.plan, self.collate, self.prepare = dataset, plan, collate, prepare
         self.options = {"pin_memory": bool(pin_memory), **loader_options(num_workers, prefetch_factor)}
 

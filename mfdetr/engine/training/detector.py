@@ -50,8 +50,15 @@ class DinoTraining:
 
     unused_parameters = False
 
-    def __init__(self, network: DinoDetector, criterion: SetCriterion, *, loss: LossOptions, seed: int,
-                 groups: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        network: DinoDetector,
+        criterion: SetCriterion,
+        *,
+        loss: LossOptions,
+        seed: int,
+        groups: list[dict[str, Any]],
+    ) -> None:
         self.network, self.criterion, self.loss, self.seed, self.groups = network, criterion, loss, int(seed), groups
 
     def to(self, device: torch.device) -> None:
@@ -65,10 +72,16 @@ class DinoTraining:
         model, lo = self.network, self.loss
         dn = None
         if lo.dn_number > 0:  # the noise of step s is a function of (seed, s): exact resume
-            dn = prepare_cdn(batch.targets, label_enc=model.label_enc, num_classes=model.preset.num_classes,
-                             num_queries=model.transformer.num_queries, dn_number=lo.dn_number,
-                             label_noise_ratio=lo.dn_label_noise_ratio, box_noise_scale=lo.dn_box_noise_scale,
-                             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+            dn = prepare_cdn(
+                batch.targets,
+                label_enc=model.label_enc,
+                num_classes=model.preset.num_classes,
+                num_queries=model.transformer.num_queries,
+                dn_number=lo.dn_number,
+                label_noise_ratio=lo.dn_label_noise_ratio,
+                box_noise_scale=lo.dn_box_noise_scale,
+                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step),
+            )
         loss, parts = self.criterion(dino_train_forward(net, batch.images, batch.pad_mask, dn), batch.targets)
         return {"loss": loss, **{k: torch.tensor(v) for k, v in parts.items() if k != "loss"}}
 
@@ -88,8 +101,9 @@ class DetectionBatches:
     """:class:`~mfdetr.engine.training.loop.TrainData` of a detection split: epoch ``e``'s first
     ``steps_per_epoch`` seeded batches of one input size, flipped per image."""
 
-    def __init__(self, dataset: DetectionTrainSet, *, batch_size: int, steps_per_epoch: int, seed: int,
-                 hflip: float) -> None:
+    def __init__(
+        self, dataset: DetectionTrainSet, *, batch_size: int, steps_per_epoch: int, seed: int, hflip: float
+    ) -> None:
         self.dataset, self.batch_size, self.steps_per_epoch = dataset, int(batch_size), int(steps_per_epoch)
         self.seed, self.hflip = int(seed), float(hflip)
 
@@ -98,7 +112,7 @@ class DetectionBatches:
         while step < stop:
             epoch, pos = divmod(step, self.steps_per_epoch)
             order = epoch_batches(self.dataset.groups, self.batch_size, seed=self.seed, epoch=epoch)
-            for idx in order[pos:self.steps_per_epoch][: stop - step]:
+            for idx in order[pos : self.steps_per_epoch][: stop - step]:
                 b = self.dataset.batch(idx, epoch=epoch, seed=self.seed, hflip=self.hflip)
                 yield _Batch(images=b.images, pad_mask=b.pad_mask, targets=b.targets, image_ids=b.image_ids)
                 step += 1
@@ -120,8 +134,12 @@ class EpochDrop:
         return lr
 
     def state_dict(self) -> dict[str, object]:
-        return {"lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "drop_epoch": self.drop_epoch,
-                "factor": self.factor}
+        return {
+            "lr": self.lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "drop_epoch": self.drop_epoch,
+            "factor": self.factor,
+        }
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -140,8 +158,9 @@ def _console(log: Callable[[str], None], epoch_of: Callable[[int], int]) -> Call
     return echo
 
 
-def _evaluation(cfg: DetTrainConfig, out: Path, spe: int, metrics: MetricsLog,
-                log: Callable[[str], None]) -> Evaluation:
+def _evaluation(
+    cfg: DetTrainConfig, out: Path, spe: int, metrics: MetricsLog, log: Callable[[str], None]
+) -> Evaluation:
     """Box AP on the validation split at the end of every ``eval_every_epochs``-th epoch, and that
     epoch's weights (``weights_epoch<n>.pt``)."""
     o, d = cfg.train, cfg.data
@@ -155,12 +174,24 @@ def _evaluation(cfg: DetTrainConfig, out: Path, spe: int, metrics: MetricsLog,
         metrics.log("eval", step, ap, epoch=step // spe, val=ap)
         log(f"step={step} val box " + " ".join(f"{k}={v:.2f}" for k, v in ap.items()))
 
-    return Evaluation(evaluate, when=lambda s: s % spe == 0 and o.eval_every_epochs > 0 and bool(d.val_split)
-                      and (s // spe) % o.eval_every_epochs == 0, at_end=False, report=report)
+    return Evaluation(
+        evaluate,
+        when=lambda s: (
+            s % spe == 0 and o.eval_every_epochs > 0 and bool(d.val_split) and (s // spe) % o.eval_every_epochs == 0
+        ),
+        at_end=False,
+        report=report,
+    )
 
 
-def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True, max_steps: int | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+def train_detector(
+    cfg: DetTrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = True,
+    max_steps: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train (or resume) a detector; returns a summary (steps, seconds, last losses, last AP).
 
     Args:
@@ -176,9 +207,14 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
         raise MfdetrError("data.root is not set: pass the COCO-format folder (e.g. data.root=DIR)")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     model = build_trainable(cfg.preset, seed=o.seed)
-    train_set = DetectionTrainSet(cfg.data.root, cfg.data.train_split, preprocessing=model.preset.preprocessing,
-                                  class_to_category=model.preset.class_to_category,
-                                  max_images=cfg.data.max_train_images, by_size=cfg.data.batch_by_size)
+    train_set = DetectionTrainSet(
+        cfg.data.root,
+        cfg.data.train_split,
+        preprocessing=model.preset.preprocessing,
+        class_to_category=model.preset.class_to_category,
+        max_images=cfg.data.max_train_images,
+        by_size=cfg.data.batch_by_size,
+    )
     spe = min_batches(train_set.groups, o.batch_size)  # every epoch has at least this many
     if spe <= 0:
         raise MfdetrError(f"{len(train_set)} training images < batch size {o.batch_size}")
@@ -187,21 +223,34 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
     ckpt_path = out / "checkpoint.pt"
     state = _read_state(ckpt_path) if resume and ckpt_path.is_file() else None
     epoch_of = lambda s: s // spe  # noqa: E731
-    metrics = MetricsLog(lambda start: MetricLogger(out, resume_step=start if state is not None else None,
-                                                    name="log.jsonl"),
-                         every=o.log_every, epoch_of=epoch_of, echo=_console(log, epoch_of))
-    saver = Checkpointer(ckpt_path, every=o.checkpoint_every,
-                         extra=lambda s: {"epoch": epoch_of(s), "config": to_dict(cfg)})
-    hooks = [LRSchedule(EpochDrop(lr=o.lr, steps_per_epoch=spe, drop_epoch=o.lr_drop_epoch, factor=o.lr_drop_factor)),
-             metrics, saver, _evaluation(cfg, out, spe, metrics, log)]
-    trainer = Trainer(model=task, data=DetectionBatches(train_set, batch_size=o.batch_size, steps_per_epoch=spe,
-                                                        seed=o.seed, hflip=cfg.data.hflip),
-                      optimizer=torch.optim.AdamW(task.param_groups(), lr=o.lr, weight_decay=o.weight_decay),
-                      hooks=hooks, ctx=DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                                                   backend=None),
-                      start=0, stop=total if max_steps is None else min(total, max_steps),
-                      clip_grad_norm=o.clip_grad_norm,
-                      interrupt=lambda t: Interrupted(step=t.step, checkpoint=ckpt_path))
+    metrics = MetricsLog(
+        lambda start: MetricLogger(out, resume_step=start if state is not None else None, name="log.jsonl"),
+        every=o.log_every,
+        epoch_of=epoch_of,
+        echo=_console(log, epoch_of),
+    )
+    saver = Checkpointer(
+        ckpt_path, every=o.checkpoint_every, extra=lambda s: {"epoch": epoch_of(s), "config": to_dict(cfg)}
+    )
+    hooks = [
+        LRSchedule(EpochDrop(lr=o.lr, steps_per_epoch=spe, drop_epoch=o.lr_drop_epoch, factor=o.lr_drop_factor)),
+        metrics,
+        saver,
+        _evaluation(cfg, out, spe, metrics, log),
+    ]
+    trainer = Trainer(
+        model=task,
+        data=DetectionBatches(
+            train_set, batch_size=o.batch_size, steps_per_epoch=spe, seed=o.seed, hflip=cfg.data.hflip
+        ),
+        optimizer=torch.optim.AdamW(task.param_groups(), lr=o.lr, weight_decay=o.weight_decay),
+        hooks=hooks,
+        ctx=DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None),
+        start=0,
+        stop=total if max_steps is None else min(total, max_steps),
+        clip_grad_norm=o.clip_grad_norm,
+        interrupt=lambda t: Interrupted(step=t.step, checkpoint=ckpt_path),
+    )
     if state is not None:
         model.load_state_dict(state["model"])
         restore(trainer, state, path=ckpt_path)
@@ -215,10 +264,14 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, *, resume: bool = True,
 
 def _criterion(lo: LossOptions) -> SetCriterion:
     """The detection loss of the recipe's ``[loss]`` (Hungarian matching costs, loss weights)."""
-    return SetCriterion(matcher=HungarianMatcher(cost_class=lo.cost_class, cost_bbox=lo.cost_bbox,
-                                                 cost_giou=lo.cost_giou),
-                        weight_ce=lo.weight_ce, weight_bbox=lo.weight_bbox, weight_giou=lo.weight_giou,
-                        aux=lo.aux, enc=lo.enc)
+    return SetCriterion(
+        matcher=HungarianMatcher(cost_class=lo.cost_class, cost_bbox=lo.cost_bbox, cost_giou=lo.cost_giou),
+        weight_ce=lo.weight_ce,
+        weight_bbox=lo.weight_bbox,
+        weight_giou=lo.weight_giou,
+        aux=lo.aux,
+        enc=lo.enc,
+    )
 
 
 def _summary(trainer: Trainer, ev: Any, *, epoch: int, total: int, t0: float) -> dict[str, Any]:

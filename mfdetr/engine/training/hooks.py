@@ -73,8 +73,14 @@ class MetricsLog(HookBase):
         echo: also called with each record (a console line).
     """
 
-    def __init__(self, open_log: Callable[[int], MetricLogger] | None, *, every: int,
-                 epoch_of: Callable[[int], int], echo: Callable[[int, dict[str, float]], None] | None = None) -> None:
+    def __init__(
+        self,
+        open_log: Callable[[int], MetricLogger] | None,
+        *,
+        every: int,
+        epoch_of: Callable[[int], int],
+        echo: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
         self.open_log, self.every, self.epoch_of, self.echo = open_log, max(1, int(every)), epoch_of, echo
         self.logger: MetricLogger | None = None
         self.window: dict[str, list[float]] = {}
@@ -130,15 +136,23 @@ class Progress(HookBase):
     def before_train(self, trainer: Trainer) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.total, initial=trainer.step, desc="train", unit="it", dynamic_ncols=True,
-                        file=sys.stderr, mininterval=1.0)
+        self.bar = tqdm(
+            total=self.total,
+            initial=trainer.step,
+            desc="train",
+            unit="it",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=1.0,
+        )
 
     def after_step(self, trainer: Trainer) -> None:
         m = trainer.logged
         if m is not None:
             pos = {"pos_img": f"{m['pos_per_image']:.1f}"} if "pos_per_image" in m else {}
-            self.bar.set_postfix(loss=f"{m.get('loss', math.nan):.4f}", img_s=f"{m['img_s']:.1f}",
-                                 lr=f"{m['lr']:.2e}", **pos)
+            self.bar.set_postfix(
+                loss=f"{m.get('loss', math.nan):.4f}", img_s=f"{m['img_s']:.1f}", lr=f"{m['lr']:.2e}", **pos
+            )
         self.bar.update(1)
 
     def on_interrupt(self, trainer: Trainer) -> None:
@@ -155,8 +169,14 @@ class Checkpointer(HookBase):
     atomically to ``path`` every ``every`` steps, at the end, and on Ctrl-C (one process); with ``keep``
     also to ``<path stem>_<step>.pt``. Weights that are not finite are never written."""
 
-    def __init__(self, path: str | Path, *, every: int = 0, keep: bool = False,
-                 extra: Callable[[int], Mapping[str, Any]] = lambda step: {}) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        every: int = 0,
+        keep: bool = False,
+        extra: Callable[[int], Mapping[str, Any]] = lambda step: {},
+    ) -> None:
         self.path, self.every, self.keep, self.extra = Path(path), int(every), bool(keep), extra
 
     def after_step(self, trainer: Trainer) -> None:
@@ -178,9 +198,11 @@ class Checkpointer(HookBase):
         ctx, step = trainer.ctx, trainer.step
         bad = [n for n, p in trainer.model.network.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
-            raise MfdetrError(f"non-finite weights after step {step} ({', '.join(bad[:4])}): not saved, "
-                              f"{'the last good checkpoint is kept' if self.path.is_file() else 'no checkpoint'}",
-                              path=self.path)
+            raise MfdetrError(
+                f"non-finite weights after step {step} ({', '.join(bad[:4])}): not saved, "
+                f"{'the last good checkpoint is kept' if self.path.is_file() else 'no checkpoint'}",
+                path=self.path,
+            )
         rngs = gather_rng(ctx)
         if ctx.is_main:
             state = {**trainer.state_dict(), "rng": dict(enumerate(rngs)), **self.extra(step)}
@@ -217,8 +239,11 @@ def restore(trainer: Trainer, ckpt: Mapping[str, Any], *, path: str | Path) -> N
         if rng is not None:
             restore_rng(rng)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise MfdetrError(f"damaged checkpoint: cannot restore the training state ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:160]})", path=path) from None
+        raise MfdetrError(
+            f"damaged checkpoint: cannot restore the training state ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:160]})",
+            path=path,
+        ) from None
 
 
 class Evaluation(HookBase):
@@ -226,8 +251,14 @@ class Evaluation(HookBase):
     ``when(step)`` holds, and after the last step (``at_end``; else only if ``when`` holds there); every process stops if it fails. ``report(step, metrics)``
     records the result; the last one is kept in ``metrics``."""
 
-    def __init__(self, fn: Callable[[torch.nn.Module, int], Mapping[str, Any]], *, when: Callable[[int], bool],
-                 at_end: bool = True, report: Callable[[int, dict[str, Any]], None] = lambda s, m: None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[torch.nn.Module, int], Mapping[str, Any]],
+        *,
+        when: Callable[[int], bool],
+        at_end: bool = True,
+        report: Callable[[int, dict[str, Any]], None] = lambda s, m: None,
+    ) -> None:
         self.fn, self.when, self.at_end, self.report = fn, when, at_end, report
         self.metrics: dict[str, Any] = {}
 
@@ -255,5 +286,14 @@ class Evaluation(HookBase):
             self.report(trainer.step, self.metrics)
 
 
-__all__ = ["Checkpointer", "Evaluation", "LRSchedule", "MetricsLog", "Progress", "Schedule", "StepSeed", "gather_rng",
-           "restore"]
+__all__ = [
+    "Checkpointer",
+    "Evaluation",
+    "LRSchedule",
+    "MetricsLog",
+    "Progress",
+    "Schedule",
+    "StepSeed",
+    "gather_rng",
+    "restore",
+]

@@ -150,10 +150,22 @@ class Trainer:
         nonfinite: builds the error for a non-finite loss from ``(losses, image ids)``.
     """
 
-    def __init__(self, *, model: TrainModel, data: TrainData, optimizer: torch.optim.Optimizer,
-                 hooks: Sequence[HookBase], ctx: DistContext, start: int, stop: int, amp: AmpSettings | None = None,
-                 clip_grad_norm: float = 0.0, find_unused_parameters: bool = False, interrupt: Callable[[Trainer], BaseException] | None = None,
-                 nonfinite: Callable[[Trainer, Mapping[str, Tensor], list[Any]], Exception] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        model: TrainModel,
+        data: TrainData,
+        optimizer: torch.optim.Optimizer,
+        hooks: Sequence[HookBase],
+        ctx: DistContext,
+        start: int,
+        stop: int,
+        amp: AmpSettings | None = None,
+        clip_grad_norm: float = 0.0,
+        find_unused_parameters: bool = False,
+        interrupt: Callable[[Trainer], BaseException] | None = None,
+        nonfinite: Callable[[Trainer, Mapping[str, Tensor], list[Any]], Exception] | None = None,
+    ) -> None:
         self.model, self.data, self.optimizer, self.hooks, self.ctx = model, data, optimizer, list(hooks), ctx
         self.step, self.stop = int(start), int(stop)
         self.amp = amp or AmpSettings()
@@ -162,8 +174,9 @@ class Trainer:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.net: nn.Module = model.network
         if ctx.distributed:
-            self.net = nn.parallel.DistributedDataParallel(model.network, device_ids=None,
-                                                           find_unused_parameters=find_unused_parameters or model.unused_parameters)
+            self.net = nn.parallel.DistributedDataParallel(
+                model.network, device_ids=None, find_unused_parameters=find_unused_parameters or model.unused_parameters
+            )
         self._interrupt = interrupt or (lambda t: KeyboardInterrupt())
         self._nonfinite = nonfinite or _nonfinite_error
         self.last = StepRecord()
@@ -215,9 +228,12 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's state and every hook's (``model``, ``optimizer``, ``scaler``, ``step``, ...)."""
-        state: dict[str, Any] = {"model": self.model.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                                 "step": self.step}
+        state: dict[str, Any] = {
+            "model": self.model.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": self.step,
+        }
         for h in self.hooks:
             state.update(h.state_dict())
         return state
@@ -233,8 +249,9 @@ class Trainer:
 
 def _nonfinite_error(trainer: Trainer, losses: Mapping[str, Tensor], image_ids: list[Any]) -> Exception:
     parts = ", ".join(f"{k} {float(v.detach()):g}" for k, v in losses.items())
-    return MfdetrError(f"non-finite loss at step {trainer.step + 1} on image ids {image_ids} ({parts}); "
-                       "training stopped")
+    return MfdetrError(
+        f"non-finite loss at step {trainer.step + 1} on image ids {image_ids} ({parts}); training stopped"
+    )
 
 
 __all__ = ["AmpSettings", "HookBase", "ParamGroup", "StepRecord", "TrainData", "TrainModel", "Trainer", "loss_total"]

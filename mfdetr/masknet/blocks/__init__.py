@@ -26,7 +26,18 @@ from mfdetr.masknet.blocks.registry import (
 from mfdetr.masknet.blocks.swin import SwinBlock, WindowAttention
 
 __all__ = [
-    "FFN", "Attention", "BlockArgs", "ConvNeXtBlock", "EncoderBlock", "FirstLevelBlock", "SwinBlock",
-    "WindowAttention", "block_names", "check_block_name", "get_block", "masked_fill_outside", "register_block",
+    "FFN",
+    "Attention",
+    "BlockArgs",
+    "ConvNeXtBlock",
+    "EncoderBlock",
+    "FirstLevelBlock",
+    "SwinBlock",
+    "WindowAttention",
+    "block_names",
+    "check_block_name",
+    "get_block",
+    "masked_fill_outside",
+    "register_block",
     "valid_mask",
 ]

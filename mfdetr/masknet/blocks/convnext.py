@@ -49,8 +49,9 @@ class ConvNeXtBlocks(FirstLevelBlock):
             x = masked_fill_outside(layer(x), valid_hw)
         return x
 
-    def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *,
-                    checkpoint_tokens: int = 0) -> Tensor:
+    def encode_rois(
+        self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *, checkpoint_tokens: int = 0
+    ) -> Tensor:
         x = rois
         for layer in layers:
             x = layer(x)

@@ -24,8 +24,17 @@ from mfdetr.ops import shapes_tensor
 
 
 def _layers(count: int, args: BlockArgs, levels: int) -> list[nn.Module]:
-    return [DeformableEncoderLayer(dim=args.dim, levels=levels, heads=args.heads, points=args.points,
-                                   ffn_hidden=args.ffn_hidden, activation="gelu") for _ in range(count)]
+    return [
+        DeformableEncoderLayer(
+            dim=args.dim,
+            levels=levels,
+            heads=args.heads,
+            points=args.points,
+            ffn_hidden=args.ffn_hidden,
+            activation="gelu",
+        )
+        for _ in range(count)
+    ]
 
 
 def reference_points_from_sizes(valid_hw: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
@@ -58,8 +67,17 @@ class DeformableBlocks(EncoderBlock):
             nn.init.normal_(pos, std=0.02)
         return mods, pos
 
-    def encode_maps(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None, *,
-                    first_level_only: bool, needed: Tensor | None = None, checkpoint_tokens: int = 0) -> list[Tensor]:
+    def encode_maps(
+        self,
+        layers: nn.ModuleList,
+        maps: list[Tensor],
+        valid_hw: Tensor,
+        embed: Tensor | None,
+        *,
+        first_level_only: bool,
+        needed: Tensor | None = None,
+        checkpoint_tokens: int = 0,
+    ) -> list[Tensor]:
         ckpt = checkpoint_tokens or None
         if needed is not None and first_level_only and len(layers):
             return [self._first_level_where(layers, maps, valid_hw, embed, needed, ckpt)]
@@ -71,10 +89,10 @@ class DeformableBlocks(EncoderBlock):
         for i, layer in enumerate(layers):
             n_out = shapes[0][0] * shapes[0][1] if first_level_only and i == last else None
             src = layer(src, pos_t, ref, shapes, pad, num_out=n_out, checkpoint_tokens=ckpt)
-        src = src.masked_fill(pad[:, :src.shape[1], None], 0.0)
+        src = src.masked_fill(pad[:, : src.shape[1], None], 0.0)
         out, start = [], 0
         for h, w in shapes[:1] if first_level_only else shapes:
-            out.append(src[:, start:start + h * w].transpose(1, 2).reshape(b, d, h, w))
+            out.append(src[:, start : start + h * w].transpose(1, 2).reshape(b, d, h, w))
             start += h * w
         return out
 
@@ -94,8 +112,15 @@ class DeformableBlocks(EncoderBlock):
         pad = ~torch.cat([valid_mask(vhw[:, lvl], hw).flatten(1) for lvl, hw in enumerate(shapes)], 1)
         return src, pos_t, pad, reference_points_from_sizes(vhw, shapes)
 
-    def _first_level_where(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None,
-                           needed: Tensor, ckpt: int | None) -> Tensor:
+    def _first_level_where(
+        self,
+        layers: nn.ModuleList,
+        maps: list[Tensor],
+        valid_hw: Tensor,
+        embed: Tensor | None,
+        needed: Tensor,
+        ckpt: int | None,
+    ) -> Tensor:
         """E_1 [B, d, H_1, W_1] exact at the ``needed`` [B, H_1, W_1] tokens and zero elsewhere: the last
         layer updates only those tokens (every earlier layer still updates all, as they are its values)."""
         b, d, h, w = maps[0].shape
@@ -103,7 +128,7 @@ class DeformableBlocks(EncoderBlock):
         shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
         for layer in layers[:-1]:
             src = layer(src, pos, ref, shapes, pad, checkpoint_tokens=ckpt)
-        keep = needed.flatten(1) & ~pad[:, :h * w]
+        keep = needed.flatten(1) & ~pad[:, : h * w]
         count = keep.sum(1)
         m = max(int(count.max()), 1)
         # each image's kept tokens first, in token order; the rest of its M rows go to a spare slot h·w
@@ -112,10 +137,11 @@ class DeformableBlocks(EncoderBlock):
         out = layers[-1](src, pos, ref, shapes, pad, out_index=order, checkpoint_tokens=ckpt)
         slot = torch.where(filled, order, h * w)
         e1 = out.new_zeros(b, h * w + 1, d).scatter(1, slot[..., None].expand(-1, -1, d), out)
-        return e1[:, :h * w].transpose(1, 2).reshape(b, d, h, w)
+        return e1[:, : h * w].transpose(1, 2).reshape(b, d, h, w)
 
-    def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *,
-                    checkpoint_tokens: int = 0) -> Tensor:
+    def encode_rois(
+        self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *, checkpoint_tokens: int = 0
+    ) -> Tensor:
         n, _, s, _ = rois.shape
         tokens = rois.flatten(2).transpose(1, 2)
         # pixel centres of the S×S map, which has no padding (valid ratios 1)

@@ -60,8 +60,17 @@ class EncoderBlock(ABC):
         """``count`` blocks for the box encoder over S×S RoI maps, plus an optional embedding."""
 
     @abstractmethod
-    def encode_maps(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None, *,
-                    first_level_only: bool, needed: Tensor | None = None, checkpoint_tokens: int = 0) -> list[Tensor]:
+    def encode_maps(
+        self,
+        layers: nn.ModuleList,
+        maps: list[Tensor],
+        valid_hw: Tensor,
+        embed: Tensor | None,
+        *,
+        first_level_only: bool,
+        needed: Tensor | None = None,
+        checkpoint_tokens: int = 0,
+    ) -> list[Tensor]:
         """Image encoder: ``maps`` per level [B, d, H_l, W_l], zero outside ``valid_hw`` [B, L, 2] → the
         refined maps (zero outside); only E_1 (a one-element list) with ``first_level_only``.
 
@@ -70,8 +79,9 @@ class EncoderBlock(ABC):
         ``checkpoint_tokens``: see :class:`~mfdetr.masknet.config.MaskNetConfig` (a kind may ignore it)."""
 
     @abstractmethod
-    def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *,
-                    checkpoint_tokens: int = 0) -> Tensor:
+    def encode_rois(
+        self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *, checkpoint_tokens: int = 0
+    ) -> Tensor:
         """Box encoder: ``rois`` [N, D, S, S] → tokens [N, S·S, D] (row-major over each RoI)."""
 
 
@@ -82,8 +92,17 @@ class FirstLevelBlock(EncoderBlock):
     def encode_map(self, layers: nn.ModuleList, x: Tensor, valid_hw: Tensor) -> Tensor:
         """E_1 [B, d, H, W] with valid sizes [B, 2] → refined [B, d, H, W] (any values outside)."""
 
-    def encode_maps(self, layers: nn.ModuleList, maps: list[Tensor], valid_hw: Tensor, embed: Tensor | None, *,
-                    first_level_only: bool, needed: Tensor | None = None, checkpoint_tokens: int = 0) -> list[Tensor]:
+    def encode_maps(
+        self,
+        layers: nn.ModuleList,
+        maps: list[Tensor],
+        valid_hw: Tensor,
+        embed: Tensor | None,
+        *,
+        first_level_only: bool,
+        needed: Tensor | None = None,
+        checkpoint_tokens: int = 0,
+    ) -> list[Tensor]:
         v0 = valid_hw[:, 0]
         x = masked_fill_outside(self.encode_map(layers, maps[0], v0), v0)
         return [x] if first_level_only else [x, *maps[1:]]

@@ -106,8 +106,12 @@ class SwinBlock(nn.Module):
 
 
 def _layers(count: int, args: BlockArgs, window: int) -> list[nn.Module]:
-    return [SwinBlock(dim=args.dim, heads=args.heads, window=window, shift=(window // 2) * (i % 2),
-                      ffn_hidden=args.ffn_hidden) for i in range(count)]
+    return [
+        SwinBlock(
+            dim=args.dim, heads=args.heads, window=window, shift=(window // 2) * (i % 2), ffn_hidden=args.ffn_hidden
+        )
+        for i in range(count)
+    ]
 
 
 @register_block("swin")
@@ -127,8 +131,9 @@ class SwinBlocks(FirstLevelBlock):
             y = layer(y, vm)
         return y.permute(0, 3, 1, 2)
 
-    def encode_rois(self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *,
-                    checkpoint_tokens: int = 0) -> Tensor:
+    def encode_rois(
+        self, layers: nn.ModuleList, rois: Tensor, embed: Tensor | None, *, checkpoint_tokens: int = 0
+    ) -> Tensor:
         n, c, s, _ = rois.shape
         y = rois.permute(0, 2, 3, 1)
         for layer in layers:
