@@ -79,16 +79,16 @@ class DeformableBlocks(EncoderBlock):
         checkpoint_tokens: int = 0,
     ) -> list[Tensor]:
         ckpt = checkpoint_tokens or None
-        if needed is not None and first_level_only and len(layers):
-            return [self._first_level_where(layers, maps, valid_hw, embed, needed, ckpt)]
         b, d = maps[0].shape[:2]
         shapes = [(m.shape[-2], m.shape[-1]) for m in maps]  # sizes, symbolic under export
-        vhw = valid_hw.to(maps[0].device)
-        src, pos_t, pad, ref = self._tokens(maps, vhw, embed)
-        last = len(layers) - 1
-        for i, layer in enumerate(layers):
-            n_out = shapes[0][0] * shapes[0][1] if first_level_only and i == last else None
-            src = layer(src, pos_t, ref, shapes, pad, num_out=n_out, checkpoint_tokens=ckpt)
+        src, pos_t, pad, ref = self._tokens(maps, shapes, valid_hw.to(maps[0].device), embed)
+        for layer in layers[:-1]:
+            src = layer(src, pos_t, ref, shapes, pad, checkpoint_tokens=ckpt)
+        if len(layers):
+            if first_level_only and needed is not None:
+                return [self._update_needed(layers[-1], src, pos_t, ref, shapes, pad, needed, ckpt)]
+            n_out = shapes[0][0] * shapes[0][1] if first_level_only else None
+            src = layers[-1](src, pos_t, ref, shapes, pad, num_out=n_out, checkpoint_tokens=ckpt)
         src = src.masked_fill(pad[:, : src.shape[1], None], 0.0)
         out, start = [], 0
         for h, w in shapes[:1] if first_level_only else shapes:
@@ -97,10 +97,11 @@ class DeformableBlocks(EncoderBlock):
         return out
 
     @staticmethod
-    def _tokens(maps: list[Tensor], vhw: Tensor, embed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _tokens(
+        maps: list[Tensor], shapes: list[tuple[int, int]], vhw: Tensor, embed: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Tokens [B, N, d] of all levels, their positions [B, N, d], padding [B, N] and reference points."""
         d = maps[0].shape[1]
-        shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
         pos = []
         for lvl, hw in enumerate(shapes):
@@ -112,29 +113,27 @@ class DeformableBlocks(EncoderBlock):
         pad = ~torch.cat([valid_mask(vhw[:, lvl], hw).flatten(1) for lvl, hw in enumerate(shapes)], 1)
         return src, pos_t, pad, reference_points_from_sizes(vhw, shapes)
 
-    def _first_level_where(
-        self,
-        layers: nn.ModuleList,
-        maps: list[Tensor],
-        valid_hw: Tensor,
-        embed: Tensor | None,
+    @staticmethod
+    def _update_needed(
+        layer: nn.Module,
+        src: Tensor,
+        pos: Tensor,
+        ref: Tensor,
+        shapes: list[tuple[int, int]],
+        pad: Tensor,
         needed: Tensor,
         ckpt: int | None,
     ) -> Tensor:
-        """E_1 [B, d, H_1, W_1] exact at the ``needed`` [B, H_1, W_1] tokens and zero elsewhere: the last
-        layer updates only those tokens (every earlier layer still updates all, as they are its values)."""
-        b, d, h, w = maps[0].shape
-        src, pos, pad, ref = self._tokens(maps, valid_hw.to(maps[0].device), embed)
-        shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
-        for layer in layers[:-1]:
-            src = layer(src, pos, ref, shapes, pad, checkpoint_tokens=ckpt)
+        """E_1 [B, d, H_1, W_1] after the last ``layer``, exact at the ``needed`` [B, H_1, W_1] tokens and zero
+        elsewhere: the layer updates only those tokens (all tokens of ``src`` still serve as its values)."""
+        (h, w), b, d = shapes[0], src.shape[0], src.shape[2]
         keep = needed.flatten(1) & ~pad[:, : h * w]
         count = keep.sum(1)
         m = max(int(count.max()), 1)
         # each image's kept tokens first, in token order; the rest of its M rows go to a spare slot h·w
         order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :m]
         filled = torch.arange(m, device=src.device)[None] < count[:, None]
-        out = layers[-1](src, pos, ref, shapes, pad, out_index=order, checkpoint_tokens=ckpt)
+        out = layer(src, pos, ref, shapes, pad, out_index=order, checkpoint_tokens=ckpt)
         slot = torch.where(filled, order, h * w)
         e1 = out.new_zeros(b, h * w + 1, d).scatter(1, slot[..., None].expand(-1, -1, d), out)
         return e1[:, : h * w].transpose(1, 2).reshape(b, d, h, w)
