@@ -51,20 +51,18 @@ DEMO = [
 
 
 def dump(cache: str, out: Path, images: int, batch_size: int, enc_layer: int) -> int:
-    """Read ``images`` cache images with this tree, collate batches and save them as plain tensors."""
-    from mfdetr.engine.cache_data import CacheDataset, open_annotations, open_cache
-    from mfdetr.engine.collate import collate_detector_outputs
+    """Read ``images`` cache images with this tree (as ``bench_masknet_step`` does), collate batches and save
+    them as plain tensors."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_masknet_step import load_batches
 
-    store = open_cache(cache, enc_layer=enc_layer, role="benchmark cache")
-    ds = CacheDataset(
-        store=store, coco_split=open_annotations(store, coco=None), enc_layer=enc_layer, max_images=images
-    )
+    spec = argparse.Namespace(cache=cache, coco=None, images=images, batch_size=batch_size)
+    batches, manifest = load_batches(spec, enc_layer, torch.device("cpu"))
     plain = []
-    for s in range(len(ds) // batch_size):
-        b = collate_detector_outputs([ds[s * batch_size + j] for j in range(batch_size)])
+    for b in batches:
         det = {f.name: getattr(b.det, f.name) for f in dataclasses.fields(b.det) if f.name != "extras"}
         plain.append({"det": det, "targets": [dataclasses.asdict(t) for t in b.targets]})
-    torch.save({"batches": plain, "manifest": dict(store.manifest)}, out)
+    torch.save({"batches": plain, "manifest": dict(manifest)}, out)
     return len(plain)
 
 
