@@ -45,3 +45,16 @@ def test_describe_tiny_explicit_features(tmp_path) -> None:
 
 def test_describe_unknown_detector_is_one_line_error() -> None:
     assert_user_error(cli("describe", "--detector", "no_such_detector", "--no-flops"), "no_such_detector")
+
+
+def test_flops_land_in_each_component_and_the_model_is_left_as_it_was() -> None:
+    """Every part's matmuls are counted under its own name (the image encoder's included), nothing is
+    left over, and counting leaves the model's training mode, gradients and folding as they were."""
+    from _masknet_models import build, make_det, tiny_cfg
+    from mfdetr.masknet.complexity import COMPONENTS, flops_by_component
+
+    model = build(tiny_cfg(["image_encoder.layers=1"])).train()
+    flops = flops_by_component(model, make_det(b=1, k=4))
+    assert all(flops[name] > 0 for name in COMPONENTS), flops
+    assert flops["other"] == 0 and flops["total"] == sum(flops[name] for name in COMPONENTS)
+    assert model.training and model.fold_linear_maps and all(p.requires_grad for p in model.parameters())

@@ -67,19 +67,28 @@ class BoxEncoder(nn.Module):
         return self.mapper(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(
-        self, f: Tensor, boxes: Tensor, input_hw: Tensor, valid_hw: Tensor, batch_idx: Tensor | None = None
+        self,
+        f: Tensor,
+        boxes: Tensor,
+        input_hw: Tensor,
+        valid_hw: Tensor,
+        batch_idx: Tensor | None = None,
+        *,
+        mapped: bool = False,
     ) -> Tensor:
         """R_i for every box.
 
         Args:
-            f: F [B, d, H1, W1] on the stride-4 grid, zero outside ``valid_hw`` [B, 2].
+            f: F [B, d, H1, W1] on the stride-4 grid, zero outside ``valid_hw`` [B, 2]; with ``mapped``
+                the channel mapper's output [B, D, H1, W1] (zero outside) instead.
             boxes: [B, K, 4] normalised cxcywh of the unpadded input image ``input_hw`` [B, 2]; or, with
                 ``batch_idx`` [N] (the image of each box), [N, 4].
 
         Returns:
             [B·K (or N), S·S, D] tokens R_i (row-major S×S grid over each box).
         """
-        f = masked_fill_outside(self.map_channels(f), valid_hw)  # the mapper's bias must not leak into padding
+        if not mapped:
+            f = masked_fill_outside(self.map_channels(f), valid_hw)  # the mapper's bias must not leak into padding
         return self.encode(self.roi_align(f, boxes, input_hw, batch_idx))
 
     def roi_align(self, f: Tensor, boxes: Tensor, input_hw: Tensor, batch_idx: Tensor | None = None) -> Tensor:

@@ -109,11 +109,13 @@ def flops_by_component(model: MaskNet, det: DetectorOutput) -> dict[str, int]:
     flags = [p.requires_grad for p in model.parameters()]
     # no autograd at all: torch's module tracker trips over views of parameters made under no_grad
     model.eval().requires_grad_(False)
+    fold, model.fold_linear_maps = model.fold_linear_maps, False  # each step where the paper counts it
     try:
         counter = FlopCounterMode(display=False, depth=None, custom_mapping=_CUSTOM_FLOPS)
         with torch.no_grad(), counter as fc:
             model(det)
     finally:
+        model.fold_linear_maps = fold
         model.train(was_training)
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)

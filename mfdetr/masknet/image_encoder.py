@@ -48,23 +48,22 @@ class ImageEncoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def forward(self, maps: list[Tensor], valid_hw: Tensor) -> list[Tensor]:
-        """``maps`` per level [B, d, H_l, W_l] zero outside ``valid_hw`` [B, L, 2] → same shapes, zero outside."""
+    def forward(
+        self, maps: list[Tensor], valid_hw: Tensor, *, first_level_only: bool = False, needed: Tensor | None = None
+    ) -> list[Tensor]:
+        """``maps`` per level [B, d, H_l, W_l] zero outside ``valid_hw`` [B, L, 2] → same shapes, zero outside
+        (only E_1 with ``first_level_only``: see :meth:`first_level`)."""
         if not self.layers:
-            return maps
+            return maps[:1] if first_level_only else maps
         return self.kind.encode_maps(
-            self.layers, maps, valid_hw, self.level_embed, first_level_only=False, **self._options()
+            self.layers, maps, valid_hw, self.level_embed, first_level_only=first_level_only, **self._options(needed)
         )
 
     def first_level(self, maps: list[Tensor], valid_hw: Tensor, needed: Tensor | None = None) -> Tensor:
         """E_1 alone: ``forward(maps, valid_hw)[0]``, without updating the other levels' tokens in
         the last deformable layer (their outputs would not be used). With ``needed`` [B, H_1, W_1] bool,
         only those tokens are exact (the last deformable layer updates only them; the rest are zero)."""
-        if not self.layers:
-            return maps[0]
-        return self.kind.encode_maps(
-            self.layers, maps, valid_hw, self.level_embed, first_level_only=True, **self._options(needed)
-        )[0]
+        return self(maps, valid_hw, first_level_only=True, needed=needed)[0]
 
     def _options(self, needed: Tensor | None = None) -> dict[str, Any]:
         """The optional keywords of ``encode_maps`` that are set (a kind may predate them)."""

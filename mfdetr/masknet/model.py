@@ -85,6 +85,10 @@ class MaskNet(nn.Module):
         self.mask_head = mask_head
         self.mask_scoring = mask_scoring
 
+    #: compute the channel mapper, the neck and the upsampling of E_1 as one folded step (the same
+    #: function; :mod:`~mfdetr.masknet.complexity` turns it off to count each step as the paper does)
+    fold_linear_maps: bool = True
+
     # -- inputs --------------------------------------------------------------------------------
     def _check(self, det: DetectorOutput) -> list[Tensor]:
         if self.enc_layer not in det.enc_maps:
@@ -150,7 +154,8 @@ class MaskNet(nn.Module):
         needed = None
         if not full:  # the image encoder need only be exact where RoIAlign reads the selected boxes
             needed = roi_support(boxes[bi, qi], bi, input_hw, tuple(maps[0].shape[-2:]), self.level_strides[0], bsz)
-        f = self._features(det, maps, dtype, c1_hw, needed)
+        fold = self.roi and self.fold_linear_maps
+        f = self._features(det, maps, dtype, c1_hw, needed, fold)  # folded: already mapped to D
         common = {
             "boxes": boxes,
             "scores": det.scores[:, :k],
@@ -166,7 +171,7 @@ class MaskNet(nn.Module):
             return out if select is None else out.select(*select)
 
         q_in = queries if full else queries[bi, qi][None]  # O2O attends within each image's K queries
-        ml, iou = self._box_branch(f, q_in, boxes[bi, qi], bi, input_hw, c1_hw)
+        ml, iou = self._box_branch(f, q_in, boxes[bi, qi], bi, input_hw, c1_hw, fold)
         if full:
             s = self.roi_size
             out = MaskNetOutput(
@@ -194,39 +199,66 @@ class MaskNet(nn.Module):
         return bi, qi
 
     def _features(
-        self, det: DetectorOutput, maps: list[Tensor], dtype: torch.dtype, c1_hw: Tensor, needed: Tensor | None
+        self,
+        det: DetectorOutput,
+        maps: list[Tensor],
+        dtype: torch.dtype,
+        c1_hw: Tensor,
+        needed: Tensor | None,
+        fold: bool = False,
     ) -> Tensor:
         """Steps 1-3: F [B, d, H1, W1] on the stride-4 grid, zero outside ``c1_hw`` (exact where RoIAlign
-        reads when ``needed`` [B, H_1, W_1] marks the E_1 cells it reaches)."""
+        reads when ``needed`` [B, H_1, W_1] marks the E_1 cells it reaches).
+
+        With ``fold``: the box encoder's channel mapper applied to F ([B, D, H1, W1], zero outside). The
+        mapper is linear, so it runs on E_1 before the upsampling and is folded into the neck
+        (:meth:`Neck.mapped`): no d-channel map is built on the stride-4 grid."""
         level_hw = det.level_valid_hw.to(c1_hw.device)
         # 1. zero everything outside the valid regions (padding-invariance)
         maps = [masked_fill_outside(m.to(dtype), level_hw[:, lvl]) for lvl, m in enumerate(maps)]
         c1 = masked_fill_outside(det.c1.to(dtype), c1_hw)
         # 2. image feature encoder (eq. 5-8)
         e1 = self.image_encoder.first_level(maps, level_hw, needed)
+        mapper = self.box_encoder.mapper if fold and self.box_encoder is not None else None
+        weight = None if mapper is None else mapper.weight
+        if weight is not None:
+            e1 = F.conv2d(e1, weight[:, :, None, None])
         # 3. F = Neck(C1) + up(E_1) at stride 4 (eq. 1, 5, 14)
         f = self._upsample_to(e1, c1.shape[-2:])
         if self.fuse_c1:
-            f = f + (self._neck(c1, c1_hw) if self.neck is not None else c1)
+            if self.neck is not None:
+                f = f + self._neck(c1, c1_hw, weight, fold)
+            else:
+                f = f + (c1 if weight is None else F.conv2d(c1, weight[:, :, None, None]))
+        if mapper is not None:
+            f = f + mapper.bias[:, None, None]
         return masked_fill_outside(f, c1_hw)
 
-    def _neck(self, c1: Tensor, c1_hw: Tensor) -> Tensor:
-        """The neck on C1, recomputed in the backward pass under ``checkpoint_tokens`` (its normalisation
-        keeps several stride-4 maps otherwise)."""
+    def _neck(self, c1: Tensor, c1_hw: Tensor, weight: Tensor | None, fold: bool) -> Tensor:
+        """The neck on C1 (then ``weight``; folded into one map with ``fold``), recomputed in the backward
+        pass under ``checkpoint_tokens``."""
         assert self.neck is not None
+        fn, args = (self.neck.mapped, (c1, c1_hw, weight)) if fold else (self.neck, (c1, c1_hw))
         if self.image_encoder.checkpoint_tokens and torch.is_grad_enabled():
-            return checkpoint(self.neck, c1, c1_hw, use_reentrant=False)
-        return self.neck(c1, c1_hw)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _box_branch(
-        self, f: Tensor, queries: Tensor, boxes: Tensor, batch_idx: Tensor, input_hw: Tensor, c1_hw: Tensor
+        self,
+        f: Tensor,
+        queries: Tensor,
+        boxes: Tensor,
+        batch_idx: Tensor,
+        input_hw: Tensor,
+        c1_hw: Tensor,
+        mapped: bool,
     ) -> tuple[Tensor, Tensor | None]:
-        """Steps 4-5 for N = G·M queries (``queries`` [G, M, d]: groups of M queries that attend to each
+        """Steps 4-5 on ``f`` (F, or mapper(F) when ``mapped``) for N = G·M queries (``queries`` [G, M, d]: groups of M queries that attend to each
         other with O2O; ``boxes`` [N, 4] of images ``batch_idx`` [N], in the queries' row-major order):
         mask logits [N, S, S] and predicted IoU [N] (or ``None``)."""
         assert self.box_encoder is not None
         # 4. channel mapper, RoIAlign (eq. 3), box feature encoder (eq. 9)
-        tokens = self.box_encoder(f, boxes, input_hw, c1_hw, batch_idx=batch_idx)  # [N, S·S, D]
+        tokens = self.box_encoder(f, boxes, input_hw, c1_hw, batch_idx=batch_idx, mapped=mapped)  # [N, S·S, D]
         # 5. query encoder (eq. 10-11), mask head (eq. 4), mask scoring (eq. 12)
         n, s = int(boxes.shape[0]), self.roi_size
         q = queries if self.query_encoder is None else self.query_encoder(queries, tokens)
