@@ -83,3 +83,22 @@ def test_masknet_with_folded_maps_equals_the_steps_one_by_one(overrides: tuple[s
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-9, rtol=0), name
+
+
+def test_one_query_attention_folds_its_key_and_value_projections() -> None:
+    from mfdetr.masknet.blocks import Attention
+
+    torch.manual_seed(0)
+    att = Attention(q_dim=16, kv_dim=8, heads=4).double()
+    with torch.no_grad():
+        for p in att.parameters():
+            p.normal_()
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(5, 1, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(5, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ref, out = att(q, kv), att(q, kv, fold=True)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    inputs = [q, kv, *att.parameters()]
+    for a, b in zip(torch.autograd.grad(ref, inputs, grad), torch.autograd.grad(out, inputs, grad), strict=True):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)

@@ -85,8 +85,9 @@ class MaskNet(nn.Module):
         self.mask_head = mask_head
         self.mask_scoring = mask_scoring
 
-    #: compute the channel mapper, the neck and the upsampling of E_1 as one folded step (the same
-    #: function; :mod:`~mfdetr.masknet.complexity` turns it off to count each step as the paper does)
+    #: fold linear maps into their neighbours (the same function, less work): the channel mapper, the
+    #: neck and E_1's upsampling as one step, box-to-object attention's k/v projections into its query;
+    #: :mod:`~mfdetr.masknet.complexity` turns it off to count each step as the paper does
     fold_linear_maps: bool = True
 
     # -- inputs --------------------------------------------------------------------------------
@@ -261,7 +262,9 @@ class MaskNet(nn.Module):
         tokens = self.box_encoder(f, boxes, input_hw, c1_hw, batch_idx=batch_idx, mapped=mapped)  # [N, S·S, D]
         # 5. query encoder (eq. 10-11), mask head (eq. 4), mask scoring (eq. 12)
         n, s = int(boxes.shape[0]), self.roi_size
-        q = queries if self.query_encoder is None else self.query_encoder(queries, tokens)
+        q = queries
+        if self.query_encoder is not None:
+            q = self.query_encoder(queries, tokens, fold=self.fold_linear_maps)
         ml = self.mask_head(q.reshape(n, -1), tokens).view(n, s, s)
         iou = None if self.mask_scoring is None else self.mask_scoring(ml, tokens).view(n)
         return ml, iou

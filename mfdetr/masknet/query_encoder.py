@@ -46,8 +46,9 @@ class QueryEncoder(nn.Module):
     def empty(self) -> bool:
         return self.o2o is None and self.b2o is None and self.ffn is None
 
-    def forward(self, queries: Tensor, rois: Tensor | None) -> Tensor:
-        """``queries`` [B, K, d]; ``rois`` [B·K, S·S, D] (needed for B2O) → [B, K, d]."""
+    def forward(self, queries: Tensor, rois: Tensor | None, *, fold: bool = False) -> Tensor:
+        """``queries`` [B, K, d]; ``rois`` [B·K, S·S, D] (needed for B2O) → [B, K, d]. ``fold``: B2O projects
+        its query instead of the S·S tokens (:meth:`Attention.forward`; same result)."""
         q = queries
         if self.o2o is not None and self.o2o_norm is not None:
             q = self.o2o_norm(q + self.o2o(q, q))
@@ -56,7 +57,7 @@ class QueryEncoder(nn.Module):
                 raise ValueError("box-to-object attention needs the RoI features")
             b, k, d = q.shape
             qi = q.reshape(b * k, 1, d)
-            q = self.b2o_norm(qi + self.b2o(qi, rois.to(qi.dtype))).view(b, k, d)
+            q = self.b2o_norm(qi + self.b2o(qi, rois.to(qi.dtype), fold=fold)).view(b, k, d)
         if self.ffn is not None and self.ffn_norm is not None:
             q = self.ffn_norm(q + self.ffn(q))
         return q

@@ -39,13 +39,34 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, q_dim)
         self.v_proj = nn.Linear(kv_dim, q_dim)
 
-    def forward(self, q: Tensor, kv: Tensor) -> Tensor:
-        """``q`` [N, Lq, q_dim], ``kv`` [N, Lk, kv_dim] → [N, Lq, q_dim]."""
+    def forward(self, q: Tensor, kv: Tensor, *, fold: bool = False) -> Tensor:
+        """``q`` [N, Lq, q_dim], ``kv`` [N, Lk, kv_dim] → [N, Lq, q_dim].
+
+        ``fold`` (one query per row, ``Lq`` = 1): the key and value projections move to the query side,
+        ``q·(W_k t + b_k) = (W_kᵀ q)·t + q·b_k`` and ``Σ a (W_v t + b_v) = W_v (Σ a t) + b_v``, so the Lk
+        tokens are never projected. Same result."""
         n, lq, c = q.shape
         h = self.heads
+        if fold and lq == 1:
+            return self._one_query(q, kv)
 
         def split(t: Tensor) -> Tensor:
             return t.view(n, t.shape[1], h, c // h).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(split(self.q_proj(q)), split(self.k_proj(kv)), split(self.v_proj(kv)))
         return out.transpose(1, 2).reshape(n, lq, c)
+
+    def _one_query(self, q: Tensor, kv: Tensor) -> Tensor:
+        """:meth:`forward` for ``q`` [N, 1, q_dim] with the k/v projections folded into the query side."""
+        n, _, c = q.shape
+        h = self.heads
+        qh = self.q_proj(q).view(n, h, c // h)  # [N, h, dh]
+        wk = self.k_proj.weight.view(h, c // h, -1)  # [h, dh, kv_dim]
+        wv = self.v_proj.weight.view(h, c // h, -1)
+        scale = (c // h) ** -0.5
+        qk = torch.einsum("nhe,hed->nhd", qh, wk) * scale  # [N, h, kv_dim]
+        qb = (qh * self.k_proj.bias.view(h, -1)).sum(-1, keepdim=True) * scale  # [N, h, 1], q·b_k
+        attn = (torch.einsum("nhd,nld->nhl", qk, kv) + qb).softmax(-1)  # [N, h, Lk]
+        ctx = torch.einsum("nhl,nld->nhd", attn, kv)  # [N, h, kv_dim]
+        out = torch.einsum("nhd,hed->nhe", ctx, wv).reshape(n, 1, c)
+        return out + self.v_proj.bias
