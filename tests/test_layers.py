@@ -142,3 +142,29 @@ def test_ffn() -> None:
     x = torch.randn(3, 4)
     torch.testing.assert_close(f(x), f.fc2(torch.relu(f.fc1(x))), rtol=0, atol=0)
     assert [k for k in f.state_dict()] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_deformable_layer_on_a_flat_list_of_tokens_equals_those_rows_of_the_full_result(chunk: int | None) -> None:
+    """``out_rows``: some tokens of each image (none of one), one flat list, no padding; with checkpoint
+    chunks that straddle images. Outputs and every gradient equal the full layer's rows (float64)."""
+    from mfdetr.layers.deformable import TokenRows
+
+    torch.manual_seed(0)
+    layer = DeformableEncoderLayer(dim=16, levels=2, heads=2, points=2, ffn_hidden=24).double()
+    for p in layer.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    shapes = [(4, 5), (2, 3)]
+    src = torch.randn(3, 26, 16, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(1, 26, 16, dtype=torch.float64)
+    ref = torch.rand(3, 26, 2, 2, dtype=torch.float64)
+    rows = TokenRows(torch.tensor([0, 0, 0, 2, 2]), torch.tensor([1, 7, 19, 0, 4]), [3, 0, 2])
+    got = layer(src, pos, ref, shapes, out_rows=rows, checkpoint_tokens=chunk)
+    want = layer(src, pos, ref, shapes)[rows.batch, rows.token]
+    assert got.shape == (5, 16)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grad = torch.randn(got.shape, dtype=torch.float64)
+    inputs = [src, *layer.parameters()]
+    for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert rows.chunk_counts(2, 5) == [1, 0, 2] and rows.chunk_counts(0, 3) == [3, 0, 0]

@@ -104,3 +104,24 @@ def test_module_shapes_and_padding_ignored(ref_dim):
     out2 = m(q, ref, x2, ss, None, pad)
     assert out.shape == (1, 6, 16)
     torch.testing.assert_close(out, out2)
+
+
+def test_grouped_queries_equal_the_batched_op_per_image():
+    """Queries of several images in one flat list (counts per image, one image with none)."""
+    from mfdetr.ops.ms_deform_attn import ms_deform_attn_grouped
+
+    value, ss, loc, w = _inputs(bsz=3)
+    counts = [4, 0, 6]
+    flat_loc = torch.cat([loc[0, :4], loc[2, :6]])[None]
+    flat_w = torch.cat([w[0, :4], w[2, :6]])[None]
+    got = ms_deform_attn_grouped(value, ss, flat_loc, flat_w, counts)
+    full = ms_deform_attn(value, ss, loc, w)
+    want = torch.cat([full[0, :4], full[2, :6]])[None]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn(got.shape, dtype=got.dtype)
+    ga = torch.autograd.grad(got, [value, loc, w], g)
+    gb = torch.autograd.grad(want, [value, loc, w], g)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="counts"):
+        ms_deform_attn_grouped(value, ss, flat_loc, flat_w, [4, 6])

@@ -10,6 +10,7 @@ level over a RoI map); the computation is the same post-norm sequence for both::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -51,9 +52,22 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: Tensor, vali
     return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
 
 
-def _take(t: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` [B, M] of ``t`` [B, N, ...] → [B, M, ...]."""
-    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
+@dataclass(frozen=True)
+class TokenRows:
+    """Some tokens of each image of a batch, as one flat list: token ``token[i]`` of image ``batch[i]``
+    ([T] each), grouped by image in batch order, ``counts[b]`` of image b."""
+
+    batch: Tensor
+    token: Tensor
+    counts: list[int]
+
+    def chunk_counts(self, start: int, stop: int) -> list[int]:
+        """``counts`` of the rows ``start:stop``."""
+        out, first = [], 0
+        for c in self.counts:
+            out.append(max(0, min(stop, first + c) - max(start, first)))
+            first += c
+        return out
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -113,7 +127,7 @@ class DeformableEncoderLayer(nn.Module):
         *,
         level_start_index: Tensor | None = None,
         num_out: int | None = None,
-        out_index: Tensor | None = None,
+        out_rows: TokenRows | None = None,
         checkpoint_tokens: int | None = None,
     ) -> Tensor:
         """Update the tokens.
@@ -126,30 +140,35 @@ class DeformableEncoderLayer(nn.Module):
             level_start_index: [L] first token of each level (derived from the shapes when absent).
             num_out: compute only the first ``num_out`` tokens' outputs ([B, num_out, dim]); every
                 token still serves as a value, so these equal the first rows of the full result.
-            out_index: [B, M] token indices: compute only these tokens' outputs ([B, M, dim], row
-                ``m`` of image ``b`` being token ``out_index[b, m]`` of the full result).
+            out_rows: compute only these tokens' outputs, as one flat list ([T, dim], row i being token
+                ``out_rows.token[i]`` of image ``out_rows.batch[i]`` of the full result): no image is
+                padded to the others' count.
             checkpoint_tokens: when a gradient is recorded, update the output tokens in chunks of this
                 many, each recomputed in the backward pass instead of keeping its activations (the
                 values are projected once and kept): the layer's activation memory is that of one
                 chunk, for about one more forward pass of compute. Same results.
 
         Returns:
-            [B, N (or num_out, or M), dim].
+            [B, N (or num_out), dim], or [T, dim] with ``out_rows``.
         """
         x, p, ref = src, pos, reference_points
+        counts = None
         if num_out is not None:
             x, ref = src[:, :num_out], reference_points[:, :num_out]
             p = None if pos is None else pos[:, :num_out]
-        elif out_index is not None:
-            x, ref = _take(src, out_index), _take(reference_points, out_index)
-            p = None if pos is None else _take(pos.expand(src.shape[0], -1, -1), out_index)
+        elif out_rows is not None:
+            bi, ti, counts = out_rows.batch, out_rows.token, out_rows.counts
+            x, ref = src[bi, ti][None], reference_points[bi, ti][None]
+            p = None if pos is None else pos[bi if pos.shape[0] > 1 else 0, ti][None]
         value = self.self_attn.project_values(src, padding_mask)
         if not checkpoint_tokens or not torch.is_grad_enabled():
-            return self._update(x, p, ref, value, spatial_shapes)
-        out = []
+            out = self._update(x, p, ref, value, spatial_shapes, counts)
+            return out if counts is None else out[0]
+        parts = []
         for s in range(0, x.shape[1], checkpoint_tokens):
             part = slice(s, s + checkpoint_tokens)
-            out.append(
+            chunk = None if out_rows is None else out_rows.chunk_counts(s, s + checkpoint_tokens)
+            parts.append(
                 checkpoint(
                     self._update,
                     x[:, part],
@@ -157,15 +176,24 @@ class DeformableEncoderLayer(nn.Module):
                     ref[:, part],
                     value,
                     spatial_shapes,
+                    chunk,
                     use_reentrant=False,
                 )
             )
-        return torch.cat(out, 1)
+        out = torch.cat(parts, 1)
+        return out if counts is None else out[0]
 
     def _update(
-        self, x: Tensor, pos: Tensor | None, reference_points: Tensor, value: Tensor, spatial_shapes: SpatialShapes
+        self,
+        x: Tensor,
+        pos: Tensor | None,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: SpatialShapes,
+        counts: list[int] | None = None,
     ) -> Tensor:
-        """The output tokens of inputs ``x`` [B, Q, dim] at ``pos``, sampling the projected ``value``."""
+        """The output tokens of inputs ``x`` [B, Q, dim] at ``pos``, sampling the projected ``value``; with
+        ``counts``, ``x`` [1, T, dim] holds ``counts[b]`` tokens of image b in turn."""
         q = x if pos is None else x + pos
-        x = self.norm1(x + self.self_attn.attend(q, reference_points, value, spatial_shapes))
+        x = self.norm1(x + self.self_attn.attend(q, reference_points, value, spatial_shapes, counts=counts))
         return self.norm2(x + self.feed_forward(x))

@@ -105,6 +105,35 @@ def ms_deform_attn(
     return out.view(bsz, heads * dh, nq).transpose(1, 2).contiguous().to(value.dtype)
 
 
+def ms_deform_attn_grouped(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    counts: Sequence[int],
+) -> Tensor:
+    """:func:`ms_deform_attn` for queries of several images in one flat list: ``sampling_locations``
+    [1, T, H, L, P, 2] and ``attention_weights`` [1, T, H, L, P] hold ``counts[b]`` queries of image b of
+    ``value`` [B, S, H, Dh] in turn → [1, T, H·Dh] (no image padded to the others' count)."""
+    if len(counts) != value.shape[0] or sum(counts) != sampling_locations.shape[1]:
+        raise ValueError(
+            f"counts {list(counts)} do not fit {value.shape[0]} images and {sampling_locations.shape[1]} queries"
+        )
+    outs, start = [], 0
+    for b, c in enumerate(counts):
+        if c:
+            part = slice(start, start + c)
+            outs.append(
+                ms_deform_attn(
+                    value[b : b + 1], spatial_shapes, sampling_locations[:, part], attention_weights[:, part]
+                )
+            )
+        start += c
+    if not outs:
+        return value.new_zeros(1, 0, value.shape[2] * value.shape[3])
+    return torch.cat(outs, 1)
+
+
 def _compute_dtype(value: Tensor) -> torch.dtype:
     """Sampling runs in the value's dtype, except float32 for half values under autocast (as autocast
     itself runs ``grid_sample``)."""
@@ -272,9 +301,16 @@ class MSDeformAttn(nn.Module):
         return value.view(bsz, ns, self.n_heads, self.d_model // self.n_heads)
 
     def attend(
-        self, query: Tensor, reference_points: Tensor, value: Tensor, input_spatial_shapes: SpatialShapes
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        input_spatial_shapes: SpatialShapes,
+        *,
+        counts: Sequence[int] | None = None,
     ) -> Tensor:
-        """:meth:`forward` on values already projected (:meth:`project_values`)."""
+        """:meth:`forward` on values already projected (:meth:`project_values`). With ``counts``, ``query``
+        [1, T, d] (and its reference points) holds ``counts[b]`` queries of image b of ``value`` in turn."""
         bsz, nq, _ = query.shape
         offsets = self.sampling_offsets(query).view(bsz, nq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(bsz, nq, self.n_heads, self.n_levels * self.n_points)
@@ -292,5 +328,8 @@ class MSDeformAttn(nn.Module):
             )
         else:
             raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
-        out = ms_deform_attn(value, input_spatial_shapes, loc, weights)
+        if counts is None:
+            out = ms_deform_attn(value, input_spatial_shapes, loc, weights)
+        else:
+            out = ms_deform_attn_grouped(value, input_spatial_shapes, loc, weights, counts)
         return self.output_proj(out)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mfdetr.layers import DeformableEncoderLayer, encoder_reference_points, sine_pos_embed_from_sizes
+from mfdetr.layers.deformable import TokenRows
 from mfdetr.masknet.blocks.common import valid_mask
 from mfdetr.masknet.blocks.registry import BlockArgs, Built, EncoderBlock, register_block
 from mfdetr.ops import shapes_tensor
@@ -128,14 +129,14 @@ class DeformableBlocks(EncoderBlock):
         elsewhere: the layer updates only those tokens (all tokens of ``src`` still serve as its values)."""
         (h, w), b, d = shapes[0], src.shape[0], src.shape[2]
         keep = needed.flatten(1) & ~pad[:, : h * w]
-        count = keep.sum(1)
-        m = max(int(count.max()), 1)
-        # each image's kept tokens first, in token order; the rest of its M rows go to a spare slot h·w
-        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :m]
-        filled = torch.arange(m, device=src.device)[None] < count[:, None]
-        out = layer(src, pos, ref, shapes, pad, out_index=order, checkpoint_tokens=ckpt)
-        slot = torch.where(filled, order, h * w)
-        e1 = out.new_zeros(b, h * w + 1, d).scatter(1, slot[..., None].expand(-1, -1, d), out)
+        bi, ti = keep.nonzero(as_tuple=True)  # grouped by image, in token order
+        counts = keep.sum(1).tolist()
+        slot = ti
+        if bi.numel() == 0:  # one spare row keeps the layer in the autograd graph; it lands in a spare slot
+            bi = ti = torch.zeros(1, dtype=torch.long, device=src.device)
+            counts, slot = [1] + [0] * (b - 1), torch.full_like(ti, h * w)
+        out = layer(src, pos, ref, shapes, pad, out_rows=TokenRows(bi, ti, counts), checkpoint_tokens=ckpt)
+        e1 = out.new_zeros(b, h * w + 1, d).index_put((bi, slot), out)
         return e1[:, : h * w].transpose(1, 2).reshape(b, d, h, w)
 
     def encode_rois(
