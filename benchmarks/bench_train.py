@@ -11,7 +11,9 @@ rate is measured and printed), then times, each in its own child process (CPU: i
 - ``online``: the frozen detector on the images, then that same MaskNet step.
 
 Peak memory: CUDA — ``torch.cuda.max_memory_allocated`` per mode; CPU — the peak RSS of the mode's own
-process (everything it holds: MaskNet, the detector in online mode, batches, activations).
+process (everything it holds: MaskNet, the detector in online mode, batches, activations), and the peak of
+the live tensors of one more step (torch's ``MemTracker``: weights, optimizer state, batch, activations and
+temporaries; the figure a GPU would hold, without the process itself).
 
     python benchmarks/bench_train.py --detectors dino_r50 dino_focal hdetr_swinl --image-size 800 1066 \
         --images 2 --steps 2 --warmup 1 --batch-size 1                   # the README's CPU figures
@@ -180,6 +182,26 @@ def own_peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def tensor_peak_mib(run: Any, held: list[Any]) -> float:
+    """Peak bytes of live tensors (MiB) during ``run()``, counting the modules and optimizers ``held``."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    class NoModuleHooks(ModTracker):  # only the totals are read: no per-module hooks, which fail under
+        def __enter__(self) -> NoModuleHooks:  # inference mode (the frozen detector of the online step)
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            pass
+
+    tracker = MemTracker()
+    tracker._mod_tracker = NoModuleHooks()
+    tracker.track_external(*held)
+    with tracker:
+        run()
+    return max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()) / 2**20
+
+
 def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queue: Any = None) -> dict[str, float]:
     from mfdetr.cache import CacheStore
     from mfdetr.detectors import build_detector
@@ -244,6 +266,8 @@ def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queu
         res["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         res["peak_mem_mib"] = own_peak_rss_mib()
+        held = [model, opt] if step is None else [model, opt, step.detector]
+        res["peak_tensor_mib"] = tensor_peak_mib(lambda: one(args.warmup + args.steps), held)
     if queue is not None:
         queue.put(res)
     return res
@@ -281,10 +305,22 @@ def bench_detector(name: str, args: argparse.Namespace, enc_layer: int) -> dict[
             q = ctx.Queue()
             p = ctx.Process(target=run_mode, args=(m, args, work, name, q))
             p.start()
-            results[m] = q.get()
+            results[m] = child_result(p, q, m)
             p.join()
             print(f"[{name}] {m}: {json.dumps({k: round(v, 3) for k, v in results[m].items()})}", flush=True)
     return results
+
+
+def child_result(proc: Any, queue: Any, mode: str) -> dict[str, float]:
+    """The result ``proc`` puts on ``queue``; an error naming the mode if the process dies first."""
+    import queue as stdlib_queue
+
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except stdlib_queue.Empty:
+            if not proc.is_alive():
+                raise SystemExit(f"bench_train: the {mode} process exited with status {proc.exitcode}") from None
 
 
 def main() -> None:
@@ -317,18 +353,21 @@ def main() -> None:
         f"{args.steps} timed steps after {args.warmup} warm-up, K={args.topk}, {args.objects} GT objects/image, "
         f"{'random weights' if args.checkpoint is None else args.checkpoint}"
     )
-    print(f"{'detector':<14}{'mode':<13}{'pos/img':>8}{'s/step':>10}{'img/s':>9}{'peak MiB':>10}")
+    print(f"{'detector':<14}{'mode':<13}{'pos/img':>8}{'s/step':>10}{'img/s':>9}{'peak MiB':>10}{'tensors MiB':>12}")
     for name, res in table.items():
         for m, r in res.items():
             print(
                 f"{name:<14}{m:<13}{r['pos_per_img']:>8.1f}{r['s_per_step']:>10.3f}{r['img_per_s']:>9.3f}"
-                f"{r['peak_mem_mib']:>10.1f}"
+                f"{r['peak_mem_mib']:>10.1f}{r.get('peak_tensor_mib', float('nan')):>12.1f}"
             )
     for name, res in table.items():
         c, o, a = res["cached"], res["online"], res["cached-allK"]
+        tensors = ""
+        if "peak_tensor_mib" in c:
+            tensors = f" (live tensors {c['peak_tensor_mib'] / max(o['peak_tensor_mib'], 1e-9):.2f}x)"
         print(
             f"{name}: cached/online throughput {c['img_per_s'] / o['img_per_s']:.2f}x, peak memory "
-            f"cached/online {c['peak_mem_mib'] / max(o['peak_mem_mib'], 1e-9):.2f}x; MaskNet step "
+            f"cached/online {c['peak_mem_mib'] / max(o['peak_mem_mib'], 1e-9):.2f}x{tensors}; MaskNet step "
             f"all-K/positives-only {a['s_per_step'] / c['s_per_step']:.2f}x"
         )
 

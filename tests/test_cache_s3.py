@@ -179,6 +179,27 @@ def test_server_stopped_mid_write_is_one_line_and_resumable(s3: S3Server, coco: 
         again.stop()
 
 
+def test_unobserved_network_task_failures_print_no_traceback() -> None:
+    """Opening a store on S3 silences asyncio's traceback for a background client task that failed with a
+    network error nobody awaited (the failing operation itself reports one line); other task failures and
+    other asyncio reports still get through."""
+    import logging
+
+    import aiohttp
+
+    from mfdetr.cache.location import store_location
+
+    store_location("s3://some-bucket/c")
+    log = logging.getLogger("asyncio")
+
+    def record(exc: BaseException, msg: str = "Task exception was never retrieved") -> logging.LogRecord:
+        return log.makeRecord("asyncio", logging.ERROR, __file__, 1, msg, (), (type(exc), exc, None))
+
+    assert not log.filter(record(aiohttp.ClientConnectionResetError("Cannot write to closing transport")))
+    assert log.filter(record(ValueError("a bug")))
+    assert log.filter(record(aiohttp.ClientConnectionResetError("x"), "Unhandled error in exception handler"))
+
+
 def test_second_epoch_reads_nothing_from_the_server(s3: S3Server, coco: Path, reference: Path, tmp_path: Path) -> None:
     """The node-local read-through cache: every image read twice (two epochs), and once more by a store
     reopened in another process's way (unpickled, as a DataLoader worker): only the first epoch downloads."""

@@ -28,6 +28,7 @@ is taken over once it is older than :data:`STALE_CLAIM_S`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -90,6 +91,22 @@ def remote_error(where: Any, err: BaseException, doing: str, *, resumable: bool 
     return MfdetrError(f"cannot {doing}: {problem}{hint}{tail}", path=str(where))
 
 
+class _StorageTaskNoise(logging.Filter):
+    """Drops asyncio's report of a storage client's background task that failed unobserved ("Task exception
+    was never retrieved" with a network error): the operation that needed it fails too and is reported as
+    one line naming the store, so the report is only a second, traceback-shaped copy of that failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or storage_problem(exc) is None or "never retrieved" not in record.getMessage()
+
+
+def _quiet_storage_tasks() -> None:
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _StorageTaskNoise) for f in log.filters):
+        log.addFilter(_StorageTaskNoise())
+
+
 class RemotePath:
     """A file or folder of a store on an fsspec filesystem (see the module doc).
 
@@ -107,6 +124,7 @@ class RemotePath:
         import fsspec
 
         protocol = url.split("://", 1)[0]
+        _quiet_storage_tasks()
         try:
             fs, path = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as e:
