@@ -72,7 +72,7 @@ def time_steps(blob_path: str, sets: list[str], positives: bool, steps: int, war
     from mfdetr.engine.config import build_run_config
     from mfdetr.engine.stage2 import build_parts
 
-    blob = torch.load(blob_path, weights_only=False)
+    blob = torch.load(blob_path, weights_only=True)
     batches = [(DetectorOutput(**b["det"]), [GTInstances(**t) for t in b["targets"]]) for b in blob["batches"]]
     parts = build_parts(build_run_config({}, sets), blob["manifest"])
     torch.manual_seed(0)
