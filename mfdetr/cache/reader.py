@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from mfdetr.cache.readthrough import default_cache_root, read_through
 from mfdetr.cache.schema import base_array_table, c1_mode, enc_array_name
 from mfdetr.cache.chunk_files import read_commit_flags
 from mfdetr.cache.store import open_validated
-from mfdetr.cache.verify import Damage, DamagedImage, checked_read, geometry_problem
+from mfdetr.cache.verify import Damage, DamagedImage, ReadJob, checked_read, checked_reads, geometry_problem
 from mfdetr.cache.views import ORIG, store_views, view_array_name
 from mfdetr.cache.writer import COMMIT_DONE, COMMIT_SKIPPED
 from mfdetr.contracts import DetectorOutput
@@ -73,7 +72,6 @@ class CacheStore:
         #: empty [1, C1, 0, 0] placeholder; the engine recomputes C1 with the store's stage 0)
         self.c1_mode: str = c1_mode(manifest)
         self._commit: np.ndarray | None = None
-        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def open(
@@ -173,34 +171,28 @@ class CacheStore:
         return int(hit[0])
 
     # --- per-image reads ----------------------------------------------------------------------------
-    def read_arrays(
-        self, index: int, names: Sequence[str], regions: Mapping[str, tuple[int, int]] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Raw stored arrays of image ``index`` (batch dim removed), read in parallel threads.
-
-        Maps are canvas-sized unless ``regions`` gives ``name → (h, w)``: then only ``[..., :h, :w]`` is
-        read (and only the tiles it overlaps are decoded). A missing or empty chunk file, a chunk that
-        fails to decode (checksum) or non-finite floats raise
-        :class:`~mfdetr.cache.verify.DamagedImage` (never the fill value or garbage).
-        """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mfdetr-cache-read")
-
+    def _job(self, index: int, names: Sequence[str], regions: Mapping[str, tuple[int, int]] | None) -> ReadJob:
         def key(n: str) -> Any:
             if regions is not None and n in regions:
                 h, w = regions[n]
                 return (index, slice(None), slice(0, h), slice(0, w))
             return index
 
-        return checked_read(
-            path=self.path,
-            arrays=self._arrays,
-            image_id=int(self.image_ids[index]),
-            index=index,
-            names=names,
-            submit=self._pool.submit,
-            key=key,
+        return ReadJob(
+            path=self.path, arrays=self._arrays, image_id=int(self.image_ids[index]), index=index, names=names, key=key
         )
+
+    def read_arrays(
+        self, index: int, names: Sequence[str], regions: Mapping[str, tuple[int, int]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Raw stored arrays of image ``index`` (batch dim removed), all read at once.
+
+        Maps are canvas-sized unless ``regions`` gives ``name → (h, w)``: then only ``[..., :h, :w]`` is
+        read (and only the tiles it overlaps are decoded). A missing or empty chunk file, a chunk that
+        fails to decode (checksum) or non-finite floats raise
+        :class:`~mfdetr.cache.verify.DamagedImage` (never the fill value or garbage).
+        """
+        return checked_read(self._job(index, list(names), regions))
 
     def read(
         self, index: int, *, enc_layers: Sequence[int] | None = None, crop: bool = True, check_commit: bool = True
@@ -211,7 +203,58 @@ class CacheStore:
         (default: all stored) are read. A ``--c1 recompute`` store returns C1 as an empty
         ``[1, C1, 0, 0]`` placeholder (see :attr:`c1_mode`). ``crop=True`` returns every map cut to its valid size
         (``level_valid_hw``; C1 to ``ceil(input_hw / 4)``); ``crop=False`` returns the zero-padded canvases.
+        A damaged image raises :class:`~mfdetr.cache.verify.DamagedImage`.
         """
+        res = self.read_many([index], enc_layers=enc_layers, crop=crop, check_commit=check_commit)[0]
+        if isinstance(res, MfdetrError):
+            raise res
+        return res
+
+    def read_many(
+        self,
+        indices: Sequence[int],
+        *,
+        enc_layers: Sequence[int] | None = None,
+        crop: bool = True,
+        check_commit: bool = True,
+    ) -> list[tuple[DetectorOutput, int] | MfdetrError]:
+        """:meth:`read` of several images, their arrays read together (two rounds for all of them: the
+        small arrays, then the maps cut to each image's valid size). Per image: its ``(output, image id)``,
+        or the error it is (a :class:`~mfdetr.cache.verify.DamagedImage`, or the one-line error of a
+        failed read from object storage). An index out of range or not committed raises at once."""
+        layers = self._layers(enc_layers)
+        for index in indices:
+            self._check_committed(index, check_commit)
+        out: list[tuple[DetectorOutput, int] | MfdetrError] = list(
+            checked_reads([self._job(i, list(_SMALL), None) for i in indices])
+        )
+        jobs = {}
+        for k, (index, a) in enumerate(zip(indices, out, strict=True)):
+            if isinstance(a, MfdetrError):
+                continue
+            geo = geometry_problem(a, self.manifest)
+            if geo:
+                out[k] = DamagedImage(Damage(str(self.path), index, int(self.image_ids[index]), *geo))
+                continue
+            regions = self._regions(a, layers)
+            jobs[k] = self._job(index, list(regions), regions if crop else None)
+        maps = checked_reads(list(jobs.values()))
+        for (k, job), m in zip(jobs.items(), maps, strict=True):
+            small = out[k]
+            assert isinstance(small, dict)
+            out[k] = m if isinstance(m, MfdetrError) else (self._output({**small, **m}, layers), job.image_id)
+        return out
+
+    def _layers(self, enc_layers: Sequence[int] | None) -> list[int]:
+        layers = self.enc_layers if enc_layers is None else [int(e) for e in enc_layers]
+        missing = sorted(set(layers) - set(self.enc_layers))
+        if missing:
+            raise MfdetrError(
+                f"cache holds encoder layers {self.enc_layers}, layers {missing} were asked for", path=self.path
+            )
+        return layers
+
+    def _check_committed(self, index: int, check_commit: bool) -> None:
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a cache of {n} images")
@@ -223,30 +266,24 @@ class CacheStore:
                     "this cache (pending or skipped)",
                     path=self.path,
                 )
-        layers = self.enc_layers if enc_layers is None else [int(e) for e in enc_layers]
-        missing = sorted(set(layers) - set(self.enc_layers))
-        if missing:
-            raise MfdetrError(
-                f"cache holds encoder layers {self.enc_layers}, layers {missing} were asked for", path=self.path
-            )
-        a = self.read_arrays(index, list(_SMALL))
-        geo = geometry_problem(a, self.manifest)
-        if geo:
-            raise DamagedImage(Damage(str(self.path), index, int(self.image_ids[index]), *geo))
+
+    def _regions(self, a: Mapping[str, np.ndarray], layers: list[int]) -> dict[str, tuple[int, int]]:
+        """The maps of an image and their valid sizes (only the valid region is read when cropping, so
+        only the tiles it overlaps are decoded)."""
         lvl_hw = a["level_valid_hw"].astype(np.int64)
         ih, iw = (int(v) for v in a["input_hw"])
-        # maps: only the valid region is read when cropping, so only the tiles it overlaps are decoded
         regions = {"c1": (math.ceil(ih / 4), math.ceil(iw / 4))} if self.c1_mode == "store" else {}
         for e in layers:
             for lvl in range(len(self.level_strides)):
                 regions[enc_array_name(e, lvl)] = (int(lvl_hw[lvl][0]), int(lvl_hw[lvl][1]))
-        a.update(self.read_arrays(index, list(regions), regions=regions if crop else None))
+        return regions
 
+    def _output(self, a: Mapping[str, np.ndarray], layers: list[int]) -> DetectorOutput:
         def t(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(x))[None]
 
         enc = {e: [t(a[enc_array_name(e, lvl)]) for lvl in range(len(self.level_strides))] for e in layers}
-        out = DetectorOutput(
+        return DetectorOutput(
             queries=t(a["queries"]),
             boxes=t(a["boxes"]),
             logits=t(a["logits"]),
@@ -256,9 +293,8 @@ class CacheStore:
             else torch.zeros(1, int(self.manifest["c1_channels"]), 0, 0, dtype=torch.float16),
             input_hw=t(a["input_hw"].astype(np.int64)),
             orig_hw=t(a["orig_hw"].astype(np.int64)),
-            level_valid_hw=t(lvl_hw),
+            level_valid_hw=t(a["level_valid_hw"].astype(np.int64)),
         )
-        return out, int(self.image_ids[index])
 
     def image_sha256(self, index: int) -> str:
         """sha256 (hex) of image ``index``'s file as the writer read it (``--c1 recompute`` stores only)."""

@@ -16,15 +16,17 @@ file presence (cheap: one ``stat`` per array and image), ``full=True`` decodes e
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from mfdetr.cache.location import file_size, is_remote, remote_error, storage_problem
 from mfdetr.cache.readthrough import ReadThroughStore
@@ -145,44 +147,67 @@ def geometry_problem(a: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -
     return None
 
 
-def checked_read(
-    *,
-    path: Path,
-    arrays: Mapping[str, zarr.Array],
-    image_id: int,
-    index: int,
-    names: Iterable[str],
-    submit: Callable[..., Any],
-    key: Callable[[str], Any],
-) -> dict[str, np.ndarray]:
-    """Read ``arrays[name][key(name)]`` for every name (through ``submit``, a thread pool's), raising
-    :class:`DamagedImage` for a missing/empty file, a decoder failure or non-finite float values."""
-    names = list(names)
+@dataclass(frozen=True)
+class ReadJob:
+    """The arrays ``names`` of image ``index`` (id ``image_id``) of the store at ``path``: ``arrays[name][key(name)]``."""
 
-    def damaged(name: str, problem: str) -> DamagedImage:  # named as stored (a view's array: hflip_<name>)
-        return DamagedImage(Damage(str(path), index, image_id, str(arrays[name].path or name), problem))
+    path: Any
+    arrays: Mapping[str, zarr.Array]
+    image_id: int
+    index: int
+    names: Sequence[str]
+    key: Callable[[str], Any]
 
-    for n in names:
-        problem = file_problem(path, arrays[n], index)
-        if problem:
-            raise damaged(n, problem)
-    futs = {n: submit(arrays[n].__getitem__, key(n)) for n in names}
-    out: dict[str, np.ndarray] = {}
-    first: MfdetrError | None = None
-    for n, f in futs.items():  # wait for every read before raising (no thread left behind)
-        try:
-            out[n] = f.result()
-        except Exception as e:  # noqa: BLE001 - any decoder failure is the same damage to the user
-            if is_remote(path) and storage_problem(e) is not None and first is None:
-                first = remote_error(path, e, "read the cache")  # type: ignore[assignment]
-            first = first or damaged(n, decode_problem(e))
+    def damaged(self, name: str, problem: str) -> DamagedImage:  # named as stored (a view's: hflip_<name>)
+        return DamagedImage(
+            Damage(str(self.path), self.index, self.image_id, str(self.arrays[name].path or name), problem)
+        )
+
+
+async def _gather(calls: list[Any]) -> list[Any]:
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def checked_reads(jobs: Sequence[ReadJob]) -> list[dict[str, np.ndarray] | MfdetrError]:
+    """Every job's arrays read at once (one gather on zarr's event loop: the reads of all images wait
+    together, not one array after another), each job's result checked as :func:`checked_read` does.
+
+    Returns, per job, its arrays (batch dim removed) or the error it is: a :class:`DamagedImage` for a
+    missing/empty file, a decoder failure or non-finite floats (the first one found), or the one-line
+    error of a failed read from object storage."""
+    out: list[dict[str, np.ndarray] | MfdetrError] = [{} for _ in jobs]
+    calls: list[tuple[int, str, Any]] = []
+    for j, job in enumerate(jobs):
+        problem = next(((n, p) for n in job.names if (p := file_problem(job.path, job.arrays[n], job.index))), None)
+        if problem is not None:
+            out[j] = job.damaged(*problem)
             continue
-        problem = nonfinite_problem(out[n])
-        if problem and first is None:
-            first = damaged(n, problem)
-    if first is not None:
-        raise first
+        calls.extend((j, n, job.arrays[n].async_array.getitem(job.key(n))) for n in job.names)
+    values = sync(_gather([c for _, _, c in calls])) if calls else []
+    for (j, n, _), v in zip(calls, values, strict=True):
+        res, job = out[j], jobs[j]
+        if not isinstance(res, dict):  # the job's first error stands
+            continue
+        if isinstance(v, BaseException):
+            if not isinstance(v, Exception):
+                raise v
+            remote = is_remote(job.path) and storage_problem(v) is not None
+            out[j] = remote_error(job.path, v, "read the cache") if remote else job.damaged(n, decode_problem(v))
+            continue
+        res[n] = v = np.asarray(v)
+        problem = nonfinite_problem(v)
+        if problem:
+            out[j] = job.damaged(n, problem)
     return out
+
+
+def checked_read(job: ReadJob) -> dict[str, np.ndarray]:
+    """Read ``job.arrays[name][job.key(name)]`` for every name, raising :class:`DamagedImage` for a
+    missing/empty file, a decoder failure or non-finite float values (see :func:`checked_reads`)."""
+    res = checked_reads([job])[0]
+    if not isinstance(res, dict):
+        raise res
+    return res
 
 
 def image_arrays(manifest: Mapping[str, Any]) -> list[str]:
@@ -234,7 +259,9 @@ __all__ = [
     "Damage",
     "DamagedImage",
     "REPAIR_HINT",
+    "ReadJob",
     "checked_read",
+    "checked_reads",
     "commit_problem",
     "decode_problem",
     "file_problem",

@@ -228,6 +228,27 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
             f"no intact image left to train on (first damaged: {damaged[0].describe()})", path=self.store.path
         )
 
+    def __getitems__(self, items: list[int]) -> list[Any]:
+        """``[self[i] for i in items]`` with the images of every view read together (what a DataLoader
+        calls for a batch): the stored arrays of all of them are read at once, not one image after another.
+        A damaged image takes the path of ``self[i]`` (substitute, mark or raise)."""
+        out: list[Any] = [None] * len(items)
+        by_view: dict[str, list[int]] = {}
+        for k, i in enumerate(items):
+            by_view.setdefault(self.view_of(i), []).append(k)
+        for view, ks in by_view.items():
+            reads = self.store.for_view(view).read_many(
+                [int(self.indices[items[k]]) for k in ks], enc_layers=[self.enc_layer]
+            )
+            for k, r in zip(ks, reads, strict=True):
+                if isinstance(r, DamagedImage) and r.damage is not None:
+                    out[k] = self[items[k]]
+                elif isinstance(r, MfdetrError):
+                    raise r
+                else:
+                    out[k] = self._finish(items[k], view, *r, [])
+        return out
+
     def view_of(self, i: int) -> str:
         """The stored view item ``i`` reads (:mod:`mfdetr.cache.views`): the original image here;
         :class:`~mfdetr.engine.cache_views.ViewSampledDataset` samples one per image and epoch."""
@@ -237,6 +258,13 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
         index = int(self.indices[i])
         view = self.view_of(i)
         det, image_id = self.store.for_view(view).read(index, enc_layers=[self.enc_layer])
+        return self._finish(i, view, det, image_id, damaged)
+
+    def _finish(
+        self, i: int, view: str, det: DetectorOutput, image_id: int, damaged: list[Damage]
+    ) -> tuple[DetectorOutput, GTInstances]:
+        """Item ``i`` from its read ``det`` (of ``view``): image id and damage noted, image and GT attached."""
+        index = int(self.indices[i])
         det.extras["image_id"] = [image_id]
         if self.on_damaged == "substitute":
             det.extras["damaged"] = list(damaged)
