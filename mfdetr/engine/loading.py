@@ -5,7 +5,7 @@
   The dataset is pickled to each worker instead, and :class:`~mfdetr.cache.CacheStore` reopens the
   store there (its ``__setstate__``), so every worker has its own store handle.
 - ``persistent_workers`` and ``prefetch_factor`` batches per worker; each worker runs torch with one
-  thread (the reader decodes chunks in its own thread pool), so N workers do not oversubscribe the CPU.
+  thread (the reader decodes chunks on zarr's event loop), so N workers do not oversubscribe the CPU.
 - :class:`RunBatches`: one batch sampler over every remaining step of a run, epoch after epoch (the
   order of :class:`~mfdetr.engine.sampling.EpochPlan`), so the workers start once per run, not per epoch.
 """
