@@ -17,9 +17,6 @@ from mfdetr.engine.damage import DamagedItem
 from mfdetr.errors import MfdetrError
 from tests.conftest import cli
 
-# the fake detector, registered for this module even after another module unregistered it
-pytestmark = pytest.mark.usefixtures("fake_plugin")
-
 N = 6
 
 

@@ -21,9 +21,6 @@ import tests._fake_detector as fd
 from tests.conftest import REPO, assert_user_error, cli, cli_env
 from tests.s3_server import S3Server, assert_same_as_local, remote_arrays, serve_s3
 
-# the fake detector, registered for this module even after another module unregistered it
-pytestmark = pytest.mark.usefixtures("fake_plugin")
-
 N_IMAGES = 8
 
 

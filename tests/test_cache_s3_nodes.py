@@ -15,9 +15,6 @@ import tests._fake_detector as fd
 from tests.conftest import REPO, cli, cli_env, logged_losses
 from tests.s3_server import S3Server, assert_same_as_local, serve_s3
 
-# the fake detector, registered for this module even after another module unregistered it
-pytestmark = pytest.mark.usefixtures("fake_plugin")
-
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:

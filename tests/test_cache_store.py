@@ -28,15 +28,19 @@ from mfdetr.cache import (
 )
 from mfdetr.cache.store import open_for_writing, read_commit_flags
 from mfdetr.contracts import ImageBatch
-from mfdetr.detectors.registry import unregister_detector
+from mfdetr.detectors.registry import list_detectors, unregister_detector
 from mfdetr.errors import MfdetrError
 
 
 @pytest.fixture
 def fake():
+    """The fake detector, registered for the test; the registry is left as the test found it (importing
+    ``tests._fake_detector`` registers it for every module that uses it)."""
+    was = fd.NAME in list_detectors()
     fd.register()
     yield fd.build_fake(checkpoint=fd.fake_state_dict(0))
-    unregister_detector(fd.NAME)
+    if not was:
+        unregister_detector(fd.NAME)
 
 
 @pytest.fixture(scope="module")
