@@ -113,3 +113,35 @@ def test_dataset_batch_read_equals_item_reads(made: dict[str, Path], tmp_path: P
         assert gt.image_id == int(store.image_ids[4]) and len(det.extras["damaged"]) == 1
     else:
         assert isinstance(got[1], DamagedItem)
+
+
+def test_images_kept_in_memory_read_like_the_store(made: dict[str, Path], tmp_path: Path) -> None:
+    """A dataset that keeps its reads in memory gives the same items, keeps within its budget, hands out
+    containers of its own (an item's extras never reach what is kept) and keeps nothing of a damaged read."""
+    path = tmp_path / "store"
+    shutil.copytree(made["store"], path)
+    fd.damage(path, "truncated")  # image index 3
+    store = CacheStore.open(path)
+    coco = open_annotations(store, coco=made["coco"])
+    plain = CacheDataset(store=store, coco_split=coco, enc_layer=4, on_damaged="substitute")
+    size = _kept_size(CacheDataset(store=store, coco_split=coco, enc_layer=4, memory_bytes=1 << 30), [5, 0])
+    for budget, kept in ((1 << 30, range(N - 1, N)), (size, range(1, N - 1)), (1, range(1))):
+        ds = CacheDataset(store=store, coco_split=coco, enc_layer=4, on_damaged="substitute", memory_bytes=budget)
+        for _ in range(2):  # first read from the store, then from memory where kept
+            got = ds.__getitems__([5, 3, 0, 1])
+            for i, item in zip([5, 3, 0, 1], got, strict=True):
+                items_equal(item, plain[i])
+                item[0].extras["image_id"].append(-1)  # what the training loop may do to its item
+                item[0].enc_maps.clear()
+            for i in range(N):
+                items_equal(ds[i], plain[i])
+        assert len(ds._kept) in kept and ds._kept_bytes <= budget
+        assert all(k[1] != 3 for k in ds._kept)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ds))._kept == {}  # a DataLoader worker keeps its own
+
+
+def _kept_size(ds: CacheDataset, items: list[int]) -> int:
+    ds.__getitems__(items)
+    return ds._kept_bytes

@@ -290,3 +290,31 @@ def test_positive_cap_in_cached_training(data: dict[str, Path], tmp_path: Path) 
     for r, r0 in zip(runs[1], runs[0], strict=True):  # same images per step (same seed)
         assert r["pos_per_image"] <= 1 and r["num_pos"] <= min(2, r0["num_pos"])
         assert (r["num_pos"] > 0) == (r0["num_pos"] > 0)
+
+
+def test_images_kept_in_memory_train_the_same(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three epochs with the read images kept in memory log the same losses and end with the same weights
+    as reading every image from the store every time, and read each image once; a negative budget is refused."""
+    from mfdetr.cache import CacheStore
+
+    read, real = [], CacheStore.read_many
+    monkeypatch.setattr(CacheStore, "read_many", lambda self, idx, **kw: read.append(len(idx)) or real(self, idx, **kw))
+    src = CacheSources(cache=data["train"], coco=data["coco"])
+    runs, reads = {}, {}
+    for mb in (0, 64):
+        read.clear()
+        cfg = build_run_config({**tiny_cfg(iterations=8), "data": {"memory_cache_mb": mb}})
+        train_from_cache(cfg, src, tmp_path / f"m{mb}")
+        runs[mb] = (
+            [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / f"m{mb}" / "metrics.jsonl") if r["kind"] == "train"],
+            torch.load(tmp_path / f"m{mb}" / "ckpt.pt", weights_only=False)["model"],
+        )
+        reads[mb] = sum(read)
+    assert reads == {0: 16, 64: 5}  # 8 steps of 2 images; the 5 images once each
+    (la, sa), (lb, sb) = runs[0], runs[64]
+    assert la == lb and len(la) == 8
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(MfdetrError, match="memory_cache_mb must be >= 0"):
+        build_run_config({**tiny_cfg(), "data": {"memory_cache_mb": -1}})

@@ -15,13 +15,15 @@ trained on its complete part with a warning naming how many are missing, or refu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from mfdetr.cache import CacheStore
@@ -133,6 +135,25 @@ def _source_hint(store: CacheStore) -> dict[str, str] | None:
     return {"coco_root": str(hint["coco_root"]), "annotation_path": str(hint["annotation_path"])} if ok else None
 
 
+class Kept(NamedTuple):
+    """A store read (and the image's GT where loaded) an item is built from."""
+
+    det: DetectorOutput
+    image_id: int
+    target: GTInstances | None = None
+
+
+def _gt_tensors(t: GTInstances) -> tuple[Tensor, ...]:
+    return (t.boxes, t.labels, t.masks, t.iscrowd)
+
+
+def _tensor_bytes(det: DetectorOutput) -> int:
+    """Bytes of the tensors of ``det``."""
+    fields = (det.queries, det.boxes, det.logits, det.c1, det.input_hw, det.orig_hw, det.level_valid_hw)
+    maps = [m for levels in det.enc_maps.values() for m in levels]
+    return sum(t.numel() * t.element_size() for t in (*fields, *maps))
+
+
 class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
     """Complete images of a cache store as ``(DetectorOutput [B=1], GTInstances)``.
 
@@ -148,6 +169,11 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
             damage listed in ``det.extras["damaged"]`` (training); ``"mark"`` a
             :class:`~mfdetr.engine.damage.DamagedItem` (evaluation). Images whose commit flag is
             damaged are never used; they are in :attr:`damaged_commits` (raised at once with ``"raise"``).
+        memory_bytes: keep up to this many bytes of read images in this process's memory, so that a later
+            epoch takes them from there instead of reading and decoding them again (0 = off). Images are
+            kept in the order they are first read until the budget is spent (with a random order, every
+            image then has the same chance of being kept); damaged reads are never kept. Each DataLoader
+            worker keeps its own (the kept images are not pickled to workers).
     """
 
     def __init__(
@@ -159,6 +185,7 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
         require_complete: bool = False,
         max_images: int = 0,
         on_damaged: str = "raise",
+        memory_bytes: int = 0,
     ) -> None:
         if on_damaged not in ("raise", "substitute", "mark"):
             raise ValueError(f"on_damaged={on_damaged!r}")
@@ -199,6 +226,9 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
         #: ``prepare_batch`` runs the cache's stage 0 (:mod:`mfdetr.engine.c1_recompute`); else ``None``
         self.prepare_batch: Any = None
         self._images: Any = None
+        self.memory_bytes = max(0, int(memory_bytes))
+        self._kept: dict[tuple[str, int], Kept] = {}
+        self._kept_bytes = 0
         if store.c1_mode == "recompute":
             from mfdetr.engine.c1_recompute import C1Recompute, ImageSource
 
@@ -237,6 +267,8 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
         for k, i in enumerate(items):
             by_view.setdefault(self.view_of(i), []).append(k)
         for view, ks in by_view.items():
+            kept = {k: self._recall(view, int(self.indices[items[k]])) for k in ks}
+            ks = [k for k in ks if kept[k] is None]
             reads = self.store.for_view(view).read_many(
                 [int(self.indices[items[k]]) for k in ks], enc_layers=[self.enc_layer]
             )
@@ -246,7 +278,10 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
                 elif isinstance(r, MfdetrError):
                     raise r
                 else:
-                    out[k] = self._finish(items[k], view, *r, [])
+                    kept[k] = self._keep(view, int(self.indices[items[k]]), *r)
+            for k, got in kept.items():
+                if got is not None and out[k] is None:
+                    out[k] = self._finish(items[k], view, got, [])
         return out
 
     def view_of(self, i: int) -> str:
@@ -257,14 +292,43 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
     def _item(self, i: int, damaged: list[Damage]) -> tuple[DetectorOutput, GTInstances]:
         index = int(self.indices[i])
         view = self.view_of(i)
-        det, image_id = self.store.for_view(view).read(index, enc_layers=[self.enc_layer])
-        return self._finish(i, view, det, image_id, damaged)
+        got = self._recall(view, index)
+        if got is None:
+            got = self._keep(view, index, *self.store.for_view(view).read(index, enc_layers=[self.enc_layer]))
+        return self._finish(i, view, got, damaged)
 
-    def _finish(
-        self, i: int, view: str, det: DetectorOutput, image_id: int, damaged: list[Damage]
-    ) -> tuple[DetectorOutput, GTInstances]:
-        """Item ``i`` from its read ``det`` (of ``view``): image id and damage noted, image and GT attached."""
+    def _keep(self, view: str, index: int, det: DetectorOutput, image_id: int) -> Kept:
+        """A fresh read of store image ``index`` (``view``) with its GT, kept in memory while the budget allows;
+        returns what the item is built from (new containers around the kept tensors)."""
+        if not self.memory_bytes or (view, index) in self._kept:
+            return Kept(det, image_id)
+        target = self.coco.load_targets(image_id)
+        size = _tensor_bytes(det) + sum(t.numel() * t.element_size() for t in _gt_tensors(target))
+        if self._kept_bytes + size > self.memory_bytes:
+            return Kept(det, image_id, target)
+        self._kept[(view, index)] = Kept(det, image_id, target)
+        self._kept_bytes += size
+        return self._recall(view, index)  # type: ignore[return-value]
+
+    def _recall(self, view: str, index: int) -> Kept | None:
+        """A kept read, as new containers around the kept tensors (the item's extras never reach them)."""
+        got = self._kept.get((view, index))
+        if got is None:
+            return None
+        det = got.det
+        maps = {layer: list(levels) for layer, levels in det.enc_maps.items()}
+        det = dataclasses.replace(det, enc_maps=maps, extras=dict(det.extras))
+        return Kept(det, got.image_id, None if got.target is None else dataclasses.replace(got.target))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)  # a worker starts with nothing kept and keeps its own
+        state["_kept"], state["_kept_bytes"] = {}, 0
+        return state
+
+    def _finish(self, i: int, view: str, got: Kept, damaged: list[Damage]) -> tuple[DetectorOutput, GTInstances]:
+        """Item ``i`` from its read (of ``view``): image id and damage noted, image and GT attached."""
         index = int(self.indices[i])
+        det, image_id = got.det, got.image_id
         det.extras["image_id"] = [image_id]
         if self.on_damaged == "substitute":
             det.extras["damaged"] = list(damaged)
@@ -276,5 +340,5 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
             if image is not None and view == HFLIP:  # the preprocessed image the flipped view was computed on
                 image = image.flip(-1)
             det.extras[IMAGE_KEY], det.extras[ERROR_KEY] = [image], [error]
-        target = self.coco.load_targets(image_id)
+        target = self.coco.load_targets(image_id) if got.target is None else got.target
         return det, (hflip_instances(target) if view == HFLIP else target)

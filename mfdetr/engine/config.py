@@ -120,12 +120,19 @@ class DataConfig:
     Args:
         require_complete: refuse an incomplete cache instead of training on its complete images.
         max_images: use only the first N images of the cache (0 = all) — for smoke runs.
+        memory_cache_mb: MiB of read training images each process keeps in memory, so later epochs do not
+            read and decode them again (0 = off); with DataLoader workers, split evenly among them.
 
     Which cached encoder layer feeds MaskNet is ``masknet.enc_layer`` (Table 15).
     """
 
     require_complete: bool = False
     max_images: int = 0
+    memory_cache_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.memory_cache_mb < 0:
+            raise ValueError(f"memory_cache_mb must be >= 0 (0 turns it off), got {self.memory_cache_mb}")
 
 
 @dataclass

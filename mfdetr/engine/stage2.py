@@ -72,6 +72,7 @@ def _datasets(
         "require_complete": cfg.data.require_complete,
         "max_images": cfg.data.max_images,
         "on_damaged": "substitute",
+        "memory_bytes": (cfg.data.memory_cache_mb << 20) // max(1, cfg.train.num_workers),
     }
     # a cache with several views: one view per image and epoch, seeded by the run seed
     train_set = (
