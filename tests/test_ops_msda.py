@@ -58,20 +58,31 @@ def test_backward_with_only_some_inputs_needing_grad(needs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_graph_keeps_no_per_point_samples():
-    """The backward samples again: what autograd keeps for the op is about the size of its inputs,
-    not the [B·H, Dh, Q, L, P] samples (Dh·P·L times the output)."""
-    value, ss, loc, w = _inputs(dtype=torch.float32, nq=50, heads=2, dh=16, points=4)
-    kept: list[int] = []
+def test_graph_keeps_per_point_samples_only_when_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above ``KEEP_SAMPLES_BYTES`` the backward samples again: what autograd keeps for the op is about the
+    size of its inputs, not the [B·H, Dh, Q, L, P] samples (Dh·P·L times the output). Below it the samples
+    are kept; both give the same gradients."""
+    import importlib
 
-    def pack(t):
-        kept.append(t.numel())
-        return t
+    msda = importlib.import_module("mfdetr.ops.ms_deform_attn")
+    value, ss, loc, w = _inputs(dtype=torch.float64, nq=50, heads=2, dh=16, points=4)
+    samples = 2 * 50 * 2 * 3 * 4 * 16  # B·Q·H·L·P·Dh
+    grads, sizes = [], []
+    for limit in (samples * 8 - 1, samples * 8):  # bytes of the float64 samples
+        monkeypatch.setattr(msda, "KEEP_SAMPLES_BYTES", limit)
+        kept: list[int] = []
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = ms_deform_attn(value, ss, loc, w)
-    samples = out.numel() * 3 * 4  # Dh·Q·L·P per (B, H)
-    assert sum(kept) < samples / 2
+        def pack(t):
+            kept.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = ms_deform_attn(value, ss, loc, w)
+        sizes.append(sum(kept))
+        grads.append(torch.autograd.grad(out, [value, loc, w], torch.ones_like(out)))
+    assert sizes[0] < samples / 2 and sizes[1] > samples
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_no_grad_and_grad_paths_agree():

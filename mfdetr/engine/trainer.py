@@ -344,6 +344,12 @@ def _schedule_of(tc: TrainConfig, num_items: int, ctx: DistContext) -> tuple[Epo
     return plan, total, lr
 
 
+def _fused_adamw(groups: list[dict[str, Any]]) -> bool:
+    """Whether AdamW can update ``groups`` with its fused kernel (floating-point parameters on CPU or CUDA)."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
 def _make_trainer(
     tc: TrainConfig,
     ctx: DistContext,
@@ -363,7 +369,9 @@ def _make_trainer(
     trainer = Trainer(
         model=model,
         data=data,
-        optimizer=torch.optim.AdamW(groups, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay),
+        optimizer=torch.optim.AdamW(
+            groups, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=_fused_adamw(groups) or None
+        ),
         hooks=hooks,
         ctx=ctx,
         start=0,

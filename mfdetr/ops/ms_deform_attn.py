@@ -141,30 +141,46 @@ def _compute_dtype(value: Tensor) -> torch.dtype:
     return torch.float32 if half and torch.is_autocast_enabled(value.device.type) else value.dtype
 
 
-def _sample_and_weigh(maps: Sequence[Tensor], grids: Tensor, w: Tensor) -> Tensor:
-    """Σ_l Σ_p w[:, q, l, p] · bilinear(maps[l], grids[:, q, l, p]) → [B·H, Dh, Q]."""
+#: the samples of one :class:`_SampleAndWeigh` call up to this many bytes are kept for the backward
+#: pass instead of being drawn again there (small calls: a RoI map, a few thousand tokens)
+KEEP_SAMPLES_BYTES = 32 << 20
+
+
+def _sample_and_weigh(maps: Sequence[Tensor], grids: Tensor, w: Tensor, keep: list[Tensor] | None = None) -> Tensor:
+    """Σ_l Σ_p w[:, q, l, p] · bilinear(maps[l], grids[:, q, l, p]) → [B·H, Dh, Q]; with ``keep``, each
+    level's samples [B·H, Dh, Q, P] are appended to it."""
     out = None
     for lvl, m in enumerate(maps):
         s = F.grid_sample(m, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
-        part = s.mul_(w[:, None, :, lvl]).sum(-1)  # [B*H, Dh, Q]; s is a temporary
+        if keep is None:
+            part = s.mul_(w[:, None, :, lvl]).sum(-1)  # [B*H, Dh, Q]; s is a temporary
+        else:
+            keep.append(s)
+            part = (s * w[:, None, :, lvl]).sum(-1)
         out = part if out is None else out + part
     assert out is not None
     return out
 
 
 class _SampleAndWeigh(torch.autograd.Function):
-    """:func:`_sample_and_weigh` with a backward pass that samples again instead of storing samples."""
+    """:func:`_sample_and_weigh` with a backward pass that samples again instead of storing samples (or
+    keeps them, up to :data:`KEEP_SAMPLES_BYTES`)."""
 
     @staticmethod
     def forward(ctx, grids: Tensor, w: Tensor, *maps: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(grids, w, *maps)
+        size = w.numel() * maps[0].shape[1] * w.element_size()  # B·H · Q · L · P samples of Dh values
+        keep: list[Tensor] | None = [] if ctx.needs_input_grad[1] and size <= KEEP_SAMPLES_BYTES else None
         with torch.autocast(grids.device.type, enabled=False):
-            return _sample_and_weigh(maps, grids, w)
+            out = _sample_and_weigh(maps, grids, w, keep)
+        ctx.kept = 0 if keep is None else len(keep)
+        ctx.save_for_backward(grids, w, *maps, *(keep or []))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grids, w, *maps = ctx.saved_tensors
+        grids, w, *saved = ctx.saved_tensors
+        maps, kept = saved[: len(saved) - ctx.kept], saved[len(saved) - ctx.kept :]
         need_g, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_g = torch.zeros_like(grids) if need_g else None
         grad_w = torch.zeros_like(w) if need_w else None
@@ -173,8 +189,12 @@ class _SampleAndWeigh(torch.autograd.Function):
         for lvl, m in enumerate(maps):
             gl = grids[:, :, lvl]
             if need_w:
-                s = F.grid_sample(m, gl, mode="bilinear", padding_mode="zeros", align_corners=False)
-                grad_w[:, :, lvl] = s.mul_(g[..., None]).sum(1)  # type: ignore[index]
+                if kept:
+                    s = kept[lvl].mul(g[..., None])
+                else:
+                    s = F.grid_sample(m, gl, mode="bilinear", padding_mode="zeros", align_corners=False)
+                    s.mul_(g[..., None])
+                grad_w[:, :, lvl] = s.sum(1)  # type: ignore[index]
             need_m = ctx.needs_input_grad[2 + lvl]
             if not (need_m or need_g):
                 grad_maps.append(None)
