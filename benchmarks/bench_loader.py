@@ -66,7 +66,9 @@ def consumer_rate(ds: Any, cfg: Any, *, device: torch.device, batch_size: int, s
 
     parts = build_parts(cfg, ds.store.manifest)
     model, crit = parts.model.to(device).train(), parts.criterion.to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
+    from mfdetr.engine.optim import make_adamw
+
+    opt = make_adamw([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
     use_amp, amp_dtype = amp_settings(cfg.train.amp, device)
     n = len(ds)
     cpu_batches = [

@@ -63,7 +63,9 @@ def run_path(
 
     model = copy.deepcopy(model0).train()
     fwd = PositivesOnly(model, crit) if positives else model
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
+    from mfdetr.engine.optim import make_adamw
+
+    opt = make_adamw([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
     amp = device.type == "cuda"
     first, pos, t0 = float("nan"), [], 0.0
     for s in range(warmup + steps):

@@ -3,7 +3,8 @@ positives-only training), on the same preloaded cache batches, in turn, in one r
 
 The batches are read once by this tree and saved as plain tensors; each measurement then runs in a child
 process whose ``PYTHONPATH`` is one tree, so each side imports only its own code. A step is MaskNet forward
-+ losses + backward + AdamW on the preloaded batches (no data loading), from the same seeded initial weights.
++ losses + backward + AdamW (fused where the tree's trainer fuses it) on the preloaded batches (no data
+loading), from the same seeded initial weights.
 The other tree runs its plain all-K step (``model(det)``; an older tree has nothing else); this tree runs the
 positives-only step (``PositivesOnly``) for each assignment and cap. Printed per row: positives per image
 trained on, the median and min seconds per step, the ratio of the other tree's median to this one's, and the
@@ -82,7 +83,11 @@ def time_steps(blob_path: str, sets: list[str], positives: bool, steps: int, war
         from mfdetr.masknet.positives import PositivesOnly
 
         fwd = PositivesOnly(model, crit)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
+    try:  # the tree's own optimizer (fused AdamW where it has one)
+        from mfdetr.engine.optim import make_adamw
+    except ImportError:
+        make_adamw = torch.optim.AdamW
+    opt = make_adamw([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
     times, first, pos = [], float("nan"), []
     for s in range(warmup + steps):
         det, gts = batches[s % len(batches)]

@@ -226,7 +226,9 @@ def run_mode(mode: str, args: argparse.Namespace, work: str, detector: str, queu
         step = DetectorStep(detector=det_model, topk=args.topk, enc_layers=(mcfg.enc_layer,))
     parts = build_parts(cfg, store.manifest)
     model, crit = parts.model.to(device).train(), parts.criterion.to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
+    from mfdetr.engine.optim import make_adamw
+
+    opt = make_adamw([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=5e-5)
     amp = device.type == "cuda"
     npos: list[float] = []
 

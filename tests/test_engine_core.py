@@ -148,3 +148,24 @@ def test_train_in_process_records_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(MfdetrError, match="nothing to resume"):
         _toy_train(tmp_path / "empty", resume=True)
     _toy_train(run, "train.epochs=2", "train.num_workers=1", resume=True)  # harmless change: allowed
+
+
+def test_adamw_is_fused_where_the_parameters_allow_and_updates_alike() -> None:
+    from mfdetr.engine.optim import fused_adamw_fits, make_adamw
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fused = make_adamw([{"params": ps}], lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(3):
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.sin(p.detach() * 3)
+            q.grad = torch.sin(q.detach() * 3)
+        fused.step()
+        plain.step()
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not fused_adamw_fits([]) and not fused_adamw_fits([torch.zeros(2, dtype=torch.complex64)])
+    assert not make_adamw([torch.nn.Parameter(torch.zeros(2, device="meta"))], lr=1e-3).defaults["fused"]

@@ -47,6 +47,7 @@ from mfdetr.engine.config import RunConfig, TrainConfig, diff_configs
 from mfdetr.engine.distributed import DistContext, barrier, init_distributed
 from mfdetr.engine.metrics import MetricLogger
 from mfdetr.engine.sampling import EpochPlan
+from mfdetr.engine.optim import make_adamw
 from mfdetr.engine.schedule import StepDecay
 from mfdetr.engine.training.batches import LoaderData
 from mfdetr.engine.training.hooks import (
@@ -344,12 +345,6 @@ def _schedule_of(tc: TrainConfig, num_items: int, ctx: DistContext) -> tuple[Epo
     return plan, total, lr
 
 
-def _fused_adamw(groups: list[dict[str, Any]]) -> bool:
-    """Whether AdamW can update ``groups`` with its fused kernel (floating-point parameters on CPU or CUDA)."""
-    params = [p for g in groups for p in g["params"]]
-    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-
-
 def _make_trainer(
     tc: TrainConfig,
     ctx: DistContext,
@@ -369,9 +364,7 @@ def _make_trainer(
     trainer = Trainer(
         model=model,
         data=data,
-        optimizer=torch.optim.AdamW(
-            groups, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=_fused_adamw(groups) or None
-        ),
+        optimizer=make_adamw(groups, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay),
         hooks=hooks,
         ctx=ctx,
         start=0,
