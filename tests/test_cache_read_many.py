@@ -12,7 +12,7 @@ import tests._fake_detector as fd
 from mfdetr.cache import CacheStore
 from mfdetr.cache.verify import DamagedImage
 from mfdetr.contracts import DetectorOutput
-from mfdetr.engine.cache_data import CacheDataset, open_annotations
+from mfdetr.engine.cache_data import CacheDataset, _kept_bytes, open_annotations
 from mfdetr.engine.damage import DamagedItem
 from mfdetr.errors import MfdetrError
 from tests.conftest import cli
@@ -128,14 +128,15 @@ def test_images_kept_in_memory_read_like_the_store(made: dict[str, Path], tmp_pa
     for budget, kept in ((1 << 30, range(N - 1, N)), (size, range(1, N - 1)), (1, range(1))):
         ds = CacheDataset(store=store, coco_split=coco, enc_layer=4, on_damaged="substitute", memory_bytes=budget)
         for _ in range(2):  # first read from the store, then from memory where kept
-            got = ds.__getitems__([5, 3, 0, 1])
-            for i, item in zip([5, 3, 0, 1], got, strict=True):
+            got = ds.__getitems__([5, 3, 0, 1, 0])  # a repeat within the batch is kept once
+            for i, item in zip([5, 3, 0, 1, 0], got, strict=True):
                 items_equal(item, plain[i])
                 item[0].extras["image_id"].append(-1)  # what the training loop may do to its item
                 item[0].enc_maps.clear()
             for i in range(N):
                 items_equal(ds[i], plain[i])
         assert len(ds._kept) in kept and ds._kept_bytes <= budget
+        assert ds._kept_bytes == sum(_kept_bytes(k.det, k.target) for k in ds._kept.values())
         assert all(k[1] != 3 for k in ds._kept)
     import pickle
 

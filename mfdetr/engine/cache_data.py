@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from mfdetr.cache import CacheStore
@@ -143,15 +142,12 @@ class Kept(NamedTuple):
     target: GTInstances | None = None
 
 
-def _gt_tensors(t: GTInstances) -> tuple[Tensor, ...]:
-    return (t.boxes, t.labels, t.masks, t.iscrowd)
-
-
-def _tensor_bytes(det: DetectorOutput) -> int:
-    """Bytes of the tensors of ``det``."""
+def _kept_bytes(det: DetectorOutput, target: GTInstances) -> int:
+    """Bytes of the tensors of a read image and its GT."""
     fields = (det.queries, det.boxes, det.logits, det.c1, det.input_hw, det.orig_hw, det.level_valid_hw)
     maps = [m for levels in det.enc_maps.values() for m in levels]
-    return sum(t.numel() * t.element_size() for t in (*fields, *maps))
+    gt = (target.boxes, target.labels, target.masks, target.iscrowd)
+    return sum(t.nbytes for t in (*fields, *maps, *gt))
 
 
 class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
@@ -300,10 +296,10 @@ class CacheDataset(Dataset[tuple[DetectorOutput, GTInstances]]):
     def _keep(self, view: str, index: int, det: DetectorOutput, image_id: int) -> Kept:
         """A fresh read of store image ``index`` (``view``) with its GT, kept in memory while the budget allows;
         returns what the item is built from (new containers around the kept tensors)."""
-        if not self.memory_bytes or (view, index) in self._kept:
+        if not self.memory_bytes or (view, index) in self._kept:  # kept already: a repeat within one batch
             return Kept(det, image_id)
         target = self.coco.load_targets(image_id)
-        size = _tensor_bytes(det) + sum(t.numel() * t.element_size() for t in _gt_tensors(target))
+        size = _kept_bytes(det, target)
         if self._kept_bytes + size > self.memory_bytes:
             return Kept(det, image_id, target)
         self._kept[(view, index)] = Kept(det, image_id, target)

@@ -46,8 +46,8 @@ from mfdetr.engine.collate import collate_detector_outputs
 from mfdetr.engine.config import RunConfig, TrainConfig, diff_configs
 from mfdetr.engine.distributed import DistContext, barrier, init_distributed
 from mfdetr.engine.metrics import MetricLogger
-from mfdetr.engine.sampling import EpochPlan
 from mfdetr.engine.optim import make_adamw
+from mfdetr.engine.sampling import EpochPlan
 from mfdetr.engine.schedule import StepDecay
 from mfdetr.engine.training.batches import LoaderData
 from mfdetr.engine.training.hooks import (
