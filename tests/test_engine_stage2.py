@@ -309,7 +309,7 @@ def test_images_kept_in_memory_train_the_same(
         train_from_cache(cfg, src, tmp_path / f"m{mb}")
         runs[mb] = (
             [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / f"m{mb}" / "metrics.jsonl") if r["kind"] == "train"],
-            torch.load(tmp_path / f"m{mb}" / "ckpt.pt", weights_only=False)["model"],
+            torch.load(tmp_path / f"m{mb}" / "ckpt.pt", weights_only=True)["model"],
         )
         reads[mb] = sum(read)
     assert reads == {0: 16, 64: 5}  # 8 steps of 2 images; the 5 images once each
